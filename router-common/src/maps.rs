@@ -1,0 +1,150 @@
+//! Map keys and values. Addresses and ports are kept in network byte order
+//! exactly as they appear on the wire, so the datapath never swaps bytes.
+
+/// Sentinel in a Maglev slot: the service has no backend with weight > 0.
+pub const NO_BACKEND: u32 = u32::MAX;
+/// Default Maglev table size per service (prime; ≥ 100 × backends for ≤ 655 backends).
+pub const DEFAULT_TABLE_SIZE: u32 = 65537;
+/// Upper bound on services; each owns two table halves in `MAGLEV_TABLES`.
+pub const MAX_SERVICES: u32 = 64;
+/// Upper bound on backends across all services (ids index `BACKENDS` and stats).
+pub const MAX_BACKENDS: u32 = 4096;
+/// Default connection-table capacity (both directions count as one entry each).
+pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
+/// Number of buckets in the destination-address pre-filter.
+pub const ADDR_FILTER_SIZE: u32 = 4096;
+/// Maximum SNAT addresses per service.
+pub const MAX_SNAT_ADDRS: usize = 4;
+/// SNAT probes after the client's own port is found taken.
+pub const SNAT_PROBES: u32 = 8;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `ADDR_FILTER` bit: some service listens on an address in this bucket.
+pub const FILTER_VIP: u32 = 1;
+/// `ADDR_FILTER` bit: some service translates to a SNAT address in this bucket.
+pub const FILTER_SNAT: u32 = 2;
+
+/// Bucket of the destination-address pre-filter for an address as read
+/// off the wire (network byte order, loaded natively).
+#[inline(always)]
+pub fn addr_filter_bucket(addr_be: u32) -> u32 {
+    let x = addr_be ^ (addr_be >> 16);
+    (x ^ (x >> 8)) & (ADDR_FILTER_SIZE - 1)
+}
+
+/// `SERVICES` key: where a service listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `SERVICES` value. Replaced as a whole by userspace, so `active_table`
+/// flips atomically from a packet's point of view (hash-map updates are
+/// RCU-swapped elements, never torn).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    pub id: u32,
+    /// Which half of this service's double-buffered Maglev table is live: 0 or 1.
+    pub active_table: u32,
+    /// SNAT addresses, network order; `snat_count` of them are valid (1..=4).
+    pub snat_addrs: [u32; MAX_SNAT_ADDRS],
+    pub snat_count: u32,
+    /// Probe range for SNAT ports, host order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
+/// `BACKENDS` value, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    /// 1 when the slot holds a configured backend.
+    pub in_use: u32,
+}
+
+/// `CONNS` key: a flow as seen on the wire in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `ConnEntry::flags` bit: this entry translates backend → client replies.
+pub const CONN_REPLY: u32 = 1;
+/// `ConnEntry::flags` bit: a FIN or RST was seen; the short timeout applies.
+pub const CONN_CLOSING: u32 = 2;
+
+/// `CONNS` value: how to rewrite a packet of this flow direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEntry {
+    pub new_src_addr: u32,
+    pub new_dst_addr: u32,
+    pub new_src_port: u16,
+    pub new_dst_port: u16,
+    /// One's-complement delta for the IPv4 header checksum (addresses only).
+    pub l3_csum_delta: u32,
+    /// One's-complement delta for the TCP/UDP checksum (pseudo-header + ports).
+    pub l4_csum_delta: u32,
+    /// Cached next hop, valid while `fib_gen` equals the live `FIB_GEN`.
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub ifindex: u32,
+    /// 0 means no cached next hop.
+    pub fib_gen: u32,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub flags: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` of the last refresh (refreshed at most once a second).
+    pub last_seen_ns: u64,
+}
+
+/// Per-CPU traffic counters for one service or one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_conns: u64,
+    pub reply_packets: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), padded explicitly, and every bit
+    // pattern is a valid value.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnEntry {}
+    unsafe impl aya::Pod for TrafficCounters {}
+}
+
+// Layout is part of the kernel ABI between the two halves: pin it.
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 8);
+    assert!(core::mem::size_of::<Service>() == 32);
+    assert!(core::mem::size_of::<Backend>() == 16);
+    assert!(core::mem::size_of::<ConnKey>() == 16);
+    assert!(core::mem::size_of::<ConnEntry>() == 64);
+    assert!(core::mem::size_of::<TrafficCounters>() == 32);
+};
