@@ -1,2 +1,179 @@
+//! The `router` XDP program: a NAT load balancer with weighted Maglev
+//! steering and pinned connections. The entry point stays thin; every
+//! verdict is chosen in `try_router`, and every pass or drop is counted.
 #![no_std]
 #![no_main]
+
+mod conn;
+mod fib;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::bpf_redirect,
+    macros::xdp,
+    programs::XdpContext,
+};
+use aya_log_ebpf::warn;
+use router_common::{
+    CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey, FILTER_SNAT, FILTER_VIP, PROTO_TCP, ServiceKey,
+    addr_filter_bucket, reasons,
+};
+
+use crate::{
+    conn::NewFlow,
+    maps::{ADDR_FILTER, CONNS, DATAPATH_LOG, FIB_GEN, SERVICES},
+    parse::{Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+#[xdp]
+pub fn router(ctx: XdpContext) -> u32 {
+    match try_router(&ctx) {
+        Ok(action) => action,
+        // Only reachable when a re-check of already validated bounds fails.
+        Err(()) => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn counted(reason: u32, action: u32) -> u32 {
+    stats::reason(reason);
+    action
+}
+
+fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
+    let ip = match parse::ipv4(ctx) {
+        Ok(ip) => ip,
+        Err(Skip::NotIpv4) => return Ok(counted(reasons::PASS_NOT_SERVICE, xdp_action::XDP_PASS)),
+        Err(_) => return Ok(counted(reasons::DROP_MALFORMED, xdp_action::XDP_DROP)),
+    };
+    let filter = match ADDR_FILTER.get(addr_filter_bucket(ip.dst)) {
+        Some(bits) => *bits,
+        None => 0,
+    };
+    if filter == 0 {
+        return Ok(counted(reasons::PASS_NOT_SERVICE, xdp_action::XDP_PASS));
+    }
+    let l4 = match parse::l4(ctx) {
+        Ok(l4) => l4,
+        Err(Skip::Malformed) => return Ok(counted(reasons::DROP_MALFORMED, xdp_action::XDP_DROP)),
+        Err(Skip::Fragment) => return Ok(counted(reasons::PASS_FRAGMENT, xdp_action::XDP_PASS)),
+        Err(Skip::Options) => return Ok(counted(reasons::PASS_IP_OPTIONS, xdp_action::XDP_PASS)),
+        Err(Skip::UnknownProto) | Err(Skip::NotIpv4) => {
+            return Ok(counted(reasons::PASS_UNKNOWN_PROTO, xdp_action::XDP_PASS));
+        }
+    };
+    let key = ConnKey {
+        src_addr: ip.src,
+        dst_addr: ip.dst,
+        src_port: l4.src_port,
+        dst_port: l4.dst_port,
+        proto: l4.proto,
+        _pad: [0; 3],
+    };
+    let tcp = l4.proto == PROTO_TCP;
+    let syn = tcp && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let fin_or_rst = tcp && l4.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let now = conn::now_ns();
+
+    let mut stale: Option<ConnEntry> = None;
+    if let Some(e) = CONNS.get_ptr_mut(&key) {
+        let e = unsafe { &mut *e };
+        // A SYN on a closed 4-tuple is a new connection, not a retransmit.
+        let reused = syn && e.flags & CONN_CLOSING != 0;
+        if !reused && !conn::expired(e, now, l4.proto) {
+            conn::refresh(e, now, fin_or_rst);
+            return forward(ctx, e, l4.proto, ip.tot_len, false);
+        }
+        stale = Some(*e);
+    }
+
+    if filter & FILTER_VIP != 0 {
+        let skey = ServiceKey {
+            addr: ip.dst,
+            port: l4.dst_port,
+            proto: l4.proto,
+            _pad: 0,
+        };
+        if let Some(svc) = unsafe { SERVICES.get(&skey) } {
+            if tcp && !syn {
+                // Mid-flow packet with no entry (evicted, expired, or the LB
+                // restarted): re-hash. While weights are unchanged Maglev maps
+                // it to the same backend, and with the client's own port kept
+                // as SNAT port the backend sees the same 4-tuple as before.
+                stats::reason(reasons::LRU_MISS);
+            }
+            return match conn::create(&key, svc, stale, now, fin_or_rst) {
+                NewFlow::Created(mut fwd) => forward(ctx, &mut fwd, l4.proto, ip.tot_len, true),
+                NewFlow::NoBackend => Ok(counted(reasons::DROP_NO_BACKEND, xdp_action::XDP_DROP)),
+                NewFlow::SnatExhausted => {
+                    if DATAPATH_LOG.load() != 0 {
+                        warn!(ctx, "snat ports exhausted for service {}", svc.id);
+                    }
+                    Ok(counted(reasons::DROP_SNAT_EXHAUSTED, xdp_action::XDP_DROP))
+                }
+                NewFlow::TableFull => {
+                    if DATAPATH_LOG.load() != 0 {
+                        warn!(ctx, "connection table insert failed for service {}", svc.id);
+                    }
+                    Ok(counted(reasons::DROP_CONN_TABLE_FULL, xdp_action::XDP_DROP))
+                }
+            };
+        }
+    }
+    if filter & FILTER_SNAT != 0 {
+        return Ok(counted(reasons::PASS_NO_REPLY_ENTRY, xdp_action::XDP_PASS));
+    }
+    Ok(counted(reasons::PASS_NOT_SERVICE, xdp_action::XDP_PASS))
+}
+
+/// Translates a packet per its connection entry and sends it to the next hop.
+/// `e` points into CONNS (established) or at a fresh copy (new flow, where a
+/// resolved next hop is cached on the next packet's lookup).
+#[inline(always)]
+fn forward(ctx: &XdpContext, e: &mut ConnEntry, proto: u8, tot_len: u16, new_conn: bool) -> Result<u32, ()> {
+    let fib_gen = match FIB_GEN.get(0) {
+        Some(g) => *g,
+        None => 0,
+    };
+    if fib_gen == 0 || e.fib_gen != fib_gen {
+        match fib::lookup(ctx, e, proto, tot_len) {
+            Some(hop) => {
+                // Concurrent writers on other CPUs store the same values.
+                e.dmac = hop.dmac;
+                e.smac = hop.smac;
+                e.ifindex = hop.ifindex;
+                e.fib_gen = fib_gen;
+            }
+            None => {
+                // Hand the translated packet to the stack, which resolves the
+                // neighbour; later packets of the flow then take the fast path.
+                nat::rewrite_l3_l4(ctx, e, proto)?;
+                return Ok(counted(reasons::PASS_FIB_FAILED, xdp_action::XDP_PASS));
+            }
+        }
+    }
+    nat::rewrite_l3_l4(ctx, e, proto)?;
+    nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    stats::traffic(e.service_id, e.backend_id, bytes, new_conn, e.flags & CONN_REPLY != 0);
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    if e.ifindex == ingress {
+        return Ok(counted(reasons::TX, xdp_action::XDP_TX));
+    }
+    let action = unsafe { bpf_redirect(e.ifindex, 0) } as u32;
+    Ok(counted(reasons::REDIRECT, action))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,1 +1,3 @@
-
+//! Test support for the router: packet crafting, namespaces, fixtures.
+pub mod kernel_ns;
+pub mod packet;

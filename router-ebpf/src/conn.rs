@@ -1,0 +1,210 @@
+//! The connection table: expiry of entries, and creation of both directions
+//! of a new flow (Maglev pick, SNAT port allocation).
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::generated::bpf_ktime_get_coarse_ns,
+};
+use router_common::{
+    CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey, MAX_SNAT_ADDRS, NO_BACKEND, PROTO_TCP,
+    SNAT_PROBES, Service, flow_hash::flow_hash,
+};
+
+use crate::{
+    maps::{
+        BACKENDS, CONNS, MAGLEV_TABLES, TABLE_SIZE, TCP_CLOSING_NS, TCP_IDLE_NS, UDP_IDLE_NS,
+    },
+    nat::deltas,
+};
+
+const REFRESH_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+pub fn expired(e: &ConnEntry, now: u64, proto: u8) -> bool {
+    let timeout = if e.flags & CONN_CLOSING != 0 {
+        TCP_CLOSING_NS.load()
+    } else if proto == PROTO_TCP {
+        TCP_IDLE_NS.load()
+    } else {
+        UDP_IDLE_NS.load()
+    };
+    now.saturating_sub(e.last_seen_ns) > timeout
+}
+
+/// Keeps an entry alive. Writes at most once a second (or on FIN/RST) so an
+/// established flow does not bounce the entry's cache line between CPUs.
+#[inline(always)]
+pub fn refresh(e: &mut ConnEntry, now: u64, fin_or_rst: bool) {
+    if fin_or_rst && e.flags & CONN_CLOSING == 0 {
+        e.flags |= CONN_CLOSING;
+        e.last_seen_ns = now;
+    } else if now.saturating_sub(e.last_seen_ns) > REFRESH_NS {
+        e.last_seen_ns = now;
+    }
+}
+
+/// The reply-direction key that a forward entry created.
+#[inline(always)]
+pub fn reply_key(fwd: &ConnEntry, proto: u8) -> ConnKey {
+    ConnKey {
+        src_addr: fwd.new_dst_addr,
+        dst_addr: fwd.new_src_addr,
+        src_port: fwd.new_dst_port,
+        dst_port: fwd.new_src_port,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+pub enum NewFlow {
+    /// Both directions are in CONNS; the forward entry is returned for this packet.
+    Created(ConnEntry),
+    NoBackend,
+    SnatExhausted,
+    TableFull,
+}
+
+/// Maglev pick for a flow: the backend id in the service's live table half.
+#[inline(always)]
+fn pick(svc: &Service, hash: u32) -> u32 {
+    // checked_rem: a plain `%` would keep a divide-by-zero panic path, which
+    // the verifier rejects; the loader guarantees a non-zero size anyway.
+    let size = TABLE_SIZE.load();
+    let Some(slot) = hash.checked_rem(size) else {
+        return NO_BACKEND;
+    };
+    let idx = (svc.id * 2 + (svc.active_table & 1)) * size + slot;
+    match MAGLEV_TABLES.get(idx) {
+        Some(id) => *id,
+        None => NO_BACKEND,
+    }
+}
+
+/// Creates both directions of a new flow. `stale` is an expired or closed
+/// forward entry for the same key, whose reply entry is removed first so its
+/// SNAT port (often the client's own) is free again.
+#[inline(always)]
+pub fn create(
+    key: &ConnKey,
+    svc: &Service,
+    stale: Option<ConnEntry>,
+    now: u64,
+    fin_or_rst: bool,
+) -> NewFlow {
+    let hash = flow_hash(key.src_addr, key.dst_addr, key.src_port, key.dst_port, key.proto);
+    let backend_id = pick(svc, hash);
+    if backend_id == NO_BACKEND {
+        return NewFlow::NoBackend;
+    }
+    let Some(be) = BACKENDS.get(backend_id) else {
+        return NewFlow::NoBackend;
+    };
+    if be.in_use == 0 {
+        return NewFlow::NoBackend;
+    }
+    let (be_addr, be_port) = (be.addr, be.port);
+    if let Some(old) = stale
+        && old.flags & CONN_REPLY == 0
+    {
+        let _ = CONNS.remove(&reply_key(&old, key.proto));
+    }
+
+    let Some((snat_addr, snat_port)) = allocate_snat(key, svc, hash, be_addr, be_port, backend_id, now)
+    else {
+        return NewFlow::SnatExhausted;
+    };
+
+    let (l3, l4) = deltas(
+        (key.src_addr, key.dst_addr, key.src_port, key.dst_port),
+        (snat_addr, be_addr, snat_port, be_port),
+    );
+    let fwd = ConnEntry {
+        new_src_addr: snat_addr,
+        new_dst_addr: be_addr,
+        new_src_port: snat_port,
+        new_dst_port: be_port,
+        l3_csum_delta: l3,
+        l4_csum_delta: l4,
+        backend_id,
+        service_id: svc.id,
+        flags: if fin_or_rst { CONN_CLOSING } else { 0 },
+        last_seen_ns: now,
+        ..ConnEntry::default()
+    };
+    if CONNS.insert(key, &fwd, BPF_ANY as u64).is_err() {
+        let _ = CONNS.remove(&reply_key(&fwd, key.proto));
+        return NewFlow::TableFull;
+    }
+    NewFlow::Created(fwd)
+}
+
+/// Claims a (SNAT address, port) pair by inserting the reply entry with
+/// BPF_NOEXIST: the insert itself is the atomic test-and-set, so two CPUs can
+/// never hand out the same pair. The client's own port is tried first so a
+/// client that reuses its 4-tuple lands on the same backend 4-tuple (and the
+/// backend's TIME_WAIT logic sees exactly what a direct connection would).
+#[inline(always)]
+fn allocate_snat(
+    key: &ConnKey,
+    svc: &Service,
+    hash: u32,
+    be_addr: u32,
+    be_port: u16,
+    backend_id: u32,
+    now: u64,
+) -> Option<(u32, u16)> {
+    let count = if svc.snat_count == 0 || svc.snat_count > MAX_SNAT_ADDRS as u32 {
+        1
+    } else {
+        svc.snat_count
+    };
+    let span = (svc.snat_port_max as u32).saturating_sub(svc.snat_port_min as u32) + 1;
+    for attempt in 0..=SNAT_PROBES {
+        let addr_idx = (hash >> 16).wrapping_add(attempt).checked_rem(count).unwrap_or(0) as usize;
+        let snat_addr = *svc.snat_addrs.get(addr_idx)?;
+        // On attempt 0 the port is the client's own, already in wire order.
+        let snat_port = if attempt == 0 {
+            key.src_port
+        } else {
+            let r = hash
+                .wrapping_add(attempt.wrapping_mul(0x9e37_79b9))
+                .checked_rem(span)
+                .unwrap_or(0);
+            ((svc.snat_port_min as u32 + r) as u16).to_be()
+        };
+        let rkey = ConnKey {
+            src_addr: be_addr,
+            dst_addr: snat_addr,
+            src_port: be_port,
+            dst_port: snat_port,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        let (l3, l4) = deltas(
+            (be_addr, snat_addr, be_port, snat_port),
+            (key.dst_addr, key.src_addr, key.dst_port, key.src_port),
+        );
+        let reply = ConnEntry {
+            new_src_addr: key.dst_addr,
+            new_dst_addr: key.src_addr,
+            new_src_port: key.dst_port,
+            new_dst_port: key.src_port,
+            l3_csum_delta: l3,
+            l4_csum_delta: l4,
+            backend_id,
+            service_id: svc.id,
+            flags: CONN_REPLY,
+            last_seen_ns: now,
+            ..ConnEntry::default()
+        };
+        if CONNS.insert(&rkey, &reply, BPF_NOEXIST as u64).is_ok() {
+            return Some((snat_addr, snat_port));
+        }
+    }
+    None
+}

@@ -1,0 +1,62 @@
+//! Every map and load-time global of the `router` XDP program. Userspace is
+//! the only writer of SERVICES, BACKENDS, MAGLEV_TABLES, ADDR_FILTER and
+//! FIB_GEN; the program writes CONNS and the per-CPU counters.
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use router_common::{
+    ADDR_FILTER_SIZE, Backend, ConnEntry, ConnKey, DEFAULT_CONN_TABLE_SIZE, DEFAULT_TABLE_SIZE,
+    MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey, TrafficCounters, reasons,
+};
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Two halves per service: `(id * 2 + half) * TABLE_SIZE + slot` → backend id.
+/// Userspace sizes it to `MAX_SERVICES * 2 * table_size` at load time.
+#[map]
+pub static MAGLEV_TABLES: Array<u32> = Array::with_max_entries(MAX_SERVICES * 2 * DEFAULT_TABLE_SIZE, 0);
+
+/// Both directions of every translated flow. LRU, so a full table evicts the
+/// coldest flow instead of refusing new ones.
+#[map]
+pub static CONNS: LruHashMap<ConnKey, ConnEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, 0);
+
+/// Destination pre-filter: bucket → FILTER_VIP | FILTER_SNAT. An array lookup
+/// is inlined by the verifier, so traffic for nobody costs no hash lookup.
+#[map]
+pub static ADDR_FILTER: Array<u32> = Array::with_max_entries(ADDR_FILTER_SIZE, 0);
+
+/// Index 0: generation of the host's routes and neighbours. Userspace bumps it
+/// on every netlink change, which invalidates every cached next hop at once.
+#[map]
+pub static FIB_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static SERVICE_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reasons::COUNT, 0);
+
+// Load-time configuration in .rodata: frozen before the program runs, so a
+// value can never change under a packet, and the verifier sees constants.
+#[unsafe(no_mangle)]
+pub static TABLE_SIZE: Global<u32> = Global::new(DEFAULT_TABLE_SIZE);
+#[unsafe(no_mangle)]
+pub static TCP_IDLE_NS: Global<u64> = Global::new(3_600_000_000_000);
+#[unsafe(no_mangle)]
+pub static TCP_CLOSING_NS: Global<u64> = Global::new(10_000_000_000);
+#[unsafe(no_mangle)]
+pub static UDP_IDLE_NS: Global<u64> = Global::new(30_000_000_000);
+#[unsafe(no_mangle)]
+pub static DATAPATH_LOG: Global<u32> = Global::new(0);

@@ -1,0 +1,63 @@
+//! The NAT rewrite: addresses, ports, MACs, and checksums updated from the
+//! per-flow deltas computed once when the flow was created.
+
+use aya_ebpf::programs::XdpContext;
+use router_common::{ConnEntry, PROTO_TCP, csum};
+
+use crate::parse::{IP_OFF, L4_OFF, ptr_at};
+
+/// Checksum deltas for translating (src, dst, sport, dport) to the new tuple.
+/// Returns (l3, l4).
+#[inline(always)]
+pub fn deltas(
+    old: (u32, u32, u16, u16),
+    new: (u32, u32, u16, u16),
+) -> (u32, u32) {
+    let l3 = csum::delta32(old.0, new.0) + csum::delta32(old.1, new.1);
+    let l4 = l3 + csum::delta16(old.2, new.2) + csum::delta16(old.3, new.3);
+    (l3, l4)
+}
+
+/// Rewrites L3/L4 per `e`. The caller has already validated the headers, so
+/// a failed bounds check here only means the verifier needs to see it again.
+#[inline(always)]
+pub fn rewrite_l3_l4(ctx: &XdpContext, e: &ConnEntry, proto: u8) -> Result<(), ()> {
+    let ip: *mut [u8; 20] = ptr_at(ctx, IP_OFF)?;
+    let ip = unsafe { &mut *ip };
+    ip[12..16].copy_from_slice(&e.new_src_addr.to_ne_bytes());
+    ip[16..20].copy_from_slice(&e.new_dst_addr.to_ne_bytes());
+    let c = csum::apply(u16::from_ne_bytes([ip[10], ip[11]]), e.l3_csum_delta);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
+    if proto == PROTO_TCP {
+        let tcp: *mut [u8; 20] = ptr_at(ctx, L4_OFF)?;
+        let tcp = unsafe { &mut *tcp };
+        tcp[0..2].copy_from_slice(&e.new_src_port.to_ne_bytes());
+        tcp[2..4].copy_from_slice(&e.new_dst_port.to_ne_bytes());
+        let c = csum::apply(u16::from_ne_bytes([tcp[16], tcp[17]]), e.l4_csum_delta);
+        tcp[16..18].copy_from_slice(&c.to_ne_bytes());
+    } else {
+        let udp: *mut [u8; 8] = ptr_at(ctx, L4_OFF)?;
+        let udp = unsafe { &mut *udp };
+        udp[0..2].copy_from_slice(&e.new_src_port.to_ne_bytes());
+        udp[2..4].copy_from_slice(&e.new_dst_port.to_ne_bytes());
+        let old = u16::from_ne_bytes([udp[6], udp[7]]);
+        // A zero UDP checksum means "none" and stays so; a computed zero is sent as all-ones.
+        if old != 0 {
+            let c = match csum::apply(old, e.l4_csum_delta) {
+                0 => 0xffff,
+                c => c,
+            };
+            udp[6..8].copy_from_slice(&c.to_ne_bytes());
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+pub fn rewrite_macs(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6]) -> Result<(), ()> {
+    let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
+    let eth = unsafe { &mut *eth };
+    eth[0..6].copy_from_slice(dmac);
+    eth[6..12].copy_from_slice(smac);
+    Ok(())
+}

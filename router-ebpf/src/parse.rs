@@ -1,0 +1,123 @@
+//! Packet parsing. All packet access goes through `ptr_at`, the one
+//! bounds-checked accessor.
+
+use aya_ebpf::programs::XdpContext;
+use router_common::{PROTO_TCP, PROTO_UDP};
+
+pub const ETH_LEN: usize = 14;
+pub const IP_OFF: usize = ETH_LEN;
+pub const L4_OFF: usize = ETH_LEN + 20;
+const ETH_P_IP: u16 = 0x0800;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// Why a packet is not a candidate for balancing.
+pub enum Skip {
+    /// Not IPv4 (IPv6, ARP, …): passed untouched.
+    NotIpv4,
+    Malformed,
+    Fragment,
+    Options,
+    UnknownProto,
+}
+
+/// An IPv4 packet's addresses as read off the wire (network order, loaded natively).
+pub struct Ipv4 {
+    pub src: u32,
+    pub dst: u32,
+    pub tot_len: u16,
+}
+
+/// The transport part of a balancable packet. Offsets are fixed (no IP
+/// options) so the rewrite path needs no variable offsets.
+pub struct L4 {
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// TCP flags byte; 0 for UDP.
+    pub tcp_flags: u8,
+}
+
+/// Ethernet + IPv4 header, with the checks that apply to every IPv4 packet.
+#[inline(always)]
+pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Skip> {
+    let ethertype: *const u16 = ptr_at(ctx, 12).map_err(|()| Skip::Malformed)?;
+    if u16::from_be(unsafe { *ethertype }) != ETH_P_IP {
+        return Err(Skip::NotIpv4);
+    }
+    let ip: *const [u8; 20] = ptr_at(ctx, IP_OFF).map_err(|()| Skip::Malformed)?;
+    let ip = unsafe { &*ip };
+    let ihl = (ip[0] & 0x0f) as usize;
+    if ip[0] >> 4 != 4 || ihl < 5 {
+        return Err(Skip::Malformed);
+    }
+    // Ethernet padding may make the frame longer than the datagram, never shorter.
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if tot_len < ihl * 4 || ctx.data() + IP_OFF + tot_len > ctx.data_end() {
+        return Err(Skip::Malformed);
+    }
+    Ok(Ipv4 {
+        src: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        dst: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        tot_len: tot_len as u16,
+    })
+}
+
+/// The checks that only matter once the destination is one of ours.
+#[inline(always)]
+pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
+    let ip: *const [u8; 20] = ptr_at(ctx, IP_OFF).map_err(|()| Skip::Malformed)?;
+    let ip = unsafe { &*ip };
+    if ip[0] & 0x0f != 5 {
+        return Err(Skip::Options);
+    }
+    // MF flag or a non-zero fragment offset.
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return Err(Skip::Fragment);
+    }
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let proto = ip[9];
+    match proto {
+        PROTO_TCP => {
+            let tcp: *const [u8; 20] = ptr_at(ctx, L4_OFF).map_err(|()| Skip::Malformed)?;
+            let tcp = unsafe { &*tcp };
+            let doff = (tcp[12] >> 4) as usize * 4;
+            if doff < 20 || 20 + doff > tot_len {
+                return Err(Skip::Malformed);
+            }
+            Ok(L4 {
+                proto,
+                src_port: u16::from_ne_bytes([tcp[0], tcp[1]]),
+                dst_port: u16::from_ne_bytes([tcp[2], tcp[3]]),
+                tcp_flags: tcp[13],
+            })
+        }
+        PROTO_UDP => {
+            let udp: *const [u8; 8] = ptr_at(ctx, L4_OFF).map_err(|()| Skip::Malformed)?;
+            let udp = unsafe { &*udp };
+            let len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+            if len < 8 || 20 + len > tot_len {
+                return Err(Skip::Malformed);
+            }
+            Ok(L4 {
+                proto,
+                src_port: u16::from_ne_bytes([udp[0], udp[1]]),
+                dst_port: u16::from_ne_bytes([udp[2], udp[3]]),
+                tcp_flags: 0,
+            })
+        }
+        _ => Err(Skip::UnknownProto),
+    }
+}

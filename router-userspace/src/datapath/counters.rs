@@ -1,0 +1,125 @@
+//! Reading the per-CPU counters and the live tables into a status snapshot.
+
+use aya::maps::PerCpuArray;
+use router_common::{TrafficCounters, reasons};
+use serde::{Deserialize, Serialize};
+
+use super::{Datapath, DatapathError, map_err};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_conns: u64,
+    pub reply_packets: u64,
+}
+
+impl Counters {
+    fn add(&mut self, c: &TrafficCounters) {
+        self.packets += c.packets;
+        self.bytes += c.bytes;
+        self.new_conns += c.new_conns;
+        self.reply_packets += c.reply_packets;
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub name: String,
+    pub address: String,
+    pub weight: u32,
+    /// Slots this backend owns in the live Maglev table.
+    pub slots: u32,
+    pub counters: Counters,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: String,
+    pub protocol: String,
+    pub snat: Vec<String>,
+    pub table_size: u32,
+    pub counters: Counters,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DatapathStatus {
+    pub interfaces: Vec<String>,
+    pub services: Vec<ServiceStatus>,
+    /// Per-reason packet counts, by `router_common::reasons::NAMES`.
+    pub reasons: Vec<(String, u64)>,
+}
+
+impl Datapath {
+    fn traffic(&self, map: &'static str, index: u32) -> Result<Counters, DatapathError> {
+        let stats: PerCpuArray<_, TrafficCounters> = PerCpuArray::try_from(
+            self.ebpf.map(map).ok_or(DatapathError::MissingMap(map))?,
+        )
+        .map_err(map_err(map))?;
+        let mut sum = Counters::default();
+        for c in stats.get(&index, 0).map_err(map_err(map))?.iter() {
+            sum.add(c);
+        }
+        Ok(sum)
+    }
+
+    pub fn reason_counts(&self) -> Result<Vec<(String, u64)>, DatapathError> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("REASONS")
+                .ok_or(DatapathError::MissingMap("REASONS"))?,
+        )
+        .map_err(map_err("REASONS"))?;
+        let mut out = Vec::with_capacity(reasons::COUNT as usize);
+        for (i, name) in reasons::NAMES.iter().enumerate() {
+            let v: u64 = stats
+                .get(&(i as u32), 0)
+                .map_err(map_err("REASONS"))?
+                .iter()
+                .sum();
+            out.push(((*name).to_string(), v));
+        }
+        Ok(out)
+    }
+
+    pub fn status(&self) -> Result<DatapathStatus, DatapathError> {
+        let mut services = Vec::new();
+        for st in self.services.values() {
+            let mut backends = Vec::new();
+            for b in &st.spec.backends {
+                let id = st.backend_ids[&b.name];
+                let slots = st
+                    .live_table()
+                    .map(|t| t.iter().filter(|x| **x == id).count() as u32)
+                    .unwrap_or(0);
+                backends.push(BackendStatus {
+                    name: b.name.clone(),
+                    address: b.address.to_string(),
+                    weight: b.weight,
+                    slots,
+                    counters: self.traffic("BACKEND_STATS", id)?,
+                });
+            }
+            services.push(ServiceStatus {
+                name: st.spec.name.clone(),
+                vip: st.spec.vip.to_string(),
+                protocol: match st.spec.proto {
+                    router_common::PROTO_TCP => "tcp".into(),
+                    router_common::PROTO_UDP => "udp".into(),
+                    p => p.to_string(),
+                },
+                snat: st.spec.snat.iter().map(|a| a.to_string()).collect(),
+                table_size: self.opts.table_size,
+                counters: self.traffic("SERVICE_STATS", st.id)?,
+                backends,
+            });
+        }
+        Ok(DatapathStatus {
+            interfaces: self.attached_interfaces(),
+            services,
+            reasons: self.reason_counts()?,
+        })
+    }
+}

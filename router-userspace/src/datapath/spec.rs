@@ -1,0 +1,47 @@
+//! What the datapath should serve, independent of where it came from (a
+//! config file today, service discovery later).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: SocketAddrV4,
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub proto: u8,
+    pub snat: Vec<Ipv4Addr>,
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub name: String,
+    pub address: SocketAddrV4,
+    pub weight: u32,
+}
+
+/// Load-time settings: fixed for the life of a loaded program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub table_size: u32,
+    pub conn_table_size: u32,
+    pub tcp_idle_ns: u64,
+    pub tcp_closing_ns: u64,
+    pub udp_idle_ns: u64,
+    pub datapath_log: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            table_size: router_common::DEFAULT_TABLE_SIZE,
+            conn_table_size: router_common::DEFAULT_CONN_TABLE_SIZE,
+            tcp_idle_ns: 3_600_000_000_000,
+            tcp_closing_ns: 10_000_000_000,
+            udp_idle_ns: 30_000_000_000,
+            datapath_log: false,
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! Applying a desired state to the maps: id allocation, backend slots, the
+//! double-buffered Maglev flip, and the destination pre-filter.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::{Array, HashMap as BpfHashMap};
+use router_common::{
+    ADDR_FILTER_SIZE, Backend, FILTER_SNAT, FILTER_VIP, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SNAT_ADDRS, Service, ServiceKey, addr_filter_bucket,
+};
+
+use super::{Datapath, DatapathError, ServiceSpec, map_err};
+use crate::maglev::{self, MaglevBackend};
+
+pub(super) struct ServiceState {
+    pub id: u32,
+    pub spec: ServiceSpec,
+    pub key: ServiceKey,
+    pub active: u32,
+    /// What each table half holds, so a change writes only differing slots.
+    pub halves: [Option<Vec<u32>>; 2],
+    pub backend_ids: BTreeMap<String, u32>,
+}
+
+impl ServiceState {
+    pub fn live_table(&self) -> Option<&Vec<u32>> {
+        self.halves[self.active as usize & 1].as_ref()
+    }
+}
+
+pub(super) fn service_key(spec: &ServiceSpec) -> ServiceKey {
+    ServiceKey {
+        addr: u32::from_ne_bytes(spec.vip.ip().octets()),
+        port: spec.vip.port().to_be(),
+        proto: spec.proto,
+        _pad: 0,
+    }
+}
+
+/// What one apply changed, for logs and reasons.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Services whose live table was swapped, with the number of slots that changed owner.
+    pub swapped: Vec<(String, usize)>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+fn check(specs: &[ServiceSpec]) -> Result<(), DatapathError> {
+    if specs.len() > MAX_SERVICES as usize {
+        return Err(DatapathError::TooManyServices(specs.len()));
+    }
+    let backends: usize = specs.iter().map(|s| s.backends.len()).sum();
+    if backends > MAX_BACKENDS as usize {
+        return Err(DatapathError::TooManyBackends(backends));
+    }
+    let mut names = BTreeSet::new();
+    let mut keys = BTreeSet::new();
+    for s in specs {
+        let bad = |reason: &str| DatapathError::Spec {
+            service: s.name.clone(),
+            reason: reason.to_string(),
+        };
+        if !names.insert(&s.name) {
+            return Err(bad("duplicate service name"));
+        }
+        let k = service_key(s);
+        if !keys.insert((k.addr, k.port, k.proto)) {
+            return Err(bad("another service already listens on this VIP, port and protocol"));
+        }
+        if s.snat.is_empty() || s.snat.len() > MAX_SNAT_ADDRS {
+            return Err(bad("needs 1 to 4 SNAT addresses"));
+        }
+        if s.snat_port_min > s.snat_port_max {
+            return Err(bad("SNAT port range is empty"));
+        }
+        let mut bnames = BTreeSet::new();
+        for b in &s.backends {
+            if !bnames.insert(&b.name) {
+                return Err(bad(&format!("duplicate backend name {}", b.name)));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Datapath {
+    /// Makes the maps serve exactly `specs`. Validation happens before any
+    /// write, so a rejected state leaves the datapath as it was.
+    pub fn apply(&mut self, specs: &[ServiceSpec]) -> Result<ApplyReport, DatapathError> {
+        check(specs)?;
+        let mut report = ApplyReport::default();
+
+        // Plan ids first: nothing is written unless every service fits.
+        let mut used_sids: BTreeSet<u32> = BTreeSet::new();
+        let mut used_bids: BTreeSet<u32> = self.retired_backends.iter().copied().collect();
+        for s in specs {
+            if let Some(st) = self.services.get(&s.name) {
+                used_sids.insert(st.id);
+                for b in &s.backends {
+                    if let Some(id) = st.backend_ids.get(&b.name) {
+                        used_bids.insert(*id);
+                    }
+                }
+            }
+        }
+        let mut free_sids = (0..MAX_SERVICES).filter(|i| !used_sids.contains(i));
+        let mut free_bids = (0..MAX_BACKENDS).filter(|i| !used_bids.contains(i));
+        let mut plan: Vec<(u32, BTreeMap<String, u32>)> = Vec::with_capacity(specs.len());
+        for s in specs {
+            let existing = self.services.get(&s.name);
+            let sid = match existing {
+                Some(st) => st.id,
+                None => free_sids
+                    .next()
+                    .ok_or(DatapathError::TooManyServices(specs.len()))?,
+            };
+            let mut ids = BTreeMap::new();
+            for b in &s.backends {
+                let id = match existing.and_then(|st| st.backend_ids.get(&b.name)) {
+                    Some(id) => *id,
+                    None => free_bids
+                        .next()
+                        .ok_or(DatapathError::TooManyBackends(used_bids.len() + 1))?,
+                };
+                ids.insert(b.name.clone(), id);
+            }
+            plan.push((sid, ids));
+        }
+
+        // Slots retired last round are now unreachable from any live table.
+        let retired_before = std::mem::take(&mut self.retired_backends);
+        let wanted: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+
+        for (s, (sid, ids)) in specs.iter().zip(plan) {
+            self.write_backends(s, sid, &ids)?;
+            let is_new = !self.services.contains_key(&s.name);
+            let swapped = self.publish_service(s, sid, ids)?;
+            if is_new {
+                report.added.push(s.name.clone());
+            }
+            if let Some(changed) = swapped {
+                report.swapped.push((s.name.clone(), changed));
+            }
+        }
+
+        let gone: Vec<String> = self
+            .services
+            .keys()
+            .filter(|n| !wanted.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(st) = self.services.remove(&name) {
+                let mut services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
+                    self.ebpf
+                        .map_mut("SERVICES")
+                        .ok_or(DatapathError::MissingMap("SERVICES"))?,
+                )
+                .map_err(map_err("SERVICES"))?;
+                services.remove(&st.key).map_err(map_err("SERVICES"))?;
+                self.retired_backends.extend(st.backend_ids.values().copied());
+                report.removed.push(name);
+            }
+        }
+
+        self.write_filter()?;
+        self.release_backends(&retired_before)?;
+        Ok(report)
+    }
+
+    fn write_backends(
+        &mut self,
+        s: &ServiceSpec,
+        sid: u32,
+        ids: &BTreeMap<String, u32>,
+    ) -> Result<(), DatapathError> {
+        let mut backends: Array<_, Backend> = Array::try_from(
+            self.ebpf
+                .map_mut("BACKENDS")
+                .ok_or(DatapathError::MissingMap("BACKENDS"))?,
+        )
+        .map_err(map_err("BACKENDS"))?;
+        for b in &s.backends {
+            let id = ids[&b.name];
+            let value = Backend {
+                addr: u32::from_ne_bytes(b.address.ip().octets()),
+                port: b.address.port().to_be(),
+                _pad: 0,
+                service_id: sid,
+                in_use: 1,
+            };
+            if backends.get(&id, 0).map_err(map_err("BACKENDS"))? != value {
+                backends.set(id, value, 0).map_err(map_err("BACKENDS"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the service's table; if it differs from the live half, writes
+    /// the idle half and flips. Returns the number of slots that changed
+    /// owner when a swap happened.
+    fn publish_service(
+        &mut self,
+        s: &ServiceSpec,
+        sid: u32,
+        ids: BTreeMap<String, u32>,
+    ) -> Result<Option<usize>, DatapathError> {
+        let size = self.opts.table_size;
+        let keys: Vec<String> = s.backends.iter().map(|b| b.address.to_string()).collect();
+        let input: Vec<MaglevBackend<'_>> = s
+            .backends
+            .iter()
+            .zip(&keys)
+            .map(|(b, key)| MaglevBackend {
+                key,
+                id: ids[&b.name],
+                weight: b.weight,
+            })
+            .collect();
+        let table = maglev::build(&input, size);
+
+        let existed = self.services.contains_key(&s.name);
+        let mut st = match self.services.remove(&s.name) {
+            Some(st) => st,
+            None => ServiceState {
+                id: sid,
+                spec: s.clone(),
+                key: service_key(s),
+                active: 0,
+                halves: [None, None],
+                backend_ids: BTreeMap::new(),
+            },
+        };
+        // Backends dropped from this service stay addressable for one more round.
+        for (name, id) in &st.backend_ids {
+            if !ids.contains_key(name) {
+                self.retired_backends.push(*id);
+            }
+        }
+        let old_key = st.key;
+        let new_key = service_key(s);
+
+        let mut swapped = None;
+        let mut active = st.active;
+        if st.live_table() != Some(&table) {
+            let idle = (st.active ^ 1) & 1;
+            let changed = match st.live_table() {
+                Some(live) => live.iter().zip(&table).filter(|(a, b)| a != b).count(),
+                None => table.len(),
+            };
+            self.write_half(sid, idle, &table, st.halves[idle as usize].as_deref())?;
+            st.halves[idle as usize] = Some(table);
+            active = idle;
+            swapped = Some(changed);
+        }
+
+        let mut snat_addrs = [0u32; MAX_SNAT_ADDRS];
+        for (slot, a) in snat_addrs.iter_mut().zip(&s.snat) {
+            *slot = u32::from_ne_bytes(a.octets());
+        }
+        let value = Service {
+            id: sid,
+            active_table: active,
+            snat_addrs,
+            snat_count: s.snat.len() as u32,
+            snat_port_min: s.snat_port_min,
+            snat_port_max: s.snat_port_max,
+        };
+        let mut services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("SERVICES")
+                .ok_or(DatapathError::MissingMap("SERVICES"))?,
+        )
+        .map_err(map_err("SERVICES"))?;
+        // One value replace: the new half and any new SNAT settings become
+        // visible to packets together.
+        services.insert(new_key, value, 0).map_err(map_err("SERVICES"))?;
+        if existed && old_key != new_key {
+            services.remove(&old_key).map_err(map_err("SERVICES"))?;
+        }
+        st.active = active;
+        st.key = new_key;
+        st.spec = s.clone();
+        st.backend_ids = ids;
+        st.id = sid;
+        self.services.insert(s.name.clone(), st);
+        Ok(swapped)
+    }
+
+    fn write_half(
+        &mut self,
+        sid: u32,
+        half: u32,
+        table: &[u32],
+        previous: Option<&[u32]>,
+    ) -> Result<(), DatapathError> {
+        let size = self.opts.table_size;
+        let base = (sid * 2 + half) * size;
+        let mut tables: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut("MAGLEV_TABLES")
+                .ok_or(DatapathError::MissingMap("MAGLEV_TABLES"))?,
+        )
+        .map_err(map_err("MAGLEV_TABLES"))?;
+        for (slot, id) in table.iter().enumerate() {
+            if previous.is_some_and(|p| p.get(slot) == Some(id)) {
+                continue;
+            }
+            tables
+                .set(base + slot as u32, *id, 0)
+                .map_err(map_err("MAGLEV_TABLES"))?;
+        }
+        Ok(())
+    }
+
+    fn write_filter(&mut self) -> Result<(), DatapathError> {
+        let mut want = vec![0u32; ADDR_FILTER_SIZE as usize];
+        for st in self.services.values() {
+            want[addr_filter_bucket(st.key.addr) as usize] |= FILTER_VIP;
+            for a in &st.spec.snat {
+                want[addr_filter_bucket(u32::from_ne_bytes(a.octets())) as usize] |= FILTER_SNAT;
+            }
+        }
+        let mut filter: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut("ADDR_FILTER")
+                .ok_or(DatapathError::MissingMap("ADDR_FILTER"))?,
+        )
+        .map_err(map_err("ADDR_FILTER"))?;
+        for (i, (have, want)) in self.filter.iter_mut().zip(&want).enumerate() {
+            if have != want {
+                filter.set(i as u32, *want, 0).map_err(map_err("ADDR_FILTER"))?;
+                *have = *want;
+            }
+        }
+        Ok(())
+    }
+
+    fn release_backends(&mut self, ids: &[u32]) -> Result<(), DatapathError> {
+        let live: BTreeSet<u32> = self
+            .services
+            .values()
+            .flat_map(|s| s.backend_ids.values().copied())
+            .collect();
+        let mut backends: Array<_, Backend> = Array::try_from(
+            self.ebpf
+                .map_mut("BACKENDS")
+                .ok_or(DatapathError::MissingMap("BACKENDS"))?,
+        )
+        .map_err(map_err("BACKENDS"))?;
+        for id in ids.iter().filter(|id| !live.contains(id)) {
+            backends
+                .set(*id, Backend::default(), 0)
+                .map_err(map_err("BACKENDS"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,94 @@
+//! A network namespace that the *current thread* enters for kernel tests
+//! (BPF_PROG_TEST_RUN with a real ingress device and FIB), removed and left
+//! again on drop, also when the test fails.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, Result, bail};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setns(f: &File) -> Result<()> {
+    // SAFETY: plain syscall on a valid namespace fd.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub struct EnteredNs {
+    pub name: String,
+    original: File,
+}
+
+impl EnteredNs {
+    /// Creates a namespace named `<prefix><pid>-<n>` and moves this thread into it.
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = format!(
+            "{prefix}{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let original =
+            File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
+        run(&["ip", "netns", "add", &name])?;
+        let guard = Self { name, original };
+        let target = File::open(format!("/run/netns/{}", guard.name))
+            .with_context(|| format!("opening netns {}", guard.name))?;
+        setns(&target)?;
+        Ok(guard)
+    }
+
+    /// Runs `ip` with arguments inside this namespace (the thread is already in it).
+    pub fn ip(&self, args: &str) -> Result<String> {
+        let mut v = vec!["ip"];
+        v.extend(args.split_whitespace());
+        run(&v)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        std::fs::write(&path, value).with_context(|| format!("writing {path}"))
+    }
+
+    pub fn ifindex(&self, name: &str) -> Result<u32> {
+        let c = std::ffi::CString::new(name)?;
+        // SAFETY: valid NUL-terminated name.
+        let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if i == 0 {
+            bail!("no interface {name} in {}", self.name);
+        }
+        Ok(i)
+    }
+}
+
+impl Drop for EnteredNs {
+    fn drop(&mut self) {
+        if let Err(e) = setns(&self.original) {
+            eprintln!("could not leave netns {}: {e}", self.name);
+        }
+        if let Err(e) = run(&["ip", "netns", "del", &self.name]) {
+            eprintln!("could not remove netns {}: {e}", self.name);
+        }
+    }
+}
