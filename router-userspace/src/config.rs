@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use router_common::{MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS, PROTO_TCP, PROTO_UDP};
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use toml_edit::{ImDocument, Item, Table, Value};
 
 use crate::maglev::is_prime;
@@ -214,9 +214,10 @@ impl Config {
             }
         })?;
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start);
+            let span = e.span().unwrap_or(0..0);
+            let offset = span.start;
             let message = one_line(e.message());
-            match path_at(&doc, offset) {
+            match path_at(&doc, span) {
                 Some(key) => ConfigError::Invalid {
                     origin: origin.to_owned(),
                     line: source.line_of(offset),
@@ -504,60 +505,75 @@ fn locate(doc: &ImDocument<String>, path: &KeyPath) -> Option<usize> {
     best
 }
 
-/// The key path of the innermost key or value containing `offset`, used to
-/// name the key in serde errors, which come with a span but no path.
-fn path_at(doc: &ImDocument<String>, offset: usize) -> Option<KeyPath> {
-    fn contains(span: Option<Range<usize>>, offset: usize) -> bool {
-        span.is_some_and(|s| s.start <= offset && offset < s.end.max(s.start + 1))
+/// One child of a container: its segment, its key's span (tables only),
+/// the child itself and the child's span.
+type Entry<'a> = (Seg, Option<Range<usize>>, Node<'a>, Option<Range<usize>>);
+
+/// The key path of the innermost key or value whose span covers `target`,
+/// used to name the key in serde errors, which come with a span but no
+/// path. Whole-span containment matters: a missing-field error spans its
+/// whole table, and must not be pinned on the table's first key.
+fn path_at(doc: &ImDocument<String>, target: Range<usize>) -> Option<KeyPath> {
+    fn covers(span: Option<Range<usize>>, target: &Range<usize>) -> bool {
+        span.is_some_and(|s| s.start <= target.start && target.end <= s.end.max(s.start + 1))
     }
 
     fn walk<'a>(
         path: &KeyPath,
-        offset: usize,
-        entries: &mut dyn Iterator<Item = (Seg, Option<Range<usize>>, Node<'a>, Option<Range<usize>>)>,
+        target: &Range<usize>,
+        entries: &mut dyn Iterator<Item = Entry<'a>>,
     ) -> Option<KeyPath> {
         for (seg, key_span, child, child_span) in entries {
             let here = match &seg {
                 Seg::Key(k) => path.key(k),
                 Seg::Index(i) => path.index(*i),
             };
-            if contains(key_span, offset) {
+            if covers(key_span, target) {
                 return Some(here);
             }
-            // Tables' spans do not cover their sub-tables, so descend
-            // whenever the child is a container, and stop at a leaf only if
-            // it contains the offset.
-            if let Some(found) = search(child, &here, offset) {
+            // A table's span does not cover its sub-tables, so look inside
+            // every container before settling for the container itself.
+            if let Some(found) = search(child, &here, target) {
                 return Some(found);
             }
-            if contains(child_span, offset) {
+            if covers(child_span, target) {
                 return Some(here);
             }
         }
         None
     }
 
-    fn search(node: Node<'_>, path: &KeyPath, offset: usize) -> Option<KeyPath> {
+    fn search(node: Node<'_>, path: &KeyPath, target: &Range<usize>) -> Option<KeyPath> {
         match node {
             Node::Table(t) => walk(
                 path,
-                offset,
+                target,
                 &mut t.iter().filter_map(|(k, _)| {
                     let (key, item) = t.get_key_value(k)?;
-                    Some((Seg::Key(k.to_owned()), key.span(), Node::of_item(item), item.span()))
+                    Some((
+                        Seg::Key(k.to_owned()),
+                        key.span(),
+                        Node::of_item(item),
+                        item.span(),
+                    ))
                 }),
             ),
             Node::Inline(t) => walk(
                 path,
-                offset,
+                target,
                 &mut t.iter().filter_map(|(k, _)| {
                     let (key, item) = t.get_key_value(k)?;
-                    Some((Seg::Key(k.to_owned()), key.span(), Node::of_item(item), item.span()))
+                    Some((
+                        Seg::Key(k.to_owned()),
+                        key.span(),
+                        Node::of_item(item),
+                        item.span(),
+                    ))
                 }),
             ),
             Node::Tables(a) => walk(
                 path,
-                offset,
+                target,
                 &mut a
                     .iter()
                     .enumerate()
@@ -565,7 +581,7 @@ fn path_at(doc: &ImDocument<String>, offset: usize) -> Option<KeyPath> {
             ),
             Node::Array(a) => walk(
                 path,
-                offset,
+                target,
                 &mut a
                     .iter()
                     .enumerate()
@@ -575,7 +591,12 @@ fn path_at(doc: &ImDocument<String>, offset: usize) -> Option<KeyPath> {
         }
     }
 
-    search(Node::Table(doc.as_table()), &KeyPath::default(), offset)
+    // toml reports errors about the document as a whole (a missing
+    // top-level table) with an empty span, which would match anything.
+    if target.is_empty() {
+        return None;
+    }
+    search(Node::Table(doc.as_table()), &KeyPath::default(), &target)
 }
 
 /// Turns key paths into located errors during validation.
@@ -672,7 +693,11 @@ struct StringOrList {
 
 impl StringOrList {
     fn item_path(&self, base: &KeyPath, i: usize) -> KeyPath {
-        if self.list { base.index(i) } else { base.clone() }
+        if self.list {
+            base.index(i)
+        } else {
+            base.clone()
+        }
     }
 }
 
@@ -720,9 +745,7 @@ fn validate_daemon(loc: &Locator<'_>, raw: RawDaemon) -> Result<DaemonConfig, Co
         if name.is_empty() {
             return Err(loc.err(&key, "interface name must not be empty"));
         }
-        if name.len() > MAX_IFNAME_LEN
-            || name.contains(|c: char| c == '/' || c.is_whitespace())
-        {
+        if name.len() > MAX_IFNAME_LEN || name.contains(|c: char| c == '/' || c.is_whitespace()) {
             return Err(loc.err(&key, format!("{name:?} is not a valid interface name")));
         }
         if raw.interface.items[..i].contains(name) {
@@ -734,7 +757,10 @@ fn validate_daemon(loc: &Locator<'_>, raw: RawDaemon) -> Result<DaemonConfig, Co
     if !pin_path.is_absolute() {
         return Err(loc.err(
             &base.key("pin_path"),
-            format!("{:?} must be an absolute path (under bpffs)", pin_path.display()),
+            format!(
+                "{:?} must be an absolute path (under bpffs)",
+                pin_path.display()
+            ),
         ));
     }
     let control_socket = raw
@@ -759,15 +785,21 @@ fn validate_daemon(loc: &Locator<'_>, raw: RawDaemon) -> Result<DaemonConfig, Co
         None => Ok(default),
         Some(s) => parse_duration(s).map_err(|m| loc.err(&base.key(name), m)),
     };
-    let tcp_idle_timeout =
-        duration("tcp_idle_timeout", &raw.tcp_idle_timeout, DEFAULT_TCP_IDLE_TIMEOUT)?;
+    let tcp_idle_timeout = duration(
+        "tcp_idle_timeout",
+        &raw.tcp_idle_timeout,
+        DEFAULT_TCP_IDLE_TIMEOUT,
+    )?;
     let tcp_closing_timeout = duration(
         "tcp_closing_timeout",
         &raw.tcp_closing_timeout,
         DEFAULT_TCP_CLOSING_TIMEOUT,
     )?;
-    let udp_idle_timeout =
-        duration("udp_idle_timeout", &raw.udp_idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT)?;
+    let udp_idle_timeout = duration(
+        "udp_idle_timeout",
+        &raw.udp_idle_timeout,
+        DEFAULT_UDP_IDLE_TIMEOUT,
+    )?;
 
     Ok(DaemonConfig {
         interfaces: raw.interface.items,
@@ -876,7 +908,8 @@ fn validate_services(
                 &sp.key("vip"),
                 format!(
                     "{vip}/{} is already used by service {:?}",
-                    svc.protocol, services_name(&services, first)
+                    svc.protocol,
+                    services_name(&services, first)
                 ),
             ));
         }
@@ -940,7 +973,10 @@ fn validate_services(
             if let Some(other) = backends.iter().find(|x| x.address == address) {
                 return Err(loc.err(
                     &p.key("address"),
-                    format!("{address} is already backend {:?} of this service", other.name),
+                    format!(
+                        "{address} is already backend {:?} of this service",
+                        other.name
+                    ),
                 ));
             }
             backends.push(BackendConfig {
@@ -973,7 +1009,10 @@ fn check_table_size(
     let key = KeyPath::default().key("daemon").key("table_size");
     let size = daemon.table_size;
     if size > MAX_TABLE_SIZE {
-        return Err(loc.err(&key, format!("{size} is above the maximum {MAX_TABLE_SIZE}")));
+        return Err(loc.err(
+            &key,
+            format!("{size} is above the maximum {MAX_TABLE_SIZE}"),
+        ));
     }
     if !is_prime(size) {
         return Err(loc.err(
