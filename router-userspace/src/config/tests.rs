@@ -1,0 +1,756 @@
+use super::*;
+
+/// Minimal valid config; tests edit single lines so line numbers stay known.
+const BASE: &str = r#"[daemon]
+interface = "eth0"
+
+[[service]]
+name = "llama"
+vip = "198.18.100.1:8000"
+snat = "198.18.0.1"
+
+[[service.backend]]
+name = "gpu-0"
+address = "198.18.0.11:8000"
+
+[[service.backend]]
+name = "gpu-1"
+address = "198.18.0.12:8000"
+"#;
+
+const EXAMPLE: &str = include_str!("../../../examples/router.toml");
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "t.toml")
+}
+
+/// BASE with 1-based line `n` replaced by `new` (a single line).
+fn replace_line(n: usize, new: &str) -> String {
+    let mut lines: Vec<&str> = BASE.lines().collect();
+    lines[n - 1] = new;
+    lines.join("\n") + "\n"
+}
+
+/// BASE with `text` inserted after line `n`.
+fn insert_after(n: usize, text: &str) -> String {
+    let mut lines: Vec<&str> = BASE.lines().collect();
+    lines.insert(n, text);
+    lines.join("\n") + "\n"
+}
+
+#[track_caller]
+fn assert_err(text: &str, line: usize, key: &str, fragment: &str) {
+    let err = match parse(text) {
+        Ok(_) => panic!("expected an error at {key}, config parsed:\n{text}"),
+        Err(e) => e,
+    };
+    let shown = err.to_string();
+    assert_eq!(err.line(), Some(line), "wrong line in: {shown}");
+    assert_eq!(err.key(), Some(key), "wrong key in: {shown}");
+    assert!(
+        shown.starts_with(&format!("t.toml:{line}: {key}: ")),
+        "bad prefix: {shown}"
+    );
+    assert!(shown.contains(fragment), "{shown:?} lacks {fragment:?}");
+}
+
+#[test]
+fn example_parses() {
+    let cfg = Config::parse(EXAMPLE, "examples/router.toml").expect("example must parse");
+    assert_eq!(cfg.daemon.interfaces, ["eth0"]);
+    assert_eq!(cfg.services.len(), 1);
+    let svc = &cfg.services[0];
+    assert_eq!(svc.name, "llama");
+    assert_eq!(svc.vip, "198.18.100.1:8000".parse().unwrap());
+    assert_eq!(svc.snat, [Ipv4Addr::new(198, 18, 0, 1)]);
+    let weights: Vec<u32> = svc.backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [100, 200, 500]);
+    assert_eq!(cfg.origin(), "examples/router.toml");
+}
+
+#[test]
+fn example_loads_from_disk() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/router.toml");
+    let cfg = Config::load(&path).expect("example must load");
+    assert_eq!(cfg.services[0].backends.len(), 3);
+}
+
+#[test]
+fn unreadable_file_names_path() {
+    let err = Config::load(Path::new("/nonexistent/router.toml")).unwrap_err();
+    let shown = err.to_string();
+    assert!(shown.starts_with("/nonexistent/router.toml: "), "{shown}");
+    assert!(matches!(err, ConfigError::Read { .. }));
+    assert_eq!(err.line(), None);
+}
+
+#[test]
+fn defaults_applied() {
+    let cfg = parse(BASE).unwrap();
+    let d = &cfg.daemon;
+    assert_eq!(
+        *d,
+        DaemonConfig {
+            interfaces: vec!["eth0".into()],
+            xdp_mode: XdpMode::Auto,
+            pin_path: "/sys/fs/bpf/router".into(),
+            control_socket: "/run/router/router.sock".into(),
+            table_size: 65537,
+            conn_table_size: 262_144,
+            snat_port_min: 10000,
+            snat_port_max: 32767,
+            tcp_idle_timeout: Duration::from_secs(600),
+            tcp_closing_timeout: Duration::from_secs(10),
+            udp_idle_timeout: Duration::from_secs(30),
+            datapath_log: false,
+        }
+    );
+    let svc = &cfg.services[0];
+    assert_eq!(svc.protocol, Protocol::Tcp);
+    assert!(svc.backends.iter().all(|b| b.weight == 100));
+    assert_eq!(Protocol::Tcp.number(), 6);
+    assert_eq!(Protocol::Udp.number(), 17);
+}
+
+#[test]
+fn explicit_values_and_forms() {
+    let text = insert_after(
+        2,
+        r#"xdp_mode = "skb"
+table_size = 211
+conn_table_size = 1000
+snat_port_range = "20000-20099"
+tcp_idle_timeout = "1h 30m"
+datapath_log = true"#,
+    );
+    let text = text.replace(r#"interface = "eth0""#, r#"interface = ["eth0", "eth1"]"#);
+    let text = text.replace(
+        r#"snat = "198.18.0.1""#,
+        "snat = [\"198.18.0.1\", \"198.18.0.2\"]\nprotocol = \"udp\"\nforwarding = \"nat\"",
+    );
+    let cfg = parse(&text).unwrap();
+    assert_eq!(cfg.daemon.interfaces, ["eth0", "eth1"]);
+    assert_eq!(cfg.daemon.xdp_mode, XdpMode::Skb);
+    assert_eq!(cfg.daemon.table_size, 211);
+    assert_eq!(cfg.daemon.conn_table_size, 1000);
+    assert_eq!(
+        (cfg.daemon.snat_port_min, cfg.daemon.snat_port_max),
+        (20000, 20099)
+    );
+    assert_eq!(cfg.daemon.tcp_idle_timeout, Duration::from_secs(5400));
+    assert!(cfg.daemon.datapath_log);
+    assert_eq!(cfg.services[0].protocol, Protocol::Udp);
+    assert_eq!(cfg.services[0].snat.len(), 2);
+}
+
+#[test]
+fn inline_tables_work_too() {
+    let text = r#"daemon = { interface = "eth0" }
+service = [{ name = "a", vip = "10.0.0.1:80", snat = "10.0.0.2", backend = [
+  { name = "b", address = "10.0.0.3:80", weight = 7 },
+  { name = "c", address = "10.0.0.300:80" },
+] }]
+"#;
+    let err = parse(text).unwrap_err();
+    assert_eq!(err.line(), Some(4));
+    assert_eq!(err.key(), Some("service[0].backend[1].address"));
+    let fixed = text.replace("10.0.0.300", "10.0.0.4");
+    assert_eq!(parse(&fixed).unwrap().services[0].backends[0].weight, 7);
+}
+
+#[test]
+fn no_services_is_valid() {
+    let cfg = parse("[daemon]\ninterface = \"eth0\"\n").unwrap();
+    assert!(cfg.services.is_empty());
+}
+
+// --- syntax and serde errors ----------------------------------------------
+
+#[test]
+fn syntax_error_has_line() {
+    let err = parse(&replace_line(6, r#"vip = "198.18.100.1:8000"#)).unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    assert_eq!(err.line(), Some(6), "{err}");
+    assert!(!err.to_string().contains('\n'), "{err}");
+}
+
+#[test]
+fn unknown_key_top_level() {
+    assert_err(
+        &format!("bogus = 1\n{BASE}"),
+        1,
+        "bogus",
+        "unknown field `bogus`",
+    );
+}
+
+#[test]
+fn unknown_key_in_daemon() {
+    assert_err(
+        &insert_after(2, "inteface = \"eth1\""),
+        3,
+        "daemon.inteface",
+        "unknown field",
+    );
+}
+
+#[test]
+fn unknown_key_in_service() {
+    assert_err(
+        &insert_after(7, "sticky = true"),
+        8,
+        "service[0].sticky",
+        "unknown field",
+    );
+}
+
+#[test]
+fn unknown_key_in_backend() {
+    assert_err(
+        &insert_after(15, "wieght = 5"),
+        16,
+        "service[0].backend[1].wieght",
+        "unknown field `wieght`",
+    );
+}
+
+#[test]
+fn missing_required_keys() {
+    assert_err(
+        &replace_line(2, ""),
+        1,
+        "daemon",
+        "missing field `interface`",
+    );
+    assert_err(
+        &replace_line(7, ""),
+        4,
+        "service[0]",
+        "missing field `snat`",
+    );
+    assert_err(
+        &replace_line(11, ""),
+        9,
+        "service[0].backend[0]",
+        "missing field `address`",
+    );
+    let no_daemon: String = BASE.lines().skip(3).map(|l| format!("{l}\n")).collect();
+    let err = parse(&no_daemon).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("t.toml:1: missing field `daemon`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_types() {
+    assert_err(
+        &insert_after(15, "weight = \"heavy\""),
+        16,
+        "service[0].backend[1].weight",
+        "expected u32",
+    );
+    assert_err(
+        &insert_after(15, "weight = -1"),
+        16,
+        "service[0].backend[1].weight",
+        "expected u32",
+    );
+    assert_err(
+        &replace_line(2, "interface = 3"),
+        2,
+        "daemon.interface",
+        "a string or a list",
+    );
+    assert_err(
+        &replace_line(2, "interface = [\"eth0\", 3]"),
+        2,
+        "daemon.interface[1]",
+        "expected a string",
+    );
+}
+
+#[test]
+fn unknown_enum_values() {
+    assert_err(
+        &insert_after(2, "xdp_mode = \"hw\""),
+        3,
+        "daemon.xdp_mode",
+        "unknown variant `hw`",
+    );
+    assert_err(
+        &insert_after(7, "protocol = \"sctp\""),
+        8,
+        "service[0].protocol",
+        "unknown variant `sctp`",
+    );
+    assert_err(
+        &insert_after(7, "forwarding = \"dsr\""),
+        8,
+        "service[0].forwarding",
+        "unknown variant `dsr`",
+    );
+}
+
+// --- semantic validation ---------------------------------------------------
+
+#[test]
+fn bad_backend_address() {
+    let text = replace_line(15, r#"address = "198.18.0.300:8000""#);
+    assert_eq!(
+        parse(&text).unwrap_err().to_string(),
+        r#"t.toml:15: service[0].backend[1].address: "198.18.0.300:8000" is not an IPv4 address:port"#
+    );
+    assert_err(
+        &replace_line(11, r#"address = "198.18.0.11""#),
+        11,
+        "service[0].backend[0].address",
+        "is not an IPv4 address:port",
+    );
+    assert_err(
+        &replace_line(11, r#"address = "198.18.0.11:0""#),
+        11,
+        "service[0].backend[0].address",
+        "port 0",
+    );
+}
+
+#[test]
+fn bad_vip() {
+    assert_err(
+        &replace_line(6, r#"vip = "llama:8000""#),
+        6,
+        "service[0].vip",
+        "not an IPv4 address:port",
+    );
+    assert_err(
+        &replace_line(6, r#"vip = "198.18.100.1:0""#),
+        6,
+        "service[0].vip",
+        "port 0",
+    );
+    assert_err(
+        &replace_line(6, r#"vip = "0.0.0.0:80""#),
+        6,
+        "service[0].vip",
+        "not a unicast",
+    );
+}
+
+#[test]
+fn bad_snat() {
+    assert_err(
+        &replace_line(7, r#"snat = "198.18.0.999""#),
+        7,
+        "service[0].snat",
+        "not an IPv4 address",
+    );
+    assert_err(
+        &replace_line(7, r#"snat = ["198.18.0.1", "nope"]"#),
+        7,
+        "service[0].snat[1]",
+        r#""nope" is not an IPv4 address"#,
+    );
+    assert_err(
+        &replace_line(7, "snat = []"),
+        7,
+        "service[0].snat",
+        "needs 1 to 4 addresses, got 0",
+    );
+    assert_err(
+        &replace_line(
+            7,
+            r#"snat = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]"#,
+        ),
+        7,
+        "service[0].snat",
+        "got 5",
+    );
+    assert_err(
+        &replace_line(7, r#"snat = ["10.0.0.1", "10.0.0.1"]"#),
+        7,
+        "service[0].snat[1]",
+        "listed twice",
+    );
+    assert_err(
+        &replace_line(7, r#"snat = "224.0.0.1""#),
+        7,
+        "service[0].snat",
+        "not a unicast",
+    );
+}
+
+const SECOND_SERVICE: &str = r#"
+[[service]]
+name = "mistral"
+vip = "198.18.100.2:8000"
+snat = "198.18.0.1"
+
+[[service.backend]]
+name = "gpu-9"
+address = "198.18.0.19:8000"
+"#;
+
+#[test]
+fn duplicate_service_name() {
+    let text = format!("{BASE}{}", SECOND_SERVICE.replace("mistral", "llama"));
+    assert_err(
+        &text,
+        18,
+        "service[1].name",
+        "duplicate service name \"llama\" (first used at line 5)",
+    );
+}
+
+#[test]
+fn duplicate_vip() {
+    let text = format!(
+        "{BASE}{}",
+        SECOND_SERVICE.replace("198.18.100.2", "198.18.100.1")
+    );
+    assert_err(
+        &text,
+        19,
+        "service[1].vip",
+        "198.18.100.1:8000/tcp is already used by service \"llama\"",
+    );
+    // Same address and port on the other protocol is a different service.
+    let udp = text.replace(
+        "name = \"mistral\"",
+        "name = \"mistral\"\nprotocol = \"udp\"",
+    );
+    assert_eq!(parse(&udp).unwrap().services.len(), 2);
+}
+
+#[test]
+fn duplicate_backend_name_and_address() {
+    assert_err(
+        &replace_line(14, r#"name = "gpu-0""#),
+        14,
+        "service[0].backend[1].name",
+        "duplicate backend name \"gpu-0\" in service \"llama\" (first used at line 10)",
+    );
+    assert_err(
+        &replace_line(15, r#"address = "198.18.0.11:8000""#),
+        15,
+        "service[0].backend[1].address",
+        "already backend \"gpu-0\"",
+    );
+    // Backend names are per service.
+    let text = format!("{BASE}{}", SECOND_SERVICE.replace("gpu-9", "gpu-0"));
+    assert!(parse(&text).is_ok());
+}
+
+#[test]
+fn service_without_backends() {
+    let text: String = BASE.lines().take(7).map(|l| format!("{l}\n")).collect();
+    assert_err(
+        &text,
+        4,
+        "service[0].backend",
+        "service \"llama\" needs at least one backend",
+    );
+}
+
+#[test]
+fn empty_names() {
+    assert_err(
+        &replace_line(5, r#"name = """#),
+        5,
+        "service[0].name",
+        "must not be empty",
+    );
+    assert_err(
+        &replace_line(10, r#"name = """#),
+        10,
+        "service[0].backend[0].name",
+        "must not be empty",
+    );
+}
+
+#[test]
+fn table_size_checks() {
+    assert_err(
+        &insert_after(2, "table_size = 65536"),
+        3,
+        "daemon.table_size",
+        "not prime (Maglev needs a prime table size; try 65537)",
+    );
+    assert_err(
+        &insert_after(2, "table_size = 1"),
+        3,
+        "daemon.table_size",
+        "not prime",
+    );
+    assert_err(
+        &insert_after(2, "table_size = 199"),
+        3,
+        "daemon.table_size",
+        "199 is below 100 x the 2 backends of service \"llama\"; use a prime >= 200, e.g. 211",
+    );
+    assert_err(
+        &insert_after(2, "table_size = 16777259"),
+        3,
+        "daemon.table_size",
+        "above the maximum",
+    );
+}
+
+#[test]
+fn default_table_size_too_small_points_at_daemon() {
+    let mut text = BASE.to_owned();
+    for i in 2..656 {
+        text += &format!(
+            "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"10.{}.{}.1:80\"\n",
+            i / 256,
+            i % 256
+        );
+    }
+    // The key was never written, so the daemon table's header stands in.
+    assert_err(
+        &text,
+        1,
+        "daemon.table_size",
+        "65537 is below 100 x the 656 backends",
+    );
+}
+
+#[test]
+fn too_many_backends_overall() {
+    let mut text = insert_after(2, "table_size = 204901");
+    let svc = |n: usize, base: usize| {
+        let mut s = format!(
+            "\n[[service]]\nname = \"s{n}\"\nvip = \"198.18.200.{n}:80\"\nsnat = \"198.18.0.1\"\n"
+        );
+        for i in 0..2048 {
+            let k = base + i;
+            s += &format!(
+                "[[service.backend]]\nname = \"b{i}\"\naddress = \"10.{}.{}.1:80\"\n",
+                k / 256,
+                k % 256
+            );
+        }
+        s
+    };
+    text += &svc(1, 0);
+    text += &svc(2, 2048);
+    let err = parse(&text).unwrap_err();
+    assert_eq!(err.key(), Some("service[2].backend[2046]"), "{err}");
+    assert!(err.to_string().contains("at most 4096 backends"), "{err}");
+}
+
+#[test]
+fn conn_table_size_zero() {
+    assert_err(
+        &insert_after(2, "conn_table_size = 0"),
+        3,
+        "daemon.conn_table_size",
+        "greater than 0",
+    );
+}
+
+#[test]
+fn durations() {
+    assert_err(
+        &insert_after(2, r#"tcp_idle_timeout = "0s""#),
+        3,
+        "daemon.tcp_idle_timeout",
+        "greater than 0",
+    );
+    assert_err(
+        &insert_after(2, r#"tcp_closing_timeout = "0ms""#),
+        3,
+        "daemon.tcp_closing_timeout",
+        "greater than 0",
+    );
+    assert_err(
+        &insert_after(2, r#"udp_idle_timeout = "3 parsecs""#),
+        3,
+        "daemon.udp_idle_timeout",
+        "is not a duration",
+    );
+    assert_err(
+        &insert_after(2, "udp_idle_timeout = 30"),
+        3,
+        "daemon.udp_idle_timeout",
+        "expected a string",
+    );
+}
+
+#[test]
+fn snat_port_range() {
+    let key = "daemon.snat_port_range";
+    assert_err(
+        &insert_after(2, r#"snat_port_range = "10000""#),
+        3,
+        key,
+        "is not a port range",
+    );
+    assert_err(
+        &insert_after(2, r#"snat_port_range = "a-b""#),
+        3,
+        key,
+        "is not a port range",
+    );
+    assert_err(
+        &insert_after(2, r#"snat_port_range = "10000-70000""#),
+        3,
+        key,
+        "is not a port range",
+    );
+    assert_err(
+        &insert_after(2, r#"snat_port_range = "30000-20000""#),
+        3,
+        key,
+        "start 30000 is above end 20000",
+    );
+    assert_err(
+        &insert_after(2, r#"snat_port_range = "80-9000""#),
+        3,
+        key,
+        "below 1024",
+    );
+    let cfg = parse(&insert_after(2, r#"snat_port_range = "1024-1024""#)).unwrap();
+    assert_eq!(
+        (cfg.daemon.snat_port_min, cfg.daemon.snat_port_max),
+        (1024, 1024)
+    );
+}
+
+#[test]
+fn interfaces() {
+    assert_err(
+        &replace_line(2, r#"interface = """#),
+        2,
+        "daemon.interface",
+        "must not be empty",
+    );
+    assert_err(
+        &replace_line(2, "interface = []"),
+        2,
+        "daemon.interface",
+        "at least one interface",
+    );
+    assert_err(
+        &replace_line(2, r#"interface = ["eth0", ""]"#),
+        2,
+        "daemon.interface[1]",
+        "must not be empty",
+    );
+    assert_err(
+        &replace_line(2, r#"interface = ["eth0", "eth0"]"#),
+        2,
+        "daemon.interface[1]",
+        "listed twice",
+    );
+    assert_err(
+        &replace_line(2, r#"interface = "a-very-long-interface-name""#),
+        2,
+        "daemon.interface",
+        "not a valid interface name",
+    );
+}
+
+#[test]
+fn paths() {
+    assert_err(
+        &insert_after(2, r#"pin_path = "bpf/router""#),
+        3,
+        "daemon.pin_path",
+        "absolute path",
+    );
+    assert_err(
+        &insert_after(2, r#"control_socket = """#),
+        3,
+        "daemon.control_socket",
+        "must not be empty",
+    );
+}
+
+// --- host checks --------------------------------------------------------------
+
+fn host(name: &str) -> Option<Vec<Ipv4Addr>> {
+    match name {
+        "eth0" => Some(vec![
+            Ipv4Addr::new(198, 18, 0, 1),
+            Ipv4Addr::new(198, 18, 0, 2),
+        ]),
+        "eth1" => Some(vec![Ipv4Addr::new(10, 0, 0, 1)]),
+        _ => None,
+    }
+}
+
+#[test]
+fn check_host_ok() {
+    parse(BASE).unwrap().check_host(&host).unwrap();
+    let two_armed = replace_line(2, r#"interface = ["eth1", "eth0"]"#);
+    parse(&two_armed).unwrap().check_host(&host).unwrap();
+}
+
+#[test]
+fn check_host_missing_interface() {
+    let err = parse(&replace_line(2, r#"interface = "eth7""#))
+        .unwrap()
+        .check_host(&host)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"t.toml:2: daemon.interface: interface "eth7" does not exist on this host"#
+    );
+    let err = parse(&replace_line(
+        2,
+        "interface = [\n  \"eth0\",\n  \"eth7\",\n]",
+    ))
+    .unwrap()
+    .check_host(&host)
+    .unwrap_err();
+    assert_eq!(err.line(), Some(4), "{err}");
+    assert_eq!(err.key(), Some("daemon.interface[1]"));
+}
+
+#[test]
+fn check_host_snat_not_on_interface() {
+    let err = parse(&replace_line(7, r#"snat = "198.18.0.9""#))
+        .unwrap()
+        .check_host(&host)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "t.toml:7: service[0].snat: SNAT address 198.18.0.9 is not configured on eth0"
+    );
+    let err = parse(&replace_line(7, r#"snat = ["198.18.0.1", "10.0.0.1"]"#))
+        .unwrap()
+        .check_host(&host)
+        .unwrap_err();
+    assert_eq!(err.key(), Some("service[0].snat[1]"));
+    assert_eq!(err.line(), Some(7));
+}
+
+#[test]
+fn error_at_for_later_checks() {
+    let cfg = parse(BASE).unwrap();
+    // Defaulted key: reported at the enclosing table.
+    let err = cfg.error_at("daemon.snat_port_range", "overlaps the ephemeral range");
+    assert_eq!(
+        err.to_string(),
+        "t.toml:1: daemon.snat_port_range: overlaps the ephemeral range"
+    );
+    assert_eq!(
+        cfg.error_at("service[0].backend[1].address", "x").line(),
+        Some(15)
+    );
+    assert_eq!(cfg.error_at("service[0].backend[1]", "x").line(), Some(13));
+}
+
+#[test]
+fn key_path_round_trip() {
+    for s in [
+        "daemon",
+        "daemon.interface[1]",
+        "service[0].backend[12].address",
+        "a[1][2].b",
+    ] {
+        assert_eq!(KeyPath::parse(s).to_string(), s);
+    }
+}
