@@ -332,10 +332,13 @@ fn remove_stale_namespaces() {
         else {
             continue;
         };
-        if pid != std::process::id() && !PathBuf::from(format!("/proc/{pid}")).exists() {
-            if let Err(err) = delete_namespace(ns) {
-                eprintln!("netns: removing stale {ns}: {err:#}");
-            }
+        let creator_alive =
+            pid == std::process::id() || PathBuf::from(format!("/proc/{pid}")).exists();
+        if creator_alive {
+            continue;
+        }
+        if let Err(err) = delete_namespace(ns) {
+            eprintln!("netns: removing stale {ns}: {err:#}");
         }
     }
 }
