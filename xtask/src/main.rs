@@ -1,1 +1,230 @@
-fn main() {}
+//! Developer workflows for the router workspace (`cargo xtask --help`).
+//!
+//! Deliberately depends only on anyhow and clap: it has to build on a fresh
+//! machine before any eBPF toolchain (nightly rust-src, bpf-linker) exists,
+//! because installing that toolchain is its first job.
+
+mod cmd;
+mod setup;
+
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::cmd::{Failed, cargo, run};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, test, run and benchmark the XDP router",
+    long_about = "Build, test, run and benchmark the XDP router.\n\n\
+        Every workflow runs `setup` first, so a fresh machine needs only rustup \
+        (stable + nightly) and root."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain (nightly rust-src, bpf-linker built against
+    /// the nightly's LLVM) and the test tools (iproute2, python3). Idempotent.
+    Setup,
+    /// Build the release `router` binary, including the eBPF object.
+    Build,
+    /// Check formatting, run clippy and run every test, one at a time (needs root).
+    Test,
+    /// Build, then run the demo: namespaced topology, the daemon, weighted split (needs root).
+    Run {
+        /// Arguments passed through to the demo binary.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the benchmarks (results go in bench/).
+    Bench {
+        /// Which benchmark suite to run; the bench binary's default when omitted.
+        suite: Option<BenchSuite>,
+        /// Shorter runs, for a smoke check rather than numbers worth recording.
+        #[arg(long)]
+        quick: bool,
+        /// Further arguments passed through to the bench binary (after `--`).
+        #[arg(last = true)]
+        extra: Vec<OsString>,
+    },
+    /// Format the whole workspace.
+    Fmt,
+    /// Run clippy on the whole workspace with warnings denied.
+    Clippy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchSuite {
+    /// XDP datapath throughput and latency.
+    Datapath,
+    /// Every suite.
+    All,
+}
+
+impl BenchSuite {
+    fn as_arg(self) -> &'static str {
+        match self {
+            BenchSuite::Datapath => "datapath",
+            BenchSuite::All => "all",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            // Propagate the failing child's status so CI sees the real code.
+            let code = err
+                .chain()
+                .find_map(|e| e.downcast_ref::<Failed>())
+                .and_then(|f| f.code)
+                .and_then(|c| u8::try_from(c).ok())
+                .filter(|&c| c != 0)
+                .unwrap_or(1);
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn dispatch(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup::setup(),
+        Task::Build => {
+            setup::setup()?;
+            build()
+        }
+        Task::Test => test(),
+        Task::Run { args } => {
+            require_root(
+                "cargo xtask run",
+                "the demo creates network namespaces and attaches XDP programs",
+            )?;
+            setup::setup()?;
+            build()?;
+            run(workspace_cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "router-tests",
+                    "--bin",
+                    "demo",
+                    "--",
+                ])
+                .args(args))
+            .context("running the demo")
+        }
+        Task::Bench {
+            suite,
+            quick,
+            extra,
+        } => {
+            if !is_root()? {
+                eprintln!(
+                    "xtask: warning: not running as root; datapath benchmarks need CAP_NET_ADMIN and CAP_BPF"
+                );
+            }
+            setup::setup()?;
+            let mut cmd = workspace_cargo();
+            cmd.args([
+                "run",
+                "--release",
+                "-p",
+                "router-tests",
+                "--bin",
+                "bench",
+                "--",
+            ]);
+            if let Some(suite) = suite {
+                cmd.arg(suite.as_arg());
+            }
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(cmd.args(extra)).context("running the benchmarks")
+        }
+        Task::Fmt => run(workspace_cargo().args(["fmt", "--all"])).context("formatting"),
+        Task::Clippy => clippy(),
+    }
+}
+
+fn build() -> Result<()> {
+    // router-userspace's build.rs compiles the eBPF object through aya-build.
+    run(workspace_cargo().args(["build", "--release", "-p", "router-userspace", "--bins"]))
+        .context("building the router")
+}
+
+fn clippy() -> Result<()> {
+    run(workspace_cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy")
+}
+
+fn test() -> Result<()> {
+    require_root(
+        "cargo xtask test",
+        "the kernel tests load XDP programs and create network namespaces (CAP_BPF, CAP_NET_ADMIN)",
+    )?;
+    setup::setup()?;
+    run(workspace_cargo().args(["fmt", "--all", "--check"]))
+        .context("formatting check (run `cargo xtask fmt`)")?;
+    clippy()?;
+    // Kernel tests attach programs and create namespaces; one at a time keeps
+    // them from fighting over shared kernel state.
+    run(workspace_cargo().args(["test", "--workspace", "--release", "--", "--test-threads=1"]))
+        .context("tests")?;
+    eprintln!("xtask: all checks and tests passed");
+    Ok(())
+}
+
+/// Cargo with the workspace root as working directory, so xtask behaves the
+/// same from any subdirectory.
+fn workspace_cargo() -> std::process::Command {
+    let mut cmd = cargo();
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask/ sits directly under the workspace root.
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or(manifest_dir)
+}
+
+fn require_root(what: &str, why: &str) -> Result<()> {
+    if !is_root()? {
+        bail!("{what} must run as root: {why}. Re-run it with sudo or as root.");
+    }
+    Ok(())
+}
+
+/// Effective uid from /proc, to avoid a libc dependency for one syscall.
+fn is_root() -> Result<bool> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let euid = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .context("no effective uid in /proc/self/status")?;
+    Ok(euid == "0")
+}
