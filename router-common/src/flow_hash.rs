@@ -16,9 +16,19 @@ fn fmix32(mut h: u32) -> u32 {
 #[inline(always)]
 pub fn flow_hash(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
     let mut h = 0x9747_b28c_u32 ^ proto as u32;
-    for k in [src_addr, dst_addr, ((src_port as u32) << 16) | dst_port as u32] {
-        let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-        h = (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+    for k in [
+        src_addr,
+        dst_addr,
+        ((src_port as u32) << 16) | dst_port as u32,
+    ] {
+        let k = k
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        h = (h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64);
     }
     fmix32(h ^ 12)
 }

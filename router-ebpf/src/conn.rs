@@ -11,9 +11,7 @@ use router_common::{
 };
 
 use crate::{
-    maps::{
-        BACKENDS, CONNS, MAGLEV_TABLES, TABLE_SIZE, TCP_CLOSING_NS, TCP_IDLE_NS, UDP_IDLE_NS,
-    },
+    maps::{BACKENDS, CONNS, MAGLEV_TABLES, TABLE_SIZE, TCP_CLOSING_NS, TCP_IDLE_NS, UDP_IDLE_NS},
     nat::deltas,
 };
 
@@ -96,7 +94,13 @@ pub fn create(
     now: u64,
     fin_or_rst: bool,
 ) -> NewFlow {
-    let hash = flow_hash(key.src_addr, key.dst_addr, key.src_port, key.dst_port, key.proto);
+    let hash = flow_hash(
+        key.src_addr,
+        key.dst_addr,
+        key.src_port,
+        key.dst_port,
+        key.proto,
+    );
     let backend_id = pick(svc, hash);
     if backend_id == NO_BACKEND {
         return NewFlow::NoBackend;
@@ -111,10 +115,11 @@ pub fn create(
     if let Some(old) = stale
         && old.flags & CONN_REPLY == 0
     {
-        let _ = CONNS.remove(&reply_key(&old, key.proto));
+        let _ = CONNS.remove(reply_key(&old, key.proto));
     }
 
-    let Some((snat_addr, snat_port)) = allocate_snat(key, svc, hash, be_addr, be_port, backend_id, now)
+    let Some((snat_addr, snat_port)) =
+        allocate_snat(key, svc, hash, be_addr, be_port, backend_id, now)
     else {
         return NewFlow::SnatExhausted;
     };
@@ -136,8 +141,8 @@ pub fn create(
         last_seen_ns: now,
         ..ConnEntry::default()
     };
-    if CONNS.insert(key, &fwd, BPF_ANY as u64).is_err() {
-        let _ = CONNS.remove(&reply_key(&fwd, key.proto));
+    if CONNS.insert(key, fwd, BPF_ANY as u64).is_err() {
+        let _ = CONNS.remove(reply_key(&fwd, key.proto));
         return NewFlow::TableFull;
     }
     NewFlow::Created(fwd)
@@ -165,7 +170,10 @@ fn allocate_snat(
     };
     let span = (svc.snat_port_max as u32).saturating_sub(svc.snat_port_min as u32) + 1;
     for attempt in 0..=SNAT_PROBES {
-        let addr_idx = (hash >> 16).wrapping_add(attempt).checked_rem(count).unwrap_or(0) as usize;
+        let addr_idx = (hash >> 16)
+            .wrapping_add(attempt)
+            .checked_rem(count)
+            .unwrap_or(0) as usize;
         let snat_addr = *svc.snat_addrs.get(addr_idx)?;
         // On attempt 0 the port is the client's own, already in wire order.
         let snat_port = if attempt == 0 {
@@ -202,7 +210,7 @@ fn allocate_snat(
             last_seen_ns: now,
             ..ConnEntry::default()
         };
-        if CONNS.insert(&rkey, &reply, BPF_NOEXIST as u64).is_ok() {
+        if CONNS.insert(rkey, reply, BPF_NOEXIST as u64).is_ok() {
             return Some((snat_addr, snat_port));
         }
     }

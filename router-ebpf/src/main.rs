@@ -12,10 +12,7 @@ mod parse;
 mod stats;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::generated::bpf_redirect,
-    macros::xdp,
-    programs::XdpContext,
+    bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use router_common::{
@@ -80,7 +77,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
     let now = conn::now_ns();
 
     let mut stale: Option<ConnEntry> = None;
-    if let Some(e) = CONNS.get_ptr_mut(&key) {
+    if let Some(e) = CONNS.get_ptr_mut(key) {
         let e = unsafe { &mut *e };
         // A SYN on a closed 4-tuple is a new connection, not a retransmit.
         let reused = syn && e.flags & CONN_CLOSING != 0;
@@ -98,7 +95,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
             proto: l4.proto,
             _pad: 0,
         };
-        if let Some(svc) = unsafe { SERVICES.get(&skey) } {
+        if let Some(svc) = unsafe { SERVICES.get(skey) } {
             if tcp && !syn {
                 // Mid-flow packet with no entry (evicted, expired, or the LB
                 // restarted): re-hash. While weights are unchanged Maglev maps
@@ -134,7 +131,13 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
 /// `e` points into CONNS (established) or at a fresh copy (new flow, where a
 /// resolved next hop is cached on the next packet's lookup).
 #[inline(always)]
-fn forward(ctx: &XdpContext, e: &mut ConnEntry, proto: u8, tot_len: u16, new_conn: bool) -> Result<u32, ()> {
+fn forward(
+    ctx: &XdpContext,
+    e: &mut ConnEntry,
+    proto: u8,
+    tot_len: u16,
+    new_conn: bool,
+) -> Result<u32, ()> {
     let fib_gen = match FIB_GEN.get(0) {
         Some(g) => *g,
         None => 0,
@@ -159,7 +162,13 @@ fn forward(ctx: &XdpContext, e: &mut ConnEntry, proto: u8, tot_len: u16, new_con
     nat::rewrite_l3_l4(ctx, e, proto)?;
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    stats::traffic(e.service_id, e.backend_id, bytes, new_conn, e.flags & CONN_REPLY != 0);
+    stats::traffic(
+        e.service_id,
+        e.backend_id,
+        bytes,
+        new_conn,
+        e.flags & CONN_REPLY != 0,
+    );
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     if e.ifindex == ingress {
         return Ok(counted(reasons::TX, xdp_action::XDP_TX));

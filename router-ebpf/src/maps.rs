@@ -21,7 +21,8 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Two halves per service: `(id * 2 + half) * TABLE_SIZE + slot` → backend id.
 /// Userspace sizes it to `MAX_SERVICES * 2 * table_size` at load time.
 #[map]
-pub static MAGLEV_TABLES: Array<u32> = Array::with_max_entries(MAX_SERVICES * 2 * DEFAULT_TABLE_SIZE, 0);
+pub static MAGLEV_TABLES: Array<u32> =
+    Array::with_max_entries(MAX_SERVICES * 2 * DEFAULT_TABLE_SIZE, 0);
 
 /// Both directions of every translated flow. LRU, so a full table evicts the
 /// coldest flow instead of refusing new ones.
@@ -40,10 +41,12 @@ pub static ADDR_FILTER: Array<u32> = Array::with_max_entries(ADDR_FILTER_SIZE, 0
 pub static FIB_GEN: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
-pub static SERVICE_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+pub static SERVICE_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 #[map]
-pub static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reasons::COUNT, 0);

@@ -9,10 +9,7 @@ use crate::parse::{IP_OFF, L4_OFF, ptr_at};
 /// Checksum deltas for translating (src, dst, sport, dport) to the new tuple.
 /// Returns (l3, l4).
 #[inline(always)]
-pub fn deltas(
-    old: (u32, u32, u16, u16),
-    new: (u32, u32, u16, u16),
-) -> (u32, u32) {
+pub fn deltas(old: (u32, u32, u16, u16), new: (u32, u32, u16, u16)) -> (u32, u32) {
     let l3 = csum::delta32(old.0, new.0) + csum::delta32(old.1, new.1);
     let l4 = l3 + csum::delta16(old.2, new.2) + csum::delta16(old.3, new.3);
     (l3, l4)

@@ -71,7 +71,13 @@ impl Packet {
     }
 
     /// The same packet after translation to a new tuple and next hop.
-    pub fn translated(&self, src: SocketAddrV4, dst: SocketAddrV4, eth_dst: Mac, eth_src: Mac) -> Self {
+    pub fn translated(
+        &self,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        eth_dst: Mac,
+        eth_src: Mac,
+    ) -> Self {
         Self {
             src,
             dst,
@@ -161,11 +167,13 @@ impl Packet {
 }
 
 pub fn addr(s: &str) -> SocketAddrV4 {
-    s.parse().unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
 }
 
 pub fn ip(s: &str) -> Ipv4Addr {
-    s.parse().unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
 }
 
 /// Verifies the IPv4 header checksum and the TCP/UDP checksum of a frame.

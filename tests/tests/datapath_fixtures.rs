@@ -20,7 +20,6 @@ const XDP_TX: u32 = 3;
 const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
 const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0x0c, 0x02];
 const CLIENT2_MAC: Mac = [0x02, 0, 0, 0, 0x0c, 0x03];
-const UPSTREAM_MAC: Mac = [0x02, 0, 0, 0, 0, 0xfe];
 
 fn backend_mac(i: u8) -> Mac {
     [0x02, 0, 0, 0, 0x0b, i]
@@ -68,8 +67,10 @@ impl Fixture {
             ("198.18.0.12", "02:00:00:00:0b:01"),
             ("198.18.0.13", "02:00:00:00:0b:02"),
         ] {
-            ns.ip(&format!("neigh replace {a} lladdr {mac} dev fx0 nud permanent"))
-                .unwrap();
+            ns.ip(&format!(
+                "neigh replace {a} lladdr {mac} dev fx0 nud permanent"
+            ))
+            .unwrap();
         }
         let ifindex = ns.ifindex("fx0").unwrap();
         let mut dp = Datapath::load(LoadOptions {
@@ -78,7 +79,11 @@ impl Fixture {
         })
         .expect("load router program");
         dp.apply(services).expect("apply services");
-        Fixture { dp, ifindex, _ns: ns }
+        Fixture {
+            dp,
+            ifindex,
+            _ns: ns,
+        }
     }
 
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
@@ -121,7 +126,12 @@ impl Fixture {
             assert_eq!(delta, want, "{}: counter {name}", c.name);
         }
         if verdict == XDP_TX {
-            assert!(checksums_valid(&out), "{}: checksums of {}", c.name, hex(&out));
+            assert!(
+                checksums_valid(&out),
+                "{}: checksums of {}",
+                c.name,
+                hex(&out)
+            );
         }
         out
     }
@@ -137,9 +147,21 @@ struct Case<'a> {
 }
 
 impl<'a> Case<'a> {
-    fn new(name: &'a str, input: Vec<u8>, verdict: u32, output: Option<Vec<u8>>, reasons: &'a [u32]) -> Self {
+    fn new(
+        name: &'a str,
+        input: Vec<u8>,
+        verdict: u32,
+        output: Option<Vec<u8>>,
+        reasons: &'a [u32],
+    ) -> Self {
         let output = Some(output.unwrap_or_else(|| input.clone()));
-        Self { name, input, verdict, output, reasons }
+        Self {
+            name,
+            input,
+            verdict,
+            output,
+            reasons,
+        }
     }
 }
 
@@ -171,7 +193,10 @@ fn tcp_flow_lifecycle() {
         "SYN: DNAT to the backend, SNAT keeps the client's port",
         syn.build(),
         XDP_TX,
-        Some(syn.translated(snat, backend, backend_mac(0), LB_MAC).build()),
+        Some(
+            syn.translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
         &[reasons::TX],
     ));
 
@@ -191,7 +216,10 @@ fn tcp_flow_lifecycle() {
         "established data: connection-table hit",
         data.build(),
         XDP_TX,
-        Some(data.translated(snat, backend, backend_mac(0), LB_MAC).build()),
+        Some(
+            data.translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
         &[reasons::TX],
     ));
 
@@ -200,7 +228,10 @@ fn tcp_flow_lifecycle() {
         "FIN: still forwarded, entry now closing",
         fin.build(),
         XDP_TX,
-        Some(fin.translated(snat, backend, backend_mac(0), LB_MAC).build()),
+        Some(
+            fin.translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
         &[reasons::TX],
     ));
 
@@ -209,7 +240,10 @@ fn tcp_flow_lifecycle() {
         "SYN on a closed 4-tuple: new flow on the same backend 4-tuple",
         syn.build(),
         XDP_TX,
-        Some(syn.translated(snat, backend, backend_mac(0), LB_MAC).build()),
+        Some(
+            syn.translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
         &[reasons::TX],
     ));
 
@@ -241,15 +275,27 @@ fn snat_port_collision_probes_the_configured_range() {
         "first client keeps its port",
         a.build(),
         XDP_TX,
-        Some(a.translated(addr("198.18.0.1:45000"), backend, backend_mac(0), LB_MAC).build()),
+        Some(
+            a.translated(addr("198.18.0.1:45000"), backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
         &[reasons::TX],
     ));
     assert_eq!(&out_a[34..36], &45000u16.to_be_bytes());
-    let mut c = Case::new("second client, same port: probed", b.build(), XDP_TX, None, &[reasons::TX]);
+    let mut c = Case::new(
+        "second client, same port: probed",
+        b.build(),
+        XDP_TX,
+        None,
+        &[reasons::TX],
+    );
     c.output = None;
     let out_b = f.case(c);
     let port_b = u16::from_be_bytes([out_b[34], out_b[35]]);
-    assert!((10000..=32767).contains(&port_b), "probed port {port_b} in range");
+    assert!(
+        (10000..=32767).contains(&port_b),
+        "probed port {port_b} in range"
+    );
     assert_eq!(&out_b[26..30], &[198, 18, 0, 1], "SNAT source");
     assert_eq!(&out_b[30..34], &[198, 18, 0, 11], "backend destination");
 
@@ -260,7 +306,11 @@ fn snat_port_collision_probes_the_configured_range() {
         "reply to the probed port goes to the second client",
         reply_b.build(),
         XDP_TX,
-        Some(reply_b.translated(vip, addr("198.18.0.3:45000"), CLIENT2_MAC, LB_MAC).build()),
+        Some(
+            reply_b
+                .translated(vip, addr("198.18.0.3:45000"), CLIENT2_MAC, LB_MAC)
+                .build(),
+        ),
         &[reasons::TX],
     ));
 }
@@ -286,7 +336,10 @@ fn udp_first_packet_creates_a_flow() {
         "UDP without checksum stays without",
         nock.build(),
         XDP_TX,
-        Some(nock.translated(snat, backend, backend_mac(0), LB_MAC).build()),
+        Some(
+            nock.translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
         &[reasons::TX],
     ));
     let reply = Packet::udp(backend, snat, b"answer").with_macs(LB_MAC, backend_mac(0));
@@ -311,18 +364,35 @@ fn lru_miss_rehashes_to_the_same_backend() {
     // Forget the flow, as after an eviction or a restart with empty tables.
     let mut f2 = Fixture::new(&[service("llama", VIP, 6, &[1, 1, 1])]);
     let ack = Packet::tcp(client, vip, TCP_ACK).with_macs(LB_MAC, CLIENT_MAC);
-    let mut c = Case::new("ACK without entry", ack.build(), XDP_TX, None, &[reasons::TX, reasons::LRU_MISS]);
+    let mut c = Case::new(
+        "ACK without entry",
+        ack.build(),
+        XDP_TX,
+        None,
+        &[reasons::TX, reasons::LRU_MISS],
+    );
     c.output = None;
     let second = f2.case(c);
-    assert_eq!(&first[26..38], &second[26..38], "same SNAT address, backend and ports");
+    assert_eq!(
+        &first[26..38],
+        &second[26..38],
+        "same SNAT address, backend and ports"
+    );
     drop(f);
 }
 
 #[test]
 fn weight_zero_everywhere_drops_new_flows() {
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[0, 0])]);
-    let syn = Packet::tcp(addr("198.18.0.2:40000"), addr(VIP), TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
-    f.case(Case::new("no backend", syn.build(), XDP_DROP, None, &[reasons::DROP_NO_BACKEND]));
+    let syn =
+        Packet::tcp(addr("198.18.0.2:40000"), addr(VIP), TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    f.case(Case::new(
+        "no backend",
+        syn.build(),
+        XDP_DROP,
+        None,
+        &[reasons::DROP_NO_BACKEND],
+    ));
 }
 
 #[test]
@@ -332,7 +402,12 @@ fn unresolved_neighbour_passes_the_translated_packet() {
     let mut f = Fixture::new(&[svc]);
     let client = addr("198.18.0.2:40000");
     let syn = Packet::tcp(client, addr(VIP), TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
-    let expected = syn.translated(addr("198.18.0.1:40000"), addr("198.18.0.44:8000"), LB_MAC, CLIENT_MAC);
+    let expected = syn.translated(
+        addr("198.18.0.1:40000"),
+        addr("198.18.0.44:8000"),
+        LB_MAC,
+        CLIENT_MAC,
+    );
     f.case(Case::new(
         "no neighbour: stack resolves it",
         syn.build(),
@@ -346,22 +421,58 @@ fn unresolved_neighbour_passes_the_translated_packet() {
 fn traffic_that_is_not_for_a_service_passes_untouched() {
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
     let other = Packet::tcp(addr("198.18.0.2:40000"), addr("198.18.0.99:8000"), TCP_SYN);
-    f.case(Case::new("other destination", other.build(), XDP_PASS, None, &[reasons::PASS_NOT_SERVICE]));
+    f.case(Case::new(
+        "other destination",
+        other.build(),
+        XDP_PASS,
+        None,
+        &[reasons::PASS_NOT_SERVICE],
+    ));
     let other_port = Packet::tcp(addr("198.18.0.2:40000"), addr("198.18.100.1:9999"), TCP_SYN);
-    f.case(Case::new("VIP, other port", other_port.build(), XDP_PASS, None, &[reasons::PASS_NOT_SERVICE]));
+    f.case(Case::new(
+        "VIP, other port",
+        other_port.build(),
+        XDP_PASS,
+        None,
+        &[reasons::PASS_NOT_SERVICE],
+    ));
     let udp_on_tcp_vip = Packet::udp(addr("198.18.0.2:40000"), addr(VIP), b"x");
-    f.case(Case::new("VIP port, other protocol", udp_on_tcp_vip.build(), XDP_PASS, None, &[reasons::PASS_NOT_SERVICE]));
+    f.case(Case::new(
+        "VIP port, other protocol",
+        udp_on_tcp_vip.build(),
+        XDP_PASS,
+        None,
+        &[reasons::PASS_NOT_SERVICE],
+    ));
     let to_snat = Packet::tcp(addr("198.18.0.11:8000"), addr("198.18.0.1:50000"), TCP_ACK);
-    f.case(Case::new("SNAT address, no entry", to_snat.build(), XDP_PASS, None, &[reasons::PASS_NO_REPLY_ENTRY]));
+    f.case(Case::new(
+        "SNAT address, no entry",
+        to_snat.build(),
+        XDP_PASS,
+        None,
+        &[reasons::PASS_NO_REPLY_ENTRY],
+    ));
     let mut ipv6 = vec![0u8; 74];
     ipv6[12] = 0x86;
     ipv6[13] = 0xdd;
     ipv6[14] = 0x60;
-    f.case(Case::new("IPv6 passes", ipv6, XDP_PASS, None, &[reasons::PASS_NOT_SERVICE]));
+    f.case(Case::new(
+        "IPv6 passes",
+        ipv6,
+        XDP_PASS,
+        None,
+        &[reasons::PASS_NOT_SERVICE],
+    ));
     let mut arp = vec![0u8; 42];
     arp[12] = 0x08;
     arp[13] = 0x06;
-    f.case(Case::new("ARP passes", arp, XDP_PASS, None, &[reasons::PASS_NOT_SERVICE]));
+    f.case(Case::new(
+        "ARP passes",
+        arp,
+        XDP_PASS,
+        None,
+        &[reasons::PASS_NOT_SERVICE],
+    ));
 }
 
 #[test]
@@ -371,49 +482,128 @@ fn malformed_and_edge_input_is_never_forwarded() {
 
     // Frames shorter than an Ethernet header never reach XDP (BPF_PROG_TEST_RUN
     // refuses them too); the shortest truncation to test is an IPv4 header cut short.
-    f.case(Case::new("IPv4 ethertype, no IPv4 header", good[..14].to_vec(), XDP_DROP, None, &[reasons::DROP_MALFORMED]));
-    f.case(Case::new("truncated IPv4 header", good[..30].to_vec(), XDP_DROP, None, &[reasons::DROP_MALFORMED]));
+    f.case(Case::new(
+        "IPv4 ethertype, no IPv4 header",
+        good[..14].to_vec(),
+        XDP_DROP,
+        None,
+        &[reasons::DROP_MALFORMED],
+    ));
+    f.case(Case::new(
+        "truncated IPv4 header",
+        good[..30].to_vec(),
+        XDP_DROP,
+        None,
+        &[reasons::DROP_MALFORMED],
+    ));
 
     let mut bad_ihl = good.clone();
     bad_ihl[14] = 0x44;
-    f.case(Case::new("IHL 4", bad_ihl, XDP_DROP, None, &[reasons::DROP_MALFORMED]));
+    f.case(Case::new(
+        "IHL 4",
+        bad_ihl,
+        XDP_DROP,
+        None,
+        &[reasons::DROP_MALFORMED],
+    ));
 
     let mut bad_version = good.clone();
     bad_version[14] = 0x65;
-    f.case(Case::new("version 6 in an IPv4 frame", bad_version, XDP_DROP, None, &[reasons::DROP_MALFORMED]));
+    f.case(Case::new(
+        "version 6 in an IPv4 frame",
+        bad_version,
+        XDP_DROP,
+        None,
+        &[reasons::DROP_MALFORMED],
+    ));
 
     let mut too_long = good.clone();
     too_long[16..18].copy_from_slice(&200u16.to_be_bytes());
-    f.case(Case::new("total length beyond the frame", too_long, XDP_DROP, None, &[reasons::DROP_MALFORMED]));
+    f.case(Case::new(
+        "total length beyond the frame",
+        too_long,
+        XDP_DROP,
+        None,
+        &[reasons::DROP_MALFORMED],
+    ));
 
     let mut too_short = good.clone();
     too_short[16..18].copy_from_slice(&12u16.to_be_bytes());
-    f.case(Case::new("total length below the header", too_short, XDP_DROP, None, &[reasons::DROP_MALFORMED]));
+    f.case(Case::new(
+        "total length below the header",
+        too_short,
+        XDP_DROP,
+        None,
+        &[reasons::DROP_MALFORMED],
+    ));
 
-    f.case(Case::new("truncated TCP header", good[..44].to_vec(), XDP_DROP, None, &[reasons::DROP_MALFORMED]));
+    f.case(Case::new(
+        "truncated TCP header",
+        good[..44].to_vec(),
+        XDP_DROP,
+        None,
+        &[reasons::DROP_MALFORMED],
+    ));
 
     let mut short_doff = good.clone();
     short_doff[46] = 0x40;
-    f.case(Case::new("TCP data offset 4", short_doff, XDP_DROP, None, &[reasons::DROP_MALFORMED]));
+    f.case(Case::new(
+        "TCP data offset 4",
+        short_doff,
+        XDP_DROP,
+        None,
+        &[reasons::DROP_MALFORMED],
+    ));
 
     let mut frag = Packet::tcp(addr("198.18.0.2:40000"), addr(VIP), TCP_SYN);
     frag.frag = 0x2000; // MF
-    f.case(Case::new("first fragment", frag.build(), XDP_PASS, None, &[reasons::PASS_FRAGMENT]));
+    f.case(Case::new(
+        "first fragment",
+        frag.build(),
+        XDP_PASS,
+        None,
+        &[reasons::PASS_FRAGMENT],
+    ));
     frag.frag = 0x0010; // offset 128
-    f.case(Case::new("later fragment", frag.build(), XDP_PASS, None, &[reasons::PASS_FRAGMENT]));
+    f.case(Case::new(
+        "later fragment",
+        frag.build(),
+        XDP_PASS,
+        None,
+        &[reasons::PASS_FRAGMENT],
+    ));
 
     let mut opts = Packet::tcp(addr("198.18.0.2:40000"), addr(VIP), TCP_SYN);
     opts.ip_options = vec![0x01, 0x01, 0x01, 0x00]; // NOP NOP NOP EOL
-    f.case(Case::new("IP options", opts.build(), XDP_PASS, None, &[reasons::PASS_IP_OPTIONS]));
+    f.case(Case::new(
+        "IP options",
+        opts.build(),
+        XDP_PASS,
+        None,
+        &[reasons::PASS_IP_OPTIONS],
+    ));
 
     let mut icmp = Packet::tcp(addr("198.18.0.2:0"), addr("198.18.100.1:0"), 0);
     icmp.proto = 1;
     icmp.payload = vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0];
-    f.case(Case::new("ICMP to the VIP", icmp.build(), XDP_PASS, None, &[reasons::PASS_UNKNOWN_PROTO]));
+    f.case(Case::new(
+        "ICMP to the VIP",
+        icmp.build(),
+        XDP_PASS,
+        None,
+        &[reasons::PASS_UNKNOWN_PROTO],
+    ));
 
-    let mut udp_short = Packet::udp(addr("198.18.0.2:40000"), addr("198.18.100.1:8000"), b"abc").build();
+    let mut udp_short =
+        Packet::udp(addr("198.18.0.2:40000"), addr("198.18.100.1:8000"), b"abc").build();
     udp_short[38..40].copy_from_slice(&4u16.to_be_bytes());
-    f.case(Case::new("UDP length below 8", udp_short, XDP_DROP, None, &[reasons::DROP_MALFORMED]));
+    f.case(Case::new(
+        "UDP length below 8",
+        udp_short,
+        XDP_DROP,
+        None,
+        &[reasons::DROP_MALFORMED],
+    ));
 
     // Nothing above created a connection.
     let st = f.dp.status().unwrap();
@@ -426,8 +616,12 @@ fn weight_change_moves_new_flows_and_keeps_established_ones() {
     let vip = addr(VIP);
     let mut pinned = Vec::new();
     for port in 20000..20032u16 {
-        let syn = Packet::tcp(std::net::SocketAddrV4::new(ip("198.18.0.2"), port), vip, TCP_SYN)
-            .with_macs(LB_MAC, CLIENT_MAC);
+        let syn = Packet::tcp(
+            std::net::SocketAddrV4::new(ip("198.18.0.2"), port),
+            vip,
+            TCP_SYN,
+        )
+        .with_macs(LB_MAC, CLIENT_MAC);
         let (v, out) = f.run(&syn.build());
         assert_eq!(v, XDP_TX);
         assert_eq!(&out[30..34], &[198, 18, 0, 11], "only b0 has weight");
@@ -436,15 +630,27 @@ fn weight_change_moves_new_flows_and_keeps_established_ones() {
     // Flip all weight to b1 — one atomic table swap.
     f.dp.apply(&[service("llama", VIP, 6, &[0, 1])]).unwrap();
     for port in &pinned {
-        let ack = Packet::tcp(std::net::SocketAddrV4::new(ip("198.18.0.2"), *port), vip, TCP_ACK)
-            .with_macs(LB_MAC, CLIENT_MAC);
+        let ack = Packet::tcp(
+            std::net::SocketAddrV4::new(ip("198.18.0.2"), *port),
+            vip,
+            TCP_ACK,
+        )
+        .with_macs(LB_MAC, CLIENT_MAC);
         let (v, out) = f.run(&ack.build());
         assert_eq!(v, XDP_TX);
-        assert_eq!(&out[30..34], &[198, 18, 0, 11], "established flow stays on b0");
+        assert_eq!(
+            &out[30..34],
+            &[198, 18, 0, 11],
+            "established flow stays on b0"
+        );
     }
     for port in 30000..30032u16 {
-        let syn = Packet::tcp(std::net::SocketAddrV4::new(ip("198.18.0.2"), port), vip, TCP_SYN)
-            .with_macs(LB_MAC, CLIENT_MAC);
+        let syn = Packet::tcp(
+            std::net::SocketAddrV4::new(ip("198.18.0.2"), port),
+            vip,
+            TCP_SYN,
+        )
+        .with_macs(LB_MAC, CLIENT_MAC);
         let (v, out) = f.run(&syn.build());
         assert_eq!(v, XDP_TX);
         assert_eq!(&out[30..34], &[198, 18, 0, 12], "new flows go to b1");

@@ -54,10 +54,9 @@ pub struct DatapathStatus {
 
 impl Datapath {
     fn traffic(&self, map: &'static str, index: u32) -> Result<Counters, DatapathError> {
-        let stats: PerCpuArray<_, TrafficCounters> = PerCpuArray::try_from(
-            self.ebpf.map(map).ok_or(DatapathError::MissingMap(map))?,
-        )
-        .map_err(map_err(map))?;
+        let stats: PerCpuArray<_, TrafficCounters> =
+            PerCpuArray::try_from(self.ebpf.map(map).ok_or(DatapathError::MissingMap(map))?)
+                .map_err(map_err(map))?;
         let mut sum = Counters::default();
         for c in stats.get(&index, 0).map_err(map_err(map))?.iter() {
             sum.add(c);

@@ -25,8 +25,7 @@ use state::ServiceState;
 /// The compiled `router` XDP object.
 pub static ROUTER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/router"));
 /// The trivial XDP_PASS object (benchmark reference, veth peers).
-pub static XDP_PASS_OBJ: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
+pub static XDP_PASS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{Array, HashMap as BpfHashMap};
 use router_common::{
-    ADDR_FILTER_SIZE, Backend, FILTER_SNAT, FILTER_VIP, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SNAT_ADDRS, Service, ServiceKey, addr_filter_bucket,
+    ADDR_FILTER_SIZE, Backend, FILTER_SNAT, FILTER_VIP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS,
+    Service, ServiceKey, addr_filter_bucket,
 };
 
 use super::{Datapath, DatapathError, ServiceSpec, map_err};
@@ -66,7 +66,9 @@ fn check(specs: &[ServiceSpec]) -> Result<(), DatapathError> {
         }
         let k = service_key(s);
         if !keys.insert((k.addr, k.port, k.proto)) {
-            return Err(bad("another service already listens on this VIP, port and protocol"));
+            return Err(bad(
+                "another service already listens on this VIP, port and protocol",
+            ));
         }
         if s.snat.is_empty() || s.snat.len() > MAX_SNAT_ADDRS {
             return Err(bad("needs 1 to 4 SNAT addresses"));
@@ -159,7 +161,8 @@ impl Datapath {
                 )
                 .map_err(map_err("SERVICES"))?;
                 services.remove(&st.key).map_err(map_err("SERVICES"))?;
-                self.retired_backends.extend(st.backend_ids.values().copied());
+                self.retired_backends
+                    .extend(st.backend_ids.values().copied());
                 report.removed.push(name);
             }
         }
@@ -275,7 +278,9 @@ impl Datapath {
         .map_err(map_err("SERVICES"))?;
         // One value replace: the new half and any new SNAT settings become
         // visible to packets together.
-        services.insert(new_key, value, 0).map_err(map_err("SERVICES"))?;
+        services
+            .insert(new_key, value, 0)
+            .map_err(map_err("SERVICES"))?;
         if existed && old_key != new_key {
             services.remove(&old_key).map_err(map_err("SERVICES"))?;
         }
@@ -330,7 +335,9 @@ impl Datapath {
         .map_err(map_err("ADDR_FILTER"))?;
         for (i, (have, want)) in self.filter.iter_mut().zip(&want).enumerate() {
             if have != want {
-                filter.set(i as u32, *want, 0).map_err(map_err("ADDR_FILTER"))?;
+                filter
+                    .set(i as u32, *want, 0)
+                    .map_err(map_err("ADDR_FILTER"))?;
                 *have = *want;
             }
         }
