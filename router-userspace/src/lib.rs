@@ -1,6 +1,11 @@
 //! The router daemon and CLI as a library: config, Maglev, the datapath
-//! (the only writer of BPF maps), and the control socket.
+//! (the only writer of BPF maps), the control socket and the daemon loop.
 
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod datapath;
+pub mod fib_watch;
+pub mod host;
 pub mod maglev;
+pub mod status_view;

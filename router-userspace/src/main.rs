@@ -1,1 +1,120 @@
-fn main() {}
+//! `router`: the daemon and its CLI.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use router::{
+    config::DEFAULT_CONTROL_SOCKET,
+    control::{self, ReloadReply, StatusReply},
+    daemon, status_view,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "router",
+    version,
+    about = "XDP load balancer for GPU inference replicas"
+)]
+struct Cli {
+    /// Control socket of the daemon.
+    #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: load and attach the XDP program, serve the control socket.
+    Daemon {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Services, backends, weights and counters.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the daemon's config file and apply all of it, or none of it.
+    Reload {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Config file commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file (syntax, values, and this host's interfaces).
+    Check { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Daemon { config } => daemon::run(&config).await,
+            Command::Status { json } => {
+                let body = control::request(&cli.socket, "GET", "/v1/status").await?;
+                let reply: StatusReply =
+                    serde_json::from_slice(&body).context("decoding the daemon's status")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&reply)?);
+                } else {
+                    print!("{}", status_view::render(&reply));
+                }
+                Ok(())
+            }
+            Command::Reload { json } => {
+                let body = control::request(&cli.socket, "POST", "/v1/reload").await?;
+                let reply: ReloadReply = serde_json::from_slice(&body)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&reply)?);
+                } else {
+                    println!("{}", reply.message);
+                }
+                Ok(())
+            }
+            Command::Config {
+                command: ConfigCommand::Check { file },
+            } => {
+                let cfg = daemon::load_for_host(&file)?;
+                println!(
+                    "{}: ok ({} services, {} backends)",
+                    file.display(),
+                    cfg.services.len(),
+                    cfg.services.iter().map(|s| s.backends.len()).sum::<usize>()
+                );
+                Ok(())
+            }
+        }
+    })
+}

@@ -98,6 +98,8 @@ pub struct Topology {
     client: String,
     lb: String,
     backends: Vec<String>,
+    /// XDP_PASS on the LB's peer, so native XDP_TX from the LB is received.
+    peer_xdp: Option<crate::veth_xdp::XdpPassGuard>,
 }
 
 impl Topology {
@@ -120,6 +122,7 @@ impl Topology {
             client: format!("{id}-cl"),
             lb: format!("{id}-lb"),
             backends: (0..n_backends).map(|i| format!("{id}-b{i}")).collect(),
+            peer_xdp: None,
         };
         // On error `topo` drops here and removes whatever was created.
         topo.build().context("building the one-arm topology")?;
@@ -168,6 +171,9 @@ impl Topology {
         // what `ethtool -K p-lb gro on` does, so ethtool need not be installed.
         set_gro(&switch, LB_PEER_IF, true)
             .with_context(|| format!("enabling GRO on {LB_PEER_IF} in {switch}"))?;
+        // GRO alone was not enough for native XDP_TX on this kernel's veth:
+        // the peer also runs XDP_PASS, which always gives it a NAPI instance.
+        self.peer_xdp = Some(crate::veth_xdp::XdpPassGuard::attach(&switch, LB_PEER_IF)?);
 
         for i in 0..self.backends.len() {
             let backend = self.backends[i].clone();
@@ -211,6 +217,9 @@ impl Topology {
         let cidr = format!("{addr}/{PREFIX_LEN}");
         ip(ns, &["addr", "add", &cidr, "dev", inner])?;
         ip(ns, &["link", "set", inner, "up"])?;
+        // Full software checksums from every host: see `set_tx_checksum`.
+        set_tx_checksum(ns, inner, false)
+            .with_context(|| format!("turning off TX checksum offload on {inner} in {ns}"))?;
         Ok(())
     }
 
@@ -286,6 +295,7 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        drop(self.peer_xdp.take());
         // Reverse order: backends, LB and client before the switch.
         for ns in self.namespaces.iter().rev() {
             if let Err(err) = delete_namespace(ns) {
@@ -610,11 +620,32 @@ struct EthtoolValue {
     data: u32,
 }
 
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+const ETHTOOL_STXCSUM: u32 = 0x17;
 const ETHTOOL_GGRO: u32 = 0x2b;
 const ETHTOOL_SGRO: u32 = 0x2c;
 
-/// Sets or reads GRO on `ifname` in `ns` with the SIOCETHTOOL ioctl.
 fn ethtool_gro(ns: &str, ifname: &str, set: Option<bool>) -> Result<bool> {
+    ethtool_flag(ns, ifname, (ETHTOOL_GGRO, ETHTOOL_SGRO), set)
+}
+
+/// `ethtool -K IFNAME tx off` inside `ns`. A veth otherwise leaves TCP/UDP
+/// checksums partial (offloaded); an XDP program that forwards such a frame
+/// with XDP_TX drops the offload metadata with the skb, so the receiver
+/// sees a wrong checksum. Real NICs deliver full checksums; test senders
+/// must compute theirs in software.
+pub fn set_tx_checksum(ns: &str, ifname: &str, on: bool) -> Result<()> {
+    ethtool_flag(ns, ifname, (ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM), Some(on)).map(drop)
+}
+
+/// Sets or reads one legacy ethtool on/off value (GRO, TX checksumming) of
+/// `ifname` in `ns` with the SIOCETHTOOL ioctl.
+fn ethtool_flag(
+    ns: &str,
+    ifname: &str,
+    (get_cmd, set_cmd): (u32, u32),
+    set: Option<bool>,
+) -> Result<bool> {
     let name = ifname.to_owned();
     in_netns(ns, move || -> Result<bool> {
         ensure!(
@@ -627,11 +658,7 @@ fn ethtool_gro(ns: &str, ifname: &str, set: Option<bool>) -> Result<bool> {
             return Err(std::io::Error::last_os_error()).context("socket for ethtool ioctl");
         }
         let mut value = EthtoolValue {
-            cmd: if set.is_some() {
-                ETHTOOL_SGRO
-            } else {
-                ETHTOOL_GGRO
-            },
+            cmd: if set.is_some() { set_cmd } else { get_cmd },
             data: u32::from(set.unwrap_or(false)),
         };
         // SAFETY: ifreq is plain old data; all-zero is a valid value.

@@ -213,6 +213,8 @@ fn test() -> Result<()> {
     run(workspace_cargo().args(["fmt", "--all", "--check"]))
         .context("formatting check (run `cargo xtask fmt`)")?;
     clippy()?;
+    // The end-to-end tests run the real `router` binary as a daemon.
+    build()?;
     // Kernel tests attach programs and create namespaces; one at a time keeps
     // them from fighting over shared kernel state.
     run(workspace_cargo().args([

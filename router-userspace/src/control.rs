@@ -1,0 +1,163 @@
+//! The control API: HTTP/JSON on a Unix socket (mode 0600), served by the
+//! daemon and used by the CLI. It reads state and asks the daemon to act; it
+//! never touches BPF maps itself.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::{net::UnixStream, sync::Mutex};
+
+use crate::{daemon::DaemonState, datapath::DatapathStatus};
+
+/// Largest response the CLI accepts.
+const MAX_RESPONSE: usize = 16 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatusReply {
+    pub config: String,
+    pub uptime_secs: u64,
+    pub last_reload: Option<ReloadReply>,
+    pub datapath: DatapathStatus,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReloadReply {
+    pub ok: bool,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: String,
+}
+
+fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(ErrorReply { error: msg.into() })).into_response()
+}
+
+type Shared = Arc<Mutex<DaemonState>>;
+
+async fn status(State(state): State<Shared>) -> Response {
+    let st = state.lock().await;
+    match st.status() {
+        Ok(reply) => Json(reply).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn reload(State(state): State<Shared>) -> Response {
+    let mut st = state.lock().await;
+    let reply = st.reload();
+    let code = if reply.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    (code, Json(reply)).into_response()
+}
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/reload", post(reload))
+        .with_state(state)
+}
+
+/// Binds the control socket: parent directory created, a stale socket
+/// replaced, permissions 0600 so only root can steer traffic.
+pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "{} is in use: is another router daemon running?",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(listener)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the router daemon is not running (no control socket at {0})")]
+    NotRunning(PathBuf),
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control API: {0}")]
+    Http(String),
+    #[error("daemon answered {status}: {message}")]
+    Refused { status: u16, message: String },
+}
+
+/// One request to the daemon; returns the JSON body of a 2xx answer.
+pub async fn request(socket: &Path, method: &str, path: &str) -> Result<Bytes, ClientError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning(socket.to_path_buf())
+            }
+            _ => ClientError::Io {
+                path: socket.to_path_buf(),
+                source: e,
+            },
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "router")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes();
+    if !status.is_success() {
+        let message = serde_json::from_slice::<ErrorReply>(&body)
+            .map(|e| e.error)
+            .or_else(|_| serde_json::from_slice::<ReloadReply>(&body).map(|r| r.message))
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        return Err(ClientError::Refused {
+            status: status.as_u16(),
+            message,
+        });
+    }
+    Ok(body)
+}

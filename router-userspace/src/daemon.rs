@@ -1,0 +1,237 @@
+//! The daemon: validates the config against the host, loads and attaches
+//! the datapath, serves the control socket, reloads on SIGHUP or API
+//! request (validate first, then apply all of it or none), and detaches on
+//! SIGINT/SIGTERM.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Mutex,
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, XdpMode},
+    control::{self, ReloadReply, StatusReply},
+    datapath::{BackendSpec, Datapath, LoadOptions, ServiceSpec},
+    fib_watch, host,
+};
+
+/// The datapath input a config describes.
+pub fn specs(cfg: &Config) -> Vec<ServiceSpec> {
+    cfg.services
+        .iter()
+        .map(|s| ServiceSpec {
+            name: s.name.clone(),
+            vip: s.vip,
+            proto: s.protocol.number(),
+            snat: s.snat.clone(),
+            snat_port_min: cfg.daemon.snat_port_min,
+            snat_port_max: cfg.daemon.snat_port_max,
+            backends: s
+                .backends
+                .iter()
+                .map(|b| BackendSpec {
+                    name: b.name.clone(),
+                    address: b.address,
+                    weight: b.weight,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+pub fn load_options(cfg: &Config) -> LoadOptions {
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    LoadOptions {
+        table_size: cfg.daemon.table_size,
+        conn_table_size: cfg.daemon.conn_table_size,
+        tcp_idle_ns: ns(cfg.daemon.tcp_idle_timeout),
+        tcp_closing_ns: ns(cfg.daemon.tcp_closing_timeout),
+        udp_idle_ns: ns(cfg.daemon.udp_idle_timeout),
+        datapath_log: cfg.daemon.datapath_log,
+    }
+}
+
+/// Loads a config and checks it against this host: interfaces exist, SNAT
+/// addresses are on them, and the SNAT probe range stays clear of the
+/// kernel's own ephemeral ports. Every error names file, line and key.
+pub fn load_for_host(path: &Path) -> Result<Config> {
+    let cfg = Config::load(path)?;
+    let addrs = host::interface_addresses().context("listing interface addresses")?;
+    cfg.check_host(&|name| addrs.get(name).cloned())?;
+    let (lo, hi) = host::ephemeral_port_range().context("reading ip_local_port_range")?;
+    if cfg.daemon.snat_port_min <= hi && lo <= cfg.daemon.snat_port_max {
+        return Err(cfg
+            .error_at(
+                "daemon.snat_port_range",
+                format!(
+                    "{}-{} overlaps the kernel's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range); \
+                     SNAT ports there would collide with the host's own connections",
+                    cfg.daemon.snat_port_min, cfg.daemon.snat_port_max
+                ),
+            )
+            .into());
+    }
+    Ok(cfg)
+}
+
+pub struct DaemonState {
+    dp: Datapath,
+    config_path: PathBuf,
+    config: Config,
+    started: Instant,
+    last_reload: Option<ReloadReply>,
+}
+
+impl DaemonState {
+    pub fn status(&self) -> Result<StatusReply> {
+        Ok(StatusReply {
+            config: self.config_path.display().to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            last_reload: self.last_reload.clone(),
+            datapath: self.dp.status()?,
+        })
+    }
+
+    /// Validate-then-swap: a config that fails any check changes nothing.
+    pub fn reload(&mut self) -> ReloadReply {
+        let reply = match self.try_reload() {
+            Ok(msg) => {
+                info!("reload: {msg}");
+                ReloadReply {
+                    ok: true,
+                    message: msg,
+                }
+            }
+            Err(e) => {
+                warn!("reload refused: {e:#}");
+                ReloadReply {
+                    ok: false,
+                    message: format!("{e:#}"),
+                }
+            }
+        };
+        self.last_reload = Some(reply.clone());
+        reply
+    }
+
+    fn try_reload(&mut self) -> Result<String> {
+        let cfg = load_for_host(&self.config_path)?;
+        if load_options(&cfg) != *self.dp.options() {
+            anyhow::bail!(
+                "{}: table_size, conn_table_size, timeouts and datapath_log are fixed at load time; restart the daemon to change them",
+                cfg.origin()
+            );
+        }
+        if cfg.daemon.interfaces != self.config.daemon.interfaces
+            || cfg.daemon.xdp_mode != self.config.daemon.xdp_mode
+        {
+            anyhow::bail!(
+                "{}: interface and xdp_mode changes need a restart",
+                cfg.origin()
+            );
+        }
+        let report = self.dp.apply(&specs(&cfg))?;
+        self.config = cfg;
+        Ok(format!(
+            "applied {}: {} added, {} removed, {} tables swapped",
+            self.config_path.display(),
+            report.added.len(),
+            report.removed.len(),
+            report.swapped.len()
+        ))
+    }
+}
+
+fn aya_mode(m: XdpMode) -> aya::programs::XdpMode {
+    match m {
+        XdpMode::Auto => aya::programs::XdpMode::Default,
+        XdpMode::Driver => aya::programs::XdpMode::Driver,
+        XdpMode::Skb => aya::programs::XdpMode::Skb,
+    }
+}
+
+pub async fn run(config_path: &Path) -> Result<()> {
+    let cfg = load_for_host(config_path)?;
+    // Bind first: a second daemon must fail before it touches any interface.
+    let listener = control::bind(&cfg.daemon.control_socket)?;
+    let socket_path = cfg.daemon.control_socket.clone();
+
+    let mut dp = Datapath::load(load_options(&cfg)).context("loading the XDP datapath")?;
+    let report = dp
+        .apply(&specs(&cfg))
+        .context("writing services to the datapath")?;
+    info!("services: {}", report.added.join(", "));
+
+    let mut logger = if cfg.daemon.datapath_log {
+        Some(aya_log::EbpfLogger::init(dp.ebpf_mut()).context("starting the datapath logger")?)
+    } else {
+        None
+    };
+    let mut fib_events = fib_watch::spawn().context("watching routes and neighbours")?;
+
+    for iface in &cfg.daemon.interfaces {
+        match host::forwarding_enabled(iface) {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                "net.ipv4.conf.{iface}.forwarding is 0: bpf_fib_lookup will refuse every next hop \
+                 and all traffic will be passed to the stack (counter pass_fib_failed)"
+            ),
+            Err(e) => warn!("cannot read forwarding setting of {iface}: {e}"),
+        }
+        dp.attach(iface, aya_mode(cfg.daemon.xdp_mode))
+            .with_context(|| format!("attaching XDP to {iface}"))?;
+        info!(
+            "attached to {iface} ({} mode)",
+            cfg.daemon.xdp_mode.as_str()
+        );
+    }
+
+    let state = Arc::new(Mutex::new(DaemonState {
+        dp,
+        config_path: config_path.to_path_buf(),
+        config: cfg,
+        started: Instant::now(),
+        last_reload: None,
+    }));
+    let api = control::router(state.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, api).await });
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut log_tick = tokio::time::interval(Duration::from_millis(200));
+    info!(
+        "router daemon running; control socket {}",
+        socket_path.display()
+    );
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = int.recv() => { info!("SIGINT: detaching"); break; }
+            _ = hup.recv() => { state.lock().await.reload(); }
+            Some(()) = fib_events.recv() => {
+                if let Err(e) = state.lock().await.dp.bump_fib_generation() {
+                    warn!("invalidating cached next hops: {e}");
+                }
+            }
+            _ = log_tick.tick() => {
+                if let Some(l) = logger.as_mut() { l.flush(); }
+            }
+        }
+    }
+    server.abort();
+    let mut st = state.lock().await;
+    st.dp.detach_all().context("detaching XDP")?;
+    if let Err(e) = std::fs::remove_file(&socket_path) {
+        warn!("removing {}: {e}", socket_path.display());
+    }
+    Ok(())
+}
