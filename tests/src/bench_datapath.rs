@@ -124,8 +124,8 @@ with static neighbours, so `bpf_fib_lookup` resolves real next hops. Nothing is 
 attached to any interface. The process is pinned to one CPU. All frames are 54-byte \
 TCP/IPv4 frames without payload.
 - The reference is the trivial `xdp_pass` program (returns XDP_PASS), measured in \
-every run, in both timing modes, with the same frame and context as the path it is \
-compared with.
+every run, in both timing modes, with a frame of the same size (the non-service frame) \
+and the same context.
 - `repeat` mode: one syscall with `repeat = R`; the figure is the kernel-reported \
 `duration`, the average time per repetition (integer ns, truncated by the kernel). \
 With R > 1 the kernel feeds the rewritten frame back in, so repeat mode is valid only \
@@ -158,7 +158,8 @@ batch the per-reason counters are checked: every call must have taken the intend
 path (verdict and reason), otherwise the benchmark fails. The benchmark asserts \
 nothing about speed.
 - Every figure is the median over the runs; ratios are the median of the per-run \
-ratios (trivial measured in the same run). min–max over the runs is given beside it.
+ratios (trivial measured in the same run). min–max over the runs is given beside each \
+ns figure.
 ";
 
 /// One named series of per-run samples.
@@ -608,9 +609,10 @@ fn machine(pinned_cpu: usize) -> Result<Machine> {
     let hypervisor = cpuinfo
         .lines()
         .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
-    let nproc = std::thread::available_parallelism()
-        .map(usize::from)
-        .context("counting CPUs")?;
+    // Not available_parallelism: that counts the CPUs this (pinned) process may use.
+    // SAFETY: sysconf has no memory effects.
+    let nproc = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) })
+        .context("counting online CPUs")?;
     let bpf_jit_enable = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_enable")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
