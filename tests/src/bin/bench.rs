@@ -1,0 +1,79 @@
+//! Benchmarks of the router. `bench [datapath|all] [--quick] [--out DIR]`.
+//!
+//! Results go in `bench/` at the workspace root, or in `target/bench-quick/`
+//! with `--quick`, so smoke runs never overwrite recorded results. The
+//! benchmarks assert nothing about speed: the exit status is non-zero only on
+//! errors. Needs root (BPF, network namespaces).
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Result, bail};
+use router_tests::bench_datapath::{self, Settings};
+
+const USAGE: &str = "usage: bench [datapath|all] [--quick] [--out DIR]
+
+  datapath   ns/packet of the XDP program through BPF_PROG_TEST_RUN, against XDP_PASS
+  all        every suite (default; today the same as datapath)
+  --quick    5 short runs; results go in target/bench-quick/ instead of bench/
+  --out DIR  write the results to DIR instead";
+
+enum Suite {
+    Datapath,
+    All,
+}
+
+fn workspace_root() -> PathBuf {
+    // tests/ is one level below the workspace root.
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    let mut suite = None;
+    let mut quick = false;
+    let mut out = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "datapath" if suite.is_none() => suite = Some(Suite::Datapath),
+            "all" if suite.is_none() => suite = Some(Suite::All),
+            "--quick" => quick = true,
+            "--out" => match args.next() {
+                Some(d) => out = Some(PathBuf::from(d)),
+                None => bail!("--out needs a directory\n\n{USAGE}"),
+            },
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => bail!("unexpected argument {other:?}\n\n{USAGE}"),
+        }
+    }
+    let out = out.unwrap_or_else(|| {
+        let root = workspace_root();
+        if quick {
+            root.join("target").join("bench-quick")
+        } else {
+            root.join("bench")
+        }
+    });
+    let settings = if quick {
+        Settings::quick(out)
+    } else {
+        Settings::full(out)
+    };
+    match suite.unwrap_or(Suite::All) {
+        // `all` holds only the datapath suite so far.
+        Suite::Datapath | Suite::All => bench_datapath::run_datapath(&settings),
+    }
+}
