@@ -4,6 +4,7 @@
 
 use aya_ebpf::{
     Global,
+    bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -25,10 +26,12 @@ pub static MAGLEV_TABLES: Array<u32> =
     Array::with_max_entries(MAX_SERVICES * 2 * DEFAULT_TABLE_SIZE, 0);
 
 /// Both directions of every translated flow. LRU, so a full table evicts the
-/// coldest flow instead of refusing new ones.
+/// coldest flow instead of refusing new ones. Per-CPU LRU lists
+/// (BPF_F_NO_COMMON_LRU) keep inserts off a global lock; entries are still
+/// shared, so a flow's packets may arrive on any CPU.
 #[map]
 pub static CONNS: LruHashMap<ConnKey, ConnEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, 0);
+    LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// Destination pre-filter: bucket → FILTER_VIP | FILTER_SNAT. An array lookup
 /// is inlined by the verifier, so traffic for nobody costs no hash lookup.
