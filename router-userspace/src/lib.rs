@@ -9,3 +9,4 @@ pub mod fib_watch;
 pub mod host;
 pub mod maglev;
 pub mod status_view;
+pub mod telemetry;

@@ -1,0 +1,137 @@
+//! Telemetry: one reading per backend per poll, from NVML, a remote
+//! `router agent`, or a Prometheus endpoint. Every reading is validated
+//! before the policy sees it; garbage is an error, never a weight.
+
+pub mod http_client;
+
+use serde::{Deserialize, Serialize};
+
+/// What a backend reports. Every field is optional because sources differ:
+/// NVML knows the GPU, vLLM knows its queue and KV cache.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reading {
+    /// SM (compute) utilization, 0.0–1.0.
+    pub gpu_util: Option<f64>,
+    /// Memory-controller utilization, 0.0–1.0.
+    pub mem_util: Option<f64>,
+    pub mem_used_bytes: Option<f64>,
+    pub mem_total_bytes: Option<f64>,
+    pub power_watts: Option<f64>,
+    pub temperature_c: Option<f64>,
+    /// NVML clock-throttle (clock event) reason bits; 0 means not throttled.
+    pub throttle_reasons: Option<u64>,
+    /// Requests in the running batch (vLLM/SGLang).
+    pub requests_running: Option<f64>,
+    /// Requests queued beyond the batch (vLLM/SGLang).
+    pub requests_waiting: Option<f64>,
+    /// KV-cache usage, 0.0–1.0.
+    pub kv_cache_usage: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum TelemetryError {
+    #[error("invalid reading: {0}")]
+    Invalid(String),
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    #[error("HTTP {status} from {url}")]
+    Status { status: u16, url: String },
+    #[error("response from {url} exceeds {limit} bytes")]
+    TooLarge { url: String, limit: usize },
+    #[error("cannot parse response: {0}")]
+    Parse(String),
+    #[error("NVML: {0}")]
+    Nvml(String),
+}
+
+fn finite_nonneg(name: &str, v: Option<f64>) -> Result<(), TelemetryError> {
+    match v {
+        Some(x) if !x.is_finite() => Err(TelemetryError::Invalid(format!("{name} is {x}"))),
+        Some(x) if x < 0.0 => Err(TelemetryError::Invalid(format!("{name} is negative ({x})"))),
+        _ => Ok(()),
+    }
+}
+
+fn fraction(name: &str, v: Option<f64>) -> Result<(), TelemetryError> {
+    finite_nonneg(name, v)?;
+    match v {
+        Some(x) if x > 1.0 => Err(TelemetryError::Invalid(format!(
+            "{name} is {:.1}%, above 100%",
+            x * 100.0
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl Reading {
+    /// Rejects NaN, infinities, negative values, fractions above 100% and
+    /// memory used above total. A reading that fails is counted and dropped.
+    pub fn validate(&self) -> Result<(), TelemetryError> {
+        fraction("gpu_util", self.gpu_util)?;
+        fraction("mem_util", self.mem_util)?;
+        fraction("kv_cache_usage", self.kv_cache_usage)?;
+        finite_nonneg("mem_used_bytes", self.mem_used_bytes)?;
+        finite_nonneg("mem_total_bytes", self.mem_total_bytes)?;
+        finite_nonneg("power_watts", self.power_watts)?;
+        finite_nonneg("temperature_c", self.temperature_c)?;
+        finite_nonneg("requests_running", self.requests_running)?;
+        finite_nonneg("requests_waiting", self.requests_waiting)?;
+        if let (Some(u), Some(t)) = (self.mem_used_bytes, self.mem_total_bytes)
+            && u > t
+        {
+            return Err(TelemetryError::Invalid(format!(
+                "memory used {u} exceeds total {t}"
+            )));
+        }
+        if self == &Reading::default() {
+            return Err(TelemetryError::Invalid("no metric present".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_is_rejected() {
+        let ok = Reading {
+            gpu_util: Some(0.5),
+            ..Reading::default()
+        };
+        assert!(ok.validate().is_ok());
+        for bad in [
+            Reading {
+                gpu_util: Some(f64::NAN),
+                ..ok.clone()
+            },
+            Reading {
+                gpu_util: Some(1.2),
+                ..ok.clone()
+            },
+            Reading {
+                gpu_util: Some(-0.1),
+                ..ok.clone()
+            },
+            Reading {
+                kv_cache_usage: Some(f64::INFINITY),
+                ..ok.clone()
+            },
+            Reading {
+                requests_waiting: Some(-3.0),
+                ..ok.clone()
+            },
+            Reading {
+                mem_used_bytes: Some(10.0),
+                mem_total_bytes: Some(5.0),
+                ..ok.clone()
+            },
+            Reading::default(),
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?} must be rejected");
+        }
+    }
+}
