@@ -99,3 +99,81 @@ fn is_executable(path: &Path) -> bool {
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
 }
+
+/// Totals of libtest's `test result:` lines.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TestTally {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+impl TestTally {
+    /// Adds one `test result: ok. 9 passed; 0 failed; …` line, if it is one.
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match label {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs a `cargo test` command, echoing its stdout while tallying results.
+pub fn run_tests(cmd: &mut Command) -> Result<TestTally> {
+    use std::io::{BufRead, BufReader};
+    let shown = display(cmd);
+    eprintln!("xtask: running `{shown}`");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start `{shown}`"))?;
+    let mut tally = TestTally::default();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.context("reading test output")?;
+            println!("{line}");
+            tally.add_line(&line);
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{shown}`"))?;
+    if !status.success() {
+        return Err(Failed {
+            command: shown,
+            code: status.code(),
+        }
+        .into());
+    }
+    Ok(tally)
+}
+
+#[cfg(test)]
+mod tally_tests {
+    use super::TestTally;
+
+    #[test]
+    fn sums_libtest_result_lines() {
+        let mut t = TestTally::default();
+        t.add_line("test result: ok. 9 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 3.14s");
+        t.add_line("test result: FAILED. 2 passed; 1 failed; 0 ignored");
+        t.add_line("running 3 tests");
+        assert_eq!(
+            t,
+            TestTally {
+                passed: 11,
+                failed: 1
+            }
+        );
+    }
+}
