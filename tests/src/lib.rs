@@ -1,5 +1,6 @@
 //! Test support for the router: packet crafting, namespaces, fixtures,
 //! and the benchmarks.
+pub mod bench_control;
 pub mod bench_datapath;
 pub mod daemon_proc;
 pub mod kernel_ns;

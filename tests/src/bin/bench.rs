@@ -8,17 +8,22 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Result, bail};
-use router_tests::bench_datapath::{self, Settings};
+use router_tests::{
+    bench_control,
+    bench_datapath::{self, Settings},
+};
 
 const USAGE: &str = "usage: bench [datapath|all] [--quick] [--out DIR]
 
   datapath   ns/packet of the XDP program through BPF_PROG_TEST_RUN, against XDP_PASS
-  all        every suite (default; today the same as datapath)
+  control    control plane: Maglev rebuild time for 10 to 10,000 backends
+  all        every suite (default)
   --quick    5 short runs; results go in target/bench-quick/ instead of bench/
   --out DIR  write the results to DIR instead";
 
 enum Suite {
     Datapath,
+    Control,
     All,
 }
 
@@ -47,6 +52,7 @@ fn real_main() -> Result<()> {
         match a.as_str() {
             "datapath" if suite.is_none() => suite = Some(Suite::Datapath),
             "all" if suite.is_none() => suite = Some(Suite::All),
+            "control" if suite.is_none() => suite = Some(Suite::Control),
             "--quick" => quick = true,
             "--out" => match args.next() {
                 Some(d) => out = Some(PathBuf::from(d)),
@@ -73,7 +79,11 @@ fn real_main() -> Result<()> {
         Settings::full(out)
     };
     match suite.unwrap_or(Suite::All) {
-        // `all` holds only the datapath suite so far.
-        Suite::Datapath | Suite::All => bench_datapath::run_datapath(&settings),
+        Suite::Datapath => bench_datapath::run_datapath(&settings),
+        Suite::Control => bench_control::run_control(quick, &settings.out_dir),
+        Suite::All => {
+            bench_datapath::run_datapath(&settings)?;
+            bench_control::run_control(quick, &settings.out_dir)
+        }
     }
 }
