@@ -63,8 +63,8 @@ fn example_parses() {
     assert_eq!(svc.name, "llama");
     assert_eq!(svc.vip, "198.18.100.1:8000".parse().unwrap());
     assert_eq!(svc.snat, [Ipv4Addr::new(198, 18, 0, 1)]);
-    let weights: Vec<u32> = svc.backends.iter().map(|b| b.weight).collect();
-    assert_eq!(weights, [100, 200, 500]);
+    let weights: Vec<Option<u32>> = svc.backends.iter().map(|b| b.pinned()).collect();
+    assert_eq!(weights, [Some(100), Some(200), Some(500)]);
     assert_eq!(cfg.origin(), "examples/router.toml");
 }
 
@@ -107,7 +107,7 @@ fn defaults_applied() {
     );
     let svc = &cfg.services[0];
     assert_eq!(svc.protocol, Protocol::Tcp);
-    assert!(svc.backends.iter().all(|b| b.weight == 100));
+    assert!(svc.backends.iter().all(|b| b.weight == Some(100)));
     assert_eq!(Protocol::Tcp.number(), 6);
     assert_eq!(Protocol::Udp.number(), 17);
 }
@@ -155,7 +155,10 @@ service = [{ name = "a", vip = "10.0.0.1:80", snat = "10.0.0.2", backend = [
     assert_eq!(err.line(), Some(4));
     assert_eq!(err.key(), Some("service[0].backend[1].address"));
     let fixed = text.replace("10.0.0.300", "10.0.0.4");
-    assert_eq!(parse(&fixed).unwrap().services[0].backends[0].weight, 7);
+    assert_eq!(
+        parse(&fixed).unwrap().services[0].backends[0].weight,
+        Some(7)
+    );
 }
 
 #[test]
