@@ -6,7 +6,7 @@
 //! `router.toml:14: service[0].backend[1].address: …` instead of a bare
 //! message.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::Range;
@@ -19,6 +19,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use toml_edit::{ImDocument, Item, Table, Value};
 
 use crate::maglev::is_prime;
+use crate::policy::{PolicyConfig, SignalMix};
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/router";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/router/router.sock";
@@ -29,7 +30,18 @@ pub const DEFAULT_SNAT_PORT_MAX: u16 = 32767;
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Weight of a static backend (no `weight`, no `telemetry`) of capacity
+/// 1.0: it equals the policy's default `full_weight`, so such a backend
+/// and an idle telemetry-driven one of equal capacity get equal shares.
 pub const DEFAULT_WEIGHT: u32 = 100;
+/// Polling faster than this would make telemetry the load.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Keeps `capacity × full_weight` well inside u32.
+pub const MAX_FULL_WEIGHT: u32 = 1_000_000;
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
 /// Tables of all services share one BPF array of `MAX_SERVICES` × 2 halves,
 /// whose entry count must stay well inside u32.
 pub const MAX_TABLE_SIZE: u32 = 1 << 24;
@@ -143,6 +155,8 @@ impl fmt::Display for Protocol {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub daemon: DaemonConfig,
+    /// `[policy]`, defaults applied, validated.
+    pub policy: PolicyConfig,
     pub services: Vec<ServiceConfig>,
     /// Kept so later checks (host, daemon) can still point at a line.
     source: Source,
@@ -167,7 +181,7 @@ pub struct DaemonConfig {
     pub datapath_log: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
     pub vip: SocketAddrV4,
@@ -178,11 +192,103 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BackendConfig {
     pub name: String,
     pub address: SocketAddrV4,
-    pub weight: u32,
+    /// The pinned weight: `weight` as written, or for a static backend
+    /// (neither `weight` nor `telemetry`) `capacity × policy.full_weight`
+    /// (100 by default, today's static weight). `None`: the policy decides.
+    pub weight: Option<u32>,
+    /// Relative static capacity, > 0 and finite; 1.0 unless written.
+    pub capacity: f64,
+    /// Telemetry is still polled for a pinned backend, for status only.
+    pub telemetry: Option<TelemetryConfig>,
+    /// `None`: no probes, the backend counts as healthy.
+    pub health: Option<HealthConfig>,
+    pub cost_per_hour: Option<f64>,
+}
+
+impl BackendConfig {
+    /// The weight the policy must leave alone, if any.
+    pub fn pinned(&self) -> Option<u32> {
+        self.weight
+    }
+}
+
+/// Which GPU a telemetry source reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSelector {
+    /// NVML index (`nvidia-smi -L` order).
+    Index(u32),
+    /// NVML UUID, `GPU-…` or `MIG-…`.
+    Uuid(String),
+}
+
+/// The metric dialect of a Prometheus endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromFormat {
+    Vllm,
+    Sglang,
+    Dcgm,
+}
+
+impl PromFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromFormat::Vllm => "vllm",
+            PromFormat::Sglang => "sglang",
+            PromFormat::Dcgm => "dcgm",
+        }
+    }
+}
+
+impl fmt::Display for PromFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a backend's readings come from. URLs are `http://` only: the
+/// telemetry client speaks plain HTTP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TelemetryConfig {
+    /// NVML on this host (the router runs beside the GPU).
+    Nvml {
+        device: DeviceSelector,
+        /// libnvidia-ml to load instead of the system one.
+        library: Option<PathBuf>,
+    },
+    /// A remote `router agent`.
+    Agent {
+        url: String,
+        device: DeviceSelector,
+        /// Bearer token, read at start and on reload.
+        token_file: PathBuf,
+    },
+    /// A Prometheus text endpoint (the engine's own, or DCGM exporter).
+    Prometheus {
+        url: String,
+        format: PromFormat,
+        /// Only series with all these labels count.
+        labels: BTreeMap<String, String>,
+    },
+}
+
+/// Active health probes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Probe by TCP connect.
+    pub tcp: bool,
+    /// Probe by HTTP GET of this path (2xx is healthy).
+    pub http_path: Option<String>,
+    pub interval: Duration,
+    /// Never above `interval`.
+    pub timeout: Duration,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub fall: u32,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    pub rise: u32,
 }
 
 impl Config {
@@ -236,10 +342,12 @@ impl Config {
             doc: &doc,
         };
         let daemon = validate_daemon(&loc, raw.daemon)?;
-        let services = validate_services(&loc, raw.service)?;
+        let policy = validate_policy(&loc, raw.policy.unwrap_or_default())?;
+        let services = validate_services(&loc, raw.service, &policy)?;
         check_table_size(&loc, &daemon, &services)?;
         Ok(Config {
             daemon,
+            policy,
             services,
             source,
         })
@@ -627,6 +735,7 @@ impl Locator<'_> {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     daemon: RawDaemon,
+    policy: Option<RawPolicy>,
     #[serde(default)]
     service: Vec<RawService>,
 }
@@ -676,12 +785,101 @@ enum Forwarding {
 struct RawBackend {
     name: String,
     address: String,
-    #[serde(default = "default_weight")]
-    weight: u32,
+    weight: Option<u32>,
+    capacity: Option<f64>,
+    telemetry: Option<RawTelemetry>,
+    health: Option<RawHealth>,
+    cost_per_hour: Option<f64>,
 }
 
-fn default_weight() -> u32 {
-    DEFAULT_WEIGHT
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    poll_interval: Option<String>,
+    target_utilization: Option<f64>,
+    saturation: Option<f64>,
+    hysteresis: Option<f64>,
+    saturation_confirm: Option<u32>,
+    ewma_alpha: Option<f64>,
+    slow_start: Option<String>,
+    slow_start_aggression: Option<f64>,
+    min_weight_fraction: Option<f64>,
+    max_step_fraction: Option<f64>,
+    stale_after: Option<String>,
+    stale_decay: Option<String>,
+    stale_fraction: Option<f64>,
+    full_weight: Option<u32>,
+    signal: Option<RawSignal>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSignal {
+    gpu_util: Option<f64>,
+    kv_cache: Option<f64>,
+    queue: Option<f64>,
+    queue_norm: Option<f64>,
+}
+
+/// Flat on purpose: an internally tagged enum would lose the spans, and
+/// errors could then name only `telemetry`, not the offending key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    source: String,
+    device: Option<RawDevice>,
+    library: Option<PathBuf>,
+    url: Option<String>,
+    token_file: Option<PathBuf>,
+    format: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    tcp: Option<bool>,
+    http_path: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    fall: Option<u32>,
+    rise: Option<u32>,
+}
+
+/// An NVML index or UUID as written.
+enum RawDevice {
+    Index(u32),
+    Uuid(String),
+}
+
+impl<'de> Deserialize<'de> for RawDevice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawDevice;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a GPU index (integer) or UUID (string)")
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawDevice, E> {
+                u32::try_from(v)
+                    .map(RawDevice::Index)
+                    .map_err(|_| E::custom(format!("GPU index {v} is out of range")))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawDevice, E> {
+                u32::try_from(v)
+                    .map(RawDevice::Index)
+                    .map_err(|_| E::custom(format!("GPU index {v} is out of range")))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawDevice, E> {
+                Ok(RawDevice::Uuid(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A string or a list of strings; `list` remembers which, so errors can
@@ -871,6 +1069,7 @@ fn check_unicast(addr: Ipv4Addr) -> Result<(), String> {
 fn validate_services(
     loc: &Locator<'_>,
     raw: Vec<RawService>,
+    policy: &PolicyConfig,
 ) -> Result<Vec<ServiceConfig>, ConfigError> {
     let base = KeyPath::default().key("service");
     if raw.len() > MAX_SERVICES as usize {
@@ -979,10 +1178,53 @@ fn validate_services(
                     ),
                 ));
             }
+            let capacity = match be.capacity {
+                None => 1.0,
+                Some(_) if be.weight.is_some() => {
+                    return Err(loc.err(
+                        &p.key("capacity"),
+                        "give `weight` (a pinned weight) or `capacity` (policy-driven), not both",
+                    ));
+                }
+                Some(c) if c.is_finite() && c > 0.0 => c,
+                Some(c) => {
+                    return Err(loc.err(
+                        &p.key("capacity"),
+                        format!("{c} must be a finite number above 0"),
+                    ));
+                }
+            };
+            let cost_per_hour = match be.cost_per_hour {
+                Some(c) if !(c.is_finite() && c >= 0.0) => {
+                    return Err(loc.err(
+                        &p.key("cost_per_hour"),
+                        format!("{c} must be a finite number >= 0"),
+                    ));
+                }
+                c => c,
+            };
+            let telemetry = be
+                .telemetry
+                .map(|t| validate_telemetry(loc, &p.key("telemetry"), t))
+                .transpose()?;
+            let health = be
+                .health
+                .map(|h| validate_health(loc, &p.key("health"), h))
+                .transpose()?;
+            let weight = match (be.weight, &telemetry) {
+                (Some(w), _) => Some(w),
+                // Static: today's default, scaled by capacity.
+                (None, None) => Some(policy.full(capacity)),
+                (None, Some(_)) => None,
+            };
             backends.push(BackendConfig {
                 name: be.name,
                 address,
-                weight: be.weight,
+                weight,
+                capacity,
+                telemetry,
+                health,
+                cost_per_hour,
             });
         }
 
@@ -995,6 +1237,370 @@ fn validate_services(
         });
     }
     Ok(services)
+}
+
+fn validate_policy(loc: &Locator<'_>, raw: RawPolicy) -> Result<PolicyConfig, ConfigError> {
+    let base = KeyPath::default().key("policy");
+    let d = PolicyConfig::default();
+    let duration = |name: &str, raw: &Option<String>, default: Duration| match raw {
+        None => Ok(default),
+        Some(s) => parse_duration(s).map_err(|m| loc.err(&base.key(name), m)),
+    };
+    // `!(ok)` rather than the negated comparison, so NaN (TOML `nan`) fails.
+    let number = |name: &str, raw: Option<f64>, default: f64, ok: fn(f64) -> bool, want: &str| {
+        let v = raw.unwrap_or(default);
+        if ok(v) {
+            Ok(v)
+        } else {
+            Err(loc.err(&base.key(name), format!("{v} must be {want}")))
+        }
+    };
+    let unit = |x: f64| 0.0 < x && x <= 1.0;
+
+    let poll_interval = duration("poll_interval", &raw.poll_interval, d.poll_interval)?;
+    if poll_interval < MIN_POLL_INTERVAL {
+        return Err(loc.err(
+            &base.key("poll_interval"),
+            format!("{poll_interval:?} is below the minimum {MIN_POLL_INTERVAL:?}"),
+        ));
+    }
+    let saturation = number(
+        "saturation",
+        raw.saturation,
+        d.saturation,
+        unit,
+        "in (0, 1]",
+    )?;
+    let target_utilization = raw.target_utilization.unwrap_or(d.target_utilization);
+    if !(0.0 < target_utilization && target_utilization < saturation) {
+        // Name the key that was written; with both written, the target.
+        let key = if raw.target_utilization.is_none() {
+            "saturation"
+        } else {
+            "target_utilization"
+        };
+        return Err(loc.err(
+            &base.key(key),
+            format!(
+                "need 0 < target_utilization ({target_utilization}) < saturation ({saturation}) <= 1"
+            ),
+        ));
+    }
+    let hysteresis = raw.hysteresis.unwrap_or(d.hysteresis);
+    if !(0.0 <= hysteresis && hysteresis < saturation) {
+        return Err(loc.err(
+            &base.key("hysteresis"),
+            format!("{hysteresis} must be >= 0 and below saturation ({saturation})"),
+        ));
+    }
+    let saturation_confirm = raw.saturation_confirm.unwrap_or(d.saturation_confirm);
+    if saturation_confirm == 0 {
+        return Err(loc.err(&base.key("saturation_confirm"), "must be at least 1"));
+    }
+    let ewma_alpha = number(
+        "ewma_alpha",
+        raw.ewma_alpha,
+        d.ewma_alpha,
+        unit,
+        "in (0, 1]",
+    )?;
+    let slow_start = duration("slow_start", &raw.slow_start, d.slow_start)?;
+    let slow_start_aggression = number(
+        "slow_start_aggression",
+        raw.slow_start_aggression,
+        d.slow_start_aggression,
+        |x| x.is_finite() && x > 0.0,
+        "a finite number above 0",
+    )?;
+    let min_weight_fraction = number(
+        "min_weight_fraction",
+        raw.min_weight_fraction,
+        d.min_weight_fraction,
+        unit,
+        "in (0, 1]",
+    )?;
+    let max_step_fraction = number(
+        "max_step_fraction",
+        raw.max_step_fraction,
+        d.max_step_fraction,
+        unit,
+        "in (0, 1]",
+    )?;
+    let stale_after = duration("stale_after", &raw.stale_after, d.stale_after)?;
+    if stale_after <= poll_interval {
+        return Err(loc.err(
+            &base.key("stale_after"),
+            format!(
+                "{stale_after:?} must exceed poll_interval ({poll_interval:?}), or every reading would be stale"
+            ),
+        ));
+    }
+    let stale_decay = duration("stale_decay", &raw.stale_decay, d.stale_decay)?;
+    let stale_fraction = number(
+        "stale_fraction",
+        raw.stale_fraction,
+        d.stale_fraction,
+        unit,
+        "in (0, 1]",
+    )?;
+    let full_weight = raw.full_weight.unwrap_or(d.full_weight);
+    if !(1..=MAX_FULL_WEIGHT).contains(&full_weight) {
+        return Err(loc.err(
+            &base.key("full_weight"),
+            format!("{full_weight} must be 1 to {MAX_FULL_WEIGHT}"),
+        ));
+    }
+    let signal = validate_signal(loc, &base.key("signal"), raw.signal.unwrap_or_default())?;
+    Ok(PolicyConfig {
+        poll_interval,
+        target_utilization,
+        saturation,
+        hysteresis,
+        saturation_confirm,
+        ewma_alpha,
+        slow_start,
+        slow_start_aggression,
+        min_weight_fraction,
+        max_step_fraction,
+        stale_after,
+        stale_decay,
+        stale_fraction,
+        signal,
+        full_weight,
+    })
+}
+
+fn validate_signal(
+    loc: &Locator<'_>,
+    base: &KeyPath,
+    raw: RawSignal,
+) -> Result<SignalMix, ConfigError> {
+    let d = SignalMix::default();
+    let factor = |name: &str, v: Option<f64>, default: f64| {
+        let v = v.unwrap_or(default);
+        if (0.0..=1.0).contains(&v) {
+            Ok(v)
+        } else {
+            Err(loc.err(
+                &base.key(name),
+                format!("{v} must be in [0, 1] (0 disables the signal)"),
+            ))
+        }
+    };
+    let gpu_util = factor("gpu_util", raw.gpu_util, d.gpu_util)?;
+    let kv_cache = factor("kv_cache", raw.kv_cache, d.kv_cache)?;
+    let queue = factor("queue", raw.queue, d.queue)?;
+    let queue_norm = raw.queue_norm.unwrap_or(d.queue_norm);
+    if !(queue_norm.is_finite() && queue_norm > 0.0) {
+        return Err(loc.err(
+            &base.key("queue_norm"),
+            format!("{queue_norm} must be a finite number above 0"),
+        ));
+    }
+    if gpu_util == 0.0 && kv_cache == 0.0 && queue == 0.0 {
+        return Err(loc.err(
+            base,
+            "every signal is disabled; the policy would see no load at all",
+        ));
+    }
+    Ok(SignalMix {
+        gpu_util,
+        kv_cache,
+        queue,
+        queue_norm,
+    })
+}
+
+fn parse_device(raw: RawDevice) -> Result<DeviceSelector, String> {
+    match raw {
+        RawDevice::Index(i) => Ok(DeviceSelector::Index(i)),
+        RawDevice::Uuid(u) => {
+            let well_formed = (u.starts_with("GPU-") || u.starts_with("MIG-"))
+                && u.len() > 4
+                && u.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if well_formed {
+                Ok(DeviceSelector::Uuid(u))
+            } else {
+                Err(format!(
+                    "{u:?} is not a GPU index or an NVML UUID like \"GPU-5fb3…\""
+                ))
+            }
+        }
+    }
+}
+
+/// The telemetry client speaks plain HTTP only.
+fn parse_http_url(s: &str) -> Result<String, String> {
+    let uri: hyper::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(format!(
+                "{s:?}: scheme {other}:// is not supported, only http://"
+            ));
+        }
+        None => return Err(format!("{s:?} needs http:// in front")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{s:?} has no host"));
+    }
+    Ok(s.to_owned())
+}
+
+fn is_label_name(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn validate_telemetry(
+    loc: &Locator<'_>,
+    base: &KeyPath,
+    raw: RawTelemetry,
+) -> Result<TelemetryConfig, ConfigError> {
+    let source = raw.source.as_str();
+    let allowed: &[&str] = match source {
+        "nvml" => &["device", "library"],
+        "agent" => &["url", "device", "token_file"],
+        "prometheus" => &["url", "format", "labels"],
+        other => {
+            return Err(loc.err(
+                &base.key("source"),
+                format!("unknown telemetry source {other:?} (expected nvml, agent or prometheus)"),
+            ));
+        }
+    };
+    let given = [
+        ("device", raw.device.is_some()),
+        ("library", raw.library.is_some()),
+        ("url", raw.url.is_some()),
+        ("token_file", raw.token_file.is_some()),
+        ("format", raw.format.is_some()),
+        ("labels", raw.labels.is_some()),
+    ];
+    if let Some((key, _)) = given
+        .iter()
+        .find(|(key, present)| *present && !allowed.contains(key))
+    {
+        return Err(loc.err(
+            &base.key(key),
+            format!("`{key}` does not apply to source {source:?}"),
+        ));
+    }
+    let missing = |key: &str| loc.err(base, format!("source {source:?} needs `{key}`"));
+    let device = |raw: Option<RawDevice>| match raw {
+        None => Err(missing("device")),
+        Some(d) => parse_device(d).map_err(|m| loc.err(&base.key("device"), m)),
+    };
+    let url = |raw: Option<String>| match raw {
+        None => Err(missing("url")),
+        Some(u) => parse_http_url(&u).map_err(|m| loc.err(&base.key("url"), m)),
+    };
+    match source {
+        "nvml" => {
+            let library = raw.library;
+            if library.as_ref().is_some_and(|l| l.as_os_str().is_empty()) {
+                return Err(loc.err(&base.key("library"), "must not be empty"));
+            }
+            Ok(TelemetryConfig::Nvml {
+                device: device(raw.device)?,
+                library,
+            })
+        }
+        "agent" => {
+            let url = url(raw.url)?;
+            let device = device(raw.device)?;
+            let token_file = raw.token_file.ok_or_else(|| missing("token_file"))?;
+            if token_file.as_os_str().is_empty() {
+                return Err(loc.err(&base.key("token_file"), "must not be empty"));
+            }
+            Ok(TelemetryConfig::Agent {
+                url,
+                device,
+                token_file,
+            })
+        }
+        _ => {
+            let url = url(raw.url)?;
+            let format = match raw.format.as_deref() {
+                None => return Err(missing("format")),
+                Some("vllm") => PromFormat::Vllm,
+                Some("sglang") => PromFormat::Sglang,
+                Some("dcgm") => PromFormat::Dcgm,
+                Some(other) => {
+                    return Err(loc.err(
+                        &base.key("format"),
+                        format!("unknown format {other:?} (expected vllm, sglang or dcgm)"),
+                    ));
+                }
+            };
+            let labels = raw.labels.unwrap_or_default();
+            if let Some(bad) = labels.keys().find(|k| !is_label_name(k)) {
+                return Err(loc.err(
+                    &base.key("labels").key(bad),
+                    format!("{bad:?} is not a Prometheus label name"),
+                ));
+            }
+            Ok(TelemetryConfig::Prometheus {
+                url,
+                format,
+                labels,
+            })
+        }
+    }
+}
+
+fn validate_health(
+    loc: &Locator<'_>,
+    base: &KeyPath,
+    raw: RawHealth,
+) -> Result<HealthConfig, ConfigError> {
+    let duration = |name: &str, raw: &Option<String>, default: Duration| match raw {
+        None => Ok(default),
+        Some(s) => parse_duration(s).map_err(|m| loc.err(&base.key(name), m)),
+    };
+    let tcp = raw.tcp.unwrap_or(true);
+    if let Some(path) = &raw.http_path
+        && !path.starts_with('/')
+    {
+        return Err(loc.err(
+            &base.key("http_path"),
+            format!("{path:?} must start with '/'"),
+        ));
+    }
+    if !tcp && raw.http_path.is_none() {
+        return Err(loc.err(
+            base,
+            "no probe left: set tcp = true or an http_path (or drop `health`)",
+        ));
+    }
+    let interval = duration("interval", &raw.interval, DEFAULT_HEALTH_INTERVAL)?;
+    let timeout = duration("timeout", &raw.timeout, DEFAULT_HEALTH_TIMEOUT)?;
+    if timeout > interval {
+        let key = if raw.timeout.is_some() {
+            "timeout"
+        } else {
+            "interval"
+        };
+        return Err(loc.err(
+            &base.key(key),
+            format!("timeout {timeout:?} exceeds interval {interval:?}; probes would overlap"),
+        ));
+    }
+    let count = |name: &str, v: Option<u32>, default: u32| match v.unwrap_or(default) {
+        0 => Err(loc.err(&base.key(name), "must be at least 1")),
+        n => Ok(n),
+    };
+    Ok(HealthConfig {
+        tcp,
+        http_path: raw.http_path,
+        interval,
+        timeout,
+        fall: count("fall", raw.fall, DEFAULT_HEALTH_FALL)?,
+        rise: count("rise", raw.rise, DEFAULT_HEALTH_RISE)?,
+    })
 }
 
 fn services_name(services: &[ServiceConfig], i: usize) -> &str {

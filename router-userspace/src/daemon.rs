@@ -40,7 +40,10 @@ pub fn specs(cfg: &Config) -> Vec<ServiceSpec> {
                 .map(|b| BackendSpec {
                     name: b.name.clone(),
                     address: b.address,
-                    weight: b.weight,
+                    // Until the policy is wired in, a telemetry-driven
+                    // backend starts where the policy would before any
+                    // reading: the conservative unknown-load share.
+                    weight: b.pinned().unwrap_or_else(|| cfg.policy.unknown(b.capacity)),
                 })
                 .collect(),
         })

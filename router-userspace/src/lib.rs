@@ -8,5 +8,6 @@ pub mod datapath;
 pub mod fib_watch;
 pub mod host;
 pub mod maglev;
+pub mod policy;
 pub mod status_view;
 pub mod telemetry;

@@ -63,9 +63,36 @@ fn example_parses() {
     assert_eq!(svc.name, "llama");
     assert_eq!(svc.vip, "198.18.100.1:8000".parse().unwrap());
     assert_eq!(svc.snat, [Ipv4Addr::new(198, 18, 0, 1)]);
-    let weights: Vec<u32> = svc.backends.iter().map(|b| b.weight).collect();
-    assert_eq!(weights, [100, 200, 500]);
+    let weights: Vec<Option<u32>> = svc.backends.iter().map(|b| b.pinned()).collect();
+    assert_eq!(weights, [Some(100), Some(200), Some(500)]);
     assert_eq!(cfg.origin(), "examples/router.toml");
+    assert_eq!(
+        cfg.policy,
+        PolicyConfig::default(),
+        "the example shows the defaults"
+    );
+    assert!(svc.backends[0].health.is_some());
+    assert_eq!(svc.backends[0].cost_per_hour, Some(4.10));
+}
+
+/// The commented telemetry lines in the example must parse when enabled.
+#[test]
+fn example_telemetry_lines_parse() {
+    let lines: Vec<&str> = EXAMPLE
+        .lines()
+        .filter_map(|l| {
+            l.trim_start_matches('#')
+                .trim()
+                .strip_prefix("telemetry = ")
+        })
+        .map(|l| l.split("   #").next().unwrap_or(l).trim())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for value in lines {
+        let text = with_backend0(&format!("telemetry = {value}"));
+        let cfg = parse(&text).unwrap_or_else(|e| panic!("{value}: {e}"));
+        assert!(cfg.services[0].backends[0].telemetry.is_some());
+    }
 }
 
 #[test]
@@ -107,7 +134,7 @@ fn defaults_applied() {
     );
     let svc = &cfg.services[0];
     assert_eq!(svc.protocol, Protocol::Tcp);
-    assert!(svc.backends.iter().all(|b| b.weight == 100));
+    assert!(svc.backends.iter().all(|b| b.weight == Some(100)));
     assert_eq!(Protocol::Tcp.number(), 6);
     assert_eq!(Protocol::Udp.number(), 17);
 }
@@ -155,7 +182,10 @@ service = [{ name = "a", vip = "10.0.0.1:80", snat = "10.0.0.2", backend = [
     assert_eq!(err.line(), Some(4));
     assert_eq!(err.key(), Some("service[0].backend[1].address"));
     let fixed = text.replace("10.0.0.300", "10.0.0.4");
-    assert_eq!(parse(&fixed).unwrap().services[0].backends[0].weight, 7);
+    assert_eq!(
+        parse(&fixed).unwrap().services[0].backends[0].weight,
+        Some(7)
+    );
 }
 
 #[test]
@@ -753,4 +783,466 @@ fn key_path_round_trip() {
     ] {
         assert_eq!(KeyPath::parse(s).to_string(), s);
     }
+}
+
+// --- policy ----------------------------------------------------------------
+
+#[test]
+fn policy_defaults() {
+    assert_eq!(parse(BASE).unwrap().policy, PolicyConfig::default());
+}
+
+#[test]
+fn policy_explicit_values() {
+    let text = insert_after(
+        2,
+        r#"[policy]
+poll_interval = "250ms"
+target_utilization = 0.7
+saturation = 0.9
+hysteresis = 0.1
+saturation_confirm = 3
+ewma_alpha = 0.5
+slow_start = "1m"
+slow_start_aggression = 2
+min_weight_fraction = 0.05
+max_step_fraction = 0.5
+stale_after = "2s"
+stale_decay = "20s"
+stale_fraction = 0.5
+full_weight = 1000
+signal = { gpu_util = 0.0, kv_cache = 1.0, queue = 0.5, queue_norm = 4 }"#,
+    );
+    let p = parse(&text).unwrap().policy;
+    assert_eq!(
+        p,
+        PolicyConfig {
+            poll_interval: Duration::from_millis(250),
+            target_utilization: 0.7,
+            saturation: 0.9,
+            hysteresis: 0.1,
+            saturation_confirm: 3,
+            ewma_alpha: 0.5,
+            slow_start: Duration::from_secs(60),
+            slow_start_aggression: 2.0,
+            min_weight_fraction: 0.05,
+            max_step_fraction: 0.5,
+            stale_after: Duration::from_secs(2),
+            stale_decay: Duration::from_secs(20),
+            stale_fraction: 0.5,
+            signal: SignalMix {
+                gpu_util: 0.0,
+                kv_cache: 1.0,
+                queue: 0.5,
+                queue_norm: 4.0,
+            },
+            full_weight: 1000,
+        }
+    );
+    // A sub-table works as well as an inline one.
+    let text = format!("{BASE}\n[policy.signal]\nqueue_norm = 16\n");
+    assert_eq!(parse(&text).unwrap().policy.signal.queue_norm, 16.0);
+}
+
+#[test]
+fn policy_errors() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "poll_interval = \"5ms\"",
+            "policy.poll_interval",
+            "below the minimum",
+        ),
+        (
+            "poll_interval = \"0s\"",
+            "policy.poll_interval",
+            "greater than 0",
+        ),
+        (
+            "target_utilization = 0",
+            "policy.target_utilization",
+            "need 0 < target_utilization",
+        ),
+        (
+            "target_utilization = 0.97",
+            "policy.target_utilization",
+            "< saturation (0.95)",
+        ),
+        (
+            "target_utilization = nan",
+            "policy.target_utilization",
+            "need 0 <",
+        ),
+        ("saturation = 1.5", "policy.saturation", "in (0, 1]"),
+        (
+            "saturation = 0.5",
+            "policy.saturation",
+            "target_utilization (0.8)",
+        ),
+        ("hysteresis = -0.1", "policy.hysteresis", ">= 0"),
+        ("hysteresis = 0.95", "policy.hysteresis", "below saturation"),
+        (
+            "saturation_confirm = 0",
+            "policy.saturation_confirm",
+            "at least 1",
+        ),
+        ("ewma_alpha = 0", "policy.ewma_alpha", "in (0, 1]"),
+        ("ewma_alpha = 1.01", "policy.ewma_alpha", "in (0, 1]"),
+        ("slow_start = \"0s\"", "policy.slow_start", "greater than 0"),
+        (
+            "slow_start_aggression = 0",
+            "policy.slow_start_aggression",
+            "above 0",
+        ),
+        (
+            "slow_start_aggression = inf",
+            "policy.slow_start_aggression",
+            "finite",
+        ),
+        (
+            "min_weight_fraction = 0",
+            "policy.min_weight_fraction",
+            "in (0, 1]",
+        ),
+        (
+            "max_step_fraction = 2",
+            "policy.max_step_fraction",
+            "in (0, 1]",
+        ),
+        (
+            "stale_after = \"100ms\"",
+            "policy.stale_after",
+            "must exceed poll_interval",
+        ),
+        (
+            "stale_after = \"soon\"",
+            "policy.stale_after",
+            "is not a duration",
+        ),
+        (
+            "stale_decay = \"0s\"",
+            "policy.stale_decay",
+            "greater than 0",
+        ),
+        ("stale_fraction = 0", "policy.stale_fraction", "in (0, 1]"),
+        ("full_weight = 0", "policy.full_weight", "must be 1 to"),
+        (
+            "signal = { gpu_util = 2 }",
+            "policy.signal.gpu_util",
+            "in [0, 1]",
+        ),
+        (
+            "signal = { queue_norm = 0 }",
+            "policy.signal.queue_norm",
+            "above 0",
+        ),
+        (
+            "signal = { gpu = 1 }",
+            "policy.signal.gpu",
+            "unknown field `gpu`",
+        ),
+        ("ewma = 0.3", "policy.ewma", "unknown field `ewma`"),
+        ("ewma_alpha = \"fast\"", "policy.ewma_alpha", "expected f64"),
+    ];
+    for (line, key, fragment) in cases {
+        assert_err(
+            &insert_after(2, &format!("[policy]\n{line}")),
+            4,
+            key,
+            fragment,
+        );
+    }
+    assert_err(
+        &insert_after(
+            2,
+            "[policy]\nsignal = { gpu_util = 0, kv_cache = 0, queue = 0 }",
+        ),
+        4,
+        "policy.signal",
+        "every signal is disabled",
+    );
+}
+
+// --- backend telemetry, health, capacity -------------------------------------
+
+/// BASE with `text` added to backend gpu-0 (after its address, line 11).
+fn with_backend0(text: &str) -> String {
+    insert_after(11, text)
+}
+
+#[test]
+fn static_and_policy_driven_weights() {
+    let cfg = parse(&with_backend0("capacity = 2.5")).unwrap();
+    let b = &cfg.services[0].backends[0];
+    assert_eq!(
+        (b.capacity, b.pinned()),
+        (2.5, Some(250)),
+        "static, by capacity"
+    );
+    let cfg = parse(&with_backend0(
+        "capacity = 2\ntelemetry = { source = \"nvml\", device = 0 }",
+    ))
+    .unwrap();
+    let b = &cfg.services[0].backends[0];
+    assert_eq!((b.capacity, b.pinned()), (2.0, None), "policy-driven");
+    assert_eq!(crate::daemon::specs(&cfg)[0].backends[0].weight, 50);
+    let cfg = parse(&with_backend0(
+        "weight = 7\ntelemetry = { source = \"nvml\", device = 0 }",
+    ))
+    .unwrap();
+    assert_eq!(cfg.services[0].backends[0].pinned(), Some(7));
+    let text = insert_after(2, "[policy]\nfull_weight = 1000");
+    assert_eq!(
+        parse(&text).unwrap().services[0].backends[0].pinned(),
+        Some(1000)
+    );
+}
+
+#[test]
+fn telemetry_sources_parse() {
+    let cases: Vec<(&str, TelemetryConfig)> = vec![
+        (
+            r#"telemetry = { source = "nvml", device = 3 }"#,
+            TelemetryConfig::Nvml {
+                device: DeviceSelector::Index(3),
+                library: None,
+            },
+        ),
+        (
+            r#"telemetry = { source = "nvml", device = "GPU-5fb3a1c2-0d4e", library = "/opt/libnvidia-ml.so.1" }"#,
+            TelemetryConfig::Nvml {
+                device: DeviceSelector::Uuid("GPU-5fb3a1c2-0d4e".into()),
+                library: Some("/opt/libnvidia-ml.so.1".into()),
+            },
+        ),
+        (
+            r#"telemetry = { source = "agent", url = "http://198.18.0.11:9400", device = 1, token_file = "/etc/router/agent.token" }"#,
+            TelemetryConfig::Agent {
+                url: "http://198.18.0.11:9400".into(),
+                device: DeviceSelector::Index(1),
+                token_file: "/etc/router/agent.token".into(),
+            },
+        ),
+        (
+            r#"telemetry = { source = "prometheus", url = "http://198.18.0.11:8000/metrics", format = "vllm", labels = { model_name = "llama" } }"#,
+            TelemetryConfig::Prometheus {
+                url: "http://198.18.0.11:8000/metrics".into(),
+                format: PromFormat::Vllm,
+                labels: [("model_name".to_owned(), "llama".to_owned())].into(),
+            },
+        ),
+        (
+            r#"telemetry = { source = "prometheus", url = "http://h:9400/metrics", format = "dcgm" }"#,
+            TelemetryConfig::Prometheus {
+                url: "http://h:9400/metrics".into(),
+                format: PromFormat::Dcgm,
+                labels: BTreeMap::new(),
+            },
+        ),
+    ];
+    for (line, want) in cases {
+        let cfg = parse(&with_backend0(line)).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert_eq!(cfg.services[0].backends[0].telemetry.as_ref(), Some(&want));
+    }
+    // A sub-table works too.
+    let text = format!(
+        "{BASE}[service.backend.telemetry]\nsource = \"prometheus\"\nurl = \"http://h/metrics\"\nformat = \"sglang\"\n"
+    );
+    let cfg = parse(&text).unwrap();
+    assert!(matches!(
+        cfg.services[0].backends[1].telemetry,
+        Some(TelemetryConfig::Prometheus {
+            format: PromFormat::Sglang,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn telemetry_errors() {
+    let t = "service[0].backend[0].telemetry";
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            r#"{ source = "dcgm" }"#,
+            "source",
+            "unknown telemetry source \"dcgm\"",
+        ),
+        (
+            r#"{ source = "nvml" }"#,
+            "",
+            "source \"nvml\" needs `device`",
+        ),
+        (
+            r#"{ source = "nvml", device = -1 }"#,
+            "device",
+            "out of range",
+        ),
+        (
+            r#"{ source = "nvml", device = 1.5 }"#,
+            "device",
+            "GPU index (integer) or UUID",
+        ),
+        (
+            r#"{ source = "nvml", device = "gpu0" }"#,
+            "device",
+            "not a GPU index or an NVML UUID",
+        ),
+        (
+            r#"{ source = "nvml", device = 0, url = "http://h" }"#,
+            "url",
+            "does not apply to source \"nvml\"",
+        ),
+        (
+            r#"{ source = "nvml", device = 0, lib = "x" }"#,
+            "lib",
+            "unknown field `lib`",
+        ),
+        (
+            r#"{ source = "agent", url = "http://h:9400", device = 0 }"#,
+            "",
+            "needs `token_file`",
+        ),
+        (
+            r#"{ source = "agent", device = 0, token_file = "/t" }"#,
+            "",
+            "needs `url`",
+        ),
+        (
+            r#"{ source = "agent", url = "https://h:9400", device = 0, token_file = "/t" }"#,
+            "url",
+            "only http://",
+        ),
+        (
+            r#"{ source = "agent", url = "h:9400", device = 0, token_file = "/t" }"#,
+            "url",
+            "needs http://",
+        ),
+        (
+            r#"{ source = "agent", url = "http://bad host", device = 0, token_file = "/t" }"#,
+            "url",
+            "is not a URL",
+        ),
+        (
+            r#"{ source = "agent", url = "http://h", device = 0, token_file = "/t", format = "vllm" }"#,
+            "format",
+            "does not apply",
+        ),
+        (
+            r#"{ source = "prometheus", url = "http://h/metrics" }"#,
+            "",
+            "needs `format`",
+        ),
+        (
+            r#"{ source = "prometheus", url = "http://h/metrics", format = "tgi" }"#,
+            "format",
+            "unknown format \"tgi\"",
+        ),
+        (
+            r#"{ source = "prometheus", url = "http://h/metrics", format = "vllm", device = 0 }"#,
+            "device",
+            "does not apply",
+        ),
+        (
+            r#"{ source = "prometheus", url = "http://h/metrics", format = "vllm", labels = { "model-name" = "x" } }"#,
+            "labels.model-name",
+            "not a Prometheus label name",
+        ),
+        (
+            r#"{ url = "http://h/metrics" }"#,
+            "",
+            "missing field `source`",
+        ),
+    ];
+    for (value, sub, fragment) in cases {
+        let key = if sub.is_empty() {
+            t.to_owned()
+        } else {
+            format!("{t}.{sub}")
+        };
+        assert_err(
+            &with_backend0(&format!("telemetry = {value}")),
+            12,
+            &key,
+            fragment,
+        );
+    }
+}
+
+#[test]
+fn health_parses_with_defaults() {
+    let cfg = parse(&with_backend0("health = { http_path = \"/health\" }")).unwrap();
+    assert_eq!(
+        cfg.services[0].backends[0].health,
+        Some(HealthConfig {
+            tcp: true,
+            http_path: Some("/health".into()),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            fall: 3,
+            rise: 2,
+        })
+    );
+    let cfg = parse(&with_backend0(
+        r#"health = { tcp = false, http_path = "/v1/models", interval = "2s", timeout = "2s", fall = 1, rise = 5 }"#,
+    ))
+    .unwrap();
+    let h = cfg.services[0].backends[0].health.clone().unwrap();
+    assert_eq!((h.tcp, h.fall, h.rise), (false, 1, 5));
+    assert_eq!(cfg.services[0].backends[1].health, None);
+}
+
+#[test]
+fn health_errors() {
+    let h = "service[0].backend[0].health";
+    let cases: &[(&str, &str, &str)] = &[
+        ("{ fall = 0 }", "fall", "at least 1"),
+        ("{ rise = 0 }", "rise", "at least 1"),
+        ("{ interval = \"0s\" }", "interval", "greater than 0"),
+        ("{ timeout = \"2s\" }", "timeout", "exceeds interval"),
+        ("{ interval = \"100ms\" }", "interval", "exceeds interval"),
+        (
+            "{ http_path = \"health\" }",
+            "http_path",
+            "must start with '/'",
+        ),
+        ("{ tcp = false }", "", "no probe left"),
+        ("{ tcp = \"yes\" }", "tcp", "expected a boolean"),
+        ("{ retries = 3 }", "retries", "unknown field `retries`"),
+    ];
+    for (value, sub, fragment) in cases {
+        let key = if sub.is_empty() {
+            h.to_owned()
+        } else {
+            format!("{h}.{sub}")
+        };
+        assert_err(
+            &with_backend0(&format!("health = {value}")),
+            12,
+            &key,
+            fragment,
+        );
+    }
+}
+
+#[test]
+fn capacity_and_cost_errors() {
+    let b = "service[0].backend[0]";
+    for (line, key, fragment) in [
+        ("capacity = 0", "capacity", "above 0"),
+        ("capacity = -1.5", "capacity", "above 0"),
+        ("capacity = nan", "capacity", "finite"),
+        ("capacity = inf", "capacity", "finite"),
+        ("capacity = \"big\"", "capacity", "expected f64"),
+        ("cost_per_hour = -0.01", "cost_per_hour", ">= 0"),
+        ("cost_per_hour = nan", "cost_per_hour", ">= 0"),
+    ] {
+        assert_err(&with_backend0(line), 12, &format!("{b}.{key}"), fragment);
+    }
+    assert_err(
+        &with_backend0("weight = 5\ncapacity = 2"),
+        13,
+        &format!("{b}.capacity"),
+        "not both",
+    );
+    let cfg = parse(&with_backend0("cost_per_hour = 4.10")).unwrap();
+    assert_eq!(cfg.services[0].backends[0].cost_per_hour, Some(4.10));
 }
