@@ -2,6 +2,7 @@
 //! and the benchmarks.
 pub mod bench_datapath;
 pub mod daemon_proc;
+pub mod fake_nvml;
 pub mod kernel_ns;
 pub mod netns;
 pub mod packet;
