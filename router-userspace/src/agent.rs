@@ -8,7 +8,7 @@
 //! * `GET /v1/gpus/uuid/{uuid}` → the same, by GPU UUID
 //!
 //! Errors are `{"error": "..."}`: 401 for a missing or wrong token, 400 for
-//! a malformed index, 404 for a GPU that is not on this host, 503 when NVML
+//! a malformed index or UUID, 404 for a GPU that is not on this host, 503 when NVML
 //! fails (the message names the GPU), 504 when NVML does not answer in time.
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -217,6 +217,14 @@ async fn by_index(State(shared): State<Arc<Shared>>, Path(index): Path<String>) 
 }
 
 async fn by_uuid(State(shared): State<Arc<Shared>>, Path(uuid): Path<String>) -> Response {
+    // NVML UUIDs are "GPU-" and hex; refusing anything else here keeps NUL
+    // bytes and oddities away from the C API.
+    if uuid.len() > 128 || !uuid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a GPU UUID has only letters, digits and '-'",
+        );
+    }
     read(&shared, DeviceSelector::Uuid(uuid)).await
 }
 

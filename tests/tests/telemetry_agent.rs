@@ -197,6 +197,8 @@ async fn unknown_gpus_and_bad_paths() {
     let (status, _, body) = raw_get(agent.addr, "/v1/gpus/zero", Some(&auth)).await;
     assert_eq!(status, 400);
     assert!(error_message(&body).contains("not a number"));
+    let (status, _, _) = raw_get(agent.addr, "/v1/gpus/uuid/GPU%00x", Some(&auth)).await;
+    assert_eq!(status, 400, "a NUL must not reach NVML");
     let (status, _, _) = raw_get(agent.addr, "/v2/anything", Some(&auth)).await;
     assert_eq!(status, 404);
 }
@@ -316,10 +318,13 @@ async fn read_from(
     (r, start.elapsed())
 }
 
+/// Whether an error is the one a case expects.
+type Expect = fn(&TelemetryError) -> bool;
+
 #[tokio::test]
 async fn garbage_from_an_endpoint_is_an_error() {
     let t = Duration::from_secs(2);
-    let cases: Vec<(&str, Vec<u8>, fn(&TelemetryError) -> bool)> = vec![
+    let cases: Vec<(&str, Vec<u8>, Expect)> = vec![
         ("not JSON", ok_response(b"<html>hello</html>"), |e| {
             matches!(e, TelemetryError::Parse(_))
         }),
