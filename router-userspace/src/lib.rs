@@ -1,6 +1,7 @@
 //! The router daemon and CLI as a library: config, Maglev, the datapath
 //! (the only writer of BPF maps), the control socket and the daemon loop.
 
+pub mod agent;
 pub mod config;
 pub mod control;
 pub mod daemon;

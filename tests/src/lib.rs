@@ -3,6 +3,7 @@
 pub mod bench_control;
 pub mod bench_datapath;
 pub mod daemon_proc;
+pub mod fake_nvml;
 pub mod kernel_ns;
 pub mod netns;
 pub mod packet;

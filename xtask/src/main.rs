@@ -216,7 +216,8 @@ fn test() -> Result<()> {
     // The end-to-end tests run the real `router` binary as a daemon.
     build()?;
     // Kernel tests attach programs and create namespaces; one at a time keeps
-    // them from fighting over shared kernel state.
+    // them from fighting over shared kernel state. router-tests dev-depends
+    // on fake-nvml, so this also builds libfake_nvml.so for the NVML tests.
     let tally = cmd::run_tests(workspace_cargo().args([
         "test",
         "--workspace",

@@ -2,9 +2,30 @@
 //! `router agent`, or a Prometheus endpoint. Every reading is validated
 //! before the policy sees it; garbage is an error, never a weight.
 
+pub mod agent_source;
 pub mod http_client;
+pub mod nvml;
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+/// Which GPU on a host: NVML's index (enumeration order, which can change
+/// across reboots) or its UUID (stable).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DeviceSelector {
+    Index(u32),
+    Uuid(String),
+}
+
+impl fmt::Display for DeviceSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSelector::Index(i) => write!(f, "GPU {i}"),
+            DeviceSelector::Uuid(u) => write!(f, "GPU {u}"),
+        }
+    }
+}
 
 /// What a backend reports. Every field is optional because sources differ:
 /// NVML knows the GPU, vLLM knows its queue and KV cache.
