@@ -216,14 +216,8 @@ impl BackendConfig {
     }
 }
 
-/// Which GPU a telemetry source reads.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DeviceSelector {
-    /// NVML index (`nvidia-smi -L` order).
-    Index(u32),
-    /// NVML UUID, `GPU-…` or `MIG-…`.
-    Uuid(String),
-}
+/// Which GPU a telemetry source reads (one definition, shared with the sources).
+pub use crate::telemetry::DeviceSelector;
 
 /// The metric dialect of a Prometheus endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
