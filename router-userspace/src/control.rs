@@ -32,6 +32,10 @@ pub struct StatusReply {
     pub uptime_secs: u64,
     pub last_reload: Option<ReloadReply>,
     pub datapath: DatapathStatus,
+    /// Per backend: weight, reason, telemetry and health as the policy sees them.
+    pub policy: Vec<crate::controller::BackendPolicyStatus>,
+    /// Policy ticks on which every healthy backend of a service was saturated.
+    pub all_saturated_ticks: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -19,36 +19,11 @@ use tracing::{info, warn};
 use crate::{
     config::{Config, XdpMode},
     control::{self, ReloadReply, StatusReply},
-    datapath::{BackendSpec, Datapath, LoadOptions, ServiceSpec},
+    controller::Controller,
+    datapath::{Datapath, LoadOptions},
     fib_watch, host,
+    telemetry::{Reading, TelemetryError},
 };
-
-/// The datapath input a config describes.
-pub fn specs(cfg: &Config) -> Vec<ServiceSpec> {
-    cfg.services
-        .iter()
-        .map(|s| ServiceSpec {
-            name: s.name.clone(),
-            vip: s.vip,
-            proto: s.protocol.number(),
-            snat: s.snat.clone(),
-            snat_port_min: cfg.daemon.snat_port_min,
-            snat_port_max: cfg.daemon.snat_port_max,
-            backends: s
-                .backends
-                .iter()
-                .map(|b| BackendSpec {
-                    name: b.name.clone(),
-                    address: b.address,
-                    // Until the policy is wired in, a telemetry-driven
-                    // backend starts where the policy would before any
-                    // reading: the conservative unknown-load share.
-                    weight: b.pinned().unwrap_or_else(|| cfg.policy.unknown(b.capacity)),
-                })
-                .collect(),
-        })
-        .collect()
-}
 
 pub fn load_options(cfg: &Config) -> LoadOptions {
     let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -87,6 +62,7 @@ pub fn load_for_host(path: &Path) -> Result<Config> {
 
 pub struct DaemonState {
     dp: Datapath,
+    ctl: Option<Controller>,
     config_path: PathBuf,
     config: Config,
     started: Instant,
@@ -100,7 +76,33 @@ impl DaemonState {
             uptime_secs: self.started.elapsed().as_secs(),
             last_reload: self.last_reload.clone(),
             datapath: self.dp.status()?,
+            policy: self
+                .ctl
+                .as_ref()
+                .map(|c| c.status(self.started.elapsed()))
+                .unwrap_or_default(),
+            all_saturated_ticks: self.ctl.as_ref().map_or(0, |c| c.all_saturated_ticks),
         })
+    }
+
+    /// Records a poll round's results, runs the policy and writes the
+    /// datapath if any weight changed.
+    fn finish_round(&mut self, generation: u64, results: Vec<RoundResult>) {
+        let now = self.started.elapsed();
+        let Some(ctl) = self.ctl.as_mut() else { return };
+        if ctl.generation() != generation {
+            return;
+        }
+        for r in results {
+            match r {
+                RoundResult::Reading(s, b, res) => ctl.record_reading(s, b, now, res),
+                RoundResult::Probe(s, b, res) => ctl.record_probe(s, b, res),
+            }
+        }
+        let (specs, changed) = ctl.decide(now, &self.config);
+        if changed && let Err(e) = self.dp.apply(&specs) {
+            warn!("writing weights to the datapath: {e}");
+        }
     }
 
     /// Validate-then-swap: a config that fails any check changes nothing.
@@ -141,7 +143,11 @@ impl DaemonState {
                 cfg.origin()
             );
         }
-        let report = self.dp.apply(&specs(&cfg))?;
+        let mut ctl = Controller::new(&cfg, self.ctl.take());
+        let (specs, _) = ctl.decide(self.started.elapsed(), &cfg);
+        let applied = self.dp.apply(&specs);
+        self.ctl = Some(ctl);
+        let report = applied?;
         self.config = cfg;
         Ok(format!(
             "applied {}: {} added, {} removed, {} tables swapped",
@@ -197,8 +203,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         );
     }
 
+    let poll_interval = ctl.poll_interval();
     let state = Arc::new(Mutex::new(DaemonState {
         dp,
+        ctl: Some(ctl),
         config_path: config_path.to_path_buf(),
         config: cfg,
         started: Instant::now(),
@@ -211,6 +219,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut log_tick = tokio::time::interval(Duration::from_millis(200));
+    let mut poll_tick = tokio::time::interval(poll_interval);
+    poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(
         "router daemon running; control socket {}",
         socket_path.display()
@@ -225,6 +235,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     warn!("invalidating cached next hops: {e}");
                 }
             }
+            _ = poll_tick.tick() => { poll_round(&state).await; }
             _ = log_tick.tick() => {
                 if let Some(l) = logger.as_mut() { l.flush(); }
             }
@@ -237,4 +248,40 @@ pub async fn run(config_path: &Path) -> Result<()> {
         warn!("removing {}: {e}", socket_path.display());
     }
     Ok(())
+}
+
+enum RoundResult {
+    Reading(usize, usize, Result<Reading, TelemetryError>),
+    Probe(usize, usize, Result<(), String>),
+}
+
+/// One poll round: every source and due probe runs concurrently, each with
+/// its own deadline, and without the state lock, so a slow backend delays
+/// nobody and the control API stays responsive.
+async fn poll_round(state: &Mutex<DaemonState>) {
+    let (generation, polls, probes, timeout) = {
+        let mut st = state.lock().await;
+        let now = st.started.elapsed();
+        let Some(ctl) = st.ctl.as_mut() else { return };
+        // Leave a fifth of the interval for the policy and the map writes.
+        let timeout = ctl.poll_interval().mul_f64(0.8);
+        (ctl.generation(), ctl.poll_jobs(), ctl.probe_jobs(now), timeout)
+    };
+    let mut set = tokio::task::JoinSet::new();
+    for j in polls {
+        set.spawn(async move {
+            RoundResult::Reading(j.service, j.backend, j.source.read(timeout).await)
+        });
+    }
+    for p in probes {
+        set.spawn(async move { RoundResult::Probe(p.service, p.backend, p.check.probe().await) });
+    }
+    let mut results = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(r) => results.push(r),
+            Err(e) => warn!("poll task failed: {e}"),
+        }
+    }
+    state.lock().await.finish_round(generation, results);
 }

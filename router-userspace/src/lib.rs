@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod config;
 pub mod control;
+pub mod controller;
 pub mod daemon;
 pub mod datapath;
 pub mod fib_watch;

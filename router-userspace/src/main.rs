@@ -31,6 +31,18 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Serve this host's GPU readings (NVML) over HTTP/JSON for remote routers.
+    Agent {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:9400")]
+        listen: std::net::SocketAddr,
+        /// File holding the bearer token every request must carry.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// libnvidia-ml to load instead of the system one.
+        #[arg(long)]
+        nvml_library: Option<PathBuf>,
+    },
     /// Services, backends, weights and counters.
     Status {
         /// Machine-readable output.
@@ -82,6 +94,28 @@ fn run(cli: Cli) -> Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Daemon { config } => daemon::run(&config).await,
+            Command::Agent {
+                listen,
+                token_file,
+                nvml_library,
+            } => {
+                let token = std::fs::read_to_string(&token_file)
+                    .with_context(|| format!("reading token file {}", token_file.display()))?;
+                let opts = router::agent::AgentOptions {
+                    listen,
+                    token: token.trim().to_string(),
+                    library: nvml_library,
+                };
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("SIGTERM handler")?;
+                let shutdown = async move {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                };
+                router::agent::serve(opts, shutdown).await
+            }
             Command::Status { json } => {
                 let body = control::request(&cli.socket, "GET", "/v1/status").await?;
                 let reply: StatusReply =

@@ -1,0 +1,359 @@
+//! The control loop's state: per backend, its telemetry source, health
+//! probe, latest reading and the policy's last decision; per service, its
+//! policy. It turns a poll round into datapath specs. It owns no maps (the
+//! datapath does) and does no I/O of its own beyond what sources and probes
+//! do when the daemon drives them.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{
+    config::{BackendConfig, Config, HealthConfig},
+    datapath::{BackendSpec, ServiceSpec},
+    health::{HealthCheck, HealthState},
+    policy::{BackendInput, Decision, Policy},
+    telemetry::{Reading, TelemetryError, source::Source},
+};
+
+/// Per-backend telemetry bookkeeping, exported in status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryStats {
+    pub polls: u64,
+    /// Source errors: unreachable, timeout, HTTP status, NVML error.
+    pub errors: u64,
+    /// Readings rejected by validation (garbage never becomes a weight).
+    pub invalid: u64,
+    pub last_error: Option<String>,
+}
+
+struct BackendCtl {
+    cfg: BackendConfig,
+    source: Option<Arc<Source>>,
+    health: Option<(Arc<HealthCheck>, HealthState)>,
+    next_probe: Duration,
+    latest: Option<(Duration, Reading)>,
+    stats: TelemetryStats,
+    decision: Option<Decision>,
+    weight: u32,
+    last_change: Option<String>,
+    changes: u64,
+}
+
+struct ServiceCtl {
+    name: String,
+    policy: Policy,
+    backends: Vec<BackendCtl>,
+}
+
+/// What one backend looks like to an operator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendPolicyStatus {
+    pub service: String,
+    pub backend: String,
+    pub weight: u32,
+    pub mode: String,
+    pub reason: String,
+    pub load: Option<f64>,
+    pub saturated: bool,
+    pub stale: bool,
+    pub healthy: Option<bool>,
+    pub telemetry_source: Option<String>,
+    pub telemetry: Option<Reading>,
+    pub telemetry_age_ms: Option<u64>,
+    pub stats: TelemetryStats,
+    pub weight_changes: u64,
+    pub last_change: Option<String>,
+}
+
+/// A poll job the daemon runs without holding its state lock.
+pub struct PollJob {
+    pub service: usize,
+    pub backend: usize,
+    pub source: Arc<Source>,
+}
+
+pub struct ProbeJob {
+    pub service: usize,
+    pub backend: usize,
+    pub check: Arc<HealthCheck>,
+}
+
+pub struct Controller {
+    services: Vec<ServiceCtl>,
+    poll_interval: Duration,
+    /// Changes on every rebuild (reload), so results of a poll round that
+    /// started before it are dropped instead of landing on other backends.
+    generation: u64,
+    /// Ticks on which every healthy backend of a service was saturated.
+    pub all_saturated_ticks: u64,
+}
+
+fn health_check(addr: SocketAddrV4, h: &HealthConfig) -> HealthCheck {
+    HealthCheck {
+        addr: addr.into(),
+        http_path: h.http_path.clone(),
+        tcp: h.tcp,
+        timeout: h.timeout,
+        fall: h.fall,
+        rise: h.rise,
+    }
+}
+
+impl Controller {
+    /// Builds the control state for `cfg`, keeping what it can from
+    /// `previous` (policy state, readings, health) for backends that stay.
+    pub fn new(cfg: &Config, previous: Option<Controller>) -> Self {
+        let generation = previous.as_ref().map_or(0, |p| p.generation + 1);
+        let all_saturated_ticks = previous.as_ref().map_or(0, |p| p.all_saturated_ticks);
+        let mut old: BTreeMap<String, ServiceCtl> = previous
+            .map(|p| p.services.into_iter().map(|s| (s.name.clone(), s)).collect())
+            .unwrap_or_default();
+        let services = cfg
+            .services
+            .iter()
+            .map(|s| {
+                let prev = old.remove(&s.name);
+                let (policy, mut prev_backends) = match prev {
+                    Some(p) if p.policy.config() == &cfg.policy => {
+                        let map: BTreeMap<String, BackendCtl> =
+                            p.backends.into_iter().map(|b| (b.cfg.name.clone(), b)).collect();
+                        (p.policy, map)
+                    }
+                    _ => (Policy::new(cfg.policy.clone()), BTreeMap::new()),
+                };
+                let backends = s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let kept = prev_backends.remove(&b.name).filter(|k| {
+                            k.cfg.address == b.address
+                                && k.cfg.telemetry == b.telemetry
+                                && k.cfg.health == b.health
+                        });
+                        match kept {
+                            Some(mut k) => {
+                                k.cfg = b.clone();
+                                k
+                            }
+                            None => BackendCtl {
+                                source: b.telemetry.as_ref().map(|t| Arc::new(Source::new(t))),
+                                health: b
+                                    .health
+                                    .as_ref()
+                                    .map(|h| (Arc::new(health_check(b.address, h)), HealthState::new())),
+                                next_probe: Duration::ZERO,
+                                latest: None,
+                                stats: TelemetryStats::default(),
+                                decision: None,
+                                weight: b.pinned().unwrap_or_else(|| cfg.policy.unknown(b.capacity)),
+                                last_change: None,
+                                changes: 0,
+                                cfg: b.clone(),
+                            },
+                        }
+                    })
+                    .collect();
+                ServiceCtl {
+                    name: s.name.clone(),
+                    policy,
+                    backends,
+                }
+            })
+            .collect();
+        Self {
+            services,
+            poll_interval: cfg.policy.poll_interval,
+            generation,
+            all_saturated_ticks,
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn poll_interval(&self) -> Duration {
+        self.poll_interval
+    }
+
+    /// Every backend with a telemetry source is polled every tick.
+    pub fn poll_jobs(&self) -> Vec<PollJob> {
+        let mut jobs = Vec::new();
+        for (si, s) in self.services.iter().enumerate() {
+            for (bi, b) in s.backends.iter().enumerate() {
+                if let Some(src) = &b.source {
+                    jobs.push(PollJob {
+                        service: si,
+                        backend: bi,
+                        source: src.clone(),
+                    });
+                }
+            }
+        }
+        jobs
+    }
+
+    /// Health probes whose interval has come round.
+    pub fn probe_jobs(&mut self, now: Duration) -> Vec<ProbeJob> {
+        let mut jobs = Vec::new();
+        for (si, s) in self.services.iter_mut().enumerate() {
+            for (bi, b) in s.backends.iter_mut().enumerate() {
+                if let (Some((check, _)), Some(h)) = (&b.health, &b.cfg.health)
+                    && now >= b.next_probe
+                {
+                    b.next_probe = now + h.interval;
+                    jobs.push(ProbeJob {
+                        service: si,
+                        backend: bi,
+                        check: check.clone(),
+                    });
+                }
+            }
+        }
+        jobs
+    }
+
+    pub fn record_reading(
+        &mut self,
+        service: usize,
+        backend: usize,
+        now: Duration,
+        result: Result<Reading, TelemetryError>,
+    ) {
+        let Some(b) = self
+            .services
+            .get_mut(service)
+            .and_then(|s| s.backends.get_mut(backend))
+        else {
+            return;
+        };
+        b.stats.polls += 1;
+        match result {
+            Ok(r) => {
+                b.latest = Some((now, r));
+                b.stats.last_error = None;
+            }
+            Err(e) => {
+                if matches!(e, TelemetryError::Invalid(_) | TelemetryError::Parse(_)) {
+                    b.stats.invalid += 1;
+                } else {
+                    b.stats.errors += 1;
+                }
+                let msg = e.to_string();
+                if b.stats.last_error.as_deref() != Some(msg.as_str()) {
+                    warn!(backend = %b.cfg.name, "telemetry: {msg}");
+                }
+                b.stats.last_error = Some(msg);
+            }
+        }
+    }
+
+    pub fn record_probe(&mut self, service: usize, backend: usize, result: Result<(), String>) {
+        let Some(b) = self
+            .services
+            .get_mut(service)
+            .and_then(|s| s.backends.get_mut(backend))
+        else {
+            return;
+        };
+        if let Some((check, state)) = &mut b.health {
+            if let Some(now) = state.record(result.is_ok(), check.fall, check.rise) {
+                match &result {
+                    Ok(()) => info!(backend = %b.cfg.name, "health: now {now:?}"),
+                    Err(e) => warn!(backend = %b.cfg.name, "health: now {now:?} ({e})"),
+                }
+            }
+        }
+    }
+
+    /// Runs every service's policy. Returns the datapath specs and whether
+    /// any weight changed (the daemon only rebuilds tables when one did).
+    pub fn decide(&mut self, now: Duration, cfg: &Config) -> (Vec<ServiceSpec>, bool) {
+        let mut changed = false;
+        let mut specs = Vec::with_capacity(self.services.len());
+        for (s, scfg) in self.services.iter_mut().zip(&cfg.services) {
+            let inputs: Vec<BackendInput<'_>> = s
+                .backends
+                .iter()
+                .map(|b| BackendInput {
+                    name: &b.cfg.name,
+                    capacity: b.cfg.capacity,
+                    pinned_weight: b.cfg.pinned(),
+                    drained: false,
+                    healthy: b.health.as_ref().is_none_or(|(_, h)| h.is_routable()),
+                    latest: b.latest.as_ref().map(|(t, r)| (*t, r)),
+                })
+                .collect();
+            let tick = s.policy.tick(now, &inputs);
+            if tick.all_saturated {
+                self.all_saturated_ticks += 1;
+            }
+            for (b, d) in s.backends.iter_mut().zip(tick.decisions) {
+                if d.weight != b.weight {
+                    let msg = format!("{} → {} ({})", b.weight, d.weight, d.reason);
+                    info!(service = %s.name, backend = %b.cfg.name, "weight {msg}");
+                    b.last_change = Some(msg);
+                    b.changes += 1;
+                    b.weight = d.weight;
+                    changed = true;
+                }
+                b.decision = Some(d);
+            }
+            specs.push(ServiceSpec {
+                name: scfg.name.clone(),
+                vip: scfg.vip,
+                proto: scfg.protocol.number(),
+                snat: scfg.snat.clone(),
+                snat_port_min: cfg.daemon.snat_port_min,
+                snat_port_max: cfg.daemon.snat_port_max,
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| BackendSpec {
+                        name: b.cfg.name.clone(),
+                        address: b.cfg.address,
+                        weight: b.weight,
+                    })
+                    .collect(),
+            });
+        }
+        (specs, changed)
+    }
+
+    pub fn status(&self, now: Duration) -> Vec<BackendPolicyStatus> {
+        let mut out = Vec::new();
+        for s in &self.services {
+            for b in &s.backends {
+                let d = b.decision.as_ref();
+                out.push(BackendPolicyStatus {
+                    service: s.name.clone(),
+                    backend: b.cfg.name.clone(),
+                    weight: b.weight,
+                    mode: if b.cfg.pinned().is_some() { "pinned" } else { "auto" }.into(),
+                    reason: d.map(|d| d.reason.to_string()).unwrap_or_else(|| "starting".into()),
+                    load: d.and_then(|d| d.load),
+                    saturated: d.is_some_and(|d| d.saturated),
+                    stale: d.is_some_and(|d| d.stale),
+                    healthy: b.health.as_ref().map(|(_, h)| h.is_routable()),
+                    telemetry_source: b.source.as_ref().map(|s| s.describe().to_string()),
+                    telemetry: b.latest.as_ref().map(|(_, r)| r.clone()),
+                    telemetry_age_ms: b
+                        .latest
+                        .as_ref()
+                        .map(|(t, _)| now.saturating_sub(*t).as_millis() as u64),
+                    stats: b.stats.clone(),
+                    weight_changes: b.changes,
+                    last_change: b.last_change.clone(),
+                });
+            }
+        }
+        out
+    }
+}
