@@ -3,6 +3,7 @@
 //! before the policy sees it; garbage is an error, never a weight.
 
 pub mod http_client;
+pub mod prometheus;
 
 use serde::{Deserialize, Serialize};
 
