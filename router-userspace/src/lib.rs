@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod fib_watch;
+pub mod health;
 pub mod host;
 pub mod maglev;
 pub mod status_view;
