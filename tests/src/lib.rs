@@ -5,4 +5,5 @@ pub mod daemon_proc;
 pub mod kernel_ns;
 pub mod netns;
 pub mod packet;
+pub mod replica;
 pub mod veth_xdp;
