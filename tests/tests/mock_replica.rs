@@ -80,7 +80,7 @@ fn tokens_stream_as_they_are_generated() {
         spread >= Duration::from_millis(200),
         "first after {first:?}, spread {spread:?}"
     );
-    assert!(first < Duration::from_millis(200), "first after {first:?}");
+    assert!(first < Duration::from_secs(1), "first after {first:?}");
 
     let r = netns::in_netns(ns.name(), || {
         replica::post_json(ADDR, "/v1/completions", r#"{"max_tokens":3}"#, TIMEOUT)
