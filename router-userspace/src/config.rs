@@ -219,29 +219,8 @@ impl BackendConfig {
 /// Which GPU a telemetry source reads (one definition, shared with the sources).
 pub use crate::telemetry::DeviceSelector;
 
-/// The metric dialect of a Prometheus endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PromFormat {
-    Vllm,
-    Sglang,
-    Dcgm,
-}
-
-impl PromFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PromFormat::Vllm => "vllm",
-            PromFormat::Sglang => "sglang",
-            PromFormat::Dcgm => "dcgm",
-        }
-    }
-}
-
-impl fmt::Display for PromFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The metric dialect of a Prometheus endpoint (one definition, shared with the source).
+pub use crate::telemetry::prometheus::PromFormat;
 
 /// Where a backend's readings come from. URLs are `http://` only: the
 /// telemetry client speaks plain HTTP.

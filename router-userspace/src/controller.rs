@@ -4,12 +4,7 @@
 //! datapath does) and does no I/O of its own beyond what sources and probes
 //! do when the daemon drives them.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddrV4,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddrV4, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -113,7 +108,12 @@ impl Controller {
         let generation = previous.as_ref().map_or(0, |p| p.generation + 1);
         let all_saturated_ticks = previous.as_ref().map_or(0, |p| p.all_saturated_ticks);
         let mut old: BTreeMap<String, ServiceCtl> = previous
-            .map(|p| p.services.into_iter().map(|s| (s.name.clone(), s)).collect())
+            .map(|p| {
+                p.services
+                    .into_iter()
+                    .map(|s| (s.name.clone(), s))
+                    .collect()
+            })
             .unwrap_or_default();
         let services = cfg
             .services
@@ -122,8 +122,11 @@ impl Controller {
                 let prev = old.remove(&s.name);
                 let (policy, mut prev_backends) = match prev {
                     Some(p) if p.policy.config() == &cfg.policy => {
-                        let map: BTreeMap<String, BackendCtl> =
-                            p.backends.into_iter().map(|b| (b.cfg.name.clone(), b)).collect();
+                        let map: BTreeMap<String, BackendCtl> = p
+                            .backends
+                            .into_iter()
+                            .map(|b| (b.cfg.name.clone(), b))
+                            .collect();
                         (p.policy, map)
                     }
                     _ => (Policy::new(cfg.policy.clone()), BTreeMap::new()),
@@ -144,15 +147,16 @@ impl Controller {
                             }
                             None => BackendCtl {
                                 source: b.telemetry.as_ref().map(|t| Arc::new(Source::new(t))),
-                                health: b
-                                    .health
-                                    .as_ref()
-                                    .map(|h| (Arc::new(health_check(b.address, h)), HealthState::new())),
+                                health: b.health.as_ref().map(|h| {
+                                    (Arc::new(health_check(b.address, h)), HealthState::new())
+                                }),
                                 next_probe: Duration::ZERO,
                                 latest: None,
                                 stats: TelemetryStats::default(),
                                 decision: None,
-                                weight: b.pinned().unwrap_or_else(|| cfg.policy.unknown(b.capacity)),
+                                weight: b
+                                    .pinned()
+                                    .unwrap_or_else(|| cfg.policy.unknown(b.capacity)),
                                 last_change: None,
                                 changes: 0,
                                 cfg: b.clone(),
@@ -263,12 +267,12 @@ impl Controller {
         else {
             return;
         };
-        if let Some((check, state)) = &mut b.health {
-            if let Some(now) = state.record(result.is_ok(), check.fall, check.rise) {
-                match &result {
-                    Ok(()) => info!(backend = %b.cfg.name, "health: now {now:?}"),
-                    Err(e) => warn!(backend = %b.cfg.name, "health: now {now:?} ({e})"),
-                }
+        if let Some((check, state)) = &mut b.health
+            && let Some(now) = state.record(result.is_ok(), check.fall, check.rise)
+        {
+            match &result {
+                Ok(()) => info!(backend = %b.cfg.name, "health: now {now:?}"),
+                Err(e) => warn!(backend = %b.cfg.name, "health: now {now:?} ({e})"),
             }
         }
     }
@@ -336,8 +340,15 @@ impl Controller {
                     service: s.name.clone(),
                     backend: b.cfg.name.clone(),
                     weight: b.weight,
-                    mode: if b.cfg.pinned().is_some() { "pinned" } else { "auto" }.into(),
-                    reason: d.map(|d| d.reason.to_string()).unwrap_or_else(|| "starting".into()),
+                    mode: if b.cfg.pinned().is_some() {
+                        "pinned"
+                    } else {
+                        "auto"
+                    }
+                    .into(),
+                    reason: d
+                        .map(|d| d.reason.to_string())
+                        .unwrap_or_else(|| "starting".into()),
                     load: d.and_then(|d| d.load),
                     saturated: d.is_some_and(|d| d.saturated),
                     stale: d.is_some_and(|d| d.stale),

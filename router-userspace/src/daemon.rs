@@ -174,8 +174,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let socket_path = cfg.daemon.control_socket.clone();
 
     let mut dp = Datapath::load(load_options(&cfg)).context("loading the XDP datapath")?;
+    let mut ctl = Controller::new(&cfg, None);
+    let (specs, _) = ctl.decide(Duration::ZERO, &cfg);
     let report = dp
-        .apply(&specs(&cfg))
+        .apply(&specs)
         .context("writing services to the datapath")?;
     info!("services: {}", report.added.join(", "));
 
@@ -265,7 +267,12 @@ async fn poll_round(state: &Mutex<DaemonState>) {
         let Some(ctl) = st.ctl.as_mut() else { return };
         // Leave a fifth of the interval for the policy and the map writes.
         let timeout = ctl.poll_interval().mul_f64(0.8);
-        (ctl.generation(), ctl.poll_jobs(), ctl.probe_jobs(now), timeout)
+        (
+            ctl.generation(),
+            ctl.poll_jobs(),
+            ctl.probe_jobs(now),
+            timeout,
+        )
     };
     let mut set = tokio::task::JoinSet::new();
     for j in polls {

@@ -8,6 +8,7 @@ pub mod controller;
 pub mod daemon;
 pub mod datapath;
 pub mod fib_watch;
+pub mod health;
 pub mod host;
 pub mod maglev;
 pub mod policy;

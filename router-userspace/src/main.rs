@@ -106,8 +106,9 @@ fn run(cli: Cli) -> Result<()> {
                     token: token.trim().to_string(),
                     library: nvml_library,
                 };
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .context("SIGTERM handler")?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .context("SIGTERM handler")?;
                 let shutdown = async move {
                     tokio::select! {
                         _ = tokio::signal::ctrl_c() => {}

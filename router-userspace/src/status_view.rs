@@ -65,6 +65,42 @@ pub fn render(s: &StatusReply) -> String {
             );
         }
     }
+    if !s.policy.is_empty() {
+        let _ = writeln!(
+            out,
+            "\npolicy ({} all-saturated ticks)\n  {:<10} {:<14} {:<6} {:>6} {:>6} {:<8} {:<26} {}",
+            s.all_saturated_ticks,
+            "SERVICE",
+            "BACKEND",
+            "MODE",
+            "WEIGHT",
+            "LOAD",
+            "HEALTH",
+            "REASON",
+            "TELEMETRY"
+        );
+        for p in &s.policy {
+            let load = p
+                .load
+                .map_or("-".to_string(), |l| format!("{:.0}%", l * 100.0));
+            let health = match p.healthy {
+                None => "-",
+                Some(true) => "up",
+                Some(false) => "down",
+            };
+            let telemetry = match (&p.telemetry_source, &p.stats.last_error, p.telemetry_age_ms) {
+                (None, _, _) => "none".to_string(),
+                (Some(src), Some(err), _) => format!("{src}: {err}"),
+                (Some(src), None, Some(age)) => format!("{src} ({age} ms ago)"),
+                (Some(src), None, None) => format!("{src} (no reading yet)"),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<10} {:<14} {:<6} {:>6} {:>6} {:<8} {:<26} {}",
+                p.service, p.backend, p.mode, p.weight, load, health, p.reason, telemetry
+            );
+        }
+    }
     let nonzero: Vec<String> = dp
         .reasons
         .iter()

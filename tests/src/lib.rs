@@ -7,4 +7,5 @@ pub mod fake_nvml;
 pub mod kernel_ns;
 pub mod netns;
 pub mod packet;
+pub mod replica;
 pub mod veth_xdp;

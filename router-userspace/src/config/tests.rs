@@ -984,7 +984,12 @@ fn static_and_policy_driven_weights() {
     .unwrap();
     let b = &cfg.services[0].backends[0];
     assert_eq!((b.capacity, b.pinned()), (2.0, None), "policy-driven");
-    assert_eq!(crate::daemon::specs(&cfg)[0].backends[0].weight, 50);
+    let (specs, _) =
+        crate::controller::Controller::new(&cfg, None).decide(std::time::Duration::ZERO, &cfg);
+    assert_eq!(
+        specs[0].backends[0].weight, 50,
+        "no telemetry yet: the unknown share"
+    );
     let cfg = parse(&with_backend0(
         "weight = 7\ntelemetry = { source = \"nvml\", device = 0 }",
     ))

@@ -5,6 +5,8 @@
 pub mod agent_source;
 pub mod http_client;
 pub mod nvml;
+pub mod prometheus;
+pub mod source;
 
 use std::fmt;
 

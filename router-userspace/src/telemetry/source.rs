@@ -92,7 +92,10 @@ impl Source {
                 token_file,
             } => {
                 let token = tokio::fs::read_to_string(token_file).await.map_err(|e| {
-                    TelemetryError::Unreachable(format!("agent token file {}: {e}", token_file.display()))
+                    TelemetryError::Unreachable(format!(
+                        "agent token file {}: {e}",
+                        token_file.display()
+                    ))
                 })?;
                 let source = AgentSource::new(url, device.clone(), token.trim())?;
                 source.read(timeout).await
