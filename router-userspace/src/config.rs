@@ -778,6 +778,7 @@ struct RawPolicy {
     slow_start_aggression: Option<f64>,
     min_weight_fraction: Option<f64>,
     max_step_fraction: Option<f64>,
+    weight_gain: Option<f64>,
     stale_after: Option<String>,
     stale_decay: Option<String>,
     stale_fraction: Option<f64>,
@@ -1299,6 +1300,13 @@ fn validate_policy(loc: &Locator<'_>, raw: RawPolicy) -> Result<PolicyConfig, Co
         unit,
         "in (0, 1]",
     )?;
+    let weight_gain = number(
+        "weight_gain",
+        raw.weight_gain,
+        d.weight_gain,
+        unit,
+        "in (0, 1]",
+    )?;
     let stale_after = duration("stale_after", &raw.stale_after, d.stale_after)?;
     if stale_after <= poll_interval {
         return Err(loc.err(
@@ -1335,6 +1343,7 @@ fn validate_policy(loc: &Locator<'_>, raw: RawPolicy) -> Result<PolicyConfig, Co
         slow_start_aggression,
         min_weight_fraction,
         max_step_fraction,
+        weight_gain,
         stale_after,
         stale_decay,
         stale_fraction,

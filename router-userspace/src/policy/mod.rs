@@ -70,6 +70,14 @@ pub struct PolicyConfig {
     pub min_weight_fraction: f64,
     /// Largest move per tick, as a fraction of a backend's full weight.
     pub max_step_fraction: f64,
+    /// Fraction of the gap to a higher headroom target closed per tick.
+    /// Weights steer the load they are computed from: a backend given more
+    /// weight gets more connections and so more load. Closing the whole gap
+    /// at once gives that loop a gain above 1 near capacity, and the weights
+    /// swing between the floor and full. Increases are therefore damped;
+    /// cuts still take effect at once (bounded by the step), because an
+    /// overloaded replica queues every request it is sent meanwhile.
+    pub weight_gain: f64,
     /// A reading older than this is stale.
     pub stale_after: Duration,
     /// How long a stale backend's weight takes to decay to its
@@ -96,6 +104,7 @@ impl Default for PolicyConfig {
             slow_start_aggression: 1.0,
             min_weight_fraction: 0.02,
             max_step_fraction: 0.25,
+            weight_gain: 0.3,
             stale_after: Duration::from_secs(3),
             stale_decay: Duration::from_secs(10),
             stale_fraction: 0.25,
@@ -355,6 +364,7 @@ fn decide(
     let floor = cfg.floor(cap);
     let fresh = st.last_when.is_some_and(|w| age(now, w) < cfg.stale_after);
     let mut stale = false;
+    let mut damped = false;
     let (target, reason, immediate) = if !fresh && !st.ever_reported {
         (cfg.unknown(cap), Reason::NoTelemetry, false)
     } else if !fresh {
@@ -408,6 +418,7 @@ fn decide(
                     false,
                 )
             } else {
+                damped = true;
                 (to_weight(w).max(floor), Reason::Headroom, false)
             }
         }
@@ -417,6 +428,12 @@ fn decide(
     // conservative (floor or the unknown share), so no ramp is needed.
     let weight = if immediate || prev == 0 {
         target
+    } else if damped && target > prev {
+        let gap = f64::from(target) - f64::from(prev);
+        let goal = to_weight(f64::from(prev) + cfg.weight_gain * gap);
+        // Never stall one unit short: a small gap closes fully.
+        let goal = if goal == prev { target } else { goal };
+        step_toward(prev, goal, cfg.max_step(cap))
     } else {
         step_toward(prev, target, cfg.max_step(cap))
     };

@@ -190,7 +190,12 @@ fn smoothed_load_at_saturation_saturates_at_once() {
 #[test]
 fn steps_are_bounded_except_to_zero_pinned_and_saturation() {
     let mut b = B::new("a");
-    let (mut p, mut n) = settled(no_slow_start(), &mut b, 0.8);
+    let cfg = PolicyConfig {
+        // The step bound alone; damping is tested on its own.
+        weight_gain: 1.0,
+        ..no_slow_start()
+    };
+    let (mut p, mut n) = settled(cfg, &mut b, 0.8);
     assert_eq!(tick_one(&mut p, n, &mut b, 0.8).weight, 2);
     n += 1;
     // Load vanishes: the weight climbs 25 (0.25 × 100) per tick.
@@ -286,7 +291,11 @@ fn reaction_within_two_ticks() {
 
 #[test]
 fn slow_start_counts_from_readiness() {
-    let cfg = PolicyConfig::default();
+    let cfg = PolicyConfig {
+        // Exact ramp values below; damping is tested on its own.
+        weight_gain: 1.0,
+        ..PolicyConfig::default()
+    };
     let mut p = Policy::new(cfg);
     let mut b = B::new("a");
     // Healthy for 20 s but no telemetry: conservative share, no ramp yet.
@@ -381,7 +390,10 @@ fn recovered_without_fresh_telemetry_holds_the_floor() {
 
 #[test]
 fn stale_holds_then_decays_never_idle() {
-    let cfg = no_slow_start();
+    let cfg = PolicyConfig {
+        weight_gain: 1.0,
+        ..no_slow_start()
+    };
     let mut b = B::new("a");
     let (mut p, n) = settled(cfg, &mut b, 0.16);
     let d = tick_one(&mut p, n, &mut b, 0.16);
@@ -648,4 +660,26 @@ fn changed_flag_tracks_weight_changes_and_membership() {
     assert!(!tick(&mut p, 1, &[a.clone(), b.clone()]).changed);
     assert!(tick(&mut p, 2, std::slice::from_ref(&a)).changed, "b left");
     assert!(!tick(&mut p, 3, std::slice::from_ref(&a)).changed);
+}
+
+#[test]
+fn increases_are_damped_cuts_are_not() {
+    let mut b = B::new("a");
+    let (mut p, mut n) = settled(no_slow_start(), &mut b, 0.8);
+    assert_eq!(tick_one(&mut p, n, &mut b, 0.8).weight, 2);
+    n += 1;
+    // Load vanishes: each tick closes 30% of the gap to the target, so the
+    // weight approaches full gradually instead of jumping by the full step.
+    let mut trace = vec![];
+    for _ in 0..20 {
+        let d = tick_one(&mut p, n, &mut b, 0.0);
+        n += 1;
+        trace.push(d.weight);
+    }
+    assert!(trace[0] < 27, "first move is damped: {trace:?}");
+    assert!(trace.windows(2).all(|w| w[1] >= w[0]), "{trace:?}");
+    assert_eq!(*trace.last().unwrap(), 100, "reaches full: {trace:?}");
+    // A cut is not damped: load back to 0.7 drops the full step at once.
+    let d = tick_one(&mut p, n, &mut b, 0.7);
+    assert_eq!(d.weight, 75, "{d:?}");
 }

@@ -1,0 +1,364 @@
+//! The closed loop, end to end: four mock GPU replicas behind the XDP
+//! router, the daemon in automatic mode polling their vLLM metrics (three of
+//! them) and a `router agent` reading the fake NVML library (the fourth).
+//! Assertions use the daemon's own status (weights, reasons) and the
+//! datapath's counters, under continuous streaming traffic from a client.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use router::control::StatusReply;
+use router_tests::{
+    daemon_proc::{ScratchDir, cli, router_binary, start_daemon},
+    fake_nvml::{self, FakeGpuState},
+    netns::{self, Topology},
+    replica,
+};
+
+const VIP: &str = "198.18.100.1:8000";
+const SNAT: &str = "198.18.0.100";
+const POLL_MS: u64 = 500;
+
+fn status(socket: &Path) -> StatusReply {
+    serde_json::from_str(&cli(socket, &["status", "--json"]).unwrap()).unwrap()
+}
+
+/// Weight of each backend as the policy set it.
+fn weights(st: &StatusReply) -> BTreeMap<String, u32> {
+    st.policy
+        .iter()
+        .map(|p| (p.backend.clone(), p.weight))
+        .collect()
+}
+
+fn new_conns(st: &StatusReply) -> BTreeMap<String, u64> {
+    st.datapath.services[0]
+        .backends
+        .iter()
+        .map(|b| (b.name.clone(), b.counters.new_conns))
+        .collect()
+}
+
+fn reason<'a>(st: &'a StatusReply, backend: &str) -> &'a str {
+    &st.policy
+        .iter()
+        .find(|p| p.backend == backend)
+        .unwrap()
+        .reason
+}
+
+/// Polls status until `pred` holds or `within` passes; returns when it held.
+fn wait_until(
+    socket: &Path,
+    within: Duration,
+    pred: impl Fn(&StatusReply) -> bool,
+) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if pred(&status(socket)) {
+            return Some(start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn config(socket: &Path, lb_if: &str, token: &Path) -> String {
+    let mut s = format!(
+        "[daemon]\ninterface = \"{lb_if}\"\ncontrol_socket = \"{}\"\n\n\
+         [policy]\npoll_interval = \"{POLL_MS}ms\"\nslow_start = \"6s\"\nstale_after = \"2s\"\nstale_decay = \"3s\"\n\n\
+         [[service]]\nname = \"llama\"\nvip = \"{VIP}\"\nsnat = \"{SNAT}\"\n",
+        socket.display()
+    );
+    for i in 0..4 {
+        let addr = netns::backend_addr(i);
+        let telemetry = if i == 3 {
+            format!(
+                "{{ source = \"agent\", url = \"http://{addr}:9400\", device = 0, token_file = \"{}\" }}",
+                token.display()
+            )
+        } else {
+            format!(
+                "{{ source = \"prometheus\", url = \"http://{addr}:8000/metrics\", format = \"vllm\" }}"
+            )
+        };
+        s.push_str(&format!(
+            "\n[[service.backend]]\nname = \"gpu-{i}\"\naddress = \"{addr}:8000\"\ncapacity = 1.0\n\
+             telemetry = {telemetry}\nhealth = {{ tcp = true, http_path = \"/health\", interval = \"500ms\", timeout = \"400ms\", fall = 2, rise = 2 }}\n"
+        ));
+    }
+    s
+}
+
+#[test]
+fn weights_follow_replica_load() {
+    let topo = Topology::one_arm(4).expect("topology");
+    // A dedicated SNAT address: the daemon's own polls and probes leave from
+    // 198.18.0.1 and can never collide with a translated flow's port.
+    netns::exec(
+        topo.lb_ns(),
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{SNAT}/24"),
+            "dev",
+            topo.lb_if(),
+        ],
+    )
+    .unwrap();
+    let dir = ScratchDir::new("closed-loop").unwrap();
+
+    let replica_args = ["--max-batch", "4", "--step-ms", "15", "--tokens", "12"];
+    let mut replicas = Vec::new();
+    for i in 0..4 {
+        let state = dir.0.join(format!("gpu-{i}.json"));
+        FakeGpuState::with_gpus(1).write(&state).unwrap();
+        let state_arg = state.display().to_string();
+        let mut args: Vec<&str> = replica_args.to_vec();
+        args.extend(["--nvml-state", &state_arg]);
+        if i == 3 {
+            // Cold start: twice as slow for its first 8 seconds.
+            args.extend(["--cold-seconds", "8", "--cold-factor", "2"]);
+        }
+        replicas.push(
+            replica::spawn_mock_replica(
+                topo.backend_ns(i),
+                &format!("gpu-{i}"),
+                netns::backend_addr(i),
+                8000,
+                &args,
+            )
+            .unwrap(),
+        );
+    }
+    // gpu-3's telemetry comes from its host's NVML through `router agent`.
+    let token = dir.0.join("agent.token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let mut agent_cmd = Command::new("ip");
+    agent_cmd
+        .args(["netns", "exec", topo.backend_ns(3)])
+        .arg(router_binary().unwrap())
+        .args([
+            "agent",
+            "--listen",
+            &format!("{}:9400", netns::backend_addr(3)),
+            "--token-file",
+        ])
+        .arg(&token)
+        .arg("--nvml-library")
+        .arg(fake_nvml::library_path().unwrap())
+        .env("FAKE_NVML_STATE", dir.0.join("gpu-3.json"));
+    let agent = netns::spawn_command(agent_cmd).unwrap();
+    netns::wait_for_tcp(
+        topo.lb_ns(),
+        SocketAddr::new(netns::backend_addr(3).into(), 9400),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    for i in 0..4 {
+        netns::wait_for_tcp(
+            topo.lb_ns(),
+            SocketAddr::new(netns::backend_addr(i).into(), 8000),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    }
+
+    let socket = dir.0.join("router.sock");
+    let config_path = dir.0.join("router.toml");
+    std::fs::write(&config_path, config(&socket, topo.lb_if(), &token)).unwrap();
+    let daemon = start_daemon(topo.lb_ns(), &config_path, &socket).expect("daemon");
+
+    // Continuous traffic: 10 clients, each one streaming completion per connection.
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let (stop, errors, done, ns) = (
+                stop.clone(),
+                errors.clone(),
+                done.clone(),
+                topo.client_ns().to_string(),
+            );
+            thread::spawn(move || {
+                netns::in_netns(&ns, || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match replica::stream_completion(vip, 12, Duration::from_secs(20)) {
+                            Ok(s) if s.done => {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                                thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }
+                })
+                .unwrap();
+            })
+        })
+        .collect();
+
+    // 1. Replicas ramp up gradually from readiness (slow start over 6 s),
+    //    not in one jump: sample the first 3 s of every backend's weight.
+    let mut ramp: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let ramp_start = Instant::now();
+    while ramp_start.elapsed() < Duration::from_secs(3) {
+        for (k, w) in weights(&status(&socket)) {
+            ramp.entry(k).or_default().push(w);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    for (name, trace) in &ramp {
+        let mut steps = trace.clone();
+        steps.dedup();
+        assert!(
+            steps.len() >= 3,
+            "{name} must ramp through several weights: {trace:?}"
+        );
+        // Starts near the floor and never jumps: each move is at most the
+        // step limit (25% of the full weight of 100).
+        assert!(trace[0] <= 10, "{name} starts near the floor: {trace:?}");
+        assert!(
+            steps.windows(2).all(|w| w[1] <= w[0] + 25),
+            "{name} ramps in bounded steps: {trace:?}"
+        );
+    }
+    thread::sleep(Duration::from_secs(6));
+    let st = status(&socket);
+    let healthy_weights = weights(&st);
+    println!(
+        "after warm-up: {healthy_weights:?}, reasons {:?}",
+        st.policy.iter().map(|p| &p.reason).collect::<Vec<_>>()
+    );
+    assert!(healthy_weights.values().all(|w| *w > 0));
+
+    // 2. Degrade gpu-0: a throttled GPU, five times slower.
+    let gpu0: SocketAddr = SocketAddr::new(netns::backend_addr(0).into(), 8000);
+    let before = weights(&status(&socket))["gpu-0"];
+    netns::in_netns(topo.client_ns(), || {
+        replica::control(gpu0, r#"{"speed": 0.2}"#).unwrap()
+    })
+    .unwrap();
+    let reacted = wait_until(&socket, Duration::from_secs(10), |st| {
+        weights(st)["gpu-0"] * 2 <= before
+    });
+    let reacted = reacted.unwrap_or_else(|| panic!("gpu-0's weight never halved from {before}"));
+    // The replica's queue needs a moment to build once it slows down; the
+    // policy itself then reacts within 2 poll intervals of seeing it.
+    println!("gpu-0 weight halved {reacted:?} after the slowdown");
+    assert!(
+        reacted < Duration::from_millis(6 * POLL_MS),
+        "reaction took {reacted:?}"
+    );
+    // Its share of new connections falls accordingly.
+    thread::sleep(Duration::from_millis(2 * POLL_MS));
+    let c0 = new_conns(&status(&socket));
+    thread::sleep(Duration::from_secs(3));
+    let c1 = new_conns(&status(&socket));
+    let window: BTreeMap<_, _> = c1.iter().map(|(k, v)| (k.clone(), v - c0[k])).collect();
+    let total: u64 = window.values().sum();
+    let share0 = window["gpu-0"] as f64 / total.max(1) as f64;
+    println!("new connections while gpu-0 is degraded: {window:?}");
+    assert!(total > 20, "traffic kept flowing: {window:?}");
+    assert!(
+        share0 < 0.10,
+        "gpu-0 got {share0:.2} of new connections while degraded"
+    );
+
+    // 3. Recover it: traffic returns and the weights settle.
+    netns::in_netns(topo.client_ns(), || {
+        replica::control(gpu0, r#"{"speed": 1.0}"#).unwrap()
+    })
+    .unwrap();
+    let changes_before = status(&socket)
+        .policy
+        .iter()
+        .find(|p| p.backend == "gpu-0")
+        .unwrap()
+        .weight_changes;
+    let mut trace = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        trace.push(weights(&status(&socket))["gpu-0"]);
+        thread::sleep(Duration::from_millis(250));
+    }
+    let changes = status(&socket)
+        .policy
+        .iter()
+        .find(|p| p.backend == "gpu-0")
+        .unwrap()
+        .weight_changes
+        - changes_before;
+    println!("gpu-0 recovering: {trace:?} ({changes} changes)");
+    assert!(
+        *trace.last().unwrap() * 2 > before,
+        "gpu-0 came back: {trace:?}"
+    );
+    assert!(
+        changes <= 12,
+        "{changes} weight changes in 10 s: oscillating? {trace:?}"
+    );
+    let tail = &trace[trace.len() - 8..];
+    let spread = tail.iter().max().unwrap() - tail.iter().min().unwrap();
+    assert!(spread <= before / 4, "weights settle: last 2 s {tail:?}");
+
+    // 4. Health checks fail on gpu-1: taken out (weight 0).
+    let gpu1: SocketAddr = SocketAddr::new(netns::backend_addr(1).into(), 8000);
+    netns::in_netns(topo.client_ns(), || {
+        replica::control(gpu1, r#"{"fail_health": true}"#).unwrap()
+    })
+    .unwrap();
+    wait_until(&socket, Duration::from_secs(5), |st| {
+        weights(st)["gpu-1"] == 0
+    })
+    .unwrap_or_else(|| panic!("gpu-1 not taken out: {:?}", weights(&status(&socket))));
+    assert_eq!(reason(&status(&socket), "gpu-1"), "unhealthy");
+
+    // 5. gpu-3's telemetry dies (its agent stops): stale, never read as idle.
+    let held = weights(&status(&socket))["gpu-3"];
+    agent.stop(Duration::from_secs(5)).unwrap();
+    wait_until(&socket, Duration::from_secs(10), |st| {
+        let p = st.policy.iter().find(|p| p.backend == "gpu-3").unwrap();
+        p.stale && p.weight < held
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "gpu-3 did not decay from {held}: {:?}",
+            status(&socket).policy
+        )
+    });
+    let st = status(&socket);
+    let p3 = st.policy.iter().find(|p| p.backend == "gpu-3").unwrap();
+    assert!(
+        p3.stats.errors > 0 && p3.stats.last_error.is_some(),
+        "{p3:?}"
+    );
+    assert!(weights(&st).values().any(|w| *w > 0), "never all zero");
+
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (ok, failed) = (done.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+    println!("completions: {ok} ok, {failed} failed");
+    assert!(ok > 100, "traffic flowed: {ok}");
+    // Only gpu-1's health failure can fail requests (in flight when it
+    // starts answering 503 to /health, requests themselves still succeed).
+    assert!(failed * 50 <= ok, "{failed} failed of {ok}");
+    daemon.stop(Duration::from_secs(10)).unwrap();
+    drop(replicas);
+}
