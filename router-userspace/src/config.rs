@@ -779,6 +779,7 @@ struct RawPolicy {
     min_weight_fraction: Option<f64>,
     max_step_fraction: Option<f64>,
     weight_gain: Option<f64>,
+    weight_deadband: Option<f64>,
     stale_after: Option<String>,
     stale_decay: Option<String>,
     stale_fraction: Option<f64>,
@@ -1307,6 +1308,13 @@ fn validate_policy(loc: &Locator<'_>, raw: RawPolicy) -> Result<PolicyConfig, Co
         unit,
         "in (0, 1]",
     )?;
+    let weight_deadband = number(
+        "weight_deadband",
+        raw.weight_deadband,
+        d.weight_deadband,
+        |x| x.is_finite() && (0.0..1.0).contains(&x),
+        "in [0, 1)",
+    )?;
     let stale_after = duration("stale_after", &raw.stale_after, d.stale_after)?;
     if stale_after <= poll_interval {
         return Err(loc.err(
@@ -1344,6 +1352,7 @@ fn validate_policy(loc: &Locator<'_>, raw: RawPolicy) -> Result<PolicyConfig, Co
         min_weight_fraction,
         max_step_fraction,
         weight_gain,
+        weight_deadband,
         stale_after,
         stale_decay,
         stale_fraction,

@@ -78,6 +78,11 @@ pub struct PolicyConfig {
     /// cuts still take effect at once (bounded by the step), because an
     /// overloaded replica queues every request it is sent meanwhile.
     pub weight_gain: f64,
+    /// Headroom targets closer than this fraction of full weight to the
+    /// current weight are ignored: telemetry is noisy (a batch of 4 moves
+    /// in steps of 25%), and a weight that tracks every wiggle rebuilds the
+    /// Maglev table every poll without improving anything.
+    pub weight_deadband: f64,
     /// A reading older than this is stale.
     pub stale_after: Duration,
     /// How long a stale backend's weight takes to decay to its
@@ -105,6 +110,7 @@ impl Default for PolicyConfig {
             min_weight_fraction: 0.02,
             max_step_fraction: 0.25,
             weight_gain: 0.3,
+            weight_deadband: 0.05,
             stale_after: Duration::from_secs(3),
             stale_decay: Duration::from_secs(10),
             stale_fraction: 0.25,
@@ -428,6 +434,14 @@ fn decide(
     // conservative (floor or the unknown share), so no ramp is needed.
     let weight = if immediate || prev == 0 {
         target
+    } else if damped
+        // Full weight and the floor are always reached exactly: an idle or
+        // loaded backend ends where the rules say, not a deadband short.
+        && target != cfg.full(cap)
+        && target != floor
+        && f64::from(target.abs_diff(prev)) < cfg.weight_deadband * f64::from(cfg.full(cap))
+    {
+        prev
     } else if damped && target > prev {
         let gap = f64::from(target) - f64::from(prev);
         let goal = to_weight(f64::from(prev) + cfg.weight_gain * gap);

@@ -193,6 +193,7 @@ fn steps_are_bounded_except_to_zero_pinned_and_saturation() {
     let cfg = PolicyConfig {
         // The step bound alone; damping is tested on its own.
         weight_gain: 1.0,
+        weight_deadband: 0.0,
         ..no_slow_start()
     };
     let (mut p, mut n) = settled(cfg, &mut b, 0.8);
@@ -261,7 +262,8 @@ fn reaction_within_two_ticks() {
     let before = tick(&mut p, n, &[a.clone(), other.clone()]).decisions;
     let share = |d: &[Decision]| f64::from(d[0].weight) / f64::from(d[0].weight + d[1].weight);
     let share_before = share(&before);
-    assert_eq!(before[0].weight, 63);
+    // 63 is the exact headroom weight; the deadband (5) may stop short.
+    assert!(before[0].weight.abs_diff(63) < 5, "{before:?}");
     assert!((share_before - 0.5).abs() < 1e-9);
 
     // 30% -> 100%.
@@ -294,6 +296,7 @@ fn slow_start_counts_from_readiness() {
     let cfg = PolicyConfig {
         // Exact ramp values below; damping is tested on its own.
         weight_gain: 1.0,
+        weight_deadband: 0.0,
         ..PolicyConfig::default()
     };
     let mut p = Policy::new(cfg);
@@ -392,6 +395,7 @@ fn recovered_without_fresh_telemetry_holds_the_floor() {
 fn stale_holds_then_decays_never_idle() {
     let cfg = PolicyConfig {
         weight_gain: 1.0,
+        weight_deadband: 0.0,
         ..no_slow_start()
     };
     let mut b = B::new("a");
@@ -641,13 +645,19 @@ fn saturate_then_recover_settles_and_stops_changing() {
         weights.push(tick_one(&mut p, n, &mut b, load).weight);
     }
     let steady = weights[99];
-    assert_eq!(steady, 51);
+    assert!(
+        steady.abs_diff(51) < 5,
+        "headroom weight at 40%, within the deadband: {steady}"
+    );
     assert_eq!(weights[109], 2, "saturated");
     let changes_after = weights[110..].windows(2).filter(|w| w[0] != w[1]).count();
     assert!(changes_after <= 30, "{changes_after} changes: {weights:?}");
     let last_change = weights.windows(2).rposition(|w| w[0] != w[1]).unwrap_or(0);
     assert!(last_change < 140, "settled by tick {last_change}");
-    assert!(weights[140..].iter().all(|&w| w == steady), "{weights:?}");
+    assert!(
+        weights[140..].iter().all(|&w| w.abs_diff(steady) < 5),
+        "back within the deadband of {steady}: {weights:?}"
+    );
 }
 
 #[test]
