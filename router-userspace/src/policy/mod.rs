@@ -110,7 +110,7 @@ impl Default for PolicyConfig {
             min_weight_fraction: 0.02,
             max_step_fraction: 0.25,
             weight_gain: 0.3,
-            weight_deadband: 0.05,
+            weight_deadband: 0.1,
             stale_after: Duration::from_secs(3),
             stale_decay: Duration::from_secs(10),
             stale_fraction: 0.25,

@@ -262,8 +262,8 @@ fn reaction_within_two_ticks() {
     let before = tick(&mut p, n, &[a.clone(), other.clone()]).decisions;
     let share = |d: &[Decision]| f64::from(d[0].weight) / f64::from(d[0].weight + d[1].weight);
     let share_before = share(&before);
-    // 63 is the exact headroom weight; the deadband (5) may stop short.
-    assert!(before[0].weight.abs_diff(63) < 5, "{before:?}");
+    // 63 is the exact headroom weight; the deadband (10) may stop short.
+    assert!(before[0].weight.abs_diff(63) < 10, "{before:?}");
     assert!((share_before - 0.5).abs() < 1e-9);
 
     // 30% -> 100%.
@@ -646,7 +646,7 @@ fn saturate_then_recover_settles_and_stops_changing() {
     }
     let steady = weights[99];
     assert!(
-        steady.abs_diff(51) < 5,
+        steady.abs_diff(51) < 10,
         "headroom weight at 40%, within the deadband: {steady}"
     );
     assert_eq!(weights[109], 2, "saturated");
@@ -655,7 +655,7 @@ fn saturate_then_recover_settles_and_stops_changing() {
     let last_change = weights.windows(2).rposition(|w| w[0] != w[1]).unwrap_or(0);
     assert!(last_change < 140, "settled by tick {last_change}");
     assert!(
-        weights[140..].iter().all(|&w| w.abs_diff(steady) < 5),
+        weights[140..].iter().all(|&w| w.abs_diff(steady) < 10),
         "back within the deadband of {steady}: {weights:?}"
     );
 }
