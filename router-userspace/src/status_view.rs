@@ -68,7 +68,7 @@ pub fn render(s: &StatusReply) -> String {
     if !s.policy.is_empty() {
         let _ = writeln!(
             out,
-            "\npolicy ({} all-saturated ticks)\n  {:<10} {:<14} {:<6} {:>6} {:>6} {:<8} {:<26} {}",
+            "\npolicy ({} all-saturated ticks)\n  {:<10} {:<14} {:<6} {:>6} {:>6} {:<8} {:<26} TELEMETRY",
             s.all_saturated_ticks,
             "SERVICE",
             "BACKEND",
@@ -77,7 +77,6 @@ pub fn render(s: &StatusReply) -> String {
             "LOAD",
             "HEALTH",
             "REASON",
-            "TELEMETRY"
         );
         for p in &s.policy {
             let load = p

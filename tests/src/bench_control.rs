@@ -1,7 +1,11 @@
 //! Control-plane benchmarks: the cost of turning weights into a Maglev
 //! table. Every figure is the median of repeated builds.
 
-use std::{fmt::Write as _, path::Path, time::Instant};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use router::maglev::{self, MaglevBackend};
@@ -102,6 +106,33 @@ pub fn run_control(quick: bool, out_dir: &Path) -> Result<()> {
             r.backends, r.table_size, r.median_ms, r.min_ms, r.max_ms
         )?;
     }
+    let poll = polling_cost(64, 4.0, if quick { 5 } else { 30 })?;
+    writeln!(
+        md,
+        "\nPolling cost: the `router` daemon polling {} Prometheus (vLLM-format) endpoints at {} Hz \
+         for {} s, CPU from /proc/<pid>/stat (user + system), after 2 s of warm-up. Target: under 2% \
+         of one core.\n",
+        poll.backends, poll.hz, poll.seconds
+    )?;
+    writeln!(
+        md,
+        "| backends | rate | polls done | CPU, % of one core | RSS MiB | target | result |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| {} | {} Hz | {} | {:.2} | {:.1} | < 2% | {} |",
+        poll.backends,
+        poll.hz,
+        poll.polls,
+        poll.cpu_percent,
+        poll.rss_mib,
+        if poll.cpu_percent < 2.0 {
+            "met"
+        } else {
+            "missed"
+        }
+    )?;
     print!("{md}");
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     std::fs::write(out_dir.join("control.md"), &md).context("writing control.md")?;
@@ -116,8 +147,117 @@ pub fn run_control(quick: bool, out_dir: &Path) -> Result<()> {
         .collect();
     std::fs::write(
         out_dir.join("control.json"),
-        serde_json::to_string_pretty(&serde_json::json!({ "maglev_rebuild": json }))?,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "maglev_rebuild": json,
+            "polling": {
+                "backends": poll.backends, "hz": poll.hz, "seconds": poll.seconds,
+                "polls": poll.polls, "cpu_percent": poll.cpu_percent, "rss_mib": poll.rss_mib,
+            },
+        }))?,
     )
     .context("writing control.json")?;
     Ok(())
+}
+
+/// CPU the daemon spends polling `backends` Prometheus endpoints at `hz`,
+/// as a percentage of one core, from /proc/<pid>/stat over `seconds`.
+pub struct PollingCost {
+    pub backends: usize,
+    pub hz: f64,
+    pub seconds: u64,
+    pub cpu_percent: f64,
+    pub rss_mib: f64,
+    pub polls: u64,
+}
+
+fn proc_cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which may contain spaces.
+    let rest = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r)
+        .context("malformed stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11).context("no utime")?.parse()?;
+    let stime: u64 = f.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+fn proc_rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+pub fn polling_cost(backends: usize, hz: f64, seconds: u64) -> Result<PollingCost> {
+    use crate::{
+        daemon_proc::{ScratchDir, cli, start_daemon},
+        netns::{self, Topology},
+    };
+    let topo = Topology::one_arm(0)?;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/metrics_server.py");
+    let _server = netns::spawn(
+        topo.lb_ns(),
+        &[
+            "python3".as_ref(),
+            script.as_os_str(),
+            "--bind".as_ref(),
+            "127.0.0.1".as_ref(),
+            "--port".as_ref(),
+            "9300".as_ref(),
+        ],
+    )?;
+    netns::wait_for_tcp(
+        topo.lb_ns(),
+        "127.0.0.1:9300".parse()?,
+        Duration::from_secs(10),
+    )?;
+    let dir = ScratchDir::new("bench-poll")?;
+    let socket = dir.0.join("router.sock");
+    let mut cfg = format!(
+        "[daemon]\ninterface = \"{}\"\ncontrol_socket = \"{}\"\n\n[policy]\npoll_interval = \"{}ms\"\n\n\
+         [[service]]\nname = \"bench\"\nvip = \"198.18.100.1:8000\"\nsnat = \"198.18.0.1\"\n",
+        topo.lb_if(),
+        socket.display(),
+        (1000.0 / hz).round() as u64
+    );
+    for i in 0..backends {
+        cfg.push_str(&format!(
+            "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"198.18.1.{}:8000\"\n\
+             telemetry = {{ source = \"prometheus\", url = \"http://127.0.0.1:9300/metrics?b={i}\", format = \"vllm\" }}\n",
+            i + 1
+        ));
+    }
+    let config = dir.0.join("router.toml");
+    std::fs::write(&config, cfg)?;
+    let daemon = start_daemon(topo.lb_ns(), &config, &socket)?;
+    let pid = daemon.id();
+    // Let slow start and the first table builds pass.
+    std::thread::sleep(Duration::from_secs(2));
+    let polls_of = || -> Result<u64> {
+        let st: router::control::StatusReply =
+            serde_json::from_str(&cli(&socket, &["status", "--json"])?)?;
+        Ok(st.policy.iter().map(|p| p.stats.polls).sum())
+    };
+    let (t0, p0, w0) = (proc_cpu_ticks(pid)?, polls_of()?, Instant::now());
+    std::thread::sleep(Duration::from_secs(seconds));
+    let (t1, p1, elapsed) = (proc_cpu_ticks(pid)?, polls_of()?, w0.elapsed());
+    // SAFETY: sysconf has no memory effects.
+    let hz_ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu_percent = 100.0 * (t1 - t0) as f64 / hz_ticks / elapsed.as_secs_f64();
+    let rss_mib = proc_rss_mib(pid)?;
+    daemon.stop(Duration::from_secs(10))?;
+    Ok(PollingCost {
+        backends,
+        hz,
+        seconds,
+        cpu_percent,
+        rss_mib,
+        polls: p1 - p0,
+    })
 }
