@@ -207,6 +207,8 @@ pub struct BackendConfig {
     /// `None`: no probes, the backend counts as healthy.
     pub health: Option<HealthConfig>,
     pub cost_per_hour: Option<f64>,
+    /// Drained: weight 0 for new flows while established flows finish.
+    pub drain: bool,
 }
 
 impl BackendConfig {
@@ -763,6 +765,7 @@ struct RawBackend {
     telemetry: Option<RawTelemetry>,
     health: Option<RawHealth>,
     cost_per_hour: Option<f64>,
+    drain: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1200,6 +1203,7 @@ fn validate_services(
                 telemetry,
                 health,
                 cost_per_hour,
+                drain: be.drain.unwrap_or(false),
             });
         }
 

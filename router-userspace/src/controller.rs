@@ -290,7 +290,7 @@ impl Controller {
                     name: &b.cfg.name,
                     capacity: b.cfg.capacity,
                     pinned_weight: b.cfg.pinned(),
-                    drained: false,
+                    drained: b.cfg.drain,
                     healthy: b.health.as_ref().is_none_or(|(_, h)| h.is_routable()),
                     latest: b.latest.as_ref().map(|(t, r)| (*t, r)),
                 })

@@ -1253,3 +1253,13 @@ fn capacity_and_cost_errors() {
     let cfg = parse(&with_backend0("cost_per_hour = 4.10")).unwrap();
     assert_eq!(cfg.services[0].backends[0].cost_per_hour, Some(4.10));
 }
+
+#[test]
+fn drain_is_parsed_and_defaults_off() {
+    let cfg = parse(&with_backend0("drain = true")).unwrap();
+    assert!(cfg.services[0].backends[0].drain);
+    let cfg = parse(&with_backend0("weight = 5")).unwrap();
+    assert!(!cfg.services[0].backends[0].drain);
+    let err = parse(&with_backend0("drain = \"yes\"")).unwrap_err().to_string();
+    assert!(err.contains("service[0].backend[0].drain"), "{err}");
+}
