@@ -119,7 +119,12 @@ fn metrics_show_the_batch_and_the_queue() {
         assert!(Instant::now() < deadline, "never saw a full batch: {m:?}");
         thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(busy.kv_cache_usage, Some(1.0));
+    // KV usage counts the tokens the running requests hold, so a full batch
+    // of young requests is partly used, and it grows as they generate.
+    assert!(
+        busy.kv_cache_usage.is_some_and(|k| k > 0.0 && k <= 1.0),
+        "{busy:?}"
+    );
     for c in clients {
         let s = c.join().expect("client thread");
         assert_eq!(s.tokens.len(), 50);
@@ -186,7 +191,15 @@ fn nvml_state_shows_the_busy_percent_and_keeps_other_fields() {
     });
     std::fs::write(&path, initial.to_string()).unwrap();
     let path_arg = path.to_str().expect("UTF-8 temp path");
-    let (ns, _replica) = start(&["--step-ms", "20", "--nvml-state", path_arg]);
+    // One request fills a batch of one: SM activity near 100%.
+    let (ns, _replica) = start(&[
+        "--step-ms",
+        "20",
+        "--max-batch",
+        "1",
+        "--nvml-state",
+        path_arg,
+    ]);
     let read = || -> serde_json::Value {
         // Written by rename, so never seen half-written.
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()

@@ -1260,6 +1260,8 @@ fn drain_is_parsed_and_defaults_off() {
     assert!(cfg.services[0].backends[0].drain);
     let cfg = parse(&with_backend0("weight = 5")).unwrap();
     assert!(!cfg.services[0].backends[0].drain);
-    let err = parse(&with_backend0("drain = \"yes\"")).unwrap_err().to_string();
+    let err = parse(&with_backend0("drain = \"yes\""))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("service[0].backend[0].drain"), "{err}");
 }
