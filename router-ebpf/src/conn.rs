@@ -159,7 +159,9 @@ pub fn create(
     fwd.service_id = svc.id;
     fwd.flags = if fin_or_rst { CONN_CLOSING } else { 0 };
     fwd.last_seen_ns = now;
-    if CONNS.insert(key, &*fwd, BPF_ANY as u64).is_err() {
+    // Passed by reference: the entry is inserted from where it was built.
+    let value: &ConnEntry = fwd;
+    if CONNS.insert(key, value, BPF_ANY as u64).is_err() {
         let _ = CONNS.remove(reply_key(fwd, key.proto));
         return NewFlow::TableFull;
     }
@@ -220,7 +222,8 @@ fn allocate_snat(
         reply.service_id = svc.id;
         reply.flags = CONN_REPLY;
         reply.last_seen_ns = now;
-        if CONNS.insert(rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
+        let value: &ConnEntry = reply;
+        if CONNS.insert(rkey, value, BPF_NOEXIST as u64).is_ok() {
             return Some((snat_addr, snat_port));
         }
     }
