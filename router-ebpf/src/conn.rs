@@ -1,6 +1,8 @@
 //! The connection table: expiry of entries, and creation of both directions
 //! of a new flow (Maglev pick, SNAT port allocation).
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::bpf_ktime_get_coarse_ns,
@@ -12,6 +14,7 @@ use router_common::{
 
 use crate::{
     maps::{BACKENDS, CONNS, MAGLEV_TABLES, TABLE_SIZE, TCP_CLOSING_NS, TCP_IDLE_NS, UDP_IDLE_NS},
+    mem::zeroed64,
     nat::deltas,
 };
 
@@ -46,22 +49,37 @@ pub fn refresh(e: &mut ConnEntry, now: u64, fin_or_rst: bool) {
     }
 }
 
+/// A `ConnKey`, built as four words: a struct literal with `_pad: [0; 3]`
+/// compiles to a call of a byte-wise BPF memset on every packet.
+#[inline(always)]
+pub fn key(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> ConnKey {
+    let (s, d) = (src_port.to_ne_bytes(), dst_port.to_ne_bytes());
+    let words = [
+        src_addr,
+        dst_addr,
+        u32::from_ne_bytes([s[0], s[1], d[0], d[1]]),
+        u32::from_ne_bytes([proto, 0, 0, 0]),
+    ];
+    // SAFETY: ConnKey is repr(C), 16 bytes, 4-aligned, padded explicitly,
+    // and every bit pattern is a valid value; the words follow its field order.
+    unsafe { core::mem::transmute::<[u32; 4], ConnKey>(words) }
+}
+
 /// The reply-direction key that a forward entry created.
 #[inline(always)]
 pub fn reply_key(fwd: &ConnEntry, proto: u8) -> ConnKey {
-    ConnKey {
-        src_addr: fwd.new_dst_addr,
-        dst_addr: fwd.new_src_addr,
-        src_port: fwd.new_dst_port,
-        dst_port: fwd.new_src_port,
+    key(
+        fwd.new_dst_addr,
+        fwd.new_src_addr,
+        fwd.new_dst_port,
+        fwd.new_src_port,
         proto,
-        _pad: [0; 3],
-    }
+    )
 }
 
 pub enum NewFlow {
-    /// Both directions are in CONNS; the forward entry is returned for this packet.
-    Created(ConnEntry),
+    /// Both directions are in CONNS; the forward entry is in `out` for this packet.
+    Created,
     NoBackend,
     SnatExhausted,
     TableFull,
@@ -85,7 +103,8 @@ fn pick(svc: &Service, hash: u32) -> u32 {
 
 /// Creates both directions of a new flow. `stale` is an expired or closed
 /// forward entry for the same key, whose reply entry is removed first so its
-/// SNAT port (often the client's own) is free again.
+/// SNAT port (often the client's own) is free again. `out` is an all-zero
+/// entry that receives the forward direction.
 #[inline(always)]
 pub fn create(
     key: &ConnKey,
@@ -93,6 +112,7 @@ pub fn create(
     stale: Option<ConnEntry>,
     now: u64,
     fin_or_rst: bool,
+    out: &mut ConnEntry,
 ) -> NewFlow {
     let hash = flow_hash(
         key.src_addr,
@@ -128,24 +148,24 @@ pub fn create(
         (key.src_addr, key.dst_addr, key.src_port, key.dst_port),
         (snat_addr, be_addr, snat_port, be_port),
     );
-    let fwd = ConnEntry {
-        new_src_addr: snat_addr,
-        new_dst_addr: be_addr,
-        new_src_port: snat_port,
-        new_dst_port: be_port,
-        l3_csum_delta: l3,
-        l4_csum_delta: l4,
-        backend_id,
-        service_id: svc.id,
-        flags: if fin_or_rst { CONN_CLOSING } else { 0 },
-        last_seen_ns: now,
-        ..ConnEntry::default()
-    };
-    if CONNS.insert(key, fwd, BPF_ANY as u64).is_err() {
-        let _ = CONNS.remove(reply_key(&fwd, key.proto));
+    let fwd = out;
+    fwd.new_src_addr = snat_addr;
+    fwd.new_dst_addr = be_addr;
+    fwd.new_src_port = snat_port;
+    fwd.new_dst_port = be_port;
+    fwd.l3_csum_delta = l3;
+    fwd.l4_csum_delta = l4;
+    fwd.backend_id = backend_id;
+    fwd.service_id = svc.id;
+    fwd.flags = if fin_or_rst { CONN_CLOSING } else { 0 };
+    fwd.last_seen_ns = now;
+    // Passed by reference: the entry is inserted from where it was built.
+    let value: &ConnEntry = fwd;
+    if CONNS.insert(key, value, BPF_ANY as u64).is_err() {
+        let _ = CONNS.remove(reply_key(fwd, key.proto));
         return NewFlow::TableFull;
     }
-    NewFlow::Created(fwd)
+    NewFlow::Created
 }
 
 /// Claims a (SNAT address, port) pair by inserting the reply entry with
@@ -185,32 +205,25 @@ fn allocate_snat(
                 .unwrap_or(0);
             ((svc.snat_port_min as u32 + r) as u16).to_be()
         };
-        let rkey = ConnKey {
-            src_addr: be_addr,
-            dst_addr: snat_addr,
-            src_port: be_port,
-            dst_port: snat_port,
-            proto: key.proto,
-            _pad: [0; 3],
-        };
+        let rkey = self::key(be_addr, snat_addr, be_port, snat_port, key.proto);
         let (l3, l4) = deltas(
             (be_addr, snat_addr, be_port, snat_port),
             (key.dst_addr, key.src_addr, key.dst_port, key.src_port),
         );
-        let reply = ConnEntry {
-            new_src_addr: key.dst_addr,
-            new_dst_addr: key.src_addr,
-            new_src_port: key.dst_port,
-            new_dst_port: key.src_port,
-            l3_csum_delta: l3,
-            l4_csum_delta: l4,
-            backend_id,
-            service_id: svc.id,
-            flags: CONN_REPLY,
-            last_seen_ns: now,
-            ..ConnEntry::default()
-        };
-        if CONNS.insert(rkey, reply, BPF_NOEXIST as u64).is_ok() {
+        let mut slot = MaybeUninit::uninit();
+        let reply: &mut ConnEntry = zeroed64(&mut slot);
+        reply.new_src_addr = key.dst_addr;
+        reply.new_dst_addr = key.src_addr;
+        reply.new_src_port = key.dst_port;
+        reply.new_dst_port = key.src_port;
+        reply.l3_csum_delta = l3;
+        reply.l4_csum_delta = l4;
+        reply.backend_id = backend_id;
+        reply.service_id = svc.id;
+        reply.flags = CONN_REPLY;
+        reply.last_seen_ns = now;
+        let value: &ConnEntry = reply;
+        if CONNS.insert(rkey, value, BPF_NOEXIST as u64).is_ok() {
             return Some((snat_addr, snat_port));
         }
     }

@@ -19,7 +19,8 @@ pub struct NextHop {
 /// Looks up the next hop for a packet after translation to `e`'s tuple.
 #[inline(always)]
 pub fn lookup(ctx: &XdpContext, e: &ConnEntry, proto: u8, tot_len: u16) -> Option<NextHop> {
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let p: &mut FibParams = crate::mem::zeroed64(&mut slot);
     p.family = AF_INET;
     p.l4_protocol = proto;
     p.sport = e.new_src_port;
@@ -31,7 +32,7 @@ pub fn lookup(ctx: &XdpContext, e: &ConnEntry, proto: u8, tot_len: u16) -> Optio
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx.cast(),
-            &mut p,
+            p,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )

@@ -7,16 +7,19 @@
 mod conn;
 mod fib;
 mod maps;
+mod mem;
 mod nat;
 mod parse;
 mod stats;
+
+use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use router_common::{
-    CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey, FILTER_SNAT, FILTER_VIP, PROTO_TCP, ServiceKey,
+    CONN_CLOSING, CONN_REPLY, ConnEntry, FILTER_SNAT, FILTER_VIP, PROTO_TCP, ServiceKey,
     addr_filter_bucket, reasons,
 };
 
@@ -63,14 +66,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
             return Ok(counted(reasons::PASS_UNKNOWN_PROTO, xdp_action::XDP_PASS));
         }
     };
-    let key = ConnKey {
-        src_addr: ip.src,
-        dst_addr: ip.dst,
-        src_port: l4.src_port,
-        dst_port: l4.dst_port,
-        proto: l4.proto,
-        _pad: [0; 3],
-    };
+    let key = conn::key(ip.src, ip.dst, l4.src_port, l4.dst_port, l4.proto);
     let tcp = l4.proto == PROTO_TCP;
     let syn = tcp && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let fin_or_rst = tcp && l4.tcp_flags & (TCP_FIN | TCP_RST) != 0;
@@ -103,8 +99,10 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
                 // as SNAT port the backend sees the same 4-tuple as before.
                 stats::reason(reasons::LRU_MISS);
             }
-            return match conn::create(&key, svc, stale, now, fin_or_rst) {
-                NewFlow::Created(mut fwd) => forward(ctx, &mut fwd, l4.proto, ip.tot_len, true),
+            let mut slot = MaybeUninit::uninit();
+            let fwd: &mut ConnEntry = mem::zeroed64(&mut slot);
+            return match conn::create(&key, svc, stale, now, fin_or_rst, fwd) {
+                NewFlow::Created => forward(ctx, fwd, l4.proto, ip.tot_len, true),
                 NewFlow::NoBackend => Ok(counted(reasons::DROP_NO_BACKEND, xdp_action::XDP_DROP)),
                 NewFlow::SnatExhausted => {
                     if DATAPATH_LOG.load() != 0 {
