@@ -190,6 +190,9 @@ pub struct ServiceConfig {
     pub snat: Vec<Ipv4Addr>,
     /// Never empty; names and addresses are unique within the service.
     pub backends: Vec<BackendConfig>,
+    /// Another service whose backends take this one's new connections
+    /// while every backend here is saturated.
+    pub fallback: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -746,6 +749,7 @@ struct RawService {
     snat: StringOrList,
     #[serde(default)]
     backend: Vec<RawBackend>,
+    fallback: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1213,7 +1217,33 @@ fn validate_services(
             protocol: svc.protocol,
             snat,
             backends,
+            fallback: svc.fallback,
         });
+    }
+    for (i, svc) in services.iter().enumerate() {
+        let Some(fb) = &svc.fallback else { continue };
+        let key = base.index(i).key("fallback");
+        let Some(target) = services.iter().find(|s| &s.name == fb) else {
+            return Err(loc.err(&key, format!("no service named {fb:?}")));
+        };
+        if target.name == svc.name {
+            return Err(loc.err(&key, "a service cannot be its own fallback"));
+        }
+        if target.protocol != svc.protocol {
+            return Err(loc.err(
+                &key,
+                format!(
+                    "{fb:?} is {}, this service is {}",
+                    target.protocol, svc.protocol
+                ),
+            ));
+        }
+        if target.backends.len() + svc.backends.len() > MAX_BACKENDS as usize {
+            return Err(loc.err(
+                &key,
+                "with its fallback the service exceeds the backend limit",
+            ));
+        }
     }
     Ok(services)
 }

@@ -36,6 +36,8 @@ pub struct StatusReply {
     pub policy: Vec<crate::controller::BackendPolicyStatus>,
     /// Policy ticks on which every healthy backend of a service was saturated.
     pub all_saturated_ticks: u64,
+    /// New connections sent to fallback services' backends, in total.
+    pub fallback_connections: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

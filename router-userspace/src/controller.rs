@@ -45,7 +45,13 @@ struct ServiceCtl {
     name: String,
     policy: Policy,
     backends: Vec<BackendCtl>,
+    /// Every backend saturated at the last tick: new connections overflow
+    /// to the fallback service's backends, if one is configured.
+    overflowing: bool,
 }
+
+/// Prefix of a fallback service's backends inside the service they serve.
+pub const FALLBACK_PREFIX: &str = "fallback/";
 
 /// What one backend looks like to an operator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -168,6 +174,7 @@ impl Controller {
                     name: s.name.clone(),
                     policy,
                     backends,
+                    overflowing: false,
                 }
             })
             .collect();
@@ -281,8 +288,10 @@ impl Controller {
     /// any weight changed (the daemon only rebuilds tables when one did).
     pub fn decide(&mut self, now: Duration, cfg: &Config) -> (Vec<ServiceSpec>, bool) {
         let mut changed = false;
-        let mut specs = Vec::with_capacity(self.services.len());
-        for (s, scfg) in self.services.iter_mut().zip(&cfg.services) {
+        // Every policy ticks first: a service's overflow goes to its
+        // fallback's backends at the weights the fallback's own policy gave
+        // them this tick.
+        for s in &mut self.services {
             let inputs: Vec<BackendInput<'_>> = s
                 .backends
                 .iter()
@@ -299,6 +308,15 @@ impl Controller {
             if tick.all_saturated {
                 self.all_saturated_ticks += 1;
             }
+            if tick.all_saturated != s.overflowing {
+                if tick.all_saturated {
+                    warn!(service = %s.name, "every backend saturated");
+                } else {
+                    info!(service = %s.name, "no longer saturated");
+                }
+                s.overflowing = tick.all_saturated;
+                changed = true;
+            }
             for (b, d) in s.backends.iter_mut().zip(tick.decisions) {
                 if d.weight != b.weight {
                     let msg = format!("{} → {} ({})", b.weight, d.weight, d.reason);
@@ -310,6 +328,32 @@ impl Controller {
                 }
                 b.decision = Some(d);
             }
+        }
+        let mut specs = Vec::with_capacity(self.services.len());
+        for (s, scfg) in self.services.iter().zip(&cfg.services) {
+            let mut backends: Vec<BackendSpec> = s
+                .backends
+                .iter()
+                .map(|b| BackendSpec {
+                    name: b.cfg.name.clone(),
+                    address: b.cfg.address,
+                    weight: b.weight,
+                })
+                .collect();
+            if let Some(fb) = scfg
+                .fallback
+                .as_ref()
+                .and_then(|f| self.services.iter().find(|o| &o.name == f))
+            {
+                // Always present, at weight 0 unless overflowing, and named
+                // apart: the datapath counts their new connections as this
+                // service's fallbacks, and the count survives overflow ending.
+                backends.extend(fb.backends.iter().map(|b| BackendSpec {
+                    name: format!("{FALLBACK_PREFIX}{}", b.cfg.name),
+                    address: b.cfg.address,
+                    weight: if s.overflowing { b.weight } else { 0 },
+                }));
+            }
             specs.push(ServiceSpec {
                 name: scfg.name.clone(),
                 vip: scfg.vip,
@@ -317,15 +361,7 @@ impl Controller {
                 snat: scfg.snat.clone(),
                 snat_port_min: cfg.daemon.snat_port_min,
                 snat_port_max: cfg.daemon.snat_port_max,
-                backends: s
-                    .backends
-                    .iter()
-                    .map(|b| BackendSpec {
-                        name: b.cfg.name.clone(),
-                        address: b.cfg.address,
-                        weight: b.weight,
-                    })
-                    .collect(),
+                backends,
             });
         }
         (specs, changed)
@@ -340,7 +376,9 @@ impl Controller {
                     service: s.name.clone(),
                     backend: b.cfg.name.clone(),
                     weight: b.weight,
-                    mode: if b.cfg.pinned().is_some() {
+                    mode: if b.cfg.drain {
+                        "drain"
+                    } else if b.cfg.pinned().is_some() {
                         "pinned"
                     } else {
                         "auto"
@@ -366,5 +404,121 @@ impl Controller {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = r#"
+[daemon]
+interface = "lb0"
+
+[policy]
+slow_start = "1ms"
+
+[[service]]
+name = "llama"
+vip = "198.18.100.1:8000"
+snat = "198.18.0.1"
+fallback = "spare"
+
+[[service.backend]]
+name = "gpu-0"
+address = "198.18.0.11:8000"
+telemetry = { source = "prometheus", url = "http://198.18.0.11:8000/metrics", format = "vllm" }
+
+[[service.backend]]
+name = "gpu-1"
+address = "198.18.0.12:8000"
+telemetry = { source = "prometheus", url = "http://198.18.0.12:8000/metrics", format = "vllm" }
+
+[[service]]
+name = "spare"
+vip = "198.18.100.2:8000"
+snat = "198.18.0.1"
+
+[[service.backend]]
+name = "cpu-pool"
+address = "198.18.0.21:8000"
+weight = 100
+"#;
+
+    fn load(kv: f64) -> Result<Reading, TelemetryError> {
+        Ok(Reading {
+            kv_cache_usage: Some(kv),
+            requests_running: Some(1.0),
+            requests_waiting: Some(0.0),
+            ..Reading::default()
+        })
+    }
+
+    fn round(ctl: &mut Controller, cfg: &Config, t: u64, kv: f64) -> (Vec<ServiceSpec>, bool) {
+        let now = Duration::from_millis(t * 500);
+        for b in 0..2 {
+            ctl.record_reading(0, b, now, load(kv));
+        }
+        ctl.decide(now, cfg)
+    }
+
+    fn weight(specs: &[ServiceSpec], name: &str) -> u32 {
+        specs[0]
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .unwrap()
+            .weight
+    }
+
+    #[test]
+    fn overflow_goes_to_the_fallback_only_while_everything_is_saturated() {
+        let cfg = Config::parse(CFG, "t.toml").unwrap();
+        let mut ctl = Controller::new(&cfg, None);
+        let mut specs = Vec::new();
+        for t in 0..4 {
+            specs = round(&mut ctl, &cfg, t, 0.3).0;
+        }
+        assert_eq!(weight(&specs, "fallback/cpu-pool"), 0, "present, unused");
+        assert!(weight(&specs, "gpu-0") > 2);
+        let mut t = 4;
+        for _ in 0..3 {
+            specs = round(&mut ctl, &cfg, t, 1.0).0;
+            t += 1;
+        }
+        assert_eq!(
+            ctl.all_saturated_ticks, 2,
+            "saturated after two raw readings"
+        );
+        assert_eq!(
+            weight(&specs, "fallback/cpu-pool"),
+            100,
+            "overflow at the fallback's weight"
+        );
+        assert!(weight(&specs, "gpu-0") <= 2, "primaries at their floors");
+        for _ in 0..4 {
+            specs = round(&mut ctl, &cfg, t, 0.3).0;
+            t += 1;
+        }
+        assert_eq!(
+            weight(&specs, "fallback/cpu-pool"),
+            0,
+            "overflow ends with saturation"
+        );
+    }
+
+    #[test]
+    fn fallback_must_name_another_service_of_the_same_protocol() {
+        for (bad, msg) in [
+            ("fallback = \"nope\"", "no service named"),
+            ("fallback = \"llama\"", "its own fallback"),
+        ] {
+            let text = CFG.replace("fallback = \"spare\"", bad);
+            let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(
+                err.contains("service[0].fallback") && err.contains(msg),
+                "{err}"
+            );
+        }
     }
 }

@@ -71,11 +71,20 @@ pub struct DaemonState {
 
 impl DaemonState {
     pub fn status(&self) -> Result<StatusReply> {
+        let datapath = self.dp.status()?;
+        let fallback_connections = datapath
+            .services
+            .iter()
+            .flat_map(|s| &s.backends)
+            .filter(|b| b.name.starts_with(crate::controller::FALLBACK_PREFIX))
+            .map(|b| b.counters.new_conns)
+            .sum();
         Ok(StatusReply {
+            fallback_connections,
             config: self.config_path.display().to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
             last_reload: self.last_reload.clone(),
-            datapath: self.dp.status()?,
+            datapath,
             policy: self
                 .ctl
                 .as_ref()

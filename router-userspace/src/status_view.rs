@@ -68,8 +68,9 @@ pub fn render(s: &StatusReply) -> String {
     if !s.policy.is_empty() {
         let _ = writeln!(
             out,
-            "\npolicy ({} all-saturated ticks)\n  {:<10} {:<14} {:<6} {:>6} {:>6} {:<8} {:<26} TELEMETRY",
+            "\npolicy ({} all-saturated ticks, {} fallback connections)\n  {:<10} {:<14} {:<6} {:>6} {:>6} {:<8} {:<26} TELEMETRY",
             s.all_saturated_ticks,
+            s.fallback_connections,
             "SERVICE",
             "BACKEND",
             "MODE",
