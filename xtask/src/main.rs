@@ -62,8 +62,10 @@ enum Task {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BenchSuite {
-    /// XDP datapath throughput and latency.
+    /// XDP datapath: ns per packet through BPF_PROG_TEST_RUN, against XDP_PASS.
     Datapath,
+    /// Control plane: Maglev rebuild time, daemon CPU and RSS while polling.
+    Control,
     /// Every suite.
     All,
 }
@@ -72,6 +74,7 @@ impl BenchSuite {
     fn as_arg(self) -> &'static str {
         match self {
             BenchSuite::Datapath => "datapath",
+            BenchSuite::Control => "control",
             BenchSuite::All => "all",
         }
     }
@@ -135,6 +138,8 @@ fn dispatch(task: Task) -> Result<()> {
                 );
             }
             setup::setup()?;
+            // The control-plane benchmarks run the real `router` daemon.
+            build()?;
             let mut cmd = workspace_cargo();
             cmd.args([
                 "run",

@@ -88,3 +88,83 @@ async fn get_inner(
     conn.abort();
     Ok(body)
 }
+
+type Pool = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Empty<Bytes>,
+>;
+
+/// A client that keeps connections to one endpoint open between polls
+/// (HTTP/1.1 keep-alive), so a poll costs a request, not a TCP handshake.
+/// One per source: a pool belongs to the runtime that opened it.
+#[derive(Clone, Debug)]
+pub struct PooledClient(Pool);
+
+impl Default for PooledClient {
+    fn default() -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        Self(
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(1)
+                .build(connector),
+        )
+    }
+}
+
+impl PooledClient {
+    /// Same contract as [`get`]: http only, whole-exchange deadline, body limit.
+    pub async fn get(
+        &self,
+        url: &str,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<Bytes, TelemetryError> {
+        let exchange = async {
+            let uri: Uri = url
+                .parse()
+                .map_err(|e| TelemetryError::Unreachable(format!("bad URL {url}: {e}")))?;
+            if uri.scheme_str() != Some("http") {
+                return Err(TelemetryError::Unreachable(format!(
+                    "{url}: only http:// is supported"
+                )));
+            }
+            let req = hyper::Request::get(uri)
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| TelemetryError::Unreachable(format!("{url}: {e}")))?;
+            let resp = self
+                .0
+                .request(req)
+                .await
+                .map_err(|e| TelemetryError::Unreachable(format!("{url}: {e}")))?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(TelemetryError::Status {
+                    status: status.as_u16(),
+                    url: url.to_string(),
+                });
+            }
+            Ok(Limited::new(resp.into_body(), max_body)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some()
+                    {
+                        TelemetryError::TooLarge {
+                            url: url.to_string(),
+                            limit: max_body,
+                        }
+                    } else {
+                        TelemetryError::Unreachable(format!("{url}: {e}"))
+                    }
+                })?
+                .to_bytes())
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(TelemetryError::Timeout(timeout)),
+        }
+    }
+}

@@ -79,13 +79,15 @@ impl FromStr for PromFormat {
 }
 
 /// A Prometheus endpoint that reports on one backend.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct PrometheusSource {
     /// `http://host:port/metrics`.
     pub url: String,
     pub format: PromFormat,
     /// Every sample used must carry all of these labels with these values.
     pub labels: BTreeMap<String, String>,
+    /// Keeps the connection to the endpoint open between polls.
+    client: http_client::PooledClient,
 }
 
 impl PrometheusSource {
@@ -98,13 +100,14 @@ impl PrometheusSource {
             url: url.into(),
             format,
             labels,
+            client: http_client::PooledClient::default(),
         }
     }
 
     /// Scrapes the endpoint once; the whole exchange must finish within
     /// `timeout` and the body must fit in [`MAX_BODY`].
     pub async fn read(&self, timeout: Duration) -> Result<Reading, TelemetryError> {
-        let body = http_client::get(&self.url, None, timeout, MAX_BODY).await?;
+        let body = self.client.get(&self.url, timeout, MAX_BODY).await?;
         let text = std::str::from_utf8(&body)
             .map_err(|e| TelemetryError::Parse(format!("{}: body is not UTF-8: {e}", self.url)))?;
         parse(self.format, &self.labels, text)
