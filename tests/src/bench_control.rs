@@ -110,7 +110,7 @@ pub fn run_control(quick: bool, out_dir: &Path) -> Result<()> {
     writeln!(
         md,
         "\nPolling cost: the `router` daemon polling {} Prometheus (vLLM-format) endpoints at {} Hz \
-         for {} s, CPU from /proc/<pid>/stat (user + system), after 4 s of warm-up (slow start set to 1 s, so weights have settled and no table is rebuilt). Every poll is a new HTTP/1.0 connection. Target: under 2% \
+         for {} s, CPU from /proc/<pid>/stat (user + system), after 4 s of warm-up (slow start set to 1 s, so weights have settled and no table is rebuilt). Each source keeps its connection open between polls (HTTP/1.1 keep-alive, as vLLM's server allows). Target: under 2% \
          of one core.\n",
         poll.backends, poll.hz, poll.seconds
     )?;
