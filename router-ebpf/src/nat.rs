@@ -4,7 +4,7 @@
 use aya_ebpf::programs::XdpContext;
 use router_common::{ConnEntry, PROTO_TCP, csum};
 
-use crate::parse::{IP_OFF, L4_OFF, ptr_at};
+use crate::parse::{IP_LEN, IP_OFF, L4_OFF, TCP_LEN, UDP_LEN, ptr_at};
 
 /// Checksum deltas for translating (src, dst, sport, dport) to the new tuple.
 /// Returns (l3, l4).
@@ -19,21 +19,21 @@ pub fn deltas(old: (u32, u32, u16, u16), new: (u32, u32, u16, u16)) -> (u32, u32
 /// a failed bounds check here only means the verifier needs to see it again.
 #[inline(always)]
 pub fn rewrite_l3_l4(ctx: &XdpContext, e: &ConnEntry, proto: u8) -> Result<(), ()> {
-    let ip: *mut [u8; 20] = ptr_at(ctx, IP_OFF)?;
+    let ip: *mut [u8; IP_LEN] = ptr_at(ctx, IP_OFF)?;
     let ip = unsafe { &mut *ip };
     ip[12..16].copy_from_slice(&e.new_src_addr.to_ne_bytes());
     ip[16..20].copy_from_slice(&e.new_dst_addr.to_ne_bytes());
     let c = csum::apply(u16::from_ne_bytes([ip[10], ip[11]]), e.l3_csum_delta);
     ip[10..12].copy_from_slice(&c.to_ne_bytes());
     if proto == PROTO_TCP {
-        let tcp: *mut [u8; 20] = ptr_at(ctx, L4_OFF)?;
+        let tcp: *mut [u8; TCP_LEN] = ptr_at(ctx, L4_OFF)?;
         let tcp = unsafe { &mut *tcp };
         tcp[0..2].copy_from_slice(&e.new_src_port.to_ne_bytes());
         tcp[2..4].copy_from_slice(&e.new_dst_port.to_ne_bytes());
         let c = csum::apply(u16::from_ne_bytes([tcp[16], tcp[17]]), e.l4_csum_delta);
         tcp[16..18].copy_from_slice(&c.to_ne_bytes());
     } else {
-        let udp: *mut [u8; 8] = ptr_at(ctx, L4_OFF)?;
+        let udp: *mut [u8; UDP_LEN] = ptr_at(ctx, L4_OFF)?;
         let udp = unsafe { &mut *udp };
         udp[0..2].copy_from_slice(&e.new_src_port.to_ne_bytes());
         udp[2..4].copy_from_slice(&e.new_dst_port.to_ne_bytes());

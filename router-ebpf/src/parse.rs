@@ -2,11 +2,16 @@
 //! bounds-checked accessor.
 
 use aya_ebpf::programs::XdpContext;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use router_common::{PROTO_TCP, PROTO_UDP};
 
-pub const ETH_LEN: usize = 14;
+pub const ETH_LEN: usize = EthHdr::LEN;
+/// An IPv4 header without options: the only kind the datapath rewrites.
+pub const IP_LEN: usize = Ipv4Hdr::LEN;
+pub const TCP_LEN: usize = TcpHdr::LEN;
+pub const UDP_LEN: usize = UdpHdr::LEN;
 pub const IP_OFF: usize = ETH_LEN;
-pub const L4_OFF: usize = ETH_LEN + 20;
+pub const L4_OFF: usize = ETH_LEN + IP_LEN;
 const ETH_P_IP: u16 = 0x0800;
 
 pub const TCP_FIN: u8 = 0x01;
@@ -57,7 +62,7 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Skip> {
     if u16::from_be(unsafe { *ethertype }) != ETH_P_IP {
         return Err(Skip::NotIpv4);
     }
-    let ip: *const [u8; 20] = ptr_at(ctx, IP_OFF).map_err(|()| Skip::Malformed)?;
+    let ip: *const [u8; IP_LEN] = ptr_at(ctx, IP_OFF).map_err(|()| Skip::Malformed)?;
     let ip = unsafe { &*ip };
     let ihl = (ip[0] & 0x0f) as usize;
     if ip[0] >> 4 != 4 || ihl < 5 {
@@ -78,7 +83,7 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Skip> {
 /// The checks that only matter once the destination is one of ours.
 #[inline(always)]
 pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
-    let ip: *const [u8; 20] = ptr_at(ctx, IP_OFF).map_err(|()| Skip::Malformed)?;
+    let ip: *const [u8; IP_LEN] = ptr_at(ctx, IP_OFF).map_err(|()| Skip::Malformed)?;
     let ip = unsafe { &*ip };
     if ip[0] & 0x0f != 5 {
         return Err(Skip::Options);
@@ -91,10 +96,10 @@ pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
     let proto = ip[9];
     match proto {
         PROTO_TCP => {
-            let tcp: *const [u8; 20] = ptr_at(ctx, L4_OFF).map_err(|()| Skip::Malformed)?;
+            let tcp: *const [u8; TCP_LEN] = ptr_at(ctx, L4_OFF).map_err(|()| Skip::Malformed)?;
             let tcp = unsafe { &*tcp };
             let doff = (tcp[12] >> 4) as usize * 4;
-            if doff < 20 || 20 + doff > tot_len {
+            if doff < TCP_LEN || IP_LEN + doff > tot_len {
                 return Err(Skip::Malformed);
             }
             Ok(L4 {
@@ -105,10 +110,10 @@ pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
             })
         }
         PROTO_UDP => {
-            let udp: *const [u8; 8] = ptr_at(ctx, L4_OFF).map_err(|()| Skip::Malformed)?;
+            let udp: *const [u8; UDP_LEN] = ptr_at(ctx, L4_OFF).map_err(|()| Skip::Malformed)?;
             let udp = unsafe { &*udp };
             let len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
-            if len < 8 || 20 + len > tot_len {
+            if len < UDP_LEN || IP_LEN + len > tot_len {
                 return Err(Skip::Malformed);
             }
             Ok(L4 {

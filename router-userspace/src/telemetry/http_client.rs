@@ -61,15 +61,26 @@ async fn get_inner(
         .send_request(req)
         .await
         .map_err(|e| TelemetryError::Unreachable(format!("{url}: {e}")))?;
+    let body = read_body(url, resp, max_body).await;
+    conn.abort();
+    body
+}
+
+/// Checks the status and reads the body within `max_body`: shared by the
+/// one-shot and the pooled client, so both fail the same way.
+async fn read_body(
+    url: &str,
+    resp: hyper::Response<hyper::body::Incoming>,
+    max_body: usize,
+) -> Result<Bytes, TelemetryError> {
     let status = resp.status();
     if !status.is_success() {
-        conn.abort();
         return Err(TelemetryError::Status {
             status: status.as_u16(),
             url: url.to_string(),
         });
     }
-    let body = Limited::new(resp.into_body(), max_body)
+    Ok(Limited::new(resp.into_body(), max_body)
         .collect()
         .await
         .map_err(|e| {
@@ -84,9 +95,7 @@ async fn get_inner(
                 TelemetryError::Unreachable(format!("{url}: {e}"))
             }
         })?
-        .to_bytes();
-    conn.abort();
-    Ok(body)
+        .to_bytes())
 }
 
 type Pool = hyper_util::client::legacy::Client<
@@ -138,29 +147,7 @@ impl PooledClient {
                 .request(req)
                 .await
                 .map_err(|e| TelemetryError::Unreachable(format!("{url}: {e}")))?;
-            let status = resp.status();
-            if !status.is_success() {
-                return Err(TelemetryError::Status {
-                    status: status.as_u16(),
-                    url: url.to_string(),
-                });
-            }
-            Ok(Limited::new(resp.into_body(), max_body)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.downcast_ref::<http_body_util::LengthLimitError>()
-                        .is_some()
-                    {
-                        TelemetryError::TooLarge {
-                            url: url.to_string(),
-                            limit: max_body,
-                        }
-                    } else {
-                        TelemetryError::Unreachable(format!("{url}: {e}"))
-                    }
-                })?
-                .to_bytes())
+            read_body(url, resp, max_body).await
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(r) => r,
