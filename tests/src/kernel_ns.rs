@@ -44,6 +44,7 @@ pub struct EnteredNs {
 impl EnteredNs {
     /// Creates a namespace named `<prefix><pid>-<n>` and moves this thread into it.
     pub fn new(prefix: &str) -> Result<Self> {
+        remove_stale(prefix);
         let name = format!(
             "{prefix}{}-{}",
             std::process::id(),
@@ -89,6 +90,26 @@ impl Drop for EnteredNs {
         }
         if let Err(e) = run(&["ip", "netns", "del", &self.name]) {
             eprintln!("could not remove netns {}: {e}", self.name);
+        }
+    }
+}
+
+/// Deletes `<prefix><pid>-<n>` namespaces whose process is gone: a run that
+/// was SIGKILLed could not run its guards.
+fn remove_stale(prefix: &str) {
+    let Ok(list) = run(&["ip", "netns", "list"]) else {
+        return;
+    };
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, n)| n.parse::<u32>().ok().and(pid.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run(&["ip", "netns", "del", name]);
         }
     }
 }
