@@ -10,7 +10,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Path as UrlPath, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -76,11 +76,80 @@ async fn reload(State(state): State<Shared>) -> Response {
     (code, Json(reply)).into_response()
 }
 
+async fn apply_override(
+    state: Shared,
+    service: &str,
+    backend: &str,
+    change: impl FnOnce(&mut crate::controller::Override),
+) -> Response {
+    let mut st = state.lock().await;
+    match st.override_backend(service, backend, change) {
+        Ok(ov) => Json(ov).into_response(),
+        Err(e) if e.starts_with("no service") || e.contains("has no backend") => {
+            error(StatusCode::NOT_FOUND, e)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn set_weight(
+    State(state): State<Shared>,
+    UrlPath((service, backend, weight)): UrlPath<(String, String, u32)>,
+) -> Response {
+    apply_override(state, &service, &backend, |o| o.weight = Some(weight)).await
+}
+
+async fn auto_weight(
+    State(state): State<Shared>,
+    UrlPath((service, backend)): UrlPath<(String, String)>,
+) -> Response {
+    apply_override(state, &service, &backend, |o| o.weight = None).await
+}
+
+async fn drain(
+    State(state): State<Shared>,
+    UrlPath((service, backend)): UrlPath<(String, String)>,
+) -> Response {
+    apply_override(state, &service, &backend, |o| o.drain = true).await
+}
+
+async fn undrain(
+    State(state): State<Shared>,
+    UrlPath((service, backend)): UrlPath<(String, String)>,
+) -> Response {
+    apply_override(state, &service, &backend, |o| o.drain = false).await
+}
+
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/reload", post(reload))
+        .route(
+            "/v1/services/{service}/backends/{backend}/weight/{weight}",
+            post(set_weight),
+        )
+        .route(
+            "/v1/services/{service}/backends/{backend}/weight",
+            axum::routing::delete(auto_weight),
+        )
+        .route(
+            "/v1/services/{service}/backends/{backend}/drain",
+            post(drain).delete(undrain),
+        )
         .with_state(state)
+}
+
+/// Percent-encodes a name for one path segment of the control API.
+pub fn path_segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Binds the control socket: parent directory created, a stale socket

@@ -73,6 +73,16 @@ pub struct BackendPolicyStatus {
     pub last_change: Option<String>,
 }
 
+/// An operator's runtime override of one backend (control API), kept
+/// across reloads while the backend exists.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Override {
+    /// Pinned weight, instead of the config's or the policy's.
+    pub weight: Option<u32>,
+    /// Weight 0 for new connections; established ones finish.
+    pub drain: bool,
+}
+
 /// A poll job the daemon runs without holding its state lock.
 pub struct PollJob {
     pub service: usize,
@@ -94,6 +104,7 @@ pub struct Controller {
     generation: u64,
     /// Ticks on which every healthy backend of a service was saturated.
     pub all_saturated_ticks: u64,
+    overrides: BTreeMap<(String, String), Override>,
 }
 
 fn health_check(addr: SocketAddrV4, h: &HealthConfig) -> HealthCheck {
@@ -113,6 +124,17 @@ impl Controller {
     pub fn new(cfg: &Config, previous: Option<Controller>) -> Self {
         let generation = previous.as_ref().map_or(0, |p| p.generation + 1);
         let all_saturated_ticks = previous.as_ref().map_or(0, |p| p.all_saturated_ticks);
+        let overrides: BTreeMap<(String, String), Override> = previous
+            .as_ref()
+            .map(|p| p.overrides.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|((svc, be), _)| {
+                cfg.services
+                    .iter()
+                    .any(|s| &s.name == svc && s.backends.iter().any(|b| &b.name == be))
+            })
+            .collect();
         let mut old: BTreeMap<String, ServiceCtl> = previous
             .map(|p| {
                 p.services
@@ -183,7 +205,41 @@ impl Controller {
             poll_interval: cfg.policy.poll_interval,
             generation,
             all_saturated_ticks,
+            overrides,
         }
+    }
+
+    /// Changes one backend's override; unknown names are an error that
+    /// names what was not found.
+    pub fn set_override(
+        &mut self,
+        service: &str,
+        backend: &str,
+        change: impl FnOnce(&mut Override),
+    ) -> Result<Override, String> {
+        let svc = self
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .ok_or_else(|| format!("no service named {service:?}"))?;
+        if !svc.backends.iter().any(|b| b.cfg.name == backend) {
+            return Err(format!(
+                "service {service:?} has no backend named {backend:?}"
+            ));
+        }
+        let key = (service.to_string(), backend.to_string());
+        let entry = self.overrides.entry(key.clone()).or_default();
+        change(entry);
+        let now = entry.clone();
+        if now == Override::default() {
+            self.overrides.remove(&key);
+        }
+        Ok(now)
+    }
+
+    fn override_of(&self, service: &str, backend: &str) -> Option<&Override> {
+        self.overrides
+            .get(&(service.to_string(), backend.to_string()))
     }
 
     pub fn generation(&self) -> u64 {
@@ -292,14 +348,16 @@ impl Controller {
         // fallback's backends at the weights the fallback's own policy gave
         // them this tick.
         for s in &mut self.services {
+            let overrides = &self.overrides;
+            let ov = |b: &BackendCtl| overrides.get(&(s.name.clone(), b.cfg.name.clone()));
             let inputs: Vec<BackendInput<'_>> = s
                 .backends
                 .iter()
                 .map(|b| BackendInput {
                     name: &b.cfg.name,
                     capacity: b.cfg.capacity,
-                    pinned_weight: b.cfg.pinned(),
-                    drained: b.cfg.drain,
+                    pinned_weight: ov(b).and_then(|o| o.weight).or(b.cfg.pinned()),
+                    drained: b.cfg.drain || ov(b).is_some_and(|o| o.drain),
                     healthy: b.health.as_ref().is_none_or(|(_, h)| h.is_routable()),
                     latest: b.latest.as_ref().map(|(t, r)| (*t, r)),
                 })
@@ -376,8 +434,17 @@ impl Controller {
                     service: s.name.clone(),
                     backend: b.cfg.name.clone(),
                     weight: b.weight,
-                    mode: if b.cfg.drain {
+                    mode: if b.cfg.drain
+                        || self
+                            .override_of(&s.name, &b.cfg.name)
+                            .is_some_and(|o| o.drain)
+                    {
                         "drain"
+                    } else if self
+                        .override_of(&s.name, &b.cfg.name)
+                        .is_some_and(|o| o.weight.is_some())
+                    {
+                        "manual"
                     } else if b.cfg.pinned().is_some() {
                         "pinned"
                     } else {

@@ -94,6 +94,25 @@ impl DaemonState {
         })
     }
 
+    /// Applies an operator override at once (not at the next poll), so a
+    /// drain takes effect for the very next new connection.
+    pub fn override_backend(
+        &mut self,
+        service: &str,
+        backend: &str,
+        change: impl FnOnce(&mut crate::controller::Override),
+    ) -> std::result::Result<crate::controller::Override, String> {
+        let now = self.started.elapsed();
+        let ctl = self.ctl.as_mut().ok_or("the controller is not running")?;
+        let ov = ctl.set_override(service, backend, change)?;
+        let (specs, _) = ctl.decide(now, &self.config);
+        self.dp
+            .apply(&specs)
+            .map_err(|e| format!("writing weights to the datapath: {e}"))?;
+        info!(service, backend, "override now {ov:?}");
+        Ok(ov)
+    }
+
     /// Records a poll round's results, runs the policy and writes the
     /// datapath if any weight changed.
     fn finish_round(&mut self, generation: u64, results: Vec<RoundResult>) {

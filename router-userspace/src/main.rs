@@ -49,6 +49,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pin a backend's weight, or hand it back to the policy.
+    Weight {
+        #[command(subcommand)]
+        command: WeightCommand,
+    },
+    /// Weight 0 for new connections to a backend; established ones finish.
+    Drain { service: String, backend: String },
+    /// Undo `drain`: the backend slow-starts back to its weight.
+    Undrain { service: String, backend: String },
     /// Re-read the daemon's config file and apply all of it, or none of it.
     Reload {
         #[arg(long)]
@@ -59,6 +68,18 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum WeightCommand {
+    /// Pin the weight (0 or more; 100 is an idle capacity-1.0 replica).
+    Set {
+        service: String,
+        backend: String,
+        weight: u32,
+    },
+    /// Let the policy (or the config's weight) decide again.
+    Auto { service: String, backend: String },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +104,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn drain(socket: &std::path::Path, method: &str, service: &str, backend: &str) -> Result<()> {
+    let path = format!("{}/drain", backend_path(service, backend));
+    let body = control::request(socket, method, &path).await?;
+    println!("{}", String::from_utf8_lossy(&body));
+    Ok(())
+}
+
+fn backend_path(service: &str, backend: &str) -> String {
+    format!(
+        "/v1/services/{}/backends/{}",
+        control::path_segment(service),
+        control::path_segment(backend)
+    )
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -127,6 +163,31 @@ fn run(cli: Cli) -> Result<()> {
                     print!("{}", status_view::render(&reply));
                 }
                 Ok(())
+            }
+            Command::Weight { command } => {
+                let (method, path) = match &command {
+                    WeightCommand::Set {
+                        service,
+                        backend,
+                        weight,
+                    } => (
+                        "POST",
+                        format!("{}/weight/{weight}", backend_path(service, backend)),
+                    ),
+                    WeightCommand::Auto { service, backend } => (
+                        "DELETE",
+                        format!("{}/weight", backend_path(service, backend)),
+                    ),
+                };
+                let body = control::request(&cli.socket, method, &path).await?;
+                println!("{}", String::from_utf8_lossy(&body));
+                Ok(())
+            }
+            Command::Drain { service, backend } => {
+                drain(&cli.socket, "POST", &service, &backend).await
+            }
+            Command::Undrain { service, backend } => {
+                drain(&cli.socket, "DELETE", &service, &backend).await
             }
             Command::Reload { json } => {
                 let body = control::request(&cli.socket, "POST", "/v1/reload").await?;

@@ -168,3 +168,80 @@ fn reload_with_an_invalid_config_changes_nothing() {
     assert!(status.success());
     assert!(!xdp_attached(&topo), "SIGTERM detaches");
 }
+
+#[test]
+fn weight_and_drain_overrides_through_the_cli() {
+    let topo = Topology::one_arm(2).unwrap();
+    let dir = ScratchDir::new("override").unwrap();
+    let socket = dir.0.join("router.sock");
+    let config = dir.0.join("router.toml");
+    let backends = vec![
+        ("b0".to_string(), "198.18.0.11:8000".to_string(), 100),
+        ("b1".to_string(), "198.18.0.12:8000".to_string(), 100),
+    ];
+    std::fs::write(
+        &config,
+        one_arm_config(
+            &socket,
+            topo.lb_if(),
+            "198.18.100.1:8000",
+            netns::LB_ADDR,
+            &backends,
+        ),
+    )
+    .unwrap();
+    let daemon = start_daemon(topo.lb_ns(), &config, &socket).unwrap();
+    let backend = |name: &str| -> (u32, String, u32) {
+        let st: serde_json::Value =
+            serde_json::from_str(&cli(&socket, &["status", "--json"]).unwrap()).unwrap();
+        let p = st["policy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["backend"] == name)
+            .unwrap()
+            .clone();
+        let dp = st["datapath"]["services"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap()
+            .clone();
+        (
+            p["weight"].as_u64().unwrap() as u32,
+            p["mode"].as_str().unwrap().to_string(),
+            dp["weight"].as_u64().unwrap() as u32,
+        )
+    };
+    assert_eq!(backend("b0"), (100, "pinned".into(), 100));
+
+    cli(&socket, &["weight", "set", "llama", "b0", "7"]).unwrap();
+    assert_eq!(backend("b0"), (7, "manual".into(), 7), "applied at once");
+
+    cli(&socket, &["drain", "llama", "b1"]).unwrap();
+    assert_eq!(backend("b1"), (0, "drain".into(), 0));
+    cli(&socket, &["undrain", "llama", "b1"]).unwrap();
+    assert_eq!(backend("b1"), (100, "pinned".into(), 100));
+
+    cli(&socket, &["weight", "auto", "llama", "b0"]).unwrap();
+    assert_eq!(backend("b0"), (100, "pinned".into(), 100));
+
+    // Unknown names and a negative weight: one clear error, nothing changes.
+    let err = cli(&socket, &["weight", "set", "llama", "nope", "5"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has no backend named \"nope\""), "{err}");
+    let err = cli(&socket, &["drain", "gemma", "b0"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no service named \"gemma\""), "{err}");
+    assert!(cli(&socket, &["weight", "set", "llama", "b0", "-5"]).is_err());
+    assert_eq!(backend("b0"), (100, "pinned".into(), 100));
+
+    // Overrides survive a reload of the same config.
+    cli(&socket, &["drain", "llama", "b1"]).unwrap();
+    cli(&socket, &["reload"]).unwrap();
+    assert_eq!(backend("b1"), (0, "drain".into(), 0));
+    assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
+}
