@@ -340,9 +340,14 @@ fn weights_follow_replica_load() {
     let tail = &trace[trace.len() - 16..];
     let low = *tail.iter().min().unwrap();
     let high = *tail.iter().max().unwrap();
+    // Back: far above the floor (2) the whole time, and on average at least
+    // half its pre-degradation weight (the load signal is noisy, so single
+    // samples are not compared).
+    let mean = tail.iter().sum::<u32>() as f64 / tail.len() as f64;
+    assert!(low >= 20, "gpu-0 came back and stays back: {trace:?}");
     assert!(
-        low * 2 > before,
-        "gpu-0 came back and stays back: {trace:?}"
+        mean * 2.0 >= f64::from(before),
+        "gpu-0's weight returned (before {before}): {trace:?}"
     );
     // No oscillation: over the last 4 s the weight stays in a band, never
     // swinging back to the floor or up to full.

@@ -16,6 +16,9 @@ use router_tests::{
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const ARM2_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
 
 const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
 const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0x0c, 0x02];
@@ -59,6 +62,13 @@ impl Fixture {
         ns.ip("link set fx1 address 02:00:00:00:00:fe up").unwrap();
         ns.ip("link set lo up").unwrap();
         ns.ip("addr add 198.18.0.1/24 dev fx0").unwrap();
+        // A second arm, for backends behind another interface (XDP_REDIRECT).
+        ns.ip("link add fx2 type veth peer name fx3").unwrap();
+        ns.ip("link set fx2 address 02:00:00:00:01:01 up").unwrap();
+        ns.ip("link set fx3 up").unwrap();
+        ns.ip("addr add 198.18.1.1/24 dev fx2").unwrap();
+        ns.ip("neigh replace 198.18.1.11 lladdr 02:00:00:00:1b:00 dev fx2 nud permanent")
+            .unwrap();
         ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
         for (a, mac) in [
             ("198.18.0.2", "02:00:00:00:0c:02"),
@@ -655,4 +665,38 @@ fn weight_change_moves_new_flows_and_keeps_established_ones() {
         assert_eq!(v, XDP_TX);
         assert_eq!(&out[30..34], &[198, 18, 0, 12], "new flows go to b1");
     }
+}
+
+#[test]
+fn backend_behind_another_interface_is_redirected_both_ways() {
+    let mut svc = service("llama", VIP, 6, &[1]);
+    svc.backends[0].address = addr("198.18.1.11:8000");
+    svc.snat = vec![ip("198.18.1.1")];
+    let mut f = Fixture::new(&[svc]);
+    let (client, vip) = (addr("198.18.0.2:40000"), addr(VIP));
+    let (backend, snat) = (addr("198.18.1.11:8000"), addr("198.18.1.1:40000"));
+    let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    f.case(Case::new(
+        "client arm to backend arm: XDP_REDIRECT with the other interface's MAC",
+        syn.build(),
+        XDP_REDIRECT,
+        Some(
+            syn.translated(snat, backend, [0x02, 0, 0, 0, 0x1b, 0], ARM2_MAC)
+                .build(),
+        ),
+        &[reasons::REDIRECT],
+    ));
+    // The reply arrives on the backend arm and goes back out the client arm.
+    let client_arm = f.ifindex;
+    f.ifindex = f._ns.ifindex("fx2").unwrap();
+    let syn_ack =
+        Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(ARM2_MAC, [0x02, 0, 0, 0, 0x1b, 0]);
+    f.case(Case::new(
+        "backend arm to client arm",
+        syn_ack.build(),
+        XDP_REDIRECT,
+        Some(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        &[reasons::REDIRECT],
+    ));
+    f.ifindex = client_arm;
 }
