@@ -384,30 +384,20 @@ struct Bench {
 impl Bench {
     fn new() -> Result<Self> {
         let ns = EnteredNs::new("rtbench").context("creating the benchmark netns")?;
-        for cmd in [
-            "link add bx0 type veth peer name bx1",
-            "link set bx0 address 02:00:00:00:00:01 up",
-            "link set bx1 address 02:00:00:00:00:fe up",
-            "link set lo up",
-            "addr add 198.18.0.1/24 dev bx0",
-        ] {
-            ns.ip(cmd)
-                .with_context(|| format!("setting up the netns: ip {cmd}"))?;
-        }
-        ns.sysctl("net.ipv4.ip_forward", "1")?;
-        for (a, mac) in [
-            ("198.18.0.2", "02:00:00:00:0c:02"),
-            ("198.18.0.3", "02:00:00:00:0c:03"),
-            ("198.18.0.11", "02:00:00:00:0b:00"),
-            ("198.18.0.12", "02:00:00:00:0b:01"),
-            ("198.18.0.13", "02:00:00:00:0b:02"),
-        ] {
-            ns.ip(&format!(
-                "neigh replace {a} lladdr {mac} dev bx0 nud permanent"
-            ))
-            .with_context(|| format!("static neighbour {a}"))?;
-        }
-        let ifindex = ns.ifindex("bx0")?;
+        let ifindex = ns
+            .test_arm(
+                ("bx0", "bx1"),
+                "02:00:00:00:00:01",
+                "198.18.0.1/24",
+                &[
+                    ("198.18.0.2", "02:00:00:00:0c:02"),
+                    ("198.18.0.3", "02:00:00:00:0c:03"),
+                    ("198.18.0.11", "02:00:00:00:0b:00"),
+                    ("198.18.0.12", "02:00:00:00:0b:01"),
+                    ("198.18.0.13", "02:00:00:00:0b:02"),
+                ],
+            )
+            .context("setting up the benchmark netns")?;
 
         // The non-service frame must stop at the address pre-filter.
         let bucket = |a: Ipv4Addr| addr_filter_bucket(u32::from_ne_bytes(a.octets()));

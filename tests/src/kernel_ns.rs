@@ -72,6 +72,30 @@ impl EnteredNs {
         std::fs::write(&path, value).with_context(|| format!("writing {path}"))
     }
 
+    /// One arm for BPF_PROG_TEST_RUN: a veth `dev` (with peer `peer`) with
+    /// `mac` and `cidr`, forwarding on, and permanent neighbours, so
+    /// `bpf_fib_lookup` resolves fixed next hops. Returns `dev`'s ifindex.
+    pub fn test_arm(
+        &self,
+        (dev, peer): (&str, &str),
+        mac: &str,
+        cidr: &str,
+        neighbours: &[(&str, &str)],
+    ) -> Result<u32> {
+        self.ip(&format!("link add {dev} type veth peer name {peer}"))?;
+        self.ip(&format!("link set {dev} address {mac} up"))?;
+        self.ip(&format!("link set {peer} up"))?;
+        self.ip("link set lo up")?;
+        self.ip(&format!("addr add {cidr} dev {dev}"))?;
+        self.sysctl("net.ipv4.ip_forward", "1")?;
+        for (addr, lladdr) in neighbours {
+            self.ip(&format!(
+                "neigh replace {addr} lladdr {lladdr} dev {dev} nud permanent"
+            ))?;
+        }
+        self.ifindex(dev)
+    }
+
     pub fn ifindex(&self, name: &str) -> Result<u32> {
         let c = std::ffi::CString::new(name)?;
         // SAFETY: valid NUL-terminated name.

@@ -57,32 +57,28 @@ fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec {
 impl Fixture {
     fn new(services: &[ServiceSpec]) -> Self {
         let ns = EnteredNs::new("rtfx").expect("netns");
-        ns.ip("link add fx0 type veth peer name fx1").unwrap();
-        ns.ip("link set fx0 address 02:00:00:00:00:01 up").unwrap();
-        ns.ip("link set fx1 address 02:00:00:00:00:fe up").unwrap();
-        ns.ip("link set lo up").unwrap();
-        ns.ip("addr add 198.18.0.1/24 dev fx0").unwrap();
+        let ifindex = ns
+            .test_arm(
+                ("fx0", "fx1"),
+                "02:00:00:00:00:01",
+                "198.18.0.1/24",
+                &[
+                    ("198.18.0.2", "02:00:00:00:0c:02"),
+                    ("198.18.0.3", "02:00:00:00:0c:03"),
+                    ("198.18.0.11", "02:00:00:00:0b:00"),
+                    ("198.18.0.12", "02:00:00:00:0b:01"),
+                    ("198.18.0.13", "02:00:00:00:0b:02"),
+                ],
+            )
+            .unwrap();
         // A second arm, for backends behind another interface (XDP_REDIRECT).
-        ns.ip("link add fx2 type veth peer name fx3").unwrap();
-        ns.ip("link set fx2 address 02:00:00:00:01:01 up").unwrap();
-        ns.ip("link set fx3 up").unwrap();
-        ns.ip("addr add 198.18.1.1/24 dev fx2").unwrap();
-        ns.ip("neigh replace 198.18.1.11 lladdr 02:00:00:00:1b:00 dev fx2 nud permanent")
-            .unwrap();
-        ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-        for (a, mac) in [
-            ("198.18.0.2", "02:00:00:00:0c:02"),
-            ("198.18.0.3", "02:00:00:00:0c:03"),
-            ("198.18.0.11", "02:00:00:00:0b:00"),
-            ("198.18.0.12", "02:00:00:00:0b:01"),
-            ("198.18.0.13", "02:00:00:00:0b:02"),
-        ] {
-            ns.ip(&format!(
-                "neigh replace {a} lladdr {mac} dev fx0 nud permanent"
-            ))
-            .unwrap();
-        }
-        let ifindex = ns.ifindex("fx0").unwrap();
+        ns.test_arm(
+            ("fx2", "fx3"),
+            "02:00:00:00:01:01",
+            "198.18.1.1/24",
+            &[("198.18.1.11", "02:00:00:00:1b:00")],
+        )
+        .unwrap();
         let mut dp = Datapath::load(LoadOptions {
             table_size: 1021,
             ..LoadOptions::default()
