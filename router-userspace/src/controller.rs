@@ -83,6 +83,14 @@ pub struct Override {
     pub drain: bool,
 }
 
+fn override_in<'a>(
+    overrides: &'a BTreeMap<String, BTreeMap<String, Override>>,
+    service: &str,
+    backend: &str,
+) -> Option<&'a Override> {
+    overrides.get(service).and_then(|b| b.get(backend))
+}
+
 /// A poll job the daemon runs without holding its state lock.
 pub struct PollJob {
     pub service: usize,
@@ -104,7 +112,8 @@ pub struct Controller {
     generation: u64,
     /// Ticks on which every healthy backend of a service was saturated.
     pub all_saturated_ticks: u64,
-    overrides: BTreeMap<(String, String), Override>,
+    /// service → backend → override; looked up by `&str`, no allocation per poll.
+    overrides: BTreeMap<String, BTreeMap<String, Override>>,
 }
 
 fn health_check(addr: SocketAddrV4, h: &HealthConfig) -> HealthCheck {
@@ -124,17 +133,17 @@ impl Controller {
     pub fn new(cfg: &Config, previous: Option<Controller>) -> Self {
         let generation = previous.as_ref().map_or(0, |p| p.generation + 1);
         let all_saturated_ticks = previous.as_ref().map_or(0, |p| p.all_saturated_ticks);
-        let overrides: BTreeMap<(String, String), Override> = previous
+        let mut overrides = previous
             .as_ref()
             .map(|p| p.overrides.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|((svc, be), _)| {
-                cfg.services
-                    .iter()
-                    .any(|s| &s.name == svc && s.backends.iter().any(|b| &b.name == be))
-            })
-            .collect();
+            .unwrap_or_default();
+        overrides.retain(|svc: &String, backends: &mut BTreeMap<String, Override>| {
+            let Some(s) = cfg.services.iter().find(|s| &s.name == svc) else {
+                return false;
+            };
+            backends.retain(|be, _| s.backends.iter().any(|b| &b.name == be));
+            !backends.is_empty()
+        });
         let mut old: BTreeMap<String, ServiceCtl> = previous
             .map(|p| {
                 p.services
@@ -227,19 +236,21 @@ impl Controller {
                 "service {service:?} has no backend named {backend:?}"
             ));
         }
-        let key = (service.to_string(), backend.to_string());
-        let entry = self.overrides.entry(key.clone()).or_default();
+        let backends = self.overrides.entry(service.to_string()).or_default();
+        let entry = backends.entry(backend.to_string()).or_default();
         change(entry);
         let now = entry.clone();
         if now == Override::default() {
-            self.overrides.remove(&key);
+            backends.remove(backend);
+            if backends.is_empty() {
+                self.overrides.remove(service);
+            }
         }
         Ok(now)
     }
 
     fn override_of(&self, service: &str, backend: &str) -> Option<&Override> {
-        self.overrides
-            .get(&(service.to_string(), backend.to_string()))
+        override_in(&self.overrides, service, backend)
     }
 
     pub fn generation(&self) -> u64 {
@@ -349,7 +360,7 @@ impl Controller {
         // them this tick.
         for s in &mut self.services {
             let overrides = &self.overrides;
-            let ov = |b: &BackendCtl| overrides.get(&(s.name.clone(), b.cfg.name.clone()));
+            let ov = |b: &BackendCtl| override_in(overrides, &s.name, &b.cfg.name);
             let inputs: Vec<BackendInput<'_>> = s
                 .backends
                 .iter()

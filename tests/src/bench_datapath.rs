@@ -35,7 +35,7 @@ use router_common::{addr_filter_bucket, reasons};
 use serde_json::{Value, json};
 
 use crate::{
-    kernel_ns::{EnteredNs, run},
+    kernel_ns::{EnteredNs, TEST_NEIGHBOURS, run},
     packet::{Mac, Packet, TCP_ACK, TCP_SYN},
 };
 
@@ -389,13 +389,7 @@ impl Bench {
                 ("bx0", "bx1"),
                 "02:00:00:00:00:01",
                 "198.18.0.1/24",
-                &[
-                    ("198.18.0.2", "02:00:00:00:0c:02"),
-                    ("198.18.0.3", "02:00:00:00:0c:03"),
-                    ("198.18.0.11", "02:00:00:00:0b:00"),
-                    ("198.18.0.12", "02:00:00:00:0b:01"),
-                    ("198.18.0.13", "02:00:00:00:0b:02"),
-                ],
+                &TEST_NEIGHBOURS,
             )
             .context("setting up the benchmark netns")?;
 

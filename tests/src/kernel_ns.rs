@@ -11,6 +11,16 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+/// The client, second client and three backends that fixtures and the
+/// datapath benchmark resolve on their first arm (198.18.0.0/24).
+pub const TEST_NEIGHBOURS: [(&str, &str); 5] = [
+    ("198.18.0.2", "02:00:00:00:0c:02"),
+    ("198.18.0.3", "02:00:00:00:0c:03"),
+    ("198.18.0.11", "02:00:00:00:0b:00"),
+    ("198.18.0.12", "02:00:00:00:0b:01"),
+    ("198.18.0.13", "02:00:00:00:0b:02"),
+];
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn run(args: &[&str]) -> Result<String> {

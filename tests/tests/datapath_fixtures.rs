@@ -9,7 +9,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use router::datapath::{BackendSpec, Datapath, LoadOptions, ServiceSpec};
 use router_common::reasons;
 use router_tests::{
-    kernel_ns::EnteredNs,
+    kernel_ns::{EnteredNs, TEST_NEIGHBOURS},
     packet::{Mac, Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, addr, checksums_valid, ip},
 };
 
@@ -62,13 +62,7 @@ impl Fixture {
                 ("fx0", "fx1"),
                 "02:00:00:00:00:01",
                 "198.18.0.1/24",
-                &[
-                    ("198.18.0.2", "02:00:00:00:0c:02"),
-                    ("198.18.0.3", "02:00:00:00:0c:03"),
-                    ("198.18.0.11", "02:00:00:00:0b:00"),
-                    ("198.18.0.12", "02:00:00:00:0b:01"),
-                    ("198.18.0.13", "02:00:00:00:0b:02"),
-                ],
+                &TEST_NEIGHBOURS,
             )
             .unwrap();
         // A second arm, for backends behind another interface (XDP_REDIRECT).
