@@ -89,6 +89,17 @@ pub struct ConnKey {
 pub const CONN_REPLY: u32 = 1;
 /// `ConnEntry::flags` bit: a FIN or RST was seen; the short timeout applies.
 pub const CONN_CLOSING: u32 = 2;
+/// `ConnEntry::flags` bit on a reply entry: the SYN was forwarded at
+/// `stamp_us` and the backend's SYN-ACK has not been seen yet.
+pub const CONN_AWAIT_SYNACK: u32 = 4;
+/// `ConnEntry::flags` bit on a forward entry: the client has sent no payload yet.
+pub const CONN_AWAIT_REQUEST: u32 = 8;
+/// `ConnEntry::flags` bit on a reply entry: the client's first payload was
+/// forwarded at `stamp_us` and the backend has sent no payload yet.
+pub const CONN_AWAIT_RESPONSE: u32 = 16;
+/// Every latency-measurement bit: one test keeps established flows that are
+/// done measuring on the shortest path.
+pub const CONN_AWAIT_ANY: u32 = CONN_AWAIT_SYNACK | CONN_AWAIT_REQUEST | CONN_AWAIT_RESPONSE;
 
 /// `CONNS` value: how to rewrite a packet of this flow direction.
 #[repr(C)]
@@ -111,7 +122,10 @@ pub struct ConnEntry {
     pub backend_id: u32,
     pub service_id: u32,
     pub flags: u32,
-    pub _pad: u32,
+    /// Start of the latency being measured (see the `CONN_AWAIT_*` bits), in
+    /// microseconds of `bpf_ktime_get_ns`, truncated: a u32 wraps after 71
+    /// minutes, and wrapping subtraction is exact for anything shorter.
+    pub stamp_us: u32,
     /// `bpf_ktime_get_coarse_ns` of the last refresh (refreshed at most once a second).
     pub last_seen_ns: u64,
 }
@@ -126,6 +140,58 @@ pub struct TrafficCounters {
     pub reply_packets: u64,
 }
 
+/// Buckets of a latency histogram. Bucket `b` counts latencies of `b`
+/// significant bits in microseconds: bucket 0 is 0 µs, bucket `b` holds
+/// `[2^(b-1), 2^b)` µs, and the last bucket also takes everything above
+/// (2^26 µs ≈ 67 s), so `le = 2^b µs` is each bucket's Prometheus bound.
+pub const LATENCY_BUCKETS: usize = 28;
+/// `LATENCY` index for a backend: `backend_id * LATENCY_KINDS + kind`.
+pub const LATENCY_KINDS: u32 = 2;
+/// SYN forwarded → SYN-ACK from the backend: connect latency.
+pub const LATENCY_CONNECT: u32 = 0;
+/// Client's first payload → backend's first payload: time to first byte
+/// (time to first token for a streaming completion).
+pub const LATENCY_FIRST_BYTE: u32 = 1;
+
+/// Per-CPU log2 latency histogram (`LATENCY` value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    pub buckets: [u64; LATENCY_BUCKETS],
+    pub sum_us: u64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            buckets: [0; LATENCY_BUCKETS],
+            sum_us: 0,
+        }
+    }
+}
+
+/// The histogram bucket for a latency in microseconds.
+#[inline(always)]
+pub fn latency_bucket(us: u32) -> usize {
+    // Branch-free bit length: the BPF backend has no count-leading-zeros.
+    let mut v = us;
+    let mut bits = 0u32;
+    let mut step = 16u32;
+    while step > 0 {
+        if v >> step != 0 {
+            v >>= step;
+            bits += step;
+        }
+        step >>= 1;
+    }
+    let len = bits + (v != 0) as u32;
+    if len as usize >= LATENCY_BUCKETS {
+        LATENCY_BUCKETS - 1
+    } else {
+        len as usize
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -137,6 +203,7 @@ mod pod {
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for ConnEntry {}
     unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for LatencyHistogram {}
 }
 
 // Layout is part of the kernel ABI between the two halves: pin it.
@@ -147,4 +214,28 @@ const _: () = {
     assert!(core::mem::size_of::<ConnKey>() == 16);
     assert!(core::mem::size_of::<ConnEntry>() == 64);
     assert!(core::mem::size_of::<TrafficCounters>() == 32);
+    assert!(core::mem::size_of::<LatencyHistogram>() == 8 * (LATENCY_BUCKETS + 1));
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_bucket_is_the_bit_length_capped() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(1), 1);
+        assert_eq!(latency_bucket(2), 2);
+        assert_eq!(latency_bucket(3), 2);
+        assert_eq!(latency_bucket(4), 3);
+        assert_eq!(latency_bucket(1023), 10);
+        assert_eq!(latency_bucket(1024), 11);
+        assert_eq!(latency_bucket((1 << 26) - 1), 26);
+        assert_eq!(latency_bucket(1 << 26), 27);
+        assert_eq!(latency_bucket(u32::MAX), 27);
+        for us in [5u32, 77, 4096, 99_999, 12_345_678] {
+            let b = latency_bucket(us);
+            assert!(us < 1 << b && us >= 1 << (b - 1), "{us} in bucket {b}");
+        }
+    }
+}

@@ -8,11 +8,12 @@ use aya_ebpf::{
     helpers::generated::bpf_ktime_get_coarse_ns,
 };
 use router_common::{
-    CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey, MAX_SNAT_ADDRS, NO_BACKEND, PROTO_TCP,
-    SNAT_PROBES, Service, flow_hash::flow_hash,
+    CONN_AWAIT_REQUEST, CONN_AWAIT_SYNACK, CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey,
+    MAX_SNAT_ADDRS, NO_BACKEND, PROTO_TCP, SNAT_PROBES, Service, flow_hash::flow_hash,
 };
 
 use crate::{
+    latency::now_us,
     maps::{BACKENDS, CONNS, MAGLEV_TABLES, TABLE_SIZE, TCP_CLOSING_NS, TCP_IDLE_NS, UDP_IDLE_NS},
     mem::zeroed64,
     nat::deltas,
@@ -77,6 +78,13 @@ pub fn reply_key(fwd: &ConnEntry, proto: u8) -> ConnKey {
     )
 }
 
+/// What the creating packet says about the flow.
+#[derive(Clone, Copy)]
+pub struct FlowFlags {
+    pub syn: bool,
+    pub fin_or_rst: bool,
+}
+
 pub enum NewFlow {
     /// Both directions are in CONNS; the forward entry is in `out` for this packet.
     Created,
@@ -104,14 +112,15 @@ fn pick(svc: &Service, hash: u32) -> u32 {
 /// Creates both directions of a new flow. `stale` is an expired or closed
 /// forward entry for the same key, whose reply entry is removed first so its
 /// SNAT port (often the client's own) is free again. `out` is an all-zero
-/// entry that receives the forward direction.
+/// entry that receives the forward direction. A flow created by a SYN
+/// starts its latency measurements (see `latency`).
 #[inline(always)]
 pub fn create(
     key: &ConnKey,
     svc: &Service,
     stale: Option<ConnEntry>,
     now: u64,
-    fin_or_rst: bool,
+    flags: FlowFlags,
     out: &mut ConnEntry,
 ) -> NewFlow {
     let hash = flow_hash(
@@ -138,9 +147,15 @@ pub fn create(
         let _ = CONNS.remove(reply_key(&old, key.proto));
     }
 
-    let Some((snat_addr, snat_port)) =
-        allocate_snat(key, svc, hash, be_addr, be_port, backend_id, now)
-    else {
+    let await_synack = if flags.syn { CONN_AWAIT_SYNACK } else { 0 };
+    let Some((snat_addr, snat_port)) = allocate_snat(
+        key,
+        svc,
+        hash,
+        (be_addr, be_port, backend_id),
+        now,
+        await_synack,
+    ) else {
         return NewFlow::SnatExhausted;
     };
 
@@ -157,7 +172,8 @@ pub fn create(
     fwd.l4_csum_delta = l4;
     fwd.backend_id = backend_id;
     fwd.service_id = svc.id;
-    fwd.flags = if fin_or_rst { CONN_CLOSING } else { 0 };
+    fwd.flags = if flags.fin_or_rst { CONN_CLOSING } else { 0 }
+        | if flags.syn { CONN_AWAIT_REQUEST } else { 0 };
     fwd.last_seen_ns = now;
     // Passed by reference: the entry is inserted from where it was built.
     let value: &ConnEntry = fwd;
@@ -178,11 +194,11 @@ fn allocate_snat(
     key: &ConnKey,
     svc: &Service,
     hash: u32,
-    be_addr: u32,
-    be_port: u16,
-    backend_id: u32,
+    (be_addr, be_port, backend_id): (u32, u16, u32),
     now: u64,
+    await_synack: u32,
 ) -> Option<(u32, u16)> {
+    let stamp_us = if await_synack != 0 { now_us() } else { 0 };
     let count = if svc.snat_count == 0 || svc.snat_count > MAX_SNAT_ADDRS as u32 {
         1
     } else {
@@ -220,7 +236,8 @@ fn allocate_snat(
         reply.l4_csum_delta = l4;
         reply.backend_id = backend_id;
         reply.service_id = svc.id;
-        reply.flags = CONN_REPLY;
+        reply.flags = CONN_REPLY | await_synack;
+        reply.stamp_us = stamp_us;
         reply.last_seen_ns = now;
         let value: &ConnEntry = reply;
         if CONNS.insert(rkey, value, BPF_NOEXIST as u64).is_ok() {

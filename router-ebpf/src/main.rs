@@ -6,6 +6,7 @@
 
 mod conn;
 mod fib;
+mod latency;
 mod maps;
 mod mem;
 mod nat;
@@ -19,12 +20,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use router_common::{
-    CONN_CLOSING, CONN_REPLY, ConnEntry, FILTER_SNAT, FILTER_VIP, PROTO_TCP, ServiceKey,
-    addr_filter_bucket, reasons,
+    CONN_AWAIT_ANY, CONN_CLOSING, CONN_REPLY, ConnEntry, FILTER_SNAT, FILTER_VIP, PROTO_TCP,
+    ServiceKey, addr_filter_bucket, reasons,
 };
 
 use crate::{
-    conn::NewFlow,
+    conn::{FlowFlags, NewFlow},
     maps::{ADDR_FILTER, CONNS, DATAPATH_LOG, FIB_GEN, SERVICES},
     parse::{Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -79,6 +80,9 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
         let reused = syn && e.flags & CONN_CLOSING != 0;
         if !reused && !conn::expired(e, now, l4.proto) {
             conn::refresh(e, now, fin_or_rst);
+            if e.flags & CONN_AWAIT_ANY != 0 {
+                latency::observe(e, &l4);
+            }
             return forward(ctx, e, l4.proto, ip.tot_len, false);
         }
         stale = Some(*e);
@@ -101,7 +105,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
             }
             let mut slot = MaybeUninit::uninit();
             let fwd: &mut ConnEntry = mem::zeroed64(&mut slot);
-            return match conn::create(&key, svc, stale, now, fin_or_rst, fwd) {
+            return match conn::create(&key, svc, stale, now, FlowFlags { syn, fin_or_rst }, fwd) {
                 NewFlow::Created => forward(ctx, fwd, l4.proto, ip.tot_len, true),
                 NewFlow::NoBackend => Ok(counted(reasons::DROP_NO_BACKEND, xdp_action::XDP_DROP)),
                 NewFlow::SnatExhausted => {

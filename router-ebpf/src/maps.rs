@@ -10,7 +10,8 @@ use aya_ebpf::{
 };
 use router_common::{
     ADDR_FILTER_SIZE, Backend, ConnEntry, ConnKey, DEFAULT_CONN_TABLE_SIZE, DEFAULT_TABLE_SIZE,
-    MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey, TrafficCounters, reasons,
+    LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey,
+    TrafficCounters, reasons,
 };
 
 #[map]
@@ -50,6 +51,12 @@ pub static SERVICE_STATS: PerCpuArray<TrafficCounters> =
 #[map]
 pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Per backend, `backend_id * LATENCY_KINDS + kind`: connect and first-byte
+/// latency histograms, measured where both directions of a flow pass.
+#[map]
+pub static LATENCY: PerCpuArray<LatencyHistogram> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS * LATENCY_KINDS, 0);
 
 #[map]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reasons::COUNT, 0);

@@ -53,6 +53,9 @@ pub struct L4 {
     pub dst_port: u16,
     /// TCP flags byte; 0 for UDP.
     pub tcp_flags: u8,
+    /// Bytes after the TCP header (0 for UDP): the latency stamps look for
+    /// the first packet that carries data, not a bare ACK.
+    pub payload_len: u16,
 }
 
 /// Ethernet + IPv4 header, with the checks that apply to every IPv4 packet.
@@ -107,6 +110,7 @@ pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
                 src_port: u16::from_ne_bytes([tcp[0], tcp[1]]),
                 dst_port: u16::from_ne_bytes([tcp[2], tcp[3]]),
                 tcp_flags: tcp[13],
+                payload_len: (tot_len - IP_LEN - doff) as u16,
             })
         }
         PROTO_UDP => {
@@ -121,6 +125,7 @@ pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
                 src_port: u16::from_ne_bytes([udp[0], udp[1]]),
                 dst_port: u16::from_ne_bytes([udp[2], udp[3]]),
                 tcp_flags: 0,
+                payload_len: 0,
             })
         }
         _ => Err(Skip::UnknownProto),

@@ -1,8 +1,8 @@
 //! Per-CPU counters: no atomics and no shared cache lines on the hot path.
 
-use router_common::TrafficCounters;
+use router_common::{LATENCY_KINDS, TrafficCounters, latency_bucket};
 
-use crate::maps::{BACKEND_STATS, REASONS, SERVICE_STATS};
+use crate::maps::{BACKEND_STATS, LATENCY, REASONS, SERVICE_STATS};
 
 #[inline(always)]
 pub fn reason(index: u32) {
@@ -31,5 +31,24 @@ pub fn traffic(service_id: u32, backend_id: u32, bytes: u64, new_conn: bool, rep
     }
     if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
         add(c, bytes, new_conn, reply);
+    }
+}
+
+/// Records one latency sample of `kind` for a backend. Runs at most three
+/// times per connection, never on the established fast path.
+#[inline(always)]
+pub fn latency(backend_id: u32, kind: u32, us: u32) {
+    let Some(index) = backend_id
+        .checked_mul(LATENCY_KINDS)
+        .and_then(|i| i.checked_add(kind))
+    else {
+        return;
+    };
+    if let Some(h) = LATENCY.get_ptr_mut(index) {
+        let h = unsafe { &mut *h };
+        if let Some(b) = h.buckets.get_mut(latency_bucket(us)) {
+            *b += 1;
+        }
+        h.sum_us += us as u64;
     }
 }

@@ -690,3 +690,78 @@ fn backend_behind_another_interface_is_redirected_both_ways() {
     ));
     f.ifindex = client_arm;
 }
+
+#[test]
+fn connect_and_first_byte_latency_are_recorded_once_per_connection() {
+    let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
+    let client = addr("198.18.0.2:40100");
+    let backend = addr("198.18.0.11:8000");
+    let snat = addr("198.18.0.1:40100");
+    let vip = addr(VIP);
+    let latency = |f: &Fixture| {
+        let st = f.dp.status().unwrap();
+        st.services[0].backends[0].latency.clone()
+    };
+    let fwd = |flags: u8, payload: &[u8]| {
+        Packet::tcp(client, vip, flags)
+            .with_macs(LB_MAC, CLIENT_MAC)
+            .with_payload(payload)
+            .build()
+    };
+    let back = |flags: u8, payload: &[u8]| {
+        Packet::tcp(backend, snat, flags)
+            .with_macs(LB_MAC, backend_mac(0))
+            .with_payload(payload)
+            .build()
+    };
+    let pause = std::time::Duration::from_millis(3);
+
+    assert_eq!(f.run(&fwd(TCP_SYN, b"")).0, XDP_TX);
+    // A retransmitted SYN must not restart the clock.
+    assert_eq!(f.run(&fwd(TCP_SYN, b"")).0, XDP_TX);
+    std::thread::sleep(pause);
+    assert_eq!(f.run(&back(TCP_SYN | TCP_ACK, b"")).0, XDP_TX);
+    let l = latency(&f);
+    assert_eq!(l.connect.count(), 1, "one connect sample after the SYN-ACK");
+    assert!(l.connect.sum_us >= 3_000, "connect {} µs", l.connect.sum_us);
+    assert_eq!(l.first_byte.count(), 0);
+
+    // Bare ACKs carry no payload: neither clock moves.
+    assert_eq!(f.run(&fwd(TCP_ACK, b"")).0, XDP_TX);
+    assert_eq!(f.run(&back(TCP_ACK, b"")).0, XDP_TX);
+    assert_eq!(latency(&f).first_byte.count(), 0);
+
+    assert_eq!(
+        f.run(&fwd(TCP_ACK | TCP_PSH, b"POST /v1/completions")).0,
+        XDP_TX
+    );
+    assert_eq!(f.run(&back(TCP_ACK, b"")).0, XDP_TX);
+    std::thread::sleep(pause);
+    assert_eq!(
+        f.run(&back(TCP_ACK | TCP_PSH, b"data: {\"token\"")).0,
+        XDP_TX
+    );
+    let l = latency(&f);
+    assert_eq!(l.first_byte.count(), 1, "one first-byte sample");
+    assert!(
+        l.first_byte.sum_us >= 3_000,
+        "first byte {} µs",
+        l.first_byte.sum_us
+    );
+
+    // Later payload in either direction records nothing more.
+    assert_eq!(f.run(&fwd(TCP_ACK | TCP_PSH, b"more")).0, XDP_TX);
+    assert_eq!(f.run(&back(TCP_ACK | TCP_PSH, b"more tokens")).0, XDP_TX);
+    let l = latency(&f);
+    assert_eq!((l.connect.count(), l.first_byte.count()), (1, 1));
+    let p50 = l.first_byte.quantile(0.5).unwrap();
+    assert!(p50 >= 0.002 && p50 < 10.0, "first-byte p50 {p50} s");
+
+    // UDP flows are never measured.
+    let udp = Packet::udp(addr("198.18.0.2:5000"), addr("198.18.100.1:8000"), b"x")
+        .with_macs(LB_MAC, CLIENT_MAC)
+        .build();
+    f.run(&udp);
+    let l = latency(&f);
+    assert_eq!((l.connect.count(), l.first_byte.count()), (1, 1));
+}

@@ -1,7 +1,10 @@
 //! Reading the per-CPU counters and the live tables into a status snapshot.
 
-use aya::maps::PerCpuArray;
-use router_common::{TrafficCounters, reasons};
+use aya::{
+    Pod,
+    maps::{PerCpuArray, PerCpuValues},
+};
+use router_common::{LATENCY_KINDS, LatencyHistogram, TrafficCounters, reasons};
 use serde::{Deserialize, Serialize};
 
 use super::{Datapath, DatapathError, map_err};
@@ -31,6 +34,8 @@ pub struct BackendStatus {
     /// Slots this backend owns in the live Maglev table.
     pub slots: u32,
     pub counters: Counters,
+    /// Connect and first-byte latency measured in the datapath.
+    pub latency: super::BackendLatency,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,6 +58,33 @@ pub struct DatapathStatus {
 }
 
 impl Datapath {
+    fn zero_per_cpu<T: Pod + Default>(
+        &mut self,
+        map: &'static str,
+        index: u32,
+    ) -> Result<(), DatapathError> {
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        let zeros =
+            PerCpuValues::try_from(vec![T::default(); ncpus]).map_err(DatapathError::Cpus)?;
+        let mut m: PerCpuArray<_, T> = PerCpuArray::try_from(
+            self.ebpf
+                .map_mut(map)
+                .ok_or(DatapathError::MissingMap(map))?,
+        )
+        .map_err(map_err(map))?;
+        m.set(index, zeros, 0).map_err(map_err(map))
+    }
+
+    /// Zeroes a backend slot's counters and histograms before the slot is
+    /// reused, so a new backend never inherits another's traffic.
+    pub(super) fn reset_backend_stats(&mut self, backend_id: u32) -> Result<(), DatapathError> {
+        self.zero_per_cpu::<TrafficCounters>("BACKEND_STATS", backend_id)?;
+        for kind in 0..LATENCY_KINDS {
+            self.zero_per_cpu::<LatencyHistogram>("LATENCY", backend_id * LATENCY_KINDS + kind)?;
+        }
+        Ok(())
+    }
+
     fn traffic(&self, map: &'static str, index: u32) -> Result<Counters, DatapathError> {
         let stats: PerCpuArray<_, TrafficCounters> =
             PerCpuArray::try_from(self.ebpf.map(map).ok_or(DatapathError::MissingMap(map))?)
@@ -99,6 +131,7 @@ impl Datapath {
                     weight: b.weight,
                     slots,
                     counters: self.traffic("BACKEND_STATS", id)?,
+                    latency: self.backend_latency(id)?,
                 });
             }
             services.push(ServiceStatus {

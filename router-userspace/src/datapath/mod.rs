@@ -6,6 +6,7 @@
 //! `active_table` word flips both halves at once.
 
 mod counters;
+mod latency;
 mod spec;
 mod state;
 
@@ -19,6 +20,7 @@ use aya::{
 use router_common::{MAX_BACKENDS, MAX_SERVICES};
 
 pub use counters::{BackendStatus, Counters, DatapathStatus, ServiceStatus};
+pub use latency::{BackendLatency, Histogram, LATENCY_CONNECT, LATENCY_FIRST_BYTE};
 pub use spec::{BackendSpec, LoadOptions, ServiceSpec};
 use state::ServiceState;
 
@@ -47,6 +49,8 @@ pub enum DatapathError {
     TooManyBackends(usize),
     #[error("table size {0} is not usable (must be a prime ≥ 2)")]
     TableSize(u32),
+    #[error("counting possible CPUs for per-CPU maps: {0}")]
+    Cpus(std::io::Error),
     #[error("service {service}: {reason}")]
     Spec { service: String, reason: String },
 }

@@ -356,10 +356,18 @@ impl Datapath {
                 .ok_or(DatapathError::MissingMap("BACKENDS"))?,
         )
         .map_err(map_err("BACKENDS"))?;
-        for id in ids.iter().filter(|id| !live.contains(id)) {
+        let freed: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|id| !live.contains(id))
+            .collect();
+        for id in &freed {
             backends
                 .set(*id, Backend::default(), 0)
                 .map_err(map_err("BACKENDS"))?;
+        }
+        for id in freed {
+            self.reset_backend_stats(id)?;
         }
         Ok(())
     }

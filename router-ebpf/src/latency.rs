@@ -1,0 +1,59 @@
+//! Latency measured in the datapath: NAT mode sees both directions of every
+//! connection, so the SYN → SYN-ACK gap (connect latency) and the gap from
+//! the client's first payload to the backend's first payload (time to first
+//! byte, or first token for a streamed completion) are observable here.
+//! Entries that are done measuring have no `CONN_AWAIT_*` bit left, and the
+//! caller skips this module for them, so established traffic pays one test.
+
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+use router_common::{
+    CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_REPLY, ConnEntry,
+    LATENCY_CONNECT, LATENCY_FIRST_BYTE, PROTO_TCP,
+};
+
+use crate::{
+    conn::reply_key,
+    maps::CONNS,
+    parse::{L4, TCP_ACK, TCP_SYN},
+    stats,
+};
+
+/// Microseconds for stamps: the coarse clock that the idle timeouts use
+/// ticks once per jiffy (up to 4 ms), far too coarse for connect latency.
+#[inline(always)]
+pub fn now_us() -> u32 {
+    (unsafe { bpf_ktime_get_ns() } / 1000) as u32
+}
+
+/// Advances the measurement of a TCP flow by one packet of direction `e`.
+#[inline(always)]
+pub fn observe(e: &mut ConnEntry, l4: &L4) {
+    if e.flags & CONN_REPLY == 0 {
+        if e.flags & CONN_AWAIT_REQUEST != 0 && l4.payload_len > 0 {
+            e.flags &= !CONN_AWAIT_REQUEST;
+            // The response is seen on the reply entry, so the stamp goes there.
+            if let Some(r) = CONNS.get_ptr_mut(reply_key(e, PROTO_TCP)) {
+                let r = unsafe { &mut *r };
+                r.stamp_us = now_us();
+                r.flags = (r.flags & !CONN_AWAIT_SYNACK) | CONN_AWAIT_RESPONSE;
+            }
+        }
+        return;
+    }
+    if e.flags & CONN_AWAIT_SYNACK != 0 && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        e.flags &= !CONN_AWAIT_SYNACK;
+        stats::latency(
+            e.backend_id,
+            LATENCY_CONNECT,
+            now_us().wrapping_sub(e.stamp_us),
+        );
+    }
+    if e.flags & CONN_AWAIT_RESPONSE != 0 && l4.payload_len > 0 {
+        e.flags &= !CONN_AWAIT_RESPONSE;
+        stats::latency(
+            e.backend_id,
+            LATENCY_FIRST_BYTE,
+            now_us().wrapping_sub(e.stamp_us),
+        );
+    }
+}
