@@ -23,6 +23,8 @@ use crate::policy::{PolicyConfig, SignalMix};
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/router";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/router/router.sock";
+/// Prometheus `/metrics`: loopback, so exposing it is a deliberate choice.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_TABLE_SIZE: u32 = router_common::DEFAULT_TABLE_SIZE;
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = router_common::DEFAULT_CONN_TABLE_SIZE;
 pub const DEFAULT_SNAT_PORT_MIN: u16 = 10000;
@@ -169,6 +171,8 @@ pub struct DaemonConfig {
     pub xdp_mode: XdpMode,
     pub pin_path: PathBuf,
     pub control_socket: PathBuf,
+    /// Where `/metrics` is served; None when `metrics_listen = ""`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Maglev slots per service; prime.
     pub table_size: u32,
     pub conn_table_size: u32,
@@ -726,6 +730,7 @@ struct RawDaemon {
     xdp_mode: XdpMode,
     pin_path: Option<PathBuf>,
     control_socket: Option<PathBuf>,
+    metrics_listen: Option<String>,
     table_size: Option<u32>,
     conn_table_size: Option<u32>,
     snat_port_range: Option<String>,
@@ -950,6 +955,21 @@ fn validate_daemon(loc: &Locator<'_>, raw: RawDaemon) -> Result<DaemonConfig, Co
         return Err(loc.err(&base.key("control_socket"), "must not be empty"));
     }
 
+    let metrics_listen = match raw.metrics_listen.as_deref() {
+        None => Some(DEFAULT_METRICS_LISTEN),
+        Some("") => None,
+        Some(s) => Some(s),
+    }
+    .map(|s| {
+        s.parse::<std::net::SocketAddr>().map_err(|_| {
+            loc.err(
+                &base.key("metrics_listen"),
+                format!("{s:?} is not an address:port (\"\" turns /metrics off)"),
+            )
+        })
+    })
+    .transpose()?;
+
     let table_size = raw.table_size.unwrap_or(DEFAULT_TABLE_SIZE);
     let conn_table_size = raw.conn_table_size.unwrap_or(DEFAULT_CONN_TABLE_SIZE);
     if conn_table_size == 0 {
@@ -986,6 +1006,7 @@ fn validate_daemon(loc: &Locator<'_>, raw: RawDaemon) -> Result<DaemonConfig, Co
         xdp_mode: raw.xdp_mode,
         pin_path,
         control_socket,
+        metrics_listen,
         table_size,
         conn_table_size,
         snat_port_min,

@@ -10,8 +10,9 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Path as UrlPath, State},
-    http::StatusCode,
+    extract::{Path as UrlPath, Query, Request, State, rejection::QueryRejection},
+    http::{StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -106,24 +107,129 @@ async fn auto_weight(
     apply_override(state, &service, &backend, |o| o.weight = None).await
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainQuery {
+    /// Seconds from now after which the backend's remaining flows are ended.
+    pub deadline_secs: Option<u64>,
+}
+
 async fn drain(
     State(state): State<Shared>,
     UrlPath((service, backend)): UrlPath<(String, String)>,
+    query: Result<Query<DrainQuery>, QueryRejection>,
 ) -> Response {
-    apply_override(state, &service, &backend, |o| o.drain = true).await
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let deadline = match q.deadline_secs.map(|d| unix_now().checked_add(d)) {
+        Some(None) => return error(StatusCode::BAD_REQUEST, "deadline_secs is too large"),
+        Some(Some(at)) => Some(at),
+        None => None,
+    };
+    apply_override(state, &service, &backend, |o| {
+        o.drain = true;
+        o.drain_deadline_unix = deadline;
+        o.flows_ended = None;
+    })
+    .await
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn services(State(state): State<Shared>) -> Response {
+    let st = state.lock().await;
+    match st.views() {
+        Ok((services, _, _)) => Json(services).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn all_backends(State(state): State<Shared>) -> Response {
+    let st = state.lock().await;
+    match st.views() {
+        Ok((_, backends, _)) => Json(backends).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn service_backends(
+    State(state): State<Shared>,
+    UrlPath(service): UrlPath<String>,
+) -> Response {
+    let st = state.lock().await;
+    match st.views() {
+        Ok((services, backends, _)) => {
+            if !services.iter().any(|s| s.name == service) {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("no service named {service:?}"),
+                );
+            }
+            let mine: Vec<_> = backends
+                .into_iter()
+                .filter(|b| b.service == service)
+                .collect();
+            Json(mine).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+/// Largest request body accepted. The API takes no bodies (everything is in
+/// the path or the query), so anything announcing more is refused before a
+/// handler runs.
+pub const MAX_REQUEST_BODY: u64 = 0;
+
+async fn refuse_bodies(req: Request, next: Next) -> Response {
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()));
+    match length {
+        Some(None) => return error(StatusCode::BAD_REQUEST, "malformed Content-Length"),
+        Some(Some(n)) if n > MAX_REQUEST_BODY => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body of {n} bytes refused: the control API takes no bodies"),
+            );
+        }
+        _ if chunked => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "chunked request body refused: the control API takes no bodies",
+            );
+        }
+        _ => {}
+    }
+    next.run(req).await
 }
 
 async fn undrain(
     State(state): State<Shared>,
     UrlPath((service, backend)): UrlPath<(String, String)>,
 ) -> Response {
-    apply_override(state, &service, &backend, |o| o.drain = false).await
+    apply_override(state, &service, &backend, |o| {
+        o.drain = false;
+        o.drain_deadline_unix = None;
+        o.flows_ended = None;
+    })
+    .await
 }
 
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/reload", post(reload))
+        .route("/v1/services", get(services))
+        .route("/v1/backends", get(all_backends))
+        .route("/v1/services/{service}/backends", get(service_backends))
         .route(
             "/v1/services/{service}/backends/{backend}/weight/{weight}",
             post(set_weight),
@@ -136,6 +242,7 @@ pub fn router(state: Shared) -> Router {
             "/v1/services/{service}/backends/{backend}/drain",
             post(drain).delete(undrain),
         )
+        .layer(middleware::from_fn(refuse_bodies))
         .with_state(state)
 }
 

@@ -71,6 +71,10 @@ pub struct BackendPolicyStatus {
     pub stats: TelemetryStats,
     pub weight_changes: u64,
     pub last_change: Option<String>,
+    /// From the config, for per-route cost.
+    pub cost_per_hour: Option<f64>,
+    pub drain_deadline_unix: Option<u64>,
+    pub flows_ended: Option<u64>,
 }
 
 /// An operator's runtime override of one backend (control API), kept
@@ -81,6 +85,13 @@ pub struct Override {
     pub weight: Option<u32>,
     /// Weight 0 for new connections; established ones finish.
     pub drain: bool,
+    /// When set (Unix seconds), the drained backend's remaining flows are
+    /// ended at this time, so the replica can be taken down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_deadline_unix: Option<u64>,
+    /// Connections ended when the deadline passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows_ended: Option<u64>,
 }
 
 fn override_in<'a>(
@@ -247,6 +258,33 @@ impl Controller {
             }
         }
         Ok(now)
+    }
+
+    /// Drains whose deadline has passed and whose flows are not ended yet.
+    pub fn due_drains(&self, now_unix: u64) -> Vec<(String, String)> {
+        let mut due = Vec::new();
+        for (svc, backends) in &self.overrides {
+            for (name, o) in backends {
+                if o.drain
+                    && o.flows_ended.is_none()
+                    && o.drain_deadline_unix.is_some_and(|d| d <= now_unix)
+                {
+                    due.push((svc.clone(), name.clone()));
+                }
+            }
+        }
+        due
+    }
+
+    /// Records that a drain's deadline was enforced.
+    pub fn mark_flows_ended(&mut self, service: &str, backend: &str, ended: u64) {
+        if let Some(o) = self
+            .overrides
+            .get_mut(service)
+            .and_then(|b| b.get_mut(backend))
+        {
+            o.flows_ended = Some(ended);
+        }
     }
 
     fn override_of(&self, service: &str, backend: &str) -> Option<&Override> {
@@ -478,6 +516,13 @@ impl Controller {
                     stats: b.stats.clone(),
                     weight_changes: b.changes,
                     last_change: b.last_change.clone(),
+                    cost_per_hour: b.cfg.cost_per_hour,
+                    drain_deadline_unix: self
+                        .override_of(&s.name, &b.cfg.name)
+                        .and_then(|o| o.drain_deadline_unix),
+                    flows_ended: self
+                        .override_of(&s.name, &b.cfg.name)
+                        .and_then(|o| o.flows_ended),
                 });
             }
         }

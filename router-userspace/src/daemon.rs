@@ -20,9 +20,10 @@ use crate::{
     config::{Config, XdpMode},
     control::{self, ReloadReply, StatusReply},
     controller::Controller,
-    datapath::{Datapath, LoadOptions},
-    fib_watch, host,
+    datapath::{ConnScan, ConnTable, Datapath, LoadOptions},
+    fib_watch, host, metrics,
     telemetry::{Reading, TelemetryError},
+    views::{self, BackendView, RateWindow, ServiceView},
 };
 
 pub fn load_options(cfg: &Config) -> LoadOptions {
@@ -67,6 +68,47 @@ pub struct DaemonState {
     config: Config,
     started: Instant,
     last_reload: Option<ReloadReply>,
+    /// Latest connection-table scan, written by the scanner thread.
+    scan: Arc<std::sync::Mutex<Option<ConnScan>>>,
+    rates: RateWindow,
+    last_rate_sample: Option<Instant>,
+}
+
+/// How often new-connection counters are sampled for rates and cost.
+const RATE_SAMPLE_EVERY: Duration = Duration::from_secs(2);
+/// Shortest pause between connection-table scans; a scan that takes long
+/// (a full table) stretches the pause so scanning stays under ~20% of a core.
+const SCAN_EVERY: Duration = Duration::from_secs(2);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Counts live flows per backend in the background, on its own descriptor
+/// of the connection table, so a scan never holds the daemon's lock.
+fn spawn_conn_scanner(
+    table: ConnTable,
+    out: Arc<std::sync::Mutex<Option<ConnScan>>>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("conn-scan".into())
+        .spawn(move || {
+            loop {
+                let t = Instant::now();
+                match table.scan() {
+                    Ok(scan) => {
+                        if let Ok(mut slot) = out.lock() {
+                            *slot = Some(scan);
+                        }
+                    }
+                    Err(e) => warn!("scanning the connection table: {e}"),
+                }
+                std::thread::sleep(SCAN_EVERY.max(t.elapsed() * 4));
+            }
+        })
+        .map(drop)
 }
 
 impl DaemonState {
@@ -92,6 +134,77 @@ impl DaemonState {
                 .unwrap_or_default(),
             all_saturated_ticks: self.ctl.as_ref().map_or(0, |c| c.all_saturated_ticks),
         })
+    }
+
+    /// Services and backends as operators see them (API, CLI, top, metrics).
+    pub fn views(&self) -> Result<(Vec<ServiceView>, Vec<BackendView>, StatusReply)> {
+        let st = self.status()?;
+        let scan = self.scan.lock().ok().and_then(|s| s.clone());
+        let backends = views::backends(&st, scan.as_ref(), &self.rates.rates());
+        let services = views::services(&st, &backends);
+        Ok((services, backends, st))
+    }
+
+    /// Connection-table occupancy from the latest scan.
+    pub fn conn_entries(&self) -> Option<u64> {
+        self.scan
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|s| s.entries))
+    }
+
+    pub fn conn_table_size(&self) -> u32 {
+        self.dp.options().conn_table_size
+    }
+
+    fn sample_rates(&mut self) {
+        let now = Instant::now();
+        if self
+            .last_rate_sample
+            .is_some_and(|t| now.duration_since(t) < RATE_SAMPLE_EVERY)
+        {
+            return;
+        }
+        match self.dp.status() {
+            Ok(st) => {
+                let counts = st
+                    .services
+                    .iter()
+                    .flat_map(|s| {
+                        s.backends
+                            .iter()
+                            .map(|b| ((s.name.clone(), b.name.clone()), b.counters.new_conns))
+                    })
+                    .collect();
+                self.rates.push(now, counts);
+                self.last_rate_sample = Some(now);
+            }
+            Err(e) => warn!("sampling connection counters: {e}"),
+        }
+    }
+
+    /// Ends the flows of drained backends whose deadline has passed.
+    fn enforce_drain_deadlines(&mut self) {
+        let Some(ctl) = self.ctl.as_mut() else { return };
+        for (service, backend) in ctl.due_drains(unix_now()) {
+            let ended = match self.dp.backend_id(&service, &backend) {
+                None => Ok(0),
+                Some(id) => self
+                    .dp
+                    .conn_table()
+                    .and_then(|mut t| t.end_backend_flows(id)),
+            };
+            match ended {
+                Ok(n) => {
+                    info!(
+                        service,
+                        backend, "drain deadline passed: {n} connections ended"
+                    );
+                    ctl.mark_flows_ended(&service, &backend, n);
+                }
+                Err(e) => warn!(service, backend, "ending drained flows: {e}"),
+            }
+        }
     }
 
     /// Applies an operator override at once (not at the next poll), so a
@@ -131,6 +244,8 @@ impl DaemonState {
         if changed && let Err(e) = self.dp.apply(&specs) {
             warn!("writing weights to the datapath: {e}");
         }
+        self.enforce_drain_deadlines();
+        self.sample_rates();
     }
 
     /// Validate-then-swap: a config that fails any check changes nothing.
@@ -234,6 +349,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
 
     let poll_interval = ctl.poll_interval();
+    let scan = Arc::new(std::sync::Mutex::new(None));
+    spawn_conn_scanner(
+        dp.conn_table().context("opening the connection table")?,
+        scan.clone(),
+    )
+    .context("starting the connection-table scanner")?;
+    let metrics_listen = cfg.daemon.metrics_listen;
     let state = Arc::new(Mutex::new(DaemonState {
         dp,
         ctl: Some(ctl),
@@ -241,9 +363,16 @@ pub async fn run(config_path: &Path) -> Result<()> {
         config: cfg,
         started: Instant::now(),
         last_reload: None,
+        scan,
+        rates: RateWindow::default(),
+        last_rate_sample: None,
     }));
     let api = control::router(state.clone());
     let server = tokio::spawn(async move { axum::serve(listener, api).await });
+    let metrics_server = match metrics_listen {
+        Some(addr) => Some(metrics::serve(addr, state.clone()).await?),
+        None => None,
+    };
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -272,6 +401,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     }
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     let mut st = state.lock().await;
     st.dp.detach_all().context("detaching XDP")?;
     if let Err(e) = std::fs::remove_file(&socket_path) {

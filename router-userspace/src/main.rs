@@ -54,8 +54,37 @@ enum Command {
         #[command(subcommand)]
         command: WeightCommand,
     },
-    /// Weight 0 for new connections to a backend; established ones finish.
-    Drain { service: String, backend: String },
+    /// Services: VIP, backends, health, saturation, traffic and cost.
+    Services {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Backends (of one service, or all): weight and why, telemetry, health,
+    /// live flows, datapath latency and cost.
+    Backends {
+        service: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live view of services and backends; keys drain and undrain. Without a
+    /// terminal it prints the backends table every refresh instead.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        refresh: std::time::Duration,
+        /// Without a terminal: stop after this many tables (0: until killed).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+    /// Weight 0 for new connections to a backend; established ones finish,
+    /// or are ended once the deadline passes.
+    Drain {
+        service: String,
+        backend: String,
+        /// End the backend's remaining flows after this long (e.g. 30s, 5m).
+        #[arg(long, value_parser = parse_duration)]
+        deadline: Option<std::time::Duration>,
+    },
     /// Undo `drain`: the backend slow-starts back to its weight.
     Undrain { service: String, backend: String },
     /// Re-read the daemon's config file and apply all of it, or none of it.
@@ -68,6 +97,23 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("malformed duration {s:?} ({e}); use e.g. 30s, 5m, 1h"))
+}
+
+fn parse_weight(s: &str) -> Result<u32, String> {
+    match s.parse::<i64>() {
+        Ok(n) if n < 0 => Err(format!("weight must not be negative, got {n}")),
+        Ok(n) => {
+            u32::try_from(n).map_err(|_| format!("weight {n} is too large (at most {})", u32::MAX))
+        }
+        Err(_) => Err(format!("weight must be a whole number, got {s:?}")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -76,6 +122,7 @@ enum WeightCommand {
     Set {
         service: String,
         backend: String,
+        #[arg(allow_hyphen_values = true, value_parser = parse_weight)]
         weight: u32,
     },
     /// Let the policy (or the config's weight) decide again.
@@ -85,7 +132,11 @@ enum WeightCommand {
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a config file (syntax, values, and this host's interfaces).
-    Check { file: PathBuf },
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -106,8 +157,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn drain(socket: &std::path::Path, method: &str, service: &str, backend: &str) -> Result<()> {
-    let path = format!("{}/drain", backend_path(service, backend));
+async fn drain(
+    socket: &std::path::Path,
+    method: &str,
+    service: &str,
+    backend: &str,
+    deadline: Option<std::time::Duration>,
+) -> Result<()> {
+    let mut path = format!("{}/drain", backend_path(service, backend));
+    if let Some(d) = deadline {
+        path.push_str(&format!("?deadline_secs={}", d.as_secs()));
+    }
     let body = control::request(socket, method, &path).await?;
     println!("{}", String::from_utf8_lossy(&body));
     Ok(())
@@ -183,11 +243,67 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", String::from_utf8_lossy(&body));
                 Ok(())
             }
-            Command::Drain { service, backend } => {
-                drain(&cli.socket, "POST", &service, &backend).await
-            }
+            Command::Drain {
+                service,
+                backend,
+                deadline,
+            } => drain(&cli.socket, "POST", &service, &backend, deadline).await,
             Command::Undrain { service, backend } => {
-                drain(&cli.socket, "DELETE", &service, &backend).await
+                drain(&cli.socket, "DELETE", &service, &backend, None).await
+            }
+            Command::Services { json } => {
+                let body = control::request(&cli.socket, "GET", "/v1/services").await?;
+                let services: Vec<router::views::ServiceView> =
+                    serde_json::from_slice(&body).context("decoding the daemon's services")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&services)?);
+                } else {
+                    print!("{}", status_view::render_services(&services));
+                }
+                Ok(())
+            }
+            Command::Backends { service, json } => {
+                let path = match &service {
+                    Some(s) => format!("/v1/services/{}/backends", control::path_segment(s)),
+                    None => "/v1/backends".to_string(),
+                };
+                let body = control::request(&cli.socket, "GET", &path).await?;
+                let backends: Vec<router::views::BackendView> =
+                    serde_json::from_slice(&body).context("decoding the daemon's backends")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&backends)?);
+                } else {
+                    print!("{}", status_view::render_backends(&backends));
+                }
+                Ok(())
+            }
+            Command::Top { refresh, count } => {
+                use std::io::IsTerminal;
+                if std::io::stdout().is_terminal() {
+                    return router::top::run(&cli.socket, refresh).await;
+                }
+                let mut shown = 0;
+                loop {
+                    let body = control::request(&cli.socket, "GET", "/v1/backends").await?;
+                    let backends: Vec<router::views::BackendView> =
+                        serde_json::from_slice(&body).context("decoding the daemon's backends")?;
+                    println!("{}", status_view::render_backends(&backends));
+                    shown += 1;
+                    if count != 0 && shown >= count {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(refresh).await;
+                }
+            }
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "router",
+                    &mut std::io::stdout(),
+                );
+                Ok(())
             }
             Command::Reload { json } => {
                 let body = control::request(&cli.socket, "POST", "/v1/reload").await?;
@@ -200,15 +316,28 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
             Command::Config {
-                command: ConfigCommand::Check { file },
+                command: ConfigCommand::Check { file, json },
             } => {
                 let cfg = daemon::load_for_host(&file)?;
-                println!(
-                    "{}: ok ({} services, {} backends)",
-                    file.display(),
-                    cfg.services.len(),
-                    cfg.services.iter().map(|s| s.backends.len()).sum::<usize>()
-                );
+                let backends = cfg.services.iter().map(|s| s.backends.len()).sum::<usize>();
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "file": file.display().to_string(),
+                            "ok": true,
+                            "services": cfg.services.iter().map(|s| &s.name).collect::<Vec<_>>(),
+                            "backends": backends,
+                        })
+                    );
+                } else {
+                    println!(
+                        "{}: ok ({} services, {} backends)",
+                        file.display(),
+                        cfg.services.len(),
+                        backends
+                    );
+                }
                 Ok(())
             }
         }

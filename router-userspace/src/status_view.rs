@@ -118,3 +118,102 @@ pub fn render(s: &StatusReply) -> String {
     );
     out
 }
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"))
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{:.0}%", v * 100.0))
+}
+
+fn health(h: Option<bool>) -> &'static str {
+    match h {
+        Some(true) => "up",
+        Some(false) => "DOWN",
+        None => "-",
+    }
+}
+
+/// `router services`: one line per service.
+pub fn render_services(services: &[crate::views::ServiceView]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<14} {:<22} {:>8} {:>8} {:>9} {:>8} {:>10} {:>9} {:>8} {:>9}",
+        "SERVICE",
+        "VIP",
+        "BACKENDS",
+        "HEALTHY",
+        "SATURATED",
+        "ACTIVE",
+        "NEW CONNS",
+        "CONN/S",
+        "$/HOUR",
+        "$/1K CONN"
+    );
+    for s in services {
+        let _ = writeln!(
+            out,
+            "{:<14} {:<22} {:>8} {:>8} {:>9} {:>8} {:>10} {:>9} {:>8} {:>9}",
+            s.name,
+            format!("{}/{}", s.vip, s.protocol),
+            s.backends,
+            s.healthy_backends,
+            s.saturated_backends,
+            s.active_connections
+                .map_or_else(|| "-".into(), |n| n.to_string()),
+            s.counters.new_conns,
+            opt(s.new_conns_per_sec, 1),
+            opt(s.cost_per_hour, 2),
+            opt(s.cost_per_1k_connections, 4),
+        );
+    }
+    out
+}
+
+/// `router backends` (and `router top` without a terminal): one line per backend.
+pub fn render_backends(backends: &[crate::views::BackendView]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<10} {:<12} {:>6} {:>6} {:>5} {:>5} {:>4} {:>7} {:>6} {:>9} {:>9} {:<6} {}",
+        "SERVICE",
+        "BACKEND",
+        "WEIGHT",
+        "SHARE",
+        "GPU",
+        "KV",
+        "SAT",
+        "ACTIVE",
+        "CONN/S",
+        "TTFB P50",
+        "TTFB P99",
+        "HEALTH",
+        "MODE/REASON"
+    );
+    for b in backends {
+        let _ = writeln!(
+            out,
+            "{:<10} {:<12} {:>6} {:>5.1}% {:>5} {:>5} {:>4} {:>7} {:>6} {:>9} {:>9} {:<6} {}/{}",
+            b.service,
+            b.name,
+            b.weight,
+            b.share * 100.0,
+            pct(b.gpu_util),
+            pct(b.kv_cache_usage),
+            if b.saturated { "yes" } else { "no" },
+            b.active_connections
+                .map_or_else(|| "-".into(), |n| n.to_string()),
+            opt(b.new_conns_per_sec, 1),
+            b.first_byte_p50_ms
+                .map_or_else(|| "-".into(), |v| format!("{v:.1}ms")),
+            b.first_byte_p99_ms
+                .map_or_else(|| "-".into(), |v| format!("{v:.1}ms")),
+            health(b.healthy),
+            b.mode,
+            b.reason,
+        );
+    }
+    out
+}

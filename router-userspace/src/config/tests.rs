@@ -122,6 +122,7 @@ fn defaults_applied() {
             xdp_mode: XdpMode::Auto,
             pin_path: "/sys/fs/bpf/router".into(),
             control_socket: "/run/router/router.sock".into(),
+            metrics_listen: Some("127.0.0.1:9090".parse().unwrap()),
             table_size: 65537,
             conn_table_size: 262_144,
             snat_port_min: 10000,
@@ -695,6 +696,23 @@ fn paths() {
         3,
         "daemon.control_socket",
         "must not be empty",
+    );
+}
+
+#[test]
+fn metrics_listen_is_an_address_or_off() {
+    let cfg = parse(&insert_after(2, r#"metrics_listen = "0.0.0.0:9100""#)).unwrap();
+    assert_eq!(
+        cfg.daemon.metrics_listen,
+        Some("0.0.0.0:9100".parse().unwrap())
+    );
+    let cfg = parse(&insert_after(2, r#"metrics_listen = """#)).unwrap();
+    assert_eq!(cfg.daemon.metrics_listen, None);
+    assert_err(
+        &insert_after(2, r#"metrics_listen = "localhost""#),
+        3,
+        "daemon.metrics_listen",
+        "not an address:port",
     );
 }
 

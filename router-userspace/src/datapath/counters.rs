@@ -28,6 +28,8 @@ impl Counters {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
+    /// Datapath slot: indexes BACKENDS and the per-backend counters.
+    pub id: u32,
     pub name: String,
     pub address: String,
     pub weight: u32,
@@ -126,6 +128,7 @@ impl Datapath {
                     .map(|t| t.iter().filter(|x| **x == id).count() as u32)
                     .unwrap_or(0);
                 backends.push(BackendStatus {
+                    id,
                     name: b.name.clone(),
                     address: b.address.to_string(),
                     weight: b.weight,

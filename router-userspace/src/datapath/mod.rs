@@ -5,6 +5,7 @@
 //! idle half and published by replacing the service's map value, whose
 //! `active_table` word flips both halves at once.
 
+mod conn_table;
 mod counters;
 mod latency;
 mod spec;
@@ -19,6 +20,7 @@ use aya::{
 };
 use router_common::{MAX_BACKENDS, MAX_SERVICES};
 
+pub use conn_table::{ConnScan, ConnTable};
 pub use counters::{BackendStatus, Counters, DatapathStatus, ServiceStatus};
 pub use latency::{BackendLatency, Histogram, LATENCY_CONNECT, LATENCY_FIRST_BYTE};
 pub use spec::{BackendSpec, LoadOptions, ServiceSpec};

@@ -1,0 +1,122 @@
+//! The connection table seen from userspace: counting live flows per
+//! backend, and ending a drained backend's flows when its deadline passes.
+//! A `ConnTable` owns its own file descriptor of `CONNS`, so a scan of a
+//! large table runs on a blocking thread without holding the daemon's lock.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use router_common::{CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey, PROTO_TCP};
+use serde::{Deserialize, Serialize};
+
+use super::{Datapath, DatapathError, LoadOptions, map_err};
+
+/// Live flows at one instant.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnScan {
+    /// Backend id → forward entries neither expired nor closing.
+    pub active: BTreeMap<u32, u64>,
+    /// Entries of either direction, expired ones included (the LRU reclaims
+    /// them lazily): how full the table is.
+    pub entries: u64,
+}
+
+pub struct ConnTable {
+    map: HashMap<MapData, ConnKey, ConnEntry>,
+    opts: LoadOptions,
+}
+
+/// `bpf_ktime_get_coarse_ns` is CLOCK_MONOTONIC_COARSE; entries are stamped
+/// with it, so ages must be measured on the same clock.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+impl ConnTable {
+    fn live(&self, key: &ConnKey, e: &ConnEntry, now: u64) -> bool {
+        let timeout = if e.flags & CONN_CLOSING != 0 {
+            self.opts.tcp_closing_ns
+        } else if key.proto == PROTO_TCP {
+            self.opts.tcp_idle_ns
+        } else {
+            self.opts.udp_idle_ns
+        };
+        now.saturating_sub(e.last_seen_ns) <= timeout
+    }
+
+    /// Counts live flows per backend. Entries that vanish mid-scan (LRU
+    /// eviction, expiry) are skipped, not errors.
+    pub fn scan(&self) -> Result<ConnScan, DatapathError> {
+        let now = coarse_now_ns();
+        let mut out = ConnScan::default();
+        for item in self.map.iter() {
+            let (key, e) = match item {
+                Ok(kv) => kv,
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err("CONNS")(e)),
+            };
+            out.entries += 1;
+            if e.flags & (CONN_REPLY | CONN_CLOSING) == 0 && self.live(&key, &e, now) {
+                *out.active.entry(e.backend_id).or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes both directions of every flow pinned to `backend_id`. The
+    /// client's next packet then misses the table; Maglev no longer picks a
+    /// drained backend, so the packet lands on another backend, which answers
+    /// a mid-stream segment with a reset: the flow ends promptly instead of
+    /// hanging. Returns the number of connections (forward entries) ended.
+    pub fn end_backend_flows(&mut self, backend_id: u32) -> Result<u64, DatapathError> {
+        let doomed: Vec<(ConnKey, bool)> = self
+            .map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, e)| e.backend_id == backend_id)
+            .map(|(k, e)| (k, e.flags & CONN_REPLY == 0))
+            .collect();
+        let mut ended = 0;
+        for (key, forward) in doomed {
+            match self.map.remove(&key) {
+                Ok(()) if forward => ended += 1,
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("CONNS")(e)),
+            }
+        }
+        Ok(ended)
+    }
+}
+
+impl Datapath {
+    /// An independent handle on the connection table (its own descriptor).
+    pub fn conn_table(&self) -> Result<ConnTable, DatapathError> {
+        let id = match self.ebpf.map("CONNS") {
+            Some(Map::LruHashMap(data)) => data.info().map_err(map_err("CONNS"))?.id(),
+            _ => return Err(DatapathError::MissingMap("CONNS")),
+        };
+        let data = MapData::from_id(id).map_err(map_err("CONNS"))?;
+        let map = HashMap::try_from(Map::from_map_data(data).map_err(map_err("CONNS"))?)
+            .map_err(map_err("CONNS"))?;
+        Ok(ConnTable {
+            map,
+            opts: self.opts.clone(),
+        })
+    }
+
+    /// The datapath id of a backend, for matching connection-table scans.
+    pub fn backend_id(&self, service: &str, backend: &str) -> Option<u32> {
+        self.services
+            .get(service)
+            .and_then(|s| s.backend_ids.get(backend))
+            .copied()
+    }
+}

@@ -1,0 +1,481 @@
+//! Prometheus `/metrics`: a read-only HTTP endpoint (GET only) on its own
+//! TCP listener. Every scrape encodes one consistent snapshot of the
+//! operator views (`views`), so metrics, API and `router top` agree. Owns
+//! metric names and labels; never changes daemon state.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, MetricEncoder, text::encode},
+    metrics::MetricType,
+    registry::Registry,
+};
+use tokio::{sync::Mutex, task::JoinHandle};
+use tracing::info;
+
+use crate::{
+    control::StatusReply,
+    daemon::DaemonState,
+    datapath::Histogram,
+    views::{BackendView, ServiceView},
+};
+
+/// Everything one scrape reports, captured under the daemon's lock once.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub services: Vec<ServiceView>,
+    pub backends: Vec<BackendView>,
+    pub status: StatusReply,
+    pub conn_entries: Option<u64>,
+    pub conn_capacity: u32,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn backend_labels(b: &BackendView) -> Labels {
+    vec![("service", b.service.clone()), ("backend", b.name.clone())]
+}
+
+fn service_labels(s: &ServiceView) -> Labels {
+    vec![("service", s.name.clone())]
+}
+
+/// One metric family whose samples are built from a list of items.
+fn family<'a, T: 'a>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    items: impl IntoIterator<Item = (Labels, T)>,
+    mut sample: impl FnMut(&mut MetricEncoder, T) -> std::fmt::Result,
+) -> std::fmt::Result {
+    let items: Vec<(Labels, T)> = items.into_iter().collect();
+    if items.is_empty() {
+        return Ok(());
+    }
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in items {
+        let mut fam = m.encode_family(&labels)?;
+        sample(&mut fam, v)?;
+    }
+    Ok(())
+}
+
+fn gauges(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    items: impl IntoIterator<Item = (Labels, Option<f64>)>,
+) -> std::fmt::Result {
+    let present = items.into_iter().filter_map(|(l, v)| v.map(|v| (l, v)));
+    family(enc, name, help, MetricType::Gauge, present, |m, v| {
+        m.encode_gauge(&v)
+    })
+}
+
+fn counters(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    items: impl IntoIterator<Item = (Labels, u64)>,
+) -> std::fmt::Result {
+    family(enc, name, help, MetricType::Counter, items, |m, v| {
+        m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&v, None)
+    })
+}
+
+fn histograms(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    items: impl IntoIterator<Item = (Labels, Histogram)>,
+) -> std::fmt::Result {
+    family(enc, name, help, MetricType::Histogram, items, |m, h| {
+        let buckets: Vec<(f64, u64)> = h
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(b, n)| {
+                let le = Histogram::upper_bound_seconds(b);
+                // prometheus-client spells +Inf as f64::MAX.
+                (if le.is_finite() { le } else { f64::MAX }, *n)
+            })
+            .collect();
+        m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            h.sum_us as f64 / 1e6,
+            h.count(),
+            &buckets,
+            None,
+        )
+    })
+}
+
+fn flag(b: bool) -> Option<f64> {
+    Some(if b { 1.0 } else { 0.0 })
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let e = &mut enc;
+        let bs = &self.backends;
+        let per_b =
+            |f: fn(&BackendView) -> Option<f64>| bs.iter().map(move |b| (backend_labels(b), f(b)));
+        let per_b_count =
+            |f: fn(&BackendView) -> u64| bs.iter().map(move |b| (backend_labels(b), f(b)));
+
+        // Traffic, from the datapath's per-CPU counters.
+        counters(
+            e,
+            "router_backend_packets",
+            "Packets forwarded, both directions.",
+            per_b_count(|b| b.counters.packets),
+        )?;
+        counters(
+            e,
+            "router_backend_bytes",
+            "Bytes forwarded, both directions.",
+            per_b_count(|b| b.counters.bytes),
+        )?;
+        counters(
+            e,
+            "router_backend_new_connections",
+            "New connections pinned to the backend.",
+            per_b_count(|b| b.counters.new_conns),
+        )?;
+        gauges(
+            e,
+            "router_backend_active_connections",
+            "Live flows in the connection table (scanned every few seconds).",
+            per_b(|b| b.active_connections.map(|n| n as f64)),
+        )?;
+        gauges(
+            e,
+            "router_backend_new_connections_per_second",
+            "New connections per second over the last minute.",
+            per_b(|b| b.new_conns_per_sec),
+        )?;
+
+        // Where traffic goes and why.
+        gauges(
+            e,
+            "router_backend_weight",
+            "Current weight in the Maglev table.",
+            per_b(|b| Some(f64::from(b.weight))),
+        )?;
+        gauges(
+            e,
+            "router_backend_share_ratio",
+            "Share of the service's Maglev slots.",
+            per_b(|b| Some(b.share)),
+        )?;
+        family(
+            e,
+            "router_backend_weight_reason",
+            "Why the backend has its weight: 1 for the current mode and reason.",
+            MetricType::Gauge,
+            bs.iter().map(|b| {
+                let mut l = backend_labels(b);
+                l.push(("mode", b.mode.clone()));
+                l.push(("reason", b.reason.clone()));
+                (l, 1.0f64)
+            }),
+            |m, v| m.encode_gauge(&v),
+        )?;
+        counters(
+            e,
+            "router_backend_weight_changes",
+            "Policy weight changes.",
+            per_b_count(|b| b.weight_changes),
+        )?;
+        gauges(
+            e,
+            "router_backend_draining",
+            "1 while drained by an operator or the config.",
+            per_b(|b| flag(b.mode == "drain")),
+        )?;
+
+        // GPU and replica state, as the policy saw it.
+        gauges(
+            e,
+            "router_backend_gpu_utilization_ratio",
+            "GPU SM utilization, 0-1.",
+            per_b(|b| b.gpu_util),
+        )?;
+        gauges(
+            e,
+            "router_backend_gpu_memory_used_bytes",
+            "GPU memory in use.",
+            per_b(|b| b.mem_used_bytes),
+        )?;
+        gauges(
+            e,
+            "router_backend_gpu_memory_total_bytes",
+            "GPU memory installed.",
+            per_b(|b| b.mem_total_bytes),
+        )?;
+        gauges(
+            e,
+            "router_backend_gpu_power_watts",
+            "GPU power draw.",
+            per_b(|b| b.power_watts),
+        )?;
+        gauges(
+            e,
+            "router_backend_gpu_throttled",
+            "1 when NVML reports any clock-throttle reason.",
+            per_b(|b| b.throttle_reasons.map(|r| if r != 0 { 1.0 } else { 0.0 })),
+        )?;
+        gauges(
+            e,
+            "router_backend_gpu_throttle_reasons",
+            "NVML clock-throttle reason bits.",
+            per_b(|b| b.throttle_reasons.map(|r| r as f64)),
+        )?;
+        gauges(
+            e,
+            "router_backend_kv_cache_usage_ratio",
+            "KV-cache usage, 0-1.",
+            per_b(|b| b.kv_cache_usage),
+        )?;
+        gauges(
+            e,
+            "router_backend_requests_running",
+            "Requests in the running batch.",
+            per_b(|b| b.requests_running),
+        )?;
+        gauges(
+            e,
+            "router_backend_requests_waiting",
+            "Requests queued beyond the batch.",
+            per_b(|b| b.requests_waiting),
+        )?;
+        gauges(
+            e,
+            "router_backend_load_ratio",
+            "Smoothed load the policy uses, 0-1.",
+            per_b(|b| b.load),
+        )?;
+        gauges(
+            e,
+            "router_backend_saturated",
+            "1 while the policy holds the backend saturated.",
+            per_b(|b| flag(b.saturated)),
+        )?;
+        gauges(
+            e,
+            "router_backend_telemetry_stale",
+            "1 while telemetry is too old to trust.",
+            per_b(|b| flag(b.stale)),
+        )?;
+        gauges(
+            e,
+            "router_backend_telemetry_age_seconds",
+            "Age of the latest valid reading.",
+            per_b(|b| b.telemetry_age_ms.map(|ms| ms as f64 / 1e3)),
+        )?;
+        counters(
+            e,
+            "router_backend_telemetry_errors",
+            "Failed or rejected telemetry polls.",
+            per_b_count(|b| b.telemetry_errors),
+        )?;
+        gauges(
+            e,
+            "router_backend_healthy",
+            "Health-check verdict (absent without a check).",
+            per_b(|b| b.healthy.map(|h| if h { 1.0 } else { 0.0 })),
+        )?;
+
+        // Cost.
+        gauges(
+            e,
+            "router_backend_cost_per_hour_dollars",
+            "Configured cost of the replica.",
+            per_b(|b| b.cost_per_hour),
+        )?;
+        gauges(
+            e,
+            "router_backend_cost_per_1k_connections_dollars",
+            "Cost per hour spread over the last minute's connection rate.",
+            per_b(|b| b.cost_per_1k_connections),
+        )?;
+
+        // Latency measured in the datapath.
+        histograms(
+            e,
+            "router_backend_connect_latency_seconds",
+            "SYN forwarded to SYN-ACK seen, measured in XDP.",
+            bs.iter()
+                .map(|b| (backend_labels(b), b.connect_latency.clone())),
+        )?;
+        histograms(
+            e,
+            "router_backend_first_byte_latency_seconds",
+            "Client's first payload to the backend's first payload (time to first token when streaming), measured in XDP.",
+            bs.iter()
+                .map(|b| (backend_labels(b), b.first_byte_latency.clone())),
+        )?;
+
+        // Services.
+        let ss = &self.services;
+        counters(
+            e,
+            "router_service_packets",
+            "Packets forwarded, both directions.",
+            ss.iter().map(|s| (service_labels(s), s.counters.packets)),
+        )?;
+        counters(
+            e,
+            "router_service_bytes",
+            "Bytes forwarded, both directions.",
+            ss.iter().map(|s| (service_labels(s), s.counters.bytes)),
+        )?;
+        counters(
+            e,
+            "router_service_new_connections",
+            "New connections.",
+            ss.iter().map(|s| (service_labels(s), s.counters.new_conns)),
+        )?;
+        gauges(
+            e,
+            "router_service_active_connections",
+            "Live flows in the connection table.",
+            ss.iter()
+                .map(|s| (service_labels(s), s.active_connections.map(|n| n as f64))),
+        )?;
+        gauges(
+            e,
+            "router_service_saturated_backends",
+            "Backends the policy holds saturated.",
+            ss.iter()
+                .map(|s| (service_labels(s), Some(s.saturated_backends as f64))),
+        )?;
+        counters(
+            e,
+            "router_service_fallback_connections",
+            "New connections sent to the fallback service's backends.",
+            ss.iter()
+                .map(|s| (service_labels(s), s.fallback_connections)),
+        )?;
+        gauges(
+            e,
+            "router_service_cost_per_hour_dollars",
+            "Sum of the backends' configured cost.",
+            ss.iter().map(|s| (service_labels(s), s.cost_per_hour)),
+        )?;
+        gauges(
+            e,
+            "router_service_cost_per_1k_connections_dollars",
+            "Service cost spread over the last minute's connection rate.",
+            ss.iter()
+                .map(|s| (service_labels(s), s.cost_per_1k_connections)),
+        )?;
+
+        // Datapath and daemon.
+        counters(
+            e,
+            "router_datapath_packets",
+            "Packets by verdict reason (every pass and drop has one).",
+            self.status
+                .datapath
+                .reasons
+                .iter()
+                .map(|(r, n)| (vec![("reason", r.clone())], *n)),
+        )?;
+        gauges(
+            e,
+            "router_conn_table_entries",
+            "Connection-table entries, both directions, from the latest scan.",
+            [(Labels::new(), self.conn_entries.map(|n| n as f64))],
+        )?;
+        gauges(
+            e,
+            "router_conn_table_capacity",
+            "Connection-table capacity.",
+            [(Labels::new(), Some(f64::from(self.conn_capacity)))],
+        )?;
+        counters(
+            e,
+            "router_policy_all_saturated_ticks",
+            "Policy ticks on which every healthy backend of a service was saturated.",
+            [(Labels::new(), self.status.all_saturated_ticks)],
+        )?;
+        counters(
+            e,
+            "router_fallback_connections",
+            "New connections sent to fallback backends, all services.",
+            [(Labels::new(), self.status.fallback_connections)],
+        )?;
+        gauges(
+            e,
+            "router_uptime_seconds",
+            "Daemon uptime.",
+            [(Labels::new(), Some(self.status.uptime_secs as f64))],
+        )?;
+        Ok(())
+    }
+}
+
+/// Encodes a snapshot in the Prometheus/OpenMetrics text format.
+pub fn render(snapshot: Snapshot) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(snapshot));
+    let mut out = String::new();
+    encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+type Shared = Arc<Mutex<DaemonState>>;
+
+async fn metrics(State(state): State<Shared>) -> Response {
+    let snapshot = {
+        let st = state.lock().await;
+        st.views().map(|(services, backends, status)| Snapshot {
+            services,
+            backends,
+            status,
+            conn_entries: st.conn_entries(),
+            conn_capacity: st.conn_table_size(),
+        })
+    };
+    let text = match snapshot
+        .map_err(|e| format!("{e:#}"))
+        .and_then(|s| render(s).map_err(|e| e.to_string()))
+    {
+        Ok(t) => t,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Binds `/metrics` (GET only: any other method gets 405) and serves it.
+pub async fn serve(addr: SocketAddr, state: Shared) -> Result<JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metrics_listen {addr}"))?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    info!("serving /metrics on {addr}");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!("metrics server stopped: {e}");
+        }
+    }))
+}
