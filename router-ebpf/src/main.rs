@@ -156,13 +156,26 @@ fn forward(
             None => {
                 // Hand the translated packet to the stack, which resolves the
                 // neighbour; later packets of the flow then take the fast path.
+                // It is still this flow's traffic (often its SYN): count it.
                 nat::rewrite_l3_l4(ctx, e, proto)?;
+                count_traffic(ctx, e, new_conn);
                 return Ok(counted(reasons::PASS_FIB_FAILED, xdp_action::XDP_PASS));
             }
         }
     }
     nat::rewrite_l3_l4(ctx, e, proto)?;
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
+    count_traffic(ctx, e, new_conn);
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    if e.ifindex == ingress {
+        return Ok(counted(reasons::TX, xdp_action::XDP_TX));
+    }
+    let action = unsafe { bpf_redirect(e.ifindex, 0) } as u32;
+    Ok(counted(reasons::REDIRECT, action))
+}
+
+#[inline(always)]
+fn count_traffic(ctx: &XdpContext, e: &ConnEntry, new_conn: bool) {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     stats::traffic(
         e.service_id,
@@ -171,12 +184,6 @@ fn forward(
         new_conn,
         e.flags & CONN_REPLY != 0,
     );
-    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    if e.ifindex == ingress {
-        return Ok(counted(reasons::TX, xdp_action::XDP_TX));
-    }
-    let action = unsafe { bpf_redirect(e.ifindex, 0) } as u32;
-    Ok(counted(reasons::REDIRECT, action))
 }
 
 #[cfg(not(test))]

@@ -82,7 +82,7 @@ enum Command {
         service: String,
         backend: String,
         /// End the backend's remaining flows after this long (e.g. 30s, 5m).
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, allow_hyphen_values = true, value_parser = parse_duration)]
         deadline: Option<std::time::Duration>,
     },
     /// Undo `drain`: the backend slow-starts back to its weight.

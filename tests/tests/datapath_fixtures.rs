@@ -415,6 +415,11 @@ fn unresolved_neighbour_passes_the_translated_packet() {
         Some(expected.build()),
         &[reasons::PASS_FIB_FAILED],
     ));
+    // The stack forwards it, so it is this backend's new connection.
+    let st = f.dp.status().unwrap();
+    assert_eq!(st.services[0].counters.new_conns, 1);
+    assert_eq!(st.services[0].backends[0].counters.new_conns, 1);
+    assert_eq!(st.services[0].backends[0].counters.packets, 1);
 }
 
 #[test]
