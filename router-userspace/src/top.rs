@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use ratatui::{
     Frame,
-    crossterm::event::{self, Event, KeyCode, KeyEventKind},
+    crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
     layout::{Constraint, Layout},
     style::{Color, Modifier, Style},
     text::Line,
@@ -246,6 +246,10 @@ pub async fn run(socket: &Path, refresh: Duration) -> Result<()> {
                 && let Event::Key(k) = event::read().context("reading keys")?
                 && k.kind == KeyEventKind::Press
             {
+                // Raw mode turns Ctrl-C into a key, not SIGINT.
+                if k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL) {
+                    return Ok(());
+                }
                 match k.code {
                     KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
                     KeyCode::Up => model.selected = model.selected.saturating_sub(1),

@@ -37,7 +37,14 @@ enum Task {
     Build,
     /// Check formatting, run clippy and run every test, one at a time (needs root).
     Test,
-    /// Build, then run the demo: namespaced topology, the daemon, weighted split (needs root).
+    /// Build, then run the GPU demo: four mock GPU replicas behind the router,
+    /// one saturating and one starting cold, watched in `router top` (needs root).
+    Demo {
+        /// Arguments passed through to the demo (--plain, --check, --duration 45s).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build, then run the weighted-split demo: static weights, a reload, a pinned stream (needs root).
     Run {
         /// Arguments passed through to the demo binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -107,6 +114,29 @@ fn dispatch(task: Task) -> Result<()> {
             build()
         }
         Task::Test => test(),
+        Task::Demo { args } => {
+            require_root(
+                "cargo xtask demo",
+                "the demo creates network namespaces and attaches XDP programs",
+            )?;
+            setup::setup()?;
+            build()?;
+            // gpu-3's host reads its GPU through the fake libnvidia-ml.
+            run(workspace_cargo().args(["build", "--release", "-p", "fake-nvml"]))
+                .context("building the fake NVML library")?;
+            run(workspace_cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "router-tests",
+                    "--bin",
+                    "gpu_demo",
+                    "--",
+                ])
+                .args(args))
+            .context("running the GPU demo")
+        }
         Task::Run { args } => {
             require_root(
                 "cargo xtask run",
