@@ -177,7 +177,7 @@ pub fn render_backends(backends: &[crate::views::BackendView]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<12} {:>6} {:>6} {:>5} {:>5} {:>4} {:>7} {:>6} {:>9} {:>9} {:<6} {}",
+        "{:<10} {:<12} {:>6} {:>6} {:>5} {:>5} {:>4} {:>7} {:>6} {:>9} {:>9} {:<6} MODE/REASON",
         "SERVICE",
         "BACKEND",
         "WEIGHT",
@@ -190,7 +190,6 @@ pub fn render_backends(backends: &[crate::views::BackendView]) -> String {
         "TTFB P50",
         "TTFB P99",
         "HEALTH",
-        "MODE/REASON"
     );
     for b in backends {
         let _ = writeln!(

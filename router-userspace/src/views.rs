@@ -195,11 +195,14 @@ pub fn services(st: &StatusReply, backends: &[BackendView]) -> Vec<ServiceView> 
         .collect()
 }
 
+/// New-connection counters per (service, backend) at one instant.
+type CounterSample = (std::time::Instant, BTreeMap<(String, String), u64>);
+
 /// Samples of each backend's new-connection counter, for rates over a
 /// sliding window without any state in the datapath.
 #[derive(Debug, Default)]
 pub struct RateWindow {
-    samples: std::collections::VecDeque<(std::time::Instant, BTreeMap<(String, String), u64>)>,
+    samples: std::collections::VecDeque<CounterSample>,
 }
 
 impl RateWindow {
