@@ -44,7 +44,17 @@ const SNAT: &str = "198.18.0.100";
 const REPLICAS: usize = 4;
 const CLIENTS: usize = 10;
 const TOKENS: u32 = 12;
-const REPLICA_ARGS: [&str; 6] = ["--max-batch", "4", "--step-ms", "15", "--tokens", "12"];
+/// The replicas hold response headers until the first token, so the
+/// datapath's first-byte latency is time to first token (see the README).
+const REPLICA_ARGS: [&str; 7] = [
+    "--max-batch",
+    "4",
+    "--step-ms",
+    "15",
+    "--tokens",
+    "12",
+    "--headers-with-first-token",
+];
 
 /// The embedded default config; `{lb_if}`, `{socket}`, `{token}` and
 /// `{addr<i>}` are filled in for the demo's namespaces.
