@@ -164,15 +164,21 @@ impl DaemonState {
         let cfg = load_for_host(&self.config_path)?;
         if load_options(&cfg) != *self.dp.options() {
             anyhow::bail!(
-                "{}: table_size, conn_table_size, timeouts and datapath_log are fixed at load time; restart the daemon to change them",
+                "{}: table_size, conn_table_size, timeouts and datapath_log are fixed at load time; \
+                 a restart changes timeouts and datapath_log hitlessly, the sizes only after \
+                 `router daemon --cleanup`",
                 cfg.origin()
             );
         }
+        // Attaching needs capabilities the daemon dropped after start, and
+        // the pins are where the running program lives.
         if cfg.daemon.interfaces != self.config.daemon.interfaces
             || cfg.daemon.xdp_mode != self.config.daemon.xdp_mode
+            || cfg.daemon.pin_path != self.config.daemon.pin_path
         {
             anyhow::bail!(
-                "{}: interface and xdp_mode changes need a restart",
+                "{}: interface, xdp_mode and pin_path changes need a restart (interfaces: \
+                 hitless; xdp_mode and pin_path: after `router daemon --cleanup`)",
                 cfg.origin()
             );
         }

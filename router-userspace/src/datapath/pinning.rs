@@ -169,7 +169,7 @@ fn check_bpffs(dir: &Path) -> Result<(), DatapathError> {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io_err(probe)(io::Error::last_os_error()));
     }
-    if i64::from(st.f_type) != BPF_FS_MAGIC {
+    if st.f_type != BPF_FS_MAGIC {
         return Err(DatapathError::NotBpffs {
             path: dir.to_path_buf(),
             found: format!("{} is not on one", probe.display()),
