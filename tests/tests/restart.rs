@@ -522,3 +522,98 @@ fn a_pin_path_off_bpffs_is_refused_before_anything_is_attached() {
     assert!(!s.xdp_attached());
     assert!(!Path::new(&bad).exists());
 }
+
+#[test]
+fn an_upgrade_that_adds_drops_or_changes_maps() {
+    use aya::maps::{Array, MapData};
+
+    let s = Setup::new("restart-upgrade");
+    s.write_config(&[100, 0, 0], "");
+    let daemon = s.start();
+    let streams = s.open_streams(5, 8);
+    assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
+    let maps = s.pins.pin_path().join("maps");
+
+    // A map whose layout the new program does not expect: refused, and the
+    // running datapath is left alone.
+    std::fs::remove_file(maps.join("FIB_GEN")).unwrap();
+    Array::<MapData, u64>::create(1, 0)
+        .unwrap()
+        .pin(maps.join("FIB_GEN"))
+        .unwrap();
+    let (ok, stderr) = s.run_daemon_once();
+    assert!(!ok);
+    for want in [
+        "FIB_GEN",
+        "value_size 8 pinned, 4 wanted",
+        "map layout changed",
+    ] {
+        assert!(stderr.contains(want), "lacks {want:?}: {stderr}");
+    }
+    assert_eq!(s.short_connections(10).get("b0"), Some(&10));
+
+    // A map the old version did not have is created; one the new version
+    // no longer declares is removed.
+    std::fs::remove_file(maps.join("FIB_GEN")).unwrap();
+    std::fs::remove_file(maps.join("REASONS")).unwrap();
+    Array::<MapData, u32>::create(1, 0)
+        .unwrap()
+        .pin(maps.join("RETIRED"))
+        .unwrap();
+    let daemon = s.start();
+    let pinned = pinned_objects(&s.pins.pin_path()).unwrap();
+    assert!(pinned.contains(&"maps/REASONS".to_string()), "{pinned:?}");
+    assert!(pinned.contains(&"maps/FIB_GEN".to_string()), "{pinned:?}");
+    assert!(!pinned.contains(&"maps/RETIRED".to_string()), "{pinned:?}");
+    assert_eq!(s.short_connections(10).get("b0"), Some(&10));
+    for stream in streams {
+        stream.finish();
+    }
+    drop(daemon);
+    let (ok, out) = s.cleanup();
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn a_restart_detaches_interfaces_dropped_from_the_config() {
+    let s = Setup::new("restart-ifaces");
+    // A dotted name, as VLAN interfaces have: bpffs allows no dot in a pin.
+    let extra = "d0.5";
+    netns::exec(
+        s.topo.lb_ns(),
+        &[
+            "ip", "link", "add", extra, "type", "veth", "peer", "name", "d0p",
+        ],
+    )
+    .unwrap();
+    let xdp_on = |iface: &str| {
+        netns::exec(s.topo.lb_ns(), &["ip", "link", "show", iface])
+            .unwrap()
+            .contains("xdp")
+    };
+    s.write_config(&[100, 100, 100], "");
+    let two = std::fs::read_to_string(s.config_path()).unwrap().replace(
+        &format!("interface = \"{}\"", s.topo.lb_if()),
+        &format!("interface = [\"{}\", \"{extra}\"]", s.topo.lb_if()),
+    );
+    std::fs::write(s.config_path(), two).unwrap();
+    let daemon = s.start();
+    assert!(xdp_on(extra) && s.xdp_attached());
+    let pinned = pinned_objects(&s.pins.pin_path()).unwrap();
+    assert!(pinned.contains(&"links/d0%2E5".to_string()), "{pinned:?}");
+    drop(daemon);
+
+    s.write_config(&[100, 100, 100], "");
+    let daemon = s.start();
+    assert!(!xdp_on(extra), "dropped from the config: detached");
+    assert!(s.xdp_attached());
+    let pinned = pinned_objects(&s.pins.pin_path()).unwrap();
+    assert!(
+        !pinned.iter().any(|p| p.starts_with("links/d0")),
+        "{pinned:?}"
+    );
+    assert_eq!(s.status().datapath.interfaces, [s.topo.lb_if()]);
+    drop(daemon);
+    let (ok, out) = s.cleanup();
+    assert!(ok, "{out}");
+}
