@@ -281,13 +281,17 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
             ),
             Err(e) => warn!("cannot read forwarding setting of {iface}: {e}"),
         }
-        dp.attach(iface, aya_mode(cfg.daemon.xdp_mode))
+        let took_over = dp
+            .attach(iface, aya_mode(cfg.daemon.xdp_mode))
             .with_context(|| format!("attaching XDP to {iface}"))?;
-        info!(
-            "{} {iface} ({} mode for a new link)",
-            if adopted { "took over" } else { "attached to" },
-            cfg.daemon.xdp_mode.as_str()
-        );
+        if took_over {
+            info!("{iface}: this program replaced the pinned one in its XDP link");
+        } else {
+            info!(
+                "attached to {iface} ({} mode)",
+                cfg.daemon.xdp_mode.as_str()
+            );
+        }
     }
     for gone in dp.finish_pinning().context("pinning the datapath")? {
         info!("removed pinned {gone} (no longer configured)");

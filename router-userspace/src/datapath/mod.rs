@@ -246,12 +246,13 @@ impl Datapath {
     /// an earlier daemon left one there, atomically replaces that link's
     /// program with this one (bpf_link_update): packets never meet an
     /// interface without a program. `mode` applies only to a new link.
-    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), DatapathError> {
+    /// Returns whether an existing link was taken over.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<bool, DatapathError> {
         let Some(pins) = self.pins.clone() else {
             let link = self.program_mut()?.attach(interface, mode)?;
             self.links
                 .push((interface.to_string(), Attachment::Owned(link)));
-            return Ok(());
+            return Ok(false);
         };
         let path = pins.link(interface);
         if path.exists() {
@@ -266,7 +267,7 @@ impl Datapath {
                     // The pin holds the link; this process needs no fd of it.
                     drop(program.take_link(id)?);
                     self.links.push((interface.to_string(), Attachment::Pinned));
-                    return Ok(());
+                    return Ok(true);
                 }
                 // The interface was deleted (and maybe re-created) since:
                 // the old link is defunct; a new one takes its place.
@@ -288,7 +289,7 @@ impl Datapath {
             source,
         })?;
         self.links.push((interface.to_string(), Attachment::Pinned));
-        Ok(())
+        Ok(false)
     }
 
     /// Completes a pinned start once every configured interface is
