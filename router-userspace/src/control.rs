@@ -262,6 +262,14 @@ pub fn path_segment(name: &str) -> String {
 /// Binds the control socket: parent directory created, a stale socket
 /// replaced, permissions 0600 so only root can steer traffic.
 pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    let listener = bind_std(path)?;
+    listener.set_nonblocking(true)?;
+    Ok(tokio::net::UnixListener::from_std(listener)?)
+}
+
+/// `bind` without a runtime: the daemon binds before it starts any thread
+/// (see `daemon::privileges`) and hands the socket to tokio later.
+pub fn bind_std(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
     use anyhow::Context;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -275,7 +283,7 @@ pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(path)
+    let listener = std::os::unix::net::UnixListener::bind(path)
         .with_context(|| format!("binding control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))?;

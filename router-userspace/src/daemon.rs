@@ -1,7 +1,12 @@
-//! The daemon: validates the config against the host, loads and attaches
-//! the datapath, serves the control socket, reloads on SIGHUP or API
-//! request (validate first, then apply all of it or none), and detaches on
-//! SIGINT/SIGTERM.
+//! The daemon: validates the config against the host, loads the datapath
+//! pinned under `pin_path` (adopting what an earlier daemon left there) and
+//! attaches it, drops the capabilities it no longer needs, serves the
+//! control socket, and reloads on SIGHUP or API request (validate first,
+//! then apply all of it or none). SIGINT/SIGTERM stop the daemon only: the
+//! pinned datapath keeps forwarding on the last weights until a new daemon
+//! adopts it or `router daemon --cleanup` removes it.
+
+mod privileges;
 
 use std::{
     path::{Path, PathBuf},
@@ -20,7 +25,7 @@ use crate::{
     config::{Config, XdpMode},
     control::{self, ReloadReply, StatusReply},
     controller::Controller,
-    datapath::{ConnScan, ConnTable, Datapath, LoadOptions},
+    datapath::{ConnScan, ConnTable, Datapath, LoadOptions, PinDir},
     fib_watch, host, metrics,
     telemetry::{Reading, TelemetryError},
     views::{self, BackendView, RateWindow, ServiceView},
@@ -274,15 +279,21 @@ impl DaemonState {
         let cfg = load_for_host(&self.config_path)?;
         if load_options(&cfg) != *self.dp.options() {
             anyhow::bail!(
-                "{}: table_size, conn_table_size, timeouts and datapath_log are fixed at load time; restart the daemon to change them",
+                "{}: table_size, conn_table_size, timeouts and datapath_log are fixed at load time; \
+                 a restart changes timeouts and datapath_log hitlessly, the sizes only after \
+                 `router daemon --cleanup`",
                 cfg.origin()
             );
         }
+        // Attaching needs capabilities the daemon dropped after start, and
+        // the pins are where the running program lives.
         if cfg.daemon.interfaces != self.config.daemon.interfaces
             || cfg.daemon.xdp_mode != self.config.daemon.xdp_mode
+            || cfg.daemon.pin_path != self.config.daemon.pin_path
         {
             anyhow::bail!(
-                "{}: interface and xdp_mode changes need a restart",
+                "{}: interface, xdp_mode and pin_path changes need a restart (interfaces: \
+                 hitless; xdp_mode and pin_path: after `router daemon --cleanup`)",
                 cfg.origin()
             );
         }
@@ -310,26 +321,71 @@ fn aya_mode(m: XdpMode) -> aya::programs::XdpMode {
     }
 }
 
-pub async fn run(config_path: &Path) -> Result<()> {
-    let cfg = load_for_host(config_path)?;
-    // Bind first: a second daemon must fail before it touches any interface.
-    let listener = control::bind(&cfg.daemon.control_socket)?;
-    let socket_path = cfg.daemon.control_socket.clone();
+/// What `router daemon` was asked for besides the config.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonOptions {
+    /// Overrides `[daemon] pin_path`.
+    pub pin_path: Option<PathBuf>,
+}
 
-    let mut dp = Datapath::load(load_options(&cfg)).context("loading the XDP datapath")?;
+/// Removes the control socket unless the daemon got as far as serving it.
+struct SocketGuard(Option<PathBuf>);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Runs the daemon. Everything privileged (binding, loading, adopting,
+/// attaching, pinning) happens on this thread before any other thread
+/// exists; then capabilities are dropped for the whole process and only
+/// then does the async runtime start its threads.
+pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
+    let cfg = load_for_host(config_path)?;
+    // Bind first: a second daemon must fail before it touches any pin or
+    // interface.
+    let listener = control::bind_std(&cfg.daemon.control_socket)?;
+    let socket_path = cfg.daemon.control_socket.clone();
+    let mut socket_guard = SocketGuard(Some(socket_path.clone()));
+    let pins = PinDir::new(
+        opts.pin_path
+            .clone()
+            .unwrap_or_else(|| cfg.daemon.pin_path.clone()),
+    );
+
+    let (mut dp, adopted) =
+        Datapath::open_pinned(load_options(&cfg), &pins).with_context(|| {
+            format!(
+                "loading the XDP datapath pinned under {}",
+                pins.root().display()
+            )
+        })?;
+    if adopted {
+        info!(
+            "adopting the datapath pinned under {}: connections, counters and tables carry on",
+            pins.root().display()
+        );
+    }
     let mut ctl = Controller::new(&cfg, None);
     let (specs, _) = ctl.decide(Duration::ZERO, &cfg);
     let report = dp
         .apply(&specs)
         .context("writing services to the datapath")?;
-    info!("services: {}", report.added.join(", "));
+    info!(
+        "services: {} added, {} removed, {} tables swapped",
+        report.added.len(),
+        report.removed.len(),
+        report.swapped.len()
+    );
 
-    let mut logger = if cfg.daemon.datapath_log {
+    let logger = if cfg.daemon.datapath_log {
         Some(aya_log::EbpfLogger::init(dp.ebpf_mut()).context("starting the datapath logger")?)
     } else {
         None
     };
-    let mut fib_events = fib_watch::spawn().context("watching routes and neighbours")?;
 
     for iface in &cfg.daemon.interfaces {
         match host::forwarding_enabled(iface) {
@@ -340,14 +396,69 @@ pub async fn run(config_path: &Path) -> Result<()> {
             ),
             Err(e) => warn!("cannot read forwarding setting of {iface}: {e}"),
         }
-        dp.attach(iface, aya_mode(cfg.daemon.xdp_mode))
+        let took_over = dp
+            .attach(iface, aya_mode(cfg.daemon.xdp_mode))
             .with_context(|| format!("attaching XDP to {iface}"))?;
-        info!(
-            "attached to {iface} ({} mode)",
-            cfg.daemon.xdp_mode.as_str()
-        );
+        if took_over {
+            info!("{iface}: this program replaced the pinned one in its XDP link");
+        } else {
+            info!(
+                "attached to {iface} ({} mode)",
+                cfg.daemon.xdp_mode.as_str()
+            );
+        }
     }
+    for gone in dp.finish_pinning().context("pinning the datapath")? {
+        info!("removed pinned {gone} (no longer configured)");
+    }
+    info!("datapath pinned under {}", pins.root().display());
 
+    let kept = privileges::drop_to_minimum(|| dp.probe_map_access().map_err(|e| e.to_string()))
+        .context("dropping capabilities")?;
+    info!("capabilities dropped; kept: {kept}");
+
+    // The watcher starts after the drop, so its thread holds nothing; the
+    // bump after it covers any route change made before it was listening.
+    let fib_events = fib_watch::spawn().context("watching routes and neighbours")?;
+    dp.bump_fib_generation()
+        .context("invalidating cached next hops")?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    socket_guard.0 = None;
+    runtime.block_on(serve(
+        config_path,
+        cfg,
+        dp,
+        ctl,
+        listener,
+        logger,
+        fib_events,
+    ))
+}
+
+async fn serve(
+    config_path: &Path,
+    cfg: Config,
+    dp: Datapath,
+    ctl: Controller,
+    listener: std::os::unix::net::UnixListener,
+    mut logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    mut fib_events: tokio::sync::mpsc::Receiver<()>,
+) -> Result<()> {
+    let socket_path = cfg.daemon.control_socket.clone();
+    let pin_root = dp
+        .pins()
+        .map(|p| p.root().display().to_string())
+        .unwrap_or_default();
+    listener
+        .set_nonblocking(true)
+        .context("control socket: non-blocking mode")?;
+    let listener =
+        tokio::net::UnixListener::from_std(listener).context("control socket: registering")?;
     let poll_interval = ctl.poll_interval();
     let scan = Arc::new(std::sync::Mutex::new(None));
     spawn_conn_scanner(
@@ -386,8 +497,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     );
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = int.recv() => { info!("SIGINT: detaching"); break; }
+            _ = term.recv() => { info!("SIGTERM"); break; }
+            _ = int.recv() => { info!("SIGINT"); break; }
             _ = hup.recv() => { state.lock().await.reload(); }
             Some(()) = fib_events.recv() => {
                 if let Err(e) = state.lock().await.dp.bump_fib_generation() {
@@ -404,12 +515,48 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Some(m) = metrics_server {
         m.abort();
     }
-    let mut st = state.lock().await;
-    st.dp.detach_all().context("detaching XDP")?;
+    info!(
+        "stopping; the datapath stays attached and forwards on the last weights \
+         (pinned under {pin_root}; `router daemon --cleanup` removes it)"
+    );
     if let Err(e) = std::fs::remove_file(&socket_path) {
         warn!("removing {}: {e}", socket_path.display());
     }
     Ok(())
+}
+
+/// `router daemon --cleanup`: detaches the pinned datapath from every
+/// interface and removes every pinned object. Refused while a daemon
+/// answers on `socket`, which would go on writing maps nobody reads.
+pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        anyhow::bail!(
+            "a router daemon answers on {}: stop it first (SIGTERM leaves the datapath pinned; \
+             --cleanup then removes it)",
+            socket.display()
+        );
+    }
+    let pins = PinDir::new(pin_path);
+    let removed = crate::datapath::pinning::remove_all(&pins)
+        .with_context(|| format!("removing the datapath pinned under {}", pin_path.display()))?;
+    if removed.links.is_empty() && !removed.program && removed.maps.is_empty() {
+        return Ok(format!("nothing pinned under {}", pin_path.display()));
+    }
+    Ok(format!(
+        "removed {}: detached from {}, program {}, {} maps",
+        pin_path.display(),
+        if removed.links.is_empty() {
+            "no interface".to_string()
+        } else {
+            removed.links.join(", ")
+        },
+        if removed.program {
+            "unpinned"
+        } else {
+            "not pinned"
+        },
+        removed.maps.len()
+    ))
 }
 
 enum RoundResult {

@@ -26,10 +26,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon: load and attach the XDP program, serve the control socket.
+    /// Run the daemon: load (or adopt) the pinned XDP datapath, attach it,
+    /// serve the control socket. Stopping the daemon leaves the datapath
+    /// forwarding on the last weights; the next daemon takes it over.
     Daemon {
+        #[arg(long, required_unless_present = "cleanup")]
+        config: Option<PathBuf>,
+        /// Where the program, maps and links are pinned (bpffs); overrides
+        /// `[daemon] pin_path`.
         #[arg(long)]
-        config: PathBuf,
+        pin_path: Option<PathBuf>,
+        /// Detach the pinned datapath from every interface and remove every
+        /// pinned object, then exit (established connections are reset).
+        #[arg(long)]
+        cleanup: bool,
     },
     /// Serve this host's GPU readings (NVML) over HTTP/JSON for remote routers.
     Agent {
@@ -173,6 +183,32 @@ async fn drain(
     Ok(())
 }
 
+fn daemon_command(
+    config: Option<PathBuf>,
+    pin_path: Option<PathBuf>,
+    cleanup: bool,
+    socket: &std::path::Path,
+) -> Result<()> {
+    if !cleanup {
+        let config = config.context("--config is required")?;
+        return daemon::run(&config, &daemon::DaemonOptions { pin_path });
+    }
+    // The config, when given, only names the pin path and control socket:
+    // cleaning up must work even when the host no longer fits it.
+    let cfg = config
+        .as_deref()
+        .map(router::config::Config::load)
+        .transpose()?;
+    let pin_path = pin_path
+        .or_else(|| cfg.as_ref().map(|c| c.daemon.pin_path.clone()))
+        .unwrap_or_else(|| router::config::DEFAULT_PIN_PATH.into());
+    let socket = cfg
+        .as_ref()
+        .map_or(socket, |c| c.daemon.control_socket.as_path());
+    println!("{}", daemon::cleanup(&pin_path, socket)?);
+    Ok(())
+}
+
 fn backend_path(service: &str, backend: &str) -> String {
     format!(
         "/v1/services/{}/backends/{}",
@@ -182,14 +218,26 @@ fn backend_path(service: &str, backend: &str) -> String {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let command = match cli.command {
+        // Not inside a runtime: the daemon starts its own once it has
+        // dropped capabilities, which only works while it has one thread.
+        Command::Daemon {
+            config,
+            pin_path,
+            cleanup,
+        } => return daemon_command(config, pin_path, cleanup, &cli.socket),
+        other => other,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        match cli.command {
-            Command::Daemon { config } => daemon::run(&config).await,
+        match command {
+            Command::Daemon { .. } => {
+                anyhow::bail!("the daemon starts its own runtime (handled above)")
+            }
             Command::Agent {
                 listen,
                 token_file,

@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::netns::{self, ChildGuard};
+use crate::{
+    bpffs::BpfFs,
+    netns::{self, ChildGuard},
+};
 
 /// The `router` binary built next to the running test or tool
 /// (`target/<profile>/router`); `cargo xtask test` builds it first.
@@ -68,14 +71,101 @@ pub fn one_arm_config(
     s
 }
 
-/// Starts `router daemon` in `ns` and waits until its control socket answers.
-pub fn start_daemon(ns: &str, config: &Path, socket: &Path) -> Result<ChildGuard> {
+/// A daemon with pins of its own. On `stop` or drop it is stopped (or
+/// killed), then `router daemon --cleanup` detaches the datapath it leaves
+/// behind and its bpffs is unmounted.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<ChildGuard>,
+    pid: u32,
+    socket: PathBuf,
+    pins: Option<BpfFs>,
+}
+
+impl Daemon {
+    pub fn id(&self) -> u32 {
+        self.pid
+    }
+
+    /// SIGTERM, wait up to `timeout`, SIGKILL; then the datapath that
+    /// SIGTERM leaves running is removed.
+    pub fn stop(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let status = match self.child.take() {
+            Some(child) => child.stop(timeout),
+            None => bail!("daemon already stopped"),
+        };
+        self.remove_pins();
+        status
+    }
+
+    fn remove_pins(&mut self) {
+        if let Some(pins) = self.pins.take() {
+            if let Err(e) = cleanup_pins(&self.socket, &pins.pin_path()) {
+                eprintln!("daemon: {e:#}");
+            }
+            drop(pins);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        drop(self.child.take());
+        self.remove_pins();
+    }
+}
+
+/// `router --socket SOCKET daemon --cleanup --pin-path PIN_PATH`: detaches
+/// at once, where unmounting the bpffs alone would detach from a kernel
+/// workqueue a moment later.
+pub fn cleanup_pins(socket: &Path, pin_path: &Path) -> Result<String> {
+    let out = Command::new(router_binary()?)
+        .arg("--socket")
+        .arg(socket)
+        .args(["daemon", "--cleanup", "--pin-path"])
+        .arg(pin_path)
+        .output()
+        .context("running router daemon --cleanup")?;
+    if !out.status.success() {
+        bail!(
+            "router daemon --cleanup exited {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Starts `router daemon` in `ns` with its pins on a private bpffs and
+/// waits until its control socket answers.
+pub fn start_daemon(ns: &str, config: &Path, socket: &Path) -> Result<Daemon> {
+    let pins = BpfFs::mount()?;
+    let child = start_daemon_pinned(ns, config, socket, &pins.pin_path())?;
+    Ok(Daemon {
+        pid: child.id(),
+        child: Some(child),
+        socket: socket.to_path_buf(),
+        pins: Some(pins),
+    })
+}
+
+/// Starts `router daemon --pin-path PIN_PATH` in `ns` and waits until its
+/// control socket answers. The pins outlive the returned guard: that is
+/// what restarts are made of; the caller removes them.
+pub fn start_daemon_pinned(
+    ns: &str,
+    config: &Path,
+    socket: &Path,
+    pin_path: &Path,
+) -> Result<ChildGuard> {
     let bin = router_binary()?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns])
         .arg(&bin)
         .args(["daemon", "--config"])
         .arg(config)
+        .arg("--pin-path")
+        .arg(pin_path)
         .stdin(std::process::Stdio::null());
     let mut child = netns::spawn_command(cmd)?;
     let deadline = Instant::now() + Duration::from_secs(30);

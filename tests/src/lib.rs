@@ -2,6 +2,7 @@
 //! and the benchmarks.
 pub mod bench_control;
 pub mod bench_datapath;
+pub mod bpffs;
 pub mod daemon_proc;
 pub mod fake_nvml;
 pub mod kernel_ns;

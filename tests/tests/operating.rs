@@ -14,7 +14,7 @@ use std::{
 
 use openmetrics_parser::{MetricsExposition, OpenMetricsType, OpenMetricsValue};
 use router_tests::{
-    daemon_proc::{ScratchDir, cli, one_arm_config, start_daemon},
+    daemon_proc::{Daemon, ScratchDir, cli, one_arm_config, start_daemon},
     netns::{self, ChildGuard, Topology},
 };
 use serde_json::Value;
@@ -28,7 +28,7 @@ struct Rig {
     socket: std::path::PathBuf,
     config: std::path::PathBuf,
     _backends: Vec<ChildGuard>,
-    daemon: Option<ChildGuard>,
+    daemon: Option<Daemon>,
 }
 
 impl Rig {

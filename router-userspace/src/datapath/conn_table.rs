@@ -3,7 +3,7 @@
 //! A `ConnTable` owns its own file descriptor of `CONNS`, so a scan of a
 //! large table runs on a blocking thread without holding the daemon's lock.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, os::fd::AsFd};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use router_common::{CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey, PROTO_TCP};
@@ -97,13 +97,26 @@ impl ConnTable {
 }
 
 impl Datapath {
-    /// An independent handle on the connection table (its own descriptor).
+    /// An independent handle on the connection table: a duplicate of the
+    /// map's descriptor (no capability needed, unlike opening it by id, so
+    /// it works after the daemon dropped its capabilities).
     pub fn conn_table(&self) -> Result<ConnTable, DatapathError> {
-        let id = match self.ebpf.map("CONNS") {
-            Some(Map::LruHashMap(data)) => data.info().map_err(map_err("CONNS"))?.id(),
+        let fd = match self.ebpf.map("CONNS") {
+            Some(Map::LruHashMap(data)) => {
+                data.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| DatapathError::Map {
+                        map: "CONNS",
+                        source: MapError::SyscallError(aya::sys::SyscallError {
+                            call: "dup",
+                            io_error: e,
+                        }),
+                    })?
+            }
             _ => return Err(DatapathError::MissingMap("CONNS")),
         };
-        let data = MapData::from_id(id).map_err(map_err("CONNS"))?;
+        let data = MapData::from_fd(fd).map_err(map_err("CONNS"))?;
         let map = HashMap::try_from(Map::from_map_data(data).map_err(map_err("CONNS"))?)
             .map_err(map_err("CONNS"))?;
         Ok(ConnTable {

@@ -4,25 +4,38 @@
 //! service's Maglev table is double-buffered; a change is written into the
 //! idle half and published by replacing the service's map value, whose
 //! `active_table` word flips both halves at once.
+//!
+//! A datapath is either owned by this process (`load`: detached and freed
+//! with it; fixtures and benchmarks) or pinned (`open_pinned`: the program,
+//! its maps and links live on bpffs and outlive the daemon, and a new daemon
+//! adopts them and swaps in its program without a moment without one).
 
+mod adopt;
 mod conn_table;
 mod counters;
 mod latency;
+pub mod pinning;
 mod spec;
 mod state;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapError},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    pin::PinError,
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use router_common::{MAX_BACKENDS, MAX_SERVICES};
 
 pub use conn_table::{ConnScan, ConnTable};
 pub use counters::{BackendStatus, Counters, DatapathStatus, ServiceStatus};
 pub use latency::{BackendLatency, Histogram, LATENCY_CONNECT, LATENCY_FIRST_BYTE};
+pub use pinning::{PinDir, Removed};
 pub use spec::{BackendSpec, LoadOptions, ServiceSpec};
 use state::ServiceState;
 
@@ -55,6 +68,40 @@ pub enum DatapathError {
     Cpus(std::io::Error),
     #[error("service {service}: {reason}")]
     Spec { service: String, reason: String },
+    #[error("reading the XDP object's map definitions: {0}")]
+    Object(String),
+    #[error(
+        "pin_path {}: not on a BPF filesystem ({found}); mount one first (mount -t bpf bpf /sys/fs/bpf)",
+        path.display()
+    )]
+    NotBpffs { path: PathBuf, found: String },
+    #[error("{}: {source}", path.display())]
+    PinIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pinned map {map} does not fit this daemon: {detail}; a pinned map is never re-created \
+         under a running datapath: run `router daemon --cleanup` first (it detaches and resets \
+         every connection: not hitless)"
+    )]
+    PinnedMap { map: String, detail: String },
+    #[error("pinned link {}: {detail}", path.display())]
+    PinnedLink { path: PathBuf, detail: String },
+    #[error("pinning {what}: {source}")]
+    Pin {
+        what: String,
+        #[source]
+        source: PinError,
+    },
+    #[error(
+        "XDP on {0} was attached without a BPF link (netlink), which cannot be pinned; \
+         remove it with `ip link set dev {0} xdp off` and start again"
+    )]
+    NotPinnable(String),
+    #[error("XDP link: {0}")]
+    Link(#[from] LinkError),
 }
 
 pub(crate) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -70,30 +117,97 @@ pub struct Datapath {
     /// previous table half just before the flip.
     retired_backends: Vec<u32>,
     filter: Vec<u32>,
-    links: Vec<(String, XdpLinkId)>,
+    links: Vec<(String, Attachment)>,
     fib_gen: u32,
+    /// Where the objects are pinned; `None` for an owned datapath.
+    pins: Option<PinDir>,
+    /// Map contents left by an earlier daemon, named by the first apply.
+    adopted: Option<adopt::PinnedState>,
+}
+
+enum Attachment {
+    /// Detached when the program is dropped.
+    Owned(XdpLinkId),
+    /// Held by its pin; this process keeps no reference.
+    Pinned,
+}
+
+/// `max_entries` set at load time, by map name.
+fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 2], DatapathError> {
+    if opts.table_size < 2 {
+        return Err(DatapathError::TableSize(opts.table_size));
+    }
+    let tables = MAX_SERVICES
+        .checked_mul(2)
+        .and_then(|n| n.checked_mul(opts.table_size))
+        .ok_or(DatapathError::TableSize(opts.table_size))?;
+    Ok([("MAGLEV_TABLES", tables), ("CONNS", opts.conn_table_size)])
+}
+
+/// The loader with every load-time setting; `log` is `datapath_log` as the
+/// program's u32.
+fn loader<'a>(
+    opts: &'a LoadOptions,
+    log: &'a u32,
+    sized: &[(&'static str, u32)],
+) -> EbpfLoader<'a> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global("TABLE_SIZE", &opts.table_size, true)
+        .override_global("TCP_IDLE_NS", &opts.tcp_idle_ns, true)
+        .override_global("TCP_CLOSING_NS", &opts.tcp_closing_ns, true)
+        .override_global("UDP_IDLE_NS", &opts.udp_idle_ns, true)
+        .override_global("DATAPATH_LOG", log, true);
+    for (name, size) in sized {
+        loader.map_max_entries(name, *size);
+    }
+    loader
 }
 
 impl Datapath {
-    /// Loads the program and creates its maps; attaches nothing.
+    /// Loads the program and creates its maps; attaches nothing. Everything
+    /// goes away with the returned value.
     pub fn load(opts: LoadOptions) -> Result<Self, DatapathError> {
-        if opts.table_size < 2 {
-            return Err(DatapathError::TableSize(opts.table_size));
-        }
-        let tables = MAX_SERVICES
-            .checked_mul(2)
-            .and_then(|n| n.checked_mul(opts.table_size))
-            .ok_or(DatapathError::TableSize(opts.table_size))?;
+        let sized = sized_maps(&opts)?;
         let log = u32::from(opts.datapath_log);
-        let mut ebpf = EbpfLoader::new()
-            .override_global("TABLE_SIZE", &opts.table_size, true)
-            .override_global("TCP_IDLE_NS", &opts.tcp_idle_ns, true)
-            .override_global("TCP_CLOSING_NS", &opts.tcp_closing_ns, true)
-            .override_global("UDP_IDLE_NS", &opts.udp_idle_ns, true)
-            .override_global("DATAPATH_LOG", &log, true)
-            .map_max_entries("MAGLEV_TABLES", tables)
-            .map_max_entries("CONNS", opts.conn_table_size)
-            .load(ROUTER_OBJ)?;
+        let ebpf = loader(&opts, &log, &sized).load(ROUTER_OBJ)?;
+        Self::finish_load(ebpf, opts, None)
+    }
+
+    /// Loads the program against the maps pinned under `dir`, creating and
+    /// pinning the ones that are not there yet. Pinned maps must fit the
+    /// program exactly (type, key and value size, entries, flags), or this
+    /// refuses with the map and the difference: re-creating one would lose
+    /// its state, and for `CONNS` reset every connection. Returns whether
+    /// an earlier datapath was found; its state is adopted by the first
+    /// `apply`. Nothing is attached or replaced yet.
+    pub fn open_pinned(opts: LoadOptions, dir: &PinDir) -> Result<(Self, bool), DatapathError> {
+        let sized = sized_maps(&opts)?;
+        let layouts = pinning::pinned_layouts(ROUTER_OBJ, &sized)?;
+        dir.create()?;
+        let adopted = pinning::check_pinned(dir, &layouts)?;
+        let log = u32::from(opts.datapath_log);
+        let mut loader = loader(&opts, &log, &sized);
+        for l in &layouts {
+            loader.map_pin_path(&l.name, dir.map(&l.name));
+        }
+        let ebpf = loader.load(ROUTER_OBJ)?;
+        let mut dp = Self::finish_load(ebpf, opts, Some(dir.clone()))?;
+        // The services are what the rest is read through: with them
+        // pinned there is a datapath to adopt (maps created just now read
+        // as empty, which is what they hold).
+        let found = adopted.contains("SERVICES");
+        if found {
+            dp.adopted = Some(dp.read_pinned_state()?);
+        }
+        Ok((dp, found))
+    }
+
+    fn finish_load(
+        mut ebpf: Ebpf,
+        opts: LoadOptions,
+        pins: Option<PinDir>,
+    ) -> Result<Self, DatapathError> {
         let program: &mut Xdp = ebpf
             .program_mut("router")
             .ok_or(DatapathError::MissingMap("router program"))?
@@ -107,7 +221,12 @@ impl Datapath {
             filter: vec![0; router_common::ADDR_FILTER_SIZE as usize],
             links: Vec::new(),
             fib_gen: 0,
+            pins,
+            adopted: None,
         };
+        // A pinned generation counts on, so no cached next hop can match
+        // a generation it was not resolved under.
+        dp.fib_gen = dp.fib_gen_map()?.get(&0, 0).map_err(map_err("FIB_GEN"))?;
         dp.bump_fib_generation()?;
         Ok(dp)
     }
@@ -129,18 +248,120 @@ impl Datapath {
         &mut self.ebpf
     }
 
-    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), DatapathError> {
-        let link = self.program_mut()?.attach(interface, mode)?;
-        self.links.push((interface.to_string(), link));
-        Ok(())
+    /// Attaches to `interface`. A pinned datapath pins the link, or, when
+    /// an earlier daemon left one there, atomically replaces that link's
+    /// program with this one (bpf_link_update): packets never meet an
+    /// interface without a program. `mode` applies only to a new link.
+    /// Returns whether an existing link was taken over.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<bool, DatapathError> {
+        let Some(pins) = self.pins.clone() else {
+            let link = self.program_mut()?.attach(interface, mode)?;
+            self.links
+                .push((interface.to_string(), Attachment::Owned(link)));
+            return Ok(false);
+        };
+        let path = pins.link(interface);
+        if path.exists() {
+            let old = PinnedLink::from_pin(&path).map_err(|e| DatapathError::PinnedLink {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+            let old = XdpLink::try_from(FdLink::from(old))?;
+            let program = self.program_mut()?;
+            match program.attach_to_link(old) {
+                Ok(id) => {
+                    // The pin holds the link; this process needs no fd of it.
+                    drop(program.take_link(id)?);
+                    self.links.push((interface.to_string(), Attachment::Pinned));
+                    return Ok(true);
+                }
+                // The interface was deleted (and maybe re-created) since:
+                // the old link is defunct; a new one takes its place.
+                Err(ProgramError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOLINK) =>
+                {
+                    pinning::remove_link(&pins, interface)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let program = self.program_mut()?;
+        let id = program.attach(interface, mode)?;
+        let link = program.take_link(id)?;
+        let fd = FdLink::try_from(link)
+            .map_err(|_| DatapathError::NotPinnable(interface.to_string()))?;
+        fd.pin(&path).map_err(|source| DatapathError::Pin {
+            what: format!("the XDP link of {interface}"),
+            source,
+        })?;
+        self.links.push((interface.to_string(), Attachment::Pinned));
+        Ok(false)
     }
 
-    /// Detaches from every interface (the maps go with the program on drop).
+    /// Completes a pinned start once every configured interface is
+    /// attached: links left on interfaces no longer configured are
+    /// detached, this program replaces the pinned one, and pinned maps this
+    /// program does not declare (dropped by an upgrade) are removed. Returns
+    /// what was removed, for the log.
+    pub fn finish_pinning(&mut self) -> Result<Vec<String>, DatapathError> {
+        let Some(pins) = self.pins.clone() else {
+            return Ok(Vec::new());
+        };
+        let mut removed = Vec::new();
+        let attached = self.attached_interfaces();
+        for iface in pins.linked_interfaces()? {
+            if !attached.contains(&iface) {
+                pinning::remove_link(&pins, &iface)?;
+                removed.push(format!("link on {iface}"));
+            }
+        }
+        let next = pins.program_next();
+        if next.exists() {
+            std::fs::remove_file(&next).map_err(|source| DatapathError::PinIo {
+                path: next.clone(),
+                source,
+            })?;
+        }
+        self.program_mut()?
+            .pin(&next)
+            .map_err(|source| DatapathError::Pin {
+                what: "the XDP program".into(),
+                source,
+            })?;
+        // A rename replaces the old pin in one step.
+        std::fs::rename(&next, pins.program()).map_err(|source| DatapathError::PinIo {
+            path: pins.program(),
+            source,
+        })?;
+        let declared = pinning::pinned_layouts(ROUTER_OBJ, &sized_maps(&self.opts)?)?;
+        for name in pins.pinned_maps()? {
+            if !declared.iter().any(|l| l.name == name) {
+                let path = pins.map(&name);
+                std::fs::remove_file(&path)
+                    .map_err(|source| DatapathError::PinIo { path, source })?;
+                removed.push(format!("map {name}"));
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Where the datapath is pinned, if it is.
+    pub fn pins(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
+    }
+
+    /// Detaches an owned datapath from every interface (the maps go with
+    /// the program on drop). A pinned one stays: see `pinning::remove_all`.
     pub fn detach_all(&mut self) -> Result<(), DatapathError> {
-        let links = std::mem::take(&mut self.links);
+        let (owned, pinned): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|(_, l)| matches!(l, Attachment::Owned(_)));
+        self.links = pinned;
         let program = self.program_mut()?;
-        for (_, link) in links {
-            program.detach(link)?;
+        for (_, link) in owned {
+            if let Attachment::Owned(id) = link {
+                program.detach(id)?;
+            }
         }
         Ok(())
     }
@@ -149,15 +370,31 @@ impl Datapath {
         self.links.iter().map(|(i, _)| i.clone()).collect()
     }
 
-    /// Invalidates every cached next hop: called when routes or neighbours change.
-    pub fn bump_fib_generation(&mut self) -> Result<(), DatapathError> {
-        self.fib_gen = self.fib_gen.wrapping_add(1).max(1);
-        let mut gen_map: Array<_, u32> = Array::try_from(
+    /// A lookup and a same-value update through an open map fd: what the
+    /// daemon does for its whole life, used to find which capabilities
+    /// this kernel asks for them.
+    pub fn probe_map_access(&mut self) -> Result<(), DatapathError> {
+        let gen_now = self.fib_gen;
+        let mut map = self.fib_gen_map()?;
+        map.get(&0, 0).map_err(map_err("FIB_GEN"))?;
+        map.set(0, gen_now, 0).map_err(map_err("FIB_GEN"))
+    }
+
+    fn fib_gen_map(&mut self) -> Result<Array<&mut aya::maps::MapData, u32>, DatapathError> {
+        Array::try_from(
             self.ebpf
                 .map_mut("FIB_GEN")
                 .ok_or(DatapathError::MissingMap("FIB_GEN"))?,
         )
-        .map_err(map_err("FIB_GEN"))?;
-        gen_map.set(0, self.fib_gen, 0).map_err(map_err("FIB_GEN"))
+        .map_err(map_err("FIB_GEN"))
+    }
+
+    /// Invalidates every cached next hop: called when routes or neighbours change.
+    pub fn bump_fib_generation(&mut self) -> Result<(), DatapathError> {
+        self.fib_gen = self.fib_gen.wrapping_add(1).max(1);
+        let fib_gen = self.fib_gen;
+        self.fib_gen_map()?
+            .set(0, fib_gen, 0)
+            .map_err(map_err("FIB_GEN"))
     }
 }

@@ -91,6 +91,9 @@ impl Datapath {
     /// write, so a rejected state leaves the datapath as it was.
     pub fn apply(&mut self, specs: &[ServiceSpec]) -> Result<ApplyReport, DatapathError> {
         check(specs)?;
+        if let Some(pinned) = self.adopted.take() {
+            self.adopt(pinned, specs);
+        }
         let mut report = ApplyReport::default();
 
         // Plan ids first: nothing is written unless every service fits.

@@ -1,0 +1,186 @@
+//! Adopting a pinned datapath: re-deriving the daemon's view of the maps
+//! from what an earlier daemon left in them (which table half each service
+//! serves, which backend owns which id, the address filter), so the first
+//! apply writes only idle halves and flips, as any later one does. Reading
+//! only: nothing here writes a map, and `CONNS` is never touched.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{Array, HashMap as BpfHashMap};
+use router_common::{ADDR_FILTER_SIZE, Backend, MAX_BACKENDS, PROTO_TCP, Service, ServiceKey};
+
+use super::{BackendSpec, Datapath, DatapathError, ServiceSpec, map_err, state::ServiceState};
+use crate::datapath::state::service_key;
+
+/// The maps' contents that the daemon's state is derived from.
+pub(super) struct PinnedState {
+    services: Vec<(ServiceKey, Service)>,
+    /// Backend slots in use, by id.
+    backends: Vec<(u32, Backend)>,
+    /// Each service's live table half, by service id.
+    live_tables: BTreeMap<u32, Vec<u32>>,
+    filter: Vec<u32>,
+}
+
+fn vip_of(key: &ServiceKey) -> std::net::SocketAddrV4 {
+    std::net::SocketAddrV4::new(key.addr.to_ne_bytes().into(), u16::from_be(key.port))
+}
+
+impl Datapath {
+    pub(super) fn read_pinned_state(&self) -> Result<PinnedState, DatapathError> {
+        let services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
+            self.ebpf
+                .map("SERVICES")
+                .ok_or(DatapathError::MissingMap("SERVICES"))?,
+        )
+        .map_err(map_err("SERVICES"))?;
+        let services = services
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("SERVICES"))?;
+
+        let backend_map: Array<_, Backend> = Array::try_from(
+            self.ebpf
+                .map("BACKENDS")
+                .ok_or(DatapathError::MissingMap("BACKENDS"))?,
+        )
+        .map_err(map_err("BACKENDS"))?;
+        let mut backends = Vec::new();
+        for id in 0..MAX_BACKENDS {
+            let b = backend_map.get(&id, 0).map_err(map_err("BACKENDS"))?;
+            if b.in_use != 0 {
+                backends.push((id, b));
+            }
+        }
+
+        let tables: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map("MAGLEV_TABLES")
+                .ok_or(DatapathError::MissingMap("MAGLEV_TABLES"))?,
+        )
+        .map_err(map_err("MAGLEV_TABLES"))?;
+        let size = self.opts.table_size;
+        let mut live_tables = BTreeMap::new();
+        for (_, svc) in &services {
+            let base = (svc.id * 2 + (svc.active_table & 1)) * size;
+            let table = (base..base + size)
+                .map(|i| tables.get(&i, 0))
+                .collect::<Result<Vec<u32>, _>>()
+                .map_err(map_err("MAGLEV_TABLES"))?;
+            live_tables.insert(svc.id, table);
+        }
+
+        let filter_map: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map("ADDR_FILTER")
+                .ok_or(DatapathError::MissingMap("ADDR_FILTER"))?,
+        )
+        .map_err(map_err("ADDR_FILTER"))?;
+        let filter = (0..ADDR_FILTER_SIZE)
+            .map(|i| filter_map.get(&i, 0))
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(map_err("ADDR_FILTER"))?;
+
+        Ok(PinnedState {
+            services,
+            backends,
+            live_tables,
+            filter,
+        })
+    }
+
+    /// Names the pinned services and backends after `specs`: a service by
+    /// where it listens (VIP, port, protocol), a backend within it by
+    /// address. Pinned ones the specs do not name keep placeholder names,
+    /// so the apply that follows retires them like any removed service or
+    /// backend (their slots stay valid one more round).
+    pub(super) fn adopt(&mut self, pinned: PinnedState, specs: &[ServiceSpec]) {
+        let PinnedState {
+            services,
+            backends,
+            mut live_tables,
+            filter,
+        } = pinned;
+        self.filter = filter;
+        let mut claimed = std::collections::BTreeSet::new();
+        for (key, svc) in services {
+            let spec = specs.iter().find(|s| service_key(s) == key);
+            let mut free: Vec<(u32, Backend)> = backends
+                .iter()
+                .filter(|(_, b)| b.service_id == svc.id)
+                .copied()
+                .collect();
+            claimed.extend(free.iter().map(|(id, _)| *id));
+            let mut backend_ids = BTreeMap::new();
+            let mut backend_specs = Vec::new();
+            for b in spec.map(|s| s.backends.as_slice()).unwrap_or_default() {
+                let addr = u32::from_ne_bytes(b.address.ip().octets());
+                let port = b.address.port().to_be();
+                if let Some(pos) = free
+                    .iter()
+                    .position(|(_, pb)| pb.addr == addr && pb.port == port)
+                {
+                    let (id, _) = free.remove(pos);
+                    backend_ids.insert(b.name.clone(), id);
+                    backend_specs.push(BackendSpec {
+                        weight: 0,
+                        ..b.clone()
+                    });
+                }
+            }
+            for (id, b) in free {
+                let name = format!("#{id}");
+                backend_ids.insert(name.clone(), id);
+                backend_specs.push(BackendSpec {
+                    name,
+                    address: std::net::SocketAddrV4::new(
+                        b.addr.to_ne_bytes().into(),
+                        u16::from_be(b.port),
+                    ),
+                    weight: 0,
+                });
+            }
+            let vip = vip_of(&key);
+            let name = spec.map_or_else(
+                || {
+                    let proto = if key.proto == PROTO_TCP { "tcp" } else { "udp" };
+                    format!("(pinned) {vip}/{proto}")
+                },
+                |s| s.name.clone(),
+            );
+            let count = (svc.snat_count as usize).min(svc.snat_addrs.len());
+            let active = svc.active_table & 1;
+            let mut halves = [None, None];
+            halves[active as usize] = live_tables.remove(&svc.id);
+            self.services.insert(
+                name.clone(),
+                ServiceState {
+                    id: svc.id,
+                    spec: ServiceSpec {
+                        name,
+                        vip,
+                        proto: key.proto,
+                        snat: svc.snat_addrs[..count]
+                            .iter()
+                            .map(|a| a.to_ne_bytes().into())
+                            .collect(),
+                        snat_port_min: svc.snat_port_min,
+                        snat_port_max: svc.snat_port_max,
+                        backends: backend_specs,
+                    },
+                    key,
+                    active,
+                    halves,
+                    backend_ids,
+                },
+            );
+        }
+        // Slots no pinned service owns were retired by the last apply
+        // before the restart; they are released after one more.
+        self.retired_backends = backends
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !claimed.contains(id))
+            .collect();
+    }
+}

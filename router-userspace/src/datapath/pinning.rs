@@ -1,0 +1,413 @@
+//! The datapath's objects on bpffs: every map, the program and one XDP link
+//! per interface live under `pin_path`, so packets keep flowing while no
+//! daemon runs. This module owns that directory: its layout, the check that
+//! pinned maps fit the program about to use them, and removing it all. It
+//! never re-creates a pinned map: a map whose layout no longer fits stops the
+//! start, because re-creating `CONNS` would reset every connection.
+//!
+//! ```text
+//! <pin_path>/prog            the XDP program
+//! <pin_path>/maps/<MAP>      every map but load-time globals and event rings
+//! <pin_path>/links/<iface>   the XDP link of each interface
+//! ```
+
+use std::{
+    collections::BTreeSet,
+    ffi::CString,
+    fmt::Write as _,
+    io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapInfo;
+use aya_obj::{EbpfSectionKind, generated::bpf_map_type};
+
+use super::DatapathError;
+
+/// `statfs(2)` magic of a BPF filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `BPF_OBJ_GET`: opens a pinned object.
+const BPF_OBJ_GET: libc::c_long = 7;
+/// `BPF_LINK_DETACH` (Linux 5.9): detaches a link whoever else holds it.
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// The directory that holds one pinned datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub(super) fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+
+    pub(super) fn program(&self) -> PathBuf {
+        self.root.join("prog")
+    }
+
+    /// Where a new program is pinned before it is renamed over `prog`.
+    pub(super) fn program_next(&self) -> PathBuf {
+        self.root.join("prog_next")
+    }
+
+    pub(super) fn link(&self, interface: &str) -> PathBuf {
+        self.links().join(encode_interface(interface))
+    }
+
+    /// Checks that the directory is (or would be) on bpffs and creates it.
+    pub(super) fn create(&self) -> Result<(), DatapathError> {
+        check_bpffs(&self.root)?;
+        for dir in [self.root.clone(), self.maps(), self.links()] {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        Ok(())
+    }
+
+    /// Interfaces that have a pinned link, by name.
+    pub(super) fn linked_interfaces(&self) -> Result<Vec<String>, DatapathError> {
+        Ok(list(&self.links())?
+            .iter()
+            .filter_map(|n| decode_interface(n))
+            .collect())
+    }
+
+    /// Names of the pinned maps.
+    pub(super) fn pinned_maps(&self) -> Result<Vec<String>, DatapathError> {
+        list(&self.maps())
+    }
+}
+
+/// What `remove_all` took away.
+#[derive(Debug, Default)]
+pub struct Removed {
+    /// Interfaces whose XDP link was detached.
+    pub links: Vec<String>,
+    pub program: bool,
+    pub maps: Vec<String>,
+}
+
+/// bpffs forbids dots in names (reserved by the kernel), and interface
+/// names may hold them (VLANs: `eth0.100`): escape `%` and `.` as `%25`/`%2E`.
+fn encode_interface(name: &str) -> String {
+    name.replace('%', "%25").replace('.', "%2E")
+}
+
+fn decode_interface(name: &str) -> Option<String> {
+    let mut out = String::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        match rest.get(i + 1..i + 3) {
+            Some("25") => out.push('%'),
+            Some("2E") => out.push('.'),
+            _ => return None,
+        }
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
+    move |source| DatapathError::PinIo {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// File names in `dir`, sorted; none when it does not exist.
+fn list(dir: &Path) -> Result<Vec<String>, DatapathError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The pin directory, or the nearest ancestor that exists, must be on bpffs:
+/// pins anywhere else fail, and a bpffs mounted only in this process's mount
+/// namespace would vanish with it (`ip netns exec` replaces /sys, for one).
+fn check_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(Path::new("/"));
+    }
+    let c = CString::new(probe.as_os_str().as_bytes()).map_err(|_| DatapathError::NotBpffs {
+        path: dir.to_path_buf(),
+        found: "a path with a NUL byte".into(),
+    })?;
+    // SAFETY: statfs(2) with a valid C string and a zeroed out-struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io_err(probe)(io::Error::last_os_error()));
+    }
+    if st.f_type != BPF_FS_MAGIC {
+        return Err(DatapathError::NotBpffs {
+            path: dir.to_path_buf(),
+            found: format!("{} is not on one", probe.display()),
+        });
+    }
+    Ok(())
+}
+
+/// How a map the program declares must look in the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct MapLayout {
+    pub name: String,
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+/// The maps of `obj` that are pinned, as they will be created with the
+/// load-time `max_entries` overrides. Load-time globals (.rodata, .data,
+/// .bss) belong to one program instance, and event rings (aya-log) carry no
+/// state worth keeping: both come fresh with every program. Everything else
+/// is pinned, including maps added by later versions.
+pub(super) fn pinned_layouts(
+    obj: &[u8],
+    overrides: &[(&str, u32)],
+) -> Result<Vec<MapLayout>, DatapathError> {
+    let parsed = aya_obj::Object::parse(obj).map_err(|e| DatapathError::Object(e.to_string()))?;
+    let mut out: Vec<MapLayout> = parsed
+        .maps
+        .iter()
+        .filter(|(_, m)| {
+            matches!(
+                m.section_kind(),
+                EbpfSectionKind::Maps | EbpfSectionKind::BtfMaps
+            )
+        })
+        .filter(|(_, m)| {
+            m.map_type() != bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32
+                && m.map_type() != bpf_map_type::BPF_MAP_TYPE_PERF_EVENT_ARRAY as u32
+        })
+        .map(|(name, m)| MapLayout {
+            name: name.clone(),
+            map_type: m.map_type(),
+            key_size: m.key_size(),
+            value_size: m.value_size(),
+            max_entries: overrides
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(m.max_entries(), |(_, v)| *v),
+            flags: m.map_flags(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Which config key sizes a map, for the refusal message.
+fn sized_by(map: &str, pinned_entries: u32, wanted_entries: u32) -> String {
+    match map {
+        "MAGLEV_TABLES" => {
+            let per_table = router_common::MAX_SERVICES * 2;
+            format!(
+                " (daemon.table_size: {} pinned, {} wanted)",
+                pinned_entries / per_table,
+                wanted_entries / per_table
+            )
+        }
+        "CONNS" => " (daemon.conn_table_size)".into(),
+        _ => " (the datapath's map layout changed in this version)".into(),
+    }
+}
+
+/// Checks every pinned map against the layout the new program expects.
+/// Returns the names that will be adopted (the rest are created).
+pub(super) fn check_pinned(
+    dir: &PinDir,
+    layouts: &[MapLayout],
+) -> Result<BTreeSet<String>, DatapathError> {
+    let mut adopted = BTreeSet::new();
+    for want in layouts {
+        let path = dir.map(&want.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|e| DatapathError::PinnedMap {
+            map: want.name.clone(),
+            detail: format!("cannot open {}: {e}", path.display()),
+        })?;
+        let have_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        let mut diff = String::new();
+        for (what, have, wanted) in [
+            ("type", have_type, want.map_type),
+            ("key_size", info.key_size(), want.key_size),
+            ("value_size", info.value_size(), want.value_size),
+            ("max_entries", info.max_entries(), want.max_entries),
+            ("flags", info.map_flags(), want.flags),
+        ] {
+            if have != wanted {
+                let sep = if diff.is_empty() { "" } else { ", " };
+                let _ = write!(diff, "{sep}{what} {have} pinned, {wanted} wanted");
+            }
+        }
+        if !diff.is_empty() {
+            diff.push_str(&sized_by(&want.name, info.max_entries(), want.max_entries));
+            return Err(DatapathError::PinnedMap {
+                map: want.name.clone(),
+                detail: diff,
+            });
+        }
+        adopted.insert(want.name.clone());
+    }
+    Ok(adopted)
+}
+
+/// `bpf(2)` on a raw attribute struct; aya 0.14 does not expose
+/// BPF_OBJ_GET for links as an fd, nor BPF_LINK_DETACH.
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: the kernel reads `size_of::<T>()` bytes of `attr`, a
+    // `#[repr(C)]` struct that lives across the call, and never writes it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Opens a pinned object (BPF_OBJ_GET).
+fn obj_get(path: &Path) -> Result<OwnedFd, DatapathError> {
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| DatapathError::PinnedLink {
+        path: path.to_path_buf(),
+        detail: "path holds a NUL byte".into(),
+    })?;
+    let attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &attr).map_err(|e| DatapathError::PinnedLink {
+        path: path.to_path_buf(),
+        detail: format!("BPF_OBJ_GET: {e}"),
+    })?;
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Detaches a pinned link from its interface at once, even while some
+/// other process holds it, then removes the pin. Only removing the pin
+/// would detach too, but later, from a kernel workqueue.
+fn detach_link(path: &Path) -> Result<(), DatapathError> {
+    #[repr(C)]
+    struct LinkDetachAttr {
+        link_fd: u32,
+    }
+    let fd = obj_get(path)?;
+    let attr = LinkDetachAttr {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    match bpf(BPF_LINK_DETACH, &attr) {
+        Ok(_) => {}
+        // The interface went away and took the attachment with it.
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
+        Err(e) => {
+            return Err(DatapathError::PinnedLink {
+                path: path.to_path_buf(),
+                detail: format!("BPF_LINK_DETACH: {e}"),
+            });
+        }
+    }
+    std::fs::remove_file(path).map_err(io_err(path))
+}
+
+/// Detaches and removes one interface's pinned link.
+pub(super) fn remove_link(dir: &PinDir, interface: &str) -> Result<(), DatapathError> {
+    detach_link(&dir.link(interface))
+}
+
+/// Removes every pinned object under `dir` and detaches its links. Only the
+/// layout this module writes is touched; other files make it fail at the end
+/// with the directory left in place, so a mistyped `pin_path` (say, the
+/// bpffs root) cannot take other programs' pins with it.
+pub fn remove_all(dir: &PinDir) -> Result<Removed, DatapathError> {
+    let mut removed = Removed::default();
+    if !dir.root().exists() {
+        return Ok(removed);
+    }
+    check_bpffs(dir.root())?;
+    for name in list(&dir.links())? {
+        detach_link(&dir.links().join(&name))?;
+        removed.links.push(decode_interface(&name).unwrap_or(name));
+    }
+    for path in [dir.program(), dir.program_next()] {
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+            removed.program = true;
+        }
+    }
+    for name in list(&dir.maps())? {
+        let path = dir.map(&name);
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+        removed.maps.push(name);
+    }
+    for sub in [dir.links(), dir.maps(), dir.root().to_path_buf()] {
+        match std::fs::remove_dir(&sub) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&sub)(e)),
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_round_trip_without_dots() {
+        for name in ["eth0", "eth0.100", "a%b", "%2E", "lb0"] {
+            let enc = encode_interface(name);
+            assert!(!enc.contains('.'), "{enc}");
+            assert_eq!(decode_interface(&enc).as_deref(), Some(name));
+        }
+        assert_eq!(decode_interface("bad%zz"), None);
+    }
+}
