@@ -404,7 +404,8 @@ fn raw_request(socket: &Path, bytes: &[u8]) -> String {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     // The server may answer and close before a huge request is fully sent.
     let _ = s.write_all(bytes);
-    let _ = s.shutdown(std::net::Shutdown::Write);
+    // No half-close: hyper may drop a connection whose read side ended
+    // before it answered. `Connection: close` ends it after the answer.
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
@@ -416,19 +417,19 @@ fn oversized_and_malformed_api_requests_are_refused() {
     let before = rig.json(&["backends", "--json"]);
     let cases: [(&[u8], &str); 5] = [
         (
-            b"POST /v1/reload HTTP/1.1\r\nHost: r\r\nContent-Length: 10485760\r\n\r\n",
+            b"POST /v1/reload HTTP/1.1\r\nHost: r\r\nConnection: close\r\nContent-Length: 10485760\r\n\r\n",
             "HTTP/1.1 413",
         ),
         (
-            b"POST /v1/services/llama/backends/b0/drain HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"POST /v1/services/llama/backends/b0/drain HTTP/1.1\r\nHost: r\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
             "HTTP/1.1 413",
         ),
         (b"\x00\x01\x02 nonsense\r\n\r\n", "HTTP/1.1 400"),
         (
-            b"POST /v1/services/llama/backends/b0/drain?deadline_secs=soon HTTP/1.1\r\nHost: r\r\n\r\n",
+            b"POST /v1/services/llama/backends/b0/drain?deadline_secs=soon HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n",
             "HTTP/1.1 400",
         ),
-        (b"GET /v1/nothing HTTP/1.1\r\nHost: r\r\n\r\n", "HTTP/1.1 404"),
+        (b"GET /v1/nothing HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n", "HTTP/1.1 404"),
     ];
     for (req, want) in cases {
         let got = raw_request(&rig.socket, req);
@@ -439,7 +440,7 @@ fn oversized_and_malformed_api_requests_are_refused() {
         );
     }
     // A header block far beyond any real request is refused by the server.
-    let mut huge = b"GET /v1/status HTTP/1.1\r\nHost: r\r\nX-Pad: ".to_vec();
+    let mut huge = b"GET /v1/status HTTP/1.1\r\nHost: r\r\nConnection: close\r\nX-Pad: ".to_vec();
     huge.extend(std::iter::repeat_n(b'a', 1 << 20));
     huge.extend_from_slice(b"\r\n\r\n");
     let got = raw_request(&rig.socket, &huge);
