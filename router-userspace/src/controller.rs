@@ -260,6 +260,47 @@ impl Controller {
         Ok(now)
     }
 
+    /// Every override, for persisting across daemon restarts.
+    pub fn overrides(&self) -> &BTreeMap<String, BTreeMap<String, Override>> {
+        &self.overrides
+    }
+
+    /// Restores overrides saved by an earlier daemon; entries naming a
+    /// service or backend the config no longer has are dropped and returned.
+    pub fn restore_overrides(
+        &mut self,
+        saved: BTreeMap<String, BTreeMap<String, Override>>,
+    ) -> Vec<String> {
+        let mut dropped = Vec::new();
+        for (svc, backends) in saved {
+            for (be, ov) in backends {
+                let known = self
+                    .services
+                    .iter()
+                    .find(|s| s.name == svc)
+                    .is_some_and(|s| s.backends.iter().any(|b| b.cfg.name == be));
+                if known && ov != Override::default() {
+                    self.overrides
+                        .entry(svc.clone())
+                        .or_default()
+                        .insert(be, ov);
+                } else if !known {
+                    dropped.push(format!("{svc}/{be}"));
+                }
+            }
+        }
+        dropped
+    }
+
+    /// Puts back an earlier set of overrides as it was (undoing a change
+    /// that could not be applied).
+    pub fn restore_overrides_exactly(
+        &mut self,
+        saved: BTreeMap<String, BTreeMap<String, Override>>,
+    ) {
+        self.overrides = saved;
+    }
+
     /// Drains whose deadline has passed and whose flows are not ended yet.
     pub fn due_drains(&self, now_unix: u64) -> Vec<(String, String)> {
         let mut due = Vec::new();

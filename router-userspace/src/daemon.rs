@@ -6,6 +6,7 @@
 //! pinned datapath keeps forwarding on the last weights until a new daemon
 //! adopts it or `router daemon --cleanup` removes it.
 
+mod overrides_file;
 mod privileges;
 
 use std::{
@@ -191,6 +192,7 @@ impl DaemonState {
     /// Ends the flows of drained backends whose deadline has passed.
     fn enforce_drain_deadlines(&mut self) {
         let Some(ctl) = self.ctl.as_mut() else { return };
+        let mut ended_any = false;
         for (service, backend) in ctl.due_drains(unix_now()) {
             let ended = match self.dp.backend_id(&service, &backend) {
                 None => Ok(0),
@@ -206,9 +208,13 @@ impl DaemonState {
                         backend, "drain deadline passed: {n} connections ended"
                     );
                     ctl.mark_flows_ended(&service, &backend, n);
+                    ended_any = true;
                 }
                 Err(e) => warn!(service, backend, "ending drained flows: {e}"),
             }
+        }
+        if ended_any {
+            self.persist_overrides();
         }
     }
 
@@ -222,13 +228,29 @@ impl DaemonState {
     ) -> std::result::Result<crate::controller::Override, String> {
         let now = self.started.elapsed();
         let ctl = self.ctl.as_mut().ok_or("the controller is not running")?;
+        let before = ctl.overrides().clone();
         let ov = ctl.set_override(service, backend, change)?;
         let (specs, _) = ctl.decide(now, &self.config);
-        self.dp
-            .apply(&specs)
-            .map_err(|e| format!("writing weights to the datapath: {e}"))?;
+        if let Err(e) = self.dp.apply(&specs) {
+            // Nothing half-applied: the override goes back to what it was.
+            if let Some(c) = self.ctl.as_mut() {
+                c.restore_overrides_exactly(before);
+            }
+            return Err(format!("writing weights to the datapath: {e}"));
+        }
+        self.persist_overrides();
         info!(service, backend, "override now {ov:?}");
         Ok(ov)
+    }
+
+    /// Saves the operator overrides beside the control socket, so a
+    /// restarted daemon keeps them (see `overrides_file`).
+    fn persist_overrides(&self) {
+        let Some(ctl) = self.ctl.as_ref() else { return };
+        let path = overrides_file::path_for(&self.config.daemon.control_socket);
+        if let Err(e) = overrides_file::save(&path, ctl.overrides()) {
+            warn!("saving overrides: {e:#}; a restarted daemon would not keep them");
+        }
     }
 
     /// Records a poll round's results, runs the policy and writes the
@@ -303,6 +325,8 @@ impl DaemonState {
         self.ctl = Some(ctl);
         let report = applied?;
         self.config = cfg;
+        // Overrides of backends the new config dropped are gone now.
+        self.persist_overrides();
         Ok(format!(
             "applied {}: {} added, {} removed, {} tables swapped",
             self.config_path.display(),
@@ -370,6 +394,18 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
         );
     }
     let mut ctl = Controller::new(&cfg, None);
+    let saved = overrides_file::path_for(&cfg.daemon.control_socket);
+    let dropped = ctl.restore_overrides(overrides_file::load(&saved)?);
+    if !ctl.overrides().is_empty() {
+        info!(
+            "kept operator overrides from {}: {:?}",
+            saved.display(),
+            ctl.overrides()
+        );
+    }
+    if !dropped.is_empty() {
+        warn!("saved overrides for backends no longer configured dropped: {dropped:?}");
+    }
     let (specs, _) = ctl.decide(Duration::ZERO, &cfg);
     let report = dp
         .apply(&specs)
@@ -535,6 +571,13 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
              --cleanup then removes it)",
             socket.display()
         );
+    }
+    // Overrides belong to the datapath they steered.
+    let saved = overrides_file::path_for(socket);
+    if let Err(e) = std::fs::remove_file(&saved)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!("removing {}: {e}", saved.display());
     }
     let pins = PinDir::new(pin_path);
     let removed = crate::datapath::pinning::remove_all(&pins)

@@ -355,8 +355,17 @@ fn sigterm_leaves_traffic_flowing_on_the_last_weights() {
         stream.finish();
     }
 
-    // The next daemon takes over and applies its own weights.
+    // The next daemon takes over and keeps the operator's overrides (saved
+    // beside the control socket): a drained or pinned replica stays so.
     let daemon = s.start();
+    assert_eq!(
+        weights(&s.status()),
+        BTreeMap::from([("b0".into(), 0), ("b1".into(), 0), ("b2".into(), 100)])
+    );
+    let gap = s.short_connections(20);
+    assert_eq!(gap.get("b2"), Some(&20), "overrides kept: {gap:?}");
+    cli(&s.socket(), &["weight", "auto", "llama", "b0"]).unwrap();
+    cli(&s.socket(), &["weight", "auto", "llama", "b1"]).unwrap();
     assert_eq!(
         weights(&s.status()),
         BTreeMap::from([("b0".into(), 100), ("b1".into(), 100), ("b2".into(), 100)])
@@ -614,6 +623,39 @@ fn a_restart_detaches_interfaces_dropped_from_the_config() {
     );
     assert_eq!(s.status().datapath.interfaces, [s.topo.lb_if()]);
     drop(daemon);
+    let (ok, out) = s.cleanup();
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn a_drain_survives_kill_9_and_a_corrupt_override_file_is_refused() {
+    let s = Setup::new("restart-drain");
+    s.write_config(&[100, 100, 100], "");
+    let daemon = s.start();
+    cli(&s.socket(), &["drain", "llama", "b1"]).unwrap();
+    drop(daemon); // kill -9
+    let daemon = s.start();
+    let st = s.status();
+    let b1 = st.policy.iter().find(|p| p.backend == "b1").unwrap();
+    assert_eq!((b1.mode.as_str(), b1.weight), ("drain", 0));
+    let counts = s.short_connections(30);
+    assert!(
+        !counts.contains_key("b1"),
+        "a drained replica stays drained: {counts:?}"
+    );
+    drop(daemon);
+
+    // A corrupt file is not silently forgotten: that would undrain b1.
+    let saved = s.socket().with_file_name("router.sock.overrides.json");
+    std::fs::write(&saved, b"{ truncated").unwrap();
+    let (ok, out) = s.run_daemon_once();
+    assert!(!ok, "the daemon must refuse to start");
+    assert!(out.contains("overrides are corrupt"), "{out}");
+    assert!(
+        !s.short_connections(20).contains_key("b1"),
+        "the datapath still forwards on the last weights"
+    );
+    std::fs::remove_file(&saved).unwrap();
     let (ok, out) = s.cleanup();
     assert!(ok, "{out}");
 }
