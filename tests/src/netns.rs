@@ -689,3 +689,37 @@ pub fn set_gro(ns: &str, ifname: &str, on: bool) -> Result<()> {
 pub fn gro_enabled(ns: &str, ifname: &str) -> Result<bool> {
     ethtool_gro(ns, ifname, None)
 }
+
+/// `n` short HTTP GETs of `/` to `vip` from namespace `ns`, one connection
+/// each, in sequence; returns how many answers each backend (the fixture
+/// backend answers with its name) gave. The first failure is an error.
+pub fn answers_per_backend(
+    ns: &str,
+    vip: SocketAddr,
+    n: usize,
+) -> Result<std::collections::BTreeMap<String, usize>> {
+    let bodies = in_netns(ns, move || -> Result<Vec<String>> {
+        (0..n)
+            .map(|i| {
+                http_get(vip, "/", Duration::from_secs(5))
+                    .map(|r| r.body)
+                    .with_context(|| format!("connection {i} of {n} through {vip}"))
+            })
+            .collect()
+    })??;
+    let mut counts = std::collections::BTreeMap::new();
+    for b in bodies {
+        *counts.entry(b).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
+/// The fixture backends of a one-arm topology as `(name, address, weight)`:
+/// `b<i>` on backend `i`'s address, port 8000.
+pub fn fixture_backends(weights: &[u32]) -> Vec<(String, String, u32)> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (format!("b{i}"), format!("{}:8000", backend_addr(i)), *w))
+        .collect()
+}

@@ -21,17 +21,7 @@ const CONNECTIONS: usize = 2400;
 const CLIENT_THREADS: usize = 8;
 
 fn backends(weights: &[u32]) -> Vec<(String, String, u32)> {
-    weights
-        .iter()
-        .enumerate()
-        .map(|(i, w)| {
-            (
-                format!("b{i}"),
-                format!("{}:8000", netns::backend_addr(i)),
-                *w,
-            )
-        })
-        .collect()
+    netns::fixture_backends(weights)
 }
 
 /// `n` short HTTP connections to the VIP from the client namespace; returns

@@ -37,15 +37,7 @@ impl Rig {
         let dir = ScratchDir::new(tag).unwrap();
         let socket = dir.0.join("router.sock");
         let config = dir.0.join("router.toml");
-        let backends: Vec<(String, String, u32)> = (0..2)
-            .map(|i| {
-                (
-                    format!("b{i}"),
-                    format!("{}:8000", netns::backend_addr(i)),
-                    100,
-                )
-            })
-            .collect();
+        let backends = netns::fixture_backends(&[100, 100]);
         let text = one_arm_config(&socket, topo.lb_if(), VIP, netns::LB_ADDR, &backends).replacen(
             "weight = 100\n",
             "weight = 100\ncost_per_hour = 3.6\n",
@@ -90,22 +82,7 @@ impl Rig {
     }
 
     fn get(&self, n: usize) -> BTreeMap<String, usize> {
-        let vip: SocketAddr = VIP.parse().unwrap();
-        let bodies = netns::in_netns(self.topo.client_ns(), move || {
-            (0..n)
-                .map(|_| {
-                    netns::http_get(vip, "/", Duration::from_secs(5))
-                        .unwrap()
-                        .body
-                })
-                .collect::<Vec<_>>()
-        })
-        .unwrap();
-        let mut out = BTreeMap::new();
-        for b in bodies {
-            *out.entry(b).or_default() += 1;
-        }
-        out
+        netns::answers_per_backend(self.topo.client_ns(), VIP.parse().unwrap(), n).unwrap()
     }
 
     fn scrape(&self) -> (u16, String) {

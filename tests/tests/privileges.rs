@@ -33,36 +33,11 @@ fn mask(fields: &BTreeMap<String, String>, key: &str) -> u64 {
 }
 
 fn backends(weights: &[u32]) -> Vec<(String, String, u32)> {
-    weights
-        .iter()
-        .enumerate()
-        .map(|(i, w)| {
-            (
-                format!("b{i}"),
-                format!("{}:8000", netns::backend_addr(i)),
-                *w,
-            )
-        })
-        .collect()
+    netns::fixture_backends(weights)
 }
 
 fn answers(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
-    let vip: SocketAddr = VIP.parse().unwrap();
-    let bodies = netns::in_netns(topo.client_ns(), move || {
-        (0..n)
-            .map(|_| {
-                netns::http_get(vip, "/", Duration::from_secs(5))
-                    .unwrap()
-                    .body
-            })
-            .collect::<Vec<_>>()
-    })
-    .unwrap();
-    let mut counts = BTreeMap::new();
-    for b in bodies {
-        *counts.entry(b).or_insert(0) += 1;
-    }
-    counts
+    netns::answers_per_backend(topo.client_ns(), VIP.parse().unwrap(), n).unwrap()
 }
 
 #[test]

@@ -162,22 +162,8 @@ impl Setup {
     /// `n` short HTTP connections to the VIP; answers per backend. Every
     /// one must succeed.
     fn short_connections(&self, n: usize) -> BTreeMap<String, usize> {
-        let vip: SocketAddr = VIP.parse().unwrap();
-        let bodies = netns::in_netns(self.topo.client_ns(), move || {
-            (0..n)
-                .map(|i| {
-                    netns::http_get(vip, "/", Duration::from_secs(5))
-                        .unwrap_or_else(|e| panic!("connection {i} through the VIP: {e:#}"))
-                        .body
-                })
-                .collect::<Vec<_>>()
-        })
-        .unwrap();
-        let mut counts = BTreeMap::new();
-        for b in bodies {
-            *counts.entry(b).or_insert(0) += 1;
-        }
-        counts
+        netns::answers_per_backend(self.topo.client_ns(), VIP.parse().unwrap(), n)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Opens `n` streams of `seconds` (a line every 100 ms); returns each
