@@ -331,7 +331,10 @@ fn drain_deadline_ends_the_backends_remaining_flows() {
     }
     let on_b0 = active("b0").unwrap();
     // All on one backend has odds of 2^-15 with 16 random client ports.
-    assert!(on_b0 > 0 && on_b0 < HELD, "hash put {on_b0} of {HELD} on b0");
+    assert!(
+        on_b0 > 0 && on_b0 < HELD,
+        "hash put {on_b0} of {HELD} on b0"
+    );
 
     // Bad deadlines change nothing.
     for bad in ["soon", "-5m"] {
