@@ -1,0 +1,498 @@
+//! `bench l4`: new connections per second and request latency through the
+//! router and its L4 peers, on one topology and the same nginx backends.
+//!
+//! Contenders, each on a fresh copy of the one-arm topology (client, LB,
+//! four backend namespaces on a bridge) with four nginx backends (one worker
+//! each): the client straight to the backends (the limit); the router (XDP
+//! NAT with SNAT); iptables DNAT with `statistic` random and masquerade, as
+//! kube-proxy's iptables mode writes it; nftables DNAT with `numgen` and
+//! masquerade, as kube-proxy's nftables mode writes it; HAProxy in TCP mode
+//! with roundrobin. Every request is a new TCP connection (`Connection:
+//! close`), from the in-tree generator in `loadgen`.
+//!
+//! Per contender: short closed-loop runs at the maximum rate (16 connections
+//! in flight), short open-loop runs at a fixed rate (a fraction of the
+//! direct maximum, the same for everyone), then one long run at the maximum
+//! rate whose per-second rate shows what NAT port space, conntrack and the
+//! backends' TIME_WAIT do to a sustained connection rate.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::{Value, json};
+
+use crate::{
+    bench_peers::{self, HAPROXY, IPTABLES, NFT, NGINX},
+    bench_report::median,
+    daemon_proc::{ScratchDir, cli, start_daemon},
+    loadgen::{self, RunResult},
+    netns::{self, ChildGuard, Topology},
+};
+
+const BACKENDS: usize = 4;
+const PORT: u16 = 80;
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+/// The router's dedicated SNAT address (see docs/operations.md).
+const SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// Connections in flight in the closed-loop runs (as `wrk -c16`).
+pub const CONNS: usize = 16;
+/// Generator threads: the machine has two cores, shared with everything else.
+const GEN_THREADS: usize = 2;
+/// The fixed rate, as a fraction of the direct maximum measured first.
+const FIXED_FRACTION: f64 = 0.35;
+const MAX_IN_FLIGHT: usize = 2_000;
+
+pub struct L4Settings {
+    pub quick: bool,
+    pub max_runs: usize,
+    pub max_secs: u64,
+    pub fixed_runs: usize,
+    pub fixed_secs: u64,
+    pub sustained_secs: u64,
+}
+
+impl L4Settings {
+    pub fn full() -> Self {
+        Self {
+            quick: false,
+            max_runs: 3,
+            max_secs: 4,
+            fixed_runs: 3,
+            fixed_secs: 4,
+            sustained_secs: 60,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Self {
+            quick: true,
+            max_runs: 1,
+            max_secs: 1,
+            fixed_runs: 1,
+            fixed_secs: 1,
+            sustained_secs: 2,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contender {
+    Direct,
+    Router,
+    Iptables,
+    Nftables,
+    Haproxy,
+}
+
+impl Contender {
+    pub const ALL: [Contender; 5] = [
+        Contender::Direct,
+        Contender::Router,
+        Contender::Iptables,
+        Contender::Nftables,
+        Contender::Haproxy,
+    ];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct",
+            Contender::Router => "router",
+            Contender::Iptables => "iptables",
+            Contender::Nftables => "nftables",
+            Contender::Haproxy => "haproxy",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct to the backends (limit)",
+            Contender::Router => "router (XDP NAT + SNAT)",
+            Contender::Iptables => "iptables DNAT, statistic random + masquerade",
+            Contender::Nftables => "nftables DNAT, numgen + masquerade",
+            Contender::Haproxy => "HAProxy 2.6, TCP mode, roundrobin",
+        }
+    }
+
+    fn peers(self) -> Vec<(&'static str, &'static str)> {
+        match self {
+            Contender::Direct | Contender::Router => vec![NGINX],
+            Contender::Iptables => vec![NGINX, IPTABLES],
+            Contender::Nftables => vec![NGINX, NFT],
+            Contender::Haproxy => vec![NGINX, HAPROXY],
+        }
+    }
+}
+
+/// The front of one contender, torn down on drop (the daemon is asked to
+/// detach first; the rules go with the namespace).
+enum Front {
+    None,
+    Router(ChildGuard, std::path::PathBuf),
+    Proxy(#[allow(dead_code)] ChildGuard),
+}
+
+fn backend_targets() -> Vec<SocketAddr> {
+    (0..BACKENDS)
+        .map(|i| SocketAddr::from((netns::backend_addr(i), PORT)))
+        .collect()
+}
+
+fn vip() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(VIP, PORT))
+}
+
+fn router_config(socket: &Path) -> String {
+    let mut s = format!(
+        "[daemon]\ninterface = \"{}\"\ncontrol_socket = \"{}\"\n\
+         # Sized per docs/operations.md: 2 entries a connection, and a closed\n\
+         # connection keeps its entries for tcp_closing_timeout (10 s).\n\
+         conn_table_size = 1048576\n\n\
+         [[service]]\nname = \"web\"\nvip = \"{}\"\nprotocol = \"tcp\"\nsnat = \"{SNAT}\"\n",
+        netns::LB_IF,
+        socket.display(),
+        vip()
+    );
+    for (i, t) in backend_targets().iter().enumerate() {
+        s.push_str(&format!(
+            "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"{t}\"\nweight = 100\n"
+        ));
+    }
+    s
+}
+
+/// kube-proxy's iptables mode for one ClusterIP service with four endpoints
+/// and masquerading (KUBE-MARK-MASQ / KUBE-POSTROUTING, `--random-fully`).
+fn iptables_rules() -> String {
+    let mut s = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-SVC-BENCH - [0:0]\n",
+    );
+    for i in 0..BACKENDS {
+        s.push_str(&format!(":KUBE-SEP-{i} - [0:0]\n"));
+    }
+    s.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
+         -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n",
+    );
+    s.push_str(&format!(
+        "-A KUBE-SERVICES -d {VIP}/32 -p tcp -m tcp --dport {PORT} -j KUBE-SVC-BENCH\n\
+         -A KUBE-SVC-BENCH -d {VIP}/32 -p tcp -m tcp --dport {PORT} -j KUBE-MARK-MASQ\n"
+    ));
+    for (i, t) in backend_targets().iter().enumerate() {
+        let left = BACKENDS - i;
+        if left > 1 {
+            s.push_str(&format!(
+                "-A KUBE-SVC-BENCH -m statistic --mode random --probability {:.11} -j KUBE-SEP-{i}\n",
+                1.0 / left as f64
+            ));
+        } else {
+            s.push_str(&format!("-A KUBE-SVC-BENCH -j KUBE-SEP-{i}\n"));
+        }
+        s.push_str(&format!(
+            "-A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {t}\n"
+        ));
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// kube-proxy's nftables mode for the same service: a verdict map from
+/// destination to the service chain, `numgen random mod N` over endpoint
+/// chains, masquerade of marked packets.
+fn nft_rules() -> String {
+    let mut endpoints = String::new();
+    let mut vmap = Vec::new();
+    for (i, t) in backend_targets().iter().enumerate() {
+        endpoints.push_str(&format!(
+            "  chain endpoint-{i} {{\n    meta l4proto tcp dnat to {t}\n  }}\n"
+        ));
+        vmap.push(format!("{i} : goto endpoint-{i}"));
+    }
+    format!(
+        "table ip kube-proxy {{\n\
+         \x20 map service-ips {{\n    type ipv4_addr . inet_proto . inet_service : verdict\n    \
+         elements = {{ {VIP} . tcp . {PORT} : goto service-bench }}\n  }}\n\
+         \x20 chain mark-for-masquerade {{\n    mark set mark or 0x4000\n  }}\n\
+         \x20 chain masquerading {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
+         mark and 0x4000 == 0 return\n    mark set mark xor 0x4000\n    masquerade fully-random\n  }}\n\
+         \x20 chain nat-prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
+         jump services\n  }}\n\
+         \x20 chain services {{\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }}\n\
+         \x20 chain service-bench {{\n    ip daddr {VIP} tcp dport {PORT} jump mark-for-masquerade\n    \
+         numgen random mod {BACKENDS} vmap {{ {} }}\n  }}\n{endpoints}}}\n",
+        vmap.join(", ")
+    )
+}
+
+/// HAProxy as its documentation's TCP-mode examples set it up: the
+/// defaults' timeouts, roundrobin, no health checks needed here.
+fn haproxy_config() -> String {
+    let mut s = format!(
+        "global\n    # maxconn: HAProxy derives it from the file-descriptor limit.\n\n\
+         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\n\
+         frontend fe\n    bind {}\n    default_backend be\n\n\
+         backend be\n    balance roundrobin\n",
+        vip()
+    );
+    for (i, t) in backend_targets().iter().enumerate() {
+        s.push_str(&format!("    server b{i} {t}\n"));
+    }
+    s
+}
+
+fn setup_front(c: Contender, topo: &Topology, dir: &Path) -> Result<Front> {
+    let lb = topo.lb_ns();
+    Ok(match c {
+        Contender::Direct => Front::None,
+        Contender::Router => {
+            netns::exec(lb, &["ip", "addr", "add", &format!("{SNAT}/24"), "dev", netns::LB_IF])?;
+            let socket = dir.join("router.sock");
+            let config = dir.join("router.toml");
+            std::fs::write(&config, router_config(&socket))?;
+            Front::Router(start_daemon(lb, &config, &socket)?, socket)
+        }
+        Contender::Iptables => {
+            bench_peers::exec_with_input(lb, "iptables-restore", &[], &iptables_rules())?;
+            Front::None
+        }
+        Contender::Nftables => {
+            bench_peers::exec_with_input(lb, "nft", &["-f", "-"], &nft_rules())?;
+            Front::None
+        }
+        Contender::Haproxy => {
+            netns::exec(lb, &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            Front::Proxy(bench_peers::start_haproxy(
+                lb,
+                &haproxy_config(),
+                dir,
+                vip(),
+            )?)
+        }
+    })
+}
+
+/// One run's figures, as recorded in the JSON.
+fn run_json(r: &RunResult, with_timeline: bool) -> Value {
+    let mut v = json!({
+        "seconds": r.elapsed_s,
+        "ok": r.ok,
+        "errors": r.errors,
+        "overflow": r.overflow,
+        "rate": r.rate(),
+        "p50_ms": r.latency_ms(50.0),
+        "p99_ms": r.latency_ms(99.0),
+        "p999_ms": r.latency_ms(99.9),
+        "start_lag_p99_us": r.start_lag_p99_us,
+        "error_samples": r.error_samples,
+    });
+    if with_timeline {
+        v["per_second"] = json!(r.per_second);
+    }
+    v
+}
+
+fn sum_accepts(topo: &Topology) -> Result<u64> {
+    let mut n = 0;
+    for i in 0..BACKENDS {
+        n += bench_peers::nginx_accepts(topo.backend_ns(i), netns::backend_addr(i), PORT)?;
+    }
+    Ok(n)
+}
+
+/// Runs every measurement of one contender; `fixed_rate` is the open-loop
+/// rate (None: measure the maximum first and derive it, for `direct`).
+fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Result<Value> {
+    bench_peers::ensure(&c.peers())?;
+    let topo = Topology::one_arm(BACKENDS)?;
+    let dir = ScratchDir::new(&format!("bench-l4-{}", c.key()))?;
+    let _backends: Vec<ChildGuard> = (0..BACKENDS)
+        .map(|i| bench_peers::start_nginx(topo.backend_ns(i), netns::backend_addr(i), PORT, &dir.0))
+        .collect::<Result<_>>()?;
+    let front = setup_front(c, &topo, &dir.0)?;
+    let targets = match c {
+        Contender::Direct => backend_targets(),
+        _ => vec![vip()],
+    };
+    let client = topo.client_ns().to_owned();
+    let closed = |secs: u64| {
+        loadgen::in_ns(&client, GEN_THREADS, || {
+            loadgen::closed_loop(&targets, CONNS, Duration::from_secs(secs))
+        })
+    };
+    // Warm-up: neighbours resolved, every process paged in.
+    let warm = closed(1)?;
+    anyhow::ensure!(
+        warm.ok > 0,
+        "{}: no request succeeded in the warm-up: {:?}",
+        c.key(),
+        warm.error_samples
+    );
+    let pause = || std::thread::sleep(Duration::from_millis(500));
+
+    let mut max_runs = Vec::new();
+    let mut conns_per_request = Vec::new();
+    for i in 0..s.max_runs {
+        pause();
+        let before = sum_accepts(&topo)?;
+        let r = closed(s.max_secs)?;
+        let after = sum_accepts(&topo)?;
+        // The stub_status requests themselves are connections too.
+        let accepted = after.saturating_sub(before + BACKENDS as u64);
+        conns_per_request.push(accepted as f64 / (r.ok + r.errors).max(1) as f64);
+        eprintln!(
+            "  {} max-rate run {}/{}: {:.0} conn/s, p99 {:.2} ms, {} errors",
+            c.key(),
+            i + 1,
+            s.max_runs,
+            r.rate(),
+            r.latency_ms(99.0),
+            r.errors
+        );
+        max_runs.push(r);
+    }
+    let max_rate = median(&max_runs.iter().map(RunResult::rate).collect::<Vec<_>>());
+    let fixed_rate =
+        fixed_rate.unwrap_or_else(|| ((max_rate * FIXED_FRACTION) / 100.0).round().max(1.0) * 100.0);
+    let mut fixed_runs = Vec::new();
+    for i in 0..s.fixed_runs {
+        pause();
+        let r = loadgen::in_ns(&client, GEN_THREADS, || {
+            loadgen::open_loop(
+                &targets,
+                fixed_rate,
+                Duration::from_secs(s.fixed_secs),
+                MAX_IN_FLIGHT,
+            )
+        })?;
+        eprintln!(
+            "  {} fixed-rate run {}/{} at {fixed_rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms, {} errors",
+            c.key(),
+            i + 1,
+            s.fixed_runs,
+            r.latency_ms(50.0),
+            r.latency_ms(99.0),
+            r.errors
+        );
+        fixed_runs.push(r);
+    }
+    pause();
+    let sustained = closed(s.sustained_secs)?;
+    eprintln!(
+        "  {} sustained {} s: {:.0} conn/s mean, {} errors",
+        c.key(),
+        s.sustained_secs,
+        sustained.rate(),
+        sustained.errors
+    );
+    let mut router_counters = BTreeMap::new();
+    if let Front::Router(daemon, socket) = front {
+        let st: router::control::StatusReply =
+            serde_json::from_str(&cli(&socket, &["status", "--json"])?)
+                .context("parsing router status")?;
+        for (name, v) in st.datapath.reasons {
+            if v > 0 {
+                router_counters.insert(name, v);
+            }
+        }
+        daemon.stop(Duration::from_secs(10))?;
+    }
+    let med = |f: fn(&RunResult) -> f64, runs: &[RunResult]| {
+        median(&runs.iter().map(f).collect::<Vec<_>>())
+    };
+    Ok(json!({
+        "contender": c.key(),
+        "label": c.label(),
+        "max_rate": {
+            "median_rate": max_rate,
+            "median_p50_ms": med(|r| r.latency_ms(50.0), &max_runs),
+            "median_p99_ms": med(|r| r.latency_ms(99.0), &max_runs),
+            "median_p999_ms": med(|r| r.latency_ms(99.9), &max_runs),
+            "errors": max_runs.iter().map(|r| r.errors).sum::<u64>(),
+            "backend_accepts_per_request": conns_per_request,
+            "runs": max_runs.iter().map(|r| run_json(r, false)).collect::<Vec<_>>(),
+        },
+        "fixed_rate": {
+            "rate": fixed_rate,
+            "median_p50_ms": med(|r| r.latency_ms(50.0), &fixed_runs),
+            "median_p99_ms": med(|r| r.latency_ms(99.0), &fixed_runs),
+            "median_p999_ms": med(|r| r.latency_ms(99.9), &fixed_runs),
+            "errors": fixed_runs.iter().map(|r| r.errors).sum::<u64>(),
+            "runs": fixed_runs.iter().map(|r| run_json(r, false)).collect::<Vec<_>>(),
+        },
+        "sustained": run_json(&sustained, true),
+        "router_reason_counters": router_counters,
+    }))
+}
+
+/// Runs every contender and writes `l4.json` into `out_dir`. A contender
+/// whose peers cannot be installed is recorded as skipped, with the reason.
+pub fn run_l4(s: &L4Settings, out_dir: &Path) -> Result<Value> {
+    eprintln!(
+        "bench l4: {} × {} s max rate, {} × {} s fixed rate, {} s sustained, per contender{}",
+        s.max_runs,
+        s.max_secs,
+        s.fixed_runs,
+        s.fixed_secs,
+        s.sustained_secs,
+        if s.quick { " (quick)" } else { "" }
+    );
+    let mut results = Vec::new();
+    let mut fixed_rate = None;
+    for c in Contender::ALL {
+        eprintln!("bench l4: {}", c.label());
+        match run_contender(c, s, fixed_rate) {
+            Ok(v) => {
+                if c == Contender::Direct {
+                    fixed_rate = v["fixed_rate"]["rate"].as_f64();
+                }
+                results.push(v);
+            }
+            Err(e) if c != Contender::Direct && c != Contender::Router => {
+                eprintln!("bench l4: {} skipped: {e:#}", c.key());
+                results.push(json!({
+                    "contender": c.key(), "label": c.label(), "skipped": format!("{e:#}"),
+                }));
+            }
+            Err(e) => return Err(e.context(format!("l4 contender {}", c.key()))),
+        }
+    }
+    let doc = json!({
+        "benchmark": "l4",
+        "quick": s.quick,
+        "settings": {
+            "backends": BACKENDS,
+            "closed_loop_connections": CONNS,
+            "generator_threads": GEN_THREADS,
+            "max_runs": s.max_runs, "max_secs": s.max_secs,
+            "fixed_runs": s.fixed_runs, "fixed_secs": s.fixed_secs,
+            "fixed_fraction_of_direct_max": FIXED_FRACTION,
+            "sustained_secs": s.sustained_secs,
+        },
+        "machine": crate::bench_report::machine_json(),
+        "peer_versions": crate::bench_report::peer_versions(),
+        "contenders": results,
+        "configs": {
+            "iptables": iptables_rules(),
+            "nftables": nft_rules(),
+            "haproxy": haproxy_config(),
+            "router": router_config(Path::new("/run/router-bench.sock")),
+        },
+    });
+    std::fs::create_dir_all(out_dir)?;
+    std::fs::write(
+        out_dir.join("l4.json"),
+        serde_json::to_string_pretty(&doc)? + "\n",
+    )
+    .context("writing l4.json")?;
+    Ok(doc)
+}
