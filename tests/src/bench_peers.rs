@@ -54,14 +54,19 @@ pub fn ensure(peers: &[(&str, &str)]) -> Result<()> {
         which("apt-get").is_some(),
         "missing {missing:?} and apt-get is unavailable; install them by hand"
     );
-    let mut updated = APT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut updated = APT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     eprintln!("bench: installing {missing:?} with apt-get");
     let policy = Path::new("/usr/sbin/policy-rc.d");
     let placed = if policy.exists() {
         false
     } else {
-        std::fs::write(policy, "#!/bin/sh\n# router bench: no service starts during install\nexit 101\n")
-            .context("writing /usr/sbin/policy-rc.d")?;
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# router bench: no service starts during install\nexit 101\n",
+        )
+        .context("writing /usr/sbin/policy-rc.d")?;
         std::fs::set_permissions(
             policy,
             <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
@@ -83,7 +88,10 @@ pub fn ensure(peers: &[(&str, &str)]) -> Result<()> {
     }
     result?;
     for (bin, pkg) in peers {
-        ensure!(which(bin).is_some(), "{pkg} installed but {bin} is not on PATH");
+        ensure!(
+            which(bin).is_some(),
+            "{pkg} installed but {bin} is not on PATH"
+        );
     }
     Ok(())
 }

@@ -6,11 +6,7 @@
 //! measuring again (`bench report`). A suite that did not run, or a
 //! contender that was skipped, is said so on the page.
 
-use std::{
-    fmt::Write as _,
-    path::Path,
-    process::Command,
-};
+use std::{fmt::Write as _, path::Path, process::Command};
 
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
@@ -34,8 +30,17 @@ fn first_line(cmd: &[&str]) -> String {
         .output()
         .ok()
         .map(|o| {
-            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-            String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_owned()
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
         })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "not installed".into())
@@ -338,7 +343,12 @@ fn l4_section(md: &mut String, head: &mut String, l4: Option<&Value>, dir: &Path
             continue;
         }
         let s = &c["sustained"];
-        let ps: Vec<f64> = s["per_second"].as_array().into_iter().flatten().map(f).collect();
+        let ps: Vec<f64> = s["per_second"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(f)
+            .collect();
         if ps.is_empty() {
             continue;
         }
@@ -398,7 +408,11 @@ fn l4_section(md: &mut String, head: &mut String, l4: Option<&Value>, dir: &Path
             writeln!(
                 md,
                 "Router counters over the whole contender run (every reason counter is in the JSON): {}.\n",
-                if odd.is_empty() { "no drops, LRU misses or FIB failures".to_owned() } else { odd.join(", ") }
+                if odd.is_empty() {
+                    "no drops, LRU misses or FIB failures".to_owned()
+                } else {
+                    odd.join(", ")
+                }
             )?;
         }
     }
@@ -445,7 +459,12 @@ fn at_load(p: &Value, load: f64) -> Option<&Value> {
         .find(|l| (f(&l["load"]) - load).abs() < 1e-6)
 }
 
-fn routing_section(md: &mut String, head: &mut String, rt: Option<&Value>, dir: &Path) -> Result<()> {
+fn routing_section(
+    md: &mut String,
+    head: &mut String,
+    rt: Option<&Value>,
+    dir: &Path,
+) -> Result<()> {
     writeln!(md, "## 3. Routing quality\n")?;
     let Some(rt) = rt else {
         writeln!(md, "Not run (no `routing.json`).\n")?;
@@ -531,8 +550,16 @@ fn routing_section(md: &mut String, head: &mut String, rt: Option<&Value>, dir: 
                 f(&m["offered_per_s"]),
                 l["errors"],
                 f(&m["utilization_spread_pp"]),
-                if router_only { l["all_saturated_ticks"].to_string() } else { "—".into() },
-                if router_only { l["fallback_connections"].to_string() } else { "—".into() },
+                if router_only {
+                    l["all_saturated_ticks"].to_string()
+                } else {
+                    "—".into()
+                },
+                if router_only {
+                    l["fallback_connections"].to_string()
+                } else {
+                    "—".into()
+                },
             )?;
         }
         md.push('\n');
@@ -621,8 +648,15 @@ fn control_section(md: &mut String, head: &mut String, ctl: Option<&Value>) -> R
         "From [control.md](control.md), which has the method. Maglev rebuild, median of \
          repeated builds, and its ratio to the 10-backend build in the same run:\n"
     )?;
-    writeln!(md, "| backends | slots | ms | × 10 backends |\n|---|---|---|---|")?;
-    let rows: Vec<&Value> = ctl["maglev_rebuild"].as_array().into_iter().flatten().collect();
+    writeln!(
+        md,
+        "| backends | slots | ms | × 10 backends |\n|---|---|---|---|"
+    )?;
+    let rows: Vec<&Value> = ctl["maglev_rebuild"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
     let base = rows
         .iter()
         .find(|r| r["backends"] == 10)
@@ -684,7 +718,11 @@ const COLORS: [RGBColor; 6] = [
 ];
 
 fn nice_max(v: f64) -> f64 {
-    if v.is_finite() && v > 0.0 { v * 1.15 } else { 1.0 }
+    if v.is_finite() && v > 0.0 {
+        v * 1.15
+    } else {
+        1.0
+    }
 }
 
 /// A horizontal-axis-categories bar chart.
@@ -789,7 +827,10 @@ fn plot_lines(
         .map(|(n, v)| {
             (
                 n.clone(),
-                v.iter().enumerate().map(|(i, y)| (i as f64 + 0.5, *y)).collect(),
+                v.iter()
+                    .enumerate()
+                    .map(|(i, y)| (i as f64 + 0.5, *y))
+                    .collect(),
             )
         })
         .collect();
@@ -805,7 +846,12 @@ fn plot_xy(
 ) -> Result<()> {
     let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let pts = || series.iter().flat_map(|s| s.1.iter()).filter(|p| p.0.is_finite() && p.1.is_finite());
+    let pts = || {
+        series
+            .iter()
+            .flat_map(|s| s.1.iter())
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+    };
     let xmax = nice_max(pts().map(|p| p.0).fold(0.0, f64::max)) / 1.15;
     let ymax = nice_max(pts().map(|p| p.1).fold(0.0, f64::max));
     let mut chart = ChartBuilder::on(&root)
@@ -825,12 +871,16 @@ fn plot_xy(
         let color = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(
-                s.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite()),
+                s.iter()
+                    .copied()
+                    .filter(|p| p.0.is_finite() && p.1.is_finite()),
                 color.stroke_width(2),
             ))
             .map_err(plot_err)?
             .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()

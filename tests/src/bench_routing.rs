@@ -339,16 +339,15 @@ fn one_run(
         let gen_stop = stop.clone();
         let load_thread = scope.spawn(move || {
             loadgen::in_ns(&client, 2, move || {
-                loadgen::stream_poisson(
-                    vip(),
-                    rate_at,
-                    Duration::from_secs_f64(secs),
-                    TOKENS,
-                    REQUEST_TIMEOUT,
+                let load = loadgen::StreamLoad {
+                    target: vip(),
+                    duration: Duration::from_secs_f64(secs),
+                    max_tokens: TOKENS,
+                    timeout: REQUEST_TIMEOUT,
                     seed,
-                    MAX_IN_FLIGHT,
-                    gen_stop,
-                )
+                    max_in_flight: MAX_IN_FLIGHT,
+                };
+                loadgen::stream_poisson(load, rate_at, gen_stop)
             })
         });
         let start = Instant::now();
@@ -464,7 +463,10 @@ fn run_policy(p: Policy, s: &RoutingSettings) -> Result<Value> {
         .collect::<Result<_>>()?;
     let lb = topo.lb_ns();
     let front = if p == Policy::LeastConn {
-        netns::exec(lb, &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+        netns::exec(
+            lb,
+            &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+        )?;
         Front::Haproxy(bench_peers::start_haproxy(
             lb,
             &haproxy_config(),
@@ -472,7 +474,17 @@ fn run_policy(p: Policy, s: &RoutingSettings) -> Result<Value> {
             vip(),
         )?)
     } else {
-        netns::exec(lb, &["ip", "addr", "add", &format!("{SNAT}/24"), "dev", netns::LB_IF])?;
+        netns::exec(
+            lb,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{SNAT}/24"),
+                "dev",
+                netns::LB_IF,
+            ],
+        )?;
         let socket = dir.0.join("router.sock");
         let config = dir.0.join("router.toml");
         std::fs::write(&config, router_config(p, &socket))?;
@@ -501,7 +513,14 @@ fn run_policy(p: Policy, s: &RoutingSettings) -> Result<Value> {
             );
             runs.push(j);
         }
-        let med = |k: &str| median(&runs.iter().filter_map(|r| r[k].as_f64()).collect::<Vec<_>>());
+        let med = |k: &str| {
+            median(
+                &runs
+                    .iter()
+                    .filter_map(|r| r[k].as_f64())
+                    .collect::<Vec<_>>(),
+            )
+        };
         loads.push(json!({
             "load": load,
             "median": {
@@ -541,7 +560,9 @@ pub fn run_routing(s: &RoutingSettings, out_dir: &Path) -> Result<Value> {
             Ok(v) => results.push(v),
             Err(e) if p == Policy::LeastConn => {
                 eprintln!("bench routing: {} skipped: {e:#}", p.key());
-                results.push(json!({"policy": p.key(), "label": p.label(), "skipped": format!("{e:#}")}));
+                results.push(
+                    json!({"policy": p.key(), "label": p.label(), "skipped": format!("{e:#}")}),
+                );
             }
             Err(e) => return Err(e.context(format!("routing policy {}", p.key()))),
         }

@@ -315,7 +315,11 @@ pub struct StreamRun {
     pub start_lag_p99_us: u32,
 }
 
-async fn stream_once(addr: SocketAddr, body: &str, timeout: Duration) -> Result<(f64, f64, String)> {
+async fn stream_once(
+    addr: SocketAddr,
+    body: &str,
+    timeout: Duration,
+) -> Result<(f64, f64, String)> {
     let t0 = Instant::now();
     tokio::time::timeout(timeout, async {
         let s = TcpStream::connect(addr)
@@ -328,10 +332,17 @@ async fn stream_once(addr: SocketAddr, body: &str, timeout: Duration) -> Result<
              Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
-        s.get_mut().write_all(req.as_bytes()).await.context("write")?;
+        s.get_mut()
+            .write_all(req.as_bytes())
+            .await
+            .context("write")?;
         let mut line = String::new();
         s.read_line(&mut line).await.context("status line")?;
-        anyhow::ensure!(line.starts_with("HTTP/1.1 200"), "status {:?}", line.trim_end());
+        anyhow::ensure!(
+            line.starts_with("HTTP/1.1 200"),
+            "status {:?}",
+            line.trim_end()
+        );
         let mut replica = String::new();
         loop {
             line.clear();
@@ -370,20 +381,41 @@ async fn stream_once(addr: SocketAddr, body: &str, timeout: Duration) -> Result<
     .with_context(|| format!("completion timed out after {timeout:?}"))?
 }
 
+/// A streaming run's fixed parameters.
+pub struct StreamLoad {
+    pub target: SocketAddr,
+    /// How long arrivals go on.
+    pub duration: Duration,
+    pub max_tokens: u32,
+    /// A request not done within this counts as an error.
+    pub timeout: Duration,
+    /// Seeds the arrival times: the same seed gives the same arrivals.
+    pub seed: u64,
+    /// Arrivals beyond this many requests in flight are errors, not sent.
+    pub max_in_flight: usize,
+}
+
+/// One request's outcome: when it was sent, and its TTFT, end-to-end time
+/// and replica or the error.
+type Outcome = (f64, Result<(f64, f64, String)>);
+
 /// Open-loop streaming completions: Poisson arrivals whose rate is
-/// `rate_at(seconds since start)`, for `duration`; one streamed completion
-/// of `max_tokens` per connection. Waits for every request to finish or
-/// time out (`timeout`). `stop` ends the arrivals early.
+/// `rate_at(seconds since start)`, one streamed completion per connection.
+/// Waits for every request to finish or time out. `stop` ends the arrivals
+/// early.
 pub async fn stream_poisson(
-    target: SocketAddr,
+    load: StreamLoad,
     rate_at: impl Fn(f64) -> f64,
-    duration: Duration,
-    max_tokens: u32,
-    timeout: Duration,
-    seed: u64,
-    max_in_flight: usize,
     stop: Arc<AtomicBool>,
 ) -> StreamRun {
+    let StreamLoad {
+        target,
+        duration,
+        max_tokens,
+        timeout,
+        seed,
+        max_in_flight,
+    } = load;
     let body: Arc<str> =
         format!(r#"{{"prompt":"hello","max_tokens":{max_tokens},"stream":true}}"#).into();
     let start = Instant::now();
@@ -395,7 +427,7 @@ pub async fn stream_poisson(
     let mut samples = Vec::new();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let mut t = 0.0;
-    let mut collect = |res: Result<(f64, Result<(f64, f64, String)>), tokio::task::JoinError>,
+    let mut collect = |res: Result<Outcome, tokio::task::JoinError>,
                        samples: &mut Vec<StreamSample>| match res {
         Ok((sent_s, Ok((ttft_ms, e2e_ms, replica)))) => samples.push(StreamSample {
             sent_s,
@@ -429,7 +461,12 @@ pub async fn stream_poisson(
         lags.push(u32::try_from(due.elapsed().as_micros()).unwrap_or(u32::MAX));
         if in_flight.load(Ordering::Relaxed) >= max_in_flight {
             collect(
-                Ok((t, Err(anyhow::anyhow!("generator limit: {max_in_flight} in flight")))),
+                Ok((
+                    t,
+                    Err(anyhow::anyhow!(
+                        "generator limit: {max_in_flight} in flight"
+                    )),
+                )),
                 &mut samples,
             );
             continue;

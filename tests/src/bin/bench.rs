@@ -86,6 +86,12 @@ fn timed<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 fn real_main() -> Result<()> {
+    // The daemons the suites start log every start and health change at
+    // info; only warnings belong in a benchmark's output.
+    if std::env::var_os("RUST_LOG").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("RUST_LOG", "warn") };
+    }
     let mut suite = None;
     let mut quick = false;
     let mut out = None;
