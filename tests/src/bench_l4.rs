@@ -27,7 +27,7 @@ use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
 use crate::{
-    bench_peers::{self, HAPROXY, IPTABLES, NFT, NGINX},
+    bench_peers::{self, HAPROXY, IPTABLES, NFT, NGINX, WRK},
     bench_report::median,
     daemon_proc::{ScratchDir, cli, start_daemon},
     loadgen::{self, RunResult},
@@ -54,6 +54,9 @@ pub struct L4Settings {
     pub fixed_runs: usize,
     pub fixed_secs: u64,
     pub sustained_secs: u64,
+    /// Cross-check runs with wrk at the maximum rate (none in quick mode).
+    pub wrk_runs: usize,
+    pub wrk_secs: u64,
 }
 
 impl L4Settings {
@@ -65,6 +68,8 @@ impl L4Settings {
             fixed_runs: 3,
             fixed_secs: 4,
             sustained_secs: 60,
+            wrk_runs: 3,
+            wrk_secs: 2,
         }
     }
 
@@ -76,6 +81,8 @@ impl L4Settings {
             fixed_runs: 1,
             fixed_secs: 1,
             sustained_secs: 1,
+            wrk_runs: 0,
+            wrk_secs: 0,
         }
     }
 }
@@ -322,6 +329,99 @@ fn sum_accepts(topo: &Topology) -> Result<u64> {
     Ok(n)
 }
 
+/// The LB namespace's conntrack figures: entries in the table and the
+/// per-CPU event counters that mean a packet was dropped for want of an
+/// entry (summed over CPUs). Null where the namespace has no conntrack.
+fn conntrack_stats(ns: &str) -> Value {
+    let count = netns::exec(ns, &["cat", "/proc/sys/net/netfilter/nf_conntrack_count"])
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let Ok(stat) = netns::exec(ns, &["cat", "/proc/net/stat/nf_conntrack"]) else {
+        return Value::Null;
+    };
+    let mut lines = stat.lines();
+    let Some(header) = lines.next() else {
+        return Value::Null;
+    };
+    let names: Vec<&str> = header.split_whitespace().collect();
+    let mut sums: BTreeMap<&str, u64> = BTreeMap::new();
+    for line in lines {
+        for (name, v) in names.iter().zip(line.split_whitespace()) {
+            if matches!(*name, "drop" | "early_drop" | "insert_failed" | "clashres") {
+                *sums.entry(name).or_default() += u64::from_str_radix(v, 16).unwrap_or(0);
+            }
+        }
+    }
+    json!({ "entries": count, "counters": sums })
+}
+
+/// wrk threads in the cross-check: one per backend, so the direct run can
+/// give each thread its own backend.
+const WRK_THREADS: usize = BACKENDS;
+
+/// The same maximum-rate measurement with wrk (`-t4 -c16`, `Connection:
+/// close`), as a cross-check of the in-tree generator; nginx's accept
+/// counter confirms one connection per request.
+fn wrk_cross_check(c: Contender, s: &L4Settings, topo: &Topology, dir: &Path) -> Result<Value> {
+    bench_peers::ensure(&[WRK])?;
+    let script = dir.join("one-backend-per-thread.lua");
+    let addrs: Vec<String> = (0..BACKENDS)
+        .map(|i| format!("\"{}\"", netns::backend_addr(i)))
+        .collect();
+    std::fs::write(
+        &script,
+        format!(
+            "-- wrk has one target; give each thread its own backend instead.\n\
+             local addrs = {{ {} }}\nlocal n = 0\n\
+             function setup(thread)\n  n = n + 1\n  \
+             thread.addr = wrk.lookup(addrs[(n - 1) % #addrs + 1], \"{PORT}\")[1]\nend\n",
+            addrs.join(", ")
+        ),
+    )?;
+    let (url, script) = match c {
+        Contender::Direct => (
+            format!("http://{}:{PORT}/", netns::backend_addr(0)),
+            Some(script.as_path()),
+        ),
+        _ => (format!("http://{}/", vip()), None),
+    };
+    let mut runs = Vec::new();
+    let mut conns_per_request = Vec::new();
+    for _ in 0..s.wrk_runs {
+        std::thread::sleep(Duration::from_millis(500));
+        let before = sum_accepts(topo)?;
+        let r = bench_peers::run_wrk(
+            topo.client_ns(),
+            &url,
+            WRK_THREADS,
+            CONNS,
+            s.wrk_secs,
+            script,
+        )?;
+        let after = sum_accepts(topo)?;
+        let accepted = after.saturating_sub(before + BACKENDS as u64);
+        conns_per_request.push(accepted as f64 / r.requests.max(1) as f64);
+        runs.push(r);
+    }
+    eprintln!(
+        "  {} wrk cross-check: {:.0} conn/s",
+        c.key(),
+        median(&runs.iter().map(|r| r.rate).collect::<Vec<_>>())
+    );
+    Ok(json!({
+        "threads": WRK_THREADS,
+        "connections": CONNS,
+        "median_rate": median(&runs.iter().map(|r| r.rate).collect::<Vec<_>>()),
+        "median_p50_ms": median(&runs.iter().map(|r| r.p50_ms).collect::<Vec<_>>()),
+        "median_p99_ms": median(&runs.iter().map(|r| r.p99_ms).collect::<Vec<_>>()),
+        "errors": runs.iter().map(|r| r.errors).sum::<u64>(),
+        "backend_accepts_per_request": conns_per_request,
+        "runs": runs.iter().map(|r| json!({
+            "requests": r.requests, "rate": r.rate, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
 /// Runs every measurement of one contender; `fixed_rate` is the open-loop
 /// rate (None: measure the maximum first and derive it, for `direct`).
 fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Result<Value> {
@@ -377,6 +477,14 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
         max_runs.push(r);
     }
     let max_rate = median(&max_runs.iter().map(RunResult::rate).collect::<Vec<_>>());
+    let wrk = if s.wrk_runs > 0 {
+        match wrk_cross_check(c, s, &topo, &dir.0) {
+            Ok(v) => v,
+            Err(e) => json!({ "skipped": format!("{e:#}") }),
+        }
+    } else {
+        Value::Null
+    };
     let fixed_rate = fixed_rate
         .unwrap_or_else(|| ((max_rate * FIXED_FRACTION) / 100.0).round().max(1.0) * 100.0);
     let mut fixed_runs = Vec::new();
@@ -410,6 +518,7 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
         sustained.rate(),
         sustained.errors
     );
+    let conntrack = conntrack_stats(topo.lb_ns());
     let mut router_counters = BTreeMap::new();
     if let Front::Router(daemon, socket) = front {
         let st: router::control::StatusReply =
@@ -446,8 +555,14 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
             "runs": fixed_runs.iter().map(|r| run_json(r, false)).collect::<Vec<_>>(),
         },
         "sustained": run_json(&sustained, true),
+        "wrk": wrk,
         "router_reason_counters": router_counters,
+        "lb_conntrack_after_sustained": conntrack,
     }))
+}
+
+fn read_trim(path: &str) -> Value {
+    std::fs::read_to_string(path).map_or(Value::Null, |s| json!(s.trim()))
 }
 
 /// Runs every contender and writes `l4.json` into `out_dir`. A contender
@@ -493,8 +608,13 @@ pub fn run_l4(s: &L4Settings, out_dir: &Path) -> Result<Value> {
             "fixed_runs": s.fixed_runs, "fixed_secs": s.fixed_secs,
             "fixed_fraction_of_direct_max": FIXED_FRACTION,
             "sustained_secs": s.sustained_secs,
+            "wrk_runs": s.wrk_runs, "wrk_secs": s.wrk_secs, "wrk_threads": WRK_THREADS,
         },
         "machine": crate::bench_report::machine_json(),
+        "netfilter": {
+            "nf_conntrack_max": read_trim("/proc/sys/net/netfilter/nf_conntrack_max"),
+            "nf_conntrack_tcp_timeout_time_wait": read_trim("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait"),
+        },
         "peer_versions": crate::bench_report::peer_versions(),
         "contenders": results,
         "configs": {

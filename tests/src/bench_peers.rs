@@ -24,6 +24,7 @@ pub const NGINX: (&str, &str) = ("nginx", "nginx-light");
 pub const HAPROXY: (&str, &str) = ("haproxy", "haproxy");
 pub const IPTABLES: (&str, &str) = ("iptables-restore", "iptables");
 pub const NFT: (&str, &str) = ("nft", "nftables");
+pub const WRK: (&str, &str) = ("wrk", "wrk");
 
 fn which(bin: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -228,4 +229,116 @@ pub fn exec_with_input(ns: &str, program: &str, args: &[&str], input: &str) -> R
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
+}
+
+/// What one wrk run reported.
+#[derive(Debug, Clone)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub rate: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Socket errors (connect, read, write, timeout) and non-2xx/3xx answers.
+    pub errors: u64,
+}
+
+/// Runs `wrk -t THREADS -c CONNS -d SECS --latency -H "Connection: close"`
+/// from `ns` against `url`, with an optional Lua script (e.g. one that gives
+/// each thread its own server address). wrk reconnects after every
+/// response the server closes, so each request is a new connection.
+pub fn run_wrk(
+    ns: &str,
+    url: &str,
+    threads: usize,
+    conns: usize,
+    secs: u64,
+    script: Option<&Path>,
+) -> Result<WrkResult> {
+    let (t, c, d) = (threads.to_string(), conns.to_string(), format!("{secs}s"));
+    let mut args = vec![
+        "wrk",
+        "-t",
+        &t,
+        "-c",
+        &c,
+        "-d",
+        &d,
+        "--latency",
+        "-H",
+        "Connection: close",
+    ];
+    let script_arg;
+    if let Some(p) = script {
+        script_arg = p.display().to_string();
+        args.extend(["-s", &script_arg]);
+    }
+    args.push(url);
+    let out = netns::exec(ns, &args)?;
+    parse_wrk(&out).with_context(|| format!("parsing wrk's output:\n{out}"))
+}
+
+fn wrk_ms(v: &str) -> Option<f64> {
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1e3,
+        "ms" => n,
+        "s" => n * 1e3,
+        "m" => n * 60e3,
+        _ => return None,
+    })
+}
+
+fn parse_wrk(out: &str) -> Result<WrkResult> {
+    let mut r = WrkResult {
+        requests: 0,
+        rate: f64::NAN,
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+        errors: 0,
+    };
+    for line in out.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => r.rate = v.parse()?,
+            ["50%", v] => r.p50_ms = wrk_ms(v).context("p50")?,
+            ["99%", v] => r.p99_ms = wrk_ms(v).context("p99")?,
+            [n, "requests", "in", ..] => r.requests = n.parse()?,
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>()?,
+            ["Socket", "errors:", rest @ ..] => {
+                // "connect 0, read 0, write 0, timeout 0"
+                r.errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    ensure!(r.rate.is_finite() && r.requests > 0, "no Requests/sec line");
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let out = "Running 2s test @ http://198.18.100.1/\n  4 threads and 16 connections\n\
+            \x20 Thread Stats   Avg      Stdev     Max   +/- Stdev\n\
+            \x20   Latency   812.21us  1.01ms  20.12ms   92.00%\n\
+            \x20 Latency Distribution\n     50%  520.00us\n     75%  0.90ms\n     90%    1.50ms\n     99%    5.10ms\n\
+            \x20 12345 requests in 2.00s, 1.50MB read\n\
+            \x20 Socket errors: connect 2, read 1, write 0, timeout 3\n\
+            \x20 Non-2xx or 3xx responses: 4\n\
+            Requests/sec:   6172.50\nTransfer/sec:      0.75MB\n";
+        let r = parse_wrk(out).unwrap();
+        assert_eq!(r.requests, 12345);
+        assert!((r.rate - 6172.5).abs() < 1e-9);
+        assert!((r.p50_ms - 0.52).abs() < 1e-9);
+        assert!((r.p99_ms - 5.1).abs() < 1e-9);
+        assert_eq!(r.errors, 10);
+        assert!(parse_wrk("garbage").is_err());
+    }
 }

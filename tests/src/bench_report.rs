@@ -94,6 +94,7 @@ pub fn peer_versions() -> Value {
         "haproxy": first_line(&["haproxy", "-v"]),
         "iptables": first_line(&["iptables", "--version"]),
         "nft": first_line(&["nft", "--version"]),
+        "wrk": first_line(&["wrk", "-v"]),
     })
 }
 
@@ -153,11 +154,12 @@ pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
     let pv = peer_versions();
     writeln!(
         md,
-        "- Peers (Debian packages): {}; {}; {}; {}.",
+        "- Peers (Debian packages): {}; {}; {}; {}; {}.",
         pv["nginx"].as_str().unwrap_or("?"),
         pv["haproxy"].as_str().unwrap_or("?"),
         pv["iptables"].as_str().unwrap_or("?"),
-        pv["nft"].as_str().unwrap_or("?")
+        pv["nft"].as_str().unwrap_or("?"),
+        pv["wrk"].as_str().unwrap_or("?"),
     )?;
     writeln!(
         md,
@@ -325,6 +327,44 @@ fn l4_section(md: &mut String, head: &mut String, l4: Option<&Value>, dir: &Path
             .collect::<Vec<_>>()
             .join(", ")
     )?;
+    let wrk_rows: Vec<&Value> = l4["contenders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["wrk"]["median_rate"].is_number())
+        .collect();
+    if !wrk_rows.is_empty() {
+        let d_wrk = direct.map_or(f64::NAN, |d| f(&d["wrk"]["median_rate"]));
+        writeln!(
+            md,
+            "Cross-check with wrk (Debian's, `-t{t} -c{c} -H \"Connection: close\"`, {n} runs              of {sec} s; for *direct* a Lua `setup()` gives each thread one backend). wrk's latency              starts after the handshake, so its figures are lower than the table's:\n\n             | contender | wrk conn/s | × direct | p50 / p99 ms | errors | conn/req |\n|---|---|---|---|---|---|",
+            t = st["wrk_threads"],
+            c = st["closed_loop_connections"],
+            n = st["wrk_runs"],
+            sec = st["wrk_secs"],
+        )?;
+        for c in wrk_rows {
+            let w = &c["wrk"];
+            let cpr: Vec<f64> = w["backend_accepts_per_request"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(f)
+                .collect();
+            writeln!(
+                md,
+                "| {} | {:.0} | {:.2}× | {:.2} / {:.2} | {} | {:.3} |",
+                c["label"].as_str().unwrap_or("?"),
+                f(&w["median_rate"]),
+                f(&w["median_rate"]) / d_wrk,
+                f(&w["median_p50_ms"]),
+                f(&w["median_p99_ms"]),
+                w["errors"],
+                median(&cpr),
+            )?;
+        }
+        md.push('\n');
+    }
     // Sustained.
     writeln!(
         md,
@@ -368,6 +408,35 @@ fn l4_section(md: &mut String, head: &mut String, l4: Option<&Value>, dir: &Path
         series.push((c["contender"].as_str().unwrap_or("?").to_owned(), ps));
     }
     md.push('\n');
+    let ct: Vec<String> = l4["contenders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["lb_conntrack_after_sustained"]["counters"].is_object())
+        .map(|c| {
+            let x = &c["lb_conntrack_after_sustained"];
+            format!(
+                "{} {} entries, drop {}, early_drop {}, insert_failed {}",
+                c["contender"].as_str().unwrap_or("?"),
+                x["entries"],
+                x["counters"]["drop"],
+                x["counters"]["early_drop"],
+                x["counters"]["insert_failed"]
+            )
+        })
+        .collect();
+    if !ct.is_empty() {
+        writeln!(
+            md,
+            "The LB's conntrack after the sustained run (`nf_conntrack_max` {}, TIME_WAIT entries \
+             kept {} s): {}.\n",
+            l4["netfilter"]["nf_conntrack_max"].as_str().unwrap_or("?"),
+            l4["netfilter"]["nf_conntrack_tcp_timeout_time_wait"]
+                .as_str()
+                .unwrap_or("?"),
+            ct.join("; ")
+        )?;
+    }
     if let Some(r) = contender(l4, "router") {
         let rate = f(&r["max_rate"]["median_rate"]);
         let p99 = f(&r["max_rate"]["median_p99_ms"]);
@@ -754,6 +823,7 @@ fn plot_groups(path: &Path, title: &str, groups: &[(String, Vec<(String, f64)>)]
         .configure_mesh()
         .disable_x_mesh()
         .disable_x_axis()
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()
         .map_err(plot_err)?;
     let names: Vec<String> = groups
@@ -852,7 +922,7 @@ fn plot_xy(
             .flat_map(|s| s.1.iter())
             .filter(|p| p.0.is_finite() && p.1.is_finite())
     };
-    let xmax = nice_max(pts().map(|p| p.0).fold(0.0, f64::max)) / 1.15;
+    let xmax = pts().map(|p| p.0).fold(0.0, f64::max).ceil();
     let ymax = nice_max(pts().map(|p| p.1).fold(0.0, f64::max));
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
@@ -865,6 +935,7 @@ fn plot_xy(
         .configure_mesh()
         .x_desc(xlabel)
         .y_desc(ylabel)
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()
         .map_err(plot_err)?;
     for (i, (name, s)) in series.iter().enumerate() {

@@ -67,7 +67,7 @@ impl RoutingSettings {
         Self {
             quick: false,
             runs: 3,
-            secs: 16.0,
+            secs: 14.0,
             loads: vec![0.7, 0.9],
         }
     }
