@@ -10,11 +10,16 @@
 //! with roundrobin. Every request is a new TCP connection (`Connection:
 //! close`), from the in-tree generator in `loadgen`.
 //!
-//! Per contender: short closed-loop runs at the maximum rate (16 connections
-//! in flight), short open-loop runs at a fixed rate (a fraction of the
-//! direct maximum, the same for everyone), then one long run at the maximum
-//! rate whose per-second rate shows what NAT port space, conntrack and the
-//! backends' TIME_WAIT do to a sustained connection rate.
+//! Per contender: the maximum rate with wrk (Debian's, `-t4 -c16`,
+//! `Connection: close`: wrk reconnects after every response, and nginx's
+//! accept counter confirms one connection per request); the same with the
+//! in-tree generator (`loadgen`), whose latency includes the handshake;
+//! open-loop runs at a fixed rate with the in-tree generator (wrk has no
+//! fixed-rate mode), a fraction of the direct maximum and the same for
+//! everyone; then, on a fresh topology, one long wrk run at the maximum rate
+//! with the backends' accept counters read every second, which shows what
+//! NAT port space, conntrack and the backends' TIME_WAIT do to a sustained
+//! connection rate.
 
 use std::{
     collections::BTreeMap,
@@ -39,24 +44,28 @@ const PORT: u16 = 80;
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 /// The router's dedicated SNAT address (see docs/operations.md).
 const SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
-/// Connections in flight in the closed-loop runs (as `wrk -c16`).
+/// Connections in flight at the maximum rate (wrk's `-c`, and the in-tree
+/// generator's closed loop).
 pub const CONNS: usize = 16;
-/// Generator threads: the machine has two cores, shared with everything else.
+/// wrk threads: one per backend, so the direct run can give each thread
+/// its own backend.
+const WRK_THREADS: usize = BACKENDS;
+/// In-tree generator threads: the machine has two cores, shared with
+/// everything else.
 const GEN_THREADS: usize = 2;
-/// The fixed rate, as a fraction of the direct maximum measured first.
-const FIXED_FRACTION: f64 = 0.35;
+/// The fixed rate, as a fraction of the direct maximum measured first: low
+/// enough that every contender (and the in-tree generator) has headroom.
+const FIXED_FRACTION: f64 = 0.2;
 const MAX_IN_FLIGHT: usize = 2_000;
 
 pub struct L4Settings {
     pub quick: bool,
+    /// Maximum-rate runs, each with wrk and with the in-tree generator.
     pub max_runs: usize,
     pub max_secs: u64,
     pub fixed_runs: usize,
     pub fixed_secs: u64,
     pub sustained_secs: u64,
-    /// Cross-check runs with wrk at the maximum rate (none in quick mode).
-    pub wrk_runs: usize,
-    pub wrk_secs: u64,
 }
 
 impl L4Settings {
@@ -64,12 +73,10 @@ impl L4Settings {
         Self {
             quick: false,
             max_runs: 3,
-            max_secs: 4,
+            max_secs: 3,
             fixed_runs: 3,
-            fixed_secs: 4,
+            fixed_secs: 3,
             sustained_secs: 60,
-            wrk_runs: 3,
-            wrk_secs: 2,
         }
     }
 
@@ -81,8 +88,6 @@ impl L4Settings {
             fixed_runs: 1,
             fixed_secs: 1,
             sustained_secs: 1,
-            wrk_runs: 0,
-            wrk_secs: 0,
         }
     }
 }
@@ -127,10 +132,10 @@ impl Contender {
 
     fn peers(self) -> Vec<(&'static str, &'static str)> {
         match self {
-            Contender::Direct | Contender::Router => vec![NGINX],
-            Contender::Iptables => vec![NGINX, IPTABLES],
-            Contender::Nftables => vec![NGINX, NFT],
-            Contender::Haproxy => vec![NGINX, HAPROXY],
+            Contender::Direct | Contender::Router => vec![NGINX, WRK],
+            Contender::Iptables => vec![NGINX, WRK, IPTABLES],
+            Contender::Nftables => vec![NGINX, WRK, NFT],
+            Contender::Haproxy => vec![NGINX, WRK, HAPROXY],
         }
     }
 }
@@ -355,198 +360,276 @@ fn conntrack_stats(ns: &str) -> Value {
     json!({ "entries": count, "counters": sums })
 }
 
-/// wrk threads in the cross-check: one per backend, so the direct run can
-/// give each thread its own backend.
-const WRK_THREADS: usize = BACKENDS;
-
-/// The same maximum-rate measurement with wrk (`-t4 -c16`, `Connection:
-/// close`), as a cross-check of the in-tree generator; nginx's accept
-/// counter confirms one connection per request.
-fn wrk_cross_check(c: Contender, s: &L4Settings, topo: &Topology, dir: &Path) -> Result<Value> {
-    bench_peers::ensure(&[WRK])?;
-    let script = dir.join("one-backend-per-thread.lua");
-    let addrs: Vec<String> = (0..BACKENDS)
-        .map(|i| format!("\"{}\"", netns::backend_addr(i)))
-        .collect();
-    std::fs::write(
-        &script,
-        format!(
-            "-- wrk has one target; give each thread its own backend instead.\n\
-             local addrs = {{ {} }}\nlocal n = 0\n\
+/// wrk's Lua script: report p99.9 too, and for `direct` give each thread
+/// its own backend (wrk has one target otherwise).
+fn wrk_script(dir: &Path, direct: bool) -> Result<std::path::PathBuf> {
+    let mut lua = String::new();
+    if direct {
+        let addrs: Vec<String> = (0..BACKENDS)
+            .map(|i| format!("\"{}\"", netns::backend_addr(i)))
+            .collect();
+        lua.push_str(&format!(
+            "local addrs = {{ {} }}\nlocal n = 0\n\
              function setup(thread)\n  n = n + 1\n  \
              thread.addr = wrk.lookup(addrs[(n - 1) % #addrs + 1], \"{PORT}\")[1]\nend\n",
             addrs.join(", ")
-        ),
-    )?;
-    let (url, script) = match c {
-        Contender::Direct => (
-            format!("http://{}:{PORT}/", netns::backend_addr(0)),
-            Some(script.as_path()),
-        ),
-        _ => (format!("http://{}/", vip()), None),
-    };
-    let mut runs = Vec::new();
-    let mut conns_per_request = Vec::new();
-    for _ in 0..s.wrk_runs {
-        std::thread::sleep(Duration::from_millis(500));
-        let before = sum_accepts(topo)?;
-        let r = bench_peers::run_wrk(
-            topo.client_ns(),
+        ));
+    }
+    lua.push_str(
+        "function done(summary, latency, requests)\n  \
+         io.write(string.format(\"p999_us %d\\n\", latency:percentile(99.9)))\nend\n",
+    );
+    let path = dir.join(if direct { "direct.lua" } else { "vip.lua" });
+    std::fs::write(&path, lua)?;
+    Ok(path)
+}
+
+fn wrk_json(r: &bench_peers::WrkResult) -> Value {
+    json!({
+        "requests": r.requests, "rate": r.rate, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+        "p999_ms": r.p999_ms, "errors": r.errors,
+    })
+}
+
+/// One contender on a fresh topology: backends, front, targets. Dropping
+/// it stops everything and deletes the namespaces (with their rules and
+/// conntrack state).
+struct Stage {
+    // Field order is drop order: front, backends, scratch dir, topology.
+    front: Front,
+    _backends: Vec<ChildGuard>,
+    dir: ScratchDir,
+    topo: Topology,
+    targets: Vec<SocketAddr>,
+}
+
+impl Stage {
+    fn new(c: Contender, tag: &str) -> Result<Stage> {
+        let topo = Topology::one_arm(BACKENDS)?;
+        let dir = ScratchDir::new(&format!("bench-l4-{}-{tag}", c.key()))?;
+        let backends: Vec<ChildGuard> = (0..BACKENDS)
+            .map(|i| {
+                bench_peers::start_nginx(topo.backend_ns(i), netns::backend_addr(i), PORT, &dir.0)
+            })
+            .collect::<Result<_>>()?;
+        let front = setup_front(c, &topo, &dir.0)?;
+        let targets = match c {
+            Contender::Direct => backend_targets(),
+            _ => vec![vip()],
+        };
+        Ok(Stage {
+            front,
+            _backends: backends,
+            dir,
+            topo,
+            targets,
+        })
+    }
+
+    fn closed(&self, secs: u64) -> Result<RunResult> {
+        loadgen::in_ns(self.topo.client_ns(), GEN_THREADS, || {
+            loadgen::closed_loop(&self.targets, CONNS, Duration::from_secs(secs))
+        })
+    }
+
+    /// wrk at the maximum rate for `secs` (for `direct` the script points
+    /// each thread at its own backend).
+    fn wrk(&self, c: Contender, secs: u64) -> Result<bench_peers::WrkResult> {
+        let script = wrk_script(&self.dir.0, c == Contender::Direct)?;
+        let url = format!("http://{}/", self.targets[0]);
+        bench_peers::run_wrk(
+            self.topo.client_ns(),
             &url,
             WRK_THREADS,
             CONNS,
-            s.wrk_secs,
-            script,
-        )?;
-        let after = sum_accepts(topo)?;
-        let accepted = after.saturating_sub(before + BACKENDS as u64);
-        conns_per_request.push(accepted as f64 / r.requests.max(1) as f64);
-        runs.push(r);
+            secs,
+            Some(&script),
+        )
     }
-    eprintln!(
-        "  {} wrk cross-check: {:.0} conn/s",
-        c.key(),
-        median(&runs.iter().map(|r| r.rate).collect::<Vec<_>>())
-    );
-    Ok(json!({
-        "threads": WRK_THREADS,
-        "connections": CONNS,
-        "median_rate": median(&runs.iter().map(|r| r.rate).collect::<Vec<_>>()),
-        "median_p50_ms": median(&runs.iter().map(|r| r.p50_ms).collect::<Vec<_>>()),
-        "median_p99_ms": median(&runs.iter().map(|r| r.p99_ms).collect::<Vec<_>>()),
-        "errors": runs.iter().map(|r| r.errors).sum::<u64>(),
-        "backend_accepts_per_request": conns_per_request,
-        "runs": runs.iter().map(|r| json!({
-            "requests": r.requests, "rate": r.rate, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors,
-        })).collect::<Vec<_>>(),
-    }))
+
+    fn open(&self, rate: f64, secs: u64) -> Result<RunResult> {
+        loadgen::in_ns(self.topo.client_ns(), GEN_THREADS, || {
+            loadgen::open_loop(
+                &self.targets,
+                rate,
+                Duration::from_secs(secs),
+                MAX_IN_FLIGHT,
+            )
+        })
+    }
+
+    /// The router's non-zero reason counters (empty for other fronts); stops
+    /// the daemon so it detaches before the namespaces go.
+    fn finish(self) -> Result<BTreeMap<String, u64>> {
+        let mut counters = BTreeMap::new();
+        if let Front::Router(daemon, socket) = self.front {
+            let st: router::control::StatusReply =
+                serde_json::from_str(&cli(&socket, &["status", "--json"])?)
+                    .context("parsing router status")?;
+            for (name, v) in st.datapath.reasons {
+                if v > 0 {
+                    counters.insert(name, v);
+                }
+            }
+            daemon.stop(Duration::from_secs(10))?;
+        }
+        Ok(counters)
+    }
 }
 
-/// Runs every measurement of one contender; `fixed_rate` is the open-loop
-/// rate (None: measure the maximum first and derive it, for `direct`).
+/// Between runs: sockets of the last run finish closing.
+fn pause(quick: bool) {
+    std::thread::sleep(Duration::from_millis(if quick { 100 } else { 500 }));
+}
+
+/// Runs every measurement of one contender. `fixed_rate` is the open-loop
+/// rate; `None` (for `direct`, which keeps no NAT state) measures the
+/// maximum first and derives it.
+///
+/// Order on the first topology: fixed-rate runs, then the maximum-rate runs
+/// (direct: maximum rate first). So the latency at a modest fixed rate is
+/// measured before NAT state from the maximum-rate runs builds up; that
+/// state carries from one maximum-rate run into the next, as on a real node.
+/// The sustained run gets a fresh topology, so its rate develops from a
+/// clean state.
 fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Result<Value> {
     bench_peers::ensure(&c.peers())?;
-    let topo = Topology::one_arm(BACKENDS)?;
-    let dir = ScratchDir::new(&format!("bench-l4-{}", c.key()))?;
-    let _backends: Vec<ChildGuard> = (0..BACKENDS)
-        .map(|i| bench_peers::start_nginx(topo.backend_ns(i), netns::backend_addr(i), PORT, &dir.0))
-        .collect::<Result<_>>()?;
-    let front = setup_front(c, &topo, &dir.0)?;
-    let targets = match c {
-        Contender::Direct => backend_targets(),
-        _ => vec![vip()],
-    };
-    let client = topo.client_ns().to_owned();
-    let closed = |secs: u64| {
-        loadgen::in_ns(&client, GEN_THREADS, || {
-            loadgen::closed_loop(&targets, CONNS, Duration::from_secs(secs))
-        })
-    };
+    let stage = Stage::new(c, "short")?;
     // Warm-up: neighbours resolved, every process paged in (the quick
     // mode's first run doubles as its warm-up).
     if !s.quick {
-        closed(1)?;
+        stage.closed(1)?;
     }
-    let pause = || std::thread::sleep(Duration::from_millis(500));
-
-    let mut max_runs = Vec::new();
-    let mut conns_per_request = Vec::new();
+    let mut wrk_runs = Vec::new();
+    let mut wrk_cpr = Vec::new();
+    let mut gen_runs = Vec::new();
+    let mut gen_cpr = Vec::new();
+    let mut fixed_runs = Vec::new();
+    let fixed = |rate: f64, fixed_runs: &mut Vec<RunResult>| -> Result<()> {
+        for i in 0..s.fixed_runs {
+            pause(s.quick);
+            let r = stage.open(rate, s.fixed_secs)?;
+            eprintln!(
+                "  {} fixed-rate run {}/{} at {rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                c.key(),
+                i + 1,
+                s.fixed_runs,
+                r.latency_ms(50.0),
+                r.latency_ms(99.0),
+                r.errors
+            );
+            fixed_runs.push(r);
+        }
+        Ok(())
+    };
+    if let Some(rate) = fixed_rate {
+        fixed(rate, &mut fixed_runs)?;
+    }
+    // The stub_status requests themselves are connections too.
+    let accepted = |before: u64| -> Result<u64> {
+        Ok(sum_accepts(&stage.topo)?.saturating_sub(before + BACKENDS as u64))
+    };
     for i in 0..s.max_runs {
-        pause();
-        let before = sum_accepts(&topo)?;
-        let r = closed(s.max_secs)?;
-        let after = sum_accepts(&topo)?;
-        // The stub_status requests themselves are connections too.
-        let accepted = after.saturating_sub(before + BACKENDS as u64);
+        pause(s.quick);
+        let before = sum_accepts(&stage.topo)?;
+        let w = stage.wrk(c, s.max_secs)?;
+        wrk_cpr.push(accepted(before)? as f64 / w.requests.max(1) as f64);
+        pause(s.quick);
+        let before = sum_accepts(&stage.topo)?;
+        let g = stage.closed(s.max_secs)?;
         anyhow::ensure!(
-            r.ok > 0,
+            g.ok > 0,
             "{}: no request succeeded: {:?}",
             c.key(),
-            r.error_samples
+            g.error_samples
         );
-        conns_per_request.push(accepted as f64 / (r.ok + r.errors).max(1) as f64);
+        gen_cpr.push(accepted(before)? as f64 / (g.ok + g.errors).max(1) as f64);
         eprintln!(
-            "  {} max-rate run {}/{}: {:.0} conn/s, p99 {:.2} ms, {} errors",
+            "  {} max-rate run {}/{}: wrk {:.0} conn/s (p99 {:.2} ms), in-tree {:.0} conn/s (p99 {:.2} ms), {} errors",
             c.key(),
             i + 1,
             s.max_runs,
-            r.rate(),
-            r.latency_ms(99.0),
-            r.errors
+            w.rate,
+            w.p99_ms,
+            g.rate(),
+            g.latency_ms(99.0),
+            w.errors + g.errors
         );
-        max_runs.push(r);
+        wrk_runs.push(w);
+        gen_runs.push(g);
     }
-    let max_rate = median(&max_runs.iter().map(RunResult::rate).collect::<Vec<_>>());
-    let wrk = if s.wrk_runs > 0 {
-        match wrk_cross_check(c, s, &topo, &dir.0) {
-            Ok(v) => v,
-            Err(e) => json!({ "skipped": format!("{e:#}") }),
+    let max_rate = median(&wrk_runs.iter().map(|r| r.rate).collect::<Vec<_>>());
+    let fixed_rate = match fixed_rate {
+        Some(r) => r,
+        None => {
+            let r = ((max_rate * FIXED_FRACTION) / 100.0).round().max(1.0) * 100.0;
+            fixed(r, &mut fixed_runs)?;
+            r
         }
-    } else {
-        Value::Null
     };
-    let fixed_rate = fixed_rate
-        .unwrap_or_else(|| ((max_rate * FIXED_FRACTION) / 100.0).round().max(1.0) * 100.0);
-    let mut fixed_runs = Vec::new();
-    for i in 0..s.fixed_runs {
-        pause();
-        let r = loadgen::in_ns(&client, GEN_THREADS, || {
-            loadgen::open_loop(
-                &targets,
-                fixed_rate,
-                Duration::from_secs(s.fixed_secs),
-                MAX_IN_FLIGHT,
-            )
-        })?;
-        eprintln!(
-            "  {} fixed-rate run {}/{} at {fixed_rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms, {} errors",
-            c.key(),
-            i + 1,
-            s.fixed_runs,
-            r.latency_ms(50.0),
-            r.latency_ms(99.0),
-            r.errors
-        );
-        fixed_runs.push(r);
-    }
-    pause();
-    let sustained = closed(s.sustained_secs)?;
+    let mut router_counters = stage.finish()?;
+
+    let stage = Stage::new(c, "sustained")?;
+    let (sustained, per_second) = std::thread::scope(|scope| -> Result<_> {
+        let run = scope.spawn(|| stage.wrk(c, s.sustained_secs));
+        // The backends' accept counters, once a second: the rate as the
+        // backends see it, whatever the generator reports.
+        let mut per_second = Vec::new();
+        let mut last = sum_accepts(&stage.topo)?;
+        let start = std::time::Instant::now();
+        for sec in 1..=s.sustained_secs {
+            let due = start + Duration::from_secs(sec);
+            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            let now = sum_accepts(&stage.topo)?;
+            per_second.push(now.saturating_sub(last + BACKENDS as u64));
+            last = now;
+        }
+        let r = run
+            .join()
+            .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+        Ok((r, per_second))
+    })?;
     eprintln!(
         "  {} sustained {} s: {:.0} conn/s mean, {} errors",
         c.key(),
         s.sustained_secs,
-        sustained.rate(),
+        sustained.rate,
         sustained.errors
     );
-    let conntrack = conntrack_stats(topo.lb_ns());
-    let mut router_counters = BTreeMap::new();
-    if let Front::Router(daemon, socket) = front {
-        let st: router::control::StatusReply =
-            serde_json::from_str(&cli(&socket, &["status", "--json"])?)
-                .context("parsing router status")?;
-        for (name, v) in st.datapath.reasons {
-            if v > 0 {
-                router_counters.insert(name, v);
-            }
-        }
-        daemon.stop(Duration::from_secs(10))?;
+    let conntrack = conntrack_stats(stage.topo.lb_ns());
+    for (k, v) in stage.finish()? {
+        *router_counters.entry(k).or_default() += v;
     }
     let med = |f: fn(&RunResult) -> f64, runs: &[RunResult]| {
         median(&runs.iter().map(f).collect::<Vec<_>>())
     };
+    let wmed =
+        |f: fn(&bench_peers::WrkResult) -> f64| median(&wrk_runs.iter().map(f).collect::<Vec<_>>());
     Ok(json!({
         "contender": c.key(),
         "label": c.label(),
         "max_rate": {
+            "generator": "wrk",
             "median_rate": max_rate,
-            "median_p50_ms": med(|r| r.latency_ms(50.0), &max_runs),
-            "median_p99_ms": med(|r| r.latency_ms(99.0), &max_runs),
-            "median_p999_ms": med(|r| r.latency_ms(99.9), &max_runs),
-            "errors": max_runs.iter().map(|r| r.errors).sum::<u64>(),
-            "backend_accepts_per_request": conns_per_request,
-            "runs": max_runs.iter().map(|r| run_json(r, false)).collect::<Vec<_>>(),
+            "median_p50_ms": wmed(|r| r.p50_ms),
+            "median_p99_ms": wmed(|r| r.p99_ms),
+            "median_p999_ms": wmed(|r| r.p999_ms),
+            "errors": wrk_runs.iter().map(|r| r.errors).sum::<u64>(),
+            "backend_accepts_per_request": wrk_cpr,
+            "runs": wrk_runs.iter().map(wrk_json).collect::<Vec<_>>(),
+        },
+        "max_rate_in_tree": {
+            "generator": "in-tree closed loop",
+            "median_rate": med(RunResult::rate, &gen_runs),
+            "median_p50_ms": med(|r| r.latency_ms(50.0), &gen_runs),
+            "median_p99_ms": med(|r| r.latency_ms(99.0), &gen_runs),
+            "median_p999_ms": med(|r| r.latency_ms(99.9), &gen_runs),
+            "errors": gen_runs.iter().map(|r| r.errors).sum::<u64>(),
+            "backend_accepts_per_request": gen_cpr,
+            "runs": gen_runs.iter().map(|r| run_json(r, false)).collect::<Vec<_>>(),
         },
         "fixed_rate": {
+            "generator": "in-tree open loop",
             "rate": fixed_rate,
             "median_p50_ms": med(|r| r.latency_ms(50.0), &fixed_runs),
             "median_p99_ms": med(|r| r.latency_ms(99.0), &fixed_runs),
@@ -554,8 +637,17 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
             "errors": fixed_runs.iter().map(|r| r.errors).sum::<u64>(),
             "runs": fixed_runs.iter().map(|r| run_json(r, false)).collect::<Vec<_>>(),
         },
-        "sustained": run_json(&sustained, true),
-        "wrk": wrk,
+        "sustained": {
+            "generator": "wrk",
+            "seconds": s.sustained_secs,
+            "rate": sustained.rate,
+            "requests": sustained.requests,
+            "errors": sustained.errors,
+            "p50_ms": sustained.p50_ms,
+            "p99_ms": sustained.p99_ms,
+            "p999_ms": sustained.p999_ms,
+            "backend_accepts_per_second": per_second,
+        },
         "router_reason_counters": router_counters,
         "lb_conntrack_after_sustained": conntrack,
     }))
@@ -604,11 +696,11 @@ pub fn run_l4(s: &L4Settings, out_dir: &Path) -> Result<Value> {
             "backends": BACKENDS,
             "closed_loop_connections": CONNS,
             "generator_threads": GEN_THREADS,
+            "wrk_threads": WRK_THREADS,
             "max_runs": s.max_runs, "max_secs": s.max_secs,
             "fixed_runs": s.fixed_runs, "fixed_secs": s.fixed_secs,
             "fixed_fraction_of_direct_max": FIXED_FRACTION,
             "sustained_secs": s.sustained_secs,
-            "wrk_runs": s.wrk_runs, "wrk_secs": s.wrk_secs, "wrk_threads": WRK_THREADS,
         },
         "machine": crate::bench_report::machine_json(),
         "netfilter": {

@@ -238,6 +238,8 @@ pub struct WrkResult {
     pub rate: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// From the benchmark's `done()` hook (`p999_us N`); NaN without it.
+    pub p999_ms: f64,
     /// Socket errors (connect, read, write, timeout) and non-2xx/3xx answers.
     pub errors: u64,
 }
@@ -295,6 +297,7 @@ fn parse_wrk(out: &str) -> Result<WrkResult> {
         rate: f64::NAN,
         p50_ms: f64::NAN,
         p99_ms: f64::NAN,
+        p999_ms: f64::NAN,
         errors: 0,
     };
     for line in out.lines().map(str::trim) {
@@ -303,6 +306,7 @@ fn parse_wrk(out: &str) -> Result<WrkResult> {
             ["Requests/sec:", v] => r.rate = v.parse()?,
             ["50%", v] => r.p50_ms = wrk_ms(v).context("p50")?,
             ["99%", v] => r.p99_ms = wrk_ms(v).context("p99")?,
+            ["p999_us", v] => r.p999_ms = v.parse::<f64>()? / 1e3,
             [n, "requests", "in", ..] => r.requests = n.parse()?,
             ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>()?,
             ["Socket", "errors:", rest @ ..] => {
@@ -332,13 +336,14 @@ mod tests {
             \x20 12345 requests in 2.00s, 1.50MB read\n\
             \x20 Socket errors: connect 2, read 1, write 0, timeout 3\n\
             \x20 Non-2xx or 3xx responses: 4\n\
-            Requests/sec:   6172.50\nTransfer/sec:      0.75MB\n";
+            Requests/sec:   6172.50\nTransfer/sec:      0.75MB\np999_us 20120\n";
         let r = parse_wrk(out).unwrap();
         assert_eq!(r.requests, 12345);
         assert!((r.rate - 6172.5).abs() < 1e-9);
         assert!((r.p50_ms - 0.52).abs() < 1e-9);
         assert!((r.p99_ms - 5.1).abs() < 1e-9);
         assert_eq!(r.errors, 10);
+        assert!((r.p999_ms - 20.12).abs() < 1e-9);
         assert!(parse_wrk("garbage").is_err());
     }
 }

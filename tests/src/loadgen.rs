@@ -126,6 +126,27 @@ impl Collector {
         }
     }
 
+    fn merge(&self, other: Collector) {
+        self.ok.fetch_add(other.ok.into_inner(), Ordering::Relaxed);
+        self.errors
+            .fetch_add(other.errors.into_inner(), Ordering::Relaxed);
+        lock(&self.latencies).extend(other.latencies.into_inner().unwrap_or_default());
+        let mut ps = lock(&self.per_second);
+        let theirs = other.per_second.into_inner().unwrap_or_default();
+        if ps.len() < theirs.len() {
+            ps.resize(theirs.len(), 0);
+        }
+        for (a, b) in ps.iter_mut().zip(theirs) {
+            *a += b;
+        }
+        let mut samples = lock(&self.error_samples);
+        for e in other.error_samples.into_inner().unwrap_or_default() {
+            if samples.len() < 5 && !samples.contains(&e) {
+                samples.push(e);
+            }
+        }
+    }
+
     fn finish(self, elapsed: Duration, seconds: usize) -> RunResult {
         let mut latencies_us = self.latencies.into_inner().unwrap_or_default();
         latencies_us.sort_unstable();
@@ -186,14 +207,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn closed_loop(targets: &[SocketAddr], conns: usize, duration: Duration) -> RunResult {
     let targets: Arc<[SocketAddr]> = targets.into();
     let req: Arc<[u8]> = request("/").into();
-    let col = Arc::new(Collector::default());
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for _ in 0..conns {
-        let (targets, req, col, next) = (targets.clone(), req.clone(), col.clone(), next.clone());
+        let (targets, req, next) = (targets.clone(), req.clone(), next.clone());
+        // Each worker keeps its own samples (no lock per request) and
+        // hands them over at the end.
         tasks.push(tokio::spawn(async move {
+            let col = Collector::default();
             while Instant::now() < deadline {
                 let addr = targets[next.fetch_add(1, Ordering::Relaxed) % targets.len()];
                 let t0 = Instant::now();
@@ -207,13 +230,16 @@ pub async fn closed_loop(targets: &[SocketAddr], conns: usize, duration: Duratio
                     }
                 }
             }
+            col
         }));
     }
+    let all = Collector::default();
     for t in tasks {
-        let _ = t.await;
+        if let Ok(col) = t.await {
+            all.merge(col);
+        }
     }
-    let col = Arc::into_inner(col).unwrap_or_default();
-    col.finish(start.elapsed(), duration.as_secs() as usize)
+    all.finish(start.elapsed(), duration.as_secs() as usize)
 }
 
 /// Open loop at a fixed rate: request `i` is due at `i / rate`; each starts
