@@ -292,6 +292,16 @@ fn setup_front(c: Contender, topo: &Topology, dir: &Path) -> Result<Front> {
             Front::None
         }
         Contender::Haproxy => {
+            // The proxy host's sysctls HAProxy's own tuning notes recommend
+            // for high connection rates (source-port reuse and range, SYN
+            // backlog): it opens a connection of its own to a backend for
+            // every client connection.
+            netns::in_netns(lb, || -> std::io::Result<()> {
+                std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
+                std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65023")?;
+                std::fs::write("/proc/sys/net/ipv4/tcp_max_syn_backlog", "60000")
+            })?
+            .context("setting HAProxy's recommended sysctls in the LB namespace")?;
             netns::exec(
                 lb,
                 &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
@@ -412,6 +422,16 @@ impl Stage {
                 bench_peers::start_nginx(topo.backend_ns(i), netns::backend_addr(i), PORT, &dir.0)
             })
             .collect::<Result<_>>()?;
+        // The load generator's host, tuned as for any connection-rate
+        // benchmark client, alike for every contender: wrk closes a
+        // connection itself when it has the whole response before the
+        // server's FIN, which leaves the client's port in TIME_WAIT for 60 s;
+        // without reuse, the client runs out of ports to the VIP long
+        // before any balancer does.
+        netns::in_netns(topo.client_ns(), || {
+            std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")
+        })?
+        .context("setting tcp_tw_reuse in the client namespace")?;
         let front = setup_front(c, &topo, &dir.0)?;
         let targets = match c {
             Contender::Direct => backend_targets(),
@@ -475,6 +495,11 @@ impl Stage {
         }
         Ok(counters)
     }
+}
+
+/// TCP sockets in TIME_WAIT in `ns` (0 when `ss` fails).
+fn time_wait(ns: &str) -> usize {
+    netns::exec(ns, &["ss", "-tanH", "state", "time-wait"]).map_or(0, |o| o.lines().count())
 }
 
 /// Between runs: sockets of the last run finish closing.
@@ -597,6 +622,11 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
         sustained.errors
     );
     let conntrack = conntrack_stats(stage.topo.lb_ns());
+    let time_wait = json!({
+        "client": time_wait(stage.topo.client_ns()),
+        "lb": time_wait(stage.topo.lb_ns()),
+        "backends": (0..BACKENDS).map(|i| time_wait(stage.topo.backend_ns(i))).sum::<usize>(),
+    });
     for (k, v) in stage.finish()? {
         *router_counters.entry(k).or_default() += v;
     }
@@ -650,6 +680,7 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
         },
         "router_reason_counters": router_counters,
         "lb_conntrack_after_sustained": conntrack,
+        "time_wait_after_sustained": time_wait,
     }))
 }
 
@@ -659,7 +690,7 @@ fn read_trim(path: &str) -> Value {
 
 /// Runs every contender and writes `l4.json` into `out_dir`. A contender
 /// whose peers cannot be installed is recorded as skipped, with the reason.
-pub fn run_l4(s: &L4Settings, out_dir: &Path) -> Result<Value> {
+pub fn run_l4(s: &L4Settings, out_dir: &Path, only: Option<&[String]>) -> Result<Value> {
     eprintln!(
         "bench l4: {} × {} s max rate, {} × {} s fixed rate, {} s sustained, per contender{}",
         s.max_runs,
@@ -672,6 +703,10 @@ pub fn run_l4(s: &L4Settings, out_dir: &Path) -> Result<Value> {
     let mut results = Vec::new();
     let mut fixed_rate = None;
     for c in Contender::ALL {
+        // `direct` always runs: it is every ratio's reference.
+        if c != Contender::Direct && only.is_some_and(|o| !o.iter().any(|k| k == c.key())) {
+            continue;
+        }
         eprintln!("bench l4: {}", c.label());
         match run_contender(c, s, fixed_rate) {
             Ok(v) => {

@@ -286,6 +286,14 @@ fn l4_section(md: &mut String, head: &mut String, l4: Option<&Value>, dir: &Path
         fs = st["fixed_secs"],
         ss = st["sustained_secs"],
     )?;
+    writeln!(
+        md,
+        "What *direct* leaves out: every other contender's packets cross the bridge twice and \
+         the LB's veth pair once more in each direction, on the same two cores as everything \
+         else. On this CPU-bound single host that extra hop is part of every balancer's cost, \
+         so the ratios to *direct* are upper bounds on the balancers' own overhead; the ratios \
+         between balancers compare like with like.\n"
+    )?;
     let of_direct =
         |path: &[&str]| direct.map_or(f64::NAN, |d| f(path.iter().fold(d, |v, k| &v[*k])));
     let d_rate = of_direct(&["max_rate", "median_rate"]);
@@ -496,7 +504,14 @@ fn l4_section(md: &mut String, head: &mut String, l4: Option<&Value>, dir: &Path
          KUBE-MARK-MASQ and `masquerade --random-fully`), with the kernel's default conntrack \
          settings. HAProxy uses its documented TCP-mode defaults (`mode tcp`, `balance \
          roundrobin`, connect/client/server timeouts, threads = CPUs, maxconn from the file \
-         limit). Could be tuned further: a shorter `nf_conntrack_tcp_timeout_time_wait` or more \
+         limit), and its host (the LB namespace) the sysctls HAProxy's tuning notes recommend \
+         for high connection rates: `tcp_tw_reuse = 1`, `ip_local_port_range = 1024 65023`, \
+         `tcp_max_syn_backlog = 60000`. The client namespace, as any connection-rate benchmark \
+         client, has `tcp_tw_reuse = 1` for every contender: wrk closes a connection itself when \
+         it has read the whole response before the server's FIN, and without reuse its own \
+         TIME_WAIT ports, not the balancer, capped the sustained rate (seen in development: \
+         every contender but *direct* fell to under 1,000 connections/s after about 10 s). \
+         Could be tuned further: a shorter `nf_conntrack_tcp_timeout_time_wait` or more \
          masquerade addresses for the netfilter contenders (kube-proxy sets neither), HAProxy \
          `tune.*` and CPU pinning, and nginx `reuseport` or more workers for every contender \
          alike. The router runs its documented configuration with a dedicated SNAT address and \
@@ -531,6 +546,10 @@ fn at_load(p: &Value, load: f64) -> Option<&Value> {
         .find(|l| (f(&l["load"]) - load).abs() < 1e-6)
 }
 
+/// The replica of speed 0.4: its share of completions shows how a policy
+/// treats a slow replica.
+const SLOW_REPLICA: &str = "gpu-2";
+
 fn routing_section(
     md: &mut String,
     head: &mut String,
@@ -564,7 +583,10 @@ fn routing_section(
          TTFT is the time from `connect()` to the first SSE data chunk; end-to-end to `data: \
          [DONE]`. Utilization is each replica's SM activity (busy time × batch occupancy, from \
          its fake NVML state, sampled every 250 ms while it is up); *spread* is the largest minus \
-         the smallest replica's mean, in percentage points. *Saturated ticks* counts the \
+         the smallest replica's mean, in percentage points (the late replica's mean covers only \
+         its time up, slow start included). The *slow replica's share* is the share of \
+         completions served by gpu-2 (speed 0.4): its share of the fleet's capacity is 40/340 = \
+         11.8% once all four are up, 40/240 = 16.7% before. *Saturated ticks* counts the \
          router's policy ticks on which every healthy replica was saturated (it then spreads \
          traffic at floor weights); *fallback connections* are those sent to a fallback \
          service (none is configured here, so it should be 0).\n",
@@ -592,14 +614,14 @@ fn routing_section(
         writeln!(
             md,
             "| policy | TTFT p50 / p99 ms | e2e p50 / p99 ms | e2e p99 × oracle | e2e p99 × round-robin | \
-             throughput /s (offered) | errors | util. spread pp | saturated ticks | fallback conns |\n\
-             |---|---|---|---|---|---|---|---|---|---|"
+             completed /s (offered) | errors | util. spread pp | slow replica's share | saturated ticks | fallback conns |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|"
         )?;
         let mut bars = Vec::new();
         for p in rt["policies"].as_array().into_iter().flatten() {
             let label = p["label"].as_str().unwrap_or("?");
             if let Some(why) = p["skipped"].as_str() {
-                writeln!(md, "| {label} | skipped: {why} | | | | | | | | |")?;
+                writeln!(md, "| {label} | skipped: {why} | | | | | | | | | |")?;
                 continue;
             }
             let Some(l) = at_load(p, load) else { continue };
@@ -609,9 +631,17 @@ fn routing_section(
                 p["policy"].as_str().unwrap_or("?").to_owned(),
                 f(&m["e2e_p99_ms"]),
             ));
+            let slow_share = median(
+                &l["runs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| f(&r["served_by"][SLOW_REPLICA]) / f(&r["completed"]).max(1.0) * 100.0)
+                    .collect::<Vec<_>>(),
+            );
             writeln!(
                 md,
-                "| {label} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2}× | {:.2}× | {:.1} ({:.1}) | {} | {:.0} | {} | {} |",
+                "| {label} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2}× | {:.2}× | {:.1} ({:.1}) | {} | {:.0} | {slow_share:.1}% | {} | {} |",
                 f(&m["ttft_p50_ms"]),
                 f(&m["ttft_p99_ms"]),
                 f(&m["e2e_p50_ms"]),

@@ -545,7 +545,7 @@ fn run_policy(p: Policy, s: &RoutingSettings) -> Result<Value> {
 }
 
 /// Runs every policy and writes `routing.json` into `out_dir`.
-pub fn run_routing(s: &RoutingSettings, out_dir: &Path) -> Result<Value> {
+pub fn run_routing(s: &RoutingSettings, out_dir: &Path, only: Option<&[String]>) -> Result<Value> {
     eprintln!(
         "bench routing: {} run(s) × {} s at loads {:?}, per policy{}",
         s.runs,
@@ -555,6 +555,9 @@ pub fn run_routing(s: &RoutingSettings, out_dir: &Path) -> Result<Value> {
     );
     let mut results = Vec::new();
     for p in Policy::ALL {
+        if only.is_some_and(|o| !o.iter().any(|k| k == p.key())) {
+            continue;
+        }
         eprintln!("bench routing: {}", p.label());
         match run_policy(p, s) {
             Ok(v) => results.push(v),

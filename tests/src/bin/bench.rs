@@ -33,7 +33,9 @@ const USAGE: &str = "usage: bench [datapath|control|l4|routing|report|all] [--qu
   report     rebuild RESULTS.md and the plots from the JSON already in the output directory
   all        every suite, then the report (default)
   --quick    short runs (about a minute in all); results go in target/bench-quick/
-  --out DIR  write the results to DIR instead";
+  --out DIR  write the results to DIR instead
+  --only K,K run only these L4 contenders (direct always runs) or routing policies,
+             by the keys in the JSON (router, iptables, ..., round_robin, oracle, ...)";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Suite {
@@ -95,6 +97,7 @@ fn real_main() -> Result<()> {
     let mut suite = None;
     let mut quick = false;
     let mut out = None;
+    let mut only: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let s = match a.as_str() {
@@ -109,6 +112,10 @@ fn real_main() -> Result<()> {
         match (s, a.as_str()) {
             (Some(s), _) if suite.is_none() => suite = Some(s),
             (None, "--quick") => quick = true,
+            (None, "--only") => match args.next() {
+                Some(k) => only = Some(k.split(',').map(str::to_owned).collect::<Vec<_>>()),
+                None => bail!("--only needs a list of names\n\n{USAGE}"),
+            },
             (None, "--out") => match args.next() {
                 Some(d) => out = Some(PathBuf::from(d)),
                 None => bail!("--out needs a directory\n\n{USAGE}"),
@@ -151,7 +158,7 @@ fn real_main() -> Result<()> {
         } else {
             L4Settings::full()
         };
-        timed("l4", || bench_l4::run_l4(&s, &out))?;
+        timed("l4", || bench_l4::run_l4(&s, &out, only.as_deref()))?;
     }
     if wants(Suite::Routing) {
         let s = if quick {
@@ -159,7 +166,9 @@ fn real_main() -> Result<()> {
         } else {
             RoutingSettings::full()
         };
-        timed("routing", || bench_routing::run_routing(&s, &out))?;
+        timed("routing", || {
+            bench_routing::run_routing(&s, &out, only.as_deref())
+        })?;
     }
     report(&out, quick)?;
     eprintln!(
