@@ -478,6 +478,29 @@ impl Stage {
         })
     }
 
+    /// Drop and error counters of the LB's interface and of its peer on the
+    /// bridge: where frames are lost on the way through the LB (a veth
+    /// counts frames it could not hand to its peer, e.g. XDP_TX into a full
+    /// ring, here).
+    fn link_drops(&self) -> Value {
+        let stats = |ns: &str, dev: &str| -> Value {
+            netns::exec(ns, &["ip", "-j", "-s", "link", "show", "dev", dev])
+                .ok()
+                .and_then(|o| serde_json::from_str::<Value>(&o).ok())
+                .map_or(Value::Null, |v| {
+                    let s = &v[0]["stats64"];
+                    json!({
+                        "rx_dropped": s["rx"]["dropped"], "rx_errors": s["rx"]["errors"],
+                        "tx_dropped": s["tx"]["dropped"], "tx_errors": s["tx"]["errors"],
+                    })
+                })
+        };
+        json!({
+            "lb": stats(self.topo.lb_ns(), netns::LB_IF),
+            "lb_peer": stats(self.topo.switch_ns(), netns::LB_PEER_IF),
+        })
+    }
+
     /// The router's non-zero reason counters (empty for other fronts); stops
     /// the daemon so it detaches before the namespaces go.
     fn finish(self) -> Result<BTreeMap<String, u64>> {
@@ -592,6 +615,7 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
             r
         }
     };
+    let short_links = stage.link_drops();
     let mut router_counters = stage.finish()?;
 
     let stage = Stage::new(c, "sustained")?;
@@ -622,6 +646,7 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
         sustained.errors
     );
     let conntrack = conntrack_stats(stage.topo.lb_ns());
+    let sustained_links = stage.link_drops();
     let time_wait = json!({
         "client": time_wait(stage.topo.client_ns()),
         "lb": time_wait(stage.topo.lb_ns()),
@@ -681,6 +706,7 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
         "router_reason_counters": router_counters,
         "lb_conntrack_after_sustained": conntrack,
         "time_wait_after_sustained": time_wait,
+        "lb_link_counters": { "short_runs": short_links, "sustained": sustained_links },
     }))
 }
 

@@ -432,6 +432,37 @@ fn l4_section(md: &mut String, head: &mut String, l4: Option<&Value>, dir: &Path
             ct.join("; ")
         )?;
     }
+    let links: Vec<String> = l4["contenders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["lb_link_counters"].is_object())
+        .map(|c| {
+            let sum = |side: &str, k: &str| -> u64 {
+                ["short_runs", "sustained"]
+                    .iter()
+                    .filter_map(|stage| c["lb_link_counters"][stage][side][k].as_u64())
+                    .sum()
+            };
+            format!(
+                "{} {} / {} / {} / {}",
+                c["contender"].as_str().unwrap_or("?"),
+                sum("lb", "rx_dropped"),
+                sum("lb", "tx_dropped"),
+                sum("lb_peer", "rx_dropped"),
+                sum("lb_peer", "tx_dropped"),
+            )
+        })
+        .collect();
+    if !links.is_empty() {
+        writeln!(
+            md,
+            "Frames dropped on the way through the LB, over both topologies (LB interface rx / \
+             tx, its bridge-side peer rx / tx; a veth counts here the frames it could not hand \
+             to its peer, such as XDP_TX into a full ring): {}.\n",
+            links.join("; ")
+        )?;
+    }
     if let Some(r) = contender(l4, "router") {
         let rate = f(&r["max_rate"]["median_rate"]);
         let p99 = f(&r["max_rate"]["median_p99_ms"]);
