@@ -726,6 +726,16 @@ pub fn run_l4(s: &L4Settings, out_dir: &Path, only: Option<&[String]>) -> Result
         s.sustained_secs,
         if s.quick { " (quick)" } else { "" }
     );
+    // Every contender needs the backends and the load generator. Without
+    // them a quick (CI) run says so and goes on; a full run fails.
+    if let Err(e) = bench_peers::ensure(&[NGINX, WRK]) {
+        if s.quick {
+            eprintln!("bench l4: SKIPPED, peers unavailable: {e:#}");
+            let _ = std::fs::remove_file(out_dir.join("l4.json"));
+            return Ok(json!({ "benchmark": "l4", "skipped": format!("{e:#}") }));
+        }
+        return Err(e.context("installing nginx and wrk for the L4 benchmark"));
+    }
     let mut results = Vec::new();
     let mut fixed_rate = None;
     for c in Contender::ALL {
