@@ -137,7 +137,30 @@ fn health() -> String {
     )
 }
 
-fn router_config(p: Policy, socket: &Path) -> String {
+/// How the router's backends get their weights in a run.
+#[derive(Clone, Copy)]
+enum Weights {
+    /// Static, all equal.
+    Equal,
+    /// Static, proportional to the true speeds (the oracle).
+    TrueSpeeds,
+    /// The GPU-aware policy, from telemetry.
+    Telemetry,
+}
+
+impl Policy {
+    /// The router's weights for this policy; None where a peer runs it.
+    fn router_weights(self) -> Option<Weights> {
+        match self {
+            Policy::RoundRobin => Some(Weights::Equal),
+            Policy::Oracle => Some(Weights::TrueSpeeds),
+            Policy::GpuAware => Some(Weights::Telemetry),
+            Policy::LeastConn => None,
+        }
+    }
+}
+
+fn router_config(w: Weights, socket: &Path) -> String {
     let mut s = format!(
         "[daemon]\ninterface = \"{}\"\ncontrol_socket = \"{}\"\n\n\
          [policy]\n# Defaults, but slow start matched to the replicas' known warm-up.\n\
@@ -149,14 +172,13 @@ fn router_config(p: Policy, socket: &Path) -> String {
         vip()
     );
     for (i, speed) in SPEEDS.iter().enumerate() {
-        let how = match p {
-            Policy::RoundRobin => "weight = 100".to_owned(),
-            Policy::Oracle => format!("weight = {}", (speed * 100.0).round() as u32),
-            Policy::GpuAware => format!(
+        let how = match w {
+            Weights::Equal => "weight = 100".to_owned(),
+            Weights::TrueSpeeds => format!("weight = {}", (speed * 100.0).round() as u32),
+            Weights::Telemetry => format!(
                 "capacity = 1.0\ntelemetry = {{ source = \"prometheus\", url = \"http://{}/metrics\", format = \"vllm\" }}",
                 replica_addr(i)
             ),
-            Policy::LeastConn => unreachable!("HAProxy runs leastconn"),
         };
         s.push_str(&format!(
             "\n[[service.backend]]\nname = \"gpu-{i}\"\naddress = \"{}\"\n{how}\nhealth = {}\n",
@@ -462,18 +484,7 @@ fn run_policy(p: Policy, s: &RoutingSettings) -> Result<Value> {
         .map(|i| start_replica(&topo, &dir.0, i))
         .collect::<Result<_>>()?;
     let lb = topo.lb_ns();
-    let front = if p == Policy::LeastConn {
-        netns::exec(
-            lb,
-            &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
-        )?;
-        Front::Haproxy(bench_peers::start_haproxy(
-            lb,
-            &haproxy_config(),
-            &dir.0,
-            vip(),
-        )?)
-    } else {
+    let front = if let Some(weights) = p.router_weights() {
         netns::exec(
             lb,
             &[
@@ -487,8 +498,19 @@ fn run_policy(p: Policy, s: &RoutingSettings) -> Result<Value> {
         )?;
         let socket = dir.0.join("router.sock");
         let config = dir.0.join("router.toml");
-        std::fs::write(&config, router_config(p, &socket))?;
+        std::fs::write(&config, router_config(weights, &socket))?;
         Front::Router(start_daemon(lb, &config, &socket)?, socket)
+    } else {
+        netns::exec(
+            lb,
+            &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+        )?;
+        Front::Haproxy(bench_peers::start_haproxy(
+            lb,
+            &haproxy_config(),
+            &dir.0,
+            vip(),
+        )?)
     };
     let mut loads = Vec::new();
     for &load in &s.loads {
@@ -592,9 +614,9 @@ pub fn run_routing(s: &RoutingSettings, out_dir: &Path, only: Option<&[String]>)
         "machine": crate::bench_report::machine_json(),
         "policies": results,
         "configs": {
-            "router_gpu_aware": router_config(Policy::GpuAware, Path::new("/run/router-bench.sock")),
-            "router_round_robin": router_config(Policy::RoundRobin, Path::new("/run/router-bench.sock")),
-            "router_oracle": router_config(Policy::Oracle, Path::new("/run/router-bench.sock")),
+            "router_gpu_aware": router_config(Weights::Telemetry, Path::new("/run/router-bench.sock")),
+            "router_round_robin": router_config(Weights::Equal, Path::new("/run/router-bench.sock")),
+            "router_oracle": router_config(Weights::TrueSpeeds, Path::new("/run/router-bench.sock")),
             "haproxy_leastconn": haproxy_config(),
         },
     });
