@@ -2,10 +2,15 @@
 //! and the benchmarks.
 pub mod bench_control;
 pub mod bench_datapath;
+pub mod bench_l4;
+pub mod bench_peers;
+pub mod bench_report;
+pub mod bench_routing;
 pub mod bpffs;
 pub mod daemon_proc;
 pub mod fake_nvml;
 pub mod kernel_ns;
+pub mod loadgen;
 pub mod netns;
 pub mod packet;
 pub mod replica;

@@ -35,7 +35,7 @@ enum Task {
     Setup,
     /// Build the release `router` binary, including the eBPF object.
     Build,
-    /// Check formatting, run clippy and run every test, one at a time (needs root).
+    /// Check formatting, run clippy, run every test one at a time, then the quick benchmarks (needs root).
     Test,
     /// Build, then run the GPU demo: four mock GPU replicas behind the router,
     /// one saturating and one starting cold, watched in `router top` (needs root).
@@ -50,7 +50,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Run the benchmarks (results go in bench/).
+    /// Run the benchmarks: results, bench/RESULTS.md and plots go in bench/
+    /// (with --quick in target/bench-quick/). Needs root; installs the peers
+    /// (nginx, HAProxy, iptables, nftables) with apt-get when missing.
     Bench {
         /// Which benchmark suite to run; the bench binary's default when omitted.
         suite: Option<BenchSuite>,
@@ -73,7 +75,13 @@ enum BenchSuite {
     Datapath,
     /// Control plane: Maglev rebuild time, daemon CPU and RSS while polling.
     Control,
-    /// Every suite.
+    /// L4 forwarding: connection rate and latency against direct, iptables, nftables, HAProxy.
+    L4,
+    /// Routing quality with mock GPU replicas: round-robin, leastconn, GPU-aware, oracle.
+    Routing,
+    /// Rebuild RESULTS.md and the plots from the results already recorded.
+    Report,
+    /// Every suite, then the report.
     All,
 }
 
@@ -82,6 +90,9 @@ impl BenchSuite {
         match self {
             BenchSuite::Datapath => "datapath",
             BenchSuite::Control => "control",
+            BenchSuite::L4 => "l4",
+            BenchSuite::Routing => "routing",
+            BenchSuite::Report => "report",
             BenchSuite::All => "all",
         }
     }
@@ -170,27 +181,31 @@ fn dispatch(task: Task) -> Result<()> {
             setup::setup()?;
             // The control-plane benchmarks run the real `router` daemon.
             build()?;
-            let mut cmd = workspace_cargo();
-            cmd.args([
-                "run",
-                "--release",
-                "-p",
-                "router-tests",
-                "--bin",
-                "bench",
-                "--",
-            ]);
-            if let Some(suite) = suite {
-                cmd.arg(suite.as_arg());
-            }
-            if quick {
-                cmd.arg("--quick");
-            }
-            run(cmd.args(extra)).context("running the benchmarks")
+            bench(suite.map(BenchSuite::as_arg), quick, &extra)
         }
         Task::Fmt => run(workspace_cargo().args(["fmt", "--all"])).context("formatting"),
         Task::Clippy => clippy(),
     }
+}
+
+fn bench(suite: Option<&str>, quick: bool, extra: &[OsString]) -> Result<()> {
+    let mut cmd = workspace_cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "router-tests",
+        "--bin",
+        "bench",
+        "--",
+    ]);
+    if let Some(suite) = suite {
+        cmd.arg(suite);
+    }
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(cmd.args(extra)).context("running the benchmarks")
 }
 
 fn build() -> Result<()> {
@@ -263,6 +278,11 @@ fn test() -> Result<()> {
         "--test-threads=1",
     ]))
     .context("tests")?;
+    // The benchmarks in quick mode, so they never rot: every suite and every
+    // peer runs for a moment (about 90 s in all). Results go in
+    // target/bench-quick/, never over the recorded ones in bench/; nothing
+    // about speed is asserted.
+    bench(Some("all"), true, &[]).context("quick benchmarks (`cargo xtask bench --quick`)")?;
     eprintln!("xtask: all checks and tests passed");
     // The closing line CI reads.
     println!("tests: {} passed, {} failed", tally.passed, tally.failed);

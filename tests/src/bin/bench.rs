@@ -1,29 +1,49 @@
-//! Benchmarks of the router. `bench [datapath|all] [--quick] [--out DIR]`.
+//! Benchmarks of the router.
+//! `bench [datapath|control|l4|routing|report|all] [--quick] [--out DIR]`.
 //!
-//! Results go in `bench/` at the workspace root, or in `target/bench-quick/`
-//! with `--quick`, so smoke runs never overwrite recorded results. The
-//! benchmarks assert nothing about speed: the exit status is non-zero only on
-//! errors. Needs root (BPF, network namespaces).
+//! Results go in `bench/` at the workspace root: each suite's page or raw
+//! JSON, and `RESULTS.md` with SVG plots built from all of them. `--quick`
+//! writes to `target/bench-quick/` instead, so smoke runs never overwrite
+//! recorded results. The benchmarks assert nothing about speed: the exit
+//! status is non-zero only on errors. Needs root (BPF, network namespaces)
+//! and installs its peers (nginx, HAProxy, iptables, nftables) with apt-get
+//! when they are missing.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Instant,
+};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use router_tests::{
     bench_control,
     bench_datapath::{self, Settings},
+    bench_l4::{self, L4Settings},
+    bench_report,
+    bench_routing::{self, RoutingSettings},
 };
 
-const USAGE: &str = "usage: bench [datapath|all] [--quick] [--out DIR]
+const USAGE: &str = "usage: bench [datapath|control|l4|routing|report|all] [--quick] [--out DIR]
 
   datapath   ns/packet of the XDP program through BPF_PROG_TEST_RUN, against XDP_PASS
-  control    control plane: Maglev rebuild time for 10 to 10,000 backends
-  all        every suite (default)
-  --quick    5 short runs; results go in target/bench-quick/ instead of bench/
-  --out DIR  write the results to DIR instead";
+  control    control plane: Maglev rebuild time, daemon CPU and RSS, reaction
+  l4         connection rate and latency: direct, router, iptables, nftables, HAProxy
+  routing    routing quality with mock GPU replicas: round-robin, leastconn, GPU-aware, oracle
+  report     rebuild RESULTS.md and the plots from the JSON already in the output directory
+  all        every suite, then the report (default)
+  --quick    short runs (about a minute in all); results go in target/bench-quick/
+  --out DIR  write the results to DIR instead
+  --only K,K run only these L4 contenders (direct always runs) or routing policies,
+             by the keys in the JSON (router, iptables, ..., round_robin, oracle, ...)";
 
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Suite {
     Datapath,
     Control,
+    L4,
+    Routing,
+    Report,
     All,
 }
 
@@ -43,26 +63,68 @@ fn main() -> ExitCode {
     }
 }
 
+/// The datapath suite pins the process to one CPU; everything after it
+/// (load generators, peers, daemons inherit the mask) needs every CPU back.
+fn with_affinity_restored<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the kernel fills it.
+    let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the pointer and size describe `saved`.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut saved) };
+    if rc != 0 {
+        bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+    }
+    let out = f();
+    // SAFETY: restores the mask read above for this thread.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &saved) };
+    out
+}
+
+fn timed<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let t = Instant::now();
+    let r = f();
+    eprintln!("bench: {name} took {:.0} s", t.elapsed().as_secs_f64());
+    r
+}
+
 fn real_main() -> Result<()> {
+    // The daemons the suites start log every start and health change at
+    // info; only warnings belong in a benchmark's output.
+    if std::env::var_os("RUST_LOG").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("RUST_LOG", "warn") };
+    }
     let mut suite = None;
     let mut quick = false;
     let mut out = None;
+    let mut only: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        match a.as_str() {
-            "datapath" if suite.is_none() => suite = Some(Suite::Datapath),
-            "all" if suite.is_none() => suite = Some(Suite::All),
-            "control" if suite.is_none() => suite = Some(Suite::Control),
-            "--quick" => quick = true,
-            "--out" => match args.next() {
+        let s = match a.as_str() {
+            "datapath" => Some(Suite::Datapath),
+            "control" => Some(Suite::Control),
+            "l4" => Some(Suite::L4),
+            "routing" => Some(Suite::Routing),
+            "report" => Some(Suite::Report),
+            "all" => Some(Suite::All),
+            _ => None,
+        };
+        match (s, a.as_str()) {
+            (Some(s), _) if suite.is_none() => suite = Some(s),
+            (None, "--quick") => quick = true,
+            (None, "--only") => match args.next() {
+                Some(k) => only = Some(k.split(',').map(str::to_owned).collect::<Vec<_>>()),
+                None => bail!("--only needs a list of names\n\n{USAGE}"),
+            },
+            (None, "--out") => match args.next() {
                 Some(d) => out = Some(PathBuf::from(d)),
                 None => bail!("--out needs a directory\n\n{USAGE}"),
             },
-            "-h" | "--help" => {
+            (None, "-h" | "--help") => {
                 println!("{USAGE}");
                 return Ok(());
             }
-            other => bail!("unexpected argument {other:?}\n\n{USAGE}"),
+            _ => bail!("unexpected argument {a:?}\n\n{USAGE}"),
         }
     }
     let out = out.unwrap_or_else(|| {
@@ -73,17 +135,50 @@ fn real_main() -> Result<()> {
             root.join("bench")
         }
     });
-    let settings = if quick {
-        Settings::quick(out)
-    } else {
-        Settings::full(out)
-    };
-    match suite.unwrap_or(Suite::All) {
-        Suite::Datapath => bench_datapath::run_datapath(&settings),
-        Suite::Control => bench_control::run_control(quick, &settings.out_dir),
-        Suite::All => {
-            bench_datapath::run_datapath(&settings)?;
-            bench_control::run_control(quick, &settings.out_dir)
-        }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let started = Instant::now();
+    let suite = suite.unwrap_or(Suite::All);
+    let wants = |s: Suite| suite == s || suite == Suite::All;
+    if wants(Suite::Datapath) {
+        let settings = if quick {
+            Settings::quick(out.clone())
+        } else {
+            Settings::full(out.clone())
+        };
+        timed("datapath", || {
+            with_affinity_restored(|| bench_datapath::run_datapath(&settings))
+        })?;
     }
+    if wants(Suite::Control) {
+        timed("control", || bench_control::run_control(quick, &out))?;
+    }
+    if wants(Suite::L4) {
+        let s = if quick {
+            L4Settings::quick()
+        } else {
+            L4Settings::full()
+        };
+        timed("l4", || bench_l4::run_l4(&s, &out, only.as_deref()))?;
+    }
+    if wants(Suite::Routing) {
+        let s = if quick {
+            RoutingSettings::quick()
+        } else {
+            RoutingSettings::full()
+        };
+        timed("routing", || {
+            bench_routing::run_routing(&s, &out, only.as_deref())
+        })?;
+    }
+    report(&out, quick)?;
+    eprintln!(
+        "bench: done in {:.0} s; results in {}",
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn report(out: &Path, quick: bool) -> Result<()> {
+    bench_report::write_report(out, quick)
 }

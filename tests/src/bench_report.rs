@@ -1,0 +1,1049 @@
+//! `bench report`: one page, `RESULTS.md`, from the suites' raw JSON
+//! (datapath, control, l4, routing) in the output directory, with SVG plots
+//! beside it. Also the machine description every suite records.
+//!
+//! The page only reads what the suites wrote, so it can be rebuilt without
+//! measuring again (`bench report`). A suite that did not run, or a
+//! contender that was skipped, is said so on the page.
+
+use std::{fmt::Write as _, path::Path, process::Command};
+
+use anyhow::{Context as _, Result};
+use plotters::prelude::*;
+use serde_json::{Value, json};
+
+/// Median; NaN for no samples.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => s[n / 2],
+        _ => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+fn first_line(cmd: &[&str]) -> String {
+    Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .ok()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "not installed".into())
+}
+
+/// The machine: kernel, CPU, cores, memory, distribution, virtualisation.
+pub fn machine_json() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == "model name").then(|| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let vm = cpuinfo
+        .lines()
+        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0 / 1024.0);
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    // SAFETY: sysconf has no memory effects.
+    let nproc = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    json!({
+        "kernel": first_line(&["uname", "-r"]),
+        "cpu_model": cpu,
+        "cpus_online": nproc,
+        "memory_gib": mem_gib,
+        "virtual_machine": vm,
+        "os": os,
+    })
+}
+
+/// Versions of the peers, as the binaries report them.
+pub fn peer_versions() -> Value {
+    json!({
+        "nginx": first_line(&["nginx", "-v"]),
+        "haproxy": first_line(&["haproxy", "-v"]),
+        "iptables": first_line(&["iptables", "--version"]),
+        "nft": first_line(&["nft", "--version"]),
+        "wrk": first_line(&["wrk", "-v"]),
+    })
+}
+
+fn read_json(dir: &Path, name: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(dir.join(name)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+/// Writes `RESULTS.md` and the plots into `dir` from the JSON there.
+pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
+    let dp = read_json(dir, "datapath.json");
+    let ctl = read_json(dir, "control.json");
+    let l4 = read_json(dir, "l4.json");
+    let rt = read_json(dir, "routing.json");
+    let mut md = String::new();
+    let mut headline = String::new();
+    writeln!(md, "# Benchmark results\n")?;
+    writeln!(
+        md,
+        "Page built by `cargo xtask bench{}` on {} (UTC) from the suites' JSON in this \
+         directory; a suite run on its own (`cargo xtask bench l4`) replaces only its own file, \
+         so sections may come from different runs, but within a section every figure and its \
+         reference come from one run. Every figure is the median of \
+         repeated runs and is given as a ratio to its reference measured in the same run. \
+         The raw numbers are in the JSON files beside this page; the plots are SVG files \
+         beside it too.{}\n",
+        if quick { " --quick" } else { "" },
+        first_line(&["date", "-u", "+%Y-%m-%d %H:%M"]),
+        if quick {
+            " **Quick mode: runs far too short for the figures to mean anything; it only \
+             shows that every benchmark still runs.**"
+        } else {
+            ""
+        }
+    )?;
+    let m = machine_json();
+    writeln!(md, "## Machine\n")?;
+    writeln!(
+        md,
+        "- {} · {} CPUs online{} · {:.0} GiB memory · kernel `{}` · {}",
+        m["cpu_model"].as_str().unwrap_or("?"),
+        m["cpus_online"],
+        if m["virtual_machine"].as_bool() == Some(true) {
+            " (virtual machine)"
+        } else {
+            ""
+        },
+        f(&m["memory_gib"]),
+        m["kernel"].as_str().unwrap_or("?"),
+        m["os"].as_str().unwrap_or("?"),
+    )?;
+    let pv = peer_versions();
+    writeln!(
+        md,
+        "- Peers (Debian packages): {}; {}; {}; {}; {}.",
+        pv["nginx"].as_str().unwrap_or("?"),
+        pv["haproxy"].as_str().unwrap_or("?"),
+        pv["iptables"].as_str().unwrap_or("?"),
+        pv["nft"].as_str().unwrap_or("?"),
+        pv["wrk"].as_str().unwrap_or("?"),
+    )?;
+    writeln!(
+        md,
+        "- Everything (load generator, balancer, backends, replicas) shares these cores, \
+         as on a single test host; absolute figures are this machine's, the ratios are what \
+         carries over.\n"
+    )?;
+
+    let mut body = String::new();
+    datapath_section(&mut body, &mut headline, dp.as_ref())?;
+    l4_section(&mut body, &mut headline, l4.as_ref(), dir)?;
+    routing_section(&mut body, &mut headline, rt.as_ref(), dir)?;
+    control_section(&mut body, &mut headline, ctl.as_ref())?;
+    writeln!(md, "## Headline\n")?;
+    writeln!(md, "| measure | result | target | |\n|---|---|---|---|")?;
+    md.push_str(&headline);
+    md.push('\n');
+    md.push_str(&body);
+    std::fs::write(dir.join("RESULTS.md"), md).context("writing RESULTS.md")?;
+    eprintln!("wrote {}", dir.join("RESULTS.md").display());
+    Ok(())
+}
+
+fn datapath_section(md: &mut String, head: &mut String, dp: Option<&Value>) -> Result<()> {
+    writeln!(md, "## 1. Datapath\n")?;
+    let Some(dp) = dp else {
+        writeln!(md, "Not run (no `datapath.json`).\n")?;
+        return Ok(());
+    };
+    writeln!(
+        md,
+        "ns per packet through BPF_PROG_TEST_RUN, as a ratio to a trivial XDP_PASS program \
+         measured in the same run ([datapath.md](datapath.md) has the method and min–max).\n"
+    )?;
+    writeln!(
+        md,
+        "| path | mode | ns/packet | ratio to XDP_PASS | target | result |\n|---|---|---|---|---|---|"
+    )?;
+    for r in dp["summary"].as_array().into_iter().flatten() {
+        let target = r["target_ratio"]
+            .as_f64()
+            .map(|t| format!("≤ {t}×"))
+            .unwrap_or_else(|| "—".into());
+        writeln!(
+            md,
+            "| {} | {} | {:.1} | {:.2}× | {target} | {} |",
+            r["path"].as_str().unwrap_or("?"),
+            r["mode"].as_str().unwrap_or("?"),
+            f(&r["ns_median"]),
+            f(&r["ratio_median"]),
+            r["result"].as_str().unwrap_or("—"),
+        )?;
+        if r["mode"] == "single"
+            && let Some(t) = r["target_ratio"].as_f64()
+        {
+            writeln!(
+                head,
+                "| datapath: {} | {:.2}× XDP_PASS | ≤ {t}× | {} |",
+                r["path"].as_str().unwrap_or("?"),
+                f(&r["ratio_median"]),
+                verdict(f(&r["ratio_median"]) <= t)
+            )?;
+        }
+    }
+    md.push('\n');
+    Ok(())
+}
+
+fn contender<'a>(l4: &'a Value, key: &str) -> Option<&'a Value> {
+    l4["contenders"]
+        .as_array()?
+        .iter()
+        .find(|c| c["contender"] == key && c.get("skipped").is_none())
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn l4_section(md: &mut String, head: &mut String, l4: Option<&Value>, dir: &Path) -> Result<()> {
+    writeln!(md, "## 2. L4 forwarding\n")?;
+    let Some(l4) = l4 else {
+        writeln!(md, "Not run (no `l4.json`).\n")?;
+        return Ok(());
+    };
+    let st = &l4["settings"];
+    let direct = contender(l4, "direct");
+    writeln!(
+        md,
+        "One topology for every contender (client, LB and {b} backend network namespaces on one \
+         bridge, built afresh for each contender), the same {b} nginx backends (one worker each, \
+         a 3-byte 200, access log off), the same load and durations. Every request is a new TCP \
+         connection (`Connection: close`); nginx's accept counter confirms one connection per \
+         request (column \"conn/req\").\n\n\
+         - **Maximum rate**: wrk (Debian's) `-t{wt} -c{c} -H \"Connection: close\"`, {mr} runs of \
+         {ms} s, median of the runs; wrk reconnects after every response. For *direct* a Lua \
+         `setup()` gives each wrk thread its own backend. wrk's latency starts once the \
+         connection is up, so it leaves out the handshake. Each wrk run is followed by a run of \
+         the in-tree generator (`tests/src/loadgen.rs`, tokio, {t} threads, closed loop, {c} \
+         connections) whose latency runs from `connect()` to the last byte: the SYN path \
+         included. It is slower than wrk on this machine (it costs more CPU per connection), so \
+         its rates are a second opinion, not the figure.\n\
+         - **Fixed rate**: the in-tree generator in open loop (wrk has no fixed-rate mode) at \
+         {fr:.0} new connections/s, {pct:.0}% of the direct maximum measured first in the same \
+         run; {fr_runs} runs of {fs} s; latency from `connect()` to the last byte, from each \
+         request's actual start (how late starts were against the schedule, p99, is in the JSON).\n\
+         - **Sustained**: one wrk run of {ss} s at the maximum rate on a fresh topology, with the \
+         backends' accept counters read every second: the rate as the backends see it, showing \
+         what NAT port space, conntrack and the backends' TIME_WAIT do over time \
+         (`l4_sustained.svg`).\n\n\
+         Order per contender: fixed-rate runs, then the maximum-rate runs, on one topology (for \
+         *direct*, which keeps no NAT state, the maximum first, to set the fixed rate), with \
+         0.5 s between runs; NAT state from one maximum-rate run carries into the next, as it \
+         would on a real node. Then the sustained run on a new topology.\n",
+        b = st["backends"],
+        wt = st["wrk_threads"],
+        t = st["generator_threads"],
+        c = st["closed_loop_connections"],
+        mr = st["max_runs"],
+        ms = st["max_secs"],
+        fr = direct.map_or(f64::NAN, |d| f(&d["fixed_rate"]["rate"])),
+        pct = f(&st["fixed_fraction_of_direct_max"]) * 100.0,
+        fr_runs = st["fixed_runs"],
+        fs = st["fixed_secs"],
+        ss = st["sustained_secs"],
+    )?;
+    writeln!(
+        md,
+        "What *direct* leaves out: every other contender's packets cross the bridge twice and \
+         the LB's veth pair once more in each direction, on the same two cores as everything \
+         else. On this CPU-bound single host that extra hop is part of every balancer's cost, \
+         so the ratios to *direct* are upper bounds on the balancers' own overhead; the ratios \
+         between balancers compare like with like.\n"
+    )?;
+    let of_direct =
+        |path: &[&str]| direct.map_or(f64::NAN, |d| f(path.iter().fold(d, |v, k| &v[*k])));
+    let d_rate = of_direct(&["max_rate", "median_rate"]);
+    let d_p99 = of_direct(&["max_rate", "median_p99_ms"]);
+    let d_grate = of_direct(&["max_rate_in_tree", "median_rate"]);
+    let d_gp99 = of_direct(&["max_rate_in_tree", "median_p99_ms"]);
+    let d_fp99 = of_direct(&["fixed_rate", "median_p99_ms"]);
+    writeln!(
+        md,
+        "| contender | max conn/s (wrk) | × direct | p50 / p99 / p99.9 ms (wrk) | p99 × direct | \
+         in-tree max conn/s | × direct | p99 ms incl. handshake | p99 × direct | \
+         fixed rate p50 / p99 / p99.9 ms | p99 × direct | errors | conn/req |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )?;
+    let mut bars = Vec::new();
+    for c in l4["contenders"].as_array().into_iter().flatten() {
+        let label = c["label"].as_str().unwrap_or("?");
+        if let Some(why) = c["skipped"].as_str() {
+            writeln!(md, "| {label} | skipped: {why} | | | | | | | | | | | |")?;
+            continue;
+        }
+        let mx = &c["max_rate"];
+        let g = &c["max_rate_in_tree"];
+        let fx = &c["fixed_rate"];
+        let rate = f(&mx["median_rate"]);
+        let cpr: Vec<f64> = mx["backend_accepts_per_request"]
+            .as_array()
+            .into_iter()
+            .chain(g["backend_accepts_per_request"].as_array())
+            .flatten()
+            .map(f)
+            .collect();
+        bars.push((c["contender"].as_str().unwrap_or("?").to_owned(), rate));
+        writeln!(
+            md,
+            "| {label} | {rate:.0} | {:.2}× | {:.2} / {:.2} / {:.2} | {:.2}× | {:.0} | {:.2}× | {:.2} | {:.2}× | {:.2} / {:.2} / {:.2} | {:.2}× | {} | {:.3} |",
+            rate / d_rate,
+            f(&mx["median_p50_ms"]),
+            f(&mx["median_p99_ms"]),
+            f(&mx["median_p999_ms"]),
+            f(&mx["median_p99_ms"]) / d_p99,
+            f(&g["median_rate"]),
+            f(&g["median_rate"]) / d_grate,
+            f(&g["median_p99_ms"]),
+            f(&g["median_p99_ms"]) / d_gp99,
+            f(&fx["median_p50_ms"]),
+            f(&fx["median_p99_ms"]),
+            f(&fx["median_p999_ms"]),
+            f(&fx["median_p99_ms"]) / d_fp99,
+            mx["errors"].as_u64().unwrap_or(0)
+                + g["errors"].as_u64().unwrap_or(0)
+                + fx["errors"].as_u64().unwrap_or(0),
+            median(&cpr),
+        )?;
+    }
+    writeln!(
+        md,
+        "\nDirect over each contender, maximum rate (wrk): {}.\n",
+        bars.iter()
+            .filter(|(k, _)| k != "direct")
+            .map(|(k, r)| format!("{k} {:.2}×", d_rate / r))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    writeln!(
+        md,
+        "Sustained run ({} s at the maximum rate, wrk), new connections per second as the \
+         backends accepted them:\n",
+        st["sustained_secs"]
+    )?;
+    writeln!(
+        md,
+        "| contender | mean (wrk) | × direct | first 10 s | last 10 s | last / first | slowest second | p99 ms (wrk) | errors |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    )?;
+    let d_sus = of_direct(&["sustained", "rate"]);
+    let mut series = Vec::new();
+    for c in l4["contenders"].as_array().into_iter().flatten() {
+        if c.get("skipped").is_some() {
+            continue;
+        }
+        let s = &c["sustained"];
+        let ps: Vec<f64> = s["backend_accepts_per_second"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(f)
+            .collect();
+        if ps.is_empty() {
+            continue;
+        }
+        let w = ps.len().min(10);
+        let first = mean(&ps[..w]);
+        let last = mean(&ps[ps.len() - w..]);
+        let slowest = ps.iter().copied().fold(f64::INFINITY, f64::min);
+        writeln!(
+            md,
+            "| {} | {:.0} | {:.2}× | {first:.0} | {last:.0} | {:.2} | {slowest:.0} | {:.2} | {} |",
+            c["label"].as_str().unwrap_or("?"),
+            f(&s["rate"]),
+            f(&s["rate"]) / d_sus,
+            last / first,
+            f(&s["p99_ms"]),
+            s["errors"]
+        )?;
+        series.push((c["contender"].as_str().unwrap_or("?").to_owned(), ps));
+    }
+    md.push('\n');
+    let ct: Vec<String> = l4["contenders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["lb_conntrack_after_sustained"]["counters"].is_object())
+        .map(|c| {
+            let x = &c["lb_conntrack_after_sustained"];
+            format!(
+                "{} {} entries, drop {}, early_drop {}, insert_failed {}",
+                c["contender"].as_str().unwrap_or("?"),
+                x["entries"],
+                x["counters"]["drop"],
+                x["counters"]["early_drop"],
+                x["counters"]["insert_failed"]
+            )
+        })
+        .collect();
+    if !ct.is_empty() {
+        writeln!(
+            md,
+            "The LB's conntrack after the sustained run (`nf_conntrack_max` {}, TIME_WAIT entries \
+             kept {} s; with masquerade each backend offers one LB address's ~64k source ports, \
+             and an entry holds its port until it expires): {}.\n",
+            l4["netfilter"]["nf_conntrack_max"].as_str().unwrap_or("?"),
+            l4["netfilter"]["nf_conntrack_tcp_timeout_time_wait"]
+                .as_str()
+                .unwrap_or("?"),
+            ct.join("; ")
+        )?;
+    }
+    let links: Vec<String> = l4["contenders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["lb_link_counters"].is_object())
+        .map(|c| {
+            let sum = |side: &str, k: &str| -> u64 {
+                ["short_runs", "sustained"]
+                    .iter()
+                    .filter_map(|stage| c["lb_link_counters"][stage][side][k].as_u64())
+                    .sum()
+            };
+            format!(
+                "{} {} / {} / {} / {}",
+                c["contender"].as_str().unwrap_or("?"),
+                sum("lb", "rx_dropped"),
+                sum("lb", "tx_dropped"),
+                sum("lb_peer", "rx_dropped"),
+                sum("lb_peer", "tx_dropped"),
+            )
+        })
+        .collect();
+    if !links.is_empty() {
+        writeln!(
+            md,
+            "Frames dropped on the way through the LB, over both topologies (LB interface rx / \
+             tx, its bridge-side peer rx / tx; a veth counts here the frames it could not hand \
+             to its peer, such as XDP_TX into a full ring): {}.\n",
+            links.join("; ")
+        )?;
+    }
+    if let Some(r) = contender(l4, "router") {
+        let rate = f(&r["max_rate"]["median_rate"]);
+        let p99 = f(&r["max_rate"]["median_p99_ms"]);
+        let gp99 = f(&r["max_rate_in_tree"]["median_p99_ms"]);
+        let fp99 = f(&r["fixed_rate"]["median_p99_ms"]);
+        let sus = f(&r["sustained"]["rate"]);
+        writeln!(
+            head,
+            "| L4: router max connection rate (wrk) | {:.2}× direct | ≥ 0.9× | {} |",
+            rate / d_rate,
+            verdict(rate / d_rate >= 0.9)
+        )?;
+        writeln!(
+            head,
+            "| L4: router p99 latency over direct, max rate (wrk) | {:+.0}% | ≤ 10% | {} |",
+            (p99 / d_p99 - 1.0) * 100.0,
+            verdict(p99 / d_p99 <= 1.10)
+        )?;
+        writeln!(
+            head,
+            "| L4: router p99 latency over direct, max rate, handshake included | {:+.0}% | ≤ 10% | {} |",
+            (gp99 / d_gp99 - 1.0) * 100.0,
+            verdict(gp99 / d_gp99 <= 1.10)
+        )?;
+        writeln!(
+            head,
+            "| L4: router p99 latency over direct, fixed rate | {:+.0}% | ≤ 10% | {} |",
+            (fp99 / d_fp99 - 1.0) * 100.0,
+            verdict(fp99 / d_fp99 <= 1.10)
+        )?;
+        writeln!(
+            head,
+            "| L4: router sustained {} s rate | {:.2}× direct | — | |",
+            st["sustained_secs"],
+            sus / d_sus
+        )?;
+        for k in ["nftables", "iptables", "haproxy"] {
+            if let Some(c) = contender(l4, k) {
+                writeln!(
+                    head,
+                    "| L4: router / {k}: max rate, sustained rate | {:.2}×, {:.2}× | — | |",
+                    rate / f(&c["max_rate"]["median_rate"]),
+                    sus / f(&c["sustained"]["rate"])
+                )?;
+            }
+        }
+        if let Some(counters) = r["router_reason_counters"].as_object() {
+            let odd: Vec<String> = counters
+                .iter()
+                .filter(|(k, _)| k.starts_with("drop") || k.contains("miss") || k.contains("fail"))
+                .map(|(k, v)| format!("`{k}` {v}"))
+                .collect();
+            writeln!(
+                md,
+                "Router counters over both of its topologies (every reason counter is in the JSON): {}.\n",
+                if odd.is_empty() {
+                    "no drops, LRU misses or FIB failures".to_owned()
+                } else {
+                    odd.join(", ")
+                }
+            )?;
+        }
+    }
+    writeln!(
+        md,
+        "![max rate](l4_max_rate.svg)\n\n![sustained](l4_sustained.svg)\n\n\
+         How each peer is configured (full configs in `l4.json`): iptables and nftables are \
+         kube-proxy's own rule shapes (KUBE-SVC chain with `statistic --mode random` \
+         probabilities, or a `numgen random mod 4` verdict map to endpoint chains; \
+         KUBE-MARK-MASQ and `masquerade --random-fully`), with the kernel's default conntrack \
+         settings. HAProxy uses its documented TCP-mode defaults (`mode tcp`, `balance \
+         roundrobin`, connect/client/server timeouts, threads = CPUs, maxconn from the file \
+         limit), and its host (the LB namespace) the sysctls HAProxy's tuning notes recommend \
+         for high connection rates: `tcp_tw_reuse = 1`, `ip_local_port_range = 1024 65023`, \
+         `tcp_max_syn_backlog = 60000`. The client namespace, as any connection-rate benchmark \
+         client, has `tcp_tw_reuse = 1` for every contender: wrk closes a connection itself when \
+         it has read the whole response before the server's FIN, and without reuse its own \
+         TIME_WAIT ports, not the balancer, capped the sustained rate (seen in development: \
+         every contender but *direct* fell to under 1,000 connections/s after about 10 s). \
+         Could be tuned further: a shorter `nf_conntrack_tcp_timeout_time_wait` or more \
+         masquerade addresses for the netfilter contenders (kube-proxy sets neither), HAProxy \
+         `tune.*` and CPU pinning, and nginx `reuseport` or more workers for every contender \
+         alike. The router runs its documented configuration with a dedicated SNAT address and \
+         a connection table sized per `docs/operations.md`.\n"
+    )?;
+    plot_bars(
+        &dir.join("l4_max_rate.svg"),
+        "Maximum new connections per second (wrk, median)",
+        &bars,
+    )?;
+    plot_lines(
+        &dir.join("l4_sustained.svg"),
+        "Sustained maximum rate: connections the backends accepted per second",
+        "second of the run",
+        "connections / s",
+        &series,
+    )?;
+    Ok(())
+}
+
+fn policy<'a>(rt: &'a Value, key: &str) -> Option<&'a Value> {
+    rt["policies"]
+        .as_array()?
+        .iter()
+        .find(|p| p["policy"] == key && p.get("skipped").is_none())
+}
+
+fn at_load(p: &Value, load: f64) -> Option<&Value> {
+    p["loads"]
+        .as_array()?
+        .iter()
+        .find(|l| (f(&l["load"]) - load).abs() < 1e-6)
+}
+
+/// The replica of speed 0.4: its share of completions shows how a policy
+/// treats a slow replica.
+const SLOW_REPLICA: &str = "gpu-2";
+
+fn routing_section(
+    md: &mut String,
+    head: &mut String,
+    rt: Option<&Value>,
+    dir: &Path,
+) -> Result<()> {
+    writeln!(md, "## 3. Routing quality\n")?;
+    let Some(rt) = rt else {
+        writeln!(md, "Not run (no `routing.json`).\n")?;
+        return Ok(());
+    };
+    let s = &rt["settings"];
+    writeln!(
+        md,
+        "Four mock GPU replicas (`tests/fixtures/mock_replica.py`: continuous batching of up to \
+         {mb}, {step} ms base step, {slow:.0}% slower at a full batch, {tok} tokens a request, SSE \
+         streaming, vLLM metrics) with true speeds {speeds}; the last one starts {late} s into \
+         each {secs} s run and is {cf}× slower for its first {cold} s. One replica of speed 1.0 \
+         completes {cap:.1} requests/s at a full batch; the offered load is the stated fraction \
+         of the capacity of the replicas that are up (the late one counted at full speed from \
+         its start), as open-loop Poisson arrivals with the same seeds for every policy; one \
+         streaming completion per connection, {to} s client timeout. {runs} run(s) per policy \
+         and load; every figure is the median over the runs.\n\n\
+         Policies: *static equal weights* and the *oracle* (static weights proportional to the \
+         true speeds) run on the router's own datapath with pinned weights, so only the weights \
+         differ from the GPU-aware run; *HAProxy leastconn* in TCP mode with `option redispatch` \
+         and `retries 3`; the *router's GPU-aware policy* with default settings except \
+         `slow_start` = the replicas' warm-up, reading each replica's vLLM metrics, told nothing \
+         about speeds (every `capacity` 1.0). Every policy has the same health checks (TCP + \
+         `GET /health`, {hi} ms interval, fall 2, rise 2).\n\n\
+         TTFT is the time from `connect()` to the first SSE data chunk; end-to-end to `data: \
+         [DONE]`. Utilization is each replica's SM activity (busy time × batch occupancy, from \
+         its fake NVML state, sampled every 250 ms while it is up); *spread* is the largest minus \
+         the smallest replica's mean, in percentage points (the late replica's mean covers only \
+         its time up, slow start included). The *slow replica's share* is the share of \
+         completions served by gpu-2 (speed 0.4): its share of the fleet's capacity is 40/340 = \
+         11.8% once all four are up, 40/240 = 16.7% before. *Saturated ticks* counts the \
+         router's policy ticks on which every healthy replica was saturated (it then spreads \
+         traffic at floor weights); *fallback connections* are those sent to a fallback \
+         service (none is configured here, so it should be 0).\n",
+        mb = s["max_batch"],
+        step = s["step_ms"],
+        slow = f(&s["batch_slowdown"]) * 100.0,
+        tok = s["tokens"],
+        speeds = s["speeds"],
+        late = s["late_start_s"],
+        secs = s["seconds"],
+        cf = s["cold_factor"],
+        cold = s["cold_seconds"],
+        cap = f(&s["unit_capacity_per_s"]),
+        to = s["request_timeout_s"],
+        runs = s["runs"],
+        hi = 500,
+    )?;
+    let mut groups = Vec::new();
+    for load in s["loads"].as_array().into_iter().flatten().map(f) {
+        let oracle = policy(rt, "oracle").and_then(|p| at_load(p, load));
+        let rr = policy(rt, "round_robin").and_then(|p| at_load(p, load));
+        let o99 = oracle.map_or(f64::NAN, |o| f(&o["median"]["e2e_p99_ms"]));
+        let r99 = rr.map_or(f64::NAN, |o| f(&o["median"]["e2e_p99_ms"]));
+        writeln!(md, "### {:.0}% load\n", load * 100.0)?;
+        writeln!(
+            md,
+            "| policy | TTFT p50 / p99 ms | e2e p50 / p99 ms | e2e p99 × oracle | e2e p99 × round-robin | \
+             completed /s (offered) | errors | util. spread pp | slow replica's share | saturated ticks | fallback conns |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|"
+        )?;
+        let mut bars = Vec::new();
+        for p in rt["policies"].as_array().into_iter().flatten() {
+            let label = p["label"].as_str().unwrap_or("?");
+            if let Some(why) = p["skipped"].as_str() {
+                writeln!(md, "| {label} | skipped: {why} | | | | | | | | | |")?;
+                continue;
+            }
+            let Some(l) = at_load(p, load) else { continue };
+            let m = &l["median"];
+            let router_only = p["policy"] != "haproxy_leastconn";
+            bars.push((
+                p["policy"].as_str().unwrap_or("?").to_owned(),
+                f(&m["e2e_p99_ms"]),
+            ));
+            let slow_share = median(
+                &l["runs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| f(&r["served_by"][SLOW_REPLICA]) / f(&r["completed"]).max(1.0) * 100.0)
+                    .collect::<Vec<_>>(),
+            );
+            writeln!(
+                md,
+                "| {label} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2}× | {:.2}× | {:.1} ({:.1}) | {} | {:.0} | {slow_share:.1}% | {} | {} |",
+                f(&m["ttft_p50_ms"]),
+                f(&m["ttft_p99_ms"]),
+                f(&m["e2e_p50_ms"]),
+                f(&m["e2e_p99_ms"]),
+                f(&m["e2e_p99_ms"]) / o99,
+                f(&m["e2e_p99_ms"]) / r99,
+                f(&m["throughput_per_s"]),
+                f(&m["offered_per_s"]),
+                l["errors"],
+                f(&m["utilization_spread_pp"]),
+                if router_only {
+                    l["all_saturated_ticks"].to_string()
+                } else {
+                    "—".into()
+                },
+                if router_only {
+                    l["fallback_connections"].to_string()
+                } else {
+                    "—".into()
+                },
+            )?;
+        }
+        md.push('\n');
+        if (load - 0.9).abs() < 1e-6
+            && let Some(g) = policy(rt, "router_gpu_aware").and_then(|p| at_load(p, load))
+        {
+            let g99 = f(&g["median"]["e2e_p99_ms"]);
+            let gt99 = f(&g["median"]["ttft_p99_ms"]);
+            let ot99 = oracle.map_or(f64::NAN, |o| f(&o["median"]["ttft_p99_ms"]));
+            let rt99 = rr.map_or(f64::NAN, |o| f(&o["median"]["ttft_p99_ms"]));
+            writeln!(
+                head,
+                "| routing at 90%: GPU-aware e2e p99 | {:.2}× oracle | ≤ 1.25× | {} |",
+                g99 / o99,
+                verdict(g99 / o99 <= 1.25)
+            )?;
+            writeln!(
+                head,
+                "| routing at 90%: GPU-aware e2e p99 | {:.2}× round-robin | ≤ 0.5× | {} |",
+                g99 / r99,
+                verdict(g99 / r99 <= 0.5)
+            )?;
+            writeln!(
+                head,
+                "| routing at 90%: GPU-aware TTFT p99 | {:.2}× oracle, {:.2}× round-robin | (same) | {} |",
+                gt99 / ot99,
+                gt99 / rt99,
+                verdict(gt99 / ot99 <= 1.25 && gt99 / rt99 <= 0.5)
+            )?;
+            writeln!(
+                head,
+                "| routing at 90%: GPU-aware errors | {} | 0 | {} |",
+                g["errors"],
+                verdict(g["errors"].as_u64() == Some(0))
+            )?;
+        }
+        groups.push((format!("{:.0}% load", load * 100.0), bars));
+    }
+    writeln!(
+        md,
+        "![routing p99](routing_p99.svg)\n\n![GPU-aware weights](routing_weights.svg)\n\n\
+         The weights plot is the GPU-aware policy's weight per replica over the first run at \
+         the highest load. HAProxy could be tuned further (`slowstart` on the servers, an \
+         `agent-check` fed with replica load, or `maxconn` per server with queueing); the \
+         router's policy knobs (`target_utilization`, `poll_interval`) are at their defaults.\n"
+    )?;
+    plot_groups(
+        &dir.join("routing_p99.svg"),
+        "End-to-end p99 latency (ms, median of runs)",
+        &groups,
+    )?;
+    // The GPU-aware policy's weights over its first run at the highest load.
+    let mut series = Vec::new();
+    if let Some(l) = policy(rt, "router_gpu_aware")
+        .and_then(|p| p["loads"].as_array())
+        .and_then(|ls| ls.last())
+        && let Some(w) = l["runs"][0]["weights"].as_array()
+    {
+        let n = w
+            .first()
+            .and_then(|x| x["w"].as_array())
+            .map_or(0, Vec::len);
+        for i in 0..n {
+            let pts: Vec<(f64, f64)> = w.iter().map(|x| (f(&x["t"]), f(&x["w"][i]))).collect();
+            series.push((format!("gpu-{i}"), pts));
+        }
+    }
+    plot_xy(
+        &dir.join("routing_weights.svg"),
+        "GPU-aware policy: weight per replica",
+        "seconds into the run",
+        "weight",
+        &series,
+    )?;
+    Ok(())
+}
+
+fn control_section(md: &mut String, head: &mut String, ctl: Option<&Value>) -> Result<()> {
+    writeln!(md, "## 4. Control plane\n")?;
+    let Some(ctl) = ctl else {
+        writeln!(md, "Not run (no `control.json`).\n")?;
+        return Ok(());
+    };
+    writeln!(
+        md,
+        "From [control.md](control.md), which has the method. Maglev rebuild, median of \
+         repeated builds, and its ratio to the 10-backend build in the same run:\n"
+    )?;
+    writeln!(
+        md,
+        "| backends | slots | ms | × 10 backends |\n|---|---|---|---|"
+    )?;
+    let rows: Vec<&Value> = ctl["maglev_rebuild"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    let base = rows
+        .iter()
+        .find(|r| r["backends"] == 10)
+        .map_or(f64::NAN, |r| f(&r["median_ms"]));
+    for r in &rows {
+        writeln!(
+            md,
+            "| {} | {} | {:.2} | {:.2}× |",
+            r["backends"],
+            r["table_size"],
+            f(&r["median_ms"]),
+            f(&r["median_ms"]) / base
+        )?;
+        if r["backends"] == 1000 && r["table_size"] == 65537 {
+            writeln!(
+                head,
+                "| control: Maglev rebuild, 1,000 backends | {:.2} ms | < 10 ms | {} |",
+                f(&r["median_ms"]),
+                verdict(f(&r["median_ms"]) < 10.0)
+            )?;
+        }
+    }
+    let p = &ctl["polling"];
+    writeln!(
+        md,
+        "\nDaemon polling {} endpoints at {} Hz: {:.2}% of one core, {:.1} MiB RSS, {} failed polls \
+         of {}.\n\nReaction from the first saturated reading to the weight halved: {} polls.\n",
+        p["backends"],
+        p["hz"],
+        f(&p["cpu_percent"]),
+        f(&p["rss_mib"]),
+        p["poll_errors"],
+        p["polls"],
+        ctl["reaction_polls"],
+    )?;
+    writeln!(
+        head,
+        "| control: daemon CPU, 64 backends at 4 Hz | {:.2}% of a core, {:.1} MiB | < 2% | {} |",
+        f(&p["cpu_percent"]),
+        f(&p["rss_mib"]),
+        verdict(f(&p["cpu_percent"]) < 2.0)
+    )?;
+    writeln!(
+        head,
+        "| control: reaction, saturation → weight halved | {} polls | ≤ 2 | {} |",
+        ctl["reaction_polls"],
+        verdict(ctl["reaction_polls"].as_u64().is_some_and(|n| n <= 2))
+    )?;
+    Ok(())
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn nice_max(v: f64) -> f64 {
+    if v.is_finite() && v > 0.0 {
+        v * 1.15
+    } else {
+        1.0
+    }
+}
+
+/// A horizontal-axis-categories bar chart.
+fn plot_bars(path: &Path, title: &str, bars: &[(String, f64)]) -> Result<()> {
+    plot_groups(path, title, &[(String::new(), bars.to_vec())])
+}
+
+/// Grouped bars: one group per entry, one bar per (name, value).
+fn plot_groups(path: &Path, title: &str, groups: &[(String, Vec<(String, f64)>)]) -> Result<()> {
+    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let per = groups.iter().map(|g| g.1.len()).max().unwrap_or(1).max(1);
+    let ymax = nice_max(
+        groups
+            .iter()
+            .flat_map(|g| g.1.iter().map(|b| b.1))
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max),
+    );
+    let width = (groups.len() * (per + 1)) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..width, 0.0..ymax)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .disable_x_axis()
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()
+        .map_err(plot_err)?;
+    let names: Vec<String> = groups
+        .first()
+        .map(|g| g.1.iter().map(|b| b.0.clone()).collect())
+        .unwrap_or_default();
+    for (gi, (gname, bars)) in groups.iter().enumerate() {
+        let x0 = (gi * (per + 1)) as f64 + 0.5;
+        for (bi, (_, v)) in bars.iter().enumerate() {
+            if !v.is_finite() {
+                continue;
+            }
+            let x = x0 + bi as f64;
+            let color = COLORS[bi % COLORS.len()];
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(x, 0.0), (x + 0.8, *v)],
+                    color.filled(),
+                )))
+                .map_err(plot_err)?;
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("{v:.0}"),
+                    (x + 0.1, *v + ymax * 0.01),
+                    ("sans-serif", 12),
+                )))
+                .map_err(plot_err)?;
+        }
+        if !gname.is_empty() {
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    gname.clone(),
+                    (x0, -ymax * 0.0),
+                    ("sans-serif", 14),
+                )))
+                .map_err(plot_err)?;
+        }
+    }
+    for (bi, name) in names.iter().enumerate() {
+        let color = COLORS[bi % COLORS.len()];
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(0.0, 0.0), (0.0, 0.0)],
+                color.filled(),
+            )))
+            .map_err(plot_err)?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// One line per series of per-second values.
+fn plot_lines(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[(String, Vec<f64>)],
+) -> Result<()> {
+    let xy: Vec<(String, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.iter()
+                    .enumerate()
+                    .map(|(i, y)| (i as f64 + 0.5, *y))
+                    .collect(),
+            )
+        })
+        .collect();
+    plot_xy(path, title, xlabel, ylabel, &xy)
+}
+
+fn plot_xy(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let pts = || {
+        series
+            .iter()
+            .flat_map(|s| s.1.iter())
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+    };
+    let xmax = pts().map(|p| p.0).fold(0.0, f64::max).ceil();
+    let ymax = nice_max(pts().map(|p| p.1).fold(0.0, f64::max));
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..xmax.max(1.0), 0.0..ymax)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc(xlabel)
+        .y_desc(ylabel)
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()
+        .map_err(plot_err)?;
+    for (i, (name, s)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(
+                s.iter()
+                    .copied()
+                    .filter(|p| p.0.is_finite() && p.1.is_finite()),
+                color.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("drawing a plot: {e:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(median(&[f64::NAN, 5.0]), 5.0);
+    }
+}
