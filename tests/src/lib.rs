@@ -1,5 +1,5 @@
 //! Test support for the router: packet crafting, namespaces, fixtures,
-//! and the benchmarks.
+//! the benchmarks and the soak.
 pub mod bench_control;
 pub mod bench_datapath;
 pub mod bpffs;
@@ -9,4 +9,5 @@ pub mod kernel_ns;
 pub mod netns;
 pub mod packet;
 pub mod replica;
+pub mod soak;
 pub mod veth_xdp;
