@@ -733,7 +733,19 @@ impl SoakReport {
             "`{command}`, {date}, seed {}. {machine}\n\n",
             self.seed
         ));
-        s.push_str(
+        let hard = if self.hard_flap {
+            "`web-1` is killed (SIGKILL) every 20 s and started again 3 s later;"
+        } else {
+            "`web-1` is never killed (`--no-hard-flap`);"
+        };
+        let ports = if self.reuse_ports {
+            "bind their port before connecting (`--reuse-ports`), so 4-tuples recur \
+             within seconds"
+        } else {
+            "let the kernel pick their ports, as any client does (it cycles through \
+             its range per destination)"
+        };
+        s.push_str(&format!(
             "What runs at once, in network namespaces against the real daemon \
              (`tests/src/soak/`):\n\n\
              - two services: `web` (2 fixture HTTP backends, static weights, TCP health \
@@ -745,15 +757,15 @@ impl SoakReport {
              - a random `weight set` (1–200) or `weight auto` every 100 ms through the \
              control API;\n\
              - `gpu-1`'s health check fails and recovers every 3 s (it keeps serving);\n\
-             - `web-1` is killed (SIGKILL) every 20 s and started again 3 s later;\n\
+             - {hard}\n\
              - the daemon is restarted every 15 s, SIGTERM and `kill -9` in turn, with \
              the datapath pinned and running alone in between.\n\n\
-             A failure is attributed to the backend that answered or, without an answer, \
+             Clients {ports}. A failure is attributed to the backend that answered or, without an answer, \
              to the one the datapath's connection table sent the flow to. It counts as \
              expected only on `web-1` while its process was gone; anywhere else it is a \
              failure on a healthy backend. The criterion is 0 of those and 0 failures \
-             that reached no backend.\n\n",
-        );
+             that reached no backend.\n\n"
+        ));
         s.push_str("| measure | result |\n|---|---|\n");
         let rows = [
             ("duration", format!("{:.0} s", self.duration_s)),
@@ -871,6 +883,25 @@ impl SoakReport {
                 b.failed_on_injected_fault,
                 b.datapath_new_conns.map_or("?".into(), |n| n.to_string())
             ));
+        }
+        let unexpected: Vec<&Failure> = self
+            .failures
+            .iter()
+            .filter(|f| f.class != Class::Injected.name())
+            .collect();
+        if !unexpected.is_empty() {
+            s.push_str("\nUnexpected failures (the first 10):\n\n");
+            for f in unexpected.iter().take(10) {
+                s.push_str(&format!(
+                    "- t={:.1} s, {} on {} (attributed by the {}): {}{}\n",
+                    f.at_s,
+                    f.kind,
+                    f.backend.as_deref().unwrap_or("no backend"),
+                    f.attributed_by,
+                    f.error,
+                    f.note.as_ref().map_or(String::new(), |n| format!("; {n}"))
+                ));
+            }
         }
         s.push_str("\nThe raw report is `bench/soak.json`.\n");
         s
