@@ -513,6 +513,11 @@ impl Api {
             .map(|b| b.to_vec())
     }
 
+    pub(crate) fn status(&self) -> Result<router::control::StatusReply> {
+        let body = self.call("GET", "/v1/status")?;
+        serde_json::from_slice(&body).context("decoding /v1/status")
+    }
+
     pub(crate) fn backends(&self) -> Result<Vec<BackendView>> {
         let body = self.call("GET", "/v1/backends")?;
         serde_json::from_slice(&body).context("decoding /v1/backends")
@@ -748,7 +753,18 @@ pub fn run(opts: &SoakOptions, stop: &AtomicBool) -> Result<SoakReport> {
     }
     // The datapath's own count of new connections, per backend, across
     // every daemon of the run (its counters are pinned too).
-    let views = Api::new(&lab.socket()).and_then(|api| api.backends());
+    let api = Api::new(&lab.socket());
+    let views = api
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .and_then(Api::backends);
+    // Every packet the datapath passed or dropped, by reason, over the run.
+    let reasons = api
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .and_then(Api::status)
+        .map(|st| st.datapath.reasons)
+        .unwrap_or_default();
     let fatal = lock(&ctx.fatal).clone();
     let ended_at = lock(&ctx.ended_at).unwrap_or_else(Instant::now);
     let timeline = std::mem::take(&mut *lock(&ctx.timeline));
@@ -763,6 +779,7 @@ pub fn run(opts: &SoakOptions, stop: &AtomicBool) -> Result<SoakReport> {
         churn,
         timeline,
         views,
+        reasons,
         interrupted,
         fatal,
     });

@@ -4,10 +4,12 @@
 //! How a failed connection is judged: it is attributed to a backend by the
 //! answer it got or, without one, by the datapath's connection-table entry
 //! its SYN created (see `traffic`). A failure on the hard-flapped backend
-//! whose life overlapped a window in which that backend's process was gone
-//! is expected: the design keeps sending it new connections until its
-//! health check notices (two failed probes), and its open connections die
-//! with it. Every other failure with a backend is a failure on a healthy
+//! is expected when that backend's process was gone while the connection
+//! was open, or, for a connect that failed, within a second of its first
+//! SYN (a dead backend's host refuses at once, so a connect that times out
+//! later was not refused by the kill): the design keeps sending the backend
+//! new connections until its health check notices (two failed probes), and
+//! its open connections die with it. Every other failure with a backend is a failure on a healthy
 //! backend, the health-flapped replica included (failing `/health` only
 //! takes its weight away; it keeps serving). A failure with no backend at
 //! all (the SYN was never balanced) is unattributed. The soak passes only
@@ -31,6 +33,8 @@ use super::{
 /// A connect slower than this needed a SYN retransmit (the first one is
 /// sent again after 1 s).
 const SLOW_CONNECT: Duration = Duration::from_millis(900);
+/// A SYN that goes unanswered is sent again after this long.
+const SYN_RETRY: Duration = Duration::from_secs(1);
 /// After a new daemon answers, how long its first health probes may take
 /// to make backends routable again (see `slow_connects_after_restart`).
 const AFTER_RESTART: Duration = Duration::from_secs(2);
@@ -48,6 +52,7 @@ pub(crate) struct Inputs<'a> {
     pub churn: ChurnStats,
     pub timeline: Timeline,
     pub views: Result<Vec<BackendView>>,
+    pub reasons: Vec<(String, u64)>,
     pub interrupted: bool,
     pub fatal: Option<String>,
 }
@@ -184,6 +189,9 @@ pub struct SoakReport {
     pub flow: Flow,
     /// New connections the datapath counted, all backends.
     pub datapath_new_conns: Option<u64>,
+    /// Packets the datapath dropped or passed to the stack, by reason
+    /// (non-zero ones), over the whole run.
+    pub datapath_drops_and_passes: BTreeMap<String, u64>,
     pub failures: Vec<Failure>,
     pub problems: Vec<String>,
 }
@@ -211,11 +219,21 @@ fn classify(o: &Outcome, tl: &Timeline) -> Class {
     if o.error.is_none() {
         return Class::Completed;
     }
+    // When the fault must have struck for it to explain this failure. A
+    // connect is decided by its first SYN (or the retransmit a second
+    // later): a dead backend's host answers it with a reset at once, so a
+    // connect that only timed out seconds later was not refused by a kill
+    // that came after its SYNs. An open connection can be cut at any time.
+    let until = if o.connect.is_none() {
+        o.end.min(o.start + SYN_RETRY)
+    } else {
+        o.end
+    };
     match &o.backend {
         None => Class::Unattributed,
         Some(b)
             if b == BACKENDS[HARD_FLAP].name
-                && tl.hard_down.iter().any(|w| w.overlaps(o.start, o.end)) =>
+                && tl.hard_down.iter().any(|w| w.overlaps(o.start, until)) =>
         {
             Class::Injected
         }
@@ -300,6 +318,7 @@ pub(crate) fn build(i: Inputs<'_>) -> SoakReport {
         churn,
         timeline: tl,
         views,
+        reasons,
         interrupted,
         fatal,
     } = i;
@@ -531,6 +550,10 @@ pub(crate) fn build(i: Inputs<'_>) -> SoakReport {
         flaps,
         flow,
         datapath_new_conns,
+        datapath_drops_and_passes: reasons
+            .into_iter()
+            .filter(|(r, n)| *n > 0 && (r.starts_with("drop") || r.starts_with("pass")))
+            .collect(),
         failures,
         problems: Vec::new(),
     };
@@ -696,6 +719,12 @@ impl SoakReport {
         }
         let mut listed: Vec<&Failure> = self.failures.iter().collect();
         listed.sort_by_key(|f| f.class == Class::Injected.name());
+        if !self.datapath_drops_and_passes.is_empty() {
+            s.push_str(&format!(
+                "  datapath drops and passes: {:?}\n",
+                self.datapath_drops_and_passes
+            ));
+        }
         for fail in listed.into_iter().take(12) {
             s.push_str(&format!(
                 "  failure t={:.1}s {} on {} (by {}): {} — {}\n",
@@ -849,6 +878,18 @@ impl SoakReport {
                     "{} ({} right after a restart)",
                     fl.slow_connects, fl.slow_connects_after_restart
                 ),
+            ),
+            (
+                "datapath drops and passes, by reason",
+                if self.datapath_drops_and_passes.is_empty() {
+                    "none".to_owned()
+                } else {
+                    self.datapath_drops_and_passes
+                        .iter()
+                        .map(|(r, n)| format!("{r} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
             ),
             (
                 "verdict",
