@@ -791,8 +791,9 @@ impl SoakReport {
              the datapath pinned and running alone in between.\n\n\
              Clients {ports}. A failure is attributed to the backend that answered or, without an answer, \
              to the one the datapath's connection table sent the flow to. It counts as \
-             expected only on `web-1` while its process was gone; anywhere else it is a \
-             failure on a healthy backend. The criterion is 0 of those and 0 failures \
+             expected only on `web-1` while its process was gone (for a failed connect: \
+             within a second of its first SYN); anywhere else it is a failure on a \
+             healthy backend. The criterion is 0 of those and 0 failures \
              that reached no backend.\n\n"
         ));
         s.push_str("| measure | result |\n|---|---|\n");
