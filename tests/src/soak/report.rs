@@ -241,18 +241,10 @@ fn classify(o: &Outcome, tl: &Timeline) -> Class {
     }
 }
 
-/// Whether `o` reused the 4-tuple of `previous`, which the backend had
-/// refused or reset: the datapath may still hold that flow's entries.
-fn reused_after_reset(
-    previous: &Outcome,
-    o: &Outcome,
-    at: &dyn Fn(Instant) -> f64,
-) -> Option<String> {
-    let err = previous.error.as_deref()?;
-    if !(err.contains("refused") || err.contains("reset")) {
-        return None;
-    }
-    Some(format!(
+/// `o` reused the 4-tuple of `previous`, which a backend had refused or
+/// reset: the datapath may still hold that flow's entries.
+fn reused_after_reset(previous: &Outcome, o: &Outcome, at: &dyn Fn(Instant) -> f64) -> String {
+    format!(
         "reused the 4-tuple of a connection that {} refused or reset {:.1} s earlier (t={:.1}s): \
          a SYN on that 4-tuple meets the old flow's connection-table entries",
         previous.backend.as_deref().unwrap_or("a backend"),
@@ -260,7 +252,7 @@ fn reused_after_reset(
             .saturating_duration_since(previous.end)
             .as_secs_f64(),
         at(previous.start)
-    ))
+    )
 }
 
 /// One line per connection, in start order, for a look at what happened
@@ -347,12 +339,19 @@ pub(crate) fn build(i: Inputs<'_>) -> SoakReport {
         .collect();
     let mut failures = Vec::new();
     let mut injected_listed = 0;
-    // The previous connection from each (service, local port): a 4-tuple's
-    // history.
-    let mut last_on_port: BTreeMap<(bool, u16), &Outcome> = BTreeMap::new();
+    // The last connection on each 4-tuple (service, client port) that a
+    // backend refused or reset.
+    let mut last_reset: BTreeMap<(bool, u16), &Outcome> = BTreeMap::new();
     for o in &outcomes {
         let key = o.port.map(|p| (o.kind.is_web(), p));
-        let previous = key.and_then(|k| last_on_port.insert(k, o));
+        let previous = key.and_then(|k| last_reset.get(&k).copied());
+        if let Some(k) = key
+            && o.error
+                .as_deref()
+                .is_some_and(|e| e.contains("refused") || e.contains("reset"))
+        {
+            last_reset.insert(k, o);
+        }
         let class = classify(o, &tl);
         connections.add(class);
         by_kind.entry(o.kind.name()).or_default().add(class);
@@ -391,7 +390,7 @@ pub(crate) fn build(i: Inputs<'_>) -> SoakReport {
                 },
                 class: class.name(),
                 error: o.error.clone().unwrap_or_default(),
-                note: previous.and_then(|p| reused_after_reset(p, o, &at)),
+                note: previous.map(|p| reused_after_reset(p, o, &at)),
             });
         }
     }
