@@ -1,5 +1,5 @@
 //! Test support for the router: packet crafting, namespaces, fixtures,
-//! and the benchmarks.
+//! the benchmarks and the soak.
 pub mod bench_control;
 pub mod bench_datapath;
 pub mod bench_l4;
@@ -14,4 +14,5 @@ pub mod loadgen;
 pub mod netns;
 pub mod packet;
 pub mod replica;
+pub mod soak;
 pub mod veth_xdp;

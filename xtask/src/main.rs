@@ -63,6 +63,21 @@ enum Task {
         #[arg(last = true)]
         extra: Vec<OsString>,
     },
+    /// Build, then run the soak: weight churn every 100 ms, a flapping and a
+    /// killed backend and daemon restarts under steady traffic. Fails unless
+    /// no connection failed on a healthy backend (needs root).
+    Soak {
+        /// How long to run, in minutes (fractions allowed).
+        #[arg(long, default_value_t = 2.0)]
+        minutes: f64,
+        /// Also write bench/soak.md and bench/soak.json.
+        #[arg(long)]
+        record: bool,
+        /// Further arguments passed through to the soak binary (after `--`),
+        /// e.g. `--seed N`, `--no-hard-flap`, `--reuse-ports`.
+        #[arg(last = true)]
+        extra: Vec<OsString>,
+    },
     /// Format the whole workspace.
     Fmt,
     /// Run clippy on the whole workspace with warnings denied.
@@ -182,6 +197,38 @@ fn dispatch(task: Task) -> Result<()> {
             // The control-plane benchmarks run the real `router` daemon.
             build()?;
             bench(suite.map(BenchSuite::as_arg), quick, &extra)
+        }
+        Task::Soak {
+            minutes,
+            record,
+            extra,
+        } => {
+            if !(minutes.is_finite() && minutes > 0.0) {
+                bail!("--minutes {minutes} must be a positive number");
+            }
+            require_root(
+                "cargo xtask soak",
+                "the soak creates network namespaces and attaches XDP programs",
+            )?;
+            setup::setup()?;
+            // The soak runs (and restarts) the real `router` daemon.
+            build()?;
+            let mut cmd = workspace_cargo();
+            cmd.args([
+                "run",
+                "--release",
+                "-p",
+                "router-tests",
+                "--bin",
+                "soak",
+                "--",
+                "--minutes",
+                &minutes.to_string(),
+            ]);
+            if record {
+                cmd.arg("--record");
+            }
+            run(cmd.args(extra)).context("running the soak")
         }
         Task::Fmt => run(workspace_cargo().args(["fmt", "--all"])).context("formatting"),
         Task::Clippy => clippy(),
