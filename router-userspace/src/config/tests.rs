@@ -19,6 +19,8 @@ address = "198.18.0.12:8000"
 "#;
 
 const EXAMPLE: &str = include_str!("../../../examples/router.toml");
+const TWO_ARM_EXAMPLE: &str = include_str!("../../../examples/two-arm.toml");
+const AGENTS_EXAMPLE: &str = include_str!("../../../examples/agents.toml");
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::parse(text, "t.toml")
@@ -100,6 +102,112 @@ fn example_loads_from_disk() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/router.toml");
     let cfg = Config::load(&path).expect("example must load");
     assert_eq!(cfg.services[0].backends.len(), 3);
+}
+
+/// The host that examples/two-arm.toml's header draws: clients on eth0,
+/// backends and the SNAT addresses on eth1.
+fn two_arm_host(name: &str) -> Option<Vec<Ipv4Addr>> {
+    match name {
+        "eth0" => Some(vec![Ipv4Addr::new(198, 18, 1, 1)]),
+        "eth1" => Some(vec![
+            Ipv4Addr::new(198, 18, 2, 1),
+            Ipv4Addr::new(198, 18, 2, 2),
+            Ipv4Addr::new(198, 18, 2, 3),
+        ]),
+        _ => None,
+    }
+}
+
+#[test]
+fn two_arm_example_parses() {
+    let cfg = Config::parse(TWO_ARM_EXAMPLE, "examples/two-arm.toml").expect("example must parse");
+    assert_eq!(cfg.daemon.interfaces, ["eth0", "eth1"]);
+    assert_eq!(cfg.policy, PolicyConfig::default());
+    let backend_net = |a: Ipv4Addr| a.octets()[..3] == [198, 18, 2];
+    let names: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["llama-70b", "llama-8b"]);
+    let big = &cfg.services[0];
+    assert_eq!(big.fallback.as_deref(), Some("llama-8b"));
+    assert_eq!(
+        big.snat,
+        [Ipv4Addr::new(198, 18, 2, 2), Ipv4Addr::new(198, 18, 2, 3)]
+    );
+    let capacities: Vec<f64> = big.backends.iter().map(|b| b.capacity).collect();
+    assert_eq!(capacities, [1.0, 1.0, 2.0]);
+    for svc in &cfg.services {
+        assert!(svc.snat.iter().all(|&a| backend_net(a)), "{}", svc.name);
+        for b in &svc.backends {
+            // Reached through eth1, weighed by the engine's own metrics.
+            assert!(backend_net(*b.address.ip()), "{}", b.name);
+            assert_eq!(b.pinned(), None, "{} is policy-driven", b.name);
+            assert!(
+                matches!(
+                    b.telemetry,
+                    Some(TelemetryConfig::Prometheus {
+                        format: PromFormat::Vllm,
+                        ..
+                    })
+                ),
+                "{}",
+                b.name
+            );
+            assert!(
+                b.health.is_some() && b.cost_per_hour.is_some(),
+                "{}",
+                b.name
+            );
+        }
+    }
+    // The example is consistent with the topology it draws ...
+    cfg.check_host(&two_arm_host).expect("two-arm host check");
+    // ... and that check is not vacuous: without the second SNAT address
+    // on eth1, or without eth1, the daemon would refuse it.
+    let one_snat = |name: &str| {
+        two_arm_host(name).map(|a| a.into_iter().filter(|a| a.octets()[3] != 3).collect())
+    };
+    let err = cfg.check_host(&one_snat).unwrap_err();
+    assert_eq!(err.key(), Some("service[0].snat[1]"), "{err}");
+    let one_arm = |name: &str| (name == "eth0").then(|| two_arm_host(name)).flatten();
+    let err = cfg.check_host(&one_arm).unwrap_err();
+    assert_eq!(err.key(), Some("daemon.interface[1]"), "{err}");
+}
+
+#[test]
+fn agents_example_parses() {
+    let cfg = Config::parse(AGENTS_EXAMPLE, "examples/agents.toml").expect("example must parse");
+    assert_eq!(cfg.daemon.interfaces, ["eth0"]);
+    assert_eq!(cfg.policy, PolicyConfig::default());
+    let svc = &cfg.services[0];
+    let devices: Vec<DeviceSelector> = svc
+        .backends
+        .iter()
+        .map(|b| match &b.telemetry {
+            Some(TelemetryConfig::Agent {
+                url,
+                device,
+                token_file,
+            }) => {
+                // The port router-agent.service listens on.
+                let host = b.address.ip().to_string();
+                assert_eq!(*url, format!("http://{host}:9400"), "{}", b.name);
+                assert_eq!(token_file, Path::new("/etc/router/agent.token"));
+                device.clone()
+            }
+            other => panic!("{}: expected an agent source, got {other:?}", b.name),
+        })
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            DeviceSelector::Index(0),
+            DeviceSelector::Index(1),
+            DeviceSelector::Uuid("GPU-5fb3c1d2-8a4e-4b1f-9c2d-0e7a6b5c4d3e".into()),
+        ]
+    );
+    // Policy-driven, sized by capacity.
+    assert!(svc.backends.iter().all(|b| b.pinned().is_none()));
+    let capacities: Vec<f64> = svc.backends.iter().map(|b| b.capacity).collect();
+    assert_eq!(capacities, [1.0, 1.0, 4.0]);
 }
 
 #[test]
