@@ -7,5 +7,7 @@ pub mod fake_nvml;
 pub mod kernel_ns;
 pub mod netns;
 pub mod packet;
+pub mod raw_sender;
 pub mod replica;
+pub mod synflood;
 pub mod veth_xdp;

@@ -134,6 +134,14 @@ impl Topology {
         self.add_namespace(&switch)?;
         ip(&switch, &["link", "add", BRIDGE_IF, "type", "bridge"])?;
         ip(&switch, &["link", "set", BRIDGE_IF, "up"])?;
+        // A switch forwards frames; it does not judge them. With
+        // br_netfilter in the kernel, a bridge in a fresh namespace checks
+        // IPv4 headers (checksum, lengths) and silently drops bad ones, so
+        // malformed test traffic would never reach the LB. Kernels without
+        // br_netfilter have no such key and nothing to turn off.
+        if let Err(err) = sysctl(&switch, "bridge/bridge-nf-call-iptables", "0") {
+            eprintln!("netns: bridge-nf-call-iptables stays as it is in {switch}: {err:#}");
+        }
 
         let client = self.client.clone();
         self.add_namespace(&client)?;

@@ -1,0 +1,588 @@
+//! The SYN-flood scenario, shared by the flood test (which asserts what
+//! must hold) and `bench synflood` (which records the figures): a real
+//! daemon with a deliberately small connection table, long-lived streams
+//! through the VIP, then a SYN flood from spoofed sources in 198.19.0.0/16
+//! while new legitimate connections keep being opened.
+//!
+//! Nothing leaves the topology: spoofed SYNs are raw frames injected on the
+//! client's interface; the backends answer the LB's SNAT address; the
+//! SYN-ACKs the LB translates back towards 198.19.0.0/16 meet a blackhole
+//! route in the LB's namespace (and the ones it cannot translate are
+//! answered by its own stack with a reset to the backend).
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use router::control::StatusReply;
+use serde::Serialize;
+
+use crate::{
+    daemon_proc::{ScratchDir, cli, one_arm_config, start_daemon},
+    netns::{self, ChildGuard, Topology},
+    packet::{Packet, TCP_SYN, fill_checksums},
+    raw_sender::{RawSender, SendStats},
+};
+
+/// The service's VIP in every flood scenario.
+pub const VIP: &str = "198.18.100.1:8000";
+/// [`VIP`] as an address.
+pub const VIP_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 8000);
+/// Where spoofed sources come from: inside the benchmarking range, outside
+/// every address the topology uses, and blackholed in the LB's namespace.
+pub const SPOOF_NET: &str = "198.19.0.0/16";
+
+/// Lines a stream may carry before its reader stops (a bound, never reached
+/// by a stream of the configured length).
+const MAX_STREAM_LINES: usize = 100_000;
+/// Gap between two new legitimate connections during the flood.
+const NEW_CONN_GAP: Duration = Duration::from_millis(50);
+/// Legitimate connections made after the flood has stopped.
+const AFTER_FLOOD_CONNS: usize = 20;
+
+/// What to run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Params {
+    /// `conn_table_size` in the daemon's config: small, so the flood overflows it.
+    pub conn_table_size: u32,
+    /// Long-lived streams opened before the flood.
+    pub streams: usize,
+    /// Interval between two lines of a stream.
+    pub stream_interval_ms: u64,
+    /// The flood stops at whichever bound comes first.
+    pub flood_max: Duration,
+    pub flood_max_packets: u64,
+    /// Sending threads (each a raw socket's worth of CPU).
+    pub flood_threads: usize,
+    pub backends: usize,
+}
+
+impl Params {
+    /// Short enough for the test suite.
+    pub fn test() -> Params {
+        Params {
+            conn_table_size: 8192,
+            streams: 20,
+            stream_interval_ms: 100,
+            flood_max: Duration::from_secs(8),
+            flood_max_packets: 10_000_000,
+            flood_threads: 2,
+            backends: 2,
+        }
+    }
+
+    /// The recorded benchmark: a longer flood.
+    pub fn bench() -> Params {
+        Params {
+            flood_max: Duration::from_secs(20),
+            flood_max_packets: 20_000_000,
+            ..Params::test()
+        }
+    }
+}
+
+/// One stream as its reader saw it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamResult {
+    pub backend: String,
+    pub lines: usize,
+    /// Why the stream did not end cleanly (EOF after its last line), if it did not.
+    pub error: Option<String>,
+}
+
+/// Everything measured; the test asserts on it and the benchmark records it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub params: Params,
+    /// Frames the raw sockets handed to the kernel, and in how long.
+    pub flood_sent: u64,
+    pub flood_refused: u64,
+    pub flood_secs: f64,
+    pub flood_rate_pps: f64,
+    /// Flows the datapath created during the flood (every spoofed SYN that
+    /// reached it, plus the legitimate new connections), and their rate.
+    pub datapath_new_flows: u64,
+    pub datapath_rate_pps: f64,
+    /// Per-reason counter movement over the flood (only reasons that moved).
+    pub reasons_during_flood: BTreeMap<String, u64>,
+    /// Per-reason counter movement over the whole run, streams included.
+    pub reasons_total: BTreeMap<String, u64>,
+    pub streams: Vec<StreamResult>,
+    /// Streams that ended cleanly (EOF, every line from the backend that
+    /// started them) after at least half their lines. A stream whose flow
+    /// the LB lost ends in a reset or a read timeout instead; the line count
+    /// only guards against a stream cut short, since a CPU-starved backend
+    /// writes fewer lines in its fixed duration.
+    pub streams_kept: usize,
+    /// Lines a stream carries when its backend keeps its pace.
+    pub stream_lines_expected: usize,
+    pub new_conn_attempts: u64,
+    pub new_conn_failures: u64,
+    /// The first few failures, for the log.
+    pub new_conn_errors: Vec<String>,
+    pub after_flood_attempts: u64,
+    pub after_flood_failures: u64,
+}
+
+fn status(socket: &Path) -> Result<StatusReply> {
+    let out = cli(socket, &["status", "--json"])?;
+    serde_json::from_str(&out).context("parsing `router status --json`")
+}
+
+fn reasons(st: &StatusReply) -> BTreeMap<String, u64> {
+    st.datapath.reasons.iter().cloned().collect()
+}
+
+fn new_flows(st: &StatusReply) -> u64 {
+    st.datapath
+        .services
+        .iter()
+        .map(|s| s.counters.new_conns)
+        .sum()
+}
+
+/// Counters that moved between two snapshots.
+fn moved(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v.saturating_sub(*before.get(k).unwrap_or(&0))))
+        .filter(|(_, d)| *d > 0)
+        .collect()
+}
+
+/// splitmix64: spreads flood index `i` over sources and ports the way a
+/// random spoofer would, reproducibly.
+fn mix(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Writes spoofed SYN number `i` into `buf` from `template` (a SYN to the
+/// VIP with the right MACs): source 198.19.x.y, a source port in
+/// 1024–65535 and a sequence number, all derived from `i`.
+pub fn spoofed_syn(template: &[u8], i: u64, buf: &mut [u8]) -> usize {
+    let len = template.len();
+    buf[..len].copy_from_slice(template);
+    let r = mix(i);
+    buf[26..30].copy_from_slice(&[198, 19, (r >> 8) as u8, r as u8]);
+    let port = 1024 + ((r >> 16) % 64_512) as u16;
+    buf[34..36].copy_from_slice(&port.to_be_bytes());
+    buf[38..42].copy_from_slice(&((r >> 32) as u32).to_be_bytes());
+    fill_checksums(&mut buf[..len]);
+    len
+}
+
+/// A SYN to the VIP from the client's interface to the LB's, for
+/// [`spoofed_syn`] to vary.
+pub fn syn_template(lb_mac: [u8; 6], client_mac: [u8; 6]) -> Vec<u8> {
+    let src = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 1024);
+    Packet::tcp(src, VIP_ADDR, TCP_SYN)
+        .with_macs(lb_mac, client_mac)
+        .build()
+}
+
+/// The rig every flood scenario starts from: topology, HTTP backends, a
+/// blackhole for spoofed sources, and the daemon.
+pub struct Rig {
+    pub topo: Topology,
+    pub socket: std::path::PathBuf,
+    pub lb_mac: [u8; 6],
+    pub client_mac: [u8; 6],
+    daemon: Option<ChildGuard>,
+    _backends: Vec<ChildGuard>,
+    _dir: ScratchDir,
+}
+
+impl Rig {
+    /// Builds the rig; `daemon_extra` is inserted into the config's
+    /// `[daemon]` table (e.g. `conn_table_size = 8192`).
+    pub fn new(tag: &str, backends: usize, daemon_extra: &str) -> Result<Rig> {
+        let topo = Topology::one_arm(backends)?;
+        let guards = (0..backends)
+            .map(|i| {
+                netns::spawn_http_backend(
+                    topo.backend_ns(i),
+                    &format!("b{i}"),
+                    netns::backend_addr(i),
+                    8000,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Replies to spoofed sources die here, silently (no ICMP).
+        netns::exec(
+            topo.lb_ns(),
+            &["ip", "route", "add", "blackhole", SPOOF_NET],
+        )?;
+        // The LB reaches every backend once, which also resolves their
+        // neighbours before the first balanced packet.
+        for i in 0..backends {
+            netns::wait_for_tcp(
+                topo.lb_ns(),
+                SocketAddr::new(netns::backend_addr(i).into(), 8000),
+                Duration::from_secs(5),
+            )?;
+        }
+        let dir = ScratchDir::new(tag)?;
+        let socket = dir.0.join("router.sock");
+        let config = dir.0.join("router.toml");
+        let list: Vec<(String, String, u32)> = (0..backends)
+            .map(|i| {
+                (
+                    format!("b{i}"),
+                    format!("{}:8000", netns::backend_addr(i)),
+                    100,
+                )
+            })
+            .collect();
+        let text = one_arm_config(&socket, topo.lb_if(), VIP, netns::LB_ADDR, &list)
+            .replacen("[daemon]\n", &format!("[daemon]\n{daemon_extra}"), 1);
+        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+        let daemon = start_daemon(topo.lb_ns(), &config, &socket)?;
+        let lb_mac = netns::mac_address(topo.lb_ns(), topo.lb_if())?;
+        let client_mac = netns::mac_address(topo.client_ns(), topo.client_if())?;
+        Ok(Rig {
+            topo,
+            socket,
+            lb_mac,
+            client_mac,
+            daemon: Some(daemon),
+            _backends: guards,
+            _dir: dir,
+        })
+    }
+
+    pub fn status(&self) -> Result<StatusReply> {
+        status(&self.socket)
+    }
+
+    /// `n` short GETs through the VIP from the client; returns (attempts,
+    /// failures, first errors).
+    pub fn short_gets(&self, n: usize) -> Result<(u64, u64, Vec<String>)> {
+        let vip = SocketAddr::V4(VIP_ADDR);
+        netns::in_netns(self.topo.client_ns(), move || {
+            let mut failures = 0u64;
+            let mut errors = Vec::new();
+            for _ in 0..n {
+                if let Err(e) = get_ok(vip) {
+                    failures += 1;
+                    if errors.len() < 5 {
+                        errors.push(format!("{e:#}"));
+                    }
+                }
+            }
+            (n as u64, failures, errors)
+        })
+    }
+
+    /// Stops the daemon (SIGTERM, so it detaches) and checks it exited cleanly.
+    pub fn stop(mut self) -> Result<()> {
+        if let Some(d) = self.daemon.take() {
+            let code = d.stop(Duration::from_secs(10))?;
+            ensure!(code.success(), "daemon exit status {code}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            let _ = d.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+/// One GET / through the VIP that must answer 200 with a backend's name.
+fn get_ok(vip: SocketAddr) -> Result<()> {
+    let r = netns::http_get(vip, "/", Duration::from_secs(5))?;
+    ensure!(
+        r.status == 200 && r.body.starts_with('b'),
+        "unexpected answer {} {:?}",
+        r.status,
+        r.body
+    );
+    Ok(())
+}
+
+/// Opens a stream of `seconds` through the VIP and reads up to its first
+/// line, which names the backend serving it.
+fn open_stream(
+    vip: SocketAddr,
+    seconds: f64,
+    interval_ms: u64,
+) -> Result<(String, BufReader<TcpStream>)> {
+    let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {vip}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET /stream?seconds={seconds}&interval_ms={interval_ms} HTTP/1.0\r\n\r\n"
+    )?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    for _ in 0..64 {
+        line.clear();
+        ensure!(r.read_line(&mut line)? > 0, "stream closed in its headers");
+        if line == "\r\n" {
+            line.clear();
+            ensure!(r.read_line(&mut line)? > 0, "stream closed before its first line");
+            return Ok((line.trim().to_owned(), r));
+        }
+    }
+    bail!("no end of headers in 64 lines")
+}
+
+/// Reads a stream to its end; every line must name `backend`.
+fn read_stream(backend: String, mut r: BufReader<TcpStream>) -> StreamResult {
+    let mut lines = 1;
+    let mut line = String::new();
+    let error = loop {
+        if lines >= MAX_STREAM_LINES {
+            break Some(format!("more than {MAX_STREAM_LINES} lines"));
+        }
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => break None,
+            Ok(_) if line.trim() == backend => lines += 1,
+            Ok(_) => break Some(format!("line {lines} came from {:?}", line.trim())),
+            Err(e) => break Some(format!("after {lines} lines: {e}")),
+        }
+    };
+    StreamResult {
+        backend,
+        lines,
+        error,
+    }
+}
+
+/// Runs the scenario once and measures it. Fails only when the rig cannot
+/// be built or driven; what the flood did to traffic is in the report.
+pub fn run(p: &Params) -> Result<Report> {
+    let table = format!("conn_table_size = {}\n", p.conn_table_size);
+    let rig = Rig::new("synflood", p.backends, &table)?;
+    let vip = SocketAddr::V4(VIP_ADDR);
+    let client_ns = rig.topo.client_ns();
+
+    // The path works before anything else happens.
+    let (_, failed, errors) = rig.short_gets(10)?;
+    ensure!(failed == 0, "GETs failed before the flood: {errors:?}");
+    let start_status = rig.status()?;
+
+    // Streams long enough to span the flood with a margin on both sides.
+    let stream_secs = p.flood_max.as_secs_f64() + 4.0;
+    let interval = p.stream_interval_ms.max(1);
+    let stream_lines_expected = (stream_secs * 1000.0 / interval as f64) as usize;
+    let streams = netns::in_netns(client_ns, || {
+        (0..p.streams)
+            .map(|_| open_stream(vip, stream_secs, interval))
+            .collect::<Result<Vec<_>>>()
+    })??;
+
+    let template = syn_template(rig.lb_mac, rig.client_mac);
+    let senders = (0..p.flood_threads.max(1))
+        .map(|_| RawSender::open(rig.topo.client_ns(), rig.topo.client_if()))
+        .collect::<Result<Vec<_>>>()?;
+    let flooding = AtomicBool::new(true);
+    let before_flood = rig.status()?;
+
+    let (stream_results, flood, legit, flood_status) = thread::scope(|s| -> Result<_> {
+        let readers: Vec<_> = streams
+            .into_iter()
+            .map(|(backend, r)| s.spawn(move || read_stream(backend, r)))
+            .collect();
+
+        let flooding = &flooding;
+        let legit = s.spawn(move || {
+            netns::in_netns(client_ns, || {
+                let (mut attempts, mut failures, mut errors) = (0u64, 0u64, Vec::new());
+                // Bounded by count and by time, besides the flood's own end.
+                let deadline = Instant::now() + p.flood_max + Duration::from_secs(10);
+                while flooding.load(Ordering::Relaxed)
+                    && attempts < 10_000
+                    && Instant::now() < deadline
+                {
+                    attempts += 1;
+                    if let Err(e) = get_ok(vip) {
+                        failures += 1;
+                        if errors.len() < 5 {
+                            errors.push(format!("{e:#}"));
+                        }
+                    }
+                    thread::sleep(NEW_CONN_GAP);
+                }
+                (attempts, failures, errors)
+            })
+        });
+
+        let threads = senders.len() as u64;
+        let per_thread = p.flood_max_packets / threads;
+        let floods: Vec<_> = senders
+            .iter()
+            .enumerate()
+            .map(|(t, sender)| {
+                let template = &template;
+                s.spawn(move || {
+                    sender.flood(per_thread, p.flood_max, |i, buf| {
+                        spoofed_syn(template, i * threads + t as u64, buf)
+                    })
+                })
+            })
+            .collect();
+        let mut flood = SendStats::default();
+        for f in floods {
+            let st = f
+                .join()
+                .map_err(|_| anyhow::anyhow!("a flood thread panicked"))?;
+            flood.sent += st.sent;
+            flood.refused += st.refused;
+            flood.elapsed = flood.elapsed.max(st.elapsed);
+        }
+        let flood_status = rig.status();
+        flooding.store(false, Ordering::Relaxed);
+        let legit = legit
+            .join()
+            .map_err(|_| anyhow::anyhow!("the new-connection thread panicked"))??;
+        let streams = readers
+            .into_iter()
+            .map(|r| {
+                r.join()
+                    .map_err(|_| anyhow::anyhow!("a stream reader panicked"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((streams, flood, legit, flood_status?))
+    })?;
+
+    let (after_flood_attempts, after_flood_failures, mut after_errors) =
+        rig.short_gets(AFTER_FLOOD_CONNS)?;
+    let end_status = rig.status()?;
+    rig.stop()?;
+
+    let datapath_new_flows = new_flows(&flood_status).saturating_sub(new_flows(&before_flood));
+    let secs = flood.elapsed.as_secs_f64();
+    let streams_kept = stream_results
+        .iter()
+        .filter(|r| r.error.is_none() && r.lines * 2 >= stream_lines_expected)
+        .count();
+    let (new_conn_attempts, new_conn_failures, mut new_conn_errors) = legit;
+    new_conn_errors.append(&mut after_errors);
+    Ok(Report {
+        params: p.clone(),
+        flood_sent: flood.sent,
+        flood_refused: flood.refused,
+        flood_secs: secs,
+        flood_rate_pps: flood.rate_pps(),
+        datapath_new_flows,
+        datapath_rate_pps: if secs > 0.0 {
+            datapath_new_flows as f64 / secs
+        } else {
+            0.0
+        },
+        reasons_during_flood: moved(&reasons(&before_flood), &reasons(&flood_status)),
+        reasons_total: moved(&reasons(&start_status), &reasons(&end_status)),
+        streams: stream_results,
+        streams_kept,
+        stream_lines_expected,
+        new_conn_attempts,
+        new_conn_failures,
+        new_conn_errors,
+        after_flood_attempts,
+        after_flood_failures,
+    })
+}
+
+impl Report {
+    /// The report as a short markdown page (bench/synflood.md).
+    pub fn markdown(&self) -> String {
+        let p = &self.params;
+        let reason = |name: &str| *self.reasons_during_flood.get(name).unwrap_or(&0);
+        let mut s = String::new();
+        s.push_str("# SYN flood against a small connection table\n\n");
+        s.push_str(
+            "`cargo xtask bench synflood` (the test `tests/tests/floods.rs` runs the same \
+             scenario, shorter, and asserts the behaviour, not the speed). A real daemon in \
+             network namespaces, one arm, backends serving HTTP; long-lived streams are opened \
+             through the VIP, then raw-socket threads in the client namespace send SYNs from \
+             spoofed sources in 198.19.0.0/16 (random source and port per packet) at the VIP \
+             as fast as the kernel takes them, while a client opens a new connection every \
+             50 ms. Everything shares this machine's CPUs (sender, LB, backends, clients).\n\n",
+        );
+        s.push_str("| figure | value |\n|---|---|\n");
+        let rows = [
+            ("conn_table_size", p.conn_table_size.to_string()),
+            (
+                "flood duration",
+                format!("{:.1} s (bound {} s)", self.flood_secs, p.flood_max.as_secs()),
+            ),
+            (
+                "flood sent",
+                format!(
+                    "{} packets, {:.0} packets/s ({} sender threads)",
+                    self.flood_sent, self.flood_rate_pps, p.flood_threads
+                ),
+            ),
+            (
+                "new flows in the datapath",
+                format!(
+                    "{} ({:.0}/s; {:.0}× the table)",
+                    self.datapath_new_flows,
+                    self.datapath_rate_pps,
+                    self.datapath_new_flows as f64 / f64::from(p.conn_table_size.max(1))
+                ),
+            ),
+            ("lru_miss during the flood", reason("lru_miss").to_string()),
+            (
+                "pass_no_reply_entry during the flood",
+                reason("pass_no_reply_entry").to_string(),
+            ),
+            (
+                "drop_conn_table_full / drop_snat_exhausted",
+                format!(
+                    "{} / {}",
+                    reason("drop_conn_table_full"),
+                    reason("drop_snat_exhausted")
+                ),
+            ),
+            (
+                "streams kept",
+                format!(
+                    "{} of {} ({} lines each expected)",
+                    self.streams_kept,
+                    self.streams.len(),
+                    self.stream_lines_expected
+                ),
+            ),
+            (
+                "new connections during the flood",
+                format!(
+                    "{} attempted, {} failed",
+                    self.new_conn_attempts, self.new_conn_failures
+                ),
+            ),
+            (
+                "new connections after the flood",
+                format!(
+                    "{} attempted, {} failed",
+                    self.after_flood_attempts, self.after_flood_failures
+                ),
+            ),
+        ];
+        for (k, v) in rows {
+            s.push_str(&format!("| {k} | {v} |\n"));
+        }
+        s.push_str("\nEvery reason counter that moved during the flood:\n\n");
+        s.push_str("| reason | packets |\n|---|---|\n");
+        for (k, v) in &self.reasons_during_flood {
+            s.push_str(&format!("| `{k}` | {v} |\n"));
+        }
+        s
+    }
+}
