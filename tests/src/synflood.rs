@@ -39,11 +39,25 @@ pub const VIP_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100,
 /// every address the topology uses, and blackholed in the LB's namespace.
 pub const SPOOF_NET: &str = "198.19.0.0/16";
 
+/// SNAT addresses besides the LB's own (four in all, the most a service
+/// may have). Every half-open flow holds a backend 4-tuple (backend, SNAT
+/// address and port); a flood churning them can hand a real handshake's
+/// 4-tuple to a spoofed SYN once the LRU has evicted the handshake's
+/// entries, and four addresses make that four times rarer. docs/operations.md
+/// ("Under attack") advises the same.
+pub const SNAT_EXTRA: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(198, 18, 0, 5),
+    Ipv4Addr::new(198, 18, 0, 6),
+    Ipv4Addr::new(198, 18, 0, 7),
+];
 /// Lines a stream may carry before its reader stops (a bound, never reached
 /// by a stream of the configured length).
 const MAX_STREAM_LINES: usize = 100_000;
 /// Gap between two new legitimate connections during the flood.
 const NEW_CONN_GAP: Duration = Duration::from_millis(50);
+/// Client threads opening new connections during the flood, each one
+/// connection at a time.
+const NEW_CONN_THREADS: usize = 4;
 /// Legitimate connections made after the flood has stopped.
 const AFTER_FLOOD_CONNS: usize = 20;
 
@@ -73,7 +87,7 @@ impl Params {
             stream_interval_ms: 100,
             flood_max: Duration::from_secs(8),
             flood_max_packets: 10_000_000,
-            flood_threads: 2,
+            flood_threads: 1,
             backends: 2,
         }
     }
@@ -93,6 +107,8 @@ impl Params {
 pub struct StreamResult {
     pub backend: String,
     pub lines: usize,
+    /// Longest wait for a line: congestion shows here, not as a failure.
+    pub max_gap_ms: u64,
     /// Why the stream did not end cleanly (EOF after its last line), if it did not.
     pub error: Option<String>,
 }
@@ -127,6 +143,8 @@ pub struct Report {
     pub new_conn_failures: u64,
     /// The first few failures, for the log.
     pub new_conn_errors: Vec<String>,
+    /// The slowest successful new connection (connect, request, answer).
+    pub new_conn_slowest_ms: u64,
     pub after_flood_attempts: u64,
     pub after_flood_failures: u64,
 }
@@ -204,9 +222,29 @@ pub struct Rig {
 
 impl Rig {
     /// Builds the rig; `daemon_extra` is inserted into the config's
-    /// `[daemon]` table (e.g. `conn_table_size = 8192`).
-    pub fn new(tag: &str, backends: usize, daemon_extra: &str) -> Result<Rig> {
+    /// `[daemon]` table (e.g. `conn_table_size = 8192`). The service
+    /// translates to the LB's address and, with `snat_extra`, to further
+    /// addresses that are added to the LB's interface.
+    pub fn new(
+        tag: &str,
+        backends: usize,
+        daemon_extra: &str,
+        snat_extra: &[Ipv4Addr],
+    ) -> Result<Rig> {
         let topo = Topology::one_arm(backends)?;
+        for a in snat_extra {
+            netns::exec(
+                topo.lb_ns(),
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{a}/{}", netns::PREFIX_LEN),
+                    "dev",
+                    topo.lb_if(),
+                ],
+            )?;
+        }
         let guards = (0..backends)
             .map(|i| {
                 netns::spawn_http_backend(
@@ -243,8 +281,19 @@ impl Rig {
                 )
             })
             .collect();
-        let text = one_arm_config(&socket, topo.lb_if(), VIP, netns::LB_ADDR, &list)
+        let mut text = one_arm_config(&socket, topo.lb_if(), VIP, netns::LB_ADDR, &list)
             .replacen("[daemon]\n", &format!("[daemon]\n{daemon_extra}"), 1);
+        if !snat_extra.is_empty() {
+            let all: Vec<String> = std::iter::once(netns::LB_ADDR)
+                .chain(snat_extra.iter().copied())
+                .map(|a| format!("\"{a}\""))
+                .collect();
+            text = text.replacen(
+                &format!("snat = \"{}\"", netns::LB_ADDR),
+                &format!("snat = [{}]", all.join(", ")),
+                1,
+            );
+        }
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let daemon = start_daemon(topo.lb_ns(), &config, &socket)?;
         let lb_mac = netns::mac_address(topo.lb_ns(), topo.lb_if())?;
@@ -302,8 +351,10 @@ impl Drop for Rig {
 }
 
 /// One GET / through the VIP that must answer 200 with a backend's name.
+/// The timeout covers connect (and each read): 10 s lets TCP retransmit a
+/// SYN lost to congestion three times (after 1, 3 and 7 s).
 fn get_ok(vip: SocketAddr) -> Result<()> {
-    let r = netns::http_get(vip, "/", Duration::from_secs(5))?;
+    let r = netns::http_get(vip, "/", Duration::from_secs(10))?;
     ensure!(
         r.status == 200 && r.body.starts_with('b'),
         "unexpected answer {} {:?}",
@@ -313,16 +364,59 @@ fn get_ok(vip: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// What one client thread's new connections during the flood came to.
+#[derive(Default)]
+struct NewConns {
+    attempts: u64,
+    failures: u64,
+    errors: Vec<String>,
+    slowest: Duration,
+}
+
+/// New connections from the client, one after another, while `flooding`;
+/// bounded by count and by time besides the flood's own end.
+fn new_connections(
+    client_ns: &str,
+    vip: SocketAddr,
+    flooding: &AtomicBool,
+    flood_max: Duration,
+) -> Result<NewConns> {
+    netns::in_netns(client_ns, || {
+        let mut out = NewConns::default();
+        let deadline = Instant::now() + flood_max + Duration::from_secs(10);
+        while flooding.load(Ordering::Relaxed) && out.attempts < 10_000 && Instant::now() < deadline
+        {
+            out.attempts += 1;
+            let t = Instant::now();
+            match get_ok(vip) {
+                Ok(()) => out.slowest = out.slowest.max(t.elapsed()),
+                Err(e) => {
+                    out.failures += 1;
+                    if out.errors.len() < 5 {
+                        out.errors.push(format!("{e:#}"));
+                    }
+                }
+            }
+            thread::sleep(NEW_CONN_GAP);
+        }
+        out
+    })
+}
+
 /// Opens a stream of `seconds` through the VIP and reads up to its first
-/// line, which names the backend serving it.
+/// line, which names the backend serving it. `read_timeout` must outlast
+/// the flood: a flood congests every queue on the way, and TCP backs off
+/// its retransmissions to seconds; such a stream resumes once the flood
+/// stops, while one whose flow the LB lost never does.
 fn open_stream(
     vip: SocketAddr,
     seconds: f64,
     interval_ms: u64,
+    read_timeout: Duration,
 ) -> Result<(String, BufReader<TcpStream>)> {
     let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5))
         .with_context(|| format!("connecting to {vip}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(read_timeout))?;
     write!(
         s,
         "GET /stream?seconds={seconds}&interval_ms={interval_ms} HTTP/1.0\r\n\r\n"
@@ -345,12 +439,17 @@ fn open_stream(
 fn read_stream(backend: String, mut r: BufReader<TcpStream>) -> StreamResult {
     let mut lines = 1;
     let mut line = String::new();
+    let mut last = Instant::now();
+    let mut max_gap = Duration::ZERO;
     let error = loop {
         if lines >= MAX_STREAM_LINES {
             break Some(format!("more than {MAX_STREAM_LINES} lines"));
         }
         line.clear();
-        match r.read_line(&mut line) {
+        let read = r.read_line(&mut line);
+        max_gap = max_gap.max(last.elapsed());
+        last = Instant::now();
+        match read {
             Ok(0) => break None,
             Ok(_) if line.trim() == backend => lines += 1,
             Ok(_) => break Some(format!("line {lines} came from {:?}", line.trim())),
@@ -360,6 +459,7 @@ fn read_stream(backend: String, mut r: BufReader<TcpStream>) -> StreamResult {
     StreamResult {
         backend,
         lines,
+        max_gap_ms: max_gap.as_millis() as u64,
         error,
     }
 }
@@ -368,7 +468,7 @@ fn read_stream(backend: String, mut r: BufReader<TcpStream>) -> StreamResult {
 /// be built or driven; what the flood did to traffic is in the report.
 pub fn run(p: &Params) -> Result<Report> {
     let table = format!("conn_table_size = {}\n", p.conn_table_size);
-    let rig = Rig::new("synflood", p.backends, &table)?;
+    let rig = Rig::new("synflood", p.backends, &table, &SNAT_EXTRA)?;
     let vip = SocketAddr::V4(VIP_ADDR);
     let client_ns = rig.topo.client_ns();
 
@@ -381,9 +481,10 @@ pub fn run(p: &Params) -> Result<Report> {
     let stream_secs = p.flood_max.as_secs_f64() + 4.0;
     let interval = p.stream_interval_ms.max(1);
     let stream_lines_expected = (stream_secs * 1000.0 / interval as f64) as usize;
+    let read_timeout = p.flood_max + Duration::from_secs(10);
     let streams = netns::in_netns(client_ns, || {
         (0..p.streams)
-            .map(|_| open_stream(vip, stream_secs, interval))
+            .map(|_| open_stream(vip, stream_secs, interval, read_timeout))
             .collect::<Result<Vec<_>>>()
     })??;
 
@@ -401,27 +502,9 @@ pub fn run(p: &Params) -> Result<Report> {
             .collect();
 
         let flooding = &flooding;
-        let legit = s.spawn(move || {
-            netns::in_netns(client_ns, || {
-                let (mut attempts, mut failures, mut errors) = (0u64, 0u64, Vec::new());
-                // Bounded by count and by time, besides the flood's own end.
-                let deadline = Instant::now() + p.flood_max + Duration::from_secs(10);
-                while flooding.load(Ordering::Relaxed)
-                    && attempts < 10_000
-                    && Instant::now() < deadline
-                {
-                    attempts += 1;
-                    if let Err(e) = get_ok(vip) {
-                        failures += 1;
-                        if errors.len() < 5 {
-                            errors.push(format!("{e:#}"));
-                        }
-                    }
-                    thread::sleep(NEW_CONN_GAP);
-                }
-                (attempts, failures, errors)
-            })
-        });
+        let legit: Vec<_> = (0..NEW_CONN_THREADS)
+            .map(|_| s.spawn(move || new_connections(client_ns, vip, flooding, p.flood_max)))
+            .collect();
 
         let threads = senders.len() as u64;
         let per_thread = p.flood_max_packets / threads;
@@ -448,9 +531,17 @@ pub fn run(p: &Params) -> Result<Report> {
         }
         let flood_status = rig.status();
         flooding.store(false, Ordering::Relaxed);
-        let legit = legit
-            .join()
-            .map_err(|_| anyhow::anyhow!("the new-connection thread panicked"))??;
+        let mut all = NewConns::default();
+        for l in legit {
+            let one = l
+                .join()
+                .map_err(|_| anyhow::anyhow!("a new-connection thread panicked"))??;
+            all.attempts += one.attempts;
+            all.failures += one.failures;
+            all.errors.extend(one.errors);
+            all.slowest = all.slowest.max(one.slowest);
+        }
+        let legit = all;
         let streams = readers
             .into_iter()
             .map(|r| {
@@ -464,6 +555,19 @@ pub fn run(p: &Params) -> Result<Report> {
     let (after_flood_attempts, after_flood_failures, mut after_errors) =
         rig.short_gets(AFTER_FLOOD_CONNS)?;
     let end_status = rig.status()?;
+    if std::env::var_os("FLOOD_DEBUG").is_some() {
+        for ns in (0..p.backends).map(|i| rig.topo.backend_ns(i)).chain([rig.topo.lb_ns(), client_ns]) {
+            let out = netns::exec(ns, &["nstat", "-az"]).unwrap_or_default();
+            let keep: Vec<&str> = out
+                .lines()
+                .filter(|l| {
+                    let v = l.split_whitespace().nth(1).unwrap_or("0");
+                    v != "0" && (l.contains("Rst") || l.contains("Syncookie") || l.contains("Listen") || l.contains("Abort") || l.contains("Reset") || l.contains("Csum") || l.contains("Drop") || l.contains("Fail") || l.contains("Challenge") || l.contains("PAWS") || l.contains("Req"))
+                })
+                .collect();
+            eprintln!("== {ns}\n{}", keep.join("\n"));
+        }
+    }
     rig.stop()?;
 
     let datapath_new_flows = new_flows(&flood_status).saturating_sub(new_flows(&before_flood));
@@ -472,7 +576,12 @@ pub fn run(p: &Params) -> Result<Report> {
         .iter()
         .filter(|r| r.error.is_none() && r.lines * 2 >= stream_lines_expected)
         .count();
-    let (new_conn_attempts, new_conn_failures, mut new_conn_errors) = legit;
+    let NewConns {
+        attempts: new_conn_attempts,
+        failures: new_conn_failures,
+        errors: mut new_conn_errors,
+        slowest,
+    } = legit;
     new_conn_errors.append(&mut after_errors);
     Ok(Report {
         params: p.clone(),
@@ -494,6 +603,7 @@ pub fn run(p: &Params) -> Result<Report> {
         new_conn_attempts,
         new_conn_failures,
         new_conn_errors,
+        new_conn_slowest_ms: slowest.as_millis() as u64,
         after_flood_attempts,
         after_flood_failures,
     })
@@ -512,8 +622,9 @@ impl Report {
              network namespaces, one arm, backends serving HTTP; long-lived streams are opened \
              through the VIP, then raw-socket threads in the client namespace send SYNs from \
              spoofed sources in 198.19.0.0/16 (random source and port per packet) at the VIP \
-             as fast as the kernel takes them, while a client opens a new connection every \
-             50 ms. Everything shares this machine's CPUs (sender, LB, backends, clients).\n\n",
+             as fast as the kernel takes them, while four client threads each open a new \
+             connection every 50 ms. Everything shares this machine's CPUs (sender, LB, \
+             backends, clients).\n\n",
         );
         s.push_str("| figure | value |\n|---|---|\n");
         let rows = [
@@ -561,10 +672,17 @@ impl Report {
                 ),
             ),
             (
+                "longest wait for a stream line",
+                format!(
+                    "{} ms",
+                    self.streams.iter().map(|s| s.max_gap_ms).max().unwrap_or(0)
+                ),
+            ),
+            (
                 "new connections during the flood",
                 format!(
-                    "{} attempted, {} failed",
-                    self.new_conn_attempts, self.new_conn_failures
+                    "{} attempted, {} failed; slowest {} ms",
+                    self.new_conn_attempts, self.new_conn_failures, self.new_conn_slowest_ms
                 ),
             ),
             (

@@ -37,7 +37,7 @@ const PACE_PPS: u32 = 8_000;
 
 /// Every counter a bad packet could move. Legitimate traffic moves none of
 /// them in this test, so each class's deltas must be exact.
-const BAD_REASONS: [&str; 9] = [
+const BAD_REASONS: [&str; 10] = [
     "drop_malformed",
     "pass_fragment",
     "pass_ip_options",
@@ -47,6 +47,7 @@ const BAD_REASONS: [&str; 9] = [
     "drop_conn_table_full",
     "drop_snat_exhausted",
     "pass_no_reply_entry",
+    "drop_no_reply_entry",
 ];
 
 /// A kernel SNMP counter on the backends: (file under /proc/net, section, field).
@@ -257,7 +258,7 @@ fn settle(mut read: impl FnMut() -> u64, target: u64) -> u64 {
 
 #[test]
 fn malformed_traffic_is_counted_exactly_while_legitimate_connections_run() {
-    let rig = Rig::new("malformed", 2, "").unwrap();
+    let rig = Rig::new("malformed", 2, "", &[]).unwrap();
     let (got, failed, errors) = rig.short_gets(10).unwrap();
     assert_eq!((got, failed), (10, 0), "before any bad packet: {errors:?}");
 
@@ -349,6 +350,7 @@ fn syn_flood_overflowing_the_connection_table_spares_streams_and_new_connections
     let params = synflood::Params::test();
     let report = synflood::run(&params).expect("SYN-flood scenario");
     eprintln!("{}", report.markdown());
+    eprintln!("new connection errors: {:?}", report.new_conn_errors);
 
     // The flood really overflowed the table, many times over.
     assert!(

@@ -93,6 +93,10 @@ impl Datapath {
             .override_global("DATAPATH_LOG", &log, true)
             .map_max_entries("MAGLEV_TABLES", tables)
             .map_max_entries("CONNS", opts.conn_table_size)
+            .map_max_entries(
+                "HALF_OPEN",
+                router_common::half_open_table_size(opts.conn_table_size),
+            )
             .load(ROUTER_OBJ)?;
         let program: &mut Xdp = ebpf
             .program_mut("router")
