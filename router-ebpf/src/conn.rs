@@ -190,13 +190,7 @@ fn remove_own_reply(table: Table, rkey: ConnKey, fwd: &ConnKey) {
 /// the same key in the other table in between would need the same backend,
 /// SNAT address and port on another CPU within those few instructions.
 #[inline(always)]
-fn claim_reply(
-    target: Table,
-    rkey: ConnKey,
-    reply: &ConnEntry,
-    fwd: &ConnKey,
-    now: u64,
-) -> bool {
+fn claim_reply(target: Table, rkey: ConnKey, reply: &ConnEntry, fwd: &ConnKey, now: u64) -> bool {
     match target {
         Table::HalfOpen => {
             if let Some(e) = unsafe { CONNS.get(rkey) } {
@@ -249,7 +243,12 @@ pub fn promote(fwd_key: &ConnKey, half_open: &ConnEntry, now: u64) -> Option<*mu
             fill_reply(
                 reply,
                 fwd_key,
-                (fwd.new_src_addr, fwd.new_dst_addr, fwd.new_src_port, fwd.new_dst_port),
+                (
+                    fwd.new_src_addr,
+                    fwd.new_dst_addr,
+                    fwd.new_src_port,
+                    fwd.new_dst_port,
+                ),
             );
             reply.backend_id = fwd.backend_id;
             reply.service_id = fwd.service_id;

@@ -12,8 +12,7 @@ use aya_ebpf::{
 use router_common::{
     ADDR_FILTER_SIZE, Backend, ConnEntry, ConnKey, DEFAULT_CONN_TABLE_SIZE, DEFAULT_TABLE_SIZE,
     LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS_TOTAL, Service,
-    ServiceKey,
-    TrafficCounters, half_open_table_size, reasons,
+    ServiceKey, TrafficCounters, half_open_table_size, reasons,
 };
 
 #[map]

@@ -580,7 +580,15 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpR
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+    // One write, so the request leaves in one segment as real clients send
+    // it: `write!` would write each piece of the format string on its own,
+    // and if the handshake's ACK and the first piece are lost to a server
+    // answering with SYN cookies, the later piece fails the cookie check
+    // (the server derives the client's ISN from the first segment it gets)
+    // and the server resets the connection.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
         .with_context(|| format!("sending request to {addr}"))?;
     let mut raw = Vec::new();
     stream

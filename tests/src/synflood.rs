@@ -41,10 +41,10 @@ pub const SPOOF_NET: &str = "198.19.0.0/16";
 
 /// SNAT addresses besides the LB's own (four in all, the most a service
 /// may have). Every half-open flow holds a backend 4-tuple (backend, SNAT
-/// address and port); a flood churning them can hand a real handshake's
-/// 4-tuple to a spoofed SYN once the LRU has evicted the handshake's
-/// entries, and four addresses make that four times rarer. docs/operations.md
-/// ("Under attack") advises the same.
+/// address and port), and a spoofed SYN that lands on a real handshake's
+/// 4-tuple takes it over (the newest SYN wins), so the real client has to
+/// retransmit its SYN. Four addresses make that four times rarer;
+/// docs/operations.md ("Under attack") advises the same.
 pub const SNAT_EXTRA: [Ipv4Addr; 3] = [
     Ipv4Addr::new(198, 18, 0, 5),
     Ipv4Addr::new(198, 18, 0, 6),
@@ -281,8 +281,11 @@ impl Rig {
                 )
             })
             .collect();
-        let mut text = one_arm_config(&socket, topo.lb_if(), VIP, netns::LB_ADDR, &list)
-            .replacen("[daemon]\n", &format!("[daemon]\n{daemon_extra}"), 1);
+        let mut text = one_arm_config(&socket, topo.lb_if(), VIP, netns::LB_ADDR, &list).replacen(
+            "[daemon]\n",
+            &format!("[daemon]\n{daemon_extra}"),
+            1,
+        );
         if !snat_extra.is_empty() {
             let all: Vec<String> = std::iter::once(netns::LB_ADDR)
                 .chain(snat_extra.iter().copied())
@@ -417,10 +420,10 @@ fn open_stream(
     let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5))
         .with_context(|| format!("connecting to {vip}"))?;
     s.set_read_timeout(Some(read_timeout))?;
-    write!(
-        s,
-        "GET /stream?seconds={seconds}&interval_ms={interval_ms} HTTP/1.0\r\n\r\n"
-    )?;
+    // One write, one segment (see `netns::http_get`).
+    let request =
+        format!("GET /stream?seconds={seconds}&interval_ms={interval_ms} HTTP/1.0\r\n\r\n");
+    s.write_all(request.as_bytes())?;
     let mut r = BufReader::new(s);
     let mut line = String::new();
     for _ in 0..64 {
@@ -428,7 +431,10 @@ fn open_stream(
         ensure!(r.read_line(&mut line)? > 0, "stream closed in its headers");
         if line == "\r\n" {
             line.clear();
-            ensure!(r.read_line(&mut line)? > 0, "stream closed before its first line");
+            ensure!(
+                r.read_line(&mut line)? > 0,
+                "stream closed before its first line"
+            );
             return Ok((line.trim().to_owned(), r));
         }
     }
@@ -555,19 +561,6 @@ pub fn run(p: &Params) -> Result<Report> {
     let (after_flood_attempts, after_flood_failures, mut after_errors) =
         rig.short_gets(AFTER_FLOOD_CONNS)?;
     let end_status = rig.status()?;
-    if std::env::var_os("FLOOD_DEBUG").is_some() {
-        for ns in (0..p.backends).map(|i| rig.topo.backend_ns(i)).chain([rig.topo.lb_ns(), client_ns]) {
-            let out = netns::exec(ns, &["nstat", "-az"]).unwrap_or_default();
-            let keep: Vec<&str> = out
-                .lines()
-                .filter(|l| {
-                    let v = l.split_whitespace().nth(1).unwrap_or("0");
-                    v != "0" && (l.contains("Rst") || l.contains("Syncookie") || l.contains("Listen") || l.contains("Abort") || l.contains("Reset") || l.contains("Csum") || l.contains("Drop") || l.contains("Fail") || l.contains("Challenge") || l.contains("PAWS") || l.contains("Req"))
-                })
-                .collect();
-            eprintln!("== {ns}\n{}", keep.join("\n"));
-        }
-    }
     rig.stop()?;
 
     let datapath_new_flows = new_flows(&flood_status).saturating_sub(new_flows(&before_flood));
@@ -631,7 +624,11 @@ impl Report {
             ("conn_table_size", p.conn_table_size.to_string()),
             (
                 "flood duration",
-                format!("{:.1} s (bound {} s)", self.flood_secs, p.flood_max.as_secs()),
+                format!(
+                    "{:.1} s (bound {} s)",
+                    self.flood_secs,
+                    p.flood_max.as_secs()
+                ),
             ),
             (
                 "flood sent",

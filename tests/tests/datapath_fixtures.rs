@@ -497,7 +497,8 @@ fn traffic_that_is_not_for_a_service_passes_untouched() {
     ));
     // An address sharing the SNAT address's pre-filter bucket is not dropped:
     // the exact SNAT set says it is not one.
-    let bucket = |a: std::net::Ipv4Addr| router_common::addr_filter_bucket(u32::from_ne_bytes(a.octets()));
+    let bucket =
+        |a: std::net::Ipv4Addr| router_common::addr_filter_bucket(u32::from_ne_bytes(a.octets()));
     let neighbour = (1..=u32::from(u16::MAX))
         .map(|n| std::net::Ipv4Addr::from(u32::from(ip("198.18.0.1")) + n))
         .find(|a| bucket(*a) == bucket(ip("198.18.0.1")))
@@ -915,7 +916,11 @@ fn a_syn_flood_churns_half_open_flows_and_never_evicts_established_ones() {
         Some(to_client(syn_ack.clone())),
         &[reasons::TX],
     ));
-    assert_eq!(entries(&f).entries, 0, "the backend's answer confirms nothing");
+    assert_eq!(
+        entries(&f).entries,
+        0,
+        "the backend's answer confirms nothing"
+    );
     let ack = fwd(TCP_ACK, b"");
     f.case(Case::new(
         "the client's ACK confirms the flow",
@@ -996,7 +1001,10 @@ fn a_retransmitted_syn_starts_over_when_the_lru_dropped_its_reply_entry() {
         &[reasons::TX],
     ));
     let st = f.dp.status().unwrap();
-    assert_eq!(st.services[0].counters.new_conns, 2, "the SYN and its restart");
+    assert_eq!(
+        st.services[0].counters.new_conns, 2,
+        "the SYN and its restart"
+    );
 }
 
 #[test]
@@ -1069,7 +1077,10 @@ fn a_half_open_flow_expires_after_the_closing_timeout() {
         "a late ACK finds the half-open flow expired: picked up mid-stream",
         ack.build(),
         XDP_TX,
-        Some(ack.translated(snat, backend, backend_mac(0), LB_MAC).build()),
+        Some(
+            ack.translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
         &[reasons::TX, reasons::LRU_MISS],
     ));
     let scan = f.dp.conn_table().unwrap().scan().unwrap();

@@ -119,24 +119,39 @@ fn classes(lb: [u8; 6], client: [u8; 6]) -> Vec<Class> {
             f[14] = 0x44;
             f
         }),
-        class(5, "version 6 in an IPv4 frame", "drop_malformed", &|c, i| {
-            let mut f = syn(c, i);
-            f[14] = 0x65;
-            ip_checksum_only(&mut f);
-            f
-        }),
-        class(6, "total length beyond the frame", "drop_malformed", &|c, i| {
-            let mut f = syn(c, i);
-            set_tot_len(&mut f, 200);
-            ip_checksum_only(&mut f);
-            f
-        }),
-        class(7, "total length below the header", "drop_malformed", &|c, i| {
-            let mut f = syn(c, i);
-            set_tot_len(&mut f, 12);
-            ip_checksum_only(&mut f);
-            f
-        }),
+        class(
+            5,
+            "version 6 in an IPv4 frame",
+            "drop_malformed",
+            &|c, i| {
+                let mut f = syn(c, i);
+                f[14] = 0x65;
+                ip_checksum_only(&mut f);
+                f
+            },
+        ),
+        class(
+            6,
+            "total length beyond the frame",
+            "drop_malformed",
+            &|c, i| {
+                let mut f = syn(c, i);
+                set_tot_len(&mut f, 200);
+                ip_checksum_only(&mut f);
+                f
+            },
+        ),
+        class(
+            7,
+            "total length below the header",
+            "drop_malformed",
+            &|c, i| {
+                let mut f = syn(c, i);
+                set_tot_len(&mut f, 12);
+                ip_checksum_only(&mut f);
+                f
+            },
+        ),
         class(8, "TCP data offset 4", "drop_malformed", &|c, i| {
             let mut f = syn(c, i);
             f[46] = 0x40;
@@ -162,46 +177,71 @@ fn classes(lb: [u8; 6], client: [u8; 6]) -> Vec<Class> {
             fill_checksums(&mut f);
             f
         }),
-        class(11, "UDP length beyond the datagram", "drop_malformed", &|c, i| {
-            let mut f = Packet::udp(spoofed(c, i), VIP_ADDR, b"abcd")
-                .with_macs(lb, client)
-                .build();
-            f[38..40].copy_from_slice(&200u16.to_be_bytes());
-            f
-        }),
+        class(
+            11,
+            "UDP length beyond the datagram",
+            "drop_malformed",
+            &|c, i| {
+                let mut f = Packet::udp(spoofed(c, i), VIP_ADDR, b"abcd")
+                    .with_macs(lb, client)
+                    .build();
+                f[38..40].copy_from_slice(&200u16.to_be_bytes());
+                f
+            },
+        ),
         class(12, "first fragment (MF)", "pass_fragment", &|c, i| {
             let mut p = tcp(c, i, TCP_SYN);
             p.frag = 0x2000;
             p.build()
         }),
-        class(13, "later fragment (offset 128)", "pass_fragment", &|c, i| {
-            let mut p = tcp(c, i, TCP_SYN);
-            p.frag = 0x0010;
-            p.build()
-        }),
-        class(14, "IP options (NOP, NOP, NOP, EOL)", "pass_ip_options", &|c, i| {
-            let mut p = tcp(c, i, TCP_SYN);
-            p.ip_options = vec![0x01, 0x01, 0x01, 0x00];
-            p.build()
-        }),
+        class(
+            13,
+            "later fragment (offset 128)",
+            "pass_fragment",
+            &|c, i| {
+                let mut p = tcp(c, i, TCP_SYN);
+                p.frag = 0x0010;
+                p.build()
+            },
+        ),
+        class(
+            14,
+            "IP options (NOP, NOP, NOP, EOL)",
+            "pass_ip_options",
+            &|c, i| {
+                let mut p = tcp(c, i, TCP_SYN);
+                p.ip_options = vec![0x01, 0x01, 0x01, 0x00];
+                p.build()
+            },
+        ),
         class(15, "ICMP echo to the VIP", "pass_unknown_proto", &|c, i| {
             let mut p = tcp(c, i, 0);
             p.proto = 1;
             p.payload = vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0];
             p.build()
         }),
-        class(16, "protocol 253 to the VIP", "pass_unknown_proto", &|c, i| {
-            let mut p = tcp(c, i, 0);
-            p.proto = 253;
-            p.payload = vec![0; 8];
-            p.build()
-        }),
+        class(
+            16,
+            "protocol 253 to the VIP",
+            "pass_unknown_proto",
+            &|c, i| {
+                let mut p = tcp(c, i, 0);
+                p.proto = 253;
+                p.payload = vec![0; 8];
+                p.build()
+            },
+        ),
     ];
-    let mut bad_tcp = class(17, "bad TCP checksum (ACK, own 4-tuple)", "lru_miss", &|c, i| {
-        let mut f = tcp(c, i, TCP_ACK).build();
-        f[50] ^= 0x5a;
-        f
-    });
+    let mut bad_tcp = class(
+        17,
+        "bad TCP checksum (ACK, own 4-tuple)",
+        "lru_miss",
+        &|c, i| {
+            let mut f = tcp(c, i, TCP_ACK).build();
+            f[50] ^= 0x5a;
+            f
+        },
+    );
     bad_tcp.backend_counter = Some(TCP_CSUM_ERRORS);
     let mut bad_ip = class(
         18,
@@ -223,17 +263,27 @@ fn classes(lb: [u8; 6], client: [u8; 6]) -> Vec<Class> {
 fn backend_counter(rig: &Rig, (file, section, field): KernelCounter) -> u64 {
     (0..rig.topo.backend_count())
         .map(|i| {
-            let text = netns::exec(rig.topo.backend_ns(i), &["cat", &format!("/proc/net/{file}")])
-                .unwrap();
+            let text = netns::exec(
+                rig.topo.backend_ns(i),
+                &["cat", &format!("/proc/net/{file}")],
+            )
+            .unwrap();
             let prefix = format!("{section}:");
             let mut rows = text.lines().filter(|l| l.starts_with(&prefix));
-            let names = rows.next().unwrap_or_else(|| panic!("no {section} in {file}"));
+            let names = rows
+                .next()
+                .unwrap_or_else(|| panic!("no {section} in {file}"));
             let values = rows.next().unwrap();
             let at = names
                 .split_whitespace()
                 .position(|n| n == field)
                 .unwrap_or_else(|| panic!("no {section} {field} in {file}"));
-            values.split_whitespace().nth(at).unwrap().parse::<u64>().unwrap()
+            values
+                .split_whitespace()
+                .nth(at)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
         })
         .sum()
 }
@@ -276,7 +326,9 @@ fn malformed_traffic_is_counted_exactly_while_legitimate_connections_run() {
             netns::in_netns(client_ns, || {
                 let (mut attempts, mut failures) = (0u32, Vec::new());
                 let deadline = Instant::now() + Duration::from_secs(45);
-                while !stop.load(Ordering::Relaxed) && attempts < 20_000 && Instant::now() < deadline
+                while !stop.load(Ordering::Relaxed)
+                    && attempts < 20_000
+                    && Instant::now() < deadline
                 {
                     attempts += 1;
                     match netns::http_get(vip, "/", Duration::from_secs(5)) {
@@ -306,7 +358,10 @@ fn malformed_traffic_is_counted_exactly_while_legitimate_connections_run() {
                 let want = if r == class.reason { n } else { 0 };
                 let got = after[r] - before[r];
                 if got != want {
-                    mismatches.push(format!("{}: {r} moved by {got}, expected {want}", class.name));
+                    mismatches.push(format!(
+                        "{}: {r} moved by {got}, expected {want}",
+                        class.name
+                    ));
                 }
             }
             if let (Some(c), Some(k0)) = (class.backend_counter, kernel_before) {
