@@ -73,6 +73,8 @@ enum BenchSuite {
     Datapath,
     /// Control plane: Maglev rebuild time, daemon CPU and RSS while polling.
     Control,
+    /// A SYN flood from spoofed sources against a small connection table.
+    Synflood,
     /// Every suite.
     All,
 }
@@ -82,6 +84,7 @@ impl BenchSuite {
         match self {
             BenchSuite::Datapath => "datapath",
             BenchSuite::Control => "control",
+            BenchSuite::Synflood => "synflood",
             BenchSuite::All => "all",
         }
     }

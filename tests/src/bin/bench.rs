@@ -11,12 +11,14 @@ use anyhow::{Result, bail};
 use router_tests::{
     bench_control,
     bench_datapath::{self, Settings},
+    synflood,
 };
 
-const USAGE: &str = "usage: bench [datapath|all] [--quick] [--out DIR]
+const USAGE: &str = "usage: bench [datapath|control|synflood|all] [--quick] [--out DIR]
 
   datapath   ns/packet of the XDP program through BPF_PROG_TEST_RUN, against XDP_PASS
   control    control plane: Maglev rebuild time for 10 to 10,000 backends
+  synflood   a SYN flood from spoofed sources against a small connection table
   all        every suite (default)
   --quick    5 short runs; results go in target/bench-quick/ instead of bench/
   --out DIR  write the results to DIR instead";
@@ -24,6 +26,7 @@ const USAGE: &str = "usage: bench [datapath|all] [--quick] [--out DIR]
 enum Suite {
     Datapath,
     Control,
+    Synflood,
     All,
 }
 
@@ -53,6 +56,7 @@ fn real_main() -> Result<()> {
             "datapath" if suite.is_none() => suite = Some(Suite::Datapath),
             "all" if suite.is_none() => suite = Some(Suite::All),
             "control" if suite.is_none() => suite = Some(Suite::Control),
+            "synflood" if suite.is_none() => suite = Some(Suite::Synflood),
             "--quick" => quick = true,
             "--out" => match args.next() {
                 Some(d) => out = Some(PathBuf::from(d)),
@@ -81,9 +85,11 @@ fn real_main() -> Result<()> {
     match suite.unwrap_or(Suite::All) {
         Suite::Datapath => bench_datapath::run_datapath(&settings),
         Suite::Control => bench_control::run_control(quick, &settings.out_dir),
+        Suite::Synflood => synflood::run_bench(quick, &settings.out_dir),
         Suite::All => {
             bench_datapath::run_datapath(&settings)?;
-            bench_control::run_control(quick, &settings.out_dir)
+            bench_control::run_control(quick, &settings.out_dir)?;
+            synflood::run_bench(quick, &settings.out_dir)
         }
     }
 }
