@@ -13,13 +13,12 @@ pub const MAX_BACKENDS: u32 = 4096;
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
 /// Least capacity of the half-open table. Under a SYN flood it must hold a
 /// real handshake for one round trip to the backend while the flood churns
-/// it, yet every half-open flow holds a backend 4-tuple (backend, SNAT
-/// address and port: 64 K ports per backend and address), and a table as
-/// large as that space would let a flood exhaust it. 32 768 entries (16 384
-/// flows, 4 MiB) keep a handshake for 1.6 ms at 10 million spoofed SYNs a
-/// second spread over the CPUs, and for about a tenth of a second at the
-/// rates a small host can be flooded with.
-pub const MIN_HALF_OPEN_TABLE_SIZE: u32 = 32_768;
+/// it: 65 536 entries (32 768 flows, about 8 MiB) hold one for 3 ms at
+/// 10 million spoofed SYNs a second spread over the CPUs, and for a good
+/// part of a second at the rates a small host is flooded with. A half-open
+/// flow never keeps a new SYN from its backend 4-tuple (the newest SYN takes
+/// it), so a large table cannot exhaust SNAT ports.
+pub const MIN_HALF_OPEN_TABLE_SIZE: u32 = 65_536;
 
 /// Capacity of the half-open table (`HALF_OPEN`: flows opened by a SYN whose
 /// client has not answered yet) next to a connection table of

@@ -192,14 +192,15 @@ impl RawSender {
     }
 
     /// Sends frames made by `frame(i)` for i = 0, 1, … as fast as the kernel
-    /// takes them, until `max_packets` were offered or `max_duration` passed,
-    /// whichever comes first. Both bounds are required: a flood never runs
-    /// open-ended. `frame` writes frame `i` into the buffer it is given and
-    /// returns its length.
+    /// takes them, or at most `rate_pps` a second, until `max_packets` were
+    /// offered or `max_duration` passed, whichever comes first. Both bounds
+    /// are required: a flood never runs open-ended. `frame` writes frame `i`
+    /// into the buffer it is given and returns its length.
     pub fn flood(
         &self,
         max_packets: u64,
         max_duration: Duration,
+        rate_pps: Option<f64>,
         mut frame: impl FnMut(u64, &mut [u8]) -> usize,
     ) -> SendStats {
         const FRAME_MAX: usize = 128;
@@ -209,6 +210,12 @@ impl RawSender {
         let mut stats = SendStats::default();
         let mut next = 0u64;
         while next < max_packets && start.elapsed() < max_duration {
+            if let Some(rate) = rate_pps.filter(|r| *r > 0.0) {
+                let due = Duration::from_secs_f64(next as f64 / rate);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait.min(max_duration));
+                }
+            }
             let n = usize::try_from((max_packets - next).min(BATCH as u64)).unwrap_or(BATCH);
             for (k, (buf, len)) in bufs.iter_mut().zip(lens.iter_mut()).take(n).enumerate() {
                 *len = frame(next + k as u64, buf).min(FRAME_MAX);

@@ -364,8 +364,15 @@ fn malformed_traffic_is_counted_exactly_while_legitimate_connections_run() {
                     ));
                 }
             }
+            let mut line = format!(
+                "{:<45} {n} sent, {} +{}",
+                class.name,
+                class.reason,
+                after[class.reason] - before[class.reason]
+            );
             if let (Some(c), Some(k0)) = (class.backend_counter, kernel_before) {
                 let got = settle(|| backend_counter(&rig, c) - k0, n);
+                line.push_str(&format!(", backends' {} {} +{got}", c.1, c.2));
                 if got != n {
                     mismatches.push(format!(
                         "{}: backends counted {got} {} {}, expected {n}",
@@ -373,12 +380,17 @@ fn malformed_traffic_is_counted_exactly_while_legitimate_connections_run() {
                     ));
                 }
             }
+            eprintln!("{line}");
         }
         stop.store(true, Ordering::Relaxed);
         (mismatches, legit.join().unwrap())
     });
 
     let (attempts, failures) = legit;
+    eprintln!(
+        "legitimate connections alongside: {attempts}, failed: {}",
+        failures.len()
+    );
     assert!(
         mismatches.is_empty(),
         "counters did not account for every bad packet:\n{}",
@@ -407,12 +419,26 @@ fn syn_flood_overflowing_the_connection_table_spares_streams_and_new_connections
     eprintln!("{}", report.markdown());
     eprintln!("new connection errors: {:?}", report.new_conn_errors);
 
-    // The flood really overflowed the table, many times over.
+    // The flood really overflowed the tables, many times over: ten times
+    // what the connection table holds, and twice the flows (two entries
+    // each) that the half-open table holds, which is where SYNs go.
+    let half_open = router_common::half_open_table_size(params.conn_table_size);
     assert!(
-        report.datapath_new_flows >= 10 * u64::from(params.conn_table_size),
-        "the flood created only {} flows against a table of {}",
+        report.datapath_new_flows >= 10 * u64::from(params.conn_table_size)
+            && report.datapath_new_flows >= u64::from(half_open),
+        "the flood created only {} flows against a table of {} and a half-open table of {}",
         report.datapath_new_flows,
-        params.conn_table_size
+        params.conn_table_size,
+        half_open
+    );
+    // And no spoofed SYN got into the connection table: it holds at most
+    // the two directions of each legitimate connection (a flood that got
+    // there fills it).
+    assert!(
+        report.conn_table_entries <= 2 * report.legitimate_connections(),
+        "{} connection-table entries for {} legitimate connections",
+        report.conn_table_entries,
+        report.legitimate_connections()
     );
     let broken: Vec<_> = report
         .streams
