@@ -28,9 +28,15 @@ pub const TX: u32 = 10;
 /// Packets forwarded with `XDP_REDIRECT` (another interface).
 pub const REDIRECT: u32 = 11;
 /// Packets to a SNAT address with no reply entry: passed to the stack.
+/// (For TCP, only when the host has a socket for the packet.)
 pub const PASS_NO_REPLY_ENTRY: u32 = 12;
+/// TCP to a SNAT address with neither a reply entry nor a host socket: a
+/// reply of a translated flow whose entry is gone (evicted, expired).
+/// Dropped, because the host's stack would answer it with a reset and end
+/// the backend's side of a connection that was only missing its entry.
+pub const DROP_NO_REPLY_ENTRY: u32 = 13;
 
-pub const COUNT: u32 = 13;
+pub const COUNT: u32 = 14;
 
 /// Names as exported by `router status` and metrics, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -47,4 +53,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "tx",
     "redirect",
     "pass_no_reply_entry",
+    "drop_no_reply_entry",
 ];

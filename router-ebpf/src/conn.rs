@@ -1,11 +1,17 @@
-//! The connection table: expiry of entries, and creation of both directions
-//! of a new flow (Maglev pick, SNAT port allocation).
+//! The connection tables: expiry of entries, creation of both directions
+//! of a new flow (Maglev pick, SNAT port allocation), and the move of a
+//! confirmed flow from HALF_OPEN to CONNS.
+//!
+//! A reply key (backend, SNAT address and port) belongs to at most one flow
+//! across both tables: it is what the backend sees, and two flows sharing
+//! it would be one connection to the backend.
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::bpf_ktime_get_coarse_ns,
+    maps::LruHashMap,
 };
 use router_common::{
     CONN_AWAIT_REQUEST, CONN_AWAIT_SYNACK, CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey,
@@ -14,21 +20,47 @@ use router_common::{
 
 use crate::{
     latency::now_us,
-    maps::{BACKENDS, CONNS, MAGLEV_TABLES, TABLE_SIZE, TCP_CLOSING_NS, TCP_IDLE_NS, UDP_IDLE_NS},
+    maps::{
+        BACKENDS, CONNS, HALF_OPEN, MAGLEV_TABLES, TABLE_SIZE, TCP_CLOSING_NS, TCP_IDLE_NS,
+        UDP_IDLE_NS,
+    },
     mem::zeroed64,
     nat::deltas,
 };
 
 const REFRESH_NS: u64 = 1_000_000_000;
 
+/// Which connection table holds a flow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// Confirmed flows.
+    Conns,
+    /// Flows opened by a SYN, until the client's next packet.
+    HalfOpen,
+}
+
+impl Table {
+    #[inline(always)]
+    fn map(self) -> &'static LruHashMap<ConnKey, ConnEntry> {
+        match self {
+            Table::Conns => &CONNS,
+            Table::HalfOpen => &HALF_OPEN,
+        }
+    }
+}
+
 #[inline(always)]
 pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// Whether entry `e` of `table` has outlived its timeout. A half-open flow
+/// gets the short closing timeout: a handshake takes a round trip, and a
+/// spoofed SYN's entries must not hold their SNAT port for the idle timeout.
+/// A client that answers later is picked up mid-stream like an evicted flow.
 #[inline(always)]
-pub fn expired(e: &ConnEntry, now: u64, proto: u8) -> bool {
-    let timeout = if e.flags & CONN_CLOSING != 0 {
+pub fn expired(table: Table, e: &ConnEntry, now: u64, proto: u8) -> bool {
+    let timeout = if e.flags & CONN_CLOSING != 0 || table == Table::HalfOpen {
         TCP_CLOSING_NS.load()
     } else if proto == PROTO_TCP {
         TCP_IDLE_NS.load()
@@ -78,6 +110,164 @@ pub fn reply_key(fwd: &ConnEntry, proto: u8) -> ConnKey {
     )
 }
 
+/// Whether `e` is the reply entry of the flow whose forward key is `fwd`:
+/// it translates back to exactly that client and VIP. A reply key held by
+/// a flow's own reply entry is that flow's to reuse.
+#[inline(always)]
+fn owned_by(e: &ConnEntry, fwd: &ConnKey) -> bool {
+    e.flags & CONN_REPLY != 0
+        && e.new_dst_addr == fwd.src_addr
+        && e.new_dst_port == fwd.src_port
+        && e.new_src_addr == fwd.dst_addr
+        && e.new_src_port == fwd.dst_port
+}
+
+/// Whether the half-open flow `fwd_key` (forward entry `e`) has lost its
+/// reply entry: the LRU evicts the two directions independently.
+#[inline(always)]
+pub fn reply_lost(fwd_key: &ConnKey, e: &ConnEntry) -> bool {
+    match unsafe { HALF_OPEN.get(reply_key(e, fwd_key.proto)) } {
+        Some(r) => !owned_by(r, fwd_key),
+        None => true,
+    }
+}
+
+/// Fills `reply` (all zero) as the reply entry of flow `fwd` translated to
+/// (SNAT address, backend, SNAT port, backend port).
+#[inline(always)]
+fn fill_reply(
+    reply: &mut ConnEntry,
+    fwd: &ConnKey,
+    (snat_addr, be_addr, snat_port, be_port): (u32, u32, u16, u16),
+) {
+    let (l3, l4) = deltas(
+        (be_addr, snat_addr, be_port, snat_port),
+        (fwd.dst_addr, fwd.src_addr, fwd.dst_port, fwd.src_port),
+    );
+    reply.new_src_addr = fwd.dst_addr;
+    reply.new_dst_addr = fwd.src_addr;
+    reply.new_src_port = fwd.dst_port;
+    reply.new_dst_port = fwd.src_port;
+    reply.l3_csum_delta = l3;
+    reply.l4_csum_delta = l4;
+}
+
+/// Removes the reply entry at `rkey` from `table` if it is the flow `fwd`'s
+/// own: a stale flow's reply key may have gone to another flow since.
+#[inline(always)]
+fn remove_own_reply(table: Table, rkey: ConnKey, fwd: &ConnKey) {
+    let map = table.map();
+    if let Some(e) = unsafe { map.get(rkey) }
+        && owned_by(e, fwd)
+    {
+        let _ = map.remove(rkey);
+    }
+}
+
+/// Claims reply key `rkey` (a backend 4-tuple) for flow `fwd`. Who may take
+/// a key from whom decides whether a flow that lost its entries can be
+/// found again on its own 4-tuple, so the rule is strict:
+///
+/// - A confirmed flow (going into CONNS) holds its key against everyone
+///   while it lives. Claims there use BPF_NOEXIST, the atomic test-and-set,
+///   so two CPUs never hand out the same key; a key held by the flow's own
+///   reply entry is reused (its forward entry was evicted), one held by an
+///   expired entry is free.
+/// - A half-open flow holds its key only against other half-open flows that
+///   came before it: the newest SYN takes the key. Otherwise a SYN flood
+///   would push real handshakes onto probed ports whenever the client's own
+///   port was held by a spoofed flow, and a probed port cannot be found
+///   again once the LRU has evicted both of a flow's entries. A real flow
+///   that loses its key this way sees its SYN-ACK go astray and starts over
+///   with its retransmitted SYN (see `reply_lost`).
+/// - A flow going into CONNS takes its key from a half-open flow: its
+///   client's packet has proved it real; the half-open flow may be spoofed.
+///
+/// So a key is held against a new flow only by a live confirmed flow, and
+/// the client's own port is the flow's 4-tuple unless a confirmed flow held
+/// it at the SYN; the probe sequence is then the same the next time. The
+/// check of the other table and the insert are two steps; a flow claiming
+/// the same key in the other table in between would need the same backend,
+/// SNAT address and port on another CPU within those few instructions.
+#[inline(always)]
+fn claim_reply(target: Table, rkey: ConnKey, reply: &ConnEntry, fwd: &ConnKey, now: u64) -> bool {
+    match target {
+        Table::HalfOpen => {
+            if let Some(e) = unsafe { CONNS.get(rkey) } {
+                if !owned_by(e, fwd) && !expired(Table::Conns, e, now, fwd.proto) {
+                    return false;
+                }
+                let _ = CONNS.remove(rkey);
+            }
+            HALF_OPEN.insert(rkey, reply, BPF_ANY as u64).is_ok()
+        }
+        Table::Conns => {
+            let claimed = CONNS.insert(rkey, reply, BPF_NOEXIST as u64).is_ok()
+                || match unsafe { CONNS.get(rkey) } {
+                    Some(e) if owned_by(e, fwd) => {
+                        CONNS.insert(rkey, reply, BPF_ANY as u64).is_ok()
+                    }
+                    Some(e) if expired(Table::Conns, e, now, fwd.proto) => {
+                        let _ = CONNS.remove(rkey);
+                        CONNS.insert(rkey, reply, BPF_NOEXIST as u64).is_ok()
+                    }
+                    _ => false,
+                };
+            if claimed {
+                let _ = HALF_OPEN.remove(rkey);
+            }
+            claimed
+        }
+    }
+}
+
+/// Moves a half-open flow whose client has sent its second packet into
+/// CONNS: a spoofed source never answers the SYN-ACK, so this is the proof
+/// that the flow is real. The reply entry keeps its latency state, or is
+/// rebuilt from the forward entry if the LRU dropped it (the backend's
+/// SYN-ACK got through before that, or the client would not be answering).
+/// Returns the forward entry's place in CONNS, or None if CONNS refused
+/// the move; the flow then goes on from HALF_OPEN.
+#[inline(always)]
+pub fn promote(fwd_key: &ConnKey, half_open: &ConnEntry, now: u64) -> Option<*mut ConnEntry> {
+    let mut fslot = MaybeUninit::uninit();
+    let fwd: &mut ConnEntry = zeroed64(&mut fslot);
+    // A copy: the HALF_OPEN element is recycled once removed below.
+    *fwd = *half_open;
+    let rkey = reply_key(fwd, fwd_key.proto);
+    let mut rslot = MaybeUninit::uninit();
+    let reply: &mut ConnEntry = zeroed64(&mut rslot);
+    match unsafe { HALF_OPEN.get(rkey) } {
+        Some(r) if owned_by(r, fwd_key) => *reply = *r,
+        _ => {
+            fill_reply(
+                reply,
+                fwd_key,
+                (
+                    fwd.new_src_addr,
+                    fwd.new_dst_addr,
+                    fwd.new_src_port,
+                    fwd.new_dst_port,
+                ),
+            );
+            reply.backend_id = fwd.backend_id;
+            reply.service_id = fwd.service_id;
+            reply.flags = CONN_REPLY;
+            reply.last_seen_ns = now;
+        }
+    }
+    if !claim_reply(Table::Conns, rkey, reply, fwd_key, now) {
+        return None;
+    }
+    let value: &ConnEntry = fwd;
+    if CONNS.insert(fwd_key, value, BPF_ANY as u64).is_err() {
+        let _ = CONNS.remove(rkey);
+        return None;
+    }
+    let _ = HALF_OPEN.remove(fwd_key);
+    CONNS.get_ptr_mut(fwd_key)
+}
+
 /// What the creating packet says about the flow.
 #[derive(Clone, Copy)]
 pub struct FlowFlags {
@@ -109,16 +299,19 @@ fn pick(svc: &Service, hash: u32) -> u32 {
     }
 }
 
-/// Creates both directions of a new flow. `stale` is an expired or closed
-/// forward entry for the same key, whose reply entry is removed first so its
-/// SNAT port (often the client's own) is free again. `out` is an all-zero
-/// entry that receives the forward direction. A flow created by a SYN
-/// starts its latency measurements (see `latency`).
+/// Creates both directions of a new flow: in HALF_OPEN for a SYN, in CONNS
+/// otherwise (UDP, or a TCP flow picked up mid-stream after its entries
+/// were lost). `stale` is an expired or closed forward entry for the same
+/// key and the table it is in; it and its reply entry are removed first so
+/// the SNAT port (often the client's own) is free again and the old entry
+/// cannot shadow the new one. `out` is an all-zero entry that receives the
+/// forward direction. A flow created by a SYN starts its latency
+/// measurements (see `latency`).
 #[inline(always)]
 pub fn create(
     key: &ConnKey,
     svc: &Service,
-    stale: Option<ConnEntry>,
+    stale: Option<(ConnEntry, Table)>,
     now: u64,
     flags: FlowFlags,
     out: &mut ConnEntry,
@@ -141,10 +334,18 @@ pub fn create(
         return NewFlow::NoBackend;
     }
     let (be_addr, be_port) = (be.addr, be.port);
-    if let Some(old) = stale
+    let target = if flags.syn {
+        Table::HalfOpen
+    } else {
+        Table::Conns
+    };
+    if let Some((old, table)) = stale
         && old.flags & CONN_REPLY == 0
     {
-        let _ = CONNS.remove(reply_key(&old, key.proto));
+        remove_own_reply(table, reply_key(&old, key.proto), key);
+        if table != target {
+            let _ = table.map().remove(key);
+        }
     }
 
     let await_synack = if flags.syn { CONN_AWAIT_SYNACK } else { 0 };
@@ -154,7 +355,7 @@ pub fn create(
         hash,
         (be_addr, be_port, backend_id),
         now,
-        await_synack,
+        (target, await_synack),
     ) else {
         return NewFlow::SnatExhausted;
     };
@@ -177,17 +378,17 @@ pub fn create(
     fwd.last_seen_ns = now;
     // Passed by reference: the entry is inserted from where it was built.
     let value: &ConnEntry = fwd;
-    if CONNS.insert(key, value, BPF_ANY as u64).is_err() {
-        let _ = CONNS.remove(reply_key(fwd, key.proto));
+    let map = target.map();
+    if map.insert(key, value, BPF_ANY as u64).is_err() {
+        let _ = map.remove(reply_key(fwd, key.proto));
         return NewFlow::TableFull;
     }
     NewFlow::Created
 }
 
-/// Claims a (SNAT address, port) pair by inserting the reply entry with
-/// BPF_NOEXIST: the insert itself is the atomic test-and-set, so two CPUs can
-/// never hand out the same pair. The client's own port is tried first so a
-/// client that reuses its 4-tuple lands on the same backend 4-tuple (and the
+/// Claims a (SNAT address, port) pair by claiming its reply key in `target`
+/// (see `claim_reply`). The client's own port is tried first so a client
+/// that reuses its 4-tuple lands on the same backend 4-tuple (and the
 /// backend's TIME_WAIT logic sees exactly what a direct connection would).
 #[inline(always)]
 fn allocate_snat(
@@ -196,7 +397,7 @@ fn allocate_snat(
     hash: u32,
     (be_addr, be_port, backend_id): (u32, u16, u32),
     now: u64,
-    await_synack: u32,
+    (target, await_synack): (Table, u32),
 ) -> Option<(u32, u16)> {
     let stamp_us = if await_synack != 0 { now_us() } else { 0 };
     let count = if svc.snat_count == 0 || svc.snat_count > MAX_SNAT_ADDRS as u32 {
@@ -222,25 +423,15 @@ fn allocate_snat(
             ((svc.snat_port_min as u32 + r) as u16).to_be()
         };
         let rkey = self::key(be_addr, snat_addr, be_port, snat_port, key.proto);
-        let (l3, l4) = deltas(
-            (be_addr, snat_addr, be_port, snat_port),
-            (key.dst_addr, key.src_addr, key.dst_port, key.src_port),
-        );
         let mut slot = MaybeUninit::uninit();
         let reply: &mut ConnEntry = zeroed64(&mut slot);
-        reply.new_src_addr = key.dst_addr;
-        reply.new_dst_addr = key.src_addr;
-        reply.new_src_port = key.dst_port;
-        reply.new_dst_port = key.src_port;
-        reply.l3_csum_delta = l3;
-        reply.l4_csum_delta = l4;
+        fill_reply(reply, key, (snat_addr, be_addr, snat_port, be_port));
         reply.backend_id = backend_id;
         reply.service_id = svc.id;
         reply.flags = CONN_REPLY | await_synack;
         reply.stamp_us = stamp_us;
         reply.last_seen_ns = now;
-        let value: &ConnEntry = reply;
-        if CONNS.insert(rkey, value, BPF_NOEXIST as u64).is_ok() {
+        if claim_reply(target, rkey, reply, key, now) {
             return Some((snat_addr, snat_port));
         }
     }

@@ -13,7 +13,7 @@ use router_common::{
 
 use crate::{
     conn::reply_key,
-    maps::CONNS,
+    maps::{CONNS, HALF_OPEN},
     parse::{L4, TCP_ACK, TCP_SYN},
     stats,
 };
@@ -32,7 +32,13 @@ pub fn observe(e: &mut ConnEntry, l4: &L4) {
         if e.flags & CONN_AWAIT_REQUEST != 0 && l4.payload_len > 0 {
             e.flags &= !CONN_AWAIT_REQUEST;
             // The response is seen on the reply entry, so the stamp goes there.
-            if let Some(r) = CONNS.get_ptr_mut(reply_key(e, PROTO_TCP)) {
+            // In HALF_OPEN only when CONNS refused the flow's promotion.
+            let rkey = reply_key(e, PROTO_TCP);
+            let reply = match CONNS.get_ptr_mut(rkey) {
+                Some(r) => Some(r),
+                None => HALF_OPEN.get_ptr_mut(rkey),
+            };
+            if let Some(r) = reply {
                 let r = unsafe { &mut *r };
                 r.stamp_us = now_us();
                 r.flags = (r.flags & !CONN_AWAIT_SYNACK) | CONN_AWAIT_RESPONSE;

@@ -6,6 +6,7 @@
 
 mod conn;
 mod fib;
+mod host;
 mod latency;
 mod maps;
 mod mem;
@@ -25,8 +26,8 @@ use router_common::{
 };
 
 use crate::{
-    conn::{FlowFlags, NewFlow},
-    maps::{ADDR_FILTER, CONNS, DATAPATH_LOG, FIB_GEN, SERVICES},
+    conn::{FlowFlags, NewFlow, Table},
+    maps::{ADDR_FILTER, CONNS, DATAPATH_LOG, FIB_GEN, HALF_OPEN, SERVICES, SNAT_ADDRS},
     parse::{Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -73,19 +74,42 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
     let fin_or_rst = tcp && l4.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     let now = conn::now_ns();
 
-    let mut stale: Option<ConnEntry> = None;
+    let mut stale: Option<(ConnEntry, Table)> = None;
     if let Some(e) = CONNS.get_ptr_mut(key) {
         let e = unsafe { &mut *e };
         // A SYN on a closed 4-tuple is a new connection, not a retransmit.
         let reused = syn && e.flags & CONN_CLOSING != 0;
-        if !reused && !conn::expired(e, now, l4.proto) {
+        if !reused && !conn::expired(Table::Conns, e, now, l4.proto) {
             conn::refresh(e, now, fin_or_rst);
             if e.flags & CONN_AWAIT_ANY != 0 {
                 latency::observe(e, &l4);
             }
             return forward(ctx, e, l4.proto, ip.tot_len, false);
         }
-        stale = Some(*e);
+        stale = Some((*e, Table::Conns));
+    } else if let Some(e) = HALF_OPEN.get_ptr_mut(key) {
+        let mut e = unsafe { &mut *e };
+        // A retransmitted SYN starts over when the LRU has dropped the
+        // flow's reply entry: otherwise every SYN-ACK would miss it.
+        let restart = syn
+            && (e.flags & CONN_CLOSING != 0
+                || (e.flags & CONN_REPLY == 0 && conn::reply_lost(&key, e)));
+        if !restart && !conn::expired(Table::HalfOpen, e, now, l4.proto) {
+            // The client's second packet (the handshake's ACK) confirms the
+            // flow; a retransmitted SYN or the backend's SYN-ACK does not.
+            if !syn
+                && e.flags & CONN_REPLY == 0
+                && let Some(p) = conn::promote(&key, e, now)
+            {
+                e = unsafe { &mut *p };
+            }
+            conn::refresh(e, now, fin_or_rst);
+            if e.flags & CONN_AWAIT_ANY != 0 {
+                latency::observe(e, &l4);
+            }
+            return forward(ctx, e, l4.proto, ip.tot_len, false);
+        }
+        stale = Some((*e, Table::HalfOpen));
     }
 
     if filter & FILTER_VIP != 0 {
@@ -124,6 +148,14 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
         }
     }
     if filter & FILTER_SNAT != 0 {
+        // A TCP reply whose entry is gone must not reach the host's stack:
+        // having no socket for it, the stack would answer with a reset and
+        // end the backend's side of a connection that only lost its entry
+        // (a half-open one under a SYN flood, say). The host's own traffic
+        // through the SNAT address has a socket and passes.
+        if tcp && SNAT_ADDRS.get_ptr(ip.dst).is_some() && !host::has_tcp_socket(ctx, &ip, &l4) {
+            return Ok(counted(reasons::DROP_NO_REPLY_ENTRY, xdp_action::XDP_DROP));
+        }
         return Ok(counted(reasons::PASS_NO_REPLY_ENTRY, xdp_action::XDP_PASS));
     }
     Ok(counted(reasons::PASS_NOT_SERVICE, xdp_action::XDP_PASS))

@@ -1,6 +1,7 @@
 //! Every map and load-time global of the `router` XDP program. Userspace is
-//! the only writer of SERVICES, BACKENDS, MAGLEV_TABLES, ADDR_FILTER and
-//! FIB_GEN; the program writes CONNS and the per-CPU counters.
+//! the only writer of SERVICES, BACKENDS, MAGLEV_TABLES, ADDR_FILTER,
+//! SNAT_ADDRS and FIB_GEN; the program writes CONNS, HALF_OPEN and the
+//! per-CPU counters.
 
 use aya_ebpf::{
     Global,
@@ -10,8 +11,8 @@ use aya_ebpf::{
 };
 use router_common::{
     ADDR_FILTER_SIZE, Backend, ConnEntry, ConnKey, DEFAULT_CONN_TABLE_SIZE, DEFAULT_TABLE_SIZE,
-    LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey,
-    TrafficCounters, reasons,
+    LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS_TOTAL, Service,
+    ServiceKey, TrafficCounters, half_open_table_size, reasons,
 };
 
 #[map]
@@ -26,18 +27,40 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 pub static MAGLEV_TABLES: Array<u32> =
     Array::with_max_entries(MAX_SERVICES * 2 * DEFAULT_TABLE_SIZE, 0);
 
-/// Both directions of every translated flow. LRU, so a full table evicts the
-/// coldest flow instead of refusing new ones. Per-CPU LRU lists
-/// (BPF_F_NO_COMMON_LRU) keep inserts off a global lock; entries are still
-/// shared, so a flow's packets may arrive on any CPU.
+/// Both directions of every confirmed flow: UDP flows, TCP flows whose
+/// client answered the SYN-ACK, and TCP flows re-created mid-stream. LRU,
+/// so a full table evicts the coldest flow instead of refusing new ones.
+/// Per-CPU LRU lists (BPF_F_NO_COMMON_LRU) keep inserts off a global lock;
+/// entries are still shared, so a flow's packets may arrive on any CPU.
 #[map]
 pub static CONNS: LruHashMap<ConnKey, ConnEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// Both directions of flows opened by a SYN whose client has not sent a
+/// second packet yet. A SYN flood from spoofed sources never gets past
+/// this table, so it churns only here and cannot evict an established
+/// flow from CONNS (whose two directions the LRU would evict
+/// independently, and a flow that loses its reply entry is lost). The
+/// client's next packet moves the flow to CONNS. Like conntrack's early
+/// drop of unassured entries, but by construction. Userspace sizes it with
+/// `half_open_table_size`.
+#[map]
+pub static HALF_OPEN: LruHashMap<ConnKey, ConnEntry> = LruHashMap::with_max_entries(
+    half_open_table_size(DEFAULT_CONN_TABLE_SIZE),
+    BPF_F_NO_COMMON_LRU,
+);
 
 /// Destination pre-filter: bucket → FILTER_VIP | FILTER_SNAT. An array lookup
 /// is inlined by the verifier, so traffic for nobody costs no hash lookup.
 #[map]
 pub static ADDR_FILTER: Array<u32> = Array::with_max_entries(ADDR_FILTER_SIZE, 0);
+
+/// Every service's SNAT addresses (as read off the wire) → 1. The
+/// pre-filter's buckets are shared by several addresses; this exact set is
+/// read only for a TCP reply that has lost its entry, to tell a SNAT address
+/// from a bucket neighbour before dropping anything.
+#[map]
+pub static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SNAT_ADDRS_TOTAL, 0);
 
 /// Index 0: generation of the host's routes and neighbours. Userspace bumps it
 /// on every netlink change, which invalidates every cached next hop at once.

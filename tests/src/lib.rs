@@ -13,6 +13,8 @@ pub mod kernel_ns;
 pub mod loadgen;
 pub mod netns;
 pub mod packet;
+pub mod raw_sender;
 pub mod replica;
 pub mod soak;
+pub mod synflood;
 pub mod veth_xdp;

@@ -134,6 +134,14 @@ impl Topology {
         self.add_namespace(&switch)?;
         ip(&switch, &["link", "add", BRIDGE_IF, "type", "bridge"])?;
         ip(&switch, &["link", "set", BRIDGE_IF, "up"])?;
+        // A switch forwards frames; it does not judge them. With
+        // br_netfilter in the kernel, a bridge in a fresh namespace checks
+        // IPv4 headers (checksum, lengths) and silently drops bad ones, so
+        // malformed test traffic would never reach the LB. Kernels without
+        // br_netfilter have no such key and nothing to turn off.
+        if let Err(err) = sysctl(&switch, "bridge/bridge-nf-call-iptables", "0") {
+            eprintln!("netns: bridge-nf-call-iptables stays as it is in {switch}: {err:#}");
+        }
 
         let client = self.client.clone();
         self.add_namespace(&client)?;
@@ -572,7 +580,15 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpR
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+    // One write, so the request leaves in one segment as real clients send
+    // it: `write!` would write each piece of the format string on its own,
+    // and if the handshake's ACK and the first piece are lost to a server
+    // answering with SYN cookies, the later piece fails the cookie check
+    // (the server derives the client's ISN from the first segment it gets)
+    // and the server resets the connection.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
         .with_context(|| format!("sending request to {addr}"))?;
     let mut raw = Vec::new();
     stream

@@ -200,3 +200,35 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     pseudo += u16::from_ne_bytes((l4.len() as u16).to_be_bytes()) as u32;
     checksum(l4, pseudo) == 0
 }
+
+/// Recomputes, in place, the IPv4 header checksum and (for TCP and UDP) the
+/// transport checksum of an Ethernet frame whose IP header and ports were
+/// patched after building. The frame must hold the whole datagram that its
+/// IPv4 total length announces.
+pub fn fill_checksums(frame: &mut [u8]) {
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&frame[14..14 + ihl], 0);
+    frame[24..26].copy_from_slice(&c.to_ne_bytes());
+    let tot = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    let proto = frame[23];
+    let l4_start = 14 + ihl;
+    let l4_len = tot - ihl;
+    let at = match proto {
+        6 => l4_start + 16,
+        17 => l4_start + 6,
+        _ => return,
+    };
+    frame[at..at + 2].copy_from_slice(&[0, 0]);
+    let mut pseudo: u32 = 0;
+    for c in frame[26..34].chunks(2) {
+        pseudo += u16::from_ne_bytes([c[0], c[1]]) as u32;
+    }
+    pseudo += u16::from_ne_bytes([0, proto]) as u32;
+    pseudo += u16::from_ne_bytes((l4_len as u16).to_be_bytes()) as u32;
+    let mut c = checksum(&frame[l4_start..l4_start + l4_len], pseudo);
+    if proto == 17 && c == 0 {
+        c = 0xffff;
+    }
+    frame[at..at + 2].copy_from_slice(&c.to_ne_bytes());
+}

@@ -56,6 +56,16 @@ fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec {
 
 impl Fixture {
     fn new(services: &[ServiceSpec]) -> Self {
+        Self::with_options(
+            services,
+            LoadOptions {
+                table_size: 1021,
+                ..LoadOptions::default()
+            },
+        )
+    }
+
+    fn with_options(services: &[ServiceSpec], opts: LoadOptions) -> Self {
         let ns = EnteredNs::new("rtfx").expect("netns");
         let ifindex = ns
             .test_arm(
@@ -73,11 +83,7 @@ impl Fixture {
             &[("198.18.1.11", "02:00:00:00:1b:00")],
         )
         .unwrap();
-        let mut dp = Datapath::load(LoadOptions {
-            table_size: 1021,
-            ..LoadOptions::default()
-        })
-        .expect("load router program");
+        let mut dp = Datapath::load(opts).expect("load router program");
         dp.apply(services).expect("apply services");
         Fixture {
             dp,
@@ -282,6 +288,19 @@ fn snat_port_collision_probes_the_configured_range() {
         &[reasons::TX],
     ));
     assert_eq!(&out_a[34..36], &45000u16.to_be_bytes());
+    // Only a confirmed flow holds its port against a newcomer.
+    let ack_a = Packet::tcp(addr("198.18.0.2:45000"), vip, TCP_ACK).with_macs(LB_MAC, CLIENT_MAC);
+    f.case(Case::new(
+        "first client's ACK confirms its flow",
+        ack_a.build(),
+        XDP_TX,
+        Some(
+            ack_a
+                .translated(addr("198.18.0.1:45000"), backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
+        &[reasons::TX],
+    ));
     let mut c = Case::new(
         "second client, same port: probed",
         b.build(),
@@ -451,8 +470,47 @@ fn traffic_that_is_not_for_a_service_passes_untouched() {
     ));
     let to_snat = Packet::tcp(addr("198.18.0.11:8000"), addr("198.18.0.1:50000"), TCP_ACK);
     f.case(Case::new(
-        "SNAT address, no entry",
+        "SNAT address, no entry, no host socket: a lost flow's reply, dropped",
         to_snat.build(),
+        XDP_DROP,
+        None,
+        &[reasons::DROP_NO_REPLY_ENTRY],
+    ));
+    // The host's own connection through the SNAT address (this thread is in
+    // the fixture's namespace, so the listener is the LB host's).
+    let _host = std::net::TcpListener::bind("198.18.0.1:50001").unwrap();
+    let to_host = Packet::tcp(addr("198.18.0.11:8000"), addr("198.18.0.1:50001"), TCP_SYN);
+    f.case(Case::new(
+        "SNAT address, no entry, a host socket: the host's traffic, passed",
+        to_host.build(),
+        XDP_PASS,
+        None,
+        &[reasons::PASS_NO_REPLY_ENTRY],
+    ));
+    let udp_to_snat = Packet::udp(addr("198.18.0.11:8000"), addr("198.18.0.1:50000"), b"x");
+    f.case(Case::new(
+        "SNAT address, no entry, UDP: passed",
+        udp_to_snat.build(),
+        XDP_PASS,
+        None,
+        &[reasons::PASS_NO_REPLY_ENTRY],
+    ));
+    // An address sharing the SNAT address's pre-filter bucket is not dropped:
+    // the exact SNAT set says it is not one.
+    let bucket =
+        |a: std::net::Ipv4Addr| router_common::addr_filter_bucket(u32::from_ne_bytes(a.octets()));
+    let neighbour = (1..=u32::from(u16::MAX))
+        .map(|n| std::net::Ipv4Addr::from(u32::from(ip("198.18.0.1")) + n))
+        .find(|a| bucket(*a) == bucket(ip("198.18.0.1")))
+        .unwrap();
+    let near_snat = Packet::tcp(
+        addr("198.18.0.11:8000"),
+        std::net::SocketAddrV4::new(neighbour, 50000),
+        TCP_ACK,
+    );
+    f.case(Case::new(
+        "the SNAT address's bucket neighbour, no host socket: passed untouched",
+        near_snat.build(),
         XDP_PASS,
         None,
         &[reasons::PASS_NO_REPLY_ENTRY],
@@ -769,4 +827,328 @@ fn connect_and_first_byte_latency_are_recorded_once_per_connection() {
     f.run(&udp);
     let l = latency(&f);
     assert_eq!((l.connect.count(), l.first_byte.count()), (1, 1));
+}
+
+/// Pins the calling thread to the CPU it runs on: BPF_PROG_TEST_RUN runs the
+/// program there, and the LRU tables keep one list per CPU, so evictions are
+/// only predictable when every packet goes through the same list.
+fn pin_to_current_cpu() {
+    // SAFETY: sched_getcpu and sched_setaffinity on this thread with a
+    // cpu_set_t that lives for the call.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity");
+    }
+}
+
+fn conn_key(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> router_common::ConnKey {
+    router_common::ConnKey {
+        src_addr: u32::from_ne_bytes(src.ip().octets()),
+        dst_addr: u32::from_ne_bytes(dst.ip().octets()),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    }
+}
+
+/// `n` SYNs from spoofed sources in 198.19.0.0/16, each its own flow.
+fn spoofed_syns(f: &mut Fixture, n: u32) {
+    for i in 0..n {
+        let src = std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8),
+            1024 + (i % 50_000) as u16,
+        );
+        let syn = Packet::tcp(src, addr(VIP), TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+        assert_eq!(f.run(&syn.build()).0, XDP_TX, "spoofed SYN {i}");
+    }
+}
+
+#[test]
+fn a_syn_flood_churns_half_open_flows_and_never_evicts_established_ones() {
+    pin_to_current_cpu();
+    // A connection table of 64 entries: before half-open flows had a table
+    // of their own, 2,000 SYNs evicted everything in it many times over.
+    let mut f = Fixture::with_options(
+        &[service("llama", VIP, 6, &[1])],
+        LoadOptions {
+            table_size: 1021,
+            conn_table_size: 64,
+            ..LoadOptions::default()
+        },
+    );
+    let client = addr("198.18.0.2:40200");
+    let backend = addr("198.18.0.11:8000");
+    let snat = addr("198.18.0.1:40200");
+    let vip = addr(VIP);
+    let fwd = |flags: u8, payload: &[u8]| {
+        Packet::tcp(client, vip, flags)
+            .with_macs(LB_MAC, CLIENT_MAC)
+            .with_payload(payload)
+    };
+    let back = |flags: u8, payload: &[u8]| {
+        Packet::tcp(backend, snat, flags)
+            .with_macs(LB_MAC, backend_mac(0))
+            .with_payload(payload)
+    };
+    let to_backend = |p: Packet| p.translated(snat, backend, backend_mac(0), LB_MAC).build();
+    let to_client = |p: Packet| p.translated(vip, client, CLIENT_MAC, LB_MAC).build();
+    let entries = |f: &Fixture| f.dp.conn_table().unwrap().scan().unwrap();
+
+    let syn = fwd(TCP_SYN, b"");
+    f.case(Case::new(
+        "SYN: a half-open flow",
+        syn.build(),
+        XDP_TX,
+        Some(to_backend(syn.clone())),
+        &[reasons::TX],
+    ));
+    assert_eq!(entries(&f).entries, 0, "a half-open flow is not in CONNS");
+    let syn_ack = back(TCP_SYN | TCP_ACK, b"");
+    f.case(Case::new(
+        "SYN-ACK: translated from the half-open reply entry",
+        syn_ack.build(),
+        XDP_TX,
+        Some(to_client(syn_ack.clone())),
+        &[reasons::TX],
+    ));
+    assert_eq!(
+        entries(&f).entries,
+        0,
+        "the backend's answer confirms nothing"
+    );
+    let ack = fwd(TCP_ACK, b"");
+    f.case(Case::new(
+        "the client's ACK confirms the flow",
+        ack.build(),
+        XDP_TX,
+        Some(to_backend(ack.clone())),
+        &[reasons::TX],
+    ));
+    let scan = entries(&f);
+    assert_eq!(scan.entries, 2, "both directions moved to CONNS");
+    assert_eq!(scan.active.values().sum::<u64>(), 1);
+
+    spoofed_syns(&mut f, 2_000);
+    assert_eq!(entries(&f).entries, 2, "no spoofed SYN reached CONNS");
+
+    let data = fwd(TCP_ACK | TCP_PSH, b"POST /v1/completions");
+    f.case(Case::new(
+        "after the flood: the client's data is still a table hit",
+        data.build(),
+        XDP_TX,
+        Some(to_backend(data.clone())),
+        &[reasons::TX],
+    ));
+    let tokens = back(TCP_ACK | TCP_PSH, b"data: {\"token\"");
+    f.case(Case::new(
+        "after the flood: the backend's reply still finds its entry",
+        tokens.build(),
+        XDP_TX,
+        Some(to_client(tokens.clone())),
+        &[reasons::TX],
+    ));
+}
+
+#[test]
+fn a_retransmitted_syn_starts_over_when_the_lru_dropped_its_reply_entry() {
+    let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
+    let client = addr("198.18.0.2:40300");
+    let backend = addr("198.18.0.11:8000");
+    let snat = addr("198.18.0.1:40300");
+    let vip = addr(VIP);
+    let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    let to_backend = syn
+        .translated(snat, backend, backend_mac(0), LB_MAC)
+        .build();
+    f.case(Case::new(
+        "SYN",
+        syn.build(),
+        XDP_TX,
+        Some(to_backend.clone()),
+        &[reasons::TX],
+    ));
+    // The LRU evicts the two directions independently; drop the reply.
+    {
+        let mut half_open: aya::maps::HashMap<_, router_common::ConnKey, router_common::ConnEntry> =
+            aya::maps::HashMap::try_from(f.dp.ebpf_mut().map_mut("HALF_OPEN").unwrap()).unwrap();
+        half_open.remove(&conn_key(backend, snat)).unwrap();
+    }
+    let syn_ack = Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
+    f.case(Case::new(
+        "SYN-ACK without its entry: dropped, not reset by the host",
+        syn_ack.build(),
+        XDP_DROP,
+        None,
+        &[reasons::DROP_NO_REPLY_ENTRY],
+    ));
+    f.case(Case::new(
+        "the client's retransmitted SYN starts the flow over, on its own port",
+        syn.build(),
+        XDP_TX,
+        Some(to_backend),
+        &[reasons::TX],
+    ));
+    f.case(Case::new(
+        "the backend's SYN-ACK finds the new reply entry",
+        syn_ack.build(),
+        XDP_TX,
+        Some(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        &[reasons::TX],
+    ));
+    let st = f.dp.status().unwrap();
+    assert_eq!(
+        st.services[0].counters.new_conns, 2,
+        "the SYN and its restart"
+    );
+}
+
+#[test]
+fn a_confirmed_flow_takes_its_port_back_from_a_half_open_one() {
+    let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
+    let vip = addr(VIP);
+    let backend = addr("198.18.0.11:8000");
+    let snat = addr("198.18.0.1:40400");
+    // A spoofed SYN from another source with the same port holds the SNAT
+    // port (the backend 4-tuple) that the client's flow had before the LRU
+    // dropped both of its entries.
+    let spoof = Packet::tcp(addr("198.19.0.9:40400"), vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    f.case(Case::new(
+        "spoofed SYN takes port 40400",
+        spoof.build(),
+        XDP_TX,
+        Some(
+            spoof
+                .translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
+        &[reasons::TX],
+    ));
+    let data = Packet::tcp(addr("198.18.0.2:40400"), vip, TCP_ACK | TCP_PSH)
+        .with_macs(LB_MAC, CLIENT_MAC)
+        .with_payload(b"more of the request");
+    f.case(Case::new(
+        "the client's mid-stream packet gets its backend 4-tuple back",
+        data.build(),
+        XDP_TX,
+        Some(
+            data.translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
+        &[reasons::TX, reasons::LRU_MISS],
+    ));
+    let reply = Packet::tcp(backend, snat, TCP_ACK).with_macs(LB_MAC, backend_mac(0));
+    f.case(Case::new(
+        "the backend's reply goes to the client, not the spoofed source",
+        reply.build(),
+        XDP_TX,
+        Some(
+            reply
+                .translated(vip, addr("198.18.0.2:40400"), CLIENT_MAC, LB_MAC)
+                .build(),
+        ),
+        &[reasons::TX],
+    ));
+}
+
+#[test]
+fn a_half_open_flow_expires_after_the_closing_timeout() {
+    let mut f = Fixture::with_options(
+        &[service("llama", VIP, 6, &[1])],
+        LoadOptions {
+            table_size: 1021,
+            tcp_closing_ns: 20_000_000,
+            ..LoadOptions::default()
+        },
+    );
+    let (client, vip) = (addr("198.18.0.2:40500"), addr(VIP));
+    let (backend, snat) = (addr("198.18.0.11:8000"), addr("198.18.0.1:40500"));
+    let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    assert_eq!(f.run(&syn.build()).0, XDP_TX);
+    // 20 ms, not the 1 h idle timeout; the clock ticks per jiffy, so wait
+    // well past it.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let ack = Packet::tcp(client, vip, TCP_ACK).with_macs(LB_MAC, CLIENT_MAC);
+    f.case(Case::new(
+        "a late ACK finds the half-open flow expired: picked up mid-stream",
+        ack.build(),
+        XDP_TX,
+        Some(
+            ack.translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
+        &[reasons::TX, reasons::LRU_MISS],
+    ));
+    let scan = f.dp.conn_table().unwrap().scan().unwrap();
+    assert_eq!(scan.entries, 2, "the flow is confirmed now");
+}
+
+#[test]
+fn an_expired_flow_frees_its_port_for_a_new_client() {
+    let mut f = Fixture::with_options(
+        &[service("llama", VIP, 6, &[1])],
+        LoadOptions {
+            table_size: 1021,
+            tcp_idle_ns: 20_000_000,
+            ..LoadOptions::default()
+        },
+    );
+    let vip = addr(VIP);
+    let backend = addr("198.18.0.11:8000");
+    let snat = addr("198.18.0.1:40600");
+    let first = addr("198.18.0.2:40600");
+    for flags in [TCP_SYN, TCP_ACK] {
+        let p = Packet::tcp(first, vip, flags).with_macs(LB_MAC, CLIENT_MAC);
+        assert_eq!(f.run(&p.build()).0, XDP_TX);
+    }
+    assert_eq!(f.dp.conn_table().unwrap().scan().unwrap().entries, 2);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let syn = Packet::tcp(addr("198.18.0.3:40600"), vip, TCP_SYN).with_macs(LB_MAC, CLIENT2_MAC);
+    f.case(Case::new(
+        "another client with the same port gets it: the confirmed flow expired",
+        syn.build(),
+        XDP_TX,
+        Some(
+            syn.translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
+        &[reasons::TX],
+    ));
+}
+
+#[test]
+fn a_syn_takes_its_own_port_from_an_older_half_open_flow() {
+    let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
+    let vip = addr(VIP);
+    let backend = addr("198.18.0.11:8000");
+    let snat = addr("198.18.0.1:40700");
+    let client = addr("198.18.0.2:40700");
+    let spoof = Packet::tcp(addr("198.19.0.9:40700"), vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    assert_eq!(f.run(&spoof.build()).0, XDP_TX);
+    // Had the client been pushed to a probed port, that port could not be
+    // found again once the LRU evicted both of its entries: a flow picked
+    // up mid-stream always tries the client's own port first.
+    let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    f.case(Case::new(
+        "a SYN whose port an unconfirmed flow holds keeps its own port",
+        syn.build(),
+        XDP_TX,
+        Some(
+            syn.translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
+        &[reasons::TX],
+    ));
+    let syn_ack = Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
+    f.case(Case::new(
+        "the backend's SYN-ACK goes to the newest SYN's client",
+        syn_ack.build(),
+        XDP_TX,
+        Some(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        &[reasons::TX],
+    ));
 }

@@ -133,7 +133,7 @@ enum Attachment {
 }
 
 /// `max_entries` set at load time, by map name.
-fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 2], DatapathError> {
+fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 3], DatapathError> {
     if opts.table_size < 2 {
         return Err(DatapathError::TableSize(opts.table_size));
     }
@@ -141,7 +141,14 @@ fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 2], DatapathEr
         .checked_mul(2)
         .and_then(|n| n.checked_mul(opts.table_size))
         .ok_or(DatapathError::TableSize(opts.table_size))?;
-    Ok([("MAGLEV_TABLES", tables), ("CONNS", opts.conn_table_size)])
+    Ok([
+        ("MAGLEV_TABLES", tables),
+        ("CONNS", opts.conn_table_size),
+        (
+            "HALF_OPEN",
+            router_common::half_open_table_size(opts.conn_table_size),
+        ),
+    ])
 }
 
 /// The loader with every load-time setting; `log` is `datapath_log` as the

@@ -324,12 +324,28 @@ impl Datapath {
 
     fn write_filter(&mut self) -> Result<(), DatapathError> {
         let mut want = vec![0u32; ADDR_FILTER_SIZE as usize];
+        let mut snat = BTreeSet::new();
         for st in self.services.values() {
             want[addr_filter_bucket(st.key.addr) as usize] |= FILTER_VIP;
             for a in &st.spec.snat {
-                want[addr_filter_bucket(u32::from_ne_bytes(a.octets())) as usize] |= FILTER_SNAT;
+                let addr = u32::from_ne_bytes(a.octets());
+                want[addr_filter_bucket(addr) as usize] |= FILTER_SNAT;
+                snat.insert(addr);
             }
         }
+        // The exact set first for new addresses, last for old ones: it only
+        // matters where the pre-filter already says "SNAT" (see the map).
+        let mut addrs: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("SNAT_ADDRS")
+                .ok_or(DatapathError::MissingMap("SNAT_ADDRS"))?,
+        )
+        .map_err(map_err("SNAT_ADDRS"))?;
+        let have: BTreeSet<u32> = addrs.keys().filter_map(Result::ok).collect();
+        for a in snat.difference(&have) {
+            addrs.insert(a, 1, 0).map_err(map_err("SNAT_ADDRS"))?;
+        }
+        let stale: Vec<u32> = have.difference(&snat).copied().collect();
         let mut filter: Array<_, u32> = Array::try_from(
             self.ebpf
                 .map_mut("ADDR_FILTER")
@@ -343,6 +359,15 @@ impl Datapath {
                     .map_err(map_err("ADDR_FILTER"))?;
                 *have = *want;
             }
+        }
+        let mut addrs: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("SNAT_ADDRS")
+                .ok_or(DatapathError::MissingMap("SNAT_ADDRS"))?,
+        )
+        .map_err(map_err("SNAT_ADDRS"))?;
+        for a in stale {
+            addrs.remove(&a).map_err(map_err("SNAT_ADDRS"))?;
         }
         Ok(())
     }
