@@ -374,7 +374,10 @@ fn weights_follow_replica_load() {
     agent.stop(Duration::from_secs(5)).unwrap();
     wait_until(&socket, Duration::from_secs(10), |st| {
         let p = st.policy.iter().find(|p| p.backend == "gpu-3").unwrap();
-        p.stale && p.weight < held
+        // Stale weights decay towards a quarter of full (25): one held
+        // below that already is the conservative share, so only staleness
+        // is asserted for it.
+        p.stale && (p.weight < held || held <= 25)
     })
     .unwrap_or_else(|| {
         panic!(
