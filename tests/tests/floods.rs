@@ -416,7 +416,7 @@ fn malformed_traffic_is_counted_exactly_while_legitimate_connections_run() {
 fn syn_flood_overflowing_the_connection_table_spares_streams_and_new_connections() {
     let params = synflood::Params::test();
     let report = synflood::run(&params).expect("SYN-flood scenario");
-    eprintln!("{}", report.markdown());
+    eprintln!("{}", report.table());
     eprintln!("new connection errors: {:?}", report.new_conn_errors);
 
     // The flood really overflowed the tables, many times over: ten times
