@@ -80,6 +80,8 @@ enum Source {
 enum Fault {
     /// Every NVML query on the GPU fails with this error until removed.
     Nvml(FakeError),
+    /// Every NVML query on the GPU blocks until removed (a wedged driver).
+    NvmlHang,
     /// The agent process is killed; removing the fault starts a new one.
     AgentDown,
     /// The endpoint answers in this `metrics_server.py` mode.
@@ -357,20 +359,18 @@ impl Rig {
         .unwrap_or_else(|e| panic!("{}'s telemetry endpoint: {e:#}", self.cases[i].name));
     }
 
-    fn set_nvml_error(&mut self, i: usize, error: Option<FakeError>) {
+    /// Sets backend `i`'s GPU to `gpu` in whichever fake NVML it reads.
+    fn set_gpu(&mut self, i: usize, gpu: impl Fn(u32) -> FakeGpu) {
         match self.cases[i].source {
             Source::Agent => FakeGpuState {
                 init_error: None,
-                devices: vec![FakeGpu {
-                    error,
-                    ..healthy_gpu(0)
-                }],
+                devices: vec![gpu(0)],
             }
             .write(&self.hosts[i].nvml_state)
             .unwrap(),
             Source::LocalNvml(n) => {
                 let (fake, state) = self.local_nvml.as_mut().unwrap();
-                state.devices[n as usize].error = error;
+                state.devices[n as usize] = gpu(n);
                 fake.set(state).unwrap();
             }
             other => panic!("{}: no NVML behind {other:?}", self.cases[i].name),
@@ -380,7 +380,14 @@ impl Rig {
     fn inject(&mut self, i: usize) {
         match self.cases[i].fault {
             None => {}
-            Some(Fault::Nvml(e)) => self.set_nvml_error(i, Some(e)),
+            Some(Fault::Nvml(e)) => self.set_gpu(i, |n| FakeGpu {
+                error: Some(e),
+                ..healthy_gpu(n)
+            }),
+            Some(Fault::NvmlHang) => self.set_gpu(i, |n| FakeGpu {
+                hang: true,
+                ..healthy_gpu(n)
+            }),
             // SIGKILL: an agent that dies, not one that shuts down politely.
             Some(Fault::AgentDown) => drop(self.hosts[i].process.take()),
             Some(Fault::Endpoint(mode)) => std::fs::write(&self.hosts[i].mode_file, mode).unwrap(),
@@ -390,10 +397,23 @@ impl Rig {
     fn heal(&mut self, i: usize) {
         match self.cases[i].fault {
             None => {}
-            Some(Fault::Nvml(_)) => self.set_nvml_error(i, None),
+            Some(Fault::Nvml(_) | Fault::NvmlHang) => self.set_gpu(i, healthy_gpu),
             Some(Fault::AgentDown) => self.start_agent(i),
             Some(Fault::Endpoint(_)) => std::fs::write(&self.hosts[i].mode_file, "ok").unwrap(),
         }
+    }
+
+    /// Threads of the daemon and of every running agent, by name.
+    fn thread_counts(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        let daemon = self.daemon.as_ref().expect("daemon running");
+        out.insert("daemon".to_string(), threads(daemon.id()));
+        for (case, host) in self.cases.iter().zip(&self.hosts) {
+            if let (Source::Agent, Some(p)) = (case.source, &host.process) {
+                out.insert(format!("{}'s agent", case.name), threads(p.id()));
+            }
+        }
+        out
     }
 
     fn faulted(&self) -> impl Iterator<Item = &Case> {
@@ -490,6 +510,17 @@ impl Rig {
             );
         }
     }
+}
+
+/// A process's thread count (`ip netns exec` execs its program in place, so
+/// a guard's pid is the program's own).
+fn threads(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no thread count for pid {pid}"))
 }
 
 fn weights(st: &StatusReply) -> BTreeMap<String, u32> {
@@ -618,6 +649,12 @@ fn break_and_decay(rig: &mut Rig, settled: &BTreeMap<String, u32>) -> StatusRepl
                  want garbage counted as invalid; stats {a:?}"
             ),
         }
+        let mut decay: Vec<u32> = trace.iter().map(|s| s.1).collect();
+        decay.dedup();
+        println!(
+            "{name}: {held} → {decay:?}; {errors} errors, {invalid} invalid in {polls} polls; {:?}",
+            a.last_error.as_deref().unwrap_or("")
+        );
         assert!(
             a.last_error
                 .as_deref()
@@ -684,6 +721,9 @@ fn heal_and_recover(rig: &mut Rig, settled: &BTreeMap<String, u32>) {
     };
     for name in &names {
         let trace = &traces[name];
+        let mut climb = trace.clone();
+        climb.dedup();
+        println!("{name} recovering: {climb:?}");
         assert!(
             trace
                 .windows(2)
@@ -740,6 +780,13 @@ fn nvml_errors_degrade_only_the_broken_gpu() {
             "unknown error",
         ),
         faulty(
+            "agent-nvml-hung",
+            Source::Agent,
+            Fault::NvmlHang,
+            Counted::Errors,
+            "has not returned",
+        ),
+        faulty(
             "local-gpu-lost",
             Source::LocalNvml(1),
             Fault::Nvml(GpuIsLost),
@@ -760,10 +807,31 @@ fn nvml_errors_degrade_only_the_broken_gpu() {
             Counted::Errors,
             "unknown error",
         ),
+        faulty(
+            "local-nvml-hung",
+            Source::LocalNvml(4),
+            Fault::NvmlHang,
+            Counted::Errors,
+            "has not returned",
+        ),
     ];
     let mut rig = Rig::start("nvml", cases, false);
     let settled = rig.settle();
+    let threads_before = rig.thread_counts();
     break_and_decay(&mut rig, &settled);
+    // A hung NVML call cannot be cancelled; a poller that starts another
+    // on every poll ends up with a thread per poll stuck in the driver
+    // (more than 15 here), and in time with no threads left.
+    let threads_during = rig.thread_counts();
+    println!("threads before the faults {threads_before:?}, during {threads_during:?}");
+    for (who, before) in &threads_before {
+        let during = threads_during[who];
+        assert!(
+            during <= before + 4,
+            "{who}: {before} threads before a GPU hung, {during} while it hung: \
+             NVML calls pile up on the hung GPU"
+        );
+    }
     heal_and_recover(&mut rig, &settled);
     stop(rig);
 }
