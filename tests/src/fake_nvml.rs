@@ -65,6 +65,9 @@ pub struct FakeGpu {
     pub temperature_c: u32,
     pub throttle_reasons: u64,
     pub error: Option<FakeError>,
+    /// Every query on this GPU blocks until this is cleared (a wedged
+    /// driver); handle lookups still answer.
+    pub hang: bool,
 }
 
 impl FakeGpu {
@@ -81,6 +84,7 @@ impl FakeGpu {
             temperature_c: 61,
             throttle_reasons: 0,
             error: None,
+            hang: false,
         }
     }
 }

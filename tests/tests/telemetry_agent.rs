@@ -175,6 +175,8 @@ async fn nvml_errors_are_503_with_the_message() {
             matches!(err, TelemetryError::Status { status: 503, .. }),
             "{err:?}"
         );
+        // The daemon's error (its status and logs) carries the agent's word.
+        assert!(err.to_string().contains(words), "{err}");
         // The healthy GPU next to it is unaffected.
         let (status, _, _) = raw_get(agent.addr, "/v1/gpus/1", Some(&auth)).await;
         assert_eq!(status, 200);

@@ -1,8 +1,12 @@
 //! NVML telemetry against the real nvml-wrapper and the fake libnvidia-ml
 //! (tests/fake-nvml): values, device selection, injected driver errors,
-//! a missing library, and a state change between polls.
+//! a missing library, a state change between polls, and a hung GPU.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use router::telemetry::{DeviceSelector, Reading, TelemetryError, nvml::NvmlSource};
 use router_tests::fake_nvml::{FakeError, FakeGpu, FakeGpuState, FakeNvml};
@@ -179,4 +183,66 @@ fn a_library_that_is_not_nvml_is_named() {
         msg.starts_with("libc.so.6 is not a usable NVML library"),
         "{msg}"
     );
+}
+
+#[test]
+fn a_hung_gpu_blocks_one_read_and_refuses_the_next() {
+    let fake = FakeNvml::acquire(&two_gpus()).unwrap();
+    let hung = Arc::new(NvmlSource::open(Some(fake.library()), DeviceSelector::Index(0)).unwrap());
+    let other = NvmlSource::with_library(hung.library().clone(), DeviceSelector::Index(1)).unwrap();
+    let mut state = two_gpus();
+    state.devices[0].hang = true;
+    fake.set(&state).unwrap();
+
+    // Reads from threads, as a poller would run them, until one is refused
+    // at once: the first to reach the driver blocks there (a poller would
+    // give up on it and move on; its thread stays stuck).
+    let spawn_read = || {
+        let hung = hung.clone();
+        std::thread::spawn(move || hung.read())
+    };
+    let mut readers = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let probe = spawn_read();
+        std::thread::sleep(Duration::from_millis(100));
+        if probe.is_finished() {
+            break probe.join().unwrap();
+        }
+        readers.push(probe);
+        assert!(
+            Instant::now() < deadline,
+            "every read of the hung GPU blocks"
+        );
+    };
+    let msg = nvml_error(refused);
+    assert!(
+        msg.starts_with("GPU 0 (GPU-00000000-0000-0000-0000-000000000000): ")
+            && msg.contains("has not returned"),
+        "{msg}"
+    );
+    // Refused at once, again and again, without touching the driver.
+    let t = Instant::now();
+    for _ in 0..20 {
+        assert!(nvml_error(hung.read()).contains("has not returned"));
+    }
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // Another GPU on the same library is not held up.
+    assert_eq!(other.read().unwrap(), expected(&busy_gpu()));
+    // One thread is in the driver; every other read was refused.
+    assert_eq!(
+        readers.iter().filter(|r| !r.is_finished()).count(),
+        1,
+        "exactly one read is stuck in the driver"
+    );
+
+    // The driver recovers: the stuck read returns and reads work again.
+    fake.set(&two_gpus()).unwrap();
+    let returned: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    assert_eq!(
+        returned.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{returned:?}"
+    );
+    assert_eq!(hung.read().unwrap(), expected(&FakeGpu::new(0)));
 }

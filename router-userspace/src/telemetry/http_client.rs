@@ -78,6 +78,7 @@ async fn read_body(
         return Err(TelemetryError::Status {
             status: status.as_u16(),
             url: url.to_string(),
+            detail: error_detail(resp.into_body()).await,
         });
     }
     Ok(Limited::new(resp.into_body(), max_body)
@@ -96,6 +97,36 @@ async fn read_body(
             }
         })?
         .to_bytes())
+}
+
+/// Largest error body read for its message; an agent's is a line or two.
+const MAX_ERROR_BODY: usize = 4 << 10;
+/// Longest message kept from an error body (it ends up in status and logs).
+const MAX_ERROR_DETAIL: usize = 240;
+
+/// The message of a `{"error": "..."}` body (what `router agent` and the
+/// control API send), on one line and bounded; `None` for any other body,
+/// such as a proxy's HTML page, which would only be noise in a status line.
+async fn error_detail(body: hyper::body::Incoming) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    let bytes = Limited::new(body, MAX_ERROR_BODY)
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
+    let message = serde_json::from_slice::<ErrorBody>(&bytes).ok()?.error;
+    let one_line: String = message
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(MAX_ERROR_DETAIL)
+        .collect();
+    (!one_line.is_empty()).then_some(one_line)
 }
 
 type Pool = hyper_util::client::legacy::Client<
@@ -152,6 +183,106 @@ impl PooledClient {
         match tokio::time::timeout(timeout, exchange).await {
             Ok(r) => r,
             Err(_) => Err(TelemetryError::Timeout(timeout)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// One endpoint that answers every request with `status` and `body`.
+    async fn answering(status: &'static str, body: String) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}/v1/gpus/0")
+    }
+
+    async fn both_clients(url: &str) -> [TelemetryError; 2] {
+        let t = Duration::from_secs(5);
+        [
+            get(url, Some("t"), t, 1024).await.unwrap_err(),
+            PooledClient::default().get(url, t, 1024).await.unwrap_err(),
+        ]
+    }
+
+    #[tokio::test]
+    async fn an_error_status_keeps_the_endpoints_own_message() {
+        let url = answering(
+            "503 Service Unavailable",
+            r#"{"error":"NVML: GPU 0 (GPU-1): utilization: GPU is lost"}"#.into(),
+        )
+        .await;
+        for err in both_clients(&url).await {
+            assert_eq!(
+                err.to_string(),
+                format!("HTTP 503 from {url}: NVML: GPU 0 (GPU-1): utilization: GPU is lost")
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn other_error_bodies_are_left_out() {
+        let url = answering(
+            "502 Bad Gateway",
+            "<html><body>Bad Gateway</body></html>".into(),
+        )
+        .await;
+        for err in both_clients(&url).await {
+            assert_eq!(
+                err,
+                TelemetryError::Status {
+                    status: 502,
+                    url: url.clone(),
+                    detail: None
+                }
+            );
+            assert_eq!(err.to_string(), format!("HTTP 502 from {url}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_error_message_is_one_bounded_line() {
+        let long = format!("first\nsecond\u{7}{}", "x".repeat(1000));
+        let url = answering(
+            "500 Internal Server Error",
+            serde_json::json!({ "error": long }).to_string(),
+        )
+        .await;
+        for err in both_clients(&url).await {
+            let TelemetryError::Status {
+                detail: Some(d), ..
+            } = err
+            else {
+                panic!("{err:?}");
+            };
+            assert!(d.starts_with("first second?xxx"), "{d}");
+            assert_eq!(d.chars().count(), MAX_ERROR_DETAIL);
         }
     }
 }

@@ -59,14 +59,27 @@ pub enum TelemetryError {
     Timeout(std::time::Duration),
     #[error("unreachable: {0}")]
     Unreachable(String),
-    #[error("HTTP {status} from {url}")]
-    Status { status: u16, url: String },
+    /// `detail` is the endpoint's own `{"error": "..."}` message, if it
+    /// sent one: an agent names the GPU and the NVML error there.
+    #[error("HTTP {status} from {url}{}", detail_suffix(.detail))]
+    Status {
+        status: u16,
+        url: String,
+        detail: Option<String>,
+    },
     #[error("response from {url} exceeds {limit} bytes")]
     TooLarge { url: String, limit: usize },
     #[error("cannot parse response: {0}")]
     Parse(String),
     #[error("NVML: {0}")]
     Nvml(String),
+}
+
+fn detail_suffix(detail: &Option<String>) -> String {
+    detail
+        .as_deref()
+        .map(|d| format!(": {d}"))
+        .unwrap_or_default()
 }
 
 fn finite_nonneg(name: &str, v: Option<f64>) -> Result<(), TelemetryError> {

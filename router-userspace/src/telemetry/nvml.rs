@@ -5,10 +5,14 @@
 //! Every NVML call blocks (a wedged driver can stall one for seconds), so
 //! async callers — the daemon's poll loop and `router agent` — run
 //! [`NvmlSource::read`] / [`NvmlLibrary::read`] under
-//! `tokio::task::spawn_blocking`, never on a runtime worker.
+//! `tokio::task::spawn_blocking`, never on a runtime worker. Such a call
+//! cannot be cancelled: a caller that gives up on it leaves its thread
+//! blocked in the driver. So a GPU has at most one read under way; a read
+//! asked for meanwhile fails at once instead of blocking another thread.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    hash::Hash,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
 };
@@ -28,6 +32,8 @@ pub struct NvmlLibrary {
     /// "GPU 0 (GPU-…)" per GPU, learned while it answered: a lost GPU no
     /// longer reports its UUID, yet the error should still name it.
     labels: Mutex<HashMap<DeviceSelector, String>>,
+    /// GPUs with a read under way (see the module docs).
+    reading: InFlight<DeviceSelector>,
 }
 
 impl std::fmt::Debug for NvmlLibrary {
@@ -66,6 +72,7 @@ impl NvmlLibrary {
             nvml,
             path,
             labels: Mutex::default(),
+            reading: InFlight::default(),
         })
     }
 
@@ -83,6 +90,18 @@ impl NvmlLibrary {
     /// [`NvmlLibrary::read`], telling a GPU that is not there from one that
     /// fails, so the agent can answer 404 rather than 503.
     pub(crate) fn read_classified(&self, device: &DeviceSelector) -> Result<Reading, ReadFailure> {
+        let Some(_reading) = self.reading.begin(device) else {
+            let label = self
+                .labels
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(device)
+                .cloned()
+                .unwrap_or_else(|| device.to_string());
+            return Err(ReadFailure::Failed(TelemetryError::Nvml(format!(
+                "{label}: an earlier NVML call has not returned (driver hung?); not starting another"
+            ))));
+        };
         let dev = self.device(device)?;
         let known = self.known_label(device, &dev);
         let reading = read_device(&dev, || {
@@ -140,6 +159,51 @@ impl NvmlLibrary {
                 Err(_) => format!("GPU {u}"),
             },
         }
+    }
+}
+
+/// Keys with work under way; [`InFlight::begin`] claims one until the
+/// returned guard drops (also when the work panics).
+#[derive(Debug)]
+pub(crate) struct InFlight<K: Eq + Hash + Clone> {
+    busy: Mutex<HashSet<K>>,
+}
+
+impl<K: Eq + Hash + Clone> Default for InFlight<K> {
+    fn default() -> Self {
+        Self {
+            busy: Mutex::default(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone> InFlight<K> {
+    /// Claims `key`; `None` while an earlier claim on it is held.
+    pub(crate) fn begin(&self, key: &K) -> Option<Claim<'_, K>> {
+        let fresh = self
+            .busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone());
+        fresh.then(|| Claim {
+            set: self,
+            key: key.clone(),
+        })
+    }
+}
+
+pub(crate) struct Claim<'a, K: Eq + Hash + Clone> {
+    set: &'a InFlight<K>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Drop for Claim<'_, K> {
+    fn drop(&mut self) {
+        self.set
+            .busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
     }
 }
 
@@ -253,5 +317,32 @@ impl NvmlSource {
     /// One validated reading. Blocking: call it via `spawn_blocking`.
     pub fn read(&self) -> Result<Reading, TelemetryError> {
         self.library.read(&self.device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_claim_per_key_until_it_drops() {
+        let set = InFlight::<u32>::default();
+        let first = set.begin(&0).expect("free");
+        assert!(set.begin(&0).is_none(), "a second read of a busy GPU");
+        let other = set.begin(&1).expect("another GPU is not held up");
+        drop(first);
+        assert!(set.begin(&0).is_some(), "free again once the first ends");
+        drop(other);
+    }
+
+    #[test]
+    fn a_panicking_holder_releases_its_claim() {
+        let set = InFlight::<u32>::default();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _claim = set.begin(&7);
+            panic!("NVML wrapper panicked");
+        }));
+        assert!(r.is_err());
+        assert!(set.begin(&7).is_some());
     }
 }

@@ -5,7 +5,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, TryLockError},
     time::Duration,
 };
 
@@ -114,9 +114,17 @@ impl Source {
             return Err(TelemetryError::Nvml("not an NVML source".into()));
         };
         let source = {
-            let mut slot = opened
-                .lock()
-                .map_err(|_| TelemetryError::Nvml("NVML source lock poisoned".into()))?;
+            // Held while NVML loads and finds the GPU, which can hang like
+            // any NVML call; a poll meanwhile fails rather than queueing a
+            // second blocked thread behind it.
+            let mut slot = opened.try_lock().map_err(|e| match e {
+                TryLockError::WouldBlock => TelemetryError::Nvml(format!(
+                    "{device}: opening NVML has not returned (driver hung?)"
+                )),
+                TryLockError::Poisoned(_) => {
+                    TelemetryError::Nvml("NVML source lock poisoned".into())
+                }
+            })?;
             match slot.as_ref() {
                 Some(s) => s.clone(),
                 None => {

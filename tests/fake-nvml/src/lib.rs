@@ -24,6 +24,10 @@
 //!   succeed, so a GPU can be "lost" after the caller opened it). Values:
 //!   `"gpu_is_lost"`, `"timeout"`, `"unknown"` → `NVML_ERROR_GPU_IS_LOST`,
 //!   `NVML_ERROR_TIMEOUT`, `NVML_ERROR_UNKNOWN`.
+//! * A device's `"hang": true` makes every query on that device block (a
+//!   driver stuck on a GPU) until the state file clears it, re-checked
+//!   every 20 ms and given up after a minute with `NVML_ERROR_TIMEOUT`;
+//!   handle lookups still return at once. `error` wins over `hang`.
 //! * A missing, unreadable or unparseable state file (or an unset
 //!   `FAKE_NVML_STATE`) makes init fail with `NVML_ERROR_UNKNOWN`, and any
 //!   later call fail the same way.
@@ -34,6 +38,7 @@
 use std::{
     ffi::{CStr, c_char, c_uint, c_ulonglong, c_void},
     sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
 };
 
 use serde::Deserialize;
@@ -52,6 +57,11 @@ const ERROR_ARGUMENT_VERSION_MISMATCH: NvmlReturn = 25;
 const ERROR_UNKNOWN: NvmlReturn = 999;
 
 const TEMPERATURE_GPU: c_uint = 0;
+
+/// How often a hung query looks whether the test released it, and when it
+/// gives up on its own (so a forgotten hang cannot wedge a test run).
+const HANG_RECHECK: Duration = Duration::from_millis(20);
+const HANG_LIMIT: Duration = Duration::from_secs(60);
 const DRIVER_VERSION: &str = "550.54.15";
 
 /// Real NVML reference-counts init/shutdown; callers (and nvml-wrapper's
@@ -87,6 +97,8 @@ struct Gpu {
     throttle_reasons: u64,
     #[serde(default)]
     error: Option<InjectedError>,
+    #[serde(default)]
+    hang: bool,
 }
 
 fn default_name() -> String {
@@ -138,12 +150,21 @@ fn with_device(handle: DeviceHandle, f: impl FnOnce(usize, &Gpu) -> NvmlReturn) 
         let index = (handle as usize)
             .checked_sub(1)
             .ok_or(ERROR_INVALID_ARGUMENT)?;
-        let state = load_state()?;
-        let gpu = state.devices.get(index).ok_or(ERROR_INVALID_ARGUMENT)?;
-        if let Some(e) = gpu.error {
-            return Err(e.code());
+        let hung_since = Instant::now();
+        loop {
+            let state = load_state()?;
+            let gpu = state.devices.get(index).ok_or(ERROR_INVALID_ARGUMENT)?;
+            if let Some(e) = gpu.error {
+                return Err(e.code());
+            }
+            if !gpu.hang {
+                return Ok(f(index, gpu));
+            }
+            if hung_since.elapsed() > HANG_LIMIT {
+                return Err(ERROR_TIMEOUT);
+            }
+            std::thread::sleep(HANG_RECHECK);
         }
-        Ok(f(index, gpu))
     };
     run().unwrap_or_else(|code| code)
 }

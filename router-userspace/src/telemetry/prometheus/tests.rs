@@ -504,7 +504,11 @@ async fn read_reports_http_errors_and_refused_connections() {
     let source = PrometheusSource::new(url.clone(), PromFormat::Vllm, BTreeMap::new());
     assert_eq!(
         source.read(Duration::from_secs(5)).await.unwrap_err(),
-        TelemetryError::Status { status: 503, url }
+        TelemetryError::Status {
+            status: 503,
+            url,
+            detail: None
+        }
     );
 
     // A port nothing listens on (bound, then released).
