@@ -87,6 +87,14 @@ impl Daemon {
         self.pid
     }
 
+    /// The daemon's exit status if it has exited (it never should on its own).
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => bail!("daemon already stopped"),
+        }
+    }
+
     /// SIGTERM, wait up to `timeout`, SIGKILL; then the datapath that
     /// SIGTERM leaves running is removed.
     pub fn stop(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {

@@ -157,7 +157,7 @@ struct Host {
 /// order: the daemon and processes first, then the scratch files, then the
 /// namespaces.
 struct Rig {
-    daemon: Option<ChildGuard>,
+    daemon: Option<router_tests::daemon_proc::Daemon>,
     hosts: Vec<Host>,
     _http: Vec<ChildGuard>,
     local_nvml: Option<(FakeNvml, FakeGpuState)>,
