@@ -157,7 +157,7 @@ struct Host {
 struct Rig {
     daemon: Option<ChildGuard>,
     hosts: Vec<Host>,
-    _http: Vec<ChildGuard>,
+    http_servers: Vec<ChildGuard>,
     local_nvml: Option<(FakeNvml, FakeGpuState)>,
     socket: PathBuf,
     dir: ScratchDir,
@@ -205,7 +205,7 @@ impl Rig {
         let mut rig = Rig {
             daemon: None,
             hosts: Vec::new(),
-            _http: Vec::new(),
+            http_servers: Vec::new(),
             local_nvml,
             socket: dir.0.join("router.sock"),
             dir,
@@ -272,7 +272,7 @@ impl Rig {
                     8000,
                 )
                 .expect("HTTP backend");
-                rig._http.push(server);
+                rig.http_servers.push(server);
                 netns::wait_for_tcp(
                     rig.topo.lb_ns(),
                     SocketAddr::new(netns::backend_addr(i).into(), 8000),
