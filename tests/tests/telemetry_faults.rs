@@ -59,8 +59,6 @@ const STALE_SHARE: u32 = 25;
 /// `weight_deadband` × full weight: a settled weight is within this of its
 /// target, from whichever side it approached.
 const DEADBAND: u32 = 10;
-/// `max_step_fraction` × full weight: the largest move of a recovering weight.
-const MAX_STEP: u32 = 25;
 
 /// Where a backend's telemetry comes from.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -159,7 +157,7 @@ struct Host {
 struct Rig {
     daemon: Option<router_tests::daemon_proc::Daemon>,
     hosts: Vec<Host>,
-    _http: Vec<ChildGuard>,
+    http_servers: Vec<ChildGuard>,
     local_nvml: Option<(FakeNvml, FakeGpuState)>,
     socket: PathBuf,
     dir: ScratchDir,
@@ -207,7 +205,7 @@ impl Rig {
         let mut rig = Rig {
             daemon: None,
             hosts: Vec::new(),
-            _http: Vec::new(),
+            http_servers: Vec::new(),
             local_nvml,
             socket: dir.0.join("router.sock"),
             dir,
@@ -274,7 +272,7 @@ impl Rig {
                     8000,
                 )
                 .expect("HTTP backend");
-                rig._http.push(server);
+                rig.http_servers.push(server);
                 netns::wait_for_tcp(
                     rig.topo.lb_ns(),
                     SocketAddr::new(netns::backend_addr(i).into(), 8000),
@@ -724,11 +722,20 @@ fn heal_and_recover(rig: &mut Rig, settled: &BTreeMap<String, u32>) {
         let mut climb = trace.clone();
         climb.dedup();
         println!("{name} recovering: {climb:?}");
+        // Samples are not ticks (a busy machine can put two polls between
+        // samples), so the step bound itself is left to the policy's unit
+        // tests; what shows here is a climb, never a fall, through
+        // intermediate weights rather than one jump.
+        assert!(
+            trace.windows(2).all(|w| w[1] >= w[0]),
+            "{name}: the weight fell while recovering: {trace:?}"
+        );
+        let last_weight = *trace.last().unwrap();
         assert!(
             trace
-                .windows(2)
-                .all(|w| w[1] >= w[0] && w[1] - w[0] <= MAX_STEP),
-            "{name}: did not climb back in bounded steps: {trace:?}"
+                .iter()
+                .any(|w| (STALE_SHARE + 1..last_weight).contains(w)),
+            "{name}: jumped back instead of climbing: {trace:?}"
         );
         // Before and after, the weight approached the same target from
         // below and stopped within the deadband of it.
