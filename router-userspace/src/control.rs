@@ -123,7 +123,10 @@ async fn drain(
         Ok(q) => q,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    let deadline = match q.deadline_secs.map(|d| unix_now().checked_add(d)) {
+    let deadline = match q
+        .deadline_secs
+        .map(|d| crate::daemon::unix_now().checked_add(d))
+    {
         Some(None) => return error(StatusCode::BAD_REQUEST, "deadline_secs is too large"),
         Some(Some(at)) => Some(at),
         None => None,
@@ -134,12 +137,6 @@ async fn drain(
         o.flows_ended = None;
     })
     .await
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 async fn services(State(state): State<Shared>) -> Response {

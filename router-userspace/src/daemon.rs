@@ -86,7 +86,8 @@ const RATE_SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// (a full table) stretches the pause so scanning stays under ~20% of a core.
 const SCAN_EVERY: Duration = Duration::from_secs(2);
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch (drain deadlines are wall-clock times).
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -50,7 +50,7 @@ fn service_labels(s: &ServiceView) -> Labels {
 }
 
 /// One metric family whose samples are built from a list of items.
-fn family<'a, T: 'a>(
+fn family<T>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
