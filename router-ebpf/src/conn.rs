@@ -122,12 +122,29 @@ fn owned_by(e: &ConnEntry, fwd: &ConnKey) -> bool {
         && e.new_src_port == fwd.dst_port
 }
 
-/// Whether the half-open flow `fwd_key` (forward entry `e`) has lost its
-/// reply entry: the LRU evicts the two directions independently.
+/// Whether a SYN (without ACK) that finds entry `e` of `table` at its key
+/// opens a new connection rather than retransmitting the one `e` holds.
+/// A client's stack never sends a SYN on a connection it still has, so a
+/// SYN is a retransmit only while both directions of the flow are live and
+/// open. Otherwise it is a new connection on a reused 4-tuple (clients
+/// cycle through their ports), and riding the old entry would skip the
+/// Maglev pick and, once the old reply entry has expired, lose the
+/// backend's SYN-ACK: after a backend's RST, say, the client sends nothing
+/// more and the forward entry outlives its reply entry by the idle timeout.
+/// The same holds for a half-open flow whose reply entry the LRU dropped:
+/// every SYN-ACK would miss it.
 #[inline(always)]
-pub fn reply_lost(fwd_key: &ConnKey, e: &ConnEntry) -> bool {
-    match unsafe { HALF_OPEN.get(reply_key(e, fwd_key.proto)) } {
-        Some(r) => !owned_by(r, fwd_key),
+pub fn syn_starts_over(table: Table, key: &ConnKey, e: &ConnEntry, now: u64) -> bool {
+    if e.flags & CONN_CLOSING != 0 {
+        return true;
+    }
+    if e.flags & CONN_REPLY != 0 {
+        return false;
+    }
+    match unsafe { table.map().get(reply_key(e, key.proto)) } {
+        Some(r) => {
+            !owned_by(r, key) || r.flags & CONN_CLOSING != 0 || expired(table, r, now, key.proto)
+        }
         None => true,
     }
 }
@@ -386,10 +403,76 @@ pub fn create(
     NewFlow::Created
 }
 
+/// The `attempt`th (SNAT address, port) candidate of a flow: attempt 0 is
+/// the client's own port (already in wire order), later ones are probed
+/// across the service's range and addresses.
+#[inline(always)]
+fn snat_candidate(key: &ConnKey, svc: &Service, hash: u32, attempt: u32) -> Option<(u32, u16)> {
+    let count = if svc.snat_count == 0 || svc.snat_count > MAX_SNAT_ADDRS as u32 {
+        1
+    } else {
+        svc.snat_count
+    };
+    let addr_idx = (hash >> 16)
+        .wrapping_add(attempt)
+        .checked_rem(count)
+        .unwrap_or(0) as usize;
+    // LLVM proves the index below 4 and drops the bounds check, but the
+    // verifier does not follow a modulo. Hidden from LLVM, the index keeps
+    // a mask that the verifier can see.
+    const { assert!(MAX_SNAT_ADDRS.is_power_of_two()) };
+    let addr_idx = core::hint::black_box(addr_idx) & (MAX_SNAT_ADDRS - 1);
+    let snat_addr = *svc.snat_addrs.get(addr_idx)?;
+    let snat_port = if attempt == 0 {
+        key.src_port
+    } else {
+        let span = (svc.snat_port_max as u32).saturating_sub(svc.snat_port_min as u32) + 1;
+        let r = hash
+            .wrapping_add(attempt.wrapping_mul(0x9e37_79b9))
+            .checked_rem(span)
+            .unwrap_or(0);
+        ((svc.snat_port_min as u32 + r) as u16).to_be()
+    };
+    Some((snat_addr, snat_port))
+}
+
+/// The first attempt whose reply key is held by flow `key`'s own reply
+/// entry, in either table. For a flow re-created mid-stream: the LRU may
+/// have evicted only its forward entry, and the surviving reply entry holds
+/// the 4-tuple the backend knows the connection by. Any other candidate
+/// (the client's own port, when the flow had been probed past it) would be
+/// a connection the backend never saw.
+#[inline(always)]
+fn own_reply_attempt(
+    key: &ConnKey,
+    svc: &Service,
+    hash: u32,
+    (be_addr, be_port): (u32, u16),
+) -> Option<u32> {
+    for attempt in 0..=SNAT_PROBES {
+        let (snat_addr, snat_port) = snat_candidate(key, svc, hash, attempt)?;
+        let rkey = self::key(be_addr, snat_addr, be_port, snat_port, key.proto);
+        let owned = match unsafe { CONNS.get(rkey) } {
+            Some(e) => owned_by(e, key),
+            None => match unsafe { HALF_OPEN.get(rkey) } {
+                Some(e) => owned_by(e, key),
+                None => false,
+            },
+        };
+        if owned {
+            return Some(attempt);
+        }
+    }
+    None
+}
+
 /// Claims a (SNAT address, port) pair by claiming its reply key in `target`
 /// (see `claim_reply`). The client's own port is tried first so a client
 /// that reuses its 4-tuple lands on the same backend 4-tuple (and the
 /// backend's TIME_WAIT logic sees exactly what a direct connection would).
+/// A flow re-created in CONNS first takes back a pair its own reply entry
+/// still holds (see `own_reply_attempt`); a SYN never looks, so a flood
+/// pays nothing for it.
 #[inline(always)]
 fn allocate_snat(
     key: &ConnKey,
@@ -400,28 +483,18 @@ fn allocate_snat(
     (target, await_synack): (Table, u32),
 ) -> Option<(u32, u16)> {
     let stamp_us = if await_synack != 0 { now_us() } else { 0 };
-    let count = if svc.snat_count == 0 || svc.snat_count > MAX_SNAT_ADDRS as u32 {
-        1
+    let own = if target == Table::Conns {
+        own_reply_attempt(key, svc, hash, (be_addr, be_port))
     } else {
-        svc.snat_count
+        None
     };
-    let span = (svc.snat_port_max as u32).saturating_sub(svc.snat_port_min as u32) + 1;
-    for attempt in 0..=SNAT_PROBES {
-        let addr_idx = (hash >> 16)
-            .wrapping_add(attempt)
-            .checked_rem(count)
-            .unwrap_or(0) as usize;
-        let snat_addr = *svc.snat_addrs.get(addr_idx)?;
-        // On attempt 0 the port is the client's own, already in wire order.
-        let snat_port = if attempt == 0 {
-            key.src_port
-        } else {
-            let r = hash
-                .wrapping_add(attempt.wrapping_mul(0x9e37_79b9))
-                .checked_rem(span)
-                .unwrap_or(0);
-            ((svc.snat_port_min as u32 + r) as u16).to_be()
-        };
+    // With an own pair, that one alone: the loop runs once, at its attempt.
+    let (first, last) = match own {
+        Some(a) => (a, a),
+        None => (0, SNAT_PROBES),
+    };
+    for attempt in first..=last {
+        let (snat_addr, snat_port) = snat_candidate(key, svc, hash, attempt)?;
         let rkey = self::key(be_addr, snat_addr, be_port, snat_port, key.proto);
         let mut slot = MaybeUninit::uninit();
         let reply: &mut ConnEntry = zeroed64(&mut slot);

@@ -21,8 +21,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use router_common::{
-    CONN_AWAIT_ANY, CONN_CLOSING, CONN_REPLY, ConnEntry, FILTER_SNAT, FILTER_VIP, PROTO_TCP,
-    ServiceKey, addr_filter_bucket, reasons,
+    CONN_AWAIT_ANY, CONN_REPLY, ConnEntry, FILTER_SNAT, FILTER_VIP, PROTO_TCP, ServiceKey,
+    addr_filter_bucket, reasons,
 };
 
 use crate::{
@@ -77,8 +77,8 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
     let mut stale: Option<(ConnEntry, Table)> = None;
     if let Some(e) = CONNS.get_ptr_mut(key) {
         let e = unsafe { &mut *e };
-        // A SYN on a closed 4-tuple is a new connection, not a retransmit.
-        let reused = syn && e.flags & CONN_CLOSING != 0;
+        // A SYN on a closed or half-gone flow is a new connection.
+        let reused = syn && conn::syn_starts_over(Table::Conns, &key, e, now);
         if !reused && !conn::expired(Table::Conns, e, now, l4.proto) {
             conn::refresh(e, now, fin_or_rst);
             if e.flags & CONN_AWAIT_ANY != 0 {
@@ -89,11 +89,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
         stale = Some((*e, Table::Conns));
     } else if let Some(e) = HALF_OPEN.get_ptr_mut(key) {
         let mut e = unsafe { &mut *e };
-        // A retransmitted SYN starts over when the LRU has dropped the
-        // flow's reply entry: otherwise every SYN-ACK would miss it.
-        let restart = syn
-            && (e.flags & CONN_CLOSING != 0
-                || (e.flags & CONN_REPLY == 0 && conn::reply_lost(&key, e)));
+        let restart = syn && conn::syn_starts_over(Table::HalfOpen, &key, e, now);
         if !restart && !conn::expired(Table::HalfOpen, e, now, l4.proto) {
             // The client's second packet (the handshake's ACK) confirms the
             // flow; a retransmitted SYN or the backend's SYN-ACK does not.

@@ -1152,3 +1152,159 @@ fn a_syn_takes_its_own_port_from_an_older_half_open_flow() {
         &[reasons::TX],
     ));
 }
+
+/// A table of the program's by name, for reading or editing entries.
+fn table<'a>(
+    f: &'a mut Fixture,
+    name: &str,
+) -> aya::maps::HashMap<&'a mut aya::maps::MapData, router_common::ConnKey, router_common::ConnEntry>
+{
+    aya::maps::HashMap::try_from(f.dp.ebpf_mut().map_mut(name).unwrap()).unwrap()
+}
+
+#[test]
+fn a_syn_after_the_backend_reset_the_flow_is_a_new_connection() {
+    let mut f = Fixture::new(&[service("llama", VIP, 6, &[1, 0])]);
+    let vip = addr(VIP);
+    let client = addr("198.18.0.2:40800");
+    let (b0, b1) = (addr("198.18.0.11:8000"), addr("198.18.0.12:8000"));
+    let snat = addr("198.18.0.1:40800");
+    let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    let ack = Packet::tcp(client, vip, TCP_ACK).with_macs(LB_MAC, CLIENT_MAC);
+    for p in [&syn, &ack] {
+        assert_eq!(
+            f.run(&p.build()),
+            (
+                XDP_TX,
+                p.translated(snat, b0, backend_mac(0), LB_MAC).build()
+            )
+        );
+    }
+    // The backend's process goes away: its kernel resets the connection.
+    // The client, reset, sends nothing more on it, so the forward entry
+    // stays live while the reply entry is closing.
+    let rst = Packet::tcp(b0, snat, TCP_RST | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
+    assert_eq!(f.run(&rst.build()).0, XDP_TX);
+    // Meanwhile the operator moved the service to the other backend.
+    f.dp.apply(&[service("llama", VIP, 6, &[0, 1])]).unwrap();
+    f.case(Case::new(
+        "the client reuses its port: a new connection, picked afresh",
+        syn.build(),
+        XDP_TX,
+        Some(syn.translated(snat, b1, backend_mac(1), LB_MAC).build()),
+        &[reasons::TX],
+    ));
+    let syn_ack = Packet::tcp(b1, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(1));
+    f.case(Case::new(
+        "the new backend's SYN-ACK reaches the client",
+        syn_ack.build(),
+        XDP_TX,
+        Some(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        &[reasons::TX],
+    ));
+    assert_eq!(
+        table(&mut f, "CONNS").get(&conn_key(b0, snat), 0).ok(),
+        None,
+        "the old flow's reply entry is gone"
+    );
+    // A retransmit of the new SYN, with both directions live, rides its flow.
+    f.case(Case::new(
+        "a retransmitted SYN stays on its flow",
+        syn.build(),
+        XDP_TX,
+        Some(syn.translated(snat, b1, backend_mac(1), LB_MAC).build()),
+        &[reasons::TX],
+    ));
+    let st = f.dp.status().unwrap();
+    assert_eq!(st.services[0].counters.new_conns, 2, "two connections");
+}
+
+#[test]
+fn a_connection_refused_once_starts_clean_on_the_same_port() {
+    let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
+    let vip = addr(VIP);
+    let client = addr("198.18.0.2:40900");
+    let backend = addr("198.18.0.11:8000");
+    let snat = addr("198.18.0.1:40900");
+    let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    assert_eq!(f.run(&syn.build()).0, XDP_TX);
+    let refused = Packet::tcp(backend, snat, TCP_RST | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
+    assert_eq!(
+        f.run(&refused.build()).0,
+        XDP_TX,
+        "the refusal reaches the client"
+    );
+    // The client tries again from the same port; this time the backend answers.
+    let syn_ack = Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
+    let ack = Packet::tcp(client, vip, TCP_ACK).with_macs(LB_MAC, CLIENT_MAC);
+    for p in [&syn, &syn_ack, &ack] {
+        assert_eq!(f.run(&p.build()).0, XDP_TX);
+    }
+    let reply = table(&mut f, "CONNS")
+        .get(&conn_key(backend, snat), 0)
+        .expect("the confirmed flow's reply entry");
+    assert_eq!(
+        reply.flags & router_common::CONN_CLOSING,
+        0,
+        "the refused attempt's reset must not make the new connection closing \
+         (it would expire after the closing timeout of silence)"
+    );
+    let st = f.dp.status().unwrap();
+    assert_eq!(
+        st.services[0].counters.new_conns, 2,
+        "refused, then connected"
+    );
+}
+
+#[test]
+fn lru_miss_after_the_forward_entry_was_evicted_keeps_the_snat_pair() {
+    let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
+    let vip = addr(VIP);
+    let backend = addr("198.18.0.11:8000");
+    let (a, b) = (addr("198.18.0.2:41100"), addr("198.18.0.3:41100"));
+    let handshake = |f: &mut Fixture, client, mac| -> Vec<u8> {
+        let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, mac);
+        let (v, out) = f.run(&syn.build());
+        assert_eq!(v, XDP_TX);
+        let ack = Packet::tcp(client, vip, TCP_ACK).with_macs(LB_MAC, mac);
+        assert_eq!(f.run(&ack.build()).0, XDP_TX);
+        out
+    };
+    handshake(&mut f, a, CLIENT_MAC);
+    // b's own port is held by a's confirmed flow: b is probed elsewhere.
+    let out = handshake(&mut f, b, CLIENT2_MAC);
+    let probed = u16::from_be_bytes([out[34], out[35]]);
+    assert_ne!(probed, 41100);
+    let snat_b = std::net::SocketAddrV4::new(ip("198.18.0.1"), probed);
+    // a's flow ends and is reclaimed; the LRU evicts only b's forward entry.
+    {
+        let mut conns = table(&mut f, "CONNS");
+        conns.remove(&conn_key(a, vip)).unwrap();
+        conns
+            .remove(&conn_key(backend, addr("198.18.0.1:41100")))
+            .unwrap();
+        conns.remove(&conn_key(b, vip)).unwrap();
+    }
+    let data = Packet::tcp(b, vip, TCP_ACK | TCP_PSH)
+        .with_macs(LB_MAC, CLIENT2_MAC)
+        .with_payload(b"rest of the prompt");
+    f.case(Case::new(
+        "b's next packet is re-hashed onto the pair its reply entry holds, \
+         not onto its own port, now free",
+        data.build(),
+        XDP_TX,
+        Some(
+            data.translated(snat_b, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
+        &[reasons::TX, reasons::LRU_MISS],
+    ));
+    let reply = Packet::tcp(backend, snat_b, TCP_ACK).with_macs(LB_MAC, backend_mac(0));
+    f.case(Case::new(
+        "the backend's reply still reaches b",
+        reply.build(),
+        XDP_TX,
+        Some(reply.translated(vip, b, CLIENT2_MAC, LB_MAC).build()),
+        &[reasons::TX],
+    ));
+}
