@@ -295,8 +295,10 @@ impl Model {
             .collect()
     }
 
-    /// Finds the flow a reply key: one it already holds (a flow picked up
-    /// mid-stream after losing only its forward entry), else the first it
+    /// Finds the flow a reply key. A flow re-created in CONNS (picked up
+    /// mid-stream, maybe after losing only its forward entry) takes back
+    /// the first candidate pair whose reply entry is its own, as the key's
+    /// lookup finds it; a SYN never looks. Otherwise the first candidate it
     /// may claim.
     fn allocate(
         &mut self,
@@ -320,17 +322,17 @@ impl Model {
                 key.proto,
             )
         };
-        if target == Table::Conns {
-            let held = candidates.iter().copied().find(|c| {
-                let k = rkey(*c);
-                self.tables.conns.get(&k).is_some_and(|e| owned_by(e, key))
-                    || self.tables.half_open.get(&k).is_some_and(|e| owned_by(e, key))
-            });
-            if let Some(c) = held
-                && self.tables.claim(&timeouts, target, rkey(c), reply, key)
-            {
-                return Some(c);
-            }
+        if target == Table::Conns
+            && let Some(c) = candidates
+                .iter()
+                .copied()
+                .find(|c| self.tables.lookup(&rkey(*c)).is_some_and(|e| owned_by(e, key)))
+        {
+            // That pair alone: it is the 4-tuple the backend knows.
+            return self
+                .tables
+                .claim(&timeouts, target, rkey(c), reply, key)
+                .then_some(c);
         }
         candidates
             .into_iter()

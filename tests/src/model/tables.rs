@@ -179,6 +179,14 @@ impl Tables {
     pub fn get(&self, t: Table, k: &ConnKey) -> Option<&Entry> {
         self.map(t).get(k)
     }
+
+    /// A key's entry where the datapath asks both tables: CONNS answers
+    /// if it has one, live or not, and HALF_OPEN only otherwise. (The
+    /// claim rules keep a key in one table at a time; seeded states may
+    /// break that, and this says which entry wins then.)
+    pub fn lookup(&self, k: &ConnKey) -> Option<&Entry> {
+        self.conns.get(k).or_else(|| self.half_open.get(k))
+    }
 }
 
 impl Timeouts {
