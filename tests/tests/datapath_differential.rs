@@ -299,7 +299,10 @@ impl World {
                     proto: s.proto,
                     _pad: 0,
                 };
-                ids.push((services.get(&key, 0).expect("service in SERVICES").id, Vec::new()));
+                ids.push((
+                    services.get(&key, 0).expect("service in SERVICES").id,
+                    Vec::new(),
+                ));
             }
         }
         for (s, (_, bids)) in SERVICES.iter().zip(&mut ids) {
@@ -333,22 +336,26 @@ impl World {
             });
             taken.insert(addr);
             taken.extend(s.snat.iter().map(|a| wire(a)));
-            taken.extend(s.backends.iter().map(|b| wire(b.split(':').next().unwrap_or(b))));
+            taken.extend(
+                s.backends
+                    .iter()
+                    .map(|b| wire(b.split(':').next().unwrap_or(b))),
+            );
         }
         taken.extend(CLIENTS.iter().map(|c| wire(c)));
         let web = dests[0];
         let near_vip = bucket_neighbour(web.addr, &taken);
         let near_snat = bucket_neighbour(wire("198.18.0.1"), &taken);
         for (addr, port, proto) in [
-            (web.addr, 8001, 6),                     // the VIP, another port
-            (web.addr, 8000, 17),                    // the VIP, another protocol
-            (web.addr, 8000, 1),                     // the VIP, ICMP
-            (wire("198.18.0.1"), 40000, 6),          // a SNAT address
-            (wire("198.18.0.5"), 40000, 6),          // a SNAT address that is a VIP too
-            (wire("198.18.0.7"), 50000, 17),         // a SNAT address, UDP
-            (near_vip, 8000, 6),                     // the VIP's bucket neighbour
-            (near_snat, 40000, 6),                   // a SNAT address's bucket neighbour
-            (wire("198.18.0.99"), 8000, 6),          // nobody
+            (web.addr, 8001, 6),             // the VIP, another port
+            (web.addr, 8000, 17),            // the VIP, another protocol
+            (web.addr, 8000, 1),             // the VIP, ICMP
+            (wire("198.18.0.1"), 40000, 6),  // a SNAT address
+            (wire("198.18.0.5"), 40000, 6),  // a SNAT address that is a VIP too
+            (wire("198.18.0.7"), 50000, 17), // a SNAT address, UDP
+            (near_vip, 8000, 6),             // the VIP's bucket neighbour
+            (near_snat, 40000, 6),           // a SNAT address's bucket neighbour
+            (wire("198.18.0.99"), 8000, 6),  // nobody
         ] {
             dests.push(Dest {
                 addr,
@@ -585,9 +592,13 @@ impl Harness {
             BpfHashMap::try_from(self.dp.ebpf_mut().map("SERVICES").expect("SERVICES"))
                 .expect("SERVICES");
         let svc = services.get(&key, 0).expect("service");
-        let tables: Array<_, u32> =
-            Array::try_from(self.dp.ebpf_mut().map("MAGLEV_TABLES").expect("MAGLEV_TABLES"))
-                .expect("MAGLEV_TABLES");
+        let tables: Array<_, u32> = Array::try_from(
+            self.dp
+                .ebpf_mut()
+                .map("MAGLEV_TABLES")
+                .expect("MAGLEV_TABLES"),
+        )
+        .expect("MAGLEV_TABLES");
         let base = (svc.id * 2 + (svc.active_table & 1)) * TABLE_SIZE;
         (0..TABLE_SIZE)
             .map(|i| tables.get(&(base + i), 0).expect("slot"))
@@ -628,7 +639,10 @@ fn age() -> impl Strategy<Value = Age> {
 enum HopSeed {
     None,
     /// Cached under the live generation, with whatever MACs and interface.
-    Cached { mac: u8, ifindex: u8 },
+    Cached {
+        mac: u8,
+        ifindex: u8,
+    },
     /// Cached under an older generation.
     Outdated,
 }
@@ -657,15 +671,20 @@ fn table() -> impl Strategy<Value = Table> {
 }
 
 fn placed() -> impl Strategy<Value = Placed> {
-    (table(), age(), prop::bool::weighted(0.2), 0u8..8, hop_seed()).prop_map(
-        |(table, age, closing, awaits, hop)| Placed {
+    (
+        table(),
+        age(),
+        prop::bool::weighted(0.2),
+        0u8..8,
+        hop_seed(),
+    )
+        .prop_map(|(table, age, closing, awaits, hop)| Placed {
             table,
             age,
             closing,
             awaits,
             hop,
-        },
-    )
+        })
 }
 
 /// Whose reply a seeded reply entry is.
@@ -707,6 +726,9 @@ enum Seed {
         owner: Owner,
         reply: bool,
     },
+    /// Other clients' reply entries on the first `upto` candidates of a
+    /// flow's pick: deep probes and exhaustion.
+    Wall { flow: u8, upto: u8, at: Placed },
     /// An entry at a flow's own key with an arbitrary translation.
     Odd {
         flow: u8,
@@ -741,6 +763,11 @@ fn seed() -> impl Strategy<Value = Seed> {
                 reply,
             }
         ),
+        1 => (any::<u8>(), 1u8..=9, placed()).prop_map(|(flow, upto, at)| Seed::Wall {
+            flow,
+            upto,
+            at
+        }),
         1 => (any::<u8>(), placed(), any::<(u8, u8)>(), any::<bool>()).prop_map(
             |(flow, at, to, reply)| Seed::Odd {
                 flow,
@@ -854,7 +881,11 @@ enum Step {
     Packet(PacketSpec),
     /// The LRU drops one entry: the flow's forward entry or the reply
     /// entry it points at, from either table.
-    Evict { flow: u8, reply: bool, table: Table },
+    Evict {
+        flow: u8,
+        reply: bool,
+        table: Table,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -896,10 +927,14 @@ struct Session {
 }
 
 fn session(dests: usize) -> impl Strategy<Value = Session> {
-    let flow = (0..CLIENTS.len() as u8, 0..CLIENT_PORTS.len() as u8, prop_oneof![
-        3 => 0u8..SERVICES.len() as u8,
-        1 => 0..dests as u8,
-    ])
+    let flow = (
+        0..CLIENTS.len() as u8,
+        0..CLIENT_PORTS.len() as u8,
+        prop_oneof![
+            3 => 0u8..SERVICES.len() as u8,
+            1 => 0..dests as u8,
+        ],
+    )
         .prop_map(|(client, port, dest)| FlowSpec { client, port, dest });
     (
         prop_oneof![16 => Just(0usize), 1 => Just(1), 1 => Just(2)],
@@ -953,7 +988,12 @@ impl World {
 
     /// Backend (id, address, wire port) for a flow: its Maglev pick, or a
     /// chosen one of its service (any service's for a non-service flow).
-    fn backend_for(&self, key: &ConnKey, svc: usize, choice: Option<u8>) -> Option<(u32, u32, u16)> {
+    fn backend_for(
+        &self,
+        key: &ConnKey,
+        svc: usize,
+        choice: Option<u8>,
+    ) -> Option<(u32, u32, u16)> {
         let s = self.service_of(svc);
         let id = match choice {
             Some(c) => pick(&self.ids[svc].1, c),
@@ -1074,7 +1114,36 @@ impl World {
                         o => *o,
                     };
                     let back = self.owner_tuple(&key, owner);
-                    out.push((at.table, rkey, self.entry(back, (self.ids[svc].0, bid), *reply, at)));
+                    out.push((
+                        at.table,
+                        rkey,
+                        self.entry(back, (self.ids[svc].0, bid), *reply, at),
+                    ));
+                }
+                Seed::Wall { flow, upto, at } => {
+                    let (key, svc) = flow_key(self, &pick(&s.flows, *flow));
+                    let svc = svc.unwrap_or(0);
+                    let Some((bid, baddr, bport)) = self.backend_for(&key, svc, None) else {
+                        continue;
+                    };
+                    let back = self.owner_tuple(&key, Owner::Client(1));
+                    for attempt in 0..*upto {
+                        let (snat, sport) = self.candidate(&key, svc, attempt);
+                        let rkey = model::tables::reply_key_of(
+                            Tuple {
+                                src_addr: snat,
+                                dst_addr: baddr,
+                                src_port: sport,
+                                dst_port: bport,
+                            },
+                            key.proto,
+                        );
+                        out.push((
+                            at.table,
+                            rkey,
+                            self.entry(back, (self.ids[svc].0, bid), true, at),
+                        ));
+                    }
                 }
                 Seed::Odd {
                     flow,
@@ -1085,7 +1154,7 @@ impl World {
                     let (key, _) = flow_key(self, &pick(&s.flows, *flow));
                     let (baddr, bport) = pick(&self.backends, to.0);
                     let t = Tuple {
-                        src_addr: wire(pick(&SERVICES[0].snat, to.1)),
+                        src_addr: wire(pick(SERVICES[0].snat, to.1)),
                         dst_addr: baddr,
                         src_port: pick(&CLIENT_PORTS, to.1 / 3).to_be(),
                         dst_port: bport.to_be(),
@@ -1179,7 +1248,13 @@ impl World {
             Dir::Stray(b, a) => {
                 let (baddr, bport) = pick(&self.backends, b);
                 let snat = wire(pick(
-                    &["198.18.0.1", "198.18.0.5", "198.18.0.7", "198.18.0.8", "198.18.0.9"],
+                    &[
+                        "198.18.0.1",
+                        "198.18.0.5",
+                        "198.18.0.7",
+                        "198.18.0.8",
+                        "198.18.0.9",
+                    ],
                     a,
                 ));
                 let sport = pick(&[40000u16, 40001, 10000, 20000, 50000, 1024], a / 5);
@@ -1187,7 +1262,9 @@ impl World {
             }
         };
         let sock = |(a, port): (u32, u16)| SocketAddrV4::new(ip_of(a), u16::from_be(port));
-        let payload: Vec<u8> = (0..p.payload).map(|i| i.wrapping_mul(37) ^ p.flags).collect();
+        let payload: Vec<u8> = (0..p.payload)
+            .map(|i| i.wrapping_mul(37) ^ p.flags)
+            .collect();
         let mut pkt = if proto == 17 {
             Packet::udp(sock(src), sock(dst), &payload)
         } else {
@@ -1201,7 +1278,9 @@ impl World {
         }
         match p.mutation {
             Mutation::Options(n) => {
-                pkt.ip_options = (0..usize::from(n) * 4).map(|i| [1u8, 1, 1, 0][i % 4]).collect()
+                pkt.ip_options = (0..usize::from(n) * 4)
+                    .map(|i| [1u8, 1, 1, 0][i % 4])
+                    .collect()
             }
             Mutation::Proto(x) if x != 6 && x != 17 => pkt.proto = x,
             Mutation::UdpNoChecksum => pkt.udp_no_checksum = true,
@@ -1376,7 +1455,10 @@ impl World {
                     );
                 }
             }
-            for r in names(&got_reasons) {
+            for r in names(&got_reasons)
+                .into_iter()
+                .chain(m.trail.iter().copied())
+            {
                 *self.tally.entry(r).or_default() += 1;
             }
             want_traffic.extend(want.traffic);
@@ -1418,7 +1500,11 @@ impl World {
                 .collect();
             let mut want: BTreeMap<u32, [u64; 4]> = BTreeMap::new();
             for t in &want_traffic {
-                let id = if by_service { t.service_id } else { t.backend_id };
+                let id = if by_service {
+                    t.service_id
+                } else {
+                    t.backend_id
+                };
                 let watched = if by_service {
                     &self.service_ids
                 } else {
@@ -1485,7 +1571,8 @@ fn input_checksums_right(frame: &[u8]) -> bool {
 /// datagram: what `packet::checksums_valid` assumes.
 fn plain_lengths(f: &[u8]) -> bool {
     let tot = usize::from(u16::from_be_bytes([f[16], f[17]]));
-    tot + 14 == f.len() && (f[23] != 17 || usize::from(u16::from_be_bytes([f[38], f[39]])) + 20 == tot)
+    tot + 14 == f.len()
+        && (f[23] != 17 || usize::from(u16::from_be_bytes([f[38], f[39]])) + 20 == tot)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -1509,7 +1596,9 @@ fn seed_from_env() -> u64 {
             eprintln!("ROUTER_DIFFTEST_SEED={s}");
             s
         }
-        Some(v) => v.parse().expect("ROUTER_DIFFTEST_SEED: a number or \"random\""),
+        Some(v) => v
+            .parse()
+            .expect("ROUTER_DIFFTEST_SEED: a number or \"random\""),
     }
 }
 
@@ -1551,5 +1640,8 @@ fn kernel_and_model_agree_on_every_packet() {
         w.sessions,
         started.elapsed().as_secs_f64()
     );
-    eprintln!("reasons counted: {:?}", w.tally);
+    eprintln!("reasons counted and rules taken (model):");
+    for (what, n) in &w.tally {
+        eprintln!("  {n:>8}  {what}");
+    }
 }

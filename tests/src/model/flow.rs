@@ -29,6 +29,7 @@ struct Kind {
 impl Model {
     /// Runs one frame arriving on `ingress` through the model.
     pub fn step(&mut self, frame: &[u8], ingress: u32) -> Outcome {
+        self.trail.clear();
         let mut out = Outcome::untouched(frame);
         let ip = match parse::ipv4(frame) {
             Ok(ip) => ip,
@@ -74,17 +75,20 @@ impl Model {
         let mut stale = None;
         if let Some(table) = found {
             let e = self.tables.map(table)[&key];
-            if !self.syn_starts_over(table, &key, &e, kind)
-                && !self.cfg.timeouts.expired(table, &e, l4.proto)
-            {
+            let starts_over = self.syn_starts_over(table, &key, &e, kind);
+            let expired = self.cfg.timeouts.expired(table, &e, l4.proto);
+            if !starts_over && !expired {
                 return self.ride(out, frame, ingress, table, key, &l4, kind);
             }
+            self.trail.push(if starts_over {
+                "a SYN starts over on an entry"
+            } else {
+                "entry expired"
+            });
             stale = Some((table, e));
         }
 
-        if vip_bucket
-            && let Some(svc) = self.cfg.service(ip.dst, l4.dst_port, l4.proto)
-        {
+        if vip_bucket && let Some(svc) = self.cfg.service(ip.dst, l4.dst_port, l4.proto) {
             if tcp && !kind.syn {
                 out.reasons.push(reasons::LRU_MISS);
             }
@@ -121,9 +125,7 @@ impl Model {
         match self.tables.get(table, &reply_key_of(e.to, key.proto)) {
             None => true,
             Some(r) => {
-                !owned_by(r, key)
-                    || r.closing()
-                    || self.cfg.timeouts.expired(table, r, key.proto)
+                !owned_by(r, key) || r.closing() || self.cfg.timeouts.expired(table, r, key.proto)
             }
         }
     }
@@ -145,10 +147,19 @@ impl Model {
             let e = self.tables.half_open[&key];
             // The client's second packet confirms the flow; the backend's
             // answers and a retransmitted SYN do not.
-            if !e.is_reply() && self.tables.promote(&timeouts, &key, e) {
-                table = Table::Conns;
+            if !e.is_reply() {
+                if self.tables.promote(&timeouts, &key, e) {
+                    self.trail.push("promoted");
+                    table = Table::Conns;
+                } else {
+                    self.trail.push("promotion refused");
+                }
             }
         }
+        self.trail.push(match table {
+            Table::Conns => "rides a CONNS entry",
+            Table::HalfOpen => "rides a HALF_OPEN entry",
+        });
         if let Some(e) = self.tables.map_mut(table).get_mut(&key) {
             refresh(e, kind.fin_or_rst);
         }
@@ -244,6 +255,7 @@ impl Model {
                 .get(table, &rkey)
                 .is_some_and(|r| owned_by(r, key))
             {
+                self.trail.push("stale flow's reply entry removed");
                 self.tables.map_mut(table).remove(&rkey);
             }
             if table != target {
@@ -272,6 +284,10 @@ impl Model {
             age: 0,
         };
         self.tables.map_mut(target).insert(*key, fwd);
+        self.trail.push(match target {
+            Table::Conns => "new flow in CONNS",
+            Table::HalfOpen => "new flow in HALF_OPEN",
+        });
         self.forward(out, frame, ingress, key.proto, fwd, None, true)
     }
 
@@ -323,20 +339,37 @@ impl Model {
             )
         };
         if target == Table::Conns
-            && let Some(c) = candidates
-                .iter()
-                .copied()
-                .find(|c| self.tables.lookup(&rkey(*c)).is_some_and(|e| owned_by(e, key)))
+            && let Some(c) = candidates.iter().copied().find(|c| {
+                self.tables
+                    .lookup(&rkey(*c))
+                    .is_some_and(|e| owned_by(e, key))
+            })
         {
             // That pair alone: it is the 4-tuple the backend knows.
+            self.trail.push("own pair taken back");
             return self
                 .tables
                 .claim(&timeouts, target, rkey(c), reply, key)
                 .then_some(c);
         }
-        candidates
-            .into_iter()
-            .find(|c| self.tables.claim(&timeouts, target, rkey(*c), reply, key))
+        const CLAIMED: [&str; 9] = [
+            "claimed the client's own port",
+            "claimed probe 1",
+            "claimed probe 2",
+            "claimed probe 3",
+            "claimed probe 4",
+            "claimed probe 5",
+            "claimed probe 6",
+            "claimed probe 7",
+            "claimed probe 8",
+        ];
+        for (attempt, c) in candidates.into_iter().enumerate() {
+            if self.tables.claim(&timeouts, target, rkey(c), reply, key) {
+                self.trail.push(CLAIMED[attempt]);
+                return Some(c);
+            }
+        }
+        None
     }
 
     /// Translates and sends a packet per entry `e` (which lives at `at`, or

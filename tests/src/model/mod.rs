@@ -162,6 +162,8 @@ impl Outcome {
 pub struct Model {
     pub cfg: Config,
     pub tables: Tables,
+    /// The rules the last packet went through, for coverage reports.
+    pub trail: Vec<&'static str>,
 }
 
 impl Model {
@@ -169,6 +171,7 @@ impl Model {
         Self {
             cfg,
             tables: Tables::default(),
+            trail: Vec::new(),
         }
     }
 

@@ -81,7 +81,10 @@ fn l4_region(frame: &[u8], proto: u8) -> (usize, usize) {
         6 => (16, tot_len - IP),
         _ => (
             6,
-            usize::from(u16::from_be_bytes([frame[ETH + IP + 4], frame[ETH + IP + 5]])),
+            usize::from(u16::from_be_bytes([
+                frame[ETH + IP + 4],
+                frame[ETH + IP + 5],
+            ])),
         ),
     }
 }
@@ -153,10 +156,7 @@ pub fn delta_classes(from: Tuple, to: Tuple) -> (u16, u16) {
     let l3_new = words(to.src_addr) + words(to.dst_addr);
     let l4_old = l3_old + u64::from(from.src_port) + u64::from(from.dst_port);
     let l4_new = l3_new + u64::from(to.src_port) + u64::from(to.dst_port);
-    (
-        class(l3_new + neg(l3_old)),
-        class(l4_new + neg(l4_old)),
-    )
+    (class(l3_new + neg(l3_old)), class(l4_new + neg(l4_old)))
 }
 
 /// A one's-complement value with its two zeros made one.

@@ -8,9 +8,7 @@
 
 use std::collections::HashMap;
 
-use router_common::{
-    CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey, PROTO_TCP,
-};
+use router_common::{CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey, PROTO_TCP};
 
 use super::nat::{Tuple, delta_classes};
 
