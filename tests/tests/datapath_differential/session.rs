@@ -341,50 +341,24 @@ impl World {
             pkt.proto = dest.proto;
             pkt.payload = vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0];
         }
-        match p.mutation {
-            Mutation::Options(n) => {
-                pkt.ip_options = (0..usize::from(n) * 4)
-                    .map(|i| [1u8, 1, 1, 0][i % 4])
-                    .collect()
+        for m in &p.mutations {
+            match *m {
+                Mutation::Options(n) => {
+                    pkt.ip_options = (0..usize::from(n) * 4)
+                        .map(|i| [1u8, 1, 1, 0][i % 4])
+                        .collect()
+                }
+                Mutation::Proto(x) if x != 6 && x != 17 => pkt.proto = x,
+                Mutation::UdpNoChecksum => pkt.udp_no_checksum = true,
+                Mutation::Frag(f) => pkt.frag = f,
+                _ => {}
             }
-            Mutation::Proto(x) if x != 6 && x != 17 => pkt.proto = x,
-            Mutation::UdpNoChecksum => pkt.udp_no_checksum = true,
-            Mutation::Frag(f) => pkt.frag = f,
-            _ => {}
         }
         let mut f = pkt.build();
         let l4 = 14 + usize::from(f[14] & 0x0f) * 4;
         let proto = f[23];
-        match p.mutation {
-            Mutation::Truncate(n) => {
-                let len = 14 + usize::from(n) % (f.len() - 14);
-                f.truncate(len);
-            }
-            Mutation::Version(v) => f[14] = (v << 4) | (f[14] & 0x0f),
-            Mutation::Ihl(i) => f[14] = (f[14] & 0xf0) | i,
-            Mutation::TotLen(d) => {
-                let t = i32::from(u16::from_be_bytes([f[16], f[17]])) + i32::from(d);
-                f[16..18].copy_from_slice(&(t.clamp(0, 0xffff) as u16).to_be_bytes());
-            }
-            Mutation::Doff(d) if proto == 6 => f[l4 + 12] = (d << 4) | (f[l4 + 12] & 0x0f),
-            Mutation::UdpLen(d) if proto == 17 => {
-                let t = i32::from(u16::from_be_bytes([f[l4 + 4], f[l4 + 5]])) + i32::from(d);
-                f[l4 + 4..l4 + 6].copy_from_slice(&(t.clamp(0, 0xffff) as u16).to_be_bytes());
-            }
-            Mutation::EtherType(e) => f[12..14].copy_from_slice(&e.to_be_bytes()),
-            Mutation::BadIpChecksum(x) => {
-                let c = u16::from_be_bytes([f[24], f[25]]) ^ x;
-                f[24..26].copy_from_slice(&c.to_be_bytes());
-            }
-            Mutation::BadL4Checksum(x) if proto == 6 || proto == 17 => {
-                let at = if proto == 6 { l4 + 16 } else { l4 + 6 };
-                if at + 2 <= f.len() {
-                    let c = u16::from_be_bytes([f[at], f[at + 1]]) ^ x;
-                    f[at..at + 2].copy_from_slice(&c.to_be_bytes());
-                }
-            }
-            Mutation::Padding(n) => f.extend((0..n).map(|i| i ^ 0xa5)),
-            _ => {}
+        for m in &p.mutations {
+            mutate(&mut f, *m, l4, proto);
         }
         f
     }
@@ -730,4 +704,41 @@ pub(crate) fn hex(b: &[u8]) -> String {
 
 pub(crate) fn names(r: &[u32]) -> Vec<&'static str> {
     r.iter().map(|i| reasons::NAMES[*i as usize]).collect()
+}
+
+/// A byte-level mutation of a built frame (`l4`: where the transport
+/// header starts, `proto`: the IP protocol byte as built). Each one
+/// leaves alone a frame too short for it (after an earlier cut).
+fn mutate(f: &mut Vec<u8>, m: Mutation, l4: usize, proto: u8) {
+    let len = f.len();
+    match m {
+        Mutation::Truncate(n) if len > 14 => f.truncate(14 + usize::from(n) % (len - 14)),
+        Mutation::Version(v) if len > 14 => f[14] = (v << 4) | (f[14] & 0x0f),
+        Mutation::Ihl(i) if len > 14 => f[14] = (f[14] & 0xf0) | i,
+        Mutation::TotLen(d) if len >= 18 => {
+            let t = i32::from(u16::from_be_bytes([f[16], f[17]])) + i32::from(d);
+            f[16..18].copy_from_slice(&(t.clamp(0, 0xffff) as u16).to_be_bytes());
+        }
+        Mutation::Doff(d) if proto == 6 && len > l4 + 12 => {
+            f[l4 + 12] = (d << 4) | (f[l4 + 12] & 0x0f)
+        }
+        Mutation::UdpLen(d) if proto == 17 && len >= l4 + 6 => {
+            let t = i32::from(u16::from_be_bytes([f[l4 + 4], f[l4 + 5]])) + i32::from(d);
+            f[l4 + 4..l4 + 6].copy_from_slice(&(t.clamp(0, 0xffff) as u16).to_be_bytes());
+        }
+        Mutation::EtherType(e) => f[12..14].copy_from_slice(&e.to_be_bytes()),
+        Mutation::BadIpChecksum(x) if len >= 26 => {
+            let c = u16::from_be_bytes([f[24], f[25]]) ^ x;
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+        }
+        Mutation::BadL4Checksum(x) if proto == 6 || proto == 17 => {
+            let at = if proto == 6 { l4 + 16 } else { l4 + 6 };
+            if at + 2 <= len {
+                let c = u16::from_be_bytes([f[at], f[at + 1]]) ^ x;
+                f[at..at + 2].copy_from_slice(&c.to_be_bytes());
+            }
+        }
+        Mutation::Padding(n) => f.extend((0..n).map(|i| i ^ 0xa5)),
+        _ => {}
+    }
 }

@@ -251,7 +251,8 @@ pub(crate) struct PacketSpec {
     pub(crate) payload: u8,
     /// Arrives on arm 1 instead of arm 0.
     pub(crate) other_arm: bool,
-    pub(crate) mutation: Mutation,
+    /// Applied in order.
+    pub(crate) mutations: Vec<Mutation>,
 }
 
 pub(crate) const SYN: u8 = 0x02;
@@ -296,16 +297,19 @@ pub(crate) fn step() -> impl Strategy<Value = Step> {
         tcp_flags(),
         prop_oneof![3 => Just(0u8), 1 => 1u8..40],
         prop::bool::weighted(0.15),
-        mutation(),
+        prop_oneof![
+            3 => prop::collection::vec(mutation(), 1),
+            1 => prop::collection::vec(mutation(), 2),
+        ],
     )
-        .prop_map(|(flow, dir, flags, payload, other_arm, mutation)| {
+        .prop_map(|(flow, dir, flags, payload, other_arm, mutations)| {
             Step::Packet(PacketSpec {
                 flow,
                 dir,
                 flags,
                 payload,
                 other_arm,
-                mutation,
+                mutations,
             })
         });
     prop_oneof![

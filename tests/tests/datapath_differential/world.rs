@@ -129,7 +129,10 @@ pub(crate) const CLIENTS: [&str; 5] = [
     "198.18.0.44",
     "198.18.1.11",
 ];
-pub(crate) const CLIENT_PORTS: [u16; 8] = [40000, 40001, 10000, 20000, 1024, 55555, 8000, 33333];
+/// 8080 is the port of the VIP on a SNAT address: a client of one service
+/// on its own port meets another service there.
+pub(crate) const CLIENT_PORTS: [u16; 9] =
+    [40000, 40001, 10000, 20000, 1024, 55555, 8000, 33333, 8080];
 
 pub(crate) fn specs(set: usize) -> Vec<ServiceSpec> {
     SERVICES
