@@ -186,13 +186,16 @@ impl Model {
                 if let Some(e) = self.tables.map_mut(table).get_mut(key) {
                     e.flags &= !CONN_AWAIT_REQUEST;
                 }
-                // The response arrives on the reply entry, wherever it is.
+                // The response arrives on the reply entry, wherever it is,
+                // if the flow still holds its reply key.
                 let rkey = reply_key_of(e.to, PROTO_TCP);
                 let r = match self.tables.conns.get_mut(&rkey) {
                     Some(r) => Some(r),
                     None => self.tables.half_open.get_mut(&rkey),
                 };
-                if let Some(r) = r {
+                if let Some(r) = r
+                    && owned_by(r, key)
+                {
                     r.flags = (r.flags & !CONN_AWAIT_SYNACK) | CONN_AWAIT_RESPONSE;
                 }
             }
