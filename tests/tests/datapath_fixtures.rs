@@ -1308,3 +1308,35 @@ fn lru_miss_after_the_forward_entry_was_evicted_keeps_the_snat_pair() {
         &[reasons::TX],
     ));
 }
+
+#[test]
+fn ending_a_drained_backends_flows_ends_its_handshakes_too() {
+    let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
+    let vip = addr(VIP);
+    let backend = addr("198.18.0.11:8000");
+    let (confirmed, handshaking) = (addr("198.18.0.2:41200"), addr("198.18.0.2:41201"));
+    for (client, flags) in [
+        (confirmed, TCP_SYN),
+        (confirmed, TCP_ACK),
+        (handshaking, TCP_SYN),
+    ] {
+        let p = Packet::tcp(client, vip, flags).with_macs(LB_MAC, CLIENT_MAC);
+        assert_eq!(f.run(&p.build()).0, XDP_TX);
+    }
+    let id = f.dp.backend_id("llama", "b0").unwrap();
+    let ended = f.dp.conn_table().unwrap().end_backend_flows(id).unwrap();
+    assert_eq!(ended, 2, "the confirmed flow and the one in its handshake");
+    for name in ["CONNS", "HALF_OPEN"] {
+        assert_eq!(table(&mut f, name).keys().count(), 0, "{name} emptied");
+    }
+    // The handshake's SYN-ACK no longer finds a way to the client.
+    let snat = addr("198.18.0.1:41201");
+    let syn_ack = Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
+    f.case(Case::new(
+        "a SYN-ACK of the ended handshake is dropped",
+        syn_ack.build(),
+        XDP_DROP,
+        None,
+        &[reasons::DROP_NO_REPLY_ENTRY],
+    ));
+}
