@@ -35,7 +35,7 @@ const REFRESH_NS: u64 = 1_000_000_000;
 pub enum Table {
     /// Confirmed flows.
     Conns,
-    /// Flows opened by a SYN, until the client's next packet.
+    /// New flows, until the client's next packet.
     HalfOpen,
 }
 
@@ -55,9 +55,12 @@ pub fn now_ns() -> u64 {
 }
 
 /// Whether entry `e` of `table` has outlived its timeout. A half-open flow
-/// gets the short closing timeout: a handshake takes a round trip, and a
-/// spoofed SYN's entries must not hold their SNAT port for the idle timeout.
-/// A client that answers later is picked up mid-stream like an evicted flow.
+/// gets the short closing timeout: a handshake (or a client's second
+/// datagram) takes a round trip, and a spoofed packet's entries must not
+/// hold their SNAT port for the idle timeout. A client that answers later
+/// is picked up mid-stream like an evicted flow, and a UDP client that
+/// sends once and waits longer opens a new flow to the same backend while
+/// the weights are unchanged.
 #[inline(always)]
 pub fn expired(table: Table, e: &ConnEntry, now: u64, proto: u8) -> bool {
     let timeout = if e.flags & CONN_CLOSING != 0 || table == Table::HalfOpen {
@@ -293,7 +296,7 @@ pub struct FlowFlags {
 }
 
 pub enum NewFlow {
-    /// Both directions are in CONNS; the forward entry is in `out` for this packet.
+    /// Both directions are in HALF_OPEN; the forward entry is in `out` for this packet.
     Created,
     NoBackend,
     SnatExhausted,
@@ -316,9 +319,12 @@ fn pick(svc: &Service, hash: u32) -> u32 {
     }
 }
 
-/// Creates both directions of a new flow: in HALF_OPEN for a SYN, in CONNS
-/// otherwise (UDP, or a TCP flow picked up mid-stream after its entries
-/// were lost). `stale` is an expired or closed forward entry for the same
+/// Creates both directions of a new flow in HALF_OPEN, whatever opened it:
+/// a SYN, a UDP datagram, or a TCP packet of a flow picked up mid-stream
+/// after its entries were lost. Only the client's next packet moves it to
+/// CONNS (see `promote`), so a flood of spoofed sources churns HALF_OPEN
+/// alone whether it sends SYNs, ACKs or datagrams: each source sends one
+/// packet. `stale` is an expired or closed forward entry for the same
 /// key and the table it is in; it and its reply entry are removed first so
 /// the SNAT port (often the client's own) is free again and the old entry
 /// cannot shadow the new one. `out` is an all-zero entry that receives the
@@ -351,11 +357,7 @@ pub fn create(
         return NewFlow::NoBackend;
     }
     let (be_addr, be_port) = (be.addr, be.port);
-    let target = if flags.syn {
-        Table::HalfOpen
-    } else {
-        Table::Conns
-    };
+    let target = Table::HalfOpen;
     if let Some((old, table)) = stale
         && old.flags & CONN_REPLY == 0
     {
@@ -365,14 +367,13 @@ pub fn create(
         }
     }
 
-    let await_synack = if flags.syn { CONN_AWAIT_SYNACK } else { 0 };
     let Some((snat_addr, snat_port)) = allocate_snat(
         key,
         svc,
         hash,
         (be_addr, be_port, backend_id),
         now,
-        (target, await_synack),
+        flags.syn,
     ) else {
         return NewFlow::SnatExhausted;
     };
@@ -466,13 +467,13 @@ fn own_reply_attempt(
     None
 }
 
-/// Claims a (SNAT address, port) pair by claiming its reply key in `target`
-/// (see `claim_reply`). The client's own port is tried first so a client
-/// that reuses its 4-tuple lands on the same backend 4-tuple (and the
-/// backend's TIME_WAIT logic sees exactly what a direct connection would).
-/// A flow re-created in CONNS first takes back a pair its own reply entry
-/// still holds (see `own_reply_attempt`); a SYN never looks, so a flood
-/// pays nothing for it.
+/// Claims a (SNAT address, port) pair for a new flow by claiming its reply
+/// key in HALF_OPEN (see `claim_reply`). The client's own port is tried
+/// first so a client that reuses its 4-tuple lands on the same backend
+/// 4-tuple (and the backend's TIME_WAIT logic sees exactly what a direct
+/// connection would). A flow not opened by a SYN first takes back a pair
+/// its own reply entry still holds (see `own_reply_attempt`); a SYN never
+/// looks, so a SYN flood pays nothing for it.
 #[inline(always)]
 fn allocate_snat(
     key: &ConnKey,
@@ -480,13 +481,18 @@ fn allocate_snat(
     hash: u32,
     (be_addr, be_port, backend_id): (u32, u16, u32),
     now: u64,
-    (target, await_synack): (Table, u32),
+    syn: bool,
 ) -> Option<(u32, u16)> {
-    let stamp_us = if await_synack != 0 { now_us() } else { 0 };
-    let own = if target == Table::Conns {
-        own_reply_attempt(key, svc, hash, (be_addr, be_port))
+    // A SYN starts the connect-latency measurement on the reply entry.
+    let (await_synack, stamp_us) = if syn {
+        (CONN_AWAIT_SYNACK, now_us())
     } else {
+        (0, 0)
+    };
+    let own = if syn {
         None
+    } else {
+        own_reply_attempt(key, svc, hash, (be_addr, be_port))
     };
     // With an own pair, that one alone: the loop runs once, at its attempt.
     let (first, last) = match own {
@@ -504,7 +510,7 @@ fn allocate_snat(
         reply.flags = CONN_REPLY | await_synack;
         reply.stamp_us = stamp_us;
         reply.last_seen_ns = now;
-        if claim_reply(target, rkey, reply, key, now) {
+        if claim_reply(Table::HalfOpen, rkey, reply, key, now) {
             return Some((snat_addr, snat_port));
         }
     }

@@ -91,8 +91,9 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
         let mut e = unsafe { &mut *e };
         let restart = syn && conn::syn_starts_over(Table::HalfOpen, &key, e, now);
         if !restart && !conn::expired(Table::HalfOpen, e, now, l4.proto) {
-            // The client's second packet (the handshake's ACK) confirms the
-            // flow; a retransmitted SYN or the backend's SYN-ACK does not.
+            // The client's second packet (for TCP, the handshake's ACK)
+            // confirms the flow; a retransmitted SYN or a packet from the
+            // backend does not.
             if !syn
                 && e.flags & CONN_REPLY == 0
                 && let Some(p) = conn::promote(&key, e, now)
@@ -120,7 +121,10 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
                 // Mid-flow packet with no entry (evicted, expired, or the LB
                 // restarted): re-hash. While weights are unchanged Maglev maps
                 // it to the same backend, and with the client's own port kept
-                // as SNAT port the backend sees the same 4-tuple as before.
+                // as SNAT port (or the pair its surviving reply entry holds)
+                // the backend sees the same 4-tuple as before. The flow is
+                // confirmed by the client's next packet like any new one,
+                // so a flood of spoofed ACKs cannot reach CONNS either.
                 stats::reason(reasons::LRU_MISS);
             }
             let mut slot = MaybeUninit::uninit();

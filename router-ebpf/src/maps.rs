@@ -27,8 +27,8 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 pub static MAGLEV_TABLES: Array<u32> =
     Array::with_max_entries(MAX_SERVICES * 2 * DEFAULT_TABLE_SIZE, 0);
 
-/// Both directions of every confirmed flow: UDP flows, TCP flows whose
-/// client answered the SYN-ACK, and TCP flows re-created mid-stream. LRU,
+/// Both directions of every confirmed flow: one whose client has sent a
+/// second packet (for TCP, the handshake's ACK answering the SYN-ACK). LRU,
 /// so a full table evicts the coldest flow instead of refusing new ones.
 /// Per-CPU LRU lists (BPF_F_NO_COMMON_LRU) keep inserts off a global lock;
 /// entries are still shared, so a flow's packets may arrive on any CPU.
@@ -36,9 +36,10 @@ pub static MAGLEV_TABLES: Array<u32> =
 pub static CONNS: LruHashMap<ConnKey, ConnEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
-/// Both directions of flows opened by a SYN whose client has not sent a
-/// second packet yet. A SYN flood from spoofed sources never gets past
-/// this table, so it churns only here and cannot evict an established
+/// Both directions of new flows (opened by a SYN, a UDP datagram, or a TCP
+/// packet of a flow picked up mid-stream) whose client has not sent a
+/// second packet yet. A flood from spoofed sources, SYN, ACK or UDP, never
+/// gets past this table, so it churns only here and cannot evict an established
 /// flow from CONNS (whose two directions the LRU would evict
 /// independently, and a flow that loses its reply entry is lost). The
 /// client's next packet moves the flow to CONNS. Like conntrack's early

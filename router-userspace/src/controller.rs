@@ -4,7 +4,12 @@
 //! datapath does) and does no I/O of its own beyond what sources and probes
 //! do when the daemon drives them.
 
-use std::{collections::BTreeMap, net::SocketAddrV4, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+    sync::Arc,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -263,6 +268,25 @@ impl Controller {
     /// Every override, for persisting across daemon restarts.
     pub fn overrides(&self) -> &BTreeMap<String, BTreeMap<String, Override>> {
         &self.overrides
+    }
+
+    /// Marks the health-checked backends that an adopted datapath was
+    /// routing to, by (service, backend) name, as healthy until their first
+    /// probe (see `HealthState::assumed`): a restart must not pull them from
+    /// the tables for the half second before the probes have run.
+    pub fn assume_routable(&mut self, routed: &BTreeSet<(String, String)>) -> usize {
+        let mut marked = 0;
+        for s in &mut self.services {
+            for b in &mut s.backends {
+                if let Some((_, state)) = &mut b.health
+                    && routed.contains(&(s.name.clone(), b.cfg.name.clone()))
+                {
+                    *state = HealthState::assumed();
+                    marked += 1;
+                }
+            }
+        }
+        marked
     }
 
     /// Restores overrides saved by an earlier daemon; entries naming a

@@ -10,6 +10,7 @@ mod overrides_file;
 mod privileges;
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -26,7 +27,7 @@ use crate::{
     config::{Config, XdpMode},
     control::{self, ReloadReply, StatusReply},
     controller::Controller,
-    datapath::{ConnScan, ConnTable, Datapath, LoadOptions, PinDir},
+    datapath::{AdoptedRoute, ConnScan, ConnTable, Datapath, LoadOptions, PinDir},
     fib_watch, host, metrics,
     telemetry::{Reading, TelemetryError},
     views::{self, BackendView, RateWindow, ServiceView},
@@ -364,6 +365,23 @@ impl Drop for SocketGuard {
     }
 }
 
+/// The configured (service, backend) names of adopted routes: a service by
+/// where it listens, a backend by address.
+fn routed_by_name(cfg: &Config, routes: &[AdoptedRoute]) -> BTreeSet<(String, String)> {
+    let mut names = BTreeSet::new();
+    for s in &cfg.services {
+        for b in &s.backends {
+            let routed = routes.iter().any(|r| {
+                r.vip == s.vip && r.proto == s.protocol.number() && r.backend == b.address
+            });
+            if routed {
+                names.insert((s.name.clone(), b.name.clone()));
+            }
+        }
+    }
+    names
+}
+
 /// Runs the daemon. Everything privileged (binding, loading, adopting,
 /// attaching, pinning) happens on this thread before any other thread
 /// exists; then capabilities are dropped for the whole process and only
@@ -406,6 +424,13 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
     }
     if !dropped.is_empty() {
         warn!("saved overrides for backends no longer configured dropped: {dropped:?}");
+    }
+    let routed = routed_by_name(&cfg, &dp.adopted_routes());
+    let assumed = ctl.assume_routable(&routed);
+    if assumed > 0 {
+        info!(
+            "{assumed} health-checked backends the adopted datapath routes to stay routable until their first probe"
+        );
     }
     let (specs, _) = ctl.decide(Duration::ZERO, &cfg);
     let report = dp

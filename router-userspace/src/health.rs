@@ -11,6 +11,11 @@
 //! - Any result of the other kind resets the count, so a flapping backend
 //!   stays where it is instead of bouncing with every probe.
 //! - `fall` or `rise` of 0 behaves as 1.
+//! - A daemon that adopts a running datapath starts the backends that the
+//!   datapath was routing to as *assumed* healthy ([`HealthState::assumed`]):
+//!   routable, so a restart does not take them out of the tables until the
+//!   first probe, which then settles them either way at once (one failure
+//!   is enough: the earlier daemon's verdict is as old as the restart).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -97,11 +102,23 @@ pub struct HealthState {
     /// `streak_ok`.
     streak: u32,
     streak_ok: bool,
+    /// Routable on an earlier daemon's word until the first probe result.
+    assumed: bool,
 }
 
 impl HealthState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A backend that the adopted datapath was routing to: healthy until
+    /// its first probe says otherwise.
+    pub fn assumed() -> Self {
+        Self {
+            status: Health::Healthy,
+            assumed: true,
+            ..Self::default()
+        }
     }
 
     pub fn status(&self) -> Health {
@@ -115,6 +132,12 @@ impl HealthState {
 
     /// Feeds one probe result; returns the new status when it changed.
     pub fn record(&mut self, ok: bool, fall: u32, rise: u32) -> Option<Health> {
+        if std::mem::take(&mut self.assumed) && !ok {
+            self.streak_ok = false;
+            self.streak = 1;
+            self.status = Health::Unhealthy;
+            return Some(Health::Unhealthy);
+        }
         if self.streak_ok == ok {
             self.streak = self.streak.saturating_add(1);
         } else {
@@ -161,6 +184,24 @@ mod tests {
         assert_eq!(s.record(true, 3, 5), Some(Health::Healthy));
         assert!(s.is_routable());
         assert_eq!(s.record(true, 3, 5), None);
+    }
+
+    #[test]
+    fn an_assumed_backend_is_routable_until_its_first_probe_settles_it() {
+        let mut s = HealthState::assumed();
+        assert!(s.is_routable());
+        // One failure ends the assumption, whatever `fall` is.
+        assert_eq!(feed(&mut s, "-", 3, 2), vec![Health::Unhealthy]);
+        assert!(!s.is_routable());
+        // From there it is an ordinary unhealthy backend: `rise` to return.
+        assert_eq!(feed(&mut s, "++", 3, 2), vec![Health::Healthy]);
+
+        let mut s = HealthState::assumed();
+        assert_eq!(feed(&mut s, "+", 3, 2), vec![]);
+        assert!(s.is_routable());
+        // Confirmed: now `fall` failures in a row take it out, as usual.
+        assert_eq!(feed(&mut s, "--", 3, 2), vec![]);
+        assert_eq!(feed(&mut s, "-", 3, 2), vec![Health::Unhealthy]);
     }
 
     #[test]

@@ -856,20 +856,25 @@ fn conn_key(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> router_
     }
 }
 
-/// `n` SYNs from spoofed sources in 198.19.0.0/16, each its own flow.
-fn spoofed_syns(f: &mut Fixture, n: u32) {
-    for i in 0..n {
+/// `n` packets from spoofed sources in 198.19.0.0/16 (starting at the
+/// `from`th), each its own flow.
+fn spoofed(f: &mut Fixture, from: u32, n: u32, packet: impl Fn(std::net::SocketAddrV4) -> Packet) {
+    for i in from..from + n {
         let src = std::net::SocketAddrV4::new(
             std::net::Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8),
             1024 + (i % 50_000) as u16,
         );
-        let syn = Packet::tcp(src, addr(VIP), TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
-        assert_eq!(f.run(&syn.build()).0, XDP_TX, "spoofed SYN {i}");
+        let p = packet(src).with_macs(LB_MAC, CLIENT_MAC);
+        assert_eq!(f.run(&p.build()).0, XDP_TX, "spoofed packet {i}");
     }
 }
 
+fn spoofed_syns(f: &mut Fixture, n: u32) {
+    spoofed(f, 0, n, |src| Packet::tcp(src, addr(VIP), TCP_SYN));
+}
+
 #[test]
-fn a_syn_flood_churns_half_open_flows_and_never_evicts_established_ones() {
+fn syn_and_ack_floods_churn_half_open_flows_and_never_evict_established_ones() {
     pin_to_current_cpu();
     // A connection table of 64 entries: before half-open flows had a table
     // of their own, 2,000 SYNs evicted everything in it many times over.
@@ -935,6 +940,12 @@ fn a_syn_flood_churns_half_open_flows_and_never_evicts_established_ones() {
 
     spoofed_syns(&mut f, 2_000);
     assert_eq!(entries(&f).entries, 2, "no spoofed SYN reached CONNS");
+    // From other sources: one that sends a SYN and then an ACK confirms
+    // its flow, spoofed or not (nothing here checks sequence numbers).
+    spoofed(&mut f, 10_000, 2_000, |src| {
+        Packet::tcp(src, addr(VIP), TCP_ACK | TCP_PSH).with_payload(b"GET /")
+    });
+    assert_eq!(entries(&f).entries, 2, "no spoofed ACK reached CONNS");
 
     let data = fwd(TCP_ACK | TCP_PSH, b"POST /v1/completions");
     f.case(Case::new(
@@ -1083,8 +1094,22 @@ fn a_half_open_flow_expires_after_the_closing_timeout() {
         ),
         &[reasons::TX, reasons::LRU_MISS],
     ));
-    let scan = f.dp.conn_table().unwrap().scan().unwrap();
-    assert_eq!(scan.entries, 2, "the flow is confirmed now");
+    let entries = |f: &Fixture| f.dp.conn_table().unwrap().scan().unwrap().entries;
+    assert_eq!(entries(&f), 0, "picked up, but not confirmed by one packet");
+    let data = Packet::tcp(client, vip, TCP_ACK | TCP_PSH)
+        .with_macs(LB_MAC, CLIENT_MAC)
+        .with_payload(b"prompt");
+    f.case(Case::new(
+        "the client's next packet confirms it",
+        data.build(),
+        XDP_TX,
+        Some(
+            data.translated(snat, backend, backend_mac(0), LB_MAC)
+                .build(),
+        ),
+        &[reasons::TX],
+    ));
+    assert_eq!(entries(&f), 2, "the flow is confirmed now");
 }
 
 #[test]
@@ -1322,12 +1347,14 @@ fn a_half_open_flow_never_stamps_another_flows_reply_entry() {
         XDP_TX,
         "a's SYN: half-open on port 45200"
     );
-    // b's flow, picked up mid-stream, is confirmed: it takes the pair from
-    // a's half-open flow.
+    // b's flow, picked up mid-stream, takes the pair from a's half-open
+    // flow (the newest takes it), and b's next packet confirms it.
     let ack_b = Packet::tcp(b, vip, TCP_ACK).with_macs(LB_MAC, CLIENT2_MAC);
-    let (v, out) = f.run(&ack_b.build());
-    assert_eq!(v, XDP_TX);
-    assert_eq!(&out[34..36], &45200u16.to_be_bytes(), "b holds port 45200");
+    for _ in 0..2 {
+        let (v, out) = f.run(&ack_b.build());
+        assert_eq!(v, XDP_TX);
+        assert_eq!(&out[34..36], &45200u16.to_be_bytes(), "b holds port 45200");
+    }
     // a's request: CONNS refuses a's promotion (b holds the pair), so a
     // rides its half-open entry; its request must not start a
     // first-byte clock on b's reply entry.
@@ -1351,4 +1378,75 @@ fn a_half_open_flow_never_stamps_another_flows_reply_entry() {
         0,
         "b never had a request measured: no first-byte sample"
     );
+}
+
+#[test]
+fn ending_a_drained_backends_flows_ends_its_handshakes_too() {
+    let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
+    let vip = addr(VIP);
+    let backend = addr("198.18.0.11:8000");
+    let (confirmed, handshaking) = (addr("198.18.0.2:41200"), addr("198.18.0.2:41201"));
+    for (client, flags) in [
+        (confirmed, TCP_SYN),
+        (confirmed, TCP_ACK),
+        (handshaking, TCP_SYN),
+    ] {
+        let p = Packet::tcp(client, vip, flags).with_macs(LB_MAC, CLIENT_MAC);
+        assert_eq!(f.run(&p.build()).0, XDP_TX);
+    }
+    let id = f.dp.backend_id("llama", "b0").unwrap();
+    let ended = f.dp.conn_table().unwrap().end_backend_flows(id).unwrap();
+    assert_eq!(ended, 2, "the confirmed flow and the one in its handshake");
+    for name in ["CONNS", "HALF_OPEN"] {
+        assert_eq!(table(&mut f, name).keys().count(), 0, "{name} emptied");
+    }
+    // The handshake's SYN-ACK no longer finds a way to the client.
+    let snat = addr("198.18.0.1:41201");
+    let syn_ack = Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
+    f.case(Case::new(
+        "a SYN-ACK of the ended handshake is dropped",
+        syn_ack.build(),
+        XDP_DROP,
+        None,
+        &[reasons::DROP_NO_REPLY_ENTRY],
+    ));
+}
+
+#[test]
+fn a_spoofed_udp_flood_never_evicts_confirmed_udp_flows() {
+    pin_to_current_cpu();
+    let vip = addr("198.18.100.2:5353");
+    let mut f = Fixture::with_options(
+        &[service("dns-ish", "198.18.100.2:5353", 17, &[1])],
+        LoadOptions {
+            table_size: 1021,
+            conn_table_size: 64,
+            ..LoadOptions::default()
+        },
+    );
+    let client = addr("198.18.0.2:33400");
+    let (backend, snat) = (addr("198.18.0.11:8000"), addr("198.18.0.1:33400"));
+    let entries = |f: &Fixture| f.dp.conn_table().unwrap().scan().unwrap().entries;
+    let q = Packet::udp(client, vip, b"query").with_macs(LB_MAC, CLIENT_MAC);
+    for _ in 0..2 {
+        assert_eq!(f.run(&q.build()).0, XDP_TX);
+    }
+    assert_eq!(entries(&f), 2, "the client's second datagram confirmed it");
+    for i in 0..2_000u32 {
+        let src = std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8),
+            1024 + i as u16,
+        );
+        let p = Packet::udp(src, vip, b"junk").with_macs(LB_MAC, CLIENT_MAC);
+        assert_eq!(f.run(&p.build()).0, XDP_TX, "spoofed datagram {i}");
+    }
+    assert_eq!(entries(&f), 2, "no spoofed datagram reached CONNS");
+    let reply = Packet::udp(backend, snat, b"answer").with_macs(LB_MAC, backend_mac(0));
+    f.case(Case::new(
+        "the confirmed flow's reply still finds its entry",
+        reply.build(),
+        XDP_TX,
+        Some(reply.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        &[reasons::TX],
+    ));
 }

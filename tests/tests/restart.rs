@@ -645,3 +645,46 @@ fn a_drain_survives_kill_9_and_a_corrupt_override_file_is_refused() {
     let (ok, out) = s.cleanup();
     assert!(ok, "{out}");
 }
+
+#[test]
+fn health_checked_backends_stay_routable_across_a_restart_until_their_first_probe() {
+    let s = Setup::new("restart-health");
+    s.write_config(&[100, 100, 100], "");
+    // Every probe takes 2 s (a streamed answer read to its end), so the new
+    // daemon's first probe round is still running while it is checked.
+    let health = "health = { http_path = \"/stream?seconds=2&interval_ms=500\", \
+                  interval = \"5s\", timeout = \"4s\" }\n";
+    let text = std::fs::read_to_string(s.config_path())
+        .unwrap()
+        .replace("weight = 100\n", &format!("weight = 100\n{health}"));
+    std::fs::write(s.config_path(), text).unwrap();
+    let daemon = s.start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while weights(&s.status()).values().any(|w| *w == 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backends never became healthy: {:?}",
+            weights(&s.status())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    drop(daemon);
+    let daemon = s.start();
+    let st = s.status();
+    assert!(
+        weights(&st).values().all(|w| *w > 0),
+        "before its first probe, the new daemon keeps the adopted routes: {:?}",
+        weights(&st)
+    );
+    let answers = s.short_connections(30);
+    assert_eq!(answers.values().sum::<usize>(), 30);
+    let reasons: BTreeMap<_, _> = s.status().datapath.reasons.into_iter().collect();
+    assert_eq!(
+        reasons["drop_no_backend"], 0,
+        "no SYN found the service without a backend"
+    );
+    drop(daemon);
+    let (ok, out) = s.cleanup();
+    assert!(ok, "{out}");
+}

@@ -22,6 +22,14 @@ pub(super) struct PinnedState {
     filter: Vec<u32>,
 }
 
+/// A backend that an adopted service was routing new connections to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AdoptedRoute {
+    pub vip: std::net::SocketAddrV4,
+    pub proto: u8,
+    pub backend: std::net::SocketAddrV4,
+}
+
 fn vip_of(key: &ServiceKey) -> std::net::SocketAddrV4 {
     std::net::SocketAddrV4::new(key.addr.to_ne_bytes().into(), u16::from_be(key.port))
 }
@@ -87,6 +95,35 @@ impl Datapath {
             live_tables,
             filter,
         })
+    }
+
+    /// The backends each adopted service's live table routes to: its VIP,
+    /// protocol and the backends' addresses, before the first apply
+    /// rewrites anything. Empty for a freshly loaded datapath.
+    pub fn adopted_routes(&self) -> Vec<AdoptedRoute> {
+        let Some(pinned) = &self.adopted else {
+            return Vec::new();
+        };
+        let mut routes = Vec::new();
+        for (key, svc) in &pinned.services {
+            let Some(table) = pinned.live_tables.get(&svc.id) else {
+                continue;
+            };
+            let ids: std::collections::BTreeSet<u32> = table.iter().copied().collect();
+            for (id, b) in &pinned.backends {
+                if b.service_id == svc.id && ids.contains(id) {
+                    routes.push(AdoptedRoute {
+                        vip: vip_of(key),
+                        proto: key.proto,
+                        backend: std::net::SocketAddrV4::new(
+                            b.addr.to_ne_bytes().into(),
+                            u16::from_be(b.port),
+                        ),
+                    });
+                }
+            }
+        }
+        routes
     }
 
     /// Names the pinned services and backends after `specs`: a service by

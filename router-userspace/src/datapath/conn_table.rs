@@ -1,7 +1,8 @@
-//! The connection table seen from userspace: counting live flows per
+//! The connection tables seen from userspace: counting live flows per
 //! backend, and ending a drained backend's flows when its deadline passes.
-//! A `ConnTable` owns its own file descriptor of `CONNS`, so a scan of a
-//! large table runs on a blocking thread without holding the daemon's lock.
+//! A `ConnTable` owns its own file descriptors of `CONNS` and `HALF_OPEN`,
+//! so a scan of a large table runs on a blocking thread without holding the
+//! daemon's lock.
 
 use std::{collections::BTreeMap, os::fd::AsFd};
 
@@ -23,6 +24,8 @@ pub struct ConnScan {
 
 pub struct ConnTable {
     map: HashMap<MapData, ConnKey, ConnEntry>,
+    /// Flows still in their handshake: a drain deadline ends them too.
+    half_open: HashMap<MapData, ConnKey, ConnEntry>,
     opts: LoadOptions,
 }
 
@@ -71,25 +74,29 @@ impl ConnTable {
         Ok(out)
     }
 
-    /// Deletes both directions of every flow pinned to `backend_id`. The
-    /// client's next packet then misses the table; Maglev no longer picks a
-    /// drained backend, so the packet lands on another backend, which answers
-    /// a mid-stream segment with a reset: the flow ends promptly instead of
-    /// hanging. Returns the number of connections (forward entries) ended.
+    /// Deletes both directions of every flow pinned to `backend_id`, in
+    /// either table. The client's next packet then misses the table; Maglev
+    /// no longer picks a drained backend, so the packet lands on another
+    /// backend, which answers a mid-stream segment with a reset: the flow
+    /// ends promptly instead of hanging. A flow still in its handshake is
+    /// ended the same way (its ACK is re-hashed), or its retransmitted SYN
+    /// starts over on another backend. Returns the number of connections
+    /// (forward entries) ended.
     pub fn end_backend_flows(&mut self, backend_id: u32) -> Result<u64, DatapathError> {
-        let doomed: Vec<(ConnKey, bool)> = self
-            .map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, e)| e.backend_id == backend_id)
-            .map(|(k, e)| (k, e.flags & CONN_REPLY == 0))
-            .collect();
         let mut ended = 0;
-        for (key, forward) in doomed {
-            match self.map.remove(&key) {
-                Ok(()) if forward => ended += 1,
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err("CONNS")(e)),
+        for (name, map) in [("CONNS", &mut self.map), ("HALF_OPEN", &mut self.half_open)] {
+            let doomed: Vec<(ConnKey, bool)> = map
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, e)| e.backend_id == backend_id)
+                .map(|(k, e)| (k, e.flags & CONN_REPLY == 0))
+                .collect();
+            for (key, forward) in doomed {
+                match map.remove(&key) {
+                    Ok(()) if forward => ended += 1,
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(name)(e)),
+                }
             }
         }
         Ok(ended)
@@ -101,28 +108,34 @@ impl Datapath {
     /// map's descriptor (no capability needed, unlike opening it by id, so
     /// it works after the daemon dropped its capabilities).
     pub fn conn_table(&self) -> Result<ConnTable, DatapathError> {
-        let fd = match self.ebpf.map("CONNS") {
+        Ok(ConnTable {
+            map: self.dup_table("CONNS")?,
+            half_open: self.dup_table("HALF_OPEN")?,
+            opts: self.opts.clone(),
+        })
+    }
+
+    fn dup_table(
+        &self,
+        name: &'static str,
+    ) -> Result<HashMap<MapData, ConnKey, ConnEntry>, DatapathError> {
+        let fd = match self.ebpf.map(name) {
             Some(Map::LruHashMap(data)) => {
                 data.fd()
                     .as_fd()
                     .try_clone_to_owned()
                     .map_err(|e| DatapathError::Map {
-                        map: "CONNS",
+                        map: name,
                         source: MapError::SyscallError(aya::sys::SyscallError {
                             call: "dup",
                             io_error: e,
                         }),
                     })?
             }
-            _ => return Err(DatapathError::MissingMap("CONNS")),
+            _ => return Err(DatapathError::MissingMap(name)),
         };
-        let data = MapData::from_fd(fd).map_err(map_err("CONNS"))?;
-        let map = HashMap::try_from(Map::from_map_data(data).map_err(map_err("CONNS"))?)
-            .map_err(map_err("CONNS"))?;
-        Ok(ConnTable {
-            map,
-            opts: self.opts.clone(),
-        })
+        let data = MapData::from_fd(fd).map_err(map_err(name))?;
+        HashMap::try_from(Map::from_map_data(data).map_err(map_err(name))?).map_err(map_err(name))
     }
 
     /// The datapath id of a backend, for matching connection-table scans.

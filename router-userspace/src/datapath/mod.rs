@@ -32,6 +32,7 @@ use aya::{
 };
 use router_common::{MAX_BACKENDS, MAX_SERVICES};
 
+pub use adopt::AdoptedRoute;
 pub use conn_table::{ConnScan, ConnTable};
 pub use counters::{BackendStatus, Counters, DatapathStatus, ServiceStatus};
 pub use latency::{BackendLatency, Histogram, LATENCY_CONNECT, LATENCY_FIRST_BYTE};

@@ -218,7 +218,7 @@ impl Model {
     }
 
     /// A packet for a service with no live entry: a new flow, in HALF_OPEN
-    /// for a SYN and in CONNS otherwise.
+    /// whatever opened it.
     #[allow(clippy::too_many_arguments)]
     fn open(
         &mut self,
@@ -242,11 +242,9 @@ impl Model {
             Some(b) if backend_id != NO_BACKEND => *b,
             _ => return out.counted(XDP_DROP, reasons::DROP_NO_BACKEND),
         };
-        let target = if kind.syn {
-            Table::HalfOpen
-        } else {
-            Table::Conns
-        };
+        // Every new flow starts half-open: only its client's next packet
+        // confirms it, so a spoofed source (one packet) never reaches CONNS.
+        let target = Table::HalfOpen;
         // The old flow on this key gives up its reply key (when it still
         // holds it) and its place, so neither shadows the new flow.
         if let Some((table, old)) = stale
@@ -268,7 +266,7 @@ impl Model {
 
         let await_synack = if kind.syn { CONN_AWAIT_SYNACK } else { 0 };
         let reply = reply_entry(key, backend_id, svc.id, await_synack);
-        let Some((snat_addr, snat_port)) = self.allocate(key, svc, hash, backend, target, reply)
+        let Some((snat_addr, snat_port)) = self.allocate(key, svc, hash, backend, kind, reply)
         else {
             return out.counted(XDP_DROP, reasons::DROP_SNAT_EXHAUSTED);
         };
@@ -314,20 +312,21 @@ impl Model {
             .collect()
     }
 
-    /// Finds the flow a reply key. A flow re-created in CONNS (picked up
-    /// mid-stream, maybe after losing only its forward entry) takes back
-    /// the first candidate pair whose reply entry is its own, as the key's
-    /// lookup finds it; a SYN never looks. Otherwise the first candidate it
-    /// may claim.
+    /// Finds the flow a reply key in HALF_OPEN. A flow not opened by a SYN
+    /// (UDP, or TCP picked up mid-stream, maybe after losing only its
+    /// forward entry) takes back the first candidate pair whose reply entry
+    /// is its own, as the key's lookup finds it; a SYN never looks.
+    /// Otherwise the first candidate it may claim.
     fn allocate(
         &mut self,
         key: &ConnKey,
         svc: &super::Service,
         hash: u32,
         backend: super::Backend,
-        target: Table,
+        kind: Kind,
         reply: Entry,
     ) -> Option<(u32, u16)> {
+        let target = Table::HalfOpen;
         let timeouts = self.cfg.timeouts;
         let candidates = Self::probes(key, svc, hash);
         let rkey = |(a, p): (u32, u16)| {
@@ -341,7 +340,7 @@ impl Model {
                 key.proto,
             )
         };
-        if target == Table::Conns
+        if !kind.syn
             && let Some(c) = candidates.iter().copied().find(|c| {
                 self.tables
                     .lookup(&rkey(*c))

@@ -580,8 +580,6 @@ pub(crate) fn flow_backend(
     vip: SocketAddrV4,
     since: u64,
 ) -> Result<Option<(String, String)>> {
-    let conns: HashMap<MapData, ConnKey, ConnEntry> =
-        HashMap::try_from(pinned_map(pin_path, "CONNS")?).context("CONNS")?;
     let key = ConnKey {
         src_addr: u32::from_ne_bytes(netns::CLIENT_ADDR.octets()),
         dst_addr: u32::from_ne_bytes(vip.ip().octets()),
@@ -590,10 +588,23 @@ pub(crate) fn flow_backend(
         proto: PROTO_TCP,
         _pad: [0; 3],
     };
-    let entry = match conns.get(&key, 0) {
-        Ok(e) => e,
-        Err(MapError::KeyNotFound) => return Ok(None),
-        Err(e) => return Err(e).context("looking the flow up in CONNS"),
+    // A confirmed flow is in CONNS; one whose SYN was refused never got
+    // past HALF_OPEN (the client never answered a SYN-ACK).
+    let mut found = None;
+    for table in ["CONNS", "HALF_OPEN"] {
+        let map: HashMap<MapData, ConnKey, ConnEntry> =
+            HashMap::try_from(pinned_map(pin_path, table)?).context(table)?;
+        match map.get(&key, 0) {
+            Ok(e) => {
+                found = Some((map, e));
+                break;
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("looking the flow up in {table}")),
+        }
+    }
+    let Some((conns, entry)) = found else {
+        return Ok(None);
     };
     ensure!(
         entry.flags & CONN_REPLY == 0,
