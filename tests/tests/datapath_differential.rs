@@ -11,9 +11,17 @@
 //! ages sit far from every timeout (see the model's module docs), so the
 //! kernel's clock decides nothing the model cannot.
 //!
+//! Seeded ages are 0, 20, 40 and 70 s against timeouts of 10 s (closing
+//! and half-open), 30 s (UDP) and 50 s (TCP), and a session takes
+//! milliseconds; one that fails after running past 5 s runs again. An age
+//! of 70 s needs a clock (CLOCK_MONOTONIC_COARSE, time since boot) that has
+//! run that long: on a machine booted less than 75 s ago the test waits.
+//!
 //! The seed is fixed so a run is repeatable; `ROUTER_DIFFTEST_SEED=<n>`
 //! picks another and `ROUTER_DIFFTEST_SEED=random` a fresh one (printed).
-//! `ROUTER_DIFFTEST_PACKETS` changes how many packets make a run.
+//! `ROUTER_DIFFTEST_PACKETS` changes how many packets make a run (at least
+//! 100,000 by default). A failure shows the shrunk session, every packet
+//! in and out with the rules the model applied, and what differed.
 
 use std::{cell::RefCell, time::Instant};
 

@@ -32,6 +32,22 @@
 //!   what a session holds and simulates eviction by deleting entries, in
 //!   the kernel and in the model alike. Inserts therefore never fail, and
 //!   `drop_conn_table_full` is never modelled.
+//! - Seeded states may hold one key in both tables, which the claim rules
+//!   never produce. Where the datapath asks both tables for a key, CONNS
+//!   answers when it has an entry, live or not (`Tables::lookup`); where
+//!   it asks one table, only that one counts. The model follows the same
+//!   precedence so such states are compared too.
+//!
+//! The rules in brief (the code says each one where it applies): a packet
+//! rides a live entry at its key; a SYN on a closing entry, or on a forward
+//! entry whose reply entry is gone, foreign, closing or expired, starts a
+//! new connection; the client's next packet on a half-open flow confirms
+//! it (both directions to CONNS, unless a live confirmed flow holds its
+//! reply key); every new flow starts half-open, takes back a SNAT pair its
+//! own reply entry still holds (unless it was opened by a SYN), and
+//! otherwise claims the first free candidate (the client's own port, then
+//! eight probes); a client's first payload starts the first-byte clock on
+//! its own reply entry only.
 
 mod flow;
 pub mod nat;
