@@ -249,9 +249,20 @@ impl World {
                 &[("198.18.1.11", "02:00:00:00:1b:00")],
             )
             .expect("arm 1");
+        // The LRU tables split their entries among the possible CPUs
+        // (BPF_F_NO_COMMON_LRU) and a CPU evicts once its share is used: a
+        // session holds at most a few hundred entries, so every share must
+        // hold that many (HALF_OPEN is at least 65,536 entries).
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .expect("possible CPUs") as u32;
+        assert!(
+            router_common::MIN_HALF_OPEN_TABLE_SIZE / cpus >= 256,
+            "{cpus} possible CPUs leave HALF_OPEN too few entries per CPU for a session"
+        );
         let mut dp = Datapath::load(LoadOptions {
             table_size: TABLE_SIZE,
-            conn_table_size: 16_384,
+            conn_table_size: (1024 * cpus).max(16_384),
             tcp_idle_ns: TCP_IDLE_S * 1_000_000_000,
             tcp_closing_ns: CLOSING_S * 1_000_000_000,
             udp_idle_ns: UDP_IDLE_S * 1_000_000_000,
