@@ -117,7 +117,7 @@ pub fn reply_key(fwd: &ConnEntry, proto: u8) -> ConnKey {
 /// it translates back to exactly that client and VIP. A reply key held by
 /// a flow's own reply entry is that flow's to reuse.
 #[inline(always)]
-fn owned_by(e: &ConnEntry, fwd: &ConnKey) -> bool {
+pub fn owned_by(e: &ConnEntry, fwd: &ConnKey) -> bool {
     e.flags & CONN_REPLY != 0
         && e.new_dst_addr == fwd.src_addr
         && e.new_dst_port == fwd.src_port

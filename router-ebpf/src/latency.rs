@@ -7,12 +7,12 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use router_common::{
-    CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_REPLY, ConnEntry,
+    CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_REPLY, ConnEntry, ConnKey,
     LATENCY_CONNECT, LATENCY_FIRST_BYTE, PROTO_TCP,
 };
 
 use crate::{
-    conn::reply_key,
+    conn::{owned_by, reply_key},
     maps::{CONNS, HALF_OPEN},
     parse::{L4, TCP_ACK, TCP_SYN},
     stats,
@@ -25,9 +25,10 @@ pub fn now_us() -> u32 {
     (unsafe { bpf_ktime_get_ns() } / 1000) as u32
 }
 
-/// Advances the measurement of a TCP flow by one packet of direction `e`.
+/// Advances the measurement of a TCP flow by one packet of direction `e`
+/// (the entry at `key`).
 #[inline(always)]
-pub fn observe(e: &mut ConnEntry, l4: &L4) {
+pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
     if e.flags & CONN_REPLY == 0 {
         if e.flags & CONN_AWAIT_REQUEST != 0 && l4.payload_len > 0 {
             e.flags &= !CONN_AWAIT_REQUEST;
@@ -38,7 +39,12 @@ pub fn observe(e: &mut ConnEntry, l4: &L4) {
                 Some(r) => Some(r),
                 None => HALF_OPEN.get_ptr_mut(rkey),
             };
-            if let Some(r) = reply {
+            // Only the flow's own: a half-open flow whose promotion CONNS
+            // refused has lost its reply key to a confirmed flow, whose
+            // entry must not get this flow's clock.
+            if let Some(r) = reply
+                && owned_by(unsafe { &*r }, key)
+            {
                 let r = unsafe { &mut *r };
                 r.stamp_us = now_us();
                 r.flags = (r.flags & !CONN_AWAIT_SYNACK) | CONN_AWAIT_RESPONSE;

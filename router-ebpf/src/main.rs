@@ -82,7 +82,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
         if !reused && !conn::expired(Table::Conns, e, now, l4.proto) {
             conn::refresh(e, now, fin_or_rst);
             if e.flags & CONN_AWAIT_ANY != 0 {
-                latency::observe(e, &l4);
+                latency::observe(&key, e, &l4);
             }
             return forward(ctx, e, l4.proto, ip.tot_len, false);
         }
@@ -102,7 +102,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
             }
             conn::refresh(e, now, fin_or_rst);
             if e.flags & CONN_AWAIT_ANY != 0 {
-                latency::observe(e, &l4);
+                latency::observe(&key, e, &l4);
             }
             return forward(ctx, e, l4.proto, ip.tot_len, false);
         }

@@ -11,6 +11,7 @@ pub mod daemon_proc;
 pub mod fake_nvml;
 pub mod kernel_ns;
 pub mod loadgen;
+pub mod model;
 pub mod netns;
 pub mod packet;
 pub mod raw_sender;

@@ -1335,6 +1335,52 @@ fn lru_miss_after_the_forward_entry_was_evicted_keeps_the_snat_pair() {
 }
 
 #[test]
+fn a_half_open_flow_never_stamps_another_flows_reply_entry() {
+    let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
+    let vip = addr(VIP);
+    let backend = addr("198.18.0.11:8000");
+    let snat = addr("198.18.0.1:45200");
+    let (a, b) = (addr("198.18.0.2:45200"), addr("198.18.0.3:45200"));
+    let syn_a = Packet::tcp(a, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    assert_eq!(
+        f.run(&syn_a.build()).0,
+        XDP_TX,
+        "a's SYN: half-open on port 45200"
+    );
+    // b's flow, picked up mid-stream, takes the pair from a's half-open
+    // flow (the newest takes it), and b's next packet confirms it.
+    let ack_b = Packet::tcp(b, vip, TCP_ACK).with_macs(LB_MAC, CLIENT2_MAC);
+    for _ in 0..2 {
+        let (v, out) = f.run(&ack_b.build());
+        assert_eq!(v, XDP_TX);
+        assert_eq!(&out[34..36], &45200u16.to_be_bytes(), "b holds port 45200");
+    }
+    // a's request: CONNS refuses a's promotion (b holds the pair), so a
+    // rides its half-open entry; its request must not start a
+    // first-byte clock on b's reply entry.
+    let request = Packet::tcp(a, vip, TCP_ACK | TCP_PSH)
+        .with_macs(LB_MAC, CLIENT_MAC)
+        .with_payload(b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(f.run(&request.build()).0, XDP_TX);
+    let data = Packet::tcp(backend, snat, TCP_ACK | TCP_PSH)
+        .with_macs(LB_MAC, backend_mac(0))
+        .with_payload(b"b's stream goes on");
+    f.case(Case::new(
+        "the backend's data on b's connection",
+        data.build(),
+        XDP_TX,
+        Some(data.translated(vip, b, CLIENT2_MAC, LB_MAC).build()),
+        &[reasons::TX],
+    ));
+    let st = f.dp.status().unwrap();
+    assert_eq!(
+        st.services[0].backends[0].latency.first_byte.count(),
+        0,
+        "b never had a request measured: no first-byte sample"
+    );
+}
+
+#[test]
 fn ending_a_drained_backends_flows_ends_its_handshakes_too() {
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
     let vip = addr(VIP);

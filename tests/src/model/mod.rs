@@ -1,0 +1,218 @@
+//! A reference model of the `router` XDP program's packet decision, written
+//! from its rules rather than from its code, for differential tests: the
+//! same frame and the same table state go through BPF_PROG_TEST_RUN and
+//! through `Model::step`, and the two must agree on the verdict, the output
+//! bytes, the reason counters, the traffic counters and the tables.
+//!
+//! What it covers: the parse checks and their order (`parse`), the
+//! destination pre-filter with its shared buckets, the service lookup, the
+//! Maglev slot of a flow (`flow_hash` into the live table, which the model
+//! is given), both connection tables and their rules (`tables`), SNAT
+//! allocation, the NAT rewrite with checksums computed from scratch
+//! (`nat`), next hops, latency flags, and the counters.
+//!
+//! Modelling choices, each because the kernel's value depends on a clock or
+//! on something a test does not control:
+//!
+//! - Time: an entry has an age in whole seconds at the start of a session,
+//!   and a session takes no time. The harness seeds ages far from every
+//!   timeout (and refuses sessions that run long), so every expiry decision
+//!   is the same for the kernel's coarse clock and for the model. A refresh
+//!   makes an entry's age 0 (the kernel writes at most once a second, which
+//!   is invisible at these distances). Entries' `last_seen_ns` and
+//!   `stamp_us` are not compared; latency samples are counted, not valued.
+//! - Checksum deltas stored in entries are compared by what they do (their
+//!   one's-complement class for the entry's key and translation), not as
+//!   raw words: any congruent value rewrites packets identically.
+//! - The host's sockets: the harness opens none in its namespace, so a TCP
+//!   reply to a SNAT address without an entry never has one.
+//! - Next hops are a fixed table of neighbours (`Config::fib`), as the
+//!   harness configures them; every other destination has none.
+//! - The connection tables never evict: the harness sizes them far above
+//!   what a session holds and simulates eviction by deleting entries, in
+//!   the kernel and in the model alike. Inserts therefore never fail, and
+//!   `drop_conn_table_full` is never modelled.
+//! - Seeded states may hold one key in both tables, which the claim rules
+//!   never produce. Where the datapath asks both tables for a key, CONNS
+//!   answers when it has an entry, live or not (`Tables::lookup`); where
+//!   it asks one table, only that one counts. The model follows the same
+//!   precedence so such states are compared too.
+//!
+//! The rules in brief (the code says each one where it applies): a packet
+//! rides a live entry at its key; a SYN on a closing entry, or on a forward
+//! entry whose reply entry is gone, foreign, closing or expired, starts a
+//! new connection; the client's next packet on a half-open flow confirms
+//! it (both directions to CONNS, unless a live confirmed flow holds its
+//! reply key); every new flow starts half-open, takes back a SNAT pair its
+//! own reply entry still holds (unless it was opened by a SYN), and
+//! otherwise claims the first free candidate (the client's own port, then
+//! eight probes); a client's first payload starts the first-byte clock on
+//! its own reply entry only.
+
+mod flow;
+pub mod nat;
+pub mod parse;
+pub mod tables;
+
+use std::collections::{HashMap, HashSet};
+
+use router_common::reasons;
+
+pub use nat::Tuple;
+pub use tables::{Entry, Hop, Table, Tables, Timeouts};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// A service as the datapath sees it.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub id: u32,
+    /// SNAT addresses, wire order, 1 to 4.
+    pub snat: Vec<u32>,
+    /// Probe range for SNAT ports, host order, inclusive.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// The live Maglev table: slot → backend id (or `NO_BACKEND`).
+    pub table: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Backend {
+    pub addr: u32,
+    /// Wire order.
+    pub port: u16,
+}
+
+/// Everything the decision reads besides the connection tables.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// (VIP address, port, protocol), wire order → service.
+    pub services: HashMap<(u32, u16, u8), Service>,
+    /// Backend id → backend, for every backend slot in use.
+    pub backends: HashMap<u32, Backend>,
+    pub snat_addrs: HashSet<u32>,
+    /// Destination address → next hop resolved from it.
+    pub fib: HashMap<u32, Hop>,
+    /// The live next-hop generation (never 0).
+    pub fib_gen: u32,
+    pub table_size: u32,
+    pub timeouts: Timeouts,
+}
+
+/// The pre-filter's bucket for an address: a fold of its bits, so many
+/// addresses share each of the 4096 buckets.
+pub fn filter_bucket(addr: u32) -> u32 {
+    let x = addr ^ (addr >> 16);
+    (x ^ (x >> 8)) & 0xfff
+}
+
+impl Config {
+    /// Whether `dst`'s pre-filter bucket holds some VIP, some SNAT address.
+    pub fn filter(&self, dst: u32) -> (bool, bool) {
+        let b = filter_bucket(dst);
+        (
+            self.services.keys().any(|(a, _, _)| filter_bucket(*a) == b),
+            self.snat_addrs.iter().any(|a| filter_bucket(*a) == b),
+        )
+    }
+
+    pub fn service(&self, addr: u32, port: u16, proto: u8) -> Option<&Service> {
+        self.services.get(&(addr, port, proto))
+    }
+
+    pub fn next_hop(&self, dst: u32) -> Option<Hop> {
+        self.fib.get(&dst).map(|h| Hop {
+            fib_gen: self.fib_gen,
+            ..*h
+        })
+    }
+}
+
+/// A packet's traffic-counter increment (service and backend alike).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Traffic {
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub bytes: u64,
+    pub new_conn: bool,
+    pub reply: bool,
+}
+
+/// What one packet did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub verdict: u32,
+    pub frame: Vec<u8>,
+    /// Reason counters incremented, in order (a re-hashed TCP packet counts
+    /// `lru_miss` besides its verdict's reason).
+    pub reasons: Vec<u32>,
+    pub traffic: Option<Traffic>,
+    /// Latency samples taken: (backend id, kind).
+    pub latency: Vec<(u32, u32)>,
+}
+
+impl Outcome {
+    fn untouched(frame: &[u8]) -> Self {
+        Self {
+            verdict: XDP_PASS,
+            frame: frame.to_vec(),
+            reasons: Vec::new(),
+            traffic: None,
+            latency: Vec::new(),
+        }
+    }
+
+    fn counted(mut self, verdict: u32, reason: u32) -> Self {
+        debug_assert!(reason < reasons::COUNT);
+        self.verdict = verdict;
+        self.reasons.push(reason);
+        self
+    }
+}
+
+/// The model: configuration and the two connection tables.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub cfg: Config,
+    pub tables: Tables,
+    /// The rules the last packet went through, for coverage reports.
+    pub trail: Vec<&'static str>,
+}
+
+impl Model {
+    pub fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            tables: Tables::default(),
+            trail: Vec::new(),
+        }
+    }
+
+    /// The (SNAT address, port) pairs, wire order, that a new flow `key`
+    /// for `svc` tries, in order.
+    pub fn snat_candidates(key: &router_common::ConnKey, svc: &Service) -> Vec<(u32, u16)> {
+        let hash = router_common::flow_hash::flow_hash(
+            key.src_addr,
+            key.dst_addr,
+            key.src_port,
+            key.dst_port,
+            key.proto,
+        );
+        Self::probes(key, svc, hash)
+    }
+
+    /// The backend id Maglev picks for a new flow `key` of `svc`.
+    pub fn pick(&self, key: &router_common::ConnKey, svc: &Service) -> u32 {
+        let hash = router_common::flow_hash::flow_hash(
+            key.src_addr,
+            key.dst_addr,
+            key.src_port,
+            key.dst_port,
+            key.proto,
+        );
+        svc.table[(hash % self.cfg.table_size) as usize]
+    }
+}

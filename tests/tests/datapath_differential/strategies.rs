@@ -1,0 +1,352 @@
+//! Sessions as proptest generates them: map state to seed, flows, and
+//! packets well-formed or not.
+
+use proptest::prelude::*;
+use router_tests::model::Table;
+
+use super::world::*;
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Age {
+    Fresh,
+    /// Past the closing timeout, within both idle timeouts.
+    Mid,
+    /// Past the UDP idle timeout, within TCP's.
+    Old,
+    /// Past every timeout.
+    Ancient,
+}
+
+impl Age {
+    pub(crate) fn secs(self) -> u64 {
+        AGES[self as usize]
+    }
+}
+
+pub(crate) fn age() -> impl Strategy<Value = Age> {
+    prop_oneof![
+        6 => Just(Age::Fresh),
+        1 => Just(Age::Mid),
+        1 => Just(Age::Old),
+        1 => Just(Age::Ancient),
+    ]
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum HopSeed {
+    None,
+    /// Cached under the live generation, with whatever MACs and interface.
+    Cached {
+        mac: u8,
+        ifindex: u8,
+    },
+    /// Cached under an older generation.
+    Outdated,
+}
+
+pub(crate) fn hop_seed() -> impl Strategy<Value = HopSeed> {
+    prop_oneof![
+        3 => Just(HopSeed::None),
+        2 => (any::<u8>(), 0u8..3).prop_map(|(mac, ifindex)| HopSeed::Cached { mac, ifindex }),
+        1 => Just(HopSeed::Outdated),
+    ]
+}
+
+/// How one seeded entry looks, apart from its key and translation.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Placed {
+    pub(crate) table: Table,
+    pub(crate) age: Age,
+    pub(crate) closing: bool,
+    /// Subset of the CONN_AWAIT_* bits.
+    pub(crate) awaits: u8,
+    pub(crate) hop: HopSeed,
+}
+
+pub(crate) fn table() -> impl Strategy<Value = Table> {
+    prop_oneof![Just(Table::Conns), Just(Table::HalfOpen)]
+}
+
+pub(crate) fn placed() -> impl Strategy<Value = Placed> {
+    (
+        table(),
+        age(),
+        prop::bool::weighted(0.2),
+        0u8..8,
+        hop_seed(),
+    )
+        .prop_map(|(table, age, closing, awaits, hop)| Placed {
+            table,
+            age,
+            closing,
+            awaits,
+            hop,
+        })
+}
+
+/// Whose reply a seeded reply entry is.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Owner {
+    /// The flow's own.
+    Own,
+    /// Another client's, for the same VIP.
+    Client(u8),
+    /// Another VIP's.
+    Vip(u8),
+}
+
+pub(crate) fn owner() -> impl Strategy<Value = Owner> {
+    prop_oneof![
+        6 => Just(Owner::Own),
+        1 => any::<u8>().prop_map(Owner::Client),
+        1 => any::<u8>().prop_map(Owner::Vip),
+    ]
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Seed {
+    /// Both directions of a flow (either may be missing: an eviction), on
+    /// its Maglev pick or another backend, on the SNAT pair of a probe.
+    Flow {
+        flow: u8,
+        backend: Option<u8>,
+        attempt: u8,
+        fwd: Option<Placed>,
+        reply: Option<(Placed, Owner)>,
+    },
+    /// Something at `attempt`'s reply key of a flow's pick: another
+    /// client's reply entry, or any entry at all.
+    Squatter {
+        flow: u8,
+        attempt: u8,
+        at: Placed,
+        owner: Owner,
+        reply: bool,
+    },
+    /// Other clients' reply entries on the first `upto` candidates of a
+    /// flow's pick: deep probes and exhaustion.
+    Wall { flow: u8, upto: u8, at: Placed },
+    /// An entry at a flow's own key with an arbitrary translation.
+    Odd {
+        flow: u8,
+        at: Placed,
+        to: (u8, u8),
+        reply: bool,
+    },
+}
+
+pub(crate) fn seed() -> impl Strategy<Value = Seed> {
+    prop_oneof![
+        4 => (
+            any::<u8>(),
+            prop::option::weighted(0.2, any::<u8>()),
+            prop_oneof![3 => Just(0u8), 1 => 1u8..=8],
+            prop::option::weighted(0.85, placed()),
+            prop::option::weighted(0.85, (placed(), owner())),
+        )
+            .prop_map(|(flow, backend, attempt, fwd, reply)| Seed::Flow {
+                flow,
+                backend,
+                attempt,
+                fwd,
+                reply,
+            }),
+        2 => (any::<u8>(), 0u8..=8, placed(), owner(), prop::bool::weighted(0.8)).prop_map(
+            |(flow, attempt, at, owner, reply)| Seed::Squatter {
+                flow,
+                attempt,
+                at,
+                owner,
+                reply,
+            }
+        ),
+        1 => (any::<u8>(), 1u8..=9, placed()).prop_map(|(flow, upto, at)| Seed::Wall {
+            flow,
+            upto,
+            at
+        }),
+        1 => (any::<u8>(), placed(), any::<(u8, u8)>(), any::<bool>()).prop_map(
+            |(flow, at, to, reply)| Seed::Odd {
+                flow,
+                at,
+                to,
+                reply
+            }
+        ),
+    ]
+}
+
+/// A client's flow: (client, client port, destination), as pool indices.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FlowSpec {
+    pub(crate) client: u8,
+    pub(crate) port: u8,
+    pub(crate) dest: u8,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Dir {
+    /// Client to destination.
+    Fwd,
+    /// Backend to SNAT address, on the pair the flow's forward entry has,
+    /// or else on the SNAT pair of a probe of its Maglev pick.
+    Reply(u8),
+    /// Some backend to a SNAT address and port of the pools.
+    Stray(u8, u8),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Mutation {
+    None,
+    /// Cut to 14 + n % (len - 14) bytes.
+    Truncate(u8),
+    Version(u8),
+    Ihl(u8),
+    /// Total length changed by this much.
+    TotLen(i8),
+    Doff(u8),
+    /// UDP length changed by this much.
+    UdpLen(i8),
+    /// Flags and fragment offset.
+    Frag(u16),
+    /// IP options of this many words (1..=10).
+    Options(u8),
+    Proto(u8),
+    EtherType(u16),
+    /// Checksums XORed with these (a wrong checksum is carried, not fixed).
+    BadIpChecksum(u16),
+    BadL4Checksum(u16),
+    /// Ethernet padding after the datagram.
+    Padding(u8),
+    UdpNoChecksum,
+}
+
+pub(crate) fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        40 => Just(Mutation::None),
+        2 => any::<u8>().prop_map(Mutation::Truncate),
+        1 => any::<u8>().prop_map(Mutation::Version),
+        2 => (0u8..16).prop_map(Mutation::Ihl),
+        2 => any::<i8>().prop_map(Mutation::TotLen),
+        2 => (0u8..16).prop_map(Mutation::Doff),
+        2 => any::<i8>().prop_map(Mutation::UdpLen),
+        1 => prop_oneof![Just(0x2000u16), Just(0x0010), Just(0x8000), Just(0x3fff), any::<u16>()]
+            .prop_map(Mutation::Frag),
+        1 => (1u8..=10).prop_map(Mutation::Options),
+        1 => prop_oneof![Just(1u8), Just(47), Just(132), any::<u8>()].prop_map(Mutation::Proto),
+        1 => prop_oneof![Just(0x86ddu16), Just(0x0806), Just(0x8100), any::<u16>()]
+            .prop_map(Mutation::EtherType),
+        2 => (1u16..).prop_map(Mutation::BadIpChecksum),
+        2 => (1u16..).prop_map(Mutation::BadL4Checksum),
+        2 => (1u8..40).prop_map(Mutation::Padding),
+        2 => Just(Mutation::UdpNoChecksum),
+    ]
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct PacketSpec {
+    pub(crate) flow: u8,
+    pub(crate) dir: Dir,
+    pub(crate) flags: u8,
+    pub(crate) payload: u8,
+    /// Arrives on arm 1 instead of arm 0.
+    pub(crate) other_arm: bool,
+    /// Applied in order.
+    pub(crate) mutations: Vec<Mutation>,
+}
+
+pub(crate) const SYN: u8 = 0x02;
+pub(crate) const ACK: u8 = 0x10;
+pub(crate) const FIN: u8 = 0x01;
+pub(crate) const RST: u8 = 0x04;
+pub(crate) const PSH: u8 = 0x08;
+
+pub(crate) fn tcp_flags() -> impl Strategy<Value = u8> {
+    prop_oneof![
+        4 => Just(SYN),
+        2 => Just(SYN | ACK),
+        4 => Just(ACK),
+        3 => Just(ACK | PSH),
+        2 => Just(FIN | ACK),
+        1 => Just(RST),
+        1 => Just(RST | ACK),
+        1 => any::<u8>(),
+    ]
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Step {
+    Packet(PacketSpec),
+    /// The LRU drops one entry: the flow's forward entry or the reply
+    /// entry it points at, from either table.
+    Evict {
+        flow: u8,
+        reply: bool,
+        table: Table,
+    },
+}
+
+pub(crate) fn step() -> impl Strategy<Value = Step> {
+    let packet = (
+        any::<u8>(),
+        prop_oneof![
+            6 => Just(Dir::Fwd),
+            3 => prop_oneof![4 => Just(0u8), 1 => 1u8..=8].prop_map(Dir::Reply),
+            1 => any::<(u8, u8)>().prop_map(|(a, b)| Dir::Stray(a, b)),
+        ],
+        tcp_flags(),
+        prop_oneof![3 => Just(0u8), 1 => 1u8..40],
+        prop::bool::weighted(0.15),
+        prop_oneof![
+            3 => prop::collection::vec(mutation(), 1),
+            1 => prop::collection::vec(mutation(), 2),
+        ],
+    )
+        .prop_map(|(flow, dir, flags, payload, other_arm, mutations)| {
+            Step::Packet(PacketSpec {
+                flow,
+                dir,
+                flags,
+                payload,
+                other_arm,
+                mutations,
+            })
+        });
+    prop_oneof![
+        20 => packet,
+        1 => (any::<u8>(), any::<bool>(), table())
+            .prop_map(|(flow, reply, table)| Step::Evict { flow, reply, table }),
+    ]
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Session {
+    pub(crate) weights: usize,
+    pub(crate) flows: Vec<FlowSpec>,
+    pub(crate) seeds: Vec<Seed>,
+    pub(crate) steps: Vec<Step>,
+}
+
+pub(crate) fn session(dests: usize) -> impl Strategy<Value = Session> {
+    let flow = (
+        0..CLIENTS.len() as u8,
+        0..CLIENT_PORTS.len() as u8,
+        prop_oneof![
+            3 => 0u8..SERVICES.len() as u8,
+            1 => 0..dests as u8,
+        ],
+    )
+        .prop_map(|(client, port, dest)| FlowSpec { client, port, dest });
+    (
+        prop_oneof![16 => Just(0usize), 1 => Just(1), 1 => Just(2)],
+        prop::collection::vec(flow, 1..=6),
+        prop::collection::vec(seed(), 0..=8),
+        prop::collection::vec(step(), 1..=44),
+    )
+        .prop_map(|(weights, flows, seeds, steps)| Session {
+            weights,
+            flows,
+            seeds,
+            steps,
+        })
+}
