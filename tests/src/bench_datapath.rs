@@ -37,6 +37,7 @@ use serde_json::{Value, json};
 use crate::{
     kernel_ns::{EnteredNs, TEST_NEIGHBOURS, run},
     packet::{Mac, Packet, TCP_ACK, TCP_SYN},
+    test_run::xdp_md,
 };
 
 const XDP_PASS: u32 = 2;
@@ -198,15 +199,6 @@ fn min_max(v: &[f64]) -> (f64, f64) {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
             (lo.min(*x), hi.max(*x))
         })
-}
-
-fn xdp_md(ifindex: u32, len: usize) -> Vec<u8> {
-    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-    let mut v = Vec::with_capacity(24);
-    for x in [0u32, len as u32, 0, ifindex, 0, 0] {
-        v.extend_from_slice(&x.to_ne_bytes());
-    }
-    v
 }
 
 fn service() -> ServiceSpec {

@@ -18,4 +18,5 @@ pub mod raw_sender;
 pub mod replica;
 pub mod soak;
 pub mod synflood;
+pub mod test_run;
 pub mod veth_xdp;

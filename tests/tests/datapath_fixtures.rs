@@ -5,12 +5,12 @@
 //! Each test runs in its own network namespace holding a veth with static
 //! neighbours, so `bpf_fib_lookup` resolves deterministic next hops.
 
-use aya::programs::{TestRun, TestRunOptions};
 use router::datapath::{BackendSpec, Datapath, LoadOptions, ServiceSpec};
 use router_common::reasons;
 use router_tests::{
     kernel_ns::{EnteredNs, TEST_NEIGHBOURS},
     packet::{Mac, Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, addr, checksums_valid, ip},
+    test_run::run_packet,
 };
 
 const XDP_DROP: u32 = 1;
@@ -93,19 +93,7 @@ impl Fixture {
     }
 
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
-        let ctx = xdp_md(self.ifindex, input.len());
-        let mut out = vec![0u8; input.len() + 256];
-        let program = self.dp.program_mut().unwrap();
-        let r = program
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        run_packet(&mut self.dp, input, self.ifindex).expect("BPF_PROG_TEST_RUN")
     }
 
     fn reasons(&self) -> Vec<u64> {
@@ -169,15 +157,6 @@ impl<'a> Case<'a> {
             reasons,
         }
     }
-}
-
-fn xdp_md(ifindex: u32, len: usize) -> Vec<u8> {
-    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-    let mut v = Vec::with_capacity(24);
-    for x in [0u32, len as u32, 0, ifindex, 0, 0] {
-        v.extend_from_slice(&x.to_ne_bytes());
-    }
-    v
 }
 
 fn hex(b: &[u8]) -> String {

@@ -7,10 +7,7 @@ use std::{
     time::Duration,
 };
 
-use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use router::{
     datapath::{BackendSpec, Datapath, LoadOptions, ServiceSpec},
     maglev::{self, MaglevBackend},
@@ -22,6 +19,7 @@ use router_common::{
 use router_tests::{
     kernel_ns::{EnteredNs, TEST_NEIGHBOURS},
     model::{self, Config, Hop, Table, Timeouts},
+    test_run::run_packet,
 };
 
 /// Timeouts, in seconds, and the ages seeded around them: every age is at
@@ -476,30 +474,9 @@ pub(crate) fn model_config(
 // ---------------------------------------------------------------------------
 // Kernel access.
 
-pub(crate) fn xdp_md(ifindex: u32, len: usize) -> Vec<u8> {
-    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-    let mut v = Vec::with_capacity(24);
-    for x in [0u32, len as u32, 0, ifindex, 0, 0] {
-        v.extend_from_slice(&x.to_ne_bytes());
-    }
-    v
-}
-
 impl Harness {
     pub(crate) fn run(&mut self, input: &[u8], ingress: u32) -> (u32, Vec<u8>) {
-        let ctx = xdp_md(ingress, input.len());
-        let mut out = vec![0u8; input.len() + 256];
-        let program = self.dp.program_mut().expect("program");
-        let r = program
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        run_packet(&mut self.dp, input, ingress).expect("BPF_PROG_TEST_RUN")
     }
 
     pub(crate) fn table(&mut self, t: Table) -> BpfHashMap<&mut MapData, ConnKey, ConnEntry> {
