@@ -199,7 +199,7 @@ fn remove_own_reply(table: Table, rkey: ConnKey, fwd: &ConnKey) {
 ///   port was held by a spoofed flow, and a probed port cannot be found
 ///   again once the LRU has evicted both of a flow's entries. A real flow
 ///   that loses its key this way sees its SYN-ACK go astray and starts over
-///   with its retransmitted SYN (see `reply_lost`).
+///   with its retransmitted SYN (see `syn_starts_over`).
 /// - A flow going into CONNS takes its key from a half-open flow: its
 ///   client's packet has proved it real; the half-open flow may be spoofed.
 ///
@@ -357,13 +357,14 @@ pub fn create(
         return NewFlow::NoBackend;
     }
     let (be_addr, be_port) = (be.addr, be.port);
-    let target = Table::HalfOpen;
     if let Some((old, table)) = stale
         && old.flags & CONN_REPLY == 0
     {
         remove_own_reply(table, reply_key(&old, key.proto), key);
-        if table != target {
-            let _ = table.map().remove(key);
+        // A stale HALF_OPEN entry is overwritten below; one in CONNS would
+        // shadow the new flow.
+        if table == Table::Conns {
+            let _ = CONNS.remove(key);
         }
     }
 
@@ -396,9 +397,8 @@ pub fn create(
     fwd.last_seen_ns = now;
     // Passed by reference: the entry is inserted from where it was built.
     let value: &ConnEntry = fwd;
-    let map = target.map();
-    if map.insert(key, value, BPF_ANY as u64).is_err() {
-        let _ = map.remove(reply_key(fwd, key.proto));
+    if HALF_OPEN.insert(key, value, BPF_ANY as u64).is_err() {
+        let _ = HALF_OPEN.remove(reply_key(fwd, key.proto));
         return NewFlow::TableFull;
     }
     NewFlow::Created
