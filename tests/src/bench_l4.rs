@@ -43,7 +43,7 @@ const BACKENDS: usize = 4;
 const PORT: u16 = 80;
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 /// The router's dedicated SNAT address (see docs/operations.md).
-const SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const SNAT: Ipv4Addr = netns::SNAT_ADDR;
 /// Connections in flight at the maximum rate (wrk's `-c`, and the in-tree
 /// generator's closed loop).
 pub const CONNS: usize = 16;
@@ -267,17 +267,7 @@ fn setup_front(c: Contender, topo: &Topology, dir: &Path) -> Result<Front> {
     Ok(match c {
         Contender::Direct => Front::None,
         Contender::Router => {
-            netns::exec(
-                lb,
-                &[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("{SNAT}/24"),
-                    "dev",
-                    netns::LB_IF,
-                ],
-            )?;
+            topo.add_snat_addr()?;
             let socket = dir.join("router.sock");
             let config = dir.join("router.toml");
             std::fs::write(&config, router_config(&socket))?;

@@ -33,7 +33,7 @@ use crate::{
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const PORT: u16 = 8000;
-const SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const SNAT: Ipv4Addr = netns::SNAT_ADDR;
 /// True speeds; the last replica starts part-way through each run.
 pub const SPEEDS: [f64; 4] = [1.0, 1.0, 0.4, 1.0];
 const LATE: usize = 3;
@@ -485,17 +485,7 @@ fn run_policy(p: Policy, s: &RoutingSettings) -> Result<Value> {
         .collect::<Result<_>>()?;
     let lb = topo.lb_ns();
     let front = if let Some(weights) = p.router_weights() {
-        netns::exec(
-            lb,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{SNAT}/24"),
-                "dev",
-                netns::LB_IF,
-            ],
-        )?;
+        topo.add_snat_addr()?;
         let socket = dir.0.join("router.sock");
         let config = dir.0.join("router.toml");
         std::fs::write(&config, router_config(weights, &socket))?;

@@ -47,6 +47,11 @@ pub const BACKEND_IF: &str = "eth0";
 pub const PREFIX_LEN: u8 = 24;
 /// The LB's address on the segment.
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// A second LB address that only translated flows use as their source: the
+/// daemon's own polls and probes leave from [`LB_ADDR`], so they can never
+/// take a port that a translated flow's SNAT needs (see docs/operations.md).
+/// Added by [`Topology::add_snat_addr`].
+pub const SNAT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// The client's address on the segment.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// Backend `i` has address `198.18.0.(BACKEND_BASE + i)`.
@@ -268,6 +273,17 @@ impl Topology {
     /// The LB's interface name in [`Self::lb_ns`].
     pub fn lb_if(&self) -> &str {
         LB_IF
+    }
+
+    /// Adds [`SNAT_ADDR`] to the LB's interface.
+    pub fn add_snat_addr(&self) -> Result<()> {
+        let addr = format!("{SNAT_ADDR}/{PREFIX_LEN}");
+        exec(
+            self.lb_ns(),
+            &["ip", "addr", "add", &addr, "dev", self.lb_if()],
+        )
+        .context("adding the SNAT address to the LB")?;
+        Ok(())
     }
 
     /// The LB's veth peer in [`Self::switch_ns`] (GRO on; attach XDP_PASS

@@ -26,7 +26,7 @@ use router_tests::{
 };
 
 const VIP: &str = "198.18.100.1:8000";
-const SNAT: &str = "198.18.0.100";
+const SNAT: std::net::Ipv4Addr = netns::SNAT_ADDR;
 const POLL_MS: u64 = 500;
 
 fn status(socket: &Path) -> StatusReply {
@@ -103,20 +103,7 @@ fn config(socket: &Path, lb_if: &str, token: &Path) -> String {
 #[test]
 fn weights_follow_replica_load() {
     let topo = Topology::one_arm(4).expect("topology");
-    // A dedicated SNAT address: the daemon's own polls and probes leave from
-    // 198.18.0.1 and can never collide with a translated flow's port.
-    netns::exec(
-        topo.lb_ns(),
-        &[
-            "ip",
-            "addr",
-            "add",
-            &format!("{SNAT}/24"),
-            "dev",
-            topo.lb_if(),
-        ],
-    )
-    .unwrap();
+    topo.add_snat_addr().unwrap();
     let dir = ScratchDir::new("closed-loop").unwrap();
 
     let replica_args = ["--max-batch", "4", "--step-ms", "15", "--tokens", "12"];

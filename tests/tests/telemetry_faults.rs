@@ -38,9 +38,7 @@ use router_tests::{
 };
 
 const VIP: &str = "198.18.100.1:8000";
-/// Not the LB's own address: the daemon's polls and probes leave from
-/// 198.18.0.1 and must never collide with a translated flow's port.
-const SNAT: &str = "198.18.0.100";
+const SNAT: std::net::Ipv4Addr = netns::SNAT_ADDR;
 /// Every telemetry endpoint listens on this port of its backend's host.
 const TELEMETRY_PORT: u16 = 9400;
 const TOKEN: &str = "fault-injection-token";
@@ -171,18 +169,7 @@ impl Rig {
     /// its service port and is health-checked, so traffic can flow.
     fn start(tag: &str, cases: Vec<Case>, serve_http: bool) -> Rig {
         let topo = Topology::one_arm(cases.len()).expect("topology");
-        netns::exec(
-            topo.lb_ns(),
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{SNAT}/24"),
-                "dev",
-                topo.lb_if(),
-            ],
-        )
-        .expect("adding the SNAT address");
+        topo.add_snat_addr().expect("adding the SNAT address");
         let dir = ScratchDir::new(&format!("faults-{tag}")).expect("scratch dir");
         std::fs::write(dir.0.join("agent.token"), format!("{TOKEN}\n")).unwrap();
 

@@ -108,7 +108,7 @@ pub(crate) const HEALTH_FLAP: usize = 3;
 const BACKEND_PORT: u16 = 8000;
 /// Translated flows leave from here, apart from the LB's own address that
 /// the daemon's probes and polls use, so the two never share a port.
-const SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const SNAT: Ipv4Addr = netns::SNAT_ADDR;
 /// Longest wait for a (re)started daemon to answer on its socket.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -253,17 +253,7 @@ pub(crate) struct Lab {
 impl Lab {
     fn build(out_dir: &Path) -> Result<Lab> {
         let topo = Topology::one_arm(BACKENDS.len())?;
-        netns::exec(
-            topo.lb_ns(),
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{SNAT}/{}", netns::PREFIX_LEN),
-                "dev",
-                topo.lb_if(),
-            ],
-        )?;
+        topo.add_snat_addr()?;
         let lab = Lab {
             daemon: Mutex::new(None),
             daemons_started: AtomicU32::new(0),
