@@ -67,10 +67,26 @@ fn a_45_s_soak_fails_no_connection_on_a_healthy_backend() {
     );
 
     // The datapath balanced every connection the clients made, once each
-    // (its counters are pinned, so they span every daemon of the run).
-    assert_eq!(
-        report.datapath_new_conns,
-        Some(c.attempted),
+    // (its counters are pinned, so they span every daemon of the run). On
+    // every backend but the hard-flapped one, exactly; the killed backend's
+    // flows end abruptly, and a stray packet of one after its entries are
+    // gone opens a flow that no client attempted (seen: 1 in 547).
+    for (name, b) in &report.by_backend {
+        let Some(n) = b.datapath_new_conns else {
+            panic!("no datapath count for {name}: {summary}");
+        };
+        let seen = b.completed + b.failed_on_healthy_backend + b.failed_on_injected_fault;
+        if b.fault == "hard flap" {
+            assert!(
+                n >= seen && n <= seen + 3,
+                "datapath count on {name}: {summary}"
+            );
+        } else {
+            assert_eq!(n, seen, "datapath count on {name}: {summary}");
+        }
+    }
+    assert!(
+        report.datapath_new_conns >= Some(c.attempted),
         "datapath count: {summary}"
     );
     // A SYN the datapath drops is sent again after 1 s; more than that
