@@ -104,16 +104,21 @@ pub struct Backend {
     /// to its service's others. Read by the two-choices pick, which draws
     /// candidates from the Maglev table and must weigh them; 0 is never picked.
     pub weight: u32,
-    pub _pad2: u32,
+    /// In-flight flows at which the backend has no room (0: no limit); see
+    /// `selection::better`.
+    pub max_in_flight: u32,
 }
 
 /// `MEMBERS` value: one backend of a service's scan list, with its
-/// capacity weight (never 0: backends at weight 0 are left out).
+/// capacity weight (never 0: backends at weight 0 are left out) and room.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Member {
     pub backend_id: u32,
     pub weight: u32,
+    /// As `Backend::max_in_flight`.
+    pub max_in_flight: u32,
+    pub _pad: u32,
 }
 
 /// `BACKEND_LOAD` value, indexed by backend id: cumulative counts of the
@@ -283,7 +288,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 8);
     assert!(core::mem::size_of::<Service>() == 40);
     assert!(core::mem::size_of::<Backend>() == 24);
-    assert!(core::mem::size_of::<Member>() == 8);
+    assert!(core::mem::size_of::<Member>() == 16);
     assert!(core::mem::size_of::<BackendLoad>() == 16);
     assert!(core::mem::size_of::<ConnKey>() == 16);
     assert!(core::mem::size_of::<ConnEntry>() == 64);

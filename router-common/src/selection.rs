@@ -4,10 +4,15 @@
 //! - `SELECT_MAGLEV`: the flow hash indexes the service's weighted Maglev
 //!   table. Consistent: every node with the same weights maps a flow to the
 //!   same backend, with no shared state.
-//! - `SELECT_LEAST_LOADED`: the backend with the smallest
-//!   `(in_flight + 1) / weight` (IPVS `sed`, Envoy's weighted least
+//! - `SELECT_LEAST_LOADED`: among the backends with room (fewer flows in
+//!   flight than their `max_in_flight`, where one is set), the one with the
+//!   smallest `(in_flight + 1) / weight` (IPVS `sed`, Envoy's weighted least
 //!   request), where `weight` is the backend's capacity and `in_flight` its
-//!   live flows counted by the datapath at this instant. Services of up to
+//!   live flows counted by the datapath at this instant. When none has room,
+//!   the smallest score among all. An inference engine batches up to a fixed
+//!   number of requests and queues the rest, so a request sent to a full
+//!   replica waits while another may have a free batch slot: room decides
+//!   first, exactly and at the moment of the pick. Services of up to
 //!   `MAX_SCAN_MEMBERS` backends scan them all; larger ones compare two
 //!   candidates drawn from the Maglev table (the power of two choices,
 //!   drawn in proportion to weight). Only flows that start fresh (a SYN, a
@@ -43,6 +48,39 @@ pub fn less_loaded(a_in_flight: u64, a_weight: u32, b_in_flight: u64, b_weight: 
     a * (b_weight as u64) < b * (a_weight as u64)
 }
 
+/// One backend as a pick sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Candidate {
+    pub in_flight: u64,
+    pub weight: u32,
+    /// 0: no limit.
+    pub max_in_flight: u32,
+}
+
+impl Candidate {
+    #[inline(always)]
+    pub fn has_room(&self) -> bool {
+        self.max_in_flight == 0 || self.in_flight < self.max_in_flight as u64
+    }
+}
+
+/// Whether `a` is a strictly better pick than `b`: room first, then the
+/// smaller `(in_flight + 1) / weight` (see `less_loaded`).
+#[inline(always)]
+pub fn better(a: &Candidate, b: &Candidate) -> bool {
+    if a.weight == 0 {
+        return false;
+    }
+    if b.weight == 0 {
+        return true;
+    }
+    let (ra, rb) = (a.has_room(), b.has_room());
+    if ra != rb {
+        return ra;
+    }
+    less_loaded(a.in_flight, a.weight, b.in_flight, b.weight)
+}
+
 /// Index of a member slot in `MEMBERS`: service `id`'s table half `half`,
 /// entry `i`.
 #[inline(always)]
@@ -71,6 +109,27 @@ mod tests {
         assert!(!less_loaded(0, 0, 1_000_000, 1));
         assert!(less_loaded(1_000_000, 1, 0, 0));
         assert!(!less_loaded(0, 0, 0, 0));
+    }
+
+    fn c(in_flight: u64, weight: u32, max_in_flight: u32) -> Candidate {
+        Candidate {
+            in_flight,
+            weight,
+            max_in_flight,
+        }
+    }
+
+    #[test]
+    fn room_comes_before_the_score() {
+        // Full (8 of 8) loses to a slower one with room, whatever the scores.
+        assert!(better(&c(3, 40, 8), &c(8, 100, 8)));
+        assert!(!better(&c(8, 100, 8), &c(3, 40, 8)));
+        // No limit is always room.
+        assert!(better(&c(500, 1, 0), &c(8, 100, 8)));
+        // Both full: the score decides again.
+        assert!(better(&c(9, 100, 8), &c(8, 40, 8)));
+        // Weight 0 never wins, room or not.
+        assert!(!better(&c(0, 0, 0), &c(9, 1, 8)));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use router_common::{
     NO_BACKEND, Service,
     flow_hash::second_choice,
-    selection::{MAX_SCAN_MEMBERS, SELECT_LEAST_LOADED, less_loaded, member_index},
+    selection::{Candidate, MAX_SCAN_MEMBERS, SELECT_LEAST_LOADED, better, member_index},
 };
 
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop};
@@ -54,8 +54,8 @@ struct Scan {
     n: u32,
     start: u32,
     best: u32,
-    best_weight: u32,
-    best_load: u64,
+    _pad: u32,
+    best_of: Candidate,
 }
 
 /// Every member compared; ties go to the first in an order that starts at
@@ -80,8 +80,8 @@ fn scan(svc: &Service, hash: u32) -> u32 {
         n,
         start,
         best: NO_BACKEND,
-        best_weight: 0,
-        best_load: 0,
+        _pad: 0,
+        best_of: Candidate::default(),
     };
     // SAFETY: the callback reads and writes only the `Scan` it is handed,
     // which lives on this stack frame until bpf_loop returns.
@@ -115,37 +115,43 @@ extern "C" fn scan_member(i: u64, ctx: *mut c_void) -> i64 {
     if m.weight == 0 {
         return 0;
     }
-    let load = in_flight(m.backend_id);
-    if st.best == NO_BACKEND || less_loaded(load, m.weight, st.best_load, st.best_weight) {
+    let this = Candidate {
+        in_flight: in_flight(m.backend_id),
+        weight: m.weight,
+        max_in_flight: m.max_in_flight,
+    };
+    if st.best == NO_BACKEND || better(&this, &st.best_of) {
         st.best = m.backend_id;
-        st.best_load = load;
-        st.best_weight = m.weight;
+        st.best_of = this;
     }
     0
 }
 
 #[inline(always)]
-fn weight(backend_id: u32) -> u32 {
+fn candidate(backend_id: u32) -> Candidate {
     match BACKENDS.get(backend_id) {
-        Some(b) if b.in_use != 0 => b.weight,
-        _ => 0,
+        Some(b) if b.in_use != 0 => Candidate {
+            in_flight: in_flight(backend_id),
+            weight: b.weight,
+            max_in_flight: b.max_in_flight,
+        },
+        _ => Candidate::default(),
     }
 }
 
 /// Two candidates drawn from the Maglev table (so in proportion to
-/// weight), by two independent hashes; the less loaded wins, the first on
-/// a tie. A backend whose weight has just gone to 0 can still sit in a
-/// table half until the flip: it is never picked.
+/// weight), by two independent hashes; the better (room, then score) wins,
+/// the first on a tie. A backend whose weight has just gone to 0 can still
+/// sit in a table half until the flip: it is never picked.
 #[inline(always)]
 fn two_choices(svc: &Service, hash: u32) -> u32 {
     let a = maglev(svc, hash);
     let b = maglev(svc, second_choice(hash));
-    let (wa, wb) = (weight(a), weight(b));
-    let (pick, w) = if b != NO_BACKEND && b != a && less_loaded(in_flight(b), wb, in_flight(a), wa)
-    {
-        (b, wb)
+    let (ca, cb) = (candidate(a), candidate(b));
+    let (pick, w) = if b != NO_BACKEND && b != a && better(&cb, &ca) {
+        (b, cb.weight)
     } else {
-        (a, wa)
+        (a, ca.weight)
     };
     if w == 0 { NO_BACKEND } else { pick }
 }

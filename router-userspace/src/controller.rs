@@ -510,6 +510,7 @@ impl Controller {
                     name: b.cfg.name.clone(),
                     address: b.cfg.address,
                     weight: b.weight,
+                    max_in_flight: 0,
                 })
                 .collect();
             if let Some(fb) = scfg
@@ -524,6 +525,7 @@ impl Controller {
                     name: format!("{FALLBACK_PREFIX}{}", b.cfg.name),
                     address: b.cfg.address,
                     weight: if s.overflowing { b.weight } else { 0 },
+                    max_in_flight: 0,
                 }));
             }
             specs.push(ServiceSpec {

@@ -217,6 +217,7 @@ fn service() -> ServiceSpec {
                 name: format!("b{i}"),
                 address: SocketAddrV4::new(*a, BACKEND_PORT),
                 weight: 1,
+                max_in_flight: 0,
             })
             .collect(),
     }

@@ -50,6 +50,7 @@ pub fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec
                 name: format!("b{i}"),
                 address: addr(&format!("198.18.0.{}:8000", 11 + i)),
                 weight: *w,
+                max_in_flight: 0,
             })
             .collect(),
     }

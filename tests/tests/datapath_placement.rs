@@ -4,7 +4,10 @@
 //! that corrects counts for flows that vanished without an end.
 
 use router::datapath::{LoadOptions, SCAN_LIMIT};
-use router_common::{ConnEntry, ConnKey};
+use router_common::{
+    ConnEntry, ConnKey,
+    selection::{Candidate, better},
+};
 use router_tests::{
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, addr},
     xdp_fixture::*,
@@ -169,6 +172,42 @@ fn least_loaded_picks_the_smallest_in_flight_plus_one_over_weight() {
     for b in 0..3 {
         assert_eq!(f.in_flight("llama", &format!("b{b}")), 0);
     }
+}
+
+#[test]
+fn a_backend_without_room_loses_to_any_with_room() {
+    let weights = [100, 100, 40];
+    let mut spec = least_loaded(service("llama", VIP, 6, &weights));
+    // The two fast ones batch at most 3 each; the slow one has no limit.
+    spec.backends[0].max_in_flight = 3;
+    spec.backends[1].max_in_flight = 3;
+    let mut f = Fixture::new(&[spec]);
+    let mut counts = [0u64; 3];
+    let limits = [3u32, 3, 0];
+    for i in 0..20u16 {
+        let client = format!("198.18.0.2:{}", 41500 + i);
+        let (verdict, out) = tcp(&mut f, &client, VIP, TCP_SYN);
+        assert_eq!(verdict, XDP_TX);
+        let got = backend_of(&out);
+        let cand = |b: usize| Candidate {
+            in_flight: counts[b],
+            weight: weights[b],
+            max_in_flight: limits[b],
+        };
+        for other in 0..3 {
+            assert!(
+                !better(&cand(other), &cand(got)),
+                "SYN {i} went to b{got}, but b{other} was better: counts {counts:?}"
+            );
+        }
+        counts[got] += 1;
+    }
+    // Fast ones fill their room first; then the score decides among all.
+    assert!(counts[0] >= 3 && counts[1] >= 3, "{counts:?}");
+    assert!(
+        counts[2] >= 8,
+        "the slow one takes what the full ones cannot: {counts:?}"
+    );
 }
 
 #[test]

@@ -161,6 +161,7 @@ impl Datapath {
                     backend_ids.insert(b.name.clone(), id);
                     backend_specs.push(BackendSpec {
                         weight: 0,
+                        max_in_flight: 0,
                         ..b.clone()
                     });
                 }
@@ -175,6 +176,7 @@ impl Datapath {
                         u16::from_be(b.port),
                     ),
                     weight: 0,
+                    max_in_flight: 0,
                 });
             }
             let vip = vip_of(&key);

@@ -49,6 +49,8 @@ pub struct BackendSpec {
     pub name: String,
     pub address: SocketAddrV4,
     pub weight: u32,
+    /// In-flight flows at which a least-loaded pick sees no room (0: no limit).
+    pub max_in_flight: u32,
 }
 
 /// Load-time settings: fixed for the life of a loaded program.

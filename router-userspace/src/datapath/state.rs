@@ -56,6 +56,8 @@ fn scan_list(s: &ServiceSpec, ids: &BTreeMap<String, u32>) -> Vec<Member> {
         .map(|b| Member {
             backend_id: ids[&b.name],
             weight: b.weight,
+            max_in_flight: b.max_in_flight,
+            _pad: 0,
         })
         .collect();
     if list.len() > SCAN_LIMIT {
@@ -233,7 +235,7 @@ impl Datapath {
                 service_id: sid,
                 in_use: 1,
                 weight: b.weight,
-                _pad2: 0,
+                max_in_flight: b.max_in_flight,
             };
             if backends.get(&id, 0).map_err(map_err("BACKENDS"))? != value {
                 backends.set(id, value, 0).map_err(map_err("BACKENDS"))?;

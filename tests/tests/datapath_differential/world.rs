@@ -152,6 +152,7 @@ pub(crate) fn specs(set: usize) -> Vec<ServiceSpec> {
                     name: format!("b{i}"),
                     address: b.parse().unwrap_or_else(|e| panic!("{b}: {e}")),
                     weight: *w,
+                    max_in_flight: 0,
                 })
                 .collect(),
         })
