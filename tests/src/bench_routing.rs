@@ -700,10 +700,10 @@ impl Stage {
             if sampled.is_err() {
                 stop.store(true, Ordering::Relaxed);
             }
-            let stream = load_thread
-                .join()
-                .map_err(|_| anyhow::anyhow!("load generator panicked"))??;
+            let stream = load_thread.join();
+            // Before anything can return: the scope waits for the poller.
             poller_done.store(true, Ordering::Relaxed);
+            let stream = stream.map_err(|_| anyhow::anyhow!("load generator panicked"))??;
             let poller = poller
                 .map(|p| {
                     p.join()

@@ -1,7 +1,8 @@
 //! The benchmarks' in-tree load generator: HTTP/1.1 with one TCP connection
 //! per request (`Connection: close`, a new socket every time), closed-loop at
 //! the maximum rate or open-loop at a fixed rate, and streaming completions
-//! with Poisson arrivals for the routing-quality benchmark.
+//! with Poisson arrivals and fixed or heavy-tailed (log-normal) lengths for
+//! the routing-quality benchmark.
 //!
 //! Why in-tree: wrk and hey have no open-loop fixed-rate mode, and neither
 //! reports time to first token. Latency here always includes the TCP
