@@ -32,3 +32,11 @@ pub fn flow_hash(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, pro
     }
     fmix32(h ^ 12)
 }
+
+/// A second hash of a flow, independent of `flow_hash` for every practical
+/// purpose (a bijective mix of it with another constant): the second of the
+/// two choices a large least-loaded service draws from its Maglev table.
+#[inline(always)]
+pub fn second_choice(hash: u32) -> u32 {
+    fmix32(hash ^ 0x5bd1_e995)
+}

@@ -12,5 +12,6 @@ pub mod csum;
 pub mod flow_hash;
 pub mod maps;
 pub mod reasons;
+pub mod selection;
 
 pub use maps::*;

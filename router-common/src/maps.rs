@@ -81,6 +81,13 @@ pub struct Service {
     /// Probe range for SNAT ports, host order, inclusive.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// How a new flow picks its backend: `SELECT_MAGLEV` or
+    /// `SELECT_LEAST_LOADED` (see `selection`).
+    pub selection: u32,
+    /// Backends listed in the live half of `MEMBERS` for this service; 0
+    /// makes a least-loaded service draw two choices from its Maglev table
+    /// instead of scanning (services larger than `MAX_SCAN_MEMBERS`).
+    pub members: u32,
 }
 
 /// `BACKENDS` value, indexed by backend id.
@@ -93,6 +100,43 @@ pub struct Backend {
     pub service_id: u32,
     /// 1 when the slot holds a configured backend.
     pub in_use: u32,
+    /// Capacity weight: how much concurrent work the backend takes relative
+    /// to its service's others. Read by the two-choices pick, which draws
+    /// candidates from the Maglev table and must weigh them; 0 is never picked.
+    pub weight: u32,
+    pub _pad2: u32,
+}
+
+/// `MEMBERS` value: one backend of a service's scan list, with its
+/// capacity weight (never 0: backends at weight 0 are left out).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Member {
+    pub backend_id: u32,
+    pub weight: u32,
+}
+
+/// `BACKEND_LOAD` value, indexed by backend id: cumulative counts of the
+/// backend's flows, so `opened - closed` is its in-flight count. Shared by
+/// every CPU (not per-CPU: a SYN on any CPU must see every CPU's flows) and
+/// only ever changed by atomic adds: the datapath adds on a flow's start
+/// and end, the daemon adds corrections for flows that vanished without an
+/// end (LRU eviction, expiry) through its memory mapping of the array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendLoad {
+    pub opened: u64,
+    pub closed: u64,
+}
+
+impl BackendLoad {
+    /// Flows open now. A count that reads negative (a correction or an end
+    /// raced a start) is 0.
+    #[inline(always)]
+    pub fn in_flight(&self) -> u64 {
+        let n = self.opened.wrapping_sub(self.closed);
+        if n > i64::MAX as u64 { 0 } else { n }
+    }
 }
 
 /// `CONNS` key: a flow as seen on the wire in one direction.
@@ -119,6 +163,10 @@ pub const CONN_AWAIT_REQUEST: u32 = 8;
 /// `ConnEntry::flags` bit on a reply entry: the client's first payload was
 /// forwarded at `stamp_us` and the backend has sent no payload yet.
 pub const CONN_AWAIT_RESPONSE: u32 = 16;
+/// `ConnEntry::flags` bit on a forward entry: the flow is counted in its
+/// backend's in-flight count (`BACKEND_LOAD`). Cleared atomically by
+/// whoever ends the flow, so an end is counted once.
+pub const CONN_COUNTED: u32 = 32;
 /// Every latency-measurement bit: one test keeps established flows that are
 /// done measuring on the shortest path.
 pub const CONN_AWAIT_ANY: u32 = CONN_AWAIT_SYNACK | CONN_AWAIT_REQUEST | CONN_AWAIT_RESPONSE;
@@ -226,13 +274,17 @@ mod pod {
     unsafe impl aya::Pod for ConnEntry {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for LatencyHistogram {}
+    unsafe impl aya::Pod for Member {}
+    unsafe impl aya::Pod for BackendLoad {}
 }
 
 // Layout is part of the kernel ABI between the two halves: pin it.
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 8);
-    assert!(core::mem::size_of::<Service>() == 32);
-    assert!(core::mem::size_of::<Backend>() == 16);
+    assert!(core::mem::size_of::<Service>() == 40);
+    assert!(core::mem::size_of::<Backend>() == 24);
+    assert!(core::mem::size_of::<Member>() == 8);
+    assert!(core::mem::size_of::<BackendLoad>() == 16);
     assert!(core::mem::size_of::<ConnKey>() == 16);
     assert!(core::mem::size_of::<ConnEntry>() == 64);
     assert!(core::mem::size_of::<TrafficCounters>() == 32);

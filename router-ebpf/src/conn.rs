@@ -14,18 +14,17 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 use router_common::{
-    CONN_AWAIT_REQUEST, CONN_AWAIT_SYNACK, CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey,
-    MAX_SNAT_ADDRS, NO_BACKEND, PROTO_TCP, SNAT_PROBES, Service, flow_hash::flow_hash,
+    CONN_AWAIT_REQUEST, CONN_AWAIT_SYNACK, CONN_CLOSING, CONN_COUNTED, CONN_REPLY, ConnEntry,
+    ConnKey, MAX_SNAT_ADDRS, NO_BACKEND, PROTO_TCP, SNAT_PROBES, Service, flow_hash::flow_hash,
 };
 
 use crate::{
+    flags, inflight,
     latency::now_us,
-    maps::{
-        BACKENDS, CONNS, HALF_OPEN, MAGLEV_TABLES, TABLE_SIZE, TCP_CLOSING_NS, TCP_IDLE_NS,
-        UDP_IDLE_NS,
-    },
+    maps::{BACKENDS, CONNS, HALF_OPEN, TCP_CLOSING_NS, TCP_IDLE_NS, UDP_IDLE_NS},
     mem::zeroed64,
     nat::deltas,
+    select,
 };
 
 const REFRESH_NS: u64 = 1_000_000_000;
@@ -75,14 +74,18 @@ pub fn expired(table: Table, e: &ConnEntry, now: u64, proto: u8) -> bool {
 
 /// Keeps an entry alive. Writes at most once a second (or on FIN/RST) so an
 /// established flow does not bounce the entry's cache line between CPUs.
+/// Returns whether this packet marked the entry closing (see
+/// `inflight::on_close`).
 #[inline(always)]
-pub fn refresh(e: &mut ConnEntry, now: u64, fin_or_rst: bool) {
+pub fn refresh(e: &mut ConnEntry, now: u64, fin_or_rst: bool) -> bool {
     if fin_or_rst && e.flags & CONN_CLOSING == 0 {
-        e.flags |= CONN_CLOSING;
         e.last_seen_ns = now;
-    } else if now.saturating_sub(e.last_seen_ns) > REFRESH_NS {
+        return flags::set(e, CONN_CLOSING) & CONN_CLOSING == 0;
+    }
+    if now.saturating_sub(e.last_seen_ns) > REFRESH_NS {
         e.last_seen_ns = now;
     }
+    false
 }
 
 /// A `ConnKey`, built as four words: a struct literal with `_pad: [0; 3]`
@@ -293,6 +296,7 @@ pub fn promote(fwd_key: &ConnKey, half_open: &ConnEntry, now: u64) -> Option<*mu
 pub struct FlowFlags {
     pub syn: bool,
     pub fin_or_rst: bool,
+    pub rst: bool,
 }
 
 pub enum NewFlow {
@@ -301,22 +305,6 @@ pub enum NewFlow {
     NoBackend,
     SnatExhausted,
     TableFull,
-}
-
-/// Maglev pick for a flow: the backend id in the service's live table half.
-#[inline(always)]
-fn pick(svc: &Service, hash: u32) -> u32 {
-    // checked_rem: a plain `%` would keep a divide-by-zero panic path, which
-    // the verifier rejects; the loader guarantees a non-zero size anyway.
-    let size = TABLE_SIZE.load();
-    let Some(slot) = hash.checked_rem(size) else {
-        return NO_BACKEND;
-    };
-    let idx = (svc.id * 2 + (svc.active_table & 1)) * size + slot;
-    match MAGLEV_TABLES.get(idx) {
-        Some(id) => *id,
-        None => NO_BACKEND,
-    }
 }
 
 /// Creates both directions of a new flow in HALF_OPEN, whatever opened it:
@@ -346,7 +334,8 @@ pub fn create(
         key.dst_port,
         key.proto,
     );
-    let backend_id = pick(svc, hash);
+    let fresh = flags.syn || key.proto != PROTO_TCP;
+    let backend_id = select::backend(svc, hash, fresh);
     if backend_id == NO_BACKEND {
         return NewFlow::NoBackend;
     }
@@ -392,14 +381,19 @@ pub fn create(
     fwd.l4_csum_delta = l4;
     fwd.backend_id = backend_id;
     fwd.service_id = svc.id;
+    // Counted unless a RST opened it: that flow is over as it starts.
     fwd.flags = if flags.fin_or_rst { CONN_CLOSING } else { 0 }
-        | if flags.syn { CONN_AWAIT_REQUEST } else { 0 };
+        | if flags.syn { CONN_AWAIT_REQUEST } else { 0 }
+        | if flags.rst { 0 } else { CONN_COUNTED };
     fwd.last_seen_ns = now;
     // Passed by reference: the entry is inserted from where it was built.
     let value: &ConnEntry = fwd;
     if HALF_OPEN.insert(key, value, BPF_ANY as u64).is_err() {
         let _ = HALF_OPEN.remove(reply_key(fwd, key.proto));
         return NewFlow::TableFull;
+    }
+    if !flags.rst {
+        inflight::opened(backend_id);
     }
     NewFlow::Created
 }

@@ -13,6 +13,7 @@ use router_common::{
 
 use crate::{
     conn::{owned_by, reply_key},
+    flags,
     maps::{CONNS, HALF_OPEN},
     parse::{L4, TCP_ACK, TCP_SYN},
     stats,
@@ -31,7 +32,7 @@ pub fn now_us() -> u32 {
 pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
     if e.flags & CONN_REPLY == 0 {
         if e.flags & CONN_AWAIT_REQUEST != 0 && l4.payload_len > 0 {
-            e.flags &= !CONN_AWAIT_REQUEST;
+            flags::clear(e, CONN_AWAIT_REQUEST);
             // The response is seen on the reply entry, so the stamp goes there.
             // In HALF_OPEN only when CONNS refused the flow's promotion.
             let rkey = reply_key(e, PROTO_TCP);
@@ -47,13 +48,14 @@ pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
             {
                 let r = unsafe { &mut *r };
                 r.stamp_us = now_us();
-                r.flags = (r.flags & !CONN_AWAIT_SYNACK) | CONN_AWAIT_RESPONSE;
+                flags::clear(r, CONN_AWAIT_SYNACK);
+                flags::set(r, CONN_AWAIT_RESPONSE);
             }
         }
         return;
     }
     if e.flags & CONN_AWAIT_SYNACK != 0 && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
-        e.flags &= !CONN_AWAIT_SYNACK;
+        flags::clear(e, CONN_AWAIT_SYNACK);
         stats::latency(
             e.backend_id,
             LATENCY_CONNECT,
@@ -61,7 +63,7 @@ pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
         );
     }
     if e.flags & CONN_AWAIT_RESPONSE != 0 && l4.payload_len > 0 {
-        e.flags &= !CONN_AWAIT_RESPONSE;
+        flags::clear(e, CONN_AWAIT_RESPONSE);
         stats::latency(
             e.backend_id,
             LATENCY_FIRST_BYTE,

@@ -3,15 +3,24 @@
 //! verdict is chosen in `try_router`, and every pass or drop is counted.
 #![no_std]
 #![no_main]
+// Atomic fetch-or/and/add on map values (see `flags`, `inflight`).
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics: the BPF target's core has no fetch atomics"
+)]
 
 mod conn;
 mod fib;
+mod flags;
 mod host;
+mod inflight;
 mod latency;
 mod maps;
 mod mem;
 mod nat;
 mod parse;
+mod select;
 mod stats;
 
 use core::mem::MaybeUninit;
@@ -72,25 +81,38 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
     let tcp = l4.proto == PROTO_TCP;
     let syn = tcp && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let fin_or_rst = tcp && l4.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let rst = tcp && l4.tcp_flags & TCP_RST != 0;
     let now = conn::now_ns();
 
     let mut stale: Option<(ConnEntry, Table)> = None;
     if let Some(e) = CONNS.get_ptr_mut(key) {
+        // SAFETY: a map value pointer from a successful lookup; the entry
+        // stays valid for this program run (RCU).
         let e = unsafe { &mut *e };
+        let expired = conn::expired(Table::Conns, e, now, l4.proto);
         // A SYN on a closed or half-gone flow is a new connection.
         let reused = syn && conn::syn_starts_over(Table::Conns, &key, e, now);
-        if !reused && !conn::expired(Table::Conns, e, now, l4.proto) {
-            conn::refresh(e, now, fin_or_rst);
+        if !reused && !expired {
+            if conn::refresh(e, now, fin_or_rst) || rst {
+                inflight::on_close(&key, e, rst);
+            }
             if e.flags & CONN_AWAIT_ANY != 0 {
                 latency::observe(&key, e, &l4);
             }
             return forward(ctx, e, l4.proto, ip.tot_len, false);
         }
+        // The new connection ends the live one on its 4-tuple; an expired
+        // one is the daemon's to uncount (see `inflight`).
+        if !expired {
+            inflight::release(e);
+        }
         stale = Some((*e, Table::Conns));
     } else if let Some(e) = HALF_OPEN.get_ptr_mut(key) {
+        // SAFETY: as above.
         let mut e = unsafe { &mut *e };
+        let expired = conn::expired(Table::HalfOpen, e, now, l4.proto);
         let restart = syn && conn::syn_starts_over(Table::HalfOpen, &key, e, now);
-        if !restart && !conn::expired(Table::HalfOpen, e, now, l4.proto) {
+        if !restart && !expired {
             // The client's second packet (for TCP, the handshake's ACK)
             // confirms the flow; a retransmitted SYN or a packet from the
             // backend does not.
@@ -98,13 +120,19 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
                 && e.flags & CONN_REPLY == 0
                 && let Some(p) = conn::promote(&key, e, now)
             {
+                // SAFETY: the promoted entry's place in CONNS, just looked up.
                 e = unsafe { &mut *p };
             }
-            conn::refresh(e, now, fin_or_rst);
+            if conn::refresh(e, now, fin_or_rst) || rst {
+                inflight::on_close(&key, e, rst);
+            }
             if e.flags & CONN_AWAIT_ANY != 0 {
                 latency::observe(&key, e, &l4);
             }
             return forward(ctx, e, l4.proto, ip.tot_len, false);
+        }
+        if !expired {
+            inflight::release(e);
         }
         stale = Some((*e, Table::HalfOpen));
     }
@@ -129,7 +157,18 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
             }
             let mut slot = MaybeUninit::uninit();
             let fwd: &mut ConnEntry = mem::zeroed64(&mut slot);
-            return match conn::create(&key, svc, stale, now, FlowFlags { syn, fin_or_rst }, fwd) {
+            return match conn::create(
+                &key,
+                svc,
+                stale,
+                now,
+                FlowFlags {
+                    syn,
+                    fin_or_rst,
+                    rst,
+                },
+                fwd,
+            ) {
                 NewFlow::Created => forward(ctx, fwd, l4.proto, ip.tot_len, true),
                 NewFlow::NoBackend => Ok(counted(reasons::DROP_NO_BACKEND, xdp_action::XDP_DROP)),
                 NewFlow::SnatExhausted => {

@@ -1,18 +1,19 @@
 //! Every map and load-time global of the `router` XDP program. Userspace is
-//! the only writer of SERVICES, BACKENDS, MAGLEV_TABLES, ADDR_FILTER,
-//! SNAT_ADDRS and FIB_GEN; the program writes CONNS, HALF_OPEN and the
-//! per-CPU counters.
+//! the only writer of SERVICES, BACKENDS, MAGLEV_TABLES, MEMBERS,
+//! ADDR_FILTER, SNAT_ADDRS and FIB_GEN; the program writes CONNS, HALF_OPEN
+//! and the per-CPU counters; both add to BACKEND_LOAD, atomically.
 
 use aya_ebpf::{
     Global,
-    bindings::BPF_F_NO_COMMON_LRU,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use router_common::{
-    ADDR_FILTER_SIZE, Backend, ConnEntry, ConnKey, DEFAULT_CONN_TABLE_SIZE, DEFAULT_TABLE_SIZE,
-    LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS_TOTAL, Service,
-    ServiceKey, TrafficCounters, half_open_table_size, reasons,
+    ADDR_FILTER_SIZE, Backend, BackendLoad, ConnEntry, ConnKey, DEFAULT_CONN_TABLE_SIZE,
+    DEFAULT_TABLE_SIZE, LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SNAT_ADDRS_TOTAL, Member, Service, ServiceKey, TrafficCounters, half_open_table_size,
+    reasons, selection::MAX_SCAN_MEMBERS,
 };
 
 #[map]
@@ -26,6 +27,19 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static MAGLEV_TABLES: Array<u32> =
     Array::with_max_entries(MAX_SERVICES * 2 * DEFAULT_TABLE_SIZE, 0);
+
+/// Scan lists of least-loaded services, double-buffered with their Maglev
+/// tables (the same `active_table` half is live): see
+/// `selection::member_index`.
+#[map]
+pub static MEMBERS: Array<Member> = Array::with_max_entries(MAX_SERVICES * 2 * MAX_SCAN_MEMBERS, 0);
+
+/// Per backend id: flows opened and closed, so every CPU reads a backend's
+/// in-flight count at SYN time. Memory-mappable so the daemon can add its
+/// corrections atomically beside the program's own adds (a map update from
+/// userspace would overwrite them).
+#[map]
+pub static BACKEND_LOAD: Array<BackendLoad> = Array::with_max_entries(MAX_BACKENDS, BPF_F_MMAPABLE);
 
 /// Both directions of every confirmed flow: one whose client has sent a
 /// second packet (for TCP, the handshake's ACK answering the SYN-ACK). LRU,

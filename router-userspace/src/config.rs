@@ -197,7 +197,12 @@ pub struct ServiceConfig {
     /// Another service whose backends take this one's new connections
     /// while every backend here is saturated.
     pub fallback: Option<String>,
+    /// How new flows pick a backend: as written, else `least_loaded` for a
+    /// service with any telemetry-driven backend and `maglev` otherwise.
+    pub selection: Selection,
 }
+
+pub use crate::datapath::Selection;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendConfig {
@@ -755,6 +760,7 @@ struct RawService {
     #[serde(default)]
     backend: Vec<RawBackend>,
     fallback: Option<String>,
+    selection: Option<Selection>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1232,6 +1238,17 @@ fn validate_services(
             });
         }
 
+        // Telemetry-driven services place by load: their weights are
+        // capacities, and counting in-flight work at the moment of each
+        // pick is what keeps bursts off one replica between polls. Static
+        // services keep consistent hashing, which needs no shared state.
+        let selection = svc.selection.unwrap_or_else(|| {
+            if backends.iter().any(|b| b.telemetry.is_some()) {
+                Selection::LeastLoaded
+            } else {
+                Selection::Maglev
+            }
+        });
         services.push(ServiceConfig {
             name: svc.name,
             vip,
@@ -1239,6 +1256,7 @@ fn validate_services(
             snat,
             backends,
             fallback: svc.fallback,
+            selection,
         });
     }
     for (i, svc) in services.iter().enumerate() {

@@ -533,6 +533,7 @@ impl Controller {
                 snat: scfg.snat.clone(),
                 snat_port_min: cfg.daemon.snat_port_min,
                 snat_port_max: cfg.daemon.snat_port_max,
+                selection: scfg.selection,
                 backends,
             });
         }

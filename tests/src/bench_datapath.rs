@@ -209,6 +209,7 @@ fn service() -> ServiceSpec {
         snat: vec![LB_ADDR],
         snat_port_min: 10000,
         snat_port_max: 32767,
+        selection: router::datapath::Selection::Maglev,
         backends: BACKENDS
             .iter()
             .enumerate()

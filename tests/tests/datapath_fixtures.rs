@@ -42,6 +42,7 @@ fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec {
         snat: vec![ip("198.18.0.1")],
         snat_port_min: 10000,
         snat_port_max: 32767,
+        selection: router::datapath::Selection::Maglev,
         backends: weights
             .iter()
             .enumerate()

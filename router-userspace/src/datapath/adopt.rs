@@ -203,11 +203,18 @@ impl Datapath {
                             .collect(),
                         snat_port_min: svc.snat_port_min,
                         snat_port_max: svc.snat_port_max,
+                        selection: if svc.selection == router_common::selection::SELECT_LEAST_LOADED
+                        {
+                            super::Selection::LeastLoaded
+                        } else {
+                            super::Selection::Maglev
+                        },
                         backends: backend_specs,
                     },
                     key,
                     active,
                     halves,
+                    members: [None, None],
                     backend_ids,
                 },
             );

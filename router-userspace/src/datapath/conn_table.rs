@@ -1,16 +1,24 @@
 //! The connection tables seen from userspace: counting live flows per
-//! backend, and ending a drained backend's flows when its deadline passes.
+//! backend, correcting the datapath's in-flight counts from what the tables
+//! hold (see `load`), and ending a drained backend's flows when its
+//! deadline passes.
 //! A `ConnTable` owns its own file descriptors of `CONNS` and `HALF_OPEN`,
 //! so a scan of a large table runs on a blocking thread without holding the
 //! daemon's lock.
 
-use std::{collections::BTreeMap, os::fd::AsFd};
+use std::{
+    collections::{BTreeMap, HashSet},
+    os::fd::AsFd,
+    sync::Arc,
+};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use router_common::{CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey, PROTO_TCP};
+use router_common::{
+    CONN_CLOSING, CONN_COUNTED, CONN_REPLY, ConnEntry, ConnKey, MAX_BACKENDS, PROTO_TCP,
+};
 use serde::{Deserialize, Serialize};
 
-use super::{Datapath, DatapathError, LoadOptions, map_err};
+use super::{Correction, Datapath, DatapathError, LoadCounters, LoadOptions, map_err};
 
 /// Live flows at one instant.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +28,11 @@ pub struct ConnScan {
     /// Entries of either direction, expired ones included (the LRU reclaims
     /// them lazily): how full the table is.
     pub entries: u64,
+    /// Backend id → flows in either table that the datapath counts as in
+    /// flight and that have not expired: what the in-flight counts should be.
+    pub counted: BTreeMap<u32, u64>,
+    /// Backend id → the corrections this scan made to its in-flight count.
+    pub corrections: BTreeMap<u32, Correction>,
 }
 
 pub struct ConnTable {
@@ -27,6 +40,13 @@ pub struct ConnTable {
     /// Flows still in their handshake: a drain deadline ends them too.
     half_open: HashMap<MapData, ConnKey, ConnEntry>,
     opts: LoadOptions,
+    load: Arc<LoadCounters>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Conns,
+    HalfOpen,
 }
 
 /// `bpf_ktime_get_coarse_ns` is CLOCK_MONOTONIC_COARSE; entries are stamped
@@ -44,8 +64,10 @@ fn coarse_now_ns() -> u64 {
 }
 
 impl ConnTable {
-    fn live(&self, key: &ConnKey, e: &ConnEntry, now: u64) -> bool {
-        let timeout = if e.flags & CONN_CLOSING != 0 {
+    /// The datapath's own expiry rule (`conn::expired`): half-open flows
+    /// and closing ones get the short timeout.
+    fn live(&self, table: Table, key: &ConnKey, e: &ConnEntry, now: u64) -> bool {
+        let timeout = if e.flags & CONN_CLOSING != 0 || table == Table::HalfOpen {
             self.opts.tcp_closing_ns
         } else if key.proto == PROTO_TCP {
             self.opts.tcp_idle_ns
@@ -55,22 +77,44 @@ impl ConnTable {
         now.saturating_sub(e.last_seen_ns) <= timeout
     }
 
-    /// Counts live flows per backend. Entries that vanish mid-scan (LRU
-    /// eviction, expiry) are skipped, not errors.
+    /// Counts live flows per backend and corrects the in-flight counts
+    /// from them. Entries that vanish mid-scan (LRU eviction, expiry) are
+    /// skipped, not errors. A flow moving from HALF_OPEN to CONNS while
+    /// the scan runs may be met in both: it is counted once.
     pub fn scan(&self) -> Result<ConnScan, DatapathError> {
         let now = coarse_now_ns();
         let mut out = ConnScan::default();
-        for item in self.map.iter() {
-            let (key, e) = match item {
-                Ok(kv) => kv,
-                Err(MapError::KeyNotFound) => continue,
-                Err(e) => return Err(map_err("CONNS")(e)),
-            };
-            out.entries += 1;
-            if e.flags & (CONN_REPLY | CONN_CLOSING) == 0 && self.live(&key, &e, now) {
-                *out.active.entry(e.backend_id).or_default() += 1;
+        let before = self.load.snapshot(0..MAX_BACKENDS);
+        let mut seen: HashSet<ConnKey> = HashSet::new();
+        for (table, name, map) in [
+            (Table::Conns, "CONNS", &self.map),
+            (Table::HalfOpen, "HALF_OPEN", &self.half_open),
+        ] {
+            for item in map.iter() {
+                let (key, e) = match item {
+                    Ok(kv) => kv,
+                    Err(MapError::KeyNotFound) => continue,
+                    Err(e) => return Err(map_err(name)(e)),
+                };
+                if e.flags & CONN_REPLY != 0 || !self.live(table, &key, &e, now) {
+                    if table == Table::Conns {
+                        out.entries += 1;
+                    }
+                    continue;
+                }
+                if table == Table::Conns {
+                    out.entries += 1;
+                    if e.flags & CONN_CLOSING == 0 {
+                        *out.active.entry(e.backend_id).or_default() += 1;
+                    }
+                }
+                if e.flags & CONN_COUNTED != 0 && seen.insert(key) {
+                    *out.counted.entry(e.backend_id).or_default() += 1;
+                }
             }
         }
+        let after = self.load.snapshot(0..MAX_BACKENDS);
+        out.corrections = self.load.reconcile(&before, &after, &out.counted);
         Ok(out)
     }
 
@@ -112,6 +156,7 @@ impl Datapath {
             map: self.dup_table("CONNS")?,
             half_open: self.dup_table("HALF_OPEN")?,
             opts: self.opts.clone(),
+            load: self.load.clone(),
         })
     }
 

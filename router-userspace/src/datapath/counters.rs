@@ -38,6 +38,13 @@ pub struct BackendStatus {
     pub counters: Counters,
     /// Connect and first-byte latency measured in the datapath.
     pub latency: super::BackendLatency,
+    /// Flows open now, as the datapath counts them for least-loaded picks.
+    #[serde(default)]
+    pub in_flight: u64,
+    /// Flows ended, cumulative (the datapath's ends and the scan's
+    /// corrections for flows that vanished without one).
+    #[serde(default)]
+    pub flows_closed: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,6 +54,9 @@ pub struct ServiceStatus {
     pub protocol: String,
     pub snat: Vec<String>,
     pub table_size: u32,
+    /// `maglev` or `least_loaded`.
+    #[serde(default)]
+    pub selection: String,
     pub counters: Counters,
     pub backends: Vec<BackendStatus>,
 }
@@ -123,6 +133,7 @@ impl Datapath {
             let mut backends = Vec::new();
             for b in &st.spec.backends {
                 let id = st.backend_ids[&b.name];
+                let load = self.load.get(id);
                 let slots = st
                     .live_table()
                     .map(|t| t.iter().filter(|x| **x == id).count() as u32)
@@ -135,6 +146,8 @@ impl Datapath {
                     slots,
                     counters: self.traffic("BACKEND_STATS", id)?,
                     latency: self.backend_latency(id)?,
+                    in_flight: load.in_flight(),
+                    flows_closed: load.closed,
                 });
             }
             services.push(ServiceStatus {
@@ -147,6 +160,7 @@ impl Datapath {
                 },
                 snat: st.spec.snat.iter().map(|a| a.to_string()).collect(),
                 table_size: self.opts.table_size,
+                selection: st.spec.selection.as_str().into(),
                 counters: self.traffic("SERVICE_STATS", st.id)?,
                 backends,
             });

@@ -14,6 +14,7 @@ mod adopt;
 mod conn_table;
 mod counters;
 mod latency;
+mod load;
 pub mod pinning;
 mod spec;
 mod state;
@@ -36,8 +37,10 @@ pub use adopt::AdoptedRoute;
 pub use conn_table::{ConnScan, ConnTable};
 pub use counters::{BackendStatus, Counters, DatapathStatus, ServiceStatus};
 pub use latency::{BackendLatency, Histogram, LATENCY_CONNECT, LATENCY_FIRST_BYTE};
+pub use load::{Correction, LoadCounters, LoadSnapshot};
 pub use pinning::{PinDir, Removed};
-pub use spec::{BackendSpec, LoadOptions, ServiceSpec};
+pub use spec::{BackendSpec, LoadOptions, Selection, ServiceSpec};
+pub use state::SCAN_LIMIT;
 use state::ServiceState;
 
 /// The compiled `router` XDP object.
@@ -124,6 +127,8 @@ pub struct Datapath {
     pins: Option<PinDir>,
     /// Map contents left by an earlier daemon, named by the first apply.
     adopted: Option<adopt::PinnedState>,
+    /// The in-flight counters, mapped once and shared with the scanner.
+    load: std::sync::Arc<LoadCounters>,
 }
 
 enum Attachment {
@@ -221,6 +226,7 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap("router program"))?
             .try_into()?;
         program.load()?;
+        let load = std::sync::Arc::new(load::map(&ebpf)?);
         let mut dp = Self {
             ebpf,
             opts,
@@ -231,6 +237,7 @@ impl Datapath {
             fib_gen: 0,
             pins,
             adopted: None,
+            load,
         };
         // A pinned generation counts on, so no cached next hop can match
         // a generation it was not resolved under.

@@ -12,7 +12,36 @@ pub struct ServiceSpec {
     pub snat: Vec<Ipv4Addr>,
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    pub selection: Selection,
     pub backends: Vec<BackendSpec>,
+}
+
+/// How the datapath picks a new flow's backend (see
+/// `router_common::selection`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// Consistent hashing through the weighted Maglev table.
+    #[default]
+    Maglev,
+    /// The smallest `(in_flight + 1) / weight`, counted in the datapath.
+    LeastLoaded,
+}
+
+impl Selection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Selection::Maglev => "maglev",
+            Selection::LeastLoaded => "least_loaded",
+        }
+    }
+
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Selection::Maglev => router_common::selection::SELECT_MAGLEV,
+            Selection::LeastLoaded => router_common::selection::SELECT_LEAST_LOADED,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,10 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::maps::{Array, HashMap as BpfHashMap};
 use router_common::{
     ADDR_FILTER_SIZE, Backend, FILTER_SNAT, FILTER_VIP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS,
-    Service, ServiceKey, addr_filter_bucket,
+    Member, Service, ServiceKey, addr_filter_bucket,
+    selection::{MAX_SCAN_MEMBERS, member_index},
 };
 
-use super::{Datapath, DatapathError, ServiceSpec, map_err};
+use super::{Datapath, DatapathError, Selection, ServiceSpec, map_err};
 use crate::maglev::{self, MaglevBackend};
 
 pub(super) struct ServiceState {
@@ -19,12 +20,48 @@ pub(super) struct ServiceState {
     pub active: u32,
     /// What each table half holds, so a change writes only differing slots.
     pub halves: [Option<Vec<u32>>; 2],
+    /// What each half's scan list in `MEMBERS` holds (`None`: unknown, as
+    /// after adopting a pinned datapath).
+    pub members: [Option<Vec<Member>>; 2],
     pub backend_ids: BTreeMap<String, u32>,
 }
 
 impl ServiceState {
     pub fn live_table(&self) -> Option<&Vec<u32>> {
         self.halves[self.active as usize & 1].as_ref()
+    }
+
+    fn live_members(&self) -> Option<&Vec<Member>> {
+        self.members[self.active as usize & 1].as_ref()
+    }
+}
+
+/// Largest least-loaded service that is scanned in full on every new
+/// flow; larger ones compare two choices drawn from the Maglev table. Set
+/// from the datapath benchmark's SYN cost by member count (bench/datapath.md).
+pub const SCAN_LIMIT: usize = 32;
+const _: () = assert!(SCAN_LIMIT <= MAX_SCAN_MEMBERS as usize);
+
+/// The scan list of a service: its backends that take new flows, with
+/// their weights, in spec order; empty unless it is least-loaded and small
+/// enough to scan.
+fn scan_list(s: &ServiceSpec, ids: &BTreeMap<String, u32>) -> Vec<Member> {
+    if s.selection != Selection::LeastLoaded {
+        return Vec::new();
+    }
+    let list: Vec<Member> = s
+        .backends
+        .iter()
+        .filter(|b| b.weight > 0)
+        .map(|b| Member {
+            backend_id: ids[&b.name],
+            weight: b.weight,
+        })
+        .collect();
+    if list.len() > SCAN_LIMIT {
+        Vec::new()
+    } else {
+        list
     }
 }
 
@@ -195,6 +232,8 @@ impl Datapath {
                 _pad: 0,
                 service_id: sid,
                 in_use: 1,
+                weight: b.weight,
+                _pad2: 0,
             };
             if backends.get(&id, 0).map_err(map_err("BACKENDS"))? != value {
                 backends.set(id, value, 0).map_err(map_err("BACKENDS"))?;
@@ -225,6 +264,7 @@ impl Datapath {
             })
             .collect();
         let table = maglev::build(&input, size);
+        let members = scan_list(s, &ids);
 
         let existed = self.services.contains_key(&s.name);
         let mut st = match self.services.remove(&s.name) {
@@ -235,6 +275,7 @@ impl Datapath {
                 key: service_key(s),
                 active: 0,
                 halves: [None, None],
+                members: [None, None],
                 backend_ids: BTreeMap::new(),
             },
         };
@@ -249,17 +290,22 @@ impl Datapath {
 
         let mut swapped = None;
         let mut active = st.active;
-        if st.live_table() != Some(&table) {
+        if st.live_table() != Some(&table) || st.live_members() != Some(&members) {
             let idle = (st.active ^ 1) & 1;
             let changed = match st.live_table() {
                 Some(live) => live.iter().zip(&table).filter(|(a, b)| a != b).count(),
                 None => table.len(),
             };
             self.write_half(sid, idle, &table, st.halves[idle as usize].as_deref())?;
+            self.write_members(sid, idle, &members, st.members[idle as usize].as_deref())?;
             st.halves[idle as usize] = Some(table);
+            st.members[idle as usize] = Some(members);
             active = idle;
             swapped = Some(changed);
         }
+        let member_count = st.members[active as usize & 1]
+            .as_ref()
+            .map_or(0, |m| m.len() as u32);
 
         let mut snat_addrs = [0u32; MAX_SNAT_ADDRS];
         for (slot, a) in snat_addrs.iter_mut().zip(&s.snat) {
@@ -272,6 +318,8 @@ impl Datapath {
             snat_count: s.snat.len() as u32,
             snat_port_min: s.snat_port_min,
             snat_port_max: s.snat_port_max,
+            selection: s.selection.code(),
+            members: member_count,
         };
         let mut services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
             self.ebpf
@@ -318,6 +366,33 @@ impl Datapath {
             tables
                 .set(base + slot as u32, *id, 0)
                 .map_err(map_err("MAGLEV_TABLES"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a scan list into the idle half of `MEMBERS`, skipping entries
+    /// that already hold the same member. Entries past the list's end are
+    /// not read (the service value carries the count).
+    fn write_members(
+        &mut self,
+        sid: u32,
+        half: u32,
+        list: &[Member],
+        previous: Option<&[Member]>,
+    ) -> Result<(), DatapathError> {
+        let mut members: Array<_, Member> = Array::try_from(
+            self.ebpf
+                .map_mut("MEMBERS")
+                .ok_or(DatapathError::MissingMap("MEMBERS"))?,
+        )
+        .map_err(map_err("MEMBERS"))?;
+        for (i, m) in list.iter().enumerate() {
+            if previous.is_some_and(|p| p.get(i) == Some(m)) {
+                continue;
+            }
+            members
+                .set(member_index(sid, half, i as u32), *m, 0)
+                .map_err(map_err("MEMBERS"))?;
         }
         Ok(())
     }
@@ -396,6 +471,7 @@ impl Datapath {
         }
         for id in freed {
             self.reset_backend_stats(id)?;
+            self.load.clear(id);
         }
         Ok(())
     }

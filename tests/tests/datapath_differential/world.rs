@@ -142,6 +142,7 @@ pub(crate) fn specs(set: usize) -> Vec<ServiceSpec> {
             snat: s.snat.iter().map(|a| ip_of(wire(a))).collect(),
             snat_port_min: s.ports.0,
             snat_port_max: s.ports.1,
+            selection: router::datapath::Selection::Maglev,
             backends: s
                 .backends
                 .iter()

@@ -1,0 +1,151 @@
+//! Picking a new flow's backend: the service's Maglev table, or the least
+//! loaded of its backends by in-flight count per unit of capacity (see
+//! `router_common::selection`). Reads maps only; never writes.
+
+use router_common::{
+    NO_BACKEND, Service,
+    flow_hash::second_choice,
+    selection::{MAX_SCAN_MEMBERS, SELECT_LEAST_LOADED, less_loaded, member_index},
+};
+
+use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop};
+
+use crate::{
+    inflight::in_flight,
+    maps::{BACKENDS, MAGLEV_TABLES, MEMBERS, TABLE_SIZE},
+};
+
+/// The backend for a new flow of `svc` with flow hash `hash`. `fresh` is a
+/// flow that starts here (a SYN, a UDP flow): only those are placed by
+/// load. A TCP flow picked up mid-stream goes through Maglev, which maps
+/// it to the backend it had while the weights are unchanged.
+#[inline(always)]
+pub fn backend(svc: &Service, hash: u32, fresh: bool) -> u32 {
+    if fresh && svc.selection == SELECT_LEAST_LOADED {
+        if svc.members > 0 {
+            return scan(svc, hash);
+        }
+        return two_choices(svc, hash);
+    }
+    maglev(svc, hash)
+}
+
+/// The backend id in the service's live Maglev table half at `hash`'s slot.
+#[inline(always)]
+fn maglev(svc: &Service, hash: u32) -> u32 {
+    // checked_rem: a plain `%` would keep a divide-by-zero panic path, which
+    // the verifier rejects; the loader guarantees a non-zero size anyway.
+    let size = TABLE_SIZE.load();
+    let Some(slot) = hash.checked_rem(size) else {
+        return NO_BACKEND;
+    };
+    let idx = (svc.id * 2 + (svc.active_table & 1)) * size + slot;
+    match MAGLEV_TABLES.get(idx) {
+        Some(id) => *id,
+        None => NO_BACKEND,
+    }
+}
+
+/// What the scan carries from member to member (on the caller's stack).
+#[repr(C)]
+struct Scan {
+    service_id: u32,
+    half: u32,
+    n: u32,
+    start: u32,
+    best: u32,
+    best_weight: u32,
+    best_load: u64,
+}
+
+/// Every member compared; ties go to the first in an order that starts at
+/// a slot given by the flow hash, so equally loaded backends share new
+/// flows instead of the first listed taking them all. The members are
+/// walked with `bpf_loop`: its body is verified once, where an unrolled or
+/// bounded loop would be verified once per member and path, past the
+/// verifier's budget for the whole program.
+#[inline(always)]
+fn scan(svc: &Service, hash: u32) -> u32 {
+    let n = if svc.members < MAX_SCAN_MEMBERS {
+        svc.members
+    } else {
+        MAX_SCAN_MEMBERS
+    };
+    let Some(start) = hash.checked_rem(n) else {
+        return NO_BACKEND;
+    };
+    let mut st = Scan {
+        service_id: svc.id,
+        half: svc.active_table,
+        n,
+        start,
+        best: NO_BACKEND,
+        best_weight: 0,
+        best_load: 0,
+    };
+    // SAFETY: the callback reads and writes only the `Scan` it is handed,
+    // which lives on this stack frame until bpf_loop returns.
+    unsafe {
+        bpf_loop(
+            n,
+            scan_member as *mut c_void,
+            (&raw mut st).cast::<c_void>(),
+            0,
+        )
+    };
+    st.best
+}
+
+/// One member of a `scan`: `bpf_loop`'s callback (0: go on, 1: stop).
+#[inline(never)]
+extern "C" fn scan_member(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Scan` that `scan` passed to bpf_loop.
+    let st = unsafe { &mut *ctx.cast::<Scan>() };
+    let i = i as u32;
+    if i >= st.n {
+        return 1;
+    }
+    let mut j = st.start + i;
+    if j >= st.n {
+        j -= st.n;
+    }
+    let Some(m) = MEMBERS.get(member_index(st.service_id, st.half, j)) else {
+        return 0;
+    };
+    if m.weight == 0 {
+        return 0;
+    }
+    let load = in_flight(m.backend_id);
+    if st.best == NO_BACKEND || less_loaded(load, m.weight, st.best_load, st.best_weight) {
+        st.best = m.backend_id;
+        st.best_load = load;
+        st.best_weight = m.weight;
+    }
+    0
+}
+
+#[inline(always)]
+fn weight(backend_id: u32) -> u32 {
+    match BACKENDS.get(backend_id) {
+        Some(b) if b.in_use != 0 => b.weight,
+        _ => 0,
+    }
+}
+
+/// Two candidates drawn from the Maglev table (so in proportion to
+/// weight), by two independent hashes; the less loaded wins, the first on
+/// a tie. A backend whose weight has just gone to 0 can still sit in a
+/// table half until the flip: it is never picked.
+#[inline(always)]
+fn two_choices(svc: &Service, hash: u32) -> u32 {
+    let a = maglev(svc, hash);
+    let b = maglev(svc, second_choice(hash));
+    let (wa, wb) = (weight(a), weight(b));
+    let (pick, w) = if b != NO_BACKEND && b != a && less_loaded(in_flight(b), wb, in_flight(a), wa)
+    {
+        (b, wb)
+    } else {
+        (a, wa)
+    };
+    if w == 0 { NO_BACKEND } else { pick }
+}
