@@ -103,10 +103,16 @@ fn spawn_conn_scanner(
     std::thread::Builder::new()
         .name("conn-scan".into())
         .spawn(move || {
+            let mut total: std::collections::BTreeMap<u32, crate::datapath::Correction> =
+                std::collections::BTreeMap::new();
             loop {
                 let t = Instant::now();
                 match table.scan() {
-                    Ok(scan) => {
+                    Ok(mut scan) => {
+                        for (id, c) in &scan.corrections {
+                            total.entry(*id).or_default().add(c);
+                        }
+                        scan.corrections_total = total.clone();
                         if let Ok(mut slot) = out.lock() {
                             *slot = Some(scan);
                         }

@@ -159,6 +159,30 @@ impl Collector for Snapshot {
         )?;
         gauges(
             e,
+            "router_backend_in_flight",
+            "Flows open now, counted by the datapath at each pick (the least-loaded selection's input).",
+            per_b(|b| Some(b.in_flight as f64)),
+        )?;
+        counters(
+            e,
+            "router_backend_flows_closed",
+            "Flows ended: FIN both ways or RST seen by the datapath, plus flows the table scan found gone.",
+            per_b_count(|b| b.flows_closed),
+        )?;
+        counters(
+            e,
+            "router_backend_in_flight_leaked_corrections",
+            "Flows the table scan uncounted because they vanished without an end (LRU eviction, expiry, drain deadline).",
+            per_b_count(|b| b.in_flight_corrections.leaked),
+        )?;
+        counters(
+            e,
+            "router_backend_in_flight_overcount_corrections",
+            "Flow ends the table scan took back because more ends than starts were counted.",
+            per_b_count(|b| b.in_flight_corrections.overcounted),
+        )?;
+        gauges(
+            e,
             "router_backend_new_connections_per_second",
             "New connections per second over the last minute.",
             per_b(|b| b.new_conns_per_sec),

@@ -101,14 +101,15 @@ pub fn draw(frame: &mut Frame, m: &TopModel) {
         .iter()
         .map(|s| {
             Line::from(format!(
-                "{}  {}/{}  backends {} (healthy {}, saturated {})  active {}  conn/s {}  fallback {}  ${}/h",
+                "{}  {}/{}  {}  backends {} (healthy {}, saturated {})  in flight {}  conn/s {}  fallback {}  ${}/h",
                 s.name,
                 s.vip,
                 s.protocol,
+                s.selection,
                 s.backends,
                 s.healthy_backends,
                 s.saturated_backends,
-                s.active_connections.map_or_else(|| "-".into(), |n| n.to_string()),
+                s.in_flight,
                 s.new_conns_per_sec.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
                 s.fallback_connections,
                 s.cost_per_hour.map_or_else(|| "-".into(), |v| format!("{v:.2}")),
@@ -148,10 +149,7 @@ pub fn draw(frame: &mut Frame, m: &TopModel) {
                     b.new_conns_per_sec
                         .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
                 ),
-                Cell::from(
-                    b.active_connections
-                        .map_or_else(|| "-".into(), |n| n.to_string()),
-                ),
+                Cell::from(b.in_flight.to_string()),
                 health,
                 Cell::from(format!(
                     "{}/{}",
@@ -183,7 +181,7 @@ pub fn draw(frame: &mut Frame, m: &TopModel) {
             "GPU UTIL",
             "",
             "CONN/S",
-            "ACTIVE",
+            "IN FLT",
             "HLTH",
             "TTFB p50/p99 ms",
             "MODE: REASON",
@@ -324,6 +322,9 @@ mod tests {
             requests_waiting: None,
             counters: Counters::default(),
             active_connections: Some(7),
+            in_flight: 7,
+            flows_closed: 40,
+            in_flight_corrections: Default::default(),
             new_conns_per_sec: Some(12.5),
             connect_p50_ms: Some(0.2),
             connect_p99_ms: Some(0.9),
@@ -347,6 +348,8 @@ mod tests {
             healthy_backends: 2,
             saturated_backends: 1,
             counters: Counters::default(),
+            selection: "least_loaded".into(),
+            in_flight: 14,
             active_connections: Some(14),
             new_conns_per_sec: Some(25.0),
             cost_per_hour: Some(8.2),
@@ -383,7 +386,9 @@ mod tests {
         }
         let s = screen(&m);
         assert!(
-            s.contains("llama  198.18.100.1:8000/tcp  backends 2 (healthy 2, saturated 1)"),
+            s.contains(
+                "llama  198.18.100.1:8000/tcp  least_loaded  backends 2 (healthy 2, saturated 1)  in flight 14"
+            ),
             "{s}"
         );
         assert!(s.contains("fallback 3"), "{s}");

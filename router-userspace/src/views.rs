@@ -51,6 +51,18 @@ pub struct BackendView {
     pub counters: Counters,
     /// Live forward flows in the connection table (None before the first scan).
     pub active_connections: Option<u64>,
+    /// Flows open now as the datapath counts them at each pick (least-loaded
+    /// services place new flows by it; every service keeps it).
+    #[serde(default)]
+    pub in_flight: u64,
+    /// Flows ended since the backend's slot was taken (ends seen by the
+    /// datapath and the scan's corrections together).
+    #[serde(default)]
+    pub flows_closed: u64,
+    /// Corrections of the in-flight count by the table scan: flows that
+    /// vanished without an end, and ends counted twice.
+    #[serde(default)]
+    pub in_flight_corrections: crate::datapath::Correction,
     pub new_conns_per_sec: Option<f64>,
     pub connect_p50_ms: Option<f64>,
     pub connect_p99_ms: Option<f64>,
@@ -75,7 +87,12 @@ pub struct ServiceView {
     pub healthy_backends: usize,
     pub saturated_backends: usize,
     pub counters: Counters,
+    /// `maglev` or `least_loaded`.
+    #[serde(default)]
+    pub selection: String,
     pub active_connections: Option<u64>,
+    #[serde(default)]
+    pub in_flight: u64,
     pub new_conns_per_sec: Option<f64>,
     /// Sum over backends that have a configured cost.
     pub cost_per_hour: Option<f64>,
@@ -141,6 +158,11 @@ pub fn backends(st: &StatusReply, scan: Option<&ConnScan>, rates: &Rates) -> Vec
                 requests_waiting: t.and_then(|t| t.requests_waiting),
                 counters: b.counters,
                 active_connections: scan.map(|sc| sc.active.get(&b.id).copied().unwrap_or(0)),
+                in_flight: b.in_flight,
+                flows_closed: b.flows_closed,
+                in_flight_corrections: scan
+                    .and_then(|sc| sc.corrections_total.get(&b.id).copied())
+                    .unwrap_or_default(),
                 new_conns_per_sec: rate,
                 connect_p50_ms: ms(b.latency.connect.quantile(0.5)),
                 connect_p99_ms: ms(b.latency.connect.quantile(0.99)),
@@ -178,6 +200,8 @@ pub fn services(st: &StatusReply, backends: &[BackendView]) -> Vec<ServiceView> 
                 healthy_backends: mine.iter().filter(|b| b.healthy != Some(false)).count(),
                 saturated_backends: mine.iter().filter(|b| b.saturated).count(),
                 counters: s.counters,
+                selection: s.selection.clone(),
+                in_flight: mine.iter().map(|b| b.in_flight).sum(),
                 active_connections: mine
                     .iter()
                     .map(|b| b.active_connections)

@@ -20,3 +20,4 @@ pub mod soak;
 pub mod synflood;
 pub mod test_run;
 pub mod veth_xdp;
+pub mod xdp_fixture;

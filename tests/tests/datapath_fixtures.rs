@@ -5,164 +5,12 @@
 //! Each test runs in its own network namespace holding a veth with static
 //! neighbours, so `bpf_fib_lookup` resolves deterministic next hops.
 
-use router::datapath::{BackendSpec, Datapath, LoadOptions, ServiceSpec};
+use router::datapath::LoadOptions;
 use router_common::reasons;
 use router_tests::{
-    kernel_ns::{EnteredNs, TEST_NEIGHBOURS},
-    packet::{Mac, Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, addr, checksums_valid, ip},
-    test_run::run_packet,
+    packet::{Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, addr, ip},
+    xdp_fixture::*,
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
-const ARM2_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
-
-const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
-const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0x0c, 0x02];
-const CLIENT2_MAC: Mac = [0x02, 0, 0, 0, 0x0c, 0x03];
-
-fn backend_mac(i: u8) -> Mac {
-    [0x02, 0, 0, 0, 0x0b, i]
-}
-
-struct Fixture {
-    dp: Datapath,
-    ifindex: u32,
-    _ns: EnteredNs,
-}
-
-fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec {
-    ServiceSpec {
-        name: name.into(),
-        vip: addr(vip),
-        proto,
-        snat: vec![ip("198.18.0.1")],
-        snat_port_min: 10000,
-        snat_port_max: 32767,
-        selection: router::datapath::Selection::Maglev,
-        backends: weights
-            .iter()
-            .enumerate()
-            .map(|(i, w)| BackendSpec {
-                name: format!("b{i}"),
-                address: addr(&format!("198.18.0.{}:8000", 11 + i)),
-                weight: *w,
-            })
-            .collect(),
-    }
-}
-
-impl Fixture {
-    fn new(services: &[ServiceSpec]) -> Self {
-        Self::with_options(
-            services,
-            LoadOptions {
-                table_size: 1021,
-                ..LoadOptions::default()
-            },
-        )
-    }
-
-    fn with_options(services: &[ServiceSpec], opts: LoadOptions) -> Self {
-        let ns = EnteredNs::new("rtfx").expect("netns");
-        let ifindex = ns
-            .test_arm(
-                ("fx0", "fx1"),
-                "02:00:00:00:00:01",
-                "198.18.0.1/24",
-                &TEST_NEIGHBOURS,
-            )
-            .unwrap();
-        // A second arm, for backends behind another interface (XDP_REDIRECT).
-        ns.test_arm(
-            ("fx2", "fx3"),
-            "02:00:00:00:01:01",
-            "198.18.1.1/24",
-            &[("198.18.1.11", "02:00:00:00:1b:00")],
-        )
-        .unwrap();
-        let mut dp = Datapath::load(opts).expect("load router program");
-        dp.apply(services).expect("apply services");
-        Fixture {
-            dp,
-            ifindex,
-            _ns: ns,
-        }
-    }
-
-    fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
-        run_packet(&mut self.dp, input, self.ifindex).expect("BPF_PROG_TEST_RUN")
-    }
-
-    fn reasons(&self) -> Vec<u64> {
-        self.dp
-            .reason_counts()
-            .unwrap()
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect()
-    }
-
-    /// Runs one case and checks verdict, bytes and the one reason counter.
-    fn case(&mut self, c: Case<'_>) -> Vec<u8> {
-        let before = self.reasons();
-        let (verdict, out) = self.run(&c.input);
-        assert_eq!(verdict, c.verdict, "{}: verdict", c.name);
-        if let Some(expected) = &c.output {
-            assert_eq!(hex(&out), hex(expected), "{}: output bytes", c.name);
-        }
-        let after = self.reasons();
-        for (i, name) in reasons::NAMES.iter().enumerate() {
-            let delta = after[i] - before[i];
-            let want = u64::from(c.reasons.contains(&(i as u32)));
-            assert_eq!(delta, want, "{}: counter {name}", c.name);
-        }
-        if verdict == XDP_TX {
-            assert!(
-                checksums_valid(&out),
-                "{}: checksums of {}",
-                c.name,
-                hex(&out)
-            );
-        }
-        out
-    }
-}
-
-struct Case<'a> {
-    name: &'a str,
-    input: Vec<u8>,
-    verdict: u32,
-    /// None: output must equal input.
-    output: Option<Vec<u8>>,
-    reasons: &'a [u32],
-}
-
-impl<'a> Case<'a> {
-    fn new(
-        name: &'a str,
-        input: Vec<u8>,
-        verdict: u32,
-        output: Option<Vec<u8>>,
-        reasons: &'a [u32],
-    ) -> Self {
-        let output = Some(output.unwrap_or_else(|| input.clone()));
-        Self {
-            name,
-            input,
-            verdict,
-            output,
-            reasons,
-        }
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 const VIP: &str = "198.18.100.1:8000";
 
@@ -721,7 +569,7 @@ fn backend_behind_another_interface_is_redirected_both_ways() {
     ));
     // The reply arrives on the backend arm and goes back out the client arm.
     let client_arm = f.ifindex;
-    f.ifindex = f._ns.ifindex("fx2").unwrap();
+    f.ifindex = f.ns.ifindex("fx2").unwrap();
     let syn_ack =
         Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(ARM2_MAC, [0x02, 0, 0, 0, 0x1b, 0]);
     f.case(Case::new(
@@ -1159,14 +1007,6 @@ fn a_syn_takes_its_own_port_from_an_older_half_open_flow() {
 }
 
 /// A table of the program's by name, for reading or editing entries.
-fn table<'a>(
-    f: &'a mut Fixture,
-    name: &str,
-) -> aya::maps::HashMap<&'a mut aya::maps::MapData, router_common::ConnKey, router_common::ConnEntry>
-{
-    aya::maps::HashMap::try_from(f.dp.ebpf_mut().map_mut(name).unwrap()).unwrap()
-}
-
 #[test]
 fn a_syn_after_the_backend_reset_the_flow_is_a_new_connection() {
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[1, 0])]);

@@ -33,6 +33,10 @@ pub struct ConnScan {
     pub counted: BTreeMap<u32, u64>,
     /// Backend id → the corrections this scan made to its in-flight count.
     pub corrections: BTreeMap<u32, Correction>,
+    /// Backend id → every correction since the scanner started (filled in
+    /// by the daemon's scanner thread).
+    #[serde(default)]
+    pub corrections_total: BTreeMap<u32, Correction>,
 }
 
 pub struct ConnTable {

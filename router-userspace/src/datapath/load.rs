@@ -69,6 +69,13 @@ pub struct Correction {
     pub overcounted: u64,
 }
 
+impl Correction {
+    pub fn add(&mut self, other: &Correction) {
+        self.leaked = self.leaked.saturating_add(other.leaked);
+        self.overcounted = self.overcounted.saturating_add(other.overcounted);
+    }
+}
+
 impl LoadCounters {
     fn bytes(&self) -> usize {
         self.len * std::mem::size_of::<BackendLoad>()
