@@ -1,7 +1,8 @@
 //! The benchmarks' in-tree load generator: HTTP/1.1 with one TCP connection
 //! per request (`Connection: close`, a new socket every time), closed-loop at
 //! the maximum rate or open-loop at a fixed rate, and streaming completions
-//! with Poisson arrivals for the routing-quality benchmark.
+//! with Poisson arrivals and fixed or heavy-tailed (log-normal) lengths for
+//! the routing-quality benchmark.
 //!
 //! Why in-tree: wrk and hey have no open-loop fixed-rate mode, and neither
 //! reports time to first token. Latency here always includes the TCP
@@ -316,6 +317,77 @@ impl Rng {
     pub fn exp(&mut self, rate: f64) -> f64 {
         -self.unit().ln() / rate
     }
+
+    /// A generator for stream `stream` of `seed`: its draws are unrelated to
+    /// those of `Rng::new(seed)` and of other streams, so one seed can drive
+    /// several independent sequences (arrival gaps, request lengths). The
+    /// seed is scrambled with SplitMix64 first because xorshift seeded with
+    /// nearby values gives correlated first draws.
+    pub fn stream(seed: u64, stream: u64) -> Self {
+        let mut z = (seed ^ stream.rotate_left(32)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Self::new(z ^ (z >> 31))
+    }
+
+    /// Standard normal (Box–Muller; uses two uniform draws, keeps one
+    /// result so every call consumes the same number of draws).
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.unit(), self.unit());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    /// Log-normal with the given median and σ of its logarithm.
+    pub fn lognormal(&mut self, median: f64, sigma: f64) -> f64 {
+        median * (sigma * self.normal()).exp()
+    }
+}
+
+/// How many tokens each streamed request asks for (`max_tokens`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Lengths {
+    /// Every request asks for the same number.
+    Fixed(u32),
+    /// Heavy-tailed, as real completion lengths are: log-normal with this
+    /// median and σ of the logarithm, rounded to the nearest token and
+    /// clamped to `[min, max]`.
+    LogNormal {
+        median: f64,
+        sigma: f64,
+        min: u32,
+        max: u32,
+    },
+}
+
+impl Lengths {
+    /// The next request's length.
+    pub fn draw(&self, rng: &mut Rng) -> u32 {
+        match *self {
+            Lengths::Fixed(n) => n,
+            Lengths::LogNormal {
+                median,
+                sigma,
+                min,
+                max,
+            } => {
+                let x = rng.lognormal(median, sigma).round();
+                // Clamped as a float first: the cast saturates anyway, but
+                // this keeps the bounds the caller's.
+                x.clamp(f64::from(min), f64::from(max)) as u32
+            }
+        }
+    }
+
+    /// The expected length. For the log-normal this is the unclamped,
+    /// unrounded mean, median × e^(σ²/2): rounding to whole tokens is
+    /// unbiased to well under a token, and the clamp moves it by far less
+    /// than that for the bench's parameters (see the tests).
+    pub fn mean(&self) -> f64 {
+        match *self {
+            Lengths::Fixed(n) => f64::from(n),
+            Lengths::LogNormal { median, sigma, .. } => median * (sigma * sigma / 2.0).exp(),
+        }
+    }
 }
 
 /// One streamed completion as the client saw it.
@@ -323,6 +395,8 @@ impl Rng {
 pub struct StreamSample {
     /// Seconds since the run started when the request was sent.
     pub sent_s: f64,
+    /// The `max_tokens` it asked for (and, from the mock replica, got).
+    pub max_tokens: u32,
     /// Time to the first token (first SSE data chunk), ms.
     pub ttft_ms: f64,
     /// Time to `data: [DONE]`, ms.
@@ -336,9 +410,17 @@ pub struct StreamSample {
 pub struct StreamRun {
     pub elapsed_s: f64,
     pub samples: Vec<StreamSample>,
+    /// Failed requests, refused ones (generator limit) included.
     pub errors: u64,
+    /// When each failed request was due (seconds since the start), so a
+    /// caller can count the errors of a window of the run.
+    pub error_sent_s: Vec<f64>,
     pub error_samples: Vec<String>,
     pub start_lag_p99_us: u32,
+    /// Requests due in the run (sent or refused), and the tokens they asked
+    /// for in all: the lengths actually drawn, for the record.
+    pub arrivals: u64,
+    pub tokens_asked: u64,
 }
 
 async fn stream_once(
@@ -412,23 +494,106 @@ pub struct StreamLoad {
     pub target: SocketAddr,
     /// How long arrivals go on.
     pub duration: Duration,
-    pub max_tokens: u32,
+    /// Each request's `max_tokens`.
+    pub lengths: Lengths,
     /// A request not done within this counts as an error.
     pub timeout: Duration,
-    /// Seeds the arrival times: the same seed gives the same arrivals.
+    /// Seeds the arrival times and the lengths: the same seed gives the
+    /// same arrivals with the same lengths, in the same order.
     pub seed: u64,
     /// Arrivals beyond this many requests in flight are errors, not sent.
     pub max_in_flight: usize,
 }
 
-/// One request's outcome: when it was sent, and its TTFT, end-to-end time
-/// and replica or the error.
-type Outcome = (f64, Result<(f64, f64, String)>);
+/// `Rng::stream` number of the request lengths. The gaps keep drawing from
+/// `Rng::new(seed)`, so a fixed-length run has the arrivals it always had.
+const LENGTH_STREAM: u64 = 1;
 
-/// Open-loop streaming completions: Poisson arrivals whose rate is
-/// `rate_at(seconds since start)`, one streamed completion per connection.
-/// Waits for every request to finish or time out. `stop` ends the arrivals
-/// early.
+/// The arrivals of a streaming run, in order: (seconds since the start
+/// when the request is due, its `max_tokens`). Poisson arrivals whose rate
+/// is `rate_at(seconds since start)`; lengths drawn from a stream of their
+/// own, so the n-th request's length does not depend on the rates.
+pub struct Arrivals<F> {
+    rate_at: F,
+    gaps: Rng,
+    draws: Rng,
+    lengths: Lengths,
+    t: f64,
+    end_s: f64,
+}
+
+impl<F: Fn(f64) -> f64> Arrivals<F> {
+    pub fn new(seed: u64, lengths: Lengths, duration: Duration, rate_at: F) -> Self {
+        Self {
+            rate_at,
+            gaps: Rng::new(seed),
+            draws: Rng::stream(seed, LENGTH_STREAM),
+            lengths,
+            t: 0.0,
+            end_s: duration.as_secs_f64(),
+        }
+    }
+}
+
+impl<F: Fn(f64) -> f64> Iterator for Arrivals<F> {
+    type Item = (f64, u32);
+
+    fn next(&mut self) -> Option<(f64, u32)> {
+        // Thinning-free: the gap uses the rate at the current time, which is
+        // exact for the piecewise-constant schedules the benchmark uses.
+        self.t += self.gaps.exp((self.rate_at)(self.t).max(1e-6));
+        (self.t < self.end_s).then(|| (self.t, self.lengths.draw(&mut self.draws)))
+    }
+}
+
+/// One request's outcome: when it was due, its `max_tokens`, and its TTFT,
+/// end-to-end time and replica or the error.
+type Outcome = (f64, u32, Result<(f64, f64, String)>);
+
+/// Gathers a streaming run's outcomes as they come in.
+#[derive(Default)]
+struct StreamTally {
+    samples: Vec<StreamSample>,
+    errors: u64,
+    error_sent_s: Vec<f64>,
+    error_samples: Vec<String>,
+}
+
+impl StreamTally {
+    fn add(&mut self, res: Result<Outcome, tokio::task::JoinError>) {
+        match res {
+            Ok((sent_s, max_tokens, Ok((ttft_ms, e2e_ms, replica)))) => {
+                self.samples.push(StreamSample {
+                    sent_s,
+                    max_tokens,
+                    ttft_ms,
+                    e2e_ms,
+                    replica,
+                });
+            }
+            Ok((sent_s, _, Err(e))) => self.error(Some(sent_s), format!("{e:#}")),
+            Err(e) => self.error(None, format!("task: {e}")),
+        }
+    }
+
+    fn error(&mut self, sent_s: Option<f64>, msg: String) {
+        self.errors += 1;
+        // A task that panicked lost its due time; it counts in no window
+        // but in the total.
+        self.error_sent_s.extend(sent_s);
+        if self.error_samples.len() < 5 && !self.error_samples.contains(&msg) {
+            self.error_samples.push(msg);
+        }
+    }
+}
+
+fn completion_body(max_tokens: u32) -> String {
+    format!(r#"{{"prompt":"hello","max_tokens":{max_tokens},"stream":true}}"#)
+}
+
+/// Open-loop streaming completions: the [`Arrivals`] of `load` and
+/// `rate_at`, one streamed completion per connection. Waits for every
+/// request to finish or time out. `stop` ends the arrivals early.
 pub async fn stream_poisson(
     load: StreamLoad,
     rate_at: impl Fn(f64) -> f64,
@@ -437,89 +602,58 @@ pub async fn stream_poisson(
     let StreamLoad {
         target,
         duration,
-        max_tokens,
+        lengths,
         timeout,
         seed,
         max_in_flight,
     } = load;
-    let body: Arc<str> =
-        format!(r#"{{"prompt":"hello","max_tokens":{max_tokens},"stream":true}}"#).into();
     let start = Instant::now();
-    let mut rng = Rng::new(seed);
     let mut tasks = tokio::task::JoinSet::new();
     let mut lags = Vec::new();
-    let mut errors = 0u64;
-    let mut error_samples = Vec::new();
-    let mut samples = Vec::new();
+    let mut tally = StreamTally::default();
+    let (mut arrivals, mut tokens_asked) = (0u64, 0u64);
     let in_flight = Arc::new(AtomicUsize::new(0));
-    let mut t = 0.0;
-    let mut collect = |res: Result<Outcome, tokio::task::JoinError>,
-                       samples: &mut Vec<StreamSample>| match res {
-        Ok((sent_s, Ok((ttft_ms, e2e_ms, replica)))) => samples.push(StreamSample {
-            sent_s,
-            ttft_ms,
-            e2e_ms,
-            replica,
-        }),
-        Ok((_, Err(e))) => {
-            errors += 1;
-            let msg = format!("{e:#}");
-            if error_samples.len() < 5 && !error_samples.contains(&msg) {
-                error_samples.push(msg);
-            }
-        }
-        Err(e) => {
-            errors += 1;
-            if error_samples.len() < 5 {
-                error_samples.push(format!("task: {e}"));
-            }
-        }
-    };
-    loop {
-        // Thinning-free: the gap uses the rate at the current time, which is
-        // exact for the piecewise-constant schedules the benchmark uses.
-        t += rng.exp(rate_at(t).max(1e-6));
-        if t >= duration.as_secs_f64() || stop.load(Ordering::Relaxed) {
+    for (t, max_tokens) in Arrivals::new(seed, lengths, duration, rate_at) {
+        if stop.load(Ordering::Relaxed) {
             break;
         }
         let due = start + Duration::from_secs_f64(t);
         tokio::time::sleep_until(due.into()).await;
         lags.push(u32::try_from(due.elapsed().as_micros()).unwrap_or(u32::MAX));
+        arrivals += 1;
+        tokens_asked += u64::from(max_tokens);
         if in_flight.load(Ordering::Relaxed) >= max_in_flight {
-            collect(
-                Ok((
-                    t,
-                    Err(anyhow::anyhow!(
-                        "generator limit: {max_in_flight} in flight"
-                    )),
-                )),
-                &mut samples,
+            tally.error(
+                Some(t),
+                format!("generator limit: {max_in_flight} in flight"),
             );
             continue;
         }
         in_flight.fetch_add(1, Ordering::Relaxed);
-        let (body, in_flight) = (body.clone(), in_flight.clone());
-        let sent_s = t;
+        let in_flight = in_flight.clone();
         tasks.spawn(async move {
-            let r = stream_once(target, &body, timeout).await;
+            let r = stream_once(target, &completion_body(max_tokens), timeout).await;
             in_flight.fetch_sub(1, Ordering::Relaxed);
-            (sent_s, r)
+            (t, max_tokens, r)
         });
         while let Some(r) = tasks.try_join_next() {
-            collect(r, &mut samples);
+            tally.add(r);
         }
     }
     let elapsed_s = start.elapsed().as_secs_f64();
     while let Some(r) = tasks.join_next().await {
-        collect(r, &mut samples);
+        tally.add(r);
     }
     lags.sort_unstable();
     StreamRun {
         elapsed_s,
-        samples,
-        errors,
-        error_samples,
+        samples: tally.samples,
+        errors: tally.errors,
+        error_sent_s: tally.error_sent_s,
+        error_samples: tally.error_samples,
         start_lag_p99_us: percentile_us(&lags, 99.0) as u32,
+        arrivals,
+        tokens_asked,
     }
 }
 
@@ -535,6 +669,78 @@ mod tests {
         assert_eq!(percentile_us(&v, 99.9), 100.0);
         assert_eq!(percentile_us(&v, 0.0), 1.0);
         assert!(percentile_us(&[], 50.0).is_nan());
+    }
+
+    /// The bench's length distribution: median 16, σ 0.8, [1, 512].
+    const BENCH_LENGTHS: Lengths = Lengths::LogNormal {
+        median: 16.0,
+        sigma: 0.8,
+        min: 1,
+        max: 512,
+    };
+
+    #[test]
+    fn lognormal_draws_have_the_median_and_sigma_asked_for() {
+        let mut rng = Rng::stream(42, LENGTH_STREAM);
+        let n = 200_000;
+        let logs: Vec<f64> = (0..n).map(|_| rng.lognormal(16.0, 0.8).ln()).collect();
+        let mean = logs.iter().sum::<f64>() / f64::from(n);
+        let var = logs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / f64::from(n - 1);
+        // Standard errors: 0.8/√n ≈ 0.0018 for the mean, ≈ 0.0013 for σ.
+        assert!((mean - 16f64.ln()).abs() < 0.01, "mean of log {mean}");
+        assert!((var.sqrt() - 0.8).abs() < 0.01, "σ of log {}", var.sqrt());
+    }
+
+    #[test]
+    fn lengths_are_clamped_whole_tokens_with_the_expected_mean() {
+        let mut rng = Rng::stream(7, LENGTH_STREAM);
+        let n = 200_000;
+        let mut v: Vec<u32> = (0..n).map(|_| BENCH_LENGTHS.draw(&mut rng)).collect();
+        assert!(v.iter().all(|&x| (1..=512).contains(&x)));
+        v.sort_unstable();
+        assert_eq!(v[v.len() / 2], 16, "median");
+        let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / f64::from(n);
+        // The analytic mean, 16·e^0.32 ≈ 22.03, is what capacity uses.
+        assert!((BENCH_LENGTHS.mean() - 22.03).abs() < 0.01);
+        assert!((mean - BENCH_LENGTHS.mean()).abs() < 0.3, "mean {mean}");
+        // p99 of the log-normal: 16·e^(2.326·0.8) ≈ 103.
+        let p99 = v[v.len() * 99 / 100];
+        assert!((95..=112).contains(&p99), "p99 {p99}");
+        let wide = Lengths::LogNormal {
+            median: 16.0,
+            sigma: 3.0,
+            min: 4,
+            max: 40,
+        };
+        assert!((0..1000).all(|_| (4..=40).contains(&wide.draw(&mut rng))));
+        let fixed = Lengths::Fixed(9);
+        assert_eq!(fixed.draw(&mut rng), 9);
+        assert_eq!(fixed.mean(), 9.0);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_arrivals_and_lengths() {
+        let rate = |t: f64| if t < 1.0 { 20.0 } else { 50.0 };
+        let run = |seed| -> Vec<(f64, u32)> {
+            Arrivals::new(seed, BENCH_LENGTHS, Duration::from_secs(5), rate).collect()
+        };
+        let a = run(1001);
+        assert_eq!(a, run(1001));
+        assert_ne!(a, run(1002));
+        assert!(a.len() > 150 && a.iter().all(|&(t, _)| t < 5.0));
+        // Lengths come from a stream of their own: another rate schedule
+        // changes the times, not the n-th request's length.
+        let other: Vec<u32> = Arrivals::new(1001, BENCH_LENGTHS, Duration::from_secs(5), |_| 80.0)
+            .map(|(_, n)| n)
+            .collect();
+        let lengths: Vec<u32> = a.iter().map(|&(_, n)| n).collect();
+        assert_eq!(lengths[..], other[..lengths.len()]);
+        // A fixed length keeps the gaps of Rng::new(seed), as before.
+        let mut gaps = Rng::new(1001);
+        let first = gaps.exp(20.0);
+        let fixed: Vec<(f64, u32)> =
+            Arrivals::new(1001, Lengths::Fixed(16), Duration::from_secs(5), rate).collect();
+        assert_eq!(fixed[0], (first, 16));
     }
 
     #[test]

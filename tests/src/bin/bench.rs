@@ -23,19 +23,26 @@ use router_tests::{
     bench_report,
     bench_routing::{self, RoutingSettings},
 };
+use serde_json::Value;
 
 const USAGE: &str = "usage: bench [datapath|control|l4|routing|report|all] [--quick] [--out DIR]
 
   datapath   ns/packet of the XDP program through BPF_PROG_TEST_RUN, against XDP_PASS
   control    control plane: Maglev rebuild time, daemon CPU and RSS, reaction
   l4         connection rate and latency: direct, router, iptables, nftables, HAProxy
-  routing    routing quality with mock GPU replicas: round-robin, leastconn, GPU-aware, oracle
+  routing    routing quality with mock GPU replicas, steady and cold join, heavy-tailed
+             lengths: round-robin, HAProxy leastconn, oracle, router telemetry weights
+             (Maglev draw, least-loaded selection), polled least queue
   report     rebuild RESULTS.md and the plots from the JSON already in the output directory
   all        every suite, then the report (default)
-  --quick    short runs (about a minute in all); results go in target/bench-quick/
+  --quick    short runs (a few minutes in all); results go in target/bench-quick/
   --out DIR  write the results to DIR instead
   --only K,K run only these L4 contenders (direct always runs) or routing policies,
-             by the keys in the JSON (router, iptables, ..., round_robin, oracle, ...)";
+             by the keys in the JSON (router, iptables, ..., round_robin, oracle,
+             router_least_loaded, polled_least_queue, ...)
+
+A contender that cannot run (a peer missing, a build without a feature) or fails is
+recorded as skipped with the reason, and the closing line lists it.";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Suite {
@@ -137,6 +144,7 @@ fn real_main() -> Result<()> {
     });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
+    let mut skipped = Vec::new();
     let suite = suite.unwrap_or(Suite::All);
     let wants = |s: Suite| suite == s || suite == Suite::All;
     if wants(Suite::Datapath) {
@@ -158,7 +166,8 @@ fn real_main() -> Result<()> {
         } else {
             L4Settings::full()
         };
-        timed("l4", || bench_l4::run_l4(&s, &out, only.as_deref()))?;
+        let doc = timed("l4", || bench_l4::run_l4(&s, &out, only.as_deref()))?;
+        skipped.extend(skipped_in("l4", &doc));
     }
     if wants(Suite::Routing) {
         let s = if quick {
@@ -166,17 +175,38 @@ fn real_main() -> Result<()> {
         } else {
             RoutingSettings::full()
         };
-        timed("routing", || {
+        let doc = timed("routing", || {
             bench_routing::run_routing(&s, &out, only.as_deref())
         })?;
+        skipped.extend(skipped_in("routing", &doc));
     }
     report(&out, quick)?;
     eprintln!(
-        "bench: done in {:.0} s; results in {}",
+        "bench: done in {:.0} s; results in {}; {}",
         started.elapsed().as_secs_f64(),
-        out.display()
+        out.display(),
+        if skipped.is_empty() {
+            "nothing skipped".to_owned()
+        } else {
+            format!("SKIPPED: {}", skipped.join(", "))
+        }
     );
     Ok(())
+}
+
+/// `suite/contender` for each contender a suite's document records as
+/// skipped, or `suite` when the whole suite was.
+fn skipped_in(suite: &str, doc: &Value) -> Vec<String> {
+    if doc["skipped"].is_string() {
+        return vec![suite.to_owned()];
+    }
+    doc["contenders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c.get("skipped").is_some())
+        .map(|c| format!("{suite}/{}", c["contender"].as_str().unwrap_or("?")))
+        .collect()
 }
 
 fn report(out: &Path, quick: bool) -> Result<()> {
