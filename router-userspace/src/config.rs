@@ -221,6 +221,9 @@ pub struct BackendConfig {
     pub cost_per_hour: Option<f64>,
     /// Drained: weight 0 for new flows while established flows finish.
     pub drain: bool,
+    /// Least-loaded services: flows in flight at which the backend has no
+    /// room (an engine's batch size, say); learned from telemetry when unset.
+    pub max_in_flight: Option<u32>,
 }
 
 impl BackendConfig {
@@ -781,6 +784,7 @@ struct RawBackend {
     health: Option<RawHealth>,
     cost_per_hour: Option<f64>,
     drain: Option<bool>,
+    max_in_flight: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -803,6 +807,8 @@ struct RawPolicy {
     stale_fraction: Option<f64>,
     full_weight: Option<u32>,
     signal: Option<RawSignal>,
+    speed_window: Option<String>,
+    capacity_deadband: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1226,6 +1232,12 @@ fn validate_services(
                 (None, None) => Some(policy.full(capacity)),
                 (None, Some(_)) => None,
             };
+            if be.max_in_flight == Some(0) {
+                return Err(loc.err(
+                    &p.key("max_in_flight"),
+                    "0 would leave the backend no room ever; leave it out for no limit",
+                ));
+            }
             backends.push(BackendConfig {
                 name: be.name,
                 address,
@@ -1235,6 +1247,7 @@ fn validate_services(
                 health,
                 cost_per_hour,
                 drain: be.drain.unwrap_or(false),
+                max_in_flight: be.max_in_flight,
             });
         }
 
@@ -1413,6 +1426,22 @@ fn validate_policy(loc: &Locator<'_>, raw: RawPolicy) -> Result<PolicyConfig, Co
         ));
     }
     let signal = validate_signal(loc, &base.key("signal"), raw.signal.unwrap_or_default())?;
+    let speed_window = duration("speed_window", &raw.speed_window, d.speed_window)?;
+    if speed_window < poll_interval {
+        return Err(loc.err(
+            &base.key("speed_window"),
+            format!(
+                "{speed_window:?} must be at least poll_interval ({poll_interval:?}): a window shorter than one poll measures nothing"
+            ),
+        ));
+    }
+    let capacity_deadband = number(
+        "capacity_deadband",
+        raw.capacity_deadband,
+        d.capacity_deadband,
+        |x| x.is_finite() && (0.0..1.0).contains(&x),
+        "in [0, 1)",
+    )?;
     Ok(PolicyConfig {
         poll_interval,
         target_utilization,
@@ -1431,6 +1460,8 @@ fn validate_policy(loc: &Locator<'_>, raw: RawPolicy) -> Result<PolicyConfig, Co
         stale_fraction,
         signal,
         full_weight,
+        speed_window,
+        capacity_deadband,
     })
 }
 

@@ -16,9 +16,10 @@ use tracing::{info, warn};
 
 use crate::{
     config::{BackendConfig, Config, HealthConfig},
+    datapath::Selection,
     datapath::{BackendSpec, ServiceSpec},
     health::{HealthCheck, HealthState},
-    policy::{BackendInput, Decision, Policy},
+    policy::{BackendInput, Decision, Measured, Mode, Policy},
     telemetry::{Reading, TelemetryError, source::Source},
 };
 
@@ -42,6 +43,8 @@ struct BackendCtl {
     stats: TelemetryStats,
     decision: Option<Decision>,
     weight: u32,
+    /// Room published to the datapath (least-loaded services; 0: none).
+    max_in_flight: u32,
     last_change: Option<String>,
     changes: u64,
 }
@@ -173,8 +176,12 @@ impl Controller {
             .iter()
             .map(|s| {
                 let prev = old.remove(&s.name);
+                let mode = match s.selection {
+                    Selection::LeastLoaded => Mode::Capacity,
+                    Selection::Maglev => Mode::Shares,
+                };
                 let (policy, mut prev_backends) = match prev {
-                    Some(p) if p.policy.config() == &cfg.policy => {
+                    Some(p) if p.policy.config() == &cfg.policy && p.policy.mode() == mode => {
                         let map: BTreeMap<String, BackendCtl> = p
                             .backends
                             .into_iter()
@@ -182,7 +189,7 @@ impl Controller {
                             .collect();
                         (p.policy, map)
                     }
-                    _ => (Policy::new(cfg.policy.clone()), BTreeMap::new()),
+                    _ => (Policy::with_mode(cfg.policy.clone(), mode), BTreeMap::new()),
                 };
                 let backends = s
                     .backends
@@ -210,6 +217,7 @@ impl Controller {
                                 weight: b
                                     .pinned()
                                     .unwrap_or_else(|| cfg.policy.unknown(b.capacity)),
+                                max_in_flight: 0,
                                 last_change: None,
                                 changes: 0,
                                 cfg: b.clone(),
@@ -455,8 +463,14 @@ impl Controller {
     }
 
     /// Runs every service's policy. Returns the datapath specs and whether
-    /// any weight changed (the daemon only rebuilds tables when one did).
-    pub fn decide(&mut self, now: Duration, cfg: &Config) -> (Vec<ServiceSpec>, bool) {
+    /// any weight or room changed (the daemon only rebuilds tables when one
+    /// did). `measured` gives the datapath's counts of a (service, backend).
+    pub fn decide(
+        &mut self,
+        now: Duration,
+        cfg: &Config,
+        measured: &dyn Fn(&str, &str) -> Option<Measured>,
+    ) -> (Vec<ServiceSpec>, bool) {
         let mut changed = false;
         // Every policy ticks first: a service's overflow goes to its
         // fallback's backends at the weights the fallback's own policy gave
@@ -474,6 +488,8 @@ impl Controller {
                     drained: b.cfg.drain || ov(b).is_some_and(|o| o.drain),
                     healthy: b.health.as_ref().is_none_or(|(_, h)| h.is_routable()),
                     latest: b.latest.as_ref().map(|(t, r)| (*t, r)),
+                    measured: measured(&s.name, &b.cfg.name),
+                    max_in_flight: b.cfg.max_in_flight,
                 })
                 .collect();
             let tick = s.policy.tick(now, &inputs);
@@ -498,6 +514,11 @@ impl Controller {
                     b.weight = d.weight;
                     changed = true;
                 }
+                if d.max_in_flight != b.max_in_flight {
+                    info!(service = %s.name, backend = %b.cfg.name, "room {} → {} flows", b.max_in_flight, d.max_in_flight);
+                    b.max_in_flight = d.max_in_flight;
+                    changed = true;
+                }
                 b.decision = Some(d);
             }
         }
@@ -510,7 +531,7 @@ impl Controller {
                     name: b.cfg.name.clone(),
                     address: b.cfg.address,
                     weight: b.weight,
-                    max_in_flight: 0,
+                    max_in_flight: b.max_in_flight,
                 })
                 .collect();
             if let Some(fb) = scfg
@@ -525,7 +546,7 @@ impl Controller {
                     name: format!("{FALLBACK_PREFIX}{}", b.cfg.name),
                     address: b.cfg.address,
                     weight: if s.overflowing { b.weight } else { 0 },
-                    max_in_flight: 0,
+                    max_in_flight: b.max_in_flight,
                 }));
             }
             specs.push(ServiceSpec {
@@ -614,6 +635,7 @@ name = "llama"
 vip = "198.18.100.1:8000"
 snat = "198.18.0.1"
 fallback = "spare"
+selection = "maglev"
 
 [[service.backend]]
 name = "gpu-0"
@@ -650,7 +672,7 @@ weight = 100
         for b in 0..2 {
             ctl.record_reading(0, b, now, load(kv));
         }
-        ctl.decide(now, cfg)
+        ctl.decide(now, cfg, &|_, _| None)
     }
 
     fn weight(specs: &[ServiceSpec], name: &str) -> u32 {

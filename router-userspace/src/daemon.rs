@@ -29,6 +29,7 @@ use crate::{
     controller::Controller,
     datapath::{AdoptedRoute, ConnScan, ConnTable, Datapath, LoadOptions, PinDir},
     fib_watch, host, metrics,
+    policy::Measured,
     telemetry::{Reading, TelemetryError},
     views::{self, BackendView, RateWindow, ServiceView},
 };
@@ -86,6 +87,38 @@ const RATE_SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// Shortest pause between connection-table scans; a scan that takes long
 /// (a full table) stretches the pause so scanning stays under ~20% of a core.
 const SCAN_EVERY: Duration = Duration::from_secs(2);
+
+/// The datapath's counts of a backend, for the policy's speed estimate:
+/// flows in flight, and flows the datapath saw end (the scan's corrections
+/// for flows that vanished are left out: they are not completions).
+fn measurer<'a>(
+    dp: &'a Datapath,
+    scan: &std::sync::Mutex<Option<ConnScan>>,
+) -> impl Fn(&str, &str) -> Option<Measured> + 'a {
+    let leaked: std::collections::BTreeMap<u32, u64> = scan
+        .lock()
+        .ok()
+        .and_then(|s| {
+            s.as_ref().map(|s| {
+                s.corrections_total
+                    .iter()
+                    .map(|(id, c)| (*id, c.leaked))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    let load = dp.load_counters();
+    move |service, backend| {
+        let id = dp.backend_id(service, backend)?;
+        let l = load.get(id);
+        Some(Measured {
+            in_flight: l.in_flight(),
+            ended: l
+                .closed
+                .saturating_sub(leaked.get(&id).copied().unwrap_or(0)),
+        })
+    }
+}
 
 /// Seconds since the Unix epoch (drain deadlines are wall-clock times).
 pub(crate) fn unix_now() -> u64 {
@@ -238,7 +271,7 @@ impl DaemonState {
         let ctl = self.ctl.as_mut().ok_or("the controller is not running")?;
         let before = ctl.overrides().clone();
         let ov = ctl.set_override(service, backend, change)?;
-        let (specs, _) = ctl.decide(now, &self.config);
+        let (specs, _) = ctl.decide(now, &self.config, &measurer(&self.dp, &self.scan));
         if let Err(e) = self.dp.apply(&specs) {
             // Nothing half-applied: the override goes back to what it was.
             if let Some(c) = self.ctl.as_mut() {
@@ -275,7 +308,7 @@ impl DaemonState {
                 RoundResult::Probe(s, b, res) => ctl.record_probe(s, b, res),
             }
         }
-        let (specs, changed) = ctl.decide(now, &self.config);
+        let (specs, changed) = ctl.decide(now, &self.config, &measurer(&self.dp, &self.scan));
         if changed && let Err(e) = self.dp.apply(&specs) {
             warn!("writing weights to the datapath: {e}");
         }
@@ -328,7 +361,11 @@ impl DaemonState {
             );
         }
         let mut ctl = Controller::new(&cfg, self.ctl.take());
-        let (specs, _) = ctl.decide(self.started.elapsed(), &cfg);
+        let (specs, _) = ctl.decide(
+            self.started.elapsed(),
+            &cfg,
+            &measurer(&self.dp, &self.scan),
+        );
         let applied = self.dp.apply(&specs);
         self.ctl = Some(ctl);
         let report = applied?;
@@ -438,7 +475,8 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
             "{assumed} health-checked backends the adopted datapath routes to stay routable until their first probe"
         );
     }
-    let (specs, _) = ctl.decide(Duration::ZERO, &cfg);
+    // Nothing measured yet: the policy's speed estimates start at the first poll.
+    let (specs, _) = ctl.decide(Duration::ZERO, &cfg, &|_, _| None);
     let report = dp
         .apply(&specs)
         .context("writing services to the datapath")?;

@@ -430,6 +430,61 @@ fn unknown_enum_values() {
         "service[0].forwarding",
         "unknown variant `dsr`",
     );
+    assert_err(
+        &insert_after(7, "selection = \"random\""),
+        8,
+        "service[0].selection",
+        "unknown variant `random`, expected `maglev` or `least_loaded`",
+    );
+}
+
+#[test]
+fn selection_defaults_by_how_weights_are_decided() {
+    let cfg = parse(BASE).unwrap();
+    assert_eq!(
+        cfg.services[0].selection,
+        Selection::Maglev,
+        "static weights"
+    );
+    let telemetry = insert_after(13, "telemetry = { source = \"nvml\", device = 0 }");
+    let cfg = parse(&telemetry).unwrap();
+    assert_eq!(
+        cfg.services[0].selection,
+        Selection::LeastLoaded,
+        "any telemetry-driven backend"
+    );
+    // Static weights may still be placed by load: sed on the static weights.
+    let cfg = parse(&insert_after(7, "selection = \"least_loaded\"")).unwrap();
+    assert_eq!(cfg.services[0].selection, Selection::LeastLoaded);
+    assert_eq!(cfg.services[0].backends[0].pinned(), Some(100));
+    let text = insert_after(7, "selection = \"maglev\"");
+    let text = text.replacen(
+        "address = \"198.18.0.12:8000\"",
+        "address = \"198.18.0.12:8000\"\ntelemetry = { source = \"nvml\", device = 0 }",
+        1,
+    );
+    assert_eq!(
+        parse(&text).unwrap().services[0].selection,
+        Selection::Maglev
+    );
+}
+
+#[test]
+fn max_in_flight_must_leave_room() {
+    let cfg = parse(&with_backend0("max_in_flight = 8")).unwrap();
+    assert_eq!(cfg.services[0].backends[0].max_in_flight, Some(8));
+    assert_err(
+        &with_backend0("max_in_flight = 0"),
+        12,
+        "service[0].backend[0].max_in_flight",
+        "no room ever",
+    );
+    assert_err(
+        &with_backend0("max_in_flight = -3"),
+        12,
+        "service[0].backend[0].max_in_flight",
+        "invalid value",
+    );
 }
 
 // --- semantic validation ---------------------------------------------------
@@ -958,6 +1013,8 @@ signal = { gpu_util = 0.0, kv_cache = 1.0, queue = 0.5, queue_norm = 4 }"#,
             stale_after: Duration::from_secs(2),
             stale_decay: Duration::from_secs(20),
             stale_fraction: 0.5,
+            speed_window: Duration::from_secs(15),
+            capacity_deadband: 0.15,
             signal: SignalMix {
                 gpu_util: 0.0,
                 kv_cache: 1.0,
@@ -1054,6 +1111,16 @@ fn policy_errors() {
         ("stale_fraction = 0", "policy.stale_fraction", "in (0, 1]"),
         ("full_weight = 0", "policy.full_weight", "must be 1 to"),
         (
+            "speed_window = \"100ms\"",
+            "policy.speed_window",
+            "at least poll_interval",
+        ),
+        (
+            "capacity_deadband = 1",
+            "policy.capacity_deadband",
+            "in [0, 1)",
+        ),
+        (
             "signal = { gpu_util = 2 }",
             "policy.signal.gpu_util",
             "in [0, 1]",
@@ -1112,11 +1179,31 @@ fn static_and_policy_driven_weights() {
     .unwrap();
     let b = &cfg.services[0].backends[0];
     assert_eq!((b.capacity, b.pinned()), (2.0, None), "policy-driven");
-    let (specs, _) =
-        crate::controller::Controller::new(&cfg, None).decide(std::time::Duration::ZERO, &cfg);
+    assert_eq!(cfg.services[0].selection, Selection::LeastLoaded);
+    let (specs, _) = crate::controller::Controller::new(&cfg, None).decide(
+        std::time::Duration::ZERO,
+        &cfg,
+        &|_, _| None,
+    );
+    assert_eq!(
+        specs[0].backends[0].weight, 4,
+        "least-loaded: a capacity of 200 slow-started from its 2% floor"
+    );
+    let text = with_backend0("capacity = 2\ntelemetry = { source = \"nvml\", device = 0 }")
+        .replacen(
+            "[[service.backend]]",
+            "selection = \"maglev\"\n\n[[service.backend]]",
+            1,
+        );
+    let cfg = parse(&text).unwrap();
+    let (specs, _) = crate::controller::Controller::new(&cfg, None).decide(
+        std::time::Duration::ZERO,
+        &cfg,
+        &|_, _| None,
+    );
     assert_eq!(
         specs[0].backends[0].weight, 50,
-        "no telemetry yet: the unknown share"
+        "maglev: no telemetry yet, the unknown share"
     );
     let cfg = parse(&with_backend0(
         "weight = 7\ntelemetry = { source = \"nvml\", device = 0 }",

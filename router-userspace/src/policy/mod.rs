@@ -26,7 +26,14 @@
 //! 0: the floor is at least 1. When every such backend is saturated they
 //! all sit at their floors (an equal spread by capacity) and the tick
 //! reports `all_saturated` so the daemon can count the fallback.
+//!
+//! That is the policy of `Mode::Shares` (Maglev services: the weight is the
+//! backend's share of new flows). Least-loaded services run `Mode::Capacity`
+//! (see `capacity`): the datapath counts in-flight flows and places each new
+//! one itself, so the weight is the backend's capacity, measured, and the
+//! rules above keep only drain, health, pins and slow start.
 
+pub mod capacity;
 mod signal;
 mod slow_start;
 mod state;
@@ -38,6 +45,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
+pub use capacity::Measured;
 pub use signal::SignalMix;
 use state::{BackendState, StaleEpisode};
 
@@ -94,6 +102,12 @@ pub struct PolicyConfig {
     pub signal: SignalMix,
     /// Weight of an idle capacity-1.0 backend.
     pub full_weight: u32,
+    /// Least-loaded services: the time constant of the measured speed (how
+    /// far back completions and flow-seconds count).
+    pub speed_window: Duration,
+    /// Least-loaded services: a new capacity is published only when it
+    /// differs from the current one by more than this fraction.
+    pub capacity_deadband: f64,
 }
 
 impl Default for PolicyConfig {
@@ -118,6 +132,10 @@ impl Default for PolicyConfig {
             // Equal to the static default weight, so an idle capacity-1.0
             // backend and a static one without a weight get equal shares.
             full_weight: 100,
+            // Some hundreds of completions at inference rates: heavy-tailed
+            // lengths average out, a real slowdown shows within a minute.
+            speed_window: Duration::from_secs(15),
+            capacity_deadband: 0.15,
         }
     }
 }
@@ -169,6 +187,20 @@ pub struct BackendInput<'a> {
     /// The newest validated reading and when it was taken, on the same
     /// clock as `tick`'s `now`.
     pub latest: Option<(Duration, &'a Reading)>,
+    /// The datapath's counts for the backend at this tick (capacity mode).
+    pub measured: Option<Measured>,
+    /// `max_in_flight` from the config (capacity mode).
+    pub max_in_flight: Option<u32>,
+}
+
+/// What a service's weights mean.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Shares of new flows through the Maglev table.
+    #[default]
+    Shares,
+    /// Capacities that the datapath's least-loaded pick divides by.
+    Capacity,
 }
 
 /// Why a backend got its weight.
@@ -194,6 +226,11 @@ pub enum Reason {
     Stale,
     /// Every live backend is saturated: all at their floors.
     AllSaturatedSpread,
+    /// Capacity from the measured speed, relative to the fastest backend
+    /// (`None` until enough flows have completed).
+    Capacity {
+        speed: Option<f64>,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -211,6 +248,8 @@ impl fmt::Display for Reason {
             }
             Reason::Stale => f.write_str("telemetry stale"),
             Reason::AllSaturatedSpread => f.write_str("all saturated, spread at floor"),
+            Reason::Capacity { speed: Some(s) } => write!(f, "capacity: speed {s:.2}"),
+            Reason::Capacity { speed: None } => f.write_str("capacity: not measured yet"),
         }
     }
 }
@@ -229,6 +268,9 @@ pub struct Decision {
     pub saturated: bool,
     pub stale: bool,
     pub step_limited: bool,
+    /// Flows in flight at which the backend has no room (0: no limit);
+    /// capacity mode only.
+    pub max_in_flight: u32,
 }
 
 /// The outcome of one tick.
@@ -248,14 +290,20 @@ pub struct Tick {
 #[derive(Clone, Debug)]
 pub struct Policy {
     cfg: PolicyConfig,
+    mode: Mode,
     /// BTreeMap so nothing can depend on hash order.
     states: BTreeMap<String, BackendState>,
 }
 
 impl Policy {
     pub fn new(cfg: PolicyConfig) -> Self {
+        Self::with_mode(cfg, Mode::Shares)
+    }
+
+    pub fn with_mode(cfg: PolicyConfig, mode: Mode) -> Self {
         Policy {
             cfg,
+            mode,
             states: BTreeMap::new(),
         }
     }
@@ -264,15 +312,27 @@ impl Policy {
         &self.cfg
     }
 
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// Computes this tick's weights. `now` is time since an arbitrary
     /// epoch, shared with the readings' timestamps. Backends absent from
     /// `inputs` are forgotten (coming back means slow start again).
     pub fn tick(&mut self, now: Duration, inputs: &[BackendInput<'_>]) -> Tick {
         let mut changed = false;
         let mut decisions = Vec::with_capacity(inputs.len());
+        let fastest = if self.mode == Mode::Capacity {
+            self.measure(now, inputs)
+        } else {
+            None
+        };
         for input in inputs {
             let st = self.states.entry(input.name.to_owned()).or_default();
-            let decision = decide(&self.cfg, st, now, input);
+            let decision = match self.mode {
+                Mode::Shares => decide(&self.cfg, st, now, input),
+                Mode::Capacity => decide_capacity(&self.cfg, st, now, input, fastest),
+            };
             changed |= st.weight != Some(decision.weight);
             st.weight = Some(decision.weight);
             decisions.push(decision);
@@ -288,9 +348,12 @@ impl Policy {
             .zip(inputs)
             .filter(|(_, i)| i.healthy && !i.drained)
             .peekable();
-        let all_saturated =
-            live.peek().is_some() && live.all(|(d, _)| d.reason == Reason::Saturated);
-        if all_saturated {
+        let all_saturated = live.peek().is_some()
+            && live.all(|(d, _)| match self.mode {
+                Mode::Shares => d.reason == Reason::Saturated,
+                Mode::Capacity => d.saturated,
+            });
+        if all_saturated && self.mode == Mode::Shares {
             for d in &mut decisions {
                 if d.reason == Reason::Saturated {
                     d.reason = Reason::AllSaturatedSpread;
@@ -303,6 +366,116 @@ impl Policy {
             changed,
         }
     }
+}
+
+impl Policy {
+    /// Takes in the datapath's counts; returns the fastest completion rate
+    /// per flow among the backends that take traffic by the policy's word.
+    fn measure(&mut self, now: Duration, inputs: &[BackendInput<'_>]) -> Option<f64> {
+        let mut fastest: Option<f64> = None;
+        for input in inputs {
+            let st = self.states.entry(input.name.to_owned()).or_default();
+            if let Some(m) = input.measured {
+                st.speed.observe(now, m, self.cfg.speed_window);
+            }
+            if input.healthy
+                && !input.drained
+                && input.pinned_weight.is_none()
+                && let Some(r) = st.speed.rate()
+            {
+                fastest = Some(fastest.map_or(r, |f| f.max(r)));
+            }
+        }
+        fastest
+    }
+}
+
+/// Takes in a new, fresh reading (load and saturation, and in capacity
+/// mode the batch limit it shows).
+fn ingest_reading(
+    cfg: &PolicyConfig,
+    st: &mut BackendState,
+    now: Duration,
+    input: &BackendInput<'_>,
+) {
+    if !input.healthy {
+        st.reset_after_failure();
+    } else if let Some((when, reading)) = input.latest {
+        let is_new = st.last_when.is_none_or(|last| when > last);
+        // A late reading says nothing about the load now.
+        let fresh = age(now, when) < cfg.stale_after;
+        if is_new && fresh {
+            st.limit.observe(when, reading);
+            if let Some(raw) = signal::load(reading, &cfg.signal) {
+                st.ingest(when, raw, cfg);
+            }
+        }
+    }
+}
+
+/// A capacity-mode decision (see `capacity`): drain, health and pins as in
+/// share mode; otherwise full weight × configured capacity × measured
+/// relative speed, ramped by slow start, and published past the deadband.
+fn decide_capacity(
+    cfg: &PolicyConfig,
+    st: &mut BackendState,
+    now: Duration,
+    input: &BackendInput<'_>,
+    fastest: Option<f64>,
+) -> Decision {
+    ingest_reading(cfg, st, now, input);
+    let prev = st.weight.unwrap_or(0);
+    let limit = input.max_in_flight.or_else(|| st.limit.get()).unwrap_or(0);
+    let decision = |weight: u32, target: u32, reason: Reason, st: &BackendState| Decision {
+        name: input.name.to_owned(),
+        weight,
+        target,
+        reason,
+        load: st.ewma,
+        saturated: st.saturated,
+        stale: false,
+        step_limited: weight != target,
+        max_in_flight: limit,
+    };
+    if input.drained {
+        st.ready_at = None;
+        return decision(0, 0, Reason::Drained, st);
+    }
+    if !input.healthy {
+        return decision(0, 0, Reason::Unhealthy, st);
+    }
+    if let Some(w) = input.pinned_weight {
+        if w == 0 {
+            st.ready_at = None;
+        }
+        return decision(w, w, Reason::Pinned, st);
+    }
+    let ready_at = *st.ready_at.get_or_insert(now);
+    let rate = st.speed.rate();
+    let speed = capacity::relative_speed(rate, fastest);
+    let full = f64::from(cfg.full(input.capacity));
+    let elapsed = now.saturating_sub(ready_at);
+    if elapsed < cfg.slow_start {
+        let f = slow_start::factor(
+            elapsed,
+            cfg.slow_start,
+            cfg.slow_start_aggression,
+            cfg.min_weight_fraction,
+        );
+        let target = to_weight(full * speed * f).max(1);
+        let progress = slow_start::progress(elapsed, cfg.slow_start);
+        return decision(target, target, Reason::SlowStart { progress }, st);
+    }
+    let target = to_weight(full * speed).max(1);
+    let weight = if prev == 0 || capacity::moved(prev, target, cfg.capacity_deadband) {
+        target
+    } else {
+        prev
+    };
+    let reason = Reason::Capacity {
+        speed: rate.map(|_| speed),
+    };
+    decision(weight, target, reason, st)
 }
 
 /// Age of a reading taken at `when`; a timestamp ahead of `now` is new.
@@ -349,6 +522,7 @@ fn decide(
         saturated: st.saturated,
         stale: false,
         step_limited: false,
+        max_in_flight: 0,
     };
 
     if input.drained {
@@ -460,6 +634,7 @@ fn decide(
         saturated: st.saturated,
         stale,
         step_limited: weight != target,
+        max_in_flight: 0,
     }
 }
 

@@ -4,7 +4,11 @@
 
 use std::time::Duration;
 
-use super::{PolicyConfig, signal};
+use super::{
+    PolicyConfig,
+    capacity::{LearnedLimit, SpeedEstimate},
+    signal,
+};
 
 /// A stretch of stale telemetry: when it began and the weight it holds
 /// before decaying.
@@ -33,6 +37,10 @@ pub(super) struct BackendState {
     pub stale: Option<StaleEpisode>,
     /// Weight given last tick; `None` for a backend not seen before.
     pub weight: Option<u32>,
+    /// Capacity mode: completions per flow in flight, from the datapath.
+    pub speed: SpeedEstimate,
+    /// Capacity mode: the batch the engine runs at most, from telemetry.
+    pub limit: LearnedLimit,
 }
 
 impl BackendState {
