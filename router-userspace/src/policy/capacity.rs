@@ -70,7 +70,7 @@ impl SpeedEstimate {
             let w = window.as_secs_f64().max(1e-3);
             let keep = w / (w + dt);
             // A counter that went back (a reused slot) restarts the record.
-            let done = m.ended.checked_sub(prev.ended).unwrap_or(0) as f64;
+            let done = m.ended.saturating_sub(prev.ended) as f64;
             let held = (prev.in_flight + m.in_flight) as f64 / 2.0 * dt;
             self.completions = self.completions * keep + done;
             self.flow_seconds = self.flow_seconds * keep + held;
