@@ -316,6 +316,8 @@ pub fn reaction_polls() -> u32 {
                 drained: false,
                 healthy: true,
                 latest: Some((now, a)),
+                measured: None,
+                max_in_flight: None,
             },
             BackendInput {
                 name: "b",
@@ -324,6 +326,8 @@ pub fn reaction_polls() -> u32 {
                 drained: false,
                 healthy: true,
                 latest: Some((now, &calm)),
+                measured: None,
+                max_in_flight: None,
             },
         ];
         let w = p.tick(now, &inputs).decisions[0].weight;
