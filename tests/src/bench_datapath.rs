@@ -30,7 +30,9 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use router::datapath::{BackendSpec, Datapath, LoadOptions, ServiceSpec, XDP_PASS_OBJ};
+use router::datapath::{
+    BackendSpec, Datapath, LoadOptions, SCAN_LIMIT, Selection, ServiceSpec, XDP_PASS_OBJ,
+};
 use router_common::{addr_filter_bucket, reasons};
 use serde_json::{Value, json};
 
@@ -163,13 +165,18 @@ ratios (trivial measured in the same run). min–max over the runs is given besi
 ns figure.
 ";
 
+/// `path/single/what`: the sample key of a single-mode series.
+fn key(path: &str, what: &str) -> String {
+    format!("{path}/single/{what}")
+}
+
 /// One named series of per-run samples.
 #[derive(Default)]
-struct Samples(BTreeMap<&'static str, Vec<f64>>);
+struct Samples(BTreeMap<String, Vec<f64>>);
 
 impl Samples {
-    fn push(&mut self, key: &'static str, v: f64) {
-        self.0.entry(key).or_default().push(v);
+    fn push(&mut self, key: impl Into<String>, v: f64) {
+        self.0.entry(key.into()).or_default().push(v);
     }
 
     fn get(&self, key: &str) -> Result<&[f64]> {
@@ -224,16 +231,102 @@ fn service() -> ServiceSpec {
 }
 
 fn load_datapath() -> Result<Datapath> {
+    load_datapath_with(&service(), SCAN_LIMIT, 0)
+}
+
+/// A datapath serving `spec`, with a half-open table that holds every flow
+/// of `syns` SYNs (two entries each) without evicting one. With
+/// BPF_F_NO_COMMON_LRU each possible CPU gets its own share of the table,
+/// and inserts on the pinned CPU can only use that share, so the table is
+/// sized for the share.
+fn load_datapath_with(spec: &ServiceSpec, scan_limit: usize, syns: u32) -> Result<Datapath> {
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(_, e)| anyhow::anyhow!("counting possible CPUs: {e}"))? as u64;
+    let half_open = (u64::from(syns) * 2 * cpus * 5 / 4).next_power_of_two();
+    let conn_table_size = u32::try_from((half_open * 4).max(1 << 18))
+        .context("connection table for this many SYNs and CPUs")?;
     let mut dp = Datapath::load(LoadOptions {
-        // Room for every flow of one SYN run (two entries per flow) with no eviction.
-        conn_table_size: 1 << 18,
+        conn_table_size,
         ..LoadOptions::default()
     })
     .context("loading the router program")?;
-    dp.apply(&[service()])
+    dp.set_scan_limit(scan_limit);
+    dp.apply(std::slice::from_ref(spec))
         .context("applying the benchmark service")?;
     Ok(dp)
 }
+
+/// A least-loaded service of `n` backends, all with resolved neighbours
+/// (the three benchmark backend addresses on distinct ports).
+fn least_loaded_service(n: usize) -> ServiceSpec {
+    ServiceSpec {
+        selection: Selection::LeastLoaded,
+        backends: (0..n)
+            .map(|i| BackendSpec {
+                name: format!("b{i}"),
+                address: SocketAddrV4::new(BACKENDS[i % 3], BACKEND_PORT + (i / 3) as u16),
+                weight: 100,
+                max_in_flight: 0,
+            })
+            .collect(),
+        ..service()
+    }
+}
+
+/// The SYN rows: how each pick is configured.
+struct SynCase {
+    key: &'static str,
+    path: &'static str,
+    backends: usize,
+    least_loaded: bool,
+    /// Least-loaded services above this size draw two choices.
+    scan_limit: usize,
+}
+
+const SYN_CASES: [SynCase; 6] = [
+    SynCase {
+        key: "syn",
+        path: "SYN new flow (Maglev, 3 backends)",
+        backends: 3,
+        least_loaded: false,
+        scan_limit: SCAN_LIMIT,
+    },
+    SynCase {
+        key: "syn_ll_4",
+        path: "SYN, least-loaded scan, 4 backends",
+        backends: 4,
+        least_loaded: true,
+        scan_limit: SCAN_LIMIT,
+    },
+    SynCase {
+        key: "syn_ll_16",
+        path: "SYN, least-loaded scan, 16 backends",
+        backends: 16,
+        least_loaded: true,
+        scan_limit: SCAN_LIMIT,
+    },
+    SynCase {
+        key: "syn_ll_32",
+        path: "SYN, least-loaded scan, 32 backends",
+        backends: 32,
+        least_loaded: true,
+        scan_limit: 64,
+    },
+    SynCase {
+        key: "syn_p2c_32",
+        path: "SYN, least-loaded two choices, 32 backends",
+        backends: 32,
+        least_loaded: true,
+        scan_limit: 0,
+    },
+    SynCase {
+        key: "syn_p2c_64",
+        path: "SYN, least-loaded two choices, 64 backends",
+        backends: 64,
+        least_loaded: true,
+        scan_limit: 0,
+    },
+];
 
 /// Mean kernel-reported ns per call and mean wall-clock ns per call.
 struct SingleResult {
@@ -533,7 +626,7 @@ impl Bench {
     }
 
     /// SYN path: a freshly loaded datapath, every call a new client port.
-    fn syn_single(&mut self, calls: u32) -> Result<SingleResult> {
+    fn syn_single(&mut self, calls: u32, case: &SynCase) -> Result<SingleResult> {
         let total = WARMUP_CALLS + calls;
         ensure!(
             u32::from(SYN_FIRST_PORT) + total <= u32::from(u16::MAX),
@@ -548,7 +641,12 @@ impl Bench {
             })
             .collect();
         let (warm, timed) = frames.split_at(WARMUP_CALLS as usize);
-        let mut dp = load_datapath()?;
+        let spec = if case.least_loaded {
+            least_loaded_service(case.backends)
+        } else {
+            service()
+        };
+        let mut dp = load_datapath_with(&spec, case.scan_limit, total)?;
         let before = reason_vec(&dp)?;
         let prog = dp.program_mut().context("router program")?;
         single_calls(prog, warm, &self.ctx, XDP_TX, "SYN single")?;
@@ -561,6 +659,39 @@ impl Bench {
             new_conns == u64::from(total),
             "SYN single: {new_conns} new connections for {total} SYNs"
         );
+        // The state claimed: every flow still in the half-open table, none
+        // evicted by a later SYN of the same run.
+        let half_open: aya::maps::HashMap<_, router_common::ConnKey, router_common::ConnEntry> =
+            aya::maps::HashMap::try_from(
+                dp.ebpf_mut()
+                    .map_mut("HALF_OPEN")
+                    .context("HALF_OPEN map")?,
+            )?;
+        let held = half_open.keys().filter(Result::is_ok).count() as u64;
+        ensure!(
+            held == 2 * u64::from(total),
+            "{}: the half-open table holds {held} entries for {total} SYNs: it evicted",
+            case.path
+        );
+        if case.least_loaded {
+            // Least-loaded spreads the flows: no backend more than one
+            // flow above another with equal weights when scanned.
+            let counts: Vec<u64> = st.services[0]
+                .backends
+                .iter()
+                .map(|b| b.in_flight)
+                .collect();
+            let (lo, hi) = (
+                counts.iter().min().copied().unwrap_or(0),
+                counts.iter().max().copied().unwrap_or(0),
+            );
+            ensure!(
+                counts.iter().sum::<u64>() == u64::from(total)
+                    && (case.scan_limit == 0 || hi - lo <= 1),
+                "{}: in-flight spread {lo}..{hi} over {counts:?}",
+                case.path
+            );
+        }
         Ok(r)
     }
 }
@@ -667,21 +798,20 @@ fn rows(s: &Samples) -> Result<Vec<Row>> {
             reference: None,
         },
     ];
-    for (path, key, reference) in [
-        (
-            "non-service pass",
-            "non_service/single/kernel_ns",
-            Some(&NON_SERVICE_REF),
-        ),
+    let fixed = [
+        ("non-service pass", "non_service", Some(&NON_SERVICE_REF)),
         (
             "established TCP forward",
-            "established/single/kernel_ns",
+            "established",
             Some(&ESTABLISHED_REF),
         ),
-        ("SYN new flow", "syn/single/kernel_ns", Some(&SYN_REF)),
-        ("reply (backend → SNAT)", "reply/single/kernel_ns", None),
-    ] {
-        let ns = s.get(key)?;
+        ("reply (backend → SNAT)", "reply", None),
+    ];
+    let syns = SYN_CASES
+        .iter()
+        .map(|c| (c.path, c.key, (c.key == "syn").then_some(&SYN_REF)));
+    for (path, series, reference) in fixed.into_iter().chain(syns) {
+        let ns = s.get(&key(series, "kernel_ns"))?;
         let adjusted = per_run(ns, &overhead, |a, o| a - o);
         rows.push(Row {
             path,
@@ -812,10 +942,15 @@ pub fn run_datapath(settings: &Settings) -> Result<()> {
                 "established/single/kernel_call_median_ns",
                 r.kernel_call_median_ns,
             );
-            let r = b.syn_single(n)?;
-            s.push("syn/single/kernel_ns", r.kernel_ns);
-            s.push("syn/single/wall_ns", r.wall_ns);
-            s.push("syn/single/kernel_call_median_ns", r.kernel_call_median_ns);
+            for case in &SYN_CASES {
+                let r = b.syn_single(n, case)?;
+                s.push(key(case.key, "kernel_ns"), r.kernel_ns);
+                s.push(key(case.key, "wall_ns"), r.wall_ns);
+                s.push(
+                    key(case.key, "kernel_call_median_ns"),
+                    r.kernel_call_median_ns,
+                );
+            }
             let frame = b.reply_ack.clone();
             let r = b.router_single(&frame, n, XDP_TX, reasons::TX, "reply single")?;
             s.push("reply/single/kernel_ns", r.kernel_ns);

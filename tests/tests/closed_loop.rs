@@ -1,6 +1,7 @@
 //! The closed loop, end to end: four mock GPU replicas behind the XDP
 //! router, the daemon in automatic mode polling their vLLM metrics (three of
-//! them) and a `router agent` reading the fake NVML library (the fourth).
+//! them) and a `router agent` reading the fake NVML library (the fourth);
+//! and least-loaded placement against replicas of unequal speed.
 //! Assertions use the daemon's own status (weights, reasons) and the
 //! datapath's counters, under continuous streaming traffic from a client.
 
@@ -77,7 +78,9 @@ fn config(socket: &Path, lb_if: &str, token: &Path) -> String {
     let mut s = format!(
         "[daemon]\ninterface = \"{lb_if}\"\ncontrol_socket = \"{}\"\n\n\
          [policy]\npoll_interval = \"{POLL_MS}ms\"\nslow_start = \"6s\"\nstale_after = \"2s\"\nstale_decay = \"3s\"\n\n\
-         [[service]]\nname = \"llama\"\nvip = \"{VIP}\"\nsnat = \"{SNAT}\"\n",
+         [[service]]\nname = \"llama\"\nvip = \"{VIP}\"\nsnat = \"{SNAT}\"\n\
+         # Weights as shares of a Maglev draw: the policy this test is about.\n\
+         selection = \"maglev\"\n",
         socket.display()
     );
     for i in 0..4 {
@@ -406,6 +409,143 @@ fn weights_follow_replica_load() {
     // Only gpu-1's health failure can fail requests (in flight when it
     // starts answering 503 to /health, requests themselves still succeed).
     assert!(failed * 50 <= ok, "{failed} failed of {ok}");
+    daemon.stop(Duration::from_secs(10)).unwrap();
+    drop(replicas);
+}
+
+/// Least-loaded placement in namespaces: three replicas, the last 2.5 times
+/// slower. The datapath counts each replica's flows and the policy measures
+/// how fast they complete, so the slow one ends up holding fewer flows in
+/// proportion to its speed, with nothing told to the router about speeds.
+#[test]
+fn least_loaded_holds_fewer_flows_on_a_slower_replica() {
+    const SPEEDS: [f64; 3] = [1.0, 1.0, 0.4];
+    let topo = Topology::one_arm(3).expect("topology");
+    topo.add_snat_addr().unwrap();
+    let dir = ScratchDir::new("least-loaded").unwrap();
+    let mut replicas = Vec::new();
+    for (i, speed) in SPEEDS.iter().enumerate() {
+        let speed = speed.to_string();
+        let args = [
+            "--max-batch",
+            "8",
+            "--step-ms",
+            "15",
+            "--tokens",
+            "12",
+            "--speed",
+            &speed,
+        ];
+        replicas.push(
+            replica::spawn_mock_replica(
+                topo.backend_ns(i),
+                &format!("gpu-{i}"),
+                netns::backend_addr(i),
+                8000,
+                &args,
+            )
+            .unwrap(),
+        );
+        netns::wait_for_tcp(
+            topo.lb_ns(),
+            SocketAddr::new(netns::backend_addr(i).into(), 8000),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    }
+    let socket = dir.0.join("router.sock");
+    let mut cfg = format!(
+        "[daemon]\ninterface = \"{}\"\ncontrol_socket = \"{}\"\n\n\
+         [policy]\npoll_interval = \"{POLL_MS}ms\"\nslow_start = \"1s\"\nspeed_window = \"4s\"\n\n\
+         [[service]]\nname = \"llama\"\nvip = \"{VIP}\"\nsnat = \"{SNAT}\"\n",
+        topo.lb_if(),
+        socket.display()
+    );
+    for i in 0..SPEEDS.len() {
+        let addr = netns::backend_addr(i);
+        cfg.push_str(&format!(
+            "\n[[service.backend]]\nname = \"gpu-{i}\"\naddress = \"{addr}:8000\"\n\
+             telemetry = {{ source = \"prometheus\", url = \"http://{addr}:8000/metrics\", format = \"vllm\" }}\n"
+        ));
+    }
+    let config_path = dir.0.join("router.toml");
+    std::fs::write(&config_path, cfg).unwrap();
+    let daemon = start_daemon(topo.lb_ns(), &config_path, &socket).expect("daemon");
+
+    // Twelve clients, one streamed completion per connection, back to back:
+    // fewer than the replicas' 24 batch slots, so room never binds and the
+    // split is the capacities' alone.
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let clients: Vec<_> = (0..12)
+        .map(|_| {
+            let (stop, errors, ns) = (stop.clone(), errors.clone(), topo.client_ns().to_string());
+            thread::spawn(move || {
+                netns::in_netns(&ns, || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match replica::stream_completion(vip, 12, Duration::from_secs(20)) {
+                            Ok(s) if s.done => {}
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                                thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }
+                })
+                .unwrap();
+            })
+        })
+        .collect();
+
+    // The slow replica's capacity settles once enough flows have completed.
+    let settled = wait_until(&socket, Duration::from_secs(30), |st| {
+        let w = weights(st);
+        w["gpu-0"] == 100 && w["gpu-1"] == 100 && (20..=60).contains(&w["gpu-2"])
+    });
+    let st = status(&socket);
+    assert!(
+        settled.is_some(),
+        "capacities never settled: {:?}, reasons {:?}",
+        weights(&st),
+        st.policy.iter().map(|p| &p.reason).collect::<Vec<_>>()
+    );
+    assert!(
+        reason(&st, "gpu-2").starts_with("capacity: speed 0."),
+        "{}",
+        reason(&st, "gpu-2")
+    );
+
+    // In flight per replica, sampled from the datapath's own counts.
+    let mut sum = [0u64; 3];
+    let mut samples = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(6) {
+        let st = status(&socket);
+        for b in &st.datapath.services[0].backends {
+            let i: usize = b.name.trim_start_matches("gpu-").parse().unwrap();
+            sum[i] += b.in_flight;
+        }
+        samples += 1;
+        thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let mean: Vec<f64> = sum.iter().map(|s| *s as f64 / samples as f64).collect();
+    let fast = (mean[0] + mean[1]) / 2.0;
+    let ratio = mean[2] / fast;
+    println!(
+        "mean in flight {mean:?}, slow/fast {ratio:.2}, weights {:?}",
+        weights(&status(&socket))
+    );
+    assert!(
+        (0.2..=0.7).contains(&ratio),
+        "the 0.4-speed replica holds {ratio:.2} of a fast one's flows: {mean:?}"
+    );
+    assert!(fast > 2.0, "the fast replicas carry the load: {mean:?}");
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "no request failed");
     daemon.stop(Duration::from_secs(10)).unwrap();
     drop(replicas);
 }

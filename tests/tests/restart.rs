@@ -688,3 +688,107 @@ fn health_checked_backends_stay_routable_across_a_restart_until_their_first_prob
     let (ok, out) = s.cleanup();
     assert!(ok, "{out}");
 }
+
+/// `router backends --json`, decoded.
+fn backend_views(s: &Setup) -> Vec<router::views::BackendView> {
+    serde_json::from_str(&cli(&s.socket(), &["backends", "--json"]).unwrap()).unwrap()
+}
+
+/// The in-flight counts live in pinned maps: a daemon killed with -9
+/// leaves them counting, the datapath keeps counting while no daemon runs,
+/// and the next daemon's table scan brings them to exactly what the tables
+/// hold (here: uncounting spoofed handshakes that expired in the gap).
+#[test]
+fn in_flight_counts_survive_kill_9_and_equal_the_table_scan_after_the_restart() {
+    let s = Setup::new("restart-in-flight");
+    s.write_config(&[100, 100, 100], "tcp_closing_timeout = \"2s\"\n");
+    let text = std::fs::read_to_string(s.config_path()).unwrap();
+    std::fs::write(
+        s.config_path(),
+        text.replace(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\nselection = \"least_loaded\"\n",
+        ),
+    )
+    .unwrap();
+    let daemon = s.start();
+    let streams = s.open_streams(30, 20);
+    let per_owner = |streams: &[Stream]| {
+        let mut m: BTreeMap<String, u64> = BTreeMap::new();
+        for st in streams {
+            *m.entry(st.owner.clone()).or_default() += 1;
+        }
+        m
+    };
+    let owners = per_owner(&streams);
+    assert_eq!(
+        owners.values().copied().collect::<Vec<_>>(),
+        [10, 10, 10],
+        "least-loaded spreads 30 streams evenly over equal weights: {owners:?}"
+    );
+    let in_flight = |s: &Setup| -> BTreeMap<String, u64> {
+        backend_views(s)
+            .into_iter()
+            .map(|b| (b.name, b.in_flight))
+            .collect()
+    };
+    assert_eq!(in_flight(&s), owners);
+
+    drop(daemon); // kill -9
+    // In the gap: short connections start and end, and spoofed handshakes
+    // start and never finish (their SYN-ACKs go nowhere).
+    let gap = s.short_connections(20);
+    assert_eq!(gap.values().sum::<usize>(), 20);
+    let lb_mac = netns::mac_address(s.topo.lb_ns(), s.topo.lb_if()).unwrap();
+    let client_mac = netns::mac_address(s.topo.client_ns(), s.topo.client_if()).unwrap();
+    let sender =
+        router_tests::raw_sender::RawSender::open(s.topo.client_ns(), s.topo.client_if()).unwrap();
+    let template = router_tests::packet::Packet::tcp(
+        "198.19.0.1:1024".parse().unwrap(),
+        VIP.parse().unwrap(),
+        router_tests::packet::TCP_SYN,
+    )
+    .with_macs(lb_mac, client_mac)
+    .build();
+    let mut buf = vec![0u8; template.len()];
+    for i in 0..60u64 {
+        let n = router_tests::synflood::spoofed_syn(&template, i, &mut buf);
+        sender.send(&buf[..n]).unwrap();
+    }
+
+    let daemon = s.start();
+    let counted: u64 = in_flight(&s).values().sum();
+    assert_eq!(
+        counted, 90,
+        "the counts carried on without a daemon: 30 streams and 60 open handshakes"
+    );
+    // The handshakes expire after the closing timeout; the next scans
+    // uncount them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let views = loop {
+        let views = backend_views(&s);
+        let settled = views
+            .iter()
+            .all(|b| b.active_connections == Some(b.in_flight) && b.in_flight == 10);
+        if settled || std::time::Instant::now() > deadline {
+            break views;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for b in &views {
+        assert_eq!(
+            (b.in_flight, b.active_connections),
+            (10, Some(10)),
+            "{}: in flight against the table scan",
+            b.name
+        );
+    }
+    let leaked: u64 = views.iter().map(|b| b.in_flight_corrections.leaked).sum();
+    assert_eq!(leaked, 60, "exactly the expired handshakes were uncounted");
+    for stream in streams {
+        stream.finish();
+    }
+    drop(daemon);
+    let (ok, out) = s.cleanup();
+    assert!(ok, "{out}");
+}

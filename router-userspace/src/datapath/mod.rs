@@ -129,6 +129,8 @@ pub struct Datapath {
     adopted: Option<adopt::PinnedState>,
     /// The in-flight counters, mapped once and shared with the scanner.
     load: std::sync::Arc<LoadCounters>,
+    /// Least-loaded services with more backends than this draw two choices.
+    scan_limit: usize,
 }
 
 enum Attachment {
@@ -238,6 +240,7 @@ impl Datapath {
             pins,
             adopted: None,
             load,
+            scan_limit: SCAN_LIMIT,
         };
         // A pinned generation counts on, so no cached next hop can match
         // a generation it was not resolved under.
@@ -248,6 +251,14 @@ impl Datapath {
 
     pub fn options(&self) -> &LoadOptions {
         &self.opts
+    }
+
+    /// Sets the largest least-loaded service that is scanned in full
+    /// (`SCAN_LIMIT` unless changed; at most `MAX_SCAN_MEMBERS`); takes
+    /// effect at the next apply. The datapath benchmark compares both picks
+    /// at equal sizes with it.
+    pub fn set_scan_limit(&mut self, limit: usize) {
+        self.scan_limit = limit.min(router_common::selection::MAX_SCAN_MEMBERS as usize);
     }
 
     /// The loaded program, for attaching elsewhere or BPF_PROG_TEST_RUN.

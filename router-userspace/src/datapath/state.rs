@@ -45,7 +45,7 @@ const _: () = assert!(SCAN_LIMIT <= MAX_SCAN_MEMBERS as usize);
 /// The scan list of a service: its backends that take new flows, with
 /// their weights, in spec order; empty unless it is least-loaded and small
 /// enough to scan.
-fn scan_list(s: &ServiceSpec, ids: &BTreeMap<String, u32>) -> Vec<Member> {
+fn scan_list(s: &ServiceSpec, ids: &BTreeMap<String, u32>, limit: usize) -> Vec<Member> {
     if s.selection != Selection::LeastLoaded {
         return Vec::new();
     }
@@ -60,11 +60,7 @@ fn scan_list(s: &ServiceSpec, ids: &BTreeMap<String, u32>) -> Vec<Member> {
             _pad: 0,
         })
         .collect();
-    if list.len() > SCAN_LIMIT {
-        Vec::new()
-    } else {
-        list
-    }
+    if list.len() > limit { Vec::new() } else { list }
 }
 
 pub(super) fn service_key(spec: &ServiceSpec) -> ServiceKey {
@@ -266,7 +262,7 @@ impl Datapath {
             })
             .collect();
         let table = maglev::build(&input, size);
-        let members = scan_list(s, &ids);
+        let members = scan_list(s, &ids, self.scan_limit);
 
         let existed = self.services.contains_key(&s.name);
         let mut st = match self.services.remove(&s.name) {
