@@ -14,7 +14,8 @@
 //!   backend's room but never raises its capacity.
 //! - **Room** (`max_in_flight`) is the backend's `max_in_flight` from the
 //!   config, or else learned from telemetry: the batch an engine was running
-//!   while it also had requests waiting is the most it runs at once.
+//!   while a queue of waiting requests lasted through several polls is the
+//!   most it runs at once (see `LearnedLimit`).
 //! - **Slow start** ramps capacity from readiness, so a replica that joins
 //!   cold takes a few flows first instead of everything leastconn would send
 //!   an empty server.
@@ -35,8 +36,6 @@ pub const MIN_COMPLETIONS: f64 = 20.0;
 /// The slowest speed a backend is credited with, relative to the fastest,
 /// so it always receives some flows to be measured by.
 pub const MIN_SPEED: f64 = 0.05;
-/// How long a learned batch limit holds without new evidence of it.
-pub const LIMIT_MEMORY: Duration = Duration::from_secs(60);
 
 /// What the datapath counted for one backend, read at a tick.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -87,36 +86,52 @@ impl SpeedEstimate {
 }
 
 /// The most requests a backend's engine runs at once, learned from
-/// readings that show it full: requests waiting while a batch runs.
+/// readings that show it full: requests waiting in every one of
+/// `LIMIT_EVIDENCE` fresh readings in a row. One reading with a request
+/// waiting proves nothing: a continuous-batching engine admits new
+/// requests at its next step, so a poll often finds one waiting while the
+/// batch has room (seen with the mock replicas: a limit of 3 learned on
+/// replicas that batch 8, and the slow replica flooded). A queue that
+/// lasts through several polls only forms in a full batch.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LearnedLimit {
-    value: Option<(u32, Duration)>,
+    /// Consecutive readings with requests waiting, and the largest batch among them.
+    streak: u32,
+    streak_batch: u32,
+    value: Option<u32>,
 }
 
+/// Readings in a row with requests waiting that show a full batch.
+pub const LIMIT_EVIDENCE: u32 = 4;
+
 impl LearnedLimit {
-    pub fn observe(&mut self, when: Duration, r: &Reading) {
+    /// Takes in one fresh reading.
+    pub fn observe(&mut self, r: &Reading) {
         let (Some(running), Some(waiting)) = (r.requests_running, r.requests_waiting) else {
+            self.streak = 0;
             return;
         };
         if !(waiting > 0.0 && running >= 1.0 && running.is_finite()) {
+            self.streak = 0;
             return;
         }
         // Readings are validated finite and non-negative; batches are small.
         let batch = running.round().min(f64::from(u32::MAX)) as u32;
-        let keep = match self.value {
-            // A smaller batch seen full replaces a larger one only once
-            // the larger has gone unconfirmed for a while: a burst can find
-            // requests waiting for the next step before the batch is full.
-            Some((v, at)) => batch < v && when.saturating_sub(at) < LIMIT_MEMORY,
-            None => false,
+        self.streak_batch = if self.streak == 0 {
+            batch
+        } else {
+            self.streak_batch.max(batch)
         };
-        if !keep {
-            self.value = Some((batch, when));
+        self.streak += 1;
+        if self.streak >= LIMIT_EVIDENCE {
+            // Up or down: a full batch that shrank (KV-cache pressure, a
+            // restarted engine) is as real as one that grew.
+            self.value = Some(self.streak_batch);
         }
     }
 
     pub fn get(&self) -> Option<u32> {
-        self.value.map(|(v, _)| v)
+        self.value
     }
 }
 
@@ -218,22 +233,32 @@ mod tests {
     }
 
     #[test]
-    fn the_limit_is_the_batch_seen_with_requests_waiting() {
+    fn the_limit_is_the_batch_seen_with_a_lasting_queue() {
         let mut l = LearnedLimit::default();
-        l.observe(Duration::ZERO, &full(5.0, 0.0));
+        l.observe(&full(5.0, 0.0));
         assert_eq!(l.get(), None, "nothing waits: no evidence of a limit");
-        l.observe(Duration::from_secs(1), &full(8.0, 3.0));
-        assert_eq!(l.get(), Some(8));
-        l.observe(Duration::from_secs(2), &full(6.0, 1.0));
+        // A request waiting for the next step, now and then: no limit.
+        for _ in 0..10 {
+            l.observe(&full(3.0, 1.0));
+            l.observe(&full(3.0, 0.0));
+        }
+        assert_eq!(l.get(), None, "transient waits are not a full batch");
+        for _ in 0..3 {
+            l.observe(&full(8.0, 2.0));
+        }
+        assert_eq!(l.get(), None, "three readings are not yet enough");
+        l.observe(&full(7.0, 3.0));
+        assert_eq!(l.get(), Some(8), "the largest batch of the streak");
+        l.observe(&full(2.0, 0.0));
+        assert_eq!(l.get(), Some(8), "kept while it has room");
+        for _ in 0..4 {
+            l.observe(&full(6.0, 1.0));
+        }
         assert_eq!(
             l.get(),
-            Some(8),
-            "a transient smaller batch does not lower it"
+            Some(6),
+            "a lasting queue at a smaller batch lowers it"
         );
-        l.observe(Duration::from_secs(90), &full(6.0, 1.0));
-        assert_eq!(l.get(), Some(6), "unconfirmed for a minute, it follows");
-        l.observe(Duration::from_secs(91), &full(12.0, 2.0));
-        assert_eq!(l.get(), Some(12), "a larger batch raises it at once");
     }
 
     #[test]

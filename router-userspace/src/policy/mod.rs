@@ -405,7 +405,7 @@ fn ingest_reading(
         // A late reading says nothing about the load now.
         let fresh = age(now, when) < cfg.stale_after;
         if is_new && fresh {
-            st.limit.observe(when, reading);
+            st.limit.observe(reading);
             if let Some(raw) = signal::load(reading, &cfg.signal) {
                 st.ingest(when, raw, cfg);
             }

@@ -823,11 +823,14 @@ fn room_is_the_batch_seen_full_or_the_configured_limit() {
         requests_waiting: Some(2.0),
         ..Reading::default()
     };
-    sims[0].b.latest = Some((at(0), busy.clone()));
-    let t = tick_sims(&mut p, 0, &mut sims);
+    let mut t = tick_sims(&mut p, 0, &mut sims);
+    for n in 1..=4 {
+        sims[0].b.latest = Some((at(n), busy.clone()));
+        t = tick_sims(&mut p, n, &mut sims);
+    }
     assert_eq!(
         t.decisions[0].max_in_flight, 8,
-        "learned: 8 running, some waiting"
+        "learned: 8 running and a queue through four polls"
     );
     assert_eq!(t.decisions[1].max_in_flight, 0, "nothing known: no limit");
     let mut fixed = capacity_policy();
