@@ -53,6 +53,8 @@ pub struct SpeedEstimate {
     last: Option<(Duration, Measured)>,
     completions: f64,
     flow_seconds: f64,
+    /// The last rate that rested on enough completions.
+    rate: Option<f64>,
 }
 
 impl SpeedEstimate {
@@ -73,15 +75,20 @@ impl SpeedEstimate {
             let held = (prev.in_flight + m.in_flight) as f64 / 2.0 * dt;
             self.completions = self.completions * keep + done;
             self.flow_seconds = self.flow_seconds * keep + held;
+            if self.completions >= MIN_COMPLETIONS && self.flow_seconds > 0.0 {
+                self.rate = Some(self.completions / self.flow_seconds);
+            }
         }
         self.last = Some((now, m));
     }
 
-    /// Completions per second per flow in flight, once there is enough to
-    /// go on.
+    /// Completions per second per flow in flight, once there was enough to
+    /// go on. A backend that takes few flows (a slow one, by the estimate
+    /// itself) may fall below that evidence again: it keeps its last
+    /// estimate rather than count as unmeasured, which would hand it full
+    /// capacity and flip it back and forth.
     pub fn rate(&self) -> Option<f64> {
-        (self.completions >= MIN_COMPLETIONS && self.flow_seconds > 0.0)
-            .then(|| self.completions / self.flow_seconds)
+        self.rate
     }
 }
 
@@ -197,6 +204,17 @@ mod tests {
         feed(&mut e, 40, 8, 4);
         let r = e.rate().unwrap();
         assert!(r < 0.7, "rate {r} after the slowdown");
+    }
+
+    #[test]
+    fn an_estimate_is_kept_when_the_evidence_thins_out() {
+        let mut e = SpeedEstimate::default();
+        e.observe(Duration::ZERO, Measured::default(), W);
+        feed(&mut e, 60, 8, 16);
+        let r = e.rate().unwrap();
+        // It is given nothing for a minute (the others took the flows).
+        feed(&mut e, 60, 0, 0);
+        assert_eq!(e.rate(), Some(r), "held, not reset to unmeasured");
     }
 
     #[test]
