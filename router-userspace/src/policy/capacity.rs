@@ -214,7 +214,8 @@ mod tests {
         let r = e.rate().unwrap();
         // It is given nothing for a minute (the others took the flows).
         feed(&mut e, 60, 0, 0);
-        assert_eq!(e.rate(), Some(r), "held, not reset to unmeasured");
+        let held = e.rate().expect("held, not reset to unmeasured");
+        assert!((held - r).abs() < 0.1 * r, "{held} against {r}");
     }
 
     #[test]
