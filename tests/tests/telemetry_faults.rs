@@ -280,7 +280,10 @@ impl Rig {
             "[daemon]\ninterface = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_listen = \"\"\n\n\
              [policy]\npoll_interval = \"{}ms\"\nslow_start = \"400ms\"\n\
              stale_after = \"{}ms\"\nstale_decay = \"{}ms\"\n\n\
-             [[service]]\nname = \"llama\"\nvip = \"{VIP}\"\nsnat = \"{SNAT}\"\n",
+             [[service]]\nname = \"llama\"\nvip = \"{VIP}\"\nsnat = \"{SNAT}\"\n\
+             # The share policy reads telemetry for every weight; a least-loaded\n\
+             # service's capacities never follow telemetry (policy unit tests).\n\
+             selection = \"maglev\"\n",
             self.topo.lb_if(),
             self.socket.display(),
             POLL.as_millis(),

@@ -892,3 +892,25 @@ fn all_saturated_in_capacity_mode_keeps_capacities_and_reports_the_overflow() {
     assert!(t.all_saturated);
     assert!(t.decisions.iter().all(|d| d.weight == 100 && d.saturated));
 }
+
+#[test]
+fn telemetry_faults_leave_capacities_alone() {
+    let mut p = capacity_policy();
+    let mut sims = [Sim::new("gpu-0", 8, 0.5), Sim::new("gpu-1", 8, 1.0)];
+    let mut t = tick_sims(&mut p, 0, &mut sims);
+    for n in 1..200 {
+        sims[0].b.read(n, 0.5);
+        sims[1].b.read(n, 0.5);
+        t = tick_sims(&mut p, n, &mut sims);
+    }
+    let before: Vec<u32> = t.decisions.iter().map(|d| d.weight).collect();
+    assert_eq!(before[0], 100);
+    assert!((40..=60).contains(&before[1]), "{before:?}");
+    // gpu-1's telemetry goes silent for a minute: stale, never idle.
+    for n in 200..320 {
+        sims[0].b.read(n, 0.5);
+        t = tick_sims(&mut p, n, &mut sims);
+        let w: Vec<u32> = t.decisions.iter().map(|d| d.weight).collect();
+        assert_eq!(w, before, "tick {n}: capacities moved with telemetry");
+    }
+}
