@@ -16,7 +16,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use router_common::{CONN_CLOSING, CONN_COUNTED, CONN_REPLY, ConnEntry, ConnKey};
 
 use crate::{
-    conn::{key, owned_by, reply_key},
+    conn::{Table, expired, key, owned_by, reply_key},
     flags,
     maps::{BACKEND_LOAD, CONNS, HALF_OPEN},
 };
@@ -61,10 +61,10 @@ pub fn release(fwd: &mut ConnEntry) {
 }
 
 #[inline(always)]
-fn find(k: ConnKey) -> Option<*mut ConnEntry> {
+fn find(k: ConnKey) -> Option<(*mut ConnEntry, Table)> {
     match CONNS.get_ptr_mut(k) {
-        Some(e) => Some(e),
-        None => HALF_OPEN.get_ptr_mut(k),
+        Some(e) => Some((e, Table::Conns)),
+        None => HALF_OPEN.get_ptr_mut(k).map(|e| (e, Table::HalfOpen)),
     }
 }
 
@@ -73,12 +73,14 @@ fn find(k: ConnKey) -> Option<*mut ConnEntry> {
 /// ends it at once; a FIN ends it when the other direction's entry is
 /// closing too. `e` was marked with an atomic fetch before this reads the
 /// other side, so when both FINs cross on two CPUs at least one of them
-/// sees the other's mark.
+/// sees the other's mark. A forward entry that has expired is the scan's
+/// (it has uncounted it already, or will): ending it here would count its
+/// end twice.
 #[inline(always)]
-pub fn on_close(at: &ConnKey, e: &mut ConnEntry, rst: bool) {
+pub fn on_close(at: &ConnKey, e: &mut ConnEntry, rst: bool, now: u64) {
     if e.flags & CONN_REPLY == 0 {
         if !rst {
-            let Some(r) = find(reply_key(e, at.proto)) else {
+            let Some((r, _)) = find(reply_key(e, at.proto)) else {
                 return;
             };
             // SAFETY: a map value pointer from a successful lookup.
@@ -98,14 +100,17 @@ pub fn on_close(at: &ConnKey, e: &mut ConnEntry, rst: bool) {
         e.new_src_port,
         at.proto,
     );
-    let Some(f) = find(fkey) else {
+    let Some((f, table)) = find(fkey) else {
         return;
     };
     // SAFETY: a map value pointer from a successful lookup.
     let f = unsafe { &mut *f };
     // Only this flow's own forward entry: the client's 4-tuple may since
     // have opened a new flow, translated to another backend pair.
-    if f.flags & CONN_REPLY != 0 || reply_key(f, at.proto) != *at {
+    if f.flags & CONN_REPLY != 0
+        || reply_key(f, at.proto) != *at
+        || expired(table, f, now, at.proto)
+    {
         return;
     }
     if rst || f.flags & CONN_CLOSING != 0 {

@@ -94,7 +94,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
         let reused = syn && conn::syn_starts_over(Table::Conns, &key, e, now);
         if !reused && !expired {
             if conn::refresh(e, now, fin_or_rst) || rst {
-                inflight::on_close(&key, e, rst);
+                inflight::on_close(&key, e, rst, now);
             }
             if e.flags & CONN_AWAIT_ANY != 0 {
                 latency::observe(&key, e, &l4);
@@ -124,7 +124,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
                 e = unsafe { &mut *p };
             }
             if conn::refresh(e, now, fin_or_rst) || rst {
-                inflight::on_close(&key, e, rst);
+                inflight::on_close(&key, e, rst, now);
             }
             if e.flags & CONN_AWAIT_ANY != 0 {
                 latency::observe(&key, e, &l4);
