@@ -163,6 +163,12 @@ impl Collector for Snapshot {
             "Flows open now, counted by the datapath at each pick (the least-loaded selection's input).",
             per_b(|b| Some(b.in_flight as f64)),
         )?;
+        gauges(
+            e,
+            "router_backend_max_in_flight",
+            "Room: flows in flight at which a least-loaded pick passes the backend over while another has room (0: no limit).",
+            per_b(|b| Some(f64::from(b.max_in_flight))),
+        )?;
         counters(
             e,
             "router_backend_flows_closed",

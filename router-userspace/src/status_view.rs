@@ -177,7 +177,7 @@ pub fn render_backends(backends: &[crate::views::BackendView]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<12} {:>6} {:>6} {:>5} {:>5} {:>4} {:>9} {:>7} {:>6} {:>9} {:>9} {:<6} MODE/REASON",
+        "{:<10} {:<12} {:>6} {:>6} {:>5} {:>5} {:>4} {:>9} {:>5} {:>7} {:>6} {:>9} {:>9} {:<6} MODE/REASON",
         "SERVICE",
         "BACKEND",
         "WEIGHT",
@@ -186,6 +186,7 @@ pub fn render_backends(backends: &[crate::views::BackendView]) -> String {
         "KV",
         "SAT",
         "IN FLIGHT",
+        "ROOM",
         "ACTIVE",
         "CONN/S",
         "TTFB P50",
@@ -195,7 +196,7 @@ pub fn render_backends(backends: &[crate::views::BackendView]) -> String {
     for b in backends {
         let _ = writeln!(
             out,
-            "{:<10} {:<12} {:>6} {:>5.1}% {:>5} {:>5} {:>4} {:>9} {:>7} {:>6} {:>9} {:>9} {:<6} {}/{}",
+            "{:<10} {:<12} {:>6} {:>5.1}% {:>5} {:>5} {:>4} {:>9} {:>5} {:>7} {:>6} {:>9} {:>9} {:<6} {}/{}",
             b.service,
             b.name,
             b.weight,
@@ -204,6 +205,11 @@ pub fn render_backends(backends: &[crate::views::BackendView]) -> String {
             pct(b.kv_cache_usage),
             if b.saturated { "yes" } else { "no" },
             b.in_flight,
+            if b.max_in_flight == 0 {
+                "-".to_string()
+            } else {
+                b.max_in_flight.to_string()
+            },
             b.active_connections
                 .map_or_else(|| "-".into(), |n| n.to_string()),
             opt(b.new_conns_per_sec, 1),

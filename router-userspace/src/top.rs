@@ -323,6 +323,7 @@ mod tests {
             counters: Counters::default(),
             active_connections: Some(7),
             in_flight: 7,
+            max_in_flight: 8,
             flows_closed: 40,
             in_flight_corrections: Default::default(),
             new_conns_per_sec: Some(12.5),

@@ -51,6 +51,10 @@ pub struct BackendView {
     pub counters: Counters,
     /// Live forward flows in the connection table (None before the first scan).
     pub active_connections: Option<u64>,
+    /// Room: flows in flight at which a least-loaded pick passes the backend
+    /// over while another has room (0: no limit).
+    #[serde(default)]
+    pub max_in_flight: u32,
     /// Flows open now as the datapath counts them at each pick (least-loaded
     /// services place new flows by it; every service keeps it).
     #[serde(default)]
@@ -159,6 +163,7 @@ pub fn backends(st: &StatusReply, scan: Option<&ConnScan>, rates: &Rates) -> Vec
                 counters: b.counters,
                 active_connections: scan.map(|sc| sc.active.get(&b.id).copied().unwrap_or(0)),
                 in_flight: b.in_flight,
+                max_in_flight: b.max_in_flight,
                 flows_closed: b.flows_closed,
                 in_flight_corrections: scan
                     .and_then(|sc| sc.corrections_total.get(&b.id).copied())

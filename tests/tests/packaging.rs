@@ -452,6 +452,19 @@ const FAMILIES: &[(&str, Kind, &[&str])] = &[
     ),
     ("router_fallback_connections_total", Kind::Counter, GLOBAL),
     ("router_backend_active_connections", Kind::Gauge, BACKEND),
+    ("router_backend_in_flight", Kind::Gauge, BACKEND),
+    ("router_backend_max_in_flight", Kind::Gauge, BACKEND),
+    ("router_backend_flows_closed_total", Kind::Counter, BACKEND),
+    (
+        "router_backend_in_flight_leaked_corrections_total",
+        Kind::Counter,
+        BACKEND,
+    ),
+    (
+        "router_backend_in_flight_overcount_corrections_total",
+        Kind::Counter,
+        BACKEND,
+    ),
     (
         "router_backend_new_connections_per_second",
         Kind::Gauge,

@@ -33,6 +33,9 @@ pub struct BackendStatus {
     pub name: String,
     pub address: String,
     pub weight: u32,
+    /// Flows in flight at which a least-loaded pick sees no room (0: none).
+    #[serde(default)]
+    pub max_in_flight: u32,
     /// Slots this backend owns in the live Maglev table.
     pub slots: u32,
     pub counters: Counters,
@@ -143,6 +146,7 @@ impl Datapath {
                     name: b.name.clone(),
                     address: b.address.to_string(),
                     weight: b.weight,
+                    max_in_flight: b.max_in_flight,
                     slots,
                     counters: self.traffic("BACKEND_STATS", id)?,
                     latency: self.backend_latency(id)?,
