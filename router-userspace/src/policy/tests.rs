@@ -914,3 +914,25 @@ fn telemetry_faults_leave_capacities_alone() {
         assert_eq!(w, before, "tick {n}: capacities moved with telemetry");
     }
 }
+
+#[test]
+fn a_slow_replicas_thin_evidence_does_not_churn_its_capacity() {
+    let mut p = capacity_policy();
+    // gpu-1 completes under 2 flows a second: a noisy estimate.
+    let mut sims = [Sim::new("gpu-0", 8, 0.5), Sim::new("gpu-1", 2, 1.25)];
+    for n in 0..240 {
+        tick_sims(&mut p, n, &mut sims);
+    }
+    let mut last = tick_sims(&mut p, 240, &mut sims).decisions[1].weight;
+    let mut changes = 0;
+    // Its flow times wobble by ±25% from one 3-second stretch to the next.
+    for n in 241..361 {
+        sims[1].secs_per_flow = if (n / 6) % 2 == 0 { 1.0 } else { 1.5 };
+        let w = tick_sims(&mut p, n, &mut sims).decisions[1].weight;
+        if w != last {
+            changes += 1;
+            last = w;
+        }
+    }
+    assert!(changes <= 1, "{changes} changes in a minute of noise");
+}
