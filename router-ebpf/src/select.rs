@@ -5,7 +5,7 @@
 use router_common::{
     NO_BACKEND, Service,
     flow_hash::second_choice,
-    selection::{Candidate, MAX_SCAN_MEMBERS, SELECT_LEAST_LOADED, better, member_index},
+    selection::{Candidate, MAX_SCAN_MEMBERS, SELECT_LEAST_LOADED, member_index, rank},
 };
 
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop};
@@ -55,7 +55,7 @@ struct Scan {
     start: u32,
     best: u32,
     _pad: u32,
-    best_of: Candidate,
+    best_rank: u64,
 }
 
 /// Every member compared; ties go to the first in an order that starts at
@@ -81,7 +81,7 @@ fn scan(svc: &Service, hash: u32) -> u32 {
         start,
         best: NO_BACKEND,
         _pad: 0,
-        best_of: Candidate::default(),
+        best_rank: u64::MAX,
     };
     // SAFETY: the callback reads and writes only the `Scan` it is handed,
     // which lives on this stack frame until bpf_loop returns.
@@ -115,14 +115,14 @@ extern "C" fn scan_member(i: u64, ctx: *mut c_void) -> i64 {
     if m.weight == 0 {
         return 0;
     }
-    let this = Candidate {
+    let this = rank(&Candidate {
         in_flight: in_flight(m.backend_id),
         weight: m.weight,
         max_in_flight: m.max_in_flight,
-    };
-    if st.best == NO_BACKEND || better(&this, &st.best_of) {
+    });
+    if st.best == NO_BACKEND || this < st.best_rank {
         st.best = m.backend_id;
-        st.best_of = this;
+        st.best_rank = this;
     }
     0
 }
@@ -147,11 +147,12 @@ fn candidate(backend_id: u32) -> Candidate {
 fn two_choices(svc: &Service, hash: u32) -> u32 {
     let a = maglev(svc, hash);
     let b = maglev(svc, second_choice(hash));
-    let (ca, cb) = (candidate(a), candidate(b));
-    let (pick, w) = if b != NO_BACKEND && b != a && better(&cb, &ca) {
-        (b, cb.weight)
+    let (ra, rb) = (rank(&candidate(a)), rank(&candidate(b)));
+    let (pick, r) = if b != NO_BACKEND && b != a && rb < ra {
+        (b, rb)
     } else {
-        (a, ca.weight)
+        (a, ra)
     };
-    if w == 0 { NO_BACKEND } else { pick }
+    // Weight 0 (or no backend at all) ranks u64::MAX.
+    if r == u64::MAX { NO_BACKEND } else { pick }
 }
