@@ -9,10 +9,10 @@ use std::{
 use proptest::{prelude::*, test_runner::TestCaseError};
 use router_common::{
     CONN_AWAIT_ANY, CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_CLOSING,
-    CONN_REPLY, ConnKey, ServiceKey, reasons,
+    CONN_COUNTED, CONN_REPLY, ConnKey, ServiceKey, reasons,
 };
 use router_tests::{
-    model::{self, Config, Entry, Hop, Model, Table, Traffic, Tuple, nat},
+    model::{self, Config, Entry, Hop, Load, Model, Table, Traffic, Tuple, nat},
     packet::{Packet, checksums_valid},
 };
 
@@ -38,7 +38,7 @@ pub(crate) fn pick<T: Copy>(pool: &[T], i: u8) -> T {
 
 impl World {
     pub(crate) fn cfg(&self) -> &Config {
-        &self.configs[self.live_set]
+        &self.configs[self.live_set][self.slot_set]
     }
 
     pub(crate) fn service_of(&self, s: usize) -> &model::Service {
@@ -111,7 +111,8 @@ impl World {
             service_id: ids.0,
             flags: awaits
                 | if reply { CONN_REPLY } else { 0 }
-                | if p.closing { CONN_CLOSING } else { 0 },
+                | if p.closing { CONN_CLOSING } else { 0 }
+                | if p.counted { CONN_COUNTED } else { 0 },
             hop: self.hop_of(p.hop),
             age: p.age.secs(),
         }
@@ -363,11 +364,21 @@ impl World {
         f
     }
 
-    /// Applies the session's weight set to both sides.
-    pub(crate) fn use_weights(&mut self, set: usize) {
+    /// Applies the session's weight sets to both sides: `set` for the
+    /// tables and scan lists, `slots` for the `BACKENDS` weights.
+    pub(crate) fn use_weights(&mut self, set: usize, slots: usize) {
         if set != self.live_set {
             self.fx.dp.apply(&specs(set)).expect("apply weights");
             self.live_set = set;
+            self.slot_set = set;
+        }
+        if slots != self.slot_set {
+            for (def, (_, bids)) in SERVICES.iter().zip(&self.ids) {
+                for (id, w) in bids.iter().zip(&def.weights[slots]) {
+                    self.fx.set_backend_weight(*id, *w);
+                }
+            }
+            self.slot_set = slots;
         }
         if self.checked_sets.insert(set) {
             let services: Vec<((u32, u16, u8), model::Service)> = self
@@ -386,6 +397,18 @@ impl World {
                 assert!(
                     live == svc.table,
                     "the kernel's live Maglev table of service {} differs from the builder's",
+                    svc.id
+                );
+                let (selection, members) = self.fx.live_members(ServiceKey {
+                    addr: key.0,
+                    port: key.1,
+                    proto: key.2,
+                    _pad: 0,
+                });
+                assert_eq!(
+                    (selection, &members),
+                    (svc.selection, &svc.members),
+                    "the kernel's selection and scan list of service {} (weight set {set})",
                     svc.id
                 );
             }
@@ -414,10 +437,70 @@ impl World {
         ))
     }
 
+    /// Every watched backend's counts at the start of session `s`.
+    pub(crate) fn start_loads(&self, s: &Session) -> BTreeMap<u32, Load> {
+        let mut out: BTreeMap<u32, Load> = self
+            .backend_ids
+            .iter()
+            .map(|id| {
+                let n = s.loads.pattern.map_or(0, |p| {
+                    router_common::flow_hash::second_choice(p ^ id.wrapping_mul(0x9e37_79b9)) % 4
+                });
+                (
+                    *id,
+                    Load {
+                        opened: u64::from(n),
+                        closed: 0,
+                    },
+                )
+            })
+            .collect();
+        for (i, seed) in &s.loads.each {
+            let l = match *seed {
+                LoadSeed::Flows { n, churn } => Load {
+                    opened: u64::from(n) + u64::from(churn) * 1000,
+                    closed: u64::from(churn) * 1000,
+                },
+                LoadSeed::Negative { by } => Load {
+                    opened: 3,
+                    closed: 3 + u64::from(by),
+                },
+                LoadSeed::Huge { extra } => Load {
+                    opened: u64::from(u32::MAX) + u64::from(extra),
+                    closed: 0,
+                },
+            };
+            out.insert(pick(&self.backend_ids, *i), l);
+        }
+        out
+    }
+
+    /// Watched backends whose counts differ, kernel against model.
+    fn load_diff(&self, m: &Model) -> Vec<String> {
+        self.backend_ids
+            .iter()
+            .filter_map(|id| {
+                let (got, want) = (self.fx.load(*id), m.loads.get(*id));
+                (got != want).then(|| {
+                    format!(
+                        "backend {id}: kernel opened {} closed {}, model opened {} closed {}",
+                        got.opened, got.closed, want.opened, want.closed
+                    )
+                })
+            })
+            .collect()
+    }
+
     fn run_once(&mut self, s: &Session) -> Result<(), TestCaseError> {
-        self.use_weights(s.weights);
+        self.use_weights(s.weights, s.slots.unwrap_or(s.weights));
         self.fx.clear();
         let mut m = Model::new(self.cfg().clone());
+        for (id, l) in self.start_loads(s) {
+            self.fx.set_load(id, l);
+            m.loads.0.insert(id, l);
+        }
+        let mut loads_before: Vec<Load> =
+            self.backend_ids.iter().map(|id| m.loads.get(*id)).collect();
         let now = coarse_now_ns();
         for (t, key, e) in self.seed_entries(s) {
             // A key lives in one place per table; seeds overwrite.
@@ -466,6 +549,27 @@ impl World {
             let want = m.step(&frame, ingress);
             let (verdict, out) = self.fx.run(&frame, ingress);
             self.packets += 1;
+            let loads_after: Vec<Load> = self
+                .backend_ids
+                .iter()
+                .map(|id| self.fx.load(*id))
+                .collect();
+            let moved: Vec<String> = self
+                .backend_ids
+                .iter()
+                .zip(loads_before.iter().zip(&loads_after))
+                .filter(|(_, (b, a))| b != a)
+                .map(|(id, (b, a))| {
+                    format!(
+                        " backend {id} opened {}{:+} closed {}{:+}",
+                        b.opened,
+                        a.opened.wrapping_sub(b.opened) as i64,
+                        b.closed,
+                        a.closed.wrapping_sub(b.closed) as i64
+                    )
+                })
+                .collect();
+            loads_before = loads_after;
             let reasons_after = self.fx.reasons();
             let got_reasons: Vec<u32> = (0..reasons::COUNT)
                 .flat_map(|r| {
@@ -481,6 +585,9 @@ impl World {
                 names(&got_reasons),
                 m.trail.join(", ")
             ));
+            if !moved.is_empty() {
+                trace.push_str(&format!("   load (kernel):{}\n", moved.join(";")));
+            }
             let ctx = || format!("session {:?}\ntrace:\n{trace}", s);
             prop_assert_eq!(verdict, want.verdict, "packet #{}: verdict\n{}", i, ctx());
             prop_assert_eq!(
@@ -497,6 +604,14 @@ impl World {
                 names(&want_reasons),
                 "packet #{}: reason counters\n{}",
                 i,
+                ctx()
+            );
+            let load_diff = self.load_diff(&m);
+            prop_assert!(
+                load_diff.is_empty(),
+                "packet #{}: in-flight counts (BACKEND_LOAD) differ:\n  {}\n{}",
+                i,
+                load_diff.join("\n  "),
                 ctx()
             );
             let rewritten = want.traffic.is_some();
@@ -635,12 +750,13 @@ pub(crate) fn show_entry(e: &Entry) -> String {
         (CONN_AWAIT_SYNACK, "await-synack"),
         (CONN_AWAIT_REQUEST, "await-request"),
         (CONN_AWAIT_RESPONSE, "await-response"),
+        (CONN_COUNTED, "counted"),
     ]
     .iter()
     .filter(|(bit, _)| e.flags & bit != 0)
     .map(|(_, name)| *name)
     .collect();
-    let unknown = e.flags & !(CONN_REPLY | CONN_CLOSING | CONN_AWAIT_ANY);
+    let unknown = e.flags & !(CONN_REPLY | CONN_CLOSING | CONN_AWAIT_ANY | CONN_COUNTED);
     format!(
         "to {} > {}, service {} backend {}, [{}]{}, hop gen {} if {} {}",
         show_addr(e.to.src_addr, e.to.src_port),
