@@ -33,8 +33,6 @@
 //! strictly better, and a winner of weight 0 means no backend. Every other
 //! new flow goes where the Maglev table sends it.
 
-use std::collections::BTreeMap;
-
 use router_common::{
     CONN_COUNTED, ConnKey, MAX_BACKENDS, NO_BACKEND,
     flow_hash::second_choice,
@@ -63,32 +61,40 @@ impl Load {
     }
 }
 
-/// Every backend's counts; an id not listed has counted nothing.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Loads(pub BTreeMap<u32, Load>);
+/// Every backend's counts, by id; ids past the array count nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loads(Vec<Load>);
+
+impl Default for Loads {
+    fn default() -> Self {
+        Self(vec![Load::default(); MAX_BACKENDS as usize])
+    }
+}
 
 impl Loads {
     pub fn get(&self, id: u32) -> Load {
-        self.0.get(&id).copied().unwrap_or_default()
+        self.0.get(id as usize).copied().unwrap_or_default()
     }
 
     pub fn in_flight(&self, id: u32) -> u64 {
         self.get(id).in_flight()
     }
 
-    /// Ids past the array count nothing.
-    fn counter(&mut self, id: u32) -> Option<&mut Load> {
-        (id < MAX_BACKENDS).then(|| self.0.entry(id).or_default())
+    /// Sets a backend's counts (as a session starts).
+    pub fn set(&mut self, id: u32, l: Load) {
+        if let Some(c) = self.0.get_mut(id as usize) {
+            *c = l;
+        }
     }
 
     fn open(&mut self, id: u32) {
-        if let Some(l) = self.counter(id) {
+        if let Some(l) = self.0.get_mut(id as usize) {
             l.opened = l.opened.wrapping_add(1);
         }
     }
 
     fn close(&mut self, id: u32) {
-        if let Some(l) = self.counter(id) {
+        if let Some(l) = self.0.get_mut(id as usize) {
             l.closed = l.closed.wrapping_add(1);
         }
     }
@@ -128,7 +134,10 @@ impl Model {
         let (a, b) = (maglev(hash), maglev(second_choice(hash)));
         let weight = |id: u32| self.cfg.backends.get(&id).map_or(0, |b| b.weight);
         let (wa, wb) = (weight(a), weight(b));
-        let (pick, w) = if b == NO_BACKEND || b == a {
+        let (pick, w) = if a == NO_BACKEND && b == NO_BACKEND {
+            self.trail.push("two choices: an empty table, no backend");
+            return NO_BACKEND;
+        } else if b == NO_BACKEND || b == a {
             self.trail.push(if b == a {
                 "two choices: the same backend twice"
             } else {
@@ -144,7 +153,7 @@ impl Model {
         };
         if w == 0 {
             self.trail
-                .push("two choices: the pick has weight 0, no backend");
+                .push("two choices: the pick's slot has weight 0, no backend");
             return NO_BACKEND;
         }
         pick

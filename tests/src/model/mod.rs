@@ -228,7 +228,7 @@ impl Model {
 
     /// The backend id Maglev picks for a new flow `key` of `svc` (whatever
     /// its selection).
-    pub fn pick(&self, key: &router_common::ConnKey, svc: &Service) -> u32 {
+    pub fn pick(cfg: &Config, key: &router_common::ConnKey, svc: &Service) -> u32 {
         let hash = router_common::flow_hash::flow_hash(
             key.src_addr,
             key.dst_addr,
@@ -236,6 +236,6 @@ impl Model {
             key.dst_port,
             key.proto,
         );
-        svc.table[(hash % self.cfg.table_size) as usize]
+        svc.table[(hash % cfg.table_size) as usize]
     }
 }

@@ -63,7 +63,7 @@ impl World {
         let id = match choice {
             Some(c) => pick(&self.ids[svc].1, c),
             None => {
-                let id = Model::new(self.cfg().clone()).pick(key, s);
+                let id = Model::pick(self.cfg(), key, s);
                 if id == router_common::NO_BACKEND {
                     pick(&self.ids[svc].1, 0)
                 } else {
@@ -373,10 +373,30 @@ impl World {
             self.slot_set = set;
         }
         if slots != self.slot_set {
-            for (def, (_, bids)) in SERVICES.iter().zip(&self.ids) {
-                for (id, w) in bids.iter().zip(&def.weights[slots]) {
-                    self.fx.set_backend_weight(*id, *w);
+            let cfg = &self.configs[set][slots];
+            let mut writes = Vec::new();
+            for (def, (sid, bids)) in SERVICES.iter().zip(&self.ids) {
+                for (i, id) in bids.iter().enumerate() {
+                    if def.weights[slots][i] == def.weights[self.slot_set][i] {
+                        continue;
+                    }
+                    let b = cfg.backends[id];
+                    writes.push((
+                        *id,
+                        router_common::Backend {
+                            addr: b.addr,
+                            port: b.port,
+                            _pad: 0,
+                            service_id: *sid,
+                            in_use: 1,
+                            weight: b.weight,
+                            _pad2: 0,
+                        },
+                    ));
                 }
+            }
+            for (id, slot) in writes {
+                self.fx.set_backend_weight(id, slot);
             }
             self.slot_set = slots;
         }
@@ -475,46 +495,40 @@ impl World {
         out
     }
 
-    /// Watched backends whose counts differ, kernel against model.
-    fn load_diff(&self, m: &Model) -> Vec<String> {
-        self.backend_ids
-            .iter()
-            .filter_map(|id| {
-                let (got, want) = (self.fx.load(*id), m.loads.get(*id));
-                (got != want).then(|| {
-                    format!(
-                        "backend {id}: kernel opened {} closed {}, model opened {} closed {}",
-                        got.opened, got.closed, want.opened, want.closed
-                    )
-                })
-            })
-            .collect()
-    }
-
     fn run_once(&mut self, s: &Session) -> Result<(), TestCaseError> {
         self.use_weights(s.weights, s.slots.unwrap_or(s.weights));
         self.fx.clear();
         let mut m = Model::new(self.cfg().clone());
         for (id, l) in self.start_loads(s) {
             self.fx.set_load(id, l);
-            m.loads.0.insert(id, l);
+            m.loads.set(id, l);
         }
         let mut loads_before: Vec<Load> =
             self.backend_ids.iter().map(|id| m.loads.get(*id)).collect();
         let now = coarse_now_ns();
-        for (t, key, e) in self.seed_entries(s) {
+        let seeded = self.seed_entries(s);
+        for (t, key, e) in &seeded {
             // A key lives in one place per table; seeds overwrite.
-            m.tables.map_mut(t).insert(key, e);
+            m.tables.map_mut(*t).insert(*key, *e);
             self.fx
-                .table(t)
-                .insert(key, e.to_kernel(&key, now), 0)
+                .table(*t)
+                .insert(key, e.to_kernel(key, now), 0)
                 .expect("seeding an entry");
         }
-        let traffic_before = (
-            self.fx.traffic("SERVICE_STATS", &self.service_ids),
-            self.fx.traffic("BACKEND_STATS", &self.backend_ids),
-        );
-        let latency_before = self.fx.latency_counts(&self.backend_ids);
+        // Traffic and latency counters are read per CPU, a system call per
+        // backend: only the large service's when the session can reach it
+        // (a flow to it, or an entry seeded with one of its backends). A
+        // backend's counters move only for an entry that names it.
+        let big = &self.ids[BIG].1;
+        let reaches_big = s.flows.iter().any(|f| flow_key(self, f).1 == Some(BIG))
+            || seeded.iter().any(|(_, _, e)| big.contains(&e.backend_id));
+        let watched: Vec<u32> = self
+            .backend_ids
+            .iter()
+            .copied()
+            .filter(|id| reaches_big || !big.contains(id))
+            .collect();
+        let before = self.counters_before(&watched);
         let mut want_traffic: Vec<Traffic> = Vec::new();
         let mut want_latency: Vec<(u32, u32)> = Vec::new();
         let mut trace = String::new();
@@ -549,27 +563,29 @@ impl World {
             let want = m.step(&frame, ingress);
             let (verdict, out) = self.fx.run(&frame, ingress);
             self.packets += 1;
-            let loads_after: Vec<Load> = self
-                .backend_ids
-                .iter()
-                .map(|id| self.fx.load(*id))
-                .collect();
-            let moved: Vec<String> = self
-                .backend_ids
-                .iter()
-                .zip(loads_before.iter().zip(&loads_after))
-                .filter(|(_, (b, a))| b != a)
-                .map(|(id, (b, a))| {
-                    format!(
+            // The in-flight counts, kernel against model: what moved (for
+            // the trace) and what differs.
+            let mut moved = Vec::new();
+            let mut load_diff = Vec::new();
+            for (id, before) in self.backend_ids.iter().zip(loads_before.iter_mut()) {
+                let (got, want) = (self.fx.load(*id), m.loads.get(*id));
+                if got != *before {
+                    moved.push(format!(
                         " backend {id} opened {}{:+} closed {}{:+}",
-                        b.opened,
-                        a.opened.wrapping_sub(b.opened) as i64,
-                        b.closed,
-                        a.closed.wrapping_sub(b.closed) as i64
-                    )
-                })
-                .collect();
-            loads_before = loads_after;
+                        before.opened,
+                        got.opened.wrapping_sub(before.opened) as i64,
+                        before.closed,
+                        got.closed.wrapping_sub(before.closed) as i64
+                    ));
+                    *before = got;
+                }
+                if got != want {
+                    load_diff.push(format!(
+                        "backend {id}: kernel opened {} closed {}, model opened {} closed {}",
+                        got.opened, got.closed, want.opened, want.closed
+                    ));
+                }
+            }
             let reasons_after = self.fx.reasons();
             let got_reasons: Vec<u32> = (0..reasons::COUNT)
                 .flat_map(|r| {
@@ -606,7 +622,6 @@ impl World {
                 i,
                 ctx()
             );
-            let load_diff = self.load_diff(&m);
             prop_assert!(
                 load_diff.is_empty(),
                 "packet #{}: in-flight counts (BACKEND_LOAD) differ:\n  {}\n{}",
@@ -665,13 +680,10 @@ impl World {
             }
         }
 
-        let traffic_after = (
-            self.fx.traffic("SERVICE_STATS", &self.service_ids),
-            self.fx.traffic("BACKEND_STATS", &self.backend_ids),
-        );
+        let after = self.read_counters(&watched);
         for (before, after, by_service) in [
-            (&traffic_before.0, &traffic_after.0, true),
-            (&traffic_before.1, &traffic_after.1, false),
+            (&before.services, &after.services, true),
+            (&before.backends, &after.backends, false),
         ] {
             let got: BTreeMap<u32, [u64; 4]> = after
                 .iter()
@@ -691,7 +703,7 @@ impl World {
                 let watched = if by_service {
                     &self.service_ids
                 } else {
-                    &self.backend_ids
+                    &watched
                 };
                 if !watched.contains(&id) {
                     continue;
@@ -710,22 +722,74 @@ impl World {
                 ctx()
             );
         }
-        let latency_after = self.fx.latency_counts(&self.backend_ids);
-        let got: BTreeMap<(u32, u32), u64> = latency_after
+        let got: BTreeMap<(u32, u32), u64> = after
+            .latency
             .iter()
-            .map(|(k, a)| (*k, a - latency_before[k]))
+            .map(|(k, a)| (*k, a - before.latency[k]))
             .filter(|(_, d)| *d != 0)
             .collect();
         let mut want: BTreeMap<(u32, u32), u64> = BTreeMap::new();
         for k in want_latency {
-            if self.backend_ids.contains(&k.0) {
+            if watched.contains(&k.0) {
                 *want.entry(k).or_default() += 1;
             }
         }
         prop_assert_eq!(got, want, "latency sample counts\n{}", ctx());
         self.fx.clear();
         self.sessions += 1;
+        let mut known = before;
+        known.merge(after);
+        self.counters = Some(known);
         Ok(())
+    }
+
+    /// Traffic and latency counters of the services and of `backends`.
+    fn read_counters(&mut self, backends: &[u32]) -> Counters {
+        Counters {
+            services: self.fx.traffic("SERVICE_STATS", &self.service_ids),
+            backends: self.fx.traffic("BACKEND_STATS", backends),
+            latency: self.fx.latency_counts(backends),
+        }
+    }
+
+    /// The counters as a session starts: as the last session that passed
+    /// left them (only packets move them), read for backends it did not
+    /// read. A failed session leaves nothing to go by.
+    fn counters_before(&mut self, backends: &[u32]) -> Counters {
+        let Some(mut known) = self.counters.take() else {
+            return self.read_counters(backends);
+        };
+        let missing: Vec<u32> = backends
+            .iter()
+            .copied()
+            .filter(|id| !known.backends.contains_key(id))
+            .collect();
+        if !missing.is_empty() {
+            let read = Counters {
+                services: BTreeMap::new(),
+                backends: self.fx.traffic("BACKEND_STATS", &missing),
+                latency: self.fx.latency_counts(&missing),
+            };
+            known.merge(read);
+        }
+        known
+    }
+}
+
+/// Per-CPU counters summed: service and backend traffic, latency samples
+/// per (backend, kind).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) services: BTreeMap<u32, [u64; 4]>,
+    pub(crate) backends: BTreeMap<u32, [u64; 4]>,
+    pub(crate) latency: BTreeMap<(u32, u32), u64>,
+}
+
+impl Counters {
+    fn merge(&mut self, newer: Counters) {
+        self.services.extend(newer.services);
+        self.backends.extend(newer.backends);
+        self.latency.extend(newer.latency);
     }
 }
 
@@ -815,7 +879,14 @@ pub(crate) fn plain_lengths(f: &[u8]) -> bool {
 }
 
 pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    // Every packet's trace line holds two frames: no allocation per byte.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 0x0f)]));
+    }
+    s
 }
 
 pub(crate) fn names(r: &[u32]) -> Vec<&'static str> {

@@ -4,7 +4,11 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{Arc, LazyLock},
+    os::fd::{AsFd, AsRawFd},
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -65,7 +69,7 @@ pub(crate) const BIG: usize = 6;
 /// while more than `SCAN_LIMIT` of them have weight (sets 0 and 2), and
 /// is scanned in set 1. Most have no neighbour (their packets are passed
 /// to the stack); one in four is a neighbour, on either arm.
-pub(crate) const BIG_BACKENDS: usize = SCAN_LIMIT + 16;
+pub(crate) const BIG_BACKENDS: usize = SCAN_LIMIT + 8;
 
 /// Chosen for collisions: S0 and S1 share a backend and a SNAT address,
 /// S1's two-port range runs out, S4 listens on one of S0's SNAT
@@ -246,13 +250,18 @@ pub(crate) struct World {
     pub(crate) sessions: u64,
     /// Packets per reason and per verdict, for the closing summary.
     pub(crate) tally: BTreeMap<&'static str, u64>,
+    /// The counters as the last session that passed left them.
+    pub(crate) counters: Option<super::session::Counters>,
 }
 
 /// The loaded program in its namespace.
 pub(crate) struct Harness {
     pub(crate) dp: Datapath,
-    /// The daemon's mapping of the in-flight counts.
+    /// The daemon's mapping of the in-flight counts, read as the daemon
+    /// reads them.
     pub(crate) load: Arc<LoadCounters>,
+    /// The test's own writable mapping of them, for seeding.
+    pub(crate) load_seed: LoadSeeder,
     pub(crate) arm0: u32,
     pub(crate) arm1: u32,
     pub(crate) _ns: EnteredNs,
@@ -434,6 +443,7 @@ impl World {
         World {
             fx: Harness {
                 load: dp.load_counters(),
+                load_seed: LoadSeeder::map(&mut dp),
                 dp,
                 arm0,
                 arm1,
@@ -451,6 +461,7 @@ impl World {
             packets: 0,
             sessions: 0,
             tally: BTreeMap::new(),
+            counters: None,
         }
     }
 }
@@ -682,19 +693,13 @@ impl Harness {
         (svc.selection, list)
     }
 
-    /// Writes a backend slot's weight, as an apply does before it flips
-    /// the tables.
-    pub(crate) fn set_backend_weight(&mut self, id: u32, weight: u32) {
+    /// Writes a backend slot (in use, as the daemon wrote it but for its
+    /// weight), as an apply does before it flips the tables.
+    pub(crate) fn set_backend_weight(&mut self, id: u32, slot: Backend) {
         let mut backends: Array<_, Backend> =
             Array::try_from(self.dp.ebpf_mut().map_mut("BACKENDS").expect("BACKENDS"))
                 .expect("BACKENDS");
-        let b = backends.get(&id, 0).expect("backend slot");
-        assert_eq!(b.in_use, 1, "backend slot {id} is in use");
-        if b.weight != weight {
-            backends
-                .set(id, Backend { weight, ..b }, 0)
-                .expect("writing a backend slot");
-        }
+        backends.set(id, slot, 0).expect("writing a backend slot");
     }
 
     /// A backend's in-flight counts, read through the daemon's mapping.
@@ -709,25 +714,58 @@ impl Harness {
     /// Sets a backend's counts (nothing else writes them while a session
     /// is set up).
     pub(crate) fn set_load(&mut self, id: u32, l: Load) {
-        if self.load(id) == l {
-            return;
-        }
-        let mut loads: Array<_, BackendLoad> = Array::try_from(
-            self.dp
-                .ebpf_mut()
-                .map_mut("BACKEND_LOAD")
-                .expect("BACKEND_LOAD"),
-        )
-        .expect("BACKEND_LOAD");
-        loads
-            .set(
-                id,
-                BackendLoad {
-                    opened: l.opened,
-                    closed: l.closed,
-                },
+        self.load_seed.set(id, l);
+    }
+}
+
+/// A writable shared mapping of `BACKEND_LOAD` (an mmapable array): the
+/// test sets every backend's counts for each session, and a system call
+/// per backend would cost more than the session's packets.
+pub(crate) struct LoadSeeder {
+    base: *mut BackendLoad,
+}
+
+impl LoadSeeder {
+    fn bytes() -> usize {
+        MAX_BACKENDS as usize * std::mem::size_of::<BackendLoad>()
+    }
+
+    fn map(dp: &mut Datapath) -> Self {
+        let fd = match dp.ebpf_mut().map("BACKEND_LOAD") {
+            Some(aya::maps::Map::Array(data)) => data.fd().as_fd().as_raw_fd(),
+            _ => panic!("BACKEND_LOAD is an array"),
+        };
+        // SAFETY: a fresh shared mapping of the array's fd; the kernel
+        // checks that the map is mmapable and the length within its size.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::bytes(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
                 0,
             )
-            .expect("writing a backend's counts");
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap BACKEND_LOAD");
+        Self { base: p.cast() }
+    }
+
+    fn set(&mut self, id: u32, l: Load) {
+        assert!(id < MAX_BACKENDS);
+        // SAFETY: in bounds of the mapping; the counters are u64s, 8-aligned
+        // in a page-aligned mapping, only changed atomically.
+        unsafe {
+            let e = self.base.add(id as usize);
+            AtomicU64::from_ptr(&raw mut (*e).opened).store(l.opened, Ordering::SeqCst);
+            AtomicU64::from_ptr(&raw mut (*e).closed).store(l.closed, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for LoadSeeder {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping `map` made.
+        unsafe { libc::munmap(self.base.cast(), Self::bytes()) };
     }
 }
