@@ -534,7 +534,20 @@ impl World {
         let mut trace = String::new();
         let mut reasons_before = self.fx.reasons();
 
-        for (i, step) in s.steps.iter().enumerate() {
+        // Scripts run as their packets, one step each.
+        let steps: Vec<Step> = s
+            .steps
+            .iter()
+            .flat_map(|step| match step {
+                Step::Script { flow, script } => script
+                    .packets(*flow)
+                    .into_iter()
+                    .map(Step::Packet)
+                    .collect(),
+                other => vec![other.clone()],
+            })
+            .collect();
+        for (i, step) in steps.iter().enumerate() {
             let p = match step {
                 Step::Evict { flow, reply, table } => {
                     let (key, _) = flow_key(self, &pick(&s.flows, *flow));
@@ -553,6 +566,7 @@ impl World {
                     continue;
                 }
                 Step::Packet(p) => p,
+                Step::Script { .. } => unreachable!("scripts were expanded"),
             };
             let frame = self.frame(&m, s, p);
             let ingress = if p.other_arm {
