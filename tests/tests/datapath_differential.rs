@@ -7,9 +7,9 @@
 //! after every session the traffic counters, the latency sample counts and
 //! both connection tables (`CONN_COUNTED` included) must agree too.
 //!
-//! Services place new flows by Maglev or by least load: scanned (small
-//! services) or by two choices (a large one, and services whose scan list
-//! is empty). A session seeds every backend's counts, and may run with
+//! Services place new flows by Maglev or by least load, room first:
+//! scanned (small services) or by two choices (a large one, and services
+//! whose scan list is empty). A session seeds every backend's counts, and may run with
 //! `BACKENDS` weights of another weight set than its tables (an apply
 //! caught between writing the slots and flipping the tables).
 //!
@@ -68,6 +68,10 @@ const MUST_TAKE: &[&str] = &[
     "least-loaded service: picked up mid-stream, placed by Maglev",
     "scan: one least loaded",
     "scan: equals met, the earlier kept",
+    "scan: room decided between members",
+    "scan: no member has room, the least loaded",
+    "two choices: room decides, the first has it",
+    "two choices: room decides, the second has it",
     "two choices: the first is no worse",
     "two choices: the second is less loaded",
     "two choices: the pick's slot has weight 0, no backend",

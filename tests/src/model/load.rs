@@ -22,16 +22,20 @@
 //! counted twice. Nor does a FIN that finds its entry closing already.
 //!
 //! Picking. A least-loaded service places a fresh flow (a TCP SYN, any
-//! new UDP flow) by `(in_flight + 1) / weight`, smaller first, with a
-//! weight of 0 never better than anything and counts above 2^32 − 1 taken
-//! as that. With a scan list, every member is compared, in list order from
-//! the member at `hash % n` round to the one before it; weight-0 members
-//! are passed over and the first of equals wins. Without one, two
-//! candidates come from its live Maglev table, at `hash` and at
-//! `second_choice(hash)`, each weighed by its `BACKENDS` slot (0 when the
-//! slot is not in use); the second wins only when it is another backend and
-//! strictly better, and a winner of weight 0 means no backend. Every other
-//! new flow goes where the Maglev table sends it.
+//! new UDP flow) on the best of its backends: a weight of 0 is never better
+//! than anything and anything with weight is better than it; then a
+//! backend with room (fewer in flight than its `max_in_flight`, or no
+//! limit: 0) is better than one without; then the smaller
+//! `(in_flight + 1) / weight`, with counts above 2^32 − 1 taken as that.
+//! With a scan list, every member is compared, weighed and limited by its
+//! list entry, in list order from the member at `hash % n` round to the
+//! one before it; weight-0 members are passed over and the first of
+//! equals wins. Without one, two candidates come from its live Maglev
+//! table, at `hash` and at `second_choice(hash)`, each weighed and limited
+//! by its `BACKENDS` slot (weight 0 when the slot is not in use); the
+//! second wins only when it is another backend and strictly better, and a
+//! winner of weight 0 means no backend. Every other new flow goes where
+//! the Maglev table sends it.
 
 use router_common::{
     CONN_COUNTED, ConnKey, MAX_BACKENDS, NO_BACKEND,
@@ -100,19 +104,44 @@ impl Loads {
     }
 }
 
-/// Whether a backend with `a` flows and weight `wa` is a strictly better
-/// pick than one with `b` flows and weight `wb`: `(a + 1) / wa` is the
-/// smaller, with counts taken as at most 2^32 − 1. Weight 0 is never
-/// better, and anything with weight is better than weight 0.
-fn better(a: u64, wa: u32, b: u64, wb: u32) -> bool {
-    match (wa, wb) {
-        (0, _) => false,
-        (_, 0) => true,
-        _ => {
-            let cost = |n: u64| u128::from(n.min(u64::from(u32::MAX))) + 1;
-            cost(a) * u128::from(wb) < cost(b) * u128::from(wa)
-        }
+/// A backend as a pick weighs it.
+#[derive(Clone, Copy, Debug)]
+struct Cand {
+    in_flight: u64,
+    weight: u32,
+    max_in_flight: u32,
+}
+
+impl Cand {
+    fn room(&self) -> bool {
+        self.max_in_flight == 0 || self.in_flight < u64::from(self.max_in_flight)
     }
+}
+
+/// What decides between two candidates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum By {
+    Weight,
+    Room,
+    Score,
+}
+
+/// Whether `a` is a strictly better pick than `b`, and what said so
+/// (module docs: weight 0, then room, then `(n + 1) / w`).
+fn better(a: Cand, b: Cand) -> (bool, By) {
+    match (a.weight, b.weight) {
+        (0, _) => return (false, By::Weight),
+        (_, 0) => return (true, By::Weight),
+        _ => {}
+    }
+    if a.room() != b.room() {
+        return (a.room(), By::Room);
+    }
+    let cost = |n: u64| u128::from(n.min(u64::from(u32::MAX))) + 1;
+    (
+        cost(a.in_flight) * u128::from(b.weight) < cost(b.in_flight) * u128::from(a.weight),
+        By::Score,
+    )
 }
 
 impl Model {
@@ -132,8 +161,28 @@ impl Model {
             return self.scan(svc, hash);
         }
         let (a, b) = (maglev(hash), maglev(second_choice(hash)));
-        let weight = |id: u32| self.cfg.backends.get(&id).map_or(0, |b| b.weight);
-        let (wa, wb) = (weight(a), weight(b));
+        let cand = |id: u32| match self.cfg.backends.get(&id) {
+            Some(s) => Cand {
+                in_flight: self.loads.in_flight(id),
+                weight: s.weight,
+                max_in_flight: s.max_in_flight,
+            },
+            None => Cand {
+                in_flight: self.loads.in_flight(id),
+                weight: 0,
+                max_in_flight: 0,
+            },
+        };
+        let (ca, cb) = (cand(a), cand(b));
+        let (wa, wb) = (ca.weight, cb.weight);
+        let (b_better, by) = better(cb, ca);
+        if by == By::Room && b != a && b != NO_BACKEND {
+            self.trail.push(if b_better {
+                "two choices: room decides, the second has it"
+            } else {
+                "two choices: room decides, the first has it"
+            });
+        }
         let (pick, w) = if a == NO_BACKEND && b == NO_BACKEND {
             self.trail.push("two choices: an empty table, no backend");
             return NO_BACKEND;
@@ -144,7 +193,7 @@ impl Model {
                 "two choices: no second backend"
             });
             (a, wa)
-        } else if better(self.loads.in_flight(b), wb, self.loads.in_flight(a), wa) {
+        } else if b_better {
             self.trail.push("two choices: the second is less loaded");
             (b, wb)
         } else {
@@ -164,27 +213,41 @@ impl Model {
     fn scan(&mut self, svc: &Service, hash: u32) -> u32 {
         let n = svc.members.len().min(MAX_SCAN_MEMBERS as usize);
         let start = hash as usize % n;
-        let mut best: Option<(u32, u64, u32)> = None;
-        let mut ties = false;
-        for &(id, w) in svc.members[start..n].iter().chain(&svc.members[..start]) {
-            if w == 0 {
+        let mut best: Option<(u32, Cand)> = None;
+        let (mut ties, mut by_room) = (false, false);
+        for m in svc.members[start..n].iter().chain(&svc.members[..start]) {
+            if m.weight == 0 {
                 self.trail.push("scan: a member of weight 0 passed over");
                 continue;
             }
-            let load = self.loads.in_flight(id);
+            let this = Cand {
+                in_flight: self.loads.in_flight(m.backend_id),
+                weight: m.weight,
+                max_in_flight: m.max_in_flight,
+            };
             match best {
-                Some((_, bl, bw)) if !better(load, w, bl, bw) => {
-                    ties |= !better(bl, bw, load, w);
+                Some((_, b)) => {
+                    let (wins, by) = better(this, b);
+                    by_room |= by == By::Room;
+                    if wins {
+                        best = Some((m.backend_id, this));
+                    } else {
+                        ties |= !better(b, this).0;
+                    }
                 }
-                _ => best = Some((id, load, w)),
+                None => best = Some((m.backend_id, this)),
             }
+        }
+        if by_room {
+            self.trail.push("scan: room decided between members");
         }
         self.trail.push(match best {
             None => "scan: no member, no backend",
+            Some((_, b)) if !b.room() => "scan: no member has room, the least loaded",
             Some(_) if ties => "scan: equals met, the earlier kept",
             Some(_) => "scan: one least loaded",
         });
-        best.map_or(NO_BACKEND, |(id, _, _)| id)
+        best.map_or(NO_BACKEND, |(id, _)| id)
     }
 
     /// Counts a new flow on `backend_id` (see the module docs: not when a

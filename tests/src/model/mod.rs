@@ -13,7 +13,8 @@
 //! (`load`): each backend's in-flight count (`BACKEND_LOAD`, opened and
 //! closed) with the `CONN_COUNTED` bit that says which flows it holds, the
 //! ends that uncount a flow, and the two ways a least-loaded service picks
-//! by it (a scan of its members, or two choices from its Maglev table).
+//! by it, room first (a scan of its members, or two choices from its
+//! Maglev table).
 //!
 //! Modelling choices, each because the kernel's value depends on a clock or
 //! on something a test does not control:
@@ -89,9 +90,18 @@ pub struct Service {
     pub table: Vec<u32>,
     /// `SELECT_MAGLEV` or `SELECT_LEAST_LOADED` (anything else: Maglev).
     pub selection: u32,
-    /// The live half of the service's scan list: (backend id, weight), in
-    /// order. Empty makes a least-loaded service draw two choices.
-    pub members: Vec<(u32, u32)>,
+    /// The live half of the service's scan list, in order. Empty makes a
+    /// least-loaded service draw two choices.
+    pub members: Vec<Member>,
+}
+
+/// One entry of a scan list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub backend_id: u32,
+    pub weight: u32,
+    /// In flight at which it has no room; 0: no limit.
+    pub max_in_flight: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -103,6 +113,8 @@ pub struct Backend {
     /// Not always its live table's (an apply writes the slots before it
     /// flips the table).
     pub weight: u32,
+    /// Its slot's room limit (0: none), as two choices read it.
+    pub max_in_flight: u32,
 }
 
 /// Everything the decision reads besides the connection tables.

@@ -377,7 +377,9 @@ impl World {
             let mut writes = Vec::new();
             for (def, (sid, bids)) in SERVICES.iter().zip(&self.ids) {
                 for (i, id) in bids.iter().enumerate() {
-                    if def.weights[slots][i] == def.weights[self.slot_set][i] {
+                    if def.weights[slots][i] == def.weights[self.slot_set][i]
+                        && def.rooms[slots][i] == def.rooms[self.slot_set][i]
+                    {
                         continue;
                     }
                     let b = cfg.backends[id];
@@ -390,7 +392,7 @@ impl World {
                             service_id: *sid,
                             in_use: 1,
                             weight: b.weight,
-                            _pad2: 0,
+                            max_in_flight: b.max_in_flight,
                         },
                     ));
                 }

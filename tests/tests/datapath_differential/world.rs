@@ -61,6 +61,9 @@ pub(crate) struct SvcDef {
     pub(crate) backends: Vec<String>,
     /// Weights per weight set.
     pub(crate) weights: [Vec<u32>; 3],
+    /// Room limits (`max_in_flight`, 0: none) per weight set: small, so
+    /// that the seeded counts (0 to 3 in flight) leave some backends full.
+    pub(crate) rooms: [Vec<u32>; 3],
 }
 
 /// Index into SERVICES of the large least-loaded service.
@@ -100,6 +103,11 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
                 vec![0, 3, 1, 0, 1],
                 vec![0, 0, 0, 0, 0],
             ],
+            rooms: [
+                vec![2, 0, 3, 1, 0],
+                vec![0, 1, 2, 0, 0],
+                vec![1, 1, 1, 1, 1],
+            ],
         },
         SvcDef {
             name: "narrow",
@@ -110,6 +118,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             selection: Selection::Maglev,
             backends: strs(&["198.18.0.11:8000", "198.18.0.12:8000"]),
             weights: [vec![1, 1], vec![0, 1], vec![1, 0]],
+            rooms: [vec![1, 0], vec![1, 1], vec![0, 0]],
         },
         SvcDef {
             name: "dns",
@@ -120,6 +129,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             selection: Selection::LeastLoaded,
             backends: strs(&["198.18.0.12:53", "198.18.0.13:53", "198.18.1.11:53"]),
             weights: [vec![1, 1, 1], vec![2, 0, 1], vec![0, 0, 1]],
+            rooms: [vec![1, 2, 0], vec![0, 3, 1], vec![0, 0, 2]],
         },
         SvcDef {
             name: "dark",
@@ -130,6 +140,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             selection: Selection::LeastLoaded,
             backends: strs(&["198.18.0.11:80"]),
             weights: [vec![0], vec![0], vec![0]],
+            rooms: [vec![0], vec![1], vec![0]],
         },
         SvcDef {
             name: "on-snat",
@@ -140,6 +151,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             selection: Selection::Maglev,
             backends: strs(&["198.18.0.13:8080", "198.18.0.11:8080"]),
             weights: [vec![1, 2], vec![1, 0], vec![0, 0]],
+            rooms: [vec![0, 1], vec![0, 0], vec![2, 2]],
         },
         SvcDef {
             name: "one-port",
@@ -150,6 +162,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             selection: Selection::Maglev,
             backends: strs(&["198.18.0.11:9999"]),
             weights: [vec![1], vec![0], vec![1]],
+            rooms: [vec![0], vec![0], vec![1]],
         },
         SvcDef {
             name: "big",
@@ -171,6 +184,13 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
                     .map(|i| if i % 2 == 1 { 0 } else { 1 + i as u32 % 5 })
                     .collect(),
                 (0..n).map(|i| u32::from(i % 8 != 3)).collect(),
+            ],
+            rooms: [
+                (0..n)
+                    .map(|i| if i % 5 == 0 { 0 } else { 1 + i as u32 % 4 })
+                    .collect(),
+                (0..n).map(|i| [0, 2, 4][i % 3]).collect(),
+                (0..n).map(|i| u32::from(i % 7 == 0)).collect(),
             ],
         },
     ]
@@ -208,7 +228,7 @@ pub(crate) fn specs(set: usize) -> Vec<ServiceSpec> {
                     name: format!("b{i}"),
                     address: b.parse().unwrap_or_else(|e| panic!("{b}: {e}")),
                     weight: *w,
-                    max_in_flight: 0,
+                    max_in_flight: s.rooms[set][i],
                 })
                 .collect(),
         })
@@ -512,23 +532,28 @@ pub(crate) fn model_config(
                 weight: *weight,
             })
             .collect();
-        for ((a, id), weight) in addrs.iter().zip(bids).zip(&s.weights[slots]) {
+        for (i, (a, id)) in addrs.iter().zip(bids).enumerate() {
             backends.insert(
                 *id,
                 model::Backend {
                     addr: u32::from_ne_bytes(a.ip().octets()),
                     port: a.port().to_be(),
-                    weight: *weight,
+                    weight: s.weights[slots][i],
+                    max_in_flight: s.rooms[slots][i],
                 },
             );
         }
         // The daemon's scan list: the backends with weight, in spec order,
         // for a least-loaded service small enough to scan.
-        let members: Vec<(u32, u32)> = bids
+        let members: Vec<model::Member> = bids
             .iter()
-            .zip(&s.weights[set])
-            .filter(|(_, w)| **w > 0)
-            .map(|(id, w)| (*id, *w))
+            .enumerate()
+            .filter(|(i, _)| s.weights[set][*i] > 0)
+            .map(|(i, id)| model::Member {
+                backend_id: *id,
+                weight: s.weights[set][i],
+                max_in_flight: s.rooms[set][i],
+            })
             .collect();
         let members = if s.selection == Selection::LeastLoaded && members.len() <= SCAN_LIMIT {
             members
@@ -675,7 +700,7 @@ impl Harness {
     }
 
     /// The kernel's selection, member count and live scan list of a service.
-    pub(crate) fn live_members(&mut self, key: ServiceKey) -> (u32, Vec<(u32, u32)>) {
+    pub(crate) fn live_members(&mut self, key: ServiceKey) -> (u32, Vec<model::Member>) {
         let services: BpfHashMap<_, ServiceKey, Service> =
             BpfHashMap::try_from(self.dp.ebpf_mut().map("SERVICES").expect("SERVICES"))
                 .expect("SERVICES");
@@ -687,14 +712,18 @@ impl Harness {
                 let m = members
                     .get(&member_index(svc.id, svc.active_table, j), 0)
                     .expect("member");
-                (m.backend_id, m.weight)
+                model::Member {
+                    backend_id: m.backend_id,
+                    weight: m.weight,
+                    max_in_flight: m.max_in_flight,
+                }
             })
             .collect();
         (svc.selection, list)
     }
 
     /// Writes a backend slot (in use, as the daemon wrote it but for its
-    /// weight), as an apply does before it flips the tables.
+    /// weight and room), as an apply does before it flips the tables.
     pub(crate) fn set_backend_weight(&mut self, id: u32, slot: Backend) {
         let mut backends: Array<_, Backend> =
             Array::try_from(self.dp.ebpf_mut().map_mut("BACKENDS").expect("BACKENDS"))
