@@ -1,10 +1,17 @@
 //! Differential test of the datapath: sessions of random map state and
 //! random packets, well-formed and not, go through BPF_PROG_TEST_RUN and
 //! through the userspace reference model (`router_tests::model`). For every
-//! packet the verdict, the output bytes and the reason counters must agree,
-//! and a rewritten packet's checksums must verify on their own; after every
-//! session the traffic counters, the latency sample counts and both
-//! connection tables must agree too.
+//! packet the verdict, the output bytes, the reason counters and every
+//! backend's in-flight counts (`BACKEND_LOAD`, opened and closed) must
+//! agree, and a rewritten packet's checksums must verify on their own;
+//! after every session the traffic counters, the latency sample counts and
+//! both connection tables (`CONN_COUNTED` included) must agree too.
+//!
+//! Services place new flows by Maglev or by least load, room first:
+//! scanned (small services) or by two choices (a large one, and services
+//! whose scan list is empty). A session seeds every backend's counts, and may run with
+//! `BACKENDS` weights of another weight set than its tables (an apply
+//! caught between writing the slots and flipping the tables).
 //!
 //! One program and namespace serve every session; a session starts from
 //! empty tables, seeds them (both sides alike), and runs its packets. Seeded
@@ -21,7 +28,8 @@
 //! picks another and `ROUTER_DIFFTEST_SEED=random` a fresh one (printed).
 //! `ROUTER_DIFFTEST_PACKETS` changes how many packets make a run (at least
 //! 100,000 by default). A failure shows the shrunk session, every packet
-//! in and out with the rules the model applied, and what differed.
+//! in and out with the rules the model applied, and what differed. A run
+//! of the default length must also have taken each rule of `MUST_TAKE`.
 
 use std::{cell::RefCell, time::Instant};
 
@@ -37,6 +45,38 @@ mod world;
 
 use strategies::*;
 use world::*;
+
+const DEFAULT_PACKETS: u64 = 100_000;
+
+/// Model rules that a run of the default length must take at least once
+/// each: how flows are counted and uncounted, and both least-loaded
+/// picks. A change to the strategies that starves one fails here instead
+/// of leaving it untested.
+const MUST_TAKE: &[&str] = &[
+    "new flow counted",
+    "a flow opened by a RST is not counted",
+    "uncounted: a RST from the client",
+    "uncounted: a RST from the backend",
+    "uncounted: FIN from both, the client last",
+    "uncounted: FIN from both, the backend last",
+    "uncounted: a SYN starts over",
+    "FIN from the client, the backend's side open",
+    "FIN from the backend, the client's side open",
+    "end from the backend, the forward entry expired: the daemon's to uncount",
+    "end of a flow not counted",
+    "placed by Maglev",
+    "least-loaded service: picked up mid-stream, placed by Maglev",
+    "scan: one least loaded",
+    "scan: equals met, the earlier kept",
+    "scan: room decided between members",
+    "scan: no member has room, the least loaded",
+    "two choices: room decides, the first has it",
+    "two choices: room decides, the second has it",
+    "two choices: the first is no worse",
+    "two choices: the second is less loaded",
+    "two choices: the pick's slot has weight 0, no backend",
+    "two choices: an empty table, no backend",
+];
 
 // ---------------------------------------------------------------------------
 
@@ -62,7 +102,7 @@ fn kernel_and_model_agree_on_every_packet() {
     let target: u64 = std::env::var("ROUTER_DIFFTEST_PACKETS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+        .unwrap_or(DEFAULT_PACKETS);
     let seed = seed_from_env();
     let world = RefCell::new(World::new());
     let strategy = session(world.borrow().dests.len());
@@ -98,5 +138,13 @@ fn kernel_and_model_agree_on_every_packet() {
     eprintln!("reasons counted and rules taken (model):");
     for (what, n) in &w.tally {
         eprintln!("  {n:>8}  {what}");
+    }
+    if target >= DEFAULT_PACKETS {
+        let missed: Vec<&str> = MUST_TAKE
+            .iter()
+            .copied()
+            .filter(|r| !w.tally.contains_key(r))
+            .collect();
+        assert!(missed.is_empty(), "rules no packet took: {missed:?}");
     }
 }

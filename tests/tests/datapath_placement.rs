@@ -393,3 +393,42 @@ fn expired_flows_are_uncounted_by_the_scan() {
     f.dp.conn_table().unwrap().scan().unwrap();
     assert_eq!(f.in_flight("llama", "b0"), 1, "the confirmed flow lives on");
 }
+
+#[test]
+fn an_end_from_the_backend_leaves_an_expired_forward_entry_to_the_scan() {
+    let mut f = Fixture::with_options(
+        &[service("llama", VIP, 6, &[1])],
+        LoadOptions {
+            table_size: 1021,
+            tcp_closing_ns: 20_000_000,
+            ..LoadOptions::default()
+        },
+    );
+    let client = "198.18.0.2:47300";
+    let (backend, snat) = handshake(&mut f, client);
+    // The client half-closes, then the backend takes longer than the
+    // closing timeout to answer: the client's forward entry expires while
+    // the backend's reply entry (not closing: the idle timeout) lives on.
+    assert_eq!(tcp(&mut f, client, VIP, TCP_FIN | TCP_ACK).0, XDP_TX);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // The daemon's scan finds the expired entry and uncounts the flow.
+    f.dp.conn_table().unwrap().scan().unwrap();
+    assert_eq!(
+        f.opened_closed("llama", "b0"),
+        (1, 1),
+        "uncounted by the scan"
+    );
+    // The backend's FIN (or RST) rides its live reply entry and ends the
+    // flow, whose forward entry is still in the table, expired and
+    // still carrying CONN_COUNTED: it must not be uncounted a second time.
+    assert_eq!(tcp(&mut f, &backend, &snat, TCP_FIN | TCP_ACK).0, XDP_TX);
+    assert_eq!(
+        f.opened_closed("llama", "b0"),
+        (1, 1),
+        "an expired flow is the scan's to uncount, once"
+    );
+    // Counted twice, the end would leave the count one short for good:
+    // the next flow would read as none in flight.
+    handshake(&mut f, "198.18.0.2:47301");
+    assert_eq!(f.in_flight("llama", "b0"), 1);
+}

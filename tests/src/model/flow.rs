@@ -24,6 +24,7 @@ struct Kind {
     /// A TCP SYN without ACK: the client opens a connection.
     syn: bool,
     fin_or_rst: bool,
+    rst: bool,
 }
 
 impl Model {
@@ -61,6 +62,7 @@ impl Model {
         let kind = Kind {
             syn: tcp && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
             fin_or_rst: tcp && l4.tcp_flags & (TCP_FIN | TCP_RST) != 0,
+            rst: tcp && l4.tcp_flags & TCP_RST != 0,
         };
 
         // CONNS is asked first; HALF_OPEN only when CONNS has no entry at
@@ -85,7 +87,12 @@ impl Model {
             } else {
                 "entry expired"
             });
-            stale = Some((table, e));
+            // The new connection ends the live one on its key; an expired
+            // one is the daemon's to uncount.
+            if !expired {
+                self.release(table, &key, "uncounted: a SYN starts over");
+            }
+            stale = Some((table, self.tables.map(table)[&key]));
         }
 
         if vip_bucket && let Some(svc) = self.cfg.service(ip.dst, l4.dst_port, l4.proto) {
@@ -160,8 +167,12 @@ impl Model {
             Table::Conns => "rides a CONNS entry",
             Table::HalfOpen => "rides a HALF_OPEN entry",
         });
-        if let Some(e) = self.tables.map_mut(table).get_mut(&key) {
-            refresh(e, kind.fin_or_rst);
+        let newly_closing = match self.tables.map_mut(table).get_mut(&key) {
+            Some(e) => refresh(e, kind.fin_or_rst),
+            None => false,
+        };
+        if newly_closing || kind.rst {
+            self.on_close(table, &key, kind.rst);
         }
         let samples = self.observe(table, &key, l4);
         let e = self.tables.map(table)[&key];
@@ -237,7 +248,9 @@ impl Model {
             key.dst_port,
             key.proto,
         );
-        let backend_id = svc.table[(hash % self.cfg.table_size) as usize];
+        // Only a flow that starts here is placed by load.
+        let fresh = kind.syn || key.proto != PROTO_TCP;
+        let backend_id = self.select(svc, hash, fresh);
         let backend = match self.cfg.backends.get(&backend_id) {
             Some(b) if backend_id != NO_BACKEND => *b,
             _ => return out.counted(XDP_DROP, reasons::DROP_NO_BACKEND),
@@ -283,6 +296,10 @@ impl Model {
                 | if kind.syn { CONN_AWAIT_REQUEST } else { 0 },
             hop: Hop::default(),
             age: 0,
+        };
+        let fwd = Entry {
+            flags: fwd.flags | self.count_new(backend_id, kind.rst),
+            ..fwd
         };
         self.tables.map_mut(target).insert(*key, fwd);
         self.trail.push(match target {

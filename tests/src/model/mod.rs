@@ -9,7 +9,12 @@
 //! Maglev slot of a flow (`flow_hash` into the live table, which the model
 //! is given), both connection tables and their rules (`tables`), SNAT
 //! allocation, the NAT rewrite with checksums computed from scratch
-//! (`nat`), next hops, latency flags, and the counters.
+//! (`nat`), next hops, latency flags, and the counters. And placement
+//! (`load`): each backend's in-flight count (`BACKEND_LOAD`, opened and
+//! closed) with the `CONN_COUNTED` bit that says which flows it holds, the
+//! ends that uncount a flow, and the two ways a least-loaded service picks
+//! by it, room first (a scan of its members, or two choices from its
+//! Maglev table).
 //!
 //! Modelling choices, each because the kernel's value depends on a clock or
 //! on something a test does not control:
@@ -47,9 +52,14 @@
 //! own reply entry still holds (unless it was opened by a SYN), and
 //! otherwise claims the first free candidate (the client's own port, then
 //! eight probes); a client's first payload starts the first-byte clock on
-//! its own reply entry only.
+//! its own reply entry only. A new flow is counted on its backend unless a
+//! RST opened it, and uncounted once: at a RST either way, at the FIN that
+//! finds the other direction closing, or when a SYN starts a new connection
+//! on its live entry. An expired entry is never uncounted by a packet: it
+//! is the daemon's table scan that uncounts it (see `load`).
 
 mod flow;
+pub mod load;
 pub mod nat;
 pub mod parse;
 pub mod tables;
@@ -58,6 +68,7 @@ use std::collections::{HashMap, HashSet};
 
 use router_common::reasons;
 
+pub use load::{Load, Loads};
 pub use nat::Tuple;
 pub use tables::{Entry, Hop, Table, Tables, Timeouts};
 
@@ -77,6 +88,20 @@ pub struct Service {
     pub port_max: u16,
     /// The live Maglev table: slot → backend id (or `NO_BACKEND`).
     pub table: Vec<u32>,
+    /// `SELECT_MAGLEV` or `SELECT_LEAST_LOADED` (anything else: Maglev).
+    pub selection: u32,
+    /// The live half of the service's scan list, in order. Empty makes a
+    /// least-loaded service draw two choices.
+    pub members: Vec<Member>,
+}
+
+/// One entry of a scan list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub backend_id: u32,
+    pub weight: u32,
+    /// In flight at which it has no room; 0: no limit.
+    pub max_in_flight: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -84,6 +109,12 @@ pub struct Backend {
     pub addr: u32,
     /// Wire order.
     pub port: u16,
+    /// The weight its `BACKENDS` slot holds: what two choices weigh it by.
+    /// Not always its live table's (an apply writes the slots before it
+    /// flips the table).
+    pub weight: u32,
+    /// Its slot's room limit (0: none), as two choices read it.
+    pub max_in_flight: u32,
 }
 
 /// Everything the decision reads besides the connection tables.
@@ -173,11 +204,13 @@ impl Outcome {
     }
 }
 
-/// The model: configuration and the two connection tables.
+/// The model: configuration, the two connection tables, and the
+/// backends' in-flight counts.
 #[derive(Clone, Debug)]
 pub struct Model {
     pub cfg: Config,
     pub tables: Tables,
+    pub loads: Loads,
     /// The rules the last packet went through, for coverage reports.
     pub trail: Vec<&'static str>,
 }
@@ -187,6 +220,7 @@ impl Model {
         Self {
             cfg,
             tables: Tables::default(),
+            loads: Loads::default(),
             trail: Vec::new(),
         }
     }
@@ -204,8 +238,9 @@ impl Model {
         Self::probes(key, svc, hash)
     }
 
-    /// The backend id Maglev picks for a new flow `key` of `svc`.
-    pub fn pick(&self, key: &router_common::ConnKey, svc: &Service) -> u32 {
+    /// The backend id Maglev picks for a new flow `key` of `svc` (whatever
+    /// its selection).
+    pub fn pick(cfg: &Config, key: &router_common::ConnKey, svc: &Service) -> u32 {
         let hash = router_common::flow_hash::flow_hash(
             key.src_addr,
             key.dst_addr,
@@ -213,6 +248,6 @@ impl Model {
             key.dst_port,
             key.proto,
         );
-        svc.table[(hash % self.cfg.table_size) as usize]
+        svc.table[(hash % cfg.table_size) as usize]
     }
 }

@@ -214,12 +214,15 @@ pub fn owned_by(e: &Entry, fwd: &ConnKey) -> bool {
 }
 
 /// A packet on a live entry keeps it alive; the first FIN or RST makes it
-/// closing (and restarts its clock under the short timeout).
-pub fn refresh(e: &mut Entry, fin_or_rst: bool) {
-    if fin_or_rst && !e.closing() {
+/// closing (and restarts its clock under the short timeout). Returns
+/// whether this packet made it closing.
+pub fn refresh(e: &mut Entry, fin_or_rst: bool) -> bool {
+    let newly = fin_or_rst && !e.closing();
+    if newly {
         e.flags |= CONN_CLOSING;
     }
     e.age = 0;
+    newly
 }
 
 /// The reply entry a flow needs at `rkey`, translating back to `fwd`'s

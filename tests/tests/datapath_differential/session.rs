@@ -9,10 +9,10 @@ use std::{
 use proptest::{prelude::*, test_runner::TestCaseError};
 use router_common::{
     CONN_AWAIT_ANY, CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_CLOSING,
-    CONN_REPLY, ConnKey, ServiceKey, reasons,
+    CONN_COUNTED, CONN_REPLY, ConnKey, ServiceKey, reasons,
 };
 use router_tests::{
-    model::{self, Config, Entry, Hop, Model, Table, Traffic, Tuple, nat},
+    model::{self, Config, Entry, Hop, Load, Model, Table, Traffic, Tuple, nat},
     packet::{Packet, checksums_valid},
 };
 
@@ -38,7 +38,7 @@ pub(crate) fn pick<T: Copy>(pool: &[T], i: u8) -> T {
 
 impl World {
     pub(crate) fn cfg(&self) -> &Config {
-        &self.configs[self.live_set]
+        &self.configs[self.live_set][self.slot_set]
     }
 
     pub(crate) fn service_of(&self, s: usize) -> &model::Service {
@@ -63,7 +63,7 @@ impl World {
         let id = match choice {
             Some(c) => pick(&self.ids[svc].1, c),
             None => {
-                let id = Model::new(self.cfg().clone()).pick(key, s);
+                let id = Model::pick(self.cfg(), key, s);
                 if id == router_common::NO_BACKEND {
                     pick(&self.ids[svc].1, 0)
                 } else {
@@ -111,7 +111,8 @@ impl World {
             service_id: ids.0,
             flags: awaits
                 | if reply { CONN_REPLY } else { 0 }
-                | if p.closing { CONN_CLOSING } else { 0 },
+                | if p.closing { CONN_CLOSING } else { 0 }
+                | if p.counted { CONN_COUNTED } else { 0 },
             hop: self.hop_of(p.hop),
             age: p.age.secs(),
         }
@@ -363,11 +364,43 @@ impl World {
         f
     }
 
-    /// Applies the session's weight set to both sides.
-    pub(crate) fn use_weights(&mut self, set: usize) {
+    /// Applies the session's weight sets to both sides: `set` for the
+    /// tables and scan lists, `slots` for the `BACKENDS` weights.
+    pub(crate) fn use_weights(&mut self, set: usize, slots: usize) {
         if set != self.live_set {
             self.fx.dp.apply(&specs(set)).expect("apply weights");
             self.live_set = set;
+            self.slot_set = set;
+        }
+        if slots != self.slot_set {
+            let cfg = &self.configs[set][slots];
+            let mut writes = Vec::new();
+            for (def, (sid, bids)) in SERVICES.iter().zip(&self.ids) {
+                for (i, id) in bids.iter().enumerate() {
+                    if def.weights[slots][i] == def.weights[self.slot_set][i]
+                        && def.rooms[slots][i] == def.rooms[self.slot_set][i]
+                    {
+                        continue;
+                    }
+                    let b = cfg.backends[id];
+                    writes.push((
+                        *id,
+                        router_common::Backend {
+                            addr: b.addr,
+                            port: b.port,
+                            _pad: 0,
+                            service_id: *sid,
+                            in_use: 1,
+                            weight: b.weight,
+                            max_in_flight: b.max_in_flight,
+                        },
+                    ));
+                }
+            }
+            for (id, slot) in writes {
+                self.fx.set_backend_weight(id, slot);
+            }
+            self.slot_set = slots;
         }
         if self.checked_sets.insert(set) {
             let services: Vec<((u32, u16, u8), model::Service)> = self
@@ -386,6 +419,18 @@ impl World {
                 assert!(
                     live == svc.table,
                     "the kernel's live Maglev table of service {} differs from the builder's",
+                    svc.id
+                );
+                let (selection, members) = self.fx.live_members(ServiceKey {
+                    addr: key.0,
+                    port: key.1,
+                    proto: key.2,
+                    _pad: 0,
+                });
+                assert_eq!(
+                    (selection, &members),
+                    (svc.selection, &svc.members),
+                    "the kernel's selection and scan list of service {} (weight set {set})",
                     svc.id
                 );
             }
@@ -414,30 +459,97 @@ impl World {
         ))
     }
 
+    /// Every watched backend's counts at the start of session `s`.
+    pub(crate) fn start_loads(&self, s: &Session) -> BTreeMap<u32, Load> {
+        let mut out: BTreeMap<u32, Load> = self
+            .backend_ids
+            .iter()
+            .map(|id| {
+                let n = s.loads.pattern.map_or(0, |p| {
+                    router_common::flow_hash::second_choice(p ^ id.wrapping_mul(0x9e37_79b9)) % 4
+                });
+                (
+                    *id,
+                    Load {
+                        opened: u64::from(n),
+                        closed: 0,
+                    },
+                )
+            })
+            .collect();
+        for (i, seed) in &s.loads.each {
+            let l = match *seed {
+                LoadSeed::Flows { n, churn } => Load {
+                    opened: u64::from(n) + u64::from(churn) * 1000,
+                    closed: u64::from(churn) * 1000,
+                },
+                LoadSeed::Negative { by } => Load {
+                    opened: 3,
+                    closed: 3 + u64::from(by),
+                },
+                LoadSeed::Huge { extra } => Load {
+                    opened: u64::from(u32::MAX) + u64::from(extra),
+                    closed: 0,
+                },
+            };
+            out.insert(pick(&self.backend_ids, *i), l);
+        }
+        out
+    }
+
     fn run_once(&mut self, s: &Session) -> Result<(), TestCaseError> {
-        self.use_weights(s.weights);
+        self.use_weights(s.weights, s.slots.unwrap_or(s.weights));
         self.fx.clear();
         let mut m = Model::new(self.cfg().clone());
+        for (id, l) in self.start_loads(s) {
+            self.fx.set_load(id, l);
+            m.loads.set(id, l);
+        }
+        let mut loads_before: Vec<Load> =
+            self.backend_ids.iter().map(|id| m.loads.get(*id)).collect();
         let now = coarse_now_ns();
-        for (t, key, e) in self.seed_entries(s) {
+        let seeded = self.seed_entries(s);
+        for (t, key, e) in &seeded {
             // A key lives in one place per table; seeds overwrite.
-            m.tables.map_mut(t).insert(key, e);
+            m.tables.map_mut(*t).insert(*key, *e);
             self.fx
-                .table(t)
-                .insert(key, e.to_kernel(&key, now), 0)
+                .table(*t)
+                .insert(key, e.to_kernel(key, now), 0)
                 .expect("seeding an entry");
         }
-        let traffic_before = (
-            self.fx.traffic("SERVICE_STATS", &self.service_ids),
-            self.fx.traffic("BACKEND_STATS", &self.backend_ids),
-        );
-        let latency_before = self.fx.latency_counts(&self.backend_ids);
+        // Traffic and latency counters are read per CPU, a system call per
+        // backend: only the large service's when the session can reach it
+        // (a flow to it, or an entry seeded with one of its backends). A
+        // backend's counters move only for an entry that names it.
+        let big = &self.ids[BIG].1;
+        let reaches_big = s.flows.iter().any(|f| flow_key(self, f).1 == Some(BIG))
+            || seeded.iter().any(|(_, _, e)| big.contains(&e.backend_id));
+        let watched: Vec<u32> = self
+            .backend_ids
+            .iter()
+            .copied()
+            .filter(|id| reaches_big || !big.contains(id))
+            .collect();
+        let before = self.counters_before(&watched);
         let mut want_traffic: Vec<Traffic> = Vec::new();
         let mut want_latency: Vec<(u32, u32)> = Vec::new();
         let mut trace = String::new();
         let mut reasons_before = self.fx.reasons();
 
-        for (i, step) in s.steps.iter().enumerate() {
+        // Scripts run as their packets, one step each.
+        let steps: Vec<Step> = s
+            .steps
+            .iter()
+            .flat_map(|step| match step {
+                Step::Script { flow, script } => script
+                    .packets(*flow)
+                    .into_iter()
+                    .map(Step::Packet)
+                    .collect(),
+                other => vec![other.clone()],
+            })
+            .collect();
+        for (i, step) in steps.iter().enumerate() {
             let p = match step {
                 Step::Evict { flow, reply, table } => {
                     let (key, _) = flow_key(self, &pick(&s.flows, *flow));
@@ -456,6 +568,7 @@ impl World {
                     continue;
                 }
                 Step::Packet(p) => p,
+                Step::Script { .. } => unreachable!("scripts were expanded"),
             };
             let frame = self.frame(&m, s, p);
             let ingress = if p.other_arm {
@@ -466,6 +579,29 @@ impl World {
             let want = m.step(&frame, ingress);
             let (verdict, out) = self.fx.run(&frame, ingress);
             self.packets += 1;
+            // The in-flight counts, kernel against model: what moved (for
+            // the trace) and what differs.
+            let mut moved = Vec::new();
+            let mut load_diff = Vec::new();
+            for (id, before) in self.backend_ids.iter().zip(loads_before.iter_mut()) {
+                let (got, want) = (self.fx.load(*id), m.loads.get(*id));
+                if got != *before {
+                    moved.push(format!(
+                        " backend {id} opened {}{:+} closed {}{:+}",
+                        before.opened,
+                        got.opened.wrapping_sub(before.opened) as i64,
+                        before.closed,
+                        got.closed.wrapping_sub(before.closed) as i64
+                    ));
+                    *before = got;
+                }
+                if got != want {
+                    load_diff.push(format!(
+                        "backend {id}: kernel opened {} closed {}, model opened {} closed {}",
+                        got.opened, got.closed, want.opened, want.closed
+                    ));
+                }
+            }
             let reasons_after = self.fx.reasons();
             let got_reasons: Vec<u32> = (0..reasons::COUNT)
                 .flat_map(|r| {
@@ -481,6 +617,9 @@ impl World {
                 names(&got_reasons),
                 m.trail.join(", ")
             ));
+            if !moved.is_empty() {
+                trace.push_str(&format!("   load (kernel):{}\n", moved.join(";")));
+            }
             let ctx = || format!("session {:?}\ntrace:\n{trace}", s);
             prop_assert_eq!(verdict, want.verdict, "packet #{}: verdict\n{}", i, ctx());
             prop_assert_eq!(
@@ -497,6 +636,13 @@ impl World {
                 names(&want_reasons),
                 "packet #{}: reason counters\n{}",
                 i,
+                ctx()
+            );
+            prop_assert!(
+                load_diff.is_empty(),
+                "packet #{}: in-flight counts (BACKEND_LOAD) differ:\n  {}\n{}",
+                i,
+                load_diff.join("\n  "),
                 ctx()
             );
             let rewritten = want.traffic.is_some();
@@ -550,13 +696,10 @@ impl World {
             }
         }
 
-        let traffic_after = (
-            self.fx.traffic("SERVICE_STATS", &self.service_ids),
-            self.fx.traffic("BACKEND_STATS", &self.backend_ids),
-        );
+        let after = self.read_counters(&watched);
         for (before, after, by_service) in [
-            (&traffic_before.0, &traffic_after.0, true),
-            (&traffic_before.1, &traffic_after.1, false),
+            (&before.services, &after.services, true),
+            (&before.backends, &after.backends, false),
         ] {
             let got: BTreeMap<u32, [u64; 4]> = after
                 .iter()
@@ -576,7 +719,7 @@ impl World {
                 let watched = if by_service {
                     &self.service_ids
                 } else {
-                    &self.backend_ids
+                    &watched
                 };
                 if !watched.contains(&id) {
                     continue;
@@ -595,22 +738,74 @@ impl World {
                 ctx()
             );
         }
-        let latency_after = self.fx.latency_counts(&self.backend_ids);
-        let got: BTreeMap<(u32, u32), u64> = latency_after
+        let got: BTreeMap<(u32, u32), u64> = after
+            .latency
             .iter()
-            .map(|(k, a)| (*k, a - latency_before[k]))
+            .map(|(k, a)| (*k, a - before.latency[k]))
             .filter(|(_, d)| *d != 0)
             .collect();
         let mut want: BTreeMap<(u32, u32), u64> = BTreeMap::new();
         for k in want_latency {
-            if self.backend_ids.contains(&k.0) {
+            if watched.contains(&k.0) {
                 *want.entry(k).or_default() += 1;
             }
         }
         prop_assert_eq!(got, want, "latency sample counts\n{}", ctx());
         self.fx.clear();
         self.sessions += 1;
+        let mut known = before;
+        known.merge(after);
+        self.counters = Some(known);
         Ok(())
+    }
+
+    /// Traffic and latency counters of the services and of `backends`.
+    fn read_counters(&mut self, backends: &[u32]) -> Counters {
+        Counters {
+            services: self.fx.traffic("SERVICE_STATS", &self.service_ids),
+            backends: self.fx.traffic("BACKEND_STATS", backends),
+            latency: self.fx.latency_counts(backends),
+        }
+    }
+
+    /// The counters as a session starts: as the last session that passed
+    /// left them (only packets move them), read for backends it did not
+    /// read. A failed session leaves nothing to go by.
+    fn counters_before(&mut self, backends: &[u32]) -> Counters {
+        let Some(mut known) = self.counters.take() else {
+            return self.read_counters(backends);
+        };
+        let missing: Vec<u32> = backends
+            .iter()
+            .copied()
+            .filter(|id| !known.backends.contains_key(id))
+            .collect();
+        if !missing.is_empty() {
+            let read = Counters {
+                services: BTreeMap::new(),
+                backends: self.fx.traffic("BACKEND_STATS", &missing),
+                latency: self.fx.latency_counts(&missing),
+            };
+            known.merge(read);
+        }
+        known
+    }
+}
+
+/// Per-CPU counters summed: service and backend traffic, latency samples
+/// per (backend, kind).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) services: BTreeMap<u32, [u64; 4]>,
+    pub(crate) backends: BTreeMap<u32, [u64; 4]>,
+    pub(crate) latency: BTreeMap<(u32, u32), u64>,
+}
+
+impl Counters {
+    fn merge(&mut self, newer: Counters) {
+        self.services.extend(newer.services);
+        self.backends.extend(newer.backends);
+        self.latency.extend(newer.latency);
     }
 }
 
@@ -635,12 +830,13 @@ pub(crate) fn show_entry(e: &Entry) -> String {
         (CONN_AWAIT_SYNACK, "await-synack"),
         (CONN_AWAIT_REQUEST, "await-request"),
         (CONN_AWAIT_RESPONSE, "await-response"),
+        (CONN_COUNTED, "counted"),
     ]
     .iter()
     .filter(|(bit, _)| e.flags & bit != 0)
     .map(|(_, name)| *name)
     .collect();
-    let unknown = e.flags & !(CONN_REPLY | CONN_CLOSING | CONN_AWAIT_ANY);
+    let unknown = e.flags & !(CONN_REPLY | CONN_CLOSING | CONN_AWAIT_ANY | CONN_COUNTED);
     format!(
         "to {} > {}, service {} backend {}, [{}]{}, hop gen {} if {} {}",
         show_addr(e.to.src_addr, e.to.src_port),
@@ -699,7 +895,14 @@ pub(crate) fn plain_lengths(f: &[u8]) -> bool {
 }
 
 pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    // Every packet's trace line holds two frames: no allocation per byte.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 0x0f)]));
+    }
+    s
 }
 
 pub(crate) fn names(r: &[u32]) -> Vec<&'static str> {

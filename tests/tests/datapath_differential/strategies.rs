@@ -61,6 +61,9 @@ pub(crate) struct Placed {
     /// Subset of the CONN_AWAIT_* bits.
     pub(crate) awaits: u8,
     pub(crate) hop: HopSeed,
+    /// CONN_COUNTED (meaningful on a forward entry; a reply entry's is
+    /// never read).
+    pub(crate) counted: bool,
 }
 
 pub(crate) fn table() -> impl Strategy<Value = Table> {
@@ -74,13 +77,15 @@ pub(crate) fn placed() -> impl Strategy<Value = Placed> {
         prop::bool::weighted(0.2),
         0u8..8,
         hop_seed(),
+        prop::bool::weighted(0.75),
     )
-        .prop_map(|(table, age, closing, awaits, hop)| Placed {
+        .prop_map(|(table, age, closing, awaits, hop, counted)| Placed {
             table,
             age,
             closing,
             awaits,
             hop,
+            counted,
         })
 }
 
@@ -274,9 +279,64 @@ pub(crate) fn tcp_flags() -> impl Strategy<Value = u8> {
     ]
 }
 
+/// A few well-formed packets of one flow that go together: how flows
+/// start and end, so that every end of a count is met often.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Script {
+    /// SYN, SYN-ACK, ACK: a confirmed flow.
+    Handshake,
+    /// A FIN from each side (and the last one's ACK).
+    FinFin { client_first: bool },
+    /// A RST from one side.
+    Reset { from_client: bool },
+    /// The client's FIN, then a SYN on the same port: a new connection.
+    FinThenSyn,
+}
+
+pub(crate) fn script() -> impl Strategy<Value = Script> {
+    prop_oneof![
+        2 => Just(Script::Handshake),
+        2 => any::<bool>().prop_map(|client_first| Script::FinFin { client_first }),
+        1 => any::<bool>().prop_map(|from_client| Script::Reset { from_client }),
+        1 => Just(Script::FinThenSyn),
+    ]
+}
+
+impl Script {
+    /// The packets of the script, for flow `flow`.
+    pub(crate) fn packets(self, flow: u8) -> Vec<PacketSpec> {
+        let p = |dir: Dir, flags: u8| PacketSpec {
+            flow,
+            dir,
+            flags,
+            payload: 0,
+            other_arm: false,
+            mutations: vec![Mutation::None],
+        };
+        let (fwd, back) = (Dir::Fwd, Dir::Reply(0));
+        match self {
+            Script::Handshake => vec![p(fwd, SYN), p(back, SYN | ACK), p(fwd, ACK)],
+            Script::FinFin { client_first: true } => {
+                vec![p(fwd, FIN | ACK), p(back, FIN | ACK), p(fwd, ACK)]
+            }
+            Script::FinFin {
+                client_first: false,
+            } => vec![p(back, FIN | ACK), p(fwd, FIN | ACK), p(back, ACK)],
+            Script::Reset { from_client: true } => vec![p(fwd, RST)],
+            Script::Reset { from_client: false } => vec![p(back, RST | ACK)],
+            Script::FinThenSyn => vec![p(fwd, FIN | ACK), p(fwd, SYN)],
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(crate) enum Step {
     Packet(PacketSpec),
+    /// Packets of one flow in a row.
+    Script {
+        flow: u8,
+        script: Script,
+    },
     /// The LRU drops one entry: the flow's forward entry or the reply
     /// entry it points at, from either table.
     Evict {
@@ -313,15 +373,59 @@ pub(crate) fn step() -> impl Strategy<Value = Step> {
             })
         });
     prop_oneof![
-        20 => packet,
+        17 => packet,
+        3 => (any::<u8>(), script()).prop_map(|(flow, script)| Step::Script { flow, script }),
         1 => (any::<u8>(), any::<bool>(), table())
             .prop_map(|(flow, reply, table)| Step::Evict { flow, reply, table }),
     ]
 }
 
+/// A backend's in-flight counts at the start of a session.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum LoadSeed {
+    /// `n` in flight, after `churn` flows that came and went.
+    Flows { n: u8, churn: u8 },
+    /// More ends than starts (an end raced a start): reads as 0.
+    Negative { by: u8 },
+    /// Past 2^32 − 1 in flight, which is what it compares as.
+    Huge { extra: u8 },
+}
+
+pub(crate) fn load_seed() -> impl Strategy<Value = LoadSeed> {
+    prop_oneof![
+        8 => (0u8..6, prop_oneof![3 => Just(0u8), 1 => any::<u8>()])
+            .prop_map(|(n, churn)| LoadSeed::Flows { n, churn }),
+        2 => (6u8..=255).prop_map(|n| LoadSeed::Flows { n, churn: 0 }),
+        1 => (1u8..=255).prop_map(|by| LoadSeed::Negative { by }),
+        1 => any::<u8>().prop_map(|extra| LoadSeed::Huge { extra }),
+    ]
+}
+
+/// Every watched backend's counts at the start: 0 to 3 in flight from a
+/// pattern (none: all 0), then some backends' set one by one (an index
+/// into the world's backend ids).
+#[derive(Clone, Debug)]
+pub(crate) struct LoadSeeds {
+    pub(crate) pattern: Option<u32>,
+    pub(crate) each: Vec<(u8, LoadSeed)>,
+}
+
+pub(crate) fn load_seeds() -> impl Strategy<Value = LoadSeeds> {
+    (
+        prop::option::weighted(0.6, any::<u32>()),
+        prop::collection::vec((any::<u8>(), load_seed()), 0..=6),
+    )
+        .prop_map(|(pattern, each)| LoadSeeds { pattern, each })
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct Session {
+    /// The weight set of the tables and scan lists.
     pub(crate) weights: usize,
+    /// The weight set the `BACKENDS` slots hold when it is another: an
+    /// apply caught between writing the slots and flipping the tables.
+    pub(crate) slots: Option<usize>,
+    pub(crate) loads: LoadSeeds,
     pub(crate) flows: Vec<FlowSpec>,
     pub(crate) seeds: Vec<Seed>,
     pub(crate) steps: Vec<Step>,
@@ -339,12 +443,22 @@ pub(crate) fn session(dests: usize) -> impl Strategy<Value = Session> {
         .prop_map(|(client, port, dest)| FlowSpec { client, port, dest });
     (
         prop_oneof![16 => Just(0usize), 1 => Just(1), 1 => Just(2)],
+        // Mostly set 1's slots, which put half the large service at
+        // weight 0 while set 0's table still holds them: a drain caught
+        // mid-apply.
+        prop::option::weighted(
+            0.3,
+            prop_oneof![1 => Just(0usize), 3 => Just(1), 1 => Just(2)],
+        ),
+        load_seeds(),
         prop::collection::vec(flow, 1..=6),
         prop::collection::vec(seed(), 0..=8),
-        prop::collection::vec(step(), 1..=44),
+        prop::collection::vec(step(), 1..=36),
     )
-        .prop_map(|(weights, flows, seeds, steps)| Session {
+        .prop_map(|(weights, slots, loads, flows, seeds, steps)| Session {
             weights,
+            slots: slots.filter(|s| *s != weights),
+            loads,
             flows,
             seeds,
             steps,

@@ -4,21 +4,29 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd, AsRawFd},
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use router::{
-    datapath::{BackendSpec, Datapath, LoadOptions, ServiceSpec},
+    datapath::{
+        BackendSpec, Datapath, LoadCounters, LoadOptions, SCAN_LIMIT, Selection, ServiceSpec,
+    },
     maglev::{self, MaglevBackend},
 };
 use router_common::{
-    ConnEntry, ConnKey, LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS, MAX_SERVICES, Service,
-    ServiceKey, TrafficCounters, reasons,
+    Backend, BackendLoad, ConnEntry, ConnKey, LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS,
+    MAX_SERVICES, Member, Service, ServiceKey, TrafficCounters, reasons,
+    selection::{SELECT_LEAST_LOADED, SELECT_MAGLEV, member_index},
 };
 use router_tests::{
     kernel_ns::{EnteredNs, TEST_NEIGHBOURS},
-    model::{self, Config, Hop, Table, Timeouts},
+    model::{self, Config, Hop, Load, Table, Timeouts},
     test_run::run_packet,
 };
 
@@ -49,76 +57,144 @@ pub(crate) struct SvcDef {
     pub(crate) proto: u8,
     pub(crate) snat: &'static [&'static str],
     pub(crate) ports: (u16, u16),
-    pub(crate) backends: &'static [&'static str],
+    pub(crate) selection: Selection,
+    pub(crate) backends: Vec<String>,
     /// Weights per weight set.
-    pub(crate) weights: [&'static [u32]; 3],
+    pub(crate) weights: [Vec<u32>; 3],
+    /// Room limits (`max_in_flight`, 0: none) per weight set: small, so
+    /// that the seeded counts (0 to 3 in flight) leave some backends full.
+    pub(crate) rooms: [Vec<u32>; 3],
 }
+
+/// Index into SERVICES of the large least-loaded service.
+pub(crate) const BIG: usize = 6;
+/// Its backends: more than the daemon scans, so it draws two choices
+/// while more than `SCAN_LIMIT` of them have weight (sets 0 and 2), and
+/// is scanned in set 1. Most have no neighbour (their packets are passed
+/// to the stack); one in four is a neighbour, on either arm.
+pub(crate) const BIG_BACKENDS: usize = SCAN_LIMIT + 8;
 
 /// Chosen for collisions: S0 and S1 share a backend and a SNAT address,
 /// S1's two-port range runs out, S4 listens on one of S0's SNAT
-/// addresses, S3 has no backend with weight, S5 has one SNAT port.
-pub(crate) const SERVICES: [SvcDef; 6] = [
-    SvcDef {
-        name: "web",
-        vip: "198.18.100.1:8000",
-        proto: 6,
-        snat: &["198.18.0.1", "198.18.0.5", "198.18.0.6"],
-        ports: (10000, 32767),
-        backends: &[
-            "198.18.0.11:8000",
-            "198.18.0.12:8000",
-            "198.18.0.13:8000",
-            "198.18.1.11:8000",
-            "198.18.0.44:8000",
-        ],
-        weights: [&[1, 1, 1, 1, 1], &[0, 3, 1, 0, 1], &[0, 0, 0, 0, 0]],
-    },
-    SvcDef {
-        name: "narrow",
-        vip: "198.18.100.2:443",
-        proto: 6,
-        snat: &["198.18.0.1"],
-        ports: (40000, 40001),
-        backends: &["198.18.0.11:8000", "198.18.0.12:8000"],
-        weights: [&[1, 1], &[0, 1], &[1, 0]],
-    },
-    SvcDef {
-        name: "dns",
-        vip: "198.18.100.1:5353",
-        proto: 17,
-        snat: &["198.18.0.1", "198.18.0.8"],
-        ports: (20000, 20063),
-        backends: &["198.18.0.12:53", "198.18.0.13:53", "198.18.1.11:53"],
-        weights: [&[1, 1, 1], &[2, 0, 1], &[0, 0, 1]],
-    },
-    SvcDef {
-        name: "dark",
-        vip: "198.18.100.3:80",
-        proto: 6,
-        snat: &["198.18.0.1"],
-        ports: (10000, 10100),
-        backends: &["198.18.0.11:80"],
-        weights: [&[0], &[0], &[0]],
-    },
-    SvcDef {
-        name: "on-snat",
-        vip: "198.18.0.5:8080",
-        proto: 6,
-        snat: &["198.18.0.9", "198.18.0.10", "198.18.0.14", "198.18.0.15"],
-        ports: (1024, 65535),
-        backends: &["198.18.0.13:8080", "198.18.0.11:8080"],
-        weights: [&[1, 2], &[1, 0], &[0, 0]],
-    },
-    SvcDef {
-        name: "one-port",
-        vip: "198.18.100.4:9999",
-        proto: 17,
-        snat: &["198.18.0.7"],
-        ports: (50000, 50000),
-        backends: &["198.18.0.11:9999"],
-        weights: [&[1], &[0], &[1]],
-    },
-];
+/// addresses, S3 has no backend with weight, S5 has one SNAT port. S0,
+/// S2, S3 and S6 place fresh flows by load: S0 and S2 scan their members
+/// (none in S0's set 2, which then draws two choices from an empty
+/// table, as S3 always does), S6 draws two choices except in set 1.
+pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
+    let strs = |a: &[&str]| a.iter().map(|b| b.to_string()).collect::<Vec<_>>();
+    let n = BIG_BACKENDS;
+    vec![
+        SvcDef {
+            name: "web",
+            vip: "198.18.100.1:8000",
+            proto: 6,
+            snat: &["198.18.0.1", "198.18.0.5", "198.18.0.6"],
+            ports: (10000, 32767),
+            selection: Selection::LeastLoaded,
+            backends: strs(&[
+                "198.18.0.11:8000",
+                "198.18.0.12:8000",
+                "198.18.0.13:8000",
+                "198.18.1.11:8000",
+                "198.18.0.44:8000",
+            ]),
+            weights: [
+                vec![1, 1, 1, 1, 1],
+                vec![0, 3, 1, 0, 1],
+                vec![0, 0, 0, 0, 0],
+            ],
+            rooms: [
+                vec![2, 0, 3, 1, 0],
+                vec![0, 1, 2, 0, 0],
+                vec![1, 1, 1, 1, 1],
+            ],
+        },
+        SvcDef {
+            name: "narrow",
+            vip: "198.18.100.2:443",
+            proto: 6,
+            snat: &["198.18.0.1"],
+            ports: (40000, 40001),
+            selection: Selection::Maglev,
+            backends: strs(&["198.18.0.11:8000", "198.18.0.12:8000"]),
+            weights: [vec![1, 1], vec![0, 1], vec![1, 0]],
+            rooms: [vec![1, 0], vec![1, 1], vec![0, 0]],
+        },
+        SvcDef {
+            name: "dns",
+            vip: "198.18.100.1:5353",
+            proto: 17,
+            snat: &["198.18.0.1", "198.18.0.8"],
+            ports: (20000, 20063),
+            selection: Selection::LeastLoaded,
+            backends: strs(&["198.18.0.12:53", "198.18.0.13:53", "198.18.1.11:53"]),
+            weights: [vec![1, 1, 1], vec![2, 0, 1], vec![0, 0, 1]],
+            rooms: [vec![1, 2, 0], vec![0, 3, 1], vec![0, 0, 2]],
+        },
+        SvcDef {
+            name: "dark",
+            vip: "198.18.100.3:80",
+            proto: 6,
+            snat: &["198.18.0.1"],
+            ports: (10000, 10100),
+            selection: Selection::LeastLoaded,
+            backends: strs(&["198.18.0.11:80"]),
+            weights: [vec![0], vec![0], vec![0]],
+            rooms: [vec![0], vec![1], vec![0]],
+        },
+        SvcDef {
+            name: "on-snat",
+            vip: "198.18.0.5:8080",
+            proto: 6,
+            snat: &["198.18.0.9", "198.18.0.10", "198.18.0.14", "198.18.0.15"],
+            ports: (1024, 65535),
+            selection: Selection::Maglev,
+            backends: strs(&["198.18.0.13:8080", "198.18.0.11:8080"]),
+            weights: [vec![1, 2], vec![1, 0], vec![0, 0]],
+            rooms: [vec![0, 1], vec![0, 0], vec![2, 2]],
+        },
+        SvcDef {
+            name: "one-port",
+            vip: "198.18.100.4:9999",
+            proto: 17,
+            snat: &["198.18.0.7"],
+            ports: (50000, 50000),
+            selection: Selection::Maglev,
+            backends: strs(&["198.18.0.11:9999"]),
+            weights: [vec![1], vec![0], vec![1]],
+            rooms: [vec![0], vec![0], vec![1]],
+        },
+        SvcDef {
+            name: "big",
+            vip: "198.18.100.5:7000",
+            proto: 6,
+            snat: &["198.18.0.1", "198.18.0.6"],
+            ports: (30000, 30999),
+            selection: Selection::LeastLoaded,
+            backends: (0..n)
+                .map(|i| match i % 8 {
+                    0 => format!("198.18.0.{}:{}", 11 + i / 8 % 3, 7000 + i),
+                    4 => format!("198.18.1.11:{}", 7000 + i),
+                    _ => format!("198.18.0.{}:7000", 100 + i),
+                })
+                .collect(),
+            weights: [
+                (0..n).map(|i| [1, 2, 3, 0, 1, 4][i % 6]).collect(),
+                (0..n)
+                    .map(|i| if i % 2 == 1 { 0 } else { 1 + i as u32 % 5 })
+                    .collect(),
+                (0..n).map(|i| u32::from(i % 8 != 3)).collect(),
+            ],
+            rooms: [
+                (0..n)
+                    .map(|i| if i % 5 == 0 { 0 } else { 1 + i as u32 % 4 })
+                    .collect(),
+                (0..n).map(|i| [0, 2, 4][i % 3]).collect(),
+                (0..n).map(|i| u32::from(i % 7 == 0)).collect(),
+            ],
+        },
+    ]
+});
 
 pub(crate) const CLIENTS: [&str; 5] = [
     "198.18.0.2",
@@ -142,17 +218,17 @@ pub(crate) fn specs(set: usize) -> Vec<ServiceSpec> {
             snat: s.snat.iter().map(|a| ip_of(wire(a))).collect(),
             snat_port_min: s.ports.0,
             snat_port_max: s.ports.1,
-            selection: router::datapath::Selection::Maglev,
+            selection: s.selection,
             backends: s
                 .backends
                 .iter()
-                .zip(s.weights[set])
+                .zip(&s.weights[set])
                 .enumerate()
                 .map(|(i, (b, w))| BackendSpec {
                     name: format!("b{i}"),
                     address: b.parse().unwrap_or_else(|e| panic!("{b}: {e}")),
                     weight: *w,
-                    max_in_flight: 0,
+                    max_in_flight: s.rooms[set][i],
                 })
                 .collect(),
         })
@@ -172,11 +248,15 @@ pub(crate) struct Dest {
 
 pub(crate) struct World {
     pub(crate) fx: Harness,
-    /// Model configuration per weight set.
-    pub(crate) configs: Vec<Config>,
-    /// Which weight set the datapath serves now, and which were checked
-    /// against the kernel's Maglev tables.
+    /// Model configuration per weight set of the tables and scan lists
+    /// (outer) and of the `BACKENDS` slots (inner).
+    pub(crate) configs: Vec<Vec<Config>>,
+    /// Which weight set the datapath serves now, which one its `BACKENDS`
+    /// slots hold (another one while an apply is caught between writing
+    /// them and flipping the tables), and which sets were checked against
+    /// the kernel's Maglev tables and scan lists.
     pub(crate) live_set: usize,
+    pub(crate) slot_set: usize,
     pub(crate) checked_sets: BTreeSet<usize>,
     pub(crate) dests: Vec<Dest>,
     /// Backend (address, port in host order) pool for stray replies.
@@ -190,11 +270,18 @@ pub(crate) struct World {
     pub(crate) sessions: u64,
     /// Packets per reason and per verdict, for the closing summary.
     pub(crate) tally: BTreeMap<&'static str, u64>,
+    /// The counters as the last session that passed left them.
+    pub(crate) counters: Option<super::session::Counters>,
 }
 
 /// The loaded program in its namespace.
 pub(crate) struct Harness {
     pub(crate) dp: Datapath,
+    /// The daemon's mapping of the in-flight counts, read as the daemon
+    /// reads them.
+    pub(crate) load: Arc<LoadCounters>,
+    /// The test's own writable mapping of them, for seeding.
+    pub(crate) load_seed: LoadSeeder,
     pub(crate) arm0: u32,
     pub(crate) arm1: u32,
     pub(crate) _ns: EnteredNs,
@@ -281,7 +368,7 @@ impl World {
             let services: BpfHashMap<_, ServiceKey, Service> =
                 BpfHashMap::try_from(dp.ebpf_mut().map("SERVICES").expect("SERVICES"))
                     .expect("SERVICES");
-            for s in &SERVICES {
+            for s in SERVICES.iter() {
                 let vip: SocketAddrV4 = s.vip.parse().expect("vip");
                 let key = ServiceKey {
                     addr: u32::from_ne_bytes(vip.ip().octets()),
@@ -310,7 +397,11 @@ impl World {
             hop("02:00:00:00:1b:00", ARM1_MAC, arm1),
         );
         let configs = (0..3)
-            .map(|set| model_config(set, &ids, &fib, fib_gen))
+            .map(|set| {
+                (0..3)
+                    .map(|slots| model_config(set, slots, &ids, &fib, fib_gen))
+                    .collect()
+            })
             .collect();
 
         let mut dests = Vec::new();
@@ -329,7 +420,7 @@ impl World {
             taken.extend(
                 s.backends
                     .iter()
-                    .map(|b| wire(b.split(':').next().unwrap_or(b))),
+                    .map(|b| wire(b.split(':').next().unwrap_or(b.as_str()))),
             );
         }
         taken.extend(CLIENTS.iter().map(|c| wire(c)));
@@ -354,9 +445,12 @@ impl World {
                 service: None,
             });
         }
+        // Stray replies come from the small services' backends and a few
+        // of the large one's.
         let mut backends: BTreeSet<(u32, u16)> = BTreeSet::new();
-        for s in &SERVICES {
-            for b in s.backends {
+        for (i, s) in SERVICES.iter().enumerate() {
+            let n = if i == BIG { 4 } else { s.backends.len() };
+            for b in &s.backends[..n] {
                 let a: SocketAddrV4 = b.parse().expect("backend");
                 backends.insert((u32::from_ne_bytes(a.ip().octets()), a.port()));
             }
@@ -368,6 +462,8 @@ impl World {
 
         World {
             fx: Harness {
+                load: dp.load_counters(),
+                load_seed: LoadSeeder::map(&mut dp),
                 dp,
                 arm0,
                 arm1,
@@ -375,6 +471,7 @@ impl World {
             },
             configs,
             live_set: 0,
+            slot_set: 0,
             checked_sets: BTreeSet::new(),
             dests,
             backends: backends.into_iter().collect(),
@@ -384,6 +481,7 @@ impl World {
             packets: 0,
             sessions: 0,
             tally: BTreeMap::new(),
+            counters: None,
         }
     }
 }
@@ -405,8 +503,11 @@ pub(crate) fn hop(dmac: &str, smac: [u8; 6], ifindex: u32) -> Hop {
     }
 }
 
+/// The model's configuration with the tables and scan lists of weight set
+/// `set` and the `BACKENDS` weights of set `slots`.
 pub(crate) fn model_config(
     set: usize,
+    slots: usize,
     ids: &[(u32, Vec<u32>)],
     fib: &std::collections::HashMap<u32, Hop>,
     fib_gen: u32,
@@ -424,22 +525,41 @@ pub(crate) fn model_config(
         let input: Vec<MaglevBackend<'_>> = keys
             .iter()
             .zip(bids)
-            .zip(s.weights[set])
+            .zip(&s.weights[set])
             .map(|((key, id), weight)| MaglevBackend {
                 key,
                 id: *id,
                 weight: *weight,
             })
             .collect();
-        for (a, id) in addrs.iter().zip(bids) {
+        for (i, (a, id)) in addrs.iter().zip(bids).enumerate() {
             backends.insert(
                 *id,
                 model::Backend {
                     addr: u32::from_ne_bytes(a.ip().octets()),
                     port: a.port().to_be(),
+                    weight: s.weights[slots][i],
+                    max_in_flight: s.rooms[slots][i],
                 },
             );
         }
+        // The daemon's scan list: the backends with weight, in spec order,
+        // for a least-loaded service small enough to scan.
+        let members: Vec<model::Member> = bids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| s.weights[set][*i] > 0)
+            .map(|(i, id)| model::Member {
+                backend_id: *id,
+                weight: s.weights[set][i],
+                max_in_flight: s.rooms[set][i],
+            })
+            .collect();
+        let members = if s.selection == Selection::LeastLoaded && members.len() <= SCAN_LIMIT {
+            members
+        } else {
+            Vec::new()
+        };
         let vip: SocketAddrV4 = s.vip.parse().expect("vip");
         let snat: Vec<u32> = s.snat.iter().map(|a| wire(a)).collect();
         snat_addrs.extend(snat.iter().copied());
@@ -455,6 +575,11 @@ pub(crate) fn model_config(
                 port_min: s.ports.0,
                 port_max: s.ports.1,
                 table: maglev::build(&input, TABLE_SIZE),
+                selection: match s.selection {
+                    Selection::Maglev => SELECT_MAGLEV,
+                    Selection::LeastLoaded => SELECT_LEAST_LOADED,
+                },
+                members,
             },
         );
     }
@@ -572,5 +697,104 @@ impl Harness {
         (0..TABLE_SIZE)
             .map(|i| tables.get(&(base + i), 0).expect("slot"))
             .collect()
+    }
+
+    /// The kernel's selection, member count and live scan list of a service.
+    pub(crate) fn live_members(&mut self, key: ServiceKey) -> (u32, Vec<model::Member>) {
+        let services: BpfHashMap<_, ServiceKey, Service> =
+            BpfHashMap::try_from(self.dp.ebpf_mut().map("SERVICES").expect("SERVICES"))
+                .expect("SERVICES");
+        let svc = services.get(&key, 0).expect("service");
+        let members: Array<_, Member> =
+            Array::try_from(self.dp.ebpf_mut().map("MEMBERS").expect("MEMBERS")).expect("MEMBERS");
+        let list = (0..svc.members)
+            .map(|j| {
+                let m = members
+                    .get(&member_index(svc.id, svc.active_table, j), 0)
+                    .expect("member");
+                model::Member {
+                    backend_id: m.backend_id,
+                    weight: m.weight,
+                    max_in_flight: m.max_in_flight,
+                }
+            })
+            .collect();
+        (svc.selection, list)
+    }
+
+    /// Writes a backend slot (in use, as the daemon wrote it but for its
+    /// weight and room), as an apply does before it flips the tables.
+    pub(crate) fn set_backend_weight(&mut self, id: u32, slot: Backend) {
+        let mut backends: Array<_, Backend> =
+            Array::try_from(self.dp.ebpf_mut().map_mut("BACKENDS").expect("BACKENDS"))
+                .expect("BACKENDS");
+        backends.set(id, slot, 0).expect("writing a backend slot");
+    }
+
+    /// A backend's in-flight counts, read through the daemon's mapping.
+    pub(crate) fn load(&self, id: u32) -> Load {
+        let l = self.load.get(id);
+        Load {
+            opened: l.opened,
+            closed: l.closed,
+        }
+    }
+
+    /// Sets a backend's counts (nothing else writes them while a session
+    /// is set up).
+    pub(crate) fn set_load(&mut self, id: u32, l: Load) {
+        self.load_seed.set(id, l);
+    }
+}
+
+/// A writable shared mapping of `BACKEND_LOAD` (an mmapable array): the
+/// test sets every backend's counts for each session, and a system call
+/// per backend would cost more than the session's packets.
+pub(crate) struct LoadSeeder {
+    base: *mut BackendLoad,
+}
+
+impl LoadSeeder {
+    fn bytes() -> usize {
+        MAX_BACKENDS as usize * std::mem::size_of::<BackendLoad>()
+    }
+
+    fn map(dp: &mut Datapath) -> Self {
+        let fd = match dp.ebpf_mut().map("BACKEND_LOAD") {
+            Some(aya::maps::Map::Array(data)) => data.fd().as_fd().as_raw_fd(),
+            _ => panic!("BACKEND_LOAD is an array"),
+        };
+        // SAFETY: a fresh shared mapping of the array's fd; the kernel
+        // checks that the map is mmapable and the length within its size.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::bytes(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap BACKEND_LOAD");
+        Self { base: p.cast() }
+    }
+
+    fn set(&mut self, id: u32, l: Load) {
+        assert!(id < MAX_BACKENDS);
+        // SAFETY: in bounds of the mapping; the counters are u64s, 8-aligned
+        // in a page-aligned mapping, only changed atomically.
+        unsafe {
+            let e = self.base.add(id as usize);
+            AtomicU64::from_ptr(&raw mut (*e).opened).store(l.opened, Ordering::SeqCst);
+            AtomicU64::from_ptr(&raw mut (*e).closed).store(l.closed, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for LoadSeeder {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping `map` made.
+        unsafe { libc::munmap(self.base.cast(), Self::bytes()) };
     }
 }
