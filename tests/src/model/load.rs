@@ -26,7 +26,9 @@
 //! than anything and anything with weight is better than it; then a
 //! backend with room (fewer in flight than its `max_in_flight`, or no
 //! limit: 0) is better than one without; then the smaller
-//! `(in_flight + 1) / weight`, with counts above 2^32 − 1 taken as that.
+//! `(in_flight + 1) / weight` as a fixed-point quotient,
+//! `floor((in_flight + 1) · 2^32 / weight)`, with counts above 2^31 − 2
+//! taken as that.
 //! With a scan list, every member is compared, weighed and limited by its
 //! list entry, in list order from the member at `hash % n` round to the
 //! one before it; weight-0 members are passed over and the first of
@@ -137,11 +139,8 @@ fn better(a: Cand, b: Cand) -> (bool, By) {
     if a.room() != b.room() {
         return (a.room(), By::Room);
     }
-    let cost = |n: u64| u128::from(n.min(u64::from(u32::MAX))) + 1;
-    (
-        cost(a.in_flight) * u128::from(b.weight) < cost(b.in_flight) * u128::from(a.weight),
-        By::Score,
-    )
+    let score = |c: Cand| ((c.in_flight.min((1 << 31) - 2) + 1) << 32) / u64::from(c.weight);
+    (score(a) < score(b), By::Score)
 }
 
 impl Model {
