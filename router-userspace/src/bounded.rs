@@ -154,7 +154,8 @@ pub async fn serve<L: Listener>(
                     stats.refused.fetch_add(1, Ordering::Relaxed);
                     if let Some(n) = refusals.note(Instant::now()) {
                         warn!(
-                            "{name}: {} connections open; closed {n} more on accept",
+                            "{name}: {} connections open, closing new ones on accept \
+                             ({n} since the last such line)",
                             limits.max_connections
                         );
                     }
