@@ -1064,6 +1064,7 @@ fn write_results(
         "per_run": samples,
         "single_overhead_ns_per_run": per_run(t0_single, t0_rep, |a, b| a - b),
         "summary": json_rows(rows),
+        "commit": crate::bench_report::source_commit(),
         "method": METHOD,
     });
     write(&dir.join("datapath.md"), &md)?;

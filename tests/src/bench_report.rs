@@ -78,6 +78,7 @@ pub fn machine_json() -> Value {
     // SAFETY: sysconf has no memory effects.
     let nproc = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     json!({
+        "commit": source_commit(),
         "kernel": first_line(&["uname", "-r"]),
         "cpu_model": cpu,
         "cpus_online": nproc,
@@ -85,6 +86,30 @@ pub fn machine_json() -> Value {
         "virtual_machine": vm,
         "os": os,
     })
+}
+
+/// The commit the benchmark binary's tree is at, with `-dirty` when the
+/// work tree has changes: which code a recorded figure belongs to.
+pub fn source_commit() -> String {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(head) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty { format!("{head}-dirty") } else { head }
+        }
+        None => "unknown".into(),
+    }
 }
 
 /// Versions of the peers, as the binaries report them.
@@ -114,6 +139,7 @@ fn verdict(ok: bool) -> &'static str {
 /// Writes `RESULTS.md` and the plots into `dir` from the JSON there.
 pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
     let dp = read_json(dir, "datapath.json");
+    let dp_before = read_json(dir, "datapath_before_placement.json");
     let ctl = read_json(dir, "control.json");
     let l4 = read_json(dir, "l4.json");
     let rt = read_json(dir, "routing.json");
@@ -140,6 +166,21 @@ pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
     )?;
     let m = machine_json();
     writeln!(md, "## Machine\n")?;
+    // Which code each suite's figures belong to.
+    let commits: Vec<String> = [
+        ("datapath", dp.as_ref().map(|d| &d["commit"])),
+        ("L4", l4.as_ref().map(|d| &d["machine"]["commit"])),
+        ("routing", rt.as_ref().map(|d| &d["machine"]["commit"])),
+    ]
+    .into_iter()
+    .map(|(suite, c)| {
+        format!(
+            "{suite} `{}`",
+            c.and_then(Value::as_str).unwrap_or("not recorded")
+        )
+    })
+    .collect();
+    writeln!(md, "- Recorded at commits: {}.", commits.join(", "))?;
     writeln!(
         md,
         "- {} · {} CPUs online{} · {:.0} GiB memory · kernel `{}` · {}",
@@ -173,6 +214,7 @@ pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
 
     let mut body = String::new();
     datapath_section(&mut body, &mut headline, dp.as_ref())?;
+    placement_cost_section(&mut body, &mut headline, dp.as_ref(), dp_before.as_ref())?;
     l4_section(&mut body, &mut headline, l4.as_ref(), dir)?;
     routing_section(&mut body, &mut headline, rt.as_ref(), dir)?;
     control_section(&mut body, &mut headline, ctl.as_ref())?;
@@ -228,6 +270,72 @@ fn datapath_section(md: &mut String, head: &mut String, dp: Option<&Value>) -> R
         }
     }
     md.push('\n');
+    Ok(())
+}
+
+/// The SYN path against the program before in-flight counting and
+/// least-loaded selection, each as its ratio to XDP_PASS in its own run.
+fn placement_cost_section(
+    md: &mut String,
+    head: &mut String,
+    dp: Option<&Value>,
+    before: Option<&Value>,
+) -> Result<()> {
+    let (Some(dp), Some(before)) = (dp, before) else {
+        return Ok(());
+    };
+    let ratio = |doc: &Value, path: &str| {
+        doc["summary"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["path"] == path && r["mode"] == "single")
+            .and_then(|r| r["ratio_median"].as_f64())
+    };
+    let Some(old) = ratio(before, "SYN new flow") else {
+        return Ok(());
+    };
+    writeln!(
+        md,
+        "### The SYN path before and after placement
+
+         Against the program before in-flight counting and least-loaded selection          (`datapath_before_placement.json`: commit {}, its own benchmark with the          half-open table sized as today's so that nothing evicts), each path as its          ratio to XDP_PASS measured in its own run. Goal: the new SYN path at most          1.10× the old.
+",
+        before["commit"].as_str().unwrap_or("?")
+    )?;
+    writeln!(
+        md,
+        "| path | ratio to XDP_PASS | × before (SYN, Maglev: {old:.2}×) |
+|---|---|---|"
+    )?;
+    for r in dp["summary"].as_array().into_iter().flatten() {
+        let path = r["path"].as_str().unwrap_or("?");
+        if !path.starts_with("SYN") {
+            continue;
+        }
+        let new = f(&r["ratio_median"]);
+        writeln!(md, "| {path} | {new:.2}× | {:.2}× |", new / old)?;
+    }
+    md.push('\n');
+    for (path, label) in [
+        (
+            "SYN new flow (Maglev, 3 backends)",
+            "SYN, Maglev (with counting)",
+        ),
+        (
+            "SYN, least-loaded scan, 4 backends",
+            "SYN, least-loaded, 4 backends",
+        ),
+    ] {
+        if let Some(new) = ratio(dp, path) {
+            writeln!(
+                head,
+                "| datapath: {label} vs before placement | {:.2}× | ≤ 1.10× | {} |",
+                new / old,
+                verdict(new / old <= 1.10)
+            )?;
+        }
+    }
     Ok(())
 }
 

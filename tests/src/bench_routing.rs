@@ -381,7 +381,7 @@ fn router_config(r: RouterSetup, socket: &Path, slow_start: Duration) -> String 
         vip()
     );
     for (i, speed) in SPEEDS.iter().enumerate() {
-        let how = match r.weights {
+        let mut how = match r.weights {
             Weights::Equal => "weight = 100".to_owned(),
             Weights::TrueSpeeds => format!("weight = {}", (speed * 100.0).round() as u32),
             Weights::Telemetry => format!(
@@ -389,6 +389,13 @@ fn router_config(r: RouterSetup, socket: &Path, slow_start: Duration) -> String 
                 replica_addr(i)
             ),
         };
+        if r.selection == Selection::LeastLoaded && !r.polled {
+            // Room: the engines' batch size, as an operator sets it from
+            // the engine's own setting (vLLM --max-num-seqs). Told, not
+            // learned: learning needs a queue that lasts, which a run at
+            // 70% may never show.
+            how.push_str(&format!("\nmax_in_flight = {}", MAX_BATCH as u32));
+        }
         s.push_str(&format!(
             "\n[[service.backend]]\nname = \"{}\"\naddress = \"{}\"\n{how}\nhealth = {}\n",
             backend_name(i),
@@ -568,17 +575,21 @@ impl Stage {
             std::thread::sleep(Duration::from_millis(3 * HEALTH_INTERVAL_MS));
             return Ok(());
         };
-        let full = if setup.weights == Weights::Telemetry {
-            95
-        } else {
-            1
-        };
+        // Telemetry-driven weights are ready once slow start is over and
+        // every replica has reported: a capacity is the measured speed, so
+        // a fixed threshold would wait forever on the slow replica.
+        let telemetry = setup.weights == Weights::Telemetry;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let st = status(socket)?;
             let ready = st.policy.iter().all(|b| match backend_index(&b.backend) {
                 Some(LATE) if !late_up => b.weight == 0,
-                Some(_) => b.weight >= full,
+                Some(_) if telemetry => {
+                    b.weight > 0
+                        && !b.reason.starts_with("slow start")
+                        && !b.reason.starts_with("no telemetry")
+                }
+                Some(_) => b.weight > 0,
                 None => true,
             });
             if ready {

@@ -90,6 +90,20 @@ impl SpeedEstimate {
     pub fn rate(&self) -> Option<f64> {
         self.rate
     }
+
+    /// The relative change in the estimate that its own noise can explain:
+    /// two standard errors of a mean of `completions` flow times, taking
+    /// their coefficient of variation as 1 (heavy-tailed lengths are about
+    /// that). A replica that completes few flows (a slow one, or a lightly
+    /// used one) has a noisy estimate, and a capacity that followed every
+    /// wobble of it would change several times a minute.
+    pub fn noise(&self) -> f64 {
+        if self.completions >= 1.0 {
+            2.0 / self.completions.sqrt()
+        } else {
+            1.0
+        }
+    }
 }
 
 /// The most requests a backend's engine runs at once, learned from

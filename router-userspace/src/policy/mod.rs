@@ -464,10 +464,16 @@ fn decide_capacity(
         );
         let target = to_weight(full * speed * f).max(1);
         let progress = slow_start::progress(elapsed, cfg.slow_start);
+        st.ramped = true;
         return decision(target, target, Reason::SlowStart { progress }, st);
     }
     let target = to_weight(full * speed).max(1);
-    let weight = if prev == 0 || capacity::moved(prev, target, cfg.capacity_deadband) {
+    // A move is published when it is larger than the deadband and than
+    // what the estimate's own noise explains (see `SpeedEstimate::noise`);
+    // the end of a ramp always is.
+    let band = cfg.capacity_deadband.max(st.speed.noise().min(0.4));
+    let ramp_ended = std::mem::take(&mut st.ramped);
+    let weight = if prev == 0 || ramp_ended || capacity::moved(prev, target, band) {
         target
     } else {
         prev

@@ -41,6 +41,8 @@ pub(super) struct BackendState {
     pub speed: SpeedEstimate,
     /// Capacity mode: the batch the engine runs at most, from telemetry.
     pub limit: LearnedLimit,
+    /// Capacity mode: the last weight came from the slow-start ramp.
+    pub ramped: bool,
 }
 
 impl BackendState {

@@ -914,3 +914,51 @@ fn telemetry_faults_leave_capacities_alone() {
         assert_eq!(w, before, "tick {n}: capacities moved with telemetry");
     }
 }
+
+impl Lcg {
+    fn unit(&mut self) -> f64 {
+        self.next() as f64 / (1u64 << 31) as f64
+    }
+
+    /// A Poisson draw of mean `m` (Knuth's method; small means only).
+    fn poisson(&mut self, m: f64) -> u64 {
+        let limit = (-m).exp();
+        let (mut k, mut p) = (0, 1.0);
+        loop {
+            p *= self.unit();
+            if p <= limit {
+                return k;
+            }
+            k += 1;
+        }
+    }
+}
+
+#[test]
+fn a_slow_replicas_thin_evidence_does_not_churn_its_capacity() {
+    let mut p = capacity_policy();
+    let mut rng = Lcg(7);
+    // gpu-1 holds 1 to 3 flows of 1.25 s: under 2 completions a second,
+    // each tick's count drawn at random, so its estimate is noisy.
+    let mut sims = [Sim::new("gpu-0", 8, 0.5), Sim::new("gpu-1", 2, 1.25)];
+    let mut changes = 0;
+    let mut last = None;
+    for n in 0..480 {
+        sims[1].in_flight = 1 + (rng.unit() * 3.0) as u64;
+        let mean = sims[1].in_flight as f64 * POLL.as_secs_f64() / sims[1].secs_per_flow;
+        // tick_sims adds the expected completions; replace them with a draw.
+        sims[1].ended -= mean;
+        sims[1].ended += rng.poisson(mean) as f64;
+        let w = tick_sims(&mut p, n, &mut sims).decisions[1].weight;
+        if n >= 240 {
+            if last.is_some_and(|l| l != w) {
+                changes += 1;
+            }
+            last = Some(w);
+        }
+    }
+    assert!(
+        changes <= 2,
+        "{changes} changes in two minutes at steady load"
+    );
+}
