@@ -614,11 +614,13 @@ async fn serve(
         Arc::clone(&servers.control),
         std::future::pending(),
     ));
-    // Without a metrics server nobody holds `snapshots`, and the control
-    // loop builds none.
     let metrics_server = match metrics_listen {
         Some(addr) => Some(metrics::serve(addr, snapshots, servers).await?),
-        None => None,
+        None => {
+            // Nobody reads snapshots then, and the control loop builds none.
+            drop(snapshots);
+            None
+        }
     };
     state.lock().await.publish_metrics(true);
 

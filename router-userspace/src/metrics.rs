@@ -644,3 +644,23 @@ pub async fn serve(
         std::future::pending(),
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_are_built_only_for_a_reader_and_not_too_often() {
+        let (mut publisher, snapshots) = Publisher::new();
+        assert!(publisher.due(false) && publisher.due(true));
+        publisher.publish(Err(anyhow::anyhow!("no datapath")));
+        assert!(matches!(&*snapshots.0.borrow(), Some(Err(e)) if e == "no datapath"));
+        assert!(!publisher.due(false), "right after a publish");
+        assert!(
+            publisher.due(true),
+            "an operator's change is published at once"
+        );
+        drop(snapshots);
+        assert!(!publisher.due(true), "nobody scrapes");
+    }
+}
