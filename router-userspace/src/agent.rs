@@ -22,13 +22,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    service::TowerToHyperService,
-};
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tokio::net::TcpListener;
 
 use crate::{
+    bounded,
     control::ErrorReply,
     telemetry::{
         DeviceSelector, Reading,
@@ -39,17 +36,20 @@ use crate::{
 /// Longest an NVML read may take before the request gives up (504). The
 /// blocking read itself cannot be cancelled and finishes in the background.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// A client must send its request head within this (slow-loris guard).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest a connection lives, keep-alive included, so idle or trickling
-/// clients cannot hold connection slots.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
-/// Request head limit; hyper's floor is 8 KiB.
-const MAX_HEADER_BYTES: usize = 16 << 10;
+
+/// The agent's server bounds (see [`bounded`]): a poll is one short GET, so
+/// a client never needs a connection for long, and 256 connections serve
+/// many more router daemons than poll one GPU host.
+pub const LIMITS: bounded::Limits = bounded::Limits {
+    max_connections: 256,
+    header_timeout: Duration::from_secs(5),
+    // Above REQUEST_TIMEOUT, so an NVML read that hangs gets its 504.
+    request_timeout: Duration::from_secs(10),
+    connection_timeout: Duration::from_secs(30),
+    max_header_bytes: 16 << 10,
+};
 /// GETs carry no body; this only caps a handler that ever reads one.
 const MAX_BODY_BYTES: usize = 1 << 10;
-/// Connections served at once; more are closed on accept.
-const MAX_CONNECTIONS: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -113,43 +113,8 @@ impl Agent {
     /// Serves until `shutdown` completes; open connections are then dropped
     /// (a poll is one short GET, so nothing worth draining is lost).
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let mut conns = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                accepted = self.listener.accept() => {
-                    let stream = match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(e) => {
-                            // EMFILE and friends: back off rather than spin.
-                            tracing::warn!("agent: accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
-                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                        tracing::warn!("agent: {MAX_CONNECTIONS} connections open; refusing one");
-                        continue;
-                    };
-                    let service = TowerToHyperService::new(self.app.clone());
-                    conns.spawn(async move {
-                        let _slot = slot;
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(HEADER_TIMEOUT)
-                            .max_buf_size(MAX_HEADER_BYTES)
-                            .serve_connection(TokioIo::new(stream), service);
-                        // Errors here are the client's (reset, bad request,
-                        // timeout); nothing to do but close.
-                        let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
-                    });
-                }
-            }
-        }
-        conns.shutdown().await;
+        let stats = Arc::new(bounded::ServerStats::default());
+        bounded::serve("agent", self.listener, self.app, LIMITS, stats, shutdown).await;
         Ok(())
     }
 }

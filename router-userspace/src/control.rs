@@ -6,6 +6,7 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use axum::{
@@ -22,10 +23,21 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::{net::UnixStream, sync::Mutex};
 
-use crate::{daemon::DaemonState, datapath::DatapathStatus};
+use crate::{bounded, daemon::DaemonState, datapath::DatapathStatus};
 
 /// Largest response the CLI accepts.
 const MAX_RESPONSE: usize = 16 << 20;
+
+/// The control socket's server bounds (see [`bounded`]). Each CLI command
+/// opens one connection for one request, `router top` one per refresh; a
+/// reload, the slowest request, reads the config and rebuilds tables.
+pub const LIMITS: bounded::Limits = bounded::Limits {
+    max_connections: 64,
+    header_timeout: Duration::from_secs(5),
+    request_timeout: Duration::from_secs(30),
+    connection_timeout: Duration::from_secs(60),
+    max_header_bytes: 16 << 10,
+};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StatusReply {
@@ -39,6 +51,10 @@ pub struct StatusReply {
     pub all_saturated_ticks: u64,
     /// New connections sent to fallback services' backends, in total.
     pub fallback_connections: u64,
+    /// Health probes that failed on a local error (the daemon out of
+    /// sockets) and so changed no backend's verdict.
+    #[serde(default)]
+    pub health_local_errors: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

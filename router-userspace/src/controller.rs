@@ -18,7 +18,7 @@ use crate::{
     config::{BackendConfig, Config, HealthConfig},
     datapath::Selection,
     datapath::{BackendSpec, ServiceSpec},
-    health::{HealthCheck, HealthState},
+    health::{HealthCheck, HealthState, ProbeFailure},
     policy::{BackendInput, Decision, Measured, Mode, Policy},
     telemetry::{Reading, TelemetryError, source::Source},
 };
@@ -56,6 +56,9 @@ struct ServiceCtl {
     /// Every backend saturated at the last tick: new connections overflow
     /// to the fallback service's backends, if one is configured.
     overflowing: bool,
+    /// Probes failing on local errors since the last probe that ran (see
+    /// `record_probe`); 0 outside such an episode.
+    local_failures: u64,
 }
 
 /// Prefix of a fallback service's backends inside the service they serve.
@@ -131,6 +134,11 @@ pub struct Controller {
     generation: u64,
     /// Ticks on which every healthy backend of a service was saturated.
     pub all_saturated_ticks: u64,
+    /// Probes that failed on a local error and so changed no verdict.
+    pub health_local_errors: u64,
+    /// Episodes of such failures (a service's probes failing locally until
+    /// one of them runs again), each logged once.
+    pub health_local_episodes: u64,
     /// service → backend → override; looked up by `&str`, no allocation per poll.
     overrides: BTreeMap<String, BTreeMap<String, Override>>,
 }
@@ -152,6 +160,8 @@ impl Controller {
     pub fn new(cfg: &Config, previous: Option<Controller>) -> Self {
         let generation = previous.as_ref().map_or(0, |p| p.generation + 1);
         let all_saturated_ticks = previous.as_ref().map_or(0, |p| p.all_saturated_ticks);
+        let health_local_errors = previous.as_ref().map_or(0, |p| p.health_local_errors);
+        let health_local_episodes = previous.as_ref().map_or(0, |p| p.health_local_episodes);
         let mut overrides = previous
             .as_ref()
             .map(|p| p.overrides.clone())
@@ -230,6 +240,7 @@ impl Controller {
                     policy,
                     backends,
                     overflowing: false,
+                    local_failures: 0,
                 }
             })
             .collect();
@@ -238,6 +249,8 @@ impl Controller {
             poll_interval: cfg.policy.poll_interval,
             generation,
             all_saturated_ticks,
+            health_local_errors,
+            health_local_episodes,
             overrides,
         }
     }
@@ -444,17 +457,53 @@ impl Controller {
         }
     }
 
-    pub fn record_probe(&mut self, service: usize, backend: usize, result: Result<(), String>) {
-        let Some(b) = self
-            .services
-            .get_mut(service)
-            .and_then(|s| s.backends.get_mut(backend))
-        else {
+    /// Feeds one probe result to the backend's fall/rise state. A failure
+    /// on a local error (the daemon out of sockets, say) is no verdict on
+    /// the backend: it is counted and changes nothing, so the datapath keeps
+    /// the last weights (fails open) instead of taking every backend out
+    /// when the daemon itself cannot probe. It is logged once per episode:
+    /// when a service's probes start failing locally, and when one of them
+    /// runs again.
+    pub fn record_probe(
+        &mut self,
+        service: usize,
+        backend: usize,
+        result: Result<(), ProbeFailure>,
+    ) {
+        let Some(s) = self.services.get_mut(service) else {
             return;
         };
-        if let Some((check, state)) = &mut b.health
-            && let Some(now) = state.record(result.is_ok(), check.fall, check.rise)
-        {
+        let Some(b) = s.backends.get_mut(backend) else {
+            return;
+        };
+        let Some((check, state)) = &mut b.health else {
+            return;
+        };
+        match &result {
+            Err(e) if e.local => {
+                self.health_local_errors += 1;
+                if s.local_failures == 0 {
+                    self.health_local_episodes += 1;
+                    warn!(
+                        service = %s.name, backend = %b.cfg.name,
+                        "health: probe failed on a local error ({e}); keeping the last \
+                         verdicts and weights until probes run again"
+                    );
+                }
+                s.local_failures += 1;
+                return;
+            }
+            _ => {}
+        }
+        if s.local_failures > 0 {
+            info!(
+                service = %s.name,
+                "health: probes run again after {} failed on local errors",
+                s.local_failures
+            );
+            s.local_failures = 0;
+        }
+        if let Some(now) = state.record(result.is_ok(), check.fall, check.rise) {
             match &result {
                 Ok(()) => info!(backend = %b.cfg.name, "health: now {now:?}"),
                 Err(e) => warn!(backend = %b.cfg.name, "health: now {now:?} ({e})"),
@@ -733,5 +782,104 @@ weight = 100
                 "{err}"
             );
         }
+    }
+
+    const HEALTH_CFG: &str = r#"
+[daemon]
+interface = "lb0"
+
+[[service]]
+name = "llama"
+vip = "198.18.100.1:8000"
+snat = "198.18.0.1"
+
+[[service.backend]]
+name = "gpu-0"
+address = "198.18.0.11:8000"
+weight = 100
+health = { tcp = true, interval = "1s", timeout = "500ms", fall = 2, rise = 2 }
+
+[[service.backend]]
+name = "gpu-1"
+address = "198.18.0.12:8000"
+weight = 100
+health = { tcp = true, interval = "1s", timeout = "500ms", fall = 2, rise = 2 }
+"#;
+
+    /// One probe round with `result(backend)` for each backend, then the
+    /// policy; returns both weights.
+    fn probe_round(
+        ctl: &mut Controller,
+        cfg: &Config,
+        result: impl Fn(usize) -> Result<(), ProbeFailure>,
+    ) -> [u32; 2] {
+        for b in 0..2 {
+            ctl.record_probe(0, b, result(b));
+        }
+        let (specs, _) = ctl.decide(Duration::ZERO, cfg, &|_, _| None);
+        [weight(&specs, "gpu-0"), weight(&specs, "gpu-1")]
+    }
+
+    fn emfile(_: usize) -> Result<(), ProbeFailure> {
+        Err(ProbeFailure::local(
+            "TCP connect to 198.18.0.11:8000: Too many open files (os error 24)",
+        ))
+    }
+
+    #[test]
+    fn probes_failing_on_local_errors_keep_the_last_weights() {
+        let cfg = Config::parse(HEALTH_CFG, "t.toml").unwrap();
+        let mut ctl = Controller::new(&cfg, None);
+        assert_eq!(probe_round(&mut ctl, &cfg, |_| Ok(())), [100, 100]);
+
+        // The daemon is out of file descriptors: every probe of the service
+        // fails locally, far more than `fall` times. Nothing changes.
+        for _ in 0..10 {
+            assert_eq!(probe_round(&mut ctl, &cfg, emfile), [100, 100]);
+        }
+        assert_eq!(ctl.health_local_errors, 20);
+        assert_eq!(ctl.health_local_episodes, 1, "one episode, logged once");
+        assert!(
+            ctl.status(Duration::ZERO)
+                .iter()
+                .all(|b| b.healthy == Some(true))
+        );
+
+        // Probes run again: a backend that is really down now goes, after
+        // `fall` failures of its own (the local ones did not count).
+        let refused = |b: usize| {
+            if b == 0 {
+                Err(ProbeFailure::backend("TCP connect: Connection refused"))
+            } else {
+                Ok(())
+            }
+        };
+        assert_eq!(probe_round(&mut ctl, &cfg, refused), [100, 100]);
+        assert_eq!(probe_round(&mut ctl, &cfg, refused), [0, 100]);
+
+        // A new episode is a new log line; an unhealthy backend stays so.
+        assert_eq!(probe_round(&mut ctl, &cfg, emfile), [0, 100]);
+        assert_eq!(ctl.health_local_episodes, 2);
+        assert_eq!(ctl.health_local_errors, 22);
+    }
+
+    #[test]
+    fn the_same_failures_from_the_backends_take_them_out() {
+        let cfg = Config::parse(HEALTH_CFG, "t.toml").unwrap();
+        let mut ctl = Controller::new(&cfg, None);
+        assert_eq!(probe_round(&mut ctl, &cfg, |_| Ok(())), [100, 100]);
+        let down = |_| Err(ProbeFailure::backend("TCP connect: Connection refused"));
+        assert_eq!(probe_round(&mut ctl, &cfg, down), [100, 100]);
+        assert_eq!(probe_round(&mut ctl, &cfg, down), [0, 0]);
+        assert_eq!(ctl.health_local_errors, 0);
+    }
+
+    #[test]
+    fn counts_of_local_failures_survive_a_reload() {
+        let cfg = Config::parse(HEALTH_CFG, "t.toml").unwrap();
+        let mut ctl = Controller::new(&cfg, None);
+        probe_round(&mut ctl, &cfg, emfile);
+        let ctl = Controller::new(&cfg, Some(ctl));
+        assert_eq!((ctl.health_local_errors, ctl.health_local_episodes), (2, 1));
     }
 }

@@ -24,11 +24,14 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    bounded,
     config::{Config, XdpMode},
     control::{self, ReloadReply, StatusReply},
     controller::Controller,
     datapath::{AdoptedRoute, ConnScan, ConnTable, Datapath, LoadOptions, PinDir},
-    fib_watch, host, metrics,
+    fib_watch,
+    health::ProbeFailure,
+    host, metrics,
     policy::Measured,
     telemetry::{Reading, TelemetryError},
     views::{self, BackendView, RateWindow, ServiceView},
@@ -80,6 +83,8 @@ pub struct DaemonState {
     scan: Arc<std::sync::Mutex<Option<ConnScan>>>,
     rates: RateWindow,
     last_rate_sample: Option<Instant>,
+    /// Hands `/metrics` its snapshots, so scrapes never take this lock.
+    metrics: metrics::Publisher,
 }
 
 /// How often new-connection counters are sampled for rates and cost.
@@ -180,6 +185,7 @@ impl DaemonState {
                 .map(|c| c.status(self.started.elapsed()))
                 .unwrap_or_default(),
             all_saturated_ticks: self.ctl.as_ref().map_or(0, |c| c.all_saturated_ticks),
+            health_local_errors: self.ctl.as_ref().map_or(0, |c| c.health_local_errors),
         })
     }
 
@@ -202,6 +208,16 @@ impl DaemonState {
 
     pub fn conn_table_size(&self) -> u32 {
         self.dp.options().conn_table_size
+    }
+
+    /// Publishes what `/metrics` serves: after a poll round (`force` false,
+    /// at most every quarter second) and after anything an operator
+    /// changed (`force` true), and only while a metrics server runs.
+    fn publish_metrics(&mut self, force: bool) {
+        if self.metrics.due(force) {
+            let snapshot = metrics::Snapshot::of(self);
+            self.metrics.publish(snapshot);
+        }
     }
 
     fn sample_rates(&mut self) {
@@ -280,6 +296,7 @@ impl DaemonState {
             return Err(format!("writing weights to the datapath: {e}"));
         }
         self.persist_overrides();
+        self.publish_metrics(true);
         info!(service, backend, "override now {ov:?}");
         Ok(ov)
     }
@@ -335,6 +352,7 @@ impl DaemonState {
             }
         };
         self.last_reload = Some(reply.clone());
+        self.publish_metrics(true);
         reply
     }
 
@@ -573,6 +591,8 @@ async fn serve(
     )
     .context("starting the connection-table scanner")?;
     let metrics_listen = cfg.daemon.metrics_listen;
+    let (publisher, snapshots) = metrics::Publisher::new();
+    let servers = metrics::ServerCounters::default();
     let state = Arc::new(Mutex::new(DaemonState {
         dp,
         ctl: Some(ctl),
@@ -583,13 +603,26 @@ async fn serve(
         scan,
         rates: RateWindow::default(),
         last_rate_sample: None,
+        metrics: publisher,
     }));
     let api = control::router(state.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, api).await });
+    let server = tokio::spawn(bounded::serve(
+        "control socket",
+        listener,
+        api,
+        control::LIMITS,
+        Arc::clone(&servers.control),
+        std::future::pending(),
+    ));
     let metrics_server = match metrics_listen {
-        Some(addr) => Some(metrics::serve(addr, state.clone()).await?),
-        None => None,
+        Some(addr) => Some(metrics::serve(addr, snapshots, servers).await?),
+        None => {
+            // Nobody reads snapshots then, and the control loop builds none.
+            drop(snapshots);
+            None
+        }
     };
+    state.lock().await.publish_metrics(true);
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -674,7 +707,7 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
 
 enum RoundResult {
     Reading(usize, usize, Result<Reading, TelemetryError>),
-    Probe(usize, usize, Result<(), String>),
+    Probe(usize, usize, Result<(), ProbeFailure>),
 }
 
 /// One poll round: every source and due probe runs concurrently, each with
@@ -710,5 +743,7 @@ async fn poll_round(state: &Mutex<DaemonState>) {
             Err(e) => warn!("poll task failed: {e}"),
         }
     }
-    state.lock().await.finish_round(generation, results);
+    let mut st = state.lock().await;
+    st.finish_round(generation, results);
+    st.publish_metrics(false);
 }

@@ -16,13 +16,20 @@
 //!   routable, so a restart does not take them out of the tables until the
 //!   first probe, which then settles them either way at once (one failure
 //!   is enough: the earlier daemon's verdict is as old as the restart).
+//! - A probe that fails on a *local* error ([`ProbeFailure::local`]: the
+//!   daemon is out of file descriptors, socket buffers or local ports) says
+//!   nothing of the backend and is not fed to the state machine at all: the
+//!   controller keeps the last verdict (fails open) and counts it.
 
 use std::{net::SocketAddr, time::Duration};
 
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use crate::telemetry::{TelemetryError, http_client};
+use crate::telemetry::{
+    TelemetryError,
+    http_client::{self, is_local_error},
+};
 
 /// Health endpoints answer a few bytes; more than this is not read, and a
 /// 2xx with a longer body still counts as healthy.
@@ -52,8 +59,9 @@ impl HealthCheck {
         self.tcp || self.http_path.is_some()
     }
 
-    /// Probes once; `Err` says why the backend failed, for logs and status.
-    pub async fn probe(&self) -> Result<(), String> {
+    /// Probes once; `Err` says why the probe failed, for logs and status,
+    /// and whether the failure was the daemon's own.
+    pub async fn probe(&self) -> Result<(), ProbeFailure> {
         if let Some(path) = &self.http_path {
             return self.probe_http(path).await;
         }
@@ -62,15 +70,18 @@ impl HealthCheck {
         }
         match tokio::time::timeout(self.timeout, TcpStream::connect(self.addr)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("TCP connect to {}: {e}", self.addr)),
-            Err(_) => Err(format!(
+            Ok(Err(e)) => Err(ProbeFailure {
+                local: is_local_error(&e),
+                message: format!("TCP connect to {}: {e}", self.addr),
+            }),
+            Err(_) => Err(ProbeFailure::backend(format!(
                 "TCP connect to {} timed out after {:?}",
                 self.addr, self.timeout
-            )),
+            ))),
         }
     }
 
-    async fn probe_http(&self, path: &str) -> Result<(), String> {
+    async fn probe_http(&self, path: &str) -> Result<(), ProbeFailure> {
         let slash = if path.starts_with('/') { "" } else { "/" };
         // SocketAddr's Display brackets IPv6 addresses, as a URL needs.
         let url = format!("http://{}{slash}{path}", self.addr);
@@ -78,8 +89,44 @@ impl HealthCheck {
             Ok(_) => Ok(()),
             // Only raised after a 2xx status line: the backend answered.
             Err(TelemetryError::TooLarge { .. }) => Ok(()),
-            Err(e) => Err(format!("GET {url}: {e}")),
+            Err(e) => Err(ProbeFailure {
+                local: matches!(e, TelemetryError::Local(_)),
+                message: format!("GET {url}: {e}"),
+            }),
         }
+    }
+}
+
+/// Why a probe failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeFailure {
+    pub message: String,
+    /// The daemon could not probe (see `http_client::is_local_error`): no
+    /// verdict on the backend.
+    pub local: bool,
+}
+
+impl ProbeFailure {
+    /// A failure that is the backend's (or its network's).
+    pub fn backend(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            local: false,
+        }
+    }
+
+    /// A failure that is the daemon's own.
+    pub fn local(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            local: true,
+        }
+    }
+}
+
+impl std::fmt::Display for ProbeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 
@@ -289,6 +336,12 @@ mod tests {
         addr
     }
 
+    /// The message of a failure that must be the backend's.
+    fn backend_failure(f: ProbeFailure) -> String {
+        assert!(!f.local, "{f} taken for a local error");
+        f.message
+    }
+
     async fn unused_addr() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         listener.local_addr().unwrap()
@@ -300,7 +353,11 @@ mod tests {
         let up = listener.local_addr().unwrap();
         assert_eq!(check(up, None).probe().await, Ok(()));
 
-        let err = check(unused_addr().await, None).probe().await.unwrap_err();
+        let err = check(unused_addr().await, None)
+            .probe()
+            .await
+            .map_err(backend_failure)
+            .unwrap_err();
         assert!(err.contains("TCP connect"), "{err}");
     }
 
@@ -313,14 +370,22 @@ mod tests {
 
         let broken =
             http_server(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n").await;
-        let err = check(broken, Some("/health")).probe().await.unwrap_err();
+        let err = check(broken, Some("/health"))
+            .probe()
+            .await
+            .map_err(backend_failure)
+            .unwrap_err();
         assert!(err.contains("HTTP 500"), "{err}");
 
         let hangs_up = http_server(b"").await;
         assert!(check(hangs_up, Some("/health")).probe().await.is_err());
 
         let refused = unused_addr().await;
-        let err = check(refused, Some("/health")).probe().await.unwrap_err();
+        let err = check(refused, Some("/health"))
+            .probe()
+            .await
+            .map_err(backend_failure)
+            .unwrap_err();
         assert!(err.contains("unreachable"), "{err}");
     }
 
@@ -351,7 +416,11 @@ mod tests {
             }
         });
         let started = tokio::time::Instant::now();
-        let err = check(addr, Some("/health")).probe().await.unwrap_err();
+        let err = check(addr, Some("/health"))
+            .probe()
+            .await
+            .map_err(backend_failure)
+            .unwrap_err();
         assert!(err.contains("timed out"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(2));
 
@@ -367,7 +436,7 @@ mod tests {
             let mut c = check(addr, None);
             c.timeout = Duration::from_millis(200);
             if let Err(e) = c.probe().await {
-                assert!(e.contains("timed out"), "{e}");
+                assert!(!e.local && e.message.contains("timed out"), "{e}");
                 timed_out = true;
                 break;
             }

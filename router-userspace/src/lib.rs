@@ -2,6 +2,7 @@
 //! (the only writer of BPF maps), the control socket and the daemon loop.
 
 pub mod agent;
+pub mod bounded;
 pub mod config;
 pub mod control;
 pub mod controller;

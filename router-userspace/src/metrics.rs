@@ -2,8 +2,19 @@
 //! TCP listener. Every scrape encodes one consistent snapshot of the
 //! operator views (`views`), so metrics, API and `router top` agree. Owns
 //! metric names and labels; never changes daemon state.
+//!
+//! Scrapes never take the daemon's lock: the control loop builds a
+//! [`Snapshot`] after each poll round (and after a reload or an override)
+//! and [`Publisher`] hands it over; a scrape renders the latest one. The
+//! server is bounded ([`LIMITS`]): anyone on the host can connect to
+//! `metrics_listen`, and idle connections must not use up the descriptors
+//! the daemon's probes and polls need.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use axum::{
@@ -19,17 +30,34 @@ use prometheus_client::{
     metrics::MetricType,
     registry::Registry,
 };
-use tokio::{sync::Mutex, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle};
 use tracing::info;
 
 use crate::{
+    bounded::{self, ServerStats},
     control::StatusReply,
     daemon::DaemonState,
     datapath::Histogram,
     views::{BackendView, ServiceView},
 };
 
-/// Everything one scrape reports, captured under the daemon's lock once.
+/// The metrics server's bounds (see [`bounded`]). A Prometheus server
+/// scrapes over one connection (an HA pair over two); a few more are left
+/// for people with curl.
+pub const LIMITS: bounded::Limits = bounded::Limits {
+    max_connections: 32,
+    header_timeout: Duration::from_secs(5),
+    request_timeout: Duration::from_secs(10),
+    connection_timeout: Duration::from_secs(60),
+    max_header_bytes: 16 << 10,
+};
+
+/// Shortest time between two snapshots published after poll rounds, so a
+/// short `poll_interval` does not rebuild the views many times a second.
+const PUBLISH_EVERY: Duration = Duration::from_millis(250);
+
+/// Everything one scrape reports from the daemon's state, captured under
+/// its lock once (by the control loop, see [`Publisher`]).
 #[derive(Debug)]
 pub struct Snapshot {
     pub services: Vec<ServiceView>,
@@ -445,6 +473,12 @@ impl Collector for Snapshot {
             "New connections sent to fallback backends, all services.",
             [(Labels::new(), self.status.fallback_connections)],
         )?;
+        counters(
+            e,
+            "router_health_probe_local_errors",
+            "Health probes that failed on a local error (the daemon out of sockets) and changed no verdict: the last weights stay.",
+            [(Labels::new(), self.status.health_local_errors)],
+        )?;
         gauges(
             e,
             "router_uptime_seconds",
@@ -455,34 +489,125 @@ impl Collector for Snapshot {
     }
 }
 
-/// Encodes a snapshot in the Prometheus/OpenMetrics text format.
-pub fn render(snapshot: Snapshot) -> Result<String, std::fmt::Error> {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(snapshot));
-    let mut out = String::new();
-    encode(&mut out, &registry)?;
-    Ok(out)
-}
-
-type Shared = Arc<Mutex<DaemonState>>;
-
-async fn metrics(State(state): State<Shared>) -> Response {
-    let snapshot = {
-        let st = state.lock().await;
-        st.views().map(|(services, backends, status)| Snapshot {
+impl Snapshot {
+    /// Captures what a scrape reports; the caller holds the daemon's lock.
+    pub fn of(st: &DaemonState) -> anyhow::Result<Snapshot> {
+        let (services, backends, status) = st.views()?;
+        Ok(Snapshot {
             services,
             backends,
             status,
             conn_entries: st.conn_entries(),
             conn_capacity: st.conn_table_size(),
         })
-    };
-    let text = match snapshot
-        .map_err(|e| format!("{e:#}"))
-        .and_then(|s| render(s).map_err(|e| e.to_string()))
-    {
-        Ok(t) => t,
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+    }
+}
+
+/// The servers' own counters, read at each scrape (they change without
+/// the control loop).
+#[derive(Clone, Debug, Default)]
+pub struct ServerCounters {
+    pub metrics: Arc<ServerStats>,
+    pub control: Arc<ServerStats>,
+}
+
+impl Collector for ServerCounters {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        counters(
+            &mut enc,
+            "router_metrics_connections_refused",
+            "Connections to metrics_listen closed on accept because the server's connection cap was reached.",
+            [(Labels::new(), self.metrics.refused())],
+        )?;
+        counters(
+            &mut enc,
+            "router_control_connections_refused",
+            "Connections to the control socket closed on accept because the server's connection cap was reached.",
+            [(Labels::new(), self.control.refused())],
+        )
+    }
+}
+
+/// A published snapshot, shared between scrapes.
+#[derive(Debug)]
+struct Shared(Arc<Snapshot>);
+
+impl Collector for Shared {
+    fn encode(&self, enc: DescriptorEncoder) -> std::fmt::Result {
+        self.0.encode(enc)
+    }
+}
+
+/// Encodes a snapshot and the servers' counters in the
+/// Prometheus/OpenMetrics text format.
+pub fn render(
+    snapshot: Arc<Snapshot>,
+    servers: &ServerCounters,
+) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Shared(snapshot)));
+    registry.register_collector(Box::new(servers.clone()));
+    let mut out = String::new();
+    encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// The latest snapshot, or why it could not be built; `None` before the
+/// first.
+type Published = Option<Result<Arc<Snapshot>, String>>;
+
+/// The control loop's end: publishes snapshots for the metrics server.
+#[derive(Debug)]
+pub struct Publisher {
+    tx: watch::Sender<Published>,
+    last: Option<Instant>,
+}
+
+/// The metrics server's end: the latest published snapshot.
+#[derive(Clone, Debug)]
+pub struct Snapshots(watch::Receiver<Published>);
+
+impl Publisher {
+    pub fn new() -> (Publisher, Snapshots) {
+        let (tx, rx) = watch::channel(None);
+        (Publisher { tx, last: None }, Snapshots(rx))
+    }
+
+    /// Whether to build a snapshot now: only while a metrics server is
+    /// there to read it, and after a poll round (`force` false) at most
+    /// once per [`PUBLISH_EVERY`].
+    pub fn due(&self, force: bool) -> bool {
+        self.tx.receiver_count() > 0
+            && (force || self.last.is_none_or(|t| t.elapsed() >= PUBLISH_EVERY))
+    }
+
+    pub fn publish(&mut self, snapshot: anyhow::Result<Snapshot>) {
+        self.last = Some(Instant::now());
+        self.tx
+            .send_replace(Some(snapshot.map(Arc::new).map_err(|e| format!("{e:#}"))));
+    }
+}
+
+#[derive(Clone)]
+struct Scraping {
+    snapshots: Snapshots,
+    servers: ServerCounters,
+}
+
+async fn metrics(State(s): State<Scraping>) -> Response {
+    // Clones an Arc; the watch's own lock is held for no longer.
+    let published = s.snapshots.0.borrow().clone();
+    let text = match published {
+        None => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "no snapshot yet").into_response();
+        }
+        Some(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+        Some(Ok(snapshot)) => match render(snapshot, &s.servers) {
+            Ok(t) => t,
+            Err(e) => {
+                return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+            }
+        },
     };
     (
         [(
@@ -494,18 +619,48 @@ async fn metrics(State(state): State<Shared>) -> Response {
         .into_response()
 }
 
-/// Binds `/metrics` (GET only: any other method gets 405) and serves it.
-pub async fn serve(addr: SocketAddr, state: Shared) -> Result<JoinHandle<()>> {
+/// Binds `/metrics` (GET only: any other method gets 405) and serves what
+/// `snapshots` last received, within [`LIMITS`]; `servers.metrics` counts
+/// this server's refusals.
+pub async fn serve(
+    addr: SocketAddr,
+    snapshots: Snapshots,
+    servers: ServerCounters,
+) -> anyhow::Result<JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding metrics_listen {addr}"))?;
+    let stats = Arc::clone(&servers.metrics);
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(state);
+        .with_state(Scraping { snapshots, servers });
     info!("serving /metrics on {addr}");
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!("metrics server stopped: {e}");
-        }
-    }))
+    Ok(tokio::spawn(bounded::serve(
+        "metrics",
+        listener,
+        app,
+        LIMITS,
+        stats,
+        std::future::pending(),
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_are_built_only_for_a_reader_and_not_too_often() {
+        let (mut publisher, snapshots) = Publisher::new();
+        assert!(publisher.due(false) && publisher.due(true));
+        publisher.publish(Err(anyhow::anyhow!("no datapath")));
+        assert!(matches!(&*snapshots.0.borrow(), Some(Err(e)) if e == "no datapath"));
+        assert!(!publisher.due(false), "right after a publish");
+        assert!(
+            publisher.due(true),
+            "an operator's change is published at once"
+        );
+        drop(snapshots);
+        assert!(!publisher.due(true), "nobody scrapes");
+    }
 }

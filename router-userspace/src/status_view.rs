@@ -101,6 +101,14 @@ pub fn render(s: &StatusReply) -> String {
             );
         }
     }
+    if s.health_local_errors > 0 {
+        let _ = writeln!(
+            out,
+            "\nhealth: {} probes failed on local errors (the daemon out of sockets?); \
+             they changed no verdict",
+            s.health_local_errors
+        );
+    }
     let nonzero: Vec<String> = dp
         .reasons
         .iter()

@@ -2,8 +2,9 @@
 
 use std::{
     net::Ipv4Addr,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -87,6 +88,14 @@ impl Daemon {
         self.pid
     }
 
+    /// Sets the running daemon's soft limit on open files (prlimit(2));
+    /// returns the one it had. A limit at or below the descriptors it holds
+    /// keeps those open and fails every new one with EMFILE.
+    pub fn set_nofile(&self, soft: u64) -> Result<u64> {
+        let pid = libc::pid_t::try_from(self.pid).context("pid out of range")?;
+        nofile(pid, Some(soft)).map(|(old, _)| old)
+    }
+
     /// The daemon's exit status if it has exited (it never should on its own).
     pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
         match self.child.as_mut() {
@@ -134,9 +143,15 @@ pub fn cleanup_pins(socket: &Path, pin_path: &Path) -> Result<String> {
         .arg(pin_path)
         .output()
         .context("running router daemon --cleanup")?;
+    stdout_of("router daemon --cleanup", out)
+}
+
+/// The stdout of a finished command, or an error naming `what`, its exit
+/// status and its stderr when it failed.
+fn stdout_of(what: &str, out: std::process::Output) -> Result<String> {
     if !out.status.success() {
         bail!(
-            "router daemon --cleanup exited {}: {}",
+            "{what} exited {}: {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -144,11 +159,70 @@ pub fn cleanup_pins(socket: &Path, pin_path: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// systemd's default soft limit on open files: what the daemon gets
+/// without `LimitNOFILE=`. Tests about descriptors start it with this.
+pub const SYSTEMD_DEFAULT_NOFILE: u64 = 1024;
+
+/// `(soft, hard)` RLIMIT_NOFILE of process `pid` (0: this one), after
+/// setting the soft one to `soft` if given; the hard one never changes.
+pub fn nofile(pid: libc::pid_t, soft: Option<u64>) -> Result<(u64, u64)> {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit(2) with a valid out-pointer and no new limit only reads.
+    if unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &raw mut old) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading RLIMIT_NOFILE of pid {pid}"));
+    }
+    if let Some(soft) = soft {
+        let new = libc::rlimit {
+            rlim_cur: soft.min(old.rlim_max),
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: as above, with a valid limit to set.
+        if unsafe {
+            libc::prlimit(
+                pid,
+                libc::RLIMIT_NOFILE,
+                &raw const new,
+                std::ptr::null_mut(),
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("setting RLIMIT_NOFILE of pid {pid} to {soft}"));
+        }
+    }
+    Ok((old.rlim_cur, old.rlim_max))
+}
+
 /// Starts `router daemon` in `ns` with its pins on a private bpffs and
 /// waits until its control socket answers.
 pub fn start_daemon(ns: &str, config: &Path, socket: &Path) -> Result<Daemon> {
+    start_daemon_with(ns, config, socket, None)
+}
+
+/// [`start_daemon`] with the daemon's soft limit on open files set to
+/// `nofile` (its hard limit stays this process's), as `LimitNOFILE=` or
+/// systemd's default would set it.
+pub fn start_daemon_with_nofile(
+    ns: &str,
+    config: &Path,
+    socket: &Path,
+    nofile: u64,
+) -> Result<Daemon> {
+    start_daemon_with(ns, config, socket, Some(nofile))
+}
+
+fn start_daemon_with(
+    ns: &str,
+    config: &Path,
+    socket: &Path,
+    nofile: Option<u64>,
+) -> Result<Daemon> {
     let pins = BpfFs::mount()?;
-    let child = start_daemon_pinned(ns, config, socket, &pins.pin_path())?;
+    let child = spawn_daemon(ns, config, socket, &pins.pin_path(), nofile)?;
     Ok(Daemon {
         pid: child.id(),
         child: Some(child),
@@ -166,6 +240,16 @@ pub fn start_daemon_pinned(
     socket: &Path,
     pin_path: &Path,
 ) -> Result<ChildGuard> {
+    spawn_daemon(ns, config, socket, pin_path, None)
+}
+
+fn spawn_daemon(
+    ns: &str,
+    config: &Path,
+    socket: &Path,
+    pin_path: &Path,
+    nofile: Option<u64>,
+) -> Result<ChildGuard> {
     let bin = router_binary()?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns])
@@ -174,7 +258,25 @@ pub fn start_daemon_pinned(
         .arg(config)
         .arg("--pin-path")
         .arg(pin_path)
-        .stdin(std::process::Stdio::null());
+        .stdin(Stdio::null());
+    if let Some(soft) = nofile {
+        let (_, hard) = nofile_of_self()?;
+        let limit = libc::rlimit {
+            rlim_cur: soft.min(hard),
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit(2) is async-signal-safe and touches only the
+        // child; `ip netns exec` then execs the daemon in place, which
+        // keeps the limit.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let mut child = netns::spawn_command(cmd)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -194,6 +296,47 @@ pub fn start_daemon_pinned(
     }
 }
 
+fn nofile_of_self() -> Result<(u64, u64)> {
+    nofile(0, None)
+}
+
+/// Raises this process's soft limit on open files to its hard limit (a test
+/// that holds thousands of connections needs them); returns the new limit.
+pub fn raise_own_nofile() -> Result<u64> {
+    let (_, hard) = nofile_of_self()?;
+    nofile(0, Some(hard))?;
+    Ok(hard)
+}
+
+/// [`cli`] that gives up after `timeout` (killing the CLI): for a daemon
+/// that may not answer at all.
+pub fn cli_within(socket: &Path, args: &[&str], timeout: Duration) -> Result<String> {
+    let child = Command::new(router_binary()?)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running router CLI")?;
+    let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reads both pipes to the end, so a long answer cannot block the CLI.
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let out = match rx.recv_timeout(timeout) {
+        Ok(out) => out?,
+        Err(_) => {
+            // SAFETY: kill(2) on our own child, not reaped until the
+            // thread's wait returns, so the pid cannot have been reused.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = rx.recv();
+            bail!("router {args:?} did not finish within {timeout:?}");
+        }
+    };
+    stdout_of(&format!("router {args:?}"), out)
+}
+
 /// Runs the `router` CLI against a control socket; returns stdout, or an
 /// error with stderr when it exits non-zero.
 pub fn cli(socket: &Path, args: &[&str]) -> Result<String> {
@@ -203,12 +346,5 @@ pub fn cli(socket: &Path, args: &[&str]) -> Result<String> {
         .args(args)
         .output()
         .context("running router CLI")?;
-    if !out.status.success() {
-        bail!(
-            "router {args:?} exited {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(&format!("router {args:?}"), out)
 }

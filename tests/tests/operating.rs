@@ -1,7 +1,9 @@
 //! Operating the router against a real daemon in network namespaces: every
 //! read command's JSON, the Prometheus `/metrics` scrape (parsed as a
-//! scraper would) after known traffic, drain deadlines that end flows, and
-//! API requests that must be refused.
+//! scraper would) after known traffic, drain deadlines that end flows, API
+//! requests that must be refused, and a daemon short of file descriptors
+//! (idle connections piling up on `metrics_listen`, or none left at all)
+//! that keeps serving traffic on its last weights.
 
 use std::{
     collections::BTreeMap,
@@ -14,13 +16,20 @@ use std::{
 
 use openmetrics_parser::{MetricsExposition, OpenMetricsType, OpenMetricsValue};
 use router_tests::{
-    daemon_proc::{Daemon, ScratchDir, cli, one_arm_config, start_daemon},
+    daemon_proc::{
+        Daemon, SYSTEMD_DEFAULT_NOFILE, ScratchDir, cli, cli_within, one_arm_config,
+        raise_own_nofile, start_daemon, start_daemon_with_nofile,
+    },
     netns::{self, ChildGuard, Topology},
 };
 use serde_json::Value;
 
 const VIP: &str = "198.18.100.1:8000";
 const METRICS: &str = "127.0.0.1:9090";
+/// Health checks for [`Rig::guarded`]: a TCP connect every 500 ms, two
+/// failures in a row take a backend out.
+const HEALTH: &str =
+    "health = { tcp = true, interval = \"500ms\", timeout = \"400ms\", fall = 2, rise = 2 }\n";
 
 struct Rig {
     topo: Topology,
@@ -33,6 +42,17 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str) -> Rig {
+        Rig::start(tag, false)
+    }
+
+    /// Health-checked backends, and a daemon with systemd's default soft
+    /// limit on open files (1024): what production ran before the unit set
+    /// `LimitNOFILE=`.
+    fn guarded(tag: &str) -> Rig {
+        Rig::start(tag, true)
+    }
+
+    fn start(tag: &str, guarded: bool) -> Rig {
         let topo = Topology::one_arm(2).unwrap();
         let dir = ScratchDir::new(tag).unwrap();
         let socket = dir.0.join("router.sock");
@@ -43,6 +63,11 @@ impl Rig {
             "weight = 100\ncost_per_hour = 3.6\n",
             1,
         );
+        let text = if guarded {
+            text.replace("weight = 100\n", &format!("weight = 100\n{HEALTH}"))
+        } else {
+            text
+        };
         std::fs::write(&config, text).unwrap();
         let guards = (0..2)
             .map(|i| {
@@ -55,7 +80,12 @@ impl Rig {
                 .unwrap()
             })
             .collect();
-        let daemon = start_daemon(topo.lb_ns(), &config, &socket).unwrap();
+        let daemon = if guarded {
+            start_daemon_with_nofile(topo.lb_ns(), &config, &socket, SYSTEMD_DEFAULT_NOFILE)
+        } else {
+            start_daemon(topo.lb_ns(), &config, &socket)
+        }
+        .unwrap();
         Rig {
             topo,
             dir,
@@ -82,7 +112,40 @@ impl Rig {
     }
 
     fn get(&self, n: usize) -> BTreeMap<String, usize> {
-        netns::answers_per_backend(self.topo.client_ns(), VIP.parse().unwrap(), n).unwrap()
+        self.try_get(n).unwrap()
+    }
+
+    fn try_get(&self, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+        netns::answers_per_backend(self.topo.client_ns(), VIP.parse().unwrap(), n)
+    }
+
+    /// `router backends llama --json`, from a daemon that must answer
+    /// within 5 s.
+    fn backends_within(&self) -> anyhow::Result<Vec<Value>> {
+        let out = cli_within(
+            &self.socket,
+            &["backends", "llama", "--json"],
+            Duration::from_secs(5),
+        )?;
+        let v: Value = serde_json::from_str(&out)?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Both backends healthy at their configured weight.
+    fn all_up(&self) -> anyhow::Result<bool> {
+        let backends = self.backends_within()?;
+        Ok(backends.len() == 2
+            && backends
+                .iter()
+                .all(|b| b["healthy"] == true && b["weight"] == 100))
+    }
+
+    fn wait_all_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.all_up().unwrap() {
+            assert!(Instant::now() < deadline, "backends never came up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn scrape(&self) -> (u16, String) {
@@ -461,4 +524,118 @@ fn every_command_without_a_daemon_prints_one_line() {
         let stderr = err.split_once(": ").unwrap().1;
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {err}");
     }
+}
+
+/// Idle connections opened to `metrics_listen`: about twice the daemon's
+/// limit of 1024 open files.
+const IDLE: usize = 2000;
+
+/// Any local user can connect to `metrics_listen` (127.0.0.1:9090 by
+/// default). Before the servers were bounded, a thousand connections that
+/// sent nothing used up the daemon's 1024 descriptors: its health probes
+/// then failed, every backend went unhealthy and to weight 0, and new flows
+/// were dropped; the control socket stopped answering too. Now connections
+/// over the cap are closed on accept (and counted), so the probes, the
+/// traffic and the API carry on.
+#[test]
+fn idle_connections_to_metrics_listen_leave_traffic_health_and_the_api_alone() {
+    let rig = Rig::guarded("idle");
+    rig.wait_all_up();
+    raise_own_nofile().unwrap();
+    let addr: SocketAddr = METRICS.parse().unwrap();
+    // Connect and send nothing. Bounded: 30 s, or ten connects in a row
+    // that get no answer (a full accept queue).
+    let held: Vec<TcpStream> = netns::in_netns(rig.topo.lb_ns(), move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut held, mut unanswered) = (Vec::with_capacity(IDLE), 0);
+        while held.len() < IDLE && unanswered < 10 && Instant::now() < deadline {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                Ok(s) => {
+                    held.push(s);
+                    unanswered = 0;
+                }
+                Err(_) => unanswered += 1,
+            }
+        }
+        held
+    })
+    .unwrap();
+    let opened = held.len();
+    // A daemon that stopped accepting leaves later connects unanswered: the
+    // count is checked after what matters.
+    eprintln!("holding {opened} idle connections to {METRICS}");
+
+    // Several times `fall` probe intervals while they are held.
+    for round in 0..4 {
+        match rig.try_get(10) {
+            Ok(split) => assert_eq!(split.values().sum::<usize>(), 10, "{split:?}"),
+            Err(e) => {
+                panic!("round {round}: the VIP failed with {opened} idle connections held: {e:#}")
+            }
+        }
+        if let Err(e) = cli_within(&rig.socket, &["status", "--json"], Duration::from_secs(5)) {
+            panic!(
+                "round {round}: `router status` failed with {opened} idle connections held: {e:#}"
+            );
+        }
+        let backends = rig.backends_within().unwrap();
+        for b in &backends {
+            assert_eq!(
+                (&b["healthy"], &b["weight"]),
+                (&Value::Bool(true), &Value::from(100)),
+                "round {round}: {b}"
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    drop(held);
+    assert!(opened >= IDLE * 3 / 4, "only {opened} connections opened");
+
+    let (code, text) = rig.scrape();
+    assert_eq!(code, 200, "{text}");
+    let m = openmetrics_parser::openmetrics::parse_openmetrics(&text)
+        .unwrap_or_else(|e| panic!("unparsable /metrics: {e:?}\n{text}"));
+    let refused = sum(&m, "router_metrics_connections_refused", &[]);
+    assert!(
+        refused >= (opened / 2) as f64,
+        "{refused} of {opened} idle connections refused"
+    );
+    assert_eq!(sum(&m, "router_control_connections_refused", &[]), 0.0);
+    assert_eq!(
+        sum(&m, "router_health_probe_local_errors", &[]),
+        0.0,
+        "the probes always had descriptors"
+    );
+    assert_eq!(sum(&m, "router_backend_healthy", &[]), 2.0);
+}
+
+/// The fail-open rule, on the real daemon: with no descriptor left to open
+/// (its soft limit lowered to the three it has below it), every probe fails
+/// on EMFILE. That is the daemon's failure, not the backends': they keep
+/// their health and weights, and traffic keeps flowing through the
+/// datapath. Before the rule, two failed probes took both backends out.
+#[test]
+fn probes_failing_for_want_of_descriptors_keep_the_weights() {
+    let rig = Rig::guarded("nofds");
+    rig.wait_all_up();
+    let daemon = rig.daemon.as_ref().unwrap();
+    let old = daemon.set_nofile(3).unwrap();
+    // Six probes of each backend, three times `fall`.
+    std::thread::sleep(Duration::from_secs(3));
+    let served = rig.try_get(20);
+    // Descriptors back before any assertion, so the rig can stop cleanly.
+    daemon.set_nofile(old).unwrap();
+    let split = served
+        .unwrap_or_else(|e| panic!("the VIP failed while the daemon had no descriptors: {e:#}"));
+    assert_eq!(split.values().sum::<usize>(), 20, "{split:?}");
+    assert_eq!(split.len(), 2, "both backends kept their weight: {split:?}");
+
+    assert!(rig.all_up().unwrap(), "{:?}", rig.backends_within());
+    let status = rig.json(&["status", "--json"]);
+    let local = status["health_local_errors"].as_u64().unwrap_or(0);
+    assert!(local >= 4, "{local} local probe failures counted: {status}");
+    let (code, text) = rig.scrape();
+    assert_eq!(code, 200, "{text}");
+    let m = openmetrics_parser::openmetrics::parse_openmetrics(&text).unwrap();
+    assert!(sum(&m, "router_health_probe_local_errors", &[]) >= local as f64);
 }

@@ -233,6 +233,23 @@ fn daemon_unit_keeps_what_xdp_and_bpffs_need() {
         filter.is_empty() || filter.contains("bpf") || filter.contains("@privileged"),
         "SystemCallFilter= blocks bpf(): {filter:?}"
     );
+
+    // Descriptors: the servers' caps and three sockets for each of
+    // thousands of backends fit, where systemd's default 1024 would not.
+    let servers = router::control::LIMITS.max_connections + router::metrics::LIMITS.max_connections;
+    let nofile = nofile_limit(&u);
+    assert!(
+        nofile >= servers + 3 * 10_000,
+        "LimitNOFILE={nofile} leaves too little beside {servers} server connections"
+    );
+}
+
+/// `LimitNOFILE=`: one number, soft and hard alike.
+#[track_caller]
+fn nofile_limit(u: &Unit) -> usize {
+    let v = u.one("Service", "LimitNOFILE");
+    v.parse()
+        .unwrap_or_else(|_| panic!("{}: LimitNOFILE={v} is not one number", u.name))
 }
 
 /// The `--listen` port of the agent unit, checked against the URLs of
@@ -262,6 +279,11 @@ fn agent_unit_is_unprivileged_and_matches_the_agents_example() {
     assert_eq!(token_source, "/etc/router/agent.token");
 
     assert!(u.is_yes("DynamicUser"), "the agent runs as a dynamic user");
+    let nofile = nofile_limit(&u);
+    assert!(
+        nofile >= router::agent::LIMITS.max_connections + 1024,
+        "LimitNOFILE={nofile} is too close to the agent's connection cap"
+    );
     assert_eq!(u.values("Service", "CapabilityBoundingSet"), [""]);
     // A private /dev has no /dev/nvidia*: NVML would find no GPU.
     assert!(!u.is_yes("PrivateDevices"));
@@ -451,6 +473,21 @@ const FAMILIES: &[(&str, Kind, &[&str])] = &[
         GLOBAL,
     ),
     ("router_fallback_connections_total", Kind::Counter, GLOBAL),
+    (
+        "router_health_probe_local_errors_total",
+        Kind::Counter,
+        GLOBAL,
+    ),
+    (
+        "router_metrics_connections_refused_total",
+        Kind::Counter,
+        GLOBAL,
+    ),
+    (
+        "router_control_connections_refused_total",
+        Kind::Counter,
+        GLOBAL,
+    ),
     ("router_backend_active_connections", Kind::Gauge, BACKEND),
     ("router_backend_in_flight", Kind::Gauge, BACKEND),
     ("router_backend_max_in_flight", Kind::Gauge, BACKEND),

@@ -11,6 +11,18 @@ use tokio::net::TcpStream;
 
 use super::TelemetryError;
 
+/// Whether a failed connect is this host's doing rather than the peer's:
+/// the process or system is out of file descriptors (`EMFILE`, `ENFILE`),
+/// socket buffers or memory (`ENOBUFS`, `ENOMEM`), or local ports
+/// (`EADDRNOTAVAIL`). A refused, reset, unreachable or timed-out connect is
+/// the peer's (or the network's) and is not local.
+pub fn is_local_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
 /// GETs `url` (http only) with optional bearer token; the whole exchange,
 /// connect to last body byte, must finish within `timeout`.
 pub async fn get(
@@ -42,9 +54,13 @@ async fn get_inner(
         .host()
         .ok_or_else(|| TelemetryError::Unreachable(format!("{url}: no host")))?;
     let port = uri.port_u16().unwrap_or(80);
-    let stream = TcpStream::connect((host, port))
-        .await
-        .map_err(|e| TelemetryError::Unreachable(format!("{url}: {e}")))?;
+    let stream = TcpStream::connect((host, port)).await.map_err(|e| {
+        if is_local_error(&e) {
+            TelemetryError::Local(format!("{url}: {e}"))
+        } else {
+            TelemetryError::Unreachable(format!("{url}: {e}"))
+        }
+    })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| TelemetryError::Unreachable(format!("{url}: {e}")))?;
@@ -173,11 +189,19 @@ impl PooledClient {
             let req = hyper::Request::get(uri)
                 .body(Empty::<Bytes>::new())
                 .map_err(|e| TelemetryError::Unreachable(format!("{url}: {e}")))?;
-            let resp = self
-                .0
-                .request(req)
-                .await
-                .map_err(|e| TelemetryError::Unreachable(format!("{url}: {e}")))?;
+            let resp = self.0.request(req).await.map_err(|e| {
+                // The connect error, if that is what failed, is in the chain.
+                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+                while let Some(c) = cause {
+                    if c.downcast_ref::<std::io::Error>()
+                        .is_some_and(is_local_error)
+                    {
+                        return TelemetryError::Local(format!("{url}: {c}"));
+                    }
+                    cause = c.source();
+                }
+                TelemetryError::Unreachable(format!("{url}: {e}"))
+            })?;
             read_body(url, resp, max_body).await
         };
         match tokio::time::timeout(timeout, exchange).await {
@@ -229,6 +253,30 @@ mod tests {
             get(url, Some("t"), t, 1024).await.unwrap_err(),
             PooledClient::default().get(url, t, 1024).await.unwrap_err(),
         ]
+    }
+
+    #[test]
+    fn local_errors_are_the_hosts_shortages_only() {
+        use std::io::{Error, ErrorKind};
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
+            assert!(is_local_error(&Error::from_raw_os_error(errno)), "{errno}");
+        }
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::ECONNRESET,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+        ] {
+            assert!(!is_local_error(&Error::from_raw_os_error(errno)), "{errno}");
+        }
+        assert!(!is_local_error(&Error::from(ErrorKind::TimedOut)));
     }
 
     #[tokio::test]

@@ -59,6 +59,10 @@ pub enum TelemetryError {
     Timeout(std::time::Duration),
     #[error("unreachable: {0}")]
     Unreachable(String),
+    /// The daemon could not even try: no socket or local port to be had
+    /// (see [`http_client::is_local_error`]). Says nothing of the endpoint.
+    #[error("local error: {0}")]
+    Local(String),
     /// `detail` is the endpoint's own `{"error": "..."}` message, if it
     /// sent one: an agent names the GPU and the NVML error there.
     #[error("HTTP {status} from {url}{}", detail_suffix(.detail))]

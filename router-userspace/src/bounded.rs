@@ -1,0 +1,338 @@
+//! HTTP/1 serving with bounds, for every server the router runs: the
+//! daemon's `/metrics` endpoint and control socket, and `router agent`.
+//! A client can hold at most one of [`Limits::max_connections`] slots, and
+//! only for a bounded time: its request head must arrive within
+//! [`Limits::header_timeout`] (which is also how long an idle kept-alive
+//! connection may wait for its next request), a handler gets
+//! [`Limits::request_timeout`], and a connection is closed after
+//! [`Limits::connection_timeout`] however busy. A connection over the cap
+//! is closed as soon as it is accepted and counted in [`ServerStats`], so
+//! idle clients cannot exhaust the process's file descriptors (which the
+//! daemon's health probes and telemetry polls need).
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    extract::{Request, State},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinSet,
+};
+use tracing::warn;
+
+/// The bounds of one server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// A request head must arrive within this of the connection opening or
+    /// of the previous response (slow-loris and idle keep-alive guard).
+    pub header_timeout: Duration,
+    /// Longest a handler may take; the client then gets a 503.
+    pub request_timeout: Duration,
+    /// Longest a connection lives, keep-alive included; a request in flight
+    /// then gets `request_timeout` more to finish.
+    pub connection_timeout: Duration,
+    /// Request head limit; hyper's floor is 8 KiB.
+    pub max_header_bytes: usize,
+}
+
+/// What a server counts, shared with whoever reports it (`/metrics`).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    refused: AtomicU64,
+}
+
+impl ServerStats {
+    /// Connections closed on accept because `max_connections` were open.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// A listening socket the bounded server accepts from.
+pub trait Listener: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        tokio::net::TcpListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        tokio::net::UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+/// How often a repeated warning (refusals, accept errors) reaches the log.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (EMFILE and friends) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Counts occurrences of one condition and says when to log them: the
+/// first at once, then at most one line per [`WARN_EVERY`] with the count.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    unreported: u64,
+}
+
+impl Throttle {
+    /// Notes one occurrence; `Some(n)` when a line is due, `n` occurrences
+    /// since the last one.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        self.unreported += 1;
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < WARN_EVERY)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unreported))
+    }
+}
+
+/// Serves `app` on `listener` within `limits` until `shutdown` completes;
+/// open connections are then dropped. `name` labels the log lines.
+pub async fn serve<L: Listener>(
+    name: &'static str,
+    listener: L,
+    app: Router,
+    limits: Limits,
+    stats: Arc<ServerStats>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let app = app.layer(middleware::from_fn_with_state(
+        limits.request_timeout,
+        time_limit,
+    ));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut conns = JoinSet::new();
+    let (mut refusals, mut failures) = (Throttle::default(), Throttle::default());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let io = match accepted {
+                    Ok(io) => io,
+                    Err(e) => {
+                        if let Some(n) = failures.note(Instant::now()) {
+                            warn!("{name}: accept failed {n} times, last: {e}");
+                        }
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    drop(io);
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                    if let Some(n) = refusals.note(Instant::now()) {
+                        warn!(
+                            "{name}: {} connections open, closing new ones on accept \
+                             ({n} since the last such line)",
+                            limits.max_connections
+                        );
+                    }
+                    continue;
+                };
+                conns.spawn(connection(io, app.clone(), limits, slot));
+            }
+        }
+    }
+    conns.shutdown().await;
+}
+
+/// One connection, holding its slot until it ends.
+async fn connection<I>(io: I, app: Router, limits: Limits, _slot: OwnedSemaphorePermit)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    // Errors are the client's (reset, bad request, header timeout): there
+    // is nothing to do but close.
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = tokio::time::sleep(limits.connection_timeout) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(limits.request_timeout, conn).await;
+}
+
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no answer within {limit:?}"),
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::routing::get;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_connections: 2,
+        header_timeout: Duration::from_millis(300),
+        request_timeout: Duration::from_millis(300),
+        connection_timeout: Duration::from_secs(2),
+        max_header_bytes: 8 << 10,
+    };
+
+    async fn start(limits: Limits) -> (std::net::SocketAddr, Arc<ServerStats>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(ServerStats::default());
+        let app = Router::new().route("/", get(|| async { "ok" })).route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "late"
+            }),
+        );
+        tokio::spawn(serve(
+            "test",
+            listener,
+            app,
+            limits,
+            Arc::clone(&stats),
+            std::future::pending(),
+        ));
+        (addr, stats)
+    }
+
+    /// Everything the server sends until it closes (or `wait` passes).
+    async fn read_all(s: &mut TcpStream, wait: Duration) -> Option<String> {
+        let mut out = Vec::new();
+        tokio::time::timeout(wait, s.read_to_end(&mut out))
+            .await
+            .ok()?
+            .ok()?;
+        Some(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    async fn request(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        read_all(&mut s, Duration::from_secs(5)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_and_counted() {
+        let (addr, stats) = start(LIMITS).await;
+        let mut idle = Vec::new();
+        for _ in 0..LIMITS.max_connections {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server accept both before the third arrives.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(
+            read_all(&mut third, Duration::from_millis(200)).await,
+            Some(String::new()),
+            "closed at once, unanswered"
+        );
+        assert_eq!(stats.refused(), 1);
+        // The idle ones time out on their missing request head; slots free up.
+        for mut s in idle {
+            let got = read_all(&mut s, Duration::from_secs(2)).await;
+            assert!(got.is_some(), "an idle connection was kept");
+        }
+        assert!(request(addr, "/").await.ends_with("ok"));
+        assert_eq!(stats.refused(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_slow_handler_gets_a_503() {
+        let (addr, _) = start(LIMITS).await;
+        let started = Instant::now();
+        let reply = request(addr, "/slow").await;
+        assert!(reply.starts_with("HTTP/1.0 503"), "{reply}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_connection_ends_after_its_lifetime_even_when_busy() {
+        let limits = Limits {
+            connection_timeout: Duration::from_millis(500),
+            header_timeout: Duration::from_secs(5),
+            ..LIMITS
+        };
+        let (addr, _) = start(limits).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        // Keep-alive requests, one every 100 ms, each answered, until the
+        // server closes the connection.
+        let mut answered = 0;
+        loop {
+            let sent = s
+                .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                .await
+                .is_ok();
+            let mut buf = [0u8; 1024];
+            match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 && sent => answered += 1,
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(answered >= 2, "{answered}");
+        let lived = started.elapsed();
+        assert!(
+            lived >= Duration::from_millis(400) && lived < Duration::from_secs(2),
+            "{lived:?}"
+        );
+    }
+
+    #[test]
+    fn throttle_reports_the_first_then_once_per_period() {
+        let mut t = Throttle::default();
+        let t0 = Instant::now();
+        assert_eq!(t.note(t0), Some(1));
+        assert_eq!(t.note(t0 + Duration::from_secs(1)), None);
+        assert_eq!(t.note(t0 + Duration::from_secs(2)), None);
+        assert_eq!(t.note(t0 + WARN_EVERY), Some(3));
+        assert_eq!(t.note(t0 + WARN_EVERY * 3), Some(1));
+    }
+}
