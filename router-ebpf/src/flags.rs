@@ -20,7 +20,10 @@ use router_common::ConnEntry;
 
 const FLAGS_AT: usize = offset_of!(ConnEntry, flags);
 const _: () = {
-    assert!(FLAGS_AT.is_multiple_of(8), "the flags word must be 8-aligned");
+    assert!(
+        FLAGS_AT.is_multiple_of(8),
+        "the flags word must be 8-aligned"
+    );
     assert!(offset_of!(ConnEntry, stamp_us) == FLAGS_AT + 4);
     assert!(
         cfg!(target_endian = "little"),
