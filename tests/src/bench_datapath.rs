@@ -283,7 +283,7 @@ struct SynCase {
     scan_limit: usize,
 }
 
-const SYN_CASES: [SynCase; 6] = [
+const SYN_CASES: [SynCase; 8] = [
     SynCase {
         key: "syn",
         path: "SYN new flow (Maglev, 3 backends)",
@@ -296,14 +296,21 @@ const SYN_CASES: [SynCase; 6] = [
         path: "SYN, least-loaded scan, 4 backends",
         backends: 4,
         least_loaded: true,
-        scan_limit: SCAN_LIMIT,
+        scan_limit: 64,
+    },
+    SynCase {
+        key: "syn_ll_8",
+        path: "SYN, least-loaded scan, 8 backends",
+        backends: 8,
+        least_loaded: true,
+        scan_limit: 64,
     },
     SynCase {
         key: "syn_ll_16",
         path: "SYN, least-loaded scan, 16 backends",
         backends: 16,
         least_loaded: true,
-        scan_limit: SCAN_LIMIT,
+        scan_limit: 64,
     },
     SynCase {
         key: "syn_ll_32",
@@ -311,6 +318,13 @@ const SYN_CASES: [SynCase; 6] = [
         backends: 32,
         least_loaded: true,
         scan_limit: 64,
+    },
+    SynCase {
+        key: "syn_p2c_16",
+        path: "SYN, least-loaded two choices, 16 backends",
+        backends: 16,
+        least_loaded: true,
+        scan_limit: 0,
     },
     SynCase {
         key: "syn_p2c_32",

@@ -38,8 +38,11 @@ impl ServiceState {
 
 /// Largest least-loaded service that is scanned in full on every new
 /// flow; larger ones compare two choices drawn from the Maglev table. Set
-/// from the datapath benchmark's SYN cost by member count (bench/datapath.md).
-pub const SCAN_LIMIT: usize = 32;
+/// from the datapath benchmark's SYN cost by member count
+/// (bench/datapath.md): a scan costs about 17 ns per member, two choices
+/// about 65 ns in all, so past eight members two choices is cheaper; up to
+/// eight the scan's exact minimum costs no more than the SYN path's noise.
+pub const SCAN_LIMIT: usize = 8;
 const _: () = assert!(SCAN_LIMIT <= MAX_SCAN_MEMBERS as usize);
 
 /// The scan list of a service: its backends that take new flows, with
