@@ -153,8 +153,15 @@ in the JSON for reference only.
 neither VIP nor SNAT address, and whose address pre-filter bucket is empty); \
 established forward (an ACK of a flow created by one SYN: connection-table hit with \
 cached next hop); SYN new flow (each timed call a new client port: connection-table \
-miss, Maglev pick, SNAT claim, two inserts, FIB lookup; the datapath is loaded afresh \
-for every run so the table never fills and SNAT ports never collide); reply \
+miss, the pick, SNAT claim, two inserts, FIB lookup; the datapath is loaded afresh \
+for every run with a half-open table sized for every SYN of the run on each CPU's \
+share, and after the run the benchmark checks that the table holds every flow, so \
+no timed SYN evicts one and SNAT ports never collide). SYN rows by pick: Maglev \
+(3 backends), least-loaded scanning 4, 8, 16 and 32 backends, least-loaded two \
+choices from the Maglev table with 16, 32 and 64 backends; every backend has a \
+resolved neighbour, so every SYN takes the same XDP_TX path. The least-loaded \
+rows check that the flows spread (scan: no backend more than one flow above \
+another); reply \
 (backend → SNAT address:port of the established flow: reply-entry hit).
 - Each path's timed calls are preceded by untimed warm-up calls, and after each timed \
 batch the per-reason counters are checked: every call must have taken the intended \
