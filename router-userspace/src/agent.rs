@@ -39,7 +39,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The agent's server bounds (see [`bounded`]): a poll is one short GET, so
 /// a client never needs a connection for long, and 256 connections serve
-/// many more router daemons than poll one GPU host.
+/// many more router daemons than poll one GPU host. A daemon polls each GPU
+/// of the host on its own connection, so 16 a peer covers a host of 8 GPUs
+/// twice over, and 16 peers are still served while one holds its limit.
 pub const LIMITS: bounded::Limits = bounded::Limits {
     max_connections: 256,
     header_timeout: Duration::from_secs(5),
@@ -47,6 +49,7 @@ pub const LIMITS: bounded::Limits = bounded::Limits {
     request_timeout: Duration::from_secs(10),
     connection_timeout: Duration::from_secs(30),
     max_header_bytes: 16 << 10,
+    max_per_peer: Some(16),
 };
 /// GETs carry no body; this only caps a handler that ever reads one.
 const MAX_BODY_BYTES: usize = 1 << 10;

@@ -8,12 +8,17 @@
 //! [`Limits::connection_timeout`] however busy. A connection over the cap
 //! is closed as soon as it is accepted and counted in [`ServerStats`], so
 //! idle clients cannot exhaust the process's file descriptors (which the
-//! daemon's health probes and telemetry polls need).
+//! daemon's health probes and telemetry polls need). Where
+//! [`Limits::max_per_peer`] is set, one peer address may hold at most that
+//! many slots, so a single host cannot take every slot from the others
+//! before it has even sent a token.
 
 use std::{
+    collections::HashMap,
     future::Future,
+    net::IpAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -52,12 +57,17 @@ pub struct Limits {
     pub connection_timeout: Duration,
     /// Request head limit; hyper's floor is 8 KiB.
     pub max_header_bytes: usize,
+    /// Connections one peer address may hold at once; `None`: no per-peer
+    /// limit (a Unix socket, or a listener only local users reach, where
+    /// every client shares one address anyway).
+    pub max_per_peer: Option<usize>,
 }
 
 /// What a server counts, shared with whoever reports it (`/metrics`).
 #[derive(Debug, Default)]
 pub struct ServerStats {
     refused: AtomicU64,
+    refused_per_peer: AtomicU64,
 }
 
 impl ServerStats {
@@ -65,25 +75,75 @@ impl ServerStats {
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
+
+    /// Connections closed on accept because their peer already held
+    /// `max_per_peer`.
+    pub fn refused_per_peer(&self) -> u64 {
+        self.refused_per_peer.load(Ordering::Relaxed)
+    }
 }
 
 /// A listening socket the bounded server accepts from.
 pub trait Listener: Send + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+    /// A connection and its peer's address, where it has one.
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Io, Option<IpAddr>)>> + Send;
 }
 
 impl Listener for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
-    async fn accept(&self) -> std::io::Result<Self::Io> {
-        tokio::net::TcpListener::accept(self).await.map(|(s, _)| s)
+    async fn accept(&self) -> std::io::Result<(Self::Io, Option<IpAddr>)> {
+        // An IPv4 peer on a dual-stack socket counts as its IPv4 address.
+        tokio::net::TcpListener::accept(self)
+            .await
+            .map(|(s, peer)| (s, Some(peer.ip().to_canonical())))
     }
 }
 
 impl Listener for tokio::net::UnixListener {
     type Io = tokio::net::UnixStream;
-    async fn accept(&self) -> std::io::Result<Self::Io> {
-        tokio::net::UnixListener::accept(self).await.map(|(s, _)| s)
+    async fn accept(&self) -> std::io::Result<(Self::Io, Option<IpAddr>)> {
+        tokio::net::UnixListener::accept(self)
+            .await
+            .map(|(s, _)| (s, None))
+    }
+}
+
+/// Connections held per peer address; an entry goes when its count does.
+#[derive(Clone, Default)]
+struct Peers(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One peer's claim on a connection, given back on drop.
+struct PeerSlot {
+    peers: Peers,
+    peer: IpAddr,
+}
+
+impl Peers {
+    /// A slot for `peer` unless it already holds `max`.
+    fn claim(&self, peer: IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(peer).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut held = self.peers.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -131,16 +191,18 @@ pub async fn serve<L: Listener>(
         time_limit,
     ));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let peers = Peers::default();
     let mut conns = JoinSet::new();
     let (mut refusals, mut failures) = (Throttle::default(), Throttle::default());
+    let mut peer_refusals = Throttle::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
-                let io = match accepted {
-                    Ok(io) => io,
+                let (io, peer) = match accepted {
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         if let Some(n) = failures.note(Instant::now()) {
                             warn!("{name}: accept failed {n} times, last: {e}");
@@ -161,16 +223,37 @@ pub async fn serve<L: Listener>(
                     }
                     continue;
                 };
-                conns.spawn(connection(io, app.clone(), limits, slot));
+                let peer_slot = match (peer, limits.max_per_peer) {
+                    (Some(peer), Some(max)) => match peers.claim(peer, max) {
+                        Some(claim) => Some(claim),
+                        None => {
+                            drop(io);
+                            stats.refused_per_peer.fetch_add(1, Ordering::Relaxed);
+                            if let Some(n) = peer_refusals.note(Instant::now()) {
+                                warn!(
+                                    "{name}: {peer} holds {max} connections, closing its new \
+                                     ones on accept ({n} since the last such line)"
+                                );
+                            }
+                            continue;
+                        }
+                    },
+                    _ => None,
+                };
+                conns.spawn(connection(io, app.clone(), limits, (slot, peer_slot)));
             }
         }
     }
     conns.shutdown().await;
 }
 
-/// One connection, holding its slot until it ends.
-async fn connection<I>(io: I, app: Router, limits: Limits, _slot: OwnedSemaphorePermit)
-where
+/// One connection, holding its slots until it ends.
+async fn connection<I>(
+    io: I,
+    app: Router,
+    limits: Limits,
+    _slots: (OwnedSemaphorePermit, Option<PeerSlot>),
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = hyper::server::conn::http1::Builder::new()
@@ -216,6 +299,7 @@ mod tests {
         request_timeout: Duration::from_millis(300),
         connection_timeout: Duration::from_secs(2),
         max_header_bytes: 8 << 10,
+        max_per_peer: None,
     };
 
     async fn start(limits: Limits) -> (std::net::SocketAddr, Arc<ServerStats>) {
@@ -281,6 +365,45 @@ mod tests {
         }
         assert!(request(addr, "/").await.ends_with("ok"));
         assert_eq!(stats.refused(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_peer_cannot_hold_every_slot() {
+        let limits = Limits {
+            max_connections: 4,
+            max_per_peer: Some(2),
+            header_timeout: Duration::from_secs(5),
+            ..LIMITS
+        };
+        let (addr, stats) = start(limits).await;
+        // The server listens on 127.0.0.1; 127.0.0.2 is another peer on lo.
+        let other = || async {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            s.connect(addr).await.unwrap()
+        };
+        let mut hog = Vec::new();
+        for _ in 0..2 {
+            hog.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(
+            read_all(&mut third, Duration::from_millis(500)).await,
+            Some(String::new()),
+            "the hog's third connection is closed unanswered"
+        );
+        assert_eq!((stats.refused_per_peer(), stats.refused()), (1, 0));
+        // Another peer still gets served while the hog holds its two.
+        let mut s = other().await;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let reply = read_all(&mut s, Duration::from_secs(2)).await.unwrap();
+        assert!(reply.ends_with("ok"), "{reply}");
+        // Its slots come back when the hog lets go.
+        drop(hog);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(request(addr, "/").await.ends_with("ok"));
+        assert_eq!(stats.refused_per_peer(), 1);
     }
 
     #[tokio::test]

@@ -37,6 +37,7 @@ pub const LIMITS: bounded::Limits = bounded::Limits {
     request_timeout: Duration::from_secs(30),
     connection_timeout: Duration::from_secs(60),
     max_header_bytes: 16 << 10,
+    max_per_peer: None,
 };
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -72,6 +72,9 @@ pub struct BackendPolicyStatus {
     pub weight: u32,
     pub mode: String,
     pub reason: String,
+    /// `reason` without its figures (`Reason::label`), for metric labels.
+    #[serde(default)]
+    pub reason_label: String,
     pub load: Option<f64>,
     pub saturated: bool,
     pub stale: bool,
@@ -641,6 +644,7 @@ impl Controller {
                     reason: d
                         .map(|d| d.reason.to_string())
                         .unwrap_or_else(|| "starting".into()),
+                    reason_label: d.map_or("starting", |d| d.reason.label()).into(),
                     load: d.and_then(|d| d.load),
                     saturated: d.is_some_and(|d| d.saturated),
                     stale: d.is_some_and(|d| d.stale),

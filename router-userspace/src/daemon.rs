@@ -8,6 +8,7 @@
 
 mod overrides_file;
 mod privileges;
+pub(crate) mod state_file;
 
 use std::{
     collections::BTreeSet,
@@ -31,7 +32,7 @@ use crate::{
     datapath::{AdoptedRoute, ConnScan, ConnTable, Datapath, LoadOptions, PinDir},
     fib_watch,
     health::ProbeFailure,
-    host, metrics,
+    host, host_settings, metrics,
     policy::Measured,
     telemetry::{Reading, TelemetryError},
     views::{self, BackendView, RateWindow, ServiceView},
@@ -70,6 +71,38 @@ pub fn load_for_host(path: &Path) -> Result<Config> {
             .into());
     }
     Ok(cfg)
+}
+
+/// What the daemon would arrange on this host at start, one line each:
+/// interface settings it sets and a BPF filesystem it mounts. `Err` names
+/// a prerequisite it cannot arrange.
+pub fn host_plan(cfg: &Config, pin_path: &Path) -> Result<Vec<String>> {
+    use crate::datapath::pinning::{BpffsPlan, bpffs_plan};
+    let mut lines = Vec::new();
+    for iface in &cfg.daemon.interfaces {
+        let changes = host_settings::needed(iface)
+            .with_context(|| format!("reading the settings of {iface}"))?;
+        lines.extend(
+            changes
+                .iter()
+                .map(|c| format!("the daemon sets {}", c.describe())),
+        );
+    }
+    match bpffs_plan(pin_path)? {
+        BpffsPlan::Present => {}
+        BpffsPlan::Mount(at) => lines.push(format!(
+            "no BPF filesystem holds {}: the daemon mounts one at {}",
+            pin_path.display(),
+            at.display()
+        )),
+        BpffsPlan::Missing => anyhow::bail!(
+            "pin_path {}: not on a BPF filesystem, and its parent is not an empty directory the \
+             daemon could mount one on: mount one first (mount -t bpf bpf /sys/fs/bpf) or choose \
+             a pin_path under one",
+            pin_path.display()
+        ),
+    }
+    Ok(lines)
 }
 
 pub struct DaemonState {
@@ -443,6 +476,35 @@ fn routed_by_name(cfg: &Config, routes: &[AdoptedRoute]) -> BTreeSet<(String, St
     names
 }
 
+/// Sets what the datapath needs on `iface` (see `host_settings`), logging
+/// each change. A setting that cannot be read or written is logged with
+/// what to set by hand, and the daemon goes on: forwarding still works for
+/// every flow whose neighbour is resolved.
+fn arrange_interface(iface: &str, record: &Path) {
+    let changes = match host_settings::needed(iface) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("{iface}: cannot read the settings NAT mode needs: {e}");
+            return;
+        }
+    };
+    match host_settings::apply(record, &changes) {
+        Ok(()) => {
+            for c in &changes {
+                info!("{iface}: set {} (restored by --cleanup)", c.describe());
+            }
+        }
+        Err(e) => {
+            for c in &changes {
+                warn!(
+                    "{iface}: could not set {}: {e:#}; set it by hand",
+                    c.describe()
+                );
+            }
+        }
+    }
+}
+
 /// Runs the daemon. Everything privileged (binding, loading, adopting,
 /// attaching, pinning) happens on this thread before any other thread
 /// exists; then capabilities are dropped for the whole process and only
@@ -460,6 +522,23 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
             .unwrap_or_else(|| cfg.daemon.pin_path.clone()),
     );
 
+    if let Some(m) = crate::datapath::pinning::mount_bpffs_if_missing(pins.root())
+        .context("preparing the BPF filesystem for pin_path")?
+    {
+        info!(
+            "no BPF filesystem held {}: mounted one at {}",
+            pins.root().display(),
+            m.at.display()
+        );
+        if m.private_namespace {
+            warn!(
+                "{} is mounted in this process's own mount namespace (ip netns exec makes one): \
+                 the datapath goes when the daemon exits, so restarts are not hitless; mount a \
+                 BPF filesystem in the host's namespace for that",
+                m.at.display()
+            );
+        }
+    }
     let (mut dp, adopted) =
         Datapath::open_pinned(load_options(&cfg), &pins).with_context(|| {
             format!(
@@ -511,15 +590,9 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
         None
     };
 
+    let host_record = host_settings::record_path(&cfg.daemon.control_socket);
     for iface in &cfg.daemon.interfaces {
-        match host::forwarding_enabled(iface) {
-            Ok(true) => {}
-            Ok(false) => warn!(
-                "net.ipv4.conf.{iface}.forwarding is 0: bpf_fib_lookup will refuse every next hop \
-                 and all traffic will be passed to the stack (counter pass_fib_failed)"
-            ),
-            Err(e) => warn!("cannot read forwarding setting of {iface}: {e}"),
-        }
+        arrange_interface(iface, &host_record);
         let took_over = dp
             .attach(iface, aya_mode(cfg.daemon.xdp_mode))
             .with_context(|| format!("attaching XDP to {iface}"))?;
@@ -675,21 +748,31 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
             socket.display()
         );
     }
-    // Overrides belong to the datapath they steered.
+    let pins = PinDir::new(pin_path);
+    let removed = crate::datapath::pinning::remove_all(&pins)
+        .with_context(|| format!("removing the datapath pinned under {}", pin_path.display()))?;
+    // Overrides belong to the datapath they steered, and the interface
+    // settings were made for it: both go once it has gone, not before.
     let saved = overrides_file::path_for(socket);
     if let Err(e) = std::fs::remove_file(&saved)
         && e.kind() != std::io::ErrorKind::NotFound
     {
         warn!("removing {}: {e}", saved.display());
     }
-    let pins = PinDir::new(pin_path);
-    let removed = crate::datapath::pinning::remove_all(&pins)
-        .with_context(|| format!("removing the datapath pinned under {}", pin_path.display()))?;
+    let mut restored = host_settings::restore(&host_settings::record_path(socket))
+        .context("restoring interface settings")?
+        .join("\n");
+    if !restored.is_empty() {
+        restored.insert(0, '\n');
+    }
     if removed.links.is_empty() && !removed.program && removed.maps.is_empty() {
-        return Ok(format!("nothing pinned under {}", pin_path.display()));
+        return Ok(format!(
+            "nothing pinned under {}{restored}",
+            pin_path.display()
+        ));
     }
     Ok(format!(
-        "removed {}: detached from {}, program {}, {} maps",
+        "removed {}: detached from {}, program {}, {} maps{restored}",
         pin_path.display(),
         if removed.links.is_empty() {
             "no interface".to_string()

@@ -1,5 +1,6 @@
-//! Facts about the host the daemon runs on: interface addresses, the
-//! kernel's own ephemeral port range, and forwarding settings.
+//! Facts about the host the daemon runs on: interface addresses and the
+//! kernel's own ephemeral port range. The settings the daemon changes are
+//! in `host_settings`.
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
@@ -25,11 +26,4 @@ pub fn ephemeral_port_range() -> std::io::Result<(u16, u16)> {
             "unexpected ip_local_port_range {text:?}"
         ))),
     }
-}
-
-/// Whether IPv4 forwarding is on for `iface`; `bpf_fib_lookup` refuses to
-/// resolve next hops (BPF_FIB_LKUP_RET_FWD_DISABLED) when it is off.
-pub fn forwarding_enabled(iface: &str) -> std::io::Result<bool> {
-    let v = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"))?;
-    Ok(v.trim() == "1")
 }

@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod fib_watch;
 pub mod health;
 pub mod host;
+pub mod host_settings;
 pub mod maglev;
 pub mod metrics;
 pub mod policy;

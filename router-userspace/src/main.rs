@@ -367,6 +367,8 @@ fn run(cli: Cli) -> Result<()> {
                 command: ConfigCommand::Check { file, json },
             } => {
                 let cfg = daemon::load_for_host(&file)?;
+                let host = daemon::host_plan(&cfg, &cfg.daemon.pin_path)
+                    .context("checking what the datapath needs from this host")?;
                 let backends = cfg.services.iter().map(|s| s.backends.len()).sum::<usize>();
                 if json {
                     println!(
@@ -376,6 +378,7 @@ fn run(cli: Cli) -> Result<()> {
                             "ok": true,
                             "services": cfg.services.iter().map(|s| &s.name).collect::<Vec<_>>(),
                             "backends": backends,
+                            "host": host,
                         })
                     );
                 } else {
@@ -385,6 +388,9 @@ fn run(cli: Cli) -> Result<()> {
                         cfg.services.len(),
                         backends
                     );
+                    for line in &host {
+                        println!("  {line}");
+                    }
                 }
                 Ok(())
             }

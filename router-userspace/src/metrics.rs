@@ -43,13 +43,16 @@ use crate::{
 
 /// The metrics server's bounds (see [`bounded`]). A Prometheus server
 /// scrapes over one connection (an HA pair over two); a few more are left
-/// for people with curl.
+/// for people with curl. One address may hold a quarter of them, so a
+/// remote host cannot lock out a local Prometheus when the listener is
+/// opened beyond loopback.
 pub const LIMITS: bounded::Limits = bounded::Limits {
     max_connections: 32,
     header_timeout: Duration::from_secs(5),
     request_timeout: Duration::from_secs(10),
     connection_timeout: Duration::from_secs(60),
     max_header_bytes: 16 << 10,
+    max_per_peer: Some(8),
 };
 
 /// Shortest time between two snapshots published after poll rounds, so a
@@ -238,12 +241,12 @@ impl Collector for Snapshot {
         family(
             e,
             "router_backend_weight_reason",
-            "Why the backend has its weight: 1 for the current mode and reason.",
+            "Why the backend has its weight: 1 for the current mode and reason (a fixed set; `router backends` shows the figures).",
             MetricType::Gauge,
             bs.iter().map(|b| {
                 let mut l = backend_labels(b);
                 l.push(("mode", b.mode.clone()));
-                l.push(("reason", b.reason.clone()));
+                l.push(("reason", b.reason_label.clone()));
                 (l, 1.0f64)
             }),
             |m, v| m.encode_gauge(&v),
@@ -513,11 +516,20 @@ pub struct ServerCounters {
 
 impl Collector for ServerCounters {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let by_limit = |stats: &ServerStats| {
+            [
+                (vec![("limit", "total".to_string())], stats.refused()),
+                (
+                    vec![("limit", "peer".to_string())],
+                    stats.refused_per_peer(),
+                ),
+            ]
+        };
         counters(
             &mut enc,
             "router_metrics_connections_refused",
-            "Connections to metrics_listen closed on accept because the server's connection cap was reached.",
-            [(Labels::new(), self.metrics.refused())],
+            "Connections to metrics_listen closed on accept, by the limit reached: the server's connection cap (total) or one peer address's share (peer).",
+            by_limit(&self.metrics),
         )?;
         counters(
             &mut enc,

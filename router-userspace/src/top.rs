@@ -303,6 +303,11 @@ mod tests {
             } else {
                 "headroom".into()
             },
+            reason_label: if saturated {
+                "saturated".into()
+            } else {
+                "headroom".into()
+            },
             last_change: None,
             weight_changes: 0,
             load: Some(gpu),

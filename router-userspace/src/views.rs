@@ -31,6 +31,9 @@ pub struct BackendView {
     pub share: f64,
     pub mode: String,
     pub reason: String,
+    /// `reason` from a fixed set, for metric labels.
+    #[serde(default)]
+    pub reason_label: String,
     pub last_change: Option<String>,
     pub weight_changes: u64,
     pub load: Option<f64>,
@@ -143,6 +146,7 @@ pub fn backends(st: &StatusReply, scan: Option<&ConnScan>, rates: &Rates) -> Vec
                 },
                 mode: p.map_or_else(|| "static".into(), |p| p.mode.clone()),
                 reason: p.map_or_else(|| "config".into(), |p| p.reason.clone()),
+                reason_label: p.map_or_else(|| "config".into(), |p| p.reason_label.clone()),
                 last_change: p.and_then(|p| p.last_change.clone()),
                 weight_changes: p.map_or(0, |p| p.weight_changes),
                 load: p.and_then(|p| p.load),

@@ -89,8 +89,16 @@ pub fn machine_json() -> Value {
 }
 
 /// The commit the benchmark binary's tree is at, with `-dirty` when the
-/// work tree has changes: which code a recorded figure belongs to.
+/// work tree has changes: which code a recorded figure belongs to. Read
+/// once, at the first call (the bench binary makes it at its start, right
+/// after `cargo run` built it from that tree): an edit made while an hour
+/// of benchmarks runs does not change what they measured.
 pub fn source_commit() -> String {
+    static COMMIT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    COMMIT.get_or_init(read_source_commit).clone()
+}
+
+fn read_source_commit() -> String {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let git = |args: &[&str]| {
         std::process::Command::new("git")
@@ -1164,6 +1172,10 @@ fn headline_ratio_row(
     Ok(())
 }
 
+/// Weight changes per backend per minute at steady load that still count as
+/// stable: one per speed window.
+const MAX_CHANGES_PER_MIN: f64 = 4.0;
+
 /// Headline rows for the least-loaded contender's goals.
 fn routing_headline(head: &mut String, rt: &Value) -> Result<()> {
     let ll = routing_contender(rt, LEAST_LOADED);
@@ -1193,6 +1205,20 @@ fn routing_headline(head: &mut String, rt: &Value) -> Result<()> {
                 p["errors"],
                 verdict(p["errors"].as_u64() == Some(0))
             )?;
+            // The stability criterion: at steady load a backend's capacity
+            // changes at most once per speed window (15 s), 4 a minute,
+            // where the weights-only policy moved most weights every poll.
+            let worst = p["median"]["weight_changes_per_min"]
+                .as_array()
+                .map(|v| v.iter().map(f).fold(f64::NAN, f64::max));
+            if let Some(worst) = worst {
+                writeln!(
+                    head,
+                    "| {name} weight changes per backend per minute (most changing backend) | \
+                     {worst:.1} | ≤ {MAX_CHANGES_PER_MIN:.0} | {} |",
+                    verdict(worst <= MAX_CHANGES_PER_MIN)
+                )?;
+            }
         } else {
             let window = f(&rt["settings"]["window_s"]);
             let refs = [("leastconn", at(LEASTCONN), 0.8)];

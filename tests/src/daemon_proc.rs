@@ -200,7 +200,19 @@ pub fn nofile(pid: libc::pid_t, soft: Option<u64>) -> Result<(u64, u64)> {
 /// Starts `router daemon` in `ns` with its pins on a private bpffs and
 /// waits until its control socket answers.
 pub fn start_daemon(ns: &str, config: &Path, socket: &Path) -> Result<Daemon> {
-    start_daemon_with(ns, config, socket, None)
+    start_daemon_with(ns, config, socket, None, None)
+}
+
+/// [`start_daemon`] with the daemon's output (its log) appended to `log`
+/// instead of this process's stderr: for a caller that owns the terminal,
+/// such as the demo while `router top` is on screen.
+pub fn start_daemon_logging_to(
+    ns: &str,
+    config: &Path,
+    socket: &Path,
+    log: &Path,
+) -> Result<Daemon> {
+    start_daemon_with(ns, config, socket, None, Some(log))
 }
 
 /// [`start_daemon`] with the daemon's soft limit on open files set to
@@ -212,7 +224,7 @@ pub fn start_daemon_with_nofile(
     socket: &Path,
     nofile: u64,
 ) -> Result<Daemon> {
-    start_daemon_with(ns, config, socket, Some(nofile))
+    start_daemon_with(ns, config, socket, Some(nofile), None)
 }
 
 fn start_daemon_with(
@@ -220,9 +232,10 @@ fn start_daemon_with(
     config: &Path,
     socket: &Path,
     nofile: Option<u64>,
+    log: Option<&Path>,
 ) -> Result<Daemon> {
     let pins = BpfFs::mount()?;
-    let child = spawn_daemon(ns, config, socket, &pins.pin_path(), nofile)?;
+    let child = spawn_daemon(ns, config, socket, &pins.pin_path(), nofile, log)?;
     Ok(Daemon {
         pid: child.id(),
         child: Some(child),
@@ -240,7 +253,7 @@ pub fn start_daemon_pinned(
     socket: &Path,
     pin_path: &Path,
 ) -> Result<ChildGuard> {
-    spawn_daemon(ns, config, socket, pin_path, None)
+    spawn_daemon(ns, config, socket, pin_path, None, None)
 }
 
 fn spawn_daemon(
@@ -249,6 +262,7 @@ fn spawn_daemon(
     socket: &Path,
     pin_path: &Path,
     nofile: Option<u64>,
+    log: Option<&Path>,
 ) -> Result<ChildGuard> {
     let bin = router_binary()?;
     let mut cmd = Command::new("ip");
@@ -259,6 +273,14 @@ fn spawn_daemon(
         .arg("--pin-path")
         .arg(pin_path)
         .stdin(Stdio::null());
+    if let Some(log) = log {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        cmd.stdout(file.try_clone()?).stderr(file);
+    }
     if let Some(soft) = nofile {
         let (_, hard) = nofile_of_self()?;
         let limit = libc::rlimit {

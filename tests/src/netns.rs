@@ -110,6 +110,18 @@ pub struct Topology {
 impl Topology {
     /// Builds the one-arm topology with `n_backends` backends.
     pub fn one_arm(n_backends: usize) -> Result<Topology> {
+        Self::one_arm_with(n_backends, true)
+    }
+
+    /// [`Topology::one_arm`] with an LB namespace as a host that nobody
+    /// prepared leaves it: forwarding off, `accept_local` off, strict
+    /// reverse-path filtering (a distribution's default) on every level.
+    /// What the datapath needs there, the daemon must arrange.
+    pub fn one_arm_unprepared(n_backends: usize) -> Result<Topology> {
+        Self::one_arm_with(n_backends, false)
+    }
+
+    fn one_arm_with(n_backends: usize, prepared: bool) -> Result<Topology> {
         ensure!(
             n_backends <= usize::from(255 - BACKEND_BASE),
             "at most {} backends fit in 198.18.0.0/24",
@@ -130,11 +142,12 @@ impl Topology {
             peer_xdp: None,
         };
         // On error `topo` drops here and removes whatever was created.
-        topo.build().context("building the one-arm topology")?;
+        topo.build(prepared)
+            .context("building the one-arm topology")?;
         Ok(topo)
     }
 
-    fn build(&mut self) -> Result<()> {
+    fn build(&mut self, prepared: bool) -> Result<()> {
         let switch = self.switch.clone();
         self.add_namespace(&switch)?;
         ip(&switch, &["link", "add", BRIDGE_IF, "type", "bridge"])?;
@@ -165,21 +178,32 @@ impl Topology {
 
         let lb = self.lb.clone();
         self.add_namespace(&lb)?;
-        // Forwarding and permissive source checks: the LB may route traffic
-        // back out the interface it came in on, and sees packets sourced from
-        // addresses (VIPs) it owns.
+        // Prepared: forwarding and permissive source checks: the LB may
+        // route traffic back out the interface it came in on, and sees
+        // packets sourced from addresses (VIPs) it owns. Unprepared: the
+        // opposite of each, as a host left alone has them.
+        let (forward, rp_filter, accept_local) = if prepared {
+            ("1", "0", "1")
+        } else {
+            ("0", "1", "0")
+        };
         for (key, value) in [
-            ("ipv4/ip_forward", "1"),
-            ("ipv4/conf/all/rp_filter", "0"),
-            ("ipv4/conf/default/rp_filter", "0"),
-            ("ipv4/conf/all/accept_local", "1"),
-            ("ipv4/conf/default/accept_local", "1"),
+            ("ipv4/ip_forward", forward),
+            ("ipv4/conf/all/rp_filter", rp_filter),
+            ("ipv4/conf/default/rp_filter", rp_filter),
+            ("ipv4/conf/all/accept_local", accept_local),
+            ("ipv4/conf/default/accept_local", accept_local),
         ] {
             sysctl(&lb, key, value)?;
         }
         self.attach_to_bridge(&lb, LB_PEER_IF, LB_IF, LB_ADDR)?;
-        sysctl(&lb, &format!("ipv4/conf/{LB_IF}/rp_filter"), "0")?;
-        sysctl(&lb, &format!("ipv4/conf/{LB_IF}/accept_local"), "1")?;
+        sysctl(&lb, &format!("ipv4/conf/{LB_IF}/rp_filter"), rp_filter)?;
+        sysctl(
+            &lb,
+            &format!("ipv4/conf/{LB_IF}/accept_local"),
+            accept_local,
+        )?;
+        sysctl(&lb, &format!("ipv4/conf/{LB_IF}/forwarding"), forward)?;
 
         // Native XDP_TX / XDP_REDIRECT onto a veth hands frames straight to
         // the peer's NAPI instance; a veth only has one when an XDP program is

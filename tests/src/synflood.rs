@@ -721,7 +721,11 @@ pub fn run_bench(quick: bool, out_dir: &Path) -> Result<()> {
     let md = out_dir.join("synflood.md");
     std::fs::write(&md, &page).with_context(|| format!("writing {}", md.display()))?;
     let json = out_dir.join("synflood.json");
-    let both = serde_json::json!({ "paced": paced, "unpaced": unpaced });
+    let both = serde_json::json!({
+        "commit": crate::bench_report::source_commit(),
+        "paced": paced,
+        "unpaced": unpaced,
+    });
     let text = serde_json::to_string_pretty(&both).context("encoding the reports")?;
     std::fs::write(&json, text + "\n").with_context(|| format!("writing {}", json.display()))?;
     println!("{page}");
@@ -734,6 +738,10 @@ fn bench_page(paced: &Report, unpaced: &Report) -> String {
     let p = &paced.params;
     let mut s = String::new();
     s.push_str("# SYN flood against a small connection table\n\n");
+    s.push_str(&format!(
+        "Recorded at commit `{}`.\n\n",
+        crate::bench_report::source_commit()
+    ));
     s.push_str(&format!(
         "`cargo xtask bench synflood`; the test `tests/tests/floods.rs` runs the paced \
          scenario for 8 s with one sender thread and asserts the behaviour, not the speed. \

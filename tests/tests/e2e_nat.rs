@@ -12,7 +12,11 @@ use std::{
 
 use router::control::StatusReply;
 use router_tests::{
-    daemon_proc::{ScratchDir, cli, one_arm_config, start_daemon},
+    bpffs::BpfFs,
+    daemon_proc::{
+        ScratchDir, cleanup_pins, cli, one_arm_config, router_binary, start_daemon,
+        start_daemon_pinned,
+    },
     netns::{self, Topology},
 };
 
@@ -215,5 +219,128 @@ fn connections_split_by_weight_and_streams_survive_a_weight_change() {
     assert!(
         !link.contains("xdp"),
         "XDP still attached after its pins were removed: {link}"
+    );
+}
+
+/// `net.ipv4.conf.lb0.<key>` in the LB namespace.
+fn lb_setting(topo: &Topology, key: &str) -> String {
+    let path = format!("/proc/sys/net/ipv4/conf/{}/{key}", topo.lb_if());
+    netns::in_netns(topo.lb_ns(), || std::fs::read_to_string(&path))
+        .unwrap()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// A host nobody prepared: forwarding off, `accept_local` off, strict
+/// reverse-path filtering, an empty neighbour table, static weights and no
+/// health checks (so nothing resolves a backend's neighbour before the
+/// first balanced SYN, which the stack must then forward translated).
+/// `config check` names what the daemon will set, the daemon sets it and
+/// every connection succeeds, and `--cleanup` in the same namespace gives
+/// the host its settings back.
+#[test]
+fn an_unprepared_host_forwards_every_connection_and_gets_its_settings_back() {
+    let topo = Topology::one_arm_unprepared(3).expect("topology");
+    let _servers: Vec<_> = (0..3)
+        .map(|i| {
+            netns::spawn_http_backend(
+                topo.backend_ns(i),
+                &format!("b{i}"),
+                netns::backend_addr(i),
+                8000,
+            )
+            .expect("backend server")
+        })
+        .collect();
+    let before: Vec<String> = ["forwarding", "accept_local", "rp_filter"]
+        .iter()
+        .map(|k| lb_setting(&topo, k))
+        .collect();
+    assert_eq!(before, ["0", "0", "1"]);
+    let neighbours = netns::exec(topo.lb_ns(), &["ip", "neigh", "show"]).unwrap();
+    assert!(
+        neighbours.trim().is_empty(),
+        "no neighbour known: {neighbours}"
+    );
+
+    let dir = ScratchDir::new("e2e-unprepared").unwrap();
+    let socket = dir.0.join("router.sock");
+    let config = dir.0.join("router.toml");
+    std::fs::write(
+        &config,
+        one_arm_config(
+            &socket,
+            topo.lb_if(),
+            VIP,
+            netns::LB_ADDR,
+            &backends(&[100, 100, 100]),
+        ),
+    )
+    .unwrap();
+    let router = router_binary().unwrap();
+    let check = netns::exec(
+        topo.lb_ns(),
+        &[
+            router.to_str().unwrap(),
+            "config",
+            "check",
+            config.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    for key in ["forwarding 0 → 1", "accept_local 0 → 1", "rp_filter 1 → 2"] {
+        assert!(
+            check.contains(&format!(
+                "the daemon sets net.ipv4.conf.{}.{key}",
+                topo.lb_if()
+            )),
+            "{key}: {check}"
+        );
+    }
+
+    let pins = BpfFs::mount().unwrap();
+    let daemon =
+        start_daemon_pinned(topo.lb_ns(), &config, &socket, &pins.pin_path()).expect("daemon");
+    assert_eq!(
+        ["forwarding", "accept_local", "rp_filter"].map(|k| lb_setting(&topo, k)),
+        ["1", "1", "2"]
+    );
+    let counts = short_connections(&topo, 240);
+    assert_eq!(counts.values().sum::<usize>(), 240, "{counts:?}");
+    assert_eq!(counts.len(), 3, "every backend answers: {counts:?}");
+    let reasons = &status(&socket).datapath.reasons;
+    let fib_failed = reasons
+        .iter()
+        .find(|(r, _)| r == "pass_fib_failed")
+        .map_or(0, |(_, n)| *n);
+    assert!(
+        fib_failed > 0,
+        "the first packets met unresolved neighbours and went through the stack: {reasons:?}"
+    );
+
+    assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
+    // --cleanup from another namespace must not touch this one's settings.
+    let elsewhere = cleanup_pins(&socket, &pins.pin_path()).unwrap();
+    assert!(elsewhere.contains("not restored"), "{elsewhere}");
+    assert_eq!(lb_setting(&topo, "rp_filter"), "2");
+    // In the daemon's namespace it restores them.
+    let out = netns::exec(
+        topo.lb_ns(),
+        &[
+            router.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "daemon",
+            "--cleanup",
+            "--pin-path",
+            pins.pin_path().to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert!(out.contains("restored net.ipv4.conf"), "{out}");
+    assert_eq!(
+        ["forwarding", "accept_local", "rp_filter"].map(|k| lb_setting(&topo, k)),
+        ["0", "0", "1"]
     );
 }

@@ -10,7 +10,7 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use router::control::StatusReply;
@@ -398,6 +398,20 @@ fn cleanup_detaches_and_removes_every_pin() {
 
     assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
     assert!(s.xdp_attached());
+    // Something this daemon does not pin (another program's directory, or a
+    // mistyped pin_path): refused before anything is detached or removed.
+    let before = pinned_objects(&s.pins.pin_path()).unwrap();
+    let foreign = s.pins.pin_path().join("other-tool");
+    std::fs::create_dir(&foreign).unwrap();
+    let (ok, out) = s.cleanup();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("other-tool") && out.contains("nothing was removed"),
+        "{out}"
+    );
+    assert!(s.xdp_attached(), "nothing detached");
+    assert_eq!(pinned_objects(&s.pins.pin_path()).unwrap(), before);
+    std::fs::remove_dir(&foreign).unwrap();
     let (ok, out) = s.cleanup();
     assert!(ok, "{out}");
     assert!(out.contains("detached from lb0"), "{out}");
@@ -516,6 +530,60 @@ fn a_pin_path_off_bpffs_is_refused_before_anything_is_attached() {
     );
     assert!(!s.xdp_attached());
     assert!(!Path::new(&bad).exists());
+}
+
+/// A host without a BPF filesystem where `pin_path` wants one (here: an
+/// empty directory standing in for an unmounted `/sys/fs/bpf`): the daemon
+/// mounts one at `pin_path`'s parent, says so, and serves. Under `ip netns
+/// exec` the mount is the command's own, so the daemon also warns that the
+/// datapath goes with it, and it does: after the daemon exits nothing is
+/// attached, and the test's own view of the directory never changed.
+#[test]
+fn a_missing_bpf_filesystem_is_mounted_at_an_empty_parent() {
+    let s = Setup::new("restart-mountbpf");
+    s.write_config(&[100, 100, 100], "");
+    let parent = s.dir.0.join("bpf");
+    std::fs::create_dir(&parent).unwrap();
+    let log = s.dir.0.join("daemon.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", s.topo.lb_ns()])
+        .arg(router_binary().unwrap())
+        .args(["daemon", "--config"])
+        .arg(s.config_path())
+        .arg("--pin-path")
+        .arg(parent.join("router"))
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file);
+    let daemon = netns::spawn_command(cmd).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cli(&s.socket(), &["status", "--json"]).is_err() {
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never answered: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(s.xdp_attached());
+    assert_eq!(s.short_connections(12).values().sum::<usize>(), 12);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&format!("mounted one at {}", parent.display())),
+        "{text}"
+    );
+    assert!(text.contains("restarts are not hitless"), "{text}");
+    assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
+    let gone = Instant::now() + Duration::from_secs(10);
+    while s.xdp_attached() {
+        assert!(
+            Instant::now() < gone,
+            "the datapath outlived its namespace's bpffs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read_dir(&parent).unwrap().count(), 0);
 }
 
 #[test]

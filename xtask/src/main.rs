@@ -94,6 +94,8 @@ enum BenchSuite {
     L4,
     /// Routing quality with mock GPU replicas: round-robin, leastconn, GPU-aware, oracle.
     Routing,
+    /// SYN flood against a small connection table (bench/synflood.md); not part of `all`.
+    Synflood,
     /// Rebuild RESULTS.md and the plots from the results already recorded.
     Report,
     /// Every suite, then the report.
@@ -107,6 +109,7 @@ impl BenchSuite {
             BenchSuite::Control => "control",
             BenchSuite::L4 => "l4",
             BenchSuite::Routing => "routing",
+            BenchSuite::Synflood => "synflood",
             BenchSuite::Report => "report",
             BenchSuite::All => "all",
         }

@@ -6,58 +6,45 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
 
+use super::state_file;
 use crate::controller::Override;
 
 pub type Overrides = BTreeMap<String, BTreeMap<String, Override>>;
 
 /// `<control socket's directory>/<socket name>.overrides.json`.
 pub fn path_for(control_socket: &Path) -> PathBuf {
-    let mut name = control_socket
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_else(|| "router.sock".into());
-    name.push(".overrides.json");
-    control_socket.with_file_name(name)
+    state_file::beside(control_socket, "overrides.json")
 }
 
 /// The saved overrides, or none when no file exists. A file that cannot be
 /// parsed is an error: silently forgetting a drain would send traffic to a
-/// replica an operator is taking down.
+/// replica an operator is taking down. So is a file this daemon cannot
+/// trust (see [`state_file::read`]): someone else could pin weights or
+/// undrain a replica through it.
 pub fn load(path: &Path) -> Result<Overrides> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "{}: saved overrides are corrupt; fix or remove the file",
-                path.display()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Overrides::new()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    let Some(bytes) =
+        state_file::read(path).context("saved overrides (operator pins and drains)")?
+    else {
+        return Ok(Overrides::new());
+    };
+    serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{}: saved overrides are corrupt; fix or remove the file",
+            path.display()
+        )
+    })
 }
 
-/// Writes atomically (temporary file, fsync, rename), mode 0600.
+/// Writes atomically, mode 0600, never through a link (see
+/// [`state_file::write`]).
 pub fn save(path: &Path, overrides: &Overrides) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec_pretty(overrides).context("encoding overrides")?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(&body)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    state_file::write(path, &body)
 }
 
 #[cfg(test)]
@@ -86,6 +73,80 @@ mod tests {
         std::fs::write(&path, b"{not json").unwrap();
         let err = format!("{:#}", load(&path).unwrap_err());
         assert!(err.contains("corrupt"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("router-ovr-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn drained() -> Overrides {
+        let mut o = Overrides::new();
+        o.entry("llama".into()).or_default().insert(
+            "gpu-0".into(),
+            Override {
+                weight: None,
+                drain: true,
+                drain_deadline_unix: None,
+                flows_ended: None,
+            },
+        );
+        o
+    }
+
+    #[test]
+    fn a_symlinked_overrides_file_is_refused() {
+        let dir = scratch("link");
+        let real = dir.join("elsewhere.json");
+        save(&real, &drained()).unwrap();
+        let path = dir.join("router.sock.overrides.json");
+        std::os::unix::fs::symlink(&real, &path).unwrap();
+        let err = format!("{:#}", load(&path).unwrap_err());
+        assert!(err.contains("symbolic link"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_link_planted_at_the_temporary_name_is_not_written_through() {
+        let dir = scratch("tmp");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let path = dir.join("router.sock.overrides.json");
+        std::os::unix::fs::symlink(&victim, dir.join("router.sock.overrides.json.tmp")).unwrap();
+        save(&path, &drained()).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(load(&path).unwrap(), drained());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_others_can_write_or_another_user_owns_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("mode");
+        let path = dir.join("router.sock.overrides.json");
+        save(&path, &drained()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = format!("{:#}", load(&path).unwrap_err());
+        assert!(err.contains("writable by group or others"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load(&path).unwrap(), drained());
+        // Ownership is checked against the caller's uid; the check itself is
+        // pure, so it is tried with a uid that does not own the file.
+        let meta = std::fs::metadata(&path).unwrap();
+        let other = nix::unistd::geteuid().as_raw().wrapping_add(1);
+        let err = format!(
+            "{:#}",
+            state_file::trusted(&path, &meta, other).unwrap_err()
+        );
+        assert!(err.contains("owned by uid"), "{err}");
+        let err = format!(
+            "{:#}",
+            state_file::trusted(&dir, &std::fs::metadata(&dir).unwrap(), 0).unwrap_err()
+        );
+        assert!(err.contains("not a regular file"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

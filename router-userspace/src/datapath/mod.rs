@@ -75,7 +75,9 @@ pub enum DatapathError {
     #[error("reading the XDP object's map definitions: {0}")]
     Object(String),
     #[error(
-        "pin_path {}: not on a BPF filesystem ({found}); mount one first (mount -t bpf bpf /sys/fs/bpf)",
+        "pin_path {}: not on a BPF filesystem ({found}); the daemon mounts one itself only at an \
+         empty parent directory of pin_path: mount one first (mount -t bpf bpf /sys/fs/bpf) or \
+         choose a pin_path under one",
         path.display()
     )]
     NotBpffs { path: PathBuf, found: String },
@@ -91,6 +93,14 @@ pub enum DatapathError {
          every connection: not hitless)"
     )]
     PinnedMap { map: String, detail: String },
+    #[error(
+        "pin_path {}: holds {} that this daemon does not pin ({}); nothing was removed: \
+         check pin_path",
+        path.display(),
+        if found.len() == 1 { "an entry" } else { "entries" },
+        found.join(", ")
+    )]
+    ForeignPins { path: PathBuf, found: Vec<String> },
     #[error("pinned link {}: {detail}", path.display())]
     PinnedLink { path: PathBuf, detail: String },
     #[error("pinning {what}: {source}")]

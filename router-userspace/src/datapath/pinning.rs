@@ -156,10 +156,26 @@ fn list(dir: &Path) -> Result<Vec<String>, DatapathError> {
 /// pins anywhere else fail, and a bpffs mounted only in this process's mount
 /// namespace would vanish with it (`ip netns exec` replaces /sys, for one).
 fn check_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    let probe = nearest_existing(dir);
+    if !on_bpffs(dir, probe)? {
+        return Err(DatapathError::NotBpffs {
+            path: dir.to_path_buf(),
+            found: format!("{} is not on one", probe.display()),
+        });
+    }
+    Ok(())
+}
+
+fn nearest_existing(dir: &Path) -> &Path {
     let mut probe = dir;
     while !probe.exists() {
         probe = probe.parent().unwrap_or(Path::new("/"));
     }
+    probe
+}
+
+/// Whether `probe` (an existing path, the nearest of `dir`) is on bpffs.
+fn on_bpffs(dir: &Path, probe: &Path) -> Result<bool, DatapathError> {
     let c = CString::new(probe.as_os_str().as_bytes()).map_err(|_| DatapathError::NotBpffs {
         path: dir.to_path_buf(),
         found: "a path with a NUL byte".into(),
@@ -169,13 +185,77 @@ fn check_bpffs(dir: &Path) -> Result<(), DatapathError> {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io_err(probe)(io::Error::last_os_error()));
     }
-    if st.f_type != BPF_FS_MAGIC {
-        return Err(DatapathError::NotBpffs {
-            path: dir.to_path_buf(),
-            found: format!("{} is not on one", probe.display()),
-        });
+    Ok(st.f_type == BPF_FS_MAGIC)
+}
+
+/// Whether `pin_path` has a BPF filesystem, and what the daemon does if not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BpffsPlan {
+    /// `pin_path` is, or would be, on one.
+    Present,
+    /// None; the daemon mounts one at this empty directory.
+    Mount(PathBuf),
+    /// None, and nowhere the daemon mounts one: the start is refused.
+    Missing,
+}
+
+/// See [`mount_bpffs_if_missing`]; changes nothing.
+pub fn bpffs_plan(dir: &Path) -> Result<BpffsPlan, DatapathError> {
+    if on_bpffs(dir, nearest_existing(dir))? {
+        return Ok(BpffsPlan::Present);
     }
-    Ok(())
+    let parent = match dir.parent() {
+        Some(p) if !dir.exists() => p,
+        _ => return Ok(BpffsPlan::Missing),
+    };
+    if std::fs::read_dir(parent).is_ok_and(|mut d| d.next().is_none()) {
+        Ok(BpffsPlan::Mount(parent.to_path_buf()))
+    } else {
+        Ok(BpffsPlan::Missing)
+    }
+}
+
+/// What [`mount_bpffs_if_missing`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountedBpffs {
+    /// Where the BPF filesystem was mounted.
+    pub at: PathBuf,
+    /// Whether this process's mount namespace is not init's: the mount,
+    /// and every pin on it, then goes when the namespace does (`ip netns
+    /// exec` makes one per command), so the datapath cannot outlive the
+    /// daemon.
+    pub private_namespace: bool,
+}
+
+/// Mounts a BPF filesystem at `dir`'s parent when `dir` does not exist, no
+/// existing ancestor of it is on bpffs, and the parent is an existing empty
+/// directory, so the mount hides nothing: on a host that never mounted
+/// `/sys/fs/bpf`, as Cilium's agent does. Anything else is left to the
+/// bpffs check, which names the problem. Never unmounted: other programs
+/// may pin there too, and `--cleanup` removes only this datapath's pins.
+pub fn mount_bpffs_if_missing(dir: &Path) -> Result<Option<MountedBpffs>, DatapathError> {
+    let BpffsPlan::Mount(parent) = bpffs_plan(dir)? else {
+        return Ok(None);
+    };
+    let parent = parent.as_path();
+    nix::mount::mount(
+        Some("bpf"),
+        parent,
+        Some("bpf"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
+    )
+    .map_err(|e| DatapathError::PinIo {
+        path: parent.to_path_buf(),
+        source: io::Error::other(format!("mounting a BPF filesystem here: {e}")),
+    })?;
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    Ok(Some(MountedBpffs {
+        at: parent.to_path_buf(),
+        private_namespace: ns("self") != ns("1"),
+    }))
 }
 
 /// How a map the program declares must look in the kernel.
@@ -362,16 +442,51 @@ pub(super) fn remove_link(dir: &PinDir, interface: &str) -> Result<(), DatapathE
     detach_link(&dir.link(interface))
 }
 
+/// Entries under `dir` that are not in the layout this module writes, as
+/// paths relative to it. Map names are not checked against this build's
+/// maps: an older build's map must still be removable after an upgrade.
+fn foreign_entries(dir: &PinDir) -> Result<Vec<String>, DatapathError> {
+    let mut found = Vec::new();
+    for name in list(dir.root())? {
+        if !matches!(name.as_str(), "prog" | "prog_next" | "maps" | "links") {
+            found.push(name);
+        }
+    }
+    for name in list(&dir.links())? {
+        if decode_interface(&name).is_none_or(|n| n.is_empty() || n.len() > 15) {
+            found.push(format!("links/{name}"));
+        }
+    }
+    for name in list(&dir.maps())? {
+        let ours = name.starts_with(|c: char| c.is_ascii_uppercase())
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_');
+        if !ours {
+            found.push(format!("maps/{name}"));
+        }
+    }
+    Ok(found)
+}
+
 /// Removes every pinned object under `dir` and detaches its links. Only the
-/// layout this module writes is touched; other files make it fail at the end
-/// with the directory left in place, so a mistyped `pin_path` (say, the
-/// bpffs root) cannot take other programs' pins with it.
+/// layout this module writes is touched, and it is checked before anything
+/// is removed: an entry this module does not write stops it with nothing
+/// changed, so a mistyped `pin_path` (say, the bpffs root) cannot take other
+/// programs' pins, or this datapath's own links, with it.
 pub fn remove_all(dir: &PinDir) -> Result<Removed, DatapathError> {
     let mut removed = Removed::default();
     if !dir.root().exists() {
         return Ok(removed);
     }
     check_bpffs(dir.root())?;
+    let found = foreign_entries(dir)?;
+    if !found.is_empty() {
+        return Err(DatapathError::ForeignPins {
+            path: dir.root().to_path_buf(),
+            found,
+        });
+    }
     for name in list(&dir.links())? {
         detach_link(&dir.links().join(&name))?;
         removed.links.push(decode_interface(&name).unwrap_or(name));

@@ -233,6 +233,28 @@ pub enum Reason {
     },
 }
 
+impl Reason {
+    /// The reason without its figures, from a fixed set: a metric label must
+    /// not carry a percentage or a speed, or every tick would mint a new
+    /// series.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Reason::Pinned => "pinned",
+            Reason::Drained => "drained",
+            Reason::Unhealthy => "unhealthy",
+            Reason::NoTelemetry => "no_telemetry",
+            Reason::SlowStart { .. } => "slow_start",
+            Reason::Saturated => "saturated",
+            Reason::Headroom => "headroom",
+            Reason::StaleDecay { .. } => "stale_decay",
+            Reason::Stale => "stale",
+            Reason::AllSaturatedSpread => "all_saturated",
+            Reason::Capacity { speed: Some(_) } => "capacity",
+            Reason::Capacity { speed: None } => "capacity_unmeasured",
+        }
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -962,3 +962,36 @@ fn a_slow_replicas_thin_evidence_does_not_churn_its_capacity() {
         "{changes} changes in two minutes at steady load"
     );
 }
+
+#[test]
+fn reason_labels_stay_one_series_through_a_ramp_and_a_decay() {
+    let mut p = Policy::new(PolicyConfig::default());
+    let mut b = B::new("a");
+    let mut shown = std::collections::BTreeSet::new();
+    let mut labels = std::collections::BTreeSet::new();
+    // A ramp, then silence long enough to decay.
+    for n in 0..100 {
+        let d = tick_one(&mut p, n, &mut b, 0.2);
+        shown.insert(d.reason.to_string());
+        labels.insert(d.reason.label());
+    }
+    for n in 100..400 {
+        let d = tick(&mut p, n, std::slice::from_ref(&b))
+            .decisions
+            .remove(0);
+        shown.insert(d.reason.to_string());
+        labels.insert(d.reason.label());
+    }
+    assert!(shown.len() > 20, "the figures move: {shown:?}");
+    assert!(
+        labels.is_subset(&["headroom", "slow_start", "stale", "stale_decay"].into()),
+        "{labels:?}"
+    );
+    assert!(labels.contains("slow_start") && labels.contains("stale_decay"));
+    for l in labels {
+        assert!(
+            l.bytes().all(|c| c.is_ascii_lowercase() || c == b'_'),
+            "{l}"
+        );
+    }
+}

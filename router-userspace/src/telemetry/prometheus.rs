@@ -14,6 +14,8 @@
 //!   filter, e.g. `gpu="0"`, is meant to tell apart.
 //! - A reading with none of the format's metrics is an error naming what was
 //!   expected; a reading with some of them leaves the rest `None`.
+//! - Every series read must be finite and not negative, checked before any
+//!   sum, so one rank cannot cancel another's count.
 //! - The result goes through [`Reading::validate`], so NaN, negative values
 //!   and utilization above 100% are errors, never weights.
 
@@ -384,9 +386,19 @@ fn lookup(
 fn value_of(s: &Series<'_>) -> Result<f64, TelemetryError> {
     // The parser checked the value against the exposition format's float
     // grammar (including NaN and ±Inf), which Rust's parser accepts too.
-    s.value.parse::<f64>().map_err(|e| {
+    let v = s.value.parse::<f64>().map_err(|e| {
         TelemetryError::Parse(format!("{}{}: value {:?}: {e}", s.name, s.labels, s.value))
-    })
+    })?;
+    // Checked per series, before any sum: every metric read here is a count,
+    // a fraction or a physical amount, and a rank reporting -5 running must
+    // not cancel another rank's 5 into a replica that looks idle.
+    if !v.is_finite() || v < 0.0 {
+        return Err(TelemetryError::Invalid(format!(
+            "{}{} is {v}: a series must be finite and not negative",
+            s.name, s.labels
+        )));
+    }
+    Ok(v)
 }
 
 fn matches_filter(labels: &Labels, filter: &BTreeMap<String, String>) -> bool {

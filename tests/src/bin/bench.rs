@@ -25,7 +25,8 @@ use router_tests::{
 };
 use serde_json::Value;
 
-const USAGE: &str = "usage: bench [datapath|control|l4|routing|report|all] [--quick] [--out DIR]
+const USAGE: &str =
+    "usage: bench [datapath|control|l4|routing|synflood|report|all] [--quick] [--out DIR]
 
   datapath   ns/packet of the XDP program through BPF_PROG_TEST_RUN, against XDP_PASS
   control    control plane: Maglev rebuild time, daemon CPU and RSS, reaction
@@ -33,6 +34,8 @@ const USAGE: &str = "usage: bench [datapath|control|l4|routing|report|all] [--qu
   routing    routing quality with mock GPU replicas, steady and cold join, heavy-tailed
              lengths: round-robin, HAProxy leastconn, oracle, router telemetry weights
              (Maglev draw, least-loaded selection), polled least queue
+  synflood   spoofed SYNs against a small connection table, paced and unpaced, while
+             streams and new connections run (writes synflood.md; not part of all)
   report     rebuild RESULTS.md and the plots from the JSON already in the output directory
   all        every suite, then the report (default)
   --quick    short runs (a few minutes in all); results go in target/bench-quick/
@@ -50,6 +53,7 @@ enum Suite {
     Control,
     L4,
     Routing,
+    Synflood,
     Report,
     All,
 }
@@ -112,6 +116,7 @@ fn real_main() -> Result<()> {
             "control" => Some(Suite::Control),
             "l4" => Some(Suite::L4),
             "routing" => Some(Suite::Routing),
+            "synflood" => Some(Suite::Synflood),
             "report" => Some(Suite::Report),
             "all" => Some(Suite::All),
             _ => None,
@@ -144,6 +149,9 @@ fn real_main() -> Result<()> {
     });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
+    // Fixed now, while the tree is the one `cargo run` just built.
+    let commit = bench_report::source_commit();
+    eprintln!("bench: measuring commit {commit}");
     let mut skipped = Vec::new();
     let suite = suite.unwrap_or(Suite::All);
     let wants = |s: Suite| suite == s || suite == Suite::All;
@@ -179,6 +187,11 @@ fn real_main() -> Result<()> {
             bench_routing::run_routing(&s, &out, only.as_deref())
         })?;
         skipped.extend(skipped_in("routing", &doc));
+    }
+    if suite == Suite::Synflood {
+        timed("synflood", || {
+            router_tests::synflood::run_bench(quick, &out)
+        })?;
     }
     report(&out, quick)?;
     eprintln!(

@@ -31,7 +31,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use router::views::BackendView;
 use router_tests::{
-    daemon_proc::{ScratchDir, cli, router_binary, start_daemon},
+    daemon_proc::{ScratchDir, cli, router_binary, start_daemon, start_daemon_logging_to},
     fake_nvml::{self, FakeGpuState},
     netns::{self, ChildGuard, Topology},
     replica,
@@ -218,7 +218,12 @@ fn start_replica(topo: &Topology, dir: &Path, i: usize, cold: bool) -> Result<Ch
     )
 }
 
-fn start_agent(topo: &Topology, dir: &Path, token: &Path) -> Result<ChildGuard> {
+fn start_agent(
+    topo: &Topology,
+    dir: &Path,
+    token: &Path,
+    log: Option<&Path>,
+) -> Result<ChildGuard> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", topo.backend_ns(3)])
         .arg(router_binary()?)
@@ -233,6 +238,13 @@ fn start_agent(topo: &Topology, dir: &Path, token: &Path) -> Result<ChildGuard> 
         .arg(fake_nvml::library_path()?)
         .env("FAKE_NVML_STATE", dir.join("gpu-3.json"))
         .env("RUST_LOG", "warn");
+    if let Some(log) = log {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        cmd.stdout(file.try_clone()?).stderr(file);
+    }
     netns::spawn_command(cmd)
 }
 
@@ -245,11 +257,21 @@ fn run(o: &Options, stop: &AtomicBool) -> Result<()> {
     std::fs::write(&token, "demo-token\n")?;
     // gpu-3's host is up (its agent answers) but its replica is not yet.
     FakeGpuState::with_gpus(1).write(&dir.0.join("gpu-3.json"))?;
+    // While `router top` owns the terminal, a log line printed by the
+    // daemon or the agent would land in the middle of its screen: their
+    // output goes to a file, named when the demo ends.
+    let log_file = if o.plain {
+        None
+    } else {
+        let path = std::env::temp_dir().join("router-demo.log");
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        Some(path)
+    };
     let mut guards = Vec::new();
     for i in 0..3 {
         guards.push(start_replica(&topo, &dir.0, i, false)?);
     }
-    guards.push(start_agent(&topo, &dir.0, &token)?);
+    guards.push(start_agent(&topo, &dir.0, &token, log_file.as_deref())?);
 
     let socket = dir.0.join("router.sock");
     let config = dir.0.join("router.toml");
@@ -263,7 +285,10 @@ fn run(o: &Options, stop: &AtomicBool) -> Result<()> {
     }
     std::fs::write(&config, text)?;
     println!("Starting `router daemon` with {}", config.display());
-    let daemon = start_daemon(topo.lb_ns(), &config, &socket)?;
+    let daemon = match &log_file {
+        Some(log) => start_daemon_logging_to(topo.lb_ns(), &config, &socket, log)?,
+        None => start_daemon(topo.lb_ns(), &config, &socket)?,
+    };
 
     let traffic_stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -427,6 +452,9 @@ fn run(o: &Options, stop: &AtomicBool) -> Result<()> {
     drop(guards);
     drop(topo);
     println!("Daemon stopped; namespaces removed.");
+    if let Some(log) = &log_file {
+        println!("The daemon's and the agent's log: {}", log.display());
+    }
 
     if o.check {
         let (Some(b), Some(a)) = (before_share, after_share) else {

@@ -66,6 +66,9 @@ fn positive(flag: &str, v: Option<String>) -> Result<f64> {
 }
 
 fn real_main(stop: &AtomicBool) -> Result<bool> {
+    // The commit the recorded page names, fixed while the tree is the one
+    // just built.
+    let _ = router_tests::bench_report::source_commit();
     let root = workspace_root();
     let mut opts = SoakOptions::new(Duration::from_secs(120), root.join("target").join("soak"));
     opts.progress = true;

@@ -758,7 +758,8 @@ impl SoakReport {
         let mut s = String::new();
         s.push_str("# Soak\n\n");
         s.push_str(&format!(
-            "`{command}`, {date}, seed {}. {machine}\n\n",
+            "`{command}`, {date}, commit `{}`, seed {}. {machine}\n\n",
+            crate::bench_report::source_commit(),
             self.seed
         ));
         let hard = if self.hard_flap {

@@ -335,6 +335,28 @@ fn numbers_a_reading_cannot_hold_are_invalid() {
 }
 
 #[test]
+fn a_negative_series_cannot_cancel_another_in_a_sum() {
+    let text = "vllm:num_requests_running{engine=\"0\"} 5\n\
+                vllm:num_requests_running{engine=\"1\"} -5\n\
+                vllm:num_requests_waiting{engine=\"0\"} 3\n";
+    let err = parse(PromFormat::Vllm, &BTreeMap::new(), text).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, TelemetryError::Invalid(_))
+            && msg.contains("vllm:num_requests_running")
+            && msg.contains("engine=\"1\"")
+            && msg.contains("-5"),
+        "{msg}"
+    );
+    let text = "vllm:num_requests_running{engine=\"0\"} 5\n\
+                vllm:num_requests_running{engine=\"1\"} NaN\n";
+    let msg = parse(PromFormat::Vllm, &BTreeMap::new(), text)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("engine=\"1\"") && msg.contains("NaN"), "{msg}");
+}
+
+#[test]
 fn parse_errors_are_short_even_for_huge_garbage() {
     let garbage = format!("vllm:num_requests_running 1\n{}", "x".repeat(1 << 20));
     let msg = parse(PromFormat::Vllm, &BTreeMap::new(), &garbage)

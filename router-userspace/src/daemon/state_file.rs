@@ -1,0 +1,109 @@
+//! Small files the daemon keeps beside its control socket (operator
+//! overrides, the interface settings it changed). They steer traffic or
+//! the host, so they are written atomically and never through a link, and
+//! read only when this daemon's user owns them and nobody else can write
+//! them.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// `<control socket's directory>/<socket name>.<suffix>`.
+pub fn beside(control_socket: &Path, suffix: &str) -> PathBuf {
+    let mut name = control_socket
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "router.sock".into());
+    name.push(".");
+    name.push(suffix);
+    control_socket.with_file_name(name)
+}
+
+/// The file's bytes, or `None` when there is none. A symbolic link (someone
+/// could point it at a file of their choosing), something that is not a
+/// regular file, a file owned by another user or writable by group or
+/// others is an error naming the problem.
+pub fn read(path: &Path) -> Result<Option<Vec<u8>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => bail!(
+            "{} is a symbolic link; refusing to follow it (remove it)",
+            path.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    // Checked on the open descriptor, so the file cannot be swapped between
+    // the check and the read.
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    trusted(path, &meta, nix::unistd::geteuid().as_raw())?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(bytes))
+}
+
+pub(super) fn trusted(path: &Path, meta: &std::fs::Metadata, euid: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !meta.file_type().is_file() {
+        bail!(
+            "{} is not a regular file; refusing to read it",
+            path.display()
+        );
+    }
+    if meta.uid() != euid {
+        bail!(
+            "{} is owned by uid {}, not by this daemon (uid {euid}); refusing to read it \
+             (remove the file)",
+            path.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} is writable by group or others (mode {:o}); refusing to read it \
+             (chmod 600 or remove the file)",
+            path.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
+/// Writes atomically (temporary file, fsync, rename), mode 0600. The
+/// temporary file is created fresh (`O_EXCL`) and never through a link
+/// (`O_NOFOLLOW`): a link planted at its name cannot make the daemon write
+/// somewhere else. A temporary left by a crash is removed first; removing a
+/// link removes the link, not its target.
+pub fn write(path: &Path, body: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", tmp.display())),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(body)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}

@@ -1,0 +1,244 @@
+//! The per-interface kernel settings the datapath needs, which the daemon
+//! arranges when it attaches and `router daemon --cleanup` gives back.
+//!
+//! - `forwarding = 1`: `bpf_fib_lookup` refuses every next hop on an
+//!   interface without it (BPF_FIB_LKUP_RET_FWD_DISABLED), and the stack
+//!   will not forward what the program hands it either.
+//! - `accept_local = 1` and an `rp_filter` that is not strict: a flow whose
+//!   next hop has no neighbour entry yet is handed to the stack already
+//!   translated (counter `pass_fib_failed`), so the stack resolves the
+//!   neighbour. That packet's source is the LB's own SNAT address, which
+//!   the stack drops as a martian unless `accept_local` is on; a strict
+//!   reverse-path check drops it too, since the route back to a local
+//!   address is `lo`. Loose mode (2) passes it.
+//!
+//! Only the interface's own keys are written. The kernel takes the larger
+//! of `all` and the interface's `rp_filter`, so loose on the interface is
+//! loose whatever `all` says (strict 1 < loose 2); `accept_local` and
+//! `forwarding` of the interface decide by themselves. Host-wide keys and
+//! other interfaces are never touched.
+//!
+//! What was changed, and the value before, is kept in a file beside the
+//! control socket with the network namespace it applies to: sysctls are
+//! per namespace, and `--cleanup` run from another namespace must not
+//! write an interface of the same name there.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::state_file;
+
+/// One setting the datapath needs on an interface, and what it is now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub iface: String,
+    /// The key under `net.ipv4.conf.<iface>.`.
+    pub key: String,
+    pub from: String,
+    pub to: String,
+}
+
+impl Change {
+    /// `net.ipv4.conf.lb0.rp_filter 1 → 2 (why)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "net.ipv4.conf.{}.{} {} → {} ({})",
+            self.iface,
+            self.key,
+            self.from,
+            self.to,
+            why(&self.key)
+        )
+    }
+}
+
+fn why(key: &str) -> &'static str {
+    match key {
+        "forwarding" => "bpf_fib_lookup resolves no next hop without it",
+        "accept_local" => {
+            "a flow with an unresolved neighbour reaches the stack with the LB's own source"
+        }
+        "rp_filter" => {
+            "a strict reverse-path check drops translated packets handed to the stack; loose passes them"
+        }
+        _ => "needed by the datapath",
+    }
+}
+
+fn conf_path(iface: &str, key: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/{key}"))
+}
+
+fn read(iface: &str, key: &str) -> io::Result<String> {
+    let path = conf_path(iface, key);
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", path.display())))
+}
+
+fn write(iface: &str, key: &str, value: &str) -> io::Result<()> {
+    let path = conf_path(iface, key);
+    std::fs::write(&path, value)
+        .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
+}
+
+/// The settings of `iface` that differ from what the datapath needs, read
+/// from this process's network namespace.
+pub fn needed(iface: &str) -> io::Result<Vec<Change>> {
+    let all = |key: &str| read("all", key);
+    let mut out = Vec::new();
+    let forwarding = read(iface, "forwarding")?;
+    if forwarding != "1" {
+        out.push(change(iface, "forwarding", forwarding, "1"));
+    }
+    let accept_local = read(iface, "accept_local")?;
+    if accept_local != "1" && all("accept_local")? != "1" {
+        out.push(change(iface, "accept_local", accept_local, "1"));
+    }
+    let rp_filter = read(iface, "rp_filter")?;
+    let effective = rp_filter
+        .parse::<u8>()
+        .unwrap_or(0)
+        .max(all("rp_filter")?.parse::<u8>().unwrap_or(0));
+    if effective == 1 {
+        out.push(change(iface, "rp_filter", rp_filter, "2"));
+    }
+    Ok(out)
+}
+
+fn change(iface: &str, key: &str, from: String, to: &str) -> Change {
+    Change {
+        iface: iface.to_string(),
+        key: key.to_string(),
+        from,
+        to: to.to_string(),
+    }
+}
+
+/// The record of what the daemon changed, for `--cleanup`.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// `readlink /proc/self/ns/net` where the changes were made.
+    pub netns: String,
+    /// The first value each key had before any daemon changed it.
+    pub changes: Vec<Change>,
+}
+
+/// `<control socket's directory>/<socket name>.host.json`.
+pub fn record_path(control_socket: &Path) -> PathBuf {
+    state_file::beside(control_socket, "host.json")
+}
+
+fn current_netns() -> io::Result<String> {
+    std::fs::read_link("/proc/self/ns/net").map(|p| p.display().to_string())
+}
+
+/// Applies `changes`, recording each value before the first change so that
+/// a restarted daemon (which finds its own values in place) does not
+/// record those as the originals. The record is written before any
+/// setting, so a crash in between leaves nothing unrecorded.
+pub fn apply(record_at: &Path, changes: &[Change]) -> anyhow::Result<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let netns = current_netns()?;
+    let mut record: Record = match state_file::read(record_at)? {
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: corrupt ({e}); remove it", record_at.display()))?,
+        None => Record::default(),
+    };
+    if record.netns != netns {
+        // A record of another namespace is of no use here; a daemon moved
+        // between namespaces starts a new one.
+        record = Record {
+            netns,
+            changes: Vec::new(),
+        };
+    }
+    for c in changes {
+        if !record
+            .changes
+            .iter()
+            .any(|r| r.iface == c.iface && r.key == c.key)
+        {
+            record.changes.push(c.clone());
+        }
+    }
+    state_file::write(record_at, &serde_json::to_vec_pretty(&record)?)?;
+    for c in changes {
+        write(&c.iface, &c.key, &c.to)?;
+    }
+    Ok(())
+}
+
+/// Restores what the record at `record_at` says was changed, in this
+/// network namespace only, and removes the record. Returns one line per
+/// setting, or says why nothing was restored.
+pub fn restore(record_at: &Path) -> anyhow::Result<Vec<String>> {
+    let Some(bytes) = state_file::read(record_at)? else {
+        return Ok(Vec::new());
+    };
+    let record: Record = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: corrupt ({e}); remove it", record_at.display()))?;
+    let here = current_netns()?;
+    if record.netns != here {
+        return Ok(vec![format!(
+            "interface settings not restored: the daemon changed them in network namespace {} \
+             and this is {here}; run --cleanup there ({} kept)",
+            record.netns,
+            record_at.display()
+        )]);
+    }
+    let mut lines = Vec::new();
+    for c in &record.changes {
+        match write(&c.iface, &c.key, &c.from) {
+            Ok(()) => lines.push(format!(
+                "restored net.ipv4.conf.{}.{} to {}",
+                c.iface, c.key, c.from
+            )),
+            // The interface went away, and its settings with it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    std::fs::remove_file(record_at)
+        .map_err(|e| anyhow::anyhow!("removing {}: {e}", record_at.display()))?;
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_say_what_and_why() {
+        let c = change("lb0", "rp_filter", "1".into(), "2");
+        let line = c.describe();
+        assert!(
+            line.starts_with("net.ipv4.conf.lb0.rp_filter 1 → 2 (") && line.contains("loose"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_record_from_another_namespace_restores_nothing() {
+        let dir = std::env::temp_dir().join(format!("router-host-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = record_path(&dir.join("router.sock"));
+        let record = Record {
+            netns: "net:[1]".into(),
+            changes: vec![change("lo", "forwarding", "0".into(), "1")],
+        };
+        state_file::write(&path, &serde_json::to_vec(&record).unwrap()).unwrap();
+        let lines = restore(&path).unwrap();
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].contains("not restored") && lines[0].contains("net:[1]"));
+        assert!(path.exists(), "kept for a --cleanup in the right namespace");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
