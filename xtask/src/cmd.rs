@@ -105,6 +105,7 @@ fn is_executable(path: &Path) -> bool {
 pub struct TestTally {
     pub passed: u64,
     pub failed: u64,
+    pub ignored: u64,
 }
 
 impl TestTally {
@@ -122,6 +123,7 @@ impl TestTally {
             match label {
                 "passed" => self.passed += n,
                 "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
                 _ => {}
             }
         }
@@ -149,6 +151,11 @@ pub fn run_tests(cmd: &mut Command) -> Result<TestTally> {
         .wait()
         .with_context(|| format!("waiting for `{shown}`"))?;
     if !status.success() {
+        // With --no-fail-fast every binary ran; the tally says how many failed.
+        eprintln!(
+            "xtask: tests: {} passed, {} failed, {} ignored",
+            tally.passed, tally.failed, tally.ignored
+        );
         return Err(Failed {
             command: shown,
             code: status.code(),
@@ -166,13 +173,14 @@ mod tally_tests {
     fn sums_libtest_result_lines() {
         let mut t = TestTally::default();
         t.add_line("test result: ok. 9 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 3.14s");
-        t.add_line("test result: FAILED. 2 passed; 1 failed; 0 ignored");
+        t.add_line("test result: FAILED. 2 passed; 1 failed; 2 ignored");
         t.add_line("running 3 tests");
         assert_eq!(
             t,
             TestTally {
                 passed: 11,
-                failed: 1
+                failed: 1,
+                ignored: 2,
             }
         );
     }
