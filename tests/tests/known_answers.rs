@@ -49,6 +49,9 @@ fn maglev_known_answer() {
     );
 }
 
+/// A table size and its backends as (key, id, weight).
+type GeneratedTable = (u32, Vec<(String, u32, u32)>);
+
 /// A deterministic generator, so a failure names inputs that can be replayed.
 struct Lcg(u64);
 
@@ -82,7 +85,7 @@ fn the_independent_implementation_agrees_on_generated_inputs() {
         .collect();
     // Prime sizes as configured, and composite ones that take the gap fill.
     let sizes = [1u32, 2, 3, 7, 12, 13, 100, 101, 251, 1009];
-    let tables: Vec<(u32, Vec<(String, u32, u32)>)> = (0..40)
+    let tables: Vec<GeneratedTable> = (0..40)
         .map(|i| {
             let size = sizes[i % sizes.len()];
             let n = 1 + rng.below(12) as u32;
