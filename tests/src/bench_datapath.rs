@@ -162,7 +162,13 @@ choices from the Maglev table with 16, 32 and 64 backends; every backend has a \
 resolved neighbour, so every SYN takes the same XDP_TX path. The least-loaded \
 rows check that the flows spread (scan: no backend more than one flow above \
 another); reply \
-(backend → SNAT address:port of the established flow: reply-entry hit).
+(backend → SNAT address:port of the established flow: reply-entry hit); first ACK of a \
+new flow (a fresh datapath, one untimed SYN per client port, then each flow's ACK \
+timed: it promotes the flow from the half-open table into CONNS, and after the run \
+the benchmark checks that CONNS holds both directions of every flow and nothing is \
+left half-open); SYN + first ACK, the sum of the Maglev SYN row and the first-ACK \
+row per run, net of the per-call overhead twice: what a new connection costs the \
+datapath.
 - Each path's timed calls are preceded by untimed warm-up calls, and after each timed \
 batch the per-reason counters are checked: every call must have taken the intended \
 path (verdict and reason), otherwise the benchmark fails. The benchmark asserts \
@@ -717,6 +723,59 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// The first ACK of a new flow, which promotes it from the half-open
+    /// table into CONNS: a freshly loaded datapath, one SYN per client port
+    /// (untimed), then each flow's ACK timed.
+    fn first_ack_single(&mut self, calls: u32) -> Result<SingleResult> {
+        let total = WARMUP_CALLS + calls;
+        ensure!(
+            u32::from(SYN_FIRST_PORT) + total <= u32::from(u16::MAX),
+            "too many first-ACK calls per run ({total}) for distinct client ports"
+        );
+        let frames = |flags| -> Vec<Vec<u8>> {
+            (0..total)
+                .map(|i| {
+                    let port = SYN_FIRST_PORT + i as u16;
+                    Packet::tcp(SocketAddrV4::new(SYN_CLIENT_ADDR, port), VIP, flags)
+                        .with_macs(LB_MAC, CLIENT_MAC)
+                        .build()
+                })
+                .collect()
+        };
+        let (syns, acks) = (frames(TCP_SYN), frames(TCP_ACK));
+        let mut dp = load_datapath_with(&service(), 0, total)?;
+        let before = reason_vec(&dp)?;
+        let prog = dp.program_mut().context("router program")?;
+        single_calls(prog, &syns, &self.ctx, XDP_TX, "first ACK: its SYN")?;
+        let (warm, timed) = acks.split_at(WARMUP_CALLS as usize);
+        single_calls(prog, warm, &self.ctx, XDP_TX, "first ACK single")?;
+        let r = single_calls(prog, timed, &self.ctx, XDP_TX, "first ACK single")?;
+        let after = reason_vec(&dp)?;
+        check_reasons(
+            &before,
+            &after,
+            reasons::TX,
+            2 * u64::from(total),
+            "first ACK single",
+        )?;
+        // The state claimed: every flow promoted, both directions in CONNS,
+        // nothing left half-open and nothing evicted.
+        let count = |dp: &mut Datapath, name: &str| -> Result<u64> {
+            let map: aya::maps::HashMap<_, router_common::ConnKey, router_common::ConnEntry> =
+                aya::maps::HashMap::try_from(dp.ebpf_mut().map_mut(name).context("table")?)?;
+            Ok(map.keys().filter(Result::is_ok).count() as u64)
+        };
+        let (conns, half_open) = (count(&mut dp, "CONNS")?, count(&mut dp, "HALF_OPEN")?);
+        ensure!(
+            conns == 2 * u64::from(total) && half_open == 0,
+            "first ACK single: CONNS holds {conns} and HALF_OPEN {half_open} entries \
+             for {total} promoted flows"
+        );
+        Ok(r)
+    }
+}
+
 pub struct Machine {
     pub kernel: String,
     pub cpu_model: String,
@@ -827,6 +886,7 @@ fn rows(s: &Samples) -> Result<Vec<Row>> {
             Some(&ESTABLISHED_REF),
         ),
         ("reply (backend → SNAT)", "reply", None),
+        ("first ACK of a new flow (promotes it)", "first_ack", None),
     ];
     let syns = SYN_CASES
         .iter()
@@ -844,6 +904,22 @@ fn rows(s: &Samples) -> Result<Vec<Row>> {
             reference,
         });
     }
+    // The whole cost of a new connection to the datapath: its SYN (Maglev)
+    // and the client's first ACK, each net of the per-call overhead.
+    let syn = s.get(&key("syn", "kernel_ns"))?;
+    let ack = s.get(&key("first_ack", "kernel_ns"))?;
+    let both = per_run(syn, ack, |a, b| a + b);
+    let adjusted = per_run(&both, &overhead, |a, o| a - 2.0 * o);
+    rows.push(Row {
+        path: "SYN + first ACK (a new connection, Maglev)",
+        mode: "single",
+        ns: both,
+        ratio: Some(per_run(&adjusted, t0_rep, |a, b| a / b)),
+        // Two calls against one: a raw ratio would count the overhead twice.
+        raw_ratio: None,
+        adjusted: Some(adjusted),
+        reference: None,
+    });
     Ok(rows)
 }
 
@@ -972,6 +1048,13 @@ pub fn run_datapath(settings: &Settings) -> Result<()> {
                     r.kernel_call_median_ns,
                 );
             }
+            let r = b.first_ack_single(n)?;
+            s.push("first_ack/single/kernel_ns", r.kernel_ns);
+            s.push("first_ack/single/wall_ns", r.wall_ns);
+            s.push(
+                "first_ack/single/kernel_call_median_ns",
+                r.kernel_call_median_ns,
+            );
             let frame = b.reply_ack.clone();
             let r = b.router_single(&frame, n, XDP_TX, reasons::TX, "reply single")?;
             s.push("reply/single/kernel_ns", r.kernel_ns);
