@@ -490,9 +490,11 @@ fn oversized_and_malformed_api_requests_are_refused() {
     let mut huge = b"GET /v1/status HTTP/1.1\r\nHost: r\r\nConnection: close\r\nX-Pad: ".to_vec();
     huge.extend(std::iter::repeat_n(b'a', 1 << 20));
     huge.extend_from_slice(b"\r\n\r\n");
+    // hyper answers 431 once the head passes its buffer limit, then closes;
+    // on a Unix socket the answer stays readable after the close.
     let got = raw_request(&rig.socket, &huge);
     assert!(
-        got.starts_with("HTTP/1.1 431") || got.starts_with("HTTP/1.1 400") || got.is_empty(),
+        got.starts_with("HTTP/1.1 431"),
         "oversized headers: {got:?}"
     );
     let after = rig.json(&["backends", "--json"]);
