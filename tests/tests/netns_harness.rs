@@ -120,17 +120,32 @@ fn stream_endpoint_sends_lines() {
 #[test]
 fn panic_inside_closure_still_cleans_up() {
     let names = Mutex::new(Vec::new());
+    let backend_pid = Mutex::new(None);
     let result = catch_unwind(AssertUnwindSafe(|| {
         let topo = Topology::one_arm(2).expect("build topology");
         *names.lock().expect("lock") = topo.namespaces().to_vec();
-        let _backend =
+        let backend =
             netns::spawn_http_backend(topo.backend_ns(0), "doomed", topo.backend_addr(0), PORT)
                 .expect("start backend");
+        *backend_pid.lock().expect("lock") = Some(backend.id());
         // A panic inside in_netns propagates to the caller's thread.
         netns::in_netns(topo.client_ns(), || panic!("deliberate test panic"))
             .expect("enter client namespace");
     }));
-    assert!(result.is_err(), "the closure must have panicked");
+    // The panic that unwound is the one raised inside the namespace, not a
+    // setup step failing on the way (which would leave less to clean up).
+    let payload = result.expect_err("the closure must have panicked");
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned());
+    assert_eq!(message.as_deref(), Some("deliberate test panic"));
+    // The backend process went with its guard: killed and reaped.
+    let pid = backend_pid.into_inner().expect("lock").expect("backend started");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "backend {pid} outlived the panic"
+    );
     let names = names.into_inner().expect("lock");
     assert_eq!(names.len(), 5, "switch, client, lb and 2 backends");
     assert_gone(&names);
