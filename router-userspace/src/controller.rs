@@ -29,6 +29,10 @@ pub struct TelemetryStats {
     pub polls: u64,
     /// Source errors: unreachable, timeout, HTTP status, NVML error.
     pub errors: u64,
+    /// Of `errors`, polls that missed their deadline: on a busy machine a
+    /// healthy endpoint can too, so they are told apart from the others.
+    #[serde(default)]
+    pub timeouts: u64,
     /// Readings rejected by validation (garbage never becomes a weight).
     pub invalid: u64,
     pub last_error: Option<String>,
@@ -450,6 +454,9 @@ impl Controller {
                     b.stats.invalid += 1;
                 } else {
                     b.stats.errors += 1;
+                    if matches!(e, TelemetryError::Timeout(_)) {
+                        b.stats.timeouts += 1;
+                    }
                 }
                 let msg = e.to_string();
                 if b.stats.last_error.as_deref() != Some(msg.as_str()) {

@@ -141,7 +141,10 @@ fn panic_inside_closure_still_cleans_up() {
         .or_else(|| payload.downcast_ref::<String>().cloned());
     assert_eq!(message.as_deref(), Some("deliberate test panic"));
     // The backend process went with its guard: killed and reaped.
-    let pid = backend_pid.into_inner().expect("lock").expect("backend started");
+    let pid = backend_pid
+        .into_inner()
+        .expect("lock")
+        .expect("backend started");
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "backend {pid} outlived the panic"

@@ -620,6 +620,7 @@ fn break_and_decay(rig: &mut Rig, settled: &BTreeMap<String, u32>) -> StatusRepl
         );
         let (b, a) = (&policy_of(&before, name).stats, &p.stats);
         let (errors, invalid) = (a.errors - b.errors, a.invalid - b.invalid);
+        let timeouts = a.timeouts - b.timeouts;
         let polls = a.polls - b.polls;
         match case.counted {
             // A source that fails never delivers a reading to reject.
@@ -628,13 +629,13 @@ fn break_and_decay(rig: &mut Rig, settled: &BTreeMap<String, u32>) -> StatusRepl
                 "{what}: {errors} errors and {invalid} invalid readings in {polls} polls; \
                  want every failure counted as an error; stats {a:?}"
             ),
-            // Garbage is rejected, not mistaken for a failing source; a
-            // poll that misses its deadline on a busy machine still counts
-            // as an error, so only the balance is checked.
+            // Garbage is rejected, not mistaken for a failing source: every
+            // poll that got an answer counted it invalid, and the only
+            // errors are polls that missed their deadline (a busy machine).
             Counted::Invalid => assert!(
-                invalid >= 5 && invalid > 2 * errors,
-                "{what}: {invalid} invalid readings and {errors} errors in {polls} polls; \
-                 want garbage counted as invalid; stats {a:?}"
+                invalid >= 5 && errors == timeouts && invalid + errors == polls,
+                "{what}: {invalid} invalid readings, {errors} errors ({timeouts} timeouts) in \
+                 {polls} polls; want every answered poll counted invalid; stats {a:?}"
             ),
         }
         let mut decay: Vec<u32> = trace.iter().map(|s| s.1).collect();
