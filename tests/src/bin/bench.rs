@@ -194,6 +194,10 @@ fn real_main() -> Result<()> {
         })?;
     }
     report(&out, quick)?;
+    // For `cargo xtask test`, whose closing line counts what was skipped.
+    let listed = out.join("skipped.txt");
+    let text: String = skipped.iter().map(|k| format!("{k}\n")).collect();
+    std::fs::write(&listed, text).with_context(|| format!("writing {}", listed.display()))?;
     eprintln!(
         "bench: done in {:.0} s; results in {}; {}",
         started.elapsed().as_secs_f64(),
