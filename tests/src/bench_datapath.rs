@@ -197,6 +197,16 @@ impl Samples {
         self.0.entry(key.into()).or_default().push(v);
     }
 
+    /// The three figures of one single-mode run of `series`.
+    fn push_single(&mut self, series: &str, r: &SingleResult) {
+        self.push(key(series, "kernel_ns"), r.kernel_ns);
+        self.push(key(series, "wall_ns"), r.wall_ns);
+        self.push(
+            key(series, "kernel_call_median_ns"),
+            r.kernel_call_median_ns,
+        );
+    }
+
     fn get(&self, key: &str) -> Result<&[f64]> {
         self.0
             .get(key)
@@ -366,6 +376,30 @@ struct SingleResult {
     /// Median of the per-call kernel durations (single mode only).
     kernel_call_median_ns: f64,
     wall_ns: f64,
+}
+
+/// One frame with TCP `flags` per client port of the SYN paths, `total`
+/// ports from `SYN_FIRST_PORT` on: each its own flow.
+fn client_frames(total: u32, flags: u8) -> Vec<Vec<u8>> {
+    (0..total)
+        .map(|i| {
+            let port = SYN_FIRST_PORT + i as u16;
+            Packet::tcp(SocketAddrV4::new(SYN_CLIENT_ADDR, port), VIP, flags)
+                .with_macs(LB_MAC, CLIENT_MAC)
+                .build()
+        })
+        .collect()
+}
+
+/// Entries of connection table `name` (CONNS or HALF_OPEN).
+fn table_entries(dp: &mut Datapath, name: &str) -> Result<u64> {
+    let map: aya::maps::HashMap<_, router_common::ConnKey, router_common::ConnEntry> =
+        aya::maps::HashMap::try_from(
+            dp.ebpf_mut()
+                .map_mut(name)
+                .with_context(|| format!("{name} map"))?,
+        )?;
+    Ok(map.keys().filter(Result::is_ok).count() as u64)
 }
 
 /// Times `frames.len()` single-packet calls (repeat = 1), one per frame.
@@ -664,14 +698,7 @@ impl Bench {
             u32::from(SYN_FIRST_PORT) + total <= u32::from(u16::MAX),
             "too many SYN calls per run ({total}) for distinct client ports"
         );
-        let frames: Vec<Vec<u8>> = (0..total)
-            .map(|i| {
-                let port = SYN_FIRST_PORT + i as u16;
-                Packet::tcp(SocketAddrV4::new(SYN_CLIENT_ADDR, port), VIP, TCP_SYN)
-                    .with_macs(LB_MAC, CLIENT_MAC)
-                    .build()
-            })
-            .collect();
+        let frames = client_frames(total, TCP_SYN);
         let (warm, timed) = frames.split_at(WARMUP_CALLS as usize);
         let spec = if case.least_loaded {
             least_loaded_service(case.backends)
@@ -693,13 +720,7 @@ impl Bench {
         );
         // The state claimed: every flow still in the half-open table, none
         // evicted by a later SYN of the same run.
-        let half_open: aya::maps::HashMap<_, router_common::ConnKey, router_common::ConnEntry> =
-            aya::maps::HashMap::try_from(
-                dp.ebpf_mut()
-                    .map_mut("HALF_OPEN")
-                    .context("HALF_OPEN map")?,
-            )?;
-        let held = half_open.keys().filter(Result::is_ok).count() as u64;
+        let held = table_entries(&mut dp, "HALF_OPEN")?;
         ensure!(
             held == 2 * u64::from(total),
             "{}: the half-open table holds {held} entries for {total} SYNs: it evicted",
@@ -738,17 +759,7 @@ impl Bench {
             u32::from(SYN_FIRST_PORT) + total <= u32::from(u16::MAX),
             "too many first-ACK calls per run ({total}) for distinct client ports"
         );
-        let frames = |flags| -> Vec<Vec<u8>> {
-            (0..total)
-                .map(|i| {
-                    let port = SYN_FIRST_PORT + i as u16;
-                    Packet::tcp(SocketAddrV4::new(SYN_CLIENT_ADDR, port), VIP, flags)
-                        .with_macs(LB_MAC, CLIENT_MAC)
-                        .build()
-                })
-                .collect()
-        };
-        let (syns, acks) = (frames(TCP_SYN), frames(TCP_ACK));
+        let (syns, acks) = (client_frames(total, TCP_SYN), client_frames(total, TCP_ACK));
         let mut dp = load_datapath_with(&service(), 0, total)?;
         let before = reason_vec(&dp)?;
         let prog = dp.program_mut().context("router program")?;
@@ -766,12 +777,10 @@ impl Bench {
         )?;
         // The state claimed: every flow promoted, both directions in CONNS,
         // nothing left half-open and nothing evicted.
-        let count = |dp: &mut Datapath, name: &str| -> Result<u64> {
-            let map: aya::maps::HashMap<_, router_common::ConnKey, router_common::ConnEntry> =
-                aya::maps::HashMap::try_from(dp.ebpf_mut().map_mut(name).context("table")?)?;
-            Ok(map.keys().filter(Result::is_ok).count() as u64)
-        };
-        let (conns, half_open) = (count(&mut dp, "CONNS")?, count(&mut dp, "HALF_OPEN")?);
+        let (conns, half_open) = (
+            table_entries(&mut dp, "CONNS")?,
+            table_entries(&mut dp, "HALF_OPEN")?,
+        );
         ensure!(
             conns == 2 * u64::from(total) && half_open == 0,
             "first ACK single: CONNS holds {conns} and HALF_OPEN {half_open} entries \
@@ -1016,12 +1025,7 @@ pub fn run_datapath(settings: &Settings) -> Result<()> {
             s.push("non_service/repeat/wall_ns", r.wall_ns);
 
             let t = b.trivial_single(n)?;
-            s.push("trivial/single/kernel_ns", t.kernel_ns);
-            s.push("trivial/single/wall_ns", t.wall_ns);
-            s.push(
-                "trivial/single/kernel_call_median_ns",
-                t.kernel_call_median_ns,
-            );
+            s.push_single("trivial", &t);
             let frame = b.non_service.clone();
             let r = b.router_single(
                 &frame,
@@ -1030,44 +1034,19 @@ pub fn run_datapath(settings: &Settings) -> Result<()> {
                 reasons::PASS_NOT_SERVICE,
                 "non-service single",
             )?;
-            s.push("non_service/single/kernel_ns", r.kernel_ns);
-            s.push("non_service/single/wall_ns", r.wall_ns);
-            s.push(
-                "non_service/single/kernel_call_median_ns",
-                r.kernel_call_median_ns,
-            );
+            s.push_single("non_service", &r);
             let frame = b.est_ack.clone();
             let r = b.router_single(&frame, n, XDP_TX, reasons::TX, "established single")?;
-            s.push("established/single/kernel_ns", r.kernel_ns);
-            s.push("established/single/wall_ns", r.wall_ns);
-            s.push(
-                "established/single/kernel_call_median_ns",
-                r.kernel_call_median_ns,
-            );
+            s.push_single("established", &r);
             for case in &SYN_CASES {
                 let r = b.syn_single(n, case)?;
-                s.push(key(case.key, "kernel_ns"), r.kernel_ns);
-                s.push(key(case.key, "wall_ns"), r.wall_ns);
-                s.push(
-                    key(case.key, "kernel_call_median_ns"),
-                    r.kernel_call_median_ns,
-                );
+                s.push_single(case.key, &r);
             }
             let r = b.first_ack_single(n)?;
-            s.push("first_ack/single/kernel_ns", r.kernel_ns);
-            s.push("first_ack/single/wall_ns", r.wall_ns);
-            s.push(
-                "first_ack/single/kernel_call_median_ns",
-                r.kernel_call_median_ns,
-            );
+            s.push_single("first_ack", &r);
             let frame = b.reply_ack.clone();
             let r = b.router_single(&frame, n, XDP_TX, reasons::TX, "reply single")?;
-            s.push("reply/single/kernel_ns", r.kernel_ns);
-            s.push("reply/single/wall_ns", r.wall_ns);
-            s.push(
-                "reply/single/kernel_call_median_ns",
-                r.kernel_call_median_ns,
-            );
+            s.push_single("reply", &r);
             eprintln!("  run {}/{} done", i + 1, settings.runs);
         }
     }

@@ -203,6 +203,18 @@ pub fn start_daemon(ns: &str, config: &Path, socket: &Path) -> Result<Daemon> {
     start_daemon_with(ns, config, socket, None, None)
 }
 
+/// Appends `cmd`'s stdout and stderr to `log` (created if missing), for a
+/// caller that owns the terminal or wants the log as a file.
+pub fn log_output_to(cmd: &mut Command, log: &Path) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    cmd.stdout(file.try_clone()?).stderr(file);
+    Ok(())
+}
+
 /// [`start_daemon`] with the daemon's output (its log) appended to `log`
 /// instead of this process's stderr: for a caller that owns the terminal,
 /// such as the demo while `router top` is on screen.
@@ -274,12 +286,7 @@ fn spawn_daemon(
         .arg(pin_path)
         .stdin(Stdio::null());
     if let Some(log) = log {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("opening {}", log.display()))?;
-        cmd.stdout(file.try_clone()?).stderr(file);
+        log_output_to(&mut cmd, log)?;
     }
     if let Some(soft) = nofile {
         let (_, hard) = nofile_of_self()?;

@@ -289,6 +289,17 @@ impl Topology {
         &self.backends[i]
     }
 
+    /// The fixture HTTP backend (`tests/fixtures/backend.py`) in every
+    /// backend namespace, named `b0`, `b1`, ... and listening on `port` of
+    /// its backend address; each answers with its name.
+    pub fn spawn_fixture_backends(&self, port: u16) -> Result<Vec<ChildGuard>> {
+        (0..self.backend_count())
+            .map(|i| {
+                spawn_http_backend(self.backend_ns(i), &format!("b{i}"), backend_addr(i), port)
+            })
+            .collect()
+    }
+
     /// Number of backends.
     pub fn backend_count(&self) -> usize {
         self.backends.len()

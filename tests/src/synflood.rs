@@ -287,16 +287,7 @@ impl Rig {
                 ],
             )?;
         }
-        let guards = (0..backends)
-            .map(|i| {
-                netns::spawn_http_backend(
-                    topo.backend_ns(i),
-                    &format!("b{i}"),
-                    netns::backend_addr(i),
-                    8000,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let guards = topo.spawn_fixture_backends(8000)?;
         // Replies to spoofed sources die here, silently (no ICMP).
         netns::exec(
             topo.lb_ns(),

@@ -376,16 +376,22 @@ fn a_drain_deadline_uncounts_the_flows_it_ends() {
     assert_eq!(f.in_flight("llama", "b0"), 0);
 }
 
-#[test]
-fn expired_flows_are_uncounted_by_the_scan() {
-    let mut f = Fixture::with_options(
+/// One service of one backend whose half-open and closing entries expire
+/// after 20 ms, so a test can let them.
+fn one_backend_with_quick_expiry() -> Fixture {
+    Fixture::with_options(
         &[service("llama", VIP, 6, &[1])],
         LoadOptions {
             table_size: 1021,
             tcp_closing_ns: 20_000_000,
             ..LoadOptions::default()
         },
-    );
+    )
+}
+
+#[test]
+fn expired_flows_are_uncounted_by_the_scan() {
+    let mut f = one_backend_with_quick_expiry();
     // A SYN nobody answers: half-open, then expired after the closing timeout.
     assert_eq!(tcp(&mut f, "198.18.0.2:47200", VIP, TCP_SYN).0, XDP_TX);
     handshake(&mut f, "198.18.0.2:47201");
@@ -396,14 +402,7 @@ fn expired_flows_are_uncounted_by_the_scan() {
 
 #[test]
 fn an_end_from_the_backend_leaves_an_expired_forward_entry_to_the_scan() {
-    let mut f = Fixture::with_options(
-        &[service("llama", VIP, 6, &[1])],
-        LoadOptions {
-            table_size: 1021,
-            tcp_closing_ns: 20_000_000,
-            ..LoadOptions::default()
-        },
-    );
+    let mut f = one_backend_with_quick_expiry();
     let client = "198.18.0.2:47300";
     let (backend, snat) = handshake(&mut f, client);
     // The client half-closes, then the backend takes longer than the

@@ -66,17 +66,7 @@ fn status(socket: &std::path::Path) -> StatusReply {
 #[test]
 fn connections_split_by_weight_and_streams_survive_a_weight_change() {
     let topo = Topology::one_arm(3).expect("topology");
-    let _servers: Vec<_> = (0..3)
-        .map(|i| {
-            netns::spawn_http_backend(
-                topo.backend_ns(i),
-                &format!("b{i}"),
-                netns::backend_addr(i),
-                8000,
-            )
-            .expect("backend server")
-        })
-        .collect();
+    let _servers = topo.spawn_fixture_backends(8000).expect("backend servers");
     // The LB reaches every backend once, as a health check would; this also
     // resolves their neighbours before the first balanced packet.
     for i in 0..3 {
@@ -242,17 +232,7 @@ fn lb_setting(topo: &Topology, key: &str) -> String {
 #[test]
 fn an_unprepared_host_forwards_every_connection_and_gets_its_settings_back() {
     let topo = Topology::one_arm_unprepared(3).expect("topology");
-    let _servers: Vec<_> = (0..3)
-        .map(|i| {
-            netns::spawn_http_backend(
-                topo.backend_ns(i),
-                &format!("b{i}"),
-                netns::backend_addr(i),
-                8000,
-            )
-            .expect("backend server")
-        })
-        .collect();
+    let _servers = topo.spawn_fixture_backends(8000).expect("backend servers");
     let before: Vec<String> = ["forwarding", "accept_local", "rp_filter"]
         .iter()
         .map(|k| lb_setting(&topo, k))

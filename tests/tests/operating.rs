@@ -69,17 +69,7 @@ impl Rig {
             text
         };
         std::fs::write(&config, text).unwrap();
-        let guards = (0..2)
-            .map(|i| {
-                netns::spawn_http_backend(
-                    topo.backend_ns(i),
-                    &format!("b{i}"),
-                    netns::backend_addr(i),
-                    8000,
-                )
-                .unwrap()
-            })
-            .collect();
+        let guards = topo.spawn_fixture_backends(8000).unwrap();
         let daemon = if guarded {
             start_daemon_with_nofile(topo.lb_ns(), &config, &socket, SYSTEMD_DEFAULT_NOFILE)
         } else {

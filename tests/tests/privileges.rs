@@ -43,17 +43,7 @@ fn answers(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
 #[test]
 fn the_daemon_keeps_no_capability_it_does_not_need_and_still_writes_maps() {
     let topo = Topology::one_arm(2).unwrap();
-    let _servers: Vec<_> = (0..2)
-        .map(|i| {
-            netns::spawn_http_backend(
-                topo.backend_ns(i),
-                &format!("b{i}"),
-                netns::backend_addr(i),
-                8000,
-            )
-            .unwrap()
-        })
-        .collect();
+    let _servers = topo.spawn_fixture_backends(8000).unwrap();
     for i in 0..2 {
         netns::wait_for_tcp(
             topo.lb_ns(),

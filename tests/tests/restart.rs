@@ -17,7 +17,8 @@ use router::control::StatusReply;
 use router_tests::{
     bpffs::{BpfFs, pinned_objects},
     daemon_proc::{
-        ScratchDir, cleanup_pins, cli, one_arm_config, router_binary, start_daemon_pinned,
+        ScratchDir, cleanup_pins, cli, log_output_to, one_arm_config, router_binary,
+        start_daemon_pinned,
     },
     netns::{self, ChildGuard, Topology},
 };
@@ -39,17 +40,7 @@ struct Setup {
 impl Setup {
     fn new(tag: &str) -> Setup {
         let topo = Topology::one_arm(BACKENDS).expect("topology");
-        let servers = (0..BACKENDS)
-            .map(|i| {
-                netns::spawn_http_backend(
-                    topo.backend_ns(i),
-                    &format!("b{i}"),
-                    netns::backend_addr(i),
-                    8000,
-                )
-                .expect("backend server")
-            })
-            .collect();
+        let servers = topo.spawn_fixture_backends(8000).expect("backend servers");
         // The LB reaches every backend once, which also resolves their
         // neighbours before the first balanced packet.
         for i in 0..BACKENDS {
@@ -545,7 +536,6 @@ fn a_missing_bpf_filesystem_is_mounted_at_an_empty_parent() {
     let parent = s.dir.0.join("bpf");
     std::fs::create_dir(&parent).unwrap();
     let log = s.dir.0.join("daemon.log");
-    let file = std::fs::File::create(&log).unwrap();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", s.topo.lb_ns()])
         .arg(router_binary().unwrap())
@@ -553,9 +543,8 @@ fn a_missing_bpf_filesystem_is_mounted_at_an_empty_parent() {
         .arg(s.config_path())
         .arg("--pin-path")
         .arg(parent.join("router"))
-        .stdin(std::process::Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file);
+        .stdin(std::process::Stdio::null());
+    log_output_to(&mut cmd, &log).unwrap();
     let daemon = netns::spawn_command(cmd).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while cli(&s.socket(), &["status", "--json"]).is_err() {

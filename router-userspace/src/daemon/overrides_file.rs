@@ -53,21 +53,11 @@ mod tests {
 
     #[test]
     fn round_trip_missing_and_corrupt() {
-        let dir = std::env::temp_dir().join(format!("router-ovr-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("round");
         let path = path_for(&dir.join("router.sock"));
         assert_eq!(path, dir.join("router.sock.overrides.json"));
         assert!(load(&path).unwrap().is_empty());
-        let mut o = Overrides::new();
-        o.entry("llama".into()).or_default().insert(
-            "gpu-0".into(),
-            Override {
-                weight: None,
-                drain: true,
-                drain_deadline_unix: Some(1_800_000_000),
-                flows_ended: None,
-            },
-        );
+        let o = drained(Some(1_800_000_000));
         save(&path, &o).unwrap();
         assert_eq!(load(&path).unwrap(), o);
         std::fs::write(&path, b"{not json").unwrap();
@@ -83,14 +73,15 @@ mod tests {
         dir
     }
 
-    fn drained() -> Overrides {
+    /// `llama/gpu-0` drained, with `deadline`.
+    fn drained(deadline: Option<u64>) -> Overrides {
         let mut o = Overrides::new();
         o.entry("llama".into()).or_default().insert(
             "gpu-0".into(),
             Override {
                 weight: None,
                 drain: true,
-                drain_deadline_unix: None,
+                drain_deadline_unix: deadline,
                 flows_ended: None,
             },
         );
@@ -101,7 +92,7 @@ mod tests {
     fn a_symlinked_overrides_file_is_refused() {
         let dir = scratch("link");
         let real = dir.join("elsewhere.json");
-        save(&real, &drained()).unwrap();
+        save(&real, &drained(None)).unwrap();
         let path = dir.join("router.sock.overrides.json");
         std::os::unix::fs::symlink(&real, &path).unwrap();
         let err = format!("{:#}", load(&path).unwrap_err());
@@ -116,9 +107,9 @@ mod tests {
         std::fs::write(&victim, b"precious").unwrap();
         let path = dir.join("router.sock.overrides.json");
         std::os::unix::fs::symlink(&victim, dir.join("router.sock.overrides.json.tmp")).unwrap();
-        save(&path, &drained()).unwrap();
+        save(&path, &drained(None)).unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
-        assert_eq!(load(&path).unwrap(), drained());
+        assert_eq!(load(&path).unwrap(), drained(None));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -127,12 +118,12 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = scratch("mode");
         let path = dir.join("router.sock.overrides.json");
-        save(&path, &drained()).unwrap();
+        save(&path, &drained(None)).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         let err = format!("{:#}", load(&path).unwrap_err());
         assert!(err.contains("writable by group or others"), "{err}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(load(&path).unwrap(), drained());
+        assert_eq!(load(&path).unwrap(), drained(None));
         // Ownership is checked against the caller's uid; the check itself is
         // pure, so it is tried with a uid that does not own the file.
         let meta = std::fs::metadata(&path).unwrap();

@@ -31,7 +31,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use router::views::BackendView;
 use router_tests::{
-    daemon_proc::{ScratchDir, cli, router_binary, start_daemon, start_daemon_logging_to},
+    daemon_proc::{
+        ScratchDir, cli, log_output_to, router_binary, start_daemon, start_daemon_logging_to,
+    },
     fake_nvml::{self, FakeGpuState},
     netns::{self, ChildGuard, Topology},
     replica,
@@ -239,11 +241,7 @@ fn start_agent(
         .env("FAKE_NVML_STATE", dir.join("gpu-3.json"))
         .env("RUST_LOG", "warn");
     if let Some(log) = log {
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(log)
-            .with_context(|| format!("opening {}", log.display()))?;
-        cmd.stdout(file.try_clone()?).stderr(file);
+        log_output_to(&mut cmd, log)?;
     }
     netns::spawn_command(cmd)
 }
