@@ -25,8 +25,8 @@ use axum::{
 use tokio::net::TcpListener;
 
 use crate::{
-    bounded,
-    control::ErrorReply,
+    api::ErrorReply,
+    server::bounded,
     telemetry::{
         DeviceSelector, Reading,
         nvml::{NvmlLibrary, ReadFailure},

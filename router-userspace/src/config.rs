@@ -239,31 +239,8 @@ pub use crate::telemetry::DeviceSelector;
 /// The metric dialect of a Prometheus endpoint (one definition, shared with the source).
 pub use crate::telemetry::prometheus::PromFormat;
 
-/// Where a backend's readings come from. URLs are `http://` only: the
-/// telemetry client speaks plain HTTP.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TelemetryConfig {
-    /// NVML on this host (the router runs beside the GPU).
-    Nvml {
-        device: DeviceSelector,
-        /// libnvidia-ml to load instead of the system one.
-        library: Option<PathBuf>,
-    },
-    /// A remote `router agent`.
-    Agent {
-        url: String,
-        device: DeviceSelector,
-        /// Bearer token, read at start and on reload.
-        token_file: PathBuf,
-    },
-    /// A Prometheus text endpoint (the engine's own, or DCGM exporter).
-    Prometheus {
-        url: String,
-        format: PromFormat,
-        /// Only series with all these labels count.
-        labels: BTreeMap<String, String>,
-    },
-}
+/// Where a backend's readings come from (one definition, shared with the sources).
+pub use crate::telemetry::source::TelemetryConfig;
 
 /// Active health probes.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,7 +8,6 @@
 
 mod overrides_file;
 mod privileges;
-pub(crate) mod state_file;
 
 use std::{
     collections::BTreeSet,
@@ -25,17 +24,19 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    bounded,
+    api::{
+        Override, OverrideChange, OverrideError, ReloadReply, StatusReply,
+        views::{self, BackendView, RateWindow, ServiceView},
+    },
     config::{Config, XdpMode},
-    control::{self, ReloadReply, StatusReply},
-    controller::Controller,
-    datapath::{AdoptedRoute, ConnScan, ConnTable, Datapath, LoadOptions, PinDir},
+    control_loop::Controller,
+    datapath::{AdoptedRoute, BackendRole, ConnScan, ConnTable, Datapath, LoadOptions, PinDir},
     fib_watch,
     health::ProbeFailure,
-    host, host_settings, metrics,
+    host::{facts as host, settings as host_settings},
     policy::Measured,
+    server::{bounded, control, metrics},
     telemetry::{Reading, TelemetryError},
-    views::{self, BackendView, RateWindow, ServiceView},
 };
 
 pub fn load_options(cfg: &Config) -> LoadOptions {
@@ -165,6 +166,37 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The control server's handle on the daemon: the four things the API
+/// may ask, each under the daemon's lock for no longer than it takes.
+struct Handle(Arc<Mutex<DaemonState>>);
+
+impl control::Control for Handle {
+    async fn status(&self) -> Result<StatusReply> {
+        self.0.lock().await.status()
+    }
+
+    async fn reload(&self) -> ReloadReply {
+        self.0.lock().await.reload()
+    }
+
+    async fn views(&self) -> Result<(Vec<ServiceView>, Vec<BackendView>)> {
+        let (services, backends, _) = self.0.lock().await.views()?;
+        Ok((services, backends))
+    }
+
+    async fn change_override(
+        &self,
+        service: String,
+        backend: String,
+        change: OverrideChange,
+    ) -> std::result::Result<Override, OverrideError> {
+        self.0
+            .lock()
+            .await
+            .override_backend(&service, &backend, change)
+    }
+}
+
 /// Counts live flows per backend in the background, on its own descriptor
 /// of the connection table, so a scan never holds the daemon's lock.
 fn spawn_conn_scanner(
@@ -203,7 +235,7 @@ impl DaemonState {
             .services
             .iter()
             .flat_map(|s| &s.backends)
-            .filter(|b| b.name.starts_with(crate::controller::FALLBACK_PREFIX))
+            .filter(|b| b.role == BackendRole::Fallback)
             .map(|b| b.counters.new_conns)
             .sum();
         Ok(StatusReply {
@@ -248,9 +280,22 @@ impl DaemonState {
     /// changed (`force` true), and only while a metrics server runs.
     fn publish_metrics(&mut self, force: bool) {
         if self.metrics.due(force) {
-            let snapshot = metrics::Snapshot::of(self);
+            let snapshot = self.snapshot();
             self.metrics.publish(snapshot);
         }
+    }
+
+    /// What a scrape reports, captured under the daemon's lock and
+    /// published, so the metrics server never takes it.
+    fn snapshot(&self) -> Result<metrics::Snapshot> {
+        let (services, backends, status) = self.views()?;
+        Ok(metrics::Snapshot {
+            services,
+            backends,
+            status,
+            conn_entries: self.conn_entries(),
+            conn_capacity: self.conn_table_size(),
+        })
     }
 
     fn sample_rates(&mut self) {
@@ -314,19 +359,19 @@ impl DaemonState {
         &mut self,
         service: &str,
         backend: &str,
-        change: impl FnOnce(&mut crate::controller::Override),
-    ) -> std::result::Result<crate::controller::Override, String> {
+        change: OverrideChange,
+    ) -> std::result::Result<Override, OverrideError> {
         let now = self.started.elapsed();
-        let ctl = self.ctl.as_mut().ok_or("the controller is not running")?;
+        let ctl = self.ctl.as_mut().ok_or(OverrideError::NotRunning)?;
         let before = ctl.overrides().clone();
-        let ov = ctl.set_override(service, backend, change)?;
+        let ov = ctl.set_override(service, backend, change, unix_now())?;
         let (specs, _) = ctl.decide(now, &self.config, &measurer(&self.dp, &self.scan));
         if let Err(e) = self.dp.apply(&specs) {
             // Nothing half-applied: the override goes back to what it was.
             if let Some(c) = self.ctl.as_mut() {
                 c.restore_overrides_exactly(before);
             }
-            return Err(format!("writing weights to the datapath: {e}"));
+            return Err(OverrideError::Datapath(e));
         }
         self.persist_overrides();
         self.publish_metrics(true);
@@ -610,8 +655,8 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
     }
     info!("datapath pinned under {}", pins.root().display());
 
-    let kept = privileges::drop_to_minimum(|| dp.probe_map_access().map_err(|e| e.to_string()))
-        .context("dropping capabilities")?;
+    let kept =
+        privileges::drop_to_minimum(|| dp.probe_map_access()).context("dropping capabilities")?;
     info!("capabilities dropped; kept: {kept}");
 
     // The watcher starts after the drop, so its thread holds nothing; the
@@ -678,7 +723,7 @@ async fn serve(
         last_rate_sample: None,
         metrics: publisher,
     }));
-    let api = control::router(state.clone());
+    let api = control::router(Arc::new(Handle(state.clone())));
     let server = tokio::spawn(bounded::serve(
         "control socket",
         listener,

@@ -1,21 +1,27 @@
-//! The router daemon and CLI as a library: config, Maglev, the datapath
-//! (the only writer of BPF maps), the control socket and the daemon loop.
+//! The router daemon and CLI as a library.
+//!
+//! - `datapath`: the only writer of BPF maps (load, pin, adopt, tables).
+//! - `control_loop` and `policy`: from telemetry, health and the datapath's
+//!   measurements to weights; `telemetry` and `health` gather the inputs.
+//! - `daemon`: owns the datapath and the control loop, drives both.
+//! - `api`: the control API's wire types and the views built from them;
+//!   `server`: the control and `/metrics` servers, which see only a narrow
+//!   handle; `cli`: how the CLI renders and `router top`.
+//! - `config`, `maglev`, `host` (facts and the settings the daemon makes),
+//!   `agent` (the GPU-host telemetry agent).
 
 pub mod agent;
-pub mod bounded;
+pub mod api;
+pub mod cli;
 pub mod config;
-pub mod control;
-pub mod controller;
+pub mod control_loop;
 pub mod daemon;
 pub mod datapath;
 pub mod fib_watch;
 pub mod health;
 pub mod host;
-pub mod host_settings;
 pub mod maglev;
-pub mod metrics;
 pub mod policy;
-pub mod status_view;
+pub mod server;
+pub mod state_file;
 pub mod telemetry;
-pub mod top;
-pub mod views;

@@ -5,9 +5,10 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use router::{
+    api::{ReloadReply, StatusReply, client, path_segment},
+    cli::render,
     config::DEFAULT_CONTROL_SOCKET,
-    control::{self, ReloadReply, StatusReply},
-    daemon, status_view,
+    daemon,
 };
 
 #[derive(Parser)]
@@ -111,18 +112,35 @@ enum Command {
     Completions { shell: clap_complete::Shell },
 }
 
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("malformed duration {s:?} ({e}); use e.g. 30s, 5m, 1h"))
+/// A command-line value clap could read but the CLI refuses.
+#[derive(Debug, thiserror::Error)]
+enum ArgError {
+    #[error("malformed duration {input:?} ({source}); use e.g. 30s, 5m, 1h")]
+    Duration {
+        input: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+    #[error("weight must not be negative, got {0}")]
+    NegativeWeight(i64),
+    #[error("weight {0} is too large (at most {max})", max = u32::MAX)]
+    WeightTooLarge(i64),
+    #[error("weight must be a whole number, got {0:?}")]
+    NotAWeight(String),
 }
 
-fn parse_weight(s: &str) -> Result<u32, String> {
+fn parse_duration(s: &str) -> Result<std::time::Duration, ArgError> {
+    humantime::parse_duration(s).map_err(|source| ArgError::Duration {
+        input: s.to_owned(),
+        source,
+    })
+}
+
+fn parse_weight(s: &str) -> Result<u32, ArgError> {
     match s.parse::<i64>() {
-        Ok(n) if n < 0 => Err(format!("weight must not be negative, got {n}")),
-        Ok(n) => {
-            u32::try_from(n).map_err(|_| format!("weight {n} is too large (at most {})", u32::MAX))
-        }
-        Err(_) => Err(format!("weight must be a whole number, got {s:?}")),
+        Ok(n) if n < 0 => Err(ArgError::NegativeWeight(n)),
+        Ok(n) => u32::try_from(n).map_err(|_| ArgError::WeightTooLarge(n)),
+        Err(_) => Err(ArgError::NotAWeight(s.to_owned())),
     }
 }
 
@@ -178,7 +196,7 @@ async fn drain(
     if let Some(d) = deadline {
         path.push_str(&format!("?deadline_secs={}", d.as_secs()));
     }
-    let body = control::request(socket, method, &path).await?;
+    let body = client::request(socket, method, &path).await?;
     println!("{}", String::from_utf8_lossy(&body));
     Ok(())
 }
@@ -212,8 +230,8 @@ fn daemon_command(
 fn backend_path(service: &str, backend: &str) -> String {
     format!(
         "/v1/services/{}/backends/{}",
-        control::path_segment(service),
-        control::path_segment(backend)
+        path_segment(service),
+        path_segment(backend)
     )
 }
 
@@ -262,13 +280,13 @@ fn run(cli: Cli) -> Result<()> {
                 router::agent::serve(opts, shutdown).await
             }
             Command::Status { json } => {
-                let body = control::request(&cli.socket, "GET", "/v1/status").await?;
+                let body = client::request(&cli.socket, "GET", "/v1/status").await?;
                 let reply: StatusReply =
                     serde_json::from_slice(&body).context("decoding the daemon's status")?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&reply)?);
                 } else {
-                    print!("{}", status_view::render(&reply));
+                    print!("{}", render::render(&reply));
                 }
                 Ok(())
             }
@@ -287,7 +305,7 @@ fn run(cli: Cli) -> Result<()> {
                         format!("{}/weight", backend_path(service, backend)),
                     ),
                 };
-                let body = control::request(&cli.socket, method, &path).await?;
+                let body = client::request(&cli.socket, method, &path).await?;
                 println!("{}", String::from_utf8_lossy(&body));
                 Ok(())
             }
@@ -300,42 +318,42 @@ fn run(cli: Cli) -> Result<()> {
                 drain(&cli.socket, "DELETE", &service, &backend, None).await
             }
             Command::Services { json } => {
-                let body = control::request(&cli.socket, "GET", "/v1/services").await?;
-                let services: Vec<router::views::ServiceView> =
+                let body = client::request(&cli.socket, "GET", "/v1/services").await?;
+                let services: Vec<router::api::views::ServiceView> =
                     serde_json::from_slice(&body).context("decoding the daemon's services")?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&services)?);
                 } else {
-                    print!("{}", status_view::render_services(&services));
+                    print!("{}", render::render_services(&services));
                 }
                 Ok(())
             }
             Command::Backends { service, json } => {
                 let path = match &service {
-                    Some(s) => format!("/v1/services/{}/backends", control::path_segment(s)),
+                    Some(s) => format!("/v1/services/{}/backends", path_segment(s)),
                     None => "/v1/backends".to_string(),
                 };
-                let body = control::request(&cli.socket, "GET", &path).await?;
-                let backends: Vec<router::views::BackendView> =
+                let body = client::request(&cli.socket, "GET", &path).await?;
+                let backends: Vec<router::api::views::BackendView> =
                     serde_json::from_slice(&body).context("decoding the daemon's backends")?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&backends)?);
                 } else {
-                    print!("{}", status_view::render_backends(&backends));
+                    print!("{}", render::render_backends(&backends));
                 }
                 Ok(())
             }
             Command::Top { refresh, count } => {
                 use std::io::IsTerminal;
                 if std::io::stdout().is_terminal() {
-                    return router::top::run(&cli.socket, refresh).await;
+                    return router::cli::top::run(&cli.socket, refresh).await;
                 }
                 let mut shown = 0;
                 loop {
-                    let body = control::request(&cli.socket, "GET", "/v1/backends").await?;
-                    let backends: Vec<router::views::BackendView> =
+                    let body = client::request(&cli.socket, "GET", "/v1/backends").await?;
+                    let backends: Vec<router::api::views::BackendView> =
                         serde_json::from_slice(&body).context("decoding the daemon's backends")?;
-                    println!("{}", status_view::render_backends(&backends));
+                    println!("{}", render::render_backends(&backends));
                     shown += 1;
                     if count != 0 && shown >= count {
                         return Ok(());
@@ -354,7 +372,7 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
             Command::Reload { json } => {
-                let body = control::request(&cli.socket, "POST", "/v1/reload").await?;
+                let body = client::request(&cli.socket, "POST", "/v1/reload").await?;
                 let reply: ReloadReply = serde_json::from_slice(&body)?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&reply)?);

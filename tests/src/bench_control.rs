@@ -255,7 +255,7 @@ pub fn polling_cost(backends: usize, hz: f64, seconds: u64) -> Result<PollingCos
     // figure is the steady cost of polling, with weights settled.
     std::thread::sleep(Duration::from_secs(4));
     let polls_of = || -> Result<(u64, u64)> {
-        let st: router::control::StatusReply =
+        let st: router::api::StatusReply =
             serde_json::from_str(&cli(&socket, &["status", "--json"])?)?;
         Ok((
             st.policy.iter().map(|p| p.stats.polls).sum(),

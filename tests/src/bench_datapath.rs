@@ -249,6 +249,7 @@ fn service() -> ServiceSpec {
             .iter()
             .enumerate()
             .map(|(i, a)| BackendSpec {
+                role: router::datapath::BackendRole::Primary,
                 name: format!("b{i}"),
                 address: SocketAddrV4::new(*a, BACKEND_PORT),
                 weight: 1,
@@ -291,6 +292,7 @@ fn least_loaded_service(n: usize) -> ServiceSpec {
         selection: Selection::LeastLoaded,
         backends: (0..n)
             .map(|i| BackendSpec {
+                role: router::datapath::BackendRole::Primary,
                 name: format!("b{i}"),
                 address: SocketAddrV4::new(BACKENDS[i % 3], BACKEND_PORT + (i / 3) as u16),
                 weight: 100,

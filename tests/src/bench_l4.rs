@@ -496,7 +496,7 @@ impl Stage {
     fn finish(self) -> Result<BTreeMap<String, u64>> {
         let mut counters = BTreeMap::new();
         if let Front::Router(daemon, socket) = self.front {
-            let st: router::control::StatusReply =
+            let st: router::api::StatusReply =
                 serde_json::from_str(&cli(&socket, &["status", "--json"])?)
                     .context("parsing router status")?;
             for (name, v) in st.datapath.reasons {

@@ -479,14 +479,14 @@ fn sm_util(dir: &Path, i: usize) -> Option<f64> {
     v["devices"][0]["sm_util"].as_f64()
 }
 
-fn status(socket: &Path) -> Result<router::control::StatusReply> {
+fn status(socket: &Path) -> Result<router::api::StatusReply> {
     serde_json::from_str(&cli(socket, &["status", "--json"])?).context("parsing router status")
 }
 
 /// Per replica, from a status reply: `pick` of its policy entry.
 fn per_backend<T: Default + Clone>(
-    st: &router::control::StatusReply,
-    pick: impl Fn(&router::controller::BackendPolicyStatus) -> T,
+    st: &router::api::StatusReply,
+    pick: impl Fn(&router::api::BackendPolicyStatus) -> T,
 ) -> Vec<T> {
     let mut out = vec![T::default(); SPEEDS.len()];
     for b in &st.policy {
@@ -1003,7 +1003,9 @@ fn poll_least_queue(socket: &Path, done: &AtomicBool) -> Result<PollerStats> {
         // Only backends the router would route to are candidates, as a
         // scheduler scores only ready endpoints; pinning all traffic on one
         // that is not healthy yet would leave no backend at all.
-        let routable = per_backend(&st, |b| b.healthy.unwrap_or(true) && b.mode != "drain");
+        let routable = per_backend(&st, |b| {
+            b.healthy.unwrap_or(true) && b.mode != router::api::BackendMode::Drain
+        });
         let queues: Vec<Option<f64>> = (0..SPEEDS.len()).map(scrape_queue).collect();
         stats.rounds += 1;
         stats.scrape_failures += queues.iter().filter(|q| q.is_none()).count() as u64;

@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use router::control::StatusReply;
+use router::api::StatusReply;
 use serde::Serialize;
 
 use crate::{

@@ -47,6 +47,7 @@ pub fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec
             .iter()
             .enumerate()
             .map(|(i, w)| BackendSpec {
+                role: router::datapath::BackendRole::Primary,
                 name: format!("b{i}"),
                 address: addr(&format!("198.18.0.{}:8000", 11 + i)),
                 weight: *w,

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use router::control::StatusReply;
+use router::api::StatusReply;
 use router_tests::{
     daemon_proc::{ScratchDir, cli, router_binary, start_daemon},
     fake_nvml::{self, FakeGpuState},

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use router::control::StatusReply;
+use router::api::StatusReply;
 use router_tests::{
     bpffs::BpfFs,
     daemon_proc::{

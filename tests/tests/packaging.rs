@@ -236,7 +236,8 @@ fn daemon_unit_keeps_what_xdp_and_bpffs_need() {
 
     // Descriptors: the servers' caps and three sockets for each of
     // thousands of backends fit, where systemd's default 1024 would not.
-    let servers = router::control::LIMITS.max_connections + router::metrics::LIMITS.max_connections;
+    let servers = router::server::control::LIMITS.max_connections
+        + router::server::metrics::LIMITS.max_connections;
     let nofile = nofile_limit(&u);
     assert!(
         nofile >= servers + 3 * 10_000,

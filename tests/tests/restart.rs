@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use router::control::StatusReply;
+use router::api::StatusReply;
 use router_tests::{
     bpffs::{BpfFs, pinned_objects},
     daemon_proc::{
@@ -747,7 +747,7 @@ fn health_checked_backends_stay_routable_across_a_restart_until_their_first_prob
 }
 
 /// `router backends --json`, decoded.
-fn backend_views(s: &Setup) -> Vec<router::views::BackendView> {
+fn backend_views(s: &Setup) -> Vec<router::api::views::BackendView> {
     serde_json::from_str(&cli(&s.socket(), &["backends", "--json"]).unwrap()).unwrap()
 }
 

@@ -30,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use router::{control::StatusReply, controller::BackendPolicyStatus};
+use router::api::{BackendPolicyStatus, StatusReply};
 use router_tests::{
     daemon_proc::{ScratchDir, cli, router_binary, start_daemon},
     fake_nvml::{self, FakeError, FakeGpu, FakeGpuState, FakeNvml},

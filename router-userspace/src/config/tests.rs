@@ -1180,7 +1180,7 @@ fn static_and_policy_driven_weights() {
     let b = &cfg.services[0].backends[0];
     assert_eq!((b.capacity, b.pinned()), (2.0, None), "policy-driven");
     assert_eq!(cfg.services[0].selection, Selection::LeastLoaded);
-    let (specs, _) = crate::controller::Controller::new(&cfg, None).decide(
+    let (specs, _) = crate::control_loop::Controller::new(&cfg, None).decide(
         std::time::Duration::ZERO,
         &cfg,
         &|_, _| None,
@@ -1196,7 +1196,7 @@ fn static_and_policy_driven_weights() {
             1,
         );
     let cfg = parse(&text).unwrap();
-    let (specs, _) = crate::controller::Controller::new(&cfg, None).decide(
+    let (specs, _) = crate::control_loop::Controller::new(&cfg, None).decide(
         std::time::Duration::ZERO,
         &cfg,
         &|_, _| None,

@@ -11,8 +11,8 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use super::state_file;
-use crate::controller::Override;
+use crate::api::Override;
+use crate::state_file;
 
 pub type Overrides = BTreeMap<String, BTreeMap<String, Override>>;
 

@@ -29,7 +29,9 @@ pub enum PrivilegeError {
     #[error("prctl(PR_SET_NO_NEW_PRIVS): {0}")]
     NoNewPrivs(std::io::Error),
     #[error("map access through an open fd fails with every capability set tried ({0})")]
-    MapAccess(String),
+    MapAccess(#[source] crate::datapath::DatapathError),
+    #[error("none of the capability sets to try (none, CAP_BPF, CAP_SYS_ADMIN) is permitted")]
+    NoCandidate,
     #[error("after dropping, the {set} set holds {have}, not {want}")]
     Verify {
         set: &'static str,
@@ -71,7 +73,7 @@ fn threads() -> usize {
 /// candidates under which `map_access` succeeds, clears the inheritable
 /// and ambient sets, and sets no_new_privs so no later exec can gain any.
 pub fn drop_to_minimum(
-    mut map_access: impl FnMut() -> Result<(), String>,
+    mut map_access: impl FnMut() -> Result<(), crate::datapath::DatapathError>,
 ) -> Result<Kept, PrivilegeError> {
     let n = threads();
     if n != 1 {
@@ -86,7 +88,7 @@ pub fn drop_to_minimum(
         &[Capability::CAP_SYS_ADMIN],
     ];
     let mut keep = None;
-    let mut last_err = String::new();
+    let mut last_err = None;
     for c in candidates {
         let set: CapsHashSet = c.iter().copied().collect();
         if !set.is_subset(&permitted) {
@@ -98,12 +100,16 @@ pub fn drop_to_minimum(
                 keep = Some(set);
                 break;
             }
-            Err(e) => last_err = e,
+            Err(e) => last_err = Some(e),
         }
     }
     // Back to everything permitted: dropping the bounding set needs CAP_SETPCAP.
     caps::set(None, CapSet::Effective, &permitted).map_err(caps_err("restoring capabilities"))?;
-    let keep = keep.ok_or(PrivilegeError::MapAccess(last_err))?;
+    let keep = match (keep, last_err) {
+        (Some(keep), _) => keep,
+        (None, Some(e)) => return Err(PrivilegeError::MapAccess(e)),
+        (None, None) => return Err(PrivilegeError::NoCandidate),
+    };
 
     // Without CAP_SETPCAP (a non-root daemon with ambient capabilities)
     // the bounding set cannot shrink; no_new_privs below still stops any

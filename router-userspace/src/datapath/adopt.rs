@@ -171,6 +171,7 @@ impl Datapath {
                 backend_ids.insert(name.clone(), id);
                 backend_specs.push(BackendSpec {
                     name,
+                    role: super::BackendRole::Primary,
                     address: std::net::SocketAddrV4::new(
                         b.addr.to_ne_bytes().into(),
                         u16::from_be(b.port),

@@ -31,6 +31,8 @@ pub struct BackendStatus {
     /// Datapath slot: indexes BACKENDS and the per-backend counters.
     pub id: u32,
     pub name: String,
+    #[serde(default)]
+    pub role: super::BackendRole,
     pub address: String,
     pub weight: u32,
     /// Flows in flight at which a least-loaded pick sees no room (0: none).
@@ -144,6 +146,7 @@ impl Datapath {
                 backends.push(BackendStatus {
                     id,
                     name: b.name.clone(),
+                    role: b.role,
                     address: b.address.to_string(),
                     weight: b.weight,
                     max_in_flight: b.max_in_flight,

@@ -39,7 +39,7 @@ pub use counters::{BackendStatus, Counters, DatapathStatus, ServiceStatus};
 pub use latency::{BackendLatency, Histogram, LATENCY_CONNECT, LATENCY_FIRST_BYTE};
 pub use load::{Correction, LoadCounters, LoadSnapshot};
 pub use pinning::{PinDir, Removed};
-pub use spec::{BackendSpec, LoadOptions, Selection, ServiceSpec};
+pub use spec::{BackendRole, BackendSpec, LoadOptions, Selection, ServiceSpec};
 pub use state::SCAN_LIMIT;
 use state::ServiceState;
 

@@ -47,10 +47,21 @@ impl Selection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
     pub name: String,
+    pub role: BackendRole,
     pub address: SocketAddrV4,
     pub weight: u32,
     /// In-flight flows at which a least-loaded pick sees no room (0: no limit).
     pub max_in_flight: u32,
+}
+
+/// Whether a backend is the service's own or one of its fallback
+/// service's, lent while every own backend is saturated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendRole {
+    #[default]
+    Primary,
+    Fallback,
 }
 
 /// Load-time settings: fixed for the life of a loaded program.

@@ -4,16 +4,44 @@
 //! backend only and heals without a restart.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, Mutex, TryLockError},
     time::Duration,
 };
 
 use super::{
-    DeviceSelector, Reading, TelemetryError, agent_source::AgentSource, nvml::NvmlSource,
-    prometheus::PrometheusSource,
+    DeviceSelector, Reading, TelemetryError,
+    agent_source::AgentSource,
+    nvml::NvmlSource,
+    prometheus::{PromFormat, PrometheusSource},
 };
-use crate::config::TelemetryConfig;
+
+/// Where a backend's readings come from, as the config states it. URLs are `http://` only: the
+/// telemetry client speaks plain HTTP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TelemetryConfig {
+    /// NVML on this host (the router runs beside the GPU).
+    Nvml {
+        device: DeviceSelector,
+        /// libnvidia-ml to load instead of the system one.
+        library: Option<PathBuf>,
+    },
+    /// A remote `router agent`.
+    Agent {
+        url: String,
+        device: DeviceSelector,
+        /// Bearer token, read at start and on reload.
+        token_file: PathBuf,
+    },
+    /// A Prometheus text endpoint (the engine's own, or DCGM exporter).
+    Prometheus {
+        url: String,
+        format: PromFormat,
+        /// Only series with all these labels count.
+        labels: BTreeMap<String, String>,
+    },
+}
 
 enum Kind {
     Nvml {

@@ -20,7 +20,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use router::control::StatusReply;
+use router::api::StatusReply;
 use router_tests::{
     daemon_proc::{ScratchDir, cli, start_daemon},
     netns::{self, Topology},
@@ -179,7 +179,7 @@ fn run(stop: &AtomicBool) -> Result<()> {
     let status: StatusReply = serde_json::from_str(&cli(&socket, &["status", "--json"])?)?;
     println!(
         "\n`router status`:\n{}",
-        router::status_view::render(&status)
+        router::cli::render::render(&status)
     );
     daemon.stop(Duration::from_secs(10))?;
     println!("Daemon stopped and detached; removing the namespaces.");

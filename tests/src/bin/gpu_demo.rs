@@ -29,7 +29,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use router::views::BackendView;
+use router::api::views::BackendView;
 use router_tests::{
     daemon_proc::{
         ScratchDir, cli, log_output_to, router_binary, start_daemon, start_daemon_logging_to,

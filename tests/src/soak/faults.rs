@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use router::control::{ClientError, path_segment};
+use router::api::{client::ClientError, path_segment};
 
 use super::{Api, BACKENDS, Ctx, HARD_FLAP, HEALTH_FLAP, Restart, Rng, SoakOptions, Window, lock};
 use crate::{netns, replica};
@@ -35,7 +35,7 @@ pub(crate) struct ChurnStats {
 }
 
 /// A random `weight set` (1..=200) or `weight auto` on a random backend
-/// every `every`, through `router::control::request`.
+/// every `every`, through `router::api::client::request`.
 pub(crate) fn churn(ctx: &Ctx<'_>, every: Duration, seed: u64) -> ChurnStats {
     let mut st = ChurnStats::default();
     let api = match Api::new(&ctx.lab().socket()) {

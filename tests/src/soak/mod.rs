@@ -39,7 +39,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use router::views::BackendView;
+use router::api::views::BackendView;
 
 pub use report::{BackendTotals, Churn, Failure, Flaps, Flow, Restarts, SoakReport, Totals};
 
@@ -473,7 +473,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The control API client (`router::control::request`) on a runtime of
+/// The control API client (`router::api::client::request`) on a runtime of
 /// its own, for the soak's plain threads.
 pub(crate) struct Api {
     rt: tokio::runtime::Runtime,
@@ -497,13 +497,13 @@ impl Api {
         &self,
         method: &str,
         path: &str,
-    ) -> Result<Vec<u8>, router::control::ClientError> {
+    ) -> Result<Vec<u8>, router::api::client::ClientError> {
         self.rt
-            .block_on(router::control::request(&self.socket, method, path))
+            .block_on(router::api::client::request(&self.socket, method, path))
             .map(|b| b.to_vec())
     }
 
-    pub(crate) fn status(&self) -> Result<router::control::StatusReply> {
+    pub(crate) fn status(&self) -> Result<router::api::StatusReply> {
         let body = self.call("GET", "/v1/status")?;
         serde_json::from_slice(&body).context("decoding /v1/status")
     }

@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::Result;
-use router::views::BackendView;
+use router::api::views::BackendView;
 use serde::Serialize;
 
 use super::{

@@ -225,6 +225,7 @@ pub(crate) fn specs(set: usize) -> Vec<ServiceSpec> {
                 .zip(&s.weights[set])
                 .enumerate()
                 .map(|(i, (b, w))| BackendSpec {
+                    role: router::datapath::BackendRole::Primary,
                     name: format!("b{i}"),
                     address: b.parse().unwrap_or_else(|e| panic!("{b}: {e}")),
                     weight: *w,

@@ -30,7 +30,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::state_file;
+use crate::state_file;
 
 /// One setting the datapath needs on an interface, and what it is now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,10 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    control::StatusReply,
-    datapath::{ConnScan, Counters, Histogram},
-};
+use super::{BackendMode, BackendPolicyStatus, StatusReply};
+use crate::datapath::{BackendRole, ConnScan, Counters, Histogram};
 
 /// New-connection rates over a recent window, per (service, backend).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -25,11 +23,13 @@ pub struct Rates {
 pub struct BackendView {
     pub service: String,
     pub name: String,
+    #[serde(default)]
+    pub role: BackendRole,
     pub address: String,
     pub weight: u32,
     /// Share of the service's Maglev slots, 0.0–1.0.
     pub share: f64,
-    pub mode: String,
+    pub mode: BackendMode,
     pub reason: String,
     /// `reason` from a fixed set, for metric labels.
     #[serde(default)]
@@ -119,7 +119,7 @@ fn per_1k(cost_per_hour: Option<f64>, per_sec: Option<f64>) -> Option<f64> {
 }
 
 pub fn backends(st: &StatusReply, scan: Option<&ConnScan>, rates: &Rates) -> Vec<BackendView> {
-    let policy: BTreeMap<(&str, &str), &crate::controller::BackendPolicyStatus> = st
+    let policy: BTreeMap<(&str, &str), &BackendPolicyStatus> = st
         .policy
         .iter()
         .map(|p| ((p.service.as_str(), p.backend.as_str()), p))
@@ -137,6 +137,7 @@ pub fn backends(st: &StatusReply, scan: Option<&ConnScan>, rates: &Rates) -> Vec
             out.push(BackendView {
                 service: s.name.clone(),
                 name: b.name.clone(),
+                role: b.role,
                 address: b.address.clone(),
                 weight: b.weight,
                 share: if s.table_size == 0 {
@@ -144,7 +145,7 @@ pub fn backends(st: &StatusReply, scan: Option<&ConnScan>, rates: &Rates) -> Vec
                 } else {
                     f64::from(b.slots) / f64::from(s.table_size)
                 },
-                mode: p.map_or_else(|| "static".into(), |p| p.mode.clone()),
+                mode: p.map_or(BackendMode::Static, |p| p.mode),
                 reason: p.map_or_else(|| "config".into(), |p| p.reason.clone()),
                 reason_label: p.map_or_else(|| "config".into(), |p| p.reason_label.clone()),
                 last_change: p.and_then(|p| p.last_change.clone()),
@@ -220,7 +221,7 @@ pub fn services(st: &StatusReply, backends: &[BackendView]) -> Vec<ServiceView> 
                 cost_per_1k_connections: per_1k(cost, rate),
                 fallback_connections: mine
                     .iter()
-                    .filter(|b| b.name.starts_with(crate::controller::FALLBACK_PREFIX))
+                    .filter(|b| b.role == BackendRole::Fallback)
                     .map(|b| b.counters.new_conns)
                     .sum(),
             }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::control::StatusReply;
+use crate::api::StatusReply;
 
 pub fn render(s: &StatusReply) -> String {
     let mut out = String::new();
@@ -144,7 +144,7 @@ fn health(h: Option<bool>) -> &'static str {
 }
 
 /// `router services`: one line per service.
-pub fn render_services(services: &[crate::views::ServiceView]) -> String {
+pub fn render_services(services: &[crate::api::views::ServiceView]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -181,7 +181,7 @@ pub fn render_services(services: &[crate::views::ServiceView]) -> String {
 }
 
 /// `router backends` (and `router top` without a terminal): one line per backend.
-pub fn render_backends(backends: &[crate::views::BackendView]) -> String {
+pub fn render_backends(backends: &[crate::api::views::BackendView]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,

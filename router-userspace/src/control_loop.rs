@@ -11,32 +11,18 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::{
+    api::{
+        BackendMode, BackendPolicyStatus, Override, OverrideChange, OverrideError, TelemetryStats,
+    },
     config::{BackendConfig, Config, HealthConfig},
-    datapath::Selection,
-    datapath::{BackendSpec, ServiceSpec},
+    datapath::{BackendRole, BackendSpec, Selection, ServiceSpec},
     health::{HealthCheck, HealthState, ProbeFailure},
     policy::{BackendInput, Decision, Measured, Mode, Policy},
     telemetry::{Reading, TelemetryError, source::Source},
 };
-
-/// Per-backend telemetry bookkeeping, exported in status.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct TelemetryStats {
-    pub polls: u64,
-    /// Source errors: unreachable, timeout, HTTP status, NVML error.
-    pub errors: u64,
-    /// Of `errors`, polls that missed their deadline: on a busy machine a
-    /// healthy endpoint can too, so they are told apart from the others.
-    #[serde(default)]
-    pub timeouts: u64,
-    /// Readings rejected by validation (garbage never becomes a weight).
-    pub invalid: u64,
-    pub last_error: Option<String>,
-}
 
 struct BackendCtl {
     cfg: BackendConfig,
@@ -65,52 +51,9 @@ struct ServiceCtl {
     local_failures: u64,
 }
 
-/// Prefix of a fallback service's backends inside the service they serve.
+/// Prefix of a fallback service's backends' names inside the service they
+/// serve, so they never clash with its own; what they are is their `role`.
 pub const FALLBACK_PREFIX: &str = "fallback/";
-
-/// What one backend looks like to an operator.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BackendPolicyStatus {
-    pub service: String,
-    pub backend: String,
-    pub weight: u32,
-    pub mode: String,
-    pub reason: String,
-    /// `reason` without its figures (`Reason::label`), for metric labels.
-    #[serde(default)]
-    pub reason_label: String,
-    pub load: Option<f64>,
-    pub saturated: bool,
-    pub stale: bool,
-    pub healthy: Option<bool>,
-    pub telemetry_source: Option<String>,
-    pub telemetry: Option<Reading>,
-    pub telemetry_age_ms: Option<u64>,
-    pub stats: TelemetryStats,
-    pub weight_changes: u64,
-    pub last_change: Option<String>,
-    /// From the config, for per-route cost.
-    pub cost_per_hour: Option<f64>,
-    pub drain_deadline_unix: Option<u64>,
-    pub flows_ended: Option<u64>,
-}
-
-/// An operator's runtime override of one backend (control API), kept
-/// across reloads while the backend exists.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Override {
-    /// Pinned weight, instead of the config's or the policy's.
-    pub weight: Option<u32>,
-    /// Weight 0 for new connections; established ones finish.
-    pub drain: bool,
-    /// When set (Unix seconds), the drained backend's remaining flows are
-    /// ended at this time, so the replica can be taken down.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub drain_deadline_unix: Option<u64>,
-    /// Connections ended when the deadline passed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flows_ended: Option<u64>,
-}
 
 fn override_in<'a>(
     overrides: &'a BTreeMap<String, BTreeMap<String, Override>>,
@@ -262,33 +205,41 @@ impl Controller {
         }
     }
 
-    /// Changes one backend's override; unknown names are an error that
-    /// names what was not found.
+    /// Changes one backend's override; unknown names and a refused change
+    /// leave every override as it was.
     pub fn set_override(
         &mut self,
         service: &str,
         backend: &str,
-        change: impl FnOnce(&mut Override),
-    ) -> Result<Override, String> {
+        change: OverrideChange,
+        now_unix: u64,
+    ) -> Result<Override, OverrideError> {
         let svc = self
             .services
             .iter()
             .find(|s| s.name == service)
-            .ok_or_else(|| format!("no service named {service:?}"))?;
+            .ok_or_else(|| OverrideError::NoService(service.to_string()))?;
         if !svc.backends.iter().any(|b| b.cfg.name == backend) {
-            return Err(format!(
-                "service {service:?} has no backend named {backend:?}"
-            ));
+            return Err(OverrideError::NoBackend {
+                service: service.to_string(),
+                backend: backend.to_string(),
+            });
         }
+        let mut now = self
+            .overrides
+            .get(service)
+            .and_then(|b| b.get(backend))
+            .cloned()
+            .unwrap_or_default();
+        change.apply(&mut now, now_unix)?;
         let backends = self.overrides.entry(service.to_string()).or_default();
-        let entry = backends.entry(backend.to_string()).or_default();
-        change(entry);
-        let now = entry.clone();
         if now == Override::default() {
             backends.remove(backend);
             if backends.is_empty() {
                 self.overrides.remove(service);
             }
+        } else {
+            backends.insert(backend.to_string(), now.clone());
         }
         Ok(now)
     }
@@ -588,6 +539,7 @@ impl Controller {
                 .iter()
                 .map(|b| BackendSpec {
                     name: b.cfg.name.clone(),
+                    role: BackendRole::Primary,
                     address: b.cfg.address,
                     weight: b.weight,
                     max_in_flight: b.max_in_flight,
@@ -603,6 +555,7 @@ impl Controller {
                 // service's fallbacks, and the count survives overflow ending.
                 backends.extend(fb.backends.iter().map(|b| BackendSpec {
                     name: format!("{FALLBACK_PREFIX}{}", b.cfg.name),
+                    role: BackendRole::Fallback,
                     address: b.cfg.address,
                     weight: if s.overflowing { b.weight } else { 0 },
                     max_in_flight: b.max_in_flight,
@@ -636,18 +589,17 @@ impl Controller {
                             .override_of(&s.name, &b.cfg.name)
                             .is_some_and(|o| o.drain)
                     {
-                        "drain"
+                        BackendMode::Drain
                     } else if self
                         .override_of(&s.name, &b.cfg.name)
                         .is_some_and(|o| o.weight.is_some())
                     {
-                        "manual"
+                        BackendMode::Manual
                     } else if b.cfg.pinned().is_some() {
-                        "pinned"
+                        BackendMode::Pinned
                     } else {
-                        "auto"
-                    }
-                    .into(),
+                        BackendMode::Auto
+                    },
                     reason: d
                         .map(|d| d.reason.to_string())
                         .unwrap_or_else(|| "starting".into()),

@@ -19,8 +19,8 @@ use ratatui::{
     widgets::{Block, Borders, Cell, Paragraph, Row, Table, TableState},
 };
 
-use crate::{
-    control,
+use crate::api::{
+    client, path_segment,
     views::{BackendView, ServiceView},
 };
 
@@ -204,8 +204,8 @@ pub fn draw(frame: &mut Frame, m: &TopModel) {
 }
 
 async fn fetch(socket: &Path) -> Result<(Vec<ServiceView>, Vec<BackendView>)> {
-    let s = control::request(socket, "GET", "/v1/services").await?;
-    let b = control::request(socket, "GET", "/v1/backends").await?;
+    let s = client::request(socket, "GET", "/v1/services").await?;
+    let b = client::request(socket, "GET", "/v1/backends").await?;
     Ok((
         serde_json::from_slice(&s).context("decoding services")?,
         serde_json::from_slice(&b).context("decoding backends")?,
@@ -215,15 +215,15 @@ async fn fetch(socket: &Path) -> Result<(Vec<ServiceView>, Vec<BackendView>)> {
 async fn act(socket: &Path, method: &str, b: &BackendView) -> String {
     let path = format!(
         "/v1/services/{}/backends/{}/drain",
-        control::path_segment(&b.service),
-        control::path_segment(&b.name)
+        path_segment(&b.service),
+        path_segment(&b.name)
     );
     let verb = if method == "POST" {
         "drained"
     } else {
         "undrained"
     };
-    match control::request(socket, method, &path).await {
+    match client::request(socket, method, &path).await {
         Ok(_) => format!("{verb} {}/{}", b.service, b.name),
         Err(e) => format!("error: {e}"),
     }
@@ -294,10 +294,11 @@ mod tests {
         BackendView {
             service: "llama".into(),
             name: name.into(),
+            role: crate::datapath::BackendRole::Primary,
             address: "198.18.0.11:8000".into(),
             weight,
             share: 0.25,
-            mode: "auto".into(),
+            mode: crate::api::BackendMode::Auto,
             reason: if saturated {
                 "saturated".into()
             } else {

@@ -34,11 +34,12 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::info;
 
 use crate::{
-    bounded::{self, ServerStats},
-    control::StatusReply,
-    daemon::DaemonState,
+    api::{
+        BackendMode, StatusReply,
+        views::{BackendView, ServiceView},
+    },
     datapath::Histogram,
-    views::{BackendView, ServiceView},
+    server::bounded::{self, ServerStats},
 };
 
 /// The metrics server's bounds (see [`bounded`]). A Prometheus server
@@ -245,7 +246,7 @@ impl Collector for Snapshot {
             MetricType::Gauge,
             bs.iter().map(|b| {
                 let mut l = backend_labels(b);
-                l.push(("mode", b.mode.clone()));
+                l.push(("mode", b.mode.to_string()));
                 l.push(("reason", b.reason_label.clone()));
                 (l, 1.0f64)
             }),
@@ -261,7 +262,7 @@ impl Collector for Snapshot {
             e,
             "router_backend_draining",
             "1 while drained by an operator or the config.",
-            per_b(|b| flag(b.mode == "drain")),
+            per_b(|b| flag(b.mode == BackendMode::Drain)),
         )?;
 
         // GPU and replica state, as the policy saw it.
@@ -492,20 +493,6 @@ impl Collector for Snapshot {
     }
 }
 
-impl Snapshot {
-    /// Captures what a scrape reports; the caller holds the daemon's lock.
-    pub fn of(st: &DaemonState) -> anyhow::Result<Snapshot> {
-        let (services, backends, status) = st.views()?;
-        Ok(Snapshot {
-            services,
-            backends,
-            status,
-            conn_entries: st.conn_entries(),
-            conn_capacity: st.conn_table_size(),
-        })
-    }
-}
-
 /// The servers' own counters, read at each scrape (they change without
 /// the control loop).
 #[derive(Clone, Debug, Default)]
@@ -566,7 +553,7 @@ pub fn render(
 
 /// The latest snapshot, or why it could not be built; `None` before the
 /// first.
-type Published = Option<Result<Arc<Snapshot>, String>>;
+type Published = Option<Result<Arc<Snapshot>, Arc<anyhow::Error>>>;
 
 /// The control loop's end: publishes snapshots for the metrics server.
 #[derive(Debug)]
@@ -596,7 +583,7 @@ impl Publisher {
     pub fn publish(&mut self, snapshot: anyhow::Result<Snapshot>) {
         self.last = Some(Instant::now());
         self.tx
-            .send_replace(Some(snapshot.map(Arc::new).map_err(|e| format!("{e:#}"))));
+            .send_replace(Some(snapshot.map(Arc::new).map_err(Arc::new)));
     }
 }
 
@@ -613,7 +600,9 @@ async fn metrics(State(s): State<Scraping>) -> Response {
         None => {
             return (StatusCode::SERVICE_UNAVAILABLE, "no snapshot yet").into_response();
         }
-        Some(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+        Some(Err(e)) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response();
+        }
         Some(Ok(snapshot)) => match render(snapshot, &s.servers) {
             Ok(t) => t,
             Err(e) => {
@@ -666,7 +655,7 @@ mod tests {
         let (mut publisher, snapshots) = Publisher::new();
         assert!(publisher.due(false) && publisher.due(true));
         publisher.publish(Err(anyhow::anyhow!("no datapath")));
-        assert!(matches!(&*snapshots.0.borrow(), Some(Err(e)) if e == "no datapath"));
+        assert!(matches!(&*snapshots.0.borrow(), Some(Err(e)) if e.to_string() == "no datapath"));
         assert!(!publisher.due(false), "right after a publish");
         assert!(
             publisher.due(true),
