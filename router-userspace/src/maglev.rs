@@ -47,6 +47,65 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Largest Maglev table the daemon builds (about 16.7 million slots).
+pub const MAX_TABLE_SIZE: u32 = 1 << 24;
+/// Slots per backend below which Maglev's shares stray too far from the
+/// weights (the paper's M >= 100 N).
+pub const SLOTS_PER_BACKEND: u64 = 100;
+
+/// Why a table size cannot hold a service's backends.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TableSizeError {
+    #[error("{size} is above the maximum {MAX_TABLE_SIZE}")]
+    TooLarge { size: u32 },
+    #[error("{size} is not prime (Maglev needs a prime table size; try {suggest})")]
+    NotPrime { size: u32, suggest: u64 },
+    #[error(
+        "{size} is below 100 x the {backends} backends of service {service:?}; use a prime >= {need}, e.g. {suggest}"
+    )]
+    TooSmall {
+        size: u32,
+        backends: usize,
+        service: String,
+        need: u64,
+        suggest: u64,
+    },
+}
+
+/// Checks a table size against the service with the most backends
+/// (`largest`: its name and backend count), suggesting a size that fits.
+pub fn check_table_size(size: u32, largest: Option<(&str, usize)>) -> Result<(), TableSizeError> {
+    if size > MAX_TABLE_SIZE {
+        return Err(TableSizeError::TooLarge { size });
+    }
+    if !is_prime(size) {
+        return Err(TableSizeError::NotPrime {
+            size,
+            suggest: next_prime(u64::from(size)),
+        });
+    }
+    if let Some((service, backends)) = largest {
+        let need = SLOTS_PER_BACKEND * backends as u64;
+        if u64::from(size) < need {
+            return Err(TableSizeError::TooSmall {
+                size,
+                backends,
+                service: service.to_owned(),
+                need,
+                suggest: next_prime(need),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The smallest prime at or above `from` that fits a u32 (else `from`).
+pub fn next_prime(from: u64) -> u64 {
+    (from..=u64::from(u32::MAX))
+        .find(|&n| is_prime(n as u32))
+        .unwrap_or(from)
+}
+
 /// Deterministic primality test by trial division; u32 inputs need at most
 /// ~32k divisions, which is negligible next to a table build.
 pub fn is_prime(n: u32) -> bool {

@@ -1,0 +1,422 @@
+//! The daemon's TOML configuration.
+//!
+//! Parsing happens in two passes over the same text: serde (via `toml`)
+//! produces typed values, and a span-preserving `toml_edit::ImDocument`
+//! maps every error back to a line and a key path, so an operator sees
+//! `router.toml:14: service[0].backend[1].address: …` instead of a bare
+//! message.
+
+mod locate;
+mod raw;
+mod validate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use router_common::{MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS, PROTO_TCP, PROTO_UDP};
+use serde::Deserialize;
+use toml_edit::ImDocument;
+
+use crate::policy::{PolicyConfig, SignalMix};
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/router";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/router/router.sock";
+/// Prometheus `/metrics`: loopback, so exposing it is a deliberate choice.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_TABLE_SIZE: u32 = router_common::DEFAULT_TABLE_SIZE;
+pub const DEFAULT_CONN_TABLE_SIZE: u32 = router_common::DEFAULT_CONN_TABLE_SIZE;
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 10000;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 32767;
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Weight of a static backend (no `weight`, no `telemetry`) of capacity
+/// 1.0: it equals the policy's default `full_weight`, so such a backend
+/// and an idle telemetry-driven one of equal capacity get equal shares.
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// Polling faster than this would make telemetry the load.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Keeps `capacity × full_weight` well inside u32.
+pub const MAX_FULL_WEIGHT: u32 = 1_000_000;
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+/// Tables of all services share one BPF array of `MAX_SERVICES` × 2 halves,
+/// whose entry count must stay well inside u32; Maglev owns the limit.
+pub use crate::maglev::MAX_TABLE_SIZE;
+/// Linux `IFNAMSIZ` minus the terminating NUL.
+const MAX_IFNAME_LEN: usize = 15;
+
+/// A configuration problem, always naming where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML; no key can be named.
+    #[error("{origin}:{line}: {message}")]
+    Syntax {
+        origin: String,
+        line: usize,
+        message: String,
+    },
+    /// A key is unknown, mistyped or has an invalid value.
+    #[error("{origin}:{line}: {key}: {message}")]
+    Invalid {
+        origin: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// 1-based line of the offending text, if the error has one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Syntax { line, .. } | ConfigError::Invalid { line, .. } => Some(*line),
+        }
+    }
+
+    /// Key path such as `service[0].backend[1].address`, if the error has one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode where supported, generic mode otherwise.
+    #[default]
+    Auto,
+    Driver,
+    Skb,
+}
+
+impl XdpMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Driver => "driver",
+            XdpMode::Skb => "skb",
+        }
+    }
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number, as stored in `ServiceKey::proto`.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    /// `[policy]`, defaults applied, validated.
+    pub policy: PolicyConfig,
+    pub services: Vec<ServiceConfig>,
+    /// Kept so later checks (host, daemon) can still point at a line.
+    source: Source,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// One interface, or several for two-armed set-ups; never empty.
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    pub pin_path: PathBuf,
+    pub control_socket: PathBuf,
+    /// Where `/metrics` is served; None when `metrics_listen = ""`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Maglev slots per service; prime.
+    pub table_size: u32,
+    pub conn_table_size: u32,
+    /// SNAT port probe range, inclusive, `1024 <= min <= max`.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub tcp_idle_timeout: Duration,
+    pub tcp_closing_timeout: Duration,
+    pub udp_idle_timeout: Duration,
+    pub datapath_log: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: SocketAddrV4,
+    pub protocol: Protocol,
+    /// 1..=`MAX_SNAT_ADDRS` distinct addresses.
+    pub snat: Vec<Ipv4Addr>,
+    /// Never empty; names and addresses are unique within the service.
+    pub backends: Vec<BackendConfig>,
+    /// Another service whose backends take this one's new connections
+    /// while every backend here is saturated.
+    pub fallback: Option<String>,
+    /// How new flows pick a backend: as written, else `least_loaded` for a
+    /// service with any telemetry-driven backend and `maglev` otherwise.
+    pub selection: Selection,
+}
+
+pub use crate::datapath::Selection;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: SocketAddrV4,
+    /// The pinned weight: `weight` as written, or for a static backend
+    /// (neither `weight` nor `telemetry`) `capacity × policy.full_weight`
+    /// (100 by default, today's static weight). `None`: the policy decides.
+    pub weight: Option<u32>,
+    /// Relative static capacity, > 0 and finite; 1.0 unless written.
+    pub capacity: f64,
+    /// Telemetry is still polled for a pinned backend, for status only.
+    pub telemetry: Option<TelemetryConfig>,
+    /// `None`: no probes, the backend counts as healthy.
+    pub health: Option<HealthConfig>,
+    pub cost_per_hour: Option<f64>,
+    /// Drained: weight 0 for new flows while established flows finish.
+    pub drain: bool,
+    /// Least-loaded services: flows in flight at which the backend has no
+    /// room (an engine's batch size, say); learned from telemetry when unset.
+    pub max_in_flight: Option<u32>,
+}
+
+impl BackendConfig {
+    /// The weight the policy must leave alone, if any.
+    pub fn pinned(&self) -> Option<u32> {
+        self.weight
+    }
+}
+
+/// Which GPU a telemetry source reads (one definition, shared with the sources).
+pub use crate::telemetry::DeviceSelector;
+
+/// The metric dialect of a Prometheus endpoint (one definition, shared with the source).
+pub use crate::telemetry::prometheus::PromFormat;
+
+/// Where a backend's readings come from (one definition, shared with the sources).
+pub use crate::telemetry::source::TelemetryConfig;
+
+/// Active health probes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Probe by TCP connect.
+    pub tcp: bool,
+    /// Probe by HTTP GET of this path (2xx is healthy).
+    pub http_path: Option<String>,
+    pub interval: Duration,
+    /// Never above `interval`.
+    pub timeout: Duration,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub fall: u32,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    pub rise: u32,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let source = Source {
+            origin: origin.to_owned(),
+            text: text.to_owned(),
+        };
+        let doc = ImDocument::parse(text.to_owned()).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            ConfigError::Syntax {
+                origin: origin.to_owned(),
+                line: source.line_of(offset),
+                message: format!(
+                    "invalid TOML at column {}: {}",
+                    source.column_of(offset),
+                    one_line(e.message())
+                ),
+            }
+        })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let offset = span.start;
+            let message = one_line(e.message());
+            match path_at(&doc, span) {
+                Some(key) => ConfigError::Invalid {
+                    origin: origin.to_owned(),
+                    line: source.line_of(offset),
+                    key: key.to_string(),
+                    message,
+                },
+                None => ConfigError::Syntax {
+                    origin: origin.to_owned(),
+                    line: source.line_of(offset),
+                    message,
+                },
+            }
+        })?;
+        let loc = Locator {
+            source: &source,
+            doc: &doc,
+        };
+        let daemon = validate_daemon(&loc, raw.daemon)?;
+        let policy = validate_policy(&loc, raw.policy.unwrap_or_default())?;
+        let services = validate_services(&loc, raw.service, &policy)?;
+        check_table_size(&loc, &daemon, &services)?;
+        Ok(Config {
+            daemon,
+            policy,
+            services,
+            source,
+        })
+    }
+
+    /// Checks the config against the host: every interface exists, and
+    /// every SNAT address is configured on one of the interfaces (replies
+    /// to a SNAT address that no interface owns would never reach us).
+    ///
+    /// `iface_addrs(name)` returns `None` if the interface does not exist,
+    /// else its IPv4 addresses.
+    pub fn check_host(
+        &self,
+        iface_addrs: &dyn Fn(&str) -> Option<Vec<Ipv4Addr>>,
+    ) -> Result<(), ConfigError> {
+        let mut host_addrs = Vec::new();
+        for (i, name) in self.daemon.interfaces.iter().enumerate() {
+            match iface_addrs(name) {
+                Some(addrs) => host_addrs.extend(addrs),
+                None => {
+                    return Err(self.error_at(
+                        &self.interface_key(i),
+                        format!("interface {name:?} does not exist on this host"),
+                    ));
+                }
+            }
+        }
+        for (s, svc) in self.services.iter().enumerate() {
+            for (j, addr) in svc.snat.iter().enumerate() {
+                if !host_addrs.contains(addr) {
+                    return Err(self.error_at(
+                        &self.snat_key(s, j),
+                        format!(
+                            "SNAT address {addr} is not configured on {}",
+                            self.daemon.interfaces.join(" or ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds an error located at `key` (e.g. `daemon.snat_port_range` or
+    /// `service[1].snat[0]`), for checks made after parsing, such as the
+    /// daemon's comparison with the host's ephemeral port range. Falls back
+    /// to the nearest enclosing table's line when the key was not written
+    /// out (a default applied).
+    pub fn error_at(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        let path = KeyPath::parse(key);
+        let offset = ImDocument::parse(self.source.text.clone())
+            .ok()
+            .and_then(|doc| locate(&doc, &path));
+        ConfigError::Invalid {
+            origin: self.source.origin.clone(),
+            line: self.source.line_of(offset.unwrap_or(0)),
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// Where this config came from (a path or the name given to `parse`).
+    pub fn origin(&self) -> &str {
+        &self.source.origin
+    }
+
+    fn interface_key(&self, i: usize) -> String {
+        if self.list_at("daemon.interface") {
+            format!("daemon.interface[{i}]")
+        } else {
+            "daemon.interface".to_owned()
+        }
+    }
+
+    fn snat_key(&self, s: usize, j: usize) -> String {
+        if self.list_at(&format!("service[{s}].snat")) {
+            format!("service[{s}].snat[{j}]")
+        } else {
+            format!("service[{s}].snat")
+        }
+    }
+
+    /// Whether the value at `key` was written as an array (the text parsed
+    /// once already, so this only fails if it was not an array).
+    fn list_at(&self, key: &str) -> bool {
+        let Ok(doc) = ImDocument::parse(self.source.text.clone()) else {
+            return false;
+        };
+        let mut node = Node::Table(doc.as_table());
+        for seg in &KeyPath::parse(key).0 {
+            match node.step(seg) {
+                Some((next, _)) => node = next,
+                None => return false,
+            }
+        }
+        matches!(node, Node::Array(_))
+    }
+}
+
+use locate::{KeyPath, Locator, Node, Source, locate, one_line, path_at};
+use raw::RawConfig;
+pub use validate::ValueError;
+use validate::{check_table_size, validate_daemon, validate_policy, validate_services};
+
+#[cfg(test)]
+mod tests;

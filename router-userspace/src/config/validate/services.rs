@@ -1,0 +1,245 @@
+//! `[[service]]` and their backends: addresses, SNAT, selection,
+//! fallbacks, and the table size they need.
+use super::{
+    super::{
+        locate::{KeyPath, Locator},
+        raw::*,
+    },
+    *,
+};
+
+pub(in crate::config) fn validate_services(
+    loc: &Locator<'_>,
+    raw: Vec<RawService>,
+    policy: &PolicyConfig,
+) -> Result<Vec<ServiceConfig>, ConfigError> {
+    let base = KeyPath::default().key("service");
+    if raw.len() > MAX_SERVICES as usize {
+        return Err(loc.err(
+            &base.index(MAX_SERVICES as usize),
+            format!("at most {MAX_SERVICES} services are supported"),
+        ));
+    }
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut vips: HashMap<(SocketAddrV4, Protocol), usize> = HashMap::new();
+    let mut total_backends = 0usize;
+    let mut services = Vec::with_capacity(raw.len());
+
+    for (s, svc) in raw.into_iter().enumerate() {
+        let sp = base.index(s);
+
+        if svc.name.is_empty() {
+            return Err(loc.err(&sp.key("name"), "service name must not be empty"));
+        }
+        if let Some(&first) = names.get(&svc.name) {
+            return Err(loc.err(
+                &sp.key("name"),
+                format!(
+                    "duplicate service name {:?} (first used at line {})",
+                    svc.name,
+                    loc.line(&base.index(first).key("name"))
+                ),
+            ));
+        }
+        names.insert(svc.name.clone(), s);
+
+        let vip = parse_socket_addr(&svc.vip).map_err(|m| loc.err(&sp.key("vip"), m))?;
+        if let Some(&first) = vips.get(&(vip, svc.protocol)) {
+            return Err(loc.err(
+                &sp.key("vip"),
+                format!(
+                    "{vip}/{} is already used by service {:?}",
+                    svc.protocol,
+                    services_name(&services, first)
+                ),
+            ));
+        }
+        vips.insert((vip, svc.protocol), s);
+
+        let snat_key = sp.key("snat");
+        if svc.snat.items.is_empty() || svc.snat.items.len() > MAX_SNAT_ADDRS {
+            return Err(loc.err(
+                &snat_key,
+                format!(
+                    "needs 1 to {MAX_SNAT_ADDRS} addresses, got {}",
+                    svc.snat.items.len()
+                ),
+            ));
+        }
+        let mut snat = Vec::with_capacity(svc.snat.items.len());
+        for (j, a) in svc.snat.items.iter().enumerate() {
+            let key = svc.snat.item_path(&snat_key, j);
+            let addr = parse_ipv4(a).map_err(|m| loc.err(&key, m))?;
+            if snat.contains(&addr) {
+                return Err(loc.err(&key, format!("SNAT address {addr} is listed twice")));
+            }
+            snat.push(addr);
+        }
+
+        let bp = sp.key("backend");
+        if svc.backend.is_empty() {
+            return Err(loc.err(
+                &bp,
+                format!("service {:?} needs at least one backend", svc.name),
+            ));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(svc.backend.len());
+        for (b, be) in svc.backend.into_iter().enumerate() {
+            let p = bp.index(b);
+            total_backends += 1;
+            if total_backends > MAX_BACKENDS as usize {
+                return Err(loc.err(
+                    &p,
+                    format!("at most {MAX_BACKENDS} backends are supported across all services"),
+                ));
+            }
+            if be.name.is_empty() {
+                return Err(loc.err(&p.key("name"), "backend name must not be empty"));
+            }
+            if let Some(first) = backends.iter().position(|x| x.name == be.name) {
+                return Err(loc.err(
+                    &p.key("name"),
+                    format!(
+                        "duplicate backend name {:?} in service {:?} (first used at line {})",
+                        be.name,
+                        svc.name,
+                        loc.line(&bp.index(first).key("name"))
+                    ),
+                ));
+            }
+            let address =
+                parse_socket_addr(&be.address).map_err(|m| loc.err(&p.key("address"), m))?;
+            // Maglev seeds each backend's permutation with its address, so
+            // two backends on one address would compete for the same slots.
+            if let Some(other) = backends.iter().find(|x| x.address == address) {
+                return Err(loc.err(
+                    &p.key("address"),
+                    format!(
+                        "{address} is already backend {:?} of this service",
+                        other.name
+                    ),
+                ));
+            }
+            let capacity = match be.capacity {
+                None => 1.0,
+                Some(_) if be.weight.is_some() => {
+                    return Err(loc.err(
+                        &p.key("capacity"),
+                        "give `weight` (a pinned weight) or `capacity` (policy-driven), not both",
+                    ));
+                }
+                Some(c) if c.is_finite() && c > 0.0 => c,
+                Some(c) => {
+                    return Err(loc.err(
+                        &p.key("capacity"),
+                        format!("{c} must be a finite number above 0"),
+                    ));
+                }
+            };
+            let cost_per_hour = match be.cost_per_hour {
+                Some(c) if !(c.is_finite() && c >= 0.0) => {
+                    return Err(loc.err(
+                        &p.key("cost_per_hour"),
+                        format!("{c} must be a finite number >= 0"),
+                    ));
+                }
+                c => c,
+            };
+            let telemetry = be
+                .telemetry
+                .map(|t| validate_telemetry(loc, &p.key("telemetry"), t))
+                .transpose()?;
+            let health = be
+                .health
+                .map(|h| validate_health(loc, &p.key("health"), h))
+                .transpose()?;
+            let weight = match (be.weight, &telemetry) {
+                (Some(w), _) => Some(w),
+                // Static: today's default, scaled by capacity.
+                (None, None) => Some(policy.full(capacity)),
+                (None, Some(_)) => None,
+            };
+            if be.max_in_flight == Some(0) {
+                return Err(loc.err(
+                    &p.key("max_in_flight"),
+                    "0 would leave the backend no room ever; leave it out for no limit",
+                ));
+            }
+            backends.push(BackendConfig {
+                name: be.name,
+                address,
+                weight,
+                capacity,
+                telemetry,
+                health,
+                cost_per_hour,
+                drain: be.drain.unwrap_or(false),
+                max_in_flight: be.max_in_flight,
+            });
+        }
+
+        // Telemetry-driven services place by load: their weights are
+        // capacities, and counting in-flight work at the moment of each
+        // pick is what keeps bursts off one replica between polls. Static
+        // services keep consistent hashing, which needs no shared state.
+        let selection = svc.selection.unwrap_or_else(|| {
+            if backends.iter().any(|b| b.telemetry.is_some()) {
+                Selection::LeastLoaded
+            } else {
+                Selection::Maglev
+            }
+        });
+        services.push(ServiceConfig {
+            name: svc.name,
+            vip,
+            protocol: svc.protocol,
+            snat,
+            backends,
+            fallback: svc.fallback,
+            selection,
+        });
+    }
+    for (i, svc) in services.iter().enumerate() {
+        let Some(fb) = &svc.fallback else { continue };
+        let key = base.index(i).key("fallback");
+        let Some(target) = services.iter().find(|s| &s.name == fb) else {
+            return Err(loc.err(&key, format!("no service named {fb:?}")));
+        };
+        if target.name == svc.name {
+            return Err(loc.err(&key, "a service cannot be its own fallback"));
+        }
+        if target.protocol != svc.protocol {
+            return Err(loc.err(
+                &key,
+                format!(
+                    "{fb:?} is {}, this service is {}",
+                    target.protocol, svc.protocol
+                ),
+            ));
+        }
+        if target.backends.len() + svc.backends.len() > MAX_BACKENDS as usize {
+            return Err(loc.err(
+                &key,
+                "with its fallback the service exceeds the backend limit",
+            ));
+        }
+    }
+    Ok(services)
+}
+
+pub(in crate::config) fn services_name(services: &[ServiceConfig], i: usize) -> &str {
+    services.get(i).map_or("", |s| s.name.as_str())
+}
+
+pub(in crate::config) fn check_table_size(
+    loc: &Locator<'_>,
+    daemon: &DaemonConfig,
+    services: &[ServiceConfig],
+) -> Result<(), ConfigError> {
+    let largest = services
+        .iter()
+        .max_by_key(|s| s.backends.len())
+        .map(|s| (s.name.as_str(), s.backends.len()));
+    crate::maglev::check_table_size(daemon.table_size, largest)
+        .map_err(|e| loc.err(&KeyPath::default().key("daemon").key("table_size"), e))
+}

@@ -1,0 +1,145 @@
+//! Scalar values as the config writes them: ports, durations, addresses,
+//! URLs. Each refusal says what was written and what was expected.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use crate::{config::raw::RawDevice, telemetry::DeviceSelector};
+
+/// A value the config wrote that means nothing valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    #[error("{0:?} is not a port range like \"10000-32767\"")]
+    NotPortRange(String),
+    #[error("{input:?}: start {lo} is above end {hi}")]
+    PortRangeReversed { input: String, lo: u16, hi: u16 },
+    #[error("{input:?}: start {lo} is below 1024; SNAT must not take privileged ports")]
+    PrivilegedPorts { input: String, lo: u16 },
+    #[error("{input:?} is not a duration like \"30s\" or \"10m\" ({source})")]
+    NotDuration {
+        input: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+    #[error("{0:?} must be greater than 0")]
+    ZeroDuration(String),
+    #[error("{0:?} is not an IPv4 address:port")]
+    NotSocketAddr(String),
+    #[error("{0:?}: port 0 is not allowed")]
+    PortZero(String),
+    #[error("{0:?} is not an IPv4 address")]
+    NotIpv4(String),
+    #[error("{input:?}: {addr} is not a unicast address")]
+    NotUnicast { input: String, addr: Ipv4Addr },
+    #[error("{0:?} is not a GPU index or an NVML UUID like \"GPU-5fb3…\"")]
+    NotDevice(String),
+    #[error("{input:?} is not a URL ({reason})")]
+    NotUrl { input: String, reason: String },
+    #[error("{input:?}: scheme {scheme}:// is not supported, only http://")]
+    NotHttp { input: String, scheme: String },
+    #[error("{0:?} needs http:// in front")]
+    NoScheme(String),
+    #[error("{0:?} has no host")]
+    NoHost(String),
+}
+
+pub(in crate::config) fn parse_port_range(s: &str) -> Result<(u16, u16), ValueError> {
+    let malformed = || ValueError::NotPortRange(s.to_owned());
+    let (lo, hi) = s.split_once('-').ok_or_else(malformed)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| malformed())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| malformed())?;
+    if lo > hi {
+        return Err(ValueError::PortRangeReversed {
+            input: s.to_owned(),
+            lo,
+            hi,
+        });
+    }
+    if lo < 1024 {
+        return Err(ValueError::PrivilegedPorts {
+            input: s.to_owned(),
+            lo,
+        });
+    }
+    Ok((lo, hi))
+}
+
+pub(in crate::config) fn parse_duration(s: &str) -> Result<Duration, ValueError> {
+    let d = humantime::parse_duration(s).map_err(|source| ValueError::NotDuration {
+        input: s.to_owned(),
+        source,
+    })?;
+    if d.is_zero() {
+        return Err(ValueError::ZeroDuration(s.to_owned()));
+    }
+    Ok(d)
+}
+
+pub(in crate::config) fn parse_socket_addr(s: &str) -> Result<SocketAddrV4, ValueError> {
+    let addr: SocketAddrV4 = s
+        .parse()
+        .map_err(|_| ValueError::NotSocketAddr(s.to_owned()))?;
+    if addr.port() == 0 {
+        return Err(ValueError::PortZero(s.to_owned()));
+    }
+    check_unicast(s, *addr.ip())?;
+    Ok(addr)
+}
+
+pub(in crate::config) fn parse_ipv4(s: &str) -> Result<Ipv4Addr, ValueError> {
+    let addr: Ipv4Addr = s.parse().map_err(|_| ValueError::NotIpv4(s.to_owned()))?;
+    check_unicast(s, addr)?;
+    Ok(addr)
+}
+
+fn check_unicast(input: &str, addr: Ipv4Addr) -> Result<(), ValueError> {
+    if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+        return Err(ValueError::NotUnicast {
+            input: input.to_owned(),
+            addr,
+        });
+    }
+    Ok(())
+}
+
+pub(in crate::config) fn parse_device(raw: RawDevice) -> Result<DeviceSelector, ValueError> {
+    match raw {
+        RawDevice::Index(i) => Ok(DeviceSelector::Index(i)),
+        RawDevice::Uuid(u) => {
+            let well_formed = (u.starts_with("GPU-") || u.starts_with("MIG-"))
+                && u.len() > 4
+                && u.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if well_formed {
+                Ok(DeviceSelector::Uuid(u))
+            } else {
+                Err(ValueError::NotDevice(u))
+            }
+        }
+    }
+}
+
+/// The telemetry client speaks plain HTTP only.
+pub(in crate::config) fn parse_http_url(s: &str) -> Result<String, ValueError> {
+    let uri: hyper::Uri =
+        s.parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| ValueError::NotUrl {
+                input: s.to_owned(),
+                reason: e.to_string(),
+            })?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(ValueError::NotHttp {
+                input: s.to_owned(),
+                scheme: other.to_owned(),
+            });
+        }
+        None => return Err(ValueError::NoScheme(s.to_owned())),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(ValueError::NoHost(s.to_owned()));
+    }
+    Ok(s.to_owned())
+}
