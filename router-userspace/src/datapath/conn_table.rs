@@ -12,7 +12,7 @@ use std::{
     sync::Arc,
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{HashMap, IterableMap, Map, MapData, MapError};
 use router_common::{
     CONN_CLOSING, CONN_COUNTED, CONN_REPLY, ConnEntry, ConnKey, MAX_BACKENDS, PROTO_TCP,
 };
@@ -53,6 +53,35 @@ enum Table {
     HalfOpen,
 }
 
+/// Visits every entry of a connection table once, bucket by bucket (see
+/// `batch`); on kernels without batch lookups, key by key.
+fn each_entry(
+    name: &'static str,
+    map: &HashMap<MapData, ConnKey, ConnEntry>,
+    visit: &mut impl FnMut(&ConnKey, &ConnEntry),
+) -> Result<(), DatapathError> {
+    match super::batch::for_each(map.map().fd().as_fd(), &mut *visit) {
+        Ok(()) => Ok(()),
+        // Before 5.6; this walk starts over when its cursor is deleted.
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            for item in map.iter() {
+                match item {
+                    Ok((key, e)) => visit(&key, &e),
+                    Err(MapError::KeyNotFound) => continue,
+                    Err(e) => return Err(map_err(name)(e)),
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(map_err(name)(MapError::SyscallError(
+            aya::sys::SyscallError {
+                call: "bpf_map_lookup_batch",
+                io_error: e,
+            },
+        ))),
+    }
+}
+
 /// `bpf_ktime_get_coarse_ns` is CLOCK_MONOTONIC_COARSE; entries are stamped
 /// with it, so ages must be measured on the same clock.
 fn coarse_now_ns() -> u64 {
@@ -82,8 +111,8 @@ impl ConnTable {
     }
 
     /// Counts live flows per backend and corrects the in-flight counts
-    /// from them. Entries that vanish mid-scan (LRU eviction, expiry) are
-    /// skipped, not errors. A flow moving from HALF_OPEN to CONNS while
+    /// from them, reading each table bucket by bucket (see `batch`), so
+    /// churn neither restarts the scan nor shows an entry twice. A flow moving from HALF_OPEN to CONNS while
     /// the scan runs may be met in both: it is counted once.
     pub fn scan(&self) -> Result<ConnScan, DatapathError> {
         let now = coarse_now_ns();
@@ -94,17 +123,12 @@ impl ConnTable {
             (Table::Conns, "CONNS", &self.map),
             (Table::HalfOpen, "HALF_OPEN", &self.half_open),
         ] {
-            for item in map.iter() {
-                let (key, e) = match item {
-                    Ok(kv) => kv,
-                    Err(MapError::KeyNotFound) => continue,
-                    Err(e) => return Err(map_err(name)(e)),
-                };
-                if e.flags & CONN_REPLY != 0 || !self.live(table, &key, &e, now) {
+            let mut visit = |key: &ConnKey, e: &ConnEntry| {
+                if e.flags & CONN_REPLY != 0 || !self.live(table, key, e, now) {
                     if table == Table::Conns {
                         out.entries += 1;
                     }
-                    continue;
+                    return;
                 }
                 if table == Table::Conns {
                     out.entries += 1;
@@ -112,10 +136,11 @@ impl ConnTable {
                         *out.active.entry(e.backend_id).or_default() += 1;
                     }
                 }
-                if e.flags & CONN_COUNTED != 0 && seen.insert(key) {
+                if e.flags & CONN_COUNTED != 0 && seen.insert(*key) {
                     *out.counted.entry(e.backend_id).or_default() += 1;
                 }
-            }
+            };
+            each_entry(name, map, &mut visit)?;
         }
         let after = self.load.snapshot(0..MAX_BACKENDS);
         out.corrections = self.load.reconcile(&before, &after, &out.counted);
@@ -133,12 +158,12 @@ impl ConnTable {
     pub fn end_backend_flows(&mut self, backend_id: u32) -> Result<u64, DatapathError> {
         let mut ended = 0;
         for (name, map) in [("CONNS", &mut self.map), ("HALF_OPEN", &mut self.half_open)] {
-            let doomed: Vec<(ConnKey, bool)> = map
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, e)| e.backend_id == backend_id)
-                .map(|(k, e)| (k, e.flags & CONN_REPLY == 0))
-                .collect();
+            let mut doomed: Vec<(ConnKey, bool)> = Vec::new();
+            each_entry(name, map, &mut |k: &ConnKey, e: &ConnEntry| {
+                if e.backend_id == backend_id {
+                    doomed.push((*k, e.flags & CONN_REPLY == 0));
+                }
+            })?;
             for (key, forward) in doomed {
                 match map.remove(&key) {
                     Ok(()) if forward => ended += 1,

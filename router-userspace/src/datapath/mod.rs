@@ -11,6 +11,7 @@
 //! adopts them and swaps in its program without a moment without one).
 
 mod adopt;
+mod batch;
 mod conn_table;
 mod counters;
 mod latency;
