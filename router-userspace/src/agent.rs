@@ -31,6 +31,7 @@ use crate::{
         DeviceSelector, Reading,
         nvml::{NvmlLibrary, ReadFailure},
     },
+    tls::TlsListener,
 };
 
 /// Longest an NVML read may take before the request gives up (504). The
@@ -60,6 +61,9 @@ pub struct AgentOptions {
     pub token: String,
     /// NVML library to load; the system's `libnvidia-ml.so.1` when `None`.
     pub library: Option<PathBuf>,
+    /// Serve HTTPS with this certificate and key (see `tls`); plain HTTP,
+    /// token in clear, when `None`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 struct Shared {
@@ -70,6 +74,7 @@ struct Shared {
 /// A bound agent, not yet serving: NVML is loaded and the port is open.
 pub struct Agent {
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     local_addr: SocketAddr,
     app: Router,
 }
@@ -94,6 +99,7 @@ pub async fn bind(opts: AgentOptions) -> anyhow::Result<Agent> {
     });
     Ok(Agent {
         listener,
+        tls: opts.tls,
         local_addr,
         app: router(shared),
     })
@@ -117,7 +123,18 @@ impl Agent {
     /// (a poll is one short GET, so nothing worth draining is lost).
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let stats = Arc::new(bounded::ServerStats::default());
-        bounded::serve("agent", self.listener, self.app, LIMITS, stats, shutdown).await;
+        match self.tls {
+            Some(config) => {
+                let tls = TlsListener {
+                    tcp: self.listener,
+                    acceptor: config.into(),
+                };
+                bounded::serve("agent", tls, self.app, LIMITS, stats, shutdown).await;
+            }
+            None => {
+                bounded::serve("agent", self.listener, self.app, LIMITS, stats, shutdown).await;
+            }
+        }
         Ok(())
     }
 }

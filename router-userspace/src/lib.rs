@@ -25,3 +25,4 @@ pub mod policy;
 pub mod server;
 pub mod state_file;
 pub mod telemetry;
+pub mod tls;

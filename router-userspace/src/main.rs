@@ -53,6 +53,12 @@ enum Command {
         /// libnvidia-ml to load instead of the system one.
         #[arg(long)]
         nvml_library: Option<PathBuf>,
+        /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM); needs --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Services, backends, weights and counters.
     Status {
@@ -260,13 +266,20 @@ fn run(cli: Cli) -> Result<()> {
                 listen,
                 token_file,
                 nvml_library,
+                tls_cert,
+                tls_key,
             } => {
                 let token = std::fs::read_to_string(&token_file)
                     .with_context(|| format!("reading token file {}", token_file.display()))?;
+                let tls = match (tls_cert, tls_key) {
+                    (Some(cert), Some(key)) => Some(router::tls::server_config(&cert, &key)?),
+                    _ => None,
+                };
                 let opts = router::agent::AgentOptions {
                     listen,
                     token: token.trim().to_string(),
                     library: nvml_library,
+                    tls,
                 };
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -42,6 +42,7 @@ async fn start_agent(fake: &FakeNvml) -> RunningAgent {
         listen: "127.0.0.1:0".parse().unwrap(),
         token: TOKEN.into(),
         library: Some(fake.library().to_path_buf()),
+        tls: None,
     })
     .await
     .unwrap();
@@ -212,6 +213,7 @@ async fn the_agent_refuses_to_start_without_a_token_or_library() {
         listen: "127.0.0.1:0".parse().unwrap(),
         token: "  ".into(),
         library: Some(fake.library().to_path_buf()),
+        tls: None,
     })
     .await
     .err()
@@ -221,6 +223,7 @@ async fn the_agent_refuses_to_start_without_a_token_or_library() {
         listen: "127.0.0.1:0".parse().unwrap(),
         token: TOKEN.into(),
         library: Some("/nonexistent/libnvidia-ml.so.1".into()),
+        tls: None,
     })
     .await
     .err()
@@ -388,4 +391,57 @@ async fn stalling_endpoints_time_out_on_time() {
             "{what}: took {took:?}"
         );
     }
+}
+
+/// The TLS fixtures of router-userspace (a CA, a leaf for 127.0.0.1 signed
+/// by it, an unrelated CA).
+fn tls_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../router-userspace/tests/fixtures/tls")
+        .join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_serving_tls_is_read_through_its_ca_and_only_that() {
+    let fake = FakeNvml::acquire(&two_gpus()).unwrap();
+    let tls =
+        router::tls::server_config(&tls_fixture("agent.pem"), &tls_fixture("agent.key")).unwrap();
+    let bound = agent::bind(AgentOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: TOKEN.into(),
+        library: Some(fake.library().to_path_buf()),
+        tls: Some(tls),
+    })
+    .await
+    .unwrap();
+    let addr = bound.local_addr();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(bound.serve(async move {
+        let _ = stopped.await;
+    }));
+    let url = format!("https://{addr}");
+    let trusted = router::tls::client_config(&tls_fixture("ca.pem")).unwrap();
+    let reading = AgentSource::new(&url, DeviceSelector::Index(1), TOKEN)
+        .unwrap()
+        .with_tls(trusted)
+        .read(POLL)
+        .await
+        .unwrap();
+    assert_eq!(reading.gpu_util, Some(0.9));
+
+    let stranger = router::tls::client_config(&tls_fixture("other-ca.pem")).unwrap();
+    let err = AgentSource::new(&url, DeviceSelector::Index(1), TOKEN)
+        .unwrap()
+        .with_tls(stranger)
+        .read(POLL)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
+    // The token never goes out in clear to a TLS agent: plain HTTP gets no
+    // reading.
+    let plain = AgentSource::new(&format!("http://{addr}"), DeviceSelector::Index(1), TOKEN)
+        .unwrap()
+        .read(POLL)
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
 }

@@ -119,6 +119,7 @@ pub(super) struct RawTelemetry {
     pub(super) library: Option<PathBuf>,
     pub(super) url: Option<String>,
     pub(super) token_file: Option<PathBuf>,
+    pub(super) ca_file: Option<PathBuf>,
     pub(super) format: Option<String>,
     pub(super) labels: Option<BTreeMap<String, String>>,
 }

@@ -85,12 +85,23 @@ impl ServerStats {
 
 /// A listening socket the bounded server accepts from.
 pub trait Listener: Send + 'static {
+    /// What `accept` returns.
+    type Raw: Send + 'static;
+    /// What HTTP is spoken on.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// A connection and its peer's address, where it has one.
-    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Io, Option<IpAddr>)>> + Send;
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Raw, Option<IpAddr>)>> + Send;
+    /// Makes an accepted connection ready for HTTP (a TLS handshake, say).
+    /// It runs in the connection's own task within `header_timeout`, so a
+    /// client that stalls it holds one slot, never the accept loop.
+    fn upgrade(
+        &self,
+        raw: Self::Raw,
+    ) -> impl Future<Output = std::io::Result<Self::Io>> + Send + 'static;
 }
 
 impl Listener for tokio::net::TcpListener {
+    type Raw = tokio::net::TcpStream;
     type Io = tokio::net::TcpStream;
     async fn accept(&self) -> std::io::Result<(Self::Io, Option<IpAddr>)> {
         // An IPv4 peer on a dual-stack socket counts as its IPv4 address.
@@ -98,14 +109,27 @@ impl Listener for tokio::net::TcpListener {
             .await
             .map(|(s, peer)| (s, Some(peer.ip().to_canonical())))
     }
+    fn upgrade(
+        &self,
+        raw: Self::Raw,
+    ) -> impl Future<Output = std::io::Result<Self::Io>> + Send + 'static {
+        std::future::ready(Ok(raw))
+    }
 }
 
 impl Listener for tokio::net::UnixListener {
+    type Raw = tokio::net::UnixStream;
     type Io = tokio::net::UnixStream;
     async fn accept(&self) -> std::io::Result<(Self::Io, Option<IpAddr>)> {
         tokio::net::UnixListener::accept(self)
             .await
             .map(|(s, _)| (s, None))
+    }
+    fn upgrade(
+        &self,
+        raw: Self::Raw,
+    ) -> impl Future<Output = std::io::Result<Self::Io>> + Send + 'static {
+        std::future::ready(Ok(raw))
     }
 }
 
@@ -240,6 +264,7 @@ pub async fn serve<L: Listener>(
                     },
                     _ => None,
                 };
+                let io = listener.upgrade(io);
                 conns.spawn(connection(io, app.clone(), limits, (slot, peer_slot)));
             }
         }
@@ -249,13 +274,17 @@ pub async fn serve<L: Listener>(
 
 /// One connection, holding its slots until it ends.
 async fn connection<I>(
-    io: I,
+    io: impl Future<Output = std::io::Result<I>>,
     app: Router,
     limits: Limits,
     _slots: (OwnedSemaphorePermit, Option<PeerSlot>),
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // A failed or stalled handshake is the client's: close.
+    let Ok(Ok(io)) = tokio::time::timeout(limits.header_timeout, io).await else {
+        return;
+    };
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)

@@ -1,7 +1,7 @@
 //! GPU telemetry from a remote `router agent`: one authenticated GET per
 //! poll, bounded in time and size, parsed strictly and validated.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use super::{DeviceSelector, Reading, TelemetryError, http_client};
 
@@ -15,6 +15,8 @@ pub struct AgentSource {
     url: String,
     device: DeviceSelector,
     token: String,
+    /// For an `https://` agent: the roots its certificate must chain to.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for AgentSource {
@@ -51,7 +53,14 @@ impl AgentSource {
             url,
             device,
             token: token.into(),
+            tls: None,
         })
+    }
+
+    /// Trusts `tls`'s roots for an `https://` agent (see `crate::tls`).
+    pub fn with_tls(mut self, tls: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// The full URL polled.
@@ -65,7 +74,14 @@ impl AgentSource {
 
     /// One validated reading; the whole exchange finishes within `timeout`.
     pub async fn read(&self, timeout: Duration) -> Result<Reading, TelemetryError> {
-        let body = http_client::get(&self.url, Some(&self.token), timeout, MAX_BODY).await?;
+        let body = http_client::get_tls(
+            &self.url,
+            Some(&self.token),
+            self.tls.as_ref(),
+            timeout,
+            MAX_BODY,
+        )
+        .await?;
         parse(&self.url, &body)
     }
 }

@@ -1,13 +1,16 @@
-//! A minimal HTTP/1.1 GET for telemetry polls: plain HTTP, one request per
-//! connection, a hard deadline for the whole exchange (so a slow-loris
-//! endpoint cannot hold a poll), and a body size limit.
+//! A minimal HTTP/1.1 GET for telemetry polls: plain HTTP (or HTTPS to an
+//! agent), one request per connection, a hard deadline for the whole
+//! exchange (so a slow-loris endpoint cannot hold a poll), and a body size
+//! limit.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::{Uri, body::Bytes};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use super::TelemetryError;
 
@@ -31,7 +34,19 @@ pub async fn get(
     timeout: Duration,
     max_body: usize,
 ) -> Result<Bytes, TelemetryError> {
-    match tokio::time::timeout(timeout, get_inner(url, bearer, max_body)).await {
+    get_tls(url, bearer, None, timeout, max_body).await
+}
+
+/// [`get`], also for `https://` URLs when `tls` is given: the server's
+/// certificate must chain to its roots and name the URL's host.
+pub async fn get_tls(
+    url: &str,
+    bearer: Option<&str>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<Bytes, TelemetryError> {
+    match tokio::time::timeout(timeout, get_inner(url, bearer, tls, max_body)).await {
         Ok(r) => r,
         Err(_) => Err(TelemetryError::Timeout(timeout)),
     }
@@ -40,20 +55,32 @@ pub async fn get(
 async fn get_inner(
     url: &str,
     bearer: Option<&str>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     max_body: usize,
 ) -> Result<Bytes, TelemetryError> {
     let uri: Uri = url
         .parse()
         .map_err(|e| TelemetryError::Unreachable(format!("bad URL {url}: {e}")))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(TelemetryError::Unreachable(format!(
-            "{url}: only http:// is supported"
-        )));
-    }
+    let tls = match (uri.scheme_str(), tls) {
+        (Some("http"), _) => None,
+        (Some("https"), Some(tls)) => Some(tls),
+        (Some("https"), None) => {
+            return Err(TelemetryError::Unreachable(format!(
+                "{url}: https:// needs a CA to check the server against"
+            )));
+        }
+        _ => {
+            return Err(TelemetryError::Unreachable(format!(
+                "{url}: only http:// and https:// are supported"
+            )));
+        }
+    };
     let host = uri
         .host()
         .ok_or_else(|| TelemetryError::Unreachable(format!("{url}: no host")))?;
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri
+        .port_u16()
+        .unwrap_or(if tls.is_some() { 443 } else { 80 });
     let stream = TcpStream::connect((host, port)).await.map_err(|e| {
         if is_local_error(&e) {
             TelemetryError::Local(format!("{url}: {e}"))
@@ -61,11 +88,38 @@ async fn get_inner(
             TelemetryError::Unreachable(format!("{url}: {e}"))
         }
     })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    match tls {
+        None => exchange(url, host, path, stream, bearer, max_body).await,
+        Some(config) => {
+            // An IP literal (`[::1]` loses its brackets) or a DNS name.
+            let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+                .map_err(|e| TelemetryError::Unreachable(format!("{url}: {e}")))?;
+            let stream = TlsConnector::from(Arc::clone(config))
+                .connect(name, stream)
+                .await
+                .map_err(|e| TelemetryError::Unreachable(format!("{url}: TLS: {e}")))?;
+            exchange(url, host, path, stream, bearer, max_body).await
+        }
+    }
+}
+
+/// One request and its answer on an open connection.
+async fn exchange<T>(
+    url: &str,
+    host: &str,
+    path: &str,
+    io: T,
+    bearer: Option<&str>,
+    max_body: usize,
+) -> Result<Bytes, TelemetryError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| TelemetryError::Unreachable(format!("{url}: {e}")))?;
     let conn = tokio::spawn(conn);
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut req = hyper::Request::get(path).header("host", host);
     if let Some(token) = bearer {
         req = req.header("authorization", format!("Bearer {token}"));

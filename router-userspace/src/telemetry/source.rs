@@ -31,8 +31,10 @@ pub enum TelemetryConfig {
     Agent {
         url: String,
         device: DeviceSelector,
-        /// Bearer token, read at start and on reload.
+        /// Bearer token, read at each poll.
         token_file: PathBuf,
+        /// For an `https://` URL: the CA that signed the agent's certificate.
+        ca_file: Option<PathBuf>,
     },
     /// A Prometheus text endpoint (the engine's own, or DCGM exporter).
     Prometheus {
@@ -53,6 +55,9 @@ enum Kind {
         url: String,
         device: DeviceSelector,
         token_file: PathBuf,
+        ca_file: Option<PathBuf>,
+        /// The CA file, loaded once it loads (a bad one is retried each poll).
+        tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
     },
     Prometheus(PrometheusSource),
 }
@@ -77,12 +82,15 @@ impl Source {
                 url,
                 device,
                 token_file,
+                ca_file,
             } => Self {
                 describe: format!("agent {url} {device}"),
                 kind: Kind::Agent {
                     url: url.clone(),
                     device: device.clone(),
                     token_file: token_file.clone(),
+                    ca_file: ca_file.clone(),
+                    tls: Mutex::new(None),
                 },
             },
             TelemetryConfig::Prometheus {
@@ -118,6 +126,8 @@ impl Source {
                 url,
                 device,
                 token_file,
+                ca_file,
+                tls,
             } => {
                 let token = tokio::fs::read_to_string(token_file).await.map_err(|e| {
                     TelemetryError::Unreachable(format!(
@@ -125,7 +135,10 @@ impl Source {
                         token_file.display()
                     ))
                 })?;
-                let source = AgentSource::new(url, device.clone(), token.trim())?;
+                let mut source = AgentSource::new(url, device.clone(), token.trim())?;
+                if let Some(ca_file) = ca_file {
+                    source = source.with_tls(agent_tls(tls, ca_file)?);
+                }
                 source.read(timeout).await
             }
             Kind::Prometheus(p) => p.read(timeout).await,
@@ -164,4 +177,20 @@ impl Source {
         };
         source.read()
     }
+}
+
+/// The agent's CA, loaded on first use and kept; a file that does not load
+/// is this backend's telemetry error, tried again at the next poll.
+fn agent_tls(
+    cached: &Mutex<Option<Arc<rustls::ClientConfig>>>,
+    ca_file: &std::path::Path,
+) -> Result<Arc<rustls::ClientConfig>, TelemetryError> {
+    let mut cached = cached.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(config) = cached.as_ref() {
+        return Ok(Arc::clone(config));
+    }
+    let config = crate::tls::client_config(ca_file)
+        .map_err(|e| TelemetryError::Unreachable(format!("agent ca_file {e}")))?;
+    *cached = Some(Arc::clone(&config));
+    Ok(config)
 }

@@ -78,6 +78,16 @@ fn telemetry_sources_parse() {
                 url: "http://198.18.0.11:9400".into(),
                 device: DeviceSelector::Index(1),
                 token_file: "/etc/router/agent.token".into(),
+                ca_file: None,
+            },
+        ),
+        (
+            r#"telemetry = { source = "agent", url = "https://198.18.0.11:9400", device = 1, token_file = "/t", ca_file = "/etc/router/agent-ca.pem" }"#,
+            TelemetryConfig::Agent {
+                url: "https://198.18.0.11:9400".into(),
+                device: DeviceSelector::Index(1),
+                token_file: "/t".into(),
+                ca_file: Some("/etc/router/agent-ca.pem".into()),
             },
         ),
         (
@@ -167,7 +177,32 @@ fn telemetry_errors() {
         (
             r#"{ source = "agent", url = "https://h:9400", device = 0, token_file = "/t" }"#,
             "url",
-            "only http://",
+            "an https:// agent needs `ca_file`",
+        ),
+        (
+            r#"{ source = "agent", url = "http://h:9400", device = 0, token_file = "/t", ca_file = "/ca.pem" }"#,
+            "ca_file",
+            "applies to https:// agents only",
+        ),
+        (
+            r#"{ source = "agent", url = "https://h:9400", device = 0, token_file = "/t", ca_file = "" }"#,
+            "ca_file",
+            "must not be empty",
+        ),
+        (
+            r#"{ source = "agent", url = "ftp://h:9400", device = 0, token_file = "/t" }"#,
+            "url",
+            "scheme ftp:// is not supported, only http:// and https://",
+        ),
+        (
+            r#"{ source = "prometheus", url = "https://h/metrics", format = "vllm" }"#,
+            "url",
+            "scheme https:// is not supported, only http://",
+        ),
+        (
+            r#"{ source = "prometheus", url = "http://h/metrics", format = "vllm", ca_file = "/ca.pem" }"#,
+            "ca_file",
+            "does not apply to source \"prometheus\"",
         ),
         (
             r#"{ source = "agent", url = "h:9400", device = 0, token_file = "/t" }"#,

@@ -132,6 +132,7 @@ fn agents_example_parses() {
                 url,
                 device,
                 token_file,
+                ca_file: None,
             }) => {
                 // The port router-agent.service listens on.
                 let host = b.address.ip().to_string();

@@ -23,7 +23,7 @@ pub(in crate::config) fn validate_telemetry(
     let source = raw.source.as_str();
     let allowed: &[&str] = match source {
         "nvml" => &["device", "library"],
-        "agent" => &["url", "device", "token_file"],
+        "agent" => &["url", "device", "token_file", "ca_file"],
         "prometheus" => &["url", "format", "labels"],
         other => {
             return Err(loc.err(
@@ -37,6 +37,7 @@ pub(in crate::config) fn validate_telemetry(
         ("library", raw.library.is_some()),
         ("url", raw.url.is_some()),
         ("token_file", raw.token_file.is_some()),
+        ("ca_file", raw.ca_file.is_some()),
         ("format", raw.format.is_some()),
         ("labels", raw.labels.is_some()),
     ];
@@ -54,9 +55,9 @@ pub(in crate::config) fn validate_telemetry(
         None => Err(missing("device")),
         Some(d) => parse_device(d).map_err(|m| loc.err(&base.key("device"), m)),
     };
-    let url = |raw: Option<String>| match raw {
+    let url = |raw: Option<String>, https: bool| match raw {
         None => Err(missing("url")),
-        Some(u) => parse_http_url(&u).map_err(|m| loc.err(&base.key("url"), m)),
+        Some(u) => parse_http_url(&u, https).map_err(|m| loc.err(&base.key("url"), m)),
     };
     match source {
         "nvml" => {
@@ -70,20 +71,40 @@ pub(in crate::config) fn validate_telemetry(
             })
         }
         "agent" => {
-            let url = url(raw.url)?;
+            let (url, https) = url(raw.url, true)?;
             let device = device(raw.device)?;
             let token_file = raw.token_file.ok_or_else(|| missing("token_file"))?;
             if token_file.as_os_str().is_empty() {
                 return Err(loc.err(&base.key("token_file"), "must not be empty"));
             }
+            let ca_file = raw.ca_file;
+            match (https, &ca_file) {
+                (true, None) => {
+                    return Err(loc.err(
+                        &base.key("url"),
+                        "an https:// agent needs `ca_file`, the CA that signed its certificate",
+                    ));
+                }
+                (false, Some(_)) => {
+                    return Err(loc.err(
+                        &base.key("ca_file"),
+                        "applies to https:// agents only (the token travels in clear over http://)",
+                    ));
+                }
+                (true, Some(f)) if f.as_os_str().is_empty() => {
+                    return Err(loc.err(&base.key("ca_file"), "must not be empty"));
+                }
+                _ => {}
+            }
             Ok(TelemetryConfig::Agent {
                 url,
                 device,
                 token_file,
+                ca_file,
             })
         }
         _ => {
-            let url = url(raw.url)?;
+            let (url, _) = url(raw.url, false)?;
             let format = match raw.format.as_deref() {
                 None => return Err(missing("format")),
                 Some("vllm") => PromFormat::Vllm,

@@ -37,8 +37,12 @@ pub enum ValueError {
     NotDevice(String),
     #[error("{input:?} is not a URL ({reason})")]
     NotUrl { input: String, reason: String },
-    #[error("{input:?}: scheme {scheme}:// is not supported, only http://")]
-    NotHttp { input: String, scheme: String },
+    #[error("{input:?}: scheme {scheme}:// is not supported, only {allowed}")]
+    NotHttp {
+        input: String,
+        scheme: String,
+        allowed: &'static str,
+    },
     #[error("{0:?} needs http:// in front")]
     NoScheme(String),
     #[error("{0:?} has no host")]
@@ -120,26 +124,36 @@ pub(in crate::config) fn parse_device(raw: RawDevice) -> Result<DeviceSelector, 
     }
 }
 
-/// The telemetry client speaks plain HTTP only.
-pub(in crate::config) fn parse_http_url(s: &str) -> Result<String, ValueError> {
+/// The telemetry client speaks plain HTTP, and HTTPS where `https` (to an
+/// agent). Returns the URL and whether it is HTTPS.
+pub(in crate::config) fn parse_http_url(
+    s: &str,
+    https: bool,
+) -> Result<(String, bool), ValueError> {
     let uri: hyper::Uri =
         s.parse()
             .map_err(|e: hyper::http::uri::InvalidUri| ValueError::NotUrl {
                 input: s.to_owned(),
                 reason: e.to_string(),
             })?;
-    match uri.scheme_str() {
-        Some("http") => {}
+    let is_https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") if https => true,
         Some(other) => {
             return Err(ValueError::NotHttp {
                 input: s.to_owned(),
                 scheme: other.to_owned(),
+                allowed: if https {
+                    "http:// and https://"
+                } else {
+                    "http://"
+                },
             });
         }
         None => return Err(ValueError::NoScheme(s.to_owned())),
-    }
+    };
     if uri.host().is_none_or(str::is_empty) {
         return Err(ValueError::NoHost(s.to_owned()));
     }
-    Ok(s.to_owned())
+    Ok((s.to_owned(), is_https))
 }
