@@ -26,12 +26,11 @@ use tokio::net::TcpListener;
 
 use crate::{
     api::ErrorReply,
-    server::bounded,
+    server::{bounded, tls_listener::TlsListener},
     telemetry::{
         DeviceSelector, Reading,
         nvml::{NvmlLibrary, ReadFailure},
     },
-    tls::TlsListener,
 };
 
 /// Longest an NVML read may take before the request gives up (504). The

@@ -5,17 +5,12 @@
 //! agents sit on private networks with private CAs.
 
 use std::{
-    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
-
-use crate::server::bounded::Listener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -94,39 +89,20 @@ pub fn client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// A TCP listener whose connections speak TLS. The handshake runs in each
-/// connection's own task, within the server's header timeout, so a client
-/// that stalls it holds one slot, never the accept loop.
-pub struct TlsListener {
-    pub tcp: TcpListener,
-    pub acceptor: TlsAcceptor,
-}
-
-impl Listener for TlsListener {
-    type Raw = TcpStream;
-    type Io = TlsStream<TcpStream>;
-
-    async fn accept(&self) -> std::io::Result<(TcpStream, Option<IpAddr>)> {
-        Listener::accept(&self.tcp).await
-    }
-
-    fn upgrade(
-        &self,
-        raw: TcpStream,
-    ) -> impl Future<Output = std::io::Result<Self::Io>> + Send + 'static {
-        self.acceptor.accept(raw)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use axum::{Router, routing::get};
 
+    use tokio::net::TcpListener;
+
     use super::*;
     use crate::{
-        server::bounded::{self, Limits, ServerStats},
+        server::{
+            bounded::{self, Limits, ServerStats},
+            tls_listener::TlsListener,
+        },
         telemetry::{TelemetryError, http_client},
     };
 

@@ -5,3 +5,4 @@
 pub mod bounded;
 pub mod control;
 pub mod metrics;
+pub mod tls_listener;
