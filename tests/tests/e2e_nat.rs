@@ -269,6 +269,13 @@ fn an_unprepared_host_forwards_every_connection_and_gets_its_settings_back() {
         ],
     )
     .unwrap();
+    assert!(
+        check.contains(&format!(
+            "{} is a veth: frames the router sends out of it",
+            topo.lb_if()
+        )),
+        "config check names what the veth needs from its peer: {check}"
+    );
     for key in ["forwarding 0 → 1", "accept_local 0 → 1", "rp_filter 1 → 2"] {
         assert!(
             check.contains(&format!(

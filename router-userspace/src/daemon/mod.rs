@@ -33,7 +33,7 @@ use crate::{
     control_loop::Controller,
     datapath::{AdoptedRoute, Datapath, LoadOptions, PinDir},
     fib_watch,
-    host::{facts as host, settings as host_settings},
+    host::{self, facts, settings as host_settings},
     server::{bounded, control, metrics},
 };
 
@@ -54,9 +54,9 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
 /// kernel's own ephemeral ports. Every error names file, line and key.
 pub fn load_for_host(path: &Path) -> Result<Config> {
     let cfg = Config::load(path)?;
-    let addrs = host::interface_addresses().context("listing interface addresses")?;
+    let addrs = facts::interface_addresses().context("listing interface addresses")?;
     cfg.check_host(&|name| addrs.get(name).cloned())?;
-    let (lo, hi) = host::ephemeral_port_range().context("reading ip_local_port_range")?;
+    let (lo, hi) = facts::ephemeral_port_range().context("reading ip_local_port_range")?;
     if cfg.daemon.snat_port_min <= hi && lo <= cfg.daemon.snat_port_max {
         return Err(cfg
             .error_at(
@@ -73,8 +73,8 @@ pub fn load_for_host(path: &Path) -> Result<Config> {
 }
 
 /// What the daemon would arrange on this host at start, one line each:
-/// interface settings it sets and a BPF filesystem it mounts. `Err` names
-/// a prerequisite it cannot arrange.
+/// interface settings it sets, a BPF filesystem it mounts, and what a veth
+/// needs from its peer. `Err` names a prerequisite it cannot arrange.
 pub fn host_plan(cfg: &Config, pin_path: &Path) -> Result<Vec<String>> {
     use crate::datapath::pinning::{BpffsPlan, bpffs_plan};
     let mut lines = Vec::new();
@@ -86,6 +86,7 @@ pub fn host_plan(cfg: &Config, pin_path: &Path) -> Result<Vec<String>> {
                 .iter()
                 .map(|c| format!("the daemon sets {}", c.describe())),
         );
+        lines.extend(veth_note(iface));
     }
     match bpffs_plan(pin_path)? {
         BpffsPlan::Present => {}
@@ -102,6 +103,13 @@ pub fn host_plan(cfg: &Config, pin_path: &Path) -> Result<Vec<String>> {
         ),
     }
     Ok(lines)
+}
+
+/// What a veth interface needs from its peer, if `iface` is one; an
+/// interface whose kind cannot be read gets no line (attaching reports it).
+fn veth_note(iface: &str) -> Option<String> {
+    let kind = host::link_kind::interface_kind(iface).ok()?;
+    host::link_kind::veth_note(iface, kind.as_deref())
 }
 
 fn aya_mode(m: XdpMode) -> aya::programs::XdpMode {
@@ -152,6 +160,9 @@ fn routed_by_name(cfg: &Config, routes: &[AdoptedRoute]) -> BTreeSet<(String, St
 /// what to set by hand, and the daemon goes on: forwarding still works for
 /// every flow whose neighbour is resolved.
 fn arrange_interface(iface: &str, record: &Path) {
+    if let Some(note) = veth_note(iface) {
+        info!("{note}");
+    }
     let changes = match host_settings::needed(iface) {
         Ok(c) => c,
         Err(e) => {

@@ -1,0 +1,174 @@
+//! An interface's link kind (`veth`, `bridge`, …; none for a physical NIC)
+//! from rtnetlink, as `ip -d link` shows it. A veth needs something from
+//! its peer that the daemon cannot arrange from this side (see
+//! `veth_note`), so `config check` and the daemon's start say so.
+
+use std::{
+    io, mem,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const NLM_F_REQUEST: u16 = 1;
+const NLMSG_ERROR: u16 = 2;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+/// Attribute types carry flag bits above these.
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+#[repr(C)]
+struct Request {
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+    // struct ifinfomsg
+    family: u8,
+    _pad: u8,
+    if_type: u16,
+    index: i32,
+    if_flags: u32,
+    change: u32,
+}
+
+/// The link kind of the interface named `iface` (see [`link_kind`]).
+pub fn interface_kind(iface: &str) -> io::Result<Option<String>> {
+    let name = std::ffi::CString::new(iface).map_err(io::Error::other)?;
+    // SAFETY: a NUL-terminated name that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    link_kind(index)
+}
+
+/// The link kind of interface `ifindex`, `None` for a device without one.
+pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor socket(2) just returned.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let req = Request {
+        len: mem::size_of::<Request>() as u32,
+        kind: RTM_GETLINK,
+        flags: NLM_F_REQUEST,
+        seq: 1,
+        pid: 0,
+        family: libc::AF_UNSPEC as u8,
+        _pad: 0,
+        if_type: 0,
+        index: i32::try_from(ifindex).map_err(|_| io::Error::other("ifindex out of range"))?,
+        if_flags: 0,
+        change: 0,
+    };
+    // SAFETY: sending a fully initialised, repr(C) request to the kernel.
+    let sent = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&req).cast(),
+            mem::size_of::<Request>(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 32 << 10];
+    // SAFETY: receiving into a buffer we own, within its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    parse_reply(&buf[..n as usize])
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Netlink attributes in `b`: (type, payload), each padded to 4 bytes.
+fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = usize::from(u16_at(b, 0)?);
+        let kind = u16_at(b, 2)? & NLA_TYPE_MASK;
+        let payload = b.get(4..len)?;
+        b = b.get(len.next_multiple_of(4)..).unwrap_or_default();
+        Some((kind, payload))
+    })
+}
+
+fn parse_reply(msg: &[u8]) -> io::Result<Option<String>> {
+    let malformed = || io::Error::other("malformed rtnetlink reply");
+    let len = u32_at(msg, 0).ok_or_else(malformed)? as usize;
+    let kind = u16_at(msg, 4).ok_or_else(malformed)?;
+    if kind == NLMSG_ERROR {
+        let errno = u32_at(msg, 16).ok_or_else(malformed)? as i32;
+        return Err(io::Error::from_raw_os_error(-errno));
+    }
+    if kind != RTM_NEWLINK {
+        return Err(malformed());
+    }
+    // nlmsghdr (16) + ifinfomsg (16), then the link's attributes.
+    let attrs = msg.get(32..len.min(msg.len())).ok_or_else(malformed)?;
+    let Some((_, info)) = attributes(attrs).find(|(t, _)| *t == IFLA_LINKINFO) else {
+        return Ok(None);
+    };
+    Ok(attributes(info)
+        .find(|(t, _)| *t == IFLA_INFO_KIND)
+        .map(|(_, k)| String::from_utf8_lossy(k.split(|b| *b == 0).next().unwrap_or(k)).into()))
+}
+
+/// What a veth interface needs from its peer, in one line; `None` for any
+/// other kind of interface.
+pub fn veth_note(iface: &str, kind: Option<&str>) -> Option<String> {
+    (kind == Some("veth")).then(|| {
+        format!(
+            "{iface} is a veth: frames the router sends out of it (XDP_TX, XDP_REDIRECT) are \
+             delivered only while its peer has an XDP program attached (the daemon cannot \
+             attach one from this side; see docs/operations.md, XDP modes and veth)"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_has_no_kind_and_a_missing_index_is_an_error() {
+        assert_eq!(link_kind(1).unwrap(), None);
+        let e = link_kind(0x7fff_fff0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
+    }
+
+    #[test]
+    fn attributes_are_walked_with_padding_and_nesting() {
+        // IFLA_IFNAME "lo" (padded), then IFLA_LINKINFO { IFLA_INFO_KIND "veth\0" }.
+        let mut attrs = vec![7, 0, 3, 0, b'l', b'o', 0, 0];
+        let kind = [9u8, 0, 1, 0, b'v', b'e', b't', b'h', 0, 0, 0, 0];
+        attrs.extend_from_slice(&[16, 0, 18, 0]);
+        attrs.extend_from_slice(&kind);
+        let mut msg = vec![0u8; 32];
+        msg[0..4].copy_from_slice(&((32 + attrs.len()) as u32).to_ne_bytes());
+        msg[4..6].copy_from_slice(&RTM_NEWLINK.to_ne_bytes());
+        msg.extend_from_slice(&attrs);
+        assert_eq!(parse_reply(&msg).unwrap().as_deref(), Some("veth"));
+        assert!(veth_note("lb0", Some("veth")).unwrap().contains("peer"));
+        assert_eq!(veth_note("eth0", None), None);
+    }
+}
