@@ -210,7 +210,7 @@ fn proc_rss_mib(pid: u32) -> Result<f64> {
 
 pub fn polling_cost(backends: usize, hz: f64, seconds: u64) -> Result<PollingCost> {
     use router_testkit::{
-        daemon_proc::{ScratchDir, cli, start_daemon},
+        daemon_proc::{ScratchDir, start_daemon, status},
         netns::{self, Topology},
     };
     let topo = Topology::one_arm(0)?;
@@ -255,8 +255,7 @@ pub fn polling_cost(backends: usize, hz: f64, seconds: u64) -> Result<PollingCos
     // figure is the steady cost of polling, with weights settled.
     std::thread::sleep(Duration::from_secs(4));
     let polls_of = || -> Result<(u64, u64)> {
-        let st: router::control::StatusReply =
-            serde_json::from_str(&cli(&socket, &["status", "--json"])?)?;
+        let st = status(&socket)?;
         Ok((
             st.policy.iter().map(|p| p.stats.polls).sum(),
             st.policy

@@ -42,6 +42,8 @@ use router_testkit::{
     test_run::xdp_md,
 };
 
+use crate::report::median;
+
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
@@ -212,20 +214,6 @@ impl Samples {
             .get(key)
             .map(Vec::as_slice)
             .with_context(|| format!("no samples for {key}"))
-    }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
     }
 }
 

@@ -31,14 +31,15 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
+use router_testkit::{
+    daemon_proc::{ScratchDir, start_daemon, status},
+    netns::{self, ChildGuard, Topology},
+};
+
 use crate::{
     loadgen::{self, RunResult},
     peers::{self, HAPROXY, IPTABLES, NFT, NGINX, WRK},
     report::median,
-};
-use router_testkit::{
-    daemon_proc::{ScratchDir, cli, start_daemon},
-    netns::{self, ChildGuard, Topology},
 };
 
 const BACKENDS: usize = 4;
@@ -491,9 +492,7 @@ impl Stage {
     fn finish(self) -> Result<BTreeMap<String, u64>> {
         let mut counters = BTreeMap::new();
         if let Front::Router(daemon, socket) = self.front {
-            let st: router::control::StatusReply =
-                serde_json::from_str(&cli(&socket, &["status", "--json"])?)
-                    .context("parsing router status")?;
+            let st = status(&socket)?;
             for (name, v) in st.datapath.reasons {
                 if v > 0 {
                     counters.insert(name, v);

@@ -12,7 +12,8 @@ use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 use serde_json::{Value, json};
 
-/// Median; NaN for no samples.
+/// Median of the samples that are numbers (NaN ones, a run that measured
+/// nothing, are left out); NaN when none is. The one median of every suite.
 pub fn median(v: &[f64]) -> f64 {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
     s.sort_by(f64::total_cmp);

@@ -38,15 +38,16 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
+use router_testkit::{
+    daemon_proc::{Daemon, ScratchDir, cli, router_binary, start_daemon, status},
+    netns::{self, ChildGuard, Topology},
+    replica,
+};
+
 use crate::{
     loadgen::{self, Lengths, StreamRun},
     peers::{self, HAPROXY},
     report::median,
-};
-use router_testkit::{
-    daemon_proc::{Daemon, ScratchDir, cli, router_binary, start_daemon},
-    netns::{self, ChildGuard, Topology},
-    replica,
 };
 
 /// Whether the router's config parser accepts the per-service `selection`
@@ -479,10 +480,6 @@ fn sm_util(dir: &Path, i: usize) -> Option<f64> {
     let text = std::fs::read_to_string(nvml_path(dir, i)).ok()?;
     let v: Value = serde_json::from_str(&text).ok()?;
     v["devices"][0]["sm_util"].as_f64()
-}
-
-fn status(socket: &Path) -> Result<router::control::StatusReply> {
-    serde_json::from_str(&cli(socket, &["status", "--json"])?).context("parsing router status")
 }
 
 /// Per replica, from a status reply: `pick` of its policy entry.

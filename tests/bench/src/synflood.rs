@@ -25,7 +25,7 @@ use router::control::StatusReply;
 use serde::Serialize;
 
 use router_testkit::{
-    daemon_proc::{ScratchDir, cli, one_arm_config, start_daemon},
+    daemon_proc::{self, ScratchDir, one_arm_config, start_daemon},
     netns::{self, ChildGuard, Topology},
     packet::{Packet, TCP_SYN, spoofed_syn},
     raw_sender::{RawSender, SendStats},
@@ -191,11 +191,6 @@ impl Report {
     }
 }
 
-fn status(socket: &Path) -> Result<StatusReply> {
-    let out = cli(socket, &["status", "--json"])?;
-    serde_json::from_str(&out).context("parsing `router status --json`")
-}
-
 fn reasons(st: &StatusReply) -> BTreeMap<String, u64> {
     st.datapath.reasons.iter().cloned().collect()
 }
@@ -322,7 +317,7 @@ impl Rig {
     }
 
     pub fn status(&self) -> Result<StatusReply> {
-        status(&self.socket)
+        daemon_proc::status(&self.socket)
     }
 
     /// `n` short GETs through the VIP from the client; returns (attempts,

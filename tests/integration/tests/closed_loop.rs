@@ -20,7 +20,7 @@ use std::{
 
 use router::control::StatusReply;
 use router_testkit::{
-    daemon_proc::{ScratchDir, cli, router_binary, start_daemon},
+    daemon_proc::{ScratchDir, policy_weights, router_binary, start_daemon, status},
     fake_nvml::{self, FakeGpuState},
     netns::{self, Topology},
     replica,
@@ -29,18 +29,6 @@ use router_testkit::{
 const VIP: &str = "198.18.100.1:8000";
 const SNAT: std::net::Ipv4Addr = netns::SNAT_ADDR;
 const POLL_MS: u64 = 500;
-
-fn status(socket: &Path) -> StatusReply {
-    serde_json::from_str(&cli(socket, &["status", "--json"]).unwrap()).unwrap()
-}
-
-/// Weight of each backend as the policy set it.
-fn weights(st: &StatusReply) -> BTreeMap<String, u32> {
-    st.policy
-        .iter()
-        .map(|p| (p.backend.clone(), p.weight))
-        .collect()
-}
 
 fn new_conns(st: &StatusReply) -> BTreeMap<String, u64> {
     st.datapath.services[0]
@@ -66,7 +54,7 @@ fn wait_until(
 ) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < within {
-        if pred(&status(socket)) {
+        if pred(&status(socket).unwrap()) {
             return Some(start.elapsed());
         }
         thread::sleep(Duration::from_millis(50));
@@ -207,7 +195,7 @@ fn weights_follow_replica_load() {
     let mut ramp: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     let ramp_start = Instant::now();
     while ramp_start.elapsed() < Duration::from_secs(3) {
-        for (k, w) in weights(&status(&socket)) {
+        for (k, w) in policy_weights(&status(&socket).unwrap()) {
             ramp.entry(k).or_default().push(w);
         }
         thread::sleep(Duration::from_millis(100));
@@ -228,8 +216,8 @@ fn weights_follow_replica_load() {
         );
     }
     thread::sleep(Duration::from_secs(6));
-    let st = status(&socket);
-    let healthy_weights = weights(&st);
+    let st = status(&socket).unwrap();
+    let healthy_weights = policy_weights(&st);
     println!(
         "after warm-up: {healthy_weights:?}, reasons {:?}",
         st.policy.iter().map(|p| &p.reason).collect::<Vec<_>>()
@@ -241,9 +229,9 @@ fn weights_follow_replica_load() {
         window[name] as f64 / window.values().sum::<u64>().max(1) as f64
     };
     let window = |secs: u64| {
-        let c0 = new_conns(&status(&socket));
+        let c0 = new_conns(&status(&socket).unwrap());
         thread::sleep(Duration::from_secs(secs));
-        let c1 = new_conns(&status(&socket));
+        let c1 = new_conns(&status(&socket).unwrap());
         c1.iter()
             .map(|(k, v)| (k.clone(), v - c0[k]))
             .collect::<BTreeMap<_, _>>()
@@ -251,7 +239,7 @@ fn weights_follow_replica_load() {
     let healthy_window = window(3);
     let share_before = share_of(&healthy_window, "gpu-0");
     let gpu0: SocketAddr = SocketAddr::new(netns::backend_addr(0).into(), 8000);
-    let before = weights(&status(&socket))["gpu-0"];
+    let before = policy_weights(&status(&socket).unwrap())["gpu-0"];
     // Five times slower and one request at a time: its queue builds at once.
     netns::in_netns(topo.client_ns(), || {
         replica::control(gpu0, r#"{"speed": 0.2, "max_batch": 1}"#).unwrap()
@@ -266,7 +254,7 @@ fn weights_follow_replica_load() {
             start.elapsed() < Duration::from_secs(15),
             "gpu-0 never cut from {before}"
         );
-        let st = status(&socket);
+        let st = status(&socket).unwrap();
         let p0 = st.policy.iter().find(|p| p.backend == "gpu-0").unwrap();
         let queue = p0
             .telemetry
@@ -318,14 +306,14 @@ fn weights_follow_replica_load() {
             .unwrap()
             .weight_changes
     };
-    let changes_before = changes_of(&status(&socket));
+    let changes_before = changes_of(&status(&socket).unwrap());
     let mut trace = Vec::new();
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(10) {
-        trace.push(weights(&status(&socket))["gpu-0"]);
+        trace.push(policy_weights(&status(&socket).unwrap())["gpu-0"]);
         thread::sleep(Duration::from_millis(250));
     }
-    let changes = changes_of(&status(&socket)) - changes_before;
+    let changes = changes_of(&status(&socket).unwrap()) - changes_before;
     println!("gpu-0 recovering: {trace:?} ({changes} changes in 20 polls)");
     let tail = &trace[trace.len() - 16..];
     let low = *tail.iter().min().unwrap();
@@ -370,13 +358,18 @@ fn weights_follow_replica_load() {
     })
     .unwrap();
     wait_until(&socket, Duration::from_secs(5), |st| {
-        weights(st)["gpu-1"] == 0
+        policy_weights(st)["gpu-1"] == 0
     })
-    .unwrap_or_else(|| panic!("gpu-1 not taken out: {:?}", weights(&status(&socket))));
-    assert_eq!(reason(&status(&socket), "gpu-1"), "unhealthy");
+    .unwrap_or_else(|| {
+        panic!(
+            "gpu-1 not taken out: {:?}",
+            policy_weights(&status(&socket).unwrap())
+        )
+    });
+    assert_eq!(reason(&status(&socket).unwrap(), "gpu-1"), "unhealthy");
 
     // 5. gpu-3's telemetry dies (its agent stops): stale, never read as idle.
-    let held = weights(&status(&socket))["gpu-3"];
+    let held = policy_weights(&status(&socket).unwrap())["gpu-3"];
     agent.stop(Duration::from_secs(5)).unwrap();
     wait_until(&socket, Duration::from_secs(10), |st| {
         let p = st.policy.iter().find(|p| p.backend == "gpu-3").unwrap();
@@ -388,16 +381,19 @@ fn weights_follow_replica_load() {
     .unwrap_or_else(|| {
         panic!(
             "gpu-3 did not decay from {held}: {:?}",
-            status(&socket).policy
+            status(&socket).unwrap().policy
         )
     });
-    let st = status(&socket);
+    let st = status(&socket).unwrap();
     let p3 = st.policy.iter().find(|p| p.backend == "gpu-3").unwrap();
     assert!(
         p3.stats.errors > 0 && p3.stats.last_error.is_some(),
         "{p3:?}"
     );
-    assert!(weights(&st).values().any(|w| *w > 0), "never all zero");
+    assert!(
+        policy_weights(&st).values().any(|w| *w > 0),
+        "never all zero"
+    );
 
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -500,14 +496,14 @@ fn least_loaded_holds_fewer_flows_on_a_slower_replica() {
 
     // The slow replica's capacity settles once enough flows have completed.
     let settled = wait_until(&socket, Duration::from_secs(30), |st| {
-        let w = weights(st);
+        let w = policy_weights(st);
         w["gpu-0"] == 100 && w["gpu-1"] == 100 && (20..=60).contains(&w["gpu-2"])
     });
-    let st = status(&socket);
+    let st = status(&socket).unwrap();
     assert!(
         settled.is_some(),
         "capacities never settled: {:?}, reasons {:?}",
-        weights(&st),
+        policy_weights(&st),
         st.policy.iter().map(|p| &p.reason).collect::<Vec<_>>()
     );
     assert!(
@@ -521,7 +517,7 @@ fn least_loaded_holds_fewer_flows_on_a_slower_replica() {
     let mut samples = 0u64;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(6) {
-        let st = status(&socket);
+        let st = status(&socket).unwrap();
         for b in &st.datapath.services[0].backends {
             let i: usize = b.name.trim_start_matches("gpu-").parse().unwrap();
             sum[i] += b.in_flight;
@@ -538,7 +534,7 @@ fn least_loaded_holds_fewer_flows_on_a_slower_replica() {
     let ratio = mean[2] / fast;
     println!(
         "mean in flight {mean:?}, slow/fast {ratio:.2}, weights {:?}",
-        weights(&status(&socket))
+        policy_weights(&status(&socket).unwrap())
     );
     assert!(
         (0.2..=0.7).contains(&ratio),

@@ -10,12 +10,11 @@ use std::{
     time::Duration,
 };
 
-use router::control::StatusReply;
 use router_testkit::{
     bpffs::BpfFs,
     daemon_proc::{
         ScratchDir, cleanup_pins, cli, one_arm_config, router_binary, start_daemon,
-        start_daemon_pinned,
+        start_daemon_pinned, status,
     },
     netns::{self, Topology},
 };
@@ -57,10 +56,6 @@ fn short_connections(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
         *counts.entry(body).or_insert(0) += 1;
     }
     counts
-}
-
-fn status(socket: &std::path::Path) -> StatusReply {
-    serde_json::from_str(&cli(socket, &["status", "--json"]).unwrap()).unwrap()
 }
 
 #[test]
@@ -109,7 +104,7 @@ fn connections_split_by_weight_and_streams_survive_a_weight_change() {
     }
 
     // The datapath's own counters agree with what the clients saw.
-    let st = status(&socket);
+    let st = status(&socket).unwrap();
     let svc = &st.datapath.services[0];
     assert_eq!(svc.counters.new_conns as usize, CONNECTIONS, "{svc:?}");
     for b in &svc.backends {
@@ -289,7 +284,7 @@ fn an_unprepared_host_forwards_every_connection_and_gets_its_settings_back() {
     let counts = short_connections(&topo, 240);
     assert_eq!(counts.values().sum::<usize>(), 240, "{counts:?}");
     assert_eq!(counts.len(), 3, "every backend answers: {counts:?}");
-    let reasons = &status(&socket).datapath.reasons;
+    let reasons = &status(&socket).unwrap().datapath.reasons;
     let fib_failed = reasons
         .iter()
         .find(|(r, _)| r == "pass_fib_failed")

@@ -17,8 +17,8 @@ use router::control::StatusReply;
 use router_testkit::{
     bpffs::{BpfFs, pinned_objects},
     daemon_proc::{
-        ScratchDir, cleanup_pins, cli, log_output_to, one_arm_config, router_binary,
-        start_daemon_pinned,
+        ScratchDir, cleanup_pins, cli, datapath_weights, log_output_to, one_arm_config,
+        router_binary, start_daemon_pinned, status,
     },
     netns::{self, ChildGuard, Topology},
 };
@@ -138,7 +138,7 @@ impl Setup {
     }
 
     fn status(&self) -> StatusReply {
-        serde_json::from_str(&cli(&self.socket(), &["status", "--json"]).unwrap()).unwrap()
+        status(&self.socket()).unwrap()
     }
 
     fn xdp_attached(&self) -> bool {
@@ -244,14 +244,6 @@ fn new_conns(st: &StatusReply) -> u64 {
     st.datapath.services[0].counters.new_conns
 }
 
-fn weights(st: &StatusReply) -> BTreeMap<String, u32> {
-    st.datapath.services[0]
-        .backends
-        .iter()
-        .map(|b| (b.name.clone(), b.weight))
-        .collect()
-}
-
 /// Connecting to the VIP fails: nothing balances it any more (the LB has
 /// no route for it and answers with an ICMP error, or nothing at all).
 fn vip_unreachable(s: &Setup) -> bool {
@@ -336,7 +328,7 @@ fn sigterm_leaves_traffic_flowing_on_the_last_weights() {
     // beside the control socket): a drained or pinned replica stays so.
     let daemon = s.start();
     assert_eq!(
-        weights(&s.status()),
+        datapath_weights(&s.status()),
         BTreeMap::from([("b0".into(), 0), ("b1".into(), 0), ("b2".into(), 100)])
     );
     let gap = s.short_connections(20);
@@ -344,7 +336,7 @@ fn sigterm_leaves_traffic_flowing_on_the_last_weights() {
     cli(&s.socket(), &["weight", "auto", "llama", "b0"]).unwrap();
     cli(&s.socket(), &["weight", "auto", "llama", "b1"]).unwrap();
     assert_eq!(
-        weights(&s.status()),
+        datapath_weights(&s.status()),
         BTreeMap::from([("b0".into(), 100), ("b1".into(), 100), ("b2".into(), 100)])
     );
     let counts = s.short_connections(60);
@@ -431,7 +423,7 @@ fn a_restart_with_new_weights_applies_them_and_keeps_established_flows() {
     s.write_config(&[0, 0, 100], "tcp_idle_timeout = \"20m\"\n");
     let daemon = s.start();
     assert_eq!(
-        weights(&s.status()),
+        datapath_weights(&s.status()),
         BTreeMap::from([("b0".into(), 0), ("b1".into(), 0), ("b2".into(), 100)])
     );
     let counts = s.short_connections(60);
@@ -717,11 +709,11 @@ fn health_checked_backends_stay_routable_across_a_restart_until_their_first_prob
     std::fs::write(s.config_path(), text).unwrap();
     let daemon = s.start();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while weights(&s.status()).values().any(|w| *w == 0) {
+    while datapath_weights(&s.status()).values().any(|w| *w == 0) {
         assert!(
             std::time::Instant::now() < deadline,
             "backends never became healthy: {:?}",
-            weights(&s.status())
+            datapath_weights(&s.status())
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -730,9 +722,9 @@ fn health_checked_backends_stay_routable_across_a_restart_until_their_first_prob
     let daemon = s.start();
     let st = s.status();
     assert!(
-        weights(&st).values().all(|w| *w > 0),
+        datapath_weights(&st).values().all(|w| *w > 0),
         "before its first probe, the new daemon keeps the adopted routes: {:?}",
-        weights(&st)
+        datapath_weights(&st)
     );
     let answers = s.short_connections(30);
     assert_eq!(answers.values().sum::<usize>(), 30);

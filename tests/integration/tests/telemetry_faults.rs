@@ -32,7 +32,9 @@ use std::{
 
 use router::{control::StatusReply, controller::BackendPolicyStatus};
 use router_testkit::{
-    daemon_proc::{ScratchDir, cli, router_binary, start_daemon},
+    daemon_proc::{
+        ScratchDir, datapath_weights, policy_weights, router_binary, start_daemon, status,
+    },
     fake_nvml::{self, FakeError, FakeGpu, FakeGpuState, FakeNvml},
     fixtures,
     netns::{self, ChildGuard, Topology},
@@ -416,9 +418,7 @@ impl Rig {
         if let Some(exit) = daemon.try_wait().unwrap() {
             panic!("the daemon exited during the faults: {exit}");
         }
-        let out = cli(&self.socket, &["status", "--json"])
-            .unwrap_or_else(|e| panic!("the daemon stopped answering: {e:#}"));
-        serde_json::from_str(&out).expect("status JSON")
+        status(&self.socket).unwrap_or_else(|e| panic!("the daemon stopped answering: {e:#}"))
     }
 
     /// Waits until every backend follows its headroom and its weight has
@@ -429,7 +429,7 @@ impl Rig {
         let mut same = 0;
         loop {
             let st = self.status();
-            let now = weights(&st);
+            let now = policy_weights(&st);
             let following = st.policy.iter().all(|p| p.reason == "headroom");
             if following && last.as_ref() == Some(&now) {
                 same += 1;
@@ -456,7 +456,7 @@ impl Rig {
     /// datapath carries the policy's weights, no healthy backend is at 0,
     /// and the control backends keep their settled weights.
     fn check_invariants(&self, st: &StatusReply, settled: &BTreeMap<String, u32>, when: &str) {
-        let policy = weights(st);
+        let policy = policy_weights(st);
         assert!(
             policy.values().any(|w| *w > 0),
             "{when}: every weight is zero: {policy:?}"
@@ -474,11 +474,7 @@ impl Rig {
                 p.reason
             );
         }
-        let datapath: BTreeMap<String, u32> = st.datapath.services[0]
-            .backends
-            .iter()
-            .map(|b| (b.name.clone(), b.weight))
-            .collect();
+        let datapath = datapath_weights(st);
         assert_eq!(
             datapath, policy,
             "{when}: the datapath's weights differ from the policy's"
@@ -510,13 +506,6 @@ fn threads(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no thread count for pid {pid}"))
-}
-
-fn weights(st: &StatusReply) -> BTreeMap<String, u32> {
-    st.policy
-        .iter()
-        .map(|p| (p.backend.clone(), p.weight))
-        .collect()
 }
 
 fn policy_of<'a>(st: &'a StatusReply, backend: &str) -> &'a BackendPolicyStatus {
@@ -947,7 +936,7 @@ fn with_every_source_failing_traffic_still_spreads_over_all_backends() {
     assert!(
         st.policy.iter().all(|p| p.weight == STALE_SHARE),
         "every backend should hold the same unknown-load share: {:?}",
-        weights(&st)
+        policy_weights(&st)
     );
 
     // 200 connections through the VIP, all answered, spread over every

@@ -1,6 +1,7 @@
 //! Running the real `router` binary as a daemon inside a test namespace.
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
@@ -9,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use router::control::StatusReply;
 
 use crate::{
     bpffs::BpfFs,
@@ -86,6 +88,11 @@ pub struct Daemon {
 impl Daemon {
     pub fn id(&self) -> u32 {
         self.pid
+    }
+
+    /// The daemon's status ([`status`] on its control socket).
+    pub fn status(&self) -> Result<StatusReply> {
+        status(&self.socket)
     }
 
     /// Sets the running daemon's soft limit on open files (prlimit(2));
@@ -376,4 +383,31 @@ pub fn cli(socket: &Path, args: &[&str]) -> Result<String> {
         .output()
         .context("running router CLI")?;
     stdout_of(&format!("router {args:?}"), out)
+}
+
+/// `router status --json` on the control socket `socket`, parsed: what an
+/// operator's script would read.
+pub fn status(socket: &Path) -> Result<StatusReply> {
+    let out = cli(socket, &["status", "--json"])?;
+    serde_json::from_str(&out).context("parsing `router status --json`")
+}
+
+/// Each backend's weight as the policy set it (`policy[].weight`), by
+/// backend name: what the controller decided, before the datapath has it.
+pub fn policy_weights(st: &StatusReply) -> BTreeMap<String, u32> {
+    st.policy
+        .iter()
+        .map(|p| (p.backend.clone(), p.weight))
+        .collect()
+}
+
+/// Each backend's weight in the datapath's tables
+/// (`datapath.services[0].backends[].weight`), by backend name: what new
+/// connections are balanced on. The tests using it run one service.
+pub fn datapath_weights(st: &StatusReply) -> BTreeMap<String, u32> {
+    st.datapath.services[0]
+        .backends
+        .iter()
+        .map(|b| (b.name.clone(), b.weight))
+        .collect()
 }

@@ -20,9 +20,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use router::control::StatusReply;
 use router_testkit::{
-    daemon_proc::{ScratchDir, cli, start_daemon},
+    daemon_proc::{ScratchDir, cli, start_daemon, status},
     fixtures::workspace_root,
     netns::{self, Topology},
 };
@@ -172,11 +171,8 @@ fn run(stop: &AtomicBool) -> Result<()> {
         "The stream stayed on {stream_owner} for all {kept} chunks: established flows are pinned."
     );
 
-    let status: StatusReply = serde_json::from_str(&cli(&socket, &["status", "--json"])?)?;
-    println!(
-        "\n`router status`:\n{}",
-        router::status_view::render(&status)
-    );
+    let st = status(&socket)?;
+    println!("\n`router status`:\n{}", router::status_view::render(&st));
     daemon.stop(Duration::from_secs(10))?;
     println!("Daemon stopped and detached; removing the namespaces.");
     drop(servers);
