@@ -23,72 +23,72 @@ fn tcp_flow_lifecycle() {
     let vip = addr(VIP);
 
     let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
-    f.case(Case::new(
-        "SYN: DNAT to the backend, SNAT keeps the client's port",
-        syn.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "SYN: DNAT to the backend, SNAT keeps the client's port",
+        input: syn.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             syn.translated(snat, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
 
     let syn_ack = Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
-    f.case(Case::new(
-        "SYN-ACK reply: translated back to VIP → client",
-        syn_ack.build(),
-        XDP_TX,
-        Some(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "SYN-ACK reply: translated back to VIP → client",
+        input: syn_ack.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
 
     let data = Packet::tcp(client, vip, TCP_ACK | TCP_PSH)
         .with_macs(LB_MAC, CLIENT_MAC)
         .with_payload(b"POST /v1/completions HTTP/1.1\r\n\r\n");
-    f.case(Case::new(
-        "established data: connection-table hit",
-        data.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "established data: connection-table hit",
+        input: data.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             data.translated(snat, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
 
     let fin = Packet::tcp(client, vip, TCP_FIN | TCP_ACK).with_macs(LB_MAC, CLIENT_MAC);
-    f.case(Case::new(
-        "FIN: still forwarded, entry now closing",
-        fin.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "FIN: still forwarded, entry now closing",
+        input: fin.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             fin.translated(snat, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
 
     // The same 4-tuple reused: a new connection, same backend, same SNAT port.
-    f.case(Case::new(
-        "SYN on a closed 4-tuple: new flow on the same backend 4-tuple",
-        syn.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "SYN on a closed 4-tuple: new flow on the same backend 4-tuple",
+        input: syn.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             syn.translated(snat, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
 
     let rst = Packet::tcp(backend, snat, TCP_RST | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
-    f.case(Case::new(
-        "RST from the backend: translated back",
-        rst.build(),
-        XDP_TX,
-        Some(rst.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "RST from the backend: translated back",
+        input: rst.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(rst.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
 
     let st = f.dp.status().unwrap();
     let svc = &st.services[0];
@@ -105,38 +105,37 @@ fn snat_port_collision_probes_the_configured_range() {
     let backend = addr("198.18.0.11:8000");
     let a = Packet::tcp(addr("198.18.0.2:45000"), vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
     let b = Packet::tcp(addr("198.18.0.3:45000"), vip, TCP_SYN).with_macs(LB_MAC, CLIENT2_MAC);
-    let out_a = f.case(Case::new(
-        "first client keeps its port",
-        a.build(),
-        XDP_TX,
-        Some(
+    let out_a = f.case(Case {
+        name: "first client keeps its port",
+        input: a.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             a.translated(addr("198.18.0.1:45000"), backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
     assert_eq!(&out_a[34..36], &45000u16.to_be_bytes());
     // Only a confirmed flow holds its port against a newcomer.
     let ack_a = Packet::tcp(addr("198.18.0.2:45000"), vip, TCP_ACK).with_macs(LB_MAC, CLIENT_MAC);
-    f.case(Case::new(
-        "first client's ACK confirms its flow",
-        ack_a.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "first client's ACK confirms its flow",
+        input: ack_a.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             ack_a
                 .translated(addr("198.18.0.1:45000"), backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
-    let mut c = Case::new(
-        "second client, same port: probed",
-        b.build(),
-        XDP_TX,
-        None,
-        &[reasons::TX],
-    );
-    c.output = None;
+        reasons: &[reasons::TX],
+    });
+    let c = Case {
+        name: "second client, same port: probed",
+        input: b.build(),
+        verdict: XDP_TX,
+        output: Output::Unchecked,
+        reasons: &[reasons::TX],
+    };
     let out_b = f.case(c);
     let port_b = u16::from_be_bytes([out_b[34], out_b[35]]);
     assert!(
@@ -149,17 +148,17 @@ fn snat_port_collision_probes_the_configured_range() {
     // Replies to each SNAT port reach the right client.
     let snat_b = std::net::SocketAddrV4::new(ip("198.18.0.1"), port_b);
     let reply_b = Packet::tcp(backend, snat_b, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
-    f.case(Case::new(
-        "reply to the probed port goes to the second client",
-        reply_b.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "reply to the probed port goes to the second client",
+        input: reply_b.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             reply_b
                 .translated(vip, addr("198.18.0.3:45000"), CLIENT2_MAC, LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
 }
 
 #[test]
@@ -170,33 +169,33 @@ fn udp_first_packet_creates_a_flow() {
     let backend = addr("198.18.0.11:8000");
     let snat = addr("198.18.0.1:33333");
     let q = Packet::udp(client, vip, b"query").with_macs(LB_MAC, CLIENT_MAC);
-    f.case(Case::new(
-        "UDP first packet: NAT with checksum",
-        q.build(),
-        XDP_TX,
-        Some(q.translated(snat, backend, backend_mac(0), LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "UDP first packet: NAT with checksum",
+        input: q.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(q.translated(snat, backend, backend_mac(0), LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
     let mut nock = Packet::udp(client, vip, b"again").with_macs(LB_MAC, CLIENT_MAC);
     nock.udp_no_checksum = true;
-    f.case(Case::new(
-        "UDP without checksum stays without",
-        nock.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "UDP without checksum stays without",
+        input: nock.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             nock.translated(snat, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
     let reply = Packet::udp(backend, snat, b"answer").with_macs(LB_MAC, backend_mac(0));
-    f.case(Case::new(
-        "UDP reply translated back",
-        reply.build(),
-        XDP_TX,
-        Some(reply.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "UDP reply translated back",
+        input: reply.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(reply.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
 }
 
 #[test]
@@ -205,20 +204,24 @@ fn lru_miss_rehashes_to_the_same_backend() {
     let vip = addr(VIP);
     let client = addr("198.18.0.2:41000");
     let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
-    let mut c = Case::new("SYN", syn.build(), XDP_TX, None, &[reasons::TX]);
-    c.output = None;
+    let c = Case {
+        name: "SYN",
+        input: syn.build(),
+        verdict: XDP_TX,
+        output: Output::Unchecked,
+        reasons: &[reasons::TX],
+    };
     let first = f.case(c);
     // Forget the flow, as after an eviction or a restart with empty tables.
     let mut f2 = Fixture::new(&[service("llama", VIP, 6, &[1, 1, 1])]);
     let ack = Packet::tcp(client, vip, TCP_ACK).with_macs(LB_MAC, CLIENT_MAC);
-    let mut c = Case::new(
-        "ACK without entry",
-        ack.build(),
-        XDP_TX,
-        None,
-        &[reasons::TX, reasons::LRU_MISS],
-    );
-    c.output = None;
+    let c = Case {
+        name: "ACK without entry",
+        input: ack.build(),
+        verdict: XDP_TX,
+        output: Output::Unchecked,
+        reasons: &[reasons::TX, reasons::LRU_MISS],
+    };
     let second = f2.case(c);
     assert_eq!(
         &first[26..38],
@@ -233,13 +236,13 @@ fn weight_zero_everywhere_drops_new_flows() {
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[0, 0])]);
     let syn =
         Packet::tcp(addr("198.18.0.2:40000"), addr(VIP), TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
-    f.case(Case::new(
-        "no backend",
-        syn.build(),
-        XDP_DROP,
-        None,
-        &[reasons::DROP_NO_BACKEND],
-    ));
+    f.case(Case {
+        name: "no backend",
+        input: syn.build(),
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_NO_BACKEND],
+    });
 }
 
 #[test]
@@ -255,13 +258,13 @@ fn unresolved_neighbour_passes_the_translated_packet() {
         LB_MAC,
         CLIENT_MAC,
     );
-    f.case(Case::new(
-        "no neighbour: stack resolves it",
-        syn.build(),
-        XDP_PASS,
-        Some(expected.build()),
-        &[reasons::PASS_FIB_FAILED],
-    ));
+    f.case(Case {
+        name: "no neighbour: stack resolves it",
+        input: syn.build(),
+        verdict: XDP_PASS,
+        output: Output::Bytes(expected.build()),
+        reasons: &[reasons::PASS_FIB_FAILED],
+    });
     // The stack forwards it, so it is this backend's new connection.
     let st = f.dp.status().unwrap();
     assert_eq!(st.services[0].counters.new_conns, 1);
@@ -273,56 +276,56 @@ fn unresolved_neighbour_passes_the_translated_packet() {
 fn traffic_that_is_not_for_a_service_passes_untouched() {
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
     let other = Packet::tcp(addr("198.18.0.2:40000"), addr("198.18.0.99:8000"), TCP_SYN);
-    f.case(Case::new(
-        "other destination",
-        other.build(),
-        XDP_PASS,
-        None,
-        &[reasons::PASS_NOT_SERVICE],
-    ));
+    f.case(Case {
+        name: "other destination",
+        input: other.build(),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_NOT_SERVICE],
+    });
     let other_port = Packet::tcp(addr("198.18.0.2:40000"), addr("198.18.100.1:9999"), TCP_SYN);
-    f.case(Case::new(
-        "VIP, other port",
-        other_port.build(),
-        XDP_PASS,
-        None,
-        &[reasons::PASS_NOT_SERVICE],
-    ));
+    f.case(Case {
+        name: "VIP, other port",
+        input: other_port.build(),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_NOT_SERVICE],
+    });
     let udp_on_tcp_vip = Packet::udp(addr("198.18.0.2:40000"), addr(VIP), b"x");
-    f.case(Case::new(
-        "VIP port, other protocol",
-        udp_on_tcp_vip.build(),
-        XDP_PASS,
-        None,
-        &[reasons::PASS_NOT_SERVICE],
-    ));
+    f.case(Case {
+        name: "VIP port, other protocol",
+        input: udp_on_tcp_vip.build(),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_NOT_SERVICE],
+    });
     let to_snat = Packet::tcp(addr("198.18.0.11:8000"), addr("198.18.0.1:50000"), TCP_ACK);
-    f.case(Case::new(
-        "SNAT address, no entry, no host socket: a lost flow's reply, dropped",
-        to_snat.build(),
-        XDP_DROP,
-        None,
-        &[reasons::DROP_NO_REPLY_ENTRY],
-    ));
+    f.case(Case {
+        name: "SNAT address, no entry, no host socket: a lost flow's reply, dropped",
+        input: to_snat.build(),
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_NO_REPLY_ENTRY],
+    });
     // The host's own connection through the SNAT address (this thread is in
     // the fixture's namespace, so the listener is the LB host's).
     let _host = std::net::TcpListener::bind("198.18.0.1:50001").unwrap();
     let to_host = Packet::tcp(addr("198.18.0.11:8000"), addr("198.18.0.1:50001"), TCP_SYN);
-    f.case(Case::new(
-        "SNAT address, no entry, a host socket: the host's traffic, passed",
-        to_host.build(),
-        XDP_PASS,
-        None,
-        &[reasons::PASS_NO_REPLY_ENTRY],
-    ));
+    f.case(Case {
+        name: "SNAT address, no entry, a host socket: the host's traffic, passed",
+        input: to_host.build(),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_NO_REPLY_ENTRY],
+    });
     let udp_to_snat = Packet::udp(addr("198.18.0.11:8000"), addr("198.18.0.1:50000"), b"x");
-    f.case(Case::new(
-        "SNAT address, no entry, UDP: passed",
-        udp_to_snat.build(),
-        XDP_PASS,
-        None,
-        &[reasons::PASS_NO_REPLY_ENTRY],
-    ));
+    f.case(Case {
+        name: "SNAT address, no entry, UDP: passed",
+        input: udp_to_snat.build(),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_NO_REPLY_ENTRY],
+    });
     // An address sharing the SNAT address's pre-filter bucket is not dropped:
     // the exact SNAT set says it is not one.
     let bucket =
@@ -336,34 +339,34 @@ fn traffic_that_is_not_for_a_service_passes_untouched() {
         std::net::SocketAddrV4::new(neighbour, 50000),
         TCP_ACK,
     );
-    f.case(Case::new(
-        "the SNAT address's bucket neighbour, no host socket: passed untouched",
-        near_snat.build(),
-        XDP_PASS,
-        None,
-        &[reasons::PASS_NO_REPLY_ENTRY],
-    ));
+    f.case(Case {
+        name: "the SNAT address's bucket neighbour, no host socket: passed untouched",
+        input: near_snat.build(),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_NO_REPLY_ENTRY],
+    });
     let mut ipv6 = vec![0u8; 74];
     ipv6[12] = 0x86;
     ipv6[13] = 0xdd;
     ipv6[14] = 0x60;
-    f.case(Case::new(
-        "IPv6 passes",
-        ipv6,
-        XDP_PASS,
-        None,
-        &[reasons::PASS_NOT_SERVICE],
-    ));
+    f.case(Case {
+        name: "IPv6 passes",
+        input: ipv6,
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_NOT_SERVICE],
+    });
     let mut arp = vec![0u8; 42];
     arp[12] = 0x08;
     arp[13] = 0x06;
-    f.case(Case::new(
-        "ARP passes",
-        arp,
-        XDP_PASS,
-        None,
-        &[reasons::PASS_NOT_SERVICE],
-    ));
+    f.case(Case {
+        name: "ARP passes",
+        input: arp,
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_NOT_SERVICE],
+    });
 }
 
 #[test]
@@ -373,128 +376,128 @@ fn malformed_and_edge_input_is_never_forwarded() {
 
     // Frames shorter than an Ethernet header never reach XDP (BPF_PROG_TEST_RUN
     // refuses them too); the shortest truncation to test is an IPv4 header cut short.
-    f.case(Case::new(
-        "IPv4 ethertype, no IPv4 header",
-        good[..14].to_vec(),
-        XDP_DROP,
-        None,
-        &[reasons::DROP_MALFORMED],
-    ));
-    f.case(Case::new(
-        "truncated IPv4 header",
-        good[..30].to_vec(),
-        XDP_DROP,
-        None,
-        &[reasons::DROP_MALFORMED],
-    ));
+    f.case(Case {
+        name: "IPv4 ethertype, no IPv4 header",
+        input: good[..14].to_vec(),
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_MALFORMED],
+    });
+    f.case(Case {
+        name: "truncated IPv4 header",
+        input: good[..30].to_vec(),
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_MALFORMED],
+    });
 
     let mut bad_ihl = good.clone();
     bad_ihl[14] = 0x44;
-    f.case(Case::new(
-        "IHL 4",
-        bad_ihl,
-        XDP_DROP,
-        None,
-        &[reasons::DROP_MALFORMED],
-    ));
+    f.case(Case {
+        name: "IHL 4",
+        input: bad_ihl,
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_MALFORMED],
+    });
 
     let mut bad_version = good.clone();
     bad_version[14] = 0x65;
-    f.case(Case::new(
-        "version 6 in an IPv4 frame",
-        bad_version,
-        XDP_DROP,
-        None,
-        &[reasons::DROP_MALFORMED],
-    ));
+    f.case(Case {
+        name: "version 6 in an IPv4 frame",
+        input: bad_version,
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_MALFORMED],
+    });
 
     let mut too_long = good.clone();
     too_long[16..18].copy_from_slice(&200u16.to_be_bytes());
-    f.case(Case::new(
-        "total length beyond the frame",
-        too_long,
-        XDP_DROP,
-        None,
-        &[reasons::DROP_MALFORMED],
-    ));
+    f.case(Case {
+        name: "total length beyond the frame",
+        input: too_long,
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_MALFORMED],
+    });
 
     let mut too_short = good.clone();
     too_short[16..18].copy_from_slice(&12u16.to_be_bytes());
-    f.case(Case::new(
-        "total length below the header",
-        too_short,
-        XDP_DROP,
-        None,
-        &[reasons::DROP_MALFORMED],
-    ));
+    f.case(Case {
+        name: "total length below the header",
+        input: too_short,
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_MALFORMED],
+    });
 
-    f.case(Case::new(
-        "truncated TCP header",
-        good[..44].to_vec(),
-        XDP_DROP,
-        None,
-        &[reasons::DROP_MALFORMED],
-    ));
+    f.case(Case {
+        name: "truncated TCP header",
+        input: good[..44].to_vec(),
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_MALFORMED],
+    });
 
     let mut short_doff = good.clone();
     short_doff[46] = 0x40;
-    f.case(Case::new(
-        "TCP data offset 4",
-        short_doff,
-        XDP_DROP,
-        None,
-        &[reasons::DROP_MALFORMED],
-    ));
+    f.case(Case {
+        name: "TCP data offset 4",
+        input: short_doff,
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_MALFORMED],
+    });
 
     let mut frag = Packet::tcp(addr("198.18.0.2:40000"), addr(VIP), TCP_SYN);
     frag.frag = 0x2000; // MF
-    f.case(Case::new(
-        "first fragment",
-        frag.build(),
-        XDP_PASS,
-        None,
-        &[reasons::PASS_FRAGMENT],
-    ));
+    f.case(Case {
+        name: "first fragment",
+        input: frag.build(),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_FRAGMENT],
+    });
     frag.frag = 0x0010; // offset 128
-    f.case(Case::new(
-        "later fragment",
-        frag.build(),
-        XDP_PASS,
-        None,
-        &[reasons::PASS_FRAGMENT],
-    ));
+    f.case(Case {
+        name: "later fragment",
+        input: frag.build(),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_FRAGMENT],
+    });
 
     let mut opts = Packet::tcp(addr("198.18.0.2:40000"), addr(VIP), TCP_SYN);
     opts.ip_options = vec![0x01, 0x01, 0x01, 0x00]; // NOP NOP NOP EOL
-    f.case(Case::new(
-        "IP options",
-        opts.build(),
-        XDP_PASS,
-        None,
-        &[reasons::PASS_IP_OPTIONS],
-    ));
+    f.case(Case {
+        name: "IP options",
+        input: opts.build(),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_IP_OPTIONS],
+    });
 
     let mut icmp = Packet::tcp(addr("198.18.0.2:0"), addr("198.18.100.1:0"), 0);
     icmp.proto = 1;
     icmp.payload = vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0];
-    f.case(Case::new(
-        "ICMP to the VIP",
-        icmp.build(),
-        XDP_PASS,
-        None,
-        &[reasons::PASS_UNKNOWN_PROTO],
-    ));
+    f.case(Case {
+        name: "ICMP to the VIP",
+        input: icmp.build(),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_UNKNOWN_PROTO],
+    });
 
     let mut udp_short =
         Packet::udp(addr("198.18.0.2:40000"), addr("198.18.100.1:8000"), b"abc").build();
     udp_short[38..40].copy_from_slice(&4u16.to_be_bytes());
-    f.case(Case::new(
-        "UDP length below 8",
-        udp_short,
-        XDP_DROP,
-        None,
-        &[reasons::DROP_MALFORMED],
-    ));
+    f.case(Case {
+        name: "UDP length below 8",
+        input: udp_short,
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_MALFORMED],
+    });
 
     // Nothing above created a connection.
     let st = f.dp.status().unwrap();
@@ -557,28 +560,28 @@ fn backend_behind_another_interface_is_redirected_both_ways() {
     let (client, vip) = (addr("198.18.0.2:40000"), addr(VIP));
     let (backend, snat) = (addr("198.18.1.11:8000"), addr("198.18.1.1:40000"));
     let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
-    f.case(Case::new(
-        "client arm to backend arm: XDP_REDIRECT with the other interface's MAC",
-        syn.build(),
-        XDP_REDIRECT,
-        Some(
+    f.case(Case {
+        name: "client arm to backend arm: XDP_REDIRECT with the other interface's MAC",
+        input: syn.build(),
+        verdict: XDP_REDIRECT,
+        output: Output::Bytes(
             syn.translated(snat, backend, [0x02, 0, 0, 0, 0x1b, 0], ARM2_MAC)
                 .build(),
         ),
-        &[reasons::REDIRECT],
-    ));
+        reasons: &[reasons::REDIRECT],
+    });
     // The reply arrives on the backend arm and goes back out the client arm.
     let client_arm = f.ifindex;
     f.ifindex = f.ns.ifindex("fx2").unwrap();
     let syn_ack =
         Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(ARM2_MAC, [0x02, 0, 0, 0, 0x1b, 0]);
-    f.case(Case::new(
-        "backend arm to client arm",
-        syn_ack.build(),
-        XDP_REDIRECT,
-        Some(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
-        &[reasons::REDIRECT],
-    ));
+    f.case(Case {
+        name: "backend arm to client arm",
+        input: syn_ack.build(),
+        verdict: XDP_REDIRECT,
+        output: Output::Bytes(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        reasons: &[reasons::REDIRECT],
+    });
     f.ifindex = client_arm;
 }
 
@@ -733,35 +736,35 @@ fn syn_and_ack_floods_churn_half_open_flows_and_never_evict_established_ones() {
     let entries = |f: &Fixture| f.dp.conn_table().unwrap().scan().unwrap();
 
     let syn = fwd(TCP_SYN, b"");
-    f.case(Case::new(
-        "SYN: a half-open flow",
-        syn.build(),
-        XDP_TX,
-        Some(to_backend(syn.clone())),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "SYN: a half-open flow",
+        input: syn.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(to_backend(syn.clone())),
+        reasons: &[reasons::TX],
+    });
     assert_eq!(entries(&f).entries, 0, "a half-open flow is not in CONNS");
     let syn_ack = back(TCP_SYN | TCP_ACK, b"");
-    f.case(Case::new(
-        "SYN-ACK: translated from the half-open reply entry",
-        syn_ack.build(),
-        XDP_TX,
-        Some(to_client(syn_ack.clone())),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "SYN-ACK: translated from the half-open reply entry",
+        input: syn_ack.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(to_client(syn_ack.clone())),
+        reasons: &[reasons::TX],
+    });
     assert_eq!(
         entries(&f).entries,
         0,
         "the backend's answer confirms nothing"
     );
     let ack = fwd(TCP_ACK, b"");
-    f.case(Case::new(
-        "the client's ACK confirms the flow",
-        ack.build(),
-        XDP_TX,
-        Some(to_backend(ack.clone())),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "the client's ACK confirms the flow",
+        input: ack.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(to_backend(ack.clone())),
+        reasons: &[reasons::TX],
+    });
     let scan = entries(&f);
     assert_eq!(scan.entries, 2, "both directions moved to CONNS");
     assert_eq!(scan.active.values().sum::<u64>(), 1);
@@ -776,21 +779,21 @@ fn syn_and_ack_floods_churn_half_open_flows_and_never_evict_established_ones() {
     assert_eq!(entries(&f).entries, 2, "no spoofed ACK reached CONNS");
 
     let data = fwd(TCP_ACK | TCP_PSH, b"POST /v1/completions");
-    f.case(Case::new(
-        "after the flood: the client's data is still a table hit",
-        data.build(),
-        XDP_TX,
-        Some(to_backend(data.clone())),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "after the flood: the client's data is still a table hit",
+        input: data.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(to_backend(data.clone())),
+        reasons: &[reasons::TX],
+    });
     let tokens = back(TCP_ACK | TCP_PSH, b"data: {\"token\"");
-    f.case(Case::new(
-        "after the flood: the backend's reply still finds its entry",
-        tokens.build(),
-        XDP_TX,
-        Some(to_client(tokens.clone())),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "after the flood: the backend's reply still finds its entry",
+        input: tokens.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(to_client(tokens.clone())),
+        reasons: &[reasons::TX],
+    });
 }
 
 #[test]
@@ -804,13 +807,13 @@ fn a_retransmitted_syn_starts_over_when_the_lru_dropped_its_reply_entry() {
     let to_backend = syn
         .translated(snat, backend, backend_mac(0), LB_MAC)
         .build();
-    f.case(Case::new(
-        "SYN",
-        syn.build(),
-        XDP_TX,
-        Some(to_backend.clone()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "SYN",
+        input: syn.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(to_backend.clone()),
+        reasons: &[reasons::TX],
+    });
     // The LRU evicts the two directions independently; drop the reply.
     {
         let mut half_open: aya::maps::HashMap<_, router_common::ConnKey, router_common::ConnEntry> =
@@ -818,27 +821,27 @@ fn a_retransmitted_syn_starts_over_when_the_lru_dropped_its_reply_entry() {
         half_open.remove(&conn_key(backend, snat)).unwrap();
     }
     let syn_ack = Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
-    f.case(Case::new(
-        "SYN-ACK without its entry: dropped, not reset by the host",
-        syn_ack.build(),
-        XDP_DROP,
-        None,
-        &[reasons::DROP_NO_REPLY_ENTRY],
-    ));
-    f.case(Case::new(
-        "the client's retransmitted SYN starts the flow over, on its own port",
-        syn.build(),
-        XDP_TX,
-        Some(to_backend),
-        &[reasons::TX],
-    ));
-    f.case(Case::new(
-        "the backend's SYN-ACK finds the new reply entry",
-        syn_ack.build(),
-        XDP_TX,
-        Some(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "SYN-ACK without its entry: dropped, not reset by the host",
+        input: syn_ack.build(),
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_NO_REPLY_ENTRY],
+    });
+    f.case(Case {
+        name: "the client's retransmitted SYN starts the flow over, on its own port",
+        input: syn.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(to_backend),
+        reasons: &[reasons::TX],
+    });
+    f.case(Case {
+        name: "the backend's SYN-ACK finds the new reply entry",
+        input: syn_ack.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
     let st = f.dp.status().unwrap();
     assert_eq!(
         st.services[0].counters.new_conns, 2,
@@ -856,42 +859,42 @@ fn a_confirmed_flow_takes_its_port_back_from_a_half_open_one() {
     // port (the backend 4-tuple) that the client's flow had before the LRU
     // dropped both of its entries.
     let spoof = Packet::tcp(addr("198.19.0.9:40400"), vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
-    f.case(Case::new(
-        "spoofed SYN takes port 40400",
-        spoof.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "spoofed SYN takes port 40400",
+        input: spoof.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             spoof
                 .translated(snat, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
     let data = Packet::tcp(addr("198.18.0.2:40400"), vip, TCP_ACK | TCP_PSH)
         .with_macs(LB_MAC, CLIENT_MAC)
         .with_payload(b"more of the request");
-    f.case(Case::new(
-        "the client's mid-stream packet gets its backend 4-tuple back",
-        data.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "the client's mid-stream packet gets its backend 4-tuple back",
+        input: data.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             data.translated(snat, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX, reasons::LRU_MISS],
-    ));
+        reasons: &[reasons::TX, reasons::LRU_MISS],
+    });
     let reply = Packet::tcp(backend, snat, TCP_ACK).with_macs(LB_MAC, backend_mac(0));
-    f.case(Case::new(
-        "the backend's reply goes to the client, not the spoofed source",
-        reply.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "the backend's reply goes to the client, not the spoofed source",
+        input: reply.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             reply
                 .translated(vip, addr("198.18.0.2:40400"), CLIENT_MAC, LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
 }
 
 #[test]
@@ -912,31 +915,31 @@ fn a_half_open_flow_expires_after_the_closing_timeout() {
     // well past it.
     std::thread::sleep(std::time::Duration::from_millis(100));
     let ack = Packet::tcp(client, vip, TCP_ACK).with_macs(LB_MAC, CLIENT_MAC);
-    f.case(Case::new(
-        "a late ACK finds the half-open flow expired: picked up mid-stream",
-        ack.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "a late ACK finds the half-open flow expired: picked up mid-stream",
+        input: ack.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             ack.translated(snat, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX, reasons::LRU_MISS],
-    ));
+        reasons: &[reasons::TX, reasons::LRU_MISS],
+    });
     let entries = |f: &Fixture| f.dp.conn_table().unwrap().scan().unwrap().entries;
     assert_eq!(entries(&f), 0, "picked up, but not confirmed by one packet");
     let data = Packet::tcp(client, vip, TCP_ACK | TCP_PSH)
         .with_macs(LB_MAC, CLIENT_MAC)
         .with_payload(b"prompt");
-    f.case(Case::new(
-        "the client's next packet confirms it",
-        data.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "the client's next packet confirms it",
+        input: data.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             data.translated(snat, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
     assert_eq!(entries(&f), 2, "the flow is confirmed now");
 }
 
@@ -961,16 +964,16 @@ fn an_expired_flow_frees_its_port_for_a_new_client() {
     assert_eq!(f.dp.conn_table().unwrap().scan().unwrap().entries, 2);
     std::thread::sleep(std::time::Duration::from_millis(100));
     let syn = Packet::tcp(addr("198.18.0.3:40600"), vip, TCP_SYN).with_macs(LB_MAC, CLIENT2_MAC);
-    f.case(Case::new(
-        "another client with the same port gets it: the confirmed flow expired",
-        syn.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "another client with the same port gets it: the confirmed flow expired",
+        input: syn.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             syn.translated(snat, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
 }
 
 #[test]
@@ -986,24 +989,24 @@ fn a_syn_takes_its_own_port_from_an_older_half_open_flow() {
     // found again once the LRU evicted both of its entries: a flow picked
     // up mid-stream always tries the client's own port first.
     let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
-    f.case(Case::new(
-        "a SYN whose port an unconfirmed flow holds keeps its own port",
-        syn.build(),
-        XDP_TX,
-        Some(
+    f.case(Case {
+        name: "a SYN whose port an unconfirmed flow holds keeps its own port",
+        input: syn.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             syn.translated(snat, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX],
-    ));
+        reasons: &[reasons::TX],
+    });
     let syn_ack = Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
-    f.case(Case::new(
-        "the backend's SYN-ACK goes to the newest SYN's client",
-        syn_ack.build(),
-        XDP_TX,
-        Some(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "the backend's SYN-ACK goes to the newest SYN's client",
+        input: syn_ack.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
 }
 
 /// A table of the program's by name, for reading or editing entries.
@@ -1032,34 +1035,34 @@ fn a_syn_after_the_backend_reset_the_flow_is_a_new_connection() {
     assert_eq!(f.run(&rst.build()).0, XDP_TX);
     // Meanwhile the operator moved the service to the other backend.
     f.dp.apply(&[service("llama", VIP, 6, &[0, 1])]).unwrap();
-    f.case(Case::new(
-        "the client reuses its port: a new connection, picked afresh",
-        syn.build(),
-        XDP_TX,
-        Some(syn.translated(snat, b1, backend_mac(1), LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "the client reuses its port: a new connection, picked afresh",
+        input: syn.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(syn.translated(snat, b1, backend_mac(1), LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
     let syn_ack = Packet::tcp(b1, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(1));
-    f.case(Case::new(
-        "the new backend's SYN-ACK reaches the client",
-        syn_ack.build(),
-        XDP_TX,
-        Some(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "the new backend's SYN-ACK reaches the client",
+        input: syn_ack.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
     assert_eq!(
         table(&mut f, "CONNS").get(&conn_key(b0, snat), 0).ok(),
         None,
         "the old flow's reply entry is gone"
     );
     // A retransmit of the new SYN, with both directions live, rides its flow.
-    f.case(Case::new(
-        "a retransmitted SYN stays on its flow",
-        syn.build(),
-        XDP_TX,
-        Some(syn.translated(snat, b1, backend_mac(1), LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "a retransmitted SYN stays on its flow",
+        input: syn.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(syn.translated(snat, b1, backend_mac(1), LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
     let st = f.dp.status().unwrap();
     assert_eq!(st.services[0].counters.new_conns, 2, "two connections");
 }
@@ -1133,25 +1136,25 @@ fn lru_miss_after_the_forward_entry_was_evicted_keeps_the_snat_pair() {
     let data = Packet::tcp(b, vip, TCP_ACK | TCP_PSH)
         .with_macs(LB_MAC, CLIENT2_MAC)
         .with_payload(b"rest of the prompt");
-    f.case(Case::new(
-        "b's next packet is re-hashed onto the pair its reply entry holds, \
+    f.case(Case {
+        name: "b's next packet is re-hashed onto the pair its reply entry holds, \
          not onto its own port, now free",
-        data.build(),
-        XDP_TX,
-        Some(
+        input: data.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
             data.translated(snat_b, backend, backend_mac(0), LB_MAC)
                 .build(),
         ),
-        &[reasons::TX, reasons::LRU_MISS],
-    ));
+        reasons: &[reasons::TX, reasons::LRU_MISS],
+    });
     let reply = Packet::tcp(backend, snat_b, TCP_ACK).with_macs(LB_MAC, backend_mac(0));
-    f.case(Case::new(
-        "the backend's reply still reaches b",
-        reply.build(),
-        XDP_TX,
-        Some(reply.translated(vip, b, CLIENT2_MAC, LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "the backend's reply still reaches b",
+        input: reply.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(reply.translated(vip, b, CLIENT2_MAC, LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
 }
 
 #[test]
@@ -1185,13 +1188,13 @@ fn a_half_open_flow_never_stamps_another_flows_reply_entry() {
     let data = Packet::tcp(backend, snat, TCP_ACK | TCP_PSH)
         .with_macs(LB_MAC, backend_mac(0))
         .with_payload(b"b's stream goes on");
-    f.case(Case::new(
-        "the backend's data on b's connection",
-        data.build(),
-        XDP_TX,
-        Some(data.translated(vip, b, CLIENT2_MAC, LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "the backend's data on b's connection",
+        input: data.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(data.translated(vip, b, CLIENT2_MAC, LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
     let st = f.dp.status().unwrap();
     assert_eq!(
         st.services[0].backends[0].latency.first_byte.count(),
@@ -1223,13 +1226,13 @@ fn ending_a_drained_backends_flows_ends_its_handshakes_too() {
     // The handshake's SYN-ACK no longer finds a way to the client.
     let snat = addr("198.18.0.1:41201");
     let syn_ack = Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
-    f.case(Case::new(
-        "a SYN-ACK of the ended handshake is dropped",
-        syn_ack.build(),
-        XDP_DROP,
-        None,
-        &[reasons::DROP_NO_REPLY_ENTRY],
-    ));
+    f.case(Case {
+        name: "a SYN-ACK of the ended handshake is dropped",
+        input: syn_ack.build(),
+        verdict: XDP_DROP,
+        output: Output::Unchanged,
+        reasons: &[reasons::DROP_NO_REPLY_ENTRY],
+    });
 }
 
 #[test]
@@ -1262,11 +1265,11 @@ fn a_spoofed_udp_flood_never_evicts_confirmed_udp_flows() {
     }
     assert_eq!(entries(&f), 2, "no spoofed datagram reached CONNS");
     let reply = Packet::udp(backend, snat, b"answer").with_macs(LB_MAC, backend_mac(0));
-    f.case(Case::new(
-        "the confirmed flow's reply still finds its entry",
-        reply.build(),
-        XDP_TX,
-        Some(reply.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
-        &[reasons::TX],
-    ));
+    f.case(Case {
+        name: "the confirmed flow's reply still finds its entry",
+        input: reply.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(reply.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
 }
