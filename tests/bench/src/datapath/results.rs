@@ -74,7 +74,7 @@ impl Row {
     }
 }
 
-pub(super) fn per_run(a: &[f64], b: &[f64], f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
+fn per_run(a: &[f64], b: &[f64], f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
     a.iter().zip(b).map(|(x, y)| f(*x, *y)).collect()
 }
 
@@ -161,12 +161,12 @@ pub(super) fn rows(s: &Samples) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-pub(super) fn fmt_ns(v: &[f64]) -> String {
+fn fmt_ns(v: &[f64]) -> String {
     let (lo, hi) = min_max(v);
     format!("{:.1} ({:.1}–{:.1})", median(v), lo, hi)
 }
 
-pub(super) fn fmt_ratio(v: &[f64]) -> String {
+fn fmt_ratio(v: &[f64]) -> String {
     format!("{:.2}×", median(v))
 }
 
@@ -205,7 +205,7 @@ pub(super) fn table(rows: &[Row]) -> String {
     t
 }
 
-pub(super) fn json_rows(rows: &[Row]) -> Value {
+fn json_rows(rows: &[Row]) -> Value {
     Value::Array(
         rows.iter()
             .map(|r| {
@@ -337,6 +337,6 @@ pub(super) fn write_results(
     Ok(())
 }
 
-pub(super) fn write(path: &Path, text: &str) -> Result<()> {
+fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }

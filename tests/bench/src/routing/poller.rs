@@ -56,7 +56,7 @@ pub(super) fn poll_least_queue(socket: &Path, done: &AtomicBool) -> Result<Polle
 
 /// Running + waiting requests from replica `i`'s /metrics; None when it
 /// does not answer (not up) or the figures are missing.
-pub(super) fn scrape_queue(i: usize) -> Option<f64> {
+fn scrape_queue(i: usize) -> Option<f64> {
     let r = netns::http_get(replica_addr(i), "/metrics", Duration::from_millis(300)).ok()?;
     (r.status == 200).then_some(())?;
     queue_from_metrics(&r.body)
@@ -92,7 +92,7 @@ pub(super) fn least_queue_weights(queues: &[Option<f64>], routable: &[bool]) -> 
 
 /// Pins `want`, raising weights before lowering any, so the service never
 /// passes through a moment with every weight at 0. Returns the calls made.
-pub(super) fn apply_pins(socket: &Path, pinned: &mut [u32], want: &[u32]) -> Result<u64> {
+fn apply_pins(socket: &Path, pinned: &mut [u32], want: &[u32]) -> Result<u64> {
     let mut calls = 0;
     let raise = (0..want.len()).filter(|&i| want[i] > pinned[i]);
     let lower = (0..want.len()).filter(|&i| want[i] < pinned[i]);

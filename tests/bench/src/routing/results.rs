@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// Nearest-rank percentile; NaN without samples.
-pub(super) fn pct(v: &[f64], p: f64) -> f64 {
+fn pct(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -33,18 +33,13 @@ pub(super) fn num(v: &Value) -> f64 {
 }
 
 /// A float for the JSON: null where it is not finite.
-pub(super) fn finite(x: f64) -> Value {
+fn finite(x: f64) -> Value {
     if x.is_finite() { json!(x) } else { Value::Null }
 }
 
 /// Share (%) of the completed requests sent in [from, to) that `replica`
 /// served; NaN when none completed.
-pub(super) fn share_pct(
-    samples: &[&loadgen::StreamSample],
-    replica: usize,
-    from: f64,
-    to: f64,
-) -> f64 {
+fn share_pct(samples: &[&loadgen::StreamSample], replica: usize, from: f64, to: f64) -> f64 {
     let sent: Vec<_> = samples
         .iter()
         .filter(|x| x.sent_s >= from && x.sent_s < to)

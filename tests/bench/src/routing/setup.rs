@@ -112,7 +112,7 @@ pub(super) fn haproxy_config() -> String {
     s
 }
 
-pub(super) fn nvml_path(dir: &Path, i: usize) -> PathBuf {
+fn nvml_path(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("gpu-{i}.json"))
 }
 
@@ -250,7 +250,7 @@ pub(super) fn start_front(
 /// `router config check` in `ns`. The daemon prints why it refuses a
 /// config to its own stderr, which the result would not carry; checking
 /// first puts the reason (an unknown key, say) into the skip.
-pub(super) fn check_config(ns: &str, config: &Path) -> Result<()> {
+fn check_config(ns: &str, config: &Path) -> Result<()> {
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", ns])
         .arg(router_binary()?)

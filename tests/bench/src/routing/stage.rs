@@ -67,7 +67,7 @@ impl Stage {
     /// Waits until the front routes to every replica that is up (at full
     /// weight after slow start, for the telemetry policy) and no longer to
     /// the late one when it is down.
-    pub(super) fn wait_ready(&self, late_up: bool) -> Result<()> {
+    fn wait_ready(&self, late_up: bool) -> Result<()> {
         let Front::Router { socket, setup, .. } = &self.front else {
             // Three check intervals: the running replicas are up, a stopped
             // one is marked down (fall 2).
@@ -138,7 +138,7 @@ impl Stage {
         Ok(point_json(scenario, load, window, runs))
     }
 
-    pub(super) fn one_run(&mut self, plan: &RunPlan, s: &RoutingSettings) -> Result<RunOut> {
+    fn one_run(&mut self, plan: &RunPlan, s: &RoutingSettings) -> Result<RunOut> {
         let late_up = plan.join_s.is_none();
         if let Front::Router { socket, setup, .. } = &self.front
             && setup.polled
@@ -170,7 +170,7 @@ impl Stage {
 
     /// Runs the load, and beside it the sampling (and the poller for
     /// `polled_least_queue`); starts the late replica at the join.
-    pub(super) fn drive(
+    fn drive(
         &self,
         plan: &RunPlan,
         s: &RoutingSettings,
@@ -240,7 +240,7 @@ impl Stage {
     /// the join, samples utilization in the measured window and the
     /// weights of contenders whose weights move. Returns the mean
     /// utilization per replica (NaN for one never sampled) and the weights.
-    pub(super) fn sample(
+    fn sample(
         &self,
         plan: &RunPlan,
         s: &RoutingSettings,
@@ -295,7 +295,7 @@ impl Stage {
 }
 
 /// (seconds into the run, weight per replica), sampled.
-pub(super) type WeightSeries = Vec<(f64, Vec<u32>)>;
+type WeightSeries = Vec<(f64, Vec<u32>)>;
 
 /// One run's schedule.
 pub(super) struct RunPlan {
@@ -367,7 +367,7 @@ impl RunPlan {
 }
 
 /// The router's counters that a run reports as differences.
-pub(super) struct RouterCounters {
+struct RouterCounters {
     pub(super) all_saturated_ticks: u64,
     pub(super) fallback_connections: u64,
     pub(super) weight_changes: Vec<u64>,
@@ -393,7 +393,7 @@ impl RouterCounters {
         }))
     }
 
-    pub(super) fn since(&self, before: &Self, minutes: f64) -> RouterDelta {
+    fn since(&self, before: &Self, minutes: f64) -> RouterDelta {
         RouterDelta {
             all_saturated_ticks: self
                 .all_saturated_ticks
@@ -412,7 +412,7 @@ impl RouterCounters {
 }
 
 /// What the threads beside the load saw.
-pub(super) struct During {
+struct During {
     pub(super) stream: StreamRun,
     pub(super) util: Vec<f64>,
     pub(super) weights: WeightSeries,

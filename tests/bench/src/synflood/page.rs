@@ -30,7 +30,7 @@ pub fn run_bench(quick: bool, out_dir: &Path) -> Result<()> {
 }
 
 /// bench/synflood.md: what was run, then each run's figures.
-pub(super) fn bench_page(paced: &Report, unpaced: &Report) -> String {
+fn bench_page(paced: &Report, unpaced: &Report) -> String {
     let p = &paced.params;
     let mut s = String::new();
     s.push_str("# SYN flood against a small connection table\n\n");
