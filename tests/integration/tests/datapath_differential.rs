@@ -40,6 +40,10 @@ use std::{cell::RefCell, time::Instant};
 use proptest::test_runner::{Config as PtConfig, RngAlgorithm, TestRng, TestRunner};
 
 // The crate root looks for modules beside it, not in a folder of its name.
+#[path = "datapath_differential/inputs.rs"]
+mod inputs;
+#[path = "datapath_differential/kernel.rs"]
+mod kernel;
 #[path = "datapath_differential/session.rs"]
 mod session;
 #[path = "datapath_differential/strategies.rs"]
