@@ -158,7 +158,7 @@ fn dispatch(task: Task) -> Result<()> {
                     "run",
                     "--release",
                     "-p",
-                    "router-tests",
+                    "router-bench",
                     "--bin",
                     "gpu_demo",
                     "--",
@@ -178,7 +178,7 @@ fn dispatch(task: Task) -> Result<()> {
                     "run",
                     "--release",
                     "-p",
-                    "router-tests",
+                    "router-bench",
                     "--bin",
                     "demo",
                     "--",
@@ -221,7 +221,7 @@ fn dispatch(task: Task) -> Result<()> {
                 "run",
                 "--release",
                 "-p",
-                "router-tests",
+                "router-bench",
                 "--bin",
                 "soak",
                 "--",
@@ -244,7 +244,7 @@ fn bench(suite: Option<&str>, quick: bool, extra: &[OsString]) -> Result<()> {
         "run",
         "--release",
         "-p",
-        "router-tests",
+        "router-bench",
         "--bin",
         "bench",
         "--",
@@ -316,8 +316,9 @@ fn test() -> Result<()> {
     // The end-to-end tests run the real `router` binary as a daemon.
     build()?;
     // Kernel tests attach programs and create namespaces; one at a time keeps
-    // them from fighting over shared kernel state. router-tests dev-depends
-    // on fake-nvml, so this also builds libfake_nvml.so for the NVML tests.
+    // them from fighting over shared kernel state. router-tests and
+    // router-bench dev-depend on fake-nvml, so this also builds
+    // libfake_nvml.so for the NVML tests and the demo's.
     let tally = cmd::run_tests(workspace_cargo().args([
         "test",
         "--workspace",

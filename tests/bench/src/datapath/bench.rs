@@ -1,0 +1,295 @@
+//! One benchmark run: every path in single and repeat mode, its samples
+//! and the checks that each path took the branch it is named after.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{Context, Result, ensure};
+use aya::{
+    Ebpf,
+    programs::{TestRun, TestRunOptions},
+};
+use router::datapath::{Datapath, XDP_PASS_OBJ};
+use router_common::{addr_filter_bucket, reasons};
+use router_testkit::{
+    kernel_ns::{EnteredNs, TEST_NEIGHBOURS},
+    packet::{Mac, Packet, TCP_ACK, TCP_SYN},
+    test_run::xdp_md,
+};
+
+use super::paths::{
+    SingleResult, SynCase, check_reasons, client_frames, least_loaded_service, load_datapath,
+    load_datapath_with, reason_vec, repeat_call, service, single_calls, table_entries,
+    trivial_program,
+};
+use super::{
+    BACKEND_PORT, BACKEND0_MAC, BACKENDS, CLIENT_ADDR, CLIENT_MAC, EST_CLIENT_PORT, LB_ADDR,
+    LB_MAC, NON_SERVICE_DST, SYN_FIRST_PORT, VIP, WARMUP_CALLS, XDP_PASS, XDP_TX,
+};
+
+pub(super) struct Bench {
+    pub(super) dp: Datapath,
+    pub(super) trivial: Ebpf,
+    pub(super) ctx: Vec<u8>,
+    /// Frames of the established flow and its reply.
+    pub(super) est_ack: Vec<u8>,
+    pub(super) reply_ack: Vec<u8>,
+    pub(super) non_service: Vec<u8>,
+    // Dropped last: leaves and removes the namespace.
+    pub(super) _ns: EnteredNs,
+}
+
+impl Bench {
+    pub(super) fn new() -> Result<Self> {
+        let ns = EnteredNs::new("rtbench").context("creating the benchmark netns")?;
+        let ifindex = ns
+            .test_arm(
+                ("bx0", "bx1"),
+                "02:00:00:00:00:01",
+                "198.18.0.1/24",
+                &TEST_NEIGHBOURS,
+            )
+            .context("setting up the benchmark netns")?;
+
+        // The non-service frame must stop at the address pre-filter.
+        let bucket = |a: Ipv4Addr| addr_filter_bucket(u32::from_ne_bytes(a.octets()));
+        let ns_bucket = bucket(*NON_SERVICE_DST.ip());
+        ensure!(
+            ns_bucket != bucket(*VIP.ip()) && ns_bucket != bucket(LB_ADDR),
+            "non-service address {} shares a pre-filter bucket with the VIP or SNAT address",
+            NON_SERVICE_DST.ip()
+        );
+
+        let mut dp = load_datapath()?;
+        let mut trivial = Ebpf::load(XDP_PASS_OBJ).context("loading the xdp_pass object")?;
+        trivial_program(&mut trivial)?
+            .load()
+            .context("loading the xdp_pass program")?;
+
+        let client = SocketAddrV4::new(CLIENT_ADDR, EST_CLIENT_PORT);
+        let syn = Packet::tcp(client, VIP, TCP_SYN)
+            .with_macs(LB_MAC, CLIENT_MAC)
+            .build();
+        let ctx = xdp_md(ifindex, syn.len());
+        // Create the established flow and learn its backend and SNAT port.
+        let prog = dp.program_mut().context("router program")?;
+        let mut out = vec![0u8; 512];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&syn),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN (SYN of the established flow)")?;
+        ensure!(
+            r.return_value == XDP_TX && r.data_size_out as usize == syn.len(),
+            "SYN of the established flow: verdict {} (expected XDP_TX)",
+            r.return_value
+        );
+        let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        let snat_port = u16::from_be_bytes([out[34], out[35]]);
+        let backend_mac: Mac = out[0..6]
+            .try_into()
+            .context("destination MAC of the translated SYN")?;
+        ensure!(
+            BACKENDS.contains(&backend) && backend_mac[..5] == BACKEND0_MAC[..5],
+            "translated SYN went to {backend} ({backend_mac:02x?}), not a benchmark backend"
+        );
+
+        let est_ack = Packet::tcp(client, VIP, TCP_ACK)
+            .with_macs(LB_MAC, CLIENT_MAC)
+            .build();
+        let reply_ack = Packet::tcp(
+            SocketAddrV4::new(backend, BACKEND_PORT),
+            SocketAddrV4::new(LB_ADDR, snat_port),
+            TCP_ACK,
+        )
+        .with_macs(LB_MAC, backend_mac)
+        .build();
+        let non_service = Packet::tcp(client, NON_SERVICE_DST, TCP_SYN)
+            .with_macs(LB_MAC, CLIENT_MAC)
+            .build();
+        ensure!(
+            est_ack.len() == syn.len()
+                && reply_ack.len() == syn.len()
+                && non_service.len() == syn.len(),
+            "benchmark frames differ in length"
+        );
+        Ok(Self {
+            dp,
+            trivial,
+            ctx,
+            est_ack,
+            reply_ack,
+            non_service,
+            _ns: ns,
+        })
+    }
+
+    /// Single-mode calls of one unchanged frame on the shared router datapath,
+    /// checked against the reason counters.
+    pub(super) fn router_single(
+        &mut self,
+        frame: &[u8],
+        calls: u32,
+        expect: u32,
+        reason: u32,
+        what: &str,
+    ) -> Result<SingleResult> {
+        let warm = vec![frame.to_vec(); WARMUP_CALLS as usize];
+        let timed = vec![frame.to_vec(); calls as usize];
+        let before = reason_vec(&self.dp)?;
+        let prog = self.dp.program_mut().context("router program")?;
+        single_calls(prog, &warm, &self.ctx, expect, what)?;
+        let r = single_calls(prog, &timed, &self.ctx, expect, what)?;
+        let after = reason_vec(&self.dp)?;
+        check_reasons(
+            &before,
+            &after,
+            reason,
+            u64::from(WARMUP_CALLS + calls),
+            what,
+        )?;
+        Ok(r)
+    }
+
+    pub(super) fn trivial_single(&mut self, calls: u32) -> Result<SingleResult> {
+        let warm = vec![self.non_service.clone(); WARMUP_CALLS as usize];
+        let timed = vec![self.non_service.clone(); calls as usize];
+        let prog = trivial_program(&mut self.trivial)?;
+        single_calls(prog, &warm, &self.ctx, XDP_PASS, "xdp_pass single")?;
+        single_calls(prog, &timed, &self.ctx, XDP_PASS, "xdp_pass single")
+    }
+
+    pub(super) fn trivial_repeat(&mut self, repeat: u32) -> Result<SingleResult> {
+        let prog = trivial_program(&mut self.trivial)?;
+        repeat_call(
+            prog,
+            &self.non_service,
+            &self.ctx,
+            repeat,
+            XDP_PASS,
+            "xdp_pass repeat",
+        )
+    }
+
+    pub(super) fn non_service_repeat(&mut self, repeat: u32) -> Result<SingleResult> {
+        let before = reason_vec(&self.dp)?;
+        let prog = self.dp.program_mut().context("router program")?;
+        let r = repeat_call(
+            prog,
+            &self.non_service,
+            &self.ctx,
+            repeat,
+            XDP_PASS,
+            "non-service repeat",
+        )?;
+        let after = reason_vec(&self.dp)?;
+        check_reasons(
+            &before,
+            &after,
+            reasons::PASS_NOT_SERVICE,
+            u64::from(repeat),
+            "non-service repeat",
+        )?;
+        Ok(r)
+    }
+
+    /// SYN path: a freshly loaded datapath, every call a new client port.
+    pub(super) fn syn_single(&mut self, calls: u32, case: &SynCase) -> Result<SingleResult> {
+        let total = WARMUP_CALLS + calls;
+        ensure!(
+            u32::from(SYN_FIRST_PORT) + total <= u32::from(u16::MAX),
+            "too many SYN calls per run ({total}) for distinct client ports"
+        );
+        let frames = client_frames(total, TCP_SYN);
+        let (warm, timed) = frames.split_at(WARMUP_CALLS as usize);
+        let spec = if case.least_loaded {
+            least_loaded_service(case.backends)
+        } else {
+            service()
+        };
+        let mut dp = load_datapath_with(&spec, case.scan_limit, total)?;
+        let before = reason_vec(&dp)?;
+        let prog = dp.program_mut().context("router program")?;
+        single_calls(prog, warm, &self.ctx, XDP_TX, "SYN single")?;
+        let r = single_calls(prog, timed, &self.ctx, XDP_TX, "SYN single")?;
+        let after = reason_vec(&dp)?;
+        check_reasons(&before, &after, reasons::TX, u64::from(total), "SYN single")?;
+        let st = dp.status().context("datapath status")?;
+        let new_conns: u64 = st.services.iter().map(|s| s.counters.new_conns).sum();
+        ensure!(
+            new_conns == u64::from(total),
+            "SYN single: {new_conns} new connections for {total} SYNs"
+        );
+        // The state claimed: every flow still in the half-open table, none
+        // evicted by a later SYN of the same run.
+        let held = table_entries(&mut dp, "HALF_OPEN")?;
+        ensure!(
+            held == 2 * u64::from(total),
+            "{}: the half-open table holds {held} entries for {total} SYNs: it evicted",
+            case.path
+        );
+        if case.least_loaded {
+            // Least-loaded spreads the flows: no backend more than one
+            // flow above another with equal weights when scanned.
+            let counts: Vec<u64> = st.services[0]
+                .backends
+                .iter()
+                .map(|b| b.in_flight)
+                .collect();
+            let (lo, hi) = (
+                counts.iter().min().copied().unwrap_or(0),
+                counts.iter().max().copied().unwrap_or(0),
+            );
+            ensure!(
+                counts.iter().sum::<u64>() == u64::from(total)
+                    && (case.scan_limit == 0 || hi - lo <= 1),
+                "{}: in-flight spread {lo}..{hi} over {counts:?}",
+                case.path
+            );
+        }
+        Ok(r)
+    }
+}
+
+impl Bench {
+    /// The first ACK of a new flow, which promotes it from the half-open
+    /// table into CONNS: a freshly loaded datapath, one SYN per client port
+    /// (untimed), then each flow's ACK timed.
+    pub(super) fn first_ack_single(&mut self, calls: u32) -> Result<SingleResult> {
+        let total = WARMUP_CALLS + calls;
+        ensure!(
+            u32::from(SYN_FIRST_PORT) + total <= u32::from(u16::MAX),
+            "too many first-ACK calls per run ({total}) for distinct client ports"
+        );
+        let (syns, acks) = (client_frames(total, TCP_SYN), client_frames(total, TCP_ACK));
+        let mut dp = load_datapath_with(&service(), 0, total)?;
+        let before = reason_vec(&dp)?;
+        let prog = dp.program_mut().context("router program")?;
+        single_calls(prog, &syns, &self.ctx, XDP_TX, "first ACK: its SYN")?;
+        let (warm, timed) = acks.split_at(WARMUP_CALLS as usize);
+        single_calls(prog, warm, &self.ctx, XDP_TX, "first ACK single")?;
+        let r = single_calls(prog, timed, &self.ctx, XDP_TX, "first ACK single")?;
+        let after = reason_vec(&dp)?;
+        check_reasons(
+            &before,
+            &after,
+            reasons::TX,
+            2 * u64::from(total),
+            "first ACK single",
+        )?;
+        // The state claimed: every flow promoted, both directions in CONNS,
+        // nothing left half-open and nothing evicted.
+        let (conns, half_open) = (
+            table_entries(&mut dp, "CONNS")?,
+            table_entries(&mut dp, "HALF_OPEN")?,
+        );
+        ensure!(
+            conns == 2 * u64::from(total) && half_open == 0,
+            "first ACK single: CONNS holds {conns} and HALF_OPEN {half_open} entries \
+             for {total} promoted flows"
+        );
+        Ok(r)
+    }
+}

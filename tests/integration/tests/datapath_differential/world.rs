@@ -1,0 +1,596 @@
+//! The world every session runs in: services, addresses, timeouts, and
+//! the loaded program with its maps.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
+
+use aya::maps::{Array, HashMap as BpfHashMap};
+use router::{
+    datapath::{
+        BackendSpec, Datapath, LoadCounters, LoadOptions, SCAN_LIMIT, Selection, ServiceSpec,
+    },
+    maglev::{self, MaglevBackend},
+};
+use router_common::{
+    MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey,
+    selection::{SELECT_LEAST_LOADED, SELECT_MAGLEV},
+};
+use router_testkit::{
+    kernel_ns::{EnteredNs, TEST_NEIGHBOURS},
+    model::{self, Config, Hop, Timeouts},
+};
+
+use super::kernel::LoadSeeder;
+
+/// Timeouts, in seconds, and the ages seeded around them: every age is at
+/// least 10 s from every timeout, and a session must finish in `MAX_SESSION`.
+pub(crate) const CLOSING_S: u64 = 10;
+pub(crate) const UDP_IDLE_S: u64 = 30;
+pub(crate) const TCP_IDLE_S: u64 = 50;
+pub(crate) const AGES: [u64; 4] = [0, 20, 40, 70];
+pub(crate) const MAX_SESSION: Duration = Duration::from_secs(5);
+
+pub(crate) const TABLE_SIZE: u32 = 251;
+pub(crate) const ARM0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub(crate) const ARM1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+
+pub(crate) fn wire(a: &str) -> u32 {
+    let ip: Ipv4Addr = a.parse().unwrap_or_else(|e| panic!("address {a}: {e}"));
+    u32::from_ne_bytes(ip.octets())
+}
+
+pub(crate) fn ip_of(w: u32) -> Ipv4Addr {
+    Ipv4Addr::from(w.to_ne_bytes())
+}
+
+pub(crate) struct SvcDef {
+    pub(crate) name: &'static str,
+    pub(crate) vip: &'static str,
+    pub(crate) proto: u8,
+    pub(crate) snat: &'static [&'static str],
+    pub(crate) ports: (u16, u16),
+    pub(crate) selection: Selection,
+    pub(crate) backends: Vec<String>,
+    /// Weights per weight set.
+    pub(crate) weights: [Vec<u32>; 3],
+    /// Room limits (`max_in_flight`, 0: none) per weight set: small, so
+    /// that the seeded counts (0 to 3 in flight) leave some backends full.
+    pub(crate) rooms: [Vec<u32>; 3],
+}
+
+/// Index into SERVICES of the large least-loaded service.
+pub(crate) const BIG: usize = 6;
+/// Its backends: more than the daemon scans, so it draws two choices
+/// while more than `SCAN_LIMIT` of them have weight (sets 0 and 2), and
+/// is scanned in set 1. Most have no neighbour (their packets are passed
+/// to the stack); one in four is a neighbour, on either arm.
+pub(crate) const BIG_BACKENDS: usize = SCAN_LIMIT + 8;
+
+/// Chosen for collisions: S0 and S1 share a backend and a SNAT address,
+/// S1's two-port range runs out, S4 listens on one of S0's SNAT
+/// addresses, S3 has no backend with weight, S5 has one SNAT port. S0,
+/// S2, S3 and S6 place fresh flows by load: S0 and S2 scan their members
+/// (none in S0's set 2, which then draws two choices from an empty
+/// table, as S3 always does), S6 draws two choices except in set 1.
+pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
+    let strs = |a: &[&str]| a.iter().map(|b| b.to_string()).collect::<Vec<_>>();
+    let n = BIG_BACKENDS;
+    vec![
+        SvcDef {
+            name: "web",
+            vip: "198.18.100.1:8000",
+            proto: 6,
+            snat: &["198.18.0.1", "198.18.0.5", "198.18.0.6"],
+            ports: (10000, 32767),
+            selection: Selection::LeastLoaded,
+            backends: strs(&[
+                "198.18.0.11:8000",
+                "198.18.0.12:8000",
+                "198.18.0.13:8000",
+                "198.18.1.11:8000",
+                "198.18.0.44:8000",
+            ]),
+            weights: [
+                vec![1, 1, 1, 1, 1],
+                vec![0, 3, 1, 0, 1],
+                vec![0, 0, 0, 0, 0],
+            ],
+            rooms: [
+                vec![2, 0, 3, 1, 0],
+                vec![0, 1, 2, 0, 0],
+                vec![1, 1, 1, 1, 1],
+            ],
+        },
+        SvcDef {
+            name: "narrow",
+            vip: "198.18.100.2:443",
+            proto: 6,
+            snat: &["198.18.0.1"],
+            ports: (40000, 40001),
+            selection: Selection::Maglev,
+            backends: strs(&["198.18.0.11:8000", "198.18.0.12:8000"]),
+            weights: [vec![1, 1], vec![0, 1], vec![1, 0]],
+            rooms: [vec![1, 0], vec![1, 1], vec![0, 0]],
+        },
+        SvcDef {
+            name: "dns",
+            vip: "198.18.100.1:5353",
+            proto: 17,
+            snat: &["198.18.0.1", "198.18.0.8"],
+            ports: (20000, 20063),
+            selection: Selection::LeastLoaded,
+            backends: strs(&["198.18.0.12:53", "198.18.0.13:53", "198.18.1.11:53"]),
+            weights: [vec![1, 1, 1], vec![2, 0, 1], vec![0, 0, 1]],
+            rooms: [vec![1, 2, 0], vec![0, 3, 1], vec![0, 0, 2]],
+        },
+        SvcDef {
+            name: "dark",
+            vip: "198.18.100.3:80",
+            proto: 6,
+            snat: &["198.18.0.1"],
+            ports: (10000, 10100),
+            selection: Selection::LeastLoaded,
+            backends: strs(&["198.18.0.11:80"]),
+            weights: [vec![0], vec![0], vec![0]],
+            rooms: [vec![0], vec![1], vec![0]],
+        },
+        SvcDef {
+            name: "on-snat",
+            vip: "198.18.0.5:8080",
+            proto: 6,
+            snat: &["198.18.0.9", "198.18.0.10", "198.18.0.14", "198.18.0.15"],
+            ports: (1024, 65535),
+            selection: Selection::Maglev,
+            backends: strs(&["198.18.0.13:8080", "198.18.0.11:8080"]),
+            weights: [vec![1, 2], vec![1, 0], vec![0, 0]],
+            rooms: [vec![0, 1], vec![0, 0], vec![2, 2]],
+        },
+        SvcDef {
+            name: "one-port",
+            vip: "198.18.100.4:9999",
+            proto: 17,
+            snat: &["198.18.0.7"],
+            ports: (50000, 50000),
+            selection: Selection::Maglev,
+            backends: strs(&["198.18.0.11:9999"]),
+            weights: [vec![1], vec![0], vec![1]],
+            rooms: [vec![0], vec![0], vec![1]],
+        },
+        SvcDef {
+            name: "big",
+            vip: "198.18.100.5:7000",
+            proto: 6,
+            snat: &["198.18.0.1", "198.18.0.6"],
+            ports: (30000, 30999),
+            selection: Selection::LeastLoaded,
+            backends: (0..n)
+                .map(|i| match i % 8 {
+                    0 => format!("198.18.0.{}:{}", 11 + i / 8 % 3, 7000 + i),
+                    4 => format!("198.18.1.11:{}", 7000 + i),
+                    _ => format!("198.18.0.{}:7000", 100 + i),
+                })
+                .collect(),
+            weights: [
+                (0..n).map(|i| [1, 2, 3, 0, 1, 4][i % 6]).collect(),
+                (0..n)
+                    .map(|i| if i % 2 == 1 { 0 } else { 1 + i as u32 % 5 })
+                    .collect(),
+                (0..n).map(|i| u32::from(i % 8 != 3)).collect(),
+            ],
+            rooms: [
+                (0..n)
+                    .map(|i| if i % 5 == 0 { 0 } else { 1 + i as u32 % 4 })
+                    .collect(),
+                (0..n).map(|i| [0, 2, 4][i % 3]).collect(),
+                (0..n).map(|i| u32::from(i % 7 == 0)).collect(),
+            ],
+        },
+    ]
+});
+
+pub(crate) const CLIENTS: [&str; 5] = [
+    "198.18.0.2",
+    "198.18.0.3",
+    "198.19.0.9",
+    "198.18.0.44",
+    "198.18.1.11",
+];
+/// 8080 is the port of the VIP on a SNAT address: a client of one service
+/// on its own port meets another service there.
+pub(crate) const CLIENT_PORTS: [u16; 9] =
+    [40000, 40001, 10000, 20000, 1024, 55555, 8000, 33333, 8080];
+
+pub(crate) fn specs(set: usize) -> Vec<ServiceSpec> {
+    SERVICES
+        .iter()
+        .map(|s| ServiceSpec {
+            name: s.name.into(),
+            vip: s.vip.parse().unwrap_or_else(|e| panic!("{}: {e}", s.vip)),
+            proto: s.proto,
+            snat: s.snat.iter().map(|a| ip_of(wire(a))).collect(),
+            snat_port_min: s.ports.0,
+            snat_port_max: s.ports.1,
+            selection: s.selection,
+            backends: s
+                .backends
+                .iter()
+                .zip(&s.weights[set])
+                .enumerate()
+                .map(|(i, (b, w))| BackendSpec {
+                    role: router::datapath::BackendRole::Primary,
+                    name: format!("b{i}"),
+                    address: b.parse().unwrap_or_else(|e| panic!("{b}: {e}")),
+                    weight: *w,
+                    max_in_flight: s.rooms[set][i],
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// A destination a flow may send to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dest {
+    pub(crate) addr: u32,
+    /// Host order.
+    pub(crate) port: u16,
+    pub(crate) proto: u8,
+    /// Index into SERVICES when this is one's VIP, port and protocol.
+    pub(crate) service: Option<usize>,
+}
+
+pub(crate) struct World {
+    pub(crate) fx: Harness,
+    /// Model configuration per weight set of the tables and scan lists
+    /// (outer) and of the `BACKENDS` slots (inner).
+    pub(crate) configs: Vec<Vec<Config>>,
+    /// Which weight set the datapath serves now, which one its `BACKENDS`
+    /// slots hold (another one while an apply is caught between writing
+    /// them and flipping the tables), and which sets were checked against
+    /// the kernel's Maglev tables and scan lists.
+    pub(crate) live_set: usize,
+    pub(crate) slot_set: usize,
+    pub(crate) checked_sets: BTreeSet<usize>,
+    pub(crate) dests: Vec<Dest>,
+    /// Backend (address, port in host order) pool for stray replies.
+    pub(crate) backends: Vec<(u32, u16)>,
+    /// Service ids and backend ids whose counters are compared.
+    pub(crate) service_ids: Vec<u32>,
+    pub(crate) backend_ids: Vec<u32>,
+    /// Per service (SERVICES order): its id and backend ids.
+    pub(crate) ids: Vec<(u32, Vec<u32>)>,
+    pub(crate) packets: u64,
+    pub(crate) sessions: u64,
+    /// Packets per reason and per verdict, for the closing summary.
+    pub(crate) tally: BTreeMap<&'static str, u64>,
+    /// The counters as the last session that passed left them.
+    pub(crate) counters: Option<super::session::Counters>,
+}
+
+/// The loaded program in its namespace.
+pub(crate) struct Harness {
+    pub(crate) dp: Datapath,
+    /// The daemon's mapping of the in-flight counts, read as the daemon
+    /// reads them.
+    pub(crate) load: Arc<LoadCounters>,
+    /// The test's own writable mapping of them, for seeding.
+    pub(crate) load_seed: LoadSeeder,
+    pub(crate) arm0: u32,
+    pub(crate) arm1: u32,
+    pub(crate) _ns: EnteredNs,
+}
+
+pub(crate) fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// An address in 198.18.0.0/15 that shares `addr`'s pre-filter bucket
+/// and is none of `taken`.
+pub(crate) fn bucket_neighbour(addr: u32, taken: &BTreeSet<u32>) -> u32 {
+    let base = u32::from(Ipv4Addr::new(198, 18, 0, 0));
+    (0..1u32 << 17)
+        .map(|i| u32::from_ne_bytes(Ipv4Addr::from(base + i).octets()))
+        .find(|a| {
+            *a != addr
+                && !taken.contains(a)
+                && model::filter_bucket(*a) == model::filter_bucket(addr)
+        })
+        .unwrap_or_else(|| panic!("no bucket neighbour of {}", ip_of(addr)))
+}
+
+impl World {
+    pub(crate) fn new() -> Self {
+        // An entry seeded 70 s old needs a clock that has run that long.
+        let need = (AGES[3] + 5) * 1_000_000_000;
+        let now = coarse_now_ns();
+        if now < need {
+            std::thread::sleep(Duration::from_nanos(need - now));
+        }
+        let ns = EnteredNs::new("rtdiff").expect("netns");
+        let arm0 = ns
+            .test_arm(
+                ("df0", "df1"),
+                "02:00:00:00:00:01",
+                "198.18.0.1/24",
+                &TEST_NEIGHBOURS,
+            )
+            .expect("arm 0");
+        let arm1 = ns
+            .test_arm(
+                ("df2", "df3"),
+                "02:00:00:00:01:01",
+                "198.18.1.1/24",
+                &[("198.18.1.11", "02:00:00:00:1b:00")],
+            )
+            .expect("arm 1");
+        // The LRU tables split their entries among the possible CPUs
+        // (BPF_F_NO_COMMON_LRU) and a CPU evicts once its share is used: a
+        // session holds at most a few hundred entries, so every share must
+        // hold that many (HALF_OPEN is at least 65,536 entries).
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .expect("possible CPUs") as u32;
+        assert!(
+            router_common::MIN_HALF_OPEN_TABLE_SIZE / cpus >= 256,
+            "{cpus} possible CPUs leave HALF_OPEN too few entries per CPU for a session"
+        );
+        let mut dp = Datapath::load(LoadOptions {
+            table_size: TABLE_SIZE,
+            conn_table_size: (1024 * cpus).max(16_384),
+            tcp_idle_ns: TCP_IDLE_S * 1_000_000_000,
+            tcp_closing_ns: CLOSING_S * 1_000_000_000,
+            udp_idle_ns: UDP_IDLE_S * 1_000_000_000,
+            datapath_log: false,
+        })
+        .expect("load the router program");
+        dp.apply(&specs(0)).expect("apply services");
+        let fib_gen = Array::<_, u32>::try_from(dp.ebpf_mut().map("FIB_GEN").expect("FIB_GEN"))
+            .expect("FIB_GEN")
+            .get(&0, 0)
+            .expect("FIB_GEN[0]");
+        assert_ne!(fib_gen, 0, "a loaded datapath has a next-hop generation");
+
+        let mut ids = Vec::new();
+        {
+            let services: BpfHashMap<_, ServiceKey, Service> =
+                BpfHashMap::try_from(dp.ebpf_mut().map("SERVICES").expect("SERVICES"))
+                    .expect("SERVICES");
+            for s in SERVICES.iter() {
+                let vip: SocketAddrV4 = s.vip.parse().expect("vip");
+                let key = ServiceKey {
+                    addr: u32::from_ne_bytes(vip.ip().octets()),
+                    port: vip.port().to_be(),
+                    proto: s.proto,
+                    _pad: 0,
+                };
+                ids.push((
+                    services.get(&key, 0).expect("service in SERVICES").id,
+                    Vec::new(),
+                ));
+            }
+        }
+        for (s, (_, bids)) in SERVICES.iter().zip(&mut ids) {
+            *bids = (0..s.backends.len())
+                .map(|i| dp.backend_id(s.name, &format!("b{i}")).expect("backend id"))
+                .collect();
+        }
+
+        let mut fib = std::collections::HashMap::new();
+        for (a, mac) in TEST_NEIGHBOURS {
+            fib.insert(wire(a), hop(mac, ARM0_MAC, arm0));
+        }
+        fib.insert(
+            wire("198.18.1.11"),
+            hop("02:00:00:00:1b:00", ARM1_MAC, arm1),
+        );
+        let configs = (0..3)
+            .map(|set| {
+                (0..3)
+                    .map(|slots| model_config(set, slots, &ids, &fib, fib_gen))
+                    .collect()
+            })
+            .collect();
+
+        let mut dests = Vec::new();
+        let mut taken: BTreeSet<u32> = BTreeSet::new();
+        for (i, s) in SERVICES.iter().enumerate() {
+            let vip: SocketAddrV4 = s.vip.parse().expect("vip");
+            let addr = u32::from_ne_bytes(vip.ip().octets());
+            dests.push(Dest {
+                addr,
+                port: vip.port(),
+                proto: s.proto,
+                service: Some(i),
+            });
+            taken.insert(addr);
+            taken.extend(s.snat.iter().map(|a| wire(a)));
+            taken.extend(
+                s.backends
+                    .iter()
+                    .map(|b| wire(b.split(':').next().unwrap_or(b.as_str()))),
+            );
+        }
+        taken.extend(CLIENTS.iter().map(|c| wire(c)));
+        let web = dests[0];
+        let near_vip = bucket_neighbour(web.addr, &taken);
+        let near_snat = bucket_neighbour(wire("198.18.0.1"), &taken);
+        for (addr, port, proto) in [
+            (web.addr, 8001, 6),             // the VIP, another port
+            (web.addr, 8000, 17),            // the VIP, another protocol
+            (web.addr, 8000, 1),             // the VIP, ICMP
+            (wire("198.18.0.1"), 40000, 6),  // a SNAT address
+            (wire("198.18.0.5"), 40000, 6),  // a SNAT address that is a VIP too
+            (wire("198.18.0.7"), 50000, 17), // a SNAT address, UDP
+            (near_vip, 8000, 6),             // the VIP's bucket neighbour
+            (near_snat, 40000, 6),           // a SNAT address's bucket neighbour
+            (wire("198.18.0.99"), 8000, 6),  // nobody
+        ] {
+            dests.push(Dest {
+                addr,
+                port,
+                proto,
+                service: None,
+            });
+        }
+        // Stray replies come from the small services' backends and a few
+        // of the large one's.
+        let mut backends: BTreeSet<(u32, u16)> = BTreeSet::new();
+        for (i, s) in SERVICES.iter().enumerate() {
+            let n = if i == BIG { 4 } else { s.backends.len() };
+            for b in &s.backends[..n] {
+                let a: SocketAddrV4 = b.parse().expect("backend");
+                backends.insert((u32::from_ne_bytes(a.ip().octets()), a.port()));
+            }
+        }
+        let mut service_ids: Vec<u32> = ids.iter().map(|(s, _)| *s).collect();
+        service_ids.push(MAX_SERVICES - 1);
+        let mut backend_ids: Vec<u32> = ids.iter().flat_map(|(_, b)| b.clone()).collect();
+        backend_ids.push(MAX_BACKENDS - 1);
+
+        World {
+            fx: Harness {
+                load: dp.load_counters(),
+                load_seed: LoadSeeder::map(&mut dp),
+                dp,
+                arm0,
+                arm1,
+                _ns: ns,
+            },
+            configs,
+            live_set: 0,
+            slot_set: 0,
+            checked_sets: BTreeSet::new(),
+            dests,
+            backends: backends.into_iter().collect(),
+            service_ids,
+            backend_ids,
+            ids,
+            packets: 0,
+            sessions: 0,
+            tally: BTreeMap::new(),
+            counters: None,
+        }
+    }
+}
+
+pub(crate) fn mac(s: &str) -> [u8; 6] {
+    let mut m = [0u8; 6];
+    for (i, p) in s.split(':').enumerate() {
+        m[i] = u8::from_str_radix(p, 16).unwrap_or_else(|e| panic!("mac {s}: {e}"));
+    }
+    m
+}
+
+pub(crate) fn hop(dmac: &str, smac: [u8; 6], ifindex: u32) -> Hop {
+    Hop {
+        dmac: mac(dmac),
+        smac,
+        ifindex,
+        fib_gen: 0,
+    }
+}
+
+/// The model's configuration with the tables and scan lists of weight set
+/// `set` and the `BACKENDS` weights of set `slots`.
+pub(crate) fn model_config(
+    set: usize,
+    slots: usize,
+    ids: &[(u32, Vec<u32>)],
+    fib: &std::collections::HashMap<u32, Hop>,
+    fib_gen: u32,
+) -> Config {
+    let mut services = std::collections::HashMap::new();
+    let mut backends = std::collections::HashMap::new();
+    let mut snat_addrs = std::collections::HashSet::new();
+    for (s, (sid, bids)) in SERVICES.iter().zip(ids) {
+        let addrs: Vec<SocketAddrV4> = s
+            .backends
+            .iter()
+            .map(|b| b.parse().expect("backend"))
+            .collect();
+        let keys: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        let input: Vec<MaglevBackend<'_>> = keys
+            .iter()
+            .zip(bids)
+            .zip(&s.weights[set])
+            .map(|((key, id), weight)| MaglevBackend {
+                key,
+                id: *id,
+                weight: *weight,
+            })
+            .collect();
+        for (i, (a, id)) in addrs.iter().zip(bids).enumerate() {
+            backends.insert(
+                *id,
+                model::Backend {
+                    addr: u32::from_ne_bytes(a.ip().octets()),
+                    port: a.port().to_be(),
+                    weight: s.weights[slots][i],
+                    max_in_flight: s.rooms[slots][i],
+                },
+            );
+        }
+        // The daemon's scan list: the backends with weight, in spec order,
+        // for a least-loaded service small enough to scan.
+        let members: Vec<model::Member> = bids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| s.weights[set][*i] > 0)
+            .map(|(i, id)| model::Member {
+                backend_id: *id,
+                weight: s.weights[set][i],
+                max_in_flight: s.rooms[set][i],
+            })
+            .collect();
+        let members = if s.selection == Selection::LeastLoaded && members.len() <= SCAN_LIMIT {
+            members
+        } else {
+            Vec::new()
+        };
+        let vip: SocketAddrV4 = s.vip.parse().expect("vip");
+        let snat: Vec<u32> = s.snat.iter().map(|a| wire(a)).collect();
+        snat_addrs.extend(snat.iter().copied());
+        services.insert(
+            (
+                u32::from_ne_bytes(vip.ip().octets()),
+                vip.port().to_be(),
+                s.proto,
+            ),
+            model::Service {
+                id: *sid,
+                snat,
+                port_min: s.ports.0,
+                port_max: s.ports.1,
+                table: maglev::build(&input, TABLE_SIZE),
+                selection: match s.selection {
+                    Selection::Maglev => SELECT_MAGLEV,
+                    Selection::LeastLoaded => SELECT_LEAST_LOADED,
+                },
+                members,
+            },
+        );
+    }
+    Config {
+        services,
+        backends,
+        snat_addrs,
+        fib: fib.clone(),
+        fib_gen,
+        table_size: TABLE_SIZE,
+        timeouts: Timeouts {
+            tcp_idle: TCP_IDLE_S,
+            tcp_closing: CLOSING_S,
+            udp_idle: UDP_IDLE_S,
+        },
+    }
+}

@@ -1,0 +1,28 @@
+//! BPF_PROG_TEST_RUN fixtures for the `router` XDP program, table-driven in
+//! Katran's style: a crafted input packet, the expected verdict, the expected
+//! output bytes, and the counter that must account for it.
+//!
+//! Each test runs in its own network namespace holding a veth with static
+//! neighbours, so `bpf_fib_lookup` resolves deterministic next hops.
+//!
+//! A row is a `Case` (router-testkit's xdp_fixture) with named fields:
+//! `name`, `input`, `verdict`, `output` (`Unchanged`, the rewritten
+//! `Bytes`, or `Unchecked` where the test checks parts of the frame
+//! itself) and the `reasons` counters that must move. Rows that follow one
+//! another on one fixture are written as a table and run in order.
+//!
+//! - `nat`: flows both ways, SNAT ports, weights, next hops, latency clocks;
+//! - `edge_input`: traffic that is not a service's, malformed frames;
+//! - `conn_table`: evicted, expired and half-open entries, ports reused;
+//! - `floods`: spoofed SYN, ACK and UDP floods against a small table.
+
+#[path = "datapath_fixtures/conn_table.rs"]
+mod conn_table;
+#[path = "datapath_fixtures/edge_input.rs"]
+mod edge_input;
+#[path = "datapath_fixtures/floods.rs"]
+mod floods;
+#[path = "datapath_fixtures/nat.rs"]
+mod nat;
+
+const VIP: &str = "198.18.100.1:8000";

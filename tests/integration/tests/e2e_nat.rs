@@ -1,0 +1,328 @@
+//! End to end with real TCP: a client namespace, an LB namespace running the
+//! real `router daemon`, and three backend namespaces running real HTTP
+//! servers. Connections to the VIP split in the weight ratio; a weight change
+//! moves new connections while long-lived streams stay on their backend.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use router_testkit::{
+    bpffs::BpfFs,
+    daemon_proc::{
+        ScratchDir, cleanup_pins, cli, one_arm_config, router_binary, start_daemon,
+        start_daemon_pinned, status,
+    },
+    netns::{self, Topology},
+};
+
+const VIP: &str = "198.18.100.1:8000";
+const CONNECTIONS: usize = 2400;
+const CLIENT_THREADS: usize = 8;
+
+fn backends(weights: &[u32]) -> Vec<(String, String, u32)> {
+    netns::fixture_backends(weights)
+}
+
+/// `n` short HTTP connections to the VIP from the client namespace; returns
+/// how many answers each backend gave.
+fn short_connections(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let per_thread = n / CLIENT_THREADS;
+    let results: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..CLIENT_THREADS)
+            .map(|_| {
+                s.spawn(move || {
+                    netns::in_netns(topo.client_ns(), move || {
+                        (0..per_thread)
+                            .map(|_| {
+                                netns::http_get(vip, "/", Duration::from_secs(5))
+                                    .expect("GET / through the VIP")
+                                    .body
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut counts = BTreeMap::new();
+    for body in results.into_iter().flatten() {
+        *counts.entry(body).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[test]
+fn connections_split_by_weight_and_streams_survive_a_weight_change() {
+    let topo = Topology::one_arm(3).expect("topology");
+    let _servers = topo.spawn_fixture_backends(8000).expect("backend servers");
+    // The LB reaches every backend once, as a health check would; this also
+    // resolves their neighbours before the first balanced packet.
+    for i in 0..3 {
+        netns::wait_for_tcp(
+            topo.lb_ns(),
+            SocketAddr::new(netns::backend_addr(i).into(), 8000),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    }
+
+    let dir = ScratchDir::new("e2e").unwrap();
+    let socket = dir.0.join("router.sock");
+    let config = dir.0.join("router.toml");
+    std::fs::write(
+        &config,
+        one_arm_config(
+            &socket,
+            topo.lb_if(),
+            VIP,
+            netns::LB_ADDR,
+            &backends(&[100, 200, 500]),
+        ),
+    )
+    .unwrap();
+    let daemon = start_daemon(topo.lb_ns(), &config, &socket).expect("daemon");
+
+    // 1:2:5 → 12.5%, 25%, 62.5%. Each share is binomial; with 2400
+    // connections its standard deviation is at most 1.0 percentage point,
+    // so a tolerance of 4 points is 4σ or more.
+    let counts = short_connections(&topo, CONNECTIONS);
+    let total: usize = counts.values().sum();
+    assert_eq!(total, CONNECTIONS);
+    for (name, expected) in [("b0", 0.125), ("b1", 0.25), ("b2", 0.625)] {
+        let share = *counts.get(name).unwrap_or(&0) as f64 / total as f64;
+        assert!(
+            (share - expected).abs() <= 0.04,
+            "{name}: share {share:.3}, expected {expected} ± 0.04 ({counts:?})"
+        );
+    }
+
+    // The datapath's own counters agree with what the clients saw.
+    let st = status(&socket).unwrap();
+    let svc = &st.datapath.services[0];
+    assert_eq!(svc.counters.new_conns as usize, CONNECTIONS, "{svc:?}");
+    for b in &svc.backends {
+        assert_eq!(
+            b.counters.new_conns as usize, counts[&b.name],
+            "backend {} new connections",
+            b.name
+        );
+    }
+    let reasons: BTreeMap<_, _> = st.datapath.reasons.iter().cloned().collect();
+    assert_eq!(reasons["drop_malformed"], 0);
+    assert_eq!(reasons["drop_snat_exhausted"], 0);
+    assert!(reasons["tx"] > 0);
+
+    // Long-lived streams opened before the change.
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let streams: Vec<TcpStream> = netns::in_netns(topo.client_ns(), || {
+        (0..12)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.write_all(b"GET /stream?seconds=6&interval_ms=100 HTTP/1.0\r\n\r\n")
+                    .unwrap();
+                s
+            })
+            .collect()
+    })
+    .unwrap();
+    let mut readers: Vec<BufReader<TcpStream>> = streams.into_iter().map(BufReader::new).collect();
+    let mut owners = Vec::new();
+    for r in &mut readers {
+        let mut line = String::new();
+        // Skip the status line and headers.
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        owners.push(line.trim().to_string());
+    }
+    assert!(
+        owners.iter().any(|o| o != "b2"),
+        "some stream must start off b2: {owners:?}"
+    );
+
+    // All weight to b2, applied by `router reload`.
+    std::fs::write(
+        &config,
+        one_arm_config(
+            &socket,
+            topo.lb_if(),
+            VIP,
+            netns::LB_ADDR,
+            &backends(&[0, 0, 100]),
+        ),
+    )
+    .unwrap();
+    let msg = cli(&socket, &["reload"]).expect("reload");
+    assert!(msg.contains("1 tables swapped"), "{msg}");
+
+    let after = short_connections(&topo, 400);
+    assert_eq!(
+        after.get("b2"),
+        Some(&400),
+        "new connections all go to b2: {after:?}"
+    );
+
+    // Every stream keeps its backend and ends cleanly (EOF, no reset).
+    for (r, owner) in readers.iter_mut().zip(&owners) {
+        let mut lines = 1;
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    assert_eq!(line.trim(), owner, "stream changed backend");
+                    lines += 1;
+                }
+                Err(e) => panic!("stream on {owner} broke after {lines} lines: {e}"),
+            }
+        }
+        assert!(
+            lines >= 50,
+            "stream on {owner} ended early after {lines} lines"
+        );
+    }
+
+    let code = daemon.stop(Duration::from_secs(10)).unwrap();
+    assert!(code.success(), "daemon exit status {code}");
+    // SIGTERM left the pinned datapath attached (restart.rs);
+    // `stop` then ran `router daemon --cleanup`, which detaches it.
+    let link = netns::exec(topo.lb_ns(), &["ip", "link", "show", topo.lb_if()]).unwrap();
+    assert!(
+        !link.contains("xdp"),
+        "XDP still attached after its pins were removed: {link}"
+    );
+}
+
+/// `net.ipv4.conf.lb0.<key>` in the LB namespace.
+fn lb_setting(topo: &Topology, key: &str) -> String {
+    let path = format!("/proc/sys/net/ipv4/conf/{}/{key}", topo.lb_if());
+    netns::in_netns(topo.lb_ns(), || std::fs::read_to_string(&path))
+        .unwrap()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// A host nobody prepared: forwarding off, `accept_local` off, strict
+/// reverse-path filtering, an empty neighbour table, static weights and no
+/// health checks (so nothing resolves a backend's neighbour before the
+/// first balanced SYN, which the stack must then forward translated).
+/// `config check` names what the daemon will set, the daemon sets it and
+/// every connection succeeds, and `--cleanup` in the same namespace gives
+/// the host its settings back.
+#[test]
+fn an_unprepared_host_forwards_every_connection_and_gets_its_settings_back() {
+    let topo = Topology::one_arm_unprepared(3).expect("topology");
+    let _servers = topo.spawn_fixture_backends(8000).expect("backend servers");
+    let before: Vec<String> = ["forwarding", "accept_local", "rp_filter"]
+        .iter()
+        .map(|k| lb_setting(&topo, k))
+        .collect();
+    assert_eq!(before, ["0", "0", "1"]);
+    let neighbours = netns::exec(topo.lb_ns(), &["ip", "neigh", "show"]).unwrap();
+    assert!(
+        neighbours.trim().is_empty(),
+        "no neighbour known: {neighbours}"
+    );
+
+    let dir = ScratchDir::new("e2e-unprepared").unwrap();
+    let socket = dir.0.join("router.sock");
+    let config = dir.0.join("router.toml");
+    std::fs::write(
+        &config,
+        one_arm_config(
+            &socket,
+            topo.lb_if(),
+            VIP,
+            netns::LB_ADDR,
+            &backends(&[100, 100, 100]),
+        ),
+    )
+    .unwrap();
+    let router = router_binary().unwrap();
+    let check = netns::exec(
+        topo.lb_ns(),
+        &[
+            router.to_str().unwrap(),
+            "config",
+            "check",
+            config.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert!(
+        check.contains(&format!(
+            "{} is a veth: frames the router sends out of it",
+            topo.lb_if()
+        )),
+        "config check names what the veth needs from its peer: {check}"
+    );
+    for key in ["forwarding 0 → 1", "accept_local 0 → 1", "rp_filter 1 → 2"] {
+        assert!(
+            check.contains(&format!(
+                "the daemon sets net.ipv4.conf.{}.{key}",
+                topo.lb_if()
+            )),
+            "{key}: {check}"
+        );
+    }
+
+    let pins = BpfFs::mount().unwrap();
+    let daemon =
+        start_daemon_pinned(topo.lb_ns(), &config, &socket, &pins.pin_path()).expect("daemon");
+    assert_eq!(
+        ["forwarding", "accept_local", "rp_filter"].map(|k| lb_setting(&topo, k)),
+        ["1", "1", "2"]
+    );
+    let counts = short_connections(&topo, 240);
+    assert_eq!(counts.values().sum::<usize>(), 240, "{counts:?}");
+    assert_eq!(counts.len(), 3, "every backend answers: {counts:?}");
+    let reasons = &status(&socket).unwrap().datapath.reasons;
+    let fib_failed = reasons
+        .iter()
+        .find(|(r, _)| r == "pass_fib_failed")
+        .map_or(0, |(_, n)| *n);
+    assert!(
+        fib_failed > 0,
+        "the first packets met unresolved neighbours and went through the stack: {reasons:?}"
+    );
+
+    assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
+    // --cleanup from another namespace must not touch this one's settings.
+    let elsewhere = cleanup_pins(&socket, &pins.pin_path()).unwrap();
+    assert!(elsewhere.contains("not restored"), "{elsewhere}");
+    assert_eq!(lb_setting(&topo, "rp_filter"), "2");
+    // In the daemon's namespace it restores them.
+    let out = netns::exec(
+        topo.lb_ns(),
+        &[
+            router.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "daemon",
+            "--cleanup",
+            "--pin-path",
+            pins.pin_path().to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert!(out.contains("restored net.ipv4.conf"), "{out}");
+    assert_eq!(
+        ["forwarding", "accept_local", "rp_filter"].map(|k| lb_setting(&topo, k)),
+        ["0", "0", "1"]
+    );
+}
