@@ -2,7 +2,14 @@
 //! Addresses and ports are kept in network byte order exactly as they
 //! appear on the wire, so the datapath never swaps bytes.
 
-use crate::{latency::LATENCY_BUCKETS, limits::MAX_SNAT_ADDRS};
+use crate::{
+    flags::{
+        CONN_AWAIT_ANY, CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_CLOSING,
+        CONN_COUNTED, CONN_REPLY,
+    },
+    latency::LATENCY_BUCKETS,
+    limits::MAX_SNAT_ADDRS,
+};
 
 /// Sentinel in a Maglev slot: the service has no backend with weight > 0.
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -138,6 +145,54 @@ pub struct ConnEntry {
     pub stamp_us: u32,
     /// `bpf_ktime_get_coarse_ns` of the last refresh (refreshed at most once a second).
     pub last_seen_ns: u64,
+}
+
+/// The state `flags` holds, by name. Plain reads: a bit that another CPU
+/// changes at the same moment may be seen either way, which every caller
+/// allows for (changes that must not be lost go through atomics).
+impl ConnEntry {
+    /// Translates backend → client replies (else client → backend).
+    #[inline(always)]
+    pub fn is_reply(&self) -> bool {
+        self.flags & CONN_REPLY != 0
+    }
+
+    /// A FIN or RST was seen: the short timeout applies.
+    #[inline(always)]
+    pub fn is_closing(&self) -> bool {
+        self.flags & CONN_CLOSING != 0
+    }
+
+    /// A forward entry whose flow is in its backend's in-flight count.
+    #[inline(always)]
+    pub fn is_counted(&self) -> bool {
+        self.flags & CONN_COUNTED != 0
+    }
+
+    /// Some latency measurement is still open on this entry. Entries done
+    /// measuring fail this one test and skip the rest.
+    #[inline(always)]
+    pub fn awaits_latency(&self) -> bool {
+        self.flags & CONN_AWAIT_ANY != 0
+    }
+
+    /// A reply entry waiting for the backend's SYN-ACK.
+    #[inline(always)]
+    pub fn awaits_synack(&self) -> bool {
+        self.flags & CONN_AWAIT_SYNACK != 0
+    }
+
+    /// A forward entry whose client has sent no payload yet.
+    #[inline(always)]
+    pub fn awaits_request(&self) -> bool {
+        self.flags & CONN_AWAIT_REQUEST != 0
+    }
+
+    /// A reply entry waiting for the backend's first payload.
+    #[inline(always)]
+    pub fn awaits_response(&self) -> bool {
+        self.flags & CONN_AWAIT_RESPONSE != 0
+    }
 }
 
 /// Per-CPU traffic counters for one service or one backend.
