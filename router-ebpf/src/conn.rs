@@ -62,7 +62,7 @@ pub fn now_ns() -> u64 {
 /// the weights are unchanged.
 #[inline(always)]
 pub fn expired(table: Table, e: &ConnEntry, now: u64, proto: u8) -> bool {
-    let timeout = if e.flags & CONN_CLOSING != 0 || table == Table::HalfOpen {
+    let timeout = if e.is_closing() || table == Table::HalfOpen {
         TCP_CLOSING_NS.load()
     } else if proto == PROTO_TCP {
         TCP_IDLE_NS.load()
@@ -78,9 +78,9 @@ pub fn expired(table: Table, e: &ConnEntry, now: u64, proto: u8) -> bool {
 /// `inflight::on_close`).
 #[inline(always)]
 pub fn refresh(e: &mut ConnEntry, now: u64, fin_or_rst: bool) -> bool {
-    if fin_or_rst && e.flags & CONN_CLOSING == 0 {
+    if fin_or_rst && !e.is_closing() {
         e.last_seen_ns = now;
-        return flags::set(e, CONN_CLOSING) & CONN_CLOSING == 0;
+        return flags::first_to_set(e, CONN_CLOSING);
     }
     if now.saturating_sub(e.last_seen_ns) > REFRESH_NS {
         e.last_seen_ns = now;
@@ -121,7 +121,7 @@ pub fn reply_key(fwd: &ConnEntry, proto: u8) -> ConnKey {
 /// a flow's own reply entry is that flow's to reuse.
 #[inline(always)]
 pub fn owned_by(e: &ConnEntry, fwd: &ConnKey) -> bool {
-    e.flags & CONN_REPLY != 0
+    e.is_reply()
         && e.new_dst_addr == fwd.src_addr
         && e.new_dst_port == fwd.src_port
         && e.new_src_addr == fwd.dst_addr
@@ -141,16 +141,14 @@ pub fn owned_by(e: &ConnEntry, fwd: &ConnKey) -> bool {
 /// every SYN-ACK would miss it.
 #[inline(always)]
 pub fn syn_starts_over(table: Table, key: &ConnKey, e: &ConnEntry, now: u64) -> bool {
-    if e.flags & CONN_CLOSING != 0 {
+    if e.is_closing() {
         return true;
     }
-    if e.flags & CONN_REPLY != 0 {
+    if e.is_reply() {
         return false;
     }
     match unsafe { table.map().get(reply_key(e, key.proto)) } {
-        Some(r) => {
-            !owned_by(r, key) || r.flags & CONN_CLOSING != 0 || expired(table, r, now, key.proto)
-        }
+        Some(r) => !owned_by(r, key) || r.is_closing() || expired(table, r, now, key.proto),
         None => true,
     }
 }
@@ -347,7 +345,7 @@ pub fn create(
     }
     let (be_addr, be_port) = (be.addr, be.port);
     if let Some((old, table)) = stale
-        && old.flags & CONN_REPLY == 0
+        && !old.is_reply()
     {
         remove_own_reply(table, reply_key(&old, key.proto), key);
         // A stale HALF_OPEN entry is overwritten below; one in CONNS would

@@ -30,8 +30,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use router_common::{
-    CONN_AWAIT_ANY, CONN_REPLY, ConnEntry, FILTER_SNAT, FILTER_VIP, PROTO_TCP, ServiceKey,
-    addr_filter_bucket, reasons,
+    ConnEntry, FILTER_SNAT, FILTER_VIP, PROTO_TCP, ServiceKey, addr_filter_bucket, reasons,
 };
 
 use crate::{
@@ -96,7 +95,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
             if conn::refresh(e, now, fin_or_rst) || rst {
                 inflight::on_close(&key, e, rst, now);
             }
-            if e.flags & CONN_AWAIT_ANY != 0 {
+            if e.awaits_latency() {
                 latency::observe(&key, e, &l4);
             }
             return forward(ctx, e, l4.proto, ip.tot_len, false);
@@ -117,7 +116,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
             // confirms the flow; a retransmitted SYN or a packet from the
             // backend does not.
             if !syn
-                && e.flags & CONN_REPLY == 0
+                && !e.is_reply()
                 && let Some(p) = conn::promote(&key, e, now)
             {
                 // SAFETY: the promoted entry's place in CONNS, just looked up.
@@ -126,7 +125,7 @@ fn try_router(ctx: &XdpContext) -> Result<u32, ()> {
             if conn::refresh(e, now, fin_or_rst) || rst {
                 inflight::on_close(&key, e, rst, now);
             }
-            if e.flags & CONN_AWAIT_ANY != 0 {
+            if e.awaits_latency() {
                 latency::observe(&key, e, &l4);
             }
             return forward(ctx, e, l4.proto, ip.tot_len, false);
@@ -248,13 +247,7 @@ fn forward(
 #[inline(always)]
 fn count_traffic(ctx: &XdpContext, e: &ConnEntry, new_conn: bool) {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    stats::traffic(
-        e.service_id,
-        e.backend_id,
-        bytes,
-        new_conn,
-        e.flags & CONN_REPLY != 0,
-    );
+    stats::traffic(e.service_id, e.backend_id, bytes, new_conn, e.is_reply());
 }
 
 #[cfg(not(test))]

@@ -58,6 +58,14 @@ pub struct L4 {
     pub payload_len: u16,
 }
 
+impl L4 {
+    /// The backend's answer to a SYN.
+    #[inline(always)]
+    pub fn is_synack(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+    }
+}
+
 /// Ethernet + IPv4 header, with the checks that apply to every IPv4 packet.
 #[inline(always)]
 pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Skip> {
