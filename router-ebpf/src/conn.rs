@@ -29,6 +29,15 @@ use crate::{
 
 const REFRESH_NS: u64 = 1_000_000_000;
 
+/// Which packet of its flow a packet is, as the counters see it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The packet created the flow: a new connection.
+    NewFlow,
+    /// A later packet, found in a connection table.
+    Tracked,
+}
+
 /// Which connection table holds a flow.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Table {
