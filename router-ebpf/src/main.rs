@@ -1,6 +1,7 @@
 //! The `router` XDP program: a NAT load balancer with weighted Maglev
-//! steering and pinned connections. The entry point stays thin; every
-//! verdict is chosen in `try_router`, and every pass or drop is counted.
+//! steering and pinned connections. `try_router` is the packet's state
+//! machine (classify, look the flow up, act on its state) and returns one
+//! verdict, which the entry point counts.
 #![no_std]
 #![no_main]
 // Atomic fetch-or/and/add on map values (see `flags`, `inflight`).
@@ -14,6 +15,7 @@ mod classify;
 mod conn;
 mod fib;
 mod flags;
+mod flow;
 mod forward;
 mod host;
 mod inflight;
@@ -30,12 +32,13 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::warn;
-use router_common::{ConnEntry, FILTER_SNAT, FILTER_VIP, ServiceKey, reasons::Reason};
+use router_common::{ConnEntry, FILTER_SNAT, FILTER_VIP, Service, ServiceKey, reasons::Reason};
 
 use crate::{
     classify::Packet,
-    conn::{FlowFlags, NewFlow, Origin, Table},
-    maps::{CONNS, DATAPATH_LOG, HALF_OPEN, SERVICES, SNAT_ADDRS},
+    conn::{Lookup, Origin, Stale},
+    flow::NewFlow,
+    maps::{DATAPATH_LOG, SERVICES, SNAT_ADDRS},
     verdict::Verdict,
 };
 
@@ -57,111 +60,48 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
         Ok(pkt) => pkt,
         Err(reason) => return Ok(reason.into()),
     };
-    let key = pkt.key;
-    let Packet { ref l4, .. } = pkt;
-    let (syn, fin_or_rst, rst) = (pkt.control.syn, pkt.control.fin_or_rst, pkt.control.rst);
     let now = conn::now_ns();
-
-    let mut stale: Option<(ConnEntry, Table)> = None;
-    if let Some(e) = CONNS.get_ptr_mut(key) {
-        // SAFETY: a map value pointer from a successful lookup; the entry
-        // stays valid for this program run (RCU).
-        let e = unsafe { &mut *e };
-        let expired = conn::expired(Table::Conns, e, now, l4.proto);
-        // A SYN on a closed or half-gone flow is a new connection.
-        let reused = syn && conn::syn_starts_over(Table::Conns, &key, e, now);
-        if !reused && !expired {
-            if conn::refresh(e, now, fin_or_rst) || rst {
-                inflight::on_close(&key, e, rst, now);
-            }
-            if e.awaits_latency() {
-                latency::observe(&key, e, l4);
-            }
-            return forward::packet(ctx, e, &pkt, Origin::Tracked);
-        }
-        // The new connection ends the live one on its 4-tuple; an expired
-        // one is the daemon's to uncount (see `inflight`).
-        if !expired {
-            inflight::release(e);
-        }
-        stale = Some((*e, Table::Conns));
-    } else if let Some(e) = HALF_OPEN.get_ptr_mut(key) {
-        // SAFETY: as above.
-        let mut e = unsafe { &mut *e };
-        let expired = conn::expired(Table::HalfOpen, e, now, l4.proto);
-        let restart = syn && conn::syn_starts_over(Table::HalfOpen, &key, e, now);
-        if !restart && !expired {
-            // The client's second packet (for TCP, the handshake's ACK)
-            // confirms the flow; a retransmitted SYN or a packet from the
-            // backend does not.
-            if !syn
-                && !e.is_reply()
-                && let Some(p) = conn::promote(&key, e, now)
-            {
-                // SAFETY: the promoted entry's place in CONNS, just looked up.
-                e = unsafe { &mut *p };
-            }
-            if conn::refresh(e, now, fin_or_rst) || rst {
-                inflight::on_close(&key, e, rst, now);
-            }
-            if e.awaits_latency() {
-                latency::observe(&key, e, l4);
-            }
-            return forward::packet(ctx, e, &pkt, Origin::Tracked);
-        }
-        if !expired {
-            inflight::release(e);
-        }
-        stale = Some((*e, Table::HalfOpen));
+    let state = conn::lookup(&pkt.key, pkt.control.syn, now);
+    let e = match state {
+        Lookup::Established(e) | Lookup::Reply(e) => e,
+        // The client's second packet (for TCP, the handshake's ACK)
+        // confirms the flow; a retransmitted SYN does not.
+        Lookup::HalfOpen(e) if !pkt.control.syn => flow::confirm(&pkt.key, e, now),
+        Lookup::HalfOpen(e) => e,
+        // One arm, so the new-flow path is inlined once.
+        Lookup::Stale(_) | Lookup::Miss => return untracked(ctx, &pkt, state.stale(), now),
+    };
+    if conn::refresh(e, now, pkt.control.fin_or_rst) || pkt.control.rst {
+        inflight::on_close(&pkt.key, e, pkt.control.rst, now);
     }
+    if e.awaits_latency() {
+        latency::observe(&pkt.key, e, &pkt.l4);
+    }
+    forward::packet(ctx, e, &pkt, Origin::Tracked)
+}
 
+/// A packet that no live entry carries: a new flow's first packet if it
+/// is for a service, else one for a SNAT address whose reply entry is gone.
+/// `stale` is the entry the new flow replaces, if one was found.
+#[inline(always)]
+fn untracked(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    stale: Option<Stale>,
+    now: u64,
+) -> Result<Verdict, ()> {
     if pkt.filter & FILTER_VIP != 0 {
         let skey = ServiceKey {
             addr: pkt.ip.dst,
-            port: l4.dst_port,
-            proto: l4.proto,
+            port: pkt.l4.dst_port,
+            proto: pkt.l4.proto,
             _pad: 0,
         };
+        // SAFETY: userspace replaces a service as a whole, and a value
+        // pointer stays valid memory until the program returns; every bit
+        // pattern is a valid Service.
         if let Some(svc) = unsafe { SERVICES.get(skey) } {
-            if pkt.is_tcp() && !syn {
-                // Mid-flow packet with no entry (evicted, expired, or the LB
-                // restarted): re-hash. While weights are unchanged Maglev maps
-                // it to the same backend, and with the client's own port kept
-                // as SNAT port (or the pair its surviving reply entry holds)
-                // the backend sees the same 4-tuple as before. The flow is
-                // confirmed by the client's next packet like any new one,
-                // so a flood of spoofed ACKs cannot reach CONNS either.
-                stats::reason(Reason::LruMiss);
-            }
-            let mut slot = MaybeUninit::uninit();
-            let fwd: &mut ConnEntry = mem::zeroed64(&mut slot);
-            return match conn::create(
-                &key,
-                svc,
-                stale,
-                now,
-                FlowFlags {
-                    syn,
-                    fin_or_rst,
-                    rst,
-                },
-                fwd,
-            ) {
-                NewFlow::Created => forward::packet(ctx, fwd, &pkt, Origin::NewFlow),
-                NewFlow::NoBackend => Ok(Reason::DropNoBackend.into()),
-                NewFlow::SnatExhausted => {
-                    if DATAPATH_LOG.load() != 0 {
-                        warn!(ctx, "snat ports exhausted for service {}", svc.id);
-                    }
-                    Ok(Reason::DropSnatExhausted.into())
-                }
-                NewFlow::TableFull => {
-                    if DATAPATH_LOG.load() != 0 {
-                        warn!(ctx, "connection table insert failed for service {}", svc.id);
-                    }
-                    Ok(Reason::DropConnTableFull.into())
-                }
-            };
+            return new_flow(ctx, pkt, svc, stale, now);
         }
     }
     if pkt.filter & FILTER_SNAT != 0 {
@@ -172,13 +112,52 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
         // through the SNAT address has a socket and passes.
         if pkt.is_tcp()
             && SNAT_ADDRS.get_ptr(pkt.ip.dst).is_some()
-            && !host::has_tcp_socket(ctx, &pkt.ip, l4)
+            && !host::has_tcp_socket(ctx, &pkt.ip, &pkt.l4)
         {
             return Ok(Reason::DropNoReplyEntry.into());
         }
         return Ok(Reason::PassNoReplyEntry.into());
     }
     Ok(Reason::PassNotService.into())
+}
+
+/// Opens a flow to service `svc` for its first packet `pkt`.
+#[inline(always)]
+fn new_flow(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    svc: &Service,
+    stale: Option<Stale>,
+    now: u64,
+) -> Result<Verdict, ()> {
+    if pkt.is_tcp() && !pkt.control.syn {
+        // Mid-flow packet with no entry (evicted, expired, or the LB
+        // restarted): re-hash. While weights are unchanged Maglev maps
+        // it to the same backend, and with the client's own port kept
+        // as SNAT port (or the pair its surviving reply entry holds)
+        // the backend sees the same 4-tuple as before. The flow is
+        // confirmed by the client's next packet like any new one,
+        // so a flood of spoofed ACKs cannot reach CONNS either.
+        stats::reason(Reason::LruMiss);
+    }
+    let mut slot = MaybeUninit::uninit();
+    let fwd: &mut ConnEntry = mem::zeroed64(&mut slot);
+    match flow::create(&pkt.key, svc, stale, now, pkt.control, fwd) {
+        NewFlow::Created => forward::packet(ctx, fwd, pkt, Origin::NewFlow),
+        NewFlow::NoBackend => Ok(Reason::DropNoBackend.into()),
+        NewFlow::SnatExhausted => {
+            if DATAPATH_LOG.load() != 0 {
+                warn!(ctx, "snat ports exhausted for service {}", svc.id);
+            }
+            Ok(Reason::DropSnatExhausted.into())
+        }
+        NewFlow::TableFull => {
+            if DATAPATH_LOG.load() != 0 {
+                warn!(ctx, "connection table insert failed for service {}", svc.id);
+            }
+            Ok(Reason::DropConnTableFull.into())
+        }
+    }
 }
 
 #[cfg(not(test))]
