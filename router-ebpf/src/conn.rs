@@ -1,6 +1,16 @@
 //! The connection tables as a packet meets them: which state its flow is
 //! in (`lookup`), when an entry expires, and how a packet keeps one alive.
 //! Writing entries is `flow`'s.
+//!
+//! Entries are used through references into the maps (`get`, or a value
+//! pointer). The tables are preallocated, so an element's memory stays the
+//! map's while the program runs, even when another CPU deletes the entry,
+//! and every bit pattern is a valid `ConnEntry`: a reference is always to
+//! a valid value. What another CPU can do is recycle the element for
+//! another key meanwhile; the reference then shows that flow's values.
+//! Readers check that an entry is the one they looked for (`owned_by`)
+//! where acting on another flow's would matter, and otherwise act on it
+//! for this one packet, as they would on a packet that raced the change.
 
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, maps::LruHashMap};
 use router_common::{CONN_CLOSING, ConnEntry, ConnKey, PROTO_TCP};
@@ -42,6 +52,7 @@ impl Table {
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
+    // SAFETY: the helper takes no arguments and only reads a clock.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
@@ -139,6 +150,8 @@ pub fn syn_starts_over(table: Table, key: &ConnKey, e: &ConnEntry, now: u64) -> 
     if e.is_reply() {
         return false;
     }
+    // SAFETY: a table value, read at once (see the module's note); a
+    // recycled element fails `owned_by`.
     match unsafe { table.map().get(reply_key(e, key.proto)) } {
         Some(r) => !owned_by(r, key) || r.is_closing() || expired(table, r, now, key.proto),
         None => true,
@@ -187,9 +200,9 @@ pub struct Stale {
 #[inline(always)]
 pub fn lookup<'a>(key: &ConnKey, syn: bool, now: u64) -> Lookup<'a> {
     if let Some(e) = CONNS.get_ptr_mut(key) {
-        // SAFETY: a value pointer from a successful lookup is valid memory
-        // until the program returns, even if another CPU deletes the entry,
-        // and every bit pattern is a valid ConnEntry.
+        // SAFETY: a table value (see the module's note); this packet's
+        // entry, which the program writes only through `flags` where
+        // another CPU may write too.
         return state(Table::Conns, key, unsafe { &mut *e }, syn, now);
     }
     if let Some(e) = HALF_OPEN.get_ptr_mut(key) {

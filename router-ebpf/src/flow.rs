@@ -50,6 +50,8 @@ fn fill_reply(
 #[inline(always)]
 fn remove_own_reply(table: Table, rkey: ConnKey, fwd: &ConnKey) {
     let map = table.map();
+    // SAFETY: a table value, read at once (see `conn`); a recycled element
+    // fails `owned_by` and stays.
     if let Some(e) = unsafe { map.get(rkey) }
         && owned_by(e, fwd)
     {
@@ -86,6 +88,7 @@ fn remove_own_reply(table: Table, rkey: ConnKey, fwd: &ConnKey) {
 fn claim_reply(target: Table, rkey: ConnKey, reply: &ConnEntry, fwd: &ConnKey, now: u64) -> bool {
     match target {
         Table::HalfOpen => {
+            // SAFETY: a table value, read at once (see `conn`).
             if let Some(e) = unsafe { CONNS.get(rkey) } {
                 if !owned_by(e, fwd) && !expired(Table::Conns, e, now, fwd.proto) {
                     return false;
@@ -96,6 +99,7 @@ fn claim_reply(target: Table, rkey: ConnKey, reply: &ConnEntry, fwd: &ConnKey, n
         }
         Table::Conns => {
             let claimed = CONNS.insert(rkey, reply, BPF_NOEXIST as u64).is_ok()
+                // SAFETY: a table value, read at once (see `conn`).
                 || match unsafe { CONNS.get(rkey) } {
                     Some(e) if owned_by(e, fwd) => {
                         CONNS.insert(rkey, reply, BPF_ANY as u64).is_ok()
@@ -121,8 +125,8 @@ fn claim_reply(target: Table, rkey: ConnKey, reply: &ConnEntry, fwd: &ConnKey, n
 #[inline(always)]
 pub fn confirm<'a>(fwd_key: &ConnKey, half_open: &'a mut ConnEntry, now: u64) -> &'a mut ConnEntry {
     match promote(fwd_key, half_open, now) {
-        // SAFETY: a value pointer from a successful CONNS lookup, valid
-        // until the program returns; `half_open` is not used past here.
+        // SAFETY: a table value (see `conn`): the entry just inserted.
+        // `half_open` is not used past here.
         Some(p) => unsafe { &mut *p },
         None => half_open,
     }
@@ -144,6 +148,8 @@ fn promote(fwd_key: &ConnKey, half_open: &ConnEntry, now: u64) -> Option<*mut Co
     let rkey = reply_key(fwd, fwd_key.proto);
     let mut rslot = MaybeUninit::uninit();
     let reply: &mut ConnEntry = zeroed64(&mut rslot);
+    // SAFETY: a table value, copied at once (see `conn`); a recycled
+    // element fails `owned_by` and the entry is rebuilt instead.
     match unsafe { HALF_OPEN.get(rkey) } {
         Some(r) if owned_by(r, fwd_key) => *reply = *r,
         _ => {
@@ -323,6 +329,7 @@ fn own_reply_attempt(
     for attempt in 0..=SNAT_PROBES {
         let (snat_addr, snat_port) = snat_candidate(key, svc, hash, attempt)?;
         let rkey = self::key(be_addr, snat_addr, be_port, snat_port, key.proto);
+        // SAFETY (both): table values, read at once (see `conn`).
         let owned = match unsafe { CONNS.get(rkey) } {
             Some(e) => owned_by(e, key),
             None => match unsafe { HALF_OPEN.get(rkey) } {

@@ -83,7 +83,8 @@ pub fn on_close(at: &ConnKey, e: &mut ConnEntry, rst: bool, now: u64) {
             let Some((r, _)) = find(reply_key(e, at.proto)) else {
                 return;
             };
-            // SAFETY: a map value pointer from a successful lookup.
+            // SAFETY: a table value (see `conn`); a recycled element fails
+            // `owned_by`.
             let r = unsafe { &*r };
             if !owned_by(r, at) || !r.is_closing() {
                 return;
@@ -103,7 +104,8 @@ pub fn on_close(at: &ConnKey, e: &mut ConnEntry, rst: bool, now: u64) {
     let Some((f, table)) = find(fkey) else {
         return;
     };
-    // SAFETY: a map value pointer from a successful lookup.
+    // SAFETY: a table value (see `conn`), checked below to be this flow's
+    // before `release` changes it, atomically.
     let f = unsafe { &mut *f };
     // Only this flow's own forward entry: the client's 4-tuple may since
     // have opened a new flow, translated to another backend pair.

@@ -23,6 +23,7 @@ use crate::{
 /// ticks once per jiffy (up to 4 ms), far too coarse for connect latency.
 #[inline(always)]
 pub fn now_us() -> u32 {
+    // SAFETY: the helper takes no arguments and only reads a clock.
     (unsafe { bpf_ktime_get_ns() } / 1000) as u32
 }
 
@@ -43,9 +44,12 @@ pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
             // Only the flow's own: a half-open flow whose promotion CONNS
             // refused has lost its reply key to a confirmed flow, whose
             // entry must not get this flow's clock.
+            // SAFETY: a table value (see `conn`), checked to be this flow's
+            // before it is written; its flags change only atomically.
             if let Some(r) = reply
                 && owned_by(unsafe { &*r }, key)
             {
+                // SAFETY: as above.
                 let r = unsafe { &mut *r };
                 r.stamp_us = now_us();
                 flags::clear(r, CONN_AWAIT_SYNACK);
