@@ -159,7 +159,7 @@ pub fn syn_starts_over(table: Table, key: &ConnKey, e: &ConnEntry, now: u64) -> 
 }
 
 /// The state of a packet's flow, as its key finds it in the tables. The
-/// entries are map values: they stay valid for this program run (RCU).
+/// entries are references into the tables (see the module's note).
 pub enum Lookup<'a> {
     /// A live forward entry in CONNS: a confirmed flow's client packet.
     Established(&'a mut ConnEntry),

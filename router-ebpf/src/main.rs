@@ -55,6 +55,8 @@ pub fn router(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Classify the packet, find its flow's state, act on the state. A live
+/// entry carries the packet; anything else is a new flow or not ours.
 fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
     let pkt = match classify::packet(ctx) {
         Ok(pkt) => pkt,
@@ -71,6 +73,8 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
         // One arm, so the new-flow path is inlined once.
         Lookup::Stale(_) | Lookup::Miss => return untracked(ctx, &pkt, state.stale(), now),
     };
+    // A FIN that marks this direction closing, or any RST, may be the
+    // flow's last word.
     if conn::refresh(e, now, pkt.control.fin_or_rst) || pkt.control.rst {
         inflight::on_close(&pkt.key, e, pkt.control.rst, now);
     }
@@ -97,9 +101,10 @@ fn untracked(
             proto: pkt.l4.proto,
             _pad: 0,
         };
-        // SAFETY: userspace replaces a service as a whole, and a value
-        // pointer stays valid memory until the program returns; every bit
-        // pattern is a valid Service.
+        // SAFETY: the map is preallocated, so the value's memory stays the
+        // map's while the program runs, and every bit pattern is a valid
+        // Service. An update racing this read can at worst route this one
+        // packet by a mix of the old and new service.
         if let Some(svc) = unsafe { SERVICES.get(skey) } {
             return new_flow(ctx, pkt, svc, stale, now);
         }
