@@ -1,60 +1,22 @@
-//! Map keys and values. Addresses and ports are kept in network byte order
-//! exactly as they appear on the wire, so the datapath never swaps bytes.
+//! Map keys and values, and the special values their fields take.
+//! Addresses and ports are kept in network byte order exactly as they
+//! appear on the wire, so the datapath never swaps bytes.
+
+use crate::{
+    flags::{
+        CONN_AWAIT_ANY, CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_CLOSING,
+        CONN_COUNTED, CONN_REPLY,
+    },
+    latency::LATENCY_BUCKETS,
+    limits::MAX_SNAT_ADDRS,
+};
 
 /// Sentinel in a Maglev slot: the service has no backend with weight > 0.
 pub const NO_BACKEND: u32 = u32::MAX;
-/// Default Maglev table size per service (prime; ≥ 100 × backends for ≤ 655 backends).
-pub const DEFAULT_TABLE_SIZE: u32 = 65537;
-/// Upper bound on services; each owns two table halves in `MAGLEV_TABLES`.
-pub const MAX_SERVICES: u32 = 64;
-/// Upper bound on backends across all services (ids index `BACKENDS` and stats).
-pub const MAX_BACKENDS: u32 = 4096;
-/// Default connection-table capacity (both directions count as one entry each).
-pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
-/// Least capacity of the half-open table. Under a SYN flood it must hold a
-/// real handshake for one round trip to the backend while the flood churns
-/// it: 65 536 entries (32 768 flows, about 8 MiB) hold one for 3 ms at
-/// 10 million spoofed SYNs a second spread over the CPUs, and for a good
-/// part of a second at the rates a small host is flooded with. A half-open
-/// flow never keeps a new SYN from its backend 4-tuple (the newest SYN takes
-/// it), so a large table cannot exhaust SNAT ports.
-pub const MIN_HALF_OPEN_TABLE_SIZE: u32 = 65_536;
 
-/// Capacity of the half-open table (`HALF_OPEN`: flows opened by a SYN whose
-/// client has not answered yet) next to a connection table of
-/// `conn_table_size`: a quarter of it, at least [`MIN_HALF_OPEN_TABLE_SIZE`].
-pub const fn half_open_table_size(conn_table_size: u32) -> u32 {
-    let quarter = conn_table_size / 4;
-    if quarter < MIN_HALF_OPEN_TABLE_SIZE {
-        MIN_HALF_OPEN_TABLE_SIZE
-    } else {
-        quarter
-    }
-}
-/// Capacity of `SNAT_ADDRS`, the exact set of SNAT addresses.
-pub const MAX_SNAT_ADDRS_TOTAL: u32 = MAX_SERVICES * MAX_SNAT_ADDRS as u32;
-/// Number of buckets in the destination-address pre-filter.
-pub const ADDR_FILTER_SIZE: u32 = 4096;
-/// Maximum SNAT addresses per service.
-pub const MAX_SNAT_ADDRS: usize = 4;
-/// SNAT probes after the client's own port is found taken.
-pub const SNAT_PROBES: u32 = 8;
-
+/// `proto` of `ServiceKey` and `ConnKey`: the IP protocol number.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
-
-/// `ADDR_FILTER` bit: some service listens on an address in this bucket.
-pub const FILTER_VIP: u32 = 1;
-/// `ADDR_FILTER` bit: some service translates to a SNAT address in this bucket.
-pub const FILTER_SNAT: u32 = 2;
-
-/// Bucket of the destination-address pre-filter for an address as read
-/// off the wire (network byte order, loaded natively).
-#[inline(always)]
-pub fn addr_filter_bucket(addr_be: u32) -> u32 {
-    let x = addr_be ^ (addr_be >> 16);
-    (x ^ (x >> 8)) & (ADDR_FILTER_SIZE - 1)
-}
 
 /// `SERVICES` key: where a service listens.
 #[repr(C)]
@@ -156,26 +118,6 @@ pub struct ConnKey {
     pub _pad: [u8; 3],
 }
 
-/// `ConnEntry::flags` bit: this entry translates backend → client replies.
-pub const CONN_REPLY: u32 = 1;
-/// `ConnEntry::flags` bit: a FIN or RST was seen; the short timeout applies.
-pub const CONN_CLOSING: u32 = 2;
-/// `ConnEntry::flags` bit on a reply entry: the SYN was forwarded at
-/// `stamp_us` and the backend's SYN-ACK has not been seen yet.
-pub const CONN_AWAIT_SYNACK: u32 = 4;
-/// `ConnEntry::flags` bit on a forward entry: the client has sent no payload yet.
-pub const CONN_AWAIT_REQUEST: u32 = 8;
-/// `ConnEntry::flags` bit on a reply entry: the client's first payload was
-/// forwarded at `stamp_us` and the backend has sent no payload yet.
-pub const CONN_AWAIT_RESPONSE: u32 = 16;
-/// `ConnEntry::flags` bit on a forward entry: the flow is counted in its
-/// backend's in-flight count (`BACKEND_LOAD`). Cleared atomically by
-/// whoever ends the flow, so an end is counted once.
-pub const CONN_COUNTED: u32 = 32;
-/// Every latency-measurement bit: one test keeps established flows that are
-/// done measuring on the shortest path.
-pub const CONN_AWAIT_ANY: u32 = CONN_AWAIT_SYNACK | CONN_AWAIT_REQUEST | CONN_AWAIT_RESPONSE;
-
 /// `CONNS` value: how to rewrite a packet of this flow direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -205,6 +147,54 @@ pub struct ConnEntry {
     pub last_seen_ns: u64,
 }
 
+/// The state `flags` holds, by name. Plain reads: a bit that another CPU
+/// changes at the same moment may be seen either way, which every caller
+/// allows for (changes that must not be lost go through atomics).
+impl ConnEntry {
+    /// Translates backend → client replies (else client → backend).
+    #[inline(always)]
+    pub fn is_reply(&self) -> bool {
+        self.flags & CONN_REPLY != 0
+    }
+
+    /// A FIN or RST was seen: the short timeout applies.
+    #[inline(always)]
+    pub fn is_closing(&self) -> bool {
+        self.flags & CONN_CLOSING != 0
+    }
+
+    /// A forward entry whose flow is in its backend's in-flight count.
+    #[inline(always)]
+    pub fn is_counted(&self) -> bool {
+        self.flags & CONN_COUNTED != 0
+    }
+
+    /// Some latency measurement is still open on this entry. Entries done
+    /// measuring fail this one test and skip the rest.
+    #[inline(always)]
+    pub fn awaits_latency(&self) -> bool {
+        self.flags & CONN_AWAIT_ANY != 0
+    }
+
+    /// A reply entry waiting for the backend's SYN-ACK.
+    #[inline(always)]
+    pub fn awaits_synack(&self) -> bool {
+        self.flags & CONN_AWAIT_SYNACK != 0
+    }
+
+    /// A forward entry whose client has sent no payload yet.
+    #[inline(always)]
+    pub fn awaits_request(&self) -> bool {
+        self.flags & CONN_AWAIT_REQUEST != 0
+    }
+
+    /// A reply entry waiting for the backend's first payload.
+    #[inline(always)]
+    pub fn awaits_response(&self) -> bool {
+        self.flags & CONN_AWAIT_RESPONSE != 0
+    }
+}
+
 /// Per-CPU traffic counters for one service or one backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -214,19 +204,6 @@ pub struct TrafficCounters {
     pub new_conns: u64,
     pub reply_packets: u64,
 }
-
-/// Buckets of a latency histogram. Bucket `b` counts latencies of `b`
-/// significant bits in microseconds: bucket 0 is 0 µs, bucket `b` holds
-/// `[2^(b-1), 2^b)` µs, and the last bucket also takes everything above
-/// (2^26 µs ≈ 67 s), so `le = 2^b µs` is each bucket's Prometheus bound.
-pub const LATENCY_BUCKETS: usize = 28;
-/// `LATENCY` index for a backend: `backend_id * LATENCY_KINDS + kind`.
-pub const LATENCY_KINDS: u32 = 2;
-/// SYN forwarded → SYN-ACK from the backend: connect latency.
-pub const LATENCY_CONNECT: u32 = 0;
-/// Client's first payload → backend's first payload: time to first byte
-/// (time to first token for a streaming completion).
-pub const LATENCY_FIRST_BYTE: u32 = 1;
 
 /// Per-CPU log2 latency histogram (`LATENCY` value).
 #[repr(C)]
@@ -242,28 +219,6 @@ impl Default for LatencyHistogram {
             buckets: [0; LATENCY_BUCKETS],
             sum_us: 0,
         }
-    }
-}
-
-/// The histogram bucket for a latency in microseconds.
-#[inline(always)]
-pub fn latency_bucket(us: u32) -> usize {
-    // Branch-free bit length: the BPF backend has no count-leading-zeros.
-    let mut v = us;
-    let mut bits = 0u32;
-    let mut step = 16u32;
-    while step > 0 {
-        if v >> step != 0 {
-            v >>= step;
-            bits += step;
-        }
-        step >>= 1;
-    }
-    let len = bits + (v != 0) as u32;
-    if len as usize >= LATENCY_BUCKETS {
-        LATENCY_BUCKETS - 1
-    } else {
-        len as usize
     }
 }
 
@@ -295,26 +250,3 @@ const _: () = {
     assert!(core::mem::size_of::<TrafficCounters>() == 32);
     assert!(core::mem::size_of::<LatencyHistogram>() == 8 * (LATENCY_BUCKETS + 1));
 };
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn latency_bucket_is_the_bit_length_capped() {
-        assert_eq!(latency_bucket(0), 0);
-        assert_eq!(latency_bucket(1), 1);
-        assert_eq!(latency_bucket(2), 2);
-        assert_eq!(latency_bucket(3), 2);
-        assert_eq!(latency_bucket(4), 3);
-        assert_eq!(latency_bucket(1023), 10);
-        assert_eq!(latency_bucket(1024), 11);
-        assert_eq!(latency_bucket((1 << 26) - 1), 26);
-        assert_eq!(latency_bucket(1 << 26), 27);
-        assert_eq!(latency_bucket(u32::MAX), 27);
-        for us in [5u32, 77, 4096, 99_999, 12_345_678] {
-            let b = latency_bucket(us);
-            assert!(us < 1 << b && us >= 1 << (b - 1), "{us} in bucket {b}");
-        }
-    }
-}

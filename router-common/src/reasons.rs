@@ -1,57 +1,154 @@
-//! Indices of the per-CPU `REASONS` counter array: one per verdict reason,
+//! Why a packet got its verdict: one per-CPU `REASONS` counter per reason,
 //! so operators debug from counters, not logs.
+//!
+//! The numbers are the counters' indices, read by the daemon and exported
+//! under `Reason::name`: they are ABI and never change. The `u32` constants
+//! give them to the code that indexes counters.
 
-/// Destination is no service or SNAT address (includes IPv6 and non-IP).
-pub const PASS_NOT_SERVICE: u32 = 0;
-/// Truncated headers, IHL < 5, total length inconsistent with the frame,
-/// TCP data offset < 5: dropped (the stack would drop them too).
-pub const DROP_MALFORMED: u32 = 1;
-/// IPv4 fragment (MF set or offset ≠ 0): passed to the stack, never balanced.
-pub const PASS_FRAGMENT: u32 = 2;
-/// IPv4 header with options: passed to the stack, never balanced.
-pub const PASS_IP_OPTIONS: u32 = 3;
-/// New flow for a service whose backends all have weight 0: dropped.
-pub const DROP_NO_BACKEND: u32 = 4;
-/// `bpf_fib_lookup` found no route or no neighbour: the rewritten packet is
-/// passed to the stack, which resolves the neighbour.
-pub const PASS_FIB_FAILED: u32 = 5;
-/// A connection-table insert failed: the packet is dropped.
-pub const DROP_CONN_TABLE_FULL: u32 = 6;
-/// A non-SYN TCP packet without an entry was re-hashed through Maglev.
-pub const LRU_MISS: u32 = 7;
-/// Every SNAT (address, port) probe was taken: the new flow is dropped.
-pub const DROP_SNAT_EXHAUSTED: u32 = 8;
-/// A protocol other than TCP/UDP to a service or SNAT address: passed.
-pub const PASS_UNKNOWN_PROTO: u32 = 9;
-/// Packets forwarded with `XDP_TX` (same interface).
-pub const TX: u32 = 10;
-/// Packets forwarded with `XDP_REDIRECT` (another interface).
-pub const REDIRECT: u32 = 11;
-/// Packets to a SNAT address with no reply entry: passed to the stack.
-/// (For TCP, only when the host has a socket for the packet.)
-pub const PASS_NO_REPLY_ENTRY: u32 = 12;
-/// TCP to a SNAT address with neither a reply entry nor a host socket: a
-/// reply of a translated flow whose entry is gone (evicted, expired).
-/// Dropped, because the host's stack would answer it with a reset and end
-/// the backend's side of a connection that was only missing its entry.
-pub const DROP_NO_REPLY_ENTRY: u32 = 13;
+/// A verdict's reason, or (`LruMiss`) an event counted beside one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Destination is no service or SNAT address (includes IPv6 and non-IP).
+    PassNotService = 0,
+    /// Truncated headers, IHL < 5, total length inconsistent with the frame,
+    /// TCP data offset < 5: dropped (the stack would drop them too).
+    DropMalformed = 1,
+    /// IPv4 fragment (MF set or offset ≠ 0): passed to the stack, never balanced.
+    PassFragment = 2,
+    /// IPv4 header with options: passed to the stack, never balanced.
+    PassIpOptions = 3,
+    /// New flow for a service whose backends all have weight 0: dropped.
+    DropNoBackend = 4,
+    /// `bpf_fib_lookup` found no route or no neighbour: the rewritten packet is
+    /// passed to the stack, which resolves the neighbour.
+    PassFibFailed = 5,
+    /// A connection-table insert failed: the packet is dropped.
+    DropConnTableFull = 6,
+    /// A non-SYN TCP packet without an entry was re-hashed through Maglev.
+    /// Not a verdict: counted in addition to the re-created flow's.
+    LruMiss = 7,
+    /// Every SNAT (address, port) probe was taken: the new flow is dropped.
+    DropSnatExhausted = 8,
+    /// A protocol other than TCP/UDP to a service or SNAT address: passed.
+    PassUnknownProto = 9,
+    /// Packets forwarded with `XDP_TX` (same interface).
+    Tx = 10,
+    /// Packets forwarded with `XDP_REDIRECT` (another interface).
+    Redirect = 11,
+    /// Packets to a SNAT address with no reply entry: passed to the stack.
+    /// (For TCP, only when the host has a socket for the packet.)
+    PassNoReplyEntry = 12,
+    /// TCP to a SNAT address with neither a reply entry nor a host socket: a
+    /// reply of a translated flow whose entry is gone (evicted, expired).
+    /// Dropped, because the host's stack would answer it with a reset and end
+    /// the backend's side of a connection that was only missing its entry.
+    DropNoReplyEntry = 13,
+}
 
+impl Reason {
+    /// Every reason, in counter order.
+    pub const ALL: [Reason; COUNT as usize] = [
+        Reason::PassNotService,
+        Reason::DropMalformed,
+        Reason::PassFragment,
+        Reason::PassIpOptions,
+        Reason::DropNoBackend,
+        Reason::PassFibFailed,
+        Reason::DropConnTableFull,
+        Reason::LruMiss,
+        Reason::DropSnatExhausted,
+        Reason::PassUnknownProto,
+        Reason::Tx,
+        Reason::Redirect,
+        Reason::PassNoReplyEntry,
+        Reason::DropNoReplyEntry,
+    ];
+
+    /// The counter's name as exported by `router status` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotService => "pass_not_service",
+            Reason::DropMalformed => "drop_malformed",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassIpOptions => "pass_ip_options",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::PassFibFailed => "pass_fib_failed",
+            Reason::DropConnTableFull => "drop_conn_table_full",
+            Reason::LruMiss => "lru_miss",
+            Reason::DropSnatExhausted => "drop_snat_exhausted",
+            Reason::PassUnknownProto => "pass_unknown_proto",
+            Reason::Tx => "tx",
+            Reason::Redirect => "redirect",
+            Reason::PassNoReplyEntry => "pass_no_reply_entry",
+            Reason::DropNoReplyEntry => "drop_no_reply_entry",
+        }
+    }
+}
+
+pub const PASS_NOT_SERVICE: u32 = Reason::PassNotService as u32;
+pub const DROP_MALFORMED: u32 = Reason::DropMalformed as u32;
+pub const PASS_FRAGMENT: u32 = Reason::PassFragment as u32;
+pub const PASS_IP_OPTIONS: u32 = Reason::PassIpOptions as u32;
+pub const DROP_NO_BACKEND: u32 = Reason::DropNoBackend as u32;
+pub const PASS_FIB_FAILED: u32 = Reason::PassFibFailed as u32;
+pub const DROP_CONN_TABLE_FULL: u32 = Reason::DropConnTableFull as u32;
+pub const LRU_MISS: u32 = Reason::LruMiss as u32;
+pub const DROP_SNAT_EXHAUSTED: u32 = Reason::DropSnatExhausted as u32;
+pub const PASS_UNKNOWN_PROTO: u32 = Reason::PassUnknownProto as u32;
+pub const TX: u32 = Reason::Tx as u32;
+pub const REDIRECT: u32 = Reason::Redirect as u32;
+pub const PASS_NO_REPLY_ENTRY: u32 = Reason::PassNoReplyEntry as u32;
+pub const DROP_NO_REPLY_ENTRY: u32 = Reason::DropNoReplyEntry as u32;
+
+/// Number of reasons: the size of `REASONS`.
 pub const COUNT: u32 = 14;
 
-/// Names as exported by `router status` and metrics, indexed by reason.
-pub const NAMES: [&str; COUNT as usize] = [
-    "pass_not_service",
-    "drop_malformed",
-    "pass_fragment",
-    "pass_ip_options",
-    "drop_no_backend",
-    "pass_fib_failed",
-    "drop_conn_table_full",
-    "lru_miss",
-    "drop_snat_exhausted",
-    "pass_unknown_proto",
-    "tx",
-    "redirect",
-    "pass_no_reply_entry",
-    "drop_no_reply_entry",
-];
+/// `Reason::name` of every counter, indexed by reason.
+pub const NAMES: [&str; COUNT as usize] = {
+    let mut names = [""; COUNT as usize];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = Reason::ALL[i].name();
+        i += 1;
+    }
+    names
+};
+
+// `ALL` is what indexes `NAMES`: each reason must sit at its own number.
+const _: () = {
+    let mut i = 0;
+    while i < Reason::ALL.len() {
+        assert!(Reason::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_exported_ones() {
+        // The counters' names are an interface (metrics, `router status`).
+        assert_eq!(
+            NAMES,
+            [
+                "pass_not_service",
+                "drop_malformed",
+                "pass_fragment",
+                "pass_ip_options",
+                "drop_no_backend",
+                "pass_fib_failed",
+                "drop_conn_table_full",
+                "lru_miss",
+                "drop_snat_exhausted",
+                "pass_unknown_proto",
+                "tx",
+                "redirect",
+                "pass_no_reply_entry",
+                "drop_no_reply_entry",
+            ]
+        );
+    }
+}

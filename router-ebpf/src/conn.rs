@@ -1,33 +1,35 @@
-//! The connection tables: expiry of entries, creation of both directions
-//! of a new flow (Maglev pick, SNAT port allocation), and the move of a
-//! confirmed flow from HALF_OPEN to CONNS.
+//! The connection tables as a packet meets them: which state its flow is
+//! in (`lookup`), when an entry expires, and how a packet keeps one alive.
+//! Writing entries is `flow`'s.
 //!
-//! A reply key (backend, SNAT address and port) belongs to at most one flow
-//! across both tables: it is what the backend sees, and two flows sharing
-//! it would be one connection to the backend.
+//! Entries are used through references into the maps (`get`, or a value
+//! pointer). The tables are preallocated, so an element's memory stays the
+//! map's while the program runs, even when another CPU deletes the entry,
+//! and every bit pattern is a valid `ConnEntry`: a reference is always to
+//! a valid value. What another CPU can do is recycle the element for
+//! another key meanwhile; the reference then shows that flow's values.
+//! Readers check that an entry is the one they looked for (`owned_by`)
+//! where acting on another flow's would matter, and otherwise act on it
+//! for this one packet, as they would on a packet that raced the change.
 
-use core::mem::MaybeUninit;
-
-use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::generated::bpf_ktime_get_coarse_ns,
-    maps::LruHashMap,
-};
-use router_common::{
-    CONN_AWAIT_REQUEST, CONN_AWAIT_SYNACK, CONN_CLOSING, CONN_COUNTED, CONN_REPLY, ConnEntry,
-    ConnKey, MAX_SNAT_ADDRS, NO_BACKEND, PROTO_TCP, SNAT_PROBES, Service, flow_hash::flow_hash,
-};
+use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, maps::LruHashMap};
+use router_common::{CONN_CLOSING, ConnEntry, ConnKey, PROTO_TCP};
 
 use crate::{
     flags, inflight,
-    latency::now_us,
-    maps::{BACKENDS, CONNS, HALF_OPEN, TCP_CLOSING_NS, TCP_IDLE_NS, UDP_IDLE_NS},
-    mem::zeroed64,
-    nat::deltas,
-    select,
+    maps::{CONNS, HALF_OPEN, TCP_CLOSING_NS, TCP_IDLE_NS, UDP_IDLE_NS},
 };
 
 const REFRESH_NS: u64 = 1_000_000_000;
+
+/// Which packet of its flow a packet is, as the counters see it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The packet created the flow: a new connection.
+    NewFlow,
+    /// A later packet, found in a connection table.
+    Tracked,
+}
 
 /// Which connection table holds a flow.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -40,7 +42,7 @@ pub enum Table {
 
 impl Table {
     #[inline(always)]
-    fn map(self) -> &'static LruHashMap<ConnKey, ConnEntry> {
+    pub fn map(self) -> &'static LruHashMap<ConnKey, ConnEntry> {
         match self {
             Table::Conns => &CONNS,
             Table::HalfOpen => &HALF_OPEN,
@@ -50,6 +52,7 @@ impl Table {
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
+    // SAFETY: the helper takes no arguments and only reads a clock.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
@@ -62,7 +65,7 @@ pub fn now_ns() -> u64 {
 /// the weights are unchanged.
 #[inline(always)]
 pub fn expired(table: Table, e: &ConnEntry, now: u64, proto: u8) -> bool {
-    let timeout = if e.flags & CONN_CLOSING != 0 || table == Table::HalfOpen {
+    let timeout = if e.is_closing() || table == Table::HalfOpen {
         TCP_CLOSING_NS.load()
     } else if proto == PROTO_TCP {
         TCP_IDLE_NS.load()
@@ -78,9 +81,9 @@ pub fn expired(table: Table, e: &ConnEntry, now: u64, proto: u8) -> bool {
 /// `inflight::on_close`).
 #[inline(always)]
 pub fn refresh(e: &mut ConnEntry, now: u64, fin_or_rst: bool) -> bool {
-    if fin_or_rst && e.flags & CONN_CLOSING == 0 {
+    if fin_or_rst && !e.is_closing() {
         e.last_seen_ns = now;
-        return flags::set(e, CONN_CLOSING) & CONN_CLOSING == 0;
+        return flags::first_to_set(e, CONN_CLOSING);
     }
     if now.saturating_sub(e.last_seen_ns) > REFRESH_NS {
         e.last_seen_ns = now;
@@ -121,7 +124,7 @@ pub fn reply_key(fwd: &ConnEntry, proto: u8) -> ConnKey {
 /// a flow's own reply entry is that flow's to reuse.
 #[inline(always)]
 pub fn owned_by(e: &ConnEntry, fwd: &ConnKey) -> bool {
-    e.flags & CONN_REPLY != 0
+    e.is_reply()
         && e.new_dst_addr == fwd.src_addr
         && e.new_dst_port == fwd.src_port
         && e.new_src_addr == fwd.dst_addr
@@ -141,372 +144,95 @@ pub fn owned_by(e: &ConnEntry, fwd: &ConnKey) -> bool {
 /// every SYN-ACK would miss it.
 #[inline(always)]
 pub fn syn_starts_over(table: Table, key: &ConnKey, e: &ConnEntry, now: u64) -> bool {
-    if e.flags & CONN_CLOSING != 0 {
+    if e.is_closing() {
         return true;
     }
-    if e.flags & CONN_REPLY != 0 {
+    if e.is_reply() {
         return false;
     }
+    // SAFETY: a table value, read at once (see the module's note); a
+    // recycled element fails `owned_by`.
     match unsafe { table.map().get(reply_key(e, key.proto)) } {
-        Some(r) => {
-            !owned_by(r, key) || r.flags & CONN_CLOSING != 0 || expired(table, r, now, key.proto)
-        }
+        Some(r) => !owned_by(r, key) || r.is_closing() || expired(table, r, now, key.proto),
         None => true,
     }
 }
 
-/// Fills `reply` (all zero) as the reply entry of flow `fwd` translated to
-/// (SNAT address, backend, SNAT port, backend port).
-#[inline(always)]
-fn fill_reply(
-    reply: &mut ConnEntry,
-    fwd: &ConnKey,
-    (snat_addr, be_addr, snat_port, be_port): (u32, u32, u16, u16),
-) {
-    let (l3, l4) = deltas(
-        (be_addr, snat_addr, be_port, snat_port),
-        (fwd.dst_addr, fwd.src_addr, fwd.dst_port, fwd.src_port),
-    );
-    reply.new_src_addr = fwd.dst_addr;
-    reply.new_dst_addr = fwd.src_addr;
-    reply.new_src_port = fwd.dst_port;
-    reply.new_dst_port = fwd.src_port;
-    reply.l3_csum_delta = l3;
-    reply.l4_csum_delta = l4;
+/// The state of a packet's flow, as its key finds it in the tables. The
+/// entries are references into the tables (see the module's note).
+pub enum Lookup<'a> {
+    /// A live forward entry in CONNS: a confirmed flow's client packet.
+    Established(&'a mut ConnEntry),
+    /// A live reply entry, in either table: the backend's packet.
+    Reply(&'a mut ConnEntry),
+    /// A live forward entry in HALF_OPEN: the flow waits for its client's
+    /// second packet to confirm it.
+    HalfOpen(&'a mut ConnEntry),
+    /// An entry that a new flow replaces.
+    Stale(Stale),
+    /// No entry at all.
+    Miss,
 }
 
-/// Removes the reply entry at `rkey` from `table` if it is the flow `fwd`'s
-/// own: a stale flow's reply key may have gone to another flow since.
-#[inline(always)]
-fn remove_own_reply(table: Table, rkey: ConnKey, fwd: &ConnKey) {
-    let map = table.map();
-    if let Some(e) = unsafe { map.get(rkey) }
-        && owned_by(e, fwd)
-    {
-        let _ = map.remove(rkey);
-    }
-}
-
-/// Claims reply key `rkey` (a backend 4-tuple) for flow `fwd`. Who may take
-/// a key from whom decides whether a flow that lost its entries can be
-/// found again on its own 4-tuple, so the rule is strict:
-///
-/// - A confirmed flow (going into CONNS) holds its key against everyone
-///   while it lives. Claims there use BPF_NOEXIST, the atomic test-and-set,
-///   so two CPUs never hand out the same key; a key held by the flow's own
-///   reply entry is reused (its forward entry was evicted), one held by an
-///   expired entry is free.
-/// - A half-open flow holds its key only against other half-open flows that
-///   came before it: the newest SYN takes the key. Otherwise a SYN flood
-///   would push real handshakes onto probed ports whenever the client's own
-///   port was held by a spoofed flow, and a probed port cannot be found
-///   again once the LRU has evicted both of a flow's entries. A real flow
-///   that loses its key this way sees its SYN-ACK go astray and starts over
-///   with its retransmitted SYN (see `syn_starts_over`).
-/// - A flow going into CONNS takes its key from a half-open flow: its
-///   client's packet has proved it real; the half-open flow may be spoofed.
-///
-/// So a key is held against a new flow only by a live confirmed flow, and
-/// the client's own port is the flow's 4-tuple unless a confirmed flow held
-/// it at the SYN; the probe sequence is then the same the next time. The
-/// check of the other table and the insert are two steps; a flow claiming
-/// the same key in the other table in between would need the same backend,
-/// SNAT address and port on another CPU within those few instructions.
-#[inline(always)]
-fn claim_reply(target: Table, rkey: ConnKey, reply: &ConnEntry, fwd: &ConnKey, now: u64) -> bool {
-    match target {
-        Table::HalfOpen => {
-            if let Some(e) = unsafe { CONNS.get(rkey) } {
-                if !owned_by(e, fwd) && !expired(Table::Conns, e, now, fwd.proto) {
-                    return false;
-                }
-                let _ = CONNS.remove(rkey);
-            }
-            HALF_OPEN.insert(rkey, reply, BPF_ANY as u64).is_ok()
-        }
-        Table::Conns => {
-            let claimed = CONNS.insert(rkey, reply, BPF_NOEXIST as u64).is_ok()
-                || match unsafe { CONNS.get(rkey) } {
-                    Some(e) if owned_by(e, fwd) => {
-                        CONNS.insert(rkey, reply, BPF_ANY as u64).is_ok()
-                    }
-                    Some(e) if expired(Table::Conns, e, now, fwd.proto) => {
-                        let _ = CONNS.remove(rkey);
-                        CONNS.insert(rkey, reply, BPF_NOEXIST as u64).is_ok()
-                    }
-                    _ => false,
-                };
-            if claimed {
-                let _ = HALF_OPEN.remove(rkey);
-            }
-            claimed
+impl Lookup<'_> {
+    /// The entry that a new flow replaces: the `Stale` state's, none for
+    /// any other.
+    #[inline(always)]
+    pub fn stale(self) -> Option<Stale> {
+        match self {
+            Lookup::Stale(stale) => Some(stale),
+            _ => None,
         }
     }
 }
 
-/// Moves a half-open flow whose client has sent its second packet into
-/// CONNS: a spoofed source never answers the SYN-ACK, so this is the proof
-/// that the flow is real. The reply entry keeps its latency state, or is
-/// rebuilt from the forward entry if the LRU dropped it (the backend's
-/// SYN-ACK got through before that, or the client would not be answering).
-/// Returns the forward entry's place in CONNS, or None if CONNS refused
-/// the move; the flow then goes on from HALF_OPEN.
-#[inline(always)]
-pub fn promote(fwd_key: &ConnKey, half_open: &ConnEntry, now: u64) -> Option<*mut ConnEntry> {
-    let mut fslot = MaybeUninit::uninit();
-    let fwd: &mut ConnEntry = zeroed64(&mut fslot);
-    // A copy: the HALF_OPEN element is recycled once removed below.
-    *fwd = *half_open;
-    let rkey = reply_key(fwd, fwd_key.proto);
-    let mut rslot = MaybeUninit::uninit();
-    let reply: &mut ConnEntry = zeroed64(&mut rslot);
-    match unsafe { HALF_OPEN.get(rkey) } {
-        Some(r) if owned_by(r, fwd_key) => *reply = *r,
-        _ => {
-            fill_reply(
-                reply,
-                fwd_key,
-                (
-                    fwd.new_src_addr,
-                    fwd.new_dst_addr,
-                    fwd.new_src_port,
-                    fwd.new_dst_port,
-                ),
-            );
-            reply.backend_id = fwd.backend_id;
-            reply.service_id = fwd.service_id;
-            reply.flags = CONN_REPLY;
-            reply.last_seen_ns = now;
-        }
-    }
-    if !claim_reply(Table::Conns, rkey, reply, fwd_key, now) {
-        return None;
-    }
-    let value: &ConnEntry = fwd;
-    if CONNS.insert(fwd_key, value, BPF_ANY as u64).is_err() {
-        let _ = CONNS.remove(rkey);
-        return None;
-    }
-    let _ = HALF_OPEN.remove(fwd_key);
-    CONNS.get_ptr_mut(fwd_key)
-}
-
-/// What the creating packet says about the flow.
+/// An entry at a packet's key that does not carry the packet: expired, or
+/// live but ended by a SYN that opens a new connection on its 4-tuple. A
+/// copy, because creating the new flow removes or overwrites the element.
 #[derive(Clone, Copy)]
-pub struct FlowFlags {
-    pub syn: bool,
-    pub fin_or_rst: bool,
-    pub rst: bool,
+pub struct Stale {
+    pub entry: ConnEntry,
+    pub table: Table,
 }
 
-pub enum NewFlow {
-    /// Both directions are in HALF_OPEN; the forward entry is in `out` for this packet.
-    Created,
-    NoBackend,
-    SnatExhausted,
-    TableFull,
-}
-
-/// Creates both directions of a new flow in HALF_OPEN, whatever opened it:
-/// a SYN, a UDP datagram, or a TCP packet of a flow picked up mid-stream
-/// after its entries were lost. Only the client's next packet moves it to
-/// CONNS (see `promote`), so a flood of spoofed sources churns HALF_OPEN
-/// alone whether it sends SYNs, ACKs or datagrams: each source sends one
-/// packet. `stale` is an expired or closed forward entry for the same
-/// key and the table it is in; it and its reply entry are removed first so
-/// the SNAT port (often the client's own) is free again and the old entry
-/// cannot shadow the new one. `out` is an all-zero entry that receives the
-/// forward direction. A flow created by a SYN starts its latency
-/// measurements (see `latency`).
+/// Finds the flow of the packet with key `key`. CONNS first: a flow is in
+/// HALF_OPEN only until it is confirmed.
 #[inline(always)]
-pub fn create(
-    key: &ConnKey,
-    svc: &Service,
-    stale: Option<(ConnEntry, Table)>,
-    now: u64,
-    flags: FlowFlags,
-    out: &mut ConnEntry,
-) -> NewFlow {
-    let hash = flow_hash(
-        key.src_addr,
-        key.dst_addr,
-        key.src_port,
-        key.dst_port,
-        key.proto,
-    );
-    let fresh = flags.syn || key.proto != PROTO_TCP;
-    let backend_id = select::backend(svc, hash, fresh);
-    if backend_id == NO_BACKEND {
-        return NewFlow::NoBackend;
+pub fn lookup<'a>(key: &ConnKey, syn: bool, now: u64) -> Lookup<'a> {
+    if let Some(e) = CONNS.get_ptr_mut(key) {
+        // SAFETY: a table value (see the module's note); this packet's
+        // entry, which the program writes only through `flags` where
+        // another CPU may write too.
+        return state(Table::Conns, key, unsafe { &mut *e }, syn, now);
     }
-    let Some(be) = BACKENDS.get(backend_id) else {
-        return NewFlow::NoBackend;
-    };
-    if be.in_use == 0 {
-        return NewFlow::NoBackend;
+    if let Some(e) = HALF_OPEN.get_ptr_mut(key) {
+        // SAFETY: as above.
+        return state(Table::HalfOpen, key, unsafe { &mut *e }, syn, now);
     }
-    let (be_addr, be_port) = (be.addr, be.port);
-    if let Some((old, table)) = stale
-        && old.flags & CONN_REPLY == 0
-    {
-        remove_own_reply(table, reply_key(&old, key.proto), key);
-        // A stale HALF_OPEN entry is overwritten below; one in CONNS would
-        // shadow the new flow.
-        if table == Table::Conns {
-            let _ = CONNS.remove(key);
-        }
-    }
-
-    let Some((snat_addr, snat_port)) = allocate_snat(
-        key,
-        svc,
-        hash,
-        (be_addr, be_port, backend_id),
-        now,
-        flags.syn,
-    ) else {
-        return NewFlow::SnatExhausted;
-    };
-
-    let (l3, l4) = deltas(
-        (key.src_addr, key.dst_addr, key.src_port, key.dst_port),
-        (snat_addr, be_addr, snat_port, be_port),
-    );
-    let fwd = out;
-    fwd.new_src_addr = snat_addr;
-    fwd.new_dst_addr = be_addr;
-    fwd.new_src_port = snat_port;
-    fwd.new_dst_port = be_port;
-    fwd.l3_csum_delta = l3;
-    fwd.l4_csum_delta = l4;
-    fwd.backend_id = backend_id;
-    fwd.service_id = svc.id;
-    // Counted unless a RST opened it: that flow is over as it starts.
-    fwd.flags = if flags.fin_or_rst { CONN_CLOSING } else { 0 }
-        | if flags.syn { CONN_AWAIT_REQUEST } else { 0 }
-        | if flags.rst { 0 } else { CONN_COUNTED };
-    fwd.last_seen_ns = now;
-    // Passed by reference: the entry is inserted from where it was built.
-    let value: &ConnEntry = fwd;
-    if HALF_OPEN.insert(key, value, BPF_ANY as u64).is_err() {
-        let _ = HALF_OPEN.remove(reply_key(fwd, key.proto));
-        return NewFlow::TableFull;
-    }
-    if !flags.rst {
-        inflight::opened(backend_id);
-    }
-    NewFlow::Created
+    Lookup::Miss
 }
 
-/// The `attempt`th (SNAT address, port) candidate of a flow: attempt 0 is
-/// the client's own port (already in wire order), later ones are probed
-/// across the service's range and addresses.
+/// The state of the flow whose entry `e` was found in `table`. Called
+/// with a constant `table` from each branch of `lookup`, so each inlined
+/// copy is specialised to its table.
 #[inline(always)]
-fn snat_candidate(key: &ConnKey, svc: &Service, hash: u32, attempt: u32) -> Option<(u32, u16)> {
-    let count = if svc.snat_count == 0 || svc.snat_count > MAX_SNAT_ADDRS as u32 {
-        1
-    } else {
-        svc.snat_count
-    };
-    let addr_idx = (hash >> 16)
-        .wrapping_add(attempt)
-        .checked_rem(count)
-        .unwrap_or(0) as usize;
-    // LLVM proves the index below 4 and drops the bounds check, but the
-    // verifier does not follow a modulo. Hidden from LLVM, the index keeps
-    // a mask that the verifier can see.
-    const { assert!(MAX_SNAT_ADDRS.is_power_of_two()) };
-    let addr_idx = core::hint::black_box(addr_idx) & (MAX_SNAT_ADDRS - 1);
-    let snat_addr = *svc.snat_addrs.get(addr_idx)?;
-    let snat_port = if attempt == 0 {
-        key.src_port
-    } else {
-        let span = (svc.snat_port_max as u32).saturating_sub(svc.snat_port_min as u32) + 1;
-        let r = hash
-            .wrapping_add(attempt.wrapping_mul(0x9e37_79b9))
-            .checked_rem(span)
-            .unwrap_or(0);
-        ((svc.snat_port_min as u32 + r) as u16).to_be()
-    };
-    Some((snat_addr, snat_port))
-}
-
-/// The first attempt whose reply key is held by flow `key`'s own reply
-/// entry, in either table. For a flow re-created mid-stream: the LRU may
-/// have evicted only its forward entry, and the surviving reply entry holds
-/// the 4-tuple the backend knows the connection by. Any other candidate
-/// (the client's own port, when the flow had been probed past it) would be
-/// a connection the backend never saw.
-#[inline(always)]
-fn own_reply_attempt(
-    key: &ConnKey,
-    svc: &Service,
-    hash: u32,
-    (be_addr, be_port): (u32, u16),
-) -> Option<u32> {
-    for attempt in 0..=SNAT_PROBES {
-        let (snat_addr, snat_port) = snat_candidate(key, svc, hash, attempt)?;
-        let rkey = self::key(be_addr, snat_addr, be_port, snat_port, key.proto);
-        let owned = match unsafe { CONNS.get(rkey) } {
-            Some(e) => owned_by(e, key),
-            None => match unsafe { HALF_OPEN.get(rkey) } {
-                Some(e) => owned_by(e, key),
-                None => false,
-            },
+fn state<'a>(table: Table, key: &ConnKey, e: &'a mut ConnEntry, syn: bool, now: u64) -> Lookup<'a> {
+    let expired = expired(table, e, now, key.proto);
+    // A SYN on a closed or half-gone flow is a new connection.
+    let restarts = syn && syn_starts_over(table, key, e, now);
+    if !expired && !restarts {
+        return if e.is_reply() {
+            Lookup::Reply(e)
+        } else if table == Table::Conns {
+            Lookup::Established(e)
+        } else {
+            Lookup::HalfOpen(e)
         };
-        if owned {
-            return Some(attempt);
-        }
     }
-    None
-}
-
-/// Claims a (SNAT address, port) pair for a new flow by claiming its reply
-/// key in HALF_OPEN (see `claim_reply`). The client's own port is tried
-/// first so a client that reuses its 4-tuple lands on the same backend
-/// 4-tuple (and the backend's TIME_WAIT logic sees exactly what a direct
-/// connection would). A flow not opened by a SYN first takes back a pair
-/// its own reply entry still holds (see `own_reply_attempt`); a SYN never
-/// looks, so a SYN flood pays nothing for it.
-#[inline(always)]
-fn allocate_snat(
-    key: &ConnKey,
-    svc: &Service,
-    hash: u32,
-    (be_addr, be_port, backend_id): (u32, u16, u32),
-    now: u64,
-    syn: bool,
-) -> Option<(u32, u16)> {
-    // A SYN starts the connect-latency measurement on the reply entry.
-    let (await_synack, stamp_us) = if syn {
-        (CONN_AWAIT_SYNACK, now_us())
-    } else {
-        (0, 0)
-    };
-    let own = if syn {
-        None
-    } else {
-        own_reply_attempt(key, svc, hash, (be_addr, be_port))
-    };
-    // With an own pair, that one alone: the loop runs once, at its attempt.
-    let (first, last) = match own {
-        Some(a) => (a, a),
-        None => (0, SNAT_PROBES),
-    };
-    for attempt in first..=last {
-        let (snat_addr, snat_port) = snat_candidate(key, svc, hash, attempt)?;
-        let rkey = self::key(be_addr, snat_addr, be_port, snat_port, key.proto);
-        let mut slot = MaybeUninit::uninit();
-        let reply: &mut ConnEntry = zeroed64(&mut slot);
-        fill_reply(reply, key, (snat_addr, be_addr, snat_port, be_port));
-        reply.backend_id = backend_id;
-        reply.service_id = svc.id;
-        reply.flags = CONN_REPLY | await_synack;
-        reply.stamp_us = stamp_us;
-        reply.last_seen_ns = now;
-        if claim_reply(Table::HalfOpen, rkey, reply, key, now) {
-            return Some((snat_addr, snat_port));
-        }
+    // The new connection ends the live one on its 4-tuple; an expired
+    // one is the daemon's to uncount (see `inflight`).
+    if !expired {
+        inflight::release(e);
     }
-    None
+    Lookup::Stale(Stale { entry: *e, table })
 }

@@ -28,7 +28,11 @@ pub fn lookup(ctx: &XdpContext, e: &ConnEntry, proto: u8, tot_len: u16) -> Optio
     p.__bindgen_anon_1.tot_len = tot_len;
     p.__bindgen_anon_3.ipv4_src = e.new_src_addr;
     p.__bindgen_anon_4.ipv4_dst = e.new_dst_addr;
+    // SAFETY: `ctx.ctx` is the xdp_md the kernel passed in, valid for the
+    // whole run.
     p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    // SAFETY: `p` is a parameter block on this stack, of the size passed,
+    // that the helper reads and fills in; it keeps no pointer to it.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx.cast(),

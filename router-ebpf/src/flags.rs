@@ -51,6 +51,20 @@ pub fn set(e: &mut ConnEntry, bits: u32) -> u32 {
     unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word(e), bits as u64) as u32 }
 }
 
+/// Sets `bit`; whether this call set it. Of CPUs that race to set it,
+/// exactly one sees it clear.
+#[inline(always)]
+pub fn first_to_set(e: &mut ConnEntry, bit: u32) -> bool {
+    set(e, bit) & bit == 0
+}
+
+/// Clears `bit`; whether this call cleared it. Of CPUs that race to clear
+/// it, exactly one sees it set.
+#[inline(always)]
+pub fn first_to_clear(e: &mut ConnEntry, bit: u32) -> bool {
+    clear(e, bit) & bit != 0
+}
+
 /// Clears `bits`; returns the flags as they were.
 #[inline(always)]
 pub fn clear(e: &mut ConnEntry, bits: u32) -> u32 {

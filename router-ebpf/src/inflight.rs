@@ -13,7 +13,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use router_common::{CONN_CLOSING, CONN_COUNTED, CONN_REPLY, ConnEntry, ConnKey};
+use router_common::{CONN_COUNTED, ConnEntry, ConnKey};
 
 use crate::{
     conn::{Table, expired, key, owned_by, reply_key},
@@ -52,10 +52,10 @@ fn closed(backend_id: u32) {
 /// counted: exactly one caller wins the flag.
 #[inline(always)]
 pub fn release(fwd: &mut ConnEntry) {
-    if fwd.flags & (CONN_COUNTED | CONN_REPLY) != CONN_COUNTED {
+    if fwd.is_reply() || !fwd.is_counted() {
         return;
     }
-    if flags::clear(fwd, CONN_COUNTED) & CONN_COUNTED != 0 {
+    if flags::first_to_clear(fwd, CONN_COUNTED) {
         closed(fwd.backend_id);
     }
 }
@@ -78,14 +78,15 @@ fn find(k: ConnKey) -> Option<(*mut ConnEntry, Table)> {
 /// end twice.
 #[inline(always)]
 pub fn on_close(at: &ConnKey, e: &mut ConnEntry, rst: bool, now: u64) {
-    if e.flags & CONN_REPLY == 0 {
+    if !e.is_reply() {
         if !rst {
             let Some((r, _)) = find(reply_key(e, at.proto)) else {
                 return;
             };
-            // SAFETY: a map value pointer from a successful lookup.
+            // SAFETY: a table value (see `conn`); a recycled element fails
+            // `owned_by`.
             let r = unsafe { &*r };
-            if !owned_by(r, at) || r.flags & CONN_CLOSING == 0 {
+            if !owned_by(r, at) || !r.is_closing() {
                 return;
             }
         }
@@ -103,17 +104,15 @@ pub fn on_close(at: &ConnKey, e: &mut ConnEntry, rst: bool, now: u64) {
     let Some((f, table)) = find(fkey) else {
         return;
     };
-    // SAFETY: a map value pointer from a successful lookup.
+    // SAFETY: a table value (see `conn`), checked below to be this flow's
+    // before `release` changes it, atomically.
     let f = unsafe { &mut *f };
     // Only this flow's own forward entry: the client's 4-tuple may since
     // have opened a new flow, translated to another backend pair.
-    if f.flags & CONN_REPLY != 0
-        || reply_key(f, at.proto) != *at
-        || expired(table, f, now, at.proto)
-    {
+    if f.is_reply() || reply_key(f, at.proto) != *at || expired(table, f, now, at.proto) {
         return;
     }
-    if rst || f.flags & CONN_CLOSING != 0 {
+    if rst || f.is_closing() {
         release(f);
     }
 }

@@ -7,7 +7,7 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use router_common::{
-    CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_REPLY, ConnEntry, ConnKey,
+    CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, ConnEntry, ConnKey,
     LATENCY_CONNECT, LATENCY_FIRST_BYTE, PROTO_TCP,
 };
 
@@ -15,7 +15,7 @@ use crate::{
     conn::{owned_by, reply_key},
     flags,
     maps::{CONNS, HALF_OPEN},
-    parse::{L4, TCP_ACK, TCP_SYN},
+    parse::L4,
     stats,
 };
 
@@ -23,6 +23,7 @@ use crate::{
 /// ticks once per jiffy (up to 4 ms), far too coarse for connect latency.
 #[inline(always)]
 pub fn now_us() -> u32 {
+    // SAFETY: the helper takes no arguments and only reads a clock.
     (unsafe { bpf_ktime_get_ns() } / 1000) as u32
 }
 
@@ -30,8 +31,8 @@ pub fn now_us() -> u32 {
 /// (the entry at `key`).
 #[inline(always)]
 pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
-    if e.flags & CONN_REPLY == 0 {
-        if e.flags & CONN_AWAIT_REQUEST != 0 && l4.payload_len > 0 {
+    if !e.is_reply() {
+        if e.awaits_request() && l4.payload_len > 0 {
             flags::clear(e, CONN_AWAIT_REQUEST);
             // The response is seen on the reply entry, so the stamp goes there.
             // In HALF_OPEN only when CONNS refused the flow's promotion.
@@ -43,9 +44,12 @@ pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
             // Only the flow's own: a half-open flow whose promotion CONNS
             // refused has lost its reply key to a confirmed flow, whose
             // entry must not get this flow's clock.
+            // SAFETY: a table value (see `conn`), checked to be this flow's
+            // before it is written; its flags change only atomically.
             if let Some(r) = reply
                 && owned_by(unsafe { &*r }, key)
             {
+                // SAFETY: as above.
                 let r = unsafe { &mut *r };
                 r.stamp_us = now_us();
                 flags::clear(r, CONN_AWAIT_SYNACK);
@@ -54,7 +58,7 @@ pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
         }
         return;
     }
-    if e.flags & CONN_AWAIT_SYNACK != 0 && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+    if e.awaits_synack() && l4.is_synack() {
         flags::clear(e, CONN_AWAIT_SYNACK);
         stats::latency(
             e.backend_id,
@@ -62,7 +66,7 @@ pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
             now_us().wrapping_sub(e.stamp_us),
         );
     }
-    if e.flags & CONN_AWAIT_RESPONSE != 0 && l4.payload_len > 0 {
+    if e.awaits_response() && l4.payload_len > 0 {
         flags::clear(e, CONN_AWAIT_RESPONSE);
         stats::latency(
             e.backend_id,

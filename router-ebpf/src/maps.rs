@@ -101,6 +101,8 @@ pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reasons::CO
 
 // Load-time configuration in .rodata: frozen before the program runs, so a
 // value can never change under a packet, and the verifier sees constants.
+// SAFETY (each `no_mangle`): userspace sets these by symbol name, and no
+// other symbol in the object has one of these names.
 #[unsafe(no_mangle)]
 pub static TABLE_SIZE: Global<u32> = Global::new(DEFAULT_TABLE_SIZE);
 #[unsafe(no_mangle)]

@@ -20,6 +20,8 @@ pub fn deltas(old: (u32, u32, u16, u16), new: (u32, u32, u16, u16)) -> (u32, u32
 #[inline(always)]
 pub fn rewrite_l3_l4(ctx: &XdpContext, e: &ConnEntry, proto: u8) -> Result<(), ()> {
     let ip: *mut [u8; IP_LEN] = ptr_at(ctx, IP_OFF)?;
+    // SAFETY: `ptr_at` checked the header lies within the packet, which is
+    // this program's alone while it runs; a byte array has no alignment.
     let ip = unsafe { &mut *ip };
     ip[12..16].copy_from_slice(&e.new_src_addr.to_ne_bytes());
     ip[16..20].copy_from_slice(&e.new_dst_addr.to_ne_bytes());
@@ -27,6 +29,7 @@ pub fn rewrite_l3_l4(ctx: &XdpContext, e: &ConnEntry, proto: u8) -> Result<(), (
     ip[10..12].copy_from_slice(&c.to_ne_bytes());
     if proto == PROTO_TCP {
         let tcp: *mut [u8; TCP_LEN] = ptr_at(ctx, L4_OFF)?;
+        // SAFETY: as for the IP header.
         let tcp = unsafe { &mut *tcp };
         tcp[0..2].copy_from_slice(&e.new_src_port.to_ne_bytes());
         tcp[2..4].copy_from_slice(&e.new_dst_port.to_ne_bytes());
@@ -34,6 +37,7 @@ pub fn rewrite_l3_l4(ctx: &XdpContext, e: &ConnEntry, proto: u8) -> Result<(), (
         tcp[16..18].copy_from_slice(&c.to_ne_bytes());
     } else {
         let udp: *mut [u8; UDP_LEN] = ptr_at(ctx, L4_OFF)?;
+        // SAFETY: as for the IP header.
         let udp = unsafe { &mut *udp };
         udp[0..2].copy_from_slice(&e.new_src_port.to_ne_bytes());
         udp[2..4].copy_from_slice(&e.new_dst_port.to_ne_bytes());
@@ -53,6 +57,7 @@ pub fn rewrite_l3_l4(ctx: &XdpContext, e: &ConnEntry, proto: u8) -> Result<(), (
 #[inline(always)]
 pub fn rewrite_macs(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6]) -> Result<(), ()> {
     let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
+    // SAFETY: as in `rewrite_l3_l4`.
     let eth = unsafe { &mut *eth };
     eth[0..6].copy_from_slice(dmac);
     eth[6..12].copy_from_slice(smac);

@@ -58,14 +58,27 @@ pub struct L4 {
     pub payload_len: u16,
 }
 
+impl L4 {
+    /// The backend's answer to a SYN.
+    #[inline(always)]
+    pub fn is_synack(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+    }
+}
+
 /// Ethernet + IPv4 header, with the checks that apply to every IPv4 packet.
 #[inline(always)]
 pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Skip> {
     let ethertype: *const u16 = ptr_at(ctx, 12).map_err(|()| Skip::Malformed)?;
+    // SAFETY: `ptr_at` checked the field lies within the packet. Frames
+    // start at an even offset (XDP headroom, plus a NET_IP_ALIGN of 0 or
+    // 2), so the u16 is aligned, and a BPF load would be exact even if not.
     if u16::from_be(unsafe { *ethertype }) != ETH_P_IP {
         return Err(Skip::NotIpv4);
     }
     let ip: *const [u8; IP_LEN] = ptr_at(ctx, IP_OFF).map_err(|()| Skip::Malformed)?;
+    // SAFETY: `ptr_at` checked the header lies within the packet; a byte
+    // array has no alignment.
     let ip = unsafe { &*ip };
     let ihl = (ip[0] & 0x0f) as usize;
     if ip[0] >> 4 != 4 || ihl < 5 {
@@ -87,6 +100,7 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Skip> {
 #[inline(always)]
 pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
     let ip: *const [u8; IP_LEN] = ptr_at(ctx, IP_OFF).map_err(|()| Skip::Malformed)?;
+    // SAFETY: as in `ipv4`.
     let ip = unsafe { &*ip };
     if ip[0] & 0x0f != 5 {
         return Err(Skip::Options);
@@ -100,6 +114,7 @@ pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
     match proto {
         PROTO_TCP => {
             let tcp: *const [u8; TCP_LEN] = ptr_at(ctx, L4_OFF).map_err(|()| Skip::Malformed)?;
+            // SAFETY: as for the IP header.
             let tcp = unsafe { &*tcp };
             let doff = (tcp[12] >> 4) as usize * 4;
             if doff < TCP_LEN || IP_LEN + doff > tot_len {
@@ -115,6 +130,7 @@ pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
         }
         PROTO_UDP => {
             let udp: *const [u8; UDP_LEN] = ptr_at(ctx, L4_OFF).map_err(|()| Skip::Malformed)?;
+            // SAFETY: as for the IP header.
             let udp = unsafe { &*udp };
             let len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
             if len < UDP_LEN || IP_LEN + len > tot_len {

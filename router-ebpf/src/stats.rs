@@ -1,18 +1,24 @@
 //! Per-CPU counters: no atomics and no shared cache lines on the hot path.
 
-use router_common::{LATENCY_KINDS, TrafficCounters, latency_bucket};
+use router_common::{ConnEntry, LATENCY_KINDS, TrafficCounters, latency_bucket, reasons::Reason};
 
-use crate::maps::{BACKEND_STATS, LATENCY, REASONS, SERVICE_STATS};
+use crate::{
+    conn::Origin,
+    maps::{BACKEND_STATS, LATENCY, REASONS, SERVICE_STATS},
+};
 
 #[inline(always)]
-pub fn reason(index: u32) {
-    if let Some(c) = REASONS.get_ptr_mut(index) {
+pub fn reason(reason: Reason) {
+    if let Some(c) = REASONS.get_ptr_mut(reason as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array: nothing else writes
+        // it while this program runs, and any u64 is a valid count.
         unsafe { *c += 1 };
     }
 }
 
 #[inline(always)]
 fn add(c: *mut TrafficCounters, bytes: u64, new_conn: bool, reply: bool) {
+    // SAFETY: as in `reason`.
     let c = unsafe { &mut *c };
     c.packets += 1;
     c.bytes += bytes;
@@ -24,12 +30,15 @@ fn add(c: *mut TrafficCounters, bytes: u64, new_conn: bool, reply: bool) {
     }
 }
 
+/// Counts a packet of the flow direction `e` against its service and
+/// backend; the packet that created the flow counts a new connection.
 #[inline(always)]
-pub fn traffic(service_id: u32, backend_id: u32, bytes: u64, new_conn: bool, reply: bool) {
-    if let Some(c) = SERVICE_STATS.get_ptr_mut(service_id) {
+pub fn traffic(e: &ConnEntry, bytes: u64, origin: Origin) {
+    let (new_conn, reply) = (origin == Origin::NewFlow, e.is_reply());
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(e.service_id) {
         add(c, bytes, new_conn, reply);
     }
-    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(e.backend_id) {
         add(c, bytes, new_conn, reply);
     }
 }
@@ -45,6 +54,7 @@ pub fn latency(backend_id: u32, kind: u32, us: u32) {
         return;
     };
     if let Some(h) = LATENCY.get_ptr_mut(index) {
+        // SAFETY: as in `reason`.
         let h = unsafe { &mut *h };
         if let Some(b) = h.buckets.get_mut(latency_bucket(us)) {
             *b += 1;

@@ -1,0 +1,85 @@
+//! The first step of every packet: is it ours to balance? A packet that is
+//! not leaves here with its reason; one that is becomes a `Packet`, with
+//! its flow key and the TCP bits that move a flow's state.
+
+use aya_ebpf::programs::XdpContext;
+use router_common::{ConnKey, PROTO_TCP, addr_filter_bucket, reasons::Reason};
+
+use crate::{
+    conn,
+    maps::ADDR_FILTER,
+    parse::{self, Ipv4, L4, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+impl From<Skip> for Reason {
+    #[inline(always)]
+    fn from(skip: Skip) -> Self {
+        match skip {
+            Skip::NotIpv4 => Reason::PassNotService,
+            Skip::Malformed => Reason::DropMalformed,
+            Skip::Fragment => Reason::PassFragment,
+            Skip::Options => Reason::PassIpOptions,
+            Skip::UnknownProto => Reason::PassUnknownProto,
+        }
+    }
+}
+
+/// What a TCP packet's flags say about its flow; all false for UDP.
+#[derive(Clone, Copy)]
+pub struct Control {
+    /// A SYN without ACK: a client opening a connection.
+    pub syn: bool,
+    /// The flow is closing: the short timeout applies from here on.
+    pub fin_or_rst: bool,
+    /// The flow is over at once.
+    pub rst: bool,
+}
+
+/// A packet to one of our addresses, with headers that the datapath can
+/// translate.
+pub struct Packet {
+    pub ip: Ipv4,
+    pub l4: L4,
+    /// The destination's `ADDR_FILTER` bits (`FILTER_*`), never 0: which
+    /// kinds of our addresses it may be.
+    pub filter: u32,
+    pub key: ConnKey,
+    pub control: Control,
+}
+
+/// The packet, or the reason it passes or drops without a lookup. The
+/// address pre-filter comes before the transport checks so that traffic
+/// for nobody costs one array read past the IP header.
+#[inline(always)]
+pub fn packet(ctx: &XdpContext) -> Result<Packet, Reason> {
+    let ip = parse::ipv4(ctx)?;
+    let filter = match ADDR_FILTER.get(addr_filter_bucket(ip.dst)) {
+        Some(bits) => *bits,
+        None => 0,
+    };
+    if filter == 0 {
+        return Err(Reason::PassNotService);
+    }
+    let l4 = parse::l4(ctx)?;
+    let key = conn::key(ip.src, ip.dst, l4.src_port, l4.dst_port, l4.proto);
+    let tcp = l4.proto == PROTO_TCP;
+    let control = Control {
+        syn: tcp && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        fin_or_rst: tcp && l4.tcp_flags & (TCP_FIN | TCP_RST) != 0,
+        rst: tcp && l4.tcp_flags & TCP_RST != 0,
+    };
+    Ok(Packet {
+        ip,
+        l4,
+        filter,
+        key,
+        control,
+    })
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn is_tcp(&self) -> bool {
+        self.l4.proto == PROTO_TCP
+    }
+}
