@@ -17,7 +17,7 @@ mod fib;
 mod flags;
 mod flow;
 mod forward;
-mod host;
+mod host_socket;
 mod inflight;
 mod latency;
 mod maps;
@@ -117,7 +117,7 @@ fn untracked(
         // through the SNAT address has a socket and passes.
         if pkt.is_tcp()
             && SNAT_ADDRS.get_ptr(pkt.ip.dst).is_some()
-            && !host::has_tcp_socket(ctx, &pkt.ip, &pkt.l4)
+            && !host_socket::has_tcp_socket(ctx, &pkt.ip, &pkt.l4)
         {
             return Ok(Reason::DropNoReplyEntry.into());
         }
