@@ -172,7 +172,7 @@ fn dashboard_queries_only_exported_metrics() {
 /// family names, so a family renamed or dropped there fails here.
 #[test]
 fn metric_list_matches_metrics_rs() {
-    let source = read("router-userspace/src/metrics.rs");
+    let source = read("router-userspace/src/server/metrics.rs");
     for &(name, kind, _) in FAMILIES {
         let family = match kind {
             Kind::Counter => name.strip_suffix("_total").expect("counters end in _total"),
@@ -180,7 +180,7 @@ fn metric_list_matches_metrics_rs() {
         };
         assert!(
             source.contains(&format!("\"{family}\"")),
-            "{family} is not in router-userspace/src/metrics.rs"
+            "{family} is not in router-userspace/src/server/metrics.rs"
         );
     }
 }

@@ -260,6 +260,10 @@ pub(crate) fn build(i: Inputs<'_>) -> SoakReport {
         flaps,
         flow,
         datapath_new_conns,
+        datapath_lru_misses: reasons
+            .iter()
+            .find(|(r, _)| r == "lru_miss")
+            .map_or(0, |(_, n)| *n),
         datapath_drops_and_passes: reasons
             .into_iter()
             .filter(|(r, n)| *n > 0 && (r.starts_with("drop") || r.starts_with("pass")))

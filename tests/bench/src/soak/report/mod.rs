@@ -194,6 +194,10 @@ pub struct SoakReport {
     pub flow: Flow,
     /// New connections the datapath counted, all backends.
     pub datapath_new_conns: Option<u64>,
+    /// Mid-flow TCP packets without an entry that the datapath re-hashed
+    /// into a flow (each counted as a new connection), over the whole run.
+    #[serde(default)]
+    pub datapath_lru_misses: u64,
     /// Packets the datapath dropped or passed to the stack, by reason
     /// (non-zero ones), over the whole run.
     pub datapath_drops_and_passes: BTreeMap<String, u64>,

@@ -92,8 +92,8 @@ impl SoakReport {
         ));
         if let Some(n) = self.datapath_new_conns {
             s.push_str(&format!(
-                "  datapath: {n} new connections balanced (clients attempted {})\n",
-                c.attempted
+                "  datapath: {n} new connections balanced (clients attempted {}); {} mid-flow packets re-hashed (lru_miss)\n",
+                c.attempted, self.datapath_lru_misses
             ));
         }
         let mut listed: Vec<&Failure> = self.failures.iter().collect();
