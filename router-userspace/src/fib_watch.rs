@@ -4,7 +4,7 @@
 
 use std::{
     io, mem,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
 };
 
 use tokio::sync::mpsc;
@@ -15,30 +15,22 @@ const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 
 fn open() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2)/bind(2) calls with a zeroed sockaddr_nl.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = OwnedFd::from_raw_fd(fd);
+    let fd = crate::netlink::route_socket()?;
+    // SAFETY: bind(2) with a zeroed, then filled-in sockaddr_nl.
+    let rc = unsafe {
         let mut sa: libc::sockaddr_nl = mem::zeroed();
         sa.nl_family = libc::AF_NETLINK as u16;
         sa.nl_groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE;
-        let rc = libc::bind(
+        libc::bind(
             fd.as_raw_fd(),
             (&sa as *const libc::sockaddr_nl).cast(),
             mem::size_of::<libc::sockaddr_nl>() as u32,
-        );
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(fd)
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(fd)
 }
 
 /// Starts a thread that sends `()` on every batch of rtnetlink events. The

@@ -21,6 +21,7 @@ pub mod fib_watch;
 pub mod health;
 pub mod host;
 pub mod maglev;
+pub mod netlink;
 pub mod policy;
 pub mod server;
 pub mod state_file;

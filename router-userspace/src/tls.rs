@@ -45,6 +45,12 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// rustls refused what `path` holds.
+fn rejected(path: &Path) -> impl FnOnce(rustls::Error) -> TlsError {
+    let path = path.to_owned();
+    move |source| TlsError::Rejected { path, source }
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -56,10 +62,6 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
         path: key.to_owned(),
         source,
     })?;
-    let rejected = |path: &Path| {
-        let path = path.to_owned();
-        move |source| TlsError::Rejected { path, source }
-    };
     let config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(rejected(cert))?
@@ -73,17 +75,11 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
 pub fn client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in certificates(ca_file)? {
-        roots.add(cert).map_err(|source| TlsError::Rejected {
-            path: ca_file.to_owned(),
-            source,
-        })?;
+        roots.add(cert).map_err(rejected(ca_file))?;
     }
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::Rejected {
-            path: ca_file.to_owned(),
-            source,
-        })?
+        .map_err(rejected(ca_file))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))

@@ -226,9 +226,7 @@ impl Controller {
             });
         }
         let mut now = self
-            .overrides
-            .get(service)
-            .and_then(|b| b.get(backend))
+            .override_of(service, backend)
             .cloned()
             .unwrap_or_default();
         change.apply(&mut now, now_unix)?;

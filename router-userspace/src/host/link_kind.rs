@@ -3,10 +3,7 @@
 //! its peer that the daemon cannot arrange from this side (see
 //! `veth_note`), so `config check` and the daemon's start say so.
 
-use std::{
-    io, mem,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-};
+use std::{io, mem, os::fd::AsRawFd};
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
@@ -46,19 +43,7 @@ pub fn interface_kind(iface: &str) -> io::Result<Option<String>> {
 
 /// The link kind of interface `ifindex`, `None` for a device without one.
 pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
-    // SAFETY: plain socket(2); the descriptor is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor socket(2) just returned.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = crate::netlink::route_socket()?;
     let req = Request {
         len: mem::size_of::<Request>() as u32,
         kind: RTM_GETLINK,
