@@ -69,9 +69,10 @@ fn a_45_s_soak_fails_no_connection_on_a_healthy_backend() {
     // The datapath balanced every connection the clients made, once each
     // (its counters are pinned, so they span every daemon of the run). On
     // every backend but the hard-flapped one, exactly; the killed backend's
-    // flows end abruptly, and a stray mid-flow packet of one after its
-    // entries are gone is re-hashed into a flow no client attempted: every
-    // such extra is one the datapath counted as an lru_miss.
+    // flows end abruptly, and a stray packet of one after its entries are
+    // gone opens a flow no client attempted: at most one per connection
+    // the fault ended (seen: 4 to 7 extras against 46 to 73 such failures;
+    // not lru_miss re-hashes, which stayed at 0 in a run with 6 extras).
     for (name, b) in &report.by_backend {
         let Some(n) = b.datapath_new_conns else {
             panic!("no datapath count for {name}: {summary}");
@@ -79,7 +80,7 @@ fn a_45_s_soak_fails_no_connection_on_a_healthy_backend() {
         let seen = b.completed + b.failed_on_healthy_backend + b.failed_on_injected_fault;
         if b.fault == "hard flap" {
             assert!(
-                n >= seen && n - seen <= report.datapath_lru_misses,
+                n >= seen && n - seen <= b.failed_on_injected_fault,
                 "datapath count on {name}: {summary}"
             );
         } else {
