@@ -12,7 +12,8 @@ pub enum Reason {
     /// Destination is no service or SNAT address (includes IPv6 and non-IP).
     PassNotService = 0,
     /// Truncated headers, IHL < 5, total length inconsistent with the frame,
-    /// TCP data offset < 5: dropped (the stack would drop them too).
+    /// TCP data offset < 5, an ICMP error quoting less than an IPv4 header
+    /// and 8 bytes after it: dropped (the stack would drop them too).
     DropMalformed = 1,
     /// IPv4 fragment (MF set or offset ≠ 0): passed to the stack, never balanced.
     PassFragment = 2,
@@ -30,7 +31,8 @@ pub enum Reason {
     LruMiss = 7,
     /// Every SNAT (address, port) probe was taken: the new flow is dropped.
     DropSnatExhausted = 8,
-    /// A protocol other than TCP/UDP to a service or SNAT address: passed.
+    /// A protocol other than TCP, UDP and ICMP to a service or SNAT
+    /// address: passed.
     PassUnknownProto = 9,
     /// Packets forwarded with `XDP_TX` (same interface).
     Tx = 10,
@@ -44,6 +46,18 @@ pub enum Reason {
     /// Dropped, because the host's stack would answer it with a reset and end
     /// the backend's side of a connection that was only missing its entry.
     DropNoReplyEntry = 13,
+    /// An ICMP error (destination unreachable, time exceeded) to a VIP or
+    /// SNAT address that no live entry of a tracked flow owns: no entry for
+    /// the flow its quoted header names, an expired one, a forward entry
+    /// whose reply key is no longer its own, a quote that is not a plain
+    /// TCP or UDP header (IP options, a later fragment, ICMP, another
+    /// protocol), or one addressed elsewhere than its quote's source.
+    /// Passed to the stack, untranslated. (A translated error is counted
+    /// `tx` or `redirect` like any forwarded packet.)
+    PassIcmpUntracked = 14,
+    /// ICMP that is not an error the datapath translates (echo, redirect,
+    /// parameter problem, …) to a VIP or SNAT address: passed to the stack.
+    PassIcmpOther = 15,
 }
 
 impl Reason {
@@ -63,6 +77,8 @@ impl Reason {
         Reason::Redirect,
         Reason::PassNoReplyEntry,
         Reason::DropNoReplyEntry,
+        Reason::PassIcmpUntracked,
+        Reason::PassIcmpOther,
     ];
 
     /// The counter's name as exported by `router status` and metrics.
@@ -82,6 +98,8 @@ impl Reason {
             Reason::Redirect => "redirect",
             Reason::PassNoReplyEntry => "pass_no_reply_entry",
             Reason::DropNoReplyEntry => "drop_no_reply_entry",
+            Reason::PassIcmpUntracked => "pass_icmp_untracked",
+            Reason::PassIcmpOther => "pass_icmp_other",
         }
     }
 }
@@ -100,9 +118,11 @@ pub const TX: u32 = Reason::Tx as u32;
 pub const REDIRECT: u32 = Reason::Redirect as u32;
 pub const PASS_NO_REPLY_ENTRY: u32 = Reason::PassNoReplyEntry as u32;
 pub const DROP_NO_REPLY_ENTRY: u32 = Reason::DropNoReplyEntry as u32;
+pub const PASS_ICMP_UNTRACKED: u32 = Reason::PassIcmpUntracked as u32;
+pub const PASS_ICMP_OTHER: u32 = Reason::PassIcmpOther as u32;
 
 /// Number of reasons: the size of `REASONS`.
-pub const COUNT: u32 = 14;
+pub const COUNT: u32 = 16;
 
 /// `Reason::name` of every counter, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = {
@@ -148,6 +168,8 @@ mod tests {
                 "redirect",
                 "pass_no_reply_entry",
                 "drop_no_reply_entry",
+                "pass_icmp_untracked",
+                "pass_icmp_other",
             ]
         );
     }

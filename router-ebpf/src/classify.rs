@@ -11,16 +11,33 @@ use crate::{
     parse::{self, Ipv4, L4, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-impl From<Skip> for Reason {
+/// Why a packet is not balanced as it stands.
+pub enum Unbalanced {
+    /// Passed or dropped for this reason, without a lookup.
+    Reason(Reason),
+    /// ICMP to one of our addresses: an error about a tracked flow is
+    /// translated, anything else passes (see `icmp`).
+    Icmp,
+}
+
+impl From<Reason> for Unbalanced {
+    #[inline(always)]
+    fn from(reason: Reason) -> Self {
+        Unbalanced::Reason(reason)
+    }
+}
+
+impl From<Skip> for Unbalanced {
     #[inline(always)]
     fn from(skip: Skip) -> Self {
-        match skip {
+        Unbalanced::Reason(match skip {
             Skip::NotIpv4 => Reason::PassNotService,
             Skip::Malformed => Reason::DropMalformed,
             Skip::Fragment => Reason::PassFragment,
             Skip::Options => Reason::PassIpOptions,
             Skip::UnknownProto => Reason::PassUnknownProto,
-        }
+            Skip::Icmp => return Unbalanced::Icmp,
+        })
     }
 }
 
@@ -47,18 +64,19 @@ pub struct Packet {
     pub control: Control,
 }
 
-/// The packet, or the reason it passes or drops without a lookup. The
-/// address pre-filter comes before the transport checks so that traffic
-/// for nobody costs one array read past the IP header.
+/// The packet, or the reason it passes or drops without a lookup (or, for
+/// ICMP, that `icmp` decides). The address pre-filter comes before the
+/// transport checks so that traffic for nobody costs one array read past
+/// the IP header.
 #[inline(always)]
-pub fn packet(ctx: &XdpContext) -> Result<Packet, Reason> {
+pub fn packet(ctx: &XdpContext) -> Result<Packet, Unbalanced> {
     let ip = parse::ipv4(ctx)?;
     let filter = match ADDR_FILTER.get(addr_filter_bucket(ip.dst)) {
         Some(bits) => *bits,
         None => 0,
     };
     if filter == 0 {
-        return Err(Reason::PassNotService);
+        return Err(Reason::PassNotService.into());
     }
     let l4 = parse::l4(ctx)?;
     let key = conn::key(ip.src, ip.dst, l4.src_port, l4.dst_port, l4.proto);

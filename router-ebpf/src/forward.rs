@@ -17,12 +17,31 @@ pub fn packet(
     pkt: &Packet,
     origin: Origin,
 ) -> Result<Verdict, ()> {
+    let proto = pkt.l4.proto;
+    send(ctx, e, (proto, pkt.ip.tot_len), origin, |ctx, e| {
+        nat::rewrite_l3_l4(ctx, e, proto)
+    })
+}
+
+/// Sends a packet of flow direction `e` (whose IP protocol and total
+/// length are `proto` and `tot_len`) to the entry's next hop, once
+/// `rewrite` has translated its IP and transport headers: the packet path
+/// itself, and an ICMP error about the flow (see `icmp`), whose rewrite
+/// differs.
+#[inline(always)]
+pub fn send(
+    ctx: &XdpContext,
+    e: &mut ConnEntry,
+    (proto, tot_len): (u8, u16),
+    origin: Origin,
+    rewrite: impl Fn(&XdpContext, &ConnEntry) -> Result<(), ()>,
+) -> Result<Verdict, ()> {
     let fib_gen = match FIB_GEN.get(0) {
         Some(g) => *g,
         None => 0,
     };
     if fib_gen == 0 || e.fib_gen != fib_gen {
-        match fib::lookup(ctx, e, pkt.l4.proto, pkt.ip.tot_len) {
+        match fib::lookup(ctx, e, proto, tot_len) {
             Some(hop) => {
                 // Concurrent writers on other CPUs store the same values.
                 e.dmac = hop.dmac;
@@ -34,13 +53,13 @@ pub fn packet(
                 // Hand the translated packet to the stack, which resolves the
                 // neighbour; later packets of the flow then take the fast path.
                 // It is still this flow's traffic (often its SYN): count it.
-                nat::rewrite_l3_l4(ctx, e, pkt.l4.proto)?;
+                rewrite(ctx, e)?;
                 count_traffic(ctx, e, origin);
                 return Ok(Reason::PassFibFailed.into());
             }
         }
     }
-    nat::rewrite_l3_l4(ctx, e, pkt.l4.proto)?;
+    rewrite(ctx, e)?;
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
     count_traffic(ctx, e, origin);
     // SAFETY: `ctx.ctx` is the xdp_md the kernel passed in, valid for the

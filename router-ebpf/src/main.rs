@@ -18,6 +18,7 @@ mod flags;
 mod flow;
 mod forward;
 mod host_socket;
+mod icmp;
 mod inflight;
 mod latency;
 mod maps;
@@ -60,7 +61,8 @@ pub fn router(ctx: XdpContext) -> u32 {
 fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
     let pkt = match classify::packet(ctx) {
         Ok(pkt) => pkt,
-        Err(reason) => return Ok(reason.into()),
+        Err(classify::Unbalanced::Reason(reason)) => return Ok(reason.into()),
+        Err(classify::Unbalanced::Icmp) => return icmp::error(ctx),
     };
     let now = conn::now_ns();
     let state = conn::lookup(&pkt.key, pkt.control.syn, now);

@@ -13,6 +13,9 @@ pub const UDP_LEN: usize = UdpHdr::LEN;
 pub const IP_OFF: usize = ETH_LEN;
 pub const L4_OFF: usize = ETH_LEN + IP_LEN;
 const ETH_P_IP: u16 = 0x0800;
+/// IP protocol number of ICMP: errors about tracked flows are translated
+/// (see `icmp`).
+pub const PROTO_ICMP: u8 = 1;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -35,6 +38,9 @@ pub enum Skip {
     Malformed,
     Fragment,
     Options,
+    /// ICMP, not a fragment and without IP options: maybe an error about
+    /// one of our flows (see `icmp`).
+    Icmp,
     UnknownProto,
 }
 
@@ -144,6 +150,7 @@ pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
                 payload_len: 0,
             })
         }
+        PROTO_ICMP => Err(Skip::Icmp),
         _ => Err(Skip::UnknownProto),
     }
 }

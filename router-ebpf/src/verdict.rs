@@ -19,7 +19,9 @@ impl Action for Reason {
             | Reason::PassIpOptions
             | Reason::PassFibFailed
             | Reason::PassUnknownProto
-            | Reason::PassNoReplyEntry => xdp_action::XDP_PASS,
+            | Reason::PassNoReplyEntry
+            | Reason::PassIcmpUntracked
+            | Reason::PassIcmpOther => xdp_action::XDP_PASS,
             Reason::DropMalformed
             | Reason::DropNoBackend
             | Reason::DropConnTableFull

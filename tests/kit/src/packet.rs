@@ -166,6 +166,38 @@ impl Packet {
     }
 }
 
+impl Packet {
+    /// The packet's IPv4 datagram: the frame without its Ethernet header.
+    pub fn datagram(&self) -> Vec<u8> {
+        self.build().split_off(14)
+    }
+
+    /// An ICMP message from `src` to `dst`: `(type, code)`, the four bytes
+    /// after the checksum (`rest`: an echo's identifier and sequence, a
+    /// "fragmentation needed"'s next-hop MTU), then `body`; its checksum
+    /// computed in full.
+    pub fn icmp(src: Ipv4Addr, dst: Ipv4Addr, kind: (u8, u8), rest: [u8; 4], body: &[u8]) -> Self {
+        let mut m = vec![kind.0, kind.1, 0, 0];
+        m.extend_from_slice(&rest);
+        m.extend_from_slice(body);
+        let c = checksum(&m, 0);
+        m[2..4].copy_from_slice(&c.to_ne_bytes());
+        Self {
+            proto: 1,
+            payload: m,
+            ..Self::tcp(SocketAddrV4::new(src, 0), SocketAddrV4::new(dst, 0), 0)
+        }
+    }
+
+    /// The ICMP error `(type, code)` that `src` sends about packet `about`:
+    /// to `about`'s source, quoting the first `quote` bytes of its datagram
+    /// (all of it if it is shorter).
+    pub fn icmp_error(src: Ipv4Addr, about: &Packet, kind: (u8, u8), rest: [u8; 4], quote: usize) -> Self {
+        let d = about.datagram();
+        Self::icmp(src, *about.src.ip(), kind, rest, &d[..quote.min(d.len())])
+    }
+}
+
 pub fn addr(s: &str) -> SocketAddrV4 {
     s.parse()
         .unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
@@ -176,7 +208,8 @@ pub fn ip(s: &str) -> Ipv4Addr {
         .unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
 }
 
-/// Verifies the IPv4 header checksum and the TCP/UDP checksum of a frame.
+/// Verifies the IPv4 header checksum and the TCP/UDP checksum of a frame,
+/// or for ICMP the checksums `icmp_checksums_valid` checks.
 pub fn checksums_valid(frame: &[u8]) -> bool {
     if frame.len() < 34 {
         return false;
@@ -189,6 +222,16 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     let l4 = &frame[14 + ihl..14 + tot];
     let proto = ip[9];
+    if proto == 1 {
+        return icmp_checksums_valid(l4);
+    }
+    transport_checksum_valid(ip, l4)
+}
+
+/// The TCP or UDP checksum of segment `l4` under IPv4 header `ip`; a UDP
+/// checksum of 0 ("none") is valid.
+fn transport_checksum_valid(ip: &[u8], l4: &[u8]) -> bool {
+    let proto = ip[9];
     if proto == 17 && l4.len() >= 8 && l4[6] == 0 && l4[7] == 0 {
         return true;
     }
@@ -199,6 +242,31 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     pseudo += u16::from_ne_bytes([0, proto]) as u32;
     pseudo += u16::from_ne_bytes((l4.len() as u16).to_be_bytes()) as u32;
     checksum(l4, pseudo) == 0
+}
+
+/// The ICMP checksum of message `m` and, for an error (destination
+/// unreachable, time exceeded) that quotes a whole IPv4 header, the quoted
+/// header's checksum, and the quoted TCP or UDP checksum when the quote
+/// holds the whole datagram it covers.
+pub fn icmp_checksums_valid(m: &[u8]) -> bool {
+    if m.len() < 8 || checksum(m, 0) != 0 {
+        return false;
+    }
+    let quote = &m[8..];
+    if !matches!(m[0], 3 | 11) || quote.len() < 20 {
+        return true;
+    }
+    let ihl = (quote[0] & 0x0f) as usize * 4;
+    if ihl < 20 || quote.len() < ihl || checksum(&quote[..ihl], 0) != 0 {
+        return false;
+    }
+    let tot = u16::from_be_bytes([quote[2], quote[3]]) as usize;
+    match quote[9] {
+        6 | 17 if tot >= ihl && tot <= quote.len() => {
+            transport_checksum_valid(&quote[..ihl], &quote[ihl..tot])
+        }
+        _ => true,
+    }
 }
 
 /// Recomputes, in place, the IPv4 header checksum and (for TCP and UDP) the

@@ -49,6 +49,7 @@ impl Model {
                 return out.counted(XDP_PASS, reasons::PASS_UNKNOWN_PROTO);
             }
             Err(Refusal::Malformed) => return out.counted(XDP_DROP, reasons::DROP_MALFORMED),
+            Err(Refusal::Icmp) => return self.icmp(out, frame, ingress, &ip),
         };
         let key = ConnKey {
             src_addr: ip.src,
@@ -396,10 +397,28 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &mut self,
-        mut out: Outcome,
+        out: Outcome,
         frame: &[u8],
         ingress: u32,
         proto: u8,
+        e: Entry,
+        at: Option<(Table, ConnKey)>,
+        new_conn: bool,
+    ) -> Outcome {
+        let rewritten = nat::rewrite(frame, proto, e.to);
+        self.send(out, rewritten, frame.len(), ingress, e, at, new_conn)
+    }
+
+    /// Sends a packet of entry `e` (at `at`, as in `forward`), already
+    /// `rewritten` from a frame of `bytes` bytes, to the entry's next hop,
+    /// counted as its traffic.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn send(
+        &mut self,
+        mut out: Outcome,
+        rewritten: Vec<u8>,
+        bytes: usize,
+        ingress: u32,
         mut e: Entry,
         at: Option<(Table, ConnKey)>,
         new_conn: bool,
@@ -407,11 +426,11 @@ impl Model {
         out.traffic = Some(Traffic {
             service_id: e.service_id,
             backend_id: e.backend_id,
-            bytes: frame.len() as u64,
+            bytes: bytes as u64,
             new_conn,
             reply: e.is_reply(),
         });
-        out.frame = nat::rewrite(frame, proto, e.to);
+        out.frame = rewritten;
         if e.hop.fib_gen == 0 || e.hop.fib_gen != self.cfg.fib_gen {
             let Some(hop) = self.cfg.next_hop(e.to.dst_addr) else {
                 return out.counted(XDP_PASS, reasons::PASS_FIB_FAILED);

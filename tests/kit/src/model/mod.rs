@@ -59,6 +59,7 @@
 //! is the daemon's table scan that uncounts it (see `load`).
 
 mod flow;
+pub mod icmp;
 pub mod load;
 pub mod nat;
 pub mod parse;

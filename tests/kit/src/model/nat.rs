@@ -52,7 +52,7 @@ pub fn fold(mut s: u64) -> u16 {
 /// The checksum field of a region whose covered words (checksum field as
 /// zero) sum to `after`, given that the same region summed to `before` and
 /// carried `found`.
-fn carried(found: u16, before: u64, after: u64) -> u16 {
+pub fn carried(found: u16, before: u64, after: u64) -> u16 {
     !fold(after + u64::from(!found) + u64::from(!fold(before)))
 }
 

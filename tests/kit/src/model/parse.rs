@@ -10,7 +10,8 @@
 //! 4. For a destination that passed it: IP options and fragments go to
 //!    the stack; TCP needs a 20-byte header in the frame and a data offset
 //!    within the total length, UDP an 8-byte header and a length within the
-//!    total length; any other protocol goes to the stack.
+//!    total length; ICMP is looked at as a possible error about a flow
+//!    (see `icmp`); any other protocol goes to the stack.
 
 /// Why a frame is not balanced, before any table is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +20,8 @@ pub enum Refusal {
     Malformed,
     Options,
     Fragment,
+    /// ICMP: an error about a tracked flow may be translated (see `icmp`).
+    Icmp,
     UnknownProto,
 }
 
@@ -127,6 +130,7 @@ pub fn transport(frame: &[u8], ip: &Ip) -> Result<Transport, Refusal> {
                 payload_len: 0,
             })
         }
+        1 => Err(Refusal::Icmp),
         _ => Err(Refusal::UnknownProto),
     }
 }
