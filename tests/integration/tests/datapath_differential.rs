@@ -1,6 +1,8 @@
 //! Differential test of the datapath: sessions of random map state and
-//! random packets, well-formed and not, go through BPF_PROG_TEST_RUN and
-//! through the userspace reference model (`router_testkit::model`). For every
+//! random packets, well-formed and not (ICMP errors about the flows'
+//! packets among them, from either side, with odd quotes), go through
+//! BPF_PROG_TEST_RUN and through the userspace reference model
+//! (`router_testkit::model`). For every
 //! packet the verdict, the output bytes, the reason counters and every
 //! backend's in-flight counts (`BACKEND_LOAD`, opened and closed) must
 //! agree, and a rewritten packet's checksums must verify on their own;
@@ -104,6 +106,16 @@ const MUST_TAKE: &[&str] = &[
     "claimed the client's own port",
     "claimed probe 1",
     "claimed probe 8",
+    // ICMP errors about flows.
+    "ICMP error from the backend's side translated",
+    "ICMP error from the client's side translated",
+    "ICMP error: no entry",
+    "ICMP error: entry expired",
+    "ICMP error: forward entry without its own live reply entry",
+    "ICMP error: addressed elsewhere than its quote's source",
+    "ICMP error: quote with options, a later fragment, or not TCP/UDP",
+    "ICMP error: quote cut short",
+    "ICMP error: quote not IPv4",
     // Verdict reasons.
     "tx",
     "redirect",
@@ -118,6 +130,8 @@ const MUST_TAKE: &[&str] = &[
     "pass_no_reply_entry",
     "pass_not_service",
     "pass_unknown_proto",
+    "pass_icmp_untracked",
+    "pass_icmp_other",
 ];
 
 /// The least number of times the fixed run takes each of `MUST_TAKE`.

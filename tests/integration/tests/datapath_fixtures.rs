@@ -14,7 +14,9 @@
 //! - `nat`: flows both ways, SNAT ports, weights, next hops, latency clocks;
 //! - `edge_input`: traffic that is not a service's, malformed frames;
 //! - `conn_table`: evicted, expired and half-open entries, ports reused;
-//! - `floods`: spoofed SYN, ACK and UDP floods against a small table.
+//! - `floods`: spoofed SYN, ACK and UDP floods against a small table;
+//! - `icmp`: ICMP errors about flows translated both ways, and the ICMP
+//!   that is not.
 
 #[path = "datapath_fixtures/conn_table.rs"]
 mod conn_table;
@@ -22,6 +24,8 @@ mod conn_table;
 mod edge_input;
 #[path = "datapath_fixtures/floods.rs"]
 mod floods;
+#[path = "datapath_fixtures/icmp.rs"]
+mod icmp;
 #[path = "datapath_fixtures/nat.rs"]
 mod nat;
 

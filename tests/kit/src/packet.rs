@@ -192,7 +192,13 @@ impl Packet {
     /// The ICMP error `(type, code)` that `src` sends about packet `about`:
     /// to `about`'s source, quoting the first `quote` bytes of its datagram
     /// (all of it if it is shorter).
-    pub fn icmp_error(src: Ipv4Addr, about: &Packet, kind: (u8, u8), rest: [u8; 4], quote: usize) -> Self {
+    pub fn icmp_error(
+        src: Ipv4Addr,
+        about: &Packet,
+        kind: (u8, u8),
+        rest: [u8; 4],
+        quote: usize,
+    ) -> Self {
         let d = about.datagram();
         Self::icmp(src, *about.src.ip(), kind, rest, &d[..quote.min(d.len())])
     }

@@ -271,7 +271,15 @@ impl World {
     /// The frame for packet `p`, built against the model's current tables.
     pub(crate) fn frame(&self, m: &Model, s: &Session, p: &PacketSpec) -> Vec<u8> {
         let (key, svc) = flow_key(self, &pick(&s.flows, p.flow));
-        let (src, dst, proto) = match p.dir {
+        // An ICMP message is about the packet the LB sent on a flow's
+        // tuple: its far end sends on the tuple `Fwd` or `Reply` builds.
+        let dir = match p.dir {
+            Dir::Icmp(i) if i.backend_side => Dir::Reply(i.attempt),
+            Dir::Icmp(_) => Dir::Fwd,
+            d => d,
+        };
+        let (src, dst, proto) = match dir {
+            Dir::Icmp(_) => unreachable!("an ICMP message takes its flow's tuple"),
             Dir::Fwd => (
                 (key.src_addr, key.src_port),
                 (key.dst_addr, key.dst_port),
@@ -338,6 +346,9 @@ impl World {
         if dest.proto != 6 && dest.proto != 17 && matches!(p.dir, Dir::Fwd) {
             pkt.proto = dest.proto;
             pkt.payload = vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0];
+        }
+        if let Dir::Icmp(i) = p.dir {
+            pkt = icmp_about(&pkt, i);
         }
         for m in &p.mutations {
             match *m {
@@ -433,6 +444,72 @@ impl World {
             }
         }
     }
+}
+
+/// The ICMP message `i` about the packet the LB sent on `flow`'s tuple
+/// reversed (`flow` is what the message's far end sends: `Fwd` or `Reply`).
+fn icmp_about(flow: &Packet, i: IcmpSpec) -> Packet {
+    let mut quoted = flow.translated(flow.dst, flow.src, flow.eth_src, flow.eth_dst);
+    let ours = [
+        "198.18.100.1",
+        "198.18.0.1",
+        "198.18.0.5",
+        "198.18.0.7",
+        "198.18.100.2",
+    ];
+    let mut to = *quoted.src.ip();
+    match i.oddity {
+        IcmpOddity::ElsewhereThan(n) => {
+            to = ip_of(wire(pick(&ours, n)));
+            if to == *quoted.src.ip() {
+                to = ip_of(wire(pick(&ours, n.wrapping_add(1))));
+            }
+        }
+        IcmpOddity::QuoteOptions(n) => {
+            quoted.ip_options = (0..usize::from(n) * 4)
+                .map(|i| [1u8, 1, 1, 0][i % 4])
+                .collect()
+        }
+        IcmpOddity::QuoteFrag(f) => quoted.frag = f,
+        IcmpOddity::QuoteIcmp => {
+            quoted.proto = 1;
+            quoted.payload = vec![8, 0, 0xf7, 0xfe, 0, 1, 0, 0];
+        }
+        IcmpOddity::QuoteUdpNoChecksum => quoted.udp_no_checksum = true,
+        _ => {}
+    }
+    let mut d = quoted.datagram();
+    let l4 = usize::from(d[0] & 0x0f) * 4;
+    match i.oddity {
+        IcmpOddity::QuoteVersionIhl(b) => d[0] = b,
+        IcmpOddity::BadQuotedIpChecksum(x) => {
+            let c = u16::from_be_bytes([d[10], d[11]]) ^ x;
+            d[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        IcmpOddity::BadQuotedL4Checksum(x) if d[9] == 6 || d[9] == 17 => {
+            let at = l4 + if d[9] == 6 { 16 } else { 6 };
+            let c = u16::from_be_bytes([d[at], d[at + 1]]) ^ x;
+            d[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        _ => {}
+    }
+    d.truncate(usize::from(i.quote));
+    let from = if i.from_endpoint {
+        *flow.src.ip()
+    } else {
+        ip_of(wire("198.18.0.250"))
+    };
+    let rest = if i.kind == (3, 4) {
+        [0, 0, 0x05, 0x00]
+    } else {
+        [0; 4]
+    };
+    let mut m = Packet::icmp(from, to, i.kind, rest, &d).with_macs(flow.eth_dst, flow.eth_src);
+    if let IcmpOddity::BadIcmpChecksum(x) = i.oddity {
+        let c = u16::from_be_bytes([m.payload[2], m.payload[3]]) ^ x;
+        m.payload[2..4].copy_from_slice(&c.to_be_bytes());
+    }
+    m
 }
 
 /// A byte-level mutation of a built frame (`l4`: where the transport

@@ -227,7 +227,7 @@ impl World {
             let rewritten = want.traffic.is_some();
             if rewritten && input_checksums_right(&frame) {
                 prop_assert!(
-                    nat::checksums_right(&out, out[23]),
+                    output_checksums_right(&out),
                     "packet #{}: output checksums wrong\n{}",
                     i,
                     ctx()
@@ -455,13 +455,30 @@ pub(crate) fn table_diff(
     out
 }
 
+/// Whether a frame the model translates came with right checksums. For an
+/// ICMP error: the outer and quoted IPv4 headers and the ICMP message, and
+/// when the frame holds exactly its datagram, the quoted TCP or UDP
+/// checksum too if the quote holds all it covers.
 pub(crate) fn input_checksums_right(frame: &[u8]) -> bool {
     match model::parse::ipv4(frame) {
         Ok(ip) => match model::parse::transport(frame, &ip) {
             Ok(l4) => nat::checksums_right(frame, l4.proto),
+            Err(model::parse::Refusal::Icmp) => {
+                model::icmp::checksums_right(frame)
+                    && (!plain_lengths(frame) || checksums_valid(frame))
+            }
             Err(_) => false,
         },
         Err(_) => false,
+    }
+}
+
+/// The same for a translated frame (TCP, UDP, or an ICMP error).
+pub(crate) fn output_checksums_right(out: &[u8]) -> bool {
+    if out[23] == 1 {
+        model::icmp::checksums_right(out)
+    } else {
+        nat::checksums_right(out, out[23])
     }
 }
 

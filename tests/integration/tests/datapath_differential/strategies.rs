@@ -198,6 +198,98 @@ pub(crate) enum Dir {
     Reply(u8),
     /// Some backend to a SNAT address and port of the pools.
     Stray(u8, u8),
+    /// An ICMP message about a packet the LB sent: to the backend (the
+    /// reverse of `Reply`'s tuple) or to the client (the reverse of `Fwd`'s).
+    Icmp(IcmpSpec),
+}
+
+/// An ICMP message about one of a flow's packets, as a router on the way
+/// or the endpoint itself sends it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IcmpSpec {
+    /// About what the LB sent the backend (on `Reply(attempt)`'s pair),
+    /// or else what it sent the client.
+    pub(crate) backend_side: bool,
+    pub(crate) attempt: u8,
+    /// (type, code): mostly errors that are translated.
+    pub(crate) kind: (u8, u8),
+    /// Bytes of the quoted datagram (all of it if fewer).
+    pub(crate) quote: u8,
+    /// Sent by the endpoint itself, or by a router on the way.
+    pub(crate) from_endpoint: bool,
+    pub(crate) oddity: IcmpOddity,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum IcmpOddity {
+    None,
+    /// Sent to another of our addresses than the quoted packet's source.
+    ElsewhereThan(u8),
+    /// The quoted header carries this many words of options.
+    QuoteOptions(u8),
+    /// The quoted packet is a fragment: flags and offset.
+    QuoteFrag(u16),
+    /// The quoted packet is ICMP (an echo request).
+    QuoteIcmp,
+    /// The quoted header's first byte.
+    QuoteVersionIhl(u8),
+    /// Checksums XORed with these: the quoted IPv4 header's, the quoted
+    /// transport's, the ICMP message's.
+    BadQuotedIpChecksum(u16),
+    BadQuotedL4Checksum(u16),
+    BadIcmpChecksum(u16),
+    /// The quoted UDP datagram has no checksum.
+    QuoteUdpNoChecksum,
+}
+
+pub(crate) fn icmp_spec() -> impl Strategy<Value = IcmpSpec> {
+    let kind = prop_oneof![
+        4 => (0u8..16).prop_map(|code| (3u8, code)),
+        2 => Just((3u8, 4u8)),
+        2 => (0u8..2).prop_map(|code| (11u8, code)),
+        1 => prop_oneof![Just((0u8, 0u8)), Just((8, 0)), Just((5, 1)), Just((12, 0)), Just((4, 0))],
+        1 => any::<(u8, u8)>(),
+    ];
+    let quote = prop_oneof![
+        4 => Just(255u8),
+        2 => Just(28u8),
+        1 => Just(37u8),
+        1 => Just(38u8),
+        2 => 29u8..80,
+        2 => 0u8..28,
+    ];
+    let oddity = prop_oneof![
+        24 => Just(IcmpOddity::None),
+        2 => any::<u8>().prop_map(IcmpOddity::ElsewhereThan),
+        1 => (1u8..=4).prop_map(IcmpOddity::QuoteOptions),
+        1 => prop_oneof![Just(0x2000u16), Just(0x0010), Just(0x3fff), any::<u16>()]
+            .prop_map(IcmpOddity::QuoteFrag),
+        1 => Just(IcmpOddity::QuoteIcmp),
+        1 => prop_oneof![Just(0x65u8), Just(0x44), Just(0x46), any::<u8>()]
+            .prop_map(IcmpOddity::QuoteVersionIhl),
+        1 => (1u16..).prop_map(IcmpOddity::BadQuotedIpChecksum),
+        1 => (1u16..).prop_map(IcmpOddity::BadQuotedL4Checksum),
+        1 => (1u16..).prop_map(IcmpOddity::BadIcmpChecksum),
+        1 => Just(IcmpOddity::QuoteUdpNoChecksum),
+    ];
+    (
+        any::<bool>(),
+        prop_oneof![4 => Just(0u8), 1 => 1u8..=8],
+        kind,
+        quote,
+        prop::bool::weighted(0.3),
+        oddity,
+    )
+        .prop_map(
+            |(backend_side, attempt, kind, quote, from_endpoint, oddity)| IcmpSpec {
+                backend_side,
+                attempt,
+                kind,
+                quote,
+                from_endpoint,
+                oddity,
+            },
+        )
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -353,6 +445,7 @@ pub(crate) fn step() -> impl Strategy<Value = Step> {
             6 => Just(Dir::Fwd),
             3 => prop_oneof![4 => Just(0u8), 1 => 1u8..=8].prop_map(Dir::Reply),
             1 => any::<(u8, u8)>().prop_map(|(a, b)| Dir::Stray(a, b)),
+            2 => icmp_spec().prop_map(Dir::Icmp),
         ],
         tcp_flags(),
         prop_oneof![3 => Just(0u8), 1 => 1u8..40],

@@ -146,7 +146,8 @@ impl Model {
             return out.counted(XDP_PASS, reasons::PASS_ICMP_UNTRACKED);
         }
         if e.is_reply() {
-            self.trail.push("ICMP error from the backend's side translated");
+            self.trail
+                .push("ICMP error from the backend's side translated");
         } else {
             let own = self
                 .tables
@@ -157,7 +158,8 @@ impl Model {
                     .push("ICMP error: forward entry without its own live reply entry");
                 return out.counted(XDP_PASS, reasons::PASS_ICMP_UNTRACKED);
             }
-            self.trail.push("ICMP error from the client's side translated");
+            self.trail
+                .push("ICMP error from the client's side translated");
         }
         let translated = translate(frame, ip.tot_len, proto, e.to);
         self.send(
