@@ -17,24 +17,31 @@ pub fn packet(
     pkt: &Packet,
     origin: Origin,
 ) -> Result<Verdict, ()> {
-    let proto = pkt.l4.proto;
-    send(ctx, e, (proto, pkt.ip.tot_len), origin, |ctx, e| {
-        nat::rewrite_l3_l4(ctx, e, proto)
-    })
+    send(ctx, e, (pkt.l4.proto, pkt.ip.tot_len), origin, true)
 }
 
-/// Sends a packet of flow direction `e` (whose IP protocol and total
-/// length are `proto` and `tot_len`) to the entry's next hop, once
-/// `rewrite` has translated its IP and transport headers: the packet path
-/// itself, and an ICMP error about the flow (see `icmp`), whose rewrite
-/// differs.
+/// Sends a packet about flow direction `e` that is already translated (an
+/// ICMP error, see `icmp`) to the entry's next hop, as `packet` does: the
+/// hop is looked up for the flow's protocol `proto` and the packet's total
+/// length `tot_len`.
 #[inline(always)]
-pub fn send(
+pub fn translated(
+    ctx: &XdpContext,
+    e: &mut ConnEntry,
+    (proto, tot_len): (u8, u16),
+) -> Result<Verdict, ()> {
+    send(ctx, e, (proto, tot_len), Origin::Tracked, false)
+}
+
+/// `packet`, and with `rewrite` false `translated`: a constant at each call,
+/// so neither pays for the other's branch.
+#[inline(always)]
+fn send(
     ctx: &XdpContext,
     e: &mut ConnEntry,
     (proto, tot_len): (u8, u16),
     origin: Origin,
-    rewrite: impl Fn(&XdpContext, &ConnEntry) -> Result<(), ()>,
+    rewrite: bool,
 ) -> Result<Verdict, ()> {
     let fib_gen = match FIB_GEN.get(0) {
         Some(g) => *g,
@@ -53,13 +60,17 @@ pub fn send(
                 // Hand the translated packet to the stack, which resolves the
                 // neighbour; later packets of the flow then take the fast path.
                 // It is still this flow's traffic (often its SYN): count it.
-                rewrite(ctx, e)?;
+                if rewrite {
+                    nat::rewrite_l3_l4(ctx, e, proto)?;
+                }
                 count_traffic(ctx, e, origin);
                 return Ok(Reason::PassFibFailed.into());
             }
         }
     }
-    rewrite(ctx, e)?;
+    if rewrite {
+        nat::rewrite_l3_l4(ctx, e, proto)?;
+    }
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
     count_traffic(ctx, e, origin);
     // SAFETY: `ctx.ctx` is the xdp_md the kernel passed in, valid for the

@@ -42,7 +42,7 @@ use aya_ebpf::programs::XdpContext;
 use router_common::{ConnEntry, ConnKey, PROTO_TCP, PROTO_UDP, csum, reasons::Reason};
 
 use crate::{
-    conn::{self, Lookup, Origin, Table},
+    conn::{self, Lookup, Table},
     forward,
     parse::{IP_LEN, IP_OFF, L4_OFF, ptr_at},
     verdict::Verdict,
@@ -64,8 +64,11 @@ const QUOTE_MIN: usize = 8;
 const TCP_CSUM_QUOTED: usize = 18;
 
 /// The verdict for an ICMP packet to one of our addresses (outer IPv4
-/// header checked, without options, not a fragment).
-#[inline(always)]
+/// header checked, without options, not a fragment). A BPF function of its
+/// own, called only for ICMP: inlined, it made the packet path's function
+/// too large for LLVM to inline into the entry point, which put a call on
+/// every TCP and UDP packet.
+#[inline(never)]
 pub fn error(ctx: &XdpContext) -> Result<Verdict, ()> {
     let outer: *const [u8; IP_LEN] = ptr_at(ctx, IP_OFF)?;
     // SAFETY: `ptr_at` checked the header lies within the packet; a byte
@@ -128,7 +131,7 @@ pub fn error(ctx: &XdpContext) -> Result<Verdict, ()> {
     rewrite(ctx, e, proto, tcp_csum_quoted)?;
     // The flow's own protocol for the next hop, so the error takes the
     // route the flow's packets take, and the hop it caches is theirs.
-    forward::send(ctx, e, (proto, tot_len), Origin::Tracked, |_, _| Ok(()))
+    forward::translated(ctx, e, (proto, tot_len))
 }
 
 /// Whether forward entry `fwd` (live, at `key` in `table`) still holds its

@@ -1,12 +1,13 @@
 //! End to end with real TCP: a client namespace, an LB namespace running the
 //! real `router daemon`, and three backend namespaces running real HTTP
 //! servers. Connections to the VIP split in the weight ratio; a weight change
-//! moves new connections while long-lived streams stay on their backend.
+//! moves new connections while long-lived streams stay on their backend. An
+//! ICMP error a backend's kernel sends about a flow reaches its client.
 
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -325,4 +326,70 @@ fn an_unprepared_host_forwards_every_connection_and_gets_its_settings_back() {
         ["forwarding", "accept_local", "rp_filter"].map(|k| lb_setting(&topo, k)),
         ["0", "0", "1"]
     );
+}
+
+/// A UDP service whose backends listen on nothing: each backend's kernel
+/// answers a datagram with "port unreachable", addressed to the SNAT
+/// address and quoting what the LB sent it. The datapath translates it
+/// back (the quote becomes the client's own datagram to the VIP), so the
+/// client's connected socket fails at once with ECONNREFUSED, as it would
+/// talking to the backend directly. Untranslated, the error would end at
+/// the LB's stack and the client would wait for its timeout.
+#[test]
+fn a_backends_port_unreachable_reaches_the_udp_client() {
+    let topo = Topology::one_arm(2).expect("topology");
+    let dir = ScratchDir::new("e2e-icmp").unwrap();
+    let socket = dir.0.join("router.sock");
+    let config = dir.0.join("router.toml");
+    let vip = "198.18.100.1:5353";
+    let closed: Vec<(String, String, u32)> = (0..2)
+        .map(|i| {
+            (
+                format!("b{i}"),
+                format!("{}:5353", netns::backend_addr(i)),
+                100,
+            )
+        })
+        .collect();
+    let toml = one_arm_config(&socket, topo.lb_if(), vip, netns::LB_ADDR, &closed)
+        .replace("protocol = \"tcp\"", "protocol = \"udp\"");
+    assert!(toml.contains("protocol = \"udp\""), "{toml}");
+    std::fs::write(&config, toml).unwrap();
+    let daemon = start_daemon(topo.lb_ns(), &config, &socket).expect("daemon");
+
+    let vip: SocketAddr = vip.parse().unwrap();
+    let outcomes: Vec<std::io::Result<usize>> = netns::in_netns(topo.client_ns(), || {
+        // Several clients, so that both backends (and, for the first
+        // datagram to each, an unresolved neighbour) are met; no more
+        // than a backend's kernel sends in a burst to one address (6)
+        // before its ICMP rate limit holds errors back.
+        (0..4)
+            .map(|i| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.connect(vip).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.send(format!("query {i}").as_bytes()).unwrap();
+                s.recv(&mut [0u8; 64])
+            })
+            .collect()
+    })
+    .unwrap();
+    for (i, o) in outcomes.iter().enumerate() {
+        let kind = o.as_ref().map_err(std::io::Error::kind);
+        assert_eq!(
+            kind.err(),
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "client {i}: {o:?}"
+        );
+    }
+    let st = status(&socket).unwrap();
+    let reasons: BTreeMap<_, _> = st.datapath.reasons.iter().cloned().collect();
+    assert_eq!(reasons["pass_icmp_untracked"], 0, "{reasons:?}");
+    let svc = &st.datapath.services[0];
+    assert_eq!(svc.counters.new_conns, 4, "{svc:?}");
+    assert_eq!(
+        svc.counters.reply_packets, 4,
+        "one translated error per datagram: {svc:?}"
+    );
+    assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
 }
