@@ -64,11 +64,10 @@ const QUOTE_MIN: usize = 8;
 const TCP_CSUM_QUOTED: usize = 18;
 
 /// The verdict for an ICMP packet to one of our addresses (outer IPv4
-/// header checked, without options, not a fragment). A BPF function of its
-/// own, called only for ICMP: inlined, it made the packet path's function
-/// too large for LLVM to inline into the entry point, which put a call on
-/// every TCP and UDP packet.
-#[inline(never)]
+/// header checked, without options, not a fragment). Inlined: as a BPF
+/// function of its own its stack would add to the packet path's, past the
+/// verifier's 512 bytes.
+#[inline(always)]
 pub fn error(ctx: &XdpContext) -> Result<Verdict, ()> {
     let outer: *const [u8; IP_LEN] = ptr_at(ctx, IP_OFF)?;
     // SAFETY: `ptr_at` checked the header lies within the packet; a byte

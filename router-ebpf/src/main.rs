@@ -43,7 +43,10 @@ use crate::{
     verdict::Verdict,
 };
 
+// Inlined into the entry point the macro wraps it in, as `try_router` is
+// into it: no packet pays for a BPF call.
 #[xdp]
+#[inline(always)]
 pub fn router(ctx: XdpContext) -> u32 {
     match try_router(&ctx) {
         // Every verdict is counted here, and only here.
@@ -58,6 +61,7 @@ pub fn router(ctx: XdpContext) -> u32 {
 
 /// Classify the packet, find its flow's state, act on the state. A live
 /// entry carries the packet; anything else is a new flow or not ours.
+#[inline(always)]
 fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
     let pkt = match classify::packet(ctx) {
         Ok(pkt) => pkt,
