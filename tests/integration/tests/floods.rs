@@ -37,11 +37,13 @@ const PACE_PPS: u32 = 8_000;
 
 /// Every counter a bad packet could move. Legitimate traffic moves none of
 /// them in this test, so each class's deltas must be exact.
-const BAD_REASONS: [&str; 10] = [
+const BAD_REASONS: [&str; 12] = [
     "drop_malformed",
     "pass_fragment",
     "pass_ip_options",
     "pass_unknown_proto",
+    "pass_icmp_other",
+    "pass_icmp_untracked",
     "lru_miss",
     "drop_no_backend",
     "drop_conn_table_full",
@@ -214,7 +216,7 @@ fn classes(lb: [u8; 6], client: [u8; 6]) -> Vec<Class> {
                 p.build()
             },
         ),
-        class(15, "ICMP echo to the VIP", "pass_unknown_proto", &|c, i| {
+        class(15, "ICMP echo to the VIP", "pass_icmp_other", &|c, i| {
             let mut p = tcp(c, i, 0);
             p.proto = 1;
             p.payload = vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0];
@@ -229,6 +231,18 @@ fn classes(lb: [u8; 6], client: [u8; 6]) -> Vec<Class> {
                 p.proto = 253;
                 p.payload = vec![0; 8];
                 p.build()
+            },
+        ),
+        class(
+            19,
+            "port unreachable about no flow, to the VIP",
+            "pass_icmp_untracked",
+            &|c, i| {
+                // As if the LB had sent this reply to the spoofed source.
+                let about = Packet::udp(VIP_ADDR, spoofed(c, i), b"reply");
+                Packet::icmp_error(*spoofed(c, i).ip(), &about, (3, 3), [0; 4], 548)
+                    .with_macs(lb, client)
+                    .build()
             },
         ),
     ];
