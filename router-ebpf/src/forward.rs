@@ -17,38 +17,12 @@ pub fn packet(
     pkt: &Packet,
     origin: Origin,
 ) -> Result<Verdict, ()> {
-    send(ctx, e, (pkt.l4.proto, pkt.ip.tot_len), origin, true)
-}
-
-/// Sends a packet about flow direction `e` that is already translated (an
-/// ICMP error, see `icmp`) to the entry's next hop, as `packet` does: the
-/// hop is looked up for the flow's protocol `proto` and the packet's total
-/// length `tot_len`.
-#[inline(always)]
-pub fn translated(
-    ctx: &XdpContext,
-    e: &mut ConnEntry,
-    (proto, tot_len): (u8, u16),
-) -> Result<Verdict, ()> {
-    send(ctx, e, (proto, tot_len), Origin::Tracked, false)
-}
-
-/// `packet`, and with `rewrite` false `translated`: a constant at each call,
-/// so neither pays for the other's branch.
-#[inline(always)]
-fn send(
-    ctx: &XdpContext,
-    e: &mut ConnEntry,
-    (proto, tot_len): (u8, u16),
-    origin: Origin,
-    rewrite: bool,
-) -> Result<Verdict, ()> {
     let fib_gen = match FIB_GEN.get(0) {
         Some(g) => *g,
         None => 0,
     };
     if fib_gen == 0 || e.fib_gen != fib_gen {
-        match fib::lookup(ctx, e, proto, tot_len) {
+        match fib::lookup(ctx, e, pkt.l4.proto, pkt.ip.tot_len) {
             Some(hop) => {
                 // Concurrent writers on other CPUs store the same values.
                 e.dmac = hop.dmac;
@@ -60,21 +34,57 @@ fn send(
                 // Hand the translated packet to the stack, which resolves the
                 // neighbour; later packets of the flow then take the fast path.
                 // It is still this flow's traffic (often its SYN): count it.
-                if rewrite {
-                    nat::rewrite_l3_l4(ctx, e, proto)?;
-                }
+                nat::rewrite_l3_l4(ctx, e, pkt.l4.proto)?;
                 count_traffic(ctx, e, origin);
                 return Ok(Reason::PassFibFailed.into());
             }
         }
     }
-    if rewrite {
-        nat::rewrite_l3_l4(ctx, e, proto)?;
-    }
+    nat::rewrite_l3_l4(ctx, e, pkt.l4.proto)?;
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
     count_traffic(ctx, e, origin);
     // SAFETY: `ctx.ctx` is the xdp_md the kernel passed in, valid for the
     // whole run; the verifier checks this read of one of its fields.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    if e.ifindex == ingress {
+        return Ok(Reason::Tx.into());
+    }
+    Ok(Verdict::redirect(e.ifindex))
+}
+
+/// Sends a packet about flow direction `e` that is already translated (an
+/// ICMP error, see `icmp`) to the entry's next hop, as `packet` does, the
+/// hop looked up for the flow's protocol `proto` and the packet's total
+/// length `tot_len`. Apart from `packet`, not sharing its body: passing
+/// the two values into a shared body kept them live across the helper
+/// calls and cost the packet path a few spilled registers.
+#[inline(always)]
+pub fn translated(
+    ctx: &XdpContext,
+    e: &mut ConnEntry,
+    (proto, tot_len): (u8, u16),
+) -> Result<Verdict, ()> {
+    let fib_gen = match FIB_GEN.get(0) {
+        Some(g) => *g,
+        None => 0,
+    };
+    if fib_gen == 0 || e.fib_gen != fib_gen {
+        match fib::lookup(ctx, e, proto, tot_len) {
+            Some(hop) => {
+                e.dmac = hop.dmac;
+                e.smac = hop.smac;
+                e.ifindex = hop.ifindex;
+                e.fib_gen = fib_gen;
+            }
+            None => {
+                count_traffic(ctx, e, Origin::Tracked);
+                return Ok(Reason::PassFibFailed.into());
+            }
+        }
+    }
+    nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
+    count_traffic(ctx, e, Origin::Tracked);
+    // SAFETY: as in `packet`.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     if e.ifindex == ingress {
         return Ok(Reason::Tx.into());
