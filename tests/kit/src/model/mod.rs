@@ -9,7 +9,8 @@
 //! Maglev slot of a flow (`flow_hash` into the live table, which the model
 //! is given), both connection tables and their rules (`tables`), SNAT
 //! allocation, the NAT rewrite with checksums computed from scratch
-//! (`nat`), next hops, latency flags, and the counters. And placement
+//! (`nat`), ICMP errors about flows translated from their quote (`icmp`),
+//! next hops, latency flags, and the counters. And placement
 //! (`load`): each backend's in-flight count (`BACKEND_LOAD`, opened and
 //! closed) with the `CONN_COUNTED` bit that says which flows it holds, the
 //! ends that uncount a flow, and the two ways a least-loaded service picks
