@@ -5,7 +5,7 @@
 use crate::{
     flags::{
         CONN_AWAIT_ANY, CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_CLOSING,
-        CONN_COUNTED, CONN_REPLY,
+        CONN_COUNTED, CONN_HEARD, CONN_REPLY,
     },
     latency::LATENCY_BUCKETS,
     limits::MAX_SNAT_ADDRS,
@@ -126,10 +126,18 @@ pub struct ConnEntry {
     pub new_dst_addr: u32,
     pub new_src_port: u16,
     pub new_dst_port: u16,
-    /// One's-complement delta for the IPv4 header checksum (addresses only).
-    pub l3_csum_delta: u32,
-    /// One's-complement delta for the TCP/UDP checksum (pseudo-header + ports).
-    pub l4_csum_delta: u32,
+    /// One's-complement delta for the IPv4 header checksum (addresses
+    /// only), folded to 16 bits.
+    pub l3_csum_delta: u16,
+    /// One's-complement delta for the TCP/UDP checksum (pseudo-header +
+    /// ports), folded to 16 bits.
+    pub l4_csum_delta: u16,
+    /// TCP: the sequence number just past this direction's furthest
+    /// segment seen (its sender's `snd_nxt`, as far as the LB can tell),
+    /// host order; valid while `CONN_HEARD` is set. What a RST or FIN must
+    /// be near to end the flow, and what a client's ACK must acknowledge to
+    /// confirm it (see `tcp_seq`). 0 for UDP.
+    pub seq_next: u32,
     /// Cached next hop, valid while `fib_gen` equals the live `FIB_GEN`.
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
@@ -186,6 +194,13 @@ impl ConnEntry {
     #[inline(always)]
     pub fn awaits_request(&self) -> bool {
         self.flags & CONN_AWAIT_REQUEST != 0
+    }
+
+    /// This direction's sender has been heard from; for TCP, `seq_next`
+    /// is valid.
+    #[inline(always)]
+    pub fn is_heard(&self) -> bool {
+        self.flags & CONN_HEARD != 0
     }
 
     /// A reply entry waiting for the backend's first payload.
@@ -247,6 +262,8 @@ const _: () = {
     assert!(core::mem::size_of::<BackendLoad>() == 16);
     assert!(core::mem::size_of::<ConnKey>() == 16);
     assert!(core::mem::size_of::<ConnEntry>() == 64);
+    assert!(core::mem::offset_of!(ConnEntry, seq_next) == 16);
+    assert!(core::mem::offset_of!(ConnEntry, flags) == 48);
     assert!(core::mem::size_of::<TrafficCounters>() == 32);
     assert!(core::mem::size_of::<LatencyHistogram>() == 8 * (LATENCY_BUCKETS + 1));
 };

@@ -4,7 +4,15 @@
 use aya_ebpf::programs::XdpContext;
 use router_common::{ConnEntry, reasons::Reason};
 
-use crate::{classify::Packet, conn::Origin, fib, maps::FIB_GEN, nat, stats, verdict::Verdict};
+use crate::{
+    classify::Packet,
+    conn::Origin,
+    fib,
+    maps::FIB_GEN,
+    nat::{self, Hop},
+    stats,
+    verdict::Verdict,
+};
 
 /// Translates a packet per its connection entry `e` and sends it to the
 /// next hop. `e` points into a table (`Origin::Tracked`) or at the fresh
@@ -34,13 +42,13 @@ pub fn packet(
                 // Hand the translated packet to the stack, which resolves the
                 // neighbour; later packets of the flow then take the fast path.
                 // It is still this flow's traffic (often its SYN): count it.
-                nat::rewrite_l3_l4(ctx, e, pkt.l4.proto)?;
+                nat::rewrite_l3_l4(ctx, e, pkt.l4.proto, Hop::Stack)?;
                 count_traffic(ctx, e, origin);
                 return Ok(Reason::PassFibFailed.into());
             }
         }
     }
-    nat::rewrite_l3_l4(ctx, e, pkt.l4.proto)?;
+    nat::rewrite_l3_l4(ctx, e, pkt.l4.proto, Hop::Program)?;
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
     count_traffic(ctx, e, origin);
     // SAFETY: `ctx.ctx` is the xdp_md the kernel passed in, valid for the

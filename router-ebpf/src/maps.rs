@@ -113,3 +113,10 @@ pub static TCP_CLOSING_NS: Global<u64> = Global::new(10_000_000_000);
 pub static UDP_IDLE_NS: Global<u64> = Global::new(30_000_000_000);
 #[unsafe(no_mangle)]
 pub static DATAPATH_LOG: Global<u32> = Global::new(0);
+/// The host's ephemeral ports (`net.ipv4.ip_local_port_range`), host
+/// order: where its own connections from a SNAT address may sit (see
+/// `flow::client_port_usable`). The default, every port, is the safe one.
+#[unsafe(no_mangle)]
+pub static EPHEMERAL_PORT_MIN: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static EPHEMERAL_PORT_MAX: Global<u32> = Global::new(65535);

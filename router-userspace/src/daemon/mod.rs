@@ -37,9 +37,13 @@ use crate::{
     server::{bounded, control, metrics},
 };
 
+/// The datapath's load-time settings for `cfg` on this host. The host's
+/// ephemeral range is read here; unreadable, every port counts as one the
+/// host may use (the program then looks for a host socket each time).
 pub fn load_options(cfg: &Config) -> LoadOptions {
     let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     LoadOptions {
+        ephemeral_ports: facts::ephemeral_port_range().unwrap_or((0, u16::MAX)),
         table_size: cfg.daemon.table_size,
         conn_table_size: cfg.daemon.conn_table_size,
         tcp_idle_ns: ns(cfg.daemon.tcp_idle_timeout),

@@ -170,11 +170,28 @@ fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 3], DatapathEr
     ])
 }
 
-/// The loader with every load-time setting; `log` is `datapath_log` as the
-/// program's u32.
+/// Load-time settings in the program's own types (u32 where the options
+/// hold a bool or u16).
+struct Globals {
+    log: u32,
+    ephemeral_min: u32,
+    ephemeral_max: u32,
+}
+
+impl Globals {
+    fn of(opts: &LoadOptions) -> Self {
+        Self {
+            log: u32::from(opts.datapath_log),
+            ephemeral_min: u32::from(opts.ephemeral_ports.0),
+            ephemeral_max: u32::from(opts.ephemeral_ports.1),
+        }
+    }
+}
+
+/// The loader with every load-time setting.
 fn loader<'a>(
     opts: &'a LoadOptions,
-    log: &'a u32,
+    globals: &'a Globals,
     sized: &[(&'static str, u32)],
 ) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
@@ -183,7 +200,9 @@ fn loader<'a>(
         .override_global("TCP_IDLE_NS", &opts.tcp_idle_ns, true)
         .override_global("TCP_CLOSING_NS", &opts.tcp_closing_ns, true)
         .override_global("UDP_IDLE_NS", &opts.udp_idle_ns, true)
-        .override_global("DATAPATH_LOG", log, true);
+        .override_global("DATAPATH_LOG", &globals.log, true)
+        .override_global("EPHEMERAL_PORT_MIN", &globals.ephemeral_min, true)
+        .override_global("EPHEMERAL_PORT_MAX", &globals.ephemeral_max, true);
     for (name, size) in sized {
         loader.map_max_entries(name, *size);
     }
@@ -195,8 +214,8 @@ impl Datapath {
     /// goes away with the returned value.
     pub fn load(opts: LoadOptions) -> Result<Self, DatapathError> {
         let sized = sized_maps(&opts)?;
-        let log = u32::from(opts.datapath_log);
-        let ebpf = loader(&opts, &log, &sized).load(ROUTER_OBJ)?;
+        let globals = Globals::of(&opts);
+        let ebpf = loader(&opts, &globals, &sized).load(ROUTER_OBJ)?;
         Self::finish_load(ebpf, opts, None)
     }
 
@@ -212,8 +231,8 @@ impl Datapath {
         let layouts = pinning::pinned_layouts(ROUTER_OBJ, &sized)?;
         dir.create()?;
         let adopted = pinning::check_pinned(dir, &layouts)?;
-        let log = u32::from(opts.datapath_log);
-        let mut loader = loader(&opts, &log, &sized);
+        let globals = Globals::of(&opts);
+        let mut loader = loader(&opts, &globals, &sized);
         for l in &layouts {
             loader.map_pin_path(&l.name, dir.map(&l.name));
         }

@@ -351,6 +351,9 @@ impl World {
             tcp_closing_ns: CLOSING_S * 1_000_000_000,
             udp_idle_ns: UDP_IDLE_S * 1_000_000_000,
             datapath_log: false,
+            // The harness opens no sockets: the client's port is always
+            // free of the host's, as the model has it.
+            ephemeral_ports: (0, u16::MAX),
         })
         .expect("load the router program");
         dp.apply(&specs(0)).expect("apply services");
