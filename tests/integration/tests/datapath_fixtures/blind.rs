@@ -34,13 +34,13 @@ impl Flow {
         }
     }
 
-    fn from_client(&self, flags: u8, seq: u32, ack: u32) -> Packet {
+    fn client_sends(&self, flags: u8, seq: u32, ack: u32) -> Packet {
         Packet::tcp(self.client, self.vip, flags)
             .with_seq(seq, ack)
             .with_macs(LB_MAC, CLIENT_MAC)
     }
 
-    fn from_backend(&self, flags: u8, seq: u32, ack: u32) -> Packet {
+    fn backend_sends(&self, flags: u8, seq: u32, ack: u32) -> Packet {
         Packet::tcp(self.backend, self.snat, flags)
             .with_seq(seq, ack)
             .with_macs(LB_MAC, backend_mac(0))
@@ -80,9 +80,9 @@ fn conn_flags(f: &mut Fixture, src: std::net::SocketAddrV4, dst: std::net::Socke
 /// SYN, SYN-ACK, ACK with the ISNs above: a confirmed flow.
 fn handshake(f: &mut Fixture, flow: &Flow) {
     let steps = [
-        flow.from_client(TCP_SYN, CLIENT_ISN, 0),
-        flow.from_backend(TCP_SYN | TCP_ACK, BACKEND_ISN, CLIENT_ISN + 1),
-        flow.from_client(TCP_ACK, CLIENT_ISN + 1, BACKEND_ISN + 1),
+        flow.client_sends(TCP_SYN, CLIENT_ISN, 0),
+        flow.backend_sends(TCP_SYN | TCP_ACK, BACKEND_ISN, CLIENT_ISN + 1),
+        flow.client_sends(TCP_ACK, CLIENT_ISN + 1, BACKEND_ISN + 1),
     ];
     for p in steps {
         assert_eq!(f.run(&p.build()).0, XDP_TX);
@@ -96,11 +96,11 @@ fn a_forged_rst_or_fin_out_of_window_changes_nothing_and_the_real_one_ends_the_f
     let flow = Flow::new(42_000);
     handshake(&mut f, &flow);
     let request = flow
-        .from_client(TCP_ACK | TCP_PSH, CLIENT_ISN + 1, BACKEND_ISN + 1)
+        .client_sends(TCP_ACK | TCP_PSH, CLIENT_ISN + 1, BACKEND_ISN + 1)
         .with_payload(&[b'p'; 100]);
     assert_eq!(f.run(&request.build()).0, XDP_TX);
     let response = flow
-        .from_backend(TCP_ACK | TCP_PSH, BACKEND_ISN + 1, CLIENT_ISN + 101)
+        .backend_sends(TCP_ACK | TCP_PSH, BACKEND_ISN + 1, CLIENT_ISN + 101)
         .with_payload(&[b't'; 50]);
     assert_eq!(f.run(&response.build()).0, XDP_TX);
 
@@ -109,12 +109,12 @@ fn a_forged_rst_or_fin_out_of_window_changes_nothing_and_the_real_one_ends_the_f
     let forged = [
         (
             "a RST as from the client",
-            flow.from_client(TCP_RST, CLIENT_ISN + 101 + FAR, 0),
+            flow.client_sends(TCP_RST, CLIENT_ISN + 101 + FAR, 0),
             true,
         ),
         (
             "a FIN as from the client",
-            flow.from_client(
+            flow.client_sends(
                 TCP_FIN | TCP_ACK,
                 (CLIENT_ISN + 101).wrapping_sub(FAR),
                 BACKEND_ISN + 51,
@@ -123,7 +123,7 @@ fn a_forged_rst_or_fin_out_of_window_changes_nothing_and_the_real_one_ends_the_f
         ),
         (
             "a RST as from the backend, to the SNAT address",
-            flow.from_backend(TCP_RST | TCP_ACK, BACKEND_ISN + 51 + FAR, CLIENT_ISN + 101),
+            flow.backend_sends(TCP_RST | TCP_ACK, BACKEND_ISN + 51 + FAR, CLIENT_ISN + 101),
             false,
         ),
     ];
@@ -155,7 +155,7 @@ fn a_forged_rst_or_fin_out_of_window_changes_nothing_and_the_real_one_ends_the_f
 
     // The stream goes on both ways.
     let more = flow
-        .from_backend(TCP_ACK | TCP_PSH, BACKEND_ISN + 51, CLIENT_ISN + 101)
+        .backend_sends(TCP_ACK | TCP_PSH, BACKEND_ISN + 51, CLIENT_ISN + 101)
         .with_payload(&[b't'; 50]);
     f.case(Case {
         name: "the backend's next segment still reaches the client",
@@ -166,7 +166,7 @@ fn a_forged_rst_or_fin_out_of_window_changes_nothing_and_the_real_one_ends_the_f
     });
 
     // The client's own RST carries its next sequence number.
-    let rst = flow.from_client(TCP_RST, CLIENT_ISN + 101, 0);
+    let rst = flow.client_sends(TCP_RST, CLIENT_ISN + 101, 0);
     f.case(Case {
         name: "the client's real RST",
         input: rst.build(),
@@ -186,11 +186,11 @@ fn a_forged_rst_or_fin_out_of_window_changes_nothing_and_the_real_one_ends_the_f
 fn blind_acks_confirm_no_half_open_flow_and_the_real_one_does() {
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
     let flow = Flow::new(42_100);
-    let syn = flow.from_client(TCP_SYN, CLIENT_ISN, 0);
+    let syn = flow.client_sends(TCP_SYN, CLIENT_ISN, 0);
     assert_eq!(f.run(&syn.build()).0, XDP_TX);
     // Before the backend answers, even the ACK that will be right later
     // proves nothing: there is nothing to acknowledge yet.
-    let early = flow.from_client(TCP_ACK, CLIENT_ISN + 1, BACKEND_ISN + 1);
+    let early = flow.client_sends(TCP_ACK, CLIENT_ISN + 1, BACKEND_ISN + 1);
     f.case(Case {
         name: "an ACK before the SYN-ACK",
         input: early.build(),
@@ -198,7 +198,7 @@ fn blind_acks_confirm_no_half_open_flow_and_the_real_one_does() {
         output: flow.to_backend(&early),
         reasons: &[reasons::TX, reasons::UNCONFIRMED],
     });
-    let syn_ack = flow.from_backend(TCP_SYN | TCP_ACK, BACKEND_ISN, CLIENT_ISN + 1);
+    let syn_ack = flow.backend_sends(TCP_SYN | TCP_ACK, BACKEND_ISN, CLIENT_ISN + 1);
     assert_eq!(f.run(&syn_ack.build()).0, XDP_TX);
 
     // A blind attacker's guesses: spread over the sequence space, and one
@@ -209,7 +209,7 @@ fn blind_acks_confirm_no_half_open_flow_and_the_real_one_does() {
         .collect();
     guesses.push(BACKEND_ISN + 2);
     for ack in &guesses {
-        let p = flow.from_client(TCP_ACK, CLIENT_ISN + 1, *ack);
+        let p = flow.client_sends(TCP_ACK, CLIENT_ISN + 1, *ack);
         let before = f.reasons();
         assert_eq!(f.run(&p.build()).0, XDP_TX, "ack {ack:#x} is forwarded");
         let after = f.reasons();
@@ -220,7 +220,7 @@ fn blind_acks_confirm_no_half_open_flow_and_the_real_one_does() {
         );
     }
     assert_eq!(conns(&f), 0, "no blind ACK confirmed the flow");
-    let real = flow.from_client(TCP_ACK, CLIENT_ISN + 1, BACKEND_ISN + 1);
+    let real = flow.client_sends(TCP_ACK, CLIENT_ISN + 1, BACKEND_ISN + 1);
     f.case(Case {
         name: "the client's real ACK",
         input: real.build(),
@@ -236,7 +236,7 @@ fn a_packet_with_no_ttl_to_spare_is_not_forwarded() {
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
     let flow = Flow::new(42_200);
     for ttl in [0, 1] {
-        let syn = flow.from_client(TCP_SYN, CLIENT_ISN, 0).with_ttl(ttl);
+        let syn = flow.client_sends(TCP_SYN, CLIENT_ISN, 0).with_ttl(ttl);
         f.case(Case {
             name: "a SYN with TTL 0 or 1",
             input: syn.build(),
@@ -246,7 +246,7 @@ fn a_packet_with_no_ttl_to_spare_is_not_forwarded() {
         });
     }
     assert_eq!(f.in_flight("llama", "b0"), 0, "no flow was opened");
-    let syn = flow.from_client(TCP_SYN, CLIENT_ISN, 0).with_ttl(2);
+    let syn = flow.client_sends(TCP_SYN, CLIENT_ISN, 0).with_ttl(2);
     f.case(Case {
         name: "TTL 2: forwarded with 1",
         input: syn.build(),
@@ -255,7 +255,7 @@ fn a_packet_with_no_ttl_to_spare_is_not_forwarded() {
         reasons: &[reasons::TX],
     });
     let late = flow
-        .from_backend(TCP_SYN | TCP_ACK, BACKEND_ISN, CLIENT_ISN + 1)
+        .backend_sends(TCP_SYN | TCP_ACK, BACKEND_ISN, CLIENT_ISN + 1)
         .with_ttl(1);
     f.case(Case {
         name: "a tracked flow's packet with TTL 1",
