@@ -106,6 +106,21 @@ impl Bench {
         )
         .with_macs(LB_MAC, backend_mac)
         .build();
+        // The backend answers and the client acknowledges: the flow is
+        // confirmed, so the established and reply rows measure CONNS hits.
+        let syn_ack = Packet::tcp(
+            SocketAddrV4::new(backend, BACKEND_PORT),
+            SocketAddrV4::new(LB_ADDR, snat_port),
+            TCP_SYN | TCP_ACK,
+        )
+        .with_macs(LB_MAC, backend_mac)
+        .build();
+        let prog = dp.program_mut().context("router program")?;
+        single_calls(prog, &[syn_ack, est_ack.clone()], &ctx, XDP_TX, "handshake")?;
+        ensure!(
+            table_entries(&mut dp, "CONNS")? == 2,
+            "the established flow's handshake did not confirm it"
+        );
         let non_service = Packet::tcp(client, NON_SERVICE_DST, TCP_SYN)
             .with_macs(LB_MAC, CLIENT_MAC)
             .build();
