@@ -82,6 +82,12 @@ pub static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SNAT_AD
 #[map]
 pub static FIB_GEN: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Index 0: `LAYOUT_VERSION` of the daemon that created the maps. Never
+/// read here: it is pinned with the maps so a later daemon can tell
+/// whether it reads their entries the way they were written.
+#[map]
+pub static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
+
 #[map]
 pub static SERVICE_STATS: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(MAX_SERVICES, 0);

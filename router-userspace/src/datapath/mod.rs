@@ -95,6 +95,19 @@ pub enum DatapathError {
     )]
     PinnedMap { map: String, detail: String },
     #[error(
+        "the datapath pinned under {} was written by a router whose map layout is {}, this one's \
+         is {want}; it cannot read those entries: run `router daemon --cleanup` with the \
+         router that pinned it, or with this one (it detaches and resets every connection: \
+         not hitless)",
+        dir.display(),
+        have.map_or_else(|| "older than layout stamps".to_string(), |v| v.to_string())
+    )]
+    LayoutMismatch {
+        dir: PathBuf,
+        have: Option<u32>,
+        want: u32,
+    },
+    #[error(
         "pin_path {}: holds {} that this daemon does not pin ({}); nothing was removed: \
          check pin_path",
         path.display(),
@@ -231,6 +244,7 @@ impl Datapath {
         let layouts = pinning::pinned_layouts(ROUTER_OBJ, &sized)?;
         dir.create()?;
         let adopted = pinning::check_pinned(dir, &layouts)?;
+        pinning::check_layout_stamp(dir, &adopted)?;
         let globals = Globals::of(&opts);
         let mut loader = loader(&opts, &globals, &sized);
         for l in &layouts {
@@ -276,6 +290,17 @@ impl Datapath {
         // a generation it was not resolved under.
         dp.fib_gen = dp.fib_gen_map()?.get(&0, 0).map_err(map_err("FIB_GEN"))?;
         dp.bump_fib_generation()?;
+        // Stamped on every load: maps just created get it, adopted ones
+        // hold it already (`check_layout_stamp`).
+        let mut layout: Array<_, u32> = Array::try_from(
+            dp.ebpf
+                .map_mut("LAYOUT")
+                .ok_or(DatapathError::MissingMap("LAYOUT"))?,
+        )
+        .map_err(map_err("LAYOUT"))?;
+        layout
+            .set(0, router_common::LAYOUT_VERSION, 0)
+            .map_err(map_err("LAYOUT"))?;
         Ok(dp)
     }
 

@@ -366,6 +366,47 @@ pub(super) fn check_pinned(
     Ok(adopted)
 }
 
+/// Refuses a pinned datapath whose maps were written in another layout
+/// (see `router_common::LAYOUT_VERSION`): its entries would be misread,
+/// and a `ConnEntry` misread rewrites live connections' packets wrongly.
+/// `adopted` are the pinned maps that fit by size; none means nothing is
+/// pinned yet. A datapath pinned before the stamp existed has no `LAYOUT`.
+pub(super) fn check_layout_stamp(
+    dir: &PinDir,
+    adopted: &BTreeSet<String>,
+) -> Result<(), DatapathError> {
+    let want = router_common::LAYOUT_VERSION;
+    if adopted.iter().all(|m| m == "LAYOUT") {
+        return Ok(());
+    }
+    let have = if adopted.contains("LAYOUT") {
+        let path = dir.map("LAYOUT");
+        let data = aya::maps::MapData::from_pin(&path).map_err(|e| DatapathError::PinnedMap {
+            map: "LAYOUT".into(),
+            detail: format!("cannot open {}: {e}", path.display()),
+        })?;
+        let map: aya::maps::Array<_, u32> = aya::maps::Array::try_from(aya::maps::Map::Array(data))
+            .map_err(|e| DatapathError::PinnedMap {
+                map: "LAYOUT".into(),
+                detail: e.to_string(),
+            })?;
+        Some(map.get(&0, 0).map_err(|e| DatapathError::PinnedMap {
+            map: "LAYOUT".into(),
+            detail: e.to_string(),
+        })?)
+    } else {
+        None
+    };
+    if have == Some(want) {
+        return Ok(());
+    }
+    Err(DatapathError::LayoutMismatch {
+        dir: dir.root().to_path_buf(),
+        have,
+        want,
+    })
+}
+
 /// `bpf(2)` on a raw attribute struct; aya 0.14 does not expose
 /// BPF_OBJ_GET for links as an fd, nor BPF_LINK_DETACH.
 fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
