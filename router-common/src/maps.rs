@@ -264,6 +264,21 @@ mod pod {
     unsafe impl aya::Pod for BackendLoad {}
 }
 
+// Layout is part of the kernel ABI between the two halves: pin it.
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 8);
+    assert!(core::mem::size_of::<Service>() == 40);
+    assert!(core::mem::size_of::<Backend>() == 24);
+    assert!(core::mem::size_of::<Member>() == 16);
+    assert!(core::mem::size_of::<BackendLoad>() == 16);
+    assert!(core::mem::size_of::<ConnKey>() == 16);
+    assert!(core::mem::size_of::<ConnEntry>() == 64);
+    assert!(core::mem::offset_of!(ConnEntry, seq_next) == 16);
+    assert!(core::mem::offset_of!(ConnEntry, flags) == 48);
+    assert!(core::mem::size_of::<TrafficCounters>() == 32);
+    assert!(core::mem::size_of::<LatencyHistogram>() == 8 * (LATENCY_BUCKETS + 1));
+};
+
 /// What `LAYOUT_VERSION` stands for: each map value's and key's size and
 /// field offsets, and the flag bits. The test below keeps the two in step.
 #[cfg(test)]
@@ -323,18 +338,3 @@ mod layout_fingerprint {
         );
     }
 }
-
-// Layout is part of the kernel ABI between the two halves: pin it.
-const _: () = {
-    assert!(core::mem::size_of::<ServiceKey>() == 8);
-    assert!(core::mem::size_of::<Service>() == 40);
-    assert!(core::mem::size_of::<Backend>() == 24);
-    assert!(core::mem::size_of::<Member>() == 16);
-    assert!(core::mem::size_of::<BackendLoad>() == 16);
-    assert!(core::mem::size_of::<ConnKey>() == 16);
-    assert!(core::mem::size_of::<ConnEntry>() == 64);
-    assert!(core::mem::offset_of!(ConnEntry, seq_next) == 16);
-    assert!(core::mem::offset_of!(ConnEntry, flags) == 48);
-    assert!(core::mem::size_of::<TrafficCounters>() == 32);
-    assert!(core::mem::size_of::<LatencyHistogram>() == 8 * (LATENCY_BUCKETS + 1));
-};

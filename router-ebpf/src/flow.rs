@@ -23,7 +23,10 @@ use crate::{
     conn::{Stale, Table, expired, key, owned_by, reply_key},
     host_socket, inflight,
     latency::now_us,
-    maps::{BACKENDS, CONNS, EPHEMERAL_PORT_MAX, EPHEMERAL_PORT_MIN, HALF_OPEN},
+    maps::{
+        BACKENDS, CONNS, EPHEMERAL_PORT_MAX, EPHEMERAL_PORT_MIN, FLOW_HASH_KEY0, FLOW_HASH_KEY1,
+        HALF_OPEN,
+    },
     mem::zeroed64,
     nat::deltas,
     select, seq,
@@ -219,6 +222,7 @@ pub fn create(
 ) -> NewFlow {
     let (key, control, l4) = (&pkt.key, pkt.control, &pkt.l4);
     let hash = flow_hash(
+        [FLOW_HASH_KEY0.load(), FLOW_HASH_KEY1.load()],
         key.src_addr,
         key.dst_addr,
         key.src_port,

@@ -94,6 +94,8 @@ pub enum DatapathError {
          every connection: not hitless)"
     )]
     PinnedMap { map: String, detail: String },
+    #[error("drawing the flow hash's secret (getrandom): {0}")]
+    Random(#[source] std::io::Error),
     #[error(
         "the datapath pinned under {} was written by a router whose map layout is {}, this one's \
          is {want}; it cannot read those entries: run `router daemon --cleanup` with the \
@@ -155,6 +157,8 @@ pub struct Datapath {
     load: std::sync::Arc<LoadCounters>,
     /// Least-loaded services with more backends than this draw two choices.
     scan_limit: usize,
+    /// The flow hash's secret (see `router_common::flow_hash`).
+    flow_hash_key: [u32; 2],
 }
 
 enum Attachment {
@@ -189,16 +193,32 @@ struct Globals {
     log: u32,
     ephemeral_min: u32,
     ephemeral_max: u32,
+    flow_hash_key: [u32; 2],
 }
 
 impl Globals {
-    fn of(opts: &LoadOptions) -> Self {
+    fn of(opts: &LoadOptions, flow_hash_key: [u32; 2]) -> Self {
         Self {
             log: u32::from(opts.datapath_log),
             ephemeral_min: u32::from(opts.ephemeral_ports.0),
             ephemeral_max: u32::from(opts.ephemeral_ports.1),
+            flow_hash_key,
         }
     }
+}
+
+/// A fresh flow-hash secret from the kernel's random pool.
+fn new_flow_hash_key() -> Result<[u32; 2], DatapathError> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`,
+    // which lives for the call.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(DatapathError::Random(std::io::Error::last_os_error()));
+    }
+    let (a, b) = bytes.split_at(4);
+    let word = |w: &[u8]| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]);
+    Ok([word(a), word(b)])
 }
 
 /// The loader with every load-time setting.
@@ -215,7 +235,9 @@ fn loader<'a>(
         .override_global("UDP_IDLE_NS", &opts.udp_idle_ns, true)
         .override_global("DATAPATH_LOG", &globals.log, true)
         .override_global("EPHEMERAL_PORT_MIN", &globals.ephemeral_min, true)
-        .override_global("EPHEMERAL_PORT_MAX", &globals.ephemeral_max, true);
+        .override_global("EPHEMERAL_PORT_MAX", &globals.ephemeral_max, true)
+        .override_global("FLOW_HASH_KEY0", &globals.flow_hash_key[0], true)
+        .override_global("FLOW_HASH_KEY1", &globals.flow_hash_key[1], true);
     for (name, size) in sized {
         loader.map_max_entries(name, *size);
     }
@@ -227,9 +249,13 @@ impl Datapath {
     /// goes away with the returned value.
     pub fn load(opts: LoadOptions) -> Result<Self, DatapathError> {
         let sized = sized_maps(&opts)?;
-        let globals = Globals::of(&opts);
+        let key = match opts.flow_hash_key {
+            Some(k) => k,
+            None => new_flow_hash_key()?,
+        };
+        let globals = Globals::of(&opts, key);
         let ebpf = loader(&opts, &globals, &sized).load(ROUTER_OBJ)?;
-        Self::finish_load(ebpf, opts, None)
+        Self::finish_load(ebpf, opts, None, key)
     }
 
     /// Loads the program against the maps pinned under `dir`, creating and
@@ -245,13 +271,20 @@ impl Datapath {
         dir.create()?;
         let adopted = pinning::check_pinned(dir, &layouts)?;
         pinning::check_layout_stamp(dir, &adopted)?;
-        let globals = Globals::of(&opts);
+        // The pinned secret, so every flow hashes as it did before the
+        // restart; a new one only for maps created now.
+        let key = match (opts.flow_hash_key, adopted.contains("FLOW_HASH_KEY")) {
+            (Some(k), _) => k,
+            (None, true) => pinning::pinned_flow_hash_key(dir)?,
+            (None, false) => new_flow_hash_key()?,
+        };
+        let globals = Globals::of(&opts, key);
         let mut loader = loader(&opts, &globals, &sized);
         for l in &layouts {
             loader.map_pin_path(&l.name, dir.map(&l.name));
         }
         let ebpf = loader.load(ROUTER_OBJ)?;
-        let mut dp = Self::finish_load(ebpf, opts, Some(dir.clone()))?;
+        let mut dp = Self::finish_load(ebpf, opts, Some(dir.clone()), key)?;
         // The services are what the rest is read through: with them
         // pinned there is a datapath to adopt (maps created just now read
         // as empty, which is what they hold).
@@ -266,6 +299,7 @@ impl Datapath {
         mut ebpf: Ebpf,
         opts: LoadOptions,
         pins: Option<PinDir>,
+        flow_hash_key: [u32; 2],
     ) -> Result<Self, DatapathError> {
         let program: &mut Xdp = ebpf
             .program_mut("router")
@@ -285,6 +319,7 @@ impl Datapath {
             adopted: None,
             load,
             scan_limit: SCAN_LIMIT,
+            flow_hash_key: [0; 2],
         };
         // A pinned generation counts on, so no cached next hop can match
         // a generation it was not resolved under.
@@ -301,7 +336,22 @@ impl Datapath {
         layout
             .set(0, router_common::LAYOUT_VERSION, 0)
             .map_err(map_err("LAYOUT"))?;
+        let mut key_map: Array<_, u32> = Array::try_from(
+            dp.ebpf
+                .map_mut("FLOW_HASH_KEY")
+                .ok_or(DatapathError::MissingMap("FLOW_HASH_KEY"))?,
+        )
+        .map_err(map_err("FLOW_HASH_KEY"))?;
+        for (i, w) in (0u32..).zip(flow_hash_key) {
+            key_map.set(i, w, 0).map_err(map_err("FLOW_HASH_KEY"))?;
+        }
+        dp.flow_hash_key = flow_hash_key;
         Ok(dp)
+    }
+
+    /// The flow hash's secret this datapath's program was loaded with.
+    pub fn flow_hash_key(&self) -> [u32; 2] {
+        self.flow_hash_key
     }
 
     pub fn options(&self) -> &LoadOptions {

@@ -380,16 +380,7 @@ pub(super) fn check_layout_stamp(
         return Ok(());
     }
     let have = if adopted.contains("LAYOUT") {
-        let path = dir.map("LAYOUT");
-        let data = aya::maps::MapData::from_pin(&path).map_err(|e| DatapathError::PinnedMap {
-            map: "LAYOUT".into(),
-            detail: format!("cannot open {}: {e}", path.display()),
-        })?;
-        let map: aya::maps::Array<_, u32> = aya::maps::Array::try_from(aya::maps::Map::Array(data))
-            .map_err(|e| DatapathError::PinnedMap {
-                map: "LAYOUT".into(),
-                detail: e.to_string(),
-            })?;
+        let map = pinned_u32_array(dir, "LAYOUT")?;
         Some(map.get(&0, 0).map_err(|e| DatapathError::PinnedMap {
             map: "LAYOUT".into(),
             detail: e.to_string(),
@@ -404,6 +395,33 @@ pub(super) fn check_layout_stamp(
         dir: dir.root().to_path_buf(),
         have,
         want,
+    })
+}
+
+/// The flow hash's secret pinned with the maps (see `FLOW_HASH_KEY`).
+pub(super) fn pinned_flow_hash_key(dir: &PinDir) -> Result<[u32; 2], DatapathError> {
+    let map = pinned_u32_array(dir, "FLOW_HASH_KEY")?;
+    let word = |i: u32| {
+        map.get(&i, 0).map_err(|e| DatapathError::PinnedMap {
+            map: "FLOW_HASH_KEY".into(),
+            detail: e.to_string(),
+        })
+    };
+    Ok([word(0)?, word(1)?])
+}
+
+fn pinned_u32_array(
+    dir: &PinDir,
+    name: &str,
+) -> Result<aya::maps::Array<aya::maps::MapData, u32>, DatapathError> {
+    let path = dir.map(name);
+    let data = aya::maps::MapData::from_pin(&path).map_err(|e| DatapathError::PinnedMap {
+        map: name.into(),
+        detail: format!("cannot open {}: {e}", path.display()),
+    })?;
+    aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(|e| DatapathError::PinnedMap {
+        map: name.into(),
+        detail: e.to_string(),
     })
 }
 

@@ -78,6 +78,10 @@ pub struct LoadOptions {
     /// only when no host socket holds that 4-tuple. The default, every
     /// port, always looks.
     pub ephemeral_ports: (u16, u16),
+    /// The flow hash's secret. None: the one pinned with the maps, or a
+    /// new random one for maps created now. Tests that predict Maglev
+    /// slots set it.
+    pub flow_hash_key: Option<[u32; 2]>,
 }
 
 impl Default for LoadOptions {
@@ -90,6 +94,7 @@ impl Default for LoadOptions {
             udp_idle_ns: 30_000_000_000,
             datapath_log: false,
             ephemeral_ports: (0, u16::MAX),
+            flow_hash_key: None,
         }
     }
 }

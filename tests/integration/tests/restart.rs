@@ -347,6 +347,15 @@ fn a_datapath_pinned_in_another_layout_is_refused_with_one_line() {
     let daemon = s.start();
     assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
     let layout = s.pins.pin_path().join("maps").join("LAYOUT");
+    let secret = || {
+        let m = Array::<MapData, u32>::try_from(aya::maps::Map::Array(
+            MapData::from_pin(s.pins.pin_path().join("maps").join("FLOW_HASH_KEY")).unwrap(),
+        ))
+        .unwrap();
+        [m.get(&0, 0).unwrap(), m.get(&1, 0).unwrap()]
+    };
+    let first_secret = secret();
+    assert_ne!(first_secret, [0, 0], "a flow-hash secret was drawn");
     let stamp = |v: u32| {
         let _ = std::fs::remove_file(&layout);
         let mut m = Array::<MapData, u32>::create(1, 0).unwrap();
@@ -382,10 +391,16 @@ fn a_datapath_pinned_in_another_layout_is_refused_with_one_line() {
             "still forwarding"
         );
     }
-    // This version's stamp adopts the pins again.
+    // This version's stamp adopts the pins again, and with them the
+    // secret: every flow hashes as before the restart.
     stamp(router_common::LAYOUT_VERSION);
     let daemon = s.start();
     assert!(new_conns(&s.status()) >= 20);
+    assert_eq!(
+        secret(),
+        first_secret,
+        "the restart kept the flow-hash secret"
+    );
     drop(daemon);
     let (ok, out) = s.cleanup();
     assert!(ok, "{out}");

@@ -73,7 +73,7 @@ impl World {
 
     /// The reply key of `key`'s `attempt`-th SNAT candidate on `backend`.
     pub(crate) fn candidate(&self, key: &ConnKey, svc: usize, attempt: u8) -> (u32, u16) {
-        let c = Model::snat_candidates(key, self.service_of(svc));
+        let c = Model::snat_candidates(self.cfg(), key, self.service_of(svc));
         c[usize::from(attempt) % c.len()]
     }
 

@@ -319,6 +319,7 @@ impl Model {
         (l4, kind): (&Transport, Kind),
     ) -> Outcome {
         let hash = flow_hash(
+            self.cfg.flow_hash_key,
             key.src_addr,
             key.dst_addr,
             key.src_port,
