@@ -461,3 +461,123 @@ fn uid_0_without_capabilities_writes_kernel_settings_and_the_daemons_user_cannot
         }
     }
 }
+
+/// An upgrade: pins a daemon run as root left behind are root's, mode 0600,
+/// closed to the daemon's user. `--prepare-for` (the unit's ExecStartPre=+)
+/// hands them over, and the daemon running as its own user adopts them. A
+/// pin_path holding anything the daemon does not pin changes hands not at all.
+#[test]
+fn pins_a_root_daemon_left_are_handed_to_the_daemons_user_and_adopted() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_no_account(DAEMON_UID);
+    let topo = Topology::one_arm(2).unwrap();
+    let lb = topo.lb_ns();
+    let _servers = topo.spawn_fixture_backends(8000).unwrap();
+    for i in 0..2 {
+        netns::wait_for_tcp(
+            lb,
+            SocketAddr::new(netns::backend_addr(i).into(), 8000),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    }
+    let bpffs = router_testkit::bpffs::BpfFs::mount().unwrap();
+    let pin_path = bpffs.pin_path();
+    std::fs::set_permissions(
+        pin_path.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    let dir = ScratchDir::new("handover").unwrap();
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = dir.0.join("run");
+    std::fs::create_dir(&run).unwrap();
+    let socket = run.join("router.sock");
+    let config = dir.0.join("router.toml");
+    std::fs::write(
+        &config,
+        one_arm_config(
+            &socket,
+            topo.lb_if(),
+            VIP,
+            netns::LB_ADDR,
+            &backends(&[100, 100]),
+        ),
+    )
+    .unwrap();
+    let (cfg, pin) = (config.to_str().unwrap(), pin_path.to_str().unwrap());
+
+    let root_daemon =
+        router_testkit::daemon_proc::start_daemon_pinned(lb, &config, &socket, &pin_path).unwrap();
+    assert!(root_daemon.stop(Duration::from_secs(10)).unwrap().success());
+    let owners = |path: &std::path::Path| -> Vec<u32> {
+        let mut out = vec![std::fs::symlink_metadata(path).unwrap().uid()];
+        for sub in ["maps", "links"] {
+            for e in std::fs::read_dir(path.join(sub)).unwrap() {
+                out.push(e.unwrap().metadata().unwrap().uid());
+            }
+        }
+        out
+    };
+    assert!(owners(&pin_path).iter().all(|u| *u == 0));
+
+    // systemd's RuntimeDirectory= gives the directory and what is in it to
+    // the unit's user.
+    for entry in std::fs::read_dir(&run).unwrap() {
+        std::os::unix::fs::lchown(entry.unwrap().path(), Some(DAEMON_UID), Some(DAEMON_UID))
+            .unwrap();
+    }
+    std::os::unix::fs::chown(&run, Some(DAEMON_UID), Some(DAEMON_UID)).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    let prepare = || {
+        router_as_root(
+            lb,
+            &[
+                "daemon",
+                "--config",
+                cfg,
+                "--pin-path",
+                pin,
+                "--prepare-for",
+                &DAEMON_UID.to_string(),
+            ],
+        )
+    };
+    let foreign = pin_path.join("other-tool");
+    std::fs::create_dir(&foreign).unwrap();
+    let err = format!("{:#}", prepare().unwrap_err());
+    assert!(
+        err.contains("other-tool") && err.contains("nothing was removed or changed"),
+        "{err}"
+    );
+    assert!(
+        owners(&pin_path).iter().all(|u| *u == 0),
+        "nothing changed hands"
+    );
+    std::fs::remove_dir(&foreign).unwrap();
+
+    let out = prepare().unwrap();
+    assert!(out.contains("pinned objects"), "{out}");
+    let handed = owners(&pin_path);
+    assert!(
+        handed.len() > 3 && handed.iter().all(|u| *u == DAEMON_UID),
+        "{handed:?}"
+    );
+
+    let daemon = start_wrapped(
+        lb,
+        &as_unit_user(DAEMON_UID, UNIT_CAPS),
+        &config,
+        &pin_path,
+        &socket,
+    )
+    .unwrap_or_else(|e| panic!("the daemon did not adopt the handed-over pins: {e}"));
+    let st = router_testkit::daemon_proc::status(&socket).unwrap();
+    assert!(st.datapath.services.len() == 1, "{st:?}");
+    let spread = answers(&topo, 40);
+    assert!(spread.len() == 2, "{spread:?}");
+    assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
+    let out = router_testkit::daemon_proc::cleanup_pins(&socket, &pin_path).unwrap();
+    assert!(out.contains("detached from lb0"), "{out}");
+}
