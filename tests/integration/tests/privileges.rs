@@ -285,8 +285,7 @@ fn the_daemon_runs_as_its_own_user_with_ambient_capabilities() {
             &pin_path,
             &socket,
         )
-        .err()
-        .expect("the daemon started without what it needs");
+        .expect_err("the daemon started without what it needs");
         assert!(
             err.contains(&format!("uid {DAEMON_UID}")) && err.contains(why),
             "{caps}, prepared: {prepared}: {err}"
