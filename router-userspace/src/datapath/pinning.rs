@@ -307,27 +307,71 @@ pub struct HandedOver {
     pub entries: usize,
 }
 
+/// Opens the directory `name` (relative to `at`, or absolute) without
+/// following a symbolic link in its last component.
+fn open_dir(at: libc::c_int, name: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(name.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: openat(2) reads a NUL-terminated path that outlives the call.
+    let fd = unsafe {
+        libc::openat(
+            at,
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The names in the directory open as `fd`.
+fn names_in(fd: &OwnedFd, path: &Path) -> Result<Vec<String>, DatapathError> {
+    list(Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())))
+        .map_err(|_| io_err(path)(io::Error::other("listing it through its descriptor")))
+}
+
 /// Makes `dir` (created if missing) mode 0700 and owned by `uid`:`gid`,
 /// with everything pinned under it, for a daemon that runs as that user:
-/// bpffs pins are files, and a pin root's daemon left would be closed to
-/// it. Run as root, before such a daemon starts (the unit's
+/// bpffs pins are files, and those of a daemon that ran as root are closed
+/// to it. Run as root, before such a daemon starts (the unit's
 /// `ExecStartPre=+`). Everything is checked before anything changes: a
 /// pin_path that is not a directory, or holds entries this daemon does not
 /// pin (a mistyped pin_path, say the bpffs root, whose other programs' pins
-/// must not change hands), changes nothing. Links are never followed.
+/// must not change hands), changes nothing.
+///
+/// The directory belongs to the user it is handed to, who could swap
+/// `maps` or `links` for a link to anywhere between a check and a change
+/// made by path. So every change goes through descriptors: the directories
+/// are opened without following links, their entries are changed relative
+/// to those descriptors, and a link found in them is changed itself, never
+/// what it points to.
 pub fn hand_over(dir: &PinDir, uid: u32, gid: u32) -> Result<HandedOver, DatapathError> {
     check_bpffs(dir.root())?;
     let not_a_dir = |path: &Path| DatapathError::PinAccess {
         path: path.to_path_buf(),
         detail: "is not a directory (a symbolic link or a file); nothing was changed".into(),
     };
-    let created = match std::fs::symlink_metadata(dir.root()) {
-        Ok(m) if m.is_dir() => false,
-        Ok(_) => return Err(not_a_dir(dir.root())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
-        Err(e) => return Err(io_err(dir.root())(e)),
+    let opened = |at: libc::c_int, name: &Path, path: &Path| match open_dir(at, name) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+            Err(not_a_dir(path))
+        }
+        Err(e) => Err(io_err(path)(e)),
     };
-    let mut entries = Vec::new();
+    let (root, created) = match opened(libc::AT_FDCWD, dir.root(), dir.root())? {
+        Some(fd) => (fd, false),
+        None => {
+            std::fs::create_dir_all(dir.root()).map_err(io_err(dir.root()))?;
+            let fd = opened(libc::AT_FDCWD, dir.root(), dir.root())?
+                .ok_or_else(|| io_err(dir.root())(io::ErrorKind::NotFound.into()))?;
+            (fd, true)
+        }
+    };
+    let mut subdirs = Vec::new();
     if !created {
         let found = foreign_entries(dir)?;
         if !found.is_empty() {
@@ -336,53 +380,52 @@ pub fn hand_over(dir: &PinDir, uid: u32, gid: u32) -> Result<HandedOver, Datapat
                 found,
             });
         }
-        for sub in [dir.maps(), dir.links()] {
-            match std::fs::symlink_metadata(&sub) {
-                Ok(m) if m.is_dir() => {
-                    entries.extend(list(&sub)?.into_iter().map(|n| sub.join(n)));
-                    entries.push(sub);
-                }
-                Ok(_) => return Err(not_a_dir(&sub)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&sub)(e)),
+        for (name, path) in [("maps", dir.maps()), ("links", dir.links())] {
+            if let Some(fd) = opened(root.as_raw_fd(), Path::new(name), &path)? {
+                let names = names_in(&fd, &path)?;
+                subdirs.push((fd, path, names));
             }
         }
-        entries.extend(
-            [dir.program(), dir.program_next()]
-                .into_iter()
-                .filter(|p| std::fs::symlink_metadata(p).is_ok()),
-        );
-    } else {
-        std::fs::create_dir_all(dir.root()).map_err(io_err(dir.root()))?;
     }
-    entries.push(dir.root().to_path_buf());
-    let owner = (
-        Some(nix::unistd::Uid::from_raw(uid)),
-        Some(nix::unistd::Gid::from_raw(gid)),
-    );
-    for path in &entries {
-        nix::unistd::fchownat(
-            None,
-            path,
-            owner.0,
-            owner.1,
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| {
-            io_err(path)(io::Error::other(format!(
-                "giving it to uid {uid}, gid {gid}: {e}"
-            )))
-        })?;
+
+    let uid_ = nix::unistd::Uid::from_raw(uid);
+    let gid_ = nix::unistd::Gid::from_raw(gid);
+    let failed = |path: &Path, e: nix::Error| {
+        io_err(path)(io::Error::other(format!(
+            "giving it to uid {uid}, gid {gid}: {e}"
+        )))
+    };
+    let chown_in = |at: &OwnedFd, name: &str, path: &Path| match nix::unistd::fchownat(
+        Some(at.as_raw_fd()),
+        name,
+        Some(uid_),
+        Some(gid_),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
+        Err(e) => Err(failed(&path.join(name), e)),
+    };
+    let mut entries = 0;
+    for (fd, path, names) in &subdirs {
+        for name in names {
+            chown_in(fd, name, path)?;
+        }
+        nix::unistd::fchown(fd.as_raw_fd(), Some(uid_), Some(gid_)).map_err(|e| failed(path, e))?;
+        entries += names.len() + 1;
     }
-    std::fs::set_permissions(
-        dir.root(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .map_err(io_err(dir.root()))?;
-    Ok(HandedOver {
-        created,
-        entries: entries.len() - 1,
-    })
+    if !created {
+        for name in ["prog", "prog_next"] {
+            if std::fs::symlink_metadata(dir.root().join(name)).is_ok() {
+                chown_in(&root, name, dir.root())?;
+                entries += 1;
+            }
+        }
+    }
+    nix::unistd::fchown(root.as_raw_fd(), Some(uid_), Some(gid_))
+        .map_err(|e| failed(dir.root(), e))?;
+    nix::sys::stat::fchmod(root.as_raw_fd(), nix::sys::stat::Mode::S_IRWXU)
+        .map_err(|e| failed(dir.root(), e))?;
+    Ok(HandedOver { created, entries })
 }
 
 /// Whether `pin_path` has a BPF filesystem, and what the daemon does if not.

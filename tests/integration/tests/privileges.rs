@@ -543,6 +543,33 @@ fn pins_a_root_daemon_left_are_handed_to_the_daemons_user_and_adopted() {
             ],
         )
     };
+    // A pin_path that is a link is not followed: what it points at keeps
+    // its owner.
+    let elsewhere = pin_path.with_file_name("elsewhere");
+    let linked = pin_path.with_file_name("linked");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &linked).unwrap();
+    let err = format!(
+        "{:#}",
+        router_as_root(
+            lb,
+            &[
+                "daemon",
+                "--config",
+                cfg,
+                "--pin-path",
+                linked.to_str().unwrap(),
+                "--prepare-for",
+                &DAEMON_UID.to_string(),
+            ],
+        )
+        .unwrap_err()
+    );
+    assert!(err.contains("is not a directory"), "{err}");
+    assert_eq!(std::fs::metadata(&elsewhere).unwrap().uid(), 0);
+    std::fs::remove_file(&linked).unwrap();
+    std::fs::remove_dir(&elsewhere).unwrap();
+
     let foreign = pin_path.join("other-tool");
     std::fs::create_dir(&foreign).unwrap();
     let err = format!("{:#}", prepare().unwrap_err());
