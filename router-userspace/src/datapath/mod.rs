@@ -110,8 +110,8 @@ pub enum DatapathError {
         want: u32,
     },
     #[error(
-        "pin_path {}: holds {} that this daemon does not pin ({}); nothing was removed: \
-         check pin_path",
+        "pin_path {}: holds {} that this daemon does not pin ({}); nothing was removed or \
+         changed: check pin_path",
         path.display(),
         if found.len() == 1 { "an entry" } else { "entries" },
         found.join(", ")
@@ -119,6 +119,10 @@ pub enum DatapathError {
     ForeignPins { path: PathBuf, found: Vec<String> },
     #[error("pinned link {}: {detail}", path.display())]
     PinnedLink { path: PathBuf, detail: String },
+    /// This process cannot create or write pins at pin_path (a daemon
+    /// that runs as its own user, not root), with what to change.
+    #[error("pin_path {}: {detail}", path.display())]
+    PinAccess { path: PathBuf, detail: String },
     #[error("pinning {what}: {source}")]
     Pin {
         what: String,
