@@ -18,6 +18,13 @@ pub const CONN_AWAIT_RESPONSE: u32 = 16;
 /// backend's in-flight count (`BACKEND_LOAD`). Cleared atomically by
 /// whoever ends the flow, so an end is counted once.
 pub const CONN_COUNTED: u32 = 32;
+/// `ConnEntry::flags` bit: this direction's sender has been heard from
+/// since the entry was made, and (for TCP) `seq_next` holds the end of its
+/// furthest segment. Set on a forward entry by the packet that creates it,
+/// on a reply entry by the backend's first packet (its SYN-ACK, for a flow
+/// opened by a SYN). A half-open flow is confirmed only once its reply
+/// entry has it (see `tcp_seq`).
+pub const CONN_HEARD: u32 = 64;
 /// Every latency-measurement bit: one test keeps established flows that are
 /// done measuring on the shortest path.
 pub const CONN_AWAIT_ANY: u32 = CONN_AWAIT_SYNACK | CONN_AWAIT_REQUEST | CONN_AWAIT_RESPONSE;

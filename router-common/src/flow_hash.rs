@@ -11,11 +11,24 @@ fn fmix32(mut h: u32) -> u32 {
 }
 
 /// Hash of a client flow (src, dst, ports, protocol), fields as loaded
-/// natively from network-order bytes. Murmur3-style mixing: cheap in BPF and
-/// uniform enough that Maglev shares stay within a fraction of a percent.
+/// natively from network-order bytes, under secret `key`. Murmur3-style
+/// mixing: cheap in BPF and uniform enough that Maglev shares stay within
+/// a fraction of a percent. The key seeds the state and is folded in
+/// again before the finaliser, so without it a client cannot work out
+/// offline which source ports land on which Maglev slot. It is no MAC: a
+/// client that can tell backends apart by their answers can still search
+/// for ports that reach one, and a weight bounds what that gets it. A key
+/// of zero gives the unkeyed hash of earlier versions.
 #[inline(always)]
-pub fn flow_hash(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
-    let mut h = 0x9747_b28c_u32 ^ proto as u32;
+pub fn flow_hash(
+    key: [u32; 2],
+    src_addr: u32,
+    dst_addr: u32,
+    src_port: u16,
+    dst_port: u16,
+    proto: u8,
+) -> u32 {
+    let mut h = 0x9747_b28c_u32 ^ key[0] ^ proto as u32;
     for k in [
         src_addr,
         dst_addr,
@@ -30,7 +43,7 @@ pub fn flow_hash(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, pro
             .wrapping_mul(5)
             .wrapping_add(0xe654_6b64);
     }
-    fmix32(h ^ 12)
+    fmix32(h ^ 12 ^ key[1])
 }
 
 /// A second hash of a flow, independent of `flow_hash` for every practical

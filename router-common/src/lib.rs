@@ -20,6 +20,7 @@ pub mod limits;
 pub mod maps;
 pub mod reasons;
 pub mod selection;
+pub mod tcp_seq;
 
 pub use flags::*;
 pub use hashing::*;

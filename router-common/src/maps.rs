@@ -5,11 +5,22 @@
 use crate::{
     flags::{
         CONN_AWAIT_ANY, CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_CLOSING,
-        CONN_COUNTED, CONN_REPLY,
+        CONN_COUNTED, CONN_HEARD, CONN_REPLY,
     },
     latency::LATENCY_BUCKETS,
     limits::MAX_SNAT_ADDRS,
 };
+
+/// The layout of every pinned map's keys and values and the meaning of
+/// their flags, as one number. A daemon adopts a pinned datapath only if
+/// its `LAYOUT` map holds this value: the map sizes it also checks cannot
+/// tell a rearranged `ConnEntry` from the old one. Bump it with any change
+/// to a struct here, a `CONN_*` or `FILTER_*` bit, or a map's indexing
+/// (`layout_fingerprint` in the tests below names what it covers).
+///
+/// 2: `ConnEntry` gained `seq_next` (checksum deltas folded to u16) and
+/// `CONN_HEARD`. 1 stands for every datapath pinned before the stamp.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Sentinel in a Maglev slot: the service has no backend with weight > 0.
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -126,10 +137,18 @@ pub struct ConnEntry {
     pub new_dst_addr: u32,
     pub new_src_port: u16,
     pub new_dst_port: u16,
-    /// One's-complement delta for the IPv4 header checksum (addresses only).
-    pub l3_csum_delta: u32,
-    /// One's-complement delta for the TCP/UDP checksum (pseudo-header + ports).
-    pub l4_csum_delta: u32,
+    /// One's-complement delta for the IPv4 header checksum (addresses
+    /// only), folded to 16 bits.
+    pub l3_csum_delta: u16,
+    /// One's-complement delta for the TCP/UDP checksum (pseudo-header +
+    /// ports), folded to 16 bits.
+    pub l4_csum_delta: u16,
+    /// TCP: the sequence number just past this direction's furthest
+    /// segment seen (its sender's `snd_nxt`, as far as the LB can tell),
+    /// host order; valid while `CONN_HEARD` is set. What a RST or FIN must
+    /// be near to end the flow, and what a client's ACK must acknowledge to
+    /// confirm it (see `tcp_seq`). 0 for UDP.
+    pub seq_next: u32,
     /// Cached next hop, valid while `fib_gen` equals the live `FIB_GEN`.
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
@@ -186,6 +205,13 @@ impl ConnEntry {
     #[inline(always)]
     pub fn awaits_request(&self) -> bool {
         self.flags & CONN_AWAIT_REQUEST != 0
+    }
+
+    /// This direction's sender has been heard from; for TCP, `seq_next`
+    /// is valid.
+    #[inline(always)]
+    pub fn is_heard(&self) -> bool {
+        self.flags & CONN_HEARD != 0
     }
 
     /// A reply entry waiting for the backend's first payload.
@@ -247,6 +273,68 @@ const _: () = {
     assert!(core::mem::size_of::<BackendLoad>() == 16);
     assert!(core::mem::size_of::<ConnKey>() == 16);
     assert!(core::mem::size_of::<ConnEntry>() == 64);
+    assert!(core::mem::offset_of!(ConnEntry, seq_next) == 16);
+    assert!(core::mem::offset_of!(ConnEntry, flags) == 48);
     assert!(core::mem::size_of::<TrafficCounters>() == 32);
     assert!(core::mem::size_of::<LatencyHistogram>() == 8 * (LATENCY_BUCKETS + 1));
 };
+
+/// What `LAYOUT_VERSION` stands for: each map value's and key's size and
+/// field offsets, and the flag bits. The test below keeps the two in step.
+#[cfg(test)]
+mod layout_fingerprint {
+    use core::mem::{offset_of, size_of};
+
+    use super::*;
+    use crate::flags::*;
+
+    #[test]
+    fn layout_version_covers_the_current_layout() {
+        let fingerprint = [
+            size_of::<ServiceKey>(),
+            size_of::<Service>(),
+            offset_of!(Service, snat_count),
+            offset_of!(Service, selection),
+            offset_of!(Service, members),
+            size_of::<Backend>(),
+            offset_of!(Backend, weight),
+            offset_of!(Backend, max_in_flight),
+            size_of::<Member>(),
+            size_of::<BackendLoad>(),
+            size_of::<ConnKey>(),
+            size_of::<ConnEntry>(),
+            offset_of!(ConnEntry, l3_csum_delta),
+            offset_of!(ConnEntry, l4_csum_delta),
+            offset_of!(ConnEntry, seq_next),
+            offset_of!(ConnEntry, dmac),
+            offset_of!(ConnEntry, ifindex),
+            offset_of!(ConnEntry, fib_gen),
+            offset_of!(ConnEntry, backend_id),
+            offset_of!(ConnEntry, flags),
+            offset_of!(ConnEntry, stamp_us),
+            offset_of!(ConnEntry, last_seen_ns),
+            size_of::<TrafficCounters>(),
+            size_of::<LatencyHistogram>(),
+            (CONN_REPLY
+                | CONN_CLOSING
+                | CONN_AWAIT_SYNACK
+                | CONN_AWAIT_REQUEST
+                | CONN_AWAIT_RESPONSE
+                | CONN_COUNTED
+                | CONN_HEARD) as usize,
+            (FILTER_VIP | FILTER_SNAT) as usize,
+        ];
+        assert_eq!(
+            (LAYOUT_VERSION, fingerprint),
+            (
+                2,
+                [
+                    8, 40, 24, 32, 36, 24, 16, 20, 16, 16, 16, 64, 12, 14, 16, 20, 32, 36, 40, 48,
+                    52, 56, 32, 232, 127, 3
+                ]
+            ),
+            "a pinned map's layout changed: bump LAYOUT_VERSION, say why beside it, \
+             and record the new fingerprint here"
+        );
+    }
+}

@@ -5,7 +5,8 @@
 //! under `Reason::name`: they are ABI and never change. The `u32` constants
 //! give them to the code that indexes counters.
 
-/// A verdict's reason, or (`LruMiss`) an event counted beside one.
+/// A verdict's reason, or (`LruMiss`, `TcpOutOfWindow`, `Unconfirmed`)
+/// an event counted beside one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -46,6 +47,19 @@ pub enum Reason {
     /// Dropped, because the host's stack would answer it with a reset and end
     /// the backend's side of a connection that was only missing its entry.
     DropNoReplyEntry = 13,
+    /// A TCP RST or FIN whose sequence number lies outside the window of
+    /// what its direction has sent (see `tcp_seq`): forwarded, but the flow
+    /// is not marked closing and stays counted. Not a verdict: counted in
+    /// addition to the packet's.
+    TcpOutOfWindow = 14,
+    /// A client's packet on a half-open flow that does not confirm it: the
+    /// backend has not answered yet, or (TCP) it acknowledges nothing the
+    /// backend sent. Forwarded; the flow stays half-open. Not a verdict.
+    Unconfirmed = 15,
+    /// A packet that would be forwarded arrived with a TTL of 0 or 1: the
+    /// LB is a router hop and does not forward it (a routing loop ends
+    /// here). Dropped; no ICMP time-exceeded is sent.
+    DropTtlExpired = 16,
     /// An ICMP error (destination unreachable, time exceeded) to a VIP or
     /// SNAT address that no live entry of a tracked flow owns: no entry for
     /// the flow its quoted header names, an expired one, a forward entry
@@ -54,10 +68,10 @@ pub enum Reason {
     /// protocol), or one addressed elsewhere than its quote's source.
     /// Passed to the stack, untranslated. (A translated error is counted
     /// `tx` or `redirect` like any forwarded packet.)
-    PassIcmpUntracked = 14,
+    PassIcmpUntracked = 17,
     /// ICMP that is not an error the datapath translates (echo, redirect,
     /// parameter problem, …) to a VIP or SNAT address: passed to the stack.
-    PassIcmpOther = 15,
+    PassIcmpOther = 18,
 }
 
 impl Reason {
@@ -77,6 +91,9 @@ impl Reason {
         Reason::Redirect,
         Reason::PassNoReplyEntry,
         Reason::DropNoReplyEntry,
+        Reason::TcpOutOfWindow,
+        Reason::Unconfirmed,
+        Reason::DropTtlExpired,
         Reason::PassIcmpUntracked,
         Reason::PassIcmpOther,
     ];
@@ -98,6 +115,9 @@ impl Reason {
             Reason::Redirect => "redirect",
             Reason::PassNoReplyEntry => "pass_no_reply_entry",
             Reason::DropNoReplyEntry => "drop_no_reply_entry",
+            Reason::TcpOutOfWindow => "tcp_out_of_window",
+            Reason::Unconfirmed => "unconfirmed",
+            Reason::DropTtlExpired => "drop_ttl_expired",
             Reason::PassIcmpUntracked => "pass_icmp_untracked",
             Reason::PassIcmpOther => "pass_icmp_other",
         }
@@ -118,11 +138,14 @@ pub const TX: u32 = Reason::Tx as u32;
 pub const REDIRECT: u32 = Reason::Redirect as u32;
 pub const PASS_NO_REPLY_ENTRY: u32 = Reason::PassNoReplyEntry as u32;
 pub const DROP_NO_REPLY_ENTRY: u32 = Reason::DropNoReplyEntry as u32;
+pub const TCP_OUT_OF_WINDOW: u32 = Reason::TcpOutOfWindow as u32;
+pub const UNCONFIRMED: u32 = Reason::Unconfirmed as u32;
+pub const DROP_TTL_EXPIRED: u32 = Reason::DropTtlExpired as u32;
 pub const PASS_ICMP_UNTRACKED: u32 = Reason::PassIcmpUntracked as u32;
 pub const PASS_ICMP_OTHER: u32 = Reason::PassIcmpOther as u32;
 
 /// Number of reasons: the size of `REASONS`.
-pub const COUNT: u32 = 16;
+pub const COUNT: u32 = 19;
 
 /// `Reason::name` of every counter, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = {
@@ -168,6 +191,9 @@ mod tests {
                 "redirect",
                 "pass_no_reply_entry",
                 "drop_no_reply_entry",
+                "tcp_out_of_window",
+                "unconfirmed",
+                "drop_ttl_expired",
                 "pass_icmp_untracked",
                 "pass_icmp_other",
             ]

@@ -50,6 +50,8 @@ pub struct Control {
     pub fin_or_rst: bool,
     /// The flow is over at once.
     pub rst: bool,
+    /// The ACK flag: only a packet with it can confirm a half-open flow.
+    pub ack: bool,
 }
 
 /// A packet to one of our addresses, with headers that the datapath can
@@ -85,6 +87,7 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Unbalanced> {
         syn: tcp && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         fin_or_rst: tcp && l4.tcp_flags & (TCP_FIN | TCP_RST) != 0,
         rst: tcp && l4.tcp_flags & TCP_RST != 0,
+        ack: tcp && l4.tcp_flags & TCP_ACK != 0,
     };
     Ok(Packet {
         ip,

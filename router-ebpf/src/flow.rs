@@ -8,21 +8,28 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    programs::XdpContext,
+};
 use router_common::{
-    CONN_AWAIT_REQUEST, CONN_AWAIT_SYNACK, CONN_CLOSING, CONN_COUNTED, CONN_REPLY, ConnEntry,
-    ConnKey, MAX_SNAT_ADDRS, NO_BACKEND, PROTO_TCP, SNAT_PROBES, Service, flow_hash::flow_hash,
+    CONN_AWAIT_REQUEST, CONN_AWAIT_SYNACK, CONN_CLOSING, CONN_COUNTED, CONN_HEARD, CONN_REPLY,
+    ConnEntry, ConnKey, MAX_SNAT_ADDRS, NO_BACKEND, PROTO_TCP, SNAT_PROBES, Service, csum,
+    flow_hash::flow_hash,
 };
 
 use crate::{
-    classify::Control,
+    classify::Packet,
     conn::{Stale, Table, expired, key, owned_by, reply_key},
-    inflight,
+    host_socket, inflight,
     latency::now_us,
-    maps::{BACKENDS, CONNS, HALF_OPEN},
+    maps::{
+        BACKENDS, CONNS, EPHEMERAL_PORT_MAX, EPHEMERAL_PORT_MIN, FLOW_HASH_KEY0, FLOW_HASH_KEY1,
+        HALF_OPEN,
+    },
     mem::zeroed64,
     nat::deltas,
-    select,
+    select, seq,
 };
 
 /// Fills `reply` (all zero) as the reply entry of flow `fwd` translated to
@@ -41,8 +48,8 @@ fn fill_reply(
     reply.new_dst_addr = fwd.src_addr;
     reply.new_src_port = fwd.dst_port;
     reply.new_dst_port = fwd.src_port;
-    reply.l3_csum_delta = l3;
-    reply.l4_csum_delta = l4;
+    reply.l3_csum_delta = csum::fold(l3);
+    reply.l4_csum_delta = csum::fold(l4);
 }
 
 /// Removes the reply entry at `rkey` from `table` if it is the flow `fwd`'s
@@ -118,29 +125,48 @@ fn claim_reply(target: Table, rkey: ConnKey, reply: &ConnEntry, fwd: &ConnKey, n
     }
 }
 
+/// What the client's packet on a half-open flow did to it.
+pub enum Confirm<'a> {
+    /// The flow moved to CONNS; the entry is its forward entry there.
+    Promoted(&'a mut ConnEntry),
+    /// The packet proved the flow, but CONNS refused the move (a live
+    /// confirmed flow holds its reply key): it goes on from HALF_OPEN.
+    Refused(&'a mut ConnEntry),
+    /// The packet does not prove the flow (see `seq::confirms`): it stays
+    /// half-open.
+    Unproven(&'a mut ConnEntry),
+}
+
 /// Confirms the half-open flow whose forward entry `half_open` (at
-/// `fwd_key`) has just seen its client's second packet, and returns the
-/// forward entry that the packet goes on with: the flow's new place in
-/// CONNS, or `half_open` itself if CONNS refused the move (see `promote`).
+/// `pkt.key`) has just seen a client packet other than a SYN, if that
+/// packet proves it real, and says which entry the packet goes on with.
 #[inline(always)]
-pub fn confirm<'a>(fwd_key: &ConnKey, half_open: &'a mut ConnEntry, now: u64) -> &'a mut ConnEntry {
-    match promote(fwd_key, half_open, now) {
+pub fn confirm<'a>(pkt: &Packet, half_open: &'a mut ConnEntry, now: u64) -> Confirm<'a> {
+    match promote(pkt, half_open, now) {
         // SAFETY: a table value (see `conn`): the entry just inserted.
         // `half_open` is not used past here.
-        Some(p) => unsafe { &mut *p },
-        None => half_open,
+        Ok(p) => Confirm::Promoted(unsafe { &mut *p }),
+        Err(Promotion::Refused) => Confirm::Refused(half_open),
+        Err(Promotion::Unproven) => Confirm::Unproven(half_open),
     }
 }
 
-/// Moves a half-open flow whose client has sent its second packet into
-/// CONNS: a spoofed source never answers the SYN-ACK, so this is the proof
-/// that the flow is real. The reply entry keeps its latency state, or is
-/// rebuilt from the forward entry if the LRU dropped it (the backend's
-/// SYN-ACK got through before that, or the client would not be answering).
-/// Returns the forward entry's place in CONNS, or None if CONNS refused
-/// the move; the flow then goes on from HALF_OPEN.
+/// Why a half-open flow did not move.
+enum Promotion {
+    Refused,
+    Unproven,
+}
+
+/// Moves a half-open flow into CONNS once its client's packet proves it
+/// real: it acknowledges the backend's answer, which a spoofed source
+/// never sees (see `seq::confirms`). The reply entry goes along with its
+/// latency and sequence state; a flow whose reply entry the LRU dropped
+/// cannot be proven and stays half-open (its packets still flow; a client
+/// that goes on past the half-open timeout is picked up mid-stream).
+/// Returns the forward entry's place in CONNS.
 #[inline(always)]
-fn promote(fwd_key: &ConnKey, half_open: &ConnEntry, now: u64) -> Option<*mut ConnEntry> {
+fn promote(pkt: &Packet, half_open: &ConnEntry, now: u64) -> Result<*mut ConnEntry, Promotion> {
+    let fwd_key = &pkt.key;
     let mut fslot = MaybeUninit::uninit();
     let fwd: &mut ConnEntry = zeroed64(&mut fslot);
     // A copy: the HALF_OPEN element is recycled once removed below.
@@ -149,36 +175,21 @@ fn promote(fwd_key: &ConnKey, half_open: &ConnEntry, now: u64) -> Option<*mut Co
     let mut rslot = MaybeUninit::uninit();
     let reply: &mut ConnEntry = zeroed64(&mut rslot);
     // SAFETY: a table value, copied at once (see `conn`); a recycled
-    // element fails `owned_by` and the entry is rebuilt instead.
+    // element fails `owned_by`.
     match unsafe { HALF_OPEN.get(rkey) } {
-        Some(r) if owned_by(r, fwd_key) => *reply = *r,
-        _ => {
-            fill_reply(
-                reply,
-                fwd_key,
-                (
-                    fwd.new_src_addr,
-                    fwd.new_dst_addr,
-                    fwd.new_src_port,
-                    fwd.new_dst_port,
-                ),
-            );
-            reply.backend_id = fwd.backend_id;
-            reply.service_id = fwd.service_id;
-            reply.flags = CONN_REPLY;
-            reply.last_seen_ns = now;
-        }
+        Some(r) if owned_by(r, fwd_key) && seq::confirms(pkt, r) => *reply = *r,
+        _ => return Err(Promotion::Unproven),
     }
     if !claim_reply(Table::Conns, rkey, reply, fwd_key, now) {
-        return None;
+        return Err(Promotion::Refused);
     }
     let value: &ConnEntry = fwd;
     if CONNS.insert(fwd_key, value, BPF_ANY as u64).is_err() {
         let _ = CONNS.remove(rkey);
-        return None;
+        return Err(Promotion::Refused);
     }
     let _ = HALF_OPEN.remove(fwd_key);
-    CONNS.get_ptr_mut(fwd_key)
+    CONNS.get_ptr_mut(fwd_key).ok_or(Promotion::Refused)
 }
 
 /// What became of a new flow.
@@ -202,14 +213,16 @@ pub enum NewFlow {
 /// measurements (see `latency`).
 #[inline(always)]
 pub fn create(
-    key: &ConnKey,
+    ctx: &XdpContext,
+    pkt: &Packet,
     svc: &Service,
     stale: Option<Stale>,
     now: u64,
-    control: Control,
     out: &mut ConnEntry,
 ) -> NewFlow {
+    let (key, control, l4) = (&pkt.key, pkt.control, &pkt.l4);
     let hash = flow_hash(
+        [FLOW_HASH_KEY0.load(), FLOW_HASH_KEY1.load()],
         key.src_addr,
         key.dst_addr,
         key.src_port,
@@ -240,6 +253,7 @@ pub fn create(
     }
 
     let Some((snat_addr, snat_port)) = allocate_snat(
+        ctx,
         key,
         svc,
         hash,
@@ -250,7 +264,7 @@ pub fn create(
         return NewFlow::SnatExhausted;
     };
 
-    let (l3, l4) = deltas(
+    let (d3, d4) = deltas(
         (key.src_addr, key.dst_addr, key.src_port, key.dst_port),
         (snat_addr, be_addr, snat_port, be_port),
     );
@@ -259,14 +273,19 @@ pub fn create(
     fwd.new_dst_addr = be_addr;
     fwd.new_src_port = snat_port;
     fwd.new_dst_port = be_port;
-    fwd.l3_csum_delta = l3;
-    fwd.l4_csum_delta = l4;
+    fwd.l3_csum_delta = csum::fold(d3);
+    fwd.l4_csum_delta = csum::fold(d4);
     fwd.backend_id = backend_id;
     fwd.service_id = svc.id;
-    // Counted unless a RST opened it: that flow is over as it starts.
-    fwd.flags = if control.fin_or_rst { CONN_CLOSING } else { 0 }
+    // Counted unless a RST opened it: that flow is over as it starts. The
+    // client is heard: its first packet starts its sequence space.
+    fwd.flags = CONN_HEARD
+        | if control.fin_or_rst { CONN_CLOSING } else { 0 }
         | if control.syn { CONN_AWAIT_REQUEST } else { 0 }
         | if control.rst { 0 } else { CONN_COUNTED };
+    if pkt.is_tcp() {
+        fwd.seq_next = seq::end(l4);
+    }
     fwd.last_seen_ns = now;
     // Passed by reference: the entry is inserted from where it was built.
     let value: &ConnEntry = fwd;
@@ -344,15 +363,33 @@ fn own_reply_attempt(
     None
 }
 
+/// Whether a new flow may take its client's own port as SNAT port, for
+/// reply key `rkey`. SNAT addresses are the host's own, so the host's
+/// stack may hold a connection of its own on that 4-tuple (the daemon's
+/// health probe or telemetry poll of the same backend, say), and the
+/// backend's answers on it must not be handed to a client. The host takes
+/// such ports from its ephemeral range, which the daemon keeps clear of
+/// `snat_port_range`: a client port outside it is free of them, one inside
+/// it only while no host socket holds the 4-tuple (one socket lookup).
+#[inline(always)]
+fn client_port_usable(ctx: &XdpContext, rkey: &ConnKey) -> bool {
+    let port = u16::from_be(rkey.dst_port) as u32;
+    if port < EPHEMERAL_PORT_MIN.load() || port > EPHEMERAL_PORT_MAX.load() {
+        return true;
+    }
+    !host_socket::has_socket(ctx, rkey)
+}
+
 /// Claims a (SNAT address, port) pair for a new flow by claiming its reply
 /// key in HALF_OPEN (see `claim_reply`). The client's own port is tried
-/// first so a client that reuses its 4-tuple lands on the same backend
+/// first (where the host cannot be using it: `client_port_usable`) so a client that reuses its 4-tuple lands on the same backend
 /// 4-tuple (and the backend's TIME_WAIT logic sees exactly what a direct
 /// connection would). A flow not opened by a SYN first takes back a pair
 /// its own reply entry still holds (see `own_reply_attempt`); a SYN never
 /// looks, so a SYN flood pays nothing for it.
 #[inline(always)]
 fn allocate_snat(
+    ctx: &XdpContext,
     key: &ConnKey,
     svc: &Service,
     hash: u32,
@@ -379,6 +416,9 @@ fn allocate_snat(
     for attempt in first..=last {
         let (snat_addr, snat_port) = snat_candidate(key, svc, hash, attempt)?;
         let rkey = self::key(be_addr, snat_addr, be_port, snat_port, key.proto);
+        if attempt == 0 && own.is_none() && !client_port_usable(ctx, &rkey) {
+            continue;
+        }
         let mut slot = MaybeUninit::uninit();
         let reply: &mut ConnEntry = zeroed64(&mut slot);
         fill_reply(reply, key, (snat_addr, be_addr, snat_port, be_port));

@@ -4,7 +4,15 @@
 use aya_ebpf::programs::XdpContext;
 use router_common::{ConnEntry, reasons::Reason};
 
-use crate::{classify::Packet, conn::Origin, fib, maps::FIB_GEN, nat, stats, verdict::Verdict};
+use crate::{
+    classify::Packet,
+    conn::Origin,
+    fib,
+    maps::FIB_GEN,
+    nat::{self, Hop},
+    stats,
+    verdict::Verdict,
+};
 
 /// Translates a packet per its connection entry `e` and sends it to the
 /// next hop. `e` points into a table (`Origin::Tracked`) or at the fresh
@@ -34,13 +42,13 @@ pub fn packet(
                 // Hand the translated packet to the stack, which resolves the
                 // neighbour; later packets of the flow then take the fast path.
                 // It is still this flow's traffic (often its SYN): count it.
-                nat::rewrite_l3_l4(ctx, e, pkt.l4.proto)?;
+                nat::rewrite_l3_l4(ctx, e, pkt.l4.proto, Hop::Stack)?;
                 count_traffic(ctx, e, origin);
                 return Ok(Reason::PassFibFailed.into());
             }
         }
     }
-    nat::rewrite_l3_l4(ctx, e, pkt.l4.proto)?;
+    nat::rewrite_l3_l4(ctx, e, pkt.l4.proto, Hop::Program)?;
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
     count_traffic(ctx, e, origin);
     // SAFETY: `ctx.ctx` is the xdp_md the kernel passed in, valid for the
@@ -55,7 +63,8 @@ pub fn packet(
 /// Sends a packet about flow direction `e` that is already translated (an
 /// ICMP error, see `icmp`) to the entry's next hop, as `packet` does, the
 /// hop looked up for the flow's protocol `proto` and the packet's total
-/// length `tot_len`. Apart from `packet`, not sharing its body: passing
+/// length `tot_len`, and the TTL taken one from when the program sends it
+/// (the stack takes its own). Apart from `packet`, not sharing its body: passing
 /// the two values into a shared body kept them live across the helper
 /// calls and cost the packet path a few spilled registers.
 #[inline(always)]
@@ -82,6 +91,7 @@ pub fn translated(
             }
         }
     }
+    nat::take_ttl(ctx)?;
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
     count_traffic(ctx, e, Origin::Tracked);
     // SAFETY: as in `packet`.

@@ -24,7 +24,8 @@
 //! over all of those.
 //!
 //! An error changes no state: it never refreshes, closes or creates a
-//! flow. It is translated only on a live entry that owns it: a reply
+//! flow. It is forwarded as the flow's packets are, one router hop on: its
+//! TTL is checked and decremented like theirs. It is translated only on a live entry that owns it: a reply
 //! entry, or a forward entry whose reply key is still its own (a forward
 //! entry whose backend 4-tuple went to another flow would carry the error
 //! to that flow's connection). Anything else is passed as before, with
@@ -74,6 +75,7 @@ pub fn error(ctx: &XdpContext) -> Result<Verdict, ()> {
     // array has no alignment.
     let outer = unsafe { &*outer };
     let tot_len = u16::from_be_bytes([outer[2], outer[3]]);
+    let ttl = outer[8];
     let outer_dst = u32::from_ne_bytes([outer[16], outer[17], outer[18], outer[19]]);
     let Ok(icmp) = ptr_at::<[u8; ICMP_LEN]>(ctx, L4_OFF) else {
         return Ok(Reason::DropMalformed.into());
@@ -125,6 +127,10 @@ pub fn error(ctx: &XdpContext) -> Result<Verdict, ()> {
         Lookup::HalfOpen(e) if reply_is_own(Table::HalfOpen, &key, e, now) => e,
         _ => return Ok(Reason::PassIcmpUntracked.into()),
     };
+    // Forwarded like the flow's packets, so one router hop on (see `nat`).
+    if ttl <= 1 {
+        return Ok(Reason::DropTtlExpired.into());
+    }
     let tcp_csum_quoted =
         proto == PROTO_TCP && tot_len as usize >= INNER_L4_OFF - IP_OFF + TCP_CSUM_QUOTED;
     rewrite(ctx, e, proto, tcp_csum_quoted)?;

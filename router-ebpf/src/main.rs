@@ -26,6 +26,7 @@ mod mem;
 mod nat;
 mod parse;
 mod select;
+mod seq;
 mod stats;
 mod verdict;
 
@@ -38,7 +39,7 @@ use router_common::{ConnEntry, FILTER_SNAT, FILTER_VIP, Service, ServiceKey, rea
 use crate::{
     classify::Packet,
     conn::{Lookup, Origin, Stale},
-    flow::NewFlow,
+    flow::{Confirm, NewFlow},
     maps::{DATAPATH_LOG, SERVICES, SNAT_ADDRS},
     verdict::Verdict,
 };
@@ -71,18 +72,40 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
     let now = conn::now_ns();
     let state = conn::lookup(&pkt.key, pkt.control.syn, now);
     let e = match state {
+        // Forwarding takes one from the TTL (see `nat`); a packet that has
+        // none left to give ends here, before it changes any state.
+        Lookup::Established(_) | Lookup::Reply(_) | Lookup::HalfOpen(_) if pkt.ip.ttl <= 1 => {
+            return Ok(Reason::DropTtlExpired.into());
+        }
         Lookup::Established(e) | Lookup::Reply(e) => e,
-        // The client's second packet (for TCP, the handshake's ACK)
-        // confirms the flow; a retransmitted SYN does not.
-        Lookup::HalfOpen(e) if !pkt.control.syn => flow::confirm(&pkt.key, e, now),
+        // The client's next packet (for TCP, the handshake's ACK)
+        // confirms the flow if it acknowledges the backend's answer; a
+        // retransmitted SYN does not.
+        Lookup::HalfOpen(e) if !pkt.control.syn => match flow::confirm(&pkt, e, now) {
+            Confirm::Promoted(e) | Confirm::Refused(e) => e,
+            Confirm::Unproven(e) => {
+                stats::reason(Reason::Unconfirmed);
+                e
+            }
+        },
         Lookup::HalfOpen(e) => e,
         // One arm, so the new-flow path is inlined once.
         Lookup::Stale(_) | Lookup::Miss => return untracked(ctx, &pkt, state.stale(), now),
     };
+    // A RST or FIN counts only near the sequence its direction has
+    // reached: a blind one is forwarded for the endpoint to judge, and
+    // changes nothing here.
+    let in_window = seq::track(e, &pkt);
+    let (fin_or_rst, rst) = if pkt.control.fin_or_rst && !in_window {
+        stats::reason(Reason::TcpOutOfWindow);
+        (false, false)
+    } else {
+        (pkt.control.fin_or_rst, pkt.control.rst)
+    };
     // A FIN that marks this direction closing, or any RST, may be the
     // flow's last word.
-    if conn::refresh(e, now, pkt.control.fin_or_rst) || pkt.control.rst {
-        inflight::on_close(&pkt.key, e, pkt.control.rst, now);
+    if conn::refresh(e, now, fin_or_rst) || rst {
+        inflight::on_close(&pkt.key, e, rst, now);
     }
     if e.awaits_latency() {
         latency::observe(&pkt.key, e, &pkt.l4);
@@ -112,6 +135,9 @@ fn untracked(
         // Service. An update racing this read can at worst route this one
         // packet by a mix of the old and new service.
         if let Some(svc) = unsafe { SERVICES.get(skey) } {
+            if pkt.ip.ttl <= 1 {
+                return Ok(Reason::DropTtlExpired.into());
+            }
             return new_flow(ctx, pkt, svc, stale, now);
         }
     }
@@ -153,7 +179,7 @@ fn new_flow(
     }
     let mut slot = MaybeUninit::uninit();
     let fwd: &mut ConnEntry = mem::zeroed64(&mut slot);
-    match flow::create(&pkt.key, svc, stale, now, pkt.control, fwd) {
+    match flow::create(ctx, pkt, svc, stale, now, fwd) {
         NewFlow::Created => forward::packet(ctx, fwd, pkt, Origin::NewFlow),
         NewFlow::NoBackend => Ok(Reason::DropNoBackend.into()),
         NewFlow::SnatExhausted => {

@@ -82,6 +82,18 @@ pub static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SNAT_AD
 #[map]
 pub static FIB_GEN: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Index 0: `LAYOUT_VERSION` of the daemon that created the maps. Never
+/// read here: it is pinned with the maps so a later daemon can tell
+/// whether it reads their entries the way they were written.
+#[map]
+pub static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The two words of the flow hash's secret, generated when the maps are
+/// created. Never read here (the program gets them as load-time globals):
+/// pinned, so that every program loaded over these maps hashes alike.
+#[map]
+pub static FLOW_HASH_KEY: Array<u32> = Array::with_max_entries(2, 0);
+
 #[map]
 pub static SERVICE_STATS: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(MAX_SERVICES, 0);
@@ -113,3 +125,16 @@ pub static TCP_CLOSING_NS: Global<u64> = Global::new(10_000_000_000);
 pub static UDP_IDLE_NS: Global<u64> = Global::new(30_000_000_000);
 #[unsafe(no_mangle)]
 pub static DATAPATH_LOG: Global<u32> = Global::new(0);
+/// The flow hash's secret (see `flow_hash`), kept by the daemon in the
+/// pinned `FLOW_HASH_KEY` map so a restart hashes every flow as before.
+#[unsafe(no_mangle)]
+pub static FLOW_HASH_KEY0: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static FLOW_HASH_KEY1: Global<u32> = Global::new(0);
+/// The host's ephemeral ports (`net.ipv4.ip_local_port_range`), host
+/// order: where its own connections from a SNAT address may sit (see
+/// `flow::client_port_usable`). The default, every port, is the safe one.
+#[unsafe(no_mangle)]
+pub static EPHEMERAL_PORT_MIN: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static EPHEMERAL_PORT_MAX: Global<u32> = Global::new(65535);

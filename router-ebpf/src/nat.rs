@@ -15,17 +15,38 @@ pub fn deltas(old: (u32, u32, u16, u16), new: (u32, u32, u16, u16)) -> (u32, u32
     (l3, l4)
 }
 
-/// Rewrites L3/L4 per `e`. The caller has already validated the headers, so
-/// a failed bounds check here only means the verifier needs to see it again.
+/// Who sends a translated packet on, and so takes one from its TTL.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// The program itself: it is the packet's router hop.
+    Program,
+    /// The host's stack, which decrements the TTL when it forwards.
+    Stack,
+}
+
+/// Rewrites L3/L4 per `e`; for `Hop::Program`, takes one from the TTL as
+/// a router does (the caller has checked that it is above 1). The caller
+/// has already validated the headers, so a failed bounds check here only
+/// means the verifier needs to see it again.
 #[inline(always)]
-pub fn rewrite_l3_l4(ctx: &XdpContext, e: &ConnEntry, proto: u8) -> Result<(), ()> {
+pub fn rewrite_l3_l4(ctx: &XdpContext, e: &ConnEntry, proto: u8, hop: Hop) -> Result<(), ()> {
     let ip: *mut [u8; IP_LEN] = ptr_at(ctx, IP_OFF)?;
     // SAFETY: `ptr_at` checked the header lies within the packet, which is
     // this program's alone while it runs; a byte array has no alignment.
     let ip = unsafe { &mut *ip };
     ip[12..16].copy_from_slice(&e.new_src_addr.to_ne_bytes());
     ip[16..20].copy_from_slice(&e.new_dst_addr.to_ne_bytes());
-    let c = csum::apply(u16::from_ne_bytes([ip[10], ip[11]]), e.l3_csum_delta);
+    // TTL and protocol share a 16-bit word: its change joins the flow's
+    // own delta, so the header checksum is updated once.
+    let ttl_word = u16::from_ne_bytes([ip[8], ip[9]]);
+    if hop == Hop::Program {
+        ip[8] = ip[8].wrapping_sub(1);
+    }
+    let ttl_delta = csum::delta16(ttl_word, u16::from_ne_bytes([ip[8], ip[9]]));
+    let c = csum::apply(
+        u16::from_ne_bytes([ip[10], ip[11]]),
+        e.l3_csum_delta as u32 + ttl_delta,
+    );
     ip[10..12].copy_from_slice(&c.to_ne_bytes());
     if proto == PROTO_TCP {
         let tcp: *mut [u8; TCP_LEN] = ptr_at(ctx, L4_OFF)?;
@@ -33,7 +54,10 @@ pub fn rewrite_l3_l4(ctx: &XdpContext, e: &ConnEntry, proto: u8) -> Result<(), (
         let tcp = unsafe { &mut *tcp };
         tcp[0..2].copy_from_slice(&e.new_src_port.to_ne_bytes());
         tcp[2..4].copy_from_slice(&e.new_dst_port.to_ne_bytes());
-        let c = csum::apply(u16::from_ne_bytes([tcp[16], tcp[17]]), e.l4_csum_delta);
+        let c = csum::apply(
+            u16::from_ne_bytes([tcp[16], tcp[17]]),
+            e.l4_csum_delta as u32,
+        );
         tcp[16..18].copy_from_slice(&c.to_ne_bytes());
     } else {
         let udp: *mut [u8; UDP_LEN] = ptr_at(ctx, L4_OFF)?;
@@ -44,13 +68,30 @@ pub fn rewrite_l3_l4(ctx: &XdpContext, e: &ConnEntry, proto: u8) -> Result<(), (
         let old = u16::from_ne_bytes([udp[6], udp[7]]);
         // A zero UDP checksum means "none" and stays so; a computed zero is sent as all-ones.
         if old != 0 {
-            let c = match csum::apply(old, e.l4_csum_delta) {
+            let c = match csum::apply(old, e.l4_csum_delta as u32) {
                 0 => 0xffff,
                 c => c,
             };
             udp[6..8].copy_from_slice(&c.to_ne_bytes());
         }
     }
+    Ok(())
+}
+
+/// Takes one from the TTL of the packet's IPv4 header (without options),
+/// with its checksum, as `rewrite_l3_l4` does for `Hop::Program`: for a
+/// packet the program sends on already translated (an ICMP error, see
+/// `icmp`; the caller has checked that the TTL is above 1).
+#[inline(always)]
+pub fn take_ttl(ctx: &XdpContext) -> Result<(), ()> {
+    let ip: *mut [u8; IP_LEN] = ptr_at(ctx, IP_OFF)?;
+    // SAFETY: as in `rewrite_l3_l4`.
+    let ip = unsafe { &mut *ip };
+    let ttl_word = u16::from_ne_bytes([ip[8], ip[9]]);
+    ip[8] = ip[8].wrapping_sub(1);
+    let delta = csum::delta16(ttl_word, u16::from_ne_bytes([ip[8], ip[9]]));
+    let c = csum::apply(u16::from_ne_bytes([ip[10], ip[11]]), delta);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
     Ok(())
 }
 

@@ -49,6 +49,7 @@ pub struct Ipv4 {
     pub src: u32,
     pub dst: u32,
     pub tot_len: u16,
+    pub ttl: u8,
 }
 
 /// The transport part of a balancable packet. Offsets are fixed (no IP
@@ -62,6 +63,9 @@ pub struct L4 {
     /// Bytes after the TCP header (0 for UDP): the latency stamps look for
     /// the first packet that carries data, not a bare ACK.
     pub payload_len: u16,
+    /// TCP sequence and acknowledgement numbers, host order; 0 for UDP.
+    pub seq: u32,
+    pub ack_seq: u32,
 }
 
 impl L4 {
@@ -99,6 +103,7 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Skip> {
         src: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
         dst: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
         tot_len: tot_len as u16,
+        ttl: ip[8],
     })
 }
 
@@ -132,6 +137,8 @@ pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
                 dst_port: u16::from_ne_bytes([tcp[2], tcp[3]]),
                 tcp_flags: tcp[13],
                 payload_len: (tot_len - IP_LEN - doff) as u16,
+                seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+                ack_seq: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
             })
         }
         PROTO_UDP => {
@@ -148,6 +155,8 @@ pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
                 dst_port: u16::from_ne_bytes([udp[2], udp[3]]),
                 tcp_flags: 0,
                 payload_len: 0,
+                seq: 0,
+                ack_seq: 0,
             })
         }
         PROTO_ICMP => Err(Skip::Icmp),

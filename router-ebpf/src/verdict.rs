@@ -26,14 +26,18 @@ impl Action for Reason {
             | Reason::DropNoBackend
             | Reason::DropConnTableFull
             | Reason::DropSnatExhausted
-            | Reason::DropNoReplyEntry => xdp_action::XDP_DROP,
+            | Reason::DropNoReplyEntry
+            | Reason::DropTtlExpired => xdp_action::XDP_DROP,
             Reason::Tx => xdp_action::XDP_TX,
             // A redirect's action is what bpf_redirect returns, and only
             // `Verdict::redirect` calls it; without the call the kernel has
-            // no target. LRU_MISS is counted beside a verdict, never as one.
-            // Either here is a bug, which XDP_ABORTED makes visible in the
-            // xdp_exception tracepoint instead of sending the packet astray.
-            Reason::Redirect | Reason::LruMiss => xdp_action::XDP_ABORTED,
+            // no target. The events are counted beside a verdict, never as
+            // one. Either here is a bug, which XDP_ABORTED makes visible in
+            // the xdp_exception tracepoint instead of sending the packet
+            // astray.
+            Reason::Redirect | Reason::LruMiss | Reason::TcpOutOfWindow | Reason::Unconfirmed => {
+                xdp_action::XDP_ABORTED
+            }
         }
     }
 }

@@ -31,7 +31,7 @@ enum Command {
     /// serve the control socket. Stopping the daemon leaves the datapath
     /// forwarding on the last weights; the next daemon takes it over.
     Daemon {
-        #[arg(long, required_unless_present = "cleanup")]
+        #[arg(long, required_unless_present_any = ["cleanup", "prepare_for"])]
         config: Option<PathBuf>,
         /// Where the program, maps and links are pinned (bpffs); overrides
         /// `[daemon] pin_path`.
@@ -41,6 +41,11 @@ enum Command {
         /// pinned object, then exit (established connections are reset).
         #[arg(long)]
         cleanup: bool,
+        /// As root, before a daemon that runs as USER (a name or uid): make
+        /// pin_path (created if missing) and everything pinned under it
+        /// USER's, then exit. The systemd unit runs it as ExecStartPre=+.
+        #[arg(long, value_name = "USER", conflicts_with = "cleanup")]
+        prepare_for: Option<String>,
     },
     /// Serve this host's GPU readings (NVML) over HTTP/JSON for remote routers.
     Agent {
@@ -211,14 +216,16 @@ fn daemon_command(
     config: Option<PathBuf>,
     pin_path: Option<PathBuf>,
     cleanup: bool,
+    prepare_for: Option<String>,
     socket: &std::path::Path,
 ) -> Result<()> {
-    if !cleanup {
+    if !cleanup && prepare_for.is_none() {
         let config = config.context("--config is required")?;
         return daemon::run(&config, &daemon::DaemonOptions { pin_path });
     }
     // The config, when given, only names the pin path and control socket:
-    // cleaning up must work even when the host no longer fits it.
+    // cleaning up must work even when the host no longer fits it, and
+    // preparing runs before the network the host check needs may be up.
     let cfg = config
         .as_deref()
         .map(router::config::Config::load)
@@ -226,6 +233,10 @@ fn daemon_command(
     let pin_path = pin_path
         .or_else(|| cfg.as_ref().map(|c| c.daemon.pin_path.clone()))
         .unwrap_or_else(|| router::config::DEFAULT_PIN_PATH.into());
+    if let Some(user) = prepare_for {
+        println!("{}", daemon::prepare_for(&pin_path, &user)?);
+        return Ok(());
+    }
     let socket = cfg
         .as_ref()
         .map_or(socket, |c| c.daemon.control_socket.as_path());
@@ -249,7 +260,8 @@ fn run(cli: Cli) -> Result<()> {
             config,
             pin_path,
             cleanup,
-        } => return daemon_command(config, pin_path, cleanup, &cli.socket),
+            prepare_for,
+        } => return daemon_command(config, pin_path, cleanup, prepare_for, &cli.socket),
         other => other,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,8 +1,15 @@
 //! Small files the daemon keeps beside its control socket (operator
 //! overrides, the interface settings it changed). They steer traffic or
 //! the host, so they are written atomically and never through a link, and
-//! read only when this daemon's user owns them and nobody else can write
-//! them.
+//! read only when a trusted user owns them and nobody else can write them.
+//!
+//! Trusted: this process's user, root, and the owner of the directory that
+//! holds the file, when nobody else can write that directory. The last is
+//! what lets root run `router daemon --cleanup` for a daemon that runs as
+//! its own user: the daemon's files are that user's, in that user's
+//! directory (systemd's `RuntimeDirectory=`), and whoever owns the
+//! directory could replace any file in it anyway. What such a file may ask
+//! of root is checked by its reader (see `host::settings::Record`).
 
 use std::{
     io::Write,
@@ -24,8 +31,9 @@ pub fn beside(control_socket: &Path, suffix: &str) -> PathBuf {
 
 /// The file's bytes, or `None` when there is none. A symbolic link (someone
 /// could point it at a file of their choosing), something that is not a
-/// regular file, a file owned by another user or writable by group or
-/// others is an error naming the problem.
+/// regular file, a file owned by a user this process does not trust (see
+/// the module's notes) or writable by group or others is an error naming
+/// the problem.
 pub fn read(path: &Path) -> Result<Option<Vec<u8>>> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = match std::fs::OpenOptions::new()
@@ -46,14 +54,39 @@ pub fn read(path: &Path) -> Result<Option<Vec<u8>>> {
     let meta = file
         .metadata()
         .with_context(|| format!("reading {}", path.display()))?;
-    trusted(path, &meta, nix::unistd::geteuid().as_raw())?;
+    trusted(
+        path,
+        &meta,
+        nix::unistd::geteuid().as_raw(),
+        directory_owner(path),
+    )?;
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut &file, &mut bytes)
         .with_context(|| format!("reading {}", path.display()))?;
     Ok(Some(bytes))
 }
 
-pub(super) fn trusted(path: &Path, meta: &std::fs::Metadata, euid: u32) -> Result<()> {
+/// The owner of the directory holding `path`, if only that owner can write
+/// the directory (a directory others can write lends its owner no trust:
+/// anyone could have put the file there).
+fn directory_owner(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let meta = std::fs::symlink_metadata(dir).ok()?;
+    (meta.is_dir() && meta.mode() & 0o022 == 0).then_some(meta.uid())
+}
+
+/// Whether a file with `meta` may be read by a process with effective uid
+/// `euid`, in a directory owned (and writable only) by `dir_owner`.
+pub(super) fn trusted(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    euid: u32,
+    dir_owner: Option<u32>,
+) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     if !meta.file_type().is_file() {
         bail!(
@@ -61,12 +94,16 @@ pub(super) fn trusted(path: &Path, meta: &std::fs::Metadata, euid: u32) -> Resul
             path.display()
         );
     }
-    if meta.uid() != euid {
+    let owner = meta.uid();
+    if owner != euid && owner != 0 && Some(owner) != dir_owner {
         bail!(
-            "{} is owned by uid {}, not by this daemon (uid {euid}); refusing to read it \
-             (remove the file)",
+            "{} is owned by uid {owner}, which is neither this process's user (uid {euid}), \
+             root, nor the owner of its directory{}; refusing to read it (remove the file)",
             path.display(),
-            meta.uid()
+            match dir_owner {
+                Some(uid) => format!(" (uid {uid})"),
+                None => " (which others can write)".into(),
+            }
         );
     }
     if meta.mode() & 0o022 != 0 {

@@ -37,9 +37,15 @@ use crate::{
     server::{bounded, control, metrics},
 };
 
+/// The datapath's load-time settings for `cfg` on this host. The host's
+/// ephemeral range is read here; unreadable, every port counts as one the
+/// host may use (the program then looks for a host socket each time).
 pub fn load_options(cfg: &Config) -> LoadOptions {
     let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     LoadOptions {
+        ephemeral_ports: facts::ephemeral_port_range().unwrap_or((0, u16::MAX)),
+        // The pinned one, or a new one when the maps are new.
+        flow_hash_key: None,
         table_size: cfg.daemon.table_size,
         conn_table_size: cfg.daemon.conn_table_size,
         tcp_idle_ns: ns(cfg.daemon.tcp_idle_timeout),
@@ -419,6 +425,47 @@ async fn serve(
     Ok(())
 }
 
+/// `router daemon --prepare-for USER`, as root before a daemon that runs
+/// as USER (the unit's `ExecStartPre=+`): hands pin_path and everything
+/// pinned under it to USER (see `pinning::hand_over`). USER is a name, or
+/// a uid whose group is its passwd entry's, or the same number when it has
+/// none. It mounts no bpffs: under systemd even `+` commands get a mount
+/// namespace of their own, where a mount would not outlive them.
+pub fn prepare_for(pin_path: &Path, user: &str) -> Result<String> {
+    let (uid, gid, name) = resolve_user(user)?;
+    let done = crate::datapath::pinning::hand_over(&PinDir::new(pin_path), uid, gid)
+        .with_context(|| format!("handing {} to {name}", pin_path.display()))?;
+    Ok(format!(
+        "{} {}owned by {name} (uid {uid}, gid {gid}), mode 0700{}",
+        pin_path.display(),
+        if done.created { "created, " } else { "" },
+        match done.entries {
+            0 => String::new(),
+            n => format!(", with the {n} pinned objects and directories under it"),
+        }
+    ))
+}
+
+/// `(uid, gid, name for messages)` of a user name or numeric uid.
+fn resolve_user(user: &str) -> Result<(u32, u32, String)> {
+    use nix::unistd::{Uid, User};
+    if let Ok(uid) = user.parse::<u32>() {
+        let entry =
+            User::from_uid(Uid::from_raw(uid)).with_context(|| format!("looking up uid {uid}"))?;
+        return Ok(match entry {
+            Some(u) => (uid, u.gid.as_raw(), u.name),
+            None => (uid, uid, format!("uid {uid}")),
+        });
+    }
+    match User::from_name(user).with_context(|| format!("looking up user {user:?}"))? {
+        Some(u) => Ok((u.uid.as_raw(), u.gid.as_raw(), u.name)),
+        None => anyhow::bail!(
+            "user {user:?} does not exist: create it first (systemd-sysusers \
+             /usr/lib/sysusers.d/router.conf, from packaging/sysusers.d/router.conf)"
+        ),
+    }
+}
+
 /// `router daemon --cleanup`: detaches the pinned datapath from every
 /// interface and removes every pinned object. Refused while a daemon
 /// answers on `socket`, which would go on writing maps nobody reads.
@@ -430,6 +477,18 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
             socket.display()
         );
     }
+    // Read first: a record that cannot be trusted or used (see
+    // `host_settings::load_record`) stops the cleanup with nothing removed.
+    let record_at = host_settings::record_path(socket);
+    let record = host_settings::load_record(&record_at)
+        .context("reading the interface settings the daemon changed")?;
+    let netns = match record {
+        Some(_) => Some(
+            host_settings::current_netns()
+                .context("reading this process's network namespace (/proc/self/ns/net)")?,
+        ),
+        None => None,
+    };
     let pins = PinDir::new(pin_path);
     let removed = crate::datapath::pinning::remove_all(&pins)
         .with_context(|| format!("removing the datapath pinned under {}", pin_path.display()))?;
@@ -441,9 +500,12 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
     {
         warn!("removing {}: {e}", saved.display());
     }
-    let mut restored = host_settings::restore(&host_settings::record_path(socket))
-        .context("restoring interface settings")?
-        .join("\n");
+    let mut restored = match (&record, &netns) {
+        (Some(r), Some(here)) => host_settings::restore_record(&record_at, r, here)
+            .context("restoring interface settings")?
+            .join("\n"),
+        _ => String::new(),
+    };
     if !restored.is_empty() {
         restored.insert(0, '\n');
     }

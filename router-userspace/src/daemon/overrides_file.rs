@@ -124,18 +124,40 @@ mod tests {
         assert!(err.contains("writable by group or others"), "{err}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(load(&path).unwrap(), drained(None));
-        // Ownership is checked against the caller's uid; the check itself is
-        // pure, so it is tried with a uid that does not own the file.
-        let meta = std::fs::metadata(&path).unwrap();
-        let other = nix::unistd::geteuid().as_raw().wrapping_add(1);
+        // Ownership is checked against the reader's uid, root and the
+        // directory's owner. The check is pure, so it is tried with made-up
+        // readers; run as root, the file is also given to another user and
+        // back, so both kinds of owner are tried.
+        let check_owned_by = |owner: u32| {
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), owner);
+            let trusted = |euid, dir_owner| state_file::trusted(&path, &meta, euid, dir_owner);
+            let stranger = owner.wrapping_add(1).max(1);
+            if owner == 0 {
+                // Root's file: anyone may read it.
+                trusted(stranger, None).unwrap();
+                return;
+            }
+            trusted(owner, None).unwrap();
+            let err = format!("{:#}", trusted(stranger, Some(stranger)).unwrap_err());
+            assert!(err.contains("owned by uid"), "{err}");
+            let err = format!("{:#}", trusted(stranger, None).unwrap_err());
+            assert!(err.contains("which others can write"), "{err}");
+            // Root running --cleanup for a daemon that runs as `owner`, in
+            // `owner`'s directory.
+            trusted(0, Some(owner)).unwrap();
+        };
+        let me = nix::unistd::geteuid().as_raw();
+        check_owned_by(me);
+        if me == 0 {
+            let other = nix::unistd::Uid::from_raw(64_999);
+            nix::unistd::chown(&path, Some(other), None).unwrap();
+            check_owned_by(other.as_raw());
+            nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+        }
         let err = format!(
             "{:#}",
-            state_file::trusted(&path, &meta, other).unwrap_err()
-        );
-        assert!(err.contains("owned by uid"), "{err}");
-        let err = format!(
-            "{:#}",
-            state_file::trusted(&dir, &std::fs::metadata(&dir).unwrap(), 0).unwrap_err()
+            state_file::trusted(&dir, &std::fs::metadata(&dir).unwrap(), 0, None).unwrap_err()
         );
         assert!(err.contains("not a regular file"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();

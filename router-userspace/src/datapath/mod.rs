@@ -94,9 +94,24 @@ pub enum DatapathError {
          every connection: not hitless)"
     )]
     PinnedMap { map: String, detail: String },
+    #[error("drawing the flow hash's secret (getrandom): {0}")]
+    Random(#[source] std::io::Error),
     #[error(
-        "pin_path {}: holds {} that this daemon does not pin ({}); nothing was removed: \
-         check pin_path",
+        "the datapath pinned under {} was written by a router whose map layout is {}, this one's \
+         is {want}; it cannot read those entries: run `router daemon --cleanup` with the \
+         router that pinned it, or with this one (it detaches and resets every connection: \
+         not hitless)",
+        dir.display(),
+        have.map_or_else(|| "older than layout stamps".to_string(), |v| v.to_string())
+    )]
+    LayoutMismatch {
+        dir: PathBuf,
+        have: Option<u32>,
+        want: u32,
+    },
+    #[error(
+        "pin_path {}: holds {} that this daemon does not pin ({}); nothing was removed or \
+         changed: check pin_path",
         path.display(),
         if found.len() == 1 { "an entry" } else { "entries" },
         found.join(", ")
@@ -104,6 +119,10 @@ pub enum DatapathError {
     ForeignPins { path: PathBuf, found: Vec<String> },
     #[error("pinned link {}: {detail}", path.display())]
     PinnedLink { path: PathBuf, detail: String },
+    /// This process cannot create or write pins at pin_path (a daemon
+    /// that runs as its own user, not root), with what to change.
+    #[error("pin_path {}: {detail}", path.display())]
+    PinAccess { path: PathBuf, detail: String },
     #[error("pinning {what}: {source}")]
     Pin {
         what: String,
@@ -142,6 +161,8 @@ pub struct Datapath {
     load: std::sync::Arc<LoadCounters>,
     /// Least-loaded services with more backends than this draw two choices.
     scan_limit: usize,
+    /// The flow hash's secret (see `router_common::flow_hash`).
+    flow_hash_key: [u32; 2],
 }
 
 enum Attachment {
@@ -170,11 +191,44 @@ fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 3], DatapathEr
     ])
 }
 
-/// The loader with every load-time setting; `log` is `datapath_log` as the
-/// program's u32.
+/// Load-time settings in the program's own types (u32 where the options
+/// hold a bool or u16).
+struct Globals {
+    log: u32,
+    ephemeral_min: u32,
+    ephemeral_max: u32,
+    flow_hash_key: [u32; 2],
+}
+
+impl Globals {
+    fn of(opts: &LoadOptions, flow_hash_key: [u32; 2]) -> Self {
+        Self {
+            log: u32::from(opts.datapath_log),
+            ephemeral_min: u32::from(opts.ephemeral_ports.0),
+            ephemeral_max: u32::from(opts.ephemeral_ports.1),
+            flow_hash_key,
+        }
+    }
+}
+
+/// A fresh flow-hash secret from the kernel's random pool.
+fn new_flow_hash_key() -> Result<[u32; 2], DatapathError> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`,
+    // which lives for the call.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(DatapathError::Random(std::io::Error::last_os_error()));
+    }
+    let (a, b) = bytes.split_at(4);
+    let word = |w: &[u8]| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]);
+    Ok([word(a), word(b)])
+}
+
+/// The loader with every load-time setting.
 fn loader<'a>(
     opts: &'a LoadOptions,
-    log: &'a u32,
+    globals: &'a Globals,
     sized: &[(&'static str, u32)],
 ) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
@@ -183,7 +237,11 @@ fn loader<'a>(
         .override_global("TCP_IDLE_NS", &opts.tcp_idle_ns, true)
         .override_global("TCP_CLOSING_NS", &opts.tcp_closing_ns, true)
         .override_global("UDP_IDLE_NS", &opts.udp_idle_ns, true)
-        .override_global("DATAPATH_LOG", log, true);
+        .override_global("DATAPATH_LOG", &globals.log, true)
+        .override_global("EPHEMERAL_PORT_MIN", &globals.ephemeral_min, true)
+        .override_global("EPHEMERAL_PORT_MAX", &globals.ephemeral_max, true)
+        .override_global("FLOW_HASH_KEY0", &globals.flow_hash_key[0], true)
+        .override_global("FLOW_HASH_KEY1", &globals.flow_hash_key[1], true);
     for (name, size) in sized {
         loader.map_max_entries(name, *size);
     }
@@ -195,9 +253,13 @@ impl Datapath {
     /// goes away with the returned value.
     pub fn load(opts: LoadOptions) -> Result<Self, DatapathError> {
         let sized = sized_maps(&opts)?;
-        let log = u32::from(opts.datapath_log);
-        let ebpf = loader(&opts, &log, &sized).load(ROUTER_OBJ)?;
-        Self::finish_load(ebpf, opts, None)
+        let key = match opts.flow_hash_key {
+            Some(k) => k,
+            None => new_flow_hash_key()?,
+        };
+        let globals = Globals::of(&opts, key);
+        let ebpf = loader(&opts, &globals, &sized).load(ROUTER_OBJ)?;
+        Self::finish_load(ebpf, opts, None, key)
     }
 
     /// Loads the program against the maps pinned under `dir`, creating and
@@ -212,13 +274,21 @@ impl Datapath {
         let layouts = pinning::pinned_layouts(ROUTER_OBJ, &sized)?;
         dir.create()?;
         let adopted = pinning::check_pinned(dir, &layouts)?;
-        let log = u32::from(opts.datapath_log);
-        let mut loader = loader(&opts, &log, &sized);
+        pinning::check_layout_stamp(dir, &adopted)?;
+        // The pinned secret, so every flow hashes as it did before the
+        // restart; a new one only for maps created now.
+        let key = match (opts.flow_hash_key, adopted.contains("FLOW_HASH_KEY")) {
+            (Some(k), _) => k,
+            (None, true) => pinning::pinned_flow_hash_key(dir)?,
+            (None, false) => new_flow_hash_key()?,
+        };
+        let globals = Globals::of(&opts, key);
+        let mut loader = loader(&opts, &globals, &sized);
         for l in &layouts {
             loader.map_pin_path(&l.name, dir.map(&l.name));
         }
         let ebpf = loader.load(ROUTER_OBJ)?;
-        let mut dp = Self::finish_load(ebpf, opts, Some(dir.clone()))?;
+        let mut dp = Self::finish_load(ebpf, opts, Some(dir.clone()), key)?;
         // The services are what the rest is read through: with them
         // pinned there is a datapath to adopt (maps created just now read
         // as empty, which is what they hold).
@@ -233,6 +303,7 @@ impl Datapath {
         mut ebpf: Ebpf,
         opts: LoadOptions,
         pins: Option<PinDir>,
+        flow_hash_key: [u32; 2],
     ) -> Result<Self, DatapathError> {
         let program: &mut Xdp = ebpf
             .program_mut("router")
@@ -252,12 +323,39 @@ impl Datapath {
             adopted: None,
             load,
             scan_limit: SCAN_LIMIT,
+            flow_hash_key: [0; 2],
         };
         // A pinned generation counts on, so no cached next hop can match
         // a generation it was not resolved under.
         dp.fib_gen = dp.fib_gen_map()?.get(&0, 0).map_err(map_err("FIB_GEN"))?;
         dp.bump_fib_generation()?;
+        // Stamped on every load: maps just created get it, adopted ones
+        // hold it already (`check_layout_stamp`).
+        let mut layout: Array<_, u32> = Array::try_from(
+            dp.ebpf
+                .map_mut("LAYOUT")
+                .ok_or(DatapathError::MissingMap("LAYOUT"))?,
+        )
+        .map_err(map_err("LAYOUT"))?;
+        layout
+            .set(0, router_common::LAYOUT_VERSION, 0)
+            .map_err(map_err("LAYOUT"))?;
+        let mut key_map: Array<_, u32> = Array::try_from(
+            dp.ebpf
+                .map_mut("FLOW_HASH_KEY")
+                .ok_or(DatapathError::MissingMap("FLOW_HASH_KEY"))?,
+        )
+        .map_err(map_err("FLOW_HASH_KEY"))?;
+        for (i, w) in (0u32..).zip(flow_hash_key) {
+            key_map.set(i, w, 0).map_err(map_err("FLOW_HASH_KEY"))?;
+        }
+        dp.flow_hash_key = flow_hash_key;
         Ok(dp)
+    }
+
+    /// The flow hash's secret this datapath's program was loaded with.
+    pub fn flow_hash_key(&self) -> [u32; 2] {
+        self.flow_hash_key
     }
 
     pub fn options(&self) -> &LoadOptions {

@@ -75,9 +75,11 @@ impl PinDir {
         self.links().join(encode_interface(interface))
     }
 
-    /// Checks that the directory is (or would be) on bpffs and creates it.
+    /// Checks that the directory is (or would be) on bpffs and that this
+    /// process can write there, and creates it.
     pub(super) fn create(&self) -> Result<(), DatapathError> {
         check_bpffs(&self.root)?;
+        check_access(&self.root)?;
         for dir in [self.root.clone(), self.maps(), self.links()] {
             std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
@@ -186,6 +188,244 @@ fn on_bpffs(dir: &Path, probe: &Path) -> Result<bool, DatapathError> {
         return Err(io_err(probe)(io::Error::last_os_error()));
     }
     Ok(st.f_type == BPF_FS_MAGIC)
+}
+
+/// `faccessat2(2)` with `AT_EACCESS`: what this process may do at `path`
+/// with its effective ids and capabilities (`access(2)` would answer for
+/// the real uid, and without capabilities unless that uid is 0).
+fn effective_access(path: &Path, mode: libc::c_int) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: faccessat2(2) reads a NUL-terminated path that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_faccessat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            mode,
+            libc::AT_EACCESS,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `owner uid N, mode NNNN` of `path`, for messages.
+fn describe_owner(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => format!("owner uid {}, mode {:04o}", m.uid(), m.mode() & 0o7777),
+        Err(e) => format!("cannot be read: {e}"),
+    }
+}
+
+/// Checks that this process can create `dir` or write in it, naming what
+/// stands in the way otherwise: a directory on the way it cannot search, a
+/// pin directory that belongs to someone else, a read-only mount. Root
+/// passes; a daemon that runs as its own user needs the directory handed to
+/// it first (`router daemon --prepare-for`). Kernels without faccessat2
+/// (before 5.8, which have no CAP_BPF either) are not checked here.
+pub(super) fn check_access(dir: &Path) -> Result<(), DatapathError> {
+    let uid = nix::unistd::geteuid().as_raw();
+    let fail = |detail: String| DatapathError::PinAccess {
+        path: dir.to_path_buf(),
+        detail,
+    };
+    let mut probe = dir;
+    let err = loop {
+        match effective_access(probe, libc::W_OK | libc::X_OK) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match probe.parent() {
+                Some(parent) => probe = parent,
+                None => return Ok(()),
+            },
+            Err(e) => break e,
+        }
+    };
+    let hand_over = "hand it to this user as root first: `router daemon --prepare-for USER` \
+                     (the systemd unit's ExecStartPre=+ does)";
+    match err.raw_os_error() {
+        Some(libc::EROFS) => Err(fail(format!(
+            "{}{} is on a read-only mount, so uid {uid} cannot pin there; under systemd, \
+             ProtectKernelTunables=yes mounts /sys/fs/bpf read-only and ReadWritePaths=/sys/fs/bpf \
+             does not undo it: list pin_path itself in ReadWritePaths= (the unit lists \
+             /sys/fs/bpf/router) and create it before the daemon starts (the unit's \
+             ExecStartPre=+ does)",
+            if probe == dir {
+                ""
+            } else {
+                "does not exist, and "
+            },
+            probe.display()
+        ))),
+        Some(libc::EACCES) => {
+            // Either `probe` itself, or a directory on the way to it.
+            if effective_access(probe, libc::F_OK).is_err() {
+                let blocked = probe
+                    .ancestors()
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .find(|a| effective_access(a, libc::X_OK).is_err())
+                    .unwrap_or(probe);
+                return Err(fail(format!(
+                    "uid {uid} cannot reach it: {} ({}) is not searchable by it; a daemon that \
+                     runs as its own user needs CAP_DAC_READ_SEARCH while it starts (the systemd \
+                     unit grants it) where bpffs is mounted mode 0700, as systemd mounts \
+                     /sys/fs/bpf",
+                    blocked.display(),
+                    describe_owner(blocked)
+                )));
+            }
+            if probe == dir {
+                Err(fail(format!(
+                    "not writable by uid {uid} ({}); {hand_over}",
+                    describe_owner(probe)
+                )))
+            } else {
+                Err(fail(format!(
+                    "does not exist, and uid {uid} cannot create it in {} ({}); {hand_over}",
+                    probe.display(),
+                    describe_owner(probe)
+                )))
+            }
+        }
+        _ => Err(io_err(probe)(err)),
+    }
+}
+
+/// What [`hand_over`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HandedOver {
+    /// pin_path did not exist and was created.
+    pub created: bool,
+    /// Objects and directories under pin_path whose owner was set.
+    pub entries: usize,
+}
+
+/// Opens the directory `name` (relative to `at`, or absolute) without
+/// following a symbolic link in its last component.
+fn open_dir(at: libc::c_int, name: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(name.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: openat(2) reads a NUL-terminated path that outlives the call.
+    let fd = unsafe {
+        libc::openat(
+            at,
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The names in the directory open as `fd`.
+fn names_in(fd: &OwnedFd, path: &Path) -> Result<Vec<String>, DatapathError> {
+    list(Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())))
+        .map_err(|_| io_err(path)(io::Error::other("listing it through its descriptor")))
+}
+
+/// Makes `dir` (created if missing) mode 0700 and owned by `uid`:`gid`,
+/// with everything pinned under it, for a daemon that runs as that user:
+/// bpffs pins are files, and those of a daemon that ran as root are closed
+/// to it. Run as root, before such a daemon starts (the unit's
+/// `ExecStartPre=+`). Everything is checked before anything changes: a
+/// pin_path that is not a directory, or holds entries this daemon does not
+/// pin (a mistyped pin_path, say the bpffs root, whose other programs' pins
+/// must not change hands), changes nothing.
+///
+/// The directory belongs to the user it is handed to, who could swap
+/// `maps` or `links` for a link to anywhere between a check and a change
+/// made by path. So every change goes through descriptors: the directories
+/// are opened without following links, their entries are changed relative
+/// to those descriptors, and a link found in them is changed itself, never
+/// what it points to.
+pub fn hand_over(dir: &PinDir, uid: u32, gid: u32) -> Result<HandedOver, DatapathError> {
+    check_bpffs(dir.root())?;
+    let not_a_dir = |path: &Path| DatapathError::PinAccess {
+        path: path.to_path_buf(),
+        detail: "is not a directory (a symbolic link or a file); nothing was changed".into(),
+    };
+    let opened = |at: libc::c_int, name: &Path, path: &Path| match open_dir(at, name) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+            Err(not_a_dir(path))
+        }
+        Err(e) => Err(io_err(path)(e)),
+    };
+    let (root, created) = match opened(libc::AT_FDCWD, dir.root(), dir.root())? {
+        Some(fd) => (fd, false),
+        None => {
+            std::fs::create_dir_all(dir.root()).map_err(io_err(dir.root()))?;
+            let fd = opened(libc::AT_FDCWD, dir.root(), dir.root())?
+                .ok_or_else(|| io_err(dir.root())(io::ErrorKind::NotFound.into()))?;
+            (fd, true)
+        }
+    };
+    let mut subdirs = Vec::new();
+    if !created {
+        let found = foreign_entries(dir)?;
+        if !found.is_empty() {
+            return Err(DatapathError::ForeignPins {
+                path: dir.root().to_path_buf(),
+                found,
+            });
+        }
+        for (name, path) in [("maps", dir.maps()), ("links", dir.links())] {
+            if let Some(fd) = opened(root.as_raw_fd(), Path::new(name), &path)? {
+                let names = names_in(&fd, &path)?;
+                subdirs.push((fd, path, names));
+            }
+        }
+    }
+
+    let uid_ = nix::unistd::Uid::from_raw(uid);
+    let gid_ = nix::unistd::Gid::from_raw(gid);
+    let failed = |path: &Path, e: nix::Error| {
+        io_err(path)(io::Error::other(format!(
+            "giving it to uid {uid}, gid {gid}: {e}"
+        )))
+    };
+    let chown_in = |at: &OwnedFd, name: &str, path: &Path| match nix::unistd::fchownat(
+        Some(at.as_raw_fd()),
+        name,
+        Some(uid_),
+        Some(gid_),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
+        Err(e) => Err(failed(&path.join(name), e)),
+    };
+    let mut entries = 0;
+    for (fd, path, names) in &subdirs {
+        for name in names {
+            chown_in(fd, name, path)?;
+        }
+        nix::unistd::fchown(fd.as_raw_fd(), Some(uid_), Some(gid_)).map_err(|e| failed(path, e))?;
+        entries += names.len() + 1;
+    }
+    if !created {
+        for name in ["prog", "prog_next"] {
+            if std::fs::symlink_metadata(dir.root().join(name)).is_ok() {
+                chown_in(&root, name, dir.root())?;
+                entries += 1;
+            }
+        }
+    }
+    nix::unistd::fchown(root.as_raw_fd(), Some(uid_), Some(gid_))
+        .map_err(|e| failed(dir.root(), e))?;
+    nix::sys::stat::fchmod(root.as_raw_fd(), nix::sys::stat::Mode::S_IRWXU)
+        .map_err(|e| failed(dir.root(), e))?;
+    Ok(HandedOver { created, entries })
 }
 
 /// Whether `pin_path` has a BPF filesystem, and what the daemon does if not.
@@ -364,6 +604,65 @@ pub(super) fn check_pinned(
         adopted.insert(want.name.clone());
     }
     Ok(adopted)
+}
+
+/// Refuses a pinned datapath whose maps were written in another layout
+/// (see `router_common::LAYOUT_VERSION`): its entries would be misread,
+/// and a `ConnEntry` misread rewrites live connections' packets wrongly.
+/// `adopted` are the pinned maps that fit by size; none means nothing is
+/// pinned yet. A datapath pinned before the stamp existed has no `LAYOUT`.
+pub(super) fn check_layout_stamp(
+    dir: &PinDir,
+    adopted: &BTreeSet<String>,
+) -> Result<(), DatapathError> {
+    let want = router_common::LAYOUT_VERSION;
+    if adopted.iter().all(|m| m == "LAYOUT") {
+        return Ok(());
+    }
+    let have = if adopted.contains("LAYOUT") {
+        let map = pinned_u32_array(dir, "LAYOUT")?;
+        Some(map.get(&0, 0).map_err(|e| DatapathError::PinnedMap {
+            map: "LAYOUT".into(),
+            detail: e.to_string(),
+        })?)
+    } else {
+        None
+    };
+    if have == Some(want) {
+        return Ok(());
+    }
+    Err(DatapathError::LayoutMismatch {
+        dir: dir.root().to_path_buf(),
+        have,
+        want,
+    })
+}
+
+/// The flow hash's secret pinned with the maps (see `FLOW_HASH_KEY`).
+pub(super) fn pinned_flow_hash_key(dir: &PinDir) -> Result<[u32; 2], DatapathError> {
+    let map = pinned_u32_array(dir, "FLOW_HASH_KEY")?;
+    let word = |i: u32| {
+        map.get(&i, 0).map_err(|e| DatapathError::PinnedMap {
+            map: "FLOW_HASH_KEY".into(),
+            detail: e.to_string(),
+        })
+    };
+    Ok([word(0)?, word(1)?])
+}
+
+fn pinned_u32_array(
+    dir: &PinDir,
+    name: &str,
+) -> Result<aya::maps::Array<aya::maps::MapData, u32>, DatapathError> {
+    let path = dir.map(name);
+    let data = aya::maps::MapData::from_pin(&path).map_err(|e| DatapathError::PinnedMap {
+        map: name.into(),
+        detail: format!("cannot open {}: {e}", path.display()),
+    })?;
+    aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(|e| DatapathError::PinnedMap {
+        map: name.into(),
+        detail: e.to_string(),
+    })
 }
 
 /// `bpf(2)` on a raw attribute struct; aya 0.14 does not expose

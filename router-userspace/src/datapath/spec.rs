@@ -73,6 +73,15 @@ pub struct LoadOptions {
     pub tcp_closing_ns: u64,
     pub udp_idle_ns: u64,
     pub datapath_log: bool,
+    /// The host's ephemeral port range (`net.ipv4.ip_local_port_range`),
+    /// inclusive: a new flow takes its client's port as SNAT port there
+    /// only when no host socket holds that 4-tuple. The default, every
+    /// port, always looks.
+    pub ephemeral_ports: (u16, u16),
+    /// The flow hash's secret. None: the one pinned with the maps, or a
+    /// new random one for maps created now. Tests that predict Maglev
+    /// slots set it.
+    pub flow_hash_key: Option<[u32; 2]>,
 }
 
 impl Default for LoadOptions {
@@ -84,6 +93,8 @@ impl Default for LoadOptions {
             tcp_closing_ns: 10_000_000_000,
             udp_idle_ns: 30_000_000_000,
             datapath_log: false,
+            ephemeral_ports: (0, u16::MAX),
+            flow_hash_key: None,
         }
     }
 }

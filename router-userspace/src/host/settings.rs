@@ -69,6 +69,27 @@ fn why(key: &str) -> &'static str {
     }
 }
 
+/// The keys this module writes: a record naming any other is refused.
+const KEYS: [&str; 3] = ["forwarding", "accept_local", "rp_filter"];
+
+/// A name the kernel accepts for an interface (`dev_valid_name`): it is
+/// joined into a path under /proc/sys, so `..` or a `/` would leave it.
+fn valid_iface(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+}
+
+/// Every value these keys take: forwarding and accept_local 0 or 1,
+/// rp_filter 0 (off), 1 (strict) or 2 (loose).
+fn valid_value(v: &str) -> bool {
+    matches!(v, "0" | "1" | "2")
+}
+
 fn conf_path(iface: &str, key: &str) -> PathBuf {
     PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/{key}"))
 }
@@ -128,12 +149,56 @@ pub struct Record {
     pub changes: Vec<Change>,
 }
 
+impl Record {
+    /// Whether every change is one this module makes. `--cleanup` runs as
+    /// root and writes what a record says, while the daemon that wrote it
+    /// may run as its own user (see `state_file`): a record is never more
+    /// than these keys of a real interface name, set to 0, 1 or 2.
+    fn check(&self, path: &Path) -> anyhow::Result<()> {
+        for (i, c) in self.changes.iter().enumerate() {
+            let problem = if !valid_iface(&c.iface) {
+                format!("interface {:?} is not an interface name", c.iface)
+            } else if !KEYS.contains(&c.key.as_str()) {
+                format!(
+                    "key {:?} is not one the daemon sets ({})",
+                    c.key,
+                    KEYS.join(", ")
+                )
+            } else if !valid_value(&c.from) || !valid_value(&c.to) {
+                format!("values {:?} → {:?} are not 0, 1 or 2", c.from, c.to)
+            } else {
+                continue;
+            };
+            anyhow::bail!(
+                "{}: change {i}: {problem}; refusing to use the record, nothing was changed \
+                 (remove it and check the interface settings by hand)",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The record at `path`, checked (see [`Record::check`]); `None` when there
+/// is none. Read before anything is changed, so that a record that cannot
+/// be used stops `--cleanup` with nothing removed.
+pub fn load_record(path: &Path) -> anyhow::Result<Option<Record>> {
+    let Some(bytes) = state_file::read(path)? else {
+        return Ok(None);
+    };
+    let record: Record = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: corrupt ({e}); remove it", path.display()))?;
+    record.check(path)?;
+    Ok(Some(record))
+}
+
 /// `<control socket's directory>/<socket name>.host.json`.
 pub fn record_path(control_socket: &Path) -> PathBuf {
     state_file::beside(control_socket, "host.json")
 }
 
-fn current_netns() -> io::Result<String> {
+/// `readlink /proc/self/ns/net`: what a record says it applies to.
+pub fn current_netns() -> io::Result<String> {
     std::fs::read_link("/proc/self/ns/net").map(|p| p.display().to_string())
 }
 
@@ -146,11 +211,7 @@ pub fn apply(record_at: &Path, changes: &[Change]) -> anyhow::Result<()> {
         return Ok(());
     }
     let netns = current_netns()?;
-    let mut record: Record = match state_file::read(record_at)? {
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: corrupt ({e}); remove it", record_at.display()))?,
-        None => Record::default(),
-    };
+    let mut record = load_record(record_at)?.unwrap_or_default();
     if record.netns != netns {
         // A record of another namespace is of no use here; a daemon moved
         // between namespaces starts a new one.
@@ -179,12 +240,19 @@ pub fn apply(record_at: &Path, changes: &[Change]) -> anyhow::Result<()> {
 /// network namespace only, and removes the record. Returns one line per
 /// setting, or says why nothing was restored.
 pub fn restore(record_at: &Path) -> anyhow::Result<Vec<String>> {
-    let Some(bytes) = state_file::read(record_at)? else {
-        return Ok(Vec::new());
-    };
-    let record: Record = serde_json::from_slice(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: corrupt ({e}); remove it", record_at.display()))?;
-    let here = current_netns()?;
+    match load_record(record_at)? {
+        Some(record) => restore_record(record_at, &record, &current_netns()?),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// [`restore`] with the record already loaded (by [`load_record`]), in the
+/// network namespace `here` (from [`current_netns`]).
+pub fn restore_record(
+    record_at: &Path,
+    record: &Record,
+    here: &str,
+) -> anyhow::Result<Vec<String>> {
     if record.netns != here {
         return Ok(vec![format!(
             "interface settings not restored: the daemon changed them in network namespace {} \
@@ -222,6 +290,56 @@ mod tests {
             line.starts_with("net.ipv4.conf.lb0.rp_filter 1 → 2 (") && line.contains("loose"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn a_record_that_asks_for_more_than_these_settings_is_refused() {
+        let dir = std::env::temp_dir().join(format!("router-host-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = record_path(&dir.join("router.sock"));
+        let here = current_netns().unwrap();
+        // Each would make root write somewhere else than a net.ipv4.conf
+        // key of an interface, or something else than 0, 1 or 2. The valid
+        // change beside it names an interface that does not exist, so that
+        // even a broken check could not change this host.
+        for (iface, key, from, why) in [
+            (
+                "../../../kernel",
+                "core_pattern",
+                "1",
+                "not an interface name",
+            ),
+            ("..", "forwarding", "0", "not an interface name"),
+            (
+                "rt-none0",
+                "../../all/forwarding",
+                "0",
+                "not one the daemon sets",
+            ),
+            ("rt-none0", "arp_announce", "0", "not one the daemon sets"),
+            ("rt-none0", "forwarding", "|/tmp/x", "not 0, 1 or 2"),
+        ] {
+            let record = Record {
+                netns: here.clone(),
+                changes: vec![
+                    change("rt-none0", "rp_filter", "0".into(), "2"),
+                    change(iface, key, from.into(), "1"),
+                ],
+            };
+            let body = serde_json::to_vec(&record).unwrap();
+            state_file::write(&path, &body).unwrap();
+            let err = format!("{:#}", restore(&path).unwrap_err());
+            assert!(
+                err.contains(why) && err.contains("nothing was changed"),
+                "{iface}/{key}: {err}"
+            );
+            // Not even the valid first change was made, and the record stays.
+            assert_eq!(std::fs::read(&path).unwrap(), body);
+            let err = format!("{:#}", apply(&path, &record.changes[..1]).unwrap_err());
+            assert!(err.contains(why), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -130,8 +130,19 @@ impl Source {
                 tls,
             } => {
                 let token = tokio::fs::read_to_string(token_file).await.map_err(|e| {
+                    // The daemon may run as its own user: say which, since
+                    // a root-only token file is the usual cause.
+                    let who = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        format!(
+                            " (not readable by uid {}, which the daemon runs as: make the file \
+                             that user's, or its group's with mode 0640)",
+                            nix::unistd::geteuid()
+                        )
+                    } else {
+                        String::new()
+                    };
                     TelemetryError::Unreachable(format!(
-                        "agent token file {}: {e}",
+                        "agent token file {}: {e}{who}",
                         token_file.display()
                     ))
                 })?;

@@ -130,6 +130,11 @@ const MUST_TAKE: &[&str] = &[
     "pass_no_reply_entry",
     "pass_not_service",
     "pass_unknown_proto",
+    "tcp_out_of_window",
+    "unconfirmed",
+    "drop_ttl_expired",
+    "RST/FIN out of window",
+    "not proven: stays half-open",
     "pass_icmp_untracked",
     "pass_icmp_other",
 ];

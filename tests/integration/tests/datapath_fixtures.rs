@@ -15,9 +15,13 @@
 //! - `edge_input`: traffic that is not a service's, malformed frames;
 //! - `conn_table`: evicted, expired and half-open entries, ports reused;
 //! - `floods`: spoofed SYN, ACK and UDP floods against a small table;
+//! - `blind`: forged RSTs, FINs and ACKs off the sequence window, TTLs,
+//!   client ports the host holds;
 //! - `icmp`: ICMP errors about flows translated both ways, and the ICMP
 //!   that is not.
 
+#[path = "datapath_fixtures/blind.rs"]
+mod blind;
 #[path = "datapath_fixtures/conn_table.rs"]
 mod conn_table;
 #[path = "datapath_fixtures/edge_input.rs"]

@@ -246,8 +246,14 @@ fn least_loaded_never_picks_a_backend_at_weight_zero() {
 #[test]
 fn a_flow_picked_up_mid_stream_goes_where_maglev_sends_it() {
     let weights = [100, 100, 100];
-    let mut maglev = Fixture::new(&[service("llama", VIP, 6, &weights)]);
-    let mut ll = Fixture::new(&[least_loaded(service("llama", VIP, 6, &weights))]);
+    // Two datapaths that must hash alike: one secret for both.
+    let opts = || LoadOptions {
+        table_size: 1021,
+        flow_hash_key: Some([0x5eed_0001, 0x5eed_0002]),
+        ..LoadOptions::default()
+    };
+    let mut maglev = Fixture::with_options(&[service("llama", VIP, 6, &weights)], opts());
+    let mut ll = Fixture::with_options(&[least_loaded(service("llama", VIP, 6, &weights))], opts());
     // Three flows each: equal loads, so a least-loaded pick would be the
     // member where the flow hash starts the scan.
     for port in 44900..44909u16 {
@@ -264,6 +270,7 @@ fn a_flow_picked_up_mid_stream_goes_where_maglev_sends_it() {
         let _ = tcp(&mut ll, &client, VIP, TCP_RST);
         let (c, v) = (addr(&client), addr(VIP));
         let hash = router_common::flow_hash::flow_hash(
+            maglev.dp.flow_hash_key(),
             u32::from_ne_bytes(c.ip().octets()),
             u32::from_ne_bytes(v.ip().octets()),
             c.port().to_be(),

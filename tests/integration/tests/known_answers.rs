@@ -24,12 +24,23 @@ use serde_json::{Value, json};
 fn flow_hash_known_answers() {
     // Fields as the program loads them: native-endian words of
     // network-order bytes.
+    // A key of zero is the unkeyed hash these values were first taken from.
     for ((src, dst, sport, dport, proto), want) in [
         ((0, 0, 0, 0, 0), 2_084_330_187),
         ((16_777_418, 23_335_622, 47_873, 16_415, 6), 290_909_158),
         ((u32::MAX, u32::MAX, u16::MAX, u16::MAX, 17), 3_496_927_054),
     ] {
-        assert_eq!(flow_hash(src, dst, sport, dport, proto), want);
+        assert_eq!(flow_hash([0, 0], src, dst, sport, dport, proto), want);
+    }
+    // Either half of the key moves a flow's hash.
+    let flow = (16_777_418, 23_335_622, 47_873, 16_415, 6);
+    let unkeyed = flow_hash([0, 0], flow.0, flow.1, flow.2, flow.3, flow.4);
+    for key in [[1, 0], [0, 1], [0xdead_beef, 0x0bad_f00d]] {
+        assert_ne!(
+            flow_hash(key, flow.0, flow.1, flow.2, flow.3, flow.4),
+            unkeyed,
+            "key {key:x?}"
+        );
     }
 }
 
@@ -119,7 +130,7 @@ fn the_independent_implementation_agrees_on_generated_inputs() {
 
     for (i, &(s, d, sp, dp, p)) in flows.iter().enumerate() {
         assert_eq!(
-            u64::from(flow_hash(s, d, sp, dp, p)),
+            u64::from(flow_hash([0, 0], s, d, sp, dp, p)),
             answers["flows"][i].as_u64().unwrap(),
             "flow {i}: {:?}",
             flows[i]

@@ -339,6 +339,74 @@ fn a_missing_bpf_filesystem_is_mounted_at_an_empty_parent() {
 }
 
 #[test]
+fn a_datapath_pinned_in_another_layout_is_refused_with_one_line() {
+    use aya::maps::{Array, MapData};
+
+    let s = Setup::new("restart-layout");
+    s.write_config(&[100, 0, 0], "");
+    let daemon = s.start();
+    assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
+    let layout = s.pins.pin_path().join("maps").join("LAYOUT");
+    let secret = || {
+        let m = Array::<MapData, u32>::try_from(aya::maps::Map::Array(
+            MapData::from_pin(s.pins.pin_path().join("maps").join("FLOW_HASH_KEY")).unwrap(),
+        ))
+        .unwrap();
+        [m.get(&0, 0).unwrap(), m.get(&1, 0).unwrap()]
+    };
+    let first_secret = secret();
+    assert_ne!(first_secret, [0, 0], "a flow-hash secret was drawn");
+    let stamp = |v: u32| {
+        let _ = std::fs::remove_file(&layout);
+        let mut m = Array::<MapData, u32>::create(1, 0).unwrap();
+        m.set(0, v, 0).unwrap();
+        m.pin(&layout).unwrap();
+    };
+    // Every map still fits by size: only the stamp tells the layouts apart.
+    let older = router_common::LAYOUT_VERSION - 1;
+    for (what, want) in [
+        (Some(older), format!("map layout is {older}, this one's is")),
+        (None, "older than layout stamps".to_string()),
+    ] {
+        match what {
+            Some(v) => stamp(v),
+            None => std::fs::remove_file(&layout).unwrap(),
+        }
+        let pinned = pinned_objects(&s.pins.pin_path()).unwrap();
+        let (ok, stderr) = s.run_daemon_once();
+        assert!(!ok, "{what:?}: a foreign layout must stop the daemon");
+        let error: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(error.len(), 1, "one error line: {stderr}");
+        for w in [want.as_str(), "router daemon --cleanup"] {
+            assert!(error[0].contains(w), "lacks {w:?}: {}", error[0]);
+        }
+        assert_eq!(
+            pinned_objects(&s.pins.pin_path()).unwrap(),
+            pinned,
+            "nothing pinned changed"
+        );
+        assert_eq!(
+            s.short_connections(10).get("b0"),
+            Some(&10),
+            "still forwarding"
+        );
+    }
+    // This version's stamp adopts the pins again, and with them the
+    // secret: every flow hashes as before the restart.
+    stamp(router_common::LAYOUT_VERSION);
+    let daemon = s.start();
+    assert!(new_conns(&s.status()) >= 20);
+    assert_eq!(
+        secret(),
+        first_secret,
+        "the restart kept the flow-hash secret"
+    );
+    drop(daemon);
+    let (ok, out) = s.cleanup();
+    assert!(ok, "{out}");
+}
+
+#[test]
 fn an_upgrade_that_adds_drops_or_changes_maps() {
     use aya::maps::{Array, MapData};
 

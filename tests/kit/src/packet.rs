@@ -13,6 +13,9 @@ pub const TCP_ACK: u8 = 0x10;
 
 pub type Mac = [u8; 6];
 
+/// The sequence and acknowledgement number of a packet that sets neither.
+pub const DEFAULT_SEQ: u32 = 0x0101_0101;
+
 #[derive(Clone, Debug)]
 pub struct Packet {
     pub eth_dst: Mac,
@@ -28,6 +31,12 @@ pub struct Packet {
     pub frag: u16,
     pub ttl: u8,
     pub ip_id: u16,
+    /// TCP sequence and acknowledgement numbers. Both default to the same
+    /// value, so a client's ACK built with the defaults acknowledges a
+    /// SYN-ACK built with them, and every default segment lies within the
+    /// datapath's sequence window of every other.
+    pub seq: u32,
+    pub ack: u32,
     /// Send a UDP checksum of 0 ("none").
     pub udp_no_checksum: bool,
 }
@@ -46,6 +55,8 @@ impl Packet {
             frag: 0x4000, // DF
             ttl: 64,
             ip_id: 0x1234,
+            seq: DEFAULT_SEQ,
+            ack: DEFAULT_SEQ,
             udp_no_checksum: false,
         }
     }
@@ -64,13 +75,20 @@ impl Packet {
         self
     }
 
+    pub fn with_seq(mut self, seq: u32, ack: u32) -> Self {
+        self.seq = seq;
+        self.ack = ack;
+        self
+    }
+
     pub fn with_macs(mut self, dst: Mac, src: Mac) -> Self {
         self.eth_dst = dst;
         self.eth_src = src;
         self
     }
 
-    /// The same packet after translation to a new tuple and next hop.
+    /// The same packet after translation to a new tuple and next hop, one
+    /// router hop on (its TTL one less).
     pub fn translated(
         &self,
         src: SocketAddrV4,
@@ -83,8 +101,14 @@ impl Packet {
             dst,
             eth_dst,
             eth_src,
+            ttl: self.ttl.wrapping_sub(1),
             ..self.clone()
         }
+    }
+
+    pub fn with_ttl(mut self, ttl: u8) -> Self {
+        self.ttl = ttl;
+        self
     }
 
     fn l4(&self) -> Vec<u8> {
@@ -94,8 +118,8 @@ impl Packet {
                 let mut h = Vec::with_capacity(20 + self.payload.len());
                 h.extend_from_slice(&s);
                 h.extend_from_slice(&d);
-                h.extend_from_slice(&0x0101_0101u32.to_be_bytes()); // seq
-                h.extend_from_slice(&0x0202_0202u32.to_be_bytes()); // ack
+                h.extend_from_slice(&self.seq.to_be_bytes());
+                h.extend_from_slice(&self.ack.to_be_bytes());
                 h.push(5 << 4);
                 h.push(self.tcp_flags);
                 h.extend_from_slice(&64240u16.to_be_bytes());

@@ -18,7 +18,7 @@ use router_testkit::{
 
 use super::paths::{
     SingleResult, SynCase, check_reasons, client_frames, least_loaded_service, load_datapath,
-    load_datapath_with, reason_vec, repeat_call, service, single_calls, table_entries,
+    load_datapath_with, reason_vec, repeat_call, service, single_calls, syn_acks, table_entries,
     trivial_program,
 };
 use super::{
@@ -106,6 +106,21 @@ impl Bench {
         )
         .with_macs(LB_MAC, backend_mac)
         .build();
+        // The backend answers and the client acknowledges: the flow is
+        // confirmed, so the established and reply rows measure CONNS hits.
+        let syn_ack = Packet::tcp(
+            SocketAddrV4::new(backend, BACKEND_PORT),
+            SocketAddrV4::new(LB_ADDR, snat_port),
+            TCP_SYN | TCP_ACK,
+        )
+        .with_macs(LB_MAC, backend_mac)
+        .build();
+        let prog = dp.program_mut().context("router program")?;
+        single_calls(prog, &[syn_ack, est_ack.clone()], &ctx, XDP_TX, "handshake")?;
+        ensure!(
+            table_entries(&mut dp, "CONNS")? == 2,
+            "the established flow's handshake did not confirm it"
+        );
         let non_service = Packet::tcp(client, NON_SERVICE_DST, TCP_SYN)
             .with_macs(LB_MAC, CLIENT_MAC)
             .build();
@@ -256,7 +271,7 @@ impl Bench {
 impl Bench {
     /// The first ACK of a new flow, which promotes it from the half-open
     /// table into CONNS: a freshly loaded datapath, one SYN per client port
-    /// (untimed), then each flow's ACK timed.
+    /// and the backend's SYN-ACK (untimed), then each flow's ACK timed.
     pub(super) fn first_ack_single(&mut self, calls: u32) -> Result<SingleResult> {
         let total = WARMUP_CALLS + calls;
         ensure!(
@@ -268,6 +283,15 @@ impl Bench {
         let before = reason_vec(&dp)?;
         let prog = dp.program_mut().context("router program")?;
         single_calls(prog, &syns, &self.ctx, XDP_TX, "first ACK: its SYN")?;
+        // The backend's answer, which the ACK must acknowledge to confirm.
+        let syn_acks = syn_acks(&mut dp)?;
+        ensure!(
+            syn_acks.len() == total as usize,
+            "first ACK: {} half-open flows for {total} SYNs",
+            syn_acks.len()
+        );
+        let prog = dp.program_mut().context("router program")?;
+        single_calls(prog, &syn_acks, &self.ctx, XDP_TX, "first ACK: its SYN-ACK")?;
         let (warm, timed) = acks.split_at(WARMUP_CALLS as usize);
         single_calls(prog, warm, &self.ctx, XDP_TX, "first ACK single")?;
         let r = single_calls(prog, timed, &self.ctx, XDP_TX, "first ACK single")?;
@@ -276,7 +300,7 @@ impl Bench {
             &before,
             &after,
             reasons::TX,
-            2 * u64::from(total),
+            3 * u64::from(total),
             "first ACK single",
         )?;
         // The state claimed: every flow promoted, both directions in CONNS,

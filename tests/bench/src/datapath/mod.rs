@@ -57,7 +57,9 @@ const BACKEND_PORT: u16 = 8000;
 /// The established flow's client port (the SNAT port the LB keeps for it).
 const EST_CLIENT_PORT: u16 = 40000;
 /// First client port of the SYN path; each timed SYN uses the next one.
-const SYN_FIRST_PORT: u16 = 1024;
+/// Inside the ephemeral range that Linux clients take their ports from
+/// (32768–60999 by default), as the clients of a deployed LB do.
+const SYN_FIRST_PORT: u16 = 33_000;
 /// Untimed calls before each timed loop (cache, branch predictor, FIB cache).
 const WARMUP_CALLS: u32 = 1000;
 

@@ -11,7 +11,7 @@ use aya::{
 };
 use router::datapath::{BackendSpec, Datapath, LoadOptions, SCAN_LIMIT, Selection, ServiceSpec};
 use router_common::reasons;
-use router_testkit::packet::Packet;
+use router_testkit::packet::{Packet, TCP_ACK, TCP_SYN};
 
 use super::{
     BACKEND_PORT, BACKENDS, CLIENT_MAC, LB_ADDR, LB_MAC, SYN_CLIENT_ADDR, SYN_FIRST_PORT, VIP,
@@ -60,8 +60,13 @@ pub(super) fn load_datapath_with(
     let half_open = (u64::from(syns) * 2 * cpus * 5 / 4).next_power_of_two();
     let conn_table_size = u32::try_from((half_open * 4).max(1 << 18))
         .context("connection table for this many SYNs and CPUs")?;
+    // As the daemon loads it: a client port in the host's ephemeral range
+    // costs the SYN a host-socket lookup (see `flow::client_port_usable`).
+    let ephemeral_ports = router::host::facts::ephemeral_port_range()
+        .context("reading net.ipv4.ip_local_port_range")?;
     let mut dp = Datapath::load(LoadOptions {
         conn_table_size,
+        ephemeral_ports,
         ..LoadOptions::default()
     })
     .context("loading the router program")?;
@@ -177,6 +182,36 @@ pub(super) fn client_frames(total: u32, flags: u8) -> Vec<Vec<u8>> {
                 .build()
         })
         .collect()
+}
+
+/// The backend's SYN-ACK for every half-open flow: one frame per reply
+/// entry in HALF_OPEN, from the backend to the flow's SNAT address and
+/// port, with the default sequence numbers that the client frames answer.
+pub(super) fn syn_acks(dp: &mut Datapath) -> Result<Vec<Vec<u8>>> {
+    let map: aya::maps::HashMap<_, router_common::ConnKey, router_common::ConnEntry> =
+        aya::maps::HashMap::try_from(
+            dp.ebpf_mut()
+                .map_mut("HALF_OPEN")
+                .context("HALF_OPEN map")?,
+        )?;
+    let mut frames = Vec::new();
+    for item in map.iter() {
+        let (k, e) = item.context("reading HALF_OPEN")?;
+        if !e.is_reply() {
+            continue;
+        }
+        let at = |a: u32, p: u16| SocketAddrV4::new(a.to_ne_bytes().into(), u16::from_be(p));
+        frames.push(
+            Packet::tcp(
+                at(k.src_addr, k.src_port),
+                at(k.dst_addr, k.dst_port),
+                TCP_SYN | TCP_ACK,
+            )
+            .with_macs(LB_MAC, CLIENT_MAC)
+            .build(),
+        );
+    }
+    Ok(frames)
 }
 
 /// Entries of connection table `name` (CONNS or HALF_OPEN).

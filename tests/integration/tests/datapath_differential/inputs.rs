@@ -6,11 +6,11 @@ use std::net::SocketAddrV4;
 
 use router_common::{
     CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_CLOSING, CONN_COUNTED,
-    CONN_REPLY, ConnKey, ServiceKey,
+    CONN_HEARD, CONN_REPLY, ConnKey, ServiceKey,
 };
 use router_testkit::{
     model::{self, Config, Entry, Hop, Model, Table, Tuple},
-    packet::Packet,
+    packet::{DEFAULT_SEQ, Packet},
 };
 
 use super::{strategies::*, world::*};
@@ -73,7 +73,7 @@ impl World {
 
     /// The reply key of `key`'s `attempt`-th SNAT candidate on `backend`.
     pub(crate) fn candidate(&self, key: &ConnKey, svc: usize, attempt: u8) -> (u32, u16) {
-        let c = Model::snat_candidates(key, self.service_of(svc));
+        let c = Model::snat_candidates(self.cfg(), key, self.service_of(svc));
         c[usize::from(attempt) % c.len()]
     }
 
@@ -109,9 +109,11 @@ impl World {
             flags: awaits
                 | if reply { CONN_REPLY } else { 0 }
                 | if p.closing { CONN_CLOSING } else { 0 }
-                | if p.counted { CONN_COUNTED } else { 0 },
+                | if p.counted { CONN_COUNTED } else { 0 }
+                | if p.heard.is_some() { CONN_HEARD } else { 0 },
             hop: self.hop_of(p.hop),
             age: p.age.secs(),
+            seq_next: p.heard.map_or(0, |d| DEFAULT_SEQ.wrapping_add(d)),
         }
     }
 
@@ -359,6 +361,9 @@ impl World {
                 }
                 Mutation::Proto(x) if x != 6 && x != 17 => pkt.proto = x,
                 Mutation::UdpNoChecksum => pkt.udp_no_checksum = true,
+                Mutation::Seq(d) => pkt.seq = DEFAULT_SEQ.wrapping_add(d),
+                Mutation::Ack(d) => pkt.ack = DEFAULT_SEQ.wrapping_add(d),
+                Mutation::Ttl(t) => pkt.ttl = t,
                 Mutation::Frag(f) => pkt.frag = f,
                 _ => {}
             }

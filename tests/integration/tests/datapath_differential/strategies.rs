@@ -64,6 +64,9 @@ pub(crate) struct Placed {
     /// CONN_COUNTED (meaningful on a forward entry; a reply entry's is
     /// never read).
     pub(crate) counted: bool,
+    /// CONN_HEARD with `seq_next` at this offset from the default sequence
+    /// number, or not heard.
+    pub(crate) heard: Option<u32>,
 }
 
 pub(crate) fn table() -> impl Strategy<Value = Table> {
@@ -78,15 +81,19 @@ pub(crate) fn placed() -> impl Strategy<Value = Placed> {
         0u8..8,
         hop_seed(),
         prop::bool::weighted(0.75),
+        prop::option::weighted(0.8, seq_offset()),
     )
-        .prop_map(|(table, age, closing, awaits, hop, counted)| Placed {
-            table,
-            age,
-            closing,
-            awaits,
-            hop,
-            counted,
-        })
+        .prop_map(
+            |(table, age, closing, awaits, hop, counted, heard)| Placed {
+                table,
+                age,
+                closing,
+                awaits,
+                hop,
+                counted,
+                heard,
+            },
+        )
 }
 
 /// Whose reply a seeded reply entry is.
@@ -316,6 +323,22 @@ pub(crate) enum Mutation {
     /// Ethernet padding after the datagram.
     Padding(u8),
     UdpNoChecksum,
+    /// The TCP sequence or acknowledgement number moved from the default
+    /// by this much (near it, at the window's edges, or far away).
+    Seq(u32),
+    Ack(u32),
+    Ttl(u8),
+}
+
+/// Offsets from the default sequence number: inside the datapath's
+/// window, at its edges either side, and far outside.
+fn seq_offset() -> impl Strategy<Value = u32> {
+    const W: u32 = 1 << 20;
+    prop_oneof![
+        2 => (0u32..3000).prop_map(|d| d.wrapping_sub(1500)),
+        1 => prop_oneof![Just(W), Just(W + 1), Just(W.wrapping_neg()), Just((W + 1).wrapping_neg())],
+        2 => any::<u32>(),
+    ]
 }
 
 pub(crate) fn mutation() -> impl Strategy<Value = Mutation> {
@@ -337,6 +360,9 @@ pub(crate) fn mutation() -> impl Strategy<Value = Mutation> {
         2 => (1u16..).prop_map(Mutation::BadL4Checksum),
         2 => (1u8..40).prop_map(Mutation::Padding),
         2 => Just(Mutation::UdpNoChecksum),
+        3 => seq_offset().prop_map(Mutation::Seq),
+        3 => seq_offset().prop_map(Mutation::Ack),
+        2 => prop_oneof![Just(0u8), Just(1), Just(2), any::<u8>()].prop_map(Mutation::Ttl),
     ]
 }
 

@@ -351,6 +351,10 @@ impl World {
             tcp_closing_ns: CLOSING_S * 1_000_000_000,
             udp_idle_ns: UDP_IDLE_S * 1_000_000_000,
             datapath_log: false,
+            // The harness opens no sockets: the client's port is always
+            // free of the host's, as the model has it.
+            ephemeral_ports: (0, u16::MAX),
+            flow_hash_key: None,
         })
         .expect("load the router program");
         dp.apply(&specs(0)).expect("apply services");
@@ -359,6 +363,10 @@ impl World {
             .get(&0, 0)
             .expect("FIB_GEN[0]");
         assert_ne!(fib_gen, 0, "a loaded datapath has a next-hop generation");
+        // A random secret, as every datapath draws one: the model hashes
+        // with the same.
+        let flow_hash_key = dp.flow_hash_key();
+        assert_ne!(flow_hash_key, [0; 2], "the datapath drew a secret");
 
         let mut ids = Vec::new();
         {
@@ -396,7 +404,7 @@ impl World {
         let configs = (0..3)
             .map(|set| {
                 (0..3)
-                    .map(|slots| model_config(set, slots, &ids, &fib, fib_gen))
+                    .map(|slots| model_config(set, slots, &ids, &fib, (fib_gen, flow_hash_key)))
                     .collect()
             })
             .collect();
@@ -507,7 +515,7 @@ pub(crate) fn model_config(
     slots: usize,
     ids: &[(u32, Vec<u32>)],
     fib: &std::collections::HashMap<u32, Hop>,
-    fib_gen: u32,
+    (fib_gen, flow_hash_key): (u32, [u32; 2]),
 ) -> Config {
     let mut services = std::collections::HashMap::new();
     let mut backends = std::collections::HashMap::new();
@@ -586,6 +594,7 @@ pub(crate) fn model_config(
         snat_addrs,
         fib: fib.clone(),
         fib_gen,
+        flow_hash_key,
         table_size: TABLE_SIZE,
         timeouts: Timeouts {
             tcp_idle: TCP_IDLE_S,

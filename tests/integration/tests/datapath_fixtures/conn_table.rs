@@ -159,6 +159,19 @@ fn a_half_open_flow_expires_after_the_closing_timeout() {
     });
     let entries = |f: &Fixture| f.dp.conn_table().unwrap().scan().unwrap().entries;
     assert_eq!(entries(&f), 0, "picked up, but not confirmed by one packet");
+    // The backend, which still has the connection, answers; only a client
+    // packet that acknowledges the answer proves the flow.
+    let answer = Packet::tcp(backend, snat, TCP_ACK | TCP_PSH)
+        .with_macs(LB_MAC, backend_mac(0))
+        .with_payload(b"tokens");
+    f.case(Case {
+        name: "the backend's answer goes through the half-open flow",
+        input: answer.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(answer.translated(vip, client, CLIENT_MAC, LB_MAC).build()),
+        reasons: &[reasons::TX],
+    });
+    assert_eq!(entries(&f), 0, "the backend's answer confirms nothing");
     let data = Packet::tcp(client, vip, TCP_ACK | TCP_PSH)
         .with_macs(LB_MAC, CLIENT_MAC)
         .with_payload(b"prompt");
@@ -189,8 +202,12 @@ fn an_expired_flow_frees_its_port_for_a_new_client() {
     let backend = addr("198.18.0.11:8000");
     let snat = addr("198.18.0.1:40600");
     let first = addr("198.18.0.2:40600");
-    for flags in [TCP_SYN, TCP_ACK] {
-        let p = Packet::tcp(first, vip, flags).with_macs(LB_MAC, CLIENT_MAC);
+    let syn_ack = Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
+    for p in [
+        Packet::tcp(first, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC),
+        syn_ack,
+        Packet::tcp(first, vip, TCP_ACK).with_macs(LB_MAC, CLIENT_MAC),
+    ] {
         assert_eq!(f.run(&p.build()).0, XDP_TX);
     }
     assert_eq!(f.dp.conn_table().unwrap().scan().unwrap().entries, 2);
@@ -345,6 +362,12 @@ fn lru_miss_after_the_forward_entry_was_evicted_keeps_the_snat_pair() {
         let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, mac);
         let (v, out) = f.run(&syn.build());
         assert_eq!(v, XDP_TX);
+        // The SYN-ACK comes back to whichever SNAT port the SYN got.
+        let port = u16::from_be_bytes([out[34], out[35]]);
+        let snat = std::net::SocketAddrV4::new(ip("198.18.0.1"), port);
+        let syn_ack =
+            Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
+        assert_eq!(f.run(&syn_ack.build()).0, XDP_TX);
         let ack = Packet::tcp(client, vip, TCP_ACK).with_macs(LB_MAC, mac);
         assert_eq!(f.run(&ack.build()).0, XDP_TX);
         out

@@ -151,10 +151,22 @@ fn a_spoofed_udp_flood_never_evicts_confirmed_udp_flows() {
     let (backend, snat) = (addr("198.18.0.11:8000"), addr("198.18.0.1:33400"));
     let entries = |f: &Fixture| f.dp.conn_table().unwrap().scan().unwrap().entries;
     let q = Packet::udp(client, vip, b"query").with_macs(LB_MAC, CLIENT_MAC);
+    let answer = Packet::udp(backend, snat, b"answer").with_macs(LB_MAC, backend_mac(0));
     for _ in 0..2 {
         assert_eq!(f.run(&q.build()).0, XDP_TX);
     }
-    assert_eq!(entries(&f), 2, "the client's second datagram confirmed it");
+    assert_eq!(
+        entries(&f),
+        0,
+        "a second datagram before the backend answered proves nothing"
+    );
+    assert_eq!(f.run(&answer.build()).0, XDP_TX);
+    assert_eq!(f.run(&q.build()).0, XDP_TX);
+    assert_eq!(
+        entries(&f),
+        2,
+        "the client's datagram after the backend's answer confirmed it"
+    );
     for i in 0..2_000u32 {
         let src = std::net::SocketAddrV4::new(
             std::net::Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8),

@@ -4,8 +4,9 @@
 //! the other end sent or received), so every checksum, the outer and quoted
 //! IPv4 headers', the quoted TCP or UDP one and the ICMP one, is checked
 //! against a full computation, not the datapath's incremental one.
-//! Errors change no connection state; anything that is not an error
-//! about a flow that owns it passes, with its own counter.
+//! Errors change no connection state, and are forwarded one router hop on
+//! (TTL checked and taken one from) like the flow's packets; anything that
+//! is not an error about a flow that owns it passes, with its own counter.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -87,6 +88,22 @@ fn untouched(f: &mut Fixture, c: Case<'_>) {
     assert_eq!(tables(f, true), before, "{name}: the tables changed");
 }
 
+/// The error as the LB sends it on: one router hop on.
+fn hop_on(mut p: Packet) -> Packet {
+    p.ttl -= 1;
+    p
+}
+
+/// Packet `original` as an error's quote shows it once translated back:
+/// its own addresses and ports, with the TTL of the copy that was quoted
+/// (`copy`, the packet as the LB sent it on), which the LB leaves alone.
+fn quoted_as(original: &Packet, copy: &Packet) -> Packet {
+    Packet {
+        ttl: copy.ttl,
+        ..original.clone()
+    }
+}
+
 fn pass(name: &'static str, input: Packet, reasons: &'static [u32]) -> Case<'static> {
     Case {
         name,
@@ -160,9 +177,15 @@ fn tcp_fragmentation_needed_reaches_either_end_translated() {
             .build(),
             verdict: XDP_TX,
             output: Output::Bytes(
-                Packet::icmp_error(*vip.ip(), &request, FRAG_NEEDED, MTU_1280, LINUX_QUOTE)
-                    .with_macs(CLIENT_MAC, LB_MAC)
-                    .build(),
+                hop_on(Packet::icmp_error(
+                    *vip.ip(),
+                    &quoted_as(&request, &sent),
+                    FRAG_NEEDED,
+                    MTU_1280,
+                    LINUX_QUOTE,
+                ))
+                .with_macs(CLIENT_MAC, LB_MAC)
+                .build(),
             ),
             reasons: &[reasons::TX],
         },
@@ -186,9 +209,15 @@ fn tcp_fragmentation_needed_reaches_either_end_translated() {
             .build(),
             verdict: XDP_TX,
             output: Output::Bytes(
-                Packet::icmp_error(*snat.ip(), &response, FRAG_NEEDED, MTU_1280, LINUX_QUOTE)
-                    .with_macs(backend_mac(0), LB_MAC)
-                    .build(),
+                hop_on(Packet::icmp_error(
+                    *snat.ip(),
+                    &quoted_as(&response, &delivered),
+                    FRAG_NEEDED,
+                    MTU_1280,
+                    LINUX_QUOTE,
+                ))
+                .with_macs(backend_mac(0), LB_MAC)
+                .build(),
             ),
             reasons: &[reasons::TX],
         },
@@ -254,9 +283,15 @@ fn udp_port_unreachable_reaches_the_client() {
                 .build(),
                 verdict: XDP_TX,
                 output: Output::Bytes(
-                    Packet::icmp_error(*vip.ip(), query, (DEST_UNREACH, 3), [0; 4], LINUX_QUOTE)
-                        .with_macs(mac, LB_MAC)
-                        .build(),
+                    hop_on(Packet::icmp_error(
+                        *vip.ip(),
+                        &quoted_as(query, &sent),
+                        (DEST_UNREACH, 3),
+                        [0; 4],
+                        LINUX_QUOTE,
+                    ))
+                    .with_macs(mac, LB_MAC)
+                    .build(),
                 ),
                 reasons: &[reasons::TX],
             },
@@ -274,7 +309,9 @@ fn time_exceeded_for_a_half_open_flow_reaches_the_backend() {
     let syn = Packet::tcp(client, vip, TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
     let mut syn_ack =
         Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
-    syn_ack.ttl = 1;
+    // The LB takes one from its TTL: it leaves with 1, which the next
+    // router cannot forward.
+    syn_ack.ttl = 2;
     let delivered = syn_ack.translated(vip, client, CLIENT_MAC, LB_MAC);
     for (name, p, out) in [
         (
@@ -282,7 +319,7 @@ fn time_exceeded_for_a_half_open_flow_reaches_the_backend() {
             &syn,
             syn.translated(snat, backend, backend_mac(0), LB_MAC),
         ),
-        ("SYN-ACK, TTL 1", &syn_ack, delivered.clone()),
+        ("SYN-ACK, TTL 2", &syn_ack, delivered.clone()),
     ] {
         f.case(Case {
             name,
@@ -309,9 +346,15 @@ fn time_exceeded_for_a_half_open_flow_reaches_the_backend() {
             .build(),
             verdict: XDP_TX,
             output: Output::Bytes(
-                Packet::icmp_error(*snat.ip(), &syn_ack, (TIME_EXCEEDED, 0), [0; 4], 28)
-                    .with_macs(backend_mac(0), LB_MAC)
-                    .build(),
+                hop_on(Packet::icmp_error(
+                    *snat.ip(),
+                    &quoted_as(&syn_ack, &delivered),
+                    (TIME_EXCEEDED, 0),
+                    [0; 4],
+                    28,
+                ))
+                .with_macs(backend_mac(0), LB_MAC)
+                .build(),
             ),
             reasons: &[reasons::TX],
         },
@@ -434,11 +477,29 @@ fn errors_no_flow_owns_other_icmp_and_cut_quotes_are_not_translated() {
             input: client_error.build(),
             verdict: XDP_TX,
             output: Output::Bytes(
-                Packet::icmp_error(*snat.ip(), &syn_ack, unreachable, [0; 4], 28)
-                    .with_macs(backend_mac(0), LB_MAC)
-                    .build(),
+                hop_on(Packet::icmp_error(
+                    *snat.ip(),
+                    &quoted_as(&syn_ack, &delivered),
+                    unreachable,
+                    [0; 4],
+                    28,
+                ))
+                .with_macs(backend_mac(0), LB_MAC)
+                .build(),
             ),
             reasons: &[reasons::TX],
+        },
+    );
+    let mut last_hop = client_error.clone();
+    last_hop.ttl = 1;
+    untouched(
+        &mut f,
+        Case {
+            name: "the client's side, TTL 1: not forwarded, as the flow's own packets",
+            input: last_hop.build(),
+            verdict: XDP_DROP,
+            output: Output::Unchanged,
+            reasons: &[reasons::DROP_TTL_EXPIRED],
         },
     );
     table(&mut f, "CONNS")

@@ -103,7 +103,11 @@ fn snat_port_collision_probes_the_configured_range() {
         reasons: &[reasons::TX],
     });
     assert_eq!(&out_a[34..36], &45000u16.to_be_bytes());
-    // Only a confirmed flow holds its port against a newcomer.
+    // Only a confirmed flow holds its port against a newcomer, and only a
+    // client's ACK of the backend's SYN-ACK confirms one.
+    let syn_ack_a = Packet::tcp(backend, addr("198.18.0.1:45000"), TCP_SYN | TCP_ACK)
+        .with_macs(LB_MAC, backend_mac(0));
+    assert_eq!(f.run(&syn_ack_a.build()).0, XDP_TX);
     let ack_a = Packet::tcp(addr("198.18.0.2:45000"), vip, TCP_ACK).with_macs(LB_MAC, CLIENT_MAC);
     f.case(Case {
         name: "first client's ACK confirms its flow",
@@ -175,7 +179,8 @@ fn udp_first_packet_creates_a_flow() {
                 nock.translated(snat, backend, backend_mac(0), LB_MAC)
                     .build(),
             ),
-            reasons: &[reasons::TX],
+            // The backend has not answered yet: the flow stays half-open.
+            reasons: &[reasons::TX, reasons::UNCONFIRMED],
         },
         Case {
             name: "UDP reply translated back",
@@ -244,12 +249,16 @@ fn unresolved_neighbour_passes_the_translated_packet() {
     let mut f = Fixture::new(&[svc]);
     let client = addr("198.18.0.2:40000");
     let syn = Packet::tcp(client, addr(VIP), TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
-    let expected = syn.translated(
-        addr("198.18.0.1:40000"),
-        addr("198.18.0.44:8000"),
-        LB_MAC,
-        CLIENT_MAC,
-    );
+    // Translated but not a hop on: the stack forwards it, and takes one
+    // from the TTL itself.
+    let expected = syn
+        .translated(
+            addr("198.18.0.1:40000"),
+            addr("198.18.0.44:8000"),
+            LB_MAC,
+            CLIENT_MAC,
+        )
+        .with_ttl(syn.ttl);
     f.case(Case {
         name: "no neighbour: stack resolves it",
         input: syn.build(),

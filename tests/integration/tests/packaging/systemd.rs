@@ -182,26 +182,83 @@ fn daemon_unit_keeps_what_xdp_and_bpffs_need() {
     assert_eq!(socket_dir, Path::new("/run").join(runtime));
 
     assert!(u.words("Unit", "RequiresMountsFor").contains("/sys/fs/bpf"));
-    let writable = u.words("Service", "ReadWritePaths");
-    assert!(writable.contains("/sys/fs/bpf"), "{writable:?}");
+    // "-": may be missing when the namespace is set up (see below).
+    let writable: BTreeSet<&str> = u
+        .words("Service", "ReadWritePaths")
+        .into_iter()
+        .map(|w| w.trim_start_matches('-'))
+        .collect();
     assert!(
         writable.contains(socket_dir.to_str().unwrap()),
         "{writable:?}"
     );
+    // ProtectKernelTunables= mounts /proc/sys and /sys/fs/bpf read-only, and
+    // ReadWritePaths=/sys/fs/bpf does not undo it (systemd_unit.rs shows
+    // both): the pin path itself, below /sys/fs/bpf, and the interfaces'
+    // settings must be listed.
+    assert!(u.is_yes("ProtectKernelTunables"));
     assert!(
         writable
             .iter()
-            .any(|w| Path::new(DEFAULT_PIN_PATH).starts_with(w)),
-        "the default pin path {DEFAULT_PIN_PATH} is not writable: {writable:?}"
+            .any(|w| Path::new(DEFAULT_PIN_PATH).starts_with(w)
+                && Path::new(w)
+                    .strip_prefix("/sys/fs/bpf")
+                    .is_ok_and(|r| !r.as_os_str().is_empty())),
+        "the default pin path {DEFAULT_PIN_PATH} is not writable under ProtectKernelTunables=: \
+         {writable:?}"
     );
-    // Mounts /sys/fs/bpf read-only, and ReadWritePaths= does not undo it.
-    assert!(!u.is_yes("ProtectKernelTunables"));
+    assert!(
+        writable.contains("/proc/sys/net/ipv4/conf"),
+        "the interface settings the daemon makes are read-only: {writable:?}"
+    );
     // XDP attaches to the host's own interfaces with real capabilities.
     assert!(!u.is_yes("PrivateNetwork") && !u.is_yes("PrivateUsers"));
 
+    // Its own user, given the unit's capabilities at start; the pin path
+    // is handed to that user first, as root ("+"), by the binary itself.
+    let user = u.one("Service", "User");
+    assert_ne!(user, "root");
+    assert_eq!(u.one("Service", "Group"), user);
+    let sysusers = read("packaging/sysusers.d/router.conf");
+    assert!(
+        sysusers
+            .lines()
+            .any(|l| l.split_whitespace().take(2).eq(["u", user])),
+        "packaging/sysusers.d/router.conf does not create {user}"
+    );
+    let caps = BTreeSet::from([
+        "CAP_BPF",
+        "CAP_NET_ADMIN",
+        "CAP_PERFMON",
+        "CAP_SYS_ADMIN",
+        "CAP_DAC_READ_SEARCH",
+    ]);
+    assert_eq!(u.words("Service", "CapabilityBoundingSet"), caps);
+    assert_eq!(u.words("Service", "AmbientCapabilities"), caps);
+    let pre = u.one("Service", "ExecStartPre");
+    let pre: Vec<&str> = pre
+        .strip_prefix('+')
+        .expect("ExecStartPre= runs as root: +")
+        .split_whitespace()
+        .collect();
+    let start = u.exec_start();
     assert_eq!(
-        u.words("Service", "CapabilityBoundingSet"),
-        BTreeSet::from(["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "CAP_SYS_ADMIN"])
+        pre[..pre.len() - 2],
+        start[..],
+        "ExecStartPre= prepares another config"
+    );
+    assert_eq!(pre[pre.len() - 2..], ["--prepare-for", user]);
+    // RuntimeDirectory= is kept across stops: drains and the settings
+    // record outlive the daemon (systemd_unit.rs restarts it).
+    assert!(u.is_yes("RuntimeDirectoryPreserve"));
+    // No device but the pseudo ones and NVIDIA's (NVML); not a private /dev,
+    // which has no /dev/nvidia*.
+    assert_eq!(u.one("Service", "DevicePolicy"), "closed");
+    assert!(!u.is_yes("PrivateDevices"));
+    assert!(
+        u.values("Service", "DeviceAllow")
+            .iter()
+            .any(|d| d.starts_with("char-nvidia")),
     );
     let families = u.words("Service", "RestrictAddressFamilies");
     for family in ["AF_UNIX", "AF_INET", "AF_NETLINK"] {
@@ -315,13 +372,20 @@ fn unit_command_lines_are_accepted_by_the_binary() {
 
     let daemon = Unit::load(DAEMON_UNIT);
     let config = missing.join("router.toml");
-    let args: Vec<String> = daemon.exec_start()[1..]
-        .iter()
-        .map(|a| match *a {
-            "/etc/router/router.toml" => config.display().to_string(),
-            a => a.to_owned(),
-        })
-        .collect();
+    let harmless = |argv: &[&str]| -> Vec<String> {
+        argv[1..]
+            .iter()
+            .map(|a| match *a {
+                "/etc/router/router.toml" => config.display().to_string(),
+                a => a.to_owned(),
+            })
+            .collect()
+    };
+    let args = harmless(&daemon.exec_start());
+    let pre = daemon
+        .one("Service", "ExecStartPre")
+        .trim_start_matches('+');
+    let pre_args = harmless(&pre.split_whitespace().collect::<Vec<_>>());
 
     let agent = Unit::load(AGENT_UNIT);
     let argv = agent.exec_start();
@@ -337,7 +401,11 @@ fn unit_command_lines_are_accepted_by_the_binary() {
         })
         .collect();
 
-    for (args, path) in [(args, config), (agent_args, token)] {
+    for (args, path) in [
+        (args, config.clone()),
+        (pre_args, config),
+        (agent_args, token),
+    ] {
         let out = Command::new(&bin).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         // clap exits 2 on a usage error; a run that got going fails with 1.

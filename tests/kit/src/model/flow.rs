@@ -3,15 +3,19 @@
 
 use router_common::{
     CONN_AWAIT_ANY, CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_CLOSING,
-    ConnKey, NO_BACKEND, PROTO_TCP, SNAT_PROBES, flow_hash::flow_hash, reasons,
+    CONN_HEARD, ConnKey, NO_BACKEND, PROTO_TCP, SNAT_PROBES, flow_hash::flow_hash, reasons,
 };
 
 use super::{
     Model, Outcome, Traffic, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
     nat::{self, Tuple},
     parse::{self, Refusal, Transport},
-    tables::{Entry, Hop, Table, owned_by, refresh, reply_entry, reply_key_of},
+    tables::{Entry, Hop, Promotion, Table, owned_by, refresh, reply_entry, reply_key_of},
 };
+
+/// How far either side of a direction's furthest sequence number a RST or
+/// FIN may lie and still end its flow, and how far one segment may move it.
+const WINDOW: u32 = 1 << 20;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -25,6 +29,48 @@ struct Kind {
     syn: bool,
     fin_or_rst: bool,
     rst: bool,
+    ack: bool,
+}
+
+/// The sequence number just past a TCP segment: SYN and FIN take one each.
+fn segment_end(l4: &Transport) -> u32 {
+    l4.seq
+        .wrapping_add(l4.payload_len as u32)
+        .wrapping_add(u32::from(l4.tcp_flags & TCP_SYN != 0))
+        .wrapping_add(u32::from(l4.tcp_flags & TCP_FIN != 0))
+}
+
+/// Records a packet on its direction's entry: the first one heard there
+/// (and a SYN-ACK on a reply entry) sets where its sequence is; later
+/// ones move it forward by at most the window. Returns whether the
+/// packet's sequence number is within the window of where it was (always
+/// for UDP, and for the packet that sets it).
+fn track(e: &mut Entry, l4: &Transport) -> bool {
+    if l4.proto != PROTO_TCP {
+        e.flags |= CONN_HEARD;
+        return true;
+    }
+    let end = segment_end(l4);
+    let synack = l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+    if !e.heard() || (e.is_reply() && synack) {
+        e.seq_next = end;
+        e.flags |= CONN_HEARD;
+        return true;
+    }
+    let next = e.seq_next;
+    let ahead = end.wrapping_sub(next);
+    if ahead != 0 && ahead <= WINDOW {
+        e.seq_next = end;
+    }
+    let off = l4.seq.wrapping_sub(next);
+    off <= WINDOW || off >= WINDOW.wrapping_neg()
+}
+
+/// Whether a client packet proves its half-open flow, whose reply entry
+/// is `r`: the backend has been heard, and a TCP packet carries an ACK of
+/// at most what the backend sent, no more than the window behind.
+fn proves(r: &Entry, l4: &Transport, kind: Kind) -> bool {
+    r.heard() && (l4.proto != PROTO_TCP || (kind.ack && r.seq_next.wrapping_sub(l4.ack) <= WINDOW))
 }
 
 impl Model {
@@ -64,6 +110,7 @@ impl Model {
             syn: tcp && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
             fin_or_rst: tcp && l4.tcp_flags & (TCP_FIN | TCP_RST) != 0,
             rst: tcp && l4.tcp_flags & TCP_RST != 0,
+            ack: tcp && l4.tcp_flags & TCP_ACK != 0,
         };
 
         // CONNS is asked first; HALF_OPEN only when CONNS has no entry at
@@ -81,6 +128,11 @@ impl Model {
             let starts_over = self.syn_starts_over(table, &key, &e, kind);
             let expired = self.cfg.timeouts.expired(table, &e, l4.proto);
             if !starts_over && !expired {
+                // The datapath is a router hop: a packet it would forward
+                // with no TTL to spare ends here.
+                if ip.ttl <= 1 {
+                    return out.counted(XDP_DROP, reasons::DROP_TTL_EXPIRED);
+                }
                 return self.ride(out, frame, ingress, table, key, &l4, kind);
             }
             self.trail.push(if starts_over {
@@ -97,11 +149,14 @@ impl Model {
         }
 
         if vip_bucket && let Some(svc) = self.cfg.service(ip.dst, l4.dst_port, l4.proto) {
+            if ip.ttl <= 1 {
+                return out.counted(XDP_DROP, reasons::DROP_TTL_EXPIRED);
+            }
             if tcp && !kind.syn {
                 out.reasons.push(reasons::LRU_MISS);
             }
             let svc = svc.clone();
-            return self.open(out, frame, ingress, &key, &svc, stale, kind);
+            return self.open(out, frame, ingress, &key, &svc, stale, (&l4, kind));
         }
         if snat_bucket {
             // A TCP reply without an entry would make the host's stack
@@ -150,17 +205,27 @@ impl Model {
         l4: &Transport,
         kind: Kind,
     ) -> Outcome {
+        let mut out = out;
         let timeouts = self.cfg.timeouts;
         if table == Table::HalfOpen && !kind.syn {
             let e = self.tables.half_open[&key];
-            // The client's second packet confirms the flow; the backend's
-            // answers and a retransmitted SYN do not.
+            // A client packet that acknowledges the backend's answer
+            // confirms the flow; the backend's answers, a retransmitted
+            // SYN and a blind ACK do not.
             if !e.is_reply() {
-                if self.tables.promote(&timeouts, &key, e) {
-                    self.trail.push("promoted");
-                    table = Table::Conns;
-                } else {
-                    self.trail.push("promotion refused");
+                match self
+                    .tables
+                    .promote(&timeouts, &key, e, |r| proves(r, l4, kind))
+                {
+                    Promotion::Moved => {
+                        self.trail.push("promoted");
+                        table = Table::Conns;
+                    }
+                    Promotion::Refused => self.trail.push("promotion refused"),
+                    Promotion::Unproven => {
+                        self.trail.push("not proven: stays half-open");
+                        out.reasons.push(reasons::UNCONFIRMED);
+                    }
                 }
             }
         }
@@ -168,12 +233,24 @@ impl Model {
             Table::Conns => "rides a CONNS entry",
             Table::HalfOpen => "rides a HALF_OPEN entry",
         });
+        let in_window = match self.tables.map_mut(table).get_mut(&key) {
+            Some(e) => track(e, l4),
+            None => true,
+        };
+        // A RST or FIN out of the window is forwarded and changes nothing.
+        let (fin_or_rst, rst) = if kind.fin_or_rst && !in_window {
+            self.trail.push("RST/FIN out of window");
+            out.reasons.push(reasons::TCP_OUT_OF_WINDOW);
+            (false, false)
+        } else {
+            (kind.fin_or_rst, kind.rst)
+        };
         let newly_closing = match self.tables.map_mut(table).get_mut(&key) {
-            Some(e) => refresh(e, kind.fin_or_rst),
+            Some(e) => refresh(e, fin_or_rst),
             None => false,
         };
-        if newly_closing || kind.rst {
-            self.on_close(table, &key, kind.rst);
+        if newly_closing || rst {
+            self.on_close(table, &key, rst);
         }
         let samples = self.observe(table, &key, l4);
         let e = self.tables.map(table)[&key];
@@ -240,9 +317,10 @@ impl Model {
         key: &ConnKey,
         svc: &super::Service,
         stale: Option<(Table, Entry)>,
-        kind: Kind,
+        (l4, kind): (&Transport, Kind),
     ) -> Outcome {
         let hash = flow_hash(
+            self.cfg.flow_hash_key,
             key.src_addr,
             key.dst_addr,
             key.src_port,
@@ -293,10 +371,17 @@ impl Model {
             },
             backend_id,
             service_id: svc.id,
-            flags: if kind.fin_or_rst { CONN_CLOSING } else { 0 }
+            // The client is heard: its first packet starts its sequence.
+            flags: CONN_HEARD
+                | if kind.fin_or_rst { CONN_CLOSING } else { 0 }
                 | if kind.syn { CONN_AWAIT_REQUEST } else { 0 },
             hop: Hop::default(),
             age: 0,
+            seq_next: if key.proto == PROTO_TCP {
+                segment_end(l4)
+            } else {
+                0
+            },
         };
         let fwd = Entry {
             flags: fwd.flags | self.count_new(backend_id, kind.rst),
@@ -405,23 +490,25 @@ impl Model {
         at: Option<(Table, ConnKey)>,
         new_conn: bool,
     ) -> Outcome {
-        let rewritten = nat::rewrite(frame, proto, e.to);
-        self.send(out, rewritten, frame.len(), ingress, e, at, new_conn)
+        self.send(out, frame.len(), ingress, e, at, new_conn, |hop| {
+            nat::rewrite(frame, proto, e.to, hop)
+        })
     }
 
-    /// Sends a packet of entry `e` (at `at`, as in `forward`), already
-    /// `rewritten` from a frame of `bytes` bytes, to the entry's next hop,
-    /// counted as its traffic.
+    /// Sends a packet of entry `e` (at `at`, as in `forward`) of `bytes`
+    /// bytes to the entry's next hop, counted as its traffic; `rewrite`
+    /// gives the frame translated, one hop on (TTL one less) when the
+    /// program sends it, as it was when it goes to the stack.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn send(
         &mut self,
         mut out: Outcome,
-        rewritten: Vec<u8>,
         bytes: usize,
         ingress: u32,
         mut e: Entry,
         at: Option<(Table, ConnKey)>,
         new_conn: bool,
+        rewrite: impl Fn(bool) -> Vec<u8>,
     ) -> Outcome {
         out.traffic = Some(Traffic {
             service_id: e.service_id,
@@ -430,9 +517,10 @@ impl Model {
             new_conn,
             reply: e.is_reply(),
         });
-        out.frame = rewritten;
         if e.hop.fib_gen == 0 || e.hop.fib_gen != self.cfg.fib_gen {
             let Some(hop) = self.cfg.next_hop(e.to.dst_addr) else {
+                // The stack sends it on, and takes the TTL's one itself.
+                out.frame = rewrite(false);
                 return out.counted(XDP_PASS, reasons::PASS_FIB_FAILED);
             };
             e.hop = hop;
@@ -442,6 +530,7 @@ impl Model {
                 stored.hop = hop;
             }
         }
+        out.frame = rewrite(true);
         out.frame[0..6].copy_from_slice(&e.hop.dmac);
         out.frame[6..12].copy_from_slice(&e.hop.smac);
         if e.hop.ifindex == ingress {

@@ -27,10 +27,13 @@
 //!    checksum over the whole message. The quoted transport checksum
 //!    covers a whole segment the quote may cut; only its pseudo-header
 //!    addresses and ports change, so their words are what is summed.
-//! 7. Then it goes to the next hop like any translated packet, with the
-//!    flow's protocol for the lookup, caching the hop in the entry, and
-//!    counted as the entry's traffic. No other state changes: no refresh,
-//!    no closing, no count, no latency.
+//! 7. It is forwarded as the flow's packets are: with a TTL of 0 or 1 it
+//!    is dropped (`drop_ttl_expired`); it goes to the next hop with the
+//!    flow's protocol for the lookup, caching the hop in the entry, one
+//!    TTL less when the program sends it (the stack takes its own when it
+//!    resolves the neighbour), and counted as the entry's traffic. No
+//!    other state changes: no refresh, no closing, no count, no latency,
+//!    no sequence.
 
 use router_common::reasons;
 
@@ -161,22 +164,31 @@ impl Model {
             self.trail
                 .push("ICMP error from the client's side translated");
         }
-        let translated = translate(frame, ip.tot_len, proto, e.to);
+        // Forwarded like the flow's packets: one router hop on.
+        if ip.ttl <= 1 {
+            self.trail.push("ICMP error: TTL expired");
+            return out.counted(XDP_DROP, reasons::DROP_TTL_EXPIRED);
+        }
+        let tot_len = ip.tot_len;
         self.send(
             out,
-            translated,
             frame.len(),
             ingress,
             e,
             Some((table, key)),
             false,
+            |hop| translate(frame, tot_len, proto, e.to, hop),
         )
     }
 }
 
-/// `frame` (an error with a plain TCP or UDP quote) translated per `to`.
-fn translate(frame: &[u8], tot_len: usize, proto: u8, to: Tuple) -> Vec<u8> {
+/// `frame` (an error with a plain TCP or UDP quote) translated per `to`,
+/// its TTL one less when the program sends it on (`hop`).
+fn translate(frame: &[u8], tot_len: usize, proto: u8, to: Tuple, hop: bool) -> Vec<u8> {
     let mut out = frame.to_vec();
+    if hop {
+        out[ETH + 8] = out[ETH + 8].wrapping_sub(1);
+    }
     put32(&mut out, ETH + 12, to.src_addr);
     put32(&mut out, ETH + 16, to.dst_addr);
     recompute(&mut out, frame, ETH, IP, ETH + 10);

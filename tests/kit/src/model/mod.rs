@@ -6,7 +6,8 @@
 //!
 //! What it covers: the parse checks and their order (`parse`), the
 //! destination pre-filter with its shared buckets, the service lookup, the
-//! Maglev slot of a flow (`flow_hash` into the live table, which the model
+//! Maglev slot of a flow (`flow_hash`, under the program's secret, into
+//! the live table, which the model
 //! is given), both connection tables and their rules (`tables`), SNAT
 //! allocation, the NAT rewrite with checksums computed from scratch
 //! (`nat`), ICMP errors about flows translated from their quote (`icmp`),
@@ -131,6 +132,8 @@ pub struct Config {
     pub fib: HashMap<u32, Hop>,
     /// The live next-hop generation (never 0).
     pub fib_gen: u32,
+    /// The flow hash's secret, as the program was loaded with it.
+    pub flow_hash_key: [u32; 2],
     pub table_size: u32,
     pub timeouts: Timeouts,
 }
@@ -229,8 +232,13 @@ impl Model {
 
     /// The (SNAT address, port) pairs, wire order, that a new flow `key`
     /// for `svc` tries, in order.
-    pub fn snat_candidates(key: &router_common::ConnKey, svc: &Service) -> Vec<(u32, u16)> {
+    pub fn snat_candidates(
+        cfg: &Config,
+        key: &router_common::ConnKey,
+        svc: &Service,
+    ) -> Vec<(u32, u16)> {
         let hash = router_common::flow_hash::flow_hash(
+            cfg.flow_hash_key,
             key.src_addr,
             key.dst_addr,
             key.src_port,
@@ -244,6 +252,7 @@ impl Model {
     /// its selection).
     pub fn pick(cfg: &Config, key: &router_common::ConnKey, svc: &Service) -> u32 {
         let hash = router_common::flow_hash::flow_hash(
+            cfg.flow_hash_key,
             key.src_addr,
             key.dst_addr,
             key.src_port,

@@ -113,11 +113,16 @@ pub fn checksums_right(frame: &[u8], proto: u8) -> bool {
     !fold(l4_sum(frame, proto) + u64::from(found)) == 0
 }
 
-/// `frame` translated to `to`: addresses, ports and both checksums. MACs
-/// are the caller's (they depend on the next hop).
-pub fn rewrite(frame: &[u8], proto: u8, to: Tuple) -> Vec<u8> {
+/// `frame` translated to `to`: addresses, ports and both checksums, and
+/// one less TTL when the datapath is the hop that sends it on (`hop`; the
+/// host's stack takes its own otherwise). MACs are the caller's (they
+/// depend on the next hop).
+pub fn rewrite(frame: &[u8], proto: u8, to: Tuple, hop: bool) -> Vec<u8> {
     let mut out = frame.to_vec();
     let (ip_before, l4_before) = (ip_sum(frame), l4_sum(frame, proto));
+    if hop {
+        out[ETH + 8] = out[ETH + 8].wrapping_sub(1);
+    }
     write32(&mut out, ETH + 12, to.src_addr);
     write32(&mut out, ETH + 16, to.dst_addr);
     write16(&mut out, ETH + IP, to.src_port);

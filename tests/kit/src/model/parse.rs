@@ -32,6 +32,7 @@ pub struct Ip {
     pub src: u32,
     pub dst: u32,
     pub tot_len: usize,
+    pub ttl: u8,
 }
 
 /// A balanceable packet: IPv4 without options, not a fragment, TCP or UDP.
@@ -45,6 +46,9 @@ pub struct Transport {
     pub tcp_flags: u8,
     /// TCP payload bytes within the total length; 0 for UDP.
     pub payload_len: usize,
+    /// TCP sequence and acknowledgement numbers (host order); 0 for UDP.
+    pub seq: u32,
+    pub ack: u32,
 }
 
 const ETH: usize = 14;
@@ -56,6 +60,10 @@ fn be16(b: &[u8], at: usize) -> usize {
 
 fn ne16(b: &[u8], at: usize) -> u16 {
     u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 fn ne32(b: &[u8], at: usize) -> u32 {
@@ -85,6 +93,7 @@ pub fn ipv4(frame: &[u8]) -> Result<Ip, Refusal> {
         src: ne32(frame, ETH + 12),
         dst: ne32(frame, ETH + 16),
         tot_len,
+        ttl: frame[ETH + 8],
     })
 }
 
@@ -112,6 +121,8 @@ pub fn transport(frame: &[u8], ip: &Ip) -> Result<Transport, Refusal> {
                 dst_port: ne16(frame, l4 + 2),
                 tcp_flags: frame[l4 + 13],
                 payload_len: ip.tot_len - IP - doff,
+                seq: be32(frame, l4 + 4),
+                ack: be32(frame, l4 + 8),
             })
         }
         17 => {
@@ -128,6 +139,8 @@ pub fn transport(frame: &[u8], ip: &Ip) -> Result<Transport, Refusal> {
                 dst_port: ne16(frame, l4 + 2),
                 tcp_flags: 0,
                 payload_len: 0,
+                seq: 0,
+                ack: 0,
             })
         }
         1 => Err(Refusal::Icmp),

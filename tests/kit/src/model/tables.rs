@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use router_common::{CONN_CLOSING, CONN_REPLY, ConnEntry, ConnKey, PROTO_TCP};
+use router_common::{CONN_CLOSING, CONN_HEARD, CONN_REPLY, ConnEntry, ConnKey, PROTO_TCP};
 
 use super::nat::{Tuple, delta_classes};
 
@@ -41,9 +41,16 @@ pub struct Entry {
     pub hop: Hop,
     /// Seconds since the last refresh.
     pub age: u64,
+    /// TCP: the end of the furthest segment heard in this direction
+    /// (meaningful with `CONN_HEARD`); 0 otherwise.
+    pub seq_next: u32,
 }
 
 impl Entry {
+    pub fn heard(&self) -> bool {
+        self.flags & CONN_HEARD != 0
+    }
+
     pub fn is_reply(&self) -> bool {
         self.flags & CONN_REPLY != 0
     }
@@ -60,8 +67,9 @@ impl Entry {
             new_dst_addr: self.to.dst_addr,
             new_src_port: self.to.src_port,
             new_dst_port: self.to.dst_port,
-            l3_csum_delta: u32::from(l3),
-            l4_csum_delta: u32::from(l4),
+            l3_csum_delta: l3,
+            l4_csum_delta: l4,
+            seq_next: self.seq_next,
             dmac: self.hop.dmac,
             smac: self.hop.smac,
             ifindex: self.hop.ifindex,
@@ -107,6 +115,7 @@ impl Entry {
                 fib_gen: e.fib_gen,
             },
             age: 0,
+            seq_next: e.seq_next,
         })
     }
 }
@@ -240,6 +249,7 @@ pub fn reply_entry(fwd: &ConnKey, backend_id: u32, service_id: u32, flags: u32) 
         flags: CONN_REPLY | flags,
         hop: Hop::default(),
         age: 0,
+        seq_next: 0,
     }
 }
 
@@ -288,23 +298,38 @@ impl Tables {
         }
     }
 
-    /// Confirms the half-open flow `fwd` (forward entry `e`): both
-    /// directions move to CONNS. Its reply entry goes along as it is when
-    /// HALF_OPEN still holds it for this flow (whatever its age), and is
-    /// rebuilt from the forward entry otherwise. When CONNS refuses the
-    /// reply key (a live confirmed flow holds it), nothing moves.
-    /// Returns whether the flow moved.
-    pub fn promote(&mut self, t: &Timeouts, fwd: &ConnKey, e: Entry) -> bool {
+    /// Confirms the half-open flow `fwd` (forward entry `e`) if `proof`
+    /// holds for its reply entry: both directions move to CONNS, the reply
+    /// entry as it is. A flow whose reply entry HALF_OPEN no longer holds
+    /// for it cannot be proven and stays. When CONNS refuses the reply key
+    /// (a live confirmed flow holds it), nothing moves either.
+    pub fn promote(
+        &mut self,
+        t: &Timeouts,
+        fwd: &ConnKey,
+        e: Entry,
+        proof: impl Fn(&Entry) -> bool,
+    ) -> Promotion {
         let rkey = reply_key_of(e.to, fwd.proto);
         let reply = match self.half_open.get(&rkey) {
-            Some(r) if owned_by(r, fwd) => *r,
-            _ => reply_entry(fwd, e.backend_id, e.service_id, 0),
+            Some(r) if owned_by(r, fwd) && proof(r) => *r,
+            _ => return Promotion::Unproven,
         };
         if !self.claim(t, Table::Conns, rkey, reply, fwd) {
-            return false;
+            return Promotion::Refused;
         }
         self.conns.insert(*fwd, e);
         self.half_open.remove(fwd);
-        true
+        Promotion::Moved
     }
+}
+
+/// What a client packet did to its half-open flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Promotion {
+    Moved,
+    /// Proven, but CONNS refused the reply key.
+    Refused,
+    /// The packet does not prove the flow.
+    Unproven,
 }
