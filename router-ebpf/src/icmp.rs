@@ -71,9 +71,12 @@ const TCP_CSUM_QUOTED: usize = 18;
 #[inline(always)]
 pub fn error(ctx: &XdpContext) -> Result<Verdict, ()> {
     let outer: *const [u8; IP_LEN] = ptr_at(ctx, IP_OFF)?;
+    // Read afresh (volatile): reusing what parsing read would keep those
+    // registers alive across the protocol branch, and spill them on the
+    // TCP and UDP path.
     // SAFETY: `ptr_at` checked the header lies within the packet; a byte
-    // array has no alignment.
-    let outer = unsafe { &*outer };
+    // array has no alignment, and `read_volatile` copies it.
+    let outer = unsafe { core::ptr::read_volatile(outer) };
     let tot_len = u16::from_be_bytes([outer[2], outer[3]]);
     let ttl = outer[8];
     let outer_dst = u32::from_ne_bytes([outer[16], outer[17], outer[18], outer[19]]);

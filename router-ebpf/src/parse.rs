@@ -120,8 +120,13 @@ pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
     if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
         return Err(Skip::Fragment);
     }
-    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     let proto = ip[9];
+    // Before anything TCP and UDP read, so their registers do not have to
+    // survive the branch.
+    if proto == PROTO_ICMP {
+        return Err(Skip::Icmp);
+    }
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     match proto {
         PROTO_TCP => {
             let tcp: *const [u8; TCP_LEN] = ptr_at(ctx, L4_OFF).map_err(|()| Skip::Malformed)?;
@@ -159,7 +164,6 @@ pub fn l4(ctx: &XdpContext) -> Result<L4, Skip> {
                 ack_seq: 0,
             })
         }
-        PROTO_ICMP => Err(Skip::Icmp),
         _ => Err(Skip::UnknownProto),
     }
 }
