@@ -151,8 +151,10 @@ difference) is listed too. Wall-clock time per call, syscall included, is record
 in the JSON for reference only.
 - Paths of the `router` program: non-service pass (TCP SYN to an address that is \
 neither VIP nor SNAT address, and whose address pre-filter bucket is empty); \
-established forward (an ACK of a flow created by one SYN: connection-table hit with \
-cached next hop); SYN new flow (each timed call a new client port: connection-table \
+established forward (an ACK of a flow confirmed by a handshake: connection-table hit with \
+cached next hop); SYN new flow (each timed call a new client port, inside the host's \
+ephemeral range as a Linux client's are, so each SYN looks for a host socket on the SNAT \
+4-tuple before it keeps the port: connection-table \
 miss, the pick, SNAT claim, two inserts, FIB lookup; the datapath is loaded afresh \
 for every run with a half-open table sized for every SYN of the run on each CPU's \
 share, and after the run the benchmark checks that the table holds every flow, so \
@@ -163,8 +165,8 @@ resolved neighbour, so every SYN takes the same XDP_TX path. The least-loaded \
 rows check that the flows spread (scan: no backend more than one flow above \
 another); reply \
 (backend → SNAT address:port of the established flow: reply-entry hit); first ACK of a \
-new flow (a fresh datapath, one untimed SYN per client port, then each flow's ACK \
-timed: it promotes the flow from the half-open table into CONNS, and after the run \
+new flow (a fresh datapath, one untimed SYN per client port and the backend's \
+untimed SYN-ACK, then each flow's ACK, which acknowledges it, timed: it promotes the flow from the half-open table into CONNS, and after the run \
 the benchmark checks that CONNS holds both directions of every flow and nothing is \
 left half-open); SYN + first ACK, the sum of the Maglev SYN row and the first-ACK \
 row per run, net of the per-call overhead twice: what a new connection costs the \
