@@ -160,6 +160,7 @@ pub fn run_control(quick: bool, out_dir: &Path) -> Result<()> {
     std::fs::write(
         out_dir.join("control.json"),
         serde_json::to_string_pretty(&serde_json::json!({
+            "commit": crate::report::source_commit(),
             "maglev_rebuild": json,
             "reaction_polls": polls,
             "polling": {

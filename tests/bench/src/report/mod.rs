@@ -159,6 +159,82 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
 
+/// Code every suite's figures depend on: the packet path and the map
+/// definitions.
+const SHARED_CODE: [&str; 2] = ["router-ebpf", "router-common"];
+
+/// A suite's own code besides `SHARED_CODE`: its benchmark and what of the
+/// daemon it measures.
+fn suite_code(suite: &str) -> &'static [&'static str] {
+    match suite {
+        "datapath" => &["tests/bench/src/datapath"],
+        "l4" => &[
+            "tests/bench/src/l4.rs",
+            "tests/bench/src/loadgen.rs",
+            "tests/bench/src/peers.rs",
+        ],
+        "routing" => &[
+            "tests/bench/src/routing",
+            "router-userspace/src/policy",
+            "router-userspace/src/control_loop",
+        ],
+        "control" => &[
+            "tests/bench/src/control.rs",
+            "router-userspace/src/maglev.rs",
+            "router-userspace/src/telemetry",
+        ],
+        _ => &[],
+    }
+}
+
+/// Why figures recorded at `commit` no longer describe this tree: they were
+/// recorded from uncommitted changes, or the code they depend on (`own`
+/// and `SHARED_CODE`) changed since. None when they still do, or when no
+/// commit was recorded (the section says so itself).
+fn staleness(commit: Option<&str>, own: &[&str]) -> Option<String> {
+    staleness_in(Path::new("."), commit, own)
+}
+
+/// `staleness` for the repository that holds `dir`.
+fn staleness_in(dir: &Path, commit: Option<&str>, own: &[&str]) -> Option<String> {
+    let commit = commit?;
+    let (hash, dirty) = match commit.strip_suffix("-dirty") {
+        Some(h) => (h, true),
+        None => (commit, false),
+    };
+    // `:/` roots each path at the repository's top, wherever this runs.
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(["diff", "--name-only", hash, "HEAD", "--"])
+        .args(SHARED_CODE.iter().chain(own).map(|p| format!(":/{p}")))
+        .output();
+    let mut why = Vec::new();
+    if dirty {
+        why.push(format!(
+            "recorded from a tree with uncommitted changes on `{hash}`"
+        ));
+    }
+    match out {
+        Ok(o) if o.status.success() => {
+            let changed: Vec<String> = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            if let Some(first) = changed.first() {
+                why.push(format!(
+                    "{} file(s) it depends on changed since `{hash}` (`{first}`{})",
+                    changed.len(),
+                    if changed.len() > 1 { ", …" } else { "" }
+                ));
+            }
+        }
+        _ => why.push(format!(
+            "`{hash}` cannot be compared with this checkout (git diff failed)"
+        )),
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
 /// Writes `RESULTS.md` and the plots into `dir` from the JSON there.
 pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
     let dp = read_json(dir, "datapath.json");
@@ -193,6 +269,7 @@ pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
         ("datapath", dp.as_ref().map(|d| &d["commit"])),
         ("L4", l4.as_ref().map(|d| &d["machine"]["commit"])),
         ("routing", rt.as_ref().map(|d| &d["machine"]["commit"])),
+        ("control", ctl.as_ref().map(|d| &d["commit"])),
     ]
     .into_iter()
     .map(|(suite, c)| {
@@ -244,6 +321,28 @@ pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
     writeln!(md, "| measure | result | target | |\n|---|---|---|---|")?;
     md.push_str(&headline);
     md.push('\n');
+    // A section whose code changed since it was recorded says so at its
+    // head: its figures describe other code.
+    for (heading, suite, json, commit_at) in [
+        ("## 1. Datapath\n", "datapath", &dp, "/commit"),
+        ("## 2. L4 forwarding\n", "l4", &l4, "/machine/commit"),
+        ("## 3. Routing quality\n", "routing", &rt, "/machine/commit"),
+        ("## 4. Control plane\n", "control", &ctl, "/commit"),
+    ] {
+        let commit = json
+            .as_ref()
+            .and_then(|j| j.pointer(commit_at))
+            .and_then(Value::as_str);
+        if let Some(why) = staleness(commit, suite_code(suite)) {
+            body = body.replacen(
+                heading,
+                &format!(
+                    "{heading}\n> **Stale:** {why}; re-record with `cargo xtask bench {suite}`.\n"
+                ),
+                1,
+            );
+        }
+    }
     md.push_str(&body);
     std::fs::write(dir.join("RESULTS.md"), md).context("writing RESULTS.md")?;
     eprintln!("wrote {}", dir.join("RESULTS.md").display());
@@ -475,7 +574,61 @@ fn control_section(md: &mut String, head: &mut String, ctl: Option<&Value>) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{Command, median, staleness_in};
+
+    #[test]
+    fn a_section_is_stale_when_its_code_changed_or_it_was_recorded_dirty() {
+        // A repository of its own, so the test needs no history of this one.
+        let dir = std::env::temp_dir().join(format!("router-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("router-ebpf")).unwrap();
+        let git = |args: &[&str]| {
+            let o = Command::new("git")
+                .current_dir(&dir)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "git {args:?}: {o:?}");
+            String::from_utf8_lossy(&o.stdout).trim().to_owned()
+        };
+        let commit = |file: &str, text: &str| {
+            std::fs::write(dir.join(file), text).unwrap();
+            git(&["add", "-A"]);
+            git(&["commit", "-qm", "x"]);
+            git(&["rev-parse", "HEAD"])
+        };
+        git(&["init", "-q"]);
+        let first = commit("router-ebpf/a.rs", "1");
+        let second = commit("unrelated.txt", "1");
+        assert_eq!(
+            staleness_in(&dir, Some(&first), &[]),
+            None,
+            "only unrelated code changed"
+        );
+        commit("router-ebpf/a.rs", "2");
+        let why = staleness_in(&dir, Some(&second), &[]).expect("the datapath changed");
+        assert!(
+            why.contains("changed since") && why.contains("router-ebpf/a.rs"),
+            "{why}"
+        );
+        let head = git(&["rev-parse", "HEAD"]);
+        assert_eq!(
+            staleness_in(&dir, Some(&head), &[]),
+            None,
+            "recorded at HEAD"
+        );
+        let dirty = staleness_in(&dir, Some(&format!("{head}-dirty")), &[]).expect("dirty");
+        assert!(dirty.contains("uncommitted"), "{dirty}");
+        let unknown = staleness_in(&dir, Some("0123456789ab"), &[]).expect("unknown");
+        assert!(unknown.contains("cannot be compared"), "{unknown}");
+        assert_eq!(
+            staleness_in(&dir, None, &[]),
+            None,
+            "no commit: the section says so"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn median_of_odd_even_and_empty() {
