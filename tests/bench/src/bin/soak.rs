@@ -127,8 +127,14 @@ fn real_main(stop: &AtomicBool) -> Result<bool> {
         );
         let md = report.markdown(&command.join(" "), &today(), &machine);
         std::fs::write(bench.join("soak.md"), md).context("writing bench/soak.md")?;
-        std::fs::write(bench.join("soak.json"), report.to_json()?)
-            .context("writing bench/soak.json")?;
+        // The commit beside the figures, as every suite's JSON carries it.
+        let mut json: serde_json::Value = serde_json::from_str(&report.to_json()?)?;
+        json["commit"] = router_bench::report::source_commit().into();
+        std::fs::write(
+            bench.join("soak.json"),
+            serde_json::to_string_pretty(&json)? + "\n",
+        )
+        .context("writing bench/soak.json")?;
         println!("soak: recorded in bench/soak.md and bench/soak.json");
     }
     Ok(report.passed())
