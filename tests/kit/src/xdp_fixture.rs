@@ -24,6 +24,23 @@ pub const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
 pub const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0x0c, 0x02];
 pub const CLIENT2_MAC: Mac = [0x02, 0, 0, 0, 0x0c, 0x03];
 
+/// The connection-table key of a flow from `src` to `dst` over `proto`,
+/// fields as on the wire.
+pub fn conn_key(
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    proto: u8,
+) -> router_common::ConnKey {
+    router_common::ConnKey {
+        src_addr: u32::from_ne_bytes(src.ip().octets()),
+        dst_addr: u32::from_ne_bytes(dst.ip().octets()),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
 pub fn backend_mac(i: u8) -> Mac {
     [0x02, 0, 0, 0, 0x0b, i]
 }

@@ -66,15 +66,10 @@ fn conns(f: &Fixture) -> u64 {
 }
 
 fn conn_flags(f: &mut Fixture, src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> u32 {
-    let key = router_common::ConnKey {
-        src_addr: u32::from_ne_bytes(src.ip().octets()),
-        dst_addr: u32::from_ne_bytes(dst.ip().octets()),
-        src_port: src.port().to_be(),
-        dst_port: dst.port().to_be(),
-        proto: 6,
-        _pad: [0; 3],
-    };
-    table(f, "CONNS").get(&key, 0).expect("entry").flags
+    table(f, "CONNS")
+        .get(&conn_key(src, dst, 6), 0)
+        .expect("entry")
+        .flags
 }
 
 /// SYN, SYN-ACK, ACK with the ISNs above: a confirmed flow.

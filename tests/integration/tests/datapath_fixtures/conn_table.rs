@@ -10,17 +10,6 @@ use router_testkit::{
 
 use super::VIP;
 
-fn conn_key(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> router_common::ConnKey {
-    router_common::ConnKey {
-        src_addr: u32::from_ne_bytes(src.ip().octets()),
-        dst_addr: u32::from_ne_bytes(dst.ip().octets()),
-        src_port: src.port().to_be(),
-        dst_port: dst.port().to_be(),
-        proto: 6,
-        _pad: [0; 3],
-    }
-}
-
 #[test]
 fn a_retransmitted_syn_starts_over_when_the_lru_dropped_its_reply_entry() {
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
@@ -43,7 +32,7 @@ fn a_retransmitted_syn_starts_over_when_the_lru_dropped_its_reply_entry() {
     {
         let mut half_open: aya::maps::HashMap<_, router_common::ConnKey, router_common::ConnEntry> =
             aya::maps::HashMap::try_from(f.dp.ebpf_mut().map_mut("HALF_OPEN").unwrap()).unwrap();
-        half_open.remove(&conn_key(backend, snat)).unwrap();
+        half_open.remove(&conn_key(backend, snat, 6)).unwrap();
     }
     let syn_ack = Packet::tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(LB_MAC, backend_mac(0));
     let table = [
@@ -299,7 +288,7 @@ fn a_syn_after_the_backend_reset_the_flow_is_a_new_connection() {
         reasons: &[reasons::TX],
     });
     assert_eq!(
-        table(&mut f, "CONNS").get(&conn_key(b0, snat), 0).ok(),
+        table(&mut f, "CONNS").get(&conn_key(b0, snat, 6), 0).ok(),
         None,
         "the old flow's reply entry is gone"
     );
@@ -337,7 +326,7 @@ fn a_connection_refused_once_starts_clean_on_the_same_port() {
         assert_eq!(f.run(&p.build()).0, XDP_TX);
     }
     let reply = table(&mut f, "CONNS")
-        .get(&conn_key(backend, snat), 0)
+        .get(&conn_key(backend, snat, 6), 0)
         .expect("the confirmed flow's reply entry");
     assert_eq!(
         reply.flags & router_common::CONN_CLOSING,
@@ -381,11 +370,11 @@ fn lru_miss_after_the_forward_entry_was_evicted_keeps_the_snat_pair() {
     // a's flow ends and is reclaimed; the LRU evicts only b's forward entry.
     {
         let mut conns = table(&mut f, "CONNS");
-        conns.remove(&conn_key(a, vip)).unwrap();
+        conns.remove(&conn_key(a, vip, 6)).unwrap();
         conns
-            .remove(&conn_key(backend, addr("198.18.0.1:41100")))
+            .remove(&conn_key(backend, addr("198.18.0.1:41100"), 6))
             .unwrap();
-        conns.remove(&conn_key(b, vip)).unwrap();
+        conns.remove(&conn_key(b, vip, 6)).unwrap();
     }
     let data = Packet::tcp(b, vip, TCP_ACK | TCP_PSH)
         .with_macs(LB_MAC, CLIENT2_MAC)

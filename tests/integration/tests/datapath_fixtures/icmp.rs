@@ -8,9 +8,9 @@
 //! (TTL checked and taken one from) like the flow's packets; anything that
 //! is not an error about a flow that owns it passes, with its own counter.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 
-use router_common::{ConnEntry, ConnKey, reasons};
+use router_common::{ConnEntry, reasons};
 use router_testkit::{
     packet::{Packet, TCP_ACK, TCP_PSH, TCP_SYN, addr, ip},
     xdp_fixture::*,
@@ -32,17 +32,6 @@ fn backend_side_router() -> Ipv4Addr {
 }
 fn client_side_router() -> Ipv4Addr {
     ip("198.18.0.3")
-}
-
-fn conn_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> ConnKey {
-    ConnKey {
-        src_addr: u32::from_ne_bytes(src.ip().octets()),
-        dst_addr: u32::from_ne_bytes(dst.ip().octets()),
-        src_port: src.port().to_be(),
-        dst_port: dst.port().to_be(),
-        proto,
-        _pad: [0; 3],
-    }
 }
 
 /// Both connection tables, in a stable order; with `hops` false, the
