@@ -62,17 +62,11 @@ fn short_connections(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
 #[test]
 fn connections_split_by_weight_and_streams_survive_a_weight_change() {
     let topo = Topology::one_arm(3).expect("topology");
-    let _servers = topo.spawn_fixture_backends(8000).expect("backend servers");
     // The LB reaches every backend once, as a health check would; this also
     // resolves their neighbours before the first balanced packet.
-    for i in 0..3 {
-        netns::wait_for_tcp(
-            topo.lb_ns(),
-            SocketAddr::new(netns::backend_addr(i).into(), 8000),
-            Duration::from_secs(5),
-        )
-        .unwrap();
-    }
+    let _servers = topo
+        .spawn_ready_fixture_backends(8000)
+        .expect("backend servers");
 
     let dir = ScratchDir::new("e2e").unwrap();
     let socket = dir.0.join("router.sock");

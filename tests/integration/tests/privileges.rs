@@ -2,7 +2,7 @@
 //! attached, in every thread, and still writes maps: weight overrides and
 //! reloads keep working.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use router_testkit::{
     daemon_proc::{ScratchDir, cli, one_arm_config, start_daemon},
@@ -43,15 +43,7 @@ fn answers(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
 #[test]
 fn the_daemon_keeps_no_capability_it_does_not_need_and_still_writes_maps() {
     let topo = Topology::one_arm(2).unwrap();
-    let _servers = topo.spawn_fixture_backends(8000).unwrap();
-    for i in 0..2 {
-        netns::wait_for_tcp(
-            topo.lb_ns(),
-            SocketAddr::new(netns::backend_addr(i).into(), 8000),
-            Duration::from_secs(5),
-        )
-        .unwrap();
-    }
+    let _servers = topo.spawn_ready_fixture_backends(8000).unwrap();
     let dir = ScratchDir::new("caps").unwrap();
     let socket = dir.0.join("router.sock");
     let config = dir.0.join("router.toml");
@@ -218,15 +210,7 @@ fn the_daemon_runs_as_its_own_user_with_ambient_capabilities() {
     // user other than root it may only through CAP_NET_ADMIN.
     let topo = Topology::one_arm_unprepared(2).unwrap();
     let lb = topo.lb_ns();
-    let _servers = topo.spawn_fixture_backends(8000).unwrap();
-    for i in 0..2 {
-        netns::wait_for_tcp(
-            lb,
-            SocketAddr::new(netns::backend_addr(i).into(), 8000),
-            Duration::from_secs(5),
-        )
-        .unwrap();
-    }
+    let _servers = topo.spawn_ready_fixture_backends(8000).unwrap();
     // bpffs as systemd mounts /sys/fs/bpf: root's, mode 0700.
     let bpffs = router_testkit::bpffs::BpfFs::mount().unwrap();
     let pin_path = bpffs.pin_path();
@@ -471,15 +455,7 @@ fn pins_a_root_daemon_left_are_handed_to_the_daemons_user_and_adopted() {
     assert_no_account(DAEMON_UID);
     let topo = Topology::one_arm(2).unwrap();
     let lb = topo.lb_ns();
-    let _servers = topo.spawn_fixture_backends(8000).unwrap();
-    for i in 0..2 {
-        netns::wait_for_tcp(
-            lb,
-            SocketAddr::new(netns::backend_addr(i).into(), 8000),
-            Duration::from_secs(5),
-        )
-        .unwrap();
-    }
+    let _servers = topo.spawn_ready_fixture_backends(8000).unwrap();
     let bpffs = router_testkit::bpffs::BpfFs::mount().unwrap();
     let pin_path = bpffs.pin_path();
     std::fs::set_permissions(

@@ -16,7 +16,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -67,15 +66,7 @@ struct Setup {
 impl Setup {
     fn new(tag: &str) -> Setup {
         let topo = Topology::one_arm_unprepared(2).unwrap();
-        let servers = topo.spawn_fixture_backends(8000).unwrap();
-        for i in 0..2 {
-            netns::wait_for_tcp(
-                topo.lb_ns(),
-                SocketAddr::new(netns::backend_addr(i).into(), 8000),
-                Duration::from_secs(5),
-            )
-            .unwrap();
-        }
+        let servers = topo.spawn_ready_fixture_backends(8000).unwrap();
         let backends = netns::fixture_backends(&[100, 100]);
         let config = one_arm_config(
             Path::new(SOCKET),

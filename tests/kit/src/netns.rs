@@ -300,6 +300,22 @@ impl Topology {
             .collect()
     }
 
+    /// The fixture backends, once each accepts connections from the LB's
+    /// namespace. Reaching them resolves their neighbours there too, as a
+    /// health check would: a test of an unprepared host spawns them with
+    /// [`Self::spawn_fixture_backends`] instead.
+    pub fn spawn_ready_fixture_backends(&self, port: u16) -> Result<Vec<ChildGuard>> {
+        let guards = self.spawn_fixture_backends(port)?;
+        for i in 0..self.backend_count() {
+            wait_for_tcp(
+                self.lb_ns(),
+                std::net::SocketAddr::new(backend_addr(i).into(), port),
+                std::time::Duration::from_secs(5),
+            )?;
+        }
+        Ok(guards)
+    }
+
     /// Number of backends.
     pub fn backend_count(&self) -> usize {
         self.backends.len()
