@@ -25,13 +25,28 @@ pub fn packet(
     pkt: &Packet,
     origin: Origin,
 ) -> Result<Verdict, ()> {
-    if !next_hop(ctx, e, pkt.l4.proto, pkt.ip.tot_len) {
-        // Hand the translated packet to the stack, which resolves the
-        // neighbour; later packets of the flow then take the fast path.
-        // It is still this flow's traffic (often its SYN): count it.
-        nat::rewrite_l3_l4(ctx, e, pkt.l4.proto, Hop::Stack)?;
-        count_traffic(ctx, e, origin);
-        return Ok(Reason::PassFibFailed.into());
+    let fib_gen = match FIB_GEN.get(0) {
+        Some(g) => *g,
+        None => 0,
+    };
+    if fib_gen == 0 || e.fib_gen != fib_gen {
+        match fib::lookup(ctx, e, pkt.l4.proto, pkt.ip.tot_len) {
+            Some(hop) => {
+                // Concurrent writers on other CPUs store the same values.
+                e.dmac = hop.dmac;
+                e.smac = hop.smac;
+                e.ifindex = hop.ifindex;
+                e.fib_gen = fib_gen;
+            }
+            None => {
+                // Hand the translated packet to the stack, which resolves the
+                // neighbour; later packets of the flow then take the fast path.
+                // It is still this flow's traffic (often its SYN): count it.
+                nat::rewrite_l3_l4(ctx, e, pkt.l4.proto, Hop::Stack)?;
+                count_traffic(ctx, e, origin);
+                return Ok(Reason::PassFibFailed.into());
+            }
+        }
     }
     nat::rewrite_l3_l4(ctx, e, pkt.l4.proto, Hop::Program)?;
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
@@ -49,18 +64,32 @@ pub fn packet(
 /// ICMP error, see `icmp`) to the entry's next hop, as `packet` does, the
 /// hop looked up for the flow's protocol `proto` and the packet's total
 /// length `tot_len`, and the TTL taken one from when the program sends it
-/// (the stack takes its own). Apart from `packet` below the next hop: passing
-/// the two values into a shared body kept them live across the rewrite's
-/// helper calls and cost the packet path a few spilled registers.
+/// (the stack takes its own). Apart from `packet`, not sharing its body: passing
+/// the two values into a shared body kept them live across the helper
+/// calls and cost the packet path a few spilled registers.
 #[inline(always)]
 pub fn translated(
     ctx: &XdpContext,
     e: &mut ConnEntry,
     (proto, tot_len): (u8, u16),
 ) -> Result<Verdict, ()> {
-    if !next_hop(ctx, e, proto, tot_len) {
-        count_traffic(ctx, e, Origin::Tracked);
-        return Ok(Reason::PassFibFailed.into());
+    let fib_gen = match FIB_GEN.get(0) {
+        Some(g) => *g,
+        None => 0,
+    };
+    if fib_gen == 0 || e.fib_gen != fib_gen {
+        match fib::lookup(ctx, e, proto, tot_len) {
+            Some(hop) => {
+                e.dmac = hop.dmac;
+                e.smac = hop.smac;
+                e.ifindex = hop.ifindex;
+                e.fib_gen = fib_gen;
+            }
+            None => {
+                count_traffic(ctx, e, Origin::Tracked);
+                return Ok(Reason::PassFibFailed.into());
+            }
+        }
     }
     nat::take_ttl(ctx)?;
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
@@ -71,30 +100,6 @@ pub fn translated(
         return Ok(Reason::Tx.into());
     }
     Ok(Verdict::redirect(e.ifindex))
-}
-
-/// Makes sure entry `e` caches a next hop resolved under the live FIB
-/// generation, looking one up (for protocol `proto`, total length
-/// `tot_len`) when it does not. False when there is none: the stack must
-/// resolve the neighbour.
-#[inline(always)]
-fn next_hop(ctx: &XdpContext, e: &mut ConnEntry, proto: u8, tot_len: u16) -> bool {
-    let fib_gen = match FIB_GEN.get(0) {
-        Some(g) => *g,
-        None => 0,
-    };
-    if fib_gen != 0 && e.fib_gen == fib_gen {
-        return true;
-    }
-    let Some(hop) = fib::lookup(ctx, e, proto, tot_len) else {
-        return false;
-    };
-    // Concurrent writers on other CPUs store the same values.
-    e.dmac = hop.dmac;
-    e.smac = hop.smac;
-    e.ifindex = hop.ifindex;
-    e.fib_gen = fib_gen;
-    true
 }
 
 #[inline(always)]
