@@ -38,3 +38,10 @@ pub const ADDR_FILTER_SIZE: u32 = 4096;
 pub const MAX_SNAT_ADDRS: usize = 4;
 /// SNAT probes after the client's own port is found taken.
 pub const SNAT_PROBES: u32 = 8;
+/// The last attempt (0: the client's own port) at which a flow not opened
+/// by a SYN looks for a pair its own reply entry still holds. Each attempt
+/// costs two lookups, and any spoofed mid-stream packet pays for all of
+/// them; a flow that had to probe further than this is the rare one, and
+/// gets a new pair as if it had lost both entries.
+pub const OWN_PAIR_ATTEMPTS: u32 = 2;
+const _: () = assert!(OWN_PAIR_ATTEMPTS <= SNAT_PROBES);

@@ -18,9 +18,17 @@ use crate::{
 /// to a struct here, a `CONN_*` or `FILTER_*` bit, or a map's indexing
 /// (`layout_fingerprint` in the tests below names what it covers).
 ///
-/// 2: `ConnEntry` gained `seq_next` (checksum deltas folded to u16) and
-/// `CONN_HEARD`. 1 stands for every datapath pinned before the stamp.
-pub const LAYOUT_VERSION: u32 = 2;
+/// 3: the `NEXT_HOPS` map (`NextHop`) and the `FIB_GEN_PER_FLOW` bit of
+/// `FIB_GEN`. 2: `ConnEntry` gained `seq_next` (checksum deltas folded to
+/// u16) and `CONN_HEARD`. 1 stands for every datapath pinned before the
+/// stamp.
+pub const LAYOUT_VERSION: u32 = 3;
+
+/// Set in `FIB_GEN` while the host routes by more than the destination
+/// (policy rules, multipath routes): a next hop found for one flow to a
+/// backend may then be wrong for another, so every flow looks its own up
+/// and `NEXT_HOPS` is not used. The other bits are the generation.
+pub const FIB_GEN_PER_FLOW: u32 = 1 << 31;
 
 /// Sentinel in a Maglev slot: the service has no backend with weight > 0.
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -166,6 +174,27 @@ pub struct ConnEntry {
     pub last_seen_ns: u64,
 }
 
+/// `NEXT_HOPS` value (per CPU, per backend id): the next hop that
+/// `bpf_fib_lookup` last found for a backend's address, so a new flow to it
+/// needs no FIB lookup of its own. Valid for packets to `addr` while
+/// `fib_gen` equals the live `FIB_GEN` and their total length is at most
+/// `ok_len`: the lookup also checked the route's MTU, for that length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub ifindex: u32,
+    /// The backend address (wire order) the hop was found for: a backend
+    /// id reused for another address misses.
+    pub addr: u32,
+    /// 0: empty.
+    pub fib_gen: u32,
+    /// The largest IPv4 total length the lookup accepted, host order.
+    pub ok_len: u16,
+    pub _pad: u16,
+}
+
 /// The state `flags` holds, by name. Plain reads: a bit that another CPU
 /// changes at the same moment may be seen either way, which every caller
 /// allows for (changes that must not be lost go through atomics).
@@ -262,6 +291,7 @@ mod pod {
     unsafe impl aya::Pod for LatencyHistogram {}
     unsafe impl aya::Pod for Member {}
     unsafe impl aya::Pod for BackendLoad {}
+    unsafe impl aya::Pod for NextHop {}
 }
 
 // Layout is part of the kernel ABI between the two halves: pin it.
@@ -276,6 +306,7 @@ const _: () = {
     assert!(core::mem::offset_of!(ConnEntry, seq_next) == 16);
     assert!(core::mem::offset_of!(ConnEntry, flags) == 48);
     assert!(core::mem::size_of::<TrafficCounters>() == 32);
+    assert!(core::mem::size_of::<NextHop>() == 28);
     assert!(core::mem::size_of::<LatencyHistogram>() == 8 * (LATENCY_BUCKETS + 1));
 };
 
@@ -315,6 +346,10 @@ mod layout_fingerprint {
             offset_of!(ConnEntry, last_seen_ns),
             size_of::<TrafficCounters>(),
             size_of::<LatencyHistogram>(),
+            size_of::<NextHop>(),
+            offset_of!(NextHop, addr),
+            offset_of!(NextHop, ok_len),
+            FIB_GEN_PER_FLOW as usize,
             (CONN_REPLY
                 | CONN_CLOSING
                 | CONN_AWAIT_SYNACK
@@ -327,10 +362,10 @@ mod layout_fingerprint {
         assert_eq!(
             (LAYOUT_VERSION, fingerprint),
             (
-                2,
+                3,
                 [
                     8, 40, 24, 32, 36, 24, 16, 20, 16, 16, 16, 64, 12, 14, 16, 20, 32, 36, 40, 48,
-                    52, 56, 32, 232, 127, 3
+                    52, 56, 32, 232, 28, 16, 24, 2147483648, 127, 3
                 ]
             ),
             "a pinned map's layout changed: bump LAYOUT_VERSION, say why beside it, \

@@ -1,12 +1,15 @@
 //! Next-hop resolution with `bpf_fib_lookup`, cached in the connection entry
-//! so an established packet needs no FIB lookup while `FIB_GEN` is unchanged.
+//! so an established packet needs no FIB lookup while `FIB_GEN` is unchanged,
+//! and per backend (`NEXT_HOPS`) so a new flow to a backend needs none either.
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
     helpers::generated::bpf_fib_lookup,
     programs::XdpContext,
 };
-use router_common::ConnEntry;
+use router_common::{ConnEntry, FIB_GEN_PER_FLOW};
+
+use crate::maps::NEXT_HOPS;
 
 const AF_INET: u8 = 2;
 
@@ -16,9 +19,63 @@ pub struct NextHop {
     pub ifindex: u32,
 }
 
+/// Resolves the next hop of `e` for a packet of total length `tot_len`
+/// (host order) after translation to `e`'s tuple, `fib_gen` the live
+/// `FIB_GEN` (0: nothing may be cached), and caches it in `e`. Returns
+/// false when the kernel has no usable next hop.
+///
+/// Toward a backend the hop is the backend's: without policy rules or
+/// multipath routes (`FIB_GEN_PER_FLOW` clear) the kernel's answer depends
+/// on the destination alone, so one lookup serves every flow to it until
+/// the generation changes. A reply goes to its client, whose hop only the
+/// flow itself caches. Written straight into `e`: a hop returned by value
+/// costs the program stack it does not have.
+#[inline(always)]
+pub fn resolve(ctx: &XdpContext, e: &mut ConnEntry, proto: u8, tot_len: u16, fib_gen: u32) -> bool {
+    let shared = fib_gen != 0 && !e.is_reply() && fib_gen & FIB_GEN_PER_FLOW == 0;
+    if shared
+        && let Some(c) = NEXT_HOPS.get(e.backend_id)
+        && c.fib_gen == fib_gen
+        && c.addr == e.new_dst_addr
+        && tot_len <= c.ok_len
+    {
+        e.dmac = c.dmac;
+        e.smac = c.smac;
+        e.ifindex = c.ifindex;
+        e.fib_gen = fib_gen;
+        return true;
+    }
+    let Some(hop) = lookup(ctx, e, proto, tot_len) else {
+        return false;
+    };
+    // Concurrent writers on other CPUs store the same values.
+    e.dmac = hop.dmac;
+    e.smac = hop.smac;
+    e.ifindex = hop.ifindex;
+    e.fib_gen = fib_gen;
+    if shared && let Some(c) = NEXT_HOPS.get_ptr_mut(e.backend_id) {
+        // SAFETY: this CPU's element of a per-CPU array: nothing else
+        // writes it while the program runs here.
+        let c = unsafe { &mut *c };
+        // The length the route accepted grows; a new hop starts over.
+        let ok_len = if c.fib_gen == fib_gen && c.addr == e.new_dst_addr && c.ok_len > tot_len {
+            c.ok_len
+        } else {
+            tot_len
+        };
+        c.dmac = e.dmac;
+        c.smac = e.smac;
+        c.ifindex = e.ifindex;
+        c.addr = e.new_dst_addr;
+        c.fib_gen = fib_gen;
+        c.ok_len = ok_len;
+    }
+    true
+}
+
 /// Looks up the next hop for a packet after translation to `e`'s tuple.
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, e: &ConnEntry, proto: u8, tot_len: u16) -> Option<NextHop> {
+fn lookup(ctx: &XdpContext, e: &ConnEntry, proto: u8, tot_len: u16) -> Option<NextHop> {
     let mut slot = core::mem::MaybeUninit::uninit();
     let p: &mut FibParams = crate::mem::zeroed64(&mut slot);
     p.family = AF_INET;

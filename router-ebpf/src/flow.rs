@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use router_common::{
     CONN_AWAIT_REQUEST, CONN_AWAIT_SYNACK, CONN_CLOSING, CONN_COUNTED, CONN_HEARD, CONN_REPLY,
-    ConnEntry, ConnKey, MAX_SNAT_ADDRS, NO_BACKEND, PROTO_TCP, SNAT_PROBES, Service, csum,
-    flow_hash::flow_hash,
+    ConnEntry, ConnKey, MAX_SNAT_ADDRS, NO_BACKEND, OWN_PAIR_ATTEMPTS, PROTO_TCP, SNAT_PROBES,
+    Service, csum, flow_hash::flow_hash,
 };
 
 use crate::{
@@ -105,18 +105,20 @@ fn claim_reply(target: Table, rkey: ConnKey, reply: &ConnEntry, fwd: &ConnKey, n
             HALF_OPEN.insert(rkey, reply, BPF_ANY as u64).is_ok()
         }
         Table::Conns => {
-            let claimed = CONNS.insert(rkey, reply, BPF_NOEXIST as u64).is_ok()
-                // SAFETY: a table value, read at once (see `conn`).
-                || match unsafe { CONNS.get(rkey) } {
-                    Some(e) if owned_by(e, fwd) => {
-                        CONNS.insert(rkey, reply, BPF_ANY as u64).is_ok()
-                    }
-                    Some(e) if expired(Table::Conns, e, now, fwd.proto) => {
-                        let _ = CONNS.remove(rkey);
-                        CONNS.insert(rkey, reply, BPF_NOEXIST as u64).is_ok()
-                    }
-                    _ => false,
-                };
+            // Looked up before any BPF_NOEXIST insert: a failing insert into
+            // an LRU map has already taken a free node, evicting some live
+            // flow's entry if none was free. A key taken on another CPU
+            // between the two steps still fails the insert, as it should.
+            // SAFETY: a table value, read at once (see `conn`).
+            let claimed = match unsafe { CONNS.get(rkey) } {
+                None => CONNS.insert(rkey, reply, BPF_NOEXIST as u64).is_ok(),
+                Some(e) if owned_by(e, fwd) => CONNS.insert(rkey, reply, BPF_ANY as u64).is_ok(),
+                Some(e) if expired(Table::Conns, e, now, fwd.proto) => {
+                    let _ = CONNS.remove(rkey);
+                    CONNS.insert(rkey, reply, BPF_NOEXIST as u64).is_ok()
+                }
+                _ => false,
+            };
             if claimed {
                 let _ = HALF_OPEN.remove(rkey);
             }
@@ -332,8 +334,8 @@ fn snat_candidate(key: &ConnKey, svc: &Service, hash: u32, attempt: u32) -> Opti
     Some((snat_addr, snat_port))
 }
 
-/// The first attempt whose reply key is held by flow `key`'s own reply
-/// entry, in either table. For a flow re-created mid-stream: the LRU may
+/// The first attempt, up to `OWN_PAIR_ATTEMPTS`, whose reply key is held
+/// by flow `key`'s own reply entry, in either table. For a flow re-created mid-stream: the LRU may
 /// have evicted only its forward entry, and the surviving reply entry holds
 /// the 4-tuple the backend knows the connection by. Any other candidate
 /// (the client's own port, when the flow had been probed past it) would be
@@ -345,7 +347,7 @@ fn own_reply_attempt(
     hash: u32,
     (be_addr, be_port): (u32, u16),
 ) -> Option<u32> {
-    for attempt in 0..=SNAT_PROBES {
+    for attempt in 0..=OWN_PAIR_ATTEMPTS {
         let (snat_addr, snat_port) = snat_candidate(key, svc, hash, attempt)?;
         let rkey = self::key(be_addr, snat_addr, be_port, snat_port, key.proto);
         // SAFETY (both): table values, read at once (see `conn`).

@@ -29,24 +29,15 @@ pub fn packet(
         Some(g) => *g,
         None => 0,
     };
-    if fib_gen == 0 || e.fib_gen != fib_gen {
-        match fib::lookup(ctx, e, pkt.l4.proto, pkt.ip.tot_len) {
-            Some(hop) => {
-                // Concurrent writers on other CPUs store the same values.
-                e.dmac = hop.dmac;
-                e.smac = hop.smac;
-                e.ifindex = hop.ifindex;
-                e.fib_gen = fib_gen;
-            }
-            None => {
-                // Hand the translated packet to the stack, which resolves the
-                // neighbour; later packets of the flow then take the fast path.
-                // It is still this flow's traffic (often its SYN): count it.
-                nat::rewrite_l3_l4(ctx, e, pkt.l4.proto, Hop::Stack)?;
-                count_traffic(ctx, e, origin);
-                return Ok(Reason::PassFibFailed.into());
-            }
-        }
+    if (fib_gen == 0 || e.fib_gen != fib_gen)
+        && !fib::resolve(ctx, e, pkt.l4.proto, pkt.ip.tot_len, fib_gen)
+    {
+        // Hand the translated packet to the stack, which resolves the
+        // neighbour; later packets of the flow then take the fast path.
+        // It is still this flow's traffic (often its SYN): count it.
+        nat::rewrite_l3_l4(ctx, e, pkt.l4.proto, Hop::Stack)?;
+        count_traffic(ctx, e, origin);
+        return Ok(Reason::PassFibFailed.into());
     }
     nat::rewrite_l3_l4(ctx, e, pkt.l4.proto, Hop::Program)?;
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;
@@ -77,19 +68,9 @@ pub fn translated(
         Some(g) => *g,
         None => 0,
     };
-    if fib_gen == 0 || e.fib_gen != fib_gen {
-        match fib::lookup(ctx, e, proto, tot_len) {
-            Some(hop) => {
-                e.dmac = hop.dmac;
-                e.smac = hop.smac;
-                e.ifindex = hop.ifindex;
-                e.fib_gen = fib_gen;
-            }
-            None => {
-                count_traffic(ctx, e, Origin::Tracked);
-                return Ok(Reason::PassFibFailed.into());
-            }
-        }
+    if (fib_gen == 0 || e.fib_gen != fib_gen) && !fib::resolve(ctx, e, proto, tot_len, fib_gen) {
+        count_traffic(ctx, e, Origin::Tracked);
+        return Ok(Reason::PassFibFailed.into());
     }
     nat::take_ttl(ctx)?;
     nat::rewrite_macs(ctx, &e.dmac, &e.smac)?;

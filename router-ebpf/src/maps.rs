@@ -12,8 +12,8 @@ use aya_ebpf::{
 use router_common::{
     ADDR_FILTER_SIZE, Backend, BackendLoad, ConnEntry, ConnKey, DEFAULT_CONN_TABLE_SIZE,
     DEFAULT_TABLE_SIZE, LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SNAT_ADDRS_TOTAL, Member, Service, ServiceKey, TrafficCounters, half_open_table_size,
-    reasons, selection::MAX_SCAN_MEMBERS,
+    MAX_SNAT_ADDRS_TOTAL, Member, NextHop, Service, ServiceKey, TrafficCounters,
+    half_open_table_size, reasons, selection::MAX_SCAN_MEMBERS,
 };
 
 #[map]
@@ -78,9 +78,16 @@ pub static ADDR_FILTER: Array<u32> = Array::with_max_entries(ADDR_FILTER_SIZE, 0
 pub static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SNAT_ADDRS_TOTAL, 0);
 
 /// Index 0: generation of the host's routes and neighbours. Userspace bumps it
-/// on every netlink change, which invalidates every cached next hop at once.
+/// on every netlink change, which invalidates every cached next hop at once,
+/// and sets `FIB_GEN_PER_FLOW` in it while backends' next hops may differ
+/// by flow.
 #[map]
 pub static FIB_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per CPU, per backend id: the backend's next hop (see `fib::hop`). Per
+/// CPU so that it is written without a lock and read without a torn value.
+#[map]
+pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// Index 0: `LAYOUT_VERSION` of the daemon that created the maps. Never
 /// read here: it is pinned with the maps so a later daemon can tell

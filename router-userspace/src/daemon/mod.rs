@@ -31,7 +31,7 @@ use crate::{
     api::views::RateWindow,
     config::{Config, XdpMode},
     control_loop::Controller,
-    datapath::{AdoptedRoute, Datapath, LoadOptions, PinDir},
+    datapath::{AdoptedRoute, Datapath, DatapathError, LoadOptions, PinDir},
     fib_watch,
     host::{self, facts, settings as host_settings},
     server::{bounded, control, metrics},
@@ -305,8 +305,7 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
     // The watcher starts after the drop, so its thread holds nothing; the
     // bump after it covers any route change made before it was listening.
     let fib_events = fib_watch::spawn().context("watching routes and neighbours")?;
-    dp.bump_fib_generation()
-        .context("invalidating cached next hops")?;
+    follow_route_shape(&mut dp, true).context("invalidating cached next hops")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -325,6 +324,23 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
     ))
 }
 
+/// Reads whether the host routes by more than the destination and tells
+/// the datapath (see `FIB_GEN_PER_FLOW`), which invalidates every cached
+/// next hop. Says so when the mode changes, or at `start`. Tables that
+/// cannot be read are taken to route per flow: always correct, only slower.
+fn follow_route_shape(dp: &mut Datapath, start: bool) -> Result<(), DatapathError> {
+    let reason = crate::host::route_shape::per_flow_reason()
+        .unwrap_or_else(|e| Some(format!("the routing tables could not be read ({e})")));
+    let per_flow = reason.is_some();
+    if start || per_flow != dp.per_flow_next_hops() {
+        match &reason {
+            Some(why) => info!("next hops looked up per flow: {why}"),
+            None => info!("next hops shared per backend (no policy rules, no multipath routes)"),
+        }
+    }
+    dp.set_per_flow_next_hops(per_flow)
+}
+
 async fn serve(
     config_path: &Path,
     cfg: Config,
@@ -332,7 +348,7 @@ async fn serve(
     ctl: Controller,
     listener: std::os::unix::net::UnixListener,
     mut logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    mut fib_events: tokio::sync::mpsc::Receiver<()>,
+    mut fib_events: fib_watch::FibEvents,
 ) -> Result<()> {
     let socket_path = cfg.daemon.control_socket.clone();
     let pin_root = dp
@@ -400,8 +416,14 @@ async fn serve(
             _ = term.recv() => { info!("SIGTERM"); break; }
             _ = int.recv() => { info!("SIGINT"); break; }
             _ = hup.recv() => { state.lock().await.reload(); }
-            Some(()) = fib_events.recv() => {
-                if let Err(e) = state.lock().await.dp.bump_fib_generation() {
+            Some(change) = fib_events.recv() => {
+                let dp = &mut state.lock().await.dp;
+                let bumped = if change.routes {
+                    follow_route_shape(dp, false)
+                } else {
+                    dp.bump_fib_generation()
+                };
+                if let Err(e) = bumped {
                     warn!("invalidating cached next hops: {e}");
                 }
             }

@@ -32,7 +32,7 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use router_common::{MAX_BACKENDS, MAX_SERVICES};
+use router_common::{FIB_GEN_PER_FLOW, MAX_BACKENDS, MAX_SERVICES};
 
 pub use adopt::AdoptedRoute;
 pub use conn_table::{ConnScan, ConnTable};
@@ -526,10 +526,52 @@ impl Datapath {
 
     /// Invalidates every cached next hop: called when routes or neighbours change.
     pub fn bump_fib_generation(&mut self) -> Result<(), DatapathError> {
-        self.fib_gen = self.fib_gen.wrapping_add(1).max(1);
-        let fib_gen = self.fib_gen;
+        let per_flow = self.fib_gen & FIB_GEN_PER_FLOW != 0;
+        self.set_fib_generation(next_fib_gen(self.fib_gen, per_flow))
+    }
+
+    /// Whether every flow looks its own next hop up (see
+    /// `FIB_GEN_PER_FLOW`), as last set.
+    pub fn per_flow_next_hops(&self) -> bool {
+        self.fib_gen & FIB_GEN_PER_FLOW != 0
+    }
+
+    /// Makes every flow look its own next hop up (`per_flow`), or flows to
+    /// a backend share its hop, and invalidates every cached next hop.
+    pub fn set_per_flow_next_hops(&mut self, per_flow: bool) -> Result<(), DatapathError> {
+        self.set_fib_generation(next_fib_gen(self.fib_gen, per_flow))
+    }
+
+    fn set_fib_generation(&mut self, fib_gen: u32) -> Result<(), DatapathError> {
+        self.fib_gen = fib_gen;
         self.fib_gen_map()?
             .set(0, fib_gen, 0)
             .map_err(map_err("FIB_GEN"))
+    }
+}
+
+/// The `FIB_GEN` value after `current`: the generation counted on (never 0,
+/// so a value is never the "nothing cached" one) with the per-flow bit
+/// set as asked.
+fn next_fib_gen(current: u32, per_flow: bool) -> u32 {
+    let generation = ((current & !FIB_GEN_PER_FLOW).wrapping_add(1) & !FIB_GEN_PER_FLOW).max(1);
+    generation | if per_flow { FIB_GEN_PER_FLOW } else { 0 }
+}
+
+#[cfg(test)]
+mod fib_gen_tests {
+    use router_common::FIB_GEN_PER_FLOW;
+
+    use super::next_fib_gen;
+
+    #[test]
+    fn a_generation_counts_on_keeps_clear_of_zero_and_carries_the_per_flow_bit() {
+        assert_eq!(next_fib_gen(0, false), 1);
+        assert_eq!(next_fib_gen(7, false), 8);
+        assert_eq!(next_fib_gen(7, true), 8 | FIB_GEN_PER_FLOW);
+        assert_eq!(next_fib_gen(8 | FIB_GEN_PER_FLOW, false), 9);
+        // The generation wraps inside its 31 bits, past 0.
+        assert_eq!(next_fib_gen(FIB_GEN_PER_FLOW - 1, false), 1);
+        assert_eq!(next_fib_gen(u32::MAX, true), 1 | FIB_GEN_PER_FLOW);
     }
 }

@@ -1,7 +1,9 @@
-//! The host the daemon runs on: what it reads (`facts`) and the settings
-//! it changes and restores (`settings`), and what a link needs from its
-//! peer (`link_kind`).
+//! The host the daemon runs on: what it reads (`facts`), the settings
+//! it changes and restores (`settings`), what a link needs from its
+//! peer (`link_kind`), and whether it routes by more than the destination
+//! (`route_shape`).
 
 pub mod facts;
 pub mod link_kind;
+pub mod route_shape;
 pub mod settings;

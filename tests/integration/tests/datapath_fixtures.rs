@@ -18,7 +18,8 @@
 //! - `blind`: forged RSTs, FINs and ACKs off the sequence window, TTLs,
 //!   client ports the host holds;
 //! - `icmp`: ICMP errors about flows translated both ways, and the ICMP
-//!   that is not.
+//!   that is not;
+//! - `next_hops`: next hops shared by a backend's flows, and when not.
 
 #[path = "datapath_fixtures/blind.rs"]
 mod blind;
@@ -32,5 +33,7 @@ mod floods;
 mod icmp;
 #[path = "datapath_fixtures/nat.rs"]
 mod nat;
+#[path = "datapath_fixtures/next_hops.rs"]
+mod next_hops;
 
 const VIP: &str = "198.18.100.1:8000";

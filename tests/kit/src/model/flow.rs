@@ -3,7 +3,8 @@
 
 use router_common::{
     CONN_AWAIT_ANY, CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, CONN_CLOSING,
-    CONN_HEARD, ConnKey, NO_BACKEND, PROTO_TCP, SNAT_PROBES, flow_hash::flow_hash, reasons,
+    CONN_HEARD, ConnKey, NO_BACKEND, OWN_PAIR_ATTEMPTS, PROTO_TCP, SNAT_PROBES,
+    flow_hash::flow_hash, reasons,
 };
 
 use super::{
@@ -417,8 +418,8 @@ impl Model {
 
     /// Finds the flow a reply key in HALF_OPEN. A flow not opened by a SYN
     /// (UDP, or TCP picked up mid-stream, maybe after losing only its
-    /// forward entry) takes back the first candidate pair whose reply entry
-    /// is its own, as the key's lookup finds it; a SYN never looks.
+    /// forward entry) takes back the first candidate pair, up to attempt
+    /// `OWN_PAIR_ATTEMPTS`, whose reply entry is its own, as the key's lookup finds it; a SYN never looks.
     /// Otherwise the first candidate it may claim.
     fn allocate(
         &mut self,
@@ -444,11 +445,15 @@ impl Model {
             )
         };
         if !kind.syn
-            && let Some(c) = candidates.iter().copied().find(|c| {
-                self.tables
-                    .lookup(&rkey(*c))
-                    .is_some_and(|e| owned_by(e, key))
-            })
+            && let Some(c) = candidates
+                .iter()
+                .take(OWN_PAIR_ATTEMPTS as usize + 1)
+                .copied()
+                .find(|c| {
+                    self.tables
+                        .lookup(&rkey(*c))
+                        .is_some_and(|e| owned_by(e, key))
+                })
         {
             // That pair alone: it is the 4-tuple the backend knows.
             self.trail.push("own pair taken back");
