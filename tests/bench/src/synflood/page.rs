@@ -159,7 +159,7 @@ impl Report {
             (
                 "streams kept",
                 format!(
-                    "{} of {} ({} lines each expected)",
+                    "{} of {} ({} lines each, then its end)",
                     self.streams_kept,
                     self.streams.len(),
                     self.stream_lines_expected

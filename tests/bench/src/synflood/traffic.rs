@@ -97,14 +97,14 @@ pub(super) fn new_connections(
     })
 }
 
-/// Opens a stream of `seconds` through the VIP and reads up to its first
-/// line, which names the backend serving it. `read_timeout` must outlast
+/// Opens a stream of `lines` lines through the VIP and reads up to its
+/// first line, which names the backend serving it. `read_timeout` must outlast
 /// the flood: a flood congests every queue on the way, and TCP backs off
 /// its retransmissions to seconds; such a stream resumes once the flood
 /// stops, while one whose flow the LB lost never does.
 pub(super) fn open_stream(
     vip: SocketAddr,
-    seconds: f64,
+    lines: usize,
     interval_ms: u64,
     read_timeout: Duration,
 ) -> Result<(String, BufReader<TcpStream>)> {
@@ -112,8 +112,7 @@ pub(super) fn open_stream(
         .with_context(|| format!("connecting to {vip}"))?;
     s.set_read_timeout(Some(read_timeout))?;
     // One write, one segment (see `netns::http_get`).
-    let request =
-        format!("GET /stream?seconds={seconds}&interval_ms={interval_ms} HTTP/1.0\r\n\r\n");
+    let request = format!("GET /stream?lines={lines}&interval_ms={interval_ms} HTTP/1.0\r\n\r\n");
     s.write_all(request.as_bytes())?;
     let mut r = BufReader::new(s);
     let mut line = String::new();
@@ -132,8 +131,16 @@ pub(super) fn open_stream(
     bail!("no end of headers in 64 lines")
 }
 
-/// Reads a stream to its end; every line must name `backend`.
-pub(super) fn read_stream(backend: String, mut r: BufReader<TcpStream>) -> StreamResult {
+/// Reads a stream to its end; every line must name `backend`, and the
+/// stream must end with the backend's `end N` for the `lines` it sent
+/// (see `open_stream`). A backend slowed down by the flood's CPU load
+/// sends its lines later, never fewer, so a stream cut short by the LB is
+/// told from a slow one by its end alone.
+pub(super) fn read_stream(
+    backend: String,
+    expected: usize,
+    mut r: BufReader<TcpStream>,
+) -> StreamResult {
     let mut lines = 1;
     let mut line = String::new();
     let mut last = Instant::now();
@@ -147,8 +154,15 @@ pub(super) fn read_stream(backend: String, mut r: BufReader<TcpStream>) -> Strea
         max_gap = max_gap.max(last.elapsed());
         last = Instant::now();
         match read {
-            Ok(0) => break None,
+            Ok(0) => break Some(format!("closed after {lines} lines, without its end")),
             Ok(_) if line.trim() == backend => lines += 1,
+            Ok(_) if line.trim() == format!("end {expected}") && lines == expected => break None,
+            Ok(_) if line.starts_with("end ") => {
+                break Some(format!(
+                    "{:?} after {lines} of {expected} lines",
+                    line.trim()
+                ));
+            }
             Ok(_) => break Some(format!("line {lines} came from {:?}", line.trim())),
             Err(e) => break Some(format!("after {lines} lines: {e}")),
         }
@@ -158,5 +172,42 @@ pub(super) fn read_stream(backend: String, mut r: BufReader<TcpStream>) -> Strea
         lines,
         max_gap_ms: max_gap.as_millis() as u64,
         error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write as _, net::TcpListener};
+
+    use super::*;
+
+    /// What `read_stream` makes of a stream whose backend sent `body`
+    /// after the first line (which `open_stream` has read).
+    fn read(body: &'static str, expected: usize) -> StreamResult {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let writer = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(body.as_bytes()).unwrap();
+        });
+        let stream = TcpStream::connect(at).unwrap();
+        let result = read_stream("b0".into(), expected, BufReader::new(stream));
+        writer.join().unwrap();
+        result
+    }
+
+    #[test]
+    fn a_stream_is_whole_only_with_every_line_and_its_end() {
+        let whole = read("b0\nb0\nend 3\n", 3);
+        assert_eq!((whole.lines, whole.error), (3, None));
+        let cut = read("b0\n", 3);
+        assert_eq!(
+            cut.error.as_deref(),
+            Some("closed after 2 lines, without its end")
+        );
+        let short = read("b0\nend 3\n", 3);
+        assert_eq!(short.error.as_deref(), Some("\"end 3\" after 2 of 3 lines"));
+        let foreign = read("b1\n", 3);
+        assert_eq!(foreign.error.as_deref(), Some("line 1 came from \"b1\""));
     }
 }
