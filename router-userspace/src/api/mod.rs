@@ -27,6 +27,10 @@ pub struct StatusReply {
     /// sockets) and so changed no backend's verdict.
     #[serde(default)]
     pub health_local_errors: u64,
+    /// Health probes finished since the daemon started, whatever their
+    /// result.
+    #[serde(default)]
+    pub health_probes_done: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

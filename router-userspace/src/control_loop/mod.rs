@@ -84,6 +84,10 @@ pub struct Controller {
     generation: u64,
     /// Ticks on which every healthy backend of a service was saturated.
     pub all_saturated_ticks: u64,
+    /// Health probes that have finished (passed, failed, or failed
+    /// locally) since the daemon started: what a test reads to know that a
+    /// probe round has or has not completed, instead of timing it.
+    pub health_probes_done: u64,
     /// Probes that failed on a local error and so changed no verdict.
     pub health_local_errors: u64,
     /// Episodes of such failures (a service's probes failing locally until
@@ -110,6 +114,7 @@ impl Controller {
     pub fn new(cfg: &Config, previous: Option<Controller>) -> Self {
         let generation = previous.as_ref().map_or(0, |p| p.generation + 1);
         let all_saturated_ticks = previous.as_ref().map_or(0, |p| p.all_saturated_ticks);
+        let health_probes_done = previous.as_ref().map_or(0, |p| p.health_probes_done);
         let health_local_errors = previous.as_ref().map_or(0, |p| p.health_local_errors);
         let health_local_episodes = previous.as_ref().map_or(0, |p| p.health_local_episodes);
         let mut overrides = previous
@@ -199,6 +204,7 @@ impl Controller {
             poll_interval: cfg.policy.poll_interval,
             generation,
             all_saturated_ticks,
+            health_probes_done,
             health_local_errors,
             health_local_episodes,
             overrides,
@@ -438,6 +444,7 @@ impl Controller {
         let Some((check, state)) = &mut b.health else {
             return;
         };
+        self.health_probes_done += 1;
         match &result {
             Err(e) if e.local => {
                 self.health_local_errors += 1;

@@ -189,6 +189,8 @@ fn probes_failing_on_local_errors_keep_the_last_weights() {
     assert_eq!(probe_round(&mut ctl, &cfg, emfile), [0, 100]);
     assert_eq!(ctl.health_local_episodes, 2);
     assert_eq!(ctl.health_local_errors, 22);
+    // Every probe counts as done, whatever it found: 14 rounds of 2.
+    assert_eq!(ctl.health_probes_done, 28);
 }
 
 #[test]
@@ -209,4 +211,5 @@ fn counts_of_local_failures_survive_a_reload() {
     probe_round(&mut ctl, &cfg, emfile);
     let ctl = Controller::new(&cfg, Some(ctl));
     assert_eq!((ctl.health_local_errors, ctl.health_local_episodes), (2, 1));
+    assert_eq!(ctl.health_probes_done, 2);
 }

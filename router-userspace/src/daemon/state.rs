@@ -172,6 +172,7 @@ impl DaemonState {
                 .unwrap_or_default(),
             all_saturated_ticks: self.ctl.as_ref().map_or(0, |c| c.all_saturated_ticks),
             health_local_errors: self.ctl.as_ref().map_or(0, |c| c.health_local_errors),
+            health_probes_done: self.ctl.as_ref().map_or(0, |c| c.health_probes_done),
         })
     }
 

@@ -538,16 +538,17 @@ fn a_drain_survives_kill_9_and_a_corrupt_override_file_is_refused() {
 fn health_checked_backends_stay_routable_across_a_restart_until_their_first_probe() {
     let s = Setup::new("restart-health");
     s.write_config(&[100, 100, 100], "");
-    // Every probe takes 2 s (a streamed answer read to its end), so the new
-    // daemon's first probe round is still running while it is checked.
-    let health = "health = { http_path = \"/stream?seconds=2&interval_ms=500\", \
-                  interval = \"5s\", timeout = \"4s\" }\n";
+    // Every probe takes 8 s (a streamed answer read to its end), so the new
+    // daemon's first probe round is still running while it is checked;
+    // the daemon's count of finished probes shows that it was.
+    let health = "health = { http_path = \"/stream?seconds=8&interval_ms=1000\", \
+                  interval = \"20s\", timeout = \"12s\" }\n";
     let text = std::fs::read_to_string(s.config_path())
         .unwrap()
         .replace("weight = 100\n", &format!("weight = 100\n{health}"));
     std::fs::write(s.config_path(), text).unwrap();
     let daemon = s.start();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while datapath_weights(&s.status()).values().any(|w| *w == 0) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -571,6 +572,12 @@ fn health_checked_backends_stay_routable_across_a_restart_until_their_first_prob
     assert_eq!(
         reasons["drop_no_backend"], 0,
         "no SYN found the service without a backend"
+    );
+    assert_eq!(
+        s.status().health_probes_done,
+        0,
+        "the new daemon's first probes finished before the checks above, \
+         which then showed nothing about routes kept until them"
     );
     drop(daemon);
     let (ok, out) = s.cleanup();
