@@ -1,10 +1,17 @@
 //! Watches the kernel's routes, neighbours, links and addresses over
 //! rtnetlink. Any change invalidates the next hops cached in connection
-//! entries; the datapath then re-resolves each flow once.
+//! entries; the datapath then re-resolves each flow once. A change to
+//! anything but a neighbour also flags `topology`, on which the daemon
+//! re-applies the backends' managed neighbour entries (a link that goes
+//! down takes them with it; a route change can move a next hop).
 
 use std::{
     io, mem,
     os::fd::{AsRawFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use tokio::sync::mpsc;
@@ -13,6 +20,8 @@ const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_NEIGH: u32 = 0x4;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
 
 fn open() -> io::Result<OwnedFd> {
     let fd = crate::netlink::route_socket()?;
@@ -33,11 +42,46 @@ fn open() -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Starts a thread that sends `()` on every batch of rtnetlink events. The
+/// Whether a batch of rtnetlink messages holds anything but neighbour
+/// changes. The daemon's own neighbour entries make neighbour events, so
+/// re-applying them on those would never settle.
+fn beyond_neighbours(mut batch: &[u8]) -> bool {
+    use crate::netlink::{u16_at, u32_at};
+    while let (Some(len), Some(kind)) = (u32_at(batch, 0), u16_at(batch, 4)) {
+        if kind != RTM_NEWNEIGH && kind != RTM_DELNEIGH {
+            return true;
+        }
+        let next = (len as usize).next_multiple_of(4);
+        if next == 0 {
+            break;
+        }
+        batch = batch.get(next..).unwrap_or_default();
+    }
+    false
+}
+
+/// What the watch reports.
+pub struct FibEvents {
+    /// `()` on every batch of rtnetlink events.
+    pub changes: mpsc::Receiver<()>,
+    /// Set with a change to links, addresses or routes; the reader clears it.
+    pub topology: Arc<AtomicBool>,
+}
+
+impl FibEvents {
+    /// Whether links, addresses or routes changed since the last call.
+    pub fn take_topology(&self) -> bool {
+        self.topology.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// Starts a thread that reports every batch of rtnetlink events. The
 /// socket is opened before returning, so no change after this call is missed.
-pub fn spawn() -> io::Result<mpsc::Receiver<()>> {
+pub fn spawn() -> io::Result<FibEvents> {
     let fd = open()?;
     let (tx, rx) = mpsc::channel(1);
+    let topology = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&topology);
     std::thread::Builder::new()
         .name("fib-watch".into())
         .spawn(move || {
@@ -48,13 +92,16 @@ pub fn spawn() -> io::Result<mpsc::Receiver<()>> {
                     unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
                 if n < 0 {
                     let e = io::Error::last_os_error();
-                    // ENOBUFS: events were dropped; invalidating is still right.
-                    if e.raw_os_error() != Some(libc::ENOBUFS)
-                        && e.kind() != io::ErrorKind::Interrupted
-                    {
+                    // ENOBUFS: events were dropped; invalidating is still
+                    // right, and any of them may have been a link's.
+                    if e.raw_os_error() == Some(libc::ENOBUFS) {
+                        flag.store(true, Ordering::Relaxed);
+                    } else if e.kind() != io::ErrorKind::Interrupted {
                         tracing::error!("rtnetlink watch stopped: {e}");
                         return;
                     }
+                } else if beyond_neighbours(&buf[..n as usize]) {
+                    flag.store(true, Ordering::Relaxed);
                 }
                 // A full channel already holds a pending invalidation.
                 match tx.try_send(()) {
@@ -63,5 +110,29 @@ pub fn spawn() -> io::Result<mpsc::Receiver<()>> {
                 }
             }
         })?;
-    Ok(rx)
+    Ok(FibEvents {
+        changes: rx,
+        topology,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(kind: u16) -> Vec<u8> {
+        crate::netlink::finish(crate::netlink::message(kind, 0, 0, &[0u8; 12]))
+    }
+
+    #[test]
+    fn only_a_batch_of_neighbour_changes_leaves_the_topology_alone() {
+        let mut neigh = msg(RTM_NEWNEIGH);
+        neigh.extend(msg(RTM_DELNEIGH));
+        assert!(!beyond_neighbours(&neigh));
+        let mut mixed = neigh.clone();
+        mixed.extend(msg(16)); // RTM_NEWLINK
+        assert!(beyond_neighbours(&mixed));
+        assert!(beyond_neighbours(&msg(24)), "RTM_NEWROUTE");
+        assert!(!beyond_neighbours(&[]));
+    }
 }

@@ -6,6 +6,7 @@
 //! pinned datapath keeps forwarding on the last weights until a new daemon
 //! adopts it or `router daemon --cleanup` removes it.
 
+mod neighbour_helper;
 mod overrides_file;
 mod privileges;
 mod state;
@@ -33,7 +34,7 @@ use crate::{
     control_loop::Controller,
     datapath::{AdoptedRoute, Datapath, LoadOptions, PinDir},
     fib_watch,
-    host::{self, facts, settings as host_settings},
+    host::{self, facts, neighbours, settings as host_settings},
     server::{bounded, control, metrics},
 };
 
@@ -79,8 +80,10 @@ pub fn load_for_host(path: &Path) -> Result<Config> {
 }
 
 /// What the daemon would arrange on this host at start, one line each:
-/// interface settings it sets, a BPF filesystem it mounts, and what a veth
-/// needs from its peer. `Err` names a prerequisite it cannot arrange.
+/// interface settings it sets, a BPF filesystem it mounts, what a veth
+/// needs from its peer, the managed neighbour entries it adds and each
+/// backend whose next hop cannot have one. `Err` names a prerequisite it
+/// cannot arrange.
 pub fn host_plan(cfg: &Config, pin_path: &Path) -> Result<Vec<String>> {
     use crate::datapath::pinning::{BpffsPlan, bpffs_plan};
     let mut lines = Vec::new();
@@ -94,6 +97,7 @@ pub fn host_plan(cfg: &Config, pin_path: &Path) -> Result<Vec<String>> {
         );
         lines.extend(veth_note(iface));
     }
+    lines.extend(neighbours::plan(&neighbours::targets(cfg)));
     match bpffs_plan(pin_path)? {
         BpffsPlan::Present => {}
         BpffsPlan::Mount(at) => lines.push(format!(
@@ -189,6 +193,41 @@ fn arrange_interface(iface: &str, record: &Path) {
                     c.describe()
                 );
             }
+        }
+    }
+}
+
+/// Gives every backend's next hop a managed neighbour entry now, and
+/// starts the helper that does it again after capabilities are dropped
+/// (see `neighbour_helper`). Nothing here stops the daemon: a next hop
+/// without one is resolved by the stack on first use, as before.
+fn keep_next_hops_resolved(cfg: &Config) -> Option<neighbour_helper::Helper> {
+    let record = neighbours::record_path(&cfg.daemon.control_socket);
+    let problems = match neighbours::sync(&neighbours::targets(cfg), &record) {
+        Ok(report) => {
+            neighbour_helper::log_report(&report, &[]);
+            report.problems
+        }
+        Err(e) => {
+            warn!("managed neighbour entries: {e}");
+            Vec::new()
+        }
+    };
+    match neighbour_helper::Helper::spawn(record, problems) {
+        Ok(Some(h)) => Some(h),
+        Ok(None) => {
+            warn!(
+                "no CAP_NET_ADMIN: the backends' next hops get no managed neighbour entries \
+                 after a reload or a link change"
+            );
+            None
+        }
+        Err(e) => {
+            warn!(
+                "starting the neighbour helper: {e}; the backends' next hops get no managed \
+                 neighbour entries after a reload or a link change"
+            );
+            None
         }
     }
 }
@@ -298,6 +337,8 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
     }
     info!("datapath pinned under {}", pins.root().display());
 
+    let neighbour_helper = keep_next_hops_resolved(&cfg);
+
     let kept =
         privileges::drop_to_minimum(|| dp.probe_map_access()).context("dropping capabilities")?;
     info!("capabilities dropped; kept: {kept}");
@@ -322,6 +363,7 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
         listener,
         logger,
         fib_events,
+        neighbour_helper,
     ))
 }
 
@@ -332,7 +374,8 @@ async fn serve(
     ctl: Controller,
     listener: std::os::unix::net::UnixListener,
     mut logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    mut fib_events: tokio::sync::mpsc::Receiver<()>,
+    mut fib_events: fib_watch::FibEvents,
+    neighbour_helper: Option<neighbour_helper::Helper>,
 ) -> Result<()> {
     let socket_path = cfg.daemon.control_socket.clone();
     let pin_root = dp
@@ -365,6 +408,7 @@ async fn serve(
         rates: RateWindow::default(),
         last_rate_sample: None,
         metrics: publisher,
+        neighbours: neighbour_helper,
     }));
     let api = control::router(Arc::new(Handle(state.clone())));
     let server = tokio::spawn(bounded::serve(
@@ -400,9 +444,13 @@ async fn serve(
             _ = term.recv() => { info!("SIGTERM"); break; }
             _ = int.recv() => { info!("SIGINT"); break; }
             _ = hup.recv() => { state.lock().await.reload(); }
-            Some(()) = fib_events.recv() => {
-                if let Err(e) = state.lock().await.dp.bump_fib_generation() {
+            Some(()) = fib_events.changes.recv() => {
+                let mut st = state.lock().await;
+                if let Err(e) = st.dp.bump_fib_generation() {
                     warn!("invalidating cached next hops: {e}");
+                }
+                if fib_events.take_topology() {
+                    st.keep_next_hops_resolved();
                 }
             }
             _ = poll_tick.tick() => { poll_round(&state).await; }
@@ -489,6 +537,9 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
         ),
         None => None,
     };
+    let neighbour_record = neighbours::record_path(socket);
+    neighbours::load_record(&neighbour_record)
+        .context("reading the neighbour entries the daemon added")?;
     let pins = PinDir::new(pin_path);
     let removed = crate::datapath::pinning::remove_all(&pins)
         .with_context(|| format!("removing the datapath pinned under {}", pin_path.display()))?;
@@ -506,6 +557,14 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
             .join("\n"),
         _ => String::new(),
     };
+    let neighbours_removed = neighbours::restore(&neighbour_record)
+        .context("removing the neighbour entries the daemon added")?;
+    for line in neighbours_removed {
+        if !restored.is_empty() {
+            restored.push('\n');
+        }
+        restored.push_str(&line);
+    }
     if !restored.is_empty() {
         restored.insert(0, '\n');
     }

@@ -4,4 +4,5 @@
 
 pub mod facts;
 pub mod link_kind;
+pub mod neighbours;
 pub mod settings;
