@@ -410,6 +410,11 @@ async fn serve(
         metrics: publisher,
         neighbours: neighbour_helper,
     }));
+    // Before the control socket answers: whoever sees it answer may stop
+    // the daemon, and a SIGTERM without a handler kills it unclean.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let api = control::router(Arc::new(Handle(state.clone())));
     let server = tokio::spawn(bounded::serve(
         "control socket",
@@ -429,9 +434,6 @@ async fn serve(
     };
     state.lock().await.publish_metrics(true);
 
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut log_tick = tokio::time::interval(Duration::from_millis(200));
     let mut poll_tick = tokio::time::interval(poll_interval);
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
