@@ -362,9 +362,18 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
         ctl,
         listener,
         logger,
-        fib_events,
-        neighbour_helper,
+        HostWatch {
+            fib_events,
+            neighbour_helper,
+        },
     ))
+}
+
+/// What keeps the daemon's view of the host current after start: the
+/// rtnetlink watch, and the helper that keeps next hops resolved.
+struct HostWatch {
+    fib_events: fib_watch::FibEvents,
+    neighbour_helper: Option<neighbour_helper::Helper>,
 }
 
 async fn serve(
@@ -374,9 +383,12 @@ async fn serve(
     ctl: Controller,
     listener: std::os::unix::net::UnixListener,
     mut logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    mut fib_events: fib_watch::FibEvents,
-    neighbour_helper: Option<neighbour_helper::Helper>,
+    host: HostWatch,
 ) -> Result<()> {
+    let HostWatch {
+        mut fib_events,
+        neighbour_helper,
+    } = host;
     let socket_path = cfg.daemon.control_socket.clone();
     let pin_root = dp
         .pins()
