@@ -1,8 +1,11 @@
-//! Watches the kernel's routes, policy rules, neighbours, links and
-//! addresses over rtnetlink. Any change invalidates the next hops cached in
-//! connection entries; the datapath then re-resolves each flow once. A
-//! change of routes or rules may also change whether next hops can be
-//! shared per backend (`host::route_shape`), so it is flagged.
+//! Watches the kernel's routes, neighbours, links and addresses over
+//! rtnetlink. Any change invalidates the next hops cached in connection
+//! entries; the datapath then re-resolves each flow once. A change to
+//! anything but a neighbour also flags `topology`, on which the daemon
+//! re-applies the backends' managed neighbour entries (a link that goes
+//! down takes them with it; a route change can move a next hop). A change
+//! of routes or policy rules flags `routes`, on which it reads again
+//! whether next hops may be shared per backend (`host::route_shape`).
 
 use std::{
     io, mem,
@@ -22,49 +25,10 @@ const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 const RTMGRP_IPV4_RULE: u32 = 0x80;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
 const RTM_NEWRULE: u16 = 32;
 const RTM_DELRULE: u16 = 33;
-
-/// A batch of changes: `routes` when routes or rules were among them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FibChange {
-    pub routes: bool,
-}
-
-/// The watcher's side of the channel.
-pub struct FibEvents {
-    rx: mpsc::Receiver<()>,
-    routes: Arc<AtomicBool>,
-}
-
-impl FibEvents {
-    /// The next batch of changes (all since the last one, merged).
-    pub async fn recv(&mut self) -> Option<FibChange> {
-        self.rx.recv().await?;
-        Some(FibChange {
-            routes: self.routes.swap(false, Ordering::AcqRel),
-        })
-    }
-}
-
-/// Whether a datagram of rtnetlink messages holds a route or rule change.
-fn touches_routes(mut datagram: &[u8]) -> bool {
-    while datagram.len() >= 16 {
-        let len = u32::from_ne_bytes([datagram[0], datagram[1], datagram[2], datagram[3]]) as usize;
-        let kind = u16::from_ne_bytes([datagram[4], datagram[5]]);
-        if matches!(
-            kind,
-            RTM_NEWROUTE | RTM_DELROUTE | RTM_NEWRULE | RTM_DELRULE
-        ) {
-            return true;
-        }
-        if len < 16 {
-            return false;
-        }
-        datagram = datagram.get(len.next_multiple_of(4)..).unwrap_or_default();
-    }
-    false
-}
 
 fn open() -> io::Result<OwnedFd> {
     let fd = crate::netlink::route_socket()?;
@@ -86,13 +50,74 @@ fn open() -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Whether a batch of rtnetlink messages holds anything but neighbour
+/// changes. The daemon's own neighbour entries make neighbour events, so
+/// re-applying them on those would never settle.
+fn beyond_neighbours(mut batch: &[u8]) -> bool {
+    use crate::netlink::{u16_at, u32_at};
+    while let (Some(len), Some(kind)) = (u32_at(batch, 0), u16_at(batch, 4)) {
+        if kind != RTM_NEWNEIGH && kind != RTM_DELNEIGH {
+            return true;
+        }
+        let next = (len as usize).next_multiple_of(4);
+        if next == 0 {
+            break;
+        }
+        batch = batch.get(next..).unwrap_or_default();
+    }
+    false
+}
+
+/// Whether a batch of rtnetlink messages holds a route or rule change.
+fn touches_routes(mut batch: &[u8]) -> bool {
+    use crate::netlink::{u16_at, u32_at};
+    while let (Some(len), Some(kind)) = (u32_at(batch, 0), u16_at(batch, 4)) {
+        if matches!(
+            kind,
+            RTM_NEWROUTE | RTM_DELROUTE | RTM_NEWRULE | RTM_DELRULE
+        ) {
+            return true;
+        }
+        let next = (len as usize).next_multiple_of(4);
+        if next == 0 {
+            break;
+        }
+        batch = batch.get(next..).unwrap_or_default();
+    }
+    false
+}
+
+/// What the watch reports.
+pub struct FibEvents {
+    /// `()` on every batch of rtnetlink events.
+    pub changes: mpsc::Receiver<()>,
+    /// Set with a change to links, addresses or routes; the reader clears it.
+    pub topology: Arc<AtomicBool>,
+    /// Set with a change to routes or policy rules; the reader clears it.
+    pub routes: Arc<AtomicBool>,
+}
+
+impl FibEvents {
+    /// Whether links, addresses or routes changed since the last call.
+    pub fn take_topology(&self) -> bool {
+        self.topology.swap(false, Ordering::Relaxed)
+    }
+
+    /// Whether routes or policy rules changed since the last call.
+    pub fn take_routes(&self) -> bool {
+        self.routes.swap(false, Ordering::Relaxed)
+    }
+}
+
 /// Starts a thread that reports every batch of rtnetlink events. The
 /// socket is opened before returning, so no change after this call is missed.
 pub fn spawn() -> io::Result<FibEvents> {
     let fd = open()?;
     let (tx, rx) = mpsc::channel(1);
+    let topology = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&topology);
     let routes = Arc::new(AtomicBool::new(false));
-    let flag = routes.clone();
+    let routes_flag = Arc::clone(&routes);
     std::thread::Builder::new()
         .name("fib-watch".into())
         .spawn(move || {
@@ -103,17 +128,20 @@ pub fn spawn() -> io::Result<FibEvents> {
                     unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
                 if n < 0 {
                     let e = io::Error::last_os_error();
-                    // ENOBUFS: events were dropped; invalidating is still right,
-                    // and any of them may have been a route.
-                    if e.raw_os_error() != Some(libc::ENOBUFS)
-                        && e.kind() != io::ErrorKind::Interrupted
-                    {
+                    // ENOBUFS: events were dropped; invalidating is still
+                    // right, and any of them may have been a link's.
+                    if e.raw_os_error() == Some(libc::ENOBUFS) {
+                        flag.store(true, Ordering::Relaxed);
+                        routes_flag.store(true, Ordering::Relaxed);
+                    } else if e.kind() != io::ErrorKind::Interrupted {
                         tracing::error!("rtnetlink watch stopped: {e}");
                         return;
                     }
-                    flag.store(true, Ordering::Release);
-                } else if touches_routes(&buf[..n as usize]) {
-                    flag.store(true, Ordering::Release);
+                } else if beyond_neighbours(&buf[..n as usize]) {
+                    flag.store(true, Ordering::Relaxed);
+                    if touches_routes(&buf[..n as usize]) {
+                        routes_flag.store(true, Ordering::Relaxed);
+                    }
                 }
                 // A full channel already holds a pending invalidation.
                 match tx.try_send(()) {
@@ -122,29 +150,42 @@ pub fn spawn() -> io::Result<FibEvents> {
                 }
             }
         })?;
-    Ok(FibEvents { rx, routes })
+    Ok(FibEvents {
+        changes: rx,
+        topology,
+        routes,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn message(kind: u16) -> Vec<u8> {
-        let mut m = 20u32.to_ne_bytes().to_vec();
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.resize(20, 0);
-        m
+    fn msg(kind: u16) -> Vec<u8> {
+        crate::netlink::finish(crate::netlink::message(kind, 0, 0, &[0u8; 12]))
+    }
+
+    #[test]
+    fn only_a_batch_of_neighbour_changes_leaves_the_topology_alone() {
+        let mut neigh = msg(RTM_NEWNEIGH);
+        neigh.extend(msg(RTM_DELNEIGH));
+        assert!(!beyond_neighbours(&neigh));
+        let mut mixed = neigh.clone();
+        mixed.extend(msg(16)); // RTM_NEWLINK
+        assert!(beyond_neighbours(&mixed));
+        assert!(beyond_neighbours(&msg(24)), "RTM_NEWROUTE");
+        assert!(!beyond_neighbours(&[]));
     }
 
     #[test]
     fn route_and_rule_messages_are_told_from_the_rest() {
-        const RTM_NEWNEIGH: u16 = 28;
-        let neighbours = [message(RTM_NEWNEIGH), message(RTM_NEWNEIGH)].concat();
-        assert!(!touches_routes(&neighbours));
+        let mut neigh = msg(RTM_NEWNEIGH);
+        neigh.extend(msg(16)); // RTM_NEWLINK
+        assert!(!touches_routes(&neigh));
         for kind in [RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE] {
-            assert!(touches_routes(
-                &[neighbours.clone(), message(kind)].concat()
-            ));
+            let mut batch = neigh.clone();
+            batch.extend(msg(kind));
+            assert!(touches_routes(&batch), "{kind}");
         }
     }
 }

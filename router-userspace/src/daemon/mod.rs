@@ -6,6 +6,7 @@
 //! pinned datapath keeps forwarding on the last weights until a new daemon
 //! adopts it or `router daemon --cleanup` removes it.
 
+mod neighbour_helper;
 mod overrides_file;
 mod privileges;
 mod state;
@@ -33,7 +34,7 @@ use crate::{
     control_loop::Controller,
     datapath::{AdoptedRoute, Datapath, DatapathError, LoadOptions, PinDir},
     fib_watch,
-    host::{self, facts, settings as host_settings},
+    host::{self, facts, neighbours, settings as host_settings},
     server::{bounded, control, metrics},
 };
 
@@ -79,8 +80,10 @@ pub fn load_for_host(path: &Path) -> Result<Config> {
 }
 
 /// What the daemon would arrange on this host at start, one line each:
-/// interface settings it sets, a BPF filesystem it mounts, and what a veth
-/// needs from its peer. `Err` names a prerequisite it cannot arrange.
+/// interface settings it sets, a BPF filesystem it mounts, what a veth
+/// needs from its peer, the managed neighbour entries it adds and each
+/// backend whose next hop cannot have one. `Err` names a prerequisite it
+/// cannot arrange.
 pub fn host_plan(cfg: &Config, pin_path: &Path) -> Result<Vec<String>> {
     use crate::datapath::pinning::{BpffsPlan, bpffs_plan};
     let mut lines = Vec::new();
@@ -94,6 +97,7 @@ pub fn host_plan(cfg: &Config, pin_path: &Path) -> Result<Vec<String>> {
         );
         lines.extend(veth_note(iface));
     }
+    lines.extend(neighbours::plan(&neighbours::targets(cfg)));
     match bpffs_plan(pin_path)? {
         BpffsPlan::Present => {}
         BpffsPlan::Mount(at) => lines.push(format!(
@@ -189,6 +193,41 @@ fn arrange_interface(iface: &str, record: &Path) {
                     c.describe()
                 );
             }
+        }
+    }
+}
+
+/// Gives every backend's next hop a managed neighbour entry now, and
+/// starts the helper that does it again after capabilities are dropped
+/// (see `neighbour_helper`). Nothing here stops the daemon: a next hop
+/// without one is resolved by the stack on first use, as before.
+fn keep_next_hops_resolved(cfg: &Config) -> Option<neighbour_helper::Helper> {
+    let record = neighbours::record_path(&cfg.daemon.control_socket);
+    let problems = match neighbours::sync(&neighbours::targets(cfg), &record) {
+        Ok(report) => {
+            neighbour_helper::log_report(&report, &[]);
+            report.problems
+        }
+        Err(e) => {
+            warn!("managed neighbour entries: {e}");
+            Vec::new()
+        }
+    };
+    match neighbour_helper::Helper::spawn(record, problems) {
+        Ok(Some(h)) => Some(h),
+        Ok(None) => {
+            warn!(
+                "no CAP_NET_ADMIN: the backends' next hops get no managed neighbour entries \
+                 after a reload or a link change"
+            );
+            None
+        }
+        Err(e) => {
+            warn!(
+                "starting the neighbour helper: {e}; the backends' next hops get no managed \
+                 neighbour entries after a reload or a link change"
+            );
+            None
         }
     }
 }
@@ -298,6 +337,8 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
     }
     info!("datapath pinned under {}", pins.root().display());
 
+    let neighbour_helper = keep_next_hops_resolved(&cfg);
+
     let kept =
         privileges::drop_to_minimum(|| dp.probe_map_access()).context("dropping capabilities")?;
     info!("capabilities dropped; kept: {kept}");
@@ -320,7 +361,10 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
         ctl,
         listener,
         logger,
-        fib_events,
+        HostWatch {
+            fib_events,
+            neighbour_helper,
+        },
     ))
 }
 
@@ -341,6 +385,13 @@ fn follow_route_shape(dp: &mut Datapath, start: bool) -> Result<(), DatapathErro
     dp.set_per_flow_next_hops(per_flow)
 }
 
+/// What keeps the daemon's view of the host current after start: the
+/// rtnetlink watch, and the helper that keeps next hops resolved.
+struct HostWatch {
+    fib_events: fib_watch::FibEvents,
+    neighbour_helper: Option<neighbour_helper::Helper>,
+}
+
 async fn serve(
     config_path: &Path,
     cfg: Config,
@@ -348,8 +399,12 @@ async fn serve(
     ctl: Controller,
     listener: std::os::unix::net::UnixListener,
     mut logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    mut fib_events: fib_watch::FibEvents,
+    host: HostWatch,
 ) -> Result<()> {
+    let HostWatch {
+        mut fib_events,
+        neighbour_helper,
+    } = host;
     let socket_path = cfg.daemon.control_socket.clone();
     let pin_root = dp
         .pins()
@@ -381,7 +436,13 @@ async fn serve(
         rates: RateWindow::default(),
         last_rate_sample: None,
         metrics: publisher,
+        neighbours: neighbour_helper,
     }));
+    // Before the control socket answers: whoever sees it answer may stop
+    // the daemon, and a SIGTERM without a handler kills it unclean.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let api = control::router(Arc::new(Handle(state.clone())));
     let server = tokio::spawn(bounded::serve(
         "control socket",
@@ -401,9 +462,6 @@ async fn serve(
     };
     state.lock().await.publish_metrics(true);
 
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut log_tick = tokio::time::interval(Duration::from_millis(200));
     let mut poll_tick = tokio::time::interval(poll_interval);
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -416,15 +474,18 @@ async fn serve(
             _ = term.recv() => { info!("SIGTERM"); break; }
             _ = int.recv() => { info!("SIGINT"); break; }
             _ = hup.recv() => { state.lock().await.reload(); }
-            Some(change) = fib_events.recv() => {
-                let dp = &mut state.lock().await.dp;
-                let bumped = if change.routes {
-                    follow_route_shape(dp, false)
+            Some(()) = fib_events.changes.recv() => {
+                let mut st = state.lock().await;
+                let bumped = if fib_events.take_routes() {
+                    follow_route_shape(&mut st.dp, false)
                 } else {
-                    dp.bump_fib_generation()
+                    st.dp.bump_fib_generation()
                 };
                 if let Err(e) = bumped {
                     warn!("invalidating cached next hops: {e}");
+                }
+                if fib_events.take_topology() {
+                    st.keep_next_hops_resolved();
                 }
             }
             _ = poll_tick.tick() => { poll_round(&state).await; }
@@ -511,6 +572,9 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
         ),
         None => None,
     };
+    let neighbour_record = neighbours::record_path(socket);
+    neighbours::load_record(&neighbour_record)
+        .context("reading the neighbour entries the daemon added")?;
     let pins = PinDir::new(pin_path);
     let removed = crate::datapath::pinning::remove_all(&pins)
         .with_context(|| format!("removing the datapath pinned under {}", pin_path.display()))?;
@@ -528,6 +592,14 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
             .join("\n"),
         _ => String::new(),
     };
+    let neighbours_removed = neighbours::restore(&neighbour_record)
+        .context("removing the neighbour entries the daemon added")?;
+    for line in neighbours_removed {
+        if !restored.is_empty() {
+            restored.push('\n');
+        }
+        restored.push_str(&line);
+    }
     if !restored.is_empty() {
         restored.insert(0, '\n');
     }

@@ -40,6 +40,8 @@ pub struct DaemonState {
     pub(super) last_rate_sample: Option<Instant>,
     /// Hands `/metrics` its snapshots, so scrapes never take this lock.
     pub(super) metrics: metrics::Publisher,
+    /// Keeps the backends' next hops resolved; `None` without CAP_NET_ADMIN.
+    pub(super) neighbours: Option<super::neighbour_helper::Helper>,
 }
 
 /// How often new-connection counters are sampled for rates and cost.
@@ -150,6 +152,14 @@ pub(super) fn spawn_conn_scanner(
 }
 
 impl DaemonState {
+    /// Asks the neighbour helper to give every configured backend's next
+    /// hop a managed entry and remove those of backends that left.
+    pub(super) fn keep_next_hops_resolved(&self) {
+        if let Some(h) = &self.neighbours {
+            h.request(&crate::host::neighbours::targets(&self.config));
+        }
+    }
+
     pub fn status(&self) -> Result<StatusReply> {
         let datapath = self.dp.status()?;
         let fallback_connections = datapath
@@ -390,6 +400,7 @@ impl DaemonState {
         self.config = cfg;
         // Overrides of backends the new config dropped are gone now.
         self.persist_overrides();
+        self.keep_next_hops_resolved();
         Ok(format!(
             "applied {}: {} added, {} removed, {} tables swapped",
             self.config_path.display(),

@@ -5,14 +5,12 @@
 
 use std::{io, mem, os::fd::AsRawFd};
 
+use crate::netlink::{NLMSG_ERROR, attributes, u16_at, u32_at};
+
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
-/// Attribute types carry flag bits above these.
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 #[repr(C)]
 struct Request {
@@ -47,7 +45,7 @@ pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
     let req = Request {
         len: mem::size_of::<Request>() as u32,
         kind: RTM_GETLINK,
-        flags: NLM_F_REQUEST,
+        flags: crate::netlink::NLM_F_REQUEST,
         seq: 1,
         pid: 0,
         family: libc::AF_UNSPEC as u8,
@@ -76,25 +74,6 @@ pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
         return Err(io::Error::last_os_error());
     }
     parse_reply(&buf[..n as usize])
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// Netlink attributes in `b`: (type, payload), each padded to 4 bytes.
-fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        let len = usize::from(u16_at(b, 0)?);
-        let kind = u16_at(b, 2)? & NLA_TYPE_MASK;
-        let payload = b.get(4..len)?;
-        b = b.get(len.next_multiple_of(4)..).unwrap_or_default();
-        Some((kind, payload))
-    })
 }
 
 fn parse_reply(msg: &[u8]) -> io::Result<Option<String>> {

@@ -5,18 +5,16 @@
 //! among its flows (`FIB_GEN_PER_FLOW`). Read from rtnetlink dumps, which
 //! need no privilege.
 
-use std::{io, mem, os::fd::AsRawFd};
+use std::{io, os::fd::AsRawFd};
 
-const NLMSG_ERROR: u16 = 2;
+use crate::netlink::{NLM_F_REQUEST, NLMSG_ERROR, attributes, finish, message, u16_at, u32_at};
+
 const NLMSG_DONE: u16 = 3;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
 const RTM_NEWRULE: u16 = 32;
 const RTM_GETRULE: u16 = 34;
-const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
-/// Attribute types carry flag bits above these.
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 const RTA_DST: u16 = 1;
 const RTA_MULTIPATH: u16 = 9;
@@ -89,40 +87,16 @@ fn first_multipath_route(messages: &[Vec<u8>]) -> Option<String> {
     })
 }
 
-#[repr(C)]
-struct DumpRequest {
-    len: u32,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-    // struct rtmsg / fib_rule_hdr: the same 12 bytes, family first.
-    family: u8,
-    _rest: [u8; 11],
-}
-
 /// The payloads (after the netlink header) of every IPv4 object that a
 /// `kind` dump returns.
 fn dump(kind: u16) -> io::Result<Vec<Vec<u8>>> {
     let fd = crate::netlink::route_socket()?;
-    let req = DumpRequest {
-        len: mem::size_of::<DumpRequest>() as u32,
-        kind,
-        flags: NLM_F_REQUEST | NLM_F_DUMP,
-        seq: 1,
-        pid: 0,
-        family: libc::AF_INET as u8,
-        _rest: [0; 11],
-    };
-    // SAFETY: sending a fully initialised, repr(C) request to the kernel.
-    let sent = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            std::ptr::from_ref(&req).cast(),
-            mem::size_of::<DumpRequest>(),
-            0,
-        )
-    };
+    // struct rtmsg and fib_rule_hdr alike: 12 bytes, the family first.
+    let mut header = [0u8; 12];
+    header[0] = libc::AF_INET as u8;
+    let req = finish(message(kind, NLM_F_REQUEST | NLM_F_DUMP, 1, &header));
+    // SAFETY: sending a buffer we own, within its length.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -173,35 +147,13 @@ fn split(mut datagram: &[u8], reply_kind: u16, out: &mut Vec<Vec<u8>>) -> io::Re
     Ok(false)
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// Netlink attributes in `b`: (type, payload), each padded to 4 bytes.
-fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        let len = usize::from(u16_at(b, 0)?);
-        let kind = u16_at(b, 2)? & NLA_TYPE_MASK;
-        let payload = b.get(4..len)?;
-        b = b.get(len.next_multiple_of(4)..).unwrap_or_default();
-        Some((kind, payload))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
         let mut a = Vec::new();
-        a.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-        a.extend_from_slice(&kind.to_ne_bytes());
-        a.extend_from_slice(payload);
-        a.resize(a.len().next_multiple_of(4), 0);
+        crate::netlink::push_attr(&mut a, kind, payload);
         a
     }
 

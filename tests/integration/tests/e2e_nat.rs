@@ -214,8 +214,9 @@ fn lb_setting(topo: &Topology, key: &str) -> String {
 
 /// A host nobody prepared: forwarding off, `accept_local` off, strict
 /// reverse-path filtering, an empty neighbour table, static weights and no
-/// health checks (so nothing resolves a backend's neighbour before the
-/// first balanced SYN, which the stack must then forward translated).
+/// health checks. With the daemon's managed neighbour entries deleted,
+/// nothing resolves a backend's neighbour before the first balanced SYN,
+/// which the stack must then forward translated.
 /// `config check` names what the daemon will set, the daemon sets it and
 /// every connection succeeds, and `--cleanup` in the same namespace gives
 /// the host its settings back.
@@ -283,6 +284,19 @@ fn an_unprepared_host_forwards_every_connection_and_gets_its_settings_back() {
         ["forwarding", "accept_local", "rp_filter"].map(|k| lb_setting(&topo, k)),
         ["1", "1", "2"]
     );
+    // The daemon gave each backend a managed neighbour entry at start
+    // (tests/neighbours.rs). Without them the first packets of flows meet
+    // unresolved neighbours, as on a kernel before 5.16: the stack must
+    // resolve them, and only the settings above let it. The daemon adds
+    // them again on reload or a link change only, so they stay gone.
+    for i in 0..3 {
+        let addr = topo.backend_addr(i).to_string();
+        netns::exec(
+            topo.lb_ns(),
+            &["ip", "neigh", "del", &addr, "dev", topo.lb_if()],
+        )
+        .unwrap();
+    }
     let counts = short_connections(&topo, 240);
     assert_eq!(counts.values().sum::<usize>(), 240, "{counts:?}");
     assert_eq!(counts.len(), 3, "every backend answers: {counts:?}");

@@ -280,6 +280,36 @@ fn the_unit_runs_the_daemon_as_its_own_user_under_systemd() {
     assert_eq!(st["NoNewPrivs"], "1");
     assert_eq!(st["Seccomp"], "2", "SystemCallFilter= is in force");
 
+    // Its one child, the neighbour helper, keeps CAP_NET_ADMIN and nothing
+    // else, as the same user, and has given both backends' next hops
+    // managed neighbour entries.
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let helpers: Vec<u32> = children
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert_eq!(helpers.len(), 1, "children of the daemon: {children:?}");
+    let helper = proc_status(helpers[0]);
+    assert_eq!(helper["Name"], "router-neigh");
+    assert!(helper["Uid"].split_whitespace().all(|id| id == uid));
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    for set in ["CapEff", "CapPrm"] {
+        assert_eq!(mask(&helper, set), CAP_NET_ADMIN, "{set}: {}", helper[set]);
+    }
+    assert_eq!(mask(&helper, "CapAmb"), 0);
+    assert_eq!(helper["NoNewPrivs"], "1");
+    let neigh = netns::exec(s.topo.lb_ns(), &["ip", "neigh", "show", "nud", "all"]).unwrap();
+    for i in 0..2 {
+        let addr = format!("{} dev {} ", s.topo.backend_addr(i), s.topo.lb_if());
+        assert!(
+            neigh
+                .lines()
+                .any(|l| l.starts_with(&addr) && l.contains(" managed ")),
+            "{addr}managed: {neigh}\n{}",
+            s.logs()
+        );
+    }
+
     // ProtectKernelTunables= with the unit's ReadWritePaths=: /proc/sys and
     // /sys (with /sys/fs/bpf) read-only, the interface settings and the
     // pins writable; ProtectControlGroups=: cgroupfs read-only.

@@ -275,6 +275,17 @@ pub fn start_daemon_pinned(
     spawn_daemon(ns, config, socket, pin_path, None, None)
 }
 
+/// [`start_daemon_pinned`] with the daemon's log appended to `log`.
+pub fn start_daemon_pinned_logging_to(
+    ns: &str,
+    config: &Path,
+    socket: &Path,
+    pin_path: &Path,
+    log: &Path,
+) -> Result<ChildGuard> {
+    spawn_daemon(ns, config, socket, pin_path, None, Some(log))
+}
+
 fn spawn_daemon(
     ns: &str,
     config: &Path,
