@@ -85,6 +85,7 @@ impl Recording {
             .stderr(stderr)
             .spawn()
             .context("starting perf record")?;
+        keep_off_this_cpu(child.id());
         let (ctl, ack) = match (child.stdin.take(), child.stdout.take()) {
             (Some(i), Some(o)) => (i, BufReader::new(o)),
             _ => bail!("perf record started without its control pipes"),
@@ -189,6 +190,38 @@ impl Drop for Recording {
         // way; `finish` has reaped it otherwise, and kill then fails harmlessly.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Moves perf (which inherited the benchmark's one-CPU mask) to every other
+/// online CPU, so that writing its samples does not preempt the thread it
+/// samples. Best effort: on a one-CPU machine perf stays where it is.
+fn keep_off_this_cpu(pid: u32) {
+    // SAFETY: sysconf and sched_getcpu have no memory effects.
+    let (n, here) = unsafe {
+        (
+            libc::sysconf(libc::_SC_NPROCESSORS_ONLN),
+            libc::sched_getcpu(),
+        )
+    };
+    let (Ok(n), Ok(here), Ok(pid)) = (
+        usize::try_from(n),
+        usize::try_from(here),
+        libc::pid_t::try_from(pid),
+    ) else {
+        return;
+    };
+    if n < 2 {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+    // within it; the call only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in (0..n).filter(|c| *c != here) {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
