@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the eBPF toolchain (nightly rust-src, bpf-linker built against
-    /// the nightly's LLVM) and the test tools (iproute2, python3). Idempotent.
+    /// the nightly's LLVM) and the test tools (iproute2, python3, linux-perf). Idempotent.
     Setup,
     /// Build the release `router` binary, including the eBPF object.
     Build,

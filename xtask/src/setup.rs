@@ -179,29 +179,41 @@ fn symlink(target: &Path, link: &Path) -> Result<()> {
 }
 
 /// The tests create namespaces and veths with `ip` and serve HTTP from Python
-/// backends; install both when missing and apt-get is available.
+/// backends; the datapath benchmark profiles with `perf`. Installs what is
+/// missing when apt-get is available.
 fn system_tools() -> Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2"), ("python3", "python3")]
-        .into_iter()
-        .filter(|(tool, _)| which(tool).is_none())
-        .map(|(_, package)| package)
-        .collect();
+    let runs = |tool: &str| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    // perf is checked by running it: a /usr/bin/perf wrapper can exist
+    // without a perf that runs (Ubuntu's linux-tools-common, for one).
+    let missing: Vec<&str> = [
+        ("iproute2", which("ip").is_some()),
+        ("python3", which("python3").is_some()),
+        ("linux-perf", runs("perf")),
+    ]
+    .into_iter()
+    .filter(|(_, present)| !present)
+    .map(|(package, _)| package)
+    .collect();
     if missing.is_empty() {
-        eprintln!("xtask: ip and python3 are present; skipping package installation");
+        eprintln!("xtask: ip, python3 and perf are present; skipping package installation");
         return Ok(());
     }
     if which("apt-get").is_none() {
-        bail!(
-            "missing packages {missing:?} and apt-get is unavailable; install iproute2 and python3 manually"
-        );
+        bail!("missing packages {missing:?} and apt-get is unavailable; install them manually");
     }
     eprintln!("xtask: installing missing packages {missing:?}");
     run(Command::new("apt-get").arg("update")).context("apt-get update")?;
     run(Command::new("apt-get")
         // CI runs without a terminal or stdin; never prompt.
         .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "iproute2", "python3"]))
-    .context("installing iproute2 and python3")
+        .args(["install", "-y"])
+        .args(&missing))
+    .with_context(|| format!("installing {missing:?}"))
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use super::paths::{
     load_datapath_with, reason_vec, repeat_call, service, single_calls, syn_acks, table_entries,
     trivial_program,
 };
+use super::perf::Recording;
 use super::{
     BACKEND_PORT, BACKEND0_MAC, BACKENDS, CLIENT_ADDR, CLIENT_MAC, EST_CLIENT_PORT, LB_ADDR,
     LB_MAC, NON_SERVICE_DST, SYN_FIRST_PORT, VIP, WARMUP_CALLS, XDP_PASS, XDP_TX,
@@ -150,13 +151,14 @@ impl Bench {
         expect: u32,
         reason: u32,
         what: &str,
+        perf: Option<&mut Recording>,
     ) -> Result<SingleResult> {
         let warm = vec![frame.to_vec(); WARMUP_CALLS as usize];
         let timed = vec![frame.to_vec(); calls as usize];
         let before = reason_vec(&self.dp)?;
         let prog = self.dp.program_mut().context("router program")?;
         single_calls(prog, &warm, &self.ctx, expect, what)?;
-        let r = single_calls(prog, &timed, &self.ctx, expect, what)?;
+        let r = profiled(perf, || single_calls(prog, &timed, &self.ctx, expect, what))?;
         let after = reason_vec(&self.dp)?;
         check_reasons(
             &before,
@@ -211,7 +213,12 @@ impl Bench {
     }
 
     /// SYN path: a freshly loaded datapath, every call a new client port.
-    pub(super) fn syn_single(&mut self, calls: u32, case: &SynCase) -> Result<SingleResult> {
+    pub(super) fn syn_single(
+        &mut self,
+        calls: u32,
+        case: &SynCase,
+        perf: Option<&mut Recording>,
+    ) -> Result<SingleResult> {
         let total = WARMUP_CALLS + calls;
         ensure!(
             u32::from(SYN_FIRST_PORT) + total <= u32::from(u16::MAX),
@@ -228,7 +235,9 @@ impl Bench {
         let before = reason_vec(&dp)?;
         let prog = dp.program_mut().context("router program")?;
         single_calls(prog, warm, &self.ctx, XDP_TX, "SYN single")?;
-        let r = single_calls(prog, timed, &self.ctx, XDP_TX, "SYN single")?;
+        let r = profiled(perf, || {
+            single_calls(prog, timed, &self.ctx, XDP_TX, "SYN single")
+        })?;
         let after = reason_vec(&dp)?;
         check_reasons(&before, &after, reasons::TX, u64::from(total), "SYN single")?;
         let st = dp.status().context("datapath status")?;
@@ -272,7 +281,11 @@ impl Bench {
     /// The first ACK of a new flow, which promotes it from the half-open
     /// table into CONNS: a freshly loaded datapath, one SYN per client port
     /// and the backend's SYN-ACK (untimed), then each flow's ACK timed.
-    pub(super) fn first_ack_single(&mut self, calls: u32) -> Result<SingleResult> {
+    pub(super) fn first_ack_single(
+        &mut self,
+        calls: u32,
+        perf: Option<&mut Recording>,
+    ) -> Result<SingleResult> {
         let total = WARMUP_CALLS + calls;
         ensure!(
             u32::from(SYN_FIRST_PORT) + total <= u32::from(u16::MAX),
@@ -294,7 +307,9 @@ impl Bench {
         single_calls(prog, &syn_acks, &self.ctx, XDP_TX, "first ACK: its SYN-ACK")?;
         let (warm, timed) = acks.split_at(WARMUP_CALLS as usize);
         single_calls(prog, warm, &self.ctx, XDP_TX, "first ACK single")?;
-        let r = single_calls(prog, timed, &self.ctx, XDP_TX, "first ACK single")?;
+        let r = profiled(perf, || {
+            single_calls(prog, timed, &self.ctx, XDP_TX, "first ACK single")
+        })?;
         let after = reason_vec(&dp)?;
         check_reasons(
             &before,
@@ -316,4 +331,19 @@ impl Bench {
         );
         Ok(r)
     }
+}
+
+/// The timed calls, with `perf` (the profiling pass) sampling them and
+/// nothing around them.
+fn profiled(
+    perf: Option<&mut Recording>,
+    calls: impl FnOnce() -> Result<SingleResult>,
+) -> Result<SingleResult> {
+    let Some(perf) = perf else {
+        return calls();
+    };
+    perf.enable()?;
+    let r = calls()?;
+    perf.disable()?;
+    Ok(r)
 }

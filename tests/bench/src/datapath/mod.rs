@@ -29,10 +29,14 @@ use router_testkit::packet::Mac;
 
 mod bench;
 mod paths;
+mod perf;
+mod profile;
+mod profiling;
 mod results;
 
 use bench::Bench;
 use paths::{SYN_CASES, SingleResult, pin_to_last_cpu};
+pub use profiling::ProfileSettings;
 use results::{machine, rows, table, write_results};
 
 const XDP_PASS: u32 = 2;
@@ -94,6 +98,8 @@ pub struct Settings {
     pub repeat: u32,
     /// Timed single-packet calls per path and run.
     pub single_calls: u32,
+    /// The profiling pass after the timed runs.
+    pub profile: ProfileSettings,
     pub quick: bool,
     pub out_dir: PathBuf,
 }
@@ -104,6 +110,10 @@ impl Settings {
             runs: 15,
             repeat: 1_000_000,
             single_calls: 20_000,
+            profile: ProfileSettings {
+                new_flow_secs: 3.0,
+                flow_secs: 5.0,
+            },
             quick: false,
             out_dir,
         }
@@ -114,6 +124,11 @@ impl Settings {
             runs: 5,
             repeat: 100_000,
             single_calls: 2_000,
+            // About 10 s in all, most of it perf starting and perf script.
+            profile: ProfileSettings {
+                new_flow_secs: 0.3,
+                flow_secs: 0.8,
+            },
             quick: true,
             out_dir,
         }
@@ -178,6 +193,30 @@ nothing about speed.
 - Every figure is the median over the runs; ratios are the median of the per-run \
 ratios (trivial measured in the same run). min–max over the runs is given beside each \
 ns figure.
+- Profile (the section \"Where the time goes\"): after every timed run, so that it \
+disturbs no timing, the SYN (Maglev), first-ACK, established and reply paths are \
+called again exactly as in the timed loop (fresh frames, a fresh datapath with tables \
+sized so nothing evicts for each batch of 20,000 new flows, the same counter checks) \
+under `perf record -e cpu-clock -g` attached to the benchmark's own thread and switched \
+on only around those calls, for a few seconds of calls per path (under a second with \
+`--quick`; the seconds are in the table). \
+The machine has no hardware PMU, so `cpu-clock` is the kernel's software timer, \
+sampling at 20 kHz; each sample is the interrupted call chain, and the JIT-ed program \
+and its BPF subprograms are named by their kernel symbols (`bpf_prog_<tag>_<name>`). \
+A sample counts as inside the program when its chain holds the `router` program's \
+frame; its part is that of the first kernel function, from the one the program (or \
+one of its subprograms) called down to the leaf, that a part names: LRU insert \
+(`htab_lru_map_update_elem` and the LRU free-list pop below it), hash lookup \
+(`lookup_nulls_elem_raw`, `__htab_map_lookup_elem`, `htab_*lookup*`), LRU delete, \
+socket lookup (`bpf_xdp_skc_lookup_tcp`, `bpf_xdp_sk_lookup_udp`, `bpf_sk_release`), \
+FIB lookup (`bpf_xdp_fib_lookup`), clock (the ktime helpers); failing that, BPF \
+subprograms when the program called one (e.g. its memset or memmove), program's own \
+instructions when the program's frame is the leaf, and other. Shares are of sampled \
+time inside the program, not of calls; ns = share × the path's overhead-subtracted \
+median of the same invocation, so the column sums to that median. A share of n \
+samples carries a sampling error of about √n samples: with the counts given, the \
+reader can judge which differences are noise. The JSON keeps each part's sample \
+count and the in-program samples by the function the program called.
 ";
 
 /// `path/single/what`: the sample key of a single-mode series.
@@ -220,6 +259,11 @@ fn min_max(v: &[f64]) -> (f64, f64) {
 }
 
 pub fn run_datapath(settings: &Settings) -> Result<()> {
+    // Before the minutes of timed runs, not after them.
+    perf::check_available()?;
+    // Before any program is loaded: perf names a program by the symbol
+    // the kernel gives it at load time.
+    let _kallsyms = perf::JitKallsyms::on()?;
     let cpu = pin_to_last_cpu()?;
     let m = machine(cpu)?;
     eprintln!(
@@ -230,7 +274,7 @@ pub fn run_datapath(settings: &Settings) -> Result<()> {
         if settings.quick { " (quick)" } else { "" }
     );
     let mut s = Samples::default();
-    {
+    let profiles = {
         let mut b = Bench::new()?;
         for i in 0..settings.runs {
             let n = settings.single_calls;
@@ -251,25 +295,28 @@ pub fn run_datapath(settings: &Settings) -> Result<()> {
                 XDP_PASS,
                 reasons::PASS_NOT_SERVICE,
                 "non-service single",
+                None,
             )?;
             s.push_single("non_service", &r);
             let frame = b.est_ack.clone();
-            let r = b.router_single(&frame, n, XDP_TX, reasons::TX, "established single")?;
+            let r = b.router_single(&frame, n, XDP_TX, reasons::TX, "established single", None)?;
             s.push_single("established", &r);
             for case in &SYN_CASES {
-                let r = b.syn_single(n, case)?;
+                let r = b.syn_single(n, case, None)?;
                 s.push_single(case.key, &r);
             }
-            let r = b.first_ack_single(n)?;
+            let r = b.first_ack_single(n, None)?;
             s.push_single("first_ack", &r);
             let frame = b.reply_ack.clone();
-            let r = b.router_single(&frame, n, XDP_TX, reasons::TX, "reply single")?;
+            let r = b.router_single(&frame, n, XDP_TX, reasons::TX, "reply single", None)?;
             s.push_single("reply", &r);
             eprintln!("  run {}/{} done", i + 1, settings.runs);
         }
-    }
+        eprintln!("bench datapath: profiling");
+        profiling::run_profiles(&mut b, &settings.profile)?
+    };
     let rows = rows(&s)?;
     let table = table(&rows);
     println!("{table}");
-    write_results(settings, &m, &s, &rows, &table)
+    write_results(settings, &m, &s, &rows, &table, &profiles)
 }

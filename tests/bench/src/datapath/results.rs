@@ -8,6 +8,7 @@ use router_testkit::kernel_ns::run;
 use serde_json::{Value, json};
 
 use super::paths::SYN_CASES;
+use super::profiling::{PathProfile, section};
 use super::{
     ESTABLISHED_REF, METHOD, NEW_CONN_REF, NON_SERVICE_REF, Reference, SYN_REF, Samples, Settings,
     WARMUP_CALLS, key, min_max,
@@ -56,6 +57,8 @@ pub(super) fn machine(pinned_cpu: usize) -> Result<Machine> {
 /// One row of the results table.
 pub(super) struct Row {
     pub(super) path: &'static str,
+    /// The single-mode series the row is measured from, if one.
+    pub(super) series: Option<&'static str>,
     pub(super) mode: &'static str,
     pub(super) ns: Vec<f64>,
     pub(super) adjusted: Option<Vec<f64>>,
@@ -86,6 +89,7 @@ pub(super) fn rows(s: &Samples) -> Result<Vec<Row>> {
     let mut rows = vec![
         Row {
             path: "trivial XDP_PASS (reference)",
+            series: None,
             mode: "repeat",
             ns: t0_rep.to_vec(),
             adjusted: None,
@@ -95,6 +99,7 @@ pub(super) fn rows(s: &Samples) -> Result<Vec<Row>> {
         },
         Row {
             path: "non-service pass",
+            series: None,
             mode: "repeat",
             ns: s.get("non_service/repeat/kernel_ns")?.to_vec(),
             adjusted: None,
@@ -108,6 +113,7 @@ pub(super) fn rows(s: &Samples) -> Result<Vec<Row>> {
         },
         Row {
             path: "trivial XDP_PASS (reference)",
+            series: Some("trivial"),
             mode: "single",
             ns: t0_single.to_vec(),
             adjusted: Some(t0_rep.to_vec()),
@@ -134,6 +140,7 @@ pub(super) fn rows(s: &Samples) -> Result<Vec<Row>> {
         let adjusted = per_run(ns, &overhead, |a, o| a - o);
         rows.push(Row {
             path,
+            series: Some(series),
             mode: "single",
             ns: ns.to_vec(),
             ratio: Some(per_run(&adjusted, t0_rep, |a, b| a / b)),
@@ -150,6 +157,7 @@ pub(super) fn rows(s: &Samples) -> Result<Vec<Row>> {
     let adjusted = per_run(&both, &overhead, |a, o| a - 2.0 * o);
     rows.push(Row {
         path: "SYN + first ACK (a new connection, Maglev)",
+        series: None,
         mode: "single",
         ns: both,
         ratio: Some(per_run(&adjusted, t0_rep, |a, b| a / b)),
@@ -231,7 +239,9 @@ pub(super) fn write_results(
     s: &Samples,
     rows: &[Row],
     table: &str,
+    profiles: &[PathProfile],
 ) -> Result<()> {
+    let (profile_md, profile_json) = section(profiles, rows)?;
     let dir = &settings.out_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let machine_md = format!(
@@ -286,6 +296,7 @@ pub(super) fn write_results(
          to repeat-mode figures such as Katran's. (2) Wall-clock time around the repeat-mode syscall \
          (fractional ns, not truncated like the kernel's figure, but including interrupts and \
          rescheduling that the kernel's timer leaves out): non-service / trivial = {wall_rep_ratio:.2}×.\n\n\
+         {profile_md}\
          ## Method\n\n{METHOD}\n\
          ## Machine\n\n{machine_md}\n\
          Raw per-run numbers: `datapath.json`.\n",
@@ -321,6 +332,7 @@ pub(super) fn write_results(
         "per_run": samples,
         "single_overhead_ns_per_run": per_run(t0_single, t0_rep, |a, b| a - b),
         "summary": json_rows(rows),
+        "profile": profile_json,
         "commit": crate::report::source_commit(),
         "method": METHOD,
     });
