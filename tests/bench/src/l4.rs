@@ -175,7 +175,11 @@ fn wrk_script(dir: &Path, per_backend: bool) -> Result<std::path::PathBuf> {
         "function done(summary, latency, requests)\n  \
          io.write(string.format(\"p999_us %d\\n\", latency:percentile(99.9)))\nend\n",
     );
-    let path = dir.join(if per_backend { "backends.lua" } else { "vip.lua" });
+    let path = dir.join(if per_backend {
+        "backends.lua"
+    } else {
+        "vip.lua"
+    });
     std::fs::write(&path, lua)?;
     Ok(path)
 }

@@ -157,13 +157,20 @@ IpExt: 0 0 9922712
         let before = Netstat::parse(SAMPLE);
         let after = Netstat::parse(
             &SAMPLE
-                .replace("1 200 120000 -1 20113 0 2 0 16", "1 200 120000 -1 30113 0 2 0 3")
+                .replace(
+                    "1 200 120000 -1 20113 0 2 0 16",
+                    "1 200 120000 -1 30113 0 2 0 3",
+                )
                 .replace("0 0 0 0 38 0 1", "0 0 0 0 45 0 1"),
         );
         let d = after.since(&before);
         assert_eq!(d.get("TcpActiveOpens"), 10_000);
         assert_eq!(d.get("TcpExtTCPSynRetrans"), 7);
-        assert_eq!(d.get("TcpCurrEstab"), 0, "a gauge that fell is 0, not a wrap");
+        assert_eq!(
+            d.get("TcpCurrEstab"),
+            0,
+            "a gauge that fell is 0, not a wrap"
+        );
         let mut sum = d.clone();
         sum.add(&d);
         assert_eq!(sum.get("TcpExtTCPSynRetrans"), 14);

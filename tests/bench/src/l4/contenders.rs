@@ -58,7 +58,9 @@ impl Contender {
     pub fn label(self) -> &'static str {
         match self {
             Contender::Direct => "direct to the backends (limit)",
-            Contender::Routed => "routed hop: kernel IP forwarding through the LB namespace, no NAT, no XDP",
+            Contender::Routed => {
+                "routed hop: kernel IP forwarding through the LB namespace, no NAT, no XDP"
+            }
             Contender::Router => "router (XDP NAT + SNAT)",
             Contender::Iptables => "iptables DNAT, statistic random + masquerade",
             Contender::Nftables => "nftables DNAT, numgen + masquerade",
@@ -93,9 +95,7 @@ impl Contender {
 pub(super) enum Front {
     None,
     Router(Daemon, PathBuf),
-    Proxy(
-        #[expect(dead_code, reason = "held for its Drop, which stops HAProxy")] ChildGuard,
-    ),
+    Proxy(#[expect(dead_code, reason = "held for its Drop, which stops HAProxy")] ChildGuard),
 }
 
 pub(super) fn backend_targets() -> Vec<SocketAddr> {
@@ -255,7 +255,6 @@ pub(super) fn setup_front(c: Contender, topo: &Topology, dir: &Path) -> Result<F
     })
 }
 
-
 /// The routed hop: the client reaches each backend, and each backend the
 /// client, by a /32 route via the LB's address, and the LB namespace
 /// forwards (no NAT, no XDP, no rules). The LB must not send ICMP
@@ -283,9 +282,15 @@ fn route_through_lb(topo: &Topology) -> Result<()> {
     let via = netns::LB_ADDR.to_string();
     for i in 0..BACKENDS {
         let backend = format!("{}/32", netns::backend_addr(i));
-        netns::exec(topo.client_ns(), &["ip", "route", "add", &backend, "via", &via])?;
+        netns::exec(
+            topo.client_ns(),
+            &["ip", "route", "add", &backend, "via", &via],
+        )?;
         let client = format!("{}/32", netns::CLIENT_ADDR);
-        netns::exec(topo.backend_ns(i), &["ip", "route", "add", &client, "via", &via])?;
+        netns::exec(
+            topo.backend_ns(i),
+            &["ip", "route", "add", &client, "via", &via],
+        )?;
     }
     Ok(())
 }

@@ -42,23 +42,74 @@ pub(super) struct RunCounters {
     pub router: BTreeMap<String, u64>,
 }
 
-/// One interface's packet, drop and error counters (`ip -s link`), keyed
-/// `{prefix}.rx_dropped` etc.; nothing when `ip` fails.
-fn link_counters(ns: &str, dev: &str, prefix: &str, out: &mut BTreeMap<String, u64>) {
-    let Some(v) = netns::exec(ns, &["ip", "-j", "-s", "link", "show", "dev", dev])
+/// `ip -j -s link show [dev DEV]` in `ns`, parsed; null when `ip` fails.
+fn ip_links(ns: &str, dev: Option<&str>) -> Value {
+    let mut args = vec!["ip", "-j", "-s", "link", "show"];
+    if let Some(d) = dev {
+        args.extend(["dev", d]);
+    }
+    netns::exec(ns, &args)
         .ok()
         .and_then(|o| serde_json::from_str::<Value>(&o).ok())
-    else {
-        return;
-    };
-    let s = &v[0]["stats64"];
+        .unwrap_or(Value::Null)
+}
+
+/// One interface's packet (`packets`), drop and error counters from `ip
+/// -j -s link`, keyed `{prefix}.rx_dropped` etc.
+fn link_stats(link: &Value, prefix: &str, drops_only: bool, out: &mut BTreeMap<String, u64>) {
+    let s = &link["stats64"];
     for dir in ["rx", "tx"] {
         for k in ["packets", "dropped", "errors"] {
+            if drops_only && k == "packets" {
+                continue;
+            }
             if let Some(n) = s[dir][k].as_u64() {
                 out.insert(format!("{prefix}.{dir}_{k}"), n);
             }
         }
     }
+}
+
+/// The LB's interface and its bridge peer (packets, drops, errors), and
+/// the drops and errors of every other port of the bridge (`switch.p-b0`,
+/// `switch.p-client`...): a veth counts as its own `tx_dropped` a frame its
+/// peer's queue had no room for.
+fn link_counters(topo: &Topology, out: &mut BTreeMap<String, u64>) {
+    link_stats(
+        &ip_links(topo.lb_ns(), Some(netns::LB_IF))[0],
+        "lb",
+        false,
+        out,
+    );
+    for link in ip_links(topo.switch_ns(), None)
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        match link["ifname"].as_str() {
+            Some(netns::LB_PEER_IF) => link_stats(link, "lb_peer", false, out),
+            Some(name) if name != "lo" => {
+                link_stats(link, &format!("switch.{name}"), true, out);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Packets the host's per-CPU input backlogs dropped (`/proc/net/softnet_stat`,
+/// second column, summed over CPUs). Host-wide, not per namespace: a veth
+/// without NAPI hands its frames to this backlog, and when it is full
+/// (`netdev_max_backlog`) the frame is gone without a trace in any
+/// namespace's counters.
+fn softnet_dropped() -> u64 {
+    std::fs::read_to_string("/proc/net/softnet_stat").map_or(0, |s| parse_softnet_dropped(&s))
+}
+
+fn parse_softnet_dropped(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|v| u64::from_str_radix(v, 16).ok())
+        .sum()
 }
 
 /// Drop and error counters of the LB's interface and of its peer on the
@@ -67,8 +118,7 @@ fn link_counters(ns: &str, dev: &str, prefix: &str, out: &mut BTreeMap<String, u
 /// here).
 pub(super) fn link_drops(topo: &Topology) -> Value {
     let mut m = BTreeMap::new();
-    link_counters(topo.lb_ns(), netns::LB_IF, "lb", &mut m);
-    link_counters(topo.switch_ns(), netns::LB_PEER_IF, "lb_peer", &mut m);
+    link_counters(topo, &mut m);
     let side = |p: &str| -> Value {
         if !m.contains_key(&format!("{p}.rx_packets")) {
             return Value::Null;
@@ -91,8 +141,8 @@ impl Snapshot {
             backends.add(&Netstat::read(topo.backend_ns(i))?);
         }
         let mut links = BTreeMap::new();
-        link_counters(topo.lb_ns(), netns::LB_IF, "lb", &mut links);
-        link_counters(topo.switch_ns(), netns::LB_PEER_IF, "lb_peer", &mut links);
+        link_counters(topo, &mut links);
+        links.insert("host.softnet_dropped".to_owned(), softnet_dropped());
         let router = match router {
             Some(socket) => status(socket)?.datapath.reasons.into_iter().collect(),
             None => BTreeMap::new(),
@@ -110,7 +160,12 @@ impl Snapshot {
     pub(super) fn since(&self, before: &Snapshot) -> RunCounters {
         let grew = |now: &BTreeMap<String, u64>, was: &BTreeMap<String, u64>| {
             now.iter()
-                .map(|(k, v)| (k.clone(), v.saturating_sub(was.get(k).copied().unwrap_or(0))))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.saturating_sub(was.get(k).copied().unwrap_or(0)),
+                    )
+                })
                 .collect::<BTreeMap<_, _>>()
         };
         RunCounters {
@@ -158,5 +213,38 @@ impl RunCounters {
             "links": nonzero(&self.links),
             "router_reasons": nonzero(&self.router),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_the_softnet_drop_column_over_cpus() {
+        // Two CPUs of a 6.18 host's /proc/net/softnet_stat (processed,
+        // dropped, time_squeeze, ...; hexadecimal).
+        let sample = "\
+0036a5b1 00000000 0000001c 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000
+0029f3c0 0000000a 00000009 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000001 00000000
+";
+        assert_eq!(parse_softnet_dropped(sample), 10);
+        assert_eq!(parse_softnet_dropped(""), 0);
+    }
+
+    #[test]
+    fn reads_links_from_ip_json() {
+        let links: Value = serde_json::from_str(
+            r#"[{"ifname":"p-b0","stats64":{"rx":{"packets":5,"dropped":1,"errors":0},
+                "tx":{"packets":7,"dropped":2,"errors":0}}}]"#,
+        )
+        .unwrap();
+        let mut m = BTreeMap::new();
+        link_stats(&links[0], "switch.p-b0", true, &mut m);
+        assert_eq!(m.get("switch.p-b0.tx_dropped"), Some(&2));
+        assert_eq!(m.get("switch.p-b0.rx_dropped"), Some(&1));
+        assert!(!m.contains_key("switch.p-b0.tx_packets"), "drops only");
+        link_stats(&links[0], "lb", false, &mut m);
+        assert_eq!(m.get("lb.tx_packets"), Some(&7));
     }
 }
