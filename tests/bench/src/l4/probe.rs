@@ -194,6 +194,12 @@ impl RunCounters {
         self.lb.get("IpForwDatagrams")
     }
 
+    /// IP packets the client namespace sent and received
+    /// (`IpOutRequests` + `IpInReceives`).
+    pub(super) fn client_packets(&self) -> u64 {
+        self.client.get("IpOutRequests") + self.client.get("IpInReceives")
+    }
+
     /// The run's counters as the JSON records them: the headline client
     /// figures, then the non-zero telling counters of each place.
     pub(super) fn json(&self) -> Value {
@@ -207,6 +213,7 @@ impl RunCounters {
             "client_syn_retrans": self.syn_retrans(),
             "client_retrans_segs": self.retrans_segs(),
             "lb_forwarded": self.forwarded(),
+            "client_ip_packets": self.client_packets(),
             "client": self.client.telling(),
             "lb": self.lb.telling(),
             "backends": self.backends.telling(),
