@@ -184,7 +184,16 @@ fn syn_loss_places(md: &mut String, l4: &Value) -> Result<()> {
         writeln!(
             md,
             "Where the fixed-rate runs' retransmitted SYNs could have been lost (sums over the \
-             runs of the non-zero counters that tell):\n\n{}\n",
+             runs of the non-zero counters that tell). A SYN retransmit matched by the \
+             backends' `TcpExtPAWSTimewait` and the client's `TcpOutRsts` was not lost on the \
+             way: it met a TIME_WAIT socket on the backend's 4-tuple that another client \
+             4-tuple had left there (source NAT with a port other than the client's own), and \
+             this kernel gives every 4-tuple its own TCP timestamp offset, so the SYN's \
+             timestamp looked older than the socket's last one. The backend rejected it \
+             (PAWS) and answered for the old connection, the client reset that and sent its \
+             SYN again after the 1 s timeout. `lb_peer.tx_dropped` counts frames the LB's \
+             veth ring had no room for (the LB's NAPI starved of CPU), `host.softnet_dropped` \
+             the host's input backlog drops (host-wide):\n\n{}\n",
             lines.join("\n")
         )?;
     }
