@@ -3,8 +3,11 @@
 //!
 //! Contenders, each on a fresh copy of the one-arm topology (client, LB,
 //! four backend namespaces on a bridge) with four nginx backends (one worker
-//! each): the client straight to the backends (the limit); the router (XDP
-//! NAT with SNAT); iptables DNAT with `statistic` random and masquerade, as
+//! each): the client straight to the backends (the limit); the routed hop
+//! (the client still connects to the backends' own addresses, but every
+//! packet is forwarded by the LB namespace's kernel: no NAT, no XDP, the
+//! floor every balancer in this topology pays); the router (XDP NAT with
+//! SNAT); iptables DNAT with `statistic` random and masquerade, as
 //! kube-proxy's iptables mode writes it; nftables DNAT with `numgen` and
 //! masquerade, as kube-proxy's nftables mode writes it; HAProxy in TCP mode
 //! with roundrobin. Every request is a new TCP connection (`Connection:
@@ -19,34 +22,36 @@
 //! everyone; then, on a fresh topology, one long wrk run at the maximum rate
 //! with the backends' accept counters read every second, which shows what
 //! NAT port space, conntrack and the backends' TIME_WAIT do to a sustained
-//! connection rate.
+//! connection rate. Every run is framed by two readings of the client's,
+//! the LB's and the backends' TCP/IP counters, the LB link's and the
+//! router's ([`probe`]): a SYN the client had to send again is counted and
+//! can be placed.
 
-use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::Path,
-    time::Duration,
-};
+mod contenders;
+mod probe;
+
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
 use router_testkit::{
-    daemon_proc::{ScratchDir, start_daemon, status},
+    daemon_proc::{ScratchDir, status},
     netns::{self, ChildGuard, Topology},
 };
 
 use crate::{
     loadgen::{self, RunResult},
-    peers::{self, HAPROXY, IPTABLES, NFT, NGINX, WRK},
+    peers::{self, NGINX, WRK},
     report::median,
 };
 
-const BACKENDS: usize = 4;
-const PORT: u16 = 80;
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
-/// The router's dedicated SNAT address (see docs/operations.md).
-const SNAT: Ipv4Addr = netns::SNAT_ADDR;
+pub use contenders::Contender;
+use contenders::{
+    BACKENDS, Front, PORT, backend_targets, haproxy_config, iptables_rules, nft_rules,
+    router_config, setup_front, vip,
+};
+use probe::{RunCounters, Snapshot, link_drops};
 /// Connections in flight at the maximum rate (wrk's `-c`, and the in-tree
 /// generator's closed loop).
 pub const CONNS: usize = 16;
@@ -95,217 +100,8 @@ impl L4Settings {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Contender {
-    Direct,
-    Router,
-    Iptables,
-    Nftables,
-    Haproxy,
-}
-
-impl Contender {
-    pub const ALL: [Contender; 5] = [
-        Contender::Direct,
-        Contender::Router,
-        Contender::Iptables,
-        Contender::Nftables,
-        Contender::Haproxy,
-    ];
-
-    pub fn key(self) -> &'static str {
-        match self {
-            Contender::Direct => "direct",
-            Contender::Router => "router",
-            Contender::Iptables => "iptables",
-            Contender::Nftables => "nftables",
-            Contender::Haproxy => "haproxy",
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Contender::Direct => "direct to the backends (limit)",
-            Contender::Router => "router (XDP NAT + SNAT)",
-            Contender::Iptables => "iptables DNAT, statistic random + masquerade",
-            Contender::Nftables => "nftables DNAT, numgen + masquerade",
-            Contender::Haproxy => "HAProxy 2.6, TCP mode, roundrobin",
-        }
-    }
-
-    fn peers(self) -> Vec<(&'static str, &'static str)> {
-        match self {
-            Contender::Direct | Contender::Router => vec![NGINX, WRK],
-            Contender::Iptables => vec![NGINX, WRK, IPTABLES],
-            Contender::Nftables => vec![NGINX, WRK, NFT],
-            Contender::Haproxy => vec![NGINX, WRK, HAPROXY],
-        }
-    }
-}
-
-/// The front of one contender, torn down on drop (the daemon is asked to
-/// detach first; the rules go with the namespace).
-enum Front {
-    None,
-    Router(router_testkit::daemon_proc::Daemon, std::path::PathBuf),
-    Proxy(#[allow(dead_code)] ChildGuard),
-}
-
-fn backend_targets() -> Vec<SocketAddr> {
-    (0..BACKENDS)
-        .map(|i| SocketAddr::from((netns::backend_addr(i), PORT)))
-        .collect()
-}
-
-fn vip() -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(VIP, PORT))
-}
-
-fn router_config(socket: &Path) -> String {
-    let mut s = format!(
-        "[daemon]\ninterface = \"{}\"\ncontrol_socket = \"{}\"\n\
-         # Sized per docs/operations.md: 2 entries a connection, and a closed\n\
-         # connection keeps its entries for tcp_closing_timeout (10 s).\n\
-         conn_table_size = 1048576\n\n\
-         [[service]]\nname = \"web\"\nvip = \"{}\"\nprotocol = \"tcp\"\nsnat = \"{SNAT}\"\n",
-        netns::LB_IF,
-        socket.display(),
-        vip()
-    );
-    for (i, t) in backend_targets().iter().enumerate() {
-        s.push_str(&format!(
-            "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"{t}\"\nweight = 100\n"
-        ));
-    }
-    s
-}
-
-/// kube-proxy's iptables mode for one ClusterIP service with four endpoints
-/// and masquerading (KUBE-MARK-MASQ / KUBE-POSTROUTING, `--random-fully`).
-fn iptables_rules() -> String {
-    let mut s = String::from(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
-         :KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-SVC-BENCH - [0:0]\n",
-    );
-    for i in 0..BACKENDS {
-        s.push_str(&format!(":KUBE-SEP-{i} - [0:0]\n"));
-    }
-    s.push_str(
-        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
-         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
-         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
-         -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
-         -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n",
-    );
-    s.push_str(&format!(
-        "-A KUBE-SERVICES -d {VIP}/32 -p tcp -m tcp --dport {PORT} -j KUBE-SVC-BENCH\n\
-         -A KUBE-SVC-BENCH -d {VIP}/32 -p tcp -m tcp --dport {PORT} -j KUBE-MARK-MASQ\n"
-    ));
-    for (i, t) in backend_targets().iter().enumerate() {
-        let left = BACKENDS - i;
-        if left > 1 {
-            s.push_str(&format!(
-                "-A KUBE-SVC-BENCH -m statistic --mode random --probability {:.11} -j KUBE-SEP-{i}\n",
-                1.0 / left as f64
-            ));
-        } else {
-            s.push_str(&format!("-A KUBE-SVC-BENCH -j KUBE-SEP-{i}\n"));
-        }
-        s.push_str(&format!(
-            "-A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {t}\n"
-        ));
-    }
-    s.push_str("COMMIT\n");
-    s
-}
-
-/// kube-proxy's nftables mode for the same service: a verdict map from
-/// destination to the service chain, `numgen random mod N` over endpoint
-/// chains, masquerade of marked packets.
-fn nft_rules() -> String {
-    let mut endpoints = String::new();
-    let mut vmap = Vec::new();
-    for (i, t) in backend_targets().iter().enumerate() {
-        endpoints.push_str(&format!(
-            "  chain endpoint-{i} {{\n    meta l4proto tcp dnat to {t}\n  }}\n"
-        ));
-        vmap.push(format!("{i} : goto endpoint-{i}"));
-    }
-    format!(
-        "table ip kube-proxy {{\n\
-         \x20 map service-ips {{\n    type ipv4_addr . inet_proto . inet_service : verdict\n    \
-         elements = {{ {VIP} . tcp . {PORT} : goto service-bench }}\n  }}\n\
-         \x20 chain mark-for-masquerade {{\n    mark set mark or 0x4000\n  }}\n\
-         \x20 chain masquerading {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
-         mark and 0x4000 == 0 return\n    mark set mark xor 0x4000\n    masquerade fully-random\n  }}\n\
-         \x20 chain nat-prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
-         jump services\n  }}\n\
-         \x20 chain services {{\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }}\n\
-         \x20 chain service-bench {{\n    ip daddr {VIP} tcp dport {PORT} jump mark-for-masquerade\n    \
-         numgen random mod {BACKENDS} vmap {{ {} }}\n  }}\n{endpoints}}}\n",
-        vmap.join(", ")
-    )
-}
-
-/// HAProxy as its documentation's TCP-mode examples set it up: the
-/// defaults' timeouts, roundrobin, no health checks needed here.
-fn haproxy_config() -> String {
-    let mut s = format!(
-        "global\n    # maxconn: HAProxy derives it from the file-descriptor limit.\n\n\
-         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\n\
-         frontend fe\n    bind {}\n    default_backend be\n\n\
-         backend be\n    balance roundrobin\n",
-        vip()
-    );
-    for (i, t) in backend_targets().iter().enumerate() {
-        s.push_str(&format!("    server b{i} {t}\n"));
-    }
-    s
-}
-
-fn setup_front(c: Contender, topo: &Topology, dir: &Path) -> Result<Front> {
-    let lb = topo.lb_ns();
-    Ok(match c {
-        Contender::Direct => Front::None,
-        Contender::Router => {
-            topo.add_snat_addr()?;
-            let socket = dir.join("router.sock");
-            let config = dir.join("router.toml");
-            std::fs::write(&config, router_config(&socket))?;
-            Front::Router(start_daemon(lb, &config, &socket)?, socket)
-        }
-        Contender::Iptables => {
-            peers::exec_with_input(lb, "iptables-restore", &[], &iptables_rules())?;
-            Front::None
-        }
-        Contender::Nftables => {
-            peers::exec_with_input(lb, "nft", &["-f", "-"], &nft_rules())?;
-            Front::None
-        }
-        Contender::Haproxy => {
-            // The proxy host's sysctls HAProxy's own tuning notes recommend
-            // for high connection rates (source-port reuse and range, SYN
-            // backlog): it opens a connection of its own to a backend for
-            // every client connection.
-            netns::in_netns(lb, || -> std::io::Result<()> {
-                std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
-                std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65023")?;
-                std::fs::write("/proc/sys/net/ipv4/tcp_max_syn_backlog", "60000")
-            })?
-            .context("setting HAProxy's recommended sysctls in the LB namespace")?;
-            netns::exec(
-                lb,
-                &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
-            )?;
-            Front::Proxy(peers::start_haproxy(lb, &haproxy_config(), dir, vip())?)
-        }
-    })
-}
-
 /// One run's figures, as recorded in the JSON.
-fn run_json(r: &RunResult, with_timeline: bool) -> Value {
+fn run_json(r: &RunResult, counters: &RunCounters, with_timeline: bool) -> Value {
     let mut v = json!({
         "seconds": r.elapsed_s,
         "ok": r.ok,
@@ -317,6 +113,7 @@ fn run_json(r: &RunResult, with_timeline: bool) -> Value {
         "p999_ms": r.latency_ms(99.9),
         "start_lag_p99_us": r.start_lag_p99_us,
         "error_samples": r.error_samples,
+        "counters": counters.json(),
     });
     if with_timeline {
         v["per_second"] = json!(r.per_second);
@@ -358,11 +155,12 @@ fn conntrack_stats(ns: &str) -> Value {
     json!({ "entries": count, "counters": sums })
 }
 
-/// wrk's Lua script: report p99.9 too, and for `direct` give each thread
-/// its own backend (wrk has one target otherwise).
-fn wrk_script(dir: &Path, direct: bool) -> Result<std::path::PathBuf> {
+/// wrk's Lua script: report p99.9 too, and where the client connects to
+/// the backends (`direct`, `routed`) give each thread its own backend (wrk
+/// has one target otherwise).
+fn wrk_script(dir: &Path, per_backend: bool) -> Result<std::path::PathBuf> {
     let mut lua = String::new();
-    if direct {
+    if per_backend {
         let addrs: Vec<String> = (0..BACKENDS)
             .map(|i| format!("\"{}\"", netns::backend_addr(i)))
             .collect();
@@ -377,15 +175,29 @@ fn wrk_script(dir: &Path, direct: bool) -> Result<std::path::PathBuf> {
         "function done(summary, latency, requests)\n  \
          io.write(string.format(\"p999_us %d\\n\", latency:percentile(99.9)))\nend\n",
     );
-    let path = dir.join(if direct { "direct.lua" } else { "vip.lua" });
+    let path = dir.join(if per_backend {
+        "backends.lua"
+    } else {
+        "vip.lua"
+    });
     std::fs::write(&path, lua)?;
     Ok(path)
 }
 
-fn wrk_json(r: &peers::WrkResult) -> Value {
+fn wrk_json(r: &peers::WrkResult, counters: &RunCounters) -> Value {
     json!({
         "requests": r.requests, "rate": r.rate, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
-        "p999_ms": r.p999_ms, "errors": r.errors,
+        "p999_ms": r.p999_ms, "errors": r.errors, "counters": counters.json(),
+    })
+}
+
+/// A group of runs' counters summed, for the group's JSON: the client's
+/// SYN and segment retransmits and the LB's forwarded datagrams.
+fn counter_sums(runs: &[RunCounters]) -> Value {
+    json!({
+        "client_syn_retrans": runs.iter().map(RunCounters::syn_retrans).sum::<u64>(),
+        "client_retrans_segs": runs.iter().map(RunCounters::retrans_segs).sum::<u64>(),
+        "lb_forwarded": runs.iter().map(RunCounters::forwarded).sum::<u64>(),
     })
 }
 
@@ -419,9 +231,10 @@ impl Stage {
         })?
         .context("setting tcp_tw_reuse in the client namespace")?;
         let front = setup_front(c, &topo, &dir.0)?;
-        let targets = match c {
-            Contender::Direct => backend_targets(),
-            _ => vec![vip()],
+        let targets = if c.to_backends() {
+            backend_targets()
+        } else {
+            vec![vip()]
         };
         Ok(Stage {
             front,
@@ -438,10 +251,10 @@ impl Stage {
         })
     }
 
-    /// wrk at the maximum rate for `secs` (for `direct` the script points
-    /// each thread at its own backend).
+    /// wrk at the maximum rate for `secs` (for `direct` and `routed` the
+    /// script points each thread at its own backend).
     fn wrk(&self, c: Contender, secs: u64) -> Result<peers::WrkResult> {
-        let script = wrk_script(&self.dir.0, c == Contender::Direct)?;
+        let script = wrk_script(&self.dir.0, c.to_backends())?;
         let url = format!("http://{}/", self.targets[0]);
         peers::run_wrk(
             self.topo.client_ns(),
@@ -464,27 +277,24 @@ impl Stage {
         })
     }
 
-    /// Drop and error counters of the LB's interface and of its peer on the
-    /// bridge: where frames are lost on the way through the LB (a veth
-    /// counts frames it could not hand to its peer, e.g. XDP_TX into a full
-    /// ring, here).
+    fn router_socket(&self) -> Option<&Path> {
+        match &self.front {
+            Front::Router(_, socket) => Some(socket),
+            _ => None,
+        }
+    }
+
+    /// Runs `run` between two readings of every counter (client, LB,
+    /// backends, the LB's link, the router's reasons).
+    fn measured<T>(&self, run: impl FnOnce() -> Result<T>) -> Result<(T, RunCounters)> {
+        let before = Snapshot::take(&self.topo, self.router_socket())?;
+        let r = run()?;
+        let after = Snapshot::take(&self.topo, self.router_socket())?;
+        Ok((r, after.since(&before)))
+    }
+
     fn link_drops(&self) -> Value {
-        let stats = |ns: &str, dev: &str| -> Value {
-            netns::exec(ns, &["ip", "-j", "-s", "link", "show", "dev", dev])
-                .ok()
-                .and_then(|o| serde_json::from_str::<Value>(&o).ok())
-                .map_or(Value::Null, |v| {
-                    let s = &v[0]["stats64"];
-                    json!({
-                        "rx_dropped": s["rx"]["dropped"], "rx_errors": s["rx"]["errors"],
-                        "tx_dropped": s["tx"]["dropped"], "tx_errors": s["tx"]["errors"],
-                    })
-                })
-        };
-        json!({
-            "lb": stats(self.topo.lb_ns(), netns::LB_IF),
-            "lb_peer": stats(self.topo.switch_ns(), netns::LB_PEER_IF),
-        })
+        link_drops(&self.topo)
     }
 
     /// The router's non-zero reason counters (empty for other fronts); stops
@@ -514,6 +324,27 @@ fn pause(quick: bool) {
     std::thread::sleep(Duration::from_millis(if quick { 100 } else { 500 }));
 }
 
+/// For the routed hop, fails unless the LB namespace forwarded every packet
+/// the client sent or received (its `IpOutRequests` + `IpInReceives`; 5%
+/// slack for a reading taken while packets are in flight), and at least
+/// two datagrams per connection: if the client or a backend went direct
+/// (an ICMP redirect, a missing route), one direction or both would skip
+/// the LB and the contender would measure *direct* under another name.
+fn check_hop(c: Contender, what: &str, counters: &RunCounters, connections: u64) -> Result<()> {
+    if c != Contender::Routed {
+        return Ok(());
+    }
+    let client = counters.client_packets();
+    anyhow::ensure!(
+        counters.forwarded() * 100 >= client * 95 && counters.forwarded() >= 2 * connections,
+        "routed {what}: the LB forwarded {} datagrams while the client sent and received {client} \
+         packets over {connections} connections (ICMP redirects sent: {}): the hop was bypassed",
+        counters.forwarded(),
+        counters.lb.get("IcmpOutRedirects"),
+    );
+    Ok(())
+}
+
 /// Runs every measurement of one contender. `fixed_rate` is the open-loop
 /// rate; `None` (for `direct`, which keeps no NAT state) measures the
 /// maximum first and derives it.
@@ -523,7 +354,8 @@ fn pause(quick: bool) {
 /// measured before NAT state from the maximum-rate runs builds up; that
 /// state carries from one maximum-rate run into the next, as on a real node.
 /// The sustained run gets a fresh topology, so its rate develops from a
-/// clean state.
+/// clean state. Every run is framed by two readings of the counters
+/// ([`probe`]), recorded with it.
 fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Result<Value> {
     peers::ensure(&c.peers())?;
     let stage = Stage::new(c, "short")?;
@@ -537,20 +369,24 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
     let mut gen_runs = Vec::new();
     let mut gen_cpr = Vec::new();
     let mut fixed_runs = Vec::new();
-    let fixed = |rate: f64, fixed_runs: &mut Vec<RunResult>| -> Result<()> {
+    let fixed = |rate: f64, fixed_runs: &mut Vec<(RunResult, RunCounters)>| -> Result<()> {
         for i in 0..s.fixed_runs {
             pause(s.quick);
-            let r = stage.open(rate, s.fixed_secs)?;
+            let (r, k) = stage.measured(|| stage.open(rate, s.fixed_secs))?;
+            check_hop(c, "fixed-rate run", &k, r.ok + r.errors)?;
             eprintln!(
-                "  {} fixed-rate run {}/{} at {rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                "  {} fixed-rate run {}/{} at {rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, \
+                 {} errors, {} SYN retransmits",
                 c.key(),
                 i + 1,
                 s.fixed_runs,
                 r.latency_ms(50.0),
                 r.latency_ms(99.0),
-                r.errors
+                r.latency_ms(99.9),
+                r.errors,
+                k.syn_retrans(),
             );
-            fixed_runs.push(r);
+            fixed_runs.push((r, k));
         }
         Ok(())
     };
@@ -564,20 +400,23 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
     for i in 0..s.max_runs {
         pause(s.quick);
         let before = sum_accepts(&stage.topo)?;
-        let w = stage.wrk(c, s.max_secs)?;
+        let (w, wk) = stage.measured(|| stage.wrk(c, s.max_secs))?;
+        check_hop(c, "wrk run", &wk, w.requests)?;
         wrk_cpr.push(accepted(before)? as f64 / w.requests.max(1) as f64);
         pause(s.quick);
         let before = sum_accepts(&stage.topo)?;
-        let g = stage.closed(s.max_secs)?;
+        let (g, gk) = stage.measured(|| stage.closed(s.max_secs))?;
         anyhow::ensure!(
             g.ok > 0,
             "{}: no request succeeded: {:?}",
             c.key(),
             g.error_samples
         );
+        check_hop(c, "in-tree max-rate run", &gk, g.ok + g.errors)?;
         gen_cpr.push(accepted(before)? as f64 / (g.ok + g.errors).max(1) as f64);
         eprintln!(
-            "  {} max-rate run {}/{}: wrk {:.0} conn/s (p99 {:.2} ms), in-tree {:.0} conn/s (p99 {:.2} ms), {} errors",
+            "  {} max-rate run {}/{}: wrk {:.0} conn/s (p99 {:.2} ms), in-tree {:.0} conn/s (p99 {:.2} ms), \
+             {} errors, {} SYN retransmits",
             c.key(),
             i + 1,
             s.max_runs,
@@ -585,12 +424,13 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
             w.p99_ms,
             g.rate(),
             g.latency_ms(99.0),
-            w.errors + g.errors
+            w.errors + g.errors,
+            wk.syn_retrans() + gk.syn_retrans(),
         );
-        wrk_runs.push(w);
-        gen_runs.push(g);
+        wrk_runs.push((w, wk));
+        gen_runs.push((g, gk));
     }
-    let max_rate = median(&wrk_runs.iter().map(|r| r.rate).collect::<Vec<_>>());
+    let max_rate = median(&wrk_runs.iter().map(|(r, _)| r.rate).collect::<Vec<_>>());
     let fixed_rate = match fixed_rate {
         Some(r) => r,
         None => {
@@ -603,31 +443,35 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
     let mut router_counters = stage.finish()?;
 
     let stage = Stage::new(c, "sustained")?;
-    let (sustained, per_second) = std::thread::scope(|scope| -> Result<_> {
-        let run = scope.spawn(|| stage.wrk(c, s.sustained_secs));
-        // The backends' accept counters, once a second: the rate as the
-        // backends see it, whatever the generator reports.
-        let mut per_second = Vec::new();
-        let mut last = sum_accepts(&stage.topo)?;
-        let start = std::time::Instant::now();
-        for sec in 1..=s.sustained_secs {
-            let due = start + Duration::from_secs(sec);
-            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
-            let now = sum_accepts(&stage.topo)?;
-            per_second.push(now.saturating_sub(last + BACKENDS as u64));
-            last = now;
-        }
-        let r = run
-            .join()
-            .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
-        Ok((r, per_second))
+    let ((sustained, per_second), sk) = stage.measured(|| {
+        std::thread::scope(|scope| -> Result<_> {
+            let run = scope.spawn(|| stage.wrk(c, s.sustained_secs));
+            // The backends' accept counters, once a second: the rate as the
+            // backends see it, whatever the generator reports.
+            let mut per_second = Vec::new();
+            let mut last = sum_accepts(&stage.topo)?;
+            let start = std::time::Instant::now();
+            for sec in 1..=s.sustained_secs {
+                let due = start + Duration::from_secs(sec);
+                std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+                let now = sum_accepts(&stage.topo)?;
+                per_second.push(now.saturating_sub(last + BACKENDS as u64));
+                last = now;
+            }
+            let r = run
+                .join()
+                .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+            Ok((r, per_second))
+        })
     })?;
+    check_hop(c, "sustained run", &sk, sustained.requests)?;
     eprintln!(
-        "  {} sustained {} s: {:.0} conn/s mean, {} errors",
+        "  {} sustained {} s: {:.0} conn/s mean, {} errors, {} SYN retransmits",
         c.key(),
         s.sustained_secs,
         sustained.rate,
-        sustained.errors
+        sustained.errors,
+        sk.syn_retrans(),
     );
     let conntrack = conntrack_stats(stage.topo.lb_ns());
     let sustained_links = stage.link_drops();
@@ -639,11 +483,16 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
     for (k, v) in stage.finish()? {
         *router_counters.entry(k).or_default() += v;
     }
-    let med = |f: fn(&RunResult) -> f64, runs: &[RunResult]| {
-        median(&runs.iter().map(f).collect::<Vec<_>>())
+    let counters = |runs: &[(RunResult, RunCounters)]| {
+        counter_sums(&runs.iter().map(|(_, k)| k.clone()).collect::<Vec<_>>())
     };
-    let wmed =
-        |f: fn(&peers::WrkResult) -> f64| median(&wrk_runs.iter().map(f).collect::<Vec<_>>());
+    let med = |f: fn(&RunResult) -> f64, runs: &[(RunResult, RunCounters)]| {
+        median(&runs.iter().map(|(r, _)| f(r)).collect::<Vec<_>>())
+    };
+    let wmed = |f: fn(&peers::WrkResult) -> f64| {
+        median(&wrk_runs.iter().map(|(r, _)| f(r)).collect::<Vec<_>>())
+    };
+    let wrk_counters: Vec<RunCounters> = wrk_runs.iter().map(|(_, k)| k.clone()).collect();
     Ok(json!({
         "contender": c.key(),
         "label": c.label(),
@@ -653,9 +502,10 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
             "median_p50_ms": wmed(|r| r.p50_ms),
             "median_p99_ms": wmed(|r| r.p99_ms),
             "median_p999_ms": wmed(|r| r.p999_ms),
-            "errors": wrk_runs.iter().map(|r| r.errors).sum::<u64>(),
+            "errors": wrk_runs.iter().map(|(r, _)| r.errors).sum::<u64>(),
             "backend_accepts_per_request": wrk_cpr,
-            "runs": wrk_runs.iter().map(wrk_json).collect::<Vec<_>>(),
+            "counters": counter_sums(&wrk_counters),
+            "runs": wrk_runs.iter().map(|(r, k)| wrk_json(r, k)).collect::<Vec<_>>(),
         },
         "max_rate_in_tree": {
             "generator": "in-tree closed loop",
@@ -663,9 +513,10 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
             "median_p50_ms": med(|r| r.latency_ms(50.0), &gen_runs),
             "median_p99_ms": med(|r| r.latency_ms(99.0), &gen_runs),
             "median_p999_ms": med(|r| r.latency_ms(99.9), &gen_runs),
-            "errors": gen_runs.iter().map(|r| r.errors).sum::<u64>(),
+            "errors": gen_runs.iter().map(|(r, _)| r.errors).sum::<u64>(),
             "backend_accepts_per_request": gen_cpr,
-            "runs": gen_runs.iter().map(|r| run_json(r, false)).collect::<Vec<_>>(),
+            "counters": counters(&gen_runs),
+            "runs": gen_runs.iter().map(|(r, k)| run_json(r, k, false)).collect::<Vec<_>>(),
         },
         "fixed_rate": {
             "generator": "in-tree open loop",
@@ -673,8 +524,10 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
             "median_p50_ms": med(|r| r.latency_ms(50.0), &fixed_runs),
             "median_p99_ms": med(|r| r.latency_ms(99.0), &fixed_runs),
             "median_p999_ms": med(|r| r.latency_ms(99.9), &fixed_runs),
-            "errors": fixed_runs.iter().map(|r| r.errors).sum::<u64>(),
-            "runs": fixed_runs.iter().map(|r| run_json(r, false)).collect::<Vec<_>>(),
+            "errors": fixed_runs.iter().map(|(r, _)| r.errors).sum::<u64>(),
+            "connections": fixed_runs.iter().map(|(r, _)| r.ok + r.errors).sum::<u64>(),
+            "counters": counters(&fixed_runs),
+            "runs": fixed_runs.iter().map(|(r, k)| run_json(r, k, false)).collect::<Vec<_>>(),
         },
         "sustained": {
             "generator": "wrk",
@@ -686,6 +539,8 @@ fn run_contender(c: Contender, s: &L4Settings, fixed_rate: Option<f64>) -> Resul
             "p99_ms": sustained.p99_ms,
             "p999_ms": sustained.p999_ms,
             "backend_accepts_per_second": per_second,
+            "counters": counter_sums(std::slice::from_ref(&sk)),
+            "run_counters": sk.json(),
         },
         "router_reason_counters": router_counters,
         "lb_conntrack_after_sustained": conntrack,
@@ -723,8 +578,10 @@ pub fn run_l4(s: &L4Settings, out_dir: &Path, only: Option<&[String]>) -> Result
     let mut results = Vec::new();
     let mut fixed_rate = None;
     for c in Contender::ALL {
-        // `direct` always runs: it is every ratio's reference.
-        if c != Contender::Direct && only.is_some_and(|o| !o.iter().any(|k| k == c.key())) {
+        // `direct` and `routed` always run: they are every ratio's
+        // references, and the routed hop's ratios mean something only
+        // when measured side by side in the same run.
+        if !c.is_reference() && only.is_some_and(|o| !o.iter().any(|k| k == c.key())) {
             continue;
         }
         eprintln!("bench l4: {}", c.label());
@@ -735,7 +592,7 @@ pub fn run_l4(s: &L4Settings, out_dir: &Path, only: Option<&[String]>) -> Result
                 }
                 results.push(v);
             }
-            Err(e) if c != Contender::Direct && c != Contender::Router => {
+            Err(e) if !c.is_reference() && c != Contender::Router => {
                 eprintln!("bench l4: {} skipped: {e:#}", c.key());
                 results.push(json!({
                     "contender": c.key(), "label": c.label(), "skipped": format!("{e:#}"),

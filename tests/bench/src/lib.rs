@@ -6,6 +6,7 @@ pub mod control;
 pub mod datapath;
 pub mod l4;
 pub mod loadgen;
+pub mod netstat;
 pub mod peers;
 pub mod report;
 pub mod routing;

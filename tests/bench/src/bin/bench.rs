@@ -31,7 +31,8 @@ const USAGE: &str =
 
   datapath   ns/packet of the XDP program through BPF_PROG_TEST_RUN, against XDP_PASS
   control    control plane: Maglev rebuild time, daemon CPU and RSS, reaction
-  l4         connection rate and latency: direct, router, iptables, nftables, HAProxy
+  l4         connection rate and latency: direct, routed hop, router, iptables, nftables,
+             HAProxy
   routing    routing quality with mock GPU replicas, steady and cold join, heavy-tailed
              lengths: round-robin, HAProxy leastconn, oracle, router telemetry weights
              (Maglev draw, least-loaded selection), polled least queue
@@ -41,7 +42,7 @@ const USAGE: &str =
   all        every suite, then the report (default)
   --quick    short runs (a few minutes in all); results go in target/bench-quick/
   --out DIR  write the results to DIR instead
-  --only K,K run only these L4 contenders (direct always runs) or routing policies,
+  --only K,K run only these L4 contenders (direct and routed always run) or routing policies,
              by the keys in the JSON (router, iptables, ..., round_robin, oracle,
              router_least_loaded, polled_least_queue, ...)
 

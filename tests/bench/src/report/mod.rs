@@ -170,6 +170,8 @@ fn suite_code(suite: &str) -> &'static [&'static str] {
         "datapath" => &["tests/bench/src/datapath"],
         "l4" => &[
             "tests/bench/src/l4.rs",
+            "tests/bench/src/l4",
+            "tests/bench/src/netstat.rs",
             "tests/bench/src/loadgen.rs",
             "tests/bench/src/peers.rs",
         ],
