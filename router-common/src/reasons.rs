@@ -5,8 +5,8 @@
 //! under `Reason::name`: they are ABI and never change. The `u32` constants
 //! give them to the code that indexes counters.
 
-/// A verdict's reason, or (`LruMiss`, `TcpOutOfWindow`, `Unconfirmed`)
-/// an event counted beside one.
+/// A verdict's reason, or (`LruMiss`, `TcpOutOfWindow`, `Unconfirmed`,
+/// `SnatPortProbed`) an event counted beside one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -72,6 +72,14 @@ pub enum Reason {
     /// ICMP that is not an error the datapath translates (echo, redirect,
     /// parameter problem, …) to a VIP or SNAT address: passed to the stack.
     PassIcmpOther = 18,
+    /// A new flow's SNAT port was probed from `snat_port_range`: the
+    /// client's own port was held by another live flow to that backend, or
+    /// (inside the host's ephemeral range) by a host socket. The backend
+    /// sees a 4-tuple of the LB's choosing, which its TIME_WAIT may still
+    /// hold from an earlier flow with other TCP timestamps: the SYN is then
+    /// answered with an ACK and the client retries after a second. Not a
+    /// verdict: counted in addition to the packet's.
+    SnatPortProbed = 19,
 }
 
 impl Reason {
@@ -96,6 +104,7 @@ impl Reason {
         Reason::DropTtlExpired,
         Reason::PassIcmpUntracked,
         Reason::PassIcmpOther,
+        Reason::SnatPortProbed,
     ];
 
     /// The counter's name as exported by `router status` and metrics.
@@ -120,6 +129,7 @@ impl Reason {
             Reason::DropTtlExpired => "drop_ttl_expired",
             Reason::PassIcmpUntracked => "pass_icmp_untracked",
             Reason::PassIcmpOther => "pass_icmp_other",
+            Reason::SnatPortProbed => "snat_port_probed",
         }
     }
 }
@@ -143,9 +153,10 @@ pub const UNCONFIRMED: u32 = Reason::Unconfirmed as u32;
 pub const DROP_TTL_EXPIRED: u32 = Reason::DropTtlExpired as u32;
 pub const PASS_ICMP_UNTRACKED: u32 = Reason::PassIcmpUntracked as u32;
 pub const PASS_ICMP_OTHER: u32 = Reason::PassIcmpOther as u32;
+pub const SNAT_PORT_PROBED: u32 = Reason::SnatPortProbed as u32;
 
 /// Number of reasons: the size of `REASONS`.
-pub const COUNT: u32 = 19;
+pub const COUNT: u32 = 20;
 
 /// `Reason::name` of every counter, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = {
@@ -196,6 +207,7 @@ mod tests {
                 "drop_ttl_expired",
                 "pass_icmp_untracked",
                 "pass_icmp_other",
+                "snat_port_probed",
             ]
         );
     }

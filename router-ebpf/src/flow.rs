@@ -15,7 +15,7 @@ use aya_ebpf::{
 use router_common::{
     CONN_AWAIT_REQUEST, CONN_AWAIT_SYNACK, CONN_CLOSING, CONN_COUNTED, CONN_HEARD, CONN_REPLY,
     ConnEntry, ConnKey, MAX_SNAT_ADDRS, NO_BACKEND, OWN_PAIR_ATTEMPTS, PROTO_TCP, SNAT_PROBES,
-    Service, csum, flow_hash::flow_hash,
+    Service, csum, flow_hash::flow_hash, reasons::Reason,
 };
 
 use crate::{
@@ -29,7 +29,7 @@ use crate::{
     },
     mem::zeroed64,
     nat::deltas,
-    select, seq,
+    select, seq, stats,
 };
 
 /// Fills `reply` (all zero) as the reply entry of flow `fwd` translated to
@@ -430,6 +430,9 @@ fn allocate_snat(
         reply.stamp_us = stamp_us;
         reply.last_seen_ns = now;
         if claim_reply(Table::HalfOpen, rkey, reply, key, now) {
+            if attempt > 0 && own.is_none() {
+                stats::reason(Reason::SnatPortProbed);
+            }
             return Some((snat_addr, snat_port));
         }
     }

@@ -35,9 +35,11 @@ impl Action for Reason {
             // one. Either here is a bug, which XDP_ABORTED makes visible in
             // the xdp_exception tracepoint instead of sending the packet
             // astray.
-            Reason::Redirect | Reason::LruMiss | Reason::TcpOutOfWindow | Reason::Unconfirmed => {
-                xdp_action::XDP_ABORTED
-            }
+            Reason::Redirect
+            | Reason::LruMiss
+            | Reason::TcpOutOfWindow
+            | Reason::Unconfirmed
+            | Reason::SnatPortProbed => xdp_action::XDP_ABORTED,
         }
     }
 }

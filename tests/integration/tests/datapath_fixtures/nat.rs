@@ -125,7 +125,7 @@ fn snat_port_collision_probes_the_configured_range() {
         input: b.build(),
         verdict: XDP_TX,
         output: Output::Unchecked,
-        reasons: &[reasons::TX],
+        reasons: &[reasons::TX, reasons::SNAT_PORT_PROBED],
     };
     let out_b = f.case(c);
     let port_b = u16::from_be_bytes([out_b[34], out_b[35]]);

@@ -312,7 +312,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn open(
         &mut self,
-        out: Outcome,
+        mut out: Outcome,
         frame: &[u8],
         ingress: u32,
         key: &ConnKey,
@@ -359,10 +359,14 @@ impl Model {
 
         let await_synack = if kind.syn { CONN_AWAIT_SYNACK } else { 0 };
         let reply = reply_entry(key, backend_id, svc.id, await_synack);
-        let Some((snat_addr, snat_port)) = self.allocate(key, svc, hash, backend, kind, reply)
+        let Some(((snat_addr, snat_port), probed)) =
+            self.allocate(key, svc, hash, backend, kind, reply)
         else {
             return out.counted(XDP_DROP, reasons::DROP_SNAT_EXHAUSTED);
         };
+        if probed {
+            out.reasons.push(reasons::SNAT_PORT_PROBED);
+        }
         let fwd = Entry {
             to: Tuple {
                 src_addr: snat_addr,
@@ -420,7 +424,8 @@ impl Model {
     /// (UDP, or TCP picked up mid-stream, maybe after losing only its
     /// forward entry) takes back the first candidate pair, up to attempt
     /// `OWN_PAIR_ATTEMPTS`, whose reply entry is its own, as the key's lookup finds it; a SYN never looks.
-    /// Otherwise the first candidate it may claim.
+    /// Otherwise the first candidate it may claim. Says whether that was a
+    /// fresh claim past the client's own port.
     fn allocate(
         &mut self,
         key: &ConnKey,
@@ -429,7 +434,7 @@ impl Model {
         backend: super::Backend,
         kind: Kind,
         reply: Entry,
-    ) -> Option<(u32, u16)> {
+    ) -> Option<((u32, u16), bool)> {
         let target = Table::HalfOpen;
         let timeouts = self.cfg.timeouts;
         let candidates = Self::probes(key, svc, hash);
@@ -460,7 +465,7 @@ impl Model {
             return self
                 .tables
                 .claim(&timeouts, target, rkey(c), reply, key)
-                .then_some(c);
+                .then_some((c, false));
         }
         const CLAIMED: [&str; 9] = [
             "claimed the client's own port",
@@ -476,7 +481,7 @@ impl Model {
         for (attempt, c) in candidates.into_iter().enumerate() {
             if self.tables.claim(&timeouts, target, rkey(c), reply, key) {
                 self.trail.push(CLAIMED[attempt]);
-                return Some(c);
+                return Some((c, attempt > 0));
             }
         }
         None
