@@ -50,41 +50,31 @@ fn open() -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The message types in a batch of rtnetlink messages.
+fn kinds(mut batch: &[u8]) -> impl Iterator<Item = u16> + '_ {
+    use crate::netlink::{u16_at, u32_at};
+    std::iter::from_fn(move || {
+        let (len, kind) = (u32_at(batch, 0)?, u16_at(batch, 4)?);
+        let next = (len as usize).next_multiple_of(4);
+        batch = if next == 0 {
+            &[]
+        } else {
+            batch.get(next..).unwrap_or_default()
+        };
+        Some(kind)
+    })
+}
+
 /// Whether a batch of rtnetlink messages holds anything but neighbour
 /// changes. The daemon's own neighbour entries make neighbour events, so
 /// re-applying them on those would never settle.
-fn beyond_neighbours(mut batch: &[u8]) -> bool {
-    use crate::netlink::{u16_at, u32_at};
-    while let (Some(len), Some(kind)) = (u32_at(batch, 0), u16_at(batch, 4)) {
-        if kind != RTM_NEWNEIGH && kind != RTM_DELNEIGH {
-            return true;
-        }
-        let next = (len as usize).next_multiple_of(4);
-        if next == 0 {
-            break;
-        }
-        batch = batch.get(next..).unwrap_or_default();
-    }
-    false
+fn beyond_neighbours(batch: &[u8]) -> bool {
+    kinds(batch).any(|k| k != RTM_NEWNEIGH && k != RTM_DELNEIGH)
 }
 
 /// Whether a batch of rtnetlink messages holds a route or rule change.
-fn touches_routes(mut batch: &[u8]) -> bool {
-    use crate::netlink::{u16_at, u32_at};
-    while let (Some(len), Some(kind)) = (u32_at(batch, 0), u16_at(batch, 4)) {
-        if matches!(
-            kind,
-            RTM_NEWROUTE | RTM_DELROUTE | RTM_NEWRULE | RTM_DELRULE
-        ) {
-            return true;
-        }
-        let next = (len as usize).next_multiple_of(4);
-        if next == 0 {
-            break;
-        }
-        batch = batch.get(next..).unwrap_or_default();
-    }
-    false
+fn touches_routes(batch: &[u8]) -> bool {
+    kinds(batch).any(|k| matches!(k, RTM_NEWROUTE | RTM_DELROUTE | RTM_NEWRULE | RTM_DELRULE))
 }
 
 /// What the watch reports.

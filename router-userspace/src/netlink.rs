@@ -101,11 +101,7 @@ pub fn first_message(reply: &[u8]) -> io::Result<(u16, &[u8])> {
 /// Sends one request on `fd` and reads the kernel's one-message answer
 /// (the object asked for, or an error or acknowledgement).
 pub fn transact(fd: &OwnedFd, request: &[u8]) -> io::Result<Vec<u8>> {
-    // SAFETY: sending a buffer we own, within its length.
-    let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    send(fd, request)?;
     let mut buf = vec![0u8; 32 << 10];
     // SAFETY: receiving into a buffer we own, within its length.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -114,4 +110,14 @@ pub fn transact(fd: &OwnedFd, request: &[u8]) -> io::Result<Vec<u8>> {
     }
     buf.truncate(n as usize);
     Ok(buf)
+}
+
+/// Sends one request on `fd`.
+pub fn send(fd: &OwnedFd, request: &[u8]) -> io::Result<()> {
+    // SAFETY: sending a buffer we own, within its length.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -3,30 +3,14 @@
 //! its peer that the daemon cannot arrange from this side (see
 //! `veth_note`), so `config check` and the daemon's start say so.
 
-use std::{io, mem, os::fd::AsRawFd};
+use std::io;
 
-use crate::netlink::{NLMSG_ERROR, attributes, u16_at, u32_at};
+use crate::netlink::{NLMSG_ERROR, attributes, finish, message, u16_at, u32_at};
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
-
-#[repr(C)]
-struct Request {
-    len: u32,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-    // struct ifinfomsg
-    family: u8,
-    _pad: u8,
-    if_type: u16,
-    index: i32,
-    if_flags: u32,
-    change: u32,
-}
 
 /// The link kind of the interface named `iface` (see [`link_kind`]).
 pub fn interface_kind(iface: &str) -> io::Result<Option<String>> {
@@ -42,38 +26,22 @@ pub fn interface_kind(iface: &str) -> io::Result<Option<String>> {
 /// The link kind of interface `ifindex`, `None` for a device without one.
 pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
     let fd = crate::netlink::route_socket()?;
-    let req = Request {
-        len: mem::size_of::<Request>() as u32,
-        kind: RTM_GETLINK,
-        flags: crate::netlink::NLM_F_REQUEST,
-        seq: 1,
-        pid: 0,
-        family: libc::AF_UNSPEC as u8,
-        _pad: 0,
-        if_type: 0,
-        index: i32::try_from(ifindex).map_err(|_| io::Error::other("ifindex out of range"))?,
-        if_flags: 0,
-        change: 0,
-    };
-    // SAFETY: sending a fully initialised, repr(C) request to the kernel.
-    let sent = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            std::ptr::from_ref(&req).cast(),
-            mem::size_of::<Request>(),
-            0,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = vec![0u8; 32 << 10];
-    // SAFETY: receiving into a buffer we own, within its length.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    parse_reply(&buf[..n as usize])
+    let index = i32::try_from(ifindex).map_err(|_| io::Error::other("ifindex out of range"))?;
+    // struct ifinfomsg: family, padding, type, then the index; flags and
+    // change stay zero.
+    let mut body = [0u8; 16];
+    body[0] = libc::AF_UNSPEC as u8;
+    body[4..8].copy_from_slice(&index.to_ne_bytes());
+    let reply = crate::netlink::transact(
+        &fd,
+        &finish(message(
+            RTM_GETLINK,
+            crate::netlink::NLM_F_REQUEST,
+            1,
+            &body,
+        )),
+    )?;
+    parse_reply(&reply)
 }
 
 fn parse_reply(msg: &[u8]) -> io::Result<Option<String>> {

@@ -94,12 +94,10 @@ fn dump(kind: u16) -> io::Result<Vec<Vec<u8>>> {
     // struct rtmsg and fib_rule_hdr alike: 12 bytes, the family first.
     let mut header = [0u8; 12];
     header[0] = libc::AF_INET as u8;
-    let req = finish(message(kind, NLM_F_REQUEST | NLM_F_DUMP, 1, &header));
-    // SAFETY: sending a buffer we own, within its length.
-    let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    crate::netlink::send(
+        &fd,
+        &finish(message(kind, NLM_F_REQUEST | NLM_F_DUMP, 1, &header)),
+    )?;
     let reply_kind = if kind == RTM_GETRULE {
         RTM_NEWRULE
     } else {
