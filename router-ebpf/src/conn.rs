@@ -12,10 +12,11 @@
 //! where acting on another flow's would matter, and otherwise act on it
 //! for this one packet, as they would on a packet that raced the change.
 
-use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, maps::LruHashMap};
+use aya_ebpf::maps::LruHashMap;
 use router_common::{CONN_CLOSING, ConnEntry, ConnKey, PROTO_TCP};
 
 use crate::{
+    clock::Clock,
     flags, inflight,
     maps::{CONNS, HALF_OPEN, TCP_CLOSING_NS, TCP_IDLE_NS, UDP_IDLE_NS},
 };
@@ -48,12 +49,6 @@ impl Table {
             Table::HalfOpen => &HALF_OPEN,
         }
     }
-}
-
-#[inline(always)]
-pub fn now_ns() -> u64 {
-    // SAFETY: the helper takes no arguments and only reads a clock.
-    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Whether entry `e` of `table` has outlived its timeout. A half-open flow
@@ -198,16 +193,16 @@ pub struct Stale {
 /// Finds the flow of the packet with key `key`. CONNS first: a flow is in
 /// HALF_OPEN only until it is confirmed.
 #[inline(always)]
-pub fn lookup<'a>(key: &ConnKey, syn: bool, now: u64) -> Lookup<'a> {
+pub fn lookup<'a>(key: &ConnKey, syn: bool, clock: &mut Clock) -> Lookup<'a> {
     if let Some(e) = CONNS.get_ptr_mut(key) {
         // SAFETY: a table value (see the module's note); this packet's
         // entry, which the program writes only through `flags` where
         // another CPU may write too.
-        return state(Table::Conns, key, unsafe { &mut *e }, syn, now);
+        return state(Table::Conns, key, unsafe { &mut *e }, syn, clock);
     }
     if let Some(e) = HALF_OPEN.get_ptr_mut(key) {
         // SAFETY: as above.
-        return state(Table::HalfOpen, key, unsafe { &mut *e }, syn, now);
+        return state(Table::HalfOpen, key, unsafe { &mut *e }, syn, clock);
     }
     Lookup::Miss
 }
@@ -216,7 +211,16 @@ pub fn lookup<'a>(key: &ConnKey, syn: bool, now: u64) -> Lookup<'a> {
 /// with a constant `table` from each branch of `lookup`, so each inlined
 /// copy is specialised to its table.
 #[inline(always)]
-fn state<'a>(table: Table, key: &ConnKey, e: &'a mut ConnEntry, syn: bool, now: u64) -> Lookup<'a> {
+fn state<'a>(
+    table: Table,
+    key: &ConnKey,
+    e: &'a mut ConnEntry,
+    syn: bool,
+    clock: &mut Clock,
+) -> Lookup<'a> {
+    // A SYN stamps its connect time, and an entry awaiting a measurement
+    // takes one: either reads the fine clock, so it is the one read.
+    let now = clock.ns(syn || e.awaits_latency());
     let expired = expired(table, e, now, key.proto);
     // A SYN on a closed or half-gone flow is a new connection.
     let restarts = syn && syn_starts_over(table, key, e, now);

@@ -20,9 +20,9 @@ use router_common::{
 
 use crate::{
     classify::Packet,
+    clock::Clock,
     conn::{Stale, Table, expired, key, owned_by, reply_key},
     host_socket, inflight,
-    latency::now_us,
     maps::{
         BACKENDS, CONNS, EPHEMERAL_PORT_MAX, EPHEMERAL_PORT_MIN, FLOW_HASH_KEY0, FLOW_HASH_KEY1,
         HALF_OPEN,
@@ -219,10 +219,11 @@ pub fn create(
     pkt: &Packet,
     svc: &Service,
     stale: Option<Stale>,
-    now: u64,
+    clock: &mut Clock,
     out: &mut ConnEntry,
 ) -> NewFlow {
     let (key, control, l4) = (&pkt.key, pkt.control, &pkt.l4);
+    let now = clock.ns(control.syn);
     let hash = flow_hash(
         [FLOW_HASH_KEY0.load(), FLOW_HASH_KEY1.load()],
         key.src_addr,
@@ -261,7 +262,7 @@ pub fn create(
         hash,
         (be_addr, be_port, backend_id),
         now,
-        control.syn,
+        control.syn.then(|| clock.us()),
     ) else {
         return NewFlow::SnatExhausted;
     };
@@ -384,11 +385,13 @@ fn client_port_usable(ctx: &XdpContext, rkey: &ConnKey) -> bool {
 
 /// Claims a (SNAT address, port) pair for a new flow by claiming its reply
 /// key in HALF_OPEN (see `claim_reply`). The client's own port is tried
-/// first (where the host cannot be using it: `client_port_usable`) so a client that reuses its 4-tuple lands on the same backend
-/// 4-tuple (and the backend's TIME_WAIT logic sees exactly what a direct
-/// connection would). A flow not opened by a SYN first takes back a pair
-/// its own reply entry still holds (see `own_reply_attempt`); a SYN never
-/// looks, so a SYN flood pays nothing for it.
+/// first (where the host cannot be using it: `client_port_usable`) so a
+/// client that reuses its 4-tuple lands on the same backend 4-tuple (and
+/// the backend's TIME_WAIT logic sees exactly what a direct connection
+/// would). A flow not opened by a SYN first takes back a pair its own reply
+/// entry still holds (see `own_reply_attempt`); a SYN (`syn_stamp_us`, the
+/// microsecond stamp its connect latency is measured from) never looks, so
+/// a SYN flood pays nothing for it.
 #[inline(always)]
 fn allocate_snat(
     ctx: &XdpContext,
@@ -397,13 +400,13 @@ fn allocate_snat(
     hash: u32,
     (be_addr, be_port, backend_id): (u32, u16, u32),
     now: u64,
-    syn: bool,
+    syn_stamp_us: Option<u32>,
 ) -> Option<(u32, u16)> {
     // A SYN starts the connect-latency measurement on the reply entry.
-    let (await_synack, stamp_us) = if syn {
-        (CONN_AWAIT_SYNACK, now_us())
-    } else {
-        (0, 0)
+    let syn = syn_stamp_us.is_some();
+    let (await_synack, stamp_us) = match syn_stamp_us {
+        Some(us) => (CONN_AWAIT_SYNACK, us),
+        None => (0, 0),
     };
     let own = if syn {
         None

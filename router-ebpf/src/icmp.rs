@@ -43,6 +43,7 @@ use aya_ebpf::programs::XdpContext;
 use router_common::{ConnEntry, ConnKey, PROTO_TCP, PROTO_UDP, csum, reasons::Reason};
 
 use crate::{
+    clock::Clock,
     conn::{self, Lookup, Table},
     forward,
     parse::{IP_LEN, IP_OFF, L4_OFF, ptr_at},
@@ -122,9 +123,11 @@ pub fn error(ctx: &XdpContext) -> Result<Verdict, ()> {
     let quoted_sport = u16::from_ne_bytes([inner[20], inner[21]]);
     let quoted_dport = u16::from_ne_bytes([inner[22], inner[23]]);
     let key = conn::key(quoted_dst, quoted_src, quoted_dport, quoted_sport, proto);
-    let now = conn::now_ns();
+    let mut clock = Clock::unread();
     // No SYN: the lookup only reads. An expired entry is `Stale`.
-    let e = match conn::lookup(&key, false, now) {
+    let state = conn::lookup(&key, false, &mut clock);
+    let now = clock.ns(false);
+    let e = match state {
         Lookup::Reply(e) => e,
         Lookup::Established(e) if reply_is_own(Table::Conns, &key, e, now) => e,
         Lookup::HalfOpen(e) if reply_is_own(Table::HalfOpen, &key, e, now) => e,

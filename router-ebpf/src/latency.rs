@@ -5,13 +5,13 @@
 //! Entries that are done measuring have no `CONN_AWAIT_*` bit left, and the
 //! caller skips this module for them, so established traffic pays one test.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use router_common::{
     CONN_AWAIT_REQUEST, CONN_AWAIT_RESPONSE, CONN_AWAIT_SYNACK, ConnEntry, ConnKey,
     LATENCY_CONNECT, LATENCY_FIRST_BYTE, PROTO_TCP,
 };
 
 use crate::{
+    clock::Clock,
     conn::{owned_by, reply_key},
     flags,
     maps::{CONNS, HALF_OPEN},
@@ -19,18 +19,10 @@ use crate::{
     stats,
 };
 
-/// Microseconds for stamps: the coarse clock that the idle timeouts use
-/// ticks once per jiffy (up to 4 ms), far too coarse for connect latency.
-#[inline(always)]
-pub fn now_us() -> u32 {
-    // SAFETY: the helper takes no arguments and only reads a clock.
-    (unsafe { bpf_ktime_get_ns() } / 1000) as u32
-}
-
 /// Advances the measurement of a TCP flow by one packet of direction `e`
 /// (the entry at `key`).
 #[inline(always)]
-pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
+pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4, clock: &mut Clock) {
     if !e.is_reply() {
         if e.awaits_request() && l4.payload_len > 0 {
             flags::clear(e, CONN_AWAIT_REQUEST);
@@ -51,7 +43,7 @@ pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
             {
                 // SAFETY: as above.
                 let r = unsafe { &mut *r };
-                r.stamp_us = now_us();
+                r.stamp_us = clock.us();
                 flags::clear(r, CONN_AWAIT_SYNACK);
                 flags::set(r, CONN_AWAIT_RESPONSE);
             }
@@ -63,7 +55,7 @@ pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
         stats::latency(
             e.backend_id,
             LATENCY_CONNECT,
-            now_us().wrapping_sub(e.stamp_us),
+            clock.us().wrapping_sub(e.stamp_us),
         );
     }
     if e.awaits_response() && l4.payload_len > 0 {
@@ -71,7 +63,7 @@ pub fn observe(key: &ConnKey, e: &mut ConnEntry, l4: &L4) {
         stats::latency(
             e.backend_id,
             LATENCY_FIRST_BYTE,
-            now_us().wrapping_sub(e.stamp_us),
+            clock.us().wrapping_sub(e.stamp_us),
         );
     }
 }

@@ -12,6 +12,7 @@
 )]
 
 mod classify;
+mod clock;
 mod conn;
 mod fib;
 mod flags;
@@ -38,6 +39,7 @@ use router_common::{ConnEntry, FILTER_SNAT, FILTER_VIP, Service, ServiceKey, rea
 
 use crate::{
     classify::Packet,
+    clock::Clock,
     conn::{Lookup, Origin, Stale},
     flow::{Confirm, NewFlow},
     maps::{DATAPATH_LOG, SERVICES, SNAT_ADDRS},
@@ -69,8 +71,11 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
         Err(classify::Unbalanced::Reason(reason)) => return Ok(reason.into()),
         Err(classify::Unbalanced::Icmp) => return icmp::error(ctx),
     };
-    let now = conn::now_ns();
-    let state = conn::lookup(&pkt.key, pkt.control.syn, now);
+    let mut clock = Clock::unread();
+    let state = conn::lookup(&pkt.key, pkt.control.syn, &mut clock);
+    // The lookup's reading, if it found an entry; a SYN reads the fine
+    // clock for the connect stamp its new flow takes (see `clock`).
+    let now = clock.ns(pkt.control.syn);
     let e = match state {
         // Forwarding takes one from the TTL (see `nat`); a packet that has
         // none left to give ends here, before it changes any state.
@@ -90,7 +95,7 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
         },
         Lookup::HalfOpen(e) => e,
         // One arm, so the new-flow path is inlined once.
-        Lookup::Stale(_) | Lookup::Miss => return untracked(ctx, &pkt, state.stale(), now),
+        Lookup::Stale(_) | Lookup::Miss => return untracked(ctx, &pkt, state.stale(), &mut clock),
     };
     // A RST or FIN counts only near the sequence its direction has
     // reached: a blind one is forwarded for the endpoint to judge, and
@@ -108,7 +113,7 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
         inflight::on_close(&pkt.key, e, rst, now);
     }
     if e.awaits_latency() {
-        latency::observe(&pkt.key, e, &pkt.l4);
+        latency::observe(&pkt.key, e, &pkt.l4, &mut clock);
     }
     forward::packet(ctx, e, &pkt, Origin::Tracked)
 }
@@ -121,7 +126,7 @@ fn untracked(
     ctx: &XdpContext,
     pkt: &Packet,
     stale: Option<Stale>,
-    now: u64,
+    clock: &mut Clock,
 ) -> Result<Verdict, ()> {
     if pkt.filter & FILTER_VIP != 0 {
         let skey = ServiceKey {
@@ -138,7 +143,7 @@ fn untracked(
             if pkt.ip.ttl <= 1 {
                 return Ok(Reason::DropTtlExpired.into());
             }
-            return new_flow(ctx, pkt, svc, stale, now);
+            return new_flow(ctx, pkt, svc, stale, clock);
         }
     }
     if pkt.filter & FILTER_SNAT != 0 {
@@ -165,7 +170,7 @@ fn new_flow(
     pkt: &Packet,
     svc: &Service,
     stale: Option<Stale>,
-    now: u64,
+    clock: &mut Clock,
 ) -> Result<Verdict, ()> {
     if pkt.is_tcp() && !pkt.control.syn {
         // Mid-flow packet with no entry (evicted, expired, or the LB
@@ -179,7 +184,7 @@ fn new_flow(
     }
     let mut slot = MaybeUninit::uninit();
     let fwd: &mut ConnEntry = mem::zeroed64(&mut slot);
-    match flow::create(ctx, pkt, svc, stale, now, fwd) {
+    match flow::create(ctx, pkt, svc, stale, clock, fwd) {
         NewFlow::Created => forward::packet(ctx, fwd, pkt, Origin::NewFlow),
         NewFlow::NoBackend => Ok(Reason::DropNoBackend.into()),
         NewFlow::SnatExhausted => {

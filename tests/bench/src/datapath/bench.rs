@@ -8,7 +8,7 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions},
 };
-use router::datapath::{Datapath, XDP_PASS_OBJ};
+use router::datapath::{Datapath, ServiceSpec, XDP_PASS_OBJ};
 use router_common::{addr_filter_bucket, reasons};
 use router_testkit::{
     kernel_ns::{EnteredNs, TEST_NEIGHBOURS},
@@ -19,7 +19,7 @@ use router_testkit::{
 use super::paths::{
     SingleResult, SynCase, check_reasons, client_frames, least_loaded_service, load_datapath,
     load_datapath_with, reason_vec, repeat_call, service, single_calls, syn_acks, table_entries,
-    trivial_program,
+    trivial_program, udp_client_frames,
 };
 use super::perf::Recording;
 use super::{
@@ -328,6 +328,54 @@ impl Bench {
             conns == 2 * u64::from(total) && half_open == 0,
             "first ACK single: CONNS holds {conns} and HALF_OPEN {half_open} entries \
              for {total} promoted flows"
+        );
+        Ok(r)
+    }
+}
+
+impl Bench {
+    /// The first datagram of a new UDP flow: a freshly loaded datapath
+    /// serving the benchmark service over UDP, every call a new client
+    /// port. Like the SYN, it opens both directions in the half-open table.
+    pub(super) fn udp_first_single(&mut self, calls: u32) -> Result<SingleResult> {
+        let total = WARMUP_CALLS + calls;
+        ensure!(
+            u32::from(SYN_FIRST_PORT) + total <= u32::from(u16::MAX),
+            "too many UDP calls per run ({total}) for distinct client ports"
+        );
+        let frames = udp_client_frames(total);
+        ensure!(
+            frames.iter().all(|f| f.len() == self.est_ack.len()),
+            "UDP benchmark frames differ in length from the TCP ones"
+        );
+        let (warm, timed) = frames.split_at(WARMUP_CALLS as usize);
+        let spec = ServiceSpec {
+            proto: router_common::PROTO_UDP,
+            ..service()
+        };
+        let mut dp = load_datapath_with(&spec, 0, total)?;
+        let before = reason_vec(&dp)?;
+        let prog = dp.program_mut().context("router program")?;
+        single_calls(prog, warm, &self.ctx, XDP_TX, "UDP first single")?;
+        let r = single_calls(prog, timed, &self.ctx, XDP_TX, "UDP first single")?;
+        let after = reason_vec(&dp)?;
+        check_reasons(
+            &before,
+            &after,
+            reasons::TX,
+            u64::from(total),
+            "UDP first single",
+        )?;
+        let st = dp.status().context("datapath status")?;
+        let new_conns: u64 = st.services.iter().map(|s| s.counters.new_conns).sum();
+        ensure!(
+            new_conns == u64::from(total),
+            "UDP first single: {new_conns} new flows for {total} datagrams"
+        );
+        let held = table_entries(&mut dp, "HALF_OPEN")?;
+        ensure!(
+            held == 2 * u64::from(total),
+            "UDP first single: the half-open table holds {held} entries for {total} flows: it evicted"
         );
         Ok(r)
     }

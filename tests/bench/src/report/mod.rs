@@ -31,6 +31,19 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// Nearest-rank quantile `q` (0–1) of the samples that are numbers; NaN
+/// when none is. Nearest rank, not interpolated: the figure is one that
+/// was measured.
+pub fn percentile(v: &[f64], q: f64) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(f64::total_cmp);
+    let rank = (q * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
 fn first_line(cmd: &[&str]) -> String {
     Command::new(cmd[0])
         .args(&cmd[1..])
@@ -576,7 +589,18 @@ fn control_section(md: &mut String, head: &mut String, ctl: Option<&Value>) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::{Command, median, staleness_in};
+    use super::{Command, median, percentile, staleness_in};
+
+    #[test]
+    fn percentile_is_the_nearest_rank() {
+        let v: Vec<f64> = (1..=10).map(f64::from).rev().collect();
+        assert_eq!(percentile(&v, 0.9), 9.0);
+        assert_eq!(percentile(&v, 0.5), 5.0);
+        assert_eq!(percentile(&v, 1.0), 10.0);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&[f64::NAN, 3.0], 0.9), 3.0);
+        assert!(percentile(&[], 0.9).is_nan());
+    }
 
     #[test]
     fn a_section_is_stale_when_its_code_changed_or_it_was_recorded_dirty() {
