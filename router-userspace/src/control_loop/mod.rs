@@ -644,7 +644,7 @@ impl Controller {
                     weight_changes: b.changes,
                     last_change: b.last_change.clone(),
                     last_change_tick: b.last_change_tick,
-                    telemetry_tick: b.latest.as_ref().and(b.latest_tick),
+                    telemetry_tick: b.latest_tick,
                     cost_per_hour: b.cfg.cost_per_hour,
                     drain_deadline_unix: self
                         .override_of(&s.name, &b.cfg.name)

@@ -344,6 +344,8 @@ fn weights_follow_replica_load() {
     // polls up to and including that tick).
     let failed = |p: &BackendPolicyStatus| p.stats.errors + p.stats.invalid;
     let mut saturated: Option<(u64, u64)> = None;
+    // The newest reading seen that showed no saturation, by its tick.
+    let mut unsaturated: Option<u64> = None;
     let cut = within_ticks(&socket, 30, "gpu-0 cut", |st| {
         let p0 = policy_of(st, "gpu-0");
         let queue = p0
@@ -351,6 +353,9 @@ fn weights_follow_replica_load() {
             .as_ref()
             .and_then(|r| r.requests_waiting)
             .unwrap_or(0.0);
+        if queue < 8.0 {
+            unsaturated = unsaturated.max(p0.telemetry_tick);
+        }
         if queue >= 8.0
             && saturated.is_none()
             && let Some(t) = p0.telemetry_tick
@@ -379,8 +384,12 @@ fn weights_follow_replica_load() {
             "the cut at tick {cut_tick} came more than 2 polls after saturation showed \
              (tick {sat_tick}, {failed_polls} failed polls since)"
         );
+    } else if unsaturated.is_some_and(|u| u >= cut_tick) {
+        // A reading at or after the cut showed no saturation: the load
+        // signal most likely cut it before the queue got there.
+        println!("gpu-0: cut at tick {cut_tick}, before its telemetry showed saturation");
     } else {
-        println!("gpu-0: cut at tick {cut_tick} before this sampler saw a saturated reading");
+        println!("gpu-0: cut at tick {cut_tick}; this sampler saw no saturated reading before");
     }
     // Its share of new connections falls: it gets what its speed can serve.
     let degraded_window = conns_window(&socket, 150);
