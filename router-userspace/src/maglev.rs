@@ -515,24 +515,46 @@ mod tests {
         assert!(!is_prime(65537 * 65521));
     }
 
+    /// A thousand backends (what the control benchmark times; its
+    /// rebuild figures are measured there, not asserted here): every slot
+    /// owned, each backend's slots following its weight, the same table
+    /// every build.
     #[test]
-    fn thousand_backends_build_fast() {
-        let k = keys(1000);
-        let w = lcg_weights(1000, 7, 100);
+    fn thousand_backends_share_the_table_by_weight() {
+        const N: usize = 1000;
+        let k = keys(N);
+        let w = lcg_weights(N, 7, 100);
         let b = backends(&k, &w);
-        // Best of three, so a preempted run on a busy CI host does not fail.
-        let mut elapsed = std::time::Duration::MAX;
-        for _ in 0..3 {
-            let start = std::time::Instant::now();
-            let table = build(&b, M);
-            elapsed = elapsed.min(start.elapsed());
-            assert!(table.iter().all(|&s| s < 1000));
+        let table = build(&b, M);
+        assert_eq!(table.len(), M as usize);
+        let mut counts = vec![0u64; N];
+        for &id in &table {
+            assert!((id as usize) < N, "slot owned by {id}");
+            counts[id as usize] += 1;
         }
-        // Debug builds are ~10-30x slower; the release-mode target is < 10 ms.
-        let limit = if cfg!(debug_assertions) { 500 } else { 10 };
+        let total: u64 = w.iter().map(|&w| u64::from(w)).sum();
+        // About 65 slots per backend. Turns hand out whole slots, so a
+        // count is off its exact share by about one slot (see `build`), a
+        // little more for the classes whose last turn the full table cut
+        // short: 3 slots is that, with a margin (this input, which is
+        // fixed: 1.21 at most). Summed, the strays must stay under 1% of
+        // the table (this input: 410 slots, 0.6%).
+        let (mut strayed, mut worst) = (0.0, 0.0f64);
+        for (i, (&c, &wi)) in counts.iter().zip(&w).enumerate() {
+            let want = f64::from(M) * f64::from(wi) / total as f64;
+            let off = (c as f64 - want).abs();
+            assert!(
+                off < 3.0,
+                "backend {i} (weight {wi}): {c} slots, want {want:.1}"
+            );
+            strayed += off;
+            worst = worst.max(off);
+        }
+        println!("{strayed:.0} slots strayed in all, at most {worst:.2} for one backend");
         assert!(
-            elapsed.as_millis() < limit,
-            "1000 backends x {M} slots took {elapsed:?}"
+            strayed / f64::from(M) < 0.01,
+            "{strayed:.0} of {M} slots away from the weights"
         );
+        assert_eq!(build(&b, M), table, "a rebuild gives the same table");
     }
 }

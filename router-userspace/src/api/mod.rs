@@ -31,6 +31,16 @@ pub struct StatusReply {
     /// result.
     #[serde(default)]
     pub health_probes_done: u64,
+    /// Times the policy has run (one per telemetry poll round, and one per
+    /// operator override or reload): the clock `telemetry_tick` and
+    /// `last_change_tick` count in, so a test can say "within two ticks"
+    /// instead of timing the daemon.
+    #[serde(default)]
+    pub policy_ticks: u64,
+    /// Telemetry poll rounds finished (every source read once, the results
+    /// handed to the policy) since the daemon started.
+    #[serde(default)]
+    pub telemetry_polls_done: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -87,6 +97,14 @@ pub struct BackendPolicyStatus {
     pub stats: TelemetryStats,
     pub weight_changes: u64,
     pub last_change: Option<String>,
+    /// The policy tick (`StatusReply::policy_ticks`) on which the weight
+    /// last changed.
+    #[serde(default)]
+    pub last_change_tick: Option<u64>,
+    /// The policy tick that took in `telemetry` (the reading's age in
+    /// ticks, as `telemetry_age_ms` is its age in time).
+    #[serde(default)]
+    pub telemetry_tick: Option<u64>,
     /// From the config, for per-route cost.
     pub cost_per_hour: Option<f64>,
     pub drain_deadline_unix: Option<u64>,

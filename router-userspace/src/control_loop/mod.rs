@@ -30,12 +30,15 @@ struct BackendCtl {
     health: Option<(Arc<HealthCheck>, HealthState)>,
     next_probe: Duration,
     latest: Option<(Duration, Reading)>,
+    /// The policy tick that took in `latest`.
+    latest_tick: Option<u64>,
     stats: TelemetryStats,
     decision: Option<Decision>,
     weight: u32,
     /// Room published to the datapath (least-loaded services; 0: none).
     max_in_flight: u32,
     last_change: Option<String>,
+    last_change_tick: Option<u64>,
     changes: u64,
 }
 
@@ -90,6 +93,12 @@ pub struct Controller {
     pub health_probes_done: u64,
     /// Probes that failed on a local error and so changed no verdict.
     pub health_local_errors: u64,
+    /// Times `decide` ran: the clock of `BackendCtl`'s ticks, counted so
+    /// tests can judge reactions in ticks rather than by the wall clock.
+    pub policy_ticks: u64,
+    /// Poll rounds whose results reached the policy (the daemon counts
+    /// them as it finishes each round).
+    pub telemetry_polls_done: u64,
     /// Episodes of such failures (a service's probes failing locally until
     /// one of them runs again), each logged once.
     pub health_local_episodes: u64,
@@ -117,6 +126,8 @@ impl Controller {
         let health_probes_done = previous.as_ref().map_or(0, |p| p.health_probes_done);
         let health_local_errors = previous.as_ref().map_or(0, |p| p.health_local_errors);
         let health_local_episodes = previous.as_ref().map_or(0, |p| p.health_local_episodes);
+        let policy_ticks = previous.as_ref().map_or(0, |p| p.policy_ticks);
+        let telemetry_polls_done = previous.as_ref().map_or(0, |p| p.telemetry_polls_done);
         let mut overrides = previous
             .as_ref()
             .map(|p| p.overrides.clone())
@@ -177,6 +188,7 @@ impl Controller {
                                 }),
                                 next_probe: Duration::ZERO,
                                 latest: None,
+                                latest_tick: None,
                                 stats: TelemetryStats::default(),
                                 decision: None,
                                 weight: b
@@ -184,6 +196,7 @@ impl Controller {
                                     .unwrap_or_else(|| cfg.policy.unknown(b.capacity)),
                                 max_in_flight: 0,
                                 last_change: None,
+                                last_change_tick: None,
                                 changes: 0,
                                 cfg: b.clone(),
                             },
@@ -207,6 +220,8 @@ impl Controller {
             health_probes_done,
             health_local_errors,
             health_local_episodes,
+            policy_ticks,
+            telemetry_polls_done,
             overrides,
         }
     }
@@ -402,6 +417,9 @@ impl Controller {
         match result {
             Ok(r) => {
                 b.latest = Some((now, r));
+                // A poll round records its readings and then runs the
+                // policy: the next tick is the one that takes this in.
+                b.latest_tick = Some(self.policy_ticks + 1);
                 b.stats.last_error = None;
             }
             Err(e) => {
@@ -486,6 +504,8 @@ impl Controller {
         cfg: &Config,
         measured: &dyn Fn(&str, &str) -> Option<Measured>,
     ) -> (Vec<ServiceSpec>, bool) {
+        self.policy_ticks += 1;
+        let tick_no = self.policy_ticks;
         let mut changed = false;
         // Every policy ticks first: a service's overflow goes to its
         // fallback's backends at the weights the fallback's own policy gave
@@ -525,6 +545,7 @@ impl Controller {
                     let msg = format!("{} → {} ({})", b.weight, d.weight, d.reason);
                     info!(service = %s.name, backend = %b.cfg.name, "weight {msg}");
                     b.last_change = Some(msg);
+                    b.last_change_tick = Some(tick_no);
                     b.changes += 1;
                     b.weight = d.weight;
                     changed = true;
@@ -622,6 +643,8 @@ impl Controller {
                     stats: b.stats.clone(),
                     weight_changes: b.changes,
                     last_change: b.last_change.clone(),
+                    last_change_tick: b.last_change_tick,
+                    telemetry_tick: b.latest_tick,
                     cost_per_hour: b.cfg.cost_per_hour,
                     drain_deadline_unix: self
                         .override_of(&s.name, &b.cfg.name)

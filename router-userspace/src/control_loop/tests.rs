@@ -213,3 +213,49 @@ fn counts_of_local_failures_survive_a_reload() {
     assert_eq!((ctl.health_local_errors, ctl.health_local_episodes), (2, 1));
     assert_eq!(ctl.health_probes_done, 2);
 }
+
+#[test]
+fn ticks_date_readings_and_weight_changes_and_survive_a_reload() {
+    let cfg = Config::parse(CFG, "t.toml").unwrap();
+    let mut ctl = Controller::new(&cfg, None);
+    let gpu0 = |ctl: &Controller| {
+        ctl.status(Duration::ZERO)
+            .into_iter()
+            .find(|b| b.backend == "gpu-0")
+            .unwrap()
+    };
+    assert_eq!(gpu0(&ctl).telemetry_tick, None, "no reading yet");
+    for t in 0..4 {
+        round(&mut ctl, &cfg, t, 0.3);
+    }
+    assert_eq!(ctl.policy_ticks, 4);
+    assert_eq!(
+        gpu0(&ctl).telemetry_tick,
+        Some(4),
+        "the tick that took it in"
+    );
+
+    // Saturation cuts the weight on the tick of the second saturated
+    // reading (`saturation_confirm`), and that is the tick recorded.
+    round(&mut ctl, &cfg, 4, 1.0);
+    let before = gpu0(&ctl).weight;
+    round(&mut ctl, &cfg, 5, 1.0);
+    let p = gpu0(&ctl);
+    assert!(p.weight < before, "{before} → {}", p.weight);
+    assert_eq!((p.telemetry_tick, p.last_change_tick), (Some(6), Some(6)));
+
+    // A failed poll leaves the reading, and so its tick, as it was; the
+    // policy still ticks.
+    ctl.record_reading(
+        0,
+        0,
+        Duration::from_secs(3),
+        Err(TelemetryError::Timeout(Duration::from_millis(400))),
+    );
+    ctl.decide(Duration::from_secs(3), &cfg, &|_, _| None);
+    assert_eq!((ctl.policy_ticks, gpu0(&ctl).telemetry_tick), (7, Some(6)));
+
+    let ctl = Controller::new(&cfg, Some(ctl));
+    assert_eq!(ctl.policy_ticks, 7, "the tick clock runs on across reloads");
+    assert_eq!(gpu0(&ctl).last_change_tick, Some(6));
+}

@@ -183,6 +183,8 @@ impl DaemonState {
             all_saturated_ticks: self.ctl.as_ref().map_or(0, |c| c.all_saturated_ticks),
             health_local_errors: self.ctl.as_ref().map_or(0, |c| c.health_local_errors),
             health_probes_done: self.ctl.as_ref().map_or(0, |c| c.health_probes_done),
+            policy_ticks: self.ctl.as_ref().map_or(0, |c| c.policy_ticks),
+            telemetry_polls_done: self.ctl.as_ref().map_or(0, |c| c.telemetry_polls_done),
         })
     }
 
@@ -336,6 +338,7 @@ impl DaemonState {
             }
         }
         let (specs, changed) = ctl.decide(now, &self.config, &measurer(&self.dp, &self.scan));
+        ctl.telemetry_polls_done += 1;
         if changed && let Err(e) = self.dp.apply(&specs) {
             warn!("writing weights to the datapath: {e}");
         }

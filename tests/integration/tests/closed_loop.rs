@@ -4,6 +4,11 @@
 //! and least-loaded placement against replicas of unequal speed.
 //! Assertions use the daemon's own status (weights, reasons) and the
 //! datapath's counters, under continuous streaming traffic from a client.
+//! Time is counted, not measured: waits and reactions are judged in the
+//! daemon's policy ticks (`policy_ticks`, `telemetry_tick` and
+//! `last_change_tick` in status) and shares over a number of connections,
+//! so a loaded machine slows the test down without failing it; the wall
+//! clock only bounds a daemon that stopped ticking.
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use router::api::StatusReply;
+use router::api::{BackendPolicyStatus, StatusReply};
 use router_testkit::{
     daemon_proc::{ScratchDir, policy_weights, router_binary, start_daemon, status},
     fake_nvml::{self, FakeGpuState},
@@ -46,20 +51,76 @@ fn reason<'a>(st: &'a StatusReply, backend: &str) -> &'a str {
         .reason
 }
 
-/// Polls status until `pred` holds or `within` passes; returns when it held.
-fn wait_until(
+fn policy_of<'a>(st: &'a StatusReply, backend: &str) -> &'a BackendPolicyStatus {
+    st.policy.iter().find(|p| p.backend == backend).unwrap()
+}
+
+/// The wall-clock bound of a wait for `ticks` policy ticks: ten times what
+/// they take at `POLL_MS`, and at least a minute. Not an assertion about
+/// speed: it only ends a test whose daemon stopped ticking (hung), where
+/// counting ticks alone would wait forever.
+fn hang_guard(ticks: u64) -> Duration {
+    Duration::from_millis(ticks * POLL_MS * 10).max(Duration::from_secs(60))
+}
+
+/// Polls status until `pred` holds, and returns that status; fails once
+/// the daemon has run `ticks` policy ticks since the first look without
+/// it holding. Judged by the daemon's tick count, so a busy machine that
+/// slows the daemon or this poller down changes nothing.
+fn within_ticks(
     socket: &Path,
-    within: Duration,
-    pred: impl Fn(&StatusReply) -> bool,
-) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if pred(&status(socket).unwrap()) {
-            return Some(start.elapsed());
+    ticks: u64,
+    what: &str,
+    mut pred: impl FnMut(&StatusReply) -> bool,
+) -> StatusReply {
+    let first = status(socket).unwrap();
+    let (from, started) = (first.policy_ticks, Instant::now());
+    let mut st = first;
+    loop {
+        if pred(&st) {
+            return st;
         }
+        assert!(
+            st.policy_ticks < from + ticks,
+            "{what}: not within {ticks} policy ticks (ticks {from} to {}): weights {:?}, reasons {:?}",
+            st.policy_ticks,
+            policy_weights(&st),
+            st.policy.iter().map(|p| &p.reason).collect::<Vec<_>>()
+        );
+        assert!(
+            started.elapsed() < hang_guard(ticks),
+            "{what}: the daemon ran only {} policy ticks in {:?}: hung?",
+            st.policy_ticks - from,
+            started.elapsed()
+        );
         thread::sleep(Duration::from_millis(50));
+        st = status(socket).unwrap();
     }
-    None
+}
+
+/// New connections per backend while the datapath took `n` more of them
+/// (the client has no other clock): a window of `n` connections, whatever
+/// time they take.
+fn conns_window(socket: &Path, n: u64) -> BTreeMap<String, u64> {
+    let c0 = new_conns(&status(socket).unwrap());
+    let started = Instant::now();
+    loop {
+        let c1 = new_conns(&status(socket).unwrap());
+        let window: BTreeMap<String, u64> =
+            c1.iter().map(|(k, v)| (k.clone(), v - c0[k])).collect();
+        if window.values().sum::<u64>() >= n {
+            return window;
+        }
+        // 10 clients make ~50 connections a second; a minute without `n`
+        // of them means traffic stopped, which the assertions on the
+        // window would not say.
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "traffic stopped: {window:?} in {:?}",
+            started.elapsed()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn config(socket: &Path, lb_if: &str, token: &Path) -> String {
@@ -190,33 +251,68 @@ fn weights_follow_replica_load() {
         })
         .collect();
 
-    // 1. Replicas ramp up gradually from readiness (slow start over 6 s),
-    //    not in one jump: sample the first 3 s of every backend's weight.
-    let mut ramp: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    let ramp_start = Instant::now();
-    while ramp_start.elapsed() < Duration::from_secs(3) {
-        for (k, w) in policy_weights(&status(&socket).unwrap()) {
-            ramp.entry(k).or_default().push(w);
+    // 1. Replicas ramp up gradually from readiness (slow start over 6 s,
+    //    12 polls), not in one jump: follow every backend's weight over the
+    //    first 6 polls, as (policy tick, weight). A busy machine may slow
+    //    this sampler past a tick or two, so each step is bounded by the
+    //    ticks between its samples: the step limit (25% of the full weight
+    //    of 100) per tick.
+    let mut ramp: BTreeMap<String, Vec<(u64, u32)>> = BTreeMap::new();
+    let first = status(&socket).unwrap();
+    let changes_at = |st: &StatusReply| -> BTreeMap<String, u64> {
+        st.policy
+            .iter()
+            .map(|p| (p.backend.clone(), p.weight_changes))
+            .collect()
+    };
+    let changes_before = changes_at(&first);
+    let ramp_end = first.policy_ticks + 6;
+    let ramp_started = Instant::now();
+    let last = loop {
+        let st = status(&socket).unwrap();
+        for p in &st.policy {
+            let trace = ramp.entry(p.backend.clone()).or_default();
+            if trace.last().is_none_or(|(t, _)| *t < st.policy_ticks) {
+                trace.push((st.policy_ticks, p.weight));
+            }
         }
+        if st.policy_ticks >= ramp_end {
+            break st;
+        }
+        assert!(
+            ramp_started.elapsed() < hang_guard(6),
+            "the daemon stopped ticking: {ramp:?}"
+        );
         thread::sleep(Duration::from_millis(100));
-    }
+    };
+    let changes_after = changes_at(&last);
     for (name, trace) in &ramp {
-        let mut steps = trace.clone();
-        steps.dedup();
+        // Tick 1 is the daemon's first decision, made before any probe:
+        // health unknown, weight 0 (see `HealthState`).
+        let mut prev = (1u64, 0u32);
+        for &(t, w) in trace {
+            let ticks = u32::try_from(t - prev.0).unwrap();
+            // From 0 a backend enters at the floor (2), or at the unknown
+            // share (25) if its first reading is not in yet.
+            let from = if prev.1 == 0 { 25 } else { prev.1 };
+            assert!(
+                w <= from + 25 * ticks.saturating_sub(u32::from(prev.1 == 0)),
+                "{name} ramps in bounded steps (tick, weight): {trace:?}"
+            );
+            prev = (t, w);
+        }
+        // Through several weights: the daemon counts each change, whether
+        // or not this sampler saw it.
+        let changes = changes_after[name] - changes_before[name];
         assert!(
-            steps.len() >= 3,
-            "{name} must ramp through several weights: {trace:?}"
-        );
-        // Starts near the floor and never jumps: each move is at most the
-        // step limit (25% of the full weight of 100).
-        assert!(trace[0] <= 10, "{name} starts near the floor: {trace:?}");
-        assert!(
-            steps.windows(2).all(|w| w[1] <= w[0] + 25),
-            "{name} ramps in bounded steps: {trace:?}"
+            changes >= 2,
+            "{name} must ramp through several weights: {changes} changes, {trace:?}"
         );
     }
-    thread::sleep(Duration::from_secs(6));
-    let st = status(&socket).unwrap();
+    // Past the slow start: another 12 polls.
+    let st = within_ticks(&socket, 20, "warm-up", |st| {
+        st.policy_ticks >= ramp_end + 12
+    });
     let healthy_weights = policy_weights(&st);
     println!(
         "after warm-up: {healthy_weights:?}, reasons {:?}",
@@ -228,15 +324,9 @@ fn weights_follow_replica_load() {
     let share_of = |window: &BTreeMap<String, u64>, name: &str| {
         window[name] as f64 / window.values().sum::<u64>().max(1) as f64
     };
-    let window = |secs: u64| {
-        let c0 = new_conns(&status(&socket).unwrap());
-        thread::sleep(Duration::from_secs(secs));
-        let c1 = new_conns(&status(&socket).unwrap());
-        c1.iter()
-            .map(|(k, v)| (k.clone(), v - c0[k]))
-            .collect::<BTreeMap<_, _>>()
-    };
-    let healthy_window = window(3);
+    // Shares over a number of connections, not over a time: ~150 healthy
+    // ones are about 3 s of this traffic.
+    let healthy_window = conns_window(&socket, 150);
     let share_before = share_of(&healthy_window, "gpu-0");
     let gpu0: SocketAddr = SocketAddr::new(netns::backend_addr(0).into(), 8000);
     let before = policy_weights(&status(&socket).unwrap())["gpu-0"];
@@ -245,77 +335,99 @@ fn weights_follow_replica_load() {
         replica::control(gpu0, r#"{"speed": 0.2, "max_batch": 1}"#).unwrap()
     })
     .unwrap();
-    // Time from the first poll whose reading shows saturation (a queue of
-    // 8 = queue_norm, i.e. load 1.0) to the weight being cut.
-    let start = Instant::now();
-    let mut seen_saturated: Option<Instant> = None;
-    let cut = loop {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "gpu-0 never cut from {before}"
-        );
-        let st = status(&socket).unwrap();
-        let p0 = st.policy.iter().find(|p| p.backend == "gpu-0").unwrap();
+    // The reaction, in policy ticks: from the tick that took in the first
+    // reading showing saturation (a queue of 8 = queue_norm, i.e. load 1.0)
+    // to the tick that cut the weight. The policy confirms saturation on
+    // the second such reading and cuts at once ("within two polls"); a
+    // poll that fails meanwhile brings no reading and delays it a tick, so
+    // failed polls are allowed for. `saturated`: (its tick, gpu-0's failed
+    // polls up to and including that tick).
+    let failed = |p: &BackendPolicyStatus| p.stats.errors + p.stats.invalid;
+    let mut saturated: Option<(u64, u64)> = None;
+    // The newest reading seen that showed no saturation, by its tick.
+    let mut unsaturated: Option<u64> = None;
+    let cut = within_ticks(&socket, 30, "gpu-0 cut", |st| {
+        let p0 = policy_of(st, "gpu-0");
         let queue = p0
             .telemetry
             .as_ref()
             .and_then(|r| r.requests_waiting)
             .unwrap_or(0.0);
-        if queue >= 8.0 && seen_saturated.is_none() {
-            // The reading is up to telemetry_age_ms old already.
-            seen_saturated =
-                Some(Instant::now() - Duration::from_millis(p0.telemetry_age_ms.unwrap_or(0)));
+        if queue < 8.0 {
+            unsaturated = unsaturated.max(p0.telemetry_tick);
         }
-        if p0.weight * 2 <= before {
-            break Instant::now();
+        if queue >= 8.0
+            && saturated.is_none()
+            && let Some(t) = p0.telemetry_tick
+        {
+            // Every tick since `t` brought gpu-0 no new reading: each was
+            // a failed poll, counted already.
+            let since = st.policy_ticks - t;
+            saturated = Some((t, failed(p0).saturating_sub(since)));
         }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let seen = seen_saturated.unwrap_or(cut);
-    let reaction = cut.saturating_duration_since(seen);
-    println!(
-        "gpu-0: weight {before} cut {:?} after the slowdown, {reaction:?} after its telemetry showed saturation",
-        cut - start
-    );
-    assert!(
-        reaction <= Duration::from_millis(2 * POLL_MS + 100),
-        "reaction {reaction:?} exceeds 2 poll intervals"
-    );
+        p0.weight * 2 <= before
+    });
+    let p0 = policy_of(&cut, "gpu-0");
+    let cut_tick = p0.last_change_tick.expect("the cut is a change");
+    // A sampler slower than a poll can miss the first saturated reading
+    // and see a later one: that shortens the reaction it measures, never
+    // lengthens it. Seeing none before the cut leaves nothing to measure.
+    if let Some((sat_tick, failed_then)) = saturated {
+        let failed_polls = failed(p0) - failed_then;
+        println!(
+            "gpu-0: weight {before} cut to {} at tick {cut_tick}; its telemetry first showed \
+             saturation at tick {sat_tick}; {failed_polls} failed polls since",
+            p0.weight
+        );
+        assert!(
+            cut_tick <= sat_tick + 2 + failed_polls,
+            "the cut at tick {cut_tick} came more than 2 polls after saturation showed \
+             (tick {sat_tick}, {failed_polls} failed polls since)"
+        );
+    } else if unsaturated.is_some_and(|u| u >= cut_tick) {
+        // A reading at or after the cut showed no saturation: the load
+        // signal most likely cut it before the queue got there.
+        println!("gpu-0: cut at tick {cut_tick}, before its telemetry showed saturation");
+    } else {
+        println!("gpu-0: cut at tick {cut_tick}; this sampler saw no saturated reading before");
+    }
     // Its share of new connections falls: it gets what its speed can serve.
-    let degraded_window = window(4);
+    let degraded_window = conns_window(&socket, 150);
     let share_after = share_of(&degraded_window, "gpu-0");
     println!("new connections, healthy: {healthy_window:?}; gpu-0 degraded: {degraded_window:?}");
-    assert!(
-        degraded_window.values().sum::<u64>() > 20,
-        "traffic kept flowing"
-    );
+    // At its floor gpu-0's weight is 2 of ~300: its share should all but
+    // vanish. 0.6 leaves room for the Maglev draw of 150 connections and
+    // for the weight rising again within the window as its queue drains.
     assert!(
         share_after < 0.6 * share_before,
         "gpu-0's share fell from {share_before:.2} only to {share_after:.2}"
     );
 
-    // 3. Recover it: traffic returns and the weights settle.
+    // 3. Recover it: traffic returns and the weights settle. Followed over
+    //    20 polls as (policy tick, weight); the sampler's own pace does not
+    //    matter.
     netns::in_netns(topo.client_ns(), || {
         replica::control(gpu0, r#"{"speed": 1.0, "max_batch": 4}"#).unwrap()
     })
     .unwrap();
-    let changes_of = |st: &StatusReply| {
-        st.policy
-            .iter()
-            .find(|p| p.backend == "gpu-0")
-            .unwrap()
-            .weight_changes
-    };
-    let changes_before = changes_of(&status(&socket).unwrap());
-    let mut trace = Vec::new();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(10) {
-        trace.push(policy_weights(&status(&socket).unwrap())["gpu-0"]);
-        thread::sleep(Duration::from_millis(250));
-    }
-    let changes = changes_of(&status(&socket).unwrap()) - changes_before;
+    let changes_before = policy_of(&status(&socket).unwrap(), "gpu-0").weight_changes;
+    let mut trace: Vec<(u64, u32)> = Vec::new();
+    let from = status(&socket).unwrap().policy_ticks;
+    let last = within_ticks(&socket, 21, "gpu-0's recovery", |st| {
+        if trace.last().is_none_or(|(t, _)| *t < st.policy_ticks) {
+            trace.push((st.policy_ticks, policy_of(st, "gpu-0").weight));
+        }
+        st.policy_ticks >= from + 20
+    });
+    let changes = policy_of(&last, "gpu-0").weight_changes - changes_before;
+    let weights: Vec<u32> = trace.iter().map(|(_, w)| *w).collect();
     println!("gpu-0 recovering: {trace:?} ({changes} changes in 20 polls)");
-    let tail = &trace[trace.len() - 16..];
+    // The last 8 polls (4 s).
+    let tail: Vec<u32> = trace
+        .iter()
+        .filter(|(t, _)| *t > from + 12)
+        .map(|(_, w)| *w)
+        .collect();
     let low = *tail.iter().min().unwrap();
     let high = *tail.iter().max().unwrap();
     // Back: far above the floor (2) the whole time, and on average at least
@@ -327,13 +439,14 @@ fn weights_follow_replica_load() {
         mean * 2.0 >= f64::from(before),
         "gpu-0's weight returned (before {before}): {trace:?}"
     );
-    // No oscillation: over the last 4 s the weight stays in a band, never
-    // swinging back to the floor or up to full.
+    // No oscillation: over the last 8 polls the weight stays in a band,
+    // never swinging back to the floor or up to full.
     assert!(high - low <= 35, "weights settle into a band: {tail:?}");
     // Flapping is the weight turning back and forth. Each step of the
     // slow-start ramp is a change too, so changes alone would count the
-    // ramp (8 of 20 polls) as unrest: count the turns instead.
-    let mut steps = trace.windows(2).filter_map(|w| match w[1].cmp(&w[0]) {
+    // ramp (8 of 20 polls) as unrest: count the turns instead. A sampler
+    // that misses ticks can only miss turns, not add them.
+    let mut steps = weights.windows(2).filter_map(|w| match w[1].cmp(&w[0]) {
         std::cmp::Ordering::Equal => None,
         o => Some(o),
     });
@@ -357,32 +470,25 @@ fn weights_follow_replica_load() {
         replica::control(gpu1, r#"{"fail_health": true}"#).unwrap()
     })
     .unwrap();
-    wait_until(&socket, Duration::from_secs(5), |st| {
+    // Probed every poll, out after `fall` = 2 failures: 10 polls leave room
+    // for a probe round that started before the fault.
+    let out = within_ticks(&socket, 10, "gpu-1 taken out", |st| {
         policy_weights(st)["gpu-1"] == 0
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "gpu-1 not taken out: {:?}",
-            policy_weights(&status(&socket).unwrap())
-        )
     });
-    assert_eq!(reason(&status(&socket).unwrap(), "gpu-1"), "unhealthy");
+    assert_eq!(reason(&out, "gpu-1"), "unhealthy");
 
     // 5. gpu-3's telemetry dies (its agent stops): stale, never read as idle.
     let held = policy_weights(&status(&socket).unwrap())["gpu-3"];
     agent.stop(Duration::from_secs(5)).unwrap();
-    wait_until(&socket, Duration::from_secs(10), |st| {
-        let p = st.policy.iter().find(|p| p.backend == "gpu-3").unwrap();
+    // Stale 2 s after its last reading: within 5 polls, since the daemon's
+    // ticks are a poll interval apart or more; decaying from the next.
+    // 20 polls leave room.
+    within_ticks(&socket, 20, "gpu-3 decaying", |st| {
+        let p = policy_of(st, "gpu-3");
         // Stale weights decay towards a quarter of full (25): one held
         // below that already is the conservative share, so only staleness
         // is asserted for it.
         p.stale && (p.weight < held || held <= 25)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "gpu-3 did not decay from {held}: {:?}",
-            status(&socket).unwrap().policy
-        )
     });
     let st = status(&socket).unwrap();
     let p3 = st.policy.iter().find(|p| p.backend == "gpu-3").unwrap();
@@ -494,35 +600,29 @@ fn least_loaded_holds_fewer_flows_on_a_slower_replica() {
         })
         .collect();
 
-    // The slow replica's capacity settles once enough flows have completed.
-    let settled = wait_until(&socket, Duration::from_secs(30), |st| {
+    // The slow replica's capacity settles once enough flows have completed
+    // (a speed window of 4 s is 8 polls); 60 polls leave room for a
+    // machine that completes fewer flows per poll.
+    let st = within_ticks(&socket, 60, "capacities settling", |st| {
         let w = policy_weights(st);
         w["gpu-0"] == 100 && w["gpu-1"] == 100 && (20..=60).contains(&w["gpu-2"])
     });
-    let st = status(&socket).unwrap();
-    assert!(
-        settled.is_some(),
-        "capacities never settled: {:?}, reasons {:?}",
-        policy_weights(&st),
-        st.policy.iter().map(|p| &p.reason).collect::<Vec<_>>()
-    );
     assert!(
         reason(&st, "gpu-2").starts_with("capacity: speed 0."),
         "{}",
         reason(&st, "gpu-2")
     );
 
-    // In flight per replica, sampled from the datapath's own counts.
+    // In flight per replica, sampled from the datapath's own counts: a
+    // mean over 120 samples, however long this sampler takes for them.
     let mut sum = [0u64; 3];
-    let mut samples = 0u64;
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(6) {
+    let samples = 120u64;
+    for _ in 0..samples {
         let st = status(&socket).unwrap();
         for b in &st.datapath.services[0].backends {
             let i: usize = b.name.trim_start_matches("gpu-").parse().unwrap();
             sum[i] += b.in_flight;
         }
-        samples += 1;
         thread::sleep(Duration::from_millis(50));
     }
     stop.store(true, Ordering::Relaxed);
@@ -536,6 +636,8 @@ fn least_loaded_holds_fewer_flows_on_a_slower_replica() {
         "mean in flight {mean:?}, slow/fast {ratio:.2}, weights {:?}",
         policy_weights(&status(&socket).unwrap())
     );
+    // A band around the 0.4 speed: the router is told no speeds, it
+    // measures them over a few seconds of a dozen flows.
     assert!(
         (0.2..=0.7).contains(&ratio),
         "the 0.4-speed replica holds {ratio:.2} of a fast one's flows: {mean:?}"

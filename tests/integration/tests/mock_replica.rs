@@ -73,14 +73,18 @@ fn tokens_stream_as_they_are_generated() {
         ]
     );
     // 8 steps of 40 ms: the first token must arrive long before the last,
-    // not all at once at the end.
+    // not all at once at the end. Only a lower bound, and an inherent one:
+    // the replica sleeps a step between tokens, so 7 steps (280 ms) pass
+    // between the first and the last however fast the machine; a replica
+    // that buffered the stream would deliver them together. How soon the
+    // first arrives measures the machine, so it is printed, not asserted.
     let first = s.tokens[0].0 - sent;
     let spread = s.tokens[7].0 - s.tokens[0].0;
+    println!("first token after {first:?}, last {spread:?} later");
     assert!(
         spread >= Duration::from_millis(200),
         "first after {first:?}, spread {spread:?}"
     );
-    assert!(first < Duration::from_secs(1), "first after {first:?}");
 
     let r = netns::in_netns(ns.name(), || {
         replica::post_json(ADDR, "/v1/completions", r#"{"max_tokens":3}"#, TIMEOUT)
@@ -110,7 +114,8 @@ fn metrics_show_the_batch_and_the_queue() {
             })
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(3);
+    // A hang guard: five clients fill the batch at once.
+    let deadline = Instant::now() + Duration::from_secs(15);
     let busy = loop {
         let m = metrics(&ns);
         if m.requests_running == Some(2.0) && m.requests_waiting >= Some(1.0) {
@@ -143,14 +148,27 @@ fn control_changes_the_step_time_and_health() {
             .unwrap()
             .unwrap_or_else(|e| panic!("{e:#}"));
     };
+    let params = || -> serde_json::Value {
+        let r = netns::in_netns(ns.name(), || netns::http_get(ADDR, "/control", TIMEOUT))
+            .unwrap()
+            .expect("GET /control");
+        serde_json::from_str(&r.body).expect("JSON parameters")
+    };
     let base = completion_seconds(&ns, 10);
     at(r#"{"speed": 0.25}"#);
+    assert_eq!(params()["speed"], 0.25);
     let throttled = completion_seconds(&ns, 10);
     at(r#"{"speed": 1.0}"#);
+    assert_eq!(params()["speed"], 1.0);
     let recovered = completion_seconds(&ns, 10);
+    println!("base {base:.3}s, throttled {throttled:.3}s, recovered {recovered:.3}s");
+    // The replica sleeps 10 steps of 20 ms / 0.25: a throttled completion
+    // cannot take less than 0.8 s, however fast the machine. Only that
+    // lower bound is asserted; comparing the three times would compare
+    // how busy the machine was at each.
     assert!(
-        throttled > 2.5 * base && recovered < 2.0 * base,
-        "base {base:.3}s, throttled {throttled:.3}s, recovered {recovered:.3}s"
+        throttled >= 0.8,
+        "throttled {throttled:.3}s, under its 10 steps of 80 ms"
     );
 
     // Bad values change nothing.
@@ -160,6 +178,7 @@ fn control_changes_the_step_time_and_health() {
     .unwrap()
     .unwrap();
     assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(params()["speed"], 1.0);
 
     let health = || {
         netns::in_netns(ns.name(), || netns::http_get(ADDR, "/health", TIMEOUT))
@@ -211,7 +230,9 @@ fn nvml_state_shows_the_busy_percent_and_keeps_other_fields() {
             .unwrap()
             .expect("streamed completion")
     });
-    let deadline = Instant::now() + Duration::from_secs(3);
+    // Hang guards, not speed limits: the replica rewrites the state every
+    // ~100 ms from the busy share of the last second.
+    let deadline = Instant::now() + Duration::from_secs(15);
     let loaded = loop {
         let state = read();
         if state["devices"][0]["sm_util"].as_u64().unwrap() > 50 {
@@ -226,7 +247,7 @@ fn nvml_state_shows_the_busy_percent_and_keeps_other_fields() {
     client.join().expect("client thread");
 
     // Idle again: the busy share of the last second drops to zero.
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(15);
     while read()["devices"][0]["sm_util"] != 0 {
         assert!(Instant::now() < deadline, "sm_util stayed up: {}", read());
         thread::sleep(Duration::from_millis(50));

@@ -18,7 +18,11 @@
 //! - the daemon answers throughout and exits cleanly on SIGTERM.
 //!
 //! Short policy timings (poll 200 ms, stale after 1 s, decay over 2 s) keep
-//! each scenario to a few seconds.
+//! each scenario to a few seconds. Each phase is bounded in the daemon's
+//! policy ticks (`policy_ticks` in status), and gradualness is the
+//! daemon's count of weight changes, so a busy machine slowing the daemon
+//! or the sampler down fails nothing; the wall clock only bounds a daemon
+//! that stopped ticking.
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
@@ -38,6 +42,11 @@ const SNAT: std::net::Ipv4Addr = netns::SNAT_ADDR;
 const TELEMETRY_PORT: u16 = 9400;
 const TOKEN: &str = "fault-injection-token";
 
+/// The daemon gives each poll 0.8 of this (160 ms) before counting a
+/// timeout: the slow and hanging endpoints' faults are missing it. A
+/// steady source that misses it now and then on a busy machine keeps its
+/// weight (`check_invariants`); only five misses in a row (stale_after)
+/// would move it.
 const POLL: Duration = Duration::from_millis(200);
 const STALE_AFTER: Duration = Duration::from_secs(1);
 const STALE_DECAY: Duration = Duration::from_secs(2);

@@ -9,7 +9,7 @@ use std::{
 
 use router::api::StatusReply;
 
-use super::rig::{Counted, Rig, policy_of};
+use super::rig::{Counted, Rig, hang_guard, policy_of, ticks_in};
 use super::{DEADBAND, SAMPLE_EVERY, STALE_AFTER, STALE_DECAY, STALE_SHARE};
 
 /// One sample of a faulted backend: (stale, weight, reason).
@@ -31,9 +31,14 @@ pub(super) fn break_and_decay(rig: &mut Rig, settled: &BTreeMap<String, u32>) ->
         rig.inject(i);
     }
     let start = Instant::now();
+    let from = rig.status().policy_ticks;
+    // Stale within stale_after (5 polls: the daemon's ticks are a poll
+    // apart or more), at the stale share stale_decay (10 polls) later;
+    // 10 more ticks are room for the faults' own polls running late.
+    let bound = ticks_in(STALE_AFTER + STALE_DECAY) + 10;
     let mut traces: BTreeMap<&str, Trace> = BTreeMap::new();
     // Until every faulted backend has sat at the stale share for a few
-    // samples, bounded well beyond stale_after + stale_decay.
+    // samples.
     let mut settled_samples = 0;
     let last = loop {
         thread::sleep(SAMPLE_EVERY);
@@ -41,7 +46,7 @@ pub(super) fn break_and_decay(rig: &mut Rig, settled: &BTreeMap<String, u32>) ->
         rig.check_invariants(
             &st,
             settled,
-            &format!("{:?} into the faults", start.elapsed()),
+            &format!("{} ticks into the faults", st.policy_ticks - from),
         );
         for name in &names {
             let p = policy_of(&st, name);
@@ -58,8 +63,14 @@ pub(super) fn break_and_decay(rig: &mut Rig, settled: &BTreeMap<String, u32>) ->
             break st;
         }
         assert!(
-            start.elapsed() < STALE_AFTER + STALE_DECAY + Duration::from_secs(6),
-            "not every faulted backend reached the stale share: {traces:?}"
+            st.policy_ticks < from + bound,
+            "not every faulted backend reached the stale share within {bound} ticks: {traces:?}"
+        );
+        assert!(
+            start.elapsed() < hang_guard(bound),
+            "the daemon ran {} ticks in {:?}: hung?",
+            st.policy_ticks - from,
+            start.elapsed()
         );
     };
 
@@ -79,25 +90,23 @@ pub(super) fn break_and_decay(rig: &mut Rig, settled: &BTreeMap<String, u32>) ->
             trace.windows(2).all(|w| w[1].1 <= w[0].1),
             "{what}: the weight went up with no fresh reading: {trace:?}"
         );
+        // Held while the last reading was fresh. Whether the first sample
+        // still finds it fresh depends on how soon it came (staleness is
+        // the daemon's clock, stale_after), so only the fresh ones are
+        // held to it.
         assert!(
             trace.iter().take_while(|s| !s.0).all(|s| s.1 == held),
             "{what}: the weight moved before the reading went stale: {trace:?}"
         );
-        assert!(
-            !trace[0].0 && trace[0].1 == held,
-            "{what}: the weight was not held while the last reading was fresh: {trace:?}"
-        );
-        let mut steps: Vec<u32> = trace
-            .iter()
-            .map(|s| s.1)
-            .filter(|w| (STALE_SHARE + 1..held).contains(w))
-            .collect();
-        steps.dedup();
-        assert!(
-            steps.len() >= 3,
-            "{what}: the weight did not decay gradually from {held} to {STALE_SHARE}: {trace:?}"
-        );
         let p = policy_of(&last, name);
+        // Gradually, not in one jump: the daemon counts each change, seen
+        // by this sampler or not. The decay spans stale_decay, 10 polls;
+        // 3 changes hold even with ticks three times as far apart.
+        let changes = p.weight_changes - policy_of(&before, name).weight_changes;
+        assert!(
+            changes >= 3,
+            "{what}: the weight went from {held} to {STALE_SHARE} in {changes} changes: {trace:?}"
+        );
         assert!(
             p.stale && p.weight == STALE_SHARE && p.reason == "telemetry stale",
             "{what}: ends at weight {}, stale {}, reason {:?}; want {STALE_SHARE}, stale, \"telemetry stale\"",
@@ -146,11 +155,18 @@ pub(super) fn break_and_decay(rig: &mut Rig, settled: &BTreeMap<String, u32>) ->
 /// Removes every fault and follows the faulted backends until each is back
 /// where it settled before the fault, climbing in bounded steps.
 pub(super) fn heal_and_recover(rig: &mut Rig, settled: &BTreeMap<String, u32>) {
+    // Counted from before the first heal: a weight may start climbing
+    // while the others are healed.
+    let healed = rig.status();
+    let from = healed.policy_ticks;
     for i in 0..rig.cases.len() {
         rig.heal(i);
     }
     let names: Vec<&'static str> = rig.faulted().map(|c| c.name).collect();
     let start = Instant::now();
+    // A damped climb from the stale share (30% of the gap a tick) and four
+    // steady samples: about 15 ticks; 50 (10 s) are room.
+    let bound = 50;
     let mut traces: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
     let mut steady_samples = 0;
     let last = loop {
@@ -159,7 +175,7 @@ pub(super) fn heal_and_recover(rig: &mut Rig, settled: &BTreeMap<String, u32>) {
         rig.check_invariants(
             &st,
             settled,
-            &format!("{:?} into the recovery", start.elapsed()),
+            &format!("{} ticks into the recovery", st.policy_ticks - from),
         );
         for name in &names {
             traces
@@ -187,8 +203,14 @@ pub(super) fn heal_and_recover(rig: &mut Rig, settled: &BTreeMap<String, u32>) {
             break st;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "not every backend recovered (settled at {settled:?}): {traces:?}; {:?}",
+            start.elapsed() < hang_guard(bound),
+            "the daemon ran {} ticks in {:?}: hung?",
+            st.policy_ticks - from,
+            start.elapsed()
+        );
+        assert!(
+            st.policy_ticks < from + bound,
+            "not every backend recovered within {bound} ticks (settled at {settled:?}): {traces:?}; {:?}",
             st.policy
                 .iter()
                 .map(|p| (&p.backend, p.weight, &p.reason, &p.stats.last_error))
@@ -208,12 +230,13 @@ pub(super) fn heal_and_recover(rig: &mut Rig, settled: &BTreeMap<String, u32>) {
             trace.windows(2).all(|w| w[1] >= w[0]),
             "{name}: the weight fell while recovering: {trace:?}"
         );
-        let last_weight = *trace.last().unwrap();
+        // Through intermediate weights: counted by the daemon, so a
+        // sampler that missed them cannot fail this.
+        let changes =
+            policy_of(&last, name).weight_changes - policy_of(&healed, name).weight_changes;
         assert!(
-            trace
-                .iter()
-                .any(|w| (STALE_SHARE + 1..last_weight).contains(w)),
-            "{name}: jumped back instead of climbing: {trace:?}"
+            changes >= 2,
+            "{name}: jumped back in {changes} change instead of climbing: {trace:?}"
         );
         // Before and after, the weight approached the same target from
         // below and stopped within the deadband of it.

@@ -276,9 +276,14 @@ impl Rig {
                 "\n[[service.backend]]\nname = \"{}\"\naddress = \"{addr}:8000\"\ncapacity = 1.0\ntelemetry = {telemetry}\n",
                 case.name
             ));
+            // Health is not under test here: a timeout far past anything a
+            // local TCP connect takes, even on a busy machine, and three
+            // of them in a row to fail, so no healthy backend fails its
+            // probes (the invariants forbid it). The timeout may not
+            // exceed the interval.
             if health {
                 s.push_str(
-                    "health = { tcp = true, interval = \"200ms\", timeout = \"150ms\", fall = 2, rise = 2 }\n",
+                    "health = { tcp = true, interval = \"1s\", timeout = \"1s\", fall = 3, rise = 2 }\n",
                 );
             }
         }
@@ -384,32 +389,44 @@ impl Rig {
         status(&self.socket).unwrap_or_else(|e| panic!("the daemon stopped answering: {e:#}"))
     }
 
-    /// Waits until every backend follows its headroom and its weight has
-    /// not moved for six samples (over four polls); returns the weights.
+    /// Waits until every backend follows its headroom and no weight has
+    /// changed for four policy ticks (the daemon's `last_change_tick`, not
+    /// this sampler's pace); returns the weights.
     pub(super) fn settle(&mut self) -> BTreeMap<String, u32> {
         let start = Instant::now();
-        let mut last: Option<BTreeMap<String, u32>> = None;
-        let mut same = 0;
+        let from = self.status().policy_ticks;
+        // Slow start (400 ms) and the damped climb to ~76: about 15
+        // ticks; 100 (20 s) are room.
+        let bound = 100;
         loop {
             let st = self.status();
-            let now = policy_weights(&st);
             let following = st.policy.iter().all(|p| p.reason == "headroom");
-            if following && last.as_ref() == Some(&now) {
-                same += 1;
-                if same >= 6 {
-                    return now;
-                }
-            } else {
-                same = 0;
+            let last_change = st
+                .policy
+                .iter()
+                .filter_map(|p| p.last_change_tick)
+                .max()
+                .unwrap_or(0);
+            if following && st.policy_ticks >= last_change + 4 {
+                return policy_weights(&st);
             }
-            last = Some(now);
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "weights never settled: {:?}",
+            let what = || {
                 st.policy
                     .iter()
                     .map(|p| (&p.backend, p.weight, &p.reason, &p.stats.last_error))
                     .collect::<Vec<_>>()
+            };
+            assert!(
+                st.policy_ticks < from + bound,
+                "weights never settled in {bound} ticks: {:?}",
+                what()
+            );
+            assert!(
+                start.elapsed() < hang_guard(bound),
+                "the daemon ran {} ticks in {:?}: hung? {:?}",
+                st.policy_ticks - from,
+                start.elapsed(),
+                what()
             );
             thread::sleep(SAMPLE_EVERY);
         }
@@ -474,6 +491,19 @@ pub(super) fn threads(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no thread count for pid {pid}"))
+}
+
+/// Policy ticks in `d` at the test's poll interval.
+pub(super) fn ticks_in(d: Duration) -> u64 {
+    (d.as_millis() / POLL.as_millis()) as u64
+}
+
+/// The wall-clock bound of a wait for `ticks` policy ticks: ten times what
+/// they take at the poll interval, and at least a minute. It only ends a
+/// test whose daemon stopped ticking; every assertion counts ticks.
+pub(super) fn hang_guard(ticks: u64) -> Duration {
+    POLL.saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX).saturating_mul(10))
+        .max(Duration::from_secs(60))
 }
 
 pub(super) fn policy_of<'a>(st: &'a StatusReply, backend: &str) -> &'a BackendPolicyStatus {
