@@ -307,7 +307,11 @@ fn reasons(rig: &Rig) -> BTreeMap<String, u64> {
 }
 
 /// Polls `read` until it reaches `target` (or 5 s pass), then waits a
-/// little longer so that a late overshoot would show too.
+/// little longer so that a late overshoot would show too. The caller
+/// asserts the exact count, so time never decides a pass: the 5 s only
+/// ends the wait for a count that will never come, and the 300 ms is a
+/// margin for packets still queued on the veth, which XDP counts within
+/// microseconds of their sending (the sender has returned by then).
 fn settle(mut read: impl FnMut() -> u64, target: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(5);
     for _ in 0..200 {
