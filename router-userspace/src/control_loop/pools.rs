@@ -1,0 +1,232 @@
+//! Pools at run time: their shares (as configured, or as an operator or a
+//! guard set them), whether each has room, and the pool specs the datapath
+//! serves them from.
+
+use std::collections::BTreeMap;
+
+use tracing::{info, warn};
+
+use super::{Controller, ServiceCtl};
+use crate::{
+    config::{Config, ServiceConfig},
+    datapath::{PoolSpec, SegmentSpec},
+    pools::{ShareError, set_share},
+};
+
+/// Shares set at run time: service → pool → percent. Persisted beside the
+/// control socket like the other overrides.
+pub type PoolShares = BTreeMap<String, BTreeMap<String, u32>>;
+
+/// A pool change that cannot be made; nothing changes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PoolError {
+    #[error("no service named {0:?}")]
+    NoService(String),
+    #[error("service {0:?} has no pools")]
+    NoPools(String),
+    #[error("service {service:?} has no pool named {pool:?} (its pools: {known})")]
+    NoPool {
+        service: String,
+        pool: String,
+        known: String,
+    },
+    #[error(transparent)]
+    Share(#[from] ShareError),
+}
+
+/// A pool's share as it stands, and whether it has room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolState {
+    pub name: String,
+    pub share: u32,
+    pub configured_share: u32,
+    /// Every backend saturated, unhealthy or drained at the last tick.
+    pub no_room: bool,
+}
+
+fn lookup<'a>(cfg: &'a Config, service: &str) -> Result<&'a ServiceConfig, PoolError> {
+    let s = cfg
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .ok_or_else(|| PoolError::NoService(service.to_string()))?;
+    if s.pools.is_empty() {
+        return Err(PoolError::NoPools(service.to_string()));
+    }
+    Ok(s)
+}
+
+/// The pools' shares of `s`, in config order: the run-time ones where set.
+fn shares_of(saved: &PoolShares, s: &ServiceConfig) -> Vec<u32> {
+    let set = saved.get(&s.name);
+    s.pools
+        .iter()
+        .map(|p| set.and_then(|m| m.get(&p.name)).copied().unwrap_or(p.share))
+        .collect()
+}
+
+/// Whether the run-time shares `set` still fit `s`: the same pools by name.
+fn fits(set: &BTreeMap<String, u32>, s: &ServiceConfig) -> bool {
+    set.len() == s.pools.len()
+        && s.pools.iter().all(|p| set.contains_key(&p.name))
+        && set.values().sum::<u32>() == 100
+}
+
+impl Controller {
+    /// Sets pool `pool` of `service` to `share` percent; the other pools
+    /// that take unmatched clients keep their proportions (see
+    /// `pools::set_share`). Returns every pool's share after the change.
+    pub fn set_pool_share(
+        &mut self,
+        cfg: &Config,
+        service: &str,
+        pool: &str,
+        share: u32,
+    ) -> Result<Vec<(String, u32)>, PoolError> {
+        let s = lookup(cfg, service)?;
+        let Some(index) = s.pools.iter().position(|p| p.name == pool) else {
+            return Err(PoolError::NoPool {
+                service: service.to_string(),
+                pool: pool.to_string(),
+                known: s
+                    .pools
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        let current = shares_of(&self.pool_shares, s);
+        let configured: Vec<u32> = s.pools.iter().map(|p| p.share).collect();
+        let names: Vec<&str> = s.pools.iter().map(|p| p.name.as_str()).collect();
+        let next = set_share(&current, &configured, &names, index, share)?;
+        let pairs: Vec<(String, u32)> = names
+            .iter()
+            .map(|n| n.to_string())
+            .zip(next.iter().copied())
+            .collect();
+        if next == configured {
+            self.pool_shares.remove(service);
+        } else {
+            self.pool_shares
+                .insert(service.to_string(), pairs.iter().cloned().collect());
+        }
+        Ok(pairs)
+    }
+
+    /// Every run-time share, for persisting across restarts.
+    pub fn pool_shares(&self) -> &PoolShares {
+        &self.pool_shares
+    }
+
+    /// Puts back run-time shares saved by an earlier daemon (or held before
+    /// a change that could not be applied). Entries that no longer fit the
+    /// config (a service gone, its pools renamed) are dropped and named.
+    pub fn restore_pool_shares(&mut self, cfg: &Config, saved: PoolShares) -> Vec<String> {
+        let mut dropped = Vec::new();
+        self.pool_shares.clear();
+        for (svc, set) in saved {
+            match cfg.services.iter().find(|s| s.name == svc) {
+                Some(s) if fits(&set, s) => {
+                    self.pool_shares.insert(svc, set);
+                }
+                _ => dropped.push(svc),
+            }
+        }
+        dropped
+    }
+
+    /// Keeps the run-time shares that still fit `cfg` (after a reload).
+    pub(super) fn retain_pool_shares(shares: &mut PoolShares, cfg: &Config) {
+        shares.retain(|svc, set| {
+            let keep = cfg
+                .services
+                .iter()
+                .find(|s| &s.name == svc)
+                .is_some_and(|s| fits(set, s));
+            if !keep {
+                warn!(service = %svc, "pools changed in the config; their run-time shares are dropped");
+            }
+            keep
+        });
+    }
+
+    /// Each pool of service `index` with its share and room, config order.
+    pub fn pool_states(&self, cfg: &Config, service: &str) -> Result<Vec<PoolState>, PoolError> {
+        let s = lookup(cfg, service)?;
+        let ctl = self.services.iter().find(|c| c.name == service);
+        let shares = shares_of(&self.pool_shares, s);
+        Ok(s.pools
+            .iter()
+            .zip(shares)
+            .enumerate()
+            .map(|(i, (p, share))| PoolState {
+                name: p.name.clone(),
+                share,
+                configured_share: p.share,
+                no_room: ctl.is_some_and(|c| c.pools_no_room.get(i).copied().unwrap_or(false)),
+            })
+            .collect())
+    }
+}
+
+impl ServiceCtl {
+    /// Whether every backend named in `backends` has weight 0 or was read
+    /// as saturated at this tick: the pool has no room.
+    fn no_room(&self, backends: &[String]) -> bool {
+        backends.iter().all(|name| {
+            self.backends
+                .iter()
+                .find(|b| &b.cfg.name == name)
+                .is_none_or(|b| b.weight == 0 || b.decision.as_ref().is_some_and(|d| d.saturated))
+        })
+    }
+
+    /// The datapath's pools and segments for this service (config `s`),
+    /// at `shares`; notes which pools lost or regained room. Returns
+    /// whether any pool's room changed.
+    pub(super) fn pool_specs(
+        &mut self,
+        s: &ServiceConfig,
+        saved: &PoolShares,
+    ) -> (Vec<PoolSpec>, Vec<SegmentSpec>, bool) {
+        let shares = shares_of(saved, s);
+        let no_room: Vec<bool> = s.pools.iter().map(|p| self.no_room(&p.backends)).collect();
+        let mut changed = false;
+        for (i, (p, now)) in s.pools.iter().zip(&no_room).enumerate() {
+            let before = self.pools_no_room.get(i).copied().unwrap_or(false);
+            if *now != before {
+                changed = true;
+                if *now {
+                    warn!(service = %s.name, pool = %p.name, "pool has no room; new connections go to its fallback");
+                } else {
+                    info!(service = %s.name, pool = %p.name, "pool has room again");
+                }
+            }
+        }
+        let pools = s
+            .pools
+            .iter()
+            .zip(&shares)
+            .zip(&no_room)
+            .map(|((p, share), no_room)| PoolSpec {
+                name: p.name.clone(),
+                backends: p.backends.clone(),
+                share: *share,
+                fallback: p.fallback,
+                saturated: *no_room,
+            })
+            .collect();
+        self.pools_no_room = no_room;
+        let segments = s
+            .segments
+            .iter()
+            .map(|g| SegmentSpec {
+                addr: g.addr,
+                prefix_len: g.prefix_len,
+                pool: g.pool,
+            })
+            .collect();
+        (pools, segments, changed)
+    }
+}
