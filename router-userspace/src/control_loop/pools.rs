@@ -230,3 +230,159 @@ impl ServiceCtl {
         (pools, segments, changed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::telemetry::{Reading, TelemetryError};
+
+    fn cfg(canary_name: &str) -> Config {
+        let text = format!(
+            r#"
+[daemon]
+interface = "lb0"
+
+[policy]
+slow_start = "1ms"
+
+[[service]]
+name = "llama"
+vip = "198.18.100.1:8000"
+snat = "198.18.0.1"
+selection = "maglev"
+
+[[service.backend]]
+name = "gpu-0"
+address = "198.18.0.11:8000"
+telemetry = {{ source = "prometheus", url = "http://198.18.0.11:8000/metrics", format = "vllm" }}
+
+[[service.backend]]
+name = "gpu-1"
+address = "198.18.0.12:8000"
+weight = 100
+
+[[service.backend]]
+name = "spot-0"
+address = "198.18.0.13:8000"
+weight = 100
+
+[[service.pool]]
+name = "stable"
+backends = ["gpu-0"]
+share = 80
+fallback = "overflow"
+
+[[service.pool]]
+name = "{canary_name}"
+backends = ["gpu-1"]
+share = 20
+
+[[service.pool]]
+name = "overflow"
+backends = ["spot-0"]
+"#
+        );
+        Config::parse(&text, "t.toml").expect("config")
+    }
+
+    fn kv(v: f64) -> Result<Reading, TelemetryError> {
+        Ok(Reading {
+            kv_cache_usage: Some(v),
+            requests_running: Some(1.0),
+            requests_waiting: Some(0.0),
+            ..Reading::default()
+        })
+    }
+
+    #[test]
+    fn a_saturated_pool_has_no_room_and_regains_it() {
+        let cfg = cfg("canary");
+        let mut ctl = Controller::new(&cfg, None);
+        let mut round = |ctl: &mut Controller, t: u64, load: f64| {
+            let now = Duration::from_millis(t * 500);
+            ctl.record_reading(0, 0, now, kv(load));
+            ctl.decide(now, &cfg, &|_, _| None)
+        };
+        let (specs, _) = round(&mut ctl, 1, 0.1);
+        assert!(!specs[0].pools[0].saturated, "{:?}", specs[0].pools);
+        // Saturation needs confirming readings; within a few rounds the
+        // pool is full, and says so once.
+        let mut flips = 0;
+        let mut full = false;
+        for t in 2..10 {
+            let (specs, changed) = round(&mut ctl, t, 0.99);
+            if specs[0].pools[0].saturated && !full {
+                assert!(changed, "the room change must rewrite the datapath");
+                flips += 1;
+                full = true;
+            }
+        }
+        assert_eq!((flips, full), (1, true));
+        let states = ctl.pool_states(&cfg, "llama").unwrap();
+        assert!(states[0].no_room && !states[1].no_room && !states[2].no_room);
+        for t in 10..30 {
+            round(&mut ctl, t, 0.05);
+        }
+        assert!(!ctl.pool_states(&cfg, "llama").unwrap()[0].no_room);
+    }
+
+    #[test]
+    fn pool_set_keeps_the_others_in_proportion_and_survives_a_reload_only_unchanged() {
+        let cfg = cfg("canary");
+        let mut ctl = Controller::new(&cfg, None);
+        assert_eq!(
+            ctl.set_pool_share(&cfg, "llama", "canary", 50),
+            Ok(vec![
+                ("stable".into(), 50),
+                ("canary".into(), 50),
+                ("overflow".into(), 0)
+            ])
+        );
+        let (specs, _) = ctl.decide(Duration::ZERO, &cfg, &|_, _| None);
+        let shares: Vec<u32> = specs[0].pools.iter().map(|p| p.share).collect();
+        assert_eq!(shares, [50, 50, 0]);
+        // A reload of the same pools keeps the run-time shares...
+        let ctl = Controller::new(&cfg, Some(ctl));
+        assert_eq!(ctl.pool_states(&cfg, "llama").unwrap()[1].share, 50);
+        // ...one that renames a pool drops them.
+        let renamed = cfg("blue");
+        let ctl = Controller::new(&renamed, Some(ctl));
+        assert_eq!(ctl.pool_states(&renamed, "llama").unwrap()[1].share, 20);
+        assert!(ctl.pool_shares().is_empty());
+    }
+
+    #[test]
+    fn refused_changes_name_the_problem_and_change_nothing() {
+        let cfg = cfg("canary");
+        let mut ctl = Controller::new(&cfg, None);
+        assert_eq!(
+            ctl.set_pool_share(&cfg, "llama", "canary", 101),
+            Err(PoolError::Share(ShareError::AboveHundred(101)))
+        );
+        assert_eq!(
+            ctl.set_pool_share(&cfg, "nope", "canary", 5),
+            Err(PoolError::NoService("nope".into()))
+        );
+        assert_eq!(
+            ctl.set_pool_share(&cfg, "llama", "blue", 5),
+            Err(PoolError::NoPool {
+                service: "llama".into(),
+                pool: "blue".into(),
+                known: "stable, canary, overflow".into()
+            })
+        );
+        assert!(ctl.pool_shares().is_empty());
+        // Setting the configured shares again stores nothing.
+        ctl.set_pool_share(&cfg, "llama", "canary", 20).unwrap();
+        assert!(ctl.pool_shares().is_empty());
+        // A saved file that no longer fits is dropped and named.
+        let saved: PoolShares = [(
+            "llama".to_string(),
+            [("stable".to_string(), 70), ("green".to_string(), 30)].into(),
+        )]
+        .into();
+        assert_eq!(ctl.restore_pool_shares(&cfg, saved), vec!["llama".to_string()]);
+    }
+}
