@@ -76,7 +76,7 @@ pub fn spill_index(service_id: u32, from: u32, to: u32) -> u32 {
 
 const _: () = assert!(SHARE_BUCKETS.is_power_of_two());
 const _: () = assert!(MAX_POOLS.is_power_of_two());
-const _: () = assert!(SHARE_BUCKETS % SLOTS_PER_ENTRY == 0);
+const _: () = assert!(SHARE_BUCKETS.is_multiple_of(SLOTS_PER_ENTRY));
 
 #[cfg(test)]
 mod tests {
@@ -107,7 +107,10 @@ mod tests {
         assert_eq!(share_slot(0, 0, 0), (0, 0));
         assert_eq!(share_slot(0, 0, 9), (1, 1));
         assert_eq!(share_slot(0, 1, 0), (SHARE_BUCKETS / SLOTS_PER_ENTRY, 0));
-        assert_eq!(share_slot(1, 0, 0), (2 * SHARE_BUCKETS / SLOTS_PER_ENTRY, 0));
+        assert_eq!(
+            share_slot(1, 0, 0),
+            (2 * SHARE_BUCKETS / SLOTS_PER_ENTRY, 0)
+        );
         assert_eq!(spill_index(0, 1, 2), 10);
         assert_eq!(spill_index(1, 0, 0), MAX_POOLS * MAX_POOLS);
     }

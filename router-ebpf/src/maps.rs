@@ -12,8 +12,8 @@ use aya_ebpf::{
 use router_common::{
     ADDR_FILTER_SIZE, Backend, BackendLoad, ConnEntry, ConnKey, DEFAULT_CONN_TABLE_SIZE,
     DEFAULT_TABLE_SIZE, LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SNAT_ADDRS_TOTAL, Member, NextHop, Service, ServiceKey, TrafficCounters,
-    Pool, PoolKey, SegmentKey, ShareSlots, half_open_table_size,
+    MAX_SNAT_ADDRS_TOTAL, Member, NextHop, Pool, PoolKey, SegmentKey, Service, ServiceKey,
+    ShareSlots, TrafficCounters, half_open_table_size,
     pools::{MAX_POOLS, MAX_SEGMENTS, SHARE_BUCKETS, SLOTS_PER_ENTRY},
     reasons,
     selection::MAX_SCAN_MEMBERS,

@@ -99,7 +99,7 @@ fn first_pool(svc: &Service, src_addr: u32) -> Option<u32> {
 fn pool(service_id: u32, index: u32) -> Option<Pool> {
     // SAFETY: a hash-map value, copied out at once; userspace replaces
     // values whole, so the copy is one version of the pool.
-    unsafe { POOLS.get(&PoolKey { service_id, index }) }.copied()
+    unsafe { POOLS.get(PoolKey { service_id, index }) }.copied()
 }
 
 #[inline(always)]

@@ -141,7 +141,10 @@ impl Controller {
                     share: state.share,
                     configured_share: state.configured_share,
                     backends: p.backends.clone(),
-                    fallback: p.fallback.and_then(|f| s.pools.get(f)).map(|f| f.name.clone()),
+                    fallback: p
+                        .fallback
+                        .and_then(|f| s.pools.get(f))
+                        .map(|f| f.name.clone()),
                     segments: s
                         .segments
                         .iter()
@@ -204,6 +207,9 @@ mod tests {
     fn too_few_connections_on_either_side_is_no_verdict() {
         let slow = hist(&[(80_000, 199)]);
         assert_eq!(judge(&G, &slow, &hist(&[(20_000, 1000)])), None);
-        assert_eq!(judge(&G, &hist(&[(80_000, 500)]), &hist(&[(20_000, 10)])), None);
+        assert_eq!(
+            judge(&G, &hist(&[(80_000, 500)]), &hist(&[(20_000, 10)])),
+            None
+        );
     }
 }

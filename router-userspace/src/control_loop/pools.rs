@@ -238,7 +238,7 @@ mod tests {
     use super::*;
     use crate::telemetry::{Reading, TelemetryError};
 
-    fn cfg(canary_name: &str) -> Config {
+    fn config(canary_name: &str) -> Config {
         let text = format!(
             r#"
 [daemon]
@@ -298,9 +298,9 @@ backends = ["spot-0"]
 
     #[test]
     fn a_saturated_pool_has_no_room_and_regains_it() {
-        let cfg = cfg("canary");
+        let cfg = config("canary");
         let mut ctl = Controller::new(&cfg, None);
-        let mut round = |ctl: &mut Controller, t: u64, load: f64| {
+        let round = |ctl: &mut Controller, t: u64, load: f64| {
             let now = Duration::from_millis(t * 500);
             ctl.record_reading(0, 0, now, kv(load));
             ctl.decide(now, &cfg, &|_, _| None)
@@ -330,7 +330,7 @@ backends = ["spot-0"]
 
     #[test]
     fn pool_set_keeps_the_others_in_proportion_and_survives_a_reload_only_unchanged() {
-        let cfg = cfg("canary");
+        let cfg = config("canary");
         let mut ctl = Controller::new(&cfg, None);
         assert_eq!(
             ctl.set_pool_share(&cfg, "llama", "canary", 50),
@@ -347,7 +347,7 @@ backends = ["spot-0"]
         let ctl = Controller::new(&cfg, Some(ctl));
         assert_eq!(ctl.pool_states(&cfg, "llama").unwrap()[1].share, 50);
         // ...one that renames a pool drops them.
-        let renamed = cfg("blue");
+        let renamed = config("blue");
         let ctl = Controller::new(&renamed, Some(ctl));
         assert_eq!(ctl.pool_states(&renamed, "llama").unwrap()[1].share, 20);
         assert!(ctl.pool_shares().is_empty());
@@ -355,7 +355,7 @@ backends = ["spot-0"]
 
     #[test]
     fn refused_changes_name_the_problem_and_change_nothing() {
-        let cfg = cfg("canary");
+        let cfg = config("canary");
         let mut ctl = Controller::new(&cfg, None);
         assert_eq!(
             ctl.set_pool_share(&cfg, "llama", "canary", 101),
@@ -383,6 +383,9 @@ backends = ["spot-0"]
             [("stable".to_string(), 70), ("green".to_string(), 30)].into(),
         )]
         .into();
-        assert_eq!(ctl.restore_pool_shares(&cfg, saved), vec!["llama".to_string()]);
+        assert_eq!(
+            ctl.restore_pool_shares(&cfg, saved),
+            vec!["llama".to_string()]
+        );
     }
 }

@@ -11,7 +11,10 @@ use super::{
     state::{DaemonState, measurer},
 };
 use crate::{
-    api::{OverrideError, views::{self, PoolView}},
+    api::{
+        OverrideError,
+        views::{self, PoolView},
+    },
     datapath::{DatapathStatus, Histogram},
 };
 

@@ -98,7 +98,10 @@ impl Datapath {
         let mut pools: BTreeMap<u32, Vec<(u32, Pool)>> = BTreeMap::new();
         for entry in pool_map.iter() {
             let (key, value) = entry.map_err(map_err("POOLS"))?;
-            pools.entry(key.service_id).or_default().push((key.index, value));
+            pools
+                .entry(key.service_id)
+                .or_default()
+                .push((key.index, value));
         }
         for list in pools.values_mut() {
             list.sort_by_key(|(i, _)| *i);
@@ -109,8 +112,7 @@ impl Datapath {
                 .ok_or(DatapathError::MissingMap("SEGMENTS"))?,
         )
         .map_err(map_err("SEGMENTS"))?;
-        let mut segments: BTreeMap<u32, BTreeMap<(std::net::Ipv4Addr, u8), u32>> =
-            BTreeMap::new();
+        let mut segments: BTreeMap<u32, BTreeMap<(std::net::Ipv4Addr, u8), u32>> = BTreeMap::new();
         for entry in trie.iter() {
             let (key, pool) = entry.map_err(map_err("SEGMENTS"))?;
             let data = key.data();

@@ -159,11 +159,7 @@ impl Datapath {
     }
 
     /// Every non-zero spill counter of service `sid`, whose pools are `pools`.
-    fn spills(
-        &self,
-        sid: u32,
-        pools: &[super::PoolSpec],
-    ) -> Result<Vec<Spill>, DatapathError> {
+    fn spills(&self, sid: u32, pools: &[super::PoolSpec]) -> Result<Vec<Spill>, DatapathError> {
         if pools.is_empty() {
             return Ok(Vec::new());
         }
@@ -177,11 +173,7 @@ impl Datapath {
         for (from, fp) in pools.iter().enumerate() {
             for (to, tp) in pools.iter().enumerate() {
                 let index = router_common::pools::spill_index(sid, from as u32, to as u32);
-                let n: u64 = map
-                    .get(&index, 0)
-                    .map_err(map_err("SPILLS"))?
-                    .iter()
-                    .sum();
+                let n: u64 = map.get(&index, 0).map_err(map_err("SPILLS"))?.iter().sum();
                 if n > 0 {
                     out.push(Spill {
                         from: fp.name.clone(),

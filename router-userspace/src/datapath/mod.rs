@@ -16,8 +16,8 @@ mod conn_table;
 mod counters;
 mod latency;
 mod load;
-mod pools;
 pub mod pinning;
+mod pools;
 mod spec;
 mod state;
 

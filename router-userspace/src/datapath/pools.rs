@@ -108,7 +108,10 @@ impl Datapath {
         let mut kept: Vec<PoolState> = Vec::with_capacity(s.pools.len());
         let mut old: Vec<PoolState> = std::mem::take(&mut st.pools);
         for (index, (pool, &slot)) in s.pools.iter().zip(slots).enumerate() {
-            let mut ps = match old.iter().position(|p| p.name == pool.name && p.slot == slot) {
+            let mut ps = match old
+                .iter()
+                .position(|p| p.name == pool.name && p.slot == slot)
+            {
                 Some(i) => old.remove(i),
                 None => PoolState {
                     name: pool.name.clone(),
@@ -127,7 +130,8 @@ impl Datapath {
             let table = build_table(&backends, ids, self.opts.table_size);
             let members = scan_list(s.selection, &backends, ids, self.scan_limit);
             let live = ps.active as usize & 1;
-            if ps.halves[live].as_ref() != Some(&table) || ps.members[live].as_ref() != Some(&members)
+            if ps.halves[live].as_ref() != Some(&table)
+                || ps.members[live].as_ref() != Some(&members)
             {
                 let idle = (ps.active ^ 1) & 1;
                 self.write_half(slot, idle, &table, ps.halves[idle as usize].as_deref())?;
@@ -246,7 +250,8 @@ impl Datapath {
             )
             .map_err(map_err("SEGMENTS"))?;
             for (addr, len) in stale {
-                absent_ok(trie.remove(&segment_key(sid, addr, len))).map_err(map_err("SEGMENTS"))?;
+                absent_ok(trie.remove(&segment_key(sid, addr, len)))
+                    .map_err(map_err("SEGMENTS"))?;
                 st.segments.remove(&(addr, len));
             }
         }

@@ -212,8 +212,7 @@ impl Datapath {
         }
         let mut free_sids = (0..MAX_SERVICES).filter(|i| !used_sids.contains(i));
         let mut free_bids = (0..MAX_BACKENDS).filter(|i| !used_bids.contains(i));
-        let mut plan: Vec<(u32, BTreeMap<String, u32>, Vec<u32>)> =
-            Vec::with_capacity(specs.len());
+        let mut plan: Vec<(u32, BTreeMap<String, u32>, Vec<u32>)> = Vec::with_capacity(specs.len());
         for s in specs {
             let existing = self.services.get(&s.name);
             let sid = match existing {

@@ -98,9 +98,7 @@ pub fn set_share(
         basis = others(configured);
     }
     if basis.iter().all(|&w| w == 0) {
-        basis = (0..current.len())
-            .map(|i| u64::from(i != index))
-            .collect();
+        basis = (0..current.len()).map(|i| u64::from(i != index)).collect();
     }
     let rest = u64::from(100 - share);
     let total: u64 = basis.iter().sum();
@@ -136,7 +134,11 @@ mod tests {
         // 4096 buckets: the binomial spread of a 20% share is 0.63 points
         // (√(4096·0.2·0.8)/4096); 2 points is past 3σ.
         for shares in [[80, 20, 0], [95, 5, 0], [50, 30, 20], [34, 33, 33]] {
-            let pools = [("stable", shares[0]), ("canary", shares[1]), ("spare", shares[2])];
+            let pools = [
+                ("stable", shares[0]),
+                ("canary", shares[1]),
+                ("spare", shares[2]),
+            ];
             let f = fractions(&share_table(&pools), 3);
             for (got, want) in f.iter().zip(shares) {
                 assert!(
@@ -167,7 +169,10 @@ mod tests {
         let mut moved = 0;
         for (a, b) in t0.iter().zip(&t1) {
             if a != b {
-                assert_eq!(*b, 1, "a bucket moved from pool {a} to {b}, not into canary");
+                assert_eq!(
+                    *b, 1,
+                    "a bucket moved from pool {a} to {b}, not into canary"
+                );
                 moved += 1;
             }
         }
@@ -185,10 +190,19 @@ mod tests {
     #[test]
     fn set_share_keeps_the_total_and_the_proportions() {
         let names = ["a", "b"];
-        assert_eq!(set_share(&[95, 5], &[95, 5], &names, 1, 20), Ok(vec![80, 20]));
-        assert_eq!(set_share(&[80, 20], &[95, 5], &names, 1, 100), Ok(vec![0, 100]));
+        assert_eq!(
+            set_share(&[95, 5], &[95, 5], &names, 1, 20),
+            Ok(vec![80, 20])
+        );
+        assert_eq!(
+            set_share(&[80, 20], &[95, 5], &names, 1, 100),
+            Ok(vec![0, 100])
+        );
         // Rolled back from 100: the rest goes by the configured shares.
-        assert_eq!(set_share(&[0, 100], &[95, 5], &names, 1, 0), Ok(vec![100, 0]));
+        assert_eq!(
+            set_share(&[0, 100], &[95, 5], &names, 1, 0),
+            Ok(vec![100, 0])
+        );
         let three = ["a", "b", "c"];
         assert_eq!(
             set_share(&[50, 25, 25], &[50, 25, 25], &three, 0, 0),

@@ -14,11 +14,11 @@ use axum::{
 };
 
 use crate::{
-    control_loop::PoolError,
     api::{
         DrainQuery, ErrorReply, Override, OverrideChange, OverrideError, ReloadReply, StatusReply,
         views::{BackendView, PoolView, ServiceView},
     },
+    control_loop::PoolError,
     server::bounded,
 };
 
@@ -395,7 +395,10 @@ mod tests {
             if share > 100 {
                 return Err(PoolError::Share(crate::pools::ShareError::AboveHundred(share)).into());
             }
-            Ok(vec![("stable".into(), 100 - share), ("canary".into(), share)])
+            Ok(vec![
+                ("stable".into(), 100 - share),
+                ("canary".into(), share),
+            ])
         }
     }
 
@@ -457,7 +460,10 @@ mod tests {
             )
         );
         // Not a number: refused by the route before the daemon is asked.
-        assert_eq!(refused(post("/v1/services/s/pools/canary/share/-5").await).0, 400);
+        assert_eq!(
+            refused(post("/v1/services/s/pools/canary/share/-5").await).0,
+            400
+        );
         let status = refused(request(&sock, "GET", "/v1/status").await);
         assert_eq!(status, (500, "no datapath in this test".into()));
         assert!(fake.asked.lock().unwrap().is_empty());

@@ -78,7 +78,11 @@ fn the_longest_matching_segment_picks_the_pool() {
         ("198.19.1.1:40000", 1, "/16 only"),
         ("198.19.7.5:40000", 2, "/24 beats /16"),
         ("198.19.7.200:40000", 0, "/25 beats /24"),
-        ("198.20.0.1:40000", 0, "no segment: the shares (stable 100%)"),
+        (
+            "198.20.0.1:40000",
+            0,
+            "no segment: the shares (stable 100%)",
+        ),
     ] {
         assert_eq!(syn(&mut f, client), Ok(want), "{client}: {why}");
     }
@@ -117,7 +121,11 @@ fn a_pool_without_room_spills_down_its_chain_and_is_counted() {
 
     spec.pools[0].saturated = true;
     f.dp.apply(std::slice::from_ref(&spec)).expect("apply");
-    assert_eq!(syn(&mut f, "198.19.0.2:40000"), Ok(1), "stable full: canary");
+    assert_eq!(
+        syn(&mut f, "198.19.0.2:40000"),
+        Ok(1),
+        "stable full: canary"
+    );
 
     spec.pools[1].saturated = true;
     f.dp.apply(std::slice::from_ref(&spec)).expect("apply");

@@ -73,10 +73,18 @@ fn segment_client(i: u8) -> Ipv4Addr {
 fn add_client_addresses(topo: &Topology) {
     let mut batch = String::new();
     for i in 1..=SHARE_CLIENTS {
-        batch.push_str(&format!("addr add {}/32 dev {}\n", share_client(i), topo.client_if()));
+        batch.push_str(&format!(
+            "addr add {}/32 dev {}\n",
+            share_client(i),
+            topo.client_if()
+        ));
     }
     for i in 1..=SEGMENT_CLIENTS {
-        batch.push_str(&format!("addr add {}/32 dev {}\n", segment_client(i), topo.client_if()));
+        batch.push_str(&format!(
+            "addr add {}/32 dev {}\n",
+            segment_client(i),
+            topo.client_if()
+        ));
     }
     let file = std::env::temp_dir().join(format!("pools-addrs-{}", std::process::id()));
     std::fs::write(&file, batch).expect("address batch");
@@ -170,7 +178,11 @@ fn single(answered: &BTreeMap<Ipv4Addr, BTreeSet<String>>) -> BTreeMap<Ipv4Addr,
     answered
         .iter()
         .map(|(c, set)| {
-            assert_eq!(set.len(), 1, "{c} reached {set:?}: a client stays in one pool");
+            assert_eq!(
+                set.len(),
+                1,
+                "{c} reached {set:?}: a client stays in one pool"
+            );
             (*c, set.first().cloned().unwrap_or_default())
         })
         .collect()
@@ -211,7 +223,11 @@ fn shares_segments_runtime_changes_and_fallback() {
     );
 
     // pool set moves only the clients it must: into canary, none out.
-    let line = cli(&socket, &["pool", "set", "llama", "canary", "--share", "40"]).unwrap();
+    let line = cli(
+        &socket,
+        &["pool", "set", "llama", "canary", "--share", "40"],
+    )
+    .unwrap();
     assert_eq!(line.trim(), "llama: stable 60%, canary 40%, spare 0%");
     let (answered, failures) = connect_all(&topo, &share_clients, 2);
     assert!(failures.is_empty(), "{failures:?}");
@@ -220,7 +236,11 @@ fn shares_segments_runtime_changes_and_fallback() {
     for (c, was) in &before {
         let now = &after[c];
         if now != was {
-            assert_eq!((was.as_str(), now.as_str()), ("b0", "b1"), "{c} moved the wrong way");
+            assert_eq!(
+                (was.as_str(), now.as_str()),
+                ("b0", "b1"),
+                "{c} moved the wrong way"
+            );
             moved += 1;
         }
     }
@@ -244,7 +264,10 @@ fn shares_segments_runtime_changes_and_fallback() {
             vec!["pool", "set", "llama", "blue", "--share", "5"],
             "no pool named \"blue\"",
         ),
-        (vec!["canary", "promote", "nope", "canary"], "no service named \"nope\""),
+        (
+            vec!["canary", "promote", "nope", "canary"],
+            "no service named \"nope\"",
+        ),
     ] {
         let out = Command::new(router_binary().unwrap())
             .arg("--socket")
@@ -366,7 +389,10 @@ fn until_judged(
             return p;
         }
     }
-    panic!("no guard verdict after {rounds} rounds: {:?}", pools(socket)["canary"]);
+    panic!(
+        "no guard verdict after {rounds} rounds: {:?}",
+        pools(socket)["canary"]
+    );
 }
 
 #[test]
@@ -381,7 +407,13 @@ fn a_guard_rolls_back_a_slowed_canary_and_not_a_healthy_one() {
                 netns::backend_addr(i),
                 8000,
                 // Headers with the first token: the datapath's first byte is TTFT.
-                &["--max-batch", "8", "--step-ms", "20", "--headers-with-first-token"],
+                &[
+                    "--max-batch",
+                    "8",
+                    "--step-ms",
+                    "20",
+                    "--headers-with-first-token",
+                ],
             )
             .expect("mock replica"),
         );

@@ -262,7 +262,11 @@ fn pools_example_parses() {
         .collect();
     assert_eq!(
         pools,
-        [("stable", 90, Some(2)), ("canary", 10, None), ("overflow", 0, None)]
+        [
+            ("stable", 90, Some(2)),
+            ("canary", 10, None),
+            ("overflow", 0, None)
+        ]
     );
     assert!(svc.pools[1].guard.is_some());
     assert_eq!(svc.segments.len(), 1);

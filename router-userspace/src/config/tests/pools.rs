@@ -114,9 +114,8 @@ fn pools_name_known_backends_once_each() {
 
 #[test]
 fn a_backend_in_no_pool_is_refused() {
-    let text = format!(
-        "{BASE}[[service.pool]]\nname = \"stable\"\nbackends = [\"gpu-0\"]\nshare = 100\n"
-    );
+    let text =
+        format!("{BASE}[[service.pool]]\nname = \"stable\"\nbackends = [\"gpu-0\"]\nshare = 100\n");
     assert_err(
         &text,
         14,

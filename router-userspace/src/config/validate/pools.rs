@@ -164,7 +164,11 @@ fn chain_names(pools: &[PoolConfig], chain: &[usize]) -> String {
         .join(" → ")
 }
 
-fn validate_guard(loc: &Locator<'_>, gp: &KeyPath, g: &RawGuard) -> Result<GuardConfig, ConfigError> {
+fn validate_guard(
+    loc: &Locator<'_>,
+    gp: &KeyPath,
+    g: &RawGuard,
+) -> Result<GuardConfig, ConfigError> {
     if !(g.ttft_p99_ratio.is_finite() && g.ttft_p99_ratio > 1.0) {
         return Err(loc.err(
             &gp.key("ttft_p99_ratio"),

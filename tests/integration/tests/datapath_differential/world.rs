@@ -69,9 +69,6 @@ pub(crate) struct SvcDef {
     pub(crate) saturated: [&'static [bool]; 3],
 }
 
-/// Index into SERVICES of the pooled service.
-pub(crate) const POOLED: usize = 7;
-
 /// Index into SERVICES of the large least-loaded service.
 pub(crate) const BIG: usize = 6;
 /// Its backends: more than the daemon scans, so it draws two choices
@@ -246,7 +243,11 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
                 ("bronze", &[3], 0, None),
             ],
             segments: &[("198.19.0.0/16", 2), ("198.18.1.0/24", 1)],
-            saturated: [&[true, false, false], &[true, true, true], &[false, false, false]],
+            saturated: [
+                &[true, false, false],
+                &[true, true, true],
+                &[false, false, false],
+            ],
         },
     ]
 });
