@@ -98,11 +98,12 @@ fn pools_name_known_backends_once_each() {
         "service[0].pool[1].backends",
         "needs at least one backend",
     );
+    // The second pool to name a backend is the one refused.
     assert_err(
         &pools_line(18, r#"backends = ["gpu-1"]"#),
-        18,
+        24,
         "service[0].pool[1].backends[0]",
-        "already in pool",
+        r#"backend "gpu-1" is already in pool "stable""#,
     );
     assert_err(
         &pools_line(23, r#"name = "stable""#),
