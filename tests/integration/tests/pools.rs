@@ -466,10 +466,11 @@ guard = { ttft_p99_ratio = 3.0, min_connections = 60 }
     assert_eq!(p["canary"].share, 50);
 
     // Slowed ten times: the next verdicts trip it, and its share goes to 0.
-    router_testkit::replica::control(
-        SocketAddr::from((netns::backend_addr(2), 8000)),
-        r#"{"speed": 0.1}"#,
-    )
+    let r2 = SocketAddr::from((netns::backend_addr(2), 8000));
+    netns::in_netns(topo.backend_ns(2), move || {
+        router_testkit::replica::control(r2, r#"{"speed": 0.1}"#)
+    })
+    .expect("entering r2's namespace")
     .expect("slowing r2");
     let p = until_judged(&topo, &socket, &clients, 12, |c| {
         c.guard.as_ref().is_some_and(|g| g.trips > 0)
