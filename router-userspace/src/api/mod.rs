@@ -257,7 +257,7 @@ pub enum OverrideError {
     #[error("writing weights to the datapath: {0}")]
     Datapath(#[source] crate::datapath::DatapathError),
     #[error(transparent)]
-    Pool(#[from] crate::control_loop::PoolError),
+    Pool(#[from] crate::pools::PoolError),
 }
 
 /// Percent-encodes a name for one path segment of the control API.

@@ -692,8 +692,9 @@ impl Controller {
 
 mod guard;
 mod pools;
+pub use crate::pools::PoolError;
 pub use guard::Trip;
-pub use pools::{PoolError, PoolShares, PoolState};
+pub use pools::{PoolShares, PoolState};
 
 #[cfg(test)]
 mod tests;

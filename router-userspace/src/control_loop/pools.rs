@@ -10,29 +10,12 @@ use super::{Controller, ServiceCtl};
 use crate::{
     config::{Config, ServiceConfig},
     datapath::{PoolSpec, SegmentSpec},
-    pools::{ShareError, set_share},
+    pools::{PoolError, set_share},
 };
 
 /// Shares set at run time: service → pool → percent. Persisted beside the
 /// control socket like the other overrides.
 pub type PoolShares = BTreeMap<String, BTreeMap<String, u32>>;
-
-/// A pool change that cannot be made; nothing changes.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PoolError {
-    #[error("no service named {0:?}")]
-    NoService(String),
-    #[error("service {0:?} has no pools")]
-    NoPools(String),
-    #[error("service {service:?} has no pool named {pool:?} (its pools: {known})")]
-    NoPool {
-        service: String,
-        pool: String,
-        known: String,
-    },
-    #[error(transparent)]
-    Share(#[from] ShareError),
-}
 
 /// A pool's share as it stands, and whether it has room.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -236,7 +219,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::telemetry::{Reading, TelemetryError};
+    use crate::{
+        pools::ShareError,
+        telemetry::{Reading, TelemetryError},
+    };
 
     fn config(canary_name: &str) -> Config {
         let text = format!(

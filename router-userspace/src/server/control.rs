@@ -18,7 +18,7 @@ use crate::{
         DrainQuery, ErrorReply, Override, OverrideChange, OverrideError, ReloadReply, StatusReply,
         views::{BackendView, PoolView, ServiceView},
     },
-    control_loop::PoolError,
+    pools::PoolError,
     server::bounded,
 };
 
