@@ -29,7 +29,7 @@ use crate::{
     },
     mem::zeroed64,
     nat::deltas,
-    pool, select, seq, stats,
+    select, seq, stats,
 };
 
 /// Fills `reply` (all zero) as the reply entry of flow `fwd` translated to
@@ -233,10 +233,7 @@ pub fn create(
         key.proto,
     );
     let fresh = control.syn || key.proto != PROTO_TCP;
-    let Some(at) = pool::placement(svc, key.src_addr) else {
-        return NewFlow::NoBackend;
-    };
-    let backend_id = select::backend(svc, &at, hash, fresh);
+    let backend_id = select::backend(svc, hash, fresh);
     if backend_id == NO_BACKEND {
         return NewFlow::NoBackend;
     }

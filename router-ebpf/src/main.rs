@@ -26,7 +26,6 @@ mod maps;
 mod mem;
 mod nat;
 mod parse;
-mod pool;
 mod select;
 mod seq;
 mod stats;

@@ -36,7 +36,7 @@ use tracing::info;
 use crate::{
     api::{
         BackendMode, StatusReply,
-        views::{BackendView, PoolView, ServiceView},
+        views::{BackendView, ServiceView},
     },
     datapath::Histogram,
     server::bounded::{self, ServerStats},
@@ -69,10 +69,9 @@ pub struct Snapshot {
     pub status: StatusReply,
     pub conn_entries: Option<u64>,
     pub conn_capacity: u32,
-    pub pools: Vec<PoolView>,
 }
 
-pub(super) type Labels = Vec<(&'static str, String)>;
+type Labels = Vec<(&'static str, String)>;
 
 fn backend_labels(b: &BackendView) -> Labels {
     vec![("service", b.service.clone()), ("backend", b.name.clone())]
@@ -103,7 +102,7 @@ fn family<T>(
     Ok(())
 }
 
-pub(super) fn gauges(
+fn gauges(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -115,7 +114,7 @@ pub(super) fn gauges(
     })
 }
 
-pub(super) fn counters(
+fn counters(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -126,7 +125,7 @@ pub(super) fn counters(
     })
 }
 
-pub(super) fn histograms(
+fn histograms(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -152,7 +151,7 @@ pub(super) fn histograms(
     })
 }
 
-pub(super) fn flag(b: bool) -> Option<f64> {
+fn flag(b: bool) -> Option<f64> {
     Some(if b { 1.0 } else { 0.0 })
 }
 
@@ -490,7 +489,6 @@ impl Collector for Snapshot {
             "Daemon uptime.",
             [(Labels::new(), Some(self.status.uptime_secs as f64))],
         )?;
-        super::pool_metrics::encode(e, &self.pools)?;
         Ok(())
     }
 }

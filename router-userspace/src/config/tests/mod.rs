@@ -6,7 +6,6 @@ mod backend;
 mod examples;
 mod host;
 mod policy;
-mod pools;
 mod semantic;
 mod syntax;
 

@@ -3,7 +3,6 @@
 
 mod daemon;
 mod policy;
-mod pools;
 mod services;
 mod telemetry;
 mod values;

@@ -38,8 +38,6 @@ pub(super) fn service() -> ServiceSpec {
                 max_in_flight: 0,
             })
             .collect(),
-        pools: Vec::new(),
-        segments: Vec::new(),
     }
 }
 
