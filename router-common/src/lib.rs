@@ -18,6 +18,7 @@ pub mod hashing;
 pub mod latency;
 pub mod limits;
 pub mod maps;
+pub mod pools;
 pub mod reasons;
 pub mod selection;
 pub mod tcp_seq;

@@ -18,11 +18,12 @@ use crate::{
 /// to a struct here, a `CONN_*` or `FILTER_*` bit, or a map's indexing
 /// (`layout_fingerprint` in the tests below names what it covers).
 ///
-/// 3: the `NEXT_HOPS` map (`NextHop`) and the `FIB_GEN_PER_FLOW` bit of
+/// 4: pools (`POOLS`, `SEGMENTS`, `SHARES`, `SPILLS`; `Service` gained
+/// `pools`, `share_half` and `segments`). 3: the `NEXT_HOPS` map (`NextHop`) and the `FIB_GEN_PER_FLOW` bit of
 /// `FIB_GEN`. 2: `ConnEntry` gained `seq_next` (checksum deltas folded to
 /// u16) and `CONN_HEARD`. 1 stands for every datapath pinned before the
 /// stamp.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Set in `FIB_GEN` while the host routes by more than the destination
 /// (policy rules, multipath routes): a next hop found for one flow to a
@@ -69,6 +70,61 @@ pub struct Service {
     /// makes a least-loaded service draw two choices from its Maglev table
     /// instead of scanning (services larger than `MAX_SCAN_MEMBERS`).
     pub members: u32,
+    /// Pools of the service (see `pools`); 0: none, the service's own
+    /// table and members place every flow.
+    pub pools: u32,
+    /// Which half of the service's `SHARES` buckets is live: 0 or 1.
+    pub share_half: u32,
+    /// Segments (`SEGMENTS` entries) of the service: 0 skips the lookup.
+    pub segments: u32,
+    pub _pad: u32,
+}
+
+/// `POOLS` key: pool `index` (0..MAX_POOLS) of service `service_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub service_id: u32,
+    pub index: u32,
+}
+
+/// `POOLS` value. Replaced as a whole by userspace (a hash map value is
+/// swapped, never torn), so a pool's table flip, member count and flags
+/// change together from a packet's point of view.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pool {
+    /// The table slot whose `MAGLEV_TABLES` and `MEMBERS` halves hold the
+    /// pool's backends, indexed as a service id is.
+    pub table: u32,
+    /// Live half of the pool's table and members: 0 or 1.
+    pub active_table: u32,
+    /// As `Service::members`, for the pool's scan list.
+    pub members: u32,
+    /// Index of the pool that takes this one's new connections while it
+    /// has no room; `NO_POOL` for none.
+    pub fallback: u32,
+    /// `POOL_NO_ROOM`, `POOL_EMPTY`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `SEGMENTS` key data (after the trie's prefix length): the service id,
+/// big-endian so that its 32 bits are the prefix's first, then the client
+/// network in wire order. A segment's prefix length is 32 + its CIDR's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SegmentKey {
+    pub service_id_be: u32,
+    pub addr: u32,
+}
+
+/// `SHARES` value: the pool index of `SLOTS_PER_ENTRY` consecutive share
+/// buckets (see `pools::share_slot`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShareSlots {
+    pub pools: [u8; 8],
 }
 
 /// `BACKENDS` value, indexed by backend id.
@@ -292,12 +348,20 @@ mod pod {
     unsafe impl aya::Pod for Member {}
     unsafe impl aya::Pod for BackendLoad {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for PoolKey {}
+    unsafe impl aya::Pod for Pool {}
+    unsafe impl aya::Pod for SegmentKey {}
+    unsafe impl aya::Pod for ShareSlots {}
 }
 
 // Layout is part of the kernel ABI between the two halves: pin it.
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 8);
-    assert!(core::mem::size_of::<Service>() == 40);
+    assert!(core::mem::size_of::<Service>() == 56);
+    assert!(core::mem::size_of::<PoolKey>() == 8);
+    assert!(core::mem::size_of::<Pool>() == 24);
+    assert!(core::mem::size_of::<SegmentKey>() == 8);
+    assert!(core::mem::size_of::<ShareSlots>() == 8);
     assert!(core::mem::size_of::<Backend>() == 24);
     assert!(core::mem::size_of::<Member>() == 16);
     assert!(core::mem::size_of::<BackendLoad>() == 16);
@@ -327,6 +391,13 @@ mod layout_fingerprint {
             offset_of!(Service, snat_count),
             offset_of!(Service, selection),
             offset_of!(Service, members),
+            offset_of!(Service, pools),
+            offset_of!(Service, segments),
+            size_of::<Pool>(),
+            offset_of!(Pool, fallback),
+            offset_of!(Pool, flags),
+            size_of::<SegmentKey>(),
+            size_of::<ShareSlots>(),
             size_of::<Backend>(),
             offset_of!(Backend, weight),
             offset_of!(Backend, max_in_flight),
@@ -358,14 +429,15 @@ mod layout_fingerprint {
                 | CONN_COUNTED
                 | CONN_HEARD) as usize,
             (FILTER_VIP | FILTER_SNAT) as usize,
+            (crate::pools::POOL_NO_ROOM | crate::pools::POOL_EMPTY) as usize,
         ];
         assert_eq!(
             (LAYOUT_VERSION, fingerprint),
             (
-                3,
+                4,
                 [
-                    8, 40, 24, 32, 36, 24, 16, 20, 16, 16, 16, 64, 12, 14, 16, 20, 32, 36, 40, 48,
-                    52, 56, 32, 232, 28, 16, 24, 2147483648, 127, 3
+                    8, 56, 24, 32, 36, 40, 48, 24, 12, 16, 8, 8, 24, 16, 20, 16, 16, 16, 64, 12,
+                    14, 16, 20, 32, 36, 40, 48, 52, 56, 32, 232, 28, 16, 24, 2147483648, 127, 3, 3
                 ]
             ),
             "a pinned map's layout changed: bump LAYOUT_VERSION, say why beside it, \

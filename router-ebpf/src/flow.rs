@@ -29,7 +29,7 @@ use crate::{
     },
     mem::zeroed64,
     nat::deltas,
-    select, seq, stats,
+    pool, select, seq, stats,
 };
 
 /// Fills `reply` (all zero) as the reply entry of flow `fwd` translated to
@@ -233,7 +233,10 @@ pub fn create(
         key.proto,
     );
     let fresh = control.syn || key.proto != PROTO_TCP;
-    let backend_id = select::backend(svc, hash, fresh);
+    let Some(at) = pool::placement(svc, key.src_addr) else {
+        return NewFlow::NoBackend;
+    };
+    let backend_id = select::backend(svc, &at, hash, fresh);
     if backend_id == NO_BACKEND {
         return NewFlow::NoBackend;
     }

@@ -26,6 +26,7 @@ mod maps;
 mod mem;
 mod nat;
 mod parse;
+mod pool;
 mod select;
 mod seq;
 mod stats;

@@ -1,19 +1,22 @@
 //! Every map and load-time global of the `router` XDP program. Userspace is
-//! the only writer of SERVICES, BACKENDS, MAGLEV_TABLES, MEMBERS,
-//! ADDR_FILTER, SNAT_ADDRS and FIB_GEN; the program writes CONNS, HALF_OPEN
-//! and the per-CPU counters; both add to BACKEND_LOAD, atomically.
+//! the only writer of SERVICES, BACKENDS, MAGLEV_TABLES, MEMBERS, POOLS,
+//! SEGMENTS, SHARES, ADDR_FILTER, SNAT_ADDRS and FIB_GEN; the program writes
+//! CONNS, HALF_OPEN and the per-CPU counters; both add to BACKEND_LOAD, atomically.
 
 use aya_ebpf::{
     Global,
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use router_common::{
     ADDR_FILTER_SIZE, Backend, BackendLoad, ConnEntry, ConnKey, DEFAULT_CONN_TABLE_SIZE,
     DEFAULT_TABLE_SIZE, LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SNAT_ADDRS_TOTAL, Member, NextHop, Service, ServiceKey, TrafficCounters,
-    half_open_table_size, reasons, selection::MAX_SCAN_MEMBERS,
+    MAX_SNAT_ADDRS_TOTAL, Member, NextHop, Pool, PoolKey, SegmentKey, Service, ServiceKey,
+    ShareSlots, TrafficCounters, half_open_table_size,
+    pools::{MAX_POOLS, MAX_SEGMENTS, SHARE_BUCKETS, SLOTS_PER_ENTRY},
+    reasons,
+    selection::MAX_SCAN_MEMBERS,
 };
 
 #[map]
@@ -33,6 +36,28 @@ pub static MAGLEV_TABLES: Array<u32> =
 /// `selection::member_index`.
 #[map]
 pub static MEMBERS: Array<Member> = Array::with_max_entries(MAX_SERVICES * 2 * MAX_SCAN_MEMBERS, 0);
+
+/// Pools of pooled services, by (service id, pool index): the table slot
+/// that places the pool's flows, and whether the pool has room.
+#[map]
+pub static POOLS: HashMap<PoolKey, Pool> = HashMap::with_max_entries(MAX_SERVICES * MAX_POOLS, 0);
+
+/// Client networks routed to a pool, per service: (service id, network) →
+/// pool index, longest prefix first (see `SegmentKey`).
+#[map]
+pub static SEGMENTS: LpmTrie<SegmentKey, u32> = LpmTrie::with_max_entries(MAX_SEGMENTS, 0);
+
+/// Share buckets → pool index, two halves per service, flipped with
+/// `Service::share_half` (see `pools::share_slot`).
+#[map]
+pub static SHARES: Array<ShareSlots> =
+    Array::with_max_entries(MAX_SERVICES * 2 * SHARE_BUCKETS / SLOTS_PER_ENTRY, 0);
+
+/// Per CPU: new connections a pool handed to its fallback chain, by
+/// (service, from pool, to pool) (see `pools::spill_index`).
+#[map]
+pub static SPILLS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(MAX_SERVICES * MAX_POOLS * MAX_POOLS, 0);
 
 /// Per backend id: flows opened and closed, so every CPU reads a backend's
 /// in-flight count at SYN time. Memory-mappable so the daemon can add its

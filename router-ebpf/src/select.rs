@@ -15,31 +15,43 @@ use crate::{
     maps::{BACKENDS, MAGLEV_TABLES, MEMBERS, TABLE_SIZE},
 };
 
-/// The backend for a new flow of `svc` with flow hash `hash`. `fresh` is a
-/// flow that starts here (a SYN, a UDP flow): only those are placed by
-/// load. A TCP flow picked up mid-stream goes through Maglev, which maps
-/// it to the backend it had while the weights are unchanged.
-#[inline(always)]
-pub fn backend(svc: &Service, hash: u32, fresh: bool) -> u32 {
-    if fresh && svc.selection == SELECT_LEAST_LOADED {
-        if svc.members > 0 {
-            return scan(svc, hash);
-        }
-        return two_choices(svc, hash);
-    }
-    maglev(svc, hash)
+/// The table a flow is placed from: a service's own, or its pool's (see
+/// `pool::placement`), indexed as `MAGLEV_TABLES` and `MEMBERS` are.
+#[derive(Clone, Copy)]
+pub struct Placement {
+    pub table: u32,
+    /// The live half: 0 or 1.
+    pub half: u32,
+    /// Scan-list length; 0 draws two choices from the Maglev table.
+    pub members: u32,
 }
 
-/// The backend id in the service's live Maglev table half at `hash`'s slot.
+/// The backend for a new flow of `svc` with flow hash `hash`, from the
+/// table `at`. `fresh` is a flow that starts here (a SYN, a UDP flow): only
+/// those are placed by load. A TCP flow picked up mid-stream goes through
+/// Maglev, which maps it to the backend it had while the weights are
+/// unchanged.
 #[inline(always)]
-fn maglev(svc: &Service, hash: u32) -> u32 {
+pub fn backend(svc: &Service, at: &Placement, hash: u32, fresh: bool) -> u32 {
+    if fresh && svc.selection == SELECT_LEAST_LOADED {
+        if at.members > 0 {
+            return scan(at, hash);
+        }
+        return two_choices(at, hash);
+    }
+    maglev(at, hash)
+}
+
+/// The backend id in the live Maglev table half at `hash`'s slot.
+#[inline(always)]
+fn maglev(at: &Placement, hash: u32) -> u32 {
     // checked_rem: a plain `%` would keep a divide-by-zero panic path, which
     // the verifier rejects; the loader guarantees a non-zero size anyway.
     let size = TABLE_SIZE.load();
     let Some(slot) = hash.checked_rem(size) else {
         return NO_BACKEND;
     };
-    let idx = (svc.id * 2 + (svc.active_table & 1)) * size + slot;
+    let idx = (at.table * 2 + (at.half & 1)) * size + slot;
     match MAGLEV_TABLES.get(idx) {
         Some(id) => *id,
         None => NO_BACKEND,
@@ -49,7 +61,7 @@ fn maglev(svc: &Service, hash: u32) -> u32 {
 /// What the scan carries from member to member (on the caller's stack).
 #[repr(C)]
 struct Scan {
-    service_id: u32,
+    table: u32,
     half: u32,
     n: u32,
     start: u32,
@@ -65,9 +77,9 @@ struct Scan {
 /// bounded loop would be verified once per member and path, past the
 /// verifier's budget for the whole program.
 #[inline(always)]
-fn scan(svc: &Service, hash: u32) -> u32 {
-    let n = if svc.members < MAX_SCAN_MEMBERS {
-        svc.members
+fn scan(at: &Placement, hash: u32) -> u32 {
+    let n = if at.members < MAX_SCAN_MEMBERS {
+        at.members
     } else {
         MAX_SCAN_MEMBERS
     };
@@ -75,8 +87,8 @@ fn scan(svc: &Service, hash: u32) -> u32 {
         return NO_BACKEND;
     };
     let mut st = Scan {
-        service_id: svc.id,
-        half: svc.active_table,
+        table: at.table,
+        half: at.half,
         n,
         start,
         best: NO_BACKEND,
@@ -109,7 +121,7 @@ extern "C" fn scan_member(i: u64, ctx: *mut c_void) -> i64 {
     if j >= st.n {
         j -= st.n;
     }
-    let Some(m) = MEMBERS.get(member_index(st.service_id, st.half, j)) else {
+    let Some(m) = MEMBERS.get(member_index(st.table, st.half, j)) else {
         return 0;
     };
     if m.weight == 0 {
@@ -144,9 +156,9 @@ fn candidate(backend_id: u32) -> Candidate {
 /// the first on a tie. A backend whose weight has just gone to 0 can still
 /// sit in a table half until the flip: it is never picked.
 #[inline(always)]
-fn two_choices(svc: &Service, hash: u32) -> u32 {
-    let a = maglev(svc, hash);
-    let b = maglev(svc, second_choice(hash));
+fn two_choices(at: &Placement, hash: u32) -> u32 {
+    let a = maglev(at, hash);
+    let b = maglev(at, second_choice(hash));
     let (ra, rb) = (rank(&candidate(a)), rank(&candidate(b)));
     let (pick, r) = if b != NO_BACKEND && b != a && rb < ra {
         (b, rb)

@@ -23,6 +23,7 @@ pub mod host;
 pub mod maglev;
 pub mod netlink;
 pub mod policy;
+pub mod pools;
 pub mod server;
 pub mod state_file;
 pub mod telemetry;

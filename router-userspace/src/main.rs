@@ -109,6 +109,23 @@ enum Command {
     },
     /// Undo `drain`: the backend slow-starts back to its weight.
     Undrain { service: String, backend: String },
+    /// Pools (of one service, or all): shares, room, traffic, fallbacks,
+    /// cost and time to first byte.
+    Pools {
+        service: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a pool at run time (kept across reloads and restarts).
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
+    /// Move a canary pool to all unmatched clients, or take it out.
+    Canary {
+        #[command(subcommand)]
+        command: CanaryCommand,
+    },
     /// Re-read the daemon's config file and apply all of it, or none of it.
     Reload {
         #[arg(long)]
@@ -169,6 +186,28 @@ enum WeightCommand {
 }
 
 #[derive(Subcommand)]
+enum PoolCommand {
+    /// Set a pool's share of unmatched clients; the other pools keep their
+    /// proportions and the total stays 100.
+    Set {
+        service: String,
+        pool: String,
+        /// Percent, 0 to 100.
+        #[arg(long)]
+        share: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum CanaryCommand {
+    /// Share 100: every unmatched client goes to the pool.
+    Promote { service: String, pool: String },
+    /// Share 0: the pool takes no unmatched clients (segments and
+    /// fallbacks still reach it).
+    Rollback { service: String, pool: String },
+}
+
+#[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a config file (syntax, values, and this host's interfaces).
     Check {
@@ -209,6 +248,26 @@ async fn drain(
     }
     let body = client::request(socket, method, &path).await?;
     println!("{}", String::from_utf8_lossy(&body));
+    Ok(())
+}
+
+/// One line: every pool's share after the change.
+async fn set_pool_share(
+    socket: &std::path::Path,
+    service: &str,
+    pool: &str,
+    share: u32,
+) -> Result<()> {
+    let path = format!(
+        "/v1/services/{}/pools/{}/share/{share}",
+        path_segment(service),
+        path_segment(pool)
+    );
+    let body = client::request(socket, "POST", &path).await?;
+    let shares: Vec<(String, u32)> =
+        serde_json::from_slice(&body).context("decoding the daemon's pool shares")?;
+    let list: Vec<String> = shares.iter().map(|(n, s)| format!("{n} {s}%")).collect();
+    println!("{service}: {}", list.join(", "));
     Ok(())
 }
 
@@ -396,6 +455,37 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 Ok(())
             }
+            Command::Pools { service, json } => {
+                let path = match &service {
+                    Some(s) => format!("/v1/services/{}/pools", path_segment(s)),
+                    None => "/v1/pools".to_string(),
+                };
+                let body = client::request(&cli.socket, "GET", &path).await?;
+                let pools: Vec<router::api::views::PoolView> =
+                    serde_json::from_slice(&body).context("decoding the daemon's pools")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&pools)?);
+                } else {
+                    print!("{}", render::render_pools(&pools));
+                }
+                Ok(())
+            }
+            Command::Pool {
+                command:
+                    PoolCommand::Set {
+                        service,
+                        pool,
+                        share,
+                    },
+            } => set_pool_share(&cli.socket, &service, &pool, share).await,
+            Command::Canary { command } => match command {
+                CanaryCommand::Promote { service, pool } => {
+                    set_pool_share(&cli.socket, &service, &pool, 100).await
+                }
+                CanaryCommand::Rollback { service, pool } => {
+                    set_pool_share(&cli.socket, &service, &pool, 0).await
+                }
+            },
             Command::Reload { json } => {
                 let body = client::request(&cli.socket, "POST", "/v1/reload").await?;
                 let reply: ReloadReply = serde_json::from_slice(&body)?;

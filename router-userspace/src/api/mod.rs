@@ -41,6 +41,43 @@ pub struct StatusReply {
     /// handed to the policy) since the daemon started.
     #[serde(default)]
     pub telemetry_polls_done: u64,
+    /// Pools of every pooled service, as the control loop holds them.
+    #[serde(default)]
+    pub pools: Vec<PoolStatus>,
+}
+
+/// A pool as the control loop holds it: share, room, fallback, guard.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PoolStatus {
+    pub service: String,
+    pub name: String,
+    /// Percent of new connections from clients no segment matches.
+    pub share: u32,
+    /// The share the config gives it (`share` differs after `pool set`,
+    /// `canary promote|rollback` or a guard's rollback).
+    pub configured_share: u32,
+    pub backends: Vec<String>,
+    pub fallback: Option<String>,
+    /// Client networks routed to this pool.
+    pub segments: Vec<String>,
+    /// Every backend saturated, unhealthy or drained at the last tick: new
+    /// connections go to the fallback.
+    pub no_room: bool,
+    pub guard: Option<GuardStatus>,
+}
+
+/// A pool's rollback guard: its setting, and what it last judged.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GuardStatus {
+    pub ttft_p99_ratio: f64,
+    pub min_connections: u64,
+    /// Times the guard set the pool's share to 0.
+    pub trips: u64,
+    /// The last window judged: the pool's first-byte p99 against the
+    /// other pools', in ms, over this many of the pool's connections.
+    pub last_p99_ms: Option<f64>,
+    pub last_others_p99_ms: Option<f64>,
+    pub last_connections: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -219,6 +256,8 @@ pub enum OverrideError {
     NotRunning,
     #[error("writing weights to the datapath: {0}")]
     Datapath(#[source] crate::datapath::DatapathError),
+    #[error(transparent)]
+    Pool(#[from] crate::pools::PoolError),
 }
 
 /// Percent-encodes a name for one path segment of the control API.

@@ -108,6 +108,104 @@ pub struct ServiceView {
     pub fallback_connections: u64,
 }
 
+/// A pool of a service: its share and room from the control loop, its
+/// traffic, latency and cost summed over its backends, and what it handed
+/// to its fallback chain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoolView {
+    pub service: String,
+    pub name: String,
+    pub share: u32,
+    pub configured_share: u32,
+    pub backends: Vec<String>,
+    pub fallback: Option<String>,
+    pub segments: Vec<String>,
+    pub no_room: bool,
+    pub in_flight: u64,
+    /// New connections its backends took (its own clients' and those
+    /// other pools spilled into it).
+    pub new_connections: u64,
+    pub new_conns_per_sec: Option<f64>,
+    /// New connections of this pool's clients that went down its
+    /// fallback chain, by the pool that took them.
+    pub fallback_connections: BTreeMap<String, u64>,
+    /// Of the new connections that started in this pool, the part that
+    /// went to a fallback (since the daemon started).
+    pub fallback_rate: Option<f64>,
+    pub cost_per_hour: Option<f64>,
+    pub cost_per_1k_connections: Option<f64>,
+    pub first_byte_p50_ms: Option<f64>,
+    pub first_byte_p99_ms: Option<f64>,
+    pub first_byte_latency: Histogram,
+    pub guard: Option<super::GuardStatus>,
+}
+
+/// The pools of every pooled service, joined with their backends' views.
+pub fn pools(st: &StatusReply, backends: &[BackendView]) -> Vec<PoolView> {
+    st.pools
+        .iter()
+        .map(|p| {
+            let mine: Vec<&BackendView> = backends
+                .iter()
+                .filter(|b| b.service == p.service && p.backends.contains(&b.name))
+                .collect();
+            let sum_opt = |f: &dyn Fn(&BackendView) -> Option<f64>| {
+                let v: Vec<f64> = mine.iter().filter_map(|b| f(b)).collect();
+                (!v.is_empty()).then(|| v.iter().sum::<f64>())
+            };
+            let rate = sum_opt(&|b| b.new_conns_per_sec);
+            let cost = sum_opt(&|b| b.cost_per_hour);
+            let mut first_byte = Histogram::default();
+            for b in &mine {
+                first_byte.add(&b.first_byte_latency);
+            }
+            let spills: Vec<&crate::datapath::Spill> = st
+                .datapath
+                .services
+                .iter()
+                .filter(|s| s.name == p.service)
+                .flat_map(|s| &s.spills)
+                .collect();
+            let fallback_connections: BTreeMap<String, u64> = spills
+                .iter()
+                .filter(|x| x.from == p.name)
+                .map(|x| (x.to.clone(), x.connections))
+                .collect();
+            let out: u64 = fallback_connections.values().sum();
+            let came_in: u64 = spills
+                .iter()
+                .filter(|x| x.to == p.name)
+                .map(|x| x.connections)
+                .sum();
+            let new_connections: u64 = mine.iter().map(|b| b.counters.new_conns).sum();
+            // Connections whose clients started here: those its backends
+            // took less the ones spilled into it, plus the ones it spilled.
+            let started = new_connections.saturating_sub(came_in) + out;
+            PoolView {
+                service: p.service.clone(),
+                name: p.name.clone(),
+                share: p.share,
+                configured_share: p.configured_share,
+                backends: p.backends.clone(),
+                fallback: p.fallback.clone(),
+                segments: p.segments.clone(),
+                no_room: p.no_room,
+                in_flight: mine.iter().map(|b| b.in_flight).sum(),
+                new_connections,
+                new_conns_per_sec: rate,
+                fallback_rate: (started > 0).then(|| out as f64 / started as f64),
+                fallback_connections,
+                cost_per_hour: cost,
+                cost_per_1k_connections: per_1k(cost, rate),
+                first_byte_p50_ms: ms(first_byte.quantile(0.5)),
+                first_byte_p99_ms: ms(first_byte.quantile(0.99)),
+                first_byte_latency: first_byte,
+                guard: p.guard.clone(),
+            }
+        })
+        .collect()
+}
+
 fn ms(s: Option<f64>) -> Option<f64> {
     s.map(|s| s * 1e3)
 }

@@ -180,6 +180,93 @@ pub fn render_services(services: &[crate::api::views::ServiceView]) -> String {
     out
 }
 
+/// `router pools`: one line per pool, then its fallback connections and
+/// guard, if any.
+pub fn render_pools(pools: &[crate::api::views::PoolView]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<12} {:<10} {:>6} {:>4} {:>9} {:>10} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9}  BACKENDS",
+        "SERVICE",
+        "POOL",
+        "SHARE",
+        "ROOM",
+        "IN FLIGHT",
+        "NEW CONNS",
+        "CONN/S",
+        "FALLBACK",
+        "$/HOUR",
+        "$/1K CONN",
+        "TTFT P50",
+        "TTFT P99",
+    );
+    for p in pools {
+        let share = if p.share == p.configured_share {
+            format!("{}%", p.share)
+        } else {
+            format!("{}%*", p.share)
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:<10} {:>6} {:>4} {:>9} {:>10} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9}  {}",
+            p.service,
+            p.name,
+            share,
+            if p.no_room { "no" } else { "yes" },
+            p.in_flight,
+            p.new_connections,
+            opt(p.new_conns_per_sec, 1),
+            p.fallback_rate
+                .map_or_else(|| "-".into(), |r| format!("{:.1}%", r * 100.0)),
+            opt(p.cost_per_hour, 2),
+            opt(p.cost_per_1k_connections, 4),
+            p.first_byte_p50_ms
+                .map_or_else(|| "-".into(), |v| format!("{v:.1}ms")),
+            p.first_byte_p99_ms
+                .map_or_else(|| "-".into(), |v| format!("{v:.1}ms")),
+            p.backends.join(","),
+        );
+        if let Some(fb) = &p.fallback {
+            let spilled: Vec<String> = p
+                .fallback_connections
+                .iter()
+                .map(|(to, n)| format!("{n} to {to}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{:<24}falls back to {fb}; spilled {}",
+                "",
+                if spilled.is_empty() {
+                    "none".to_string()
+                } else {
+                    spilled.join(", ")
+                }
+            );
+        }
+        if !p.segments.is_empty() {
+            let _ = writeln!(out, "{:<24}segments {}", "", p.segments.join(", "));
+        }
+        if let Some(g) = &p.guard {
+            let last = match (g.last_p99_ms, g.last_others_p99_ms) {
+                (Some(a), Some(b)) => format!(
+                    "; last window {a:.1} ms against {b:.1} ms over {} connections",
+                    g.last_connections
+                ),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<24}guard: p99 above {}× the others after {} connections; tripped {} times{last}",
+                "", g.ttft_p99_ratio, g.min_connections, g.trips
+            );
+        }
+    }
+    if pools.iter().any(|p| p.share != p.configured_share) {
+        let _ = writeln!(out, "* set at run time; the config says otherwise");
+    }
+    out
+}
+
 /// `router backends` (and `router top` without a terminal): one line per backend.
 pub fn render_backends(backends: &[crate::api::views::BackendView]) -> String {
     let mut out = String::new();

@@ -199,6 +199,58 @@ pub struct ServiceConfig {
     /// How new flows pick a backend: as written, else `least_loaded` for a
     /// service with any telemetry-driven backend and `maglev` otherwise.
     pub selection: Selection,
+    /// Named groups of the backends (see `router_common::pools`); empty:
+    /// one implicit pool of every backend.
+    pub pools: Vec<PoolConfig>,
+    /// Client networks routed to a pool, in config order.
+    pub segments: Vec<SegmentConfig>,
+}
+
+/// A pool of a service: every backend is in exactly one pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    /// Backend names of the service, in config order; never empty.
+    pub backends: Vec<String>,
+    /// Percent of new connections from clients no segment matches; the
+    /// shares of a service's pools add up to 100. 0: segments and
+    /// fallbacks only.
+    pub share: u32,
+    /// Index (into `pools`) of the pool that takes this one's new
+    /// connections while it has no room. Chains are acyclic and at most
+    /// `MAX_FALLBACK_DEPTH` long.
+    pub fallback: Option<usize>,
+    pub guard: Option<GuardConfig>,
+}
+
+/// Automatic rollback of a pool whose time to first byte falls behind.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GuardConfig {
+    /// Trip when the pool's TTFT p99 exceeds this multiple of the other
+    /// pools' p99; finite, above 1.
+    pub ttft_p99_ratio: f64,
+    /// Connections (first bytes measured) the pool needs in the window
+    /// before the guard judges; at least 1.
+    pub min_connections: u64,
+}
+
+/// A client network routed to a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentConfig {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+    /// Index into the service's `pools`.
+    pub pool: usize,
+}
+
+impl SegmentConfig {
+    /// Whether `client` falls in this network.
+    pub fn contains(&self, client: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
+        u32::from(client) & mask == u32::from(self.addr)
+    }
 }
 
 pub use crate::datapath::Selection;

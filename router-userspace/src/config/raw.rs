@@ -53,6 +53,34 @@ pub(super) struct RawService {
     pub(super) backend: Vec<RawBackend>,
     pub(super) fallback: Option<String>,
     pub(super) selection: Option<Selection>,
+    #[serde(default)]
+    pub(super) pool: Vec<RawPool>,
+    #[serde(default)]
+    pub(super) segment: Vec<RawSegment>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPool {
+    pub(super) name: String,
+    pub(super) backends: Vec<String>,
+    pub(super) share: Option<u32>,
+    pub(super) fallback: Option<String>,
+    pub(super) guard: Option<RawGuard>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGuard {
+    pub(super) ttft_p99_ratio: f64,
+    pub(super) min_connections: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSegment {
+    pub(super) cidr: String,
+    pub(super) pool: String,
 }
 
 #[derive(Deserialize, Default)]

@@ -52,6 +52,8 @@ struct ServiceCtl {
     /// Probes failing on local errors since the last probe that ran (see
     /// `record_probe`); 0 outside such an episode.
     local_failures: u64,
+    /// Per pool (config order): no room at the last tick.
+    pools_no_room: Vec<bool>,
 }
 
 /// Prefix of a fallback service's backends' names inside the service they
@@ -104,6 +106,10 @@ pub struct Controller {
     pub health_local_episodes: u64,
     /// service → backend → override; looked up by `&str`, no allocation per poll.
     overrides: BTreeMap<String, BTreeMap<String, Override>>,
+    /// Pool shares set at run time (see `pools`).
+    pool_shares: PoolShares,
+    /// Rollback guards' windows and trips (see `guard`).
+    guards: guard::Guards,
 }
 
 fn health_check(addr: SocketAddrV4, h: &HealthConfig) -> HealthCheck {
@@ -138,6 +144,20 @@ impl Controller {
             };
             backends.retain(|be, _| s.backends.iter().any(|b| &b.name == be));
             !backends.is_empty()
+        });
+        let mut pool_shares = previous
+            .as_ref()
+            .map(|p| p.pool_shares.clone())
+            .unwrap_or_default();
+        Self::retain_pool_shares(&mut pool_shares, cfg);
+        let mut guards = previous
+            .as_ref()
+            .map(|p| p.guards.clone())
+            .unwrap_or_default();
+        guards.retain(|(svc, pool), _| {
+            cfg.services.iter().any(|s| {
+                &s.name == svc && s.pools.iter().any(|p| &p.name == pool && p.guard.is_some())
+            })
         });
         let mut old: BTreeMap<String, ServiceCtl> = previous
             .map(|p| {
@@ -209,6 +229,7 @@ impl Controller {
                     backends,
                     overflowing: false,
                     local_failures: 0,
+                    pools_no_room: Vec::new(),
                 }
             })
             .collect();
@@ -223,6 +244,8 @@ impl Controller {
             policy_ticks,
             telemetry_polls_done,
             overrides,
+            pool_shares,
+            guards,
         }
     }
 
@@ -559,7 +582,13 @@ impl Controller {
             }
         }
         let mut specs = Vec::with_capacity(self.services.len());
-        for (s, scfg) in self.services.iter().zip(&cfg.services) {
+        let mut pooled = Vec::with_capacity(self.services.len());
+        for (s, scfg) in self.services.iter_mut().zip(&cfg.services) {
+            let (pools, segments, room_changed) = s.pool_specs(scfg, &self.pool_shares);
+            changed |= room_changed;
+            pooled.push((pools, segments));
+        }
+        for ((s, scfg), (pools, segments)) in self.services.iter().zip(&cfg.services).zip(pooled) {
             let mut backends: Vec<BackendSpec> = s
                 .backends
                 .iter()
@@ -596,6 +625,8 @@ impl Controller {
                 snat_port_max: cfg.daemon.snat_port_max,
                 selection: scfg.selection,
                 backends,
+                pools,
+                segments,
             });
         }
         (specs, changed)
@@ -658,6 +689,12 @@ impl Controller {
         out
     }
 }
+
+mod guard;
+mod pools;
+pub use crate::pools::PoolError;
+pub use guard::Trip;
+pub use pools::{PoolShares, PoolState};
 
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,7 @@
 
 mod neighbour_helper;
 mod overrides_file;
+mod pools;
 mod privileges;
 mod state;
 
@@ -291,6 +292,18 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
     }
     if !dropped.is_empty() {
         warn!("saved overrides for backends no longer configured dropped: {dropped:?}");
+    }
+    let saved_pools = overrides_file::pools_path_for(&cfg.daemon.control_socket);
+    let dropped = ctl.restore_pool_shares(&cfg, overrides_file::load_pool_shares(&saved_pools)?);
+    if !ctl.pool_shares().is_empty() {
+        info!(
+            "kept pool shares from {}: {:?}",
+            saved_pools.display(),
+            ctl.pool_shares()
+        );
+    }
+    if !dropped.is_empty() {
+        warn!("saved pool shares of services whose pools changed dropped: {dropped:?}");
     }
     let routed = routed_by_name(&cfg, &dp.adopted_routes());
     let assumed = ctl.assume_routable(&routed);
@@ -580,11 +593,15 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
         .with_context(|| format!("removing the datapath pinned under {}", pin_path.display()))?;
     // Overrides belong to the datapath they steered, and the interface
     // settings were made for it: both go once it has gone, not before.
-    let saved = overrides_file::path_for(socket);
-    if let Err(e) = std::fs::remove_file(&saved)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        warn!("removing {}: {e}", saved.display());
+    for saved in [
+        overrides_file::path_for(socket),
+        overrides_file::pools_path_for(socket),
+    ] {
+        if let Err(e) = std::fs::remove_file(&saved)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("removing {}: {e}", saved.display());
+        }
     }
     let mut restored = match (&record, &netns) {
         (Some(r), Some(here)) => host_settings::restore_record(&record_at, r, here)

@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::api::Override;
+use crate::control_loop::PoolShares;
 use crate::state_file;
 
 pub type Overrides = BTreeMap<String, BTreeMap<String, Override>>;
@@ -44,6 +45,32 @@ pub fn load(path: &Path) -> Result<Overrides> {
 /// [`state_file::write`]).
 pub fn save(path: &Path, overrides: &Overrides) -> Result<()> {
     let body = serde_json::to_vec_pretty(overrides).context("encoding overrides")?;
+    state_file::write(path, &body)
+}
+
+/// `<control socket's directory>/<socket name>.pools.json`: pool shares
+/// set at run time (`pool set`, `canary`, guards' rollbacks).
+pub fn pools_path_for(control_socket: &Path) -> PathBuf {
+    state_file::beside(control_socket, "pools.json")
+}
+
+/// The saved pool shares, or none when no file exists; a corrupt or
+/// untrusted file is an error, as for the overrides (a forgotten rollback
+/// would send clients back to a pool a guard took out).
+pub fn load_pool_shares(path: &Path) -> Result<PoolShares> {
+    let Some(bytes) = state_file::read(path).context("saved pool shares")? else {
+        return Ok(PoolShares::new());
+    };
+    serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{}: saved pool shares are corrupt; fix or remove the file",
+            path.display()
+        )
+    })
+}
+
+pub fn save_pool_shares(path: &Path, shares: &PoolShares) -> Result<()> {
+    let body = serde_json::to_vec_pretty(shares).context("encoding pool shares")?;
     state_file::write(path, &body)
 }
 

@@ -53,7 +53,7 @@ const SCAN_EVERY: Duration = Duration::from_secs(2);
 /// The datapath's counts of a backend, for the policy's speed estimate:
 /// flows in flight, and flows the datapath saw end (the scan's corrections
 /// for flows that vanished are left out: they are not completions).
-fn measurer<'a>(
+pub(super) fn measurer<'a>(
     dp: &'a Datapath,
     scan: &std::sync::Mutex<Option<ConnScan>>,
 ) -> impl Fn(&str, &str) -> Option<Measured> + 'a {
@@ -117,6 +117,22 @@ impl control::Control for Handle {
             .lock()
             .await
             .override_backend(&service, &backend, change)
+    }
+
+    async fn pools(&self) -> Result<Vec<views::PoolView>> {
+        self.0.lock().await.pool_views()
+    }
+
+    async fn set_pool_share(
+        &self,
+        service: String,
+        pool: String,
+        share: u32,
+    ) -> std::result::Result<Vec<(String, u32)>, OverrideError> {
+        self.0
+            .lock()
+            .await
+            .set_pool_share(&service, &pool, share, "operator")
     }
 }
 
@@ -185,6 +201,11 @@ impl DaemonState {
             health_probes_done: self.ctl.as_ref().map_or(0, |c| c.health_probes_done),
             policy_ticks: self.ctl.as_ref().map_or(0, |c| c.policy_ticks),
             telemetry_polls_done: self.ctl.as_ref().map_or(0, |c| c.telemetry_polls_done),
+            pools: self
+                .ctl
+                .as_ref()
+                .map(|c| c.pools_status(&self.config))
+                .unwrap_or_default(),
         })
     }
 
@@ -223,12 +244,14 @@ impl DaemonState {
     /// published, so the metrics server never takes it.
     pub(super) fn snapshot(&self) -> Result<metrics::Snapshot> {
         let (services, backends, status) = self.views()?;
+        let pools = views::pools(&status, &backends);
         Ok(metrics::Snapshot {
             services,
             backends,
             status,
             conn_entries: self.conn_entries(),
             conn_capacity: self.conn_table_size(),
+            pools,
         })
     }
 
@@ -253,6 +276,7 @@ impl DaemonState {
                     .collect();
                 self.rates.push(now, counts);
                 self.last_rate_sample = Some(now);
+                self.check_guards(&st);
             }
             Err(e) => warn!("sampling connection counters: {e}"),
         }
@@ -403,6 +427,7 @@ impl DaemonState {
         self.config = cfg;
         // Overrides of backends the new config dropped are gone now.
         self.persist_overrides();
+        self.persist_pool_shares();
         self.keep_next_hops_resolved();
         Ok(format!(
             "applied {}: {} added, {} removed, {} tables swapped",

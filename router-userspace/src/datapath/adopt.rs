@@ -6,10 +6,17 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{Array, HashMap as BpfHashMap};
-use router_common::{ADDR_FILTER_SIZE, Backend, MAX_BACKENDS, PROTO_TCP, Service, ServiceKey};
+use aya::maps::{Array, HashMap as BpfHashMap, lpm_trie::LpmTrie};
+use router_common::{
+    ADDR_FILTER_SIZE, Backend, MAX_BACKENDS, PROTO_TCP, Pool, PoolKey, SegmentKey, Service,
+    ServiceKey,
+};
 
-use super::{BackendSpec, Datapath, DatapathError, ServiceSpec, map_err, state::ServiceState};
+use super::{
+    BackendSpec, Datapath, DatapathError, ServiceSpec, map_err,
+    pools::{PoolState, PooledState},
+    state::ServiceState,
+};
 use crate::datapath::state::service_key;
 
 /// The maps' contents that the daemon's state is derived from.
@@ -19,6 +26,10 @@ pub(super) struct PinnedState {
     backends: Vec<(u32, Backend)>,
     /// Each service's live table half, by service id.
     live_tables: BTreeMap<u32, Vec<u32>>,
+    /// Pools by service id: (index, value), in index order.
+    pools: BTreeMap<u32, Vec<(u32, Pool)>>,
+    /// Segments by service id: (network, prefix length) → pool index.
+    segments: BTreeMap<u32, BTreeMap<(std::net::Ipv4Addr, u8), u32>>,
     filter: Vec<u32>,
 }
 
@@ -78,6 +89,40 @@ impl Datapath {
             live_tables.insert(svc.id, table);
         }
 
+        let pool_map: BpfHashMap<_, PoolKey, Pool> = BpfHashMap::try_from(
+            self.ebpf
+                .map("POOLS")
+                .ok_or(DatapathError::MissingMap("POOLS"))?,
+        )
+        .map_err(map_err("POOLS"))?;
+        let mut pools: BTreeMap<u32, Vec<(u32, Pool)>> = BTreeMap::new();
+        for entry in pool_map.iter() {
+            let (key, value) = entry.map_err(map_err("POOLS"))?;
+            pools
+                .entry(key.service_id)
+                .or_default()
+                .push((key.index, value));
+        }
+        for list in pools.values_mut() {
+            list.sort_by_key(|(i, _)| *i);
+        }
+        let trie: LpmTrie<_, SegmentKey, u32> = LpmTrie::try_from(
+            self.ebpf
+                .map("SEGMENTS")
+                .ok_or(DatapathError::MissingMap("SEGMENTS"))?,
+        )
+        .map_err(map_err("SEGMENTS"))?;
+        let mut segments: BTreeMap<u32, BTreeMap<(std::net::Ipv4Addr, u8), u32>> = BTreeMap::new();
+        for entry in trie.iter() {
+            let (key, pool) = entry.map_err(map_err("SEGMENTS"))?;
+            let data = key.data();
+            let len = key.prefix_len().saturating_sub(32).min(32) as u8;
+            segments
+                .entry(u32::from_be(data.service_id_be))
+                .or_default()
+                .insert((data.addr.to_ne_bytes().into(), len), pool);
+        }
+
         let filter_map: Array<_, u32> = Array::try_from(
             self.ebpf
                 .map("ADDR_FILTER")
@@ -93,6 +138,8 @@ impl Datapath {
             services,
             backends,
             live_tables,
+            pools,
+            segments,
             filter,
         })
     }
@@ -136,6 +183,8 @@ impl Datapath {
             services,
             backends,
             mut live_tables,
+            mut pools,
+            mut segments,
             filter,
         } = pinned;
         self.filter = filter;
@@ -192,6 +241,29 @@ impl Datapath {
             let active = svc.active_table & 1;
             let mut halves = [None, None];
             halves[active as usize] = live_tables.remove(&svc.id);
+            // A pinned pool is known by its index; it keeps its slot when
+            // the spec has a pool at that index (named after it), so the
+            // first apply writes only its idle half.
+            let pooled = PooledState {
+                pools: pools
+                    .remove(&svc.id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(index, p)| PoolState {
+                        name: spec
+                            .and_then(|s| s.pools.get(index as usize))
+                            .map_or_else(|| format!("#{index}"), |p| p.name.clone()),
+                        slot: p.table,
+                        active: p.active_table & 1,
+                        halves: [None, None],
+                        members: [None, None],
+                        value: None,
+                    })
+                    .collect(),
+                share_half: svc.share_half & 1,
+                shares: [None, None],
+                segments: segments.remove(&svc.id).unwrap_or_default(),
+            };
             self.services.insert(
                 name.clone(),
                 ServiceState {
@@ -213,12 +285,15 @@ impl Datapath {
                             super::Selection::Maglev
                         },
                         backends: backend_specs,
+                        pools: Vec::new(),
+                        segments: Vec::new(),
                     },
                     key,
                     active,
                     halves,
                     members: [None, None],
                     backend_ids,
+                    pooled,
                 },
             );
         }

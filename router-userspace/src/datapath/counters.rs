@@ -64,6 +64,20 @@ pub struct ServiceStatus {
     pub selection: String,
     pub counters: Counters,
     pub backends: Vec<BackendStatus>,
+    /// Pools, in the datapath's index order (empty: unpooled).
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// New connections a pool handed down its fallback chain, by target.
+    #[serde(default)]
+    pub spills: Vec<Spill>,
+}
+
+/// New connections pool `from` handed to pool `to` (see `SPILLS`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spill {
+    pub from: String,
+    pub to: String,
+    pub connections: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,6 +116,18 @@ impl Datapath {
         Ok(())
     }
 
+    /// Zeroes a service id's spill counters before a new pooled service
+    /// takes the id (or its pools change), so it never inherits another's.
+    pub(super) fn reset_spills(&mut self, sid: u32) -> Result<(), DatapathError> {
+        use router_common::pools::{MAX_POOLS, spill_index};
+        for from in 0..MAX_POOLS {
+            for to in 0..MAX_POOLS {
+                self.zero_per_cpu::<u64>("SPILLS", spill_index(sid, from, to))?;
+            }
+        }
+        Ok(())
+    }
+
     fn traffic(&self, map: &'static str, index: u32) -> Result<Counters, DatapathError> {
         let stats: PerCpuArray<_, TrafficCounters> =
             PerCpuArray::try_from(self.ebpf.map(map).ok_or(DatapathError::MissingMap(map))?)
@@ -128,6 +154,34 @@ impl Datapath {
                 .iter()
                 .sum();
             out.push(((*name).to_string(), v));
+        }
+        Ok(out)
+    }
+
+    /// Every non-zero spill counter of service `sid`, whose pools are `pools`.
+    fn spills(&self, sid: u32, pools: &[super::PoolSpec]) -> Result<Vec<Spill>, DatapathError> {
+        if pools.is_empty() {
+            return Ok(Vec::new());
+        }
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("SPILLS")
+                .ok_or(DatapathError::MissingMap("SPILLS"))?,
+        )
+        .map_err(map_err("SPILLS"))?;
+        let mut out = Vec::new();
+        for (from, fp) in pools.iter().enumerate() {
+            for (to, tp) in pools.iter().enumerate() {
+                let index = router_common::pools::spill_index(sid, from as u32, to as u32);
+                let n: u64 = map.get(&index, 0).map_err(map_err("SPILLS"))?.iter().sum();
+                if n > 0 {
+                    out.push(Spill {
+                        from: fp.name.clone(),
+                        to: tp.name.clone(),
+                        connections: n,
+                    });
+                }
+            }
         }
         Ok(out)
     }
@@ -170,6 +224,8 @@ impl Datapath {
                 selection: st.spec.selection.as_str().into(),
                 counters: self.traffic("SERVICE_STATS", st.id)?,
                 backends,
+                pools: st.spec.pools.iter().map(|p| p.name.clone()).collect(),
+                spills: self.spills(st.id, &st.spec.pools)?,
             });
         }
         Ok(DatapathStatus {

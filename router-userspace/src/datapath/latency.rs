@@ -64,6 +64,18 @@ impl Histogram {
         None
     }
 
+    /// Adds `other`'s counts to these (a pool's histogram is the sum of its
+    /// backends').
+    pub fn add(&mut self, other: &Histogram) {
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.sum_us += other.sum_us;
+    }
+
     /// Counts gained since `earlier` (for rates over a window).
     pub fn since(&self, earlier: &Histogram) -> Histogram {
         Histogram {

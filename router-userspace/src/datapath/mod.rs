@@ -17,6 +17,7 @@ mod counters;
 mod latency;
 mod load;
 pub mod pinning;
+mod pools;
 mod spec;
 mod state;
 
@@ -36,11 +37,13 @@ use router_common::{FIB_GEN_PER_FLOW, MAX_BACKENDS, MAX_SERVICES};
 
 pub use adopt::AdoptedRoute;
 pub use conn_table::{ConnScan, ConnTable};
-pub use counters::{BackendStatus, Counters, DatapathStatus, ServiceStatus};
+pub use counters::{BackendStatus, Counters, DatapathStatus, ServiceStatus, Spill};
 pub use latency::{BackendLatency, Histogram, LATENCY_CONNECT, LATENCY_FIRST_BYTE};
 pub use load::{Correction, LoadCounters, LoadSnapshot};
 pub use pinning::{PinDir, Removed};
-pub use spec::{BackendRole, BackendSpec, LoadOptions, Selection, ServiceSpec};
+pub use spec::{
+    BackendRole, BackendSpec, LoadOptions, PoolSpec, SegmentSpec, Selection, ServiceSpec,
+};
 pub use state::SCAN_LIMIT;
 use state::ServiceState;
 

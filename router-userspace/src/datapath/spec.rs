@@ -14,6 +14,35 @@ pub struct ServiceSpec {
     pub snat_port_max: u16,
     pub selection: Selection,
     pub backends: Vec<BackendSpec>,
+    /// Pools, each over some of `backends` (see `router_common::pools`);
+    /// empty: every flow is placed from the service's own table.
+    pub pools: Vec<PoolSpec>,
+    /// Client networks routed to a pool (by index into `pools`).
+    pub segments: Vec<SegmentSpec>,
+}
+
+/// A pool of a service as the datapath serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub name: String,
+    /// Names of the service's backends in this pool.
+    pub backends: Vec<String>,
+    /// Percent of unmatched clients; the service's pools add up to 100.
+    pub share: u32,
+    /// Index of the pool taking this one's new connections while it has no room.
+    pub fallback: Option<usize>,
+    /// Every backend saturated (by the policy's reading): the pool spills
+    /// to its fallback. A pool whose backends all have weight 0 has no room
+    /// whatever this says.
+    pub saturated: bool,
+}
+
+/// A client network routed to a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SegmentSpec {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+    pub pool: usize,
 }
 
 /// How the datapath picks a new flow's backend (see

@@ -10,8 +10,12 @@ use router_common::{
     selection::{MAX_SCAN_MEMBERS, member_index},
 };
 
-use super::{Datapath, DatapathError, Selection, ServiceSpec, map_err};
+use super::{
+    BackendSpec, Datapath, DatapathError, Selection, ServiceSpec, map_err,
+    pools::{PooledState, Published},
+};
 use crate::maglev::{self, MaglevBackend};
+use router_common::pools::MAX_POOLS;
 
 pub(super) struct ServiceState {
     pub id: u32,
@@ -24,6 +28,8 @@ pub(super) struct ServiceState {
     /// after adopting a pinned datapath).
     pub members: [Option<Vec<Member>>; 2],
     pub backend_ids: BTreeMap<String, u32>,
+    /// Pools, share buckets and segments (empty for an unpooled service).
+    pub pooled: PooledState,
 }
 
 impl ServiceState {
@@ -45,15 +51,19 @@ impl ServiceState {
 pub const SCAN_LIMIT: usize = 8;
 const _: () = assert!(SCAN_LIMIT <= MAX_SCAN_MEMBERS as usize);
 
-/// The scan list of a service: its backends that take new flows, with
-/// their weights, in spec order; empty unless it is least-loaded and small
-/// enough to scan.
-fn scan_list(s: &ServiceSpec, ids: &BTreeMap<String, u32>, limit: usize) -> Vec<Member> {
-    if s.selection != Selection::LeastLoaded {
+/// The scan list of a service or pool over `backends`: those that take
+/// new flows, with their weights, in spec order; empty unless it is
+/// least-loaded and small enough to scan.
+pub(super) fn scan_list(
+    selection: Selection,
+    backends: &[&BackendSpec],
+    ids: &BTreeMap<String, u32>,
+    limit: usize,
+) -> Vec<Member> {
+    if selection != Selection::LeastLoaded {
         return Vec::new();
     }
-    let list: Vec<Member> = s
-        .backends
+    let list: Vec<Member> = backends
         .iter()
         .filter(|b| b.weight > 0)
         .map(|b| Member {
@@ -64,6 +74,26 @@ fn scan_list(s: &ServiceSpec, ids: &BTreeMap<String, u32>, limit: usize) -> Vec<
         })
         .collect();
     if list.len() > limit { Vec::new() } else { list }
+}
+
+/// The weighted Maglev table of `backends`, keyed by address (see
+/// `maglev::build`).
+pub(super) fn build_table(
+    backends: &[&BackendSpec],
+    ids: &BTreeMap<String, u32>,
+    size: u32,
+) -> Vec<u32> {
+    let keys: Vec<String> = backends.iter().map(|b| b.address.to_string()).collect();
+    let input: Vec<MaglevBackend<'_>> = backends
+        .iter()
+        .zip(&keys)
+        .map(|(b, key)| MaglevBackend {
+            key,
+            id: ids[&b.name],
+            weight: b.weight,
+        })
+        .collect();
+    maglev::build(&input, size)
 }
 
 pub(super) fn service_key(spec: &ServiceSpec) -> ServiceKey {
@@ -120,6 +150,33 @@ fn check(specs: &[ServiceSpec]) -> Result<(), DatapathError> {
                 return Err(bad(&format!("duplicate backend name {}", b.name)));
             }
         }
+        if s.pools.len() > MAX_POOLS as usize {
+            return Err(bad(&format!("at most {MAX_POOLS} pools")));
+        }
+        let mut pooled = BTreeSet::new();
+        for p in &s.pools {
+            for b in &p.backends {
+                if !bnames.contains(b) {
+                    return Err(bad(&format!("pool {} names unknown backend {b}", p.name)));
+                }
+                if !pooled.insert(b) {
+                    return Err(bad(&format!("backend {b} is in two pools")));
+                }
+            }
+            if p.fallback.is_some_and(|f| f >= s.pools.len()) {
+                return Err(bad(&format!("pool {} falls back to no pool", p.name)));
+            }
+        }
+        if !s.pools.is_empty() && s.pools.iter().map(|p| p.share).sum::<u32>() != 100 {
+            return Err(bad("pool shares do not add up to 100"));
+        }
+        if s.segments.iter().any(|g| g.pool >= s.pools.len()) {
+            return Err(bad("a segment names no pool"));
+        }
+    }
+    let slots: usize = specs.iter().map(|s| 1 + s.pools.len()).sum();
+    if slots > MAX_SERVICES as usize {
+        return Err(DatapathError::TooManyServices(slots));
     }
     Ok(())
 }
@@ -135,7 +192,13 @@ impl Datapath {
         let mut report = ApplyReport::default();
 
         // Plan ids first: nothing is written unless every service fits.
-        let mut used_sids: BTreeSet<u32> = BTreeSet::new();
+        // Every pool slot in use now stays taken this round, whether its
+        // pool stays or not: a packet may still be reading its live half.
+        let mut used_sids: BTreeSet<u32> = self
+            .services
+            .values()
+            .flat_map(|st| st.pooled.slots())
+            .collect();
         let mut used_bids: BTreeSet<u32> = self.retired_backends.iter().copied().collect();
         for s in specs {
             if let Some(st) = self.services.get(&s.name) {
@@ -149,7 +212,7 @@ impl Datapath {
         }
         let mut free_sids = (0..MAX_SERVICES).filter(|i| !used_sids.contains(i));
         let mut free_bids = (0..MAX_BACKENDS).filter(|i| !used_bids.contains(i));
-        let mut plan: Vec<(u32, BTreeMap<String, u32>)> = Vec::with_capacity(specs.len());
+        let mut plan: Vec<(u32, BTreeMap<String, u32>, Vec<u32>)> = Vec::with_capacity(specs.len());
         for s in specs {
             let existing = self.services.get(&s.name);
             let sid = match existing {
@@ -168,17 +231,34 @@ impl Datapath {
                 };
                 ids.insert(b.name.clone(), id);
             }
-            plan.push((sid, ids));
+            let mut slots = Vec::with_capacity(s.pools.len());
+            for p in &s.pools {
+                let kept = existing.and_then(|st| {
+                    st.pooled
+                        .pools
+                        .iter()
+                        .find(|ps| ps.name == p.name)
+                        .map(|ps| ps.slot)
+                });
+                let slot = match kept {
+                    Some(slot) => slot,
+                    None => free_sids
+                        .next()
+                        .ok_or(DatapathError::TooManyServices(MAX_SERVICES as usize + 1))?,
+                };
+                slots.push(slot);
+            }
+            plan.push((sid, ids, slots));
         }
 
         // Slots retired last round are now unreachable from any live table.
         let retired_before = std::mem::take(&mut self.retired_backends);
         let wanted: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
 
-        for (s, (sid, ids)) in specs.iter().zip(plan) {
+        for (s, (sid, ids, slots)) in specs.iter().zip(plan) {
             self.write_backends(s, sid, &ids)?;
             let is_new = !self.services.contains_key(&s.name);
-            let swapped = self.publish_service(s, sid, ids)?;
+            let swapped = self.publish_service(s, sid, ids, &slots)?;
             if is_new {
                 report.added.push(s.name.clone());
             }
@@ -194,7 +274,7 @@ impl Datapath {
             .cloned()
             .collect();
         for name in gone {
-            if let Some(st) = self.services.remove(&name) {
+            if let Some(mut st) = self.services.remove(&name) {
                 let mut services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
                     self.ebpf
                         .map_mut("SERVICES")
@@ -202,6 +282,8 @@ impl Datapath {
                 )
                 .map_err(map_err("SERVICES"))?;
                 services.remove(&st.key).map_err(map_err("SERVICES"))?;
+                let was = st.pooled.pools.len();
+                self.retire_pools(st.id, was, 0, &BTreeSet::new(), &mut st.pooled)?;
                 self.retired_backends
                     .extend(st.backend_ids.values().copied());
                 report.removed.push(name);
@@ -251,21 +333,11 @@ impl Datapath {
         s: &ServiceSpec,
         sid: u32,
         ids: BTreeMap<String, u32>,
+        slots: &[u32],
     ) -> Result<Option<usize>, DatapathError> {
-        let size = self.opts.table_size;
-        let keys: Vec<String> = s.backends.iter().map(|b| b.address.to_string()).collect();
-        let input: Vec<MaglevBackend<'_>> = s
-            .backends
-            .iter()
-            .zip(&keys)
-            .map(|(b, key)| MaglevBackend {
-                key,
-                id: ids[&b.name],
-                weight: b.weight,
-            })
-            .collect();
-        let table = maglev::build(&input, size);
-        let members = scan_list(s, &ids, self.scan_limit);
+        let all: Vec<&BackendSpec> = s.backends.iter().collect();
+        let table = build_table(&all, &ids, self.opts.table_size);
+        let members = scan_list(s.selection, &all, &ids, self.scan_limit);
 
         let existed = self.services.contains_key(&s.name);
         let mut st = match self.services.remove(&s.name) {
@@ -278,6 +350,7 @@ impl Datapath {
                 halves: [None, None],
                 members: [None, None],
                 backend_ids: BTreeMap::new(),
+                pooled: PooledState::default(),
             },
         };
         // Backends dropped from this service stay addressable for one more round.
@@ -308,6 +381,28 @@ impl Datapath {
             .as_ref()
             .map_or(0, |m| m.len() as u32);
 
+        let pools_before = st.pooled.pools.len();
+        // Spill counts are by pool index: new pools, or pools renamed or
+        // reordered, start from zero.
+        let renamed = !st
+            .pooled
+            .pools
+            .iter()
+            .map(|p| &p.name)
+            .eq(s.pools.iter().map(|p| &p.name));
+        if !s.pools.is_empty() && renamed {
+            self.reset_spills(sid)?;
+        }
+        let published = if s.pools.is_empty() {
+            Published {
+                pools: 0,
+                share_half: st.pooled.share_half,
+                segments: 0,
+            }
+        } else {
+            self.publish_pools(s, sid, &ids, slots, &mut st.pooled)?
+        };
+
         let mut snat_addrs = [0u32; MAX_SNAT_ADDRS];
         for (slot, a) in snat_addrs.iter_mut().zip(&s.snat) {
             *slot = u32::from_ne_bytes(a.octets());
@@ -321,6 +416,10 @@ impl Datapath {
             snat_port_max: s.snat_port_max,
             selection: s.selection.code(),
             members: member_count,
+            pools: published.pools,
+            share_half: published.share_half,
+            segments: published.segments,
+            _pad: 0,
         };
         let mut services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
             self.ebpf
@@ -336,6 +435,11 @@ impl Datapath {
         if existed && old_key != new_key {
             services.remove(&old_key).map_err(map_err("SERVICES"))?;
         }
+        let want: BTreeSet<_> = s.segments.iter().map(|g| (g.addr, g.prefix_len)).collect();
+        self.retire_pools(sid, pools_before, s.pools.len(), &want, &mut st.pooled)?;
+        if s.pools.is_empty() {
+            st.pooled = PooledState::default();
+        }
         st.active = active;
         st.key = new_key;
         st.spec = s.clone();
@@ -345,7 +449,7 @@ impl Datapath {
         Ok(swapped)
     }
 
-    fn write_half(
+    pub(super) fn write_half(
         &mut self,
         sid: u32,
         half: u32,
@@ -374,7 +478,7 @@ impl Datapath {
     /// Writes a scan list into the idle half of `MEMBERS`, skipping entries
     /// that already hold the same member. Entries past the list's end are
     /// not read (the service value carries the count).
-    fn write_members(
+    pub(super) fn write_members(
         &mut self,
         sid: u32,
         half: u32,

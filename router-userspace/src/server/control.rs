@@ -16,8 +16,9 @@ use axum::{
 use crate::{
     api::{
         DrainQuery, ErrorReply, Override, OverrideChange, OverrideError, ReloadReply, StatusReply,
-        views::{BackendView, ServiceView},
+        views::{BackendView, PoolView, ServiceView},
     },
+    pools::PoolError,
     server::bounded,
 };
 
@@ -48,6 +49,15 @@ pub trait Control: Send + Sync + 'static {
         backend: String,
         change: OverrideChange,
     ) -> impl Future<Output = Result<Override, OverrideError>> + Send;
+    fn pools(&self) -> impl Future<Output = anyhow::Result<Vec<PoolView>>> + Send;
+    /// Sets a pool's share (the others keep their proportions); returns
+    /// every pool's share after it. Refused whole or made whole.
+    fn set_pool_share(
+        &self,
+        service: String,
+        pool: String,
+        share: u32,
+    ) -> impl Future<Output = Result<Vec<(String, u32)>, OverrideError>> + Send;
 }
 
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
@@ -65,6 +75,8 @@ impl IntoResponse for OverrideError {
             OverrideError::DeadlineTooLarge(_) => StatusCode::BAD_REQUEST,
             OverrideError::NotRunning => StatusCode::SERVICE_UNAVAILABLE,
             OverrideError::Datapath(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            OverrideError::Pool(PoolError::Share(_)) => StatusCode::BAD_REQUEST,
+            OverrideError::Pool(_) => StatusCode::NOT_FOUND,
         };
         error(code, format!("{self:#}"))
     }
@@ -171,6 +183,46 @@ async fn service_backends<C: Control>(
     }
 }
 
+async fn pools<C: Control>(State(c): State<Arc<C>>) -> Response {
+    match c.pools().await {
+        Ok(pools) => Json(pools).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn service_pools<C: Control>(
+    State(c): State<Arc<C>>,
+    UrlPath(service): UrlPath<String>,
+) -> Response {
+    match c.pools().await {
+        Ok(pools) => {
+            let mine: Vec<PoolView> = pools.into_iter().filter(|p| p.service == service).collect();
+            if mine.is_empty() {
+                // Tell "no such service" from "no pools" as `pool set` does.
+                return match c.views().await {
+                    Ok((services, _)) if services.iter().any(|s| s.name == service) => {
+                        OverrideError::Pool(PoolError::NoPools(service)).into_response()
+                    }
+                    Ok(_) => OverrideError::NoService(service).into_response(),
+                    Err(e) => internal(e),
+                };
+            }
+            Json(mine).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn set_pool_share<C: Control>(
+    State(c): State<Arc<C>>,
+    UrlPath((service, pool, share)): UrlPath<(String, String, u32)>,
+) -> Response {
+    match c.set_pool_share(service, pool, share).await {
+        Ok(shares) => Json(shares).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// Largest request body accepted. The API takes no bodies (everything is in
 /// the path or the query), so anything announcing more is refused before a
 /// handler runs.
@@ -222,6 +274,12 @@ pub fn router<C: Control>(control: Arc<C>) -> Router {
         .route(
             "/v1/services/{service}/backends/{backend}/drain",
             post(drain::<C>).delete(undrain::<C>),
+        )
+        .route("/v1/pools", get(pools::<C>))
+        .route("/v1/services/{service}/pools", get(service_pools::<C>))
+        .route(
+            "/v1/services/{service}/pools/{pool}/share/{share}",
+            post(set_pool_share::<C>),
         )
         .layer(middleware::from_fn(refuse_bodies))
         .with_state(control)
@@ -312,6 +370,36 @@ mod tests {
             self.asked.lock().unwrap().push(change);
             Ok(o)
         }
+
+        async fn pools(&self) -> anyhow::Result<Vec<PoolView>> {
+            Ok(Vec::new())
+        }
+
+        async fn set_pool_share(
+            &self,
+            service: String,
+            pool: String,
+            share: u32,
+        ) -> Result<Vec<(String, u32)>, OverrideError> {
+            if service != "s" {
+                return Err(OverrideError::NoService(service));
+            }
+            if pool != "canary" {
+                return Err(PoolError::NoPool {
+                    service,
+                    pool,
+                    known: "stable, canary".into(),
+                }
+                .into());
+            }
+            if share > 100 {
+                return Err(PoolError::Share(crate::pools::ShareError::AboveHundred(share)).into());
+            }
+            Ok(vec![
+                ("stable".into(), 100 - share),
+                ("canary".into(), share),
+            ])
+        }
     }
 
     async fn serve(fake: Fake) -> (std::path::PathBuf, Arc<Fake>) {
@@ -360,6 +448,22 @@ mod tests {
             (400, "deadline_secs 20 is too large".into())
         );
         assert_eq!(refused(post("/v1/reload").await).0, 400);
+        assert_eq!(
+            refused(post("/v1/services/s/pools/canary/share/101").await),
+            (400, "share 101 is above 100 percent".into())
+        );
+        assert_eq!(
+            refused(post("/v1/services/s/pools/blue/share/5").await),
+            (
+                404,
+                "service \"s\" has no pool named \"blue\" (its pools: stable, canary)".into()
+            )
+        );
+        // Not a number: refused by the route before the daemon is asked.
+        assert_eq!(
+            refused(post("/v1/services/s/pools/canary/share/-5").await).0,
+            400
+        );
         let status = refused(request(&sock, "GET", "/v1/status").await);
         assert_eq!(status, (500, "no datapath in this test".into()));
         assert!(fake.asked.lock().unwrap().is_empty());

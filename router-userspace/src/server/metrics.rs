@@ -36,7 +36,7 @@ use tracing::info;
 use crate::{
     api::{
         BackendMode, StatusReply,
-        views::{BackendView, ServiceView},
+        views::{BackendView, PoolView, ServiceView},
     },
     datapath::Histogram,
     server::bounded::{self, ServerStats},
@@ -69,9 +69,10 @@ pub struct Snapshot {
     pub status: StatusReply,
     pub conn_entries: Option<u64>,
     pub conn_capacity: u32,
+    pub pools: Vec<PoolView>,
 }
 
-type Labels = Vec<(&'static str, String)>;
+pub(super) type Labels = Vec<(&'static str, String)>;
 
 fn backend_labels(b: &BackendView) -> Labels {
     vec![("service", b.service.clone()), ("backend", b.name.clone())]
@@ -102,7 +103,7 @@ fn family<T>(
     Ok(())
 }
 
-fn gauges(
+pub(super) fn gauges(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -114,7 +115,7 @@ fn gauges(
     })
 }
 
-fn counters(
+pub(super) fn counters(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -125,7 +126,7 @@ fn counters(
     })
 }
 
-fn histograms(
+pub(super) fn histograms(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -151,7 +152,7 @@ fn histograms(
     })
 }
 
-fn flag(b: bool) -> Option<f64> {
+pub(super) fn flag(b: bool) -> Option<f64> {
     Some(if b { 1.0 } else { 0.0 })
 }
 
@@ -489,6 +490,7 @@ impl Collector for Snapshot {
             "Daemon uptime.",
             [(Labels::new(), Some(self.status.uptime_secs as f64))],
         )?;
+        super::pool_metrics::encode(e, &self.pools)?;
         Ok(())
     }
 }

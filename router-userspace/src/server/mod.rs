@@ -5,4 +5,5 @@
 pub mod bounded;
 pub mod control;
 pub mod metrics;
+mod pool_metrics;
 pub mod tls_listener;

@@ -9,6 +9,8 @@
 //! after every session the traffic counters, the latency sample counts and
 //! both connection tables (`CONN_COUNTED` included) must agree too.
 //!
+//! A pooled service first finds the client's pool (segment, else share
+//! bucket, then down the fallback chain while the pool has no room).
 //! Services place new flows by Maglev or by least load, room first:
 //! scanned (small services) or by two choices (a large one, and services
 //! whose scan list is empty). A session seeds every backend's counts, and may run with
@@ -93,6 +95,12 @@ const MUST_TAKE: &[&str] = &[
     "two choices: the same backend twice",
     "two choices: the pick's slot has weight 0, no backend",
     "two choices: an empty table, no backend",
+    // Pools.
+    "pool: the client's longest segment",
+    "pool: the client's share bucket",
+    "pool: no room, a fallback with room",
+    "pool: no room in the chain, the first that can take it",
+    "pool: nothing in the chain can take it",
     // The connection tables and SNAT.
     "new flow in HALF_OPEN",
     "promoted",

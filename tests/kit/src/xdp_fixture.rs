@@ -71,6 +71,8 @@ pub fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec
                 max_in_flight: 0,
             })
             .collect(),
+        pools: Vec::new(),
+        segments: Vec::new(),
     }
 }
 

@@ -249,3 +249,26 @@ fn no_services_is_valid() {
     let cfg = parse("[daemon]\ninterface = \"eth0\"\n").unwrap();
     assert!(cfg.services.is_empty());
 }
+
+#[test]
+fn pools_example_parses() {
+    let text = include_str!("../../../../examples/pools.toml");
+    let cfg = Config::parse(text, "examples/pools.toml").expect("pools example must parse");
+    let svc = &cfg.services[0];
+    let pools: Vec<(&str, u32, Option<usize>)> = svc
+        .pools
+        .iter()
+        .map(|p| (p.name.as_str(), p.share, p.fallback))
+        .collect();
+    assert_eq!(
+        pools,
+        [
+            ("stable", 90, Some(2)),
+            ("canary", 10, None),
+            ("overflow", 0, None)
+        ]
+    );
+    assert!(svc.pools[1].guard.is_some());
+    assert_eq!(svc.segments.len(), 1);
+    assert_eq!(svc.segments[0].pool, 1);
+}

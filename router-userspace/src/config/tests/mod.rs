@@ -6,6 +6,7 @@ mod backend;
 mod examples;
 mod host;
 mod policy;
+mod pools;
 mod semantic;
 mod syntax;
 

@@ -3,6 +3,7 @@
 
 mod daemon;
 mod policy;
+mod pools;
 mod services;
 mod telemetry;
 mod values;

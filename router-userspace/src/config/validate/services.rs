@@ -5,8 +5,10 @@ use super::{
         locate::{KeyPath, Locator},
         raw::*,
     },
+    pools::{validate_pools, validate_segments},
     *,
 };
+use router_common::pools::MAX_SEGMENTS;
 
 pub(in crate::config) fn validate_services(
     loc: &Locator<'_>,
@@ -23,6 +25,8 @@ pub(in crate::config) fn validate_services(
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut vips: HashMap<(SocketAddrV4, Protocol), usize> = HashMap::new();
     let mut total_backends = 0usize;
+    let mut table_slots = 0usize;
+    let mut total_segments = 0usize;
     let mut services = Vec::with_capacity(raw.len());
 
     for (s, svc) in raw.into_iter().enumerate() {
@@ -189,6 +193,29 @@ pub(in crate::config) fn validate_services(
                 Selection::Maglev
             }
         });
+        let pools = validate_pools(loc, &sp, svc.pool, &backends)?;
+        let segments = validate_segments(loc, &sp, svc.segment, &pools)?;
+        if !pools.is_empty() && svc.fallback.is_some() {
+            return Err(loc.err(
+                &sp.key("fallback"),
+                "a service with pools spills through a pool's `fallback`, not a fallback service",
+            ));
+        }
+        // A pool's table takes a service's slot in the datapath.
+        table_slots += 1 + pools.len();
+        if table_slots > MAX_SERVICES as usize {
+            return Err(loc.err(
+                &sp.key("pool"),
+                format!("services and their pools need {table_slots} tables; at most {MAX_SERVICES} are supported"),
+            ));
+        }
+        total_segments += segments.len();
+        if total_segments > MAX_SEGMENTS as usize {
+            return Err(loc.err(
+                &sp.key("segment"),
+                format!("at most {MAX_SEGMENTS} segments are supported across all services"),
+            ));
+        }
         services.push(ServiceConfig {
             name: svc.name,
             vip,
@@ -197,6 +224,8 @@ pub(in crate::config) fn validate_services(
             backends,
             fallback: svc.fallback,
             selection,
+            pools,
+            segments,
         });
     }
     for (i, svc) in services.iter().enumerate() {
@@ -207,6 +236,12 @@ pub(in crate::config) fn validate_services(
         };
         if target.name == svc.name {
             return Err(loc.err(&key, "a service cannot be its own fallback"));
+        }
+        if !target.pools.is_empty() {
+            return Err(loc.err(
+                &key,
+                format!("{fb:?} has pools; a fallback service lends all its backends, so it cannot have any"),
+            ));
         }
         if target.protocol != svc.protocol {
             return Err(loc.err(

@@ -47,6 +47,14 @@ pub enum ValueError {
     NoScheme(String),
     #[error("{0:?} has no host")]
     NoHost(String),
+    #[error("{0:?} is not an IPv4 network like \"10.1.0.0/16\"")]
+    NotCidr(String),
+    #[error("{input:?}: host bits are set; the network is {network}/{len}")]
+    CidrHostBits {
+        input: String,
+        network: Ipv4Addr,
+        len: u8,
+    },
 }
 
 pub(in crate::config) fn parse_port_range(s: &str) -> Result<(u16, u16), ValueError> {
@@ -96,6 +104,28 @@ pub(in crate::config) fn parse_ipv4(s: &str) -> Result<Ipv4Addr, ValueError> {
     let addr: Ipv4Addr = s.parse().map_err(|_| ValueError::NotIpv4(s.to_owned()))?;
     check_unicast(s, addr)?;
     Ok(addr)
+}
+
+/// An IPv4 network `a.b.c.d/len`, `len` 0..=32, with no host bits set (a
+/// typo such as 10.1.2.0/16 would otherwise quietly mean 10.1.0.0/16).
+pub(in crate::config) fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), ValueError> {
+    let malformed = || ValueError::NotCidr(s.to_owned());
+    let (addr, len) = s.split_once('/').ok_or_else(malformed)?;
+    let addr: Ipv4Addr = addr.trim().parse().map_err(|_| malformed())?;
+    let len: u8 = len.trim().parse().map_err(|_| malformed())?;
+    if len > 32 {
+        return Err(malformed());
+    }
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    let network = Ipv4Addr::from(u32::from(addr) & mask);
+    if network != addr {
+        return Err(ValueError::CidrHostBits {
+            input: s.to_owned(),
+            network,
+            len,
+        });
+    }
+    Ok((addr, len))
 }
 
 fn check_unicast(input: &str, addr: Ipv4Addr) -> Result<(), ValueError> {

@@ -38,6 +38,8 @@ pub(super) fn service() -> ServiceSpec {
                 max_in_flight: 0,
             })
             .collect(),
+        pools: Vec::new(),
+        segments: Vec::new(),
     }
 }
 

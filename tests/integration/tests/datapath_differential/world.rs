@@ -11,7 +11,8 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap};
 use router::{
     datapath::{
-        BackendSpec, Datapath, LoadCounters, LoadOptions, SCAN_LIMIT, Selection, ServiceSpec,
+        BackendSpec, Datapath, LoadCounters, LoadOptions, PoolSpec, SCAN_LIMIT, SegmentSpec,
+        Selection, ServiceSpec,
     },
     maglev::{self, MaglevBackend},
 };
@@ -60,6 +61,12 @@ pub(crate) struct SvcDef {
     /// Room limits (`max_in_flight`, 0: none) per weight set: small, so
     /// that the seeded counts (0 to 3 in flight) leave some backends full.
     pub(crate) rooms: [Vec<u32>; 3],
+    /// Pools: (name, backend indexes, share, fallback pool); none: unpooled.
+    pub(crate) pools: &'static [(&'static str, &'static [usize], u32, Option<usize>)],
+    /// Segments: (CIDR, pool).
+    pub(crate) segments: &'static [(&'static str, usize)],
+    /// Per weight set, the pools the daemon reads as saturated.
+    pub(crate) saturated: [&'static [bool]; 3],
 }
 
 /// Index into SERVICES of the large least-loaded service.
@@ -104,6 +111,9 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
                 vec![0, 1, 2, 0, 0],
                 vec![1, 1, 1, 1, 1],
             ],
+            pools: &[],
+            segments: &[],
+            saturated: [&[], &[], &[]],
         },
         SvcDef {
             name: "narrow",
@@ -115,6 +125,9 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             backends: strs(&["198.18.0.11:8000", "198.18.0.12:8000"]),
             weights: [vec![1, 1], vec![0, 1], vec![1, 0]],
             rooms: [vec![1, 0], vec![1, 1], vec![0, 0]],
+            pools: &[],
+            segments: &[],
+            saturated: [&[], &[], &[]],
         },
         SvcDef {
             name: "dns",
@@ -126,6 +139,9 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             backends: strs(&["198.18.0.12:53", "198.18.0.13:53", "198.18.1.11:53"]),
             weights: [vec![1, 1, 1], vec![2, 0, 1], vec![0, 0, 1]],
             rooms: [vec![1, 2, 0], vec![0, 3, 1], vec![0, 0, 2]],
+            pools: &[],
+            segments: &[],
+            saturated: [&[], &[], &[]],
         },
         SvcDef {
             name: "dark",
@@ -137,6 +153,9 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             backends: strs(&["198.18.0.11:80"]),
             weights: [vec![0], vec![0], vec![0]],
             rooms: [vec![0], vec![1], vec![0]],
+            pools: &[],
+            segments: &[],
+            saturated: [&[], &[], &[]],
         },
         SvcDef {
             name: "on-snat",
@@ -148,6 +167,9 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             backends: strs(&["198.18.0.13:8080", "198.18.0.11:8080"]),
             weights: [vec![1, 2], vec![1, 0], vec![0, 0]],
             rooms: [vec![0, 1], vec![0, 0], vec![2, 2]],
+            pools: &[],
+            segments: &[],
+            saturated: [&[], &[], &[]],
         },
         SvcDef {
             name: "one-port",
@@ -159,6 +181,9 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             backends: strs(&["198.18.0.11:9999"]),
             weights: [vec![1], vec![0], vec![1]],
             rooms: [vec![0], vec![0], vec![1]],
+            pools: &[],
+            segments: &[],
+            saturated: [&[], &[], &[]],
         },
         SvcDef {
             name: "big",
@@ -187,6 +212,41 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
                     .collect(),
                 (0..n).map(|i| [0, 2, 4][i % 3]).collect(),
                 (0..n).map(|i| u32::from(i % 7 == 0)).collect(),
+            ],
+            pools: &[],
+            segments: &[],
+            saturated: [&[], &[], &[]],
+        },
+        // Pools: gold spills to silver, silver to bronze. Set 0: gold full,
+        // silver takes its clients; set 1: every pool full, each client
+        // stays in the first that can take a flow; set 2: no weight
+        // anywhere, nothing can take one. Two clients are in segments, the
+        // others go by their share buckets (bronze has no share).
+        SvcDef {
+            name: "tiers",
+            vip: "198.18.100.6:80",
+            proto: 6,
+            snat: &["198.18.0.1"],
+            ports: (10000, 32767),
+            selection: Selection::Maglev,
+            backends: strs(&[
+                "198.18.0.11:80",
+                "198.18.0.12:80",
+                "198.18.0.13:80",
+                "198.18.1.11:80",
+            ]),
+            weights: [vec![1, 1, 1, 1], vec![1, 2, 0, 1], vec![0, 0, 0, 0]],
+            rooms: [vec![0, 0, 0, 0], vec![0, 0, 0, 0], vec![0, 0, 0, 0]],
+            pools: &[
+                ("gold", &[0], 60, Some(1)),
+                ("silver", &[1, 2], 40, Some(2)),
+                ("bronze", &[3], 0, None),
+            ],
+            segments: &[("198.19.0.0/16", 2), ("198.18.1.0/24", 1)],
+            saturated: [
+                &[true, false, false],
+                &[true, true, true],
+                &[false, false, false],
             ],
         },
     ]
@@ -228,8 +288,89 @@ pub(crate) fn specs(set: usize) -> Vec<ServiceSpec> {
                     max_in_flight: s.rooms[set][i],
                 })
                 .collect(),
+            pools: s
+                .pools
+                .iter()
+                .enumerate()
+                .map(|(p, (name, members, share, fallback))| PoolSpec {
+                    name: (*name).into(),
+                    backends: members.iter().map(|i| format!("b{i}")).collect(),
+                    share: *share,
+                    fallback: *fallback,
+                    saturated: s.saturated[set].get(p).copied().unwrap_or(false),
+                })
+                .collect(),
+            segments: s
+                .segments
+                .iter()
+                .map(|(cidr, pool)| {
+                    let (a, len) = cidr.split_once('/').expect("cidr");
+                    SegmentSpec {
+                        addr: a.parse().expect("segment address"),
+                        prefix_len: len.parse().expect("prefix length"),
+                        pool: *pool,
+                    }
+                })
+                .collect(),
         })
         .collect()
+}
+
+/// The model's view of `s`'s pools in weight set `set`: each pool's table
+/// and scan list as the daemon builds them, its room, the share buckets
+/// and the segments.
+fn model_pools(
+    s: &SvcDef,
+    set: usize,
+    input: &[MaglevBackend<'_>],
+    members: &[model::Member],
+) -> (Vec<model::pools::Pool>, Vec<u8>, Vec<model::pools::Segment>) {
+    if s.pools.is_empty() {
+        return (Vec::new(), Vec::new(), Vec::new());
+    }
+    let pools = s
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(p, (_, of, _, fallback))| {
+            let mine: Vec<MaglevBackend<'_>> = of.iter().map(|i| input[*i]).collect();
+            let ids: Vec<u32> = mine.iter().map(|b| b.id).collect();
+            let empty = of.iter().all(|i| s.weights[set][*i] == 0);
+            let scan: Vec<model::Member> = members
+                .iter()
+                .filter(|m| ids.contains(&m.backend_id))
+                .copied()
+                .collect();
+            // The daemon's rule for a pool's scan list is a service's.
+            let scan = if s.selection == Selection::LeastLoaded && scan.len() <= SCAN_LIMIT {
+                scan
+            } else {
+                Vec::new()
+            };
+            model::pools::Pool {
+                table: maglev::build(&mine, TABLE_SIZE),
+                members: scan,
+                fallback: fallback.map(|f| f as u32),
+                no_room: empty || s.saturated[set].get(p).copied().unwrap_or(false),
+                empty,
+            }
+        })
+        .collect();
+    let shares: Vec<(&str, u32)> = s.pools.iter().map(|(n, _, sh, _)| (*n, *sh)).collect();
+    let segments = s
+        .segments
+        .iter()
+        .map(|(cidr, pool)| {
+            let (a, len) = cidr.split_once('/').expect("cidr");
+            let addr: Ipv4Addr = a.parse().expect("segment address");
+            model::pools::Segment {
+                addr: u32::from(addr),
+                prefix_len: len.parse().expect("prefix length"),
+                pool: *pool as u32,
+            }
+        })
+        .collect();
+    (pools, router::pools::share_table(&shares), segments)
 }
 
 /// A destination a flow may send to.
@@ -565,6 +706,18 @@ pub(crate) fn model_config(
         } else {
             Vec::new()
         };
+        // A pool's scan list is the pooled members under the same limit.
+        let pooled_members: Vec<model::Member> = bids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| s.weights[set][*i] > 0)
+            .map(|(i, id)| model::Member {
+                backend_id: *id,
+                weight: s.weights[set][i],
+                max_in_flight: s.rooms[set][i],
+            })
+            .collect();
+        let pools_of = model_pools(s, set, &input, &pooled_members);
         let vip: SocketAddrV4 = s.vip.parse().expect("vip");
         let snat: Vec<u32> = s.snat.iter().map(|a| wire(a)).collect();
         snat_addrs.extend(snat.iter().copied());
@@ -580,6 +733,9 @@ pub(crate) fn model_config(
                 port_min: s.ports.0,
                 port_max: s.ports.1,
                 table: maglev::build(&input, TABLE_SIZE),
+                pools: pools_of.0,
+                shares: pools_of.1,
+                segments: pools_of.2,
                 selection: match s.selection {
                     Selection::Maglev => SELECT_MAGLEV,
                     Selection::LeastLoaded => SELECT_LEAST_LOADED,

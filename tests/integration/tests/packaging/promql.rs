@@ -11,9 +11,11 @@ pub(super) enum Kind {
 const BACKEND: &[&str] = &["service", "backend"];
 const SERVICE: &[&str] = &["service"];
 const GLOBAL: &[&str] = &[];
+const POOL: &[&str] = &["service", "pool"];
+const POOL_TARGET: &[&str] = &["service", "pool", "target"];
 
-/// The families the daemon exports, as router-userspace/src/metrics.rs
-/// defines them: prometheus-client (OpenMetrics) names counters `X_total`
+/// The families the daemon exports, as router-userspace/src/server/metrics.rs
+/// and pool_metrics.rs define them: prometheus-client (OpenMetrics) names counters `X_total`
 /// and gives histograms `X_bucket{le}`, `X_sum` and `X_count` series.
 /// Update this list with metrics.rs; `metric_list_matches_metrics_rs`
 /// notices a family renamed or removed there.
@@ -141,6 +143,27 @@ pub(super) const FAMILIES: &[(&str, Kind, &[&str])] = &[
         Kind::Histogram,
         BACKEND,
     ),
+    ("router_pool_share_ratio", Kind::Gauge, POOL),
+    ("router_pool_no_room", Kind::Gauge, POOL),
+    ("router_pool_in_flight", Kind::Gauge, POOL),
+    ("router_pool_new_connections_total", Kind::Counter, POOL),
+    (
+        "router_pool_fallback_connections_total",
+        Kind::Counter,
+        POOL_TARGET,
+    ),
+    (
+        "router_pool_first_byte_latency_seconds",
+        Kind::Histogram,
+        POOL,
+    ),
+    ("router_pool_cost_per_hour_dollars", Kind::Gauge, POOL),
+    (
+        "router_pool_cost_per_1k_connections_dollars",
+        Kind::Gauge,
+        POOL,
+    ),
+    ("router_pool_guard_trips_total", Kind::Counter, POOL),
 ];
 
 /// Labels Prometheus attaches to every scraped series.

@@ -330,7 +330,10 @@ impl Model {
         );
         // Only a flow that starts here is placed by load.
         let fresh = kind.syn || key.proto != PROTO_TCP;
-        let backend_id = self.select(svc, hash, fresh);
+        let Some(placed) = self.placed(svc, key.src_addr) else {
+            return out.counted(XDP_DROP, reasons::DROP_NO_BACKEND);
+        };
+        let backend_id = self.select(&placed, hash, fresh);
         let backend = match self.cfg.backends.get(&backend_id) {
             Some(b) if backend_id != NO_BACKEND => *b,
             _ => return out.counted(XDP_DROP, reasons::DROP_NO_BACKEND),

@@ -65,6 +65,7 @@ pub mod icmp;
 pub mod load;
 pub mod nat;
 pub mod parse;
+pub mod pools;
 pub mod tables;
 
 use std::collections::{HashMap, HashSet};
@@ -96,6 +97,11 @@ pub struct Service {
     /// The live half of the service's scan list, in order. Empty makes a
     /// least-loaded service draw two choices.
     pub members: Vec<Member>,
+    /// Pools (empty: the service's own table places every flow).
+    pub pools: Vec<pools::Pool>,
+    /// Share bucket → pool index (`SHARE_BUCKETS` long when pooled).
+    pub shares: Vec<u8>,
+    pub segments: Vec<pools::Segment>,
 }
 
 /// One entry of a scan list.
@@ -218,6 +224,9 @@ pub struct Model {
     pub loads: Loads,
     /// The rules the last packet went through, for coverage reports.
     pub trail: Vec<&'static str>,
+    /// New flows a pool handed down its fallback chain: (service id, from
+    /// pool, to pool) → count, as the datapath's `SPILLS` counts them.
+    pub spills: HashMap<(u32, u32, u32), u64>,
 }
 
 impl Model {
@@ -227,6 +236,7 @@ impl Model {
             tables: Tables::default(),
             loads: Loads::default(),
             trail: Vec::new(),
+            spills: HashMap::new(),
         }
     }
 
