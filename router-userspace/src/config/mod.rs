@@ -243,16 +243,6 @@ pub struct SegmentConfig {
     pub pool: usize,
 }
 
-impl SegmentConfig {
-    /// Whether `client` falls in this network.
-    pub fn contains(&self, client: Ipv4Addr) -> bool {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix_len))
-            .unwrap_or(0);
-        u32::from(client) & mask == u32::from(self.addr)
-    }
-}
-
 pub use crate::datapath::Selection;
 
 #[derive(Clone, Debug, PartialEq)]

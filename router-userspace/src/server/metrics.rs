@@ -40,6 +40,7 @@ use crate::{
     },
     datapath::Histogram,
     server::bounded::{self, ServerStats},
+    telemetry::clocks_throttled,
 };
 
 /// The metrics server's bounds (see [`bounded`]). A Prometheus server
@@ -294,8 +295,11 @@ impl Collector for Snapshot {
         gauges(
             e,
             "router_backend_gpu_throttled",
-            "1 when NVML reports any clock-throttle reason.",
-            per_b(|b| b.throttle_reasons.map(|r| if r != 0 { 1.0 } else { 0.0 })),
+            "1 when NVML reports a clock-throttle reason other than the GPU being idle.",
+            per_b(|b| {
+                b.throttle_reasons
+                    .map(|r| if clocks_throttled(r) { 1.0 } else { 0.0 })
+            }),
         )?;
         gauges(
             e,

@@ -41,7 +41,9 @@ pub struct Reading {
     pub mem_total_bytes: Option<f64>,
     pub power_watts: Option<f64>,
     pub temperature_c: Option<f64>,
-    /// NVML clock-throttle (clock event) reason bits; 0 means not throttled.
+    /// NVML clock-throttle (clock event) reason bits, as NVML reports them:
+    /// an idle GPU reports `GPU_IDLE` (an H200 at rest reads 0x1), so use
+    /// [`clocks_throttled`] to ask whether its clocks are held back.
     pub throttle_reasons: Option<u64>,
     /// Requests in the running batch (vLLM/SGLang).
     pub requests_running: Option<f64>,
@@ -105,6 +107,18 @@ fn fraction(name: &str, v: Option<f64>) -> Result<(), TelemetryError> {
     }
 }
 
+/// NVML's `GpuIdle` clock-event reason: the clocks are low because nothing
+/// runs, which is not a throttle.
+pub const THROTTLE_GPU_IDLE: u64 = 0x1;
+
+/// Whether NVML's clock-event reason `bits` hold a GPU's clocks back (power
+/// cap, thermal or hardware slowdown, clock settings): any reason but
+/// idleness. A real H200 reads 0x1 (idle) at rest and 0x4 (software power
+/// cap) under a full matrix-product load.
+pub fn clocks_throttled(bits: u64) -> bool {
+    bits & !THROTTLE_GPU_IDLE != 0
+}
+
 impl Reading {
     /// Rejects NaN, infinities, negative values, fractions above 100% and
     /// memory used above total. A reading that fails is counted and dropped.
@@ -135,6 +149,16 @@ impl Reading {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idleness_is_not_a_throttle() {
+        // As a real H200 read them: at rest, under a full matrix-product
+        // load (software power cap), and a thermal slowdown.
+        assert!(!clocks_throttled(0x0));
+        assert!(!clocks_throttled(0x1), "GpuIdle alone");
+        assert!(clocks_throttled(0x4), "SwPowerCap");
+        assert!(clocks_throttled(0x1 | 0x40), "idle and HwThermalSlowdown");
+    }
 
     #[test]
     fn garbage_is_rejected() {

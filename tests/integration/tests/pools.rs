@@ -107,21 +107,26 @@ fn add_client_addresses(topo: &Topology) {
 
 /// One HTTP GET to the VIP from `src`; the answering backend's name.
 async fn get_from(src: Ipv4Addr) -> anyhow::Result<String> {
+    let request = format!("GET / HTTP/1.0\r\nHost: {VIP}\r\n\r\n");
+    let text = exchange(src, &request, Duration::from_secs(5)).await?;
+    let (_, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed response {text:?}"))?;
+    Ok(body.to_string())
+}
+
+/// Sends `request` to the VIP from `src` and reads the whole reply, within
+/// `timeout` (a hang guard, not a measured goal).
+async fn exchange(src: Ipv4Addr, request: &str, timeout: Duration) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::V4(SocketAddrV4::new(src, 0)))?;
     let vip: SocketAddr = VIP.parse()?;
     let mut stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(vip)).await??;
-    stream
-        .write_all(format!("GET / HTTP/1.0\r\nHost: {VIP}\r\n\r\n").as_bytes())
-        .await?;
+    stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw)).await??;
-    let text = String::from_utf8(raw)?;
-    let (_, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("malformed response {text:?}"))?;
-    Ok(body.to_string())
+    tokio::time::timeout(timeout, stream.read_to_end(&mut raw)).await??;
+    Ok(String::from_utf8_lossy(&raw).into_owned())
 }
 
 /// `per_client` connections from each of `clients`, 16 at a time; the
@@ -316,21 +321,13 @@ fn shares_segments_runtime_changes_and_fallback() {
 /// One streamed completion (2 tokens) to the VIP from `src`; the replica
 /// that served it (`X-Replica`).
 async fn complete_from(src: Ipv4Addr) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::V4(SocketAddrV4::new(src, 0)))?;
-    let vip: SocketAddr = VIP.parse()?;
-    let mut stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(vip)).await??;
     let body = r#"{"prompt":"hi","max_tokens":2,"stream":true}"#;
     let request = format!(
         "POST /v1/completions HTTP/1.1\r\nHost: {VIP}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut raw)).await??;
-    let text = String::from_utf8_lossy(&raw);
+    let text = exchange(src, &request, Duration::from_secs(20)).await?;
     anyhow::ensure!(text.contains("[DONE]"), "no [DONE] in {text:?}");
     text.lines()
         .find_map(|l| {
