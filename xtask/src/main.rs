@@ -94,6 +94,8 @@ enum BenchSuite {
     L4,
     /// Routing quality with mock GPU replicas: round-robin, leastconn, GPU-aware, oracle.
     Routing,
+    /// A 10% canary pool whose replica slows, with and without its rollback guard.
+    Canary,
     /// SYN flood against a small connection table (bench/synflood.md); not part of `all`.
     Synflood,
     /// Rebuild RESULTS.md and the plots from the results already recorded.
@@ -109,6 +111,7 @@ impl BenchSuite {
             BenchSuite::Control => "control",
             BenchSuite::L4 => "l4",
             BenchSuite::Routing => "routing",
+            BenchSuite::Canary => "canary",
             BenchSuite::Synflood => "synflood",
             BenchSuite::Report => "report",
             BenchSuite::All => "all",

@@ -2,6 +2,7 @@
 //! load generator, and the demos (`demo`, `gpu_demo`); built on
 //! router-testkit. Each suite writes its results under `bench/` (or
 //! `target/bench-quick/` with `--quick`); nothing here asserts speed.
+pub mod canary;
 pub mod control;
 pub mod datapath;
 pub mod l4;

@@ -17,7 +17,7 @@
 
 use std::{
     future::Future,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
 };
 
 use router_testkit::netns;
@@ -403,6 +403,8 @@ pub struct StreamSample {
     pub e2e_ms: f64,
     /// The replica that served it (`X-Replica`).
     pub replica: String,
+    /// The client address it was sent from, where the run chose one.
+    pub source: Option<Ipv4Addr>,
 }
 
 /// What a streaming run saw.
@@ -423,16 +425,33 @@ pub struct StreamRun {
     pub tokens_asked: u64,
 }
 
+/// Connects to `addr`, from `source` when given (an address of this
+/// namespace, any free port).
+async fn connect_from(addr: SocketAddr, source: Option<Ipv4Addr>) -> Result<TcpStream> {
+    let Some(src) = source else {
+        return TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"));
+    };
+    let socket = TcpSocket::new_v4().context("socket")?;
+    socket
+        .bind(SocketAddr::V4(SocketAddrV4::new(src, 0)))
+        .with_context(|| format!("bind {src}"))?;
+    socket
+        .connect(addr)
+        .await
+        .with_context(|| format!("connect {addr} from {src}"))
+}
+
 async fn stream_once(
     addr: SocketAddr,
+    source: Option<Ipv4Addr>,
     body: &str,
     timeout: Duration,
 ) -> Result<(f64, f64, String)> {
     let t0 = Instant::now();
     tokio::time::timeout(timeout, async {
-        let s = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connect {addr}"))?;
+        let s = connect_from(addr, source).await?;
         s.set_nodelay(true)?;
         let mut s = BufReader::new(s);
         let req = format!(
@@ -546,9 +565,9 @@ impl<F: Fn(f64) -> f64> Iterator for Arrivals<F> {
     }
 }
 
-/// One request's outcome: when it was due, its `max_tokens`, and its TTFT,
-/// end-to-end time and replica or the error.
-type Outcome = (f64, u32, Result<(f64, f64, String)>);
+/// One request's outcome: when it was due, its `max_tokens`, its source
+/// address, and its TTFT, end-to-end time and replica or the error.
+type Outcome = (f64, u32, Option<Ipv4Addr>, Result<(f64, f64, String)>);
 
 /// Gathers a streaming run's outcomes as they come in.
 #[derive(Default)]
@@ -562,16 +581,17 @@ struct StreamTally {
 impl StreamTally {
     fn add(&mut self, res: Result<Outcome, tokio::task::JoinError>) {
         match res {
-            Ok((sent_s, max_tokens, Ok((ttft_ms, e2e_ms, replica)))) => {
+            Ok((sent_s, max_tokens, source, Ok((ttft_ms, e2e_ms, replica)))) => {
                 self.samples.push(StreamSample {
                     sent_s,
                     max_tokens,
                     ttft_ms,
                     e2e_ms,
                     replica,
+                    source,
                 });
             }
-            Ok((sent_s, _, Err(e))) => self.error(Some(sent_s), format!("{e:#}")),
+            Ok((sent_s, _, _, Err(e))) => self.error(Some(sent_s), format!("{e:#}")),
             Err(e) => self.error(None, format!("task: {e}")),
         }
     }
@@ -591,6 +611,10 @@ fn completion_body(max_tokens: u32) -> String {
     format!(r#"{{"prompt":"hello","max_tokens":{max_tokens},"stream":true}}"#)
 }
 
+/// `Rng::stream` number of the source addresses, apart from the gaps and
+/// the lengths, so choosing sources changes neither.
+const SOURCE_STREAM: u64 = 2;
+
 /// Open-loop streaming completions: the [`Arrivals`] of `load` and
 /// `rate_at`, one streamed completion per connection. Waits for every
 /// request to finish or time out. `stop` ends the arrivals early.
@@ -598,6 +622,20 @@ pub async fn stream_poisson(
     load: StreamLoad,
     rate_at: impl Fn(f64) -> f64,
     stop: Arc<AtomicBool>,
+) -> StreamRun {
+    stream_poisson_from(load, rate_at, stop, &[]).await
+}
+
+/// [`stream_poisson`], each request sent from one of `sources` drawn at
+/// random (uniformly, from the seed: the same seed gives every request
+/// the same source), or from the namespace's default when `sources` is
+/// empty. Many sources stand for many users, for policies keyed on the
+/// client's address.
+pub async fn stream_poisson_from(
+    load: StreamLoad,
+    rate_at: impl Fn(f64) -> f64,
+    stop: Arc<AtomicBool>,
+    sources: &[Ipv4Addr],
 ) -> StreamRun {
     let StreamLoad {
         target,
@@ -613,7 +651,14 @@ pub async fn stream_poisson(
     let mut tally = StreamTally::default();
     let (mut arrivals, mut tokens_asked) = (0u64, 0u64);
     let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut pick = Rng::stream(seed, SOURCE_STREAM);
     for (t, max_tokens) in Arrivals::new(seed, lengths, duration, rate_at) {
+        // Drawn for every arrival, sent or refused, so the n-th request's
+        // source does not depend on what was in flight.
+        let source = (!sources.is_empty()).then(|| {
+            let i = (pick.unit() * sources.len() as f64) as usize;
+            sources[i.min(sources.len() - 1)]
+        });
         if stop.load(Ordering::Relaxed) {
             break;
         }
@@ -632,9 +677,9 @@ pub async fn stream_poisson(
         in_flight.fetch_add(1, Ordering::Relaxed);
         let in_flight = in_flight.clone();
         tasks.spawn(async move {
-            let r = stream_once(target, &completion_body(max_tokens), timeout).await;
+            let r = stream_once(target, source, &completion_body(max_tokens), timeout).await;
             in_flight.fetch_sub(1, Ordering::Relaxed);
-            (t, max_tokens, r)
+            (t, max_tokens, source, r)
         });
         while let Some(r) = tasks.try_join_next() {
             tally.add(r);

@@ -67,42 +67,14 @@ fn segment_client(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, 2, i)
 }
 
-/// Puts every client address on the client's interface and routes the
-/// client networks back to it from the LB (replies leave the LB by its
-/// XDP program's FIB lookup, which needs the route).
+/// Every client address, on the client's interface and routed back to it.
 fn add_client_addresses(topo: &Topology) {
-    let mut batch = String::new();
-    for i in 1..=SHARE_CLIENTS {
-        batch.push_str(&format!(
-            "addr add {}/32 dev {}\n",
-            share_client(i),
-            topo.client_if()
-        ));
-    }
-    for i in 1..=SEGMENT_CLIENTS {
-        batch.push_str(&format!(
-            "addr add {}/32 dev {}\n",
-            segment_client(i),
-            topo.client_if()
-        ));
-    }
-    let file = std::env::temp_dir().join(format!("pools-addrs-{}", std::process::id()));
-    std::fs::write(&file, batch).expect("address batch");
-    let path = file.display().to_string();
-    netns::exec(topo.client_ns(), &["ip", "-batch", &path]).expect("client addresses");
-    let _ = std::fs::remove_file(&file);
-    netns::exec(
-        topo.lb_ns(),
-        &[
-            "ip",
-            "route",
-            "add",
-            "198.19.0.0/16",
-            "via",
-            &topo.client_addr().to_string(),
-        ],
-    )
-    .expect("route to the clients");
+    let addrs: Vec<Ipv4Addr> = (1..=SHARE_CLIENTS)
+        .map(share_client)
+        .chain((1..=SEGMENT_CLIENTS).map(segment_client))
+        .collect();
+    topo.add_client_addresses(&addrs, "198.19.0.0/16")
+        .expect("client addresses");
 }
 
 /// One HTTP GET to the VIP from `src`; the answering backend's name.

@@ -337,6 +337,31 @@ impl Topology {
         Ok(())
     }
 
+    /// Puts `addrs` on the client's interface (as /32s, in one `ip -batch`)
+    /// and routes `net` back to the client from the LB, so clients can
+    /// connect from many source addresses: the XDP program forwards replies
+    /// by the LB's FIB, which needs the route.
+    pub fn add_client_addresses(&self, addrs: &[Ipv4Addr], net: &str) -> Result<()> {
+        let batch: String = addrs
+            .iter()
+            .map(|a| format!("addr add {a}/32 dev {}\n", self.client_if()))
+            .collect();
+        let file = std::env::temp_dir().join(format!(
+            "client-addrs-{}-{}",
+            std::process::id(),
+            self.client_ns()
+        ));
+        std::fs::write(&file, batch).context("writing the address batch")?;
+        let path = file.display().to_string();
+        let added = exec(self.client_ns(), &["ip", "-batch", &path]);
+        let _ = std::fs::remove_file(&file);
+        added.context("adding the client addresses")?;
+        let via = self.client_addr().to_string();
+        exec(self.lb_ns(), &["ip", "route", "add", net, "via", &via])
+            .with_context(|| format!("routing {net} to the client"))?;
+        Ok(())
+    }
+
     /// The LB's veth peer in [`Self::switch_ns`] (GRO on; attach XDP_PASS
     /// here if a test wants it).
     pub fn lb_peer(&self) -> &str {

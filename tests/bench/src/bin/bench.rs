@@ -1,5 +1,5 @@
 //! Benchmarks of the router.
-//! `bench [datapath|control|l4|routing|report|all] [--quick] [--out DIR]`.
+//! `bench [datapath|control|l4|routing|canary|synflood|report|all] [--quick] [--out DIR]`.
 //!
 //! Results go in `bench/` at the workspace root: each suite's page or raw
 //! JSON, and `RESULTS.md` with SVG plots built from all of them. `--quick`
@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use router_bench::{
+    canary::{self, CanarySettings},
     control,
     datapath::{self, Settings},
     l4::{self, L4Settings},
@@ -27,7 +28,7 @@ use router_testkit::fixtures::workspace_root;
 use serde_json::Value;
 
 const USAGE: &str =
-    "usage: bench [datapath|control|l4|routing|synflood|report|all] [--quick] [--out DIR]
+    "usage: bench [datapath|control|l4|routing|canary|synflood|report|all] [--quick] [--out DIR]
 
   datapath   ns/packet of the XDP program through BPF_PROG_TEST_RUN, against XDP_PASS
   control    control plane: Maglev rebuild time, daemon CPU and RSS, reaction
@@ -36,6 +37,8 @@ const USAGE: &str =
   routing    routing quality with mock GPU replicas, steady and cold join, heavy-tailed
              lengths: round-robin, HAProxy leastconn, oracle, router telemetry weights
              (Maglev draw, least-loaded selection), polled least queue
+  canary     a canary pool of 10% whose replica slows part-way, with and without its
+             rollback guard: when the guard trips, and both pools' latency
   synflood   spoofed SYNs against a small connection table, paced and unpaced, while
              streams and new connections run (writes synflood.md; not part of all)
   report     rebuild RESULTS.md and the plots from the JSON already in the output directory
@@ -55,6 +58,7 @@ enum Suite {
     Control,
     L4,
     Routing,
+    Canary,
     Synflood,
     Report,
     All,
@@ -112,6 +116,7 @@ fn real_main() -> Result<()> {
             "control" => Some(Suite::Control),
             "l4" => Some(Suite::L4),
             "routing" => Some(Suite::Routing),
+            "canary" => Some(Suite::Canary),
             "synflood" => Some(Suite::Synflood),
             "report" => Some(Suite::Report),
             "all" => Some(Suite::All),
@@ -183,6 +188,14 @@ fn real_main() -> Result<()> {
             routing::run_routing(&s, &out, only.as_deref())
         })?;
         skipped.extend(skipped_in("routing", &doc));
+    }
+    if wants(Suite::Canary) {
+        let s = if quick {
+            CanarySettings::quick()
+        } else {
+            CanarySettings::full()
+        };
+        timed("canary", || canary::run_canary(&s, &out))?;
     }
     if suite == Suite::Synflood {
         timed("synflood", || {

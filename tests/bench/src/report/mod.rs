@@ -11,10 +11,12 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command};
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
+mod canary;
 mod l4;
 mod plot;
 mod routing;
 
+use canary::canary_section;
 use l4::l4_section;
 use routing::routing_section;
 
@@ -193,6 +195,12 @@ fn suite_code(suite: &str) -> &'static [&'static str] {
             "router-userspace/src/policy",
             "router-userspace/src/control_loop",
         ],
+        "canary" => &[
+            "tests/bench/src/canary",
+            "tests/bench/src/loadgen.rs",
+            "router-userspace/src/control_loop",
+            "router-userspace/src/pools",
+        ],
         "control" => &[
             "tests/bench/src/control.rs",
             "router-userspace/src/maglev.rs",
@@ -256,6 +264,7 @@ pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
     let ctl = read_json(dir, "control.json");
     let l4 = read_json(dir, "l4.json");
     let rt = read_json(dir, "routing.json");
+    let cn = read_json(dir, "canary.json");
     let mut md = String::new();
     let mut headline = String::new();
     writeln!(md, "# Benchmark results\n")?;
@@ -284,6 +293,7 @@ pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
         ("datapath", dp.as_ref().map(|d| &d["commit"])),
         ("L4", l4.as_ref().map(|d| &d["machine"]["commit"])),
         ("routing", rt.as_ref().map(|d| &d["machine"]["commit"])),
+        ("canary", cn.as_ref().map(|d| &d["machine"]["commit"])),
         ("control", ctl.as_ref().map(|d| &d["commit"])),
     ]
     .into_iter()
@@ -331,6 +341,7 @@ pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
     placement_cost_section(&mut body, &mut headline, dir)?;
     l4_section(&mut body, &mut headline, l4.as_ref(), dir)?;
     routing_section(&mut body, &mut headline, rt.as_ref(), dir)?;
+    canary_section(&mut body, &mut headline, cn.as_ref())?;
     control_section(&mut body, &mut headline, ctl.as_ref())?;
     writeln!(md, "## Headline\n")?;
     writeln!(md, "| measure | result | target | |\n|---|---|---|---|")?;
@@ -342,6 +353,7 @@ pub fn write_report(dir: &Path, quick: bool) -> Result<()> {
         ("## 1. Datapath\n", "datapath", &dp, "/commit"),
         ("## 2. L4 forwarding\n", "l4", &l4, "/machine/commit"),
         ("## 3. Routing quality\n", "routing", &rt, "/machine/commit"),
+        ("## 3b. Canary rollback\n", "canary", &cn, "/machine/commit"),
         ("## 4. Control plane\n", "control", &ctl, "/commit"),
     ] {
         let commit = json
