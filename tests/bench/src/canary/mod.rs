@@ -147,9 +147,12 @@ fn run_json(arm: Arm, seed: u64, s: &CanarySettings, out: &rig::RunOut) -> Value
             "connections": t.connections,
         })),
         "canary_share_at_end": out.canary_share_at_end,
-        "clients_in_two_pools_before_trip": phases::clients_in_two_pools(
+        // Before the slowdown, when the shares certainly stood: the trip
+        // is seen up to a sampling interval late, and a canary client's
+        // request placed in that gap would count.
+        "clients_in_two_pools_before_slowdown": phases::clients_in_two_pools(
             &out.stream.samples,
-            trip_s.unwrap_or(f64::INFINITY),
+            s.slow_at_s,
         ),
         "phases": phases
             .iter()

@@ -136,9 +136,9 @@ pub(super) fn canary_section(
     )?;
     row(
         md,
-        "clients served by both pools before a trip (all runs)",
-        sum(&g, "clients_in_two_pools_before_trip").to_string(),
-        sum(&u, "clients_in_two_pools_before_trip").to_string(),
+        "clients served by both pools before the slowdown (all runs)",
+        sum(&g, "clients_in_two_pools_before_slowdown").to_string(),
+        sum(&u, "clients_in_two_pools_before_slowdown").to_string(),
     )?;
     for (name, ph, pool, key) in [
         (
@@ -257,7 +257,7 @@ mod tests {
                     "canary": { "requests": 3 }, "all": {} })
         };
         let run = |trip: Value, after: f64| {
-            json!({ "trip": trip, "false_trips": 0, "clients_in_two_pools_before_trip": 0, "errors": 0,
+            json!({ "trip": trip, "false_trips": 0, "clients_in_two_pools_before_slowdown": 0, "errors": 0,
                     "phases": [phase("healthy", 100.0), phase("after_slowdown", after)] })
         };
         let doc = json!({
