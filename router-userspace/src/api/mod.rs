@@ -44,6 +44,11 @@ pub struct StatusReply {
     /// Pools of every pooled service, as the control loop holds them.
     #[serde(default)]
     pub pools: Vec<PoolStatus>,
+    /// The flow hash's key and every live table, hashed (see
+    /// `datapath::Datapath::table_fingerprint`): equal on ingress nodes that
+    /// place new Maglev flows alike. Only `GET /v1/status` computes it.
+    #[serde(default)]
+    pub table_fingerprint: Option<String>,
 }
 
 /// A pool as the control loop holds it: share, room, fallback, guard.

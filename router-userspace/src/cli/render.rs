@@ -18,6 +18,12 @@ pub fn render(s: &StatusReply) -> String {
             dp.interfaces.join(", ")
         }
     );
+    if let Some(f) = &s.table_fingerprint {
+        let _ = writeln!(
+            out,
+            "table fingerprint: {f} (flow hash key and live tables; equal on nodes that place alike)"
+        );
+    }
     if let Some(r) = &s.last_reload {
         let _ = writeln!(
             out,

@@ -182,6 +182,10 @@ pub struct DaemonConfig {
     pub tcp_closing_timeout: Duration,
     pub udp_idle_timeout: Duration,
     pub datapath_log: bool,
+    /// The flow hash's key, the same on every node that shares the VIPs
+    /// (see `hash_seed` in docs/operations.md); None: a random key when the
+    /// maps are created, kept across restarts.
+    pub hash_seed: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -36,6 +36,7 @@ pub(super) struct RawDaemon {
     pub(super) udp_idle_timeout: Option<String>,
     #[serde(default)]
     pub(super) datapath_log: bool,
+    pub(super) hash_seed: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -95,7 +95,12 @@ pub(super) struct Handle(pub(super) Arc<Mutex<DaemonState>>);
 
 impl control::Control for Handle {
     async fn status(&self) -> Result<StatusReply> {
-        self.0.lock().await.status()
+        let daemon = self.0.lock().await;
+        let mut st = daemon.status()?;
+        // Here and not in `status()`, which every metrics publish calls:
+        // it reads every slot of every table.
+        st.table_fingerprint = daemon.dp.table_fingerprint();
+        Ok(st)
     }
 
     async fn reload(&self) -> ReloadReply {
@@ -206,6 +211,7 @@ impl DaemonState {
                 .as_ref()
                 .map(|c| c.pools_status(&self.config))
                 .unwrap_or_default(),
+            table_fingerprint: None,
         })
     }
 

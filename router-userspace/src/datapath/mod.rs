@@ -14,6 +14,7 @@ mod adopt;
 mod batch;
 mod conn_table;
 mod counters;
+mod fingerprint;
 mod latency;
 mod load;
 pub mod pinning;
@@ -43,6 +44,7 @@ pub use load::{Correction, LoadCounters, LoadSnapshot};
 pub use pinning::{PinDir, Removed};
 pub use spec::{
     BackendRole, BackendSpec, LoadOptions, PoolSpec, SegmentSpec, Selection, ServiceSpec,
+    flow_hash_key_of_seed,
 };
 pub use state::SCAN_LIMIT;
 use state::ServiceState;
@@ -97,6 +99,14 @@ pub enum DatapathError {
          every connection: not hitless)"
     )]
     PinnedMap { map: String, detail: String },
+    #[error(
+        "daemon.hash_seed: the datapath pinned under {} hashes flows with another key; nothing \
+         was attached. Remove hash_seed to keep the pinned key, or run `router daemon \
+         --cleanup` first to start over with this one (it detaches and resets every \
+         connection: not hitless)",
+        .0.display()
+    )]
+    HashSeedMismatch(PathBuf),
     #[error("drawing the flow hash's secret (getrandom): {0}")]
     Random(#[source] std::io::Error),
     #[error(
@@ -281,7 +291,17 @@ impl Datapath {
         // The pinned secret, so every flow hashes as it did before the
         // restart; a new one only for maps created now.
         let key = match (opts.flow_hash_key, adopted.contains("FLOW_HASH_KEY")) {
-            (Some(k), _) => k,
+            (Some(k), true) => {
+                // Re-keying would move every flow that misses the
+                // connection table, and desynchronise this node from the
+                // others that share its seed: refuse, before anything is
+                // attached.
+                if pinning::pinned_flow_hash_key(dir)? != k {
+                    return Err(DatapathError::HashSeedMismatch(dir.root().to_path_buf()));
+                }
+                k
+            }
+            (Some(k), false) => k,
             (None, true) => pinning::pinned_flow_hash_key(dir)?,
             (None, false) => new_flow_hash_key()?,
         };

@@ -43,6 +43,12 @@ pub(super) struct PoolState {
     pub value: Option<Pool>,
 }
 
+impl PoolState {
+    pub fn live_table(&self) -> Option<&Vec<u32>> {
+        self.halves[self.active as usize & 1].as_ref()
+    }
+}
+
 /// A service's pools, share buckets and segments as last published.
 #[derive(Debug, Default)]
 pub(super) struct PooledState {

@@ -113,6 +113,12 @@ pub struct LoadOptions {
     pub flow_hash_key: Option<[u32; 2]>,
 }
 
+/// The flow hash's key for a configured `hash_seed`: its high and low
+/// 32 bits.
+pub fn flow_hash_key_of_seed(seed: u64) -> [u32; 2] {
+    [(seed >> 32) as u32, seed as u32]
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {

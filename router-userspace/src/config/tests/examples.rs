@@ -186,6 +186,7 @@ fn defaults_applied() {
             tcp_closing_timeout: Duration::from_secs(10),
             udp_idle_timeout: Duration::from_secs(30),
             datapath_log: false,
+            hash_seed: None,
         }
     );
     let svc = &cfg.services[0];

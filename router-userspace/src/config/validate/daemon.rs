@@ -93,6 +93,12 @@ pub(in crate::config) fn validate_daemon(
         DEFAULT_UDP_IDLE_TIMEOUT,
     )?;
 
+    let hash_seed = raw
+        .hash_seed
+        .as_deref()
+        .map(|s| parse_hash_seed(s).map_err(|m| loc.err(&base.key("hash_seed"), m)))
+        .transpose()?;
+
     Ok(DaemonConfig {
         interfaces: raw.interface.items,
         xdp_mode: raw.xdp_mode,
@@ -107,5 +113,24 @@ pub(in crate::config) fn validate_daemon(
         tcp_closing_timeout,
         udp_idle_timeout,
         datapath_log: raw.datapath_log,
+        hash_seed,
     })
+}
+
+/// 16 hex digits, not all zero: the flow hash's 64-bit key.
+pub(in crate::config) fn parse_hash_seed(s: &str) -> Result<u64, String> {
+    let digits = s.strip_prefix("0x").unwrap_or(s);
+    if digits.len() != 16 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{s:?} is not 16 hex digits (make one with `openssl rand -hex 8`)"
+        ));
+    }
+    match u64::from_str_radix(digits, 16) {
+        Ok(0) => Err(
+            "must not be zero: the key keeps clients from aiming their flows at one backend"
+                .into(),
+        ),
+        Ok(v) => Ok(v),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
 }
