@@ -48,7 +48,10 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
         ephemeral_ports: facts::ephemeral_port_range().unwrap_or((0, u16::MAX)),
         // The configured seed; else the pinned key, or a new one when the
         // maps are new.
-        flow_hash_key: cfg.daemon.hash_seed.map(crate::datapath::flow_hash_key_of_seed),
+        flow_hash_key: cfg
+            .daemon
+            .hash_seed
+            .map(crate::datapath::flow_hash_key_of_seed),
         table_size: cfg.daemon.table_size,
         conn_table_size: cfg.daemon.conn_table_size,
         tcp_idle_ns: ns(cfg.daemon.tcp_idle_timeout),

@@ -46,7 +46,10 @@ fn placements(f: &mut Fixture) -> Vec<String> {
         let (verdict, frame) = f.run(&p.build());
         out.push(if verdict == XDP_TX {
             let port = u16::from_be_bytes([frame[36], frame[37]]);
-            format!("{}.{}.{}.{}:{port}", frame[30], frame[31], frame[32], frame[33])
+            format!(
+                "{}.{}.{}.{}:{port}",
+                frame[30], frame[31], frame[32], frame[33]
+            )
         } else {
             format!("verdict {verdict}")
         });
@@ -83,14 +86,21 @@ fn nodes_with_one_seed_place_alike_and_say_so() {
     assert_eq!(fp_a.len(), 16, "{fp_a}");
     assert_eq!(fp_a, fp_b, "same seed and services, other ids and order");
     assert_eq!(placed_a, placed_b);
-    assert!(placed_a.iter().all(|p| p.starts_with("198.18.0.")), "{placed_a:?}");
+    assert!(
+        placed_a.iter().all(|p| p.starts_with("198.18.0.")),
+        "{placed_a:?}"
+    );
     let used: std::collections::BTreeSet<&String> = placed_a.iter().collect();
     assert_eq!(used.len(), 6, "every backend takes flows: {used:?}");
 
     // Another seed: another key, and flows land elsewhere.
     let (fp_c, placed_c) = node(SEED ^ 1, &specs, &specs);
     assert_ne!(fp_a, fp_c);
-    let moved = placed_a.iter().zip(&placed_c).filter(|(a, c)| a != c).count();
+    let moved = placed_a
+        .iter()
+        .zip(&placed_c)
+        .filter(|(a, c)| a != c)
+        .count();
     assert!(moved > 100, "only {moved} of 400 flows moved with the key");
 
     // Another weight: another table.

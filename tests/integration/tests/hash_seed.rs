@@ -9,8 +9,8 @@ use std::{path::Path, process::Command, time::Duration};
 use router_testkit::{
     bpffs::BpfFs,
     daemon_proc::{
-        ScratchDir, cleanup_pins, one_arm_config, router_binary, start_daemon,
-        start_daemon_pinned, status,
+        ScratchDir, cleanup_pins, one_arm_config, router_binary, start_daemon, start_daemon_pinned,
+        status,
     },
     netns::{self, Topology},
 };
@@ -27,11 +27,7 @@ fn config(socket: &Path, seed: Option<&str>, reversed: bool) -> String {
     }
     let text = one_arm_config(socket, netns::LB_IF, VIP, netns::LB_ADDR, &backends);
     match seed {
-        Some(s) => text.replacen(
-            "[daemon]\n",
-            &format!("[daemon]\nhash_seed = \"{s}\"\n"),
-            1,
-        ),
+        Some(s) => text.replacen("[daemon]\n", &format!("[daemon]\nhash_seed = \"{s}\"\n"), 1),
         None => text,
     }
 }
@@ -90,7 +86,11 @@ fn a_seed_other_than_the_pinned_key_refuses_to_start() {
         .expect("running the daemon");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started with another seed: {stderr}");
-    assert_ne!(out.status.code(), Some(124), "hung instead of refusing: {stderr}");
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "hung instead of refusing: {stderr}"
+    );
     assert!(stderr.contains("daemon.hash_seed: "), "{stderr}");
 
     // The pinned datapath is untouched: the first seed adopts it as it was.

@@ -293,8 +293,17 @@ fn hash_seed() {
     assert_eq!(cfg.daemon.hash_seed, Some(0x5f3a_9c0e_12b4_d7e8));
     let cfg = parse(&insert_after(2, r#"hash_seed = "0x00000000000000A1""#)).unwrap();
     assert_eq!(cfg.daemon.hash_seed, Some(0xa1));
-    assert_eq!(parse(BASE).unwrap().daemon.hash_seed, None, "random unless set");
-    for bad in ["5f3a9c0e", "5f3a9c0e12b4d7e8aa", "5f3a9c0e12b4d7eg", "+f3a9c0e12b4d7e8"] {
+    assert_eq!(
+        parse(BASE).unwrap().daemon.hash_seed,
+        None,
+        "random unless set"
+    );
+    for bad in [
+        "5f3a9c0e",
+        "5f3a9c0e12b4d7e8aa",
+        "5f3a9c0e12b4d7eg",
+        "+f3a9c0e12b4d7e8",
+    ] {
         assert_err(
             &insert_after(2, &format!("hash_seed = {bad:?}")),
             3,

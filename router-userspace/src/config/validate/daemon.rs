@@ -127,8 +127,7 @@ pub(in crate::config) fn parse_hash_seed(s: &str) -> Result<u64, String> {
     }
     match u64::from_str_radix(digits, 16) {
         Ok(0) => Err(
-            "must not be zero: the key keeps clients from aiming their flows at one backend"
-                .into(),
+            "must not be zero: the key keeps clients from aiming their flows at one backend".into(),
         ),
         Ok(v) => Ok(v),
         Err(e) => Err(format!("{s:?}: {e}")),
