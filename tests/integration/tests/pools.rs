@@ -101,39 +101,35 @@ async fn exchange(src: Ipv4Addr, request: &str, timeout: Duration) -> anyhow::Re
     Ok(String::from_utf8_lossy(&raw).into_owned())
 }
 
-/// `per_client` connections from each of `clients`, 16 at a time; the
-/// backends that answered each client, and the failures.
-fn connect_all(
+/// `request` from each address of `jobs`, 16 at a time, in the client's
+/// namespace: each job's address and the replica or backend that answered,
+/// and the failures. A current-thread runtime: every task, and so every
+/// socket, runs on this thread, inside that namespace.
+fn from_each<F, Fut>(
     topo: &Topology,
-    clients: &[Ipv4Addr],
-    per_client: usize,
-) -> (BTreeMap<Ipv4Addr, BTreeSet<String>>, Vec<String>) {
-    let clients = clients.to_vec();
+    jobs: Vec<Ipv4Addr>,
+    request: F,
+) -> (Vec<(Ipv4Addr, String)>, Vec<String>)
+where
+    F: Fn(Ipv4Addr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<String>> + Send + 'static,
+{
     netns::in_netns(topo.client_ns(), move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let mut answered: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
-            let mut failures = Vec::new();
-            let jobs: Vec<Ipv4Addr> = clients
-                .iter()
-                .flat_map(|c| std::iter::repeat_n(*c, per_client))
-                .collect();
-            // A current-thread runtime: every task, and so every socket,
-            // runs on this thread, inside the client's namespace.
+            let (mut answered, mut failures) = (Vec::new(), Vec::new());
             for chunk in jobs.chunks(16) {
                 let mut set = tokio::task::JoinSet::new();
-                for c in chunk {
-                    let c = *c;
-                    set.spawn(async move { (c, get_from(c).await) });
+                for &c in chunk {
+                    let f = request(c);
+                    set.spawn(async move { (c, f.await) });
                 }
                 for (c, r) in set.join_all().await {
                     match r {
-                        Ok(b) => {
-                            answered.entry(c).or_default().insert(b);
-                        }
+                        Ok(b) => answered.push((c, b)),
                         Err(e) => failures.push(format!("{c}: {e:#}")),
                     }
                 }
@@ -142,6 +138,25 @@ fn connect_all(
         })
     })
     .expect("clients")
+}
+
+/// `per_client` connections from each of `clients`; the backends that
+/// answered each client, and the failures.
+fn connect_all(
+    topo: &Topology,
+    clients: &[Ipv4Addr],
+    per_client: usize,
+) -> (BTreeMap<Ipv4Addr, BTreeSet<String>>, Vec<String>) {
+    let jobs: Vec<Ipv4Addr> = clients
+        .iter()
+        .flat_map(|c| std::iter::repeat_n(*c, per_client))
+        .collect();
+    let (answered, failures) = from_each(topo, jobs, get_from);
+    let mut by_client: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
+    for (c, b) in answered {
+        by_client.entry(c).or_default().insert(b);
+    }
+    (by_client, failures)
 }
 
 fn pools(socket: &std::path::Path) -> BTreeMap<String, PoolView> {
@@ -310,34 +325,11 @@ async fn complete_from(src: Ipv4Addr) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("no X-Replica in {text:?}"))
 }
 
-/// One completion from each client, 16 at a time; the replicas that
-/// served them, and the failures.
+/// One completion from each client; the replicas that served them, and
+/// the failures.
 fn completions(topo: &Topology, clients: &[Ipv4Addr]) -> (Vec<String>, Vec<String>) {
-    let clients = clients.to_vec();
-    netns::in_netns(topo.client_ns(), move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let (mut served, mut failures) = (Vec::new(), Vec::new());
-            for chunk in clients.chunks(16) {
-                let mut set = tokio::task::JoinSet::new();
-                for c in chunk {
-                    let c = *c;
-                    set.spawn(async move { (c, complete_from(c).await) });
-                }
-                for (c, r) in set.join_all().await {
-                    match r {
-                        Ok(name) => served.push(name),
-                        Err(e) => failures.push(format!("{c}: {e:#}")),
-                    }
-                }
-            }
-            (served, failures)
-        })
-    })
-    .expect("clients")
+    let (served, failures) = from_each(topo, clients.to_vec(), complete_from);
+    (served.into_iter().map(|(_, r)| r).collect(), failures)
 }
 
 /// Rounds of one completion per client until `done` holds for the
