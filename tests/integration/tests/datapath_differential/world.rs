@@ -220,8 +220,10 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
         // Pools: gold spills to silver, silver to bronze. Set 0: gold full,
         // silver takes its clients; set 1: every pool full, each client
         // stays in the first that can take a flow; set 2: no weight
-        // anywhere, nothing can take one. Two clients are in segments, the
-        // others go by their share buckets (bronze has no share).
+        // anywhere, nothing can take one. Three clients are in segments
+        // (one in gold, so that a spill to a pool with room is taken
+        // whatever the key makes of the share buckets), the others go by
+        // their share buckets (bronze has no share).
         SvcDef {
             name: "tiers",
             vip: "198.18.100.6:80",
@@ -242,7 +244,11 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
                 ("silver", &[1, 2], 40, Some(2)),
                 ("bronze", &[3], 0, None),
             ],
-            segments: &[("198.19.0.0/16", 2), ("198.18.1.0/24", 1)],
+            segments: &[
+                ("198.19.0.0/16", 2),
+                ("198.18.1.0/24", 1),
+                ("198.18.0.44/32", 0),
+            ],
             saturated: [
                 &[true, false, false],
                 &[true, true, true],
@@ -450,7 +456,9 @@ pub(crate) fn bucket_neighbour(addr: u32, taken: &BTreeSet<u32>) -> u32 {
 }
 
 impl World {
-    pub(crate) fn new() -> Self {
+    /// A world whose datapath hashes flows with `flow_hash_key`, so that a
+    /// seed replays the share buckets and Maglev picks too.
+    pub(crate) fn new(flow_hash_key: [u32; 2]) -> Self {
         // An entry seeded 70 s old needs a clock that has run that long.
         let need = (AGES[3] + 5) * 1_000_000_000;
         let now = coarse_now_ns();
@@ -495,7 +503,7 @@ impl World {
             // The harness opens no sockets: the client's port is always
             // free of the host's, as the model has it.
             ephemeral_ports: (0, u16::MAX),
-            flow_hash_key: None,
+            flow_hash_key: Some(flow_hash_key),
         })
         .expect("load the router program");
         dp.apply(&specs(0)).expect("apply services");
@@ -504,10 +512,12 @@ impl World {
             .get(&0, 0)
             .expect("FIB_GEN[0]");
         assert_ne!(fib_gen, 0, "a loaded datapath has a next-hop generation");
-        // A random secret, as every datapath draws one: the model hashes
-        // with the same.
-        let flow_hash_key = dp.flow_hash_key();
-        assert_ne!(flow_hash_key, [0; 2], "the datapath drew a secret");
+        // The model hashes with the key the datapath holds.
+        assert_eq!(
+            dp.flow_hash_key(),
+            flow_hash_key,
+            "the datapath took the key"
+        );
 
         let mut ids = Vec::new();
         {
