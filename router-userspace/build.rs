@@ -7,7 +7,7 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     if std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-        for obj in ["router", "xdp-pass"] {
+        for obj in ["router", "xdp-pass", "decap"] {
             std::fs::write(out.join(obj), [])?;
         }
         return Ok(());

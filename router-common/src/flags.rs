@@ -33,3 +33,6 @@ pub const CONN_AWAIT_ANY: u32 = CONN_AWAIT_SYNACK | CONN_AWAIT_REQUEST | CONN_AW
 pub const FILTER_VIP: u32 = 1;
 /// `ADDR_FILTER` bit: some service translates to a SNAT address in this bucket.
 pub const FILTER_SNAT: u32 = 2;
+/// `ADDR_FILTER` bit: some DSR service listens on an address in this
+/// bucket, so its packets look in `DSR_FLOWS` before the NAT tables.
+pub const FILTER_DSR: u32 = 4;

@@ -12,6 +12,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod dsr;
 pub mod flags;
 pub mod flow_hash;
 pub mod hashing;

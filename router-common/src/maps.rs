@@ -18,12 +18,13 @@ use crate::{
 /// to a struct here, a `CONN_*` or `FILTER_*` bit, or a map's indexing
 /// (`layout_fingerprint` in the tests below names what it covers).
 ///
-/// 4: pools (`POOLS`, `SEGMENTS`, `SHARES`, `SPILLS`; `Service` gained
+/// 5: DSR (`Service` gained `forwarding` and `gue_port`; the `DSR_FLOWS`
+/// map, `DsrFlow`; the `FILTER_DSR` bit). 4: pools (`POOLS`, `SEGMENTS`, `SHARES`, `SPILLS`; `Service` gained
 /// `pools`, `share_half` and `segments`). 3: the `NEXT_HOPS` map (`NextHop`) and the `FIB_GEN_PER_FLOW` bit of
 /// `FIB_GEN`. 2: `ConnEntry` gained `seq_next` (checksum deltas folded to
 /// u16) and `CONN_HEARD`. 1 stands for every datapath pinned before the
 /// stamp.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Set in `FIB_GEN` while the host routes by more than the destination
 /// (policy rules, multipath routes): a next hop found for one flow to a
@@ -77,7 +78,11 @@ pub struct Service {
     pub share_half: u32,
     /// Segments (`SEGMENTS` entries) of the service: 0 skips the lookup.
     pub segments: u32,
-    pub _pad: u32,
+    /// `FORWARD_NAT`, `FORWARD_IPIP` or `FORWARD_GUE` (see `dsr`).
+    pub forwarding: u32,
+    /// `FORWARD_GUE`'s UDP destination port, network order.
+    pub gue_port: u16,
+    pub _pad: u16,
 }
 
 /// `POOLS` key: pool `index` (0..MAX_POOLS) of service `service_id`.
@@ -357,7 +362,7 @@ mod pod {
 // Layout is part of the kernel ABI between the two halves: pin it.
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 8);
-    assert!(core::mem::size_of::<Service>() == 56);
+    assert!(core::mem::size_of::<Service>() == 60);
     assert!(core::mem::size_of::<PoolKey>() == 8);
     assert!(core::mem::size_of::<Pool>() == 24);
     assert!(core::mem::size_of::<SegmentKey>() == 8);
@@ -393,6 +398,11 @@ mod layout_fingerprint {
             offset_of!(Service, members),
             offset_of!(Service, pools),
             offset_of!(Service, segments),
+            offset_of!(Service, forwarding),
+            offset_of!(Service, gue_port),
+            size_of::<crate::dsr::DsrFlow>(),
+            offset_of!(crate::dsr::DsrFlow, mtu),
+            offset_of!(crate::dsr::DsrFlow, gue_sport),
             size_of::<Pool>(),
             offset_of!(Pool, fallback),
             offset_of!(Pool, flags),
@@ -428,16 +438,18 @@ mod layout_fingerprint {
                 | CONN_AWAIT_RESPONSE
                 | CONN_COUNTED
                 | CONN_HEARD) as usize,
-            (FILTER_VIP | FILTER_SNAT) as usize,
+            (FILTER_VIP | FILTER_SNAT | FILTER_DSR) as usize,
+            crate::dsr::DSR_CLOSING as usize,
             (crate::pools::POOL_NO_ROOM | crate::pools::POOL_EMPTY) as usize,
         ];
         assert_eq!(
             (LAYOUT_VERSION, fingerprint),
             (
-                4,
+                5,
                 [
-                    8, 56, 24, 32, 36, 40, 48, 24, 12, 16, 8, 8, 24, 16, 20, 16, 16, 16, 64, 12,
-                    14, 16, 20, 32, 36, 40, 48, 52, 56, 32, 232, 28, 16, 24, 2147483648, 127, 3, 3
+                    8, 60, 24, 32, 36, 40, 48, 52, 56, 56, 36, 44, 24, 12, 16, 8, 8, 24, 16, 20,
+                    16, 16, 16, 64, 12, 14, 16, 20, 32, 36, 40, 48, 52, 56, 32, 232, 28, 16, 24,
+                    2147483648, 127, 7, 1, 3
                 ]
             ),
             "a pinned map's layout changed: bump LAYOUT_VERSION, say why beside it, \

@@ -80,6 +80,14 @@ pub enum Reason {
     /// answered with an ACK and the client retries after a second. Not a
     /// verdict: counted in addition to the packet's.
     SnatPortProbed = 19,
+    /// A DSR packet that encapsulated would be longer than the route's MTU
+    /// toward its backend, with DF set: the client is sent ICMP
+    /// "fragmentation needed" with the MTU that fits (`XDP_TX`), and the
+    /// packet itself is not forwarded.
+    IcmpTooBig = 20,
+    /// A DSR packet too long to encapsulate, without DF: the program
+    /// cannot fragment, so it is dropped.
+    DropTooBig = 21,
 }
 
 impl Reason {
@@ -105,6 +113,8 @@ impl Reason {
         Reason::PassIcmpUntracked,
         Reason::PassIcmpOther,
         Reason::SnatPortProbed,
+        Reason::IcmpTooBig,
+        Reason::DropTooBig,
     ];
 
     /// The counter's name as exported by `router status` and metrics.
@@ -130,6 +140,8 @@ impl Reason {
             Reason::PassIcmpUntracked => "pass_icmp_untracked",
             Reason::PassIcmpOther => "pass_icmp_other",
             Reason::SnatPortProbed => "snat_port_probed",
+            Reason::IcmpTooBig => "icmp_too_big",
+            Reason::DropTooBig => "drop_too_big",
         }
     }
 }
@@ -154,9 +166,11 @@ pub const DROP_TTL_EXPIRED: u32 = Reason::DropTtlExpired as u32;
 pub const PASS_ICMP_UNTRACKED: u32 = Reason::PassIcmpUntracked as u32;
 pub const PASS_ICMP_OTHER: u32 = Reason::PassIcmpOther as u32;
 pub const SNAT_PORT_PROBED: u32 = Reason::SnatPortProbed as u32;
+pub const ICMP_TOO_BIG: u32 = Reason::IcmpTooBig as u32;
+pub const DROP_TOO_BIG: u32 = Reason::DropTooBig as u32;
 
 /// Number of reasons: the size of `REASONS`.
-pub const COUNT: u32 = 20;
+pub const COUNT: u32 = 22;
 
 /// `Reason::name` of every counter, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = {
@@ -208,6 +222,8 @@ mod tests {
                 "pass_icmp_untracked",
                 "pass_icmp_other",
                 "snat_port_probed",
+                "icmp_too_big",
+                "drop_too_big",
             ]
         );
     }

@@ -3,11 +3,17 @@
 //! and per backend (`NEXT_HOPS`) so a new flow to a backend needs none either.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC,
+        bpf_fib_lookup as FibParams,
+    },
     helpers::generated::bpf_fib_lookup,
     programs::XdpContext,
 };
-use router_common::{ConnEntry, FIB_GEN_PER_FLOW};
+use router_common::{
+    ConnEntry, FIB_GEN_PER_FLOW, PROTO_UDP,
+    dsr::{DsrFlow, PROTO_IPIP},
+};
 
 use crate::maps::NEXT_HOPS;
 
@@ -106,4 +112,65 @@ fn lookup(ctx: &XdpContext, e: &ConnEntry, proto: u8, tot_len: u16) -> Option<Ne
         smac: p.smac,
         ifindex: p.ifindex,
     })
+}
+
+/// What the FIB says about an encapsulated packet toward a backend.
+pub enum Outer {
+    /// Next hop, preferred source address and route MTU, written into the
+    /// flow's entry.
+    Resolved,
+    /// The packet is longer than the route's MTU, this many bytes.
+    TooBig(u32),
+    /// No usable next hop (no route, or no neighbour yet); the preferred
+    /// source, if the FIB found one, is in the entry.
+    Failed,
+}
+
+/// Looks up the next hop of a DSR flow's outer packet (`tot_len` bytes,
+/// host order) toward its backend, with the source address the host
+/// would pick for it, and caches both, and the route's MTU, in `e`.
+#[inline(always)]
+pub fn resolve_outer(ctx: &XdpContext, e: &mut DsrFlow, tot_len: u16, fib_gen: u32) -> Outer {
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let p: &mut FibParams = crate::mem::zeroed64(&mut slot);
+    p.family = AF_INET;
+    p.l4_protocol = if e.gue_dport != 0 {
+        PROTO_UDP
+    } else {
+        PROTO_IPIP
+    };
+    p.sport = e.gue_sport;
+    p.dport = e.gue_dport;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_4.ipv4_dst = e.backend_addr;
+    // SAFETY: as in `lookup`.
+    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    // SAFETY: as in `lookup`.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            p,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SRC,
+        )
+    };
+    // SAFETY: the helper filled the union's output member (`mtu_result`,
+    // which it writes on success and on FRAG_NEEDED) and the source
+    // address; both are plain integers.
+    let (mtu, src) = unsafe { (p.__bindgen_anon_1.mtu_result, p.__bindgen_anon_3.ipv4_src) };
+    if src != 0 {
+        e.outer_src = src;
+    }
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        return Outer::TooBig(mtu as u32);
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Outer::Failed;
+    }
+    e.dmac = p.dmac;
+    e.smac = p.smac;
+    e.ifindex = p.ifindex;
+    e.mtu = mtu as u32;
+    e.fib_gen = fib_gen;
+    Outer::Resolved
 }

@@ -14,6 +14,8 @@
 mod classify;
 mod clock;
 mod conn;
+mod dsr;
+mod encap;
 mod fib;
 mod flags;
 mod flow;
@@ -30,13 +32,16 @@ mod pool;
 mod select;
 mod seq;
 mod stats;
+mod too_big;
 mod verdict;
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::warn;
-use router_common::{ConnEntry, FILTER_SNAT, FILTER_VIP, Service, ServiceKey, reasons::Reason};
+use router_common::{
+    ConnEntry, FILTER_DSR, FILTER_SNAT, FILTER_VIP, Service, ServiceKey, reasons::Reason,
+};
 
 use crate::{
     classify::Packet,
@@ -73,6 +78,12 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
         Err(classify::Unbalanced::Icmp) => return icmp::error(ctx),
     };
     let mut clock = Clock::unread();
+    // One bit test for NAT services; DSR flows never enter the NAT tables.
+    if pkt.filter & FILTER_DSR != 0
+        && let Some(verdict) = dsr::packet(ctx, &pkt, &mut clock)?
+    {
+        return Ok(verdict);
+    }
     let state = conn::lookup(&pkt.key, pkt.control.syn, &mut clock);
     // The lookup's reading, if it found an entry; a SYN reads the fine
     // clock for the connect stamp its new flow takes (see `clock`).

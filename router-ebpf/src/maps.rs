@@ -1,7 +1,7 @@
 //! Every map and load-time global of the `router` XDP program. Userspace is
 //! the only writer of SERVICES, BACKENDS, MAGLEV_TABLES, MEMBERS, POOLS,
 //! SEGMENTS, SHARES, ADDR_FILTER, SNAT_ADDRS and FIB_GEN; the program writes
-//! CONNS, HALF_OPEN and the per-CPU counters; both add to BACKEND_LOAD, atomically.
+//! CONNS, HALF_OPEN, DSR_FLOWS and the per-CPU counters; both add to BACKEND_LOAD, atomically.
 
 use aya_ebpf::{
     Global,
@@ -15,6 +15,7 @@ use router_common::{
     MAX_SNAT_ADDRS_TOTAL, Member, NextHop, Pool, PoolKey, SegmentKey, Service, ServiceKey,
     ShareSlots, TrafficCounters, half_open_table_size,
     pools::{MAX_POOLS, MAX_SEGMENTS, SHARE_BUCKETS, SLOTS_PER_ENTRY},
+    dsr::DsrFlow,
     reasons,
     selection::MAX_SCAN_MEMBERS,
 };
@@ -73,6 +74,12 @@ pub static BACKEND_LOAD: Array<BackendLoad> = Array::with_max_entries(MAX_BACKEN
 /// entries are still shared, so a flow's packets may arrive on any CPU.
 #[map]
 pub static CONNS: LruHashMap<ConnKey, ConnEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// DSR flows (see `dsr`): the client's direction only, pinned to a
+/// backend. Per-CPU LRU lists as `CONNS`; userspace sizes it as `CONNS`.
+#[map]
+pub static DSR_FLOWS: LruHashMap<ConnKey, DsrFlow> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// Both directions of new flows (opened by a SYN, a UDP datagram, or a TCP

@@ -43,6 +43,18 @@ pub fn traffic(e: &ConnEntry, bytes: u64, origin: Origin) {
     }
 }
 
+/// Counts a DSR packet (`bytes` as sent, encapsulated) against service
+/// `service_id` and backend `backend_id`; `new_conn` for a flow's first.
+#[inline(always)]
+pub fn counted(service_id: u32, backend_id: u32, bytes: u64, new_conn: bool) {
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(service_id) {
+        add(c, bytes, new_conn, false);
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        add(c, bytes, new_conn, false);
+    }
+}
+
 /// Records one latency sample of `kind` for a backend. Runs at most three
 /// times per connection, never on the established fast path.
 #[inline(always)]

@@ -27,8 +27,9 @@ impl Action for Reason {
             | Reason::DropConnTableFull
             | Reason::DropSnatExhausted
             | Reason::DropNoReplyEntry
-            | Reason::DropTtlExpired => xdp_action::XDP_DROP,
-            Reason::Tx => xdp_action::XDP_TX,
+            | Reason::DropTtlExpired
+            | Reason::DropTooBig => xdp_action::XDP_DROP,
+            Reason::Tx | Reason::IcmpTooBig => xdp_action::XDP_TX,
             // A redirect's action is what bpf_redirect returns, and only
             // `Verdict::redirect` calls it; without the call the kernel has
             // no target. The events are counted beside a verdict, never as

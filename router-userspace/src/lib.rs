@@ -17,6 +17,7 @@ pub mod config;
 pub mod control_loop;
 pub mod daemon;
 pub mod datapath;
+pub mod decap;
 pub mod fib_watch;
 pub mod health;
 pub mod host;

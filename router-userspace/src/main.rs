@@ -136,8 +136,94 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// On a backend of DSR services: strip the router's IPIP/GUE headers
+    /// in XDP (for kernels without the ipip or fou modules).
+    Decap {
+        #[command(subcommand)]
+        command: DecapCommand,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum DecapCommand {
+    /// Load and pin the decap program on an interface (again: update its addresses).
+    Attach {
+        #[arg(long)]
+        interface: String,
+        /// Outer destination to accept (repeatable); default: the
+        /// interface's IPv4 addresses.
+        #[arg(long = "address")]
+        addresses: Vec<std::net::Ipv4Addr>,
+        /// GUE port accepted besides IPIP; 0 for IPIP only.
+        #[arg(long, default_value_t = router_common::dsr::DEFAULT_GUE_PORT)]
+        gue_port: u16,
+        #[arg(long, default_value = router::decap::DEFAULT_DECAP_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Detach and unpin it.
+    Detach {
+        #[arg(long)]
+        interface: String,
+        #[arg(long, default_value = router::decap::DEFAULT_DECAP_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Interfaces with the program, their addresses and counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = router::decap::DEFAULT_DECAP_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+}
+
+fn decap_command(command: DecapCommand) -> Result<()> {
+    match command {
+        DecapCommand::Attach {
+            interface,
+            addresses,
+            gue_port,
+            pin_path,
+        } => println!(
+            "{}",
+            router::decap::attach(&router::decap::AttachOptions {
+                interface,
+                addresses,
+                gue_port,
+                pin_path,
+            })?
+        ),
+        DecapCommand::Detach {
+            interface,
+            pin_path,
+        } => println!("{}", router::decap::detach(&pin_path, &interface)?),
+        DecapCommand::Status { json, pin_path } => {
+            let all = router::decap::status(&pin_path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("decap is attached to no interface");
+            } else {
+                for s in all {
+                    let addrs: Vec<String> = s.addresses.iter().map(|a| a.to_string()).collect();
+                    let gue = if s.gue_port == 0 {
+                        "ipip".to_string()
+                    } else {
+                        format!("ipip, gue {}", s.gue_port)
+                    };
+                    println!(
+                        "{}: {} ({gue}): {} decapsulated, {} passed",
+                        s.interface,
+                        addrs.join(", "),
+                        s.decapsulated,
+                        s.passed
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A command-line value clap could read but the CLI refuses.
@@ -321,6 +407,7 @@ fn run(cli: Cli) -> Result<()> {
             cleanup,
             prepare_for,
         } => return daemon_command(config, pin_path, cleanup, prepare_for, &cli.socket),
+        Command::Decap { command } => return decap_command(command),
         other => other,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -330,8 +417,8 @@ fn run(cli: Cli) -> Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         match command {
-            Command::Daemon { .. } => {
-                anyhow::bail!("the daemon starts its own runtime (handled above)")
+            Command::Daemon { .. } | Command::Decap { .. } => {
+                anyhow::bail!("handled before the runtime starts")
             }
             Command::Agent {
                 listen,

@@ -208,6 +208,8 @@ pub struct ServiceConfig {
     pub pools: Vec<PoolConfig>,
     /// Client networks routed to a pool, in config order.
     pub segments: Vec<SegmentConfig>,
+    /// NAT (with `snat`), or DSR with its encapsulation (no `snat`).
+    pub forwarding: Forwarding,
 }
 
 /// A pool of a service: every backend is in exactly one pool.
@@ -247,7 +249,7 @@ pub struct SegmentConfig {
     pub pool: usize,
 }
 
-pub use crate::datapath::Selection;
+pub use crate::datapath::{Forwarding, Selection};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendConfig {

@@ -47,9 +47,10 @@ pub(super) struct RawService {
     #[serde(default)]
     pub(super) protocol: Protocol,
     #[serde(default)]
-    #[expect(dead_code, reason = "NAT is the only mode; parsed to reject others")]
-    pub(super) forwarding: Forwarding,
-    pub(super) snat: StringOrList,
+    pub(super) forwarding: RawForwarding,
+    pub(super) encap: Option<Encap>,
+    pub(super) gue_port: Option<u16>,
+    pub(super) snat: Option<StringOrList>,
     #[serde(default)]
     pub(super) backend: Vec<RawBackend>,
     pub(super) fallback: Option<String>,
@@ -84,11 +85,19 @@ pub(super) struct RawSegment {
     pub(super) pool: String,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub(super) enum Forwarding {
+pub(super) enum RawForwarding {
     #[default]
     Nat,
+    Dsr,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Encap {
+    Ipip,
+    Gue,
 }
 
 #[derive(Deserialize)]

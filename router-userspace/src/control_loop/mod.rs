@@ -617,6 +617,7 @@ impl Controller {
                 }));
             }
             specs.push(ServiceSpec {
+                forwarding: scfg.forwarding,
                 name: scfg.name.clone(),
                 vip: scfg.vip,
                 proto: scfg.protocol.number(),

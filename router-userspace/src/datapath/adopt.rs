@@ -13,7 +13,7 @@ use router_common::{
 };
 
 use super::{
-    BackendSpec, Datapath, DatapathError, ServiceSpec, map_err,
+    BackendSpec, Datapath, DatapathError, Forwarding, ServiceSpec, map_err,
     pools::{PoolState, PooledState},
     state::ServiceState,
 };
@@ -269,6 +269,7 @@ impl Datapath {
                 ServiceState {
                     id: svc.id,
                     spec: ServiceSpec {
+                        forwarding: Forwarding::of_service(svc.forwarding, svc.gue_port),
                         name,
                         vip,
                         proto: key.proto,

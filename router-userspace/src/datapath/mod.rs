@@ -43,7 +43,8 @@ pub use latency::{BackendLatency, Histogram, LATENCY_CONNECT, LATENCY_FIRST_BYTE
 pub use load::{Correction, LoadCounters, LoadSnapshot};
 pub use pinning::{PinDir, Removed};
 pub use spec::{
-    BackendRole, BackendSpec, LoadOptions, PoolSpec, SegmentSpec, Selection, ServiceSpec,
+    BackendRole, BackendSpec, Forwarding, LoadOptions, PoolSpec, SegmentSpec, Selection,
+    ServiceSpec,
     flow_hash_key_of_seed,
 };
 pub use state::SCAN_LIMIT;
@@ -53,6 +54,8 @@ use state::ServiceState;
 pub static ROUTER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/router"));
 /// The trivial XDP_PASS object (benchmark reference, veth peers).
 pub static XDP_PASS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
+/// The `decap` program for backends of DSR services (see `decap`).
+pub static DECAP_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/decap"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -186,7 +189,7 @@ enum Attachment {
 }
 
 /// `max_entries` set at load time, by map name.
-fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 3], DatapathError> {
+fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 4], DatapathError> {
     if opts.table_size < 2 {
         return Err(DatapathError::TableSize(opts.table_size));
     }
@@ -197,6 +200,9 @@ fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 3], DatapathEr
     Ok([
         ("MAGLEV_TABLES", tables),
         ("CONNS", opts.conn_table_size),
+        // DSR flows have one entry each and share the setting: a node
+        // that serves both kinds holds up to this many of each.
+        ("DSR_FLOWS", opts.conn_table_size),
         (
             "HALF_OPEN",
             router_common::half_open_table_size(opts.conn_table_size),

@@ -19,6 +19,56 @@ pub struct ServiceSpec {
     pub pools: Vec<PoolSpec>,
     /// Client networks routed to a pool (by index into `pools`).
     pub segments: Vec<SegmentSpec>,
+    /// NAT, or DSR with its encapsulation.
+    pub forwarding: Forwarding,
+}
+
+/// How a service's packets reach a backend (see `router_common::dsr`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Forwarding {
+    /// Translated both ways; the backend answers through the LB.
+    #[default]
+    Nat,
+    /// DSR, IPv4-in-IPv4.
+    Ipip,
+    /// DSR, GUE variant 1 to this UDP port.
+    Gue { port: u16 },
+}
+
+impl Forwarding {
+    /// `Service::forwarding`.
+    pub fn code(self) -> u32 {
+        use router_common::dsr::{FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT};
+        match self {
+            Forwarding::Nat => FORWARD_NAT,
+            Forwarding::Ipip => FORWARD_IPIP,
+            Forwarding::Gue { .. } => FORWARD_GUE,
+        }
+    }
+
+    /// `Service::gue_port`, network order; 0 unless GUE.
+    pub fn gue_port_be(self) -> u16 {
+        match self {
+            Forwarding::Gue { port } => port.to_be(),
+            _ => 0,
+        }
+    }
+
+    /// What a pinned `Service` value's two fields say.
+    pub fn of_service(code: u32, gue_port_be: u16) -> Self {
+        use router_common::dsr::{FORWARD_GUE, FORWARD_IPIP};
+        match code {
+            FORWARD_IPIP => Forwarding::Ipip,
+            FORWARD_GUE => Forwarding::Gue {
+                port: u16::from_be(gue_port_be),
+            },
+            _ => Forwarding::Nat,
+        }
+    }
+
+    pub fn is_dsr(self) -> bool {
+        self != Forwarding::Nat
+    }
 }
 
 /// A pool of a service as the datapath serves it.

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{Array, HashMap as BpfHashMap};
 use router_common::{
-    ADDR_FILTER_SIZE, Backend, FILTER_SNAT, FILTER_VIP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS,
+    ADDR_FILTER_SIZE, Backend, FILTER_DSR, FILTER_SNAT, FILTER_VIP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS,
     Member, Service, ServiceKey, addr_filter_bucket,
     selection::{MAX_SCAN_MEMBERS, member_index},
 };
@@ -138,7 +138,14 @@ fn check(specs: &[ServiceSpec]) -> Result<(), DatapathError> {
                 "another service already listens on this VIP, port and protocol",
             ));
         }
-        if s.snat.is_empty() || s.snat.len() > MAX_SNAT_ADDRS {
+        if s.forwarding.is_dsr() {
+            if !s.snat.is_empty() {
+                return Err(bad("a DSR service takes no SNAT addresses"));
+            }
+            if s.selection == Selection::LeastLoaded {
+                return Err(bad("a DSR service places by Maglev, not by load"));
+            }
+        } else if s.snat.is_empty() || s.snat.len() > MAX_SNAT_ADDRS {
             return Err(bad("needs 1 to 4 SNAT addresses"));
         }
         if s.snat_port_min > s.snat_port_max {
@@ -419,6 +426,8 @@ impl Datapath {
             pools: published.pools,
             share_half: published.share_half,
             segments: published.segments,
+            forwarding: s.forwarding.code(),
+            gue_port: s.forwarding.gue_port_be(),
             _pad: 0,
         };
         let mut services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
@@ -506,7 +515,11 @@ impl Datapath {
         let mut want = vec![0u32; ADDR_FILTER_SIZE as usize];
         let mut snat = BTreeSet::new();
         for st in self.services.values() {
-            want[addr_filter_bucket(st.key.addr) as usize] |= FILTER_VIP;
+            want[addr_filter_bucket(st.key.addr) as usize] |= if st.spec.forwarding.is_dsr() {
+                FILTER_VIP | FILTER_DSR
+            } else {
+                FILTER_VIP
+            };
             for a in &st.spec.snat {
                 let addr = u32::from_ne_bytes(a.octets());
                 want[addr_filter_bucket(addr) as usize] |= FILTER_SNAT;

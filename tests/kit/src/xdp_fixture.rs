@@ -4,7 +4,7 @@
 //! style: a crafted input packet, the expected verdict, the expected output
 //! bytes, and the counter that must account for it.
 
-use router::datapath::{BackendSpec, Datapath, LoadOptions, Selection, ServiceSpec};
+use router::datapath::{BackendSpec, Datapath, Forwarding, LoadOptions, Selection, ServiceSpec};
 use router_common::reasons;
 
 use crate::{
@@ -53,6 +53,7 @@ pub struct Fixture {
 
 pub fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec {
     ServiceSpec {
+        forwarding: Forwarding::Nat,
         name: name.into(),
         vip: addr(vip),
         proto,

@@ -60,24 +60,35 @@ pub(in crate::config) fn validate_services(
         }
         vips.insert((vip, svc.protocol), s);
 
+        let forwarding = validate_forwarding(loc, &sp, &svc)?;
         let snat_key = sp.key("snat");
-        if svc.snat.items.is_empty() || svc.snat.items.len() > MAX_SNAT_ADDRS {
+        let snat_items = svc.snat.as_ref().map_or(&[][..], |l| l.items.as_slice());
+        if forwarding.is_dsr() {
+            if !snat_items.is_empty() {
+                return Err(loc.err(
+                    &snat_key,
+                    "a DSR service's backends answer clients from the VIP themselves; leave snat out",
+                ));
+            }
+        } else if snat_items.is_empty() || snat_items.len() > MAX_SNAT_ADDRS {
             return Err(loc.err(
                 &snat_key,
                 format!(
                     "needs 1 to {MAX_SNAT_ADDRS} addresses, got {}",
-                    svc.snat.items.len()
+                    snat_items.len()
                 ),
             ));
         }
-        let mut snat = Vec::with_capacity(svc.snat.items.len());
-        for (j, a) in svc.snat.items.iter().enumerate() {
-            let key = svc.snat.item_path(&snat_key, j);
-            let addr = parse_ipv4(a).map_err(|m| loc.err(&key, m))?;
-            if snat.contains(&addr) {
-                return Err(loc.err(&key, format!("SNAT address {addr} is listed twice")));
+        let mut snat = Vec::with_capacity(snat_items.len());
+        if let Some(list) = &svc.snat {
+            for (j, a) in list.items.iter().enumerate() {
+                let key = list.item_path(&snat_key, j);
+                let addr = parse_ipv4(a).map_err(|m| loc.err(&key, m))?;
+                if snat.contains(&addr) {
+                    return Err(loc.err(&key, format!("SNAT address {addr} is listed twice")));
+                }
+                snat.push(addr);
             }
-            snat.push(addr);
         }
 
         let bp = sp.key("backend");
@@ -186,8 +197,18 @@ pub(in crate::config) fn validate_services(
         // capacities, and counting in-flight work at the moment of each
         // pick is what keeps bursts off one replica between polls. Static
         // services keep consistent hashing, which needs no shared state.
+        // A DSR service never sees its backends' answers, so nothing counts
+        // what is in flight: it places by Maglev, which is also what lets
+        // another LB node place a moved flow alike.
+        if forwarding.is_dsr() && svc.selection == Some(Selection::LeastLoaded) {
+            return Err(loc.err(
+                &sp.key("selection"),
+                "least_loaded counts requests in flight from the backends' answers, which a DSR \
+                 service never sees; use maglev (the default for DSR)",
+            ));
+        }
         let selection = svc.selection.unwrap_or_else(|| {
-            if backends.iter().any(|b| b.telemetry.is_some()) {
+            if !forwarding.is_dsr() && backends.iter().any(|b| b.telemetry.is_some()) {
                 Selection::LeastLoaded
             } else {
                 Selection::Maglev
@@ -226,6 +247,7 @@ pub(in crate::config) fn validate_services(
             selection,
             pools,
             segments,
+            forwarding,
         });
     }
     for (i, svc) in services.iter().enumerate() {
@@ -277,4 +299,38 @@ pub(in crate::config) fn check_table_size(
         .map(|s| (s.name.as_str(), s.backends.len()));
     crate::maglev::check_table_size(daemon.table_size, largest)
         .map_err(|e| loc.err(&KeyPath::default().key("daemon").key("table_size"), e))
+}
+
+/// `forwarding`, `encap` and `gue_port` of service `sp`.
+fn validate_forwarding(
+    loc: &Locator<'_>,
+    sp: &KeyPath,
+    svc: &RawService,
+) -> Result<Forwarding, ConfigError> {
+    match (svc.forwarding, svc.encap) {
+        (RawForwarding::Nat, None) => {}
+        (RawForwarding::Nat, Some(_)) => {
+            return Err(loc.err(
+                &sp.key("encap"),
+                "encap applies to forwarding = \"dsr\"; a NAT service sends packets as they are",
+            ));
+        }
+        (RawForwarding::Dsr, None) => {
+            return Err(loc.err(
+                &sp.key("forwarding"),
+                "forwarding = \"dsr\" needs encap = \"ipip\" or \"gue\": how packets reach the backends",
+            ));
+        }
+        (RawForwarding::Dsr, Some(_)) => {}
+    }
+    match (svc.encap, svc.gue_port) {
+        (Some(Encap::Ipip), None) => Ok(Forwarding::Ipip),
+        (Some(Encap::Gue), None) => Ok(Forwarding::Gue {
+            port: router_common::dsr::DEFAULT_GUE_PORT,
+        }),
+        (Some(Encap::Gue), Some(0)) => Err(loc.err(&sp.key("gue_port"), "must be 1 to 65535")),
+        (Some(Encap::Gue), Some(port)) => Ok(Forwarding::Gue { port }),
+        (_, Some(_)) => Err(loc.err(&sp.key("gue_port"), "gue_port applies to encap = \"gue\"")),
+        (None, None) => Ok(Forwarding::Nat),
+    }
 }

@@ -9,7 +9,9 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use router::datapath::{BackendSpec, Datapath, LoadOptions, SCAN_LIMIT, Selection, ServiceSpec};
+use router::datapath::{
+    BackendSpec, Datapath, Forwarding, LoadOptions, SCAN_LIMIT, Selection, ServiceSpec,
+};
 use router_common::reasons;
 use router_testkit::packet::{Packet, TCP_ACK, TCP_SYN};
 
@@ -20,6 +22,7 @@ use crate::report::{median, percentile};
 
 pub(super) fn service() -> ServiceSpec {
     ServiceSpec {
+        forwarding: Forwarding::Nat,
         name: "bench".into(),
         vip: VIP,
         proto: router_common::PROTO_TCP,

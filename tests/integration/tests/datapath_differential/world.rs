@@ -11,8 +11,8 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap};
 use router::{
     datapath::{
-        BackendSpec, Datapath, LoadCounters, LoadOptions, PoolSpec, SCAN_LIMIT, SegmentSpec,
-        Selection, ServiceSpec,
+        BackendSpec, Datapath, Forwarding, LoadCounters, LoadOptions, PoolSpec, SCAN_LIMIT,
+        SegmentSpec, Selection, ServiceSpec,
     },
     maglev::{self, MaglevBackend},
 };
@@ -274,6 +274,7 @@ pub(crate) fn specs(set: usize) -> Vec<ServiceSpec> {
     SERVICES
         .iter()
         .map(|s| ServiceSpec {
+            forwarding: Forwarding::Nat,
             name: s.name.into(),
             vip: s.vip.parse().unwrap_or_else(|e| panic!("{}: {e}", s.vip)),
             proto: s.proto,
