@@ -91,6 +91,8 @@ pub struct DsrFlow {
     pub gue_dport: u16,
     /// `bpf_ktime_get_coarse_ns` of the last refresh (at most once a second).
     pub last_seen_ns: u64,
+    /// To 64 bytes, the size the program zeroes a stack slot in one go.
+    pub _pad: u64,
 }
 
 impl DsrFlow {
@@ -113,7 +115,7 @@ pub const DECAP_STATS_COUNT: u32 = 2;
 unsafe impl aya::Pod for DsrFlow {}
 
 const _: () = {
-    assert!(core::mem::size_of::<DsrFlow>() == 56);
+    assert!(core::mem::size_of::<DsrFlow>() == 64);
     assert!(core::mem::offset_of!(DsrFlow, last_seen_ns) == 48);
 };
 

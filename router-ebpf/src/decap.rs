@@ -21,7 +21,9 @@ use aya_ebpf::{
 };
 use router_common::{
     PROTO_UDP,
-    dsr::{DECAP_PACKETS, DECAP_PASSED, DECAP_STATS_COUNT, GUE_OVERHEAD, IPIP_OVERHEAD, PROTO_IPIP},
+    dsr::{
+        DECAP_PACKETS, DECAP_PASSED, DECAP_STATS_COUNT, GUE_OVERHEAD, IPIP_OVERHEAD, PROTO_IPIP,
+    },
 };
 
 /// Outer destinations (network order) this host decapsulates for; the

@@ -21,7 +21,7 @@ use router_common::{
 };
 
 use crate::{
-    classify::Packet,
+    classify::{self, Packet},
     clock::Clock,
     encap,
     fib::{self, Outer},
@@ -38,11 +38,49 @@ use crate::{
 /// not bounce its entry's cache line between CPUs.
 const REFRESH_NS: u64 = 1_000_000_000;
 
+/// Whether `pkt` is for a DSR service: the filter bucket only says one
+/// may listen on its address. One `SERVICES` lookup, for packets to such
+/// buckets only.
+#[inline(always)]
+pub fn is_dsr(pkt: &Packet) -> bool {
+    let skey = ServiceKey {
+        addr: pkt.ip.dst,
+        port: pkt.l4.dst_port,
+        proto: pkt.l4.proto,
+        _pad: 0,
+    };
+    // SAFETY: as in `untracked` (main.rs): a preallocated map value.
+    match unsafe { SERVICES.get(skey) } {
+        Some(svc) => svc.forwarding != FORWARD_NAT,
+        None => false,
+    }
+}
+
+/// The verdict for a DSR service's packet, in the `router_dsr` program
+/// that `router` tail-calls: a program of its own, with a stack of its
+/// own (the NAT path's frame leaves no room for this one's).
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> Result<Verdict, ()> {
+    let pkt = match classify::packet(ctx) {
+        Ok(pkt) => pkt,
+        // `router` classified it already; only a frame changed in between
+        // (nothing changes one) would land here.
+        Err(_) => return Err(()),
+    };
+    let mut clock = Clock::unread();
+    match packet(ctx, &pkt, &mut clock)? {
+        Some(v) => Ok(v),
+        // The service went away or turned NAT between the two programs:
+        // the next packet takes the NAT path.
+        None => Ok(Reason::DropNoBackend.into()),
+    }
+}
+
 /// The verdict for a packet to an address some DSR service listens on, or
 /// `None` when it is not a DSR service's (another service shares the
 /// address's filter bucket): the NAT path takes it.
 #[inline(always)]
-pub fn packet(ctx: &XdpContext, pkt: &Packet, clock: &mut Clock) -> Result<Option<Verdict>, ()> {
+fn packet(ctx: &XdpContext, pkt: &Packet, clock: &mut Clock) -> Result<Option<Verdict>, ()> {
     if let Some(e) = DSR_FLOWS.get_ptr_mut(pkt.key) {
         // SAFETY: a preallocated LRU element: the memory stays the map's
         // while the program runs. A concurrent update of the same flow on
@@ -91,7 +129,12 @@ fn expired(e: &DsrFlow, now: u64, proto: u8) -> bool {
 
 /// Places a flow of DSR service `svc` and sends its packet.
 #[inline(always)]
-fn new_flow(ctx: &XdpContext, pkt: &Packet, svc: &Service, clock: &mut Clock) -> Result<Verdict, ()> {
+fn new_flow(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    svc: &Service,
+    clock: &mut Clock,
+) -> Result<Verdict, ()> {
     let key = &pkt.key;
     if pkt.is_tcp() && !pkt.control.syn {
         stats::reason(Reason::LruMiss);
@@ -124,7 +167,11 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, svc: &Service, clock: &mut Clock) ->
         e.gue_sport = gue_source_port(hash).to_be();
         e.gue_dport = svc.gue_port;
     }
-    e.flags = if pkt.control.fin_or_rst { DSR_CLOSING } else { 0 };
+    e.flags = if pkt.control.fin_or_rst {
+        DSR_CLOSING
+    } else {
+        0
+    };
     e.last_seen_ns = clock.ns(false);
     // Resolved before the insert, so the entry goes in with its next hop.
     let fib_gen = match FIB_GEN.get(0) {

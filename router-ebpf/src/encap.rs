@@ -45,7 +45,7 @@ pub fn push(ctx: &XdpContext, e: &DsrFlow, inner_len: u16) -> Result<(), ()> {
     hdr[9] = if gue { PROTO_UDP } else { PROTO_IPIP };
     hdr[12..16].copy_from_slice(&e.outer_src.to_ne_bytes());
     hdr[16..20].copy_from_slice(&e.backend_addr.to_ne_bytes());
-    let c = csum::checksum(&hdr, 0);
+    let c = csum::header(&hdr);
     hdr[10..12].copy_from_slice(&c.to_ne_bytes());
 
     let eth: *mut [u8; ETH_LEN] = ptr_at(ctx, 0)?;

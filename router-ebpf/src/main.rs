@@ -48,7 +48,7 @@ use crate::{
     clock::Clock,
     conn::{Lookup, Origin, Stale},
     flow::{Confirm, NewFlow},
-    maps::{DATAPATH_LOG, SERVICES, SNAT_ADDRS},
+    maps::{DATAPATH_LOG, DSR_PROG, SERVICES, SNAT_ADDRS},
     verdict::Verdict,
 };
 
@@ -68,6 +68,19 @@ pub fn router(ctx: XdpContext) -> u32 {
     }
 }
 
+/// DSR services' packets (see `dsr`), tail-called from `router`.
+#[xdp]
+#[inline(always)]
+pub fn router_dsr(ctx: XdpContext) -> u32 {
+    match dsr::run(&ctx) {
+        Ok(verdict) => {
+            stats::reason(verdict.reason());
+            verdict.action()
+        }
+        Err(()) => xdp_action::XDP_PASS,
+    }
+}
+
 /// Classify the packet, find its flow's state, act on the state. A live
 /// entry carries the packet; anything else is a new flow or not ours.
 #[inline(always)]
@@ -77,13 +90,15 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
         Err(classify::Unbalanced::Reason(reason)) => return Ok(reason.into()),
         Err(classify::Unbalanced::Icmp) => return icmp::error(ctx),
     };
-    let mut clock = Clock::unread();
     // One bit test for NAT services; DSR flows never enter the NAT tables.
-    if pkt.filter & FILTER_DSR != 0
-        && let Some(verdict) = dsr::packet(ctx, &pkt, &mut clock)?
-    {
-        return Ok(verdict);
+    if pkt.filter & FILTER_DSR != 0 && dsr::is_dsr(&pkt) {
+        // SAFETY: index 0 of DSR_PROG holds `router_dsr` (the daemon puts
+        // it there at load), an XDP program taking the same context.
+        unsafe { DSR_PROG.tail_call(ctx, 0) };
+        // Only without `router_dsr` installed: nothing can forward it.
+        return Ok(Reason::DropNoBackend.into());
     }
+    let mut clock = Clock::unread();
     let state = conn::lookup(&pkt.key, pkt.control.syn, &mut clock);
     // The lookup's reading, if it found an entry; a SYN reads the fine
     // clock for the connect stamp its new flow takes (see `clock`).

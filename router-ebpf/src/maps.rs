@@ -7,15 +7,16 @@ use aya_ebpf::{
     Global,
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use router_common::{
     ADDR_FILTER_SIZE, Backend, BackendLoad, ConnEntry, ConnKey, DEFAULT_CONN_TABLE_SIZE,
     DEFAULT_TABLE_SIZE, LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS, MAX_SERVICES,
     MAX_SNAT_ADDRS_TOTAL, Member, NextHop, Pool, PoolKey, SegmentKey, Service, ServiceKey,
-    ShareSlots, TrafficCounters, half_open_table_size,
-    pools::{MAX_POOLS, MAX_SEGMENTS, SHARE_BUCKETS, SLOTS_PER_ENTRY},
+    ShareSlots, TrafficCounters,
     dsr::DsrFlow,
+    half_open_table_size,
+    pools::{MAX_POOLS, MAX_SEGMENTS, SHARE_BUCKETS, SLOTS_PER_ENTRY},
     reasons,
     selection::MAX_SCAN_MEMBERS,
 };
@@ -81,6 +82,11 @@ pub static CONNS: LruHashMap<ConnKey, ConnEntry> =
 #[map]
 pub static DSR_FLOWS: LruHashMap<ConnKey, DsrFlow> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// Index 0: the `router_dsr` program, which `router` tail-calls for DSR
+/// services' packets. Set by userspace at every load.
+#[map]
+pub static DSR_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Both directions of new flows (opened by a SYN, a UDP datagram, or a TCP
 /// packet of a flow picked up mid-stream) whose client has not sent a

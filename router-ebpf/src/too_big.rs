@@ -60,7 +60,7 @@ pub fn answer(ctx: &XdpContext, mtu: u16) -> Result<(), ()> {
     ip[8] = ERR_TTL;
     ip[9] = PROTO_ICMP;
     ip[12..20].copy_from_slice(&addrs);
-    let c = csum::checksum(&ip, 0);
+    let c = csum::header(&ip);
     ip[10..12].copy_from_slice(&c.to_ne_bytes());
 
     let e: *mut [u8; ETH_LEN] = ptr_at(ctx, 0)?;
@@ -74,7 +74,7 @@ pub fn answer(ctx: &XdpContext, mtu: u16) -> Result<(), ()> {
     icmp[1] = ICMP_FRAG_NEEDED;
     icmp[2..6].copy_from_slice(&[0, 0, 0, 0]);
     icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
-    let c = csum::checksum(icmp, 0);
+    let c = csum::header(icmp);
     icmp[2..4].copy_from_slice(&c.to_ne_bytes());
     Ok(())
 }

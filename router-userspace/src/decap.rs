@@ -138,8 +138,12 @@ pub fn attach(opts: &AttachOptions) -> Result<String, DecapError> {
     .map_err(|e| bpf("DECAP_ADDRS")(e.to_string()))?;
     let old: Vec<u32> = map.keys().filter_map(Result::ok).collect();
     for a in &addresses {
-        map.insert(u32::from_ne_bytes(a.octets()), u32::from(opts.gue_port.to_be()), 0)
-            .map_err(|e| bpf("DECAP_ADDRS")(e.to_string()))?;
+        map.insert(
+            u32::from_ne_bytes(a.octets()),
+            u32::from(opts.gue_port.to_be()),
+            0,
+        )
+        .map_err(|e| bpf("DECAP_ADDRS")(e.to_string()))?;
     }
     for k in old {
         if !addresses.contains(&Ipv4Addr::from(k.to_ne_bytes())) {
@@ -174,14 +178,10 @@ pub fn detach(pin_path: &Path, interface: &str) -> Result<String, DecapError> {
     let pinned = PinnedLink::from_pin(&link)
         .map_err(|e| bpf(format!("{}", link.display()))(e.to_string()))?;
     // The link's last reference goes with this fd: that detaches it.
-    drop(
-        pinned
-            .unpin()
-            .map_err(|source| DecapError::Io {
-                path: link.clone(),
-                source,
-            })?,
-    );
+    drop(pinned.unpin().map_err(|source| DecapError::Io {
+        path: link.clone(),
+        source,
+    })?);
     std::fs::remove_dir_all(&dir).map_err(|source| DecapError::Io { path: dir, source })?;
     Ok(format!("decap detached from {interface}"))
 }

@@ -44,8 +44,7 @@ pub use load::{Correction, LoadCounters, LoadSnapshot};
 pub use pinning::{PinDir, Removed};
 pub use spec::{
     BackendRole, BackendSpec, Forwarding, LoadOptions, PoolSpec, SegmentSpec, Selection,
-    ServiceSpec,
-    flow_hash_key_of_seed,
+    ServiceSpec, flow_hash_key_of_seed,
 };
 pub use state::SCAN_LIMIT;
 use state::ServiceState;
@@ -267,6 +266,31 @@ fn loader<'a>(
     loader
 }
 
+/// Loads `router_dsr` and puts it at index 0 of `DSR_PROG`, where
+/// `router` tail-calls it for DSR services' packets (a pinned array's
+/// old program is replaced in the same write).
+fn install_dsr_program(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let program: &mut Xdp = ebpf
+        .program_mut("router_dsr")
+        .ok_or(DatapathError::MissingMap("router_dsr program"))?
+        .try_into()?;
+    program.load()?;
+    let fd = program
+        .fd()?
+        .try_clone()
+        .map_err(|e| DatapathError::PinIo {
+            path: "router_dsr".into(),
+            source: e,
+        })?;
+    let mut array = aya::maps::ProgramArray::try_from(
+        ebpf.map_mut("DSR_PROG")
+            .ok_or(DatapathError::MissingMap("DSR_PROG"))?,
+    )
+    .map_err(map_err("DSR_PROG"))?;
+    array.set(0, &fd, 0).map_err(map_err("DSR_PROG"))?;
+    Ok(())
+}
+
 impl Datapath {
     /// Loads the program and creates its maps; attaches nothing. Everything
     /// goes away with the returned value.
@@ -339,6 +363,7 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap("router program"))?
             .try_into()?;
         program.load()?;
+        install_dsr_program(&mut ebpf)?;
         let load = std::sync::Arc::new(load::map(&ebpf)?);
         let mut dp = Self {
             ebpf,

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{Array, HashMap as BpfHashMap};
 use router_common::{
-    ADDR_FILTER_SIZE, Backend, FILTER_DSR, FILTER_SNAT, FILTER_VIP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS,
-    Member, Service, ServiceKey, addr_filter_bucket,
+    ADDR_FILTER_SIZE, Backend, FILTER_DSR, FILTER_SNAT, FILTER_VIP, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SNAT_ADDRS, Member, Service, ServiceKey, addr_filter_bucket,
     selection::{MAX_SCAN_MEMBERS, member_index},
 };
 

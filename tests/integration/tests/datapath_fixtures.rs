@@ -19,12 +19,16 @@
 //!   client ports the host holds;
 //! - `icmp`: ICMP errors about flows translated both ways, and the ICMP
 //!   that is not;
-//! - `next_hops`: next hops shared by a backend's flows, and when not.
+//! - `next_hops`: next hops shared by a backend's flows, and when not;
+//! - `dsr`: IPIP and GUE encapsulation, pinned and re-hashed DSR flows,
+//!   "fragmentation needed" for the tunnel, and the backends' decap program.
 
 #[path = "datapath_fixtures/blind.rs"]
 mod blind;
 #[path = "datapath_fixtures/conn_table.rs"]
 mod conn_table;
+#[path = "datapath_fixtures/dsr.rs"]
+mod dsr;
 #[path = "datapath_fixtures/edge_input.rs"]
 mod edge_input;
 #[path = "datapath_fixtures/floods.rs"]

@@ -255,7 +255,20 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     if proto == 1 {
         return icmp_checksums_valid(l4);
     }
+    // IPIP: the inner datagram's own checksums.
+    if proto == 4 {
+        return inner_valid(&frame[..14], l4);
+    }
     transport_checksum_valid(ip, l4)
+        // GUE (variant 1): a UDP header with the inner datagram after it.
+        && !(proto == 17 && l4.len() > 28 && l4[8] >> 4 == 4 && !inner_valid(&frame[..14], &l4[8..]))
+}
+
+/// `checksums_valid` of an inner datagram under Ethernet header `eth`.
+fn inner_valid(eth: &[u8], datagram: &[u8]) -> bool {
+    let mut f = eth.to_vec();
+    f.extend_from_slice(datagram);
+    checksums_valid(&f)
 }
 
 /// The TCP or UDP checksum of segment `l4` under IPv4 header `ip`; a UDP
@@ -353,4 +366,40 @@ pub fn spoofed_syn(template: &[u8], i: u64, buf: &mut [u8]) -> usize {
     buf[38..42].copy_from_slice(&((r >> 32) as u32).to_be_bytes());
     fill_checksums(&mut buf[..len]);
     len
+}
+
+/// What a DSR router sends for `inner` (an IPv4 datagram): an Ethernet
+/// header to `eth_dst` from `eth_src`, an outer IPv4 header from `src` to
+/// `dst` (TTL 64, ID 0, the inner DSCP/ECN and DF bit), and for GUE a UDP
+/// header with ports `(sport, dport)` and no checksum, built here from the
+/// RFCs, independently of the datapath.
+pub fn encapsulated(
+    inner: &[u8],
+    (src, dst): (Ipv4Addr, Ipv4Addr),
+    (eth_dst, eth_src): (Mac, Mac),
+    gue: Option<(u16, u16)>,
+) -> Vec<u8> {
+    let extra = if gue.is_some() { 28 } else { 20 };
+    let mut ip = vec![0x45, inner[1]];
+    ip.extend_from_slice(&((inner.len() + extra) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, inner[6] & 0x40, 0, 64]);
+    ip.push(if gue.is_some() { 17 } else { 4 });
+    ip.extend_from_slice(&[0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
+    let mut out = Vec::new();
+    out.extend_from_slice(&eth_dst);
+    out.extend_from_slice(&eth_src);
+    out.extend_from_slice(&0x0800u16.to_be_bytes());
+    out.extend_from_slice(&ip);
+    if let Some((sport, dport)) = gue {
+        out.extend_from_slice(&sport.to_be_bytes());
+        out.extend_from_slice(&dport.to_be_bytes());
+        out.extend_from_slice(&((inner.len() + 8) as u16).to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+    }
+    out.extend_from_slice(inner);
+    out
 }

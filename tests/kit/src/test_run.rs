@@ -4,7 +4,8 @@
 use aya::programs::{TestRun, TestRunOptions};
 use router::datapath::Datapath;
 
-/// Room for a program that grows the frame (this one never does).
+/// Room for a program that grows the frame (DSR's outer headers, an ICMP
+/// error built in front of its quote).
 const OUT_SLACK: usize = 256;
 
 /// The `xdp_md` context of a frame of `len` bytes arriving on `ifindex`.
@@ -20,9 +21,18 @@ pub fn xdp_md(ifindex: u32, len: usize) -> Vec<u8> {
 /// Runs `input` through the program as if it arrived on `ifindex`; the
 /// verdict and the frame as the program left it.
 pub fn run_packet(dp: &mut Datapath, input: &[u8], ifindex: u32) -> anyhow::Result<(u32, Vec<u8>)> {
+    run_program(dp.program_mut()?, input, ifindex)
+}
+
+/// `run_packet` for any loaded XDP program (the decap program, say).
+pub fn run_program(
+    program: &mut aya::programs::Xdp,
+    input: &[u8],
+    ifindex: u32,
+) -> anyhow::Result<(u32, Vec<u8>)> {
     let ctx = xdp_md(ifindex, input.len());
     let mut out = vec![0u8; input.len() + OUT_SLACK];
-    let r = dp.program_mut()?.test_run(TestRunOptions {
+    let r = program.test_run(TestRunOptions {
         data_in: Some(input),
         data_out: Some(&mut out),
         ctx_in: Some(&ctx),
