@@ -259,13 +259,24 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     if proto == 4 {
         return inner_valid(&frame[..14], l4);
     }
+    let gue = proto == 17
+        && l4.len() >= 28
+        && u16::from_be_bytes([l4[2], l4[3]]) == router_common::dsr::DEFAULT_GUE_PORT;
     transport_checksum_valid(ip, l4)
-        // GUE (variant 1): a UDP header with the inner datagram after it.
-        && !(proto == 17 && l4.len() > 28 && l4[8] >> 4 == 4 && !inner_valid(&frame[..14], &l4[8..]))
+        // GUE (variant 1) to its port: the inner datagram after the UDP header.
+        && (!gue || inner_valid(&frame[..14], &l4[8..]))
 }
 
 /// `checksums_valid` of an inner datagram under Ethernet header `eth`.
 fn inner_valid(eth: &[u8], datagram: &[u8]) -> bool {
+    let ihl = datagram.first().map_or(0, |b| usize::from(b & 0x0f) * 4);
+    let tot = match datagram {
+        [_, _, a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])),
+        _ => 0,
+    };
+    if ihl < 20 || tot < ihl + 8 || tot > datagram.len() {
+        return false;
+    }
     let mut f = eth.to_vec();
     f.extend_from_slice(datagram);
     checksums_valid(&f)

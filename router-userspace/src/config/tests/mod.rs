@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use super::*;
 
 mod backend;
+mod dsr;
 mod examples;
 mod host;
 mod policy;

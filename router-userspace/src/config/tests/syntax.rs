@@ -122,10 +122,10 @@ fn unknown_enum_values() {
         "unknown variant `sctp`",
     );
     assert_err(
-        &insert_after(7, "forwarding = \"dsr\""),
+        &insert_after(7, "forwarding = \"tunnel\""),
         8,
         "service[0].forwarding",
-        "unknown variant `dsr`",
+        "unknown variant `tunnel`",
     );
     assert_err(
         &insert_after(7, "selection = \"random\""),

@@ -1,0 +1,181 @@
+//! DSR end to end with real TCP: a client, an LB running the real `router
+//! daemon` with a DSR service, and two backends that run `router decap`
+//! on their interface and hold the VIP on `lo`. Connections reach both
+//! backends, every answer goes straight to the client (the LB counts no
+//! reply packet), a request too large for the tunnel gets through after
+//! the LB's "fragmentation needed", and `decap detach` removes the program.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use router_testkit::{
+    bpffs::BpfFs,
+    daemon_proc::{ScratchDir, router_binary, start_daemon, status},
+    netns::{self, Topology},
+};
+
+const VIP: &str = "198.18.100.1:8000";
+const CONNECTIONS: usize = 200;
+
+fn router(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let bin = router_binary()?;
+    let mut all = vec![bin.to_string_lossy().into_owned()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    netns::exec(ns, &all)
+}
+
+#[test]
+fn dsr_connections_reach_the_backends_and_answers_bypass_the_lb() {
+    let topo = Topology::one_arm(2).expect("topology");
+    let fs = BpfFs::mount().expect("bpffs");
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let ns = topo.backend_ns(i);
+        // The VIP is the backend's own, on lo; ARP for it stays the LB's.
+        netns::exec(ns, &["ip", "addr", "add", "198.18.100.1/32", "dev", "lo"]).unwrap();
+        for (key, value) in [
+            ("net.ipv4.conf.all.arp_ignore", "1"),
+            ("net.ipv4.conf.all.arp_announce", "2"),
+        ] {
+            netns::exec(ns, &["sysctl", "-q", "-w", &format!("{key}={value}")]).unwrap();
+        }
+        servers.push(
+            netns::spawn_http_backend(ns, &format!("b{i}"), Ipv4Addr::UNSPECIFIED, 8000)
+                .expect("backend"),
+        );
+        let pins = fs.pin_path().join(format!("decap-b{i}"));
+        let pins = pins.to_str().unwrap();
+        let out = router(
+            ns,
+            &[
+                "decap",
+                "attach",
+                "--interface",
+                topo.backend_if(),
+                "--pin-path",
+                pins,
+            ],
+        )
+        .expect("decap attach");
+        assert!(out.contains(&topo.backend_addr(i).to_string()), "{out}");
+        // The LB resolves the backend's neighbour, as a health check would.
+        netns::wait_for_tcp(
+            topo.lb_ns(),
+            SocketAddr::from((topo.backend_addr(i), 8000)),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    }
+
+    let dir = ScratchDir::new("dsr").unwrap();
+    let socket = dir.0.join("router.sock");
+    let config = dir.0.join("router.toml");
+    let mut text = format!(
+        "[daemon]\ninterface = \"{}\"\ncontrol_socket = \"{}\"\n\n[[service]]\nname = \"llama\"\n\
+         vip = \"{VIP}\"\nforwarding = \"dsr\"\nencap = \"ipip\"\n",
+        topo.lb_if(),
+        socket.display()
+    );
+    for i in 0..2 {
+        text.push_str(&format!(
+            "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"{}:8000\"\nweight = 1\n",
+            topo.backend_addr(i)
+        ));
+    }
+    std::fs::write(&config, text).unwrap();
+    let daemon = start_daemon(topo.lb_ns(), &config, &socket).expect("daemon");
+
+    let bodies: Vec<String> = netns::in_netns(topo.client_ns(), || {
+        (0..CONNECTIONS)
+            .map(|_| {
+                netns::http_get(vip, "/", Duration::from_secs(5))
+                    .expect("GET / through the VIP")
+                    .body
+            })
+            .collect()
+    })
+    .unwrap();
+    let mut counts = BTreeMap::new();
+    for b in bodies {
+        *counts.entry(b).or_insert(0usize) += 1;
+    }
+    assert_eq!(counts.values().sum::<usize>(), CONNECTIONS);
+    assert!(
+        counts.len() == 2 && counts.values().all(|n| *n >= CONNECTIONS / 5),
+        "{counts:?}"
+    );
+
+    // A request larger than the tunnel lets through at 1,500 bytes: the
+    // client learns the path MTU from the LB's ICMP and sends it again.
+    let pad = "x".repeat(6000);
+    let answer = netns::in_netns(topo.client_ns(), move || {
+        let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("GET / HTTP/1.0\r\nX-Pad: {pad}\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+
+    let st = status(&socket).unwrap();
+    let svc = &st.datapath.services[0];
+    assert_eq!(svc.counters.new_conns as usize, CONNECTIONS + 1, "{svc:?}");
+    assert_eq!(svc.counters.reply_packets, 0, "answers went around the LB");
+    let reasons: BTreeMap<_, _> = st.datapath.reasons.iter().cloned().collect();
+    assert!(reasons["icmp_too_big"] >= 1, "{reasons:?}");
+    assert_eq!(reasons["drop_too_big"], 0);
+    assert_eq!(reasons["drop_no_backend"], 0);
+
+    let mut decapsulated = 0;
+    for i in 0..2 {
+        let pins = fs.pin_path().join(format!("decap-b{i}"));
+        let pins = pins.to_str().unwrap();
+        let json = router(
+            topo.backend_ns(i),
+            &["decap", "status", "--json", "--pin-path", pins],
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        decapsulated += v[0]["decapsulated"].as_u64().unwrap();
+        let out = router(
+            topo.backend_ns(i),
+            &[
+                "decap",
+                "detach",
+                "--interface",
+                topo.backend_if(),
+                "--pin-path",
+                pins,
+            ],
+        )
+        .unwrap();
+        assert!(out.contains("detached"), "{out}");
+        let again = router(
+            topo.backend_ns(i),
+            &[
+                "decap",
+                "detach",
+                "--interface",
+                topo.backend_if(),
+                "--pin-path",
+                pins,
+            ],
+        );
+        let err = format!("{:#}", again.unwrap_err());
+        assert!(err.contains("decap is not attached"), "{err}");
+    }
+    // Every client packet of every connection went through a decap program.
+    assert!(
+        decapsulated >= (CONNECTIONS * 3) as u64,
+        "{decapsulated} decapsulated"
+    );
+    drop(daemon);
+}
