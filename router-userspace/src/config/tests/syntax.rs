@@ -61,8 +61,8 @@ fn missing_required_keys() {
     assert_err(
         &replace_line(7, ""),
         4,
-        "service[0]",
-        "missing field `snat`",
+        "service[0].snat",
+        "needs 1 to 4 addresses, got 0",
     );
     assert_err(
         &replace_line(11, ""),
