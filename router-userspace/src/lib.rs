@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod bgp;
 pub mod cli;
 pub mod config;
 pub mod control_loop;

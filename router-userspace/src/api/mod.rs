@@ -49,6 +49,9 @@ pub struct StatusReply {
     /// place new Maglev flows alike. Only `GET /v1/status` computes it.
     #[serde(default)]
     pub table_fingerprint: Option<String>,
+    /// The BGP speaker's sessions and announced VIPs; `None` without `[bgp]`.
+    #[serde(default)]
+    pub bgp: Option<crate::bgp::BgpStatus>,
 }
 
 /// A pool as the control loop holds it: share, room, fallback, guard.

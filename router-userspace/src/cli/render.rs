@@ -24,6 +24,29 @@ pub fn render(s: &StatusReply) -> String {
             "table fingerprint: {f} (flow hash key and live tables; equal on nodes that place alike)"
         );
     }
+    if let Some(b) = &s.bgp {
+        let sessions: Vec<String> = b
+            .sessions
+            .iter()
+            .map(|p| format!("{} (AS {}) {}", p.peer, p.peer_as, p.state))
+            .collect();
+        let _ = writeln!(
+            out,
+            "bgp: AS {}, router id {}; sessions: {}; announced: {}",
+            b.local_as,
+            b.router_id,
+            if sessions.is_empty() {
+                "none".into()
+            } else {
+                sessions.join(", ")
+            },
+            if b.announced.is_empty() {
+                "nothing".into()
+            } else {
+                b.announced.join(", ")
+            }
+        );
+    }
     if let Some(r) = &s.last_reload {
         let _ = writeln!(
             out,

@@ -159,8 +159,33 @@ pub struct Config {
     /// `[policy]`, defaults applied, validated.
     pub policy: PolicyConfig,
     pub services: Vec<ServiceConfig>,
+    /// `[bgp]`: announce the VIPs through a gobgpd the daemon runs.
+    pub bgp: Option<BgpConfig>,
     /// Kept so later checks (host, daemon) can still point at a line.
     source: Source,
+}
+
+/// `[bgp]`: the session settings of the gobgpd the daemon runs as its
+/// child (see `bgp`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BgpConfig {
+    pub local_as: u32,
+    pub router_id: Ipv4Addr,
+    /// Never empty.
+    pub peers: Vec<BgpPeer>,
+    /// Hold time offered to every peer; at least 3 s.
+    pub hold_time: Duration,
+    /// After SIGTERM: how long the daemon waits between withdrawing its
+    /// VIPs and ending the sessions, so peers move traffic first.
+    pub drain: Duration,
+    pub gobgpd: PathBuf,
+    pub gobgp: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BgpPeer {
+    pub address: Ipv4Addr,
+    pub asn: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -359,10 +384,12 @@ impl Config {
         let policy = validate_policy(&loc, raw.policy.unwrap_or_default())?;
         let services = validate_services(&loc, raw.service, &policy)?;
         check_table_size(&loc, &daemon, &services)?;
+        let bgp = raw.bgp.map(|b| validate_bgp(&loc, b)).transpose()?;
         Ok(Config {
             daemon,
             policy,
             services,
+            bgp,
             source,
         })
     }
@@ -464,7 +491,9 @@ impl Config {
 use locate::{KeyPath, Locator, Node, Source, locate, one_line, path_at};
 use raw::RawConfig;
 pub use validate::ValueError;
-use validate::{check_table_size, validate_daemon, validate_policy, validate_services};
+use validate::{
+    check_table_size, validate_bgp, validate_daemon, validate_policy, validate_services,
+};
 
 #[cfg(test)]
 mod tests;

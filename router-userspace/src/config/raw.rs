@@ -17,6 +17,28 @@ pub(super) struct RawConfig {
     pub(super) policy: Option<RawPolicy>,
     #[serde(default)]
     pub(super) service: Vec<RawService>,
+    pub(super) bgp: Option<RawBgp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBgp {
+    pub(super) local_as: u32,
+    pub(super) router_id: String,
+    #[serde(default)]
+    pub(super) peers: Vec<RawPeer>,
+    pub(super) hold_time: Option<String>,
+    pub(super) drain: Option<String>,
+    pub(super) gobgpd: Option<std::path::PathBuf>,
+    pub(super) gobgp: Option<std::path::PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPeer {
+    pub(super) address: String,
+    #[serde(rename = "as")]
+    pub(super) asn: u32,
 }
 
 #[derive(Deserialize)]

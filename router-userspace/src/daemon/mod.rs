@@ -355,6 +355,22 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
     info!("datapath pinned under {}", pins.root().display());
 
     let neighbour_helper = keep_next_hops_resolved(&cfg);
+    // Before the capabilities go: the speaker is a process of its own, and
+    // it must die with this one (see `bgp`).
+    let speaker = match &cfg.bgp {
+        Some(b) => {
+            let sp = crate::bgp::Speaker::start(b, &cfg.daemon.control_socket)
+                .context("starting the BGP speaker")?;
+            info!(
+                "bgp: gobgpd started (AS {}, router id {}, {} peers)",
+                b.local_as,
+                b.router_id,
+                b.peers.len()
+            );
+            Some(sp)
+        }
+        None => None,
+    };
 
     let kept =
         privileges::drop_to_minimum(|| dp.probe_map_access()).context("dropping capabilities")?;
@@ -381,6 +397,7 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
         HostWatch {
             fib_events,
             neighbour_helper,
+            speaker,
         },
     ))
 }
@@ -402,11 +419,12 @@ fn follow_route_shape(dp: &mut Datapath, start: bool) -> Result<(), DatapathErro
     dp.set_per_flow_next_hops(per_flow)
 }
 
-/// What keeps the daemon's view of the host current after start: the
-/// rtnetlink watch, and the helper that keeps next hops resolved.
+/// What runs beside the control loop after start: the rtnetlink watch,
+/// the helper that keeps next hops resolved, and the BGP speaker.
 struct HostWatch {
     fib_events: fib_watch::FibEvents,
     neighbour_helper: Option<neighbour_helper::Helper>,
+    speaker: Option<crate::bgp::Speaker>,
 }
 
 async fn serve(
@@ -421,6 +439,7 @@ async fn serve(
     let HostWatch {
         mut fib_events,
         neighbour_helper,
+        speaker,
     } = host;
     let socket_path = cfg.daemon.control_socket.clone();
     let pin_root = dp
@@ -454,6 +473,7 @@ async fn serve(
         last_rate_sample: None,
         metrics: publisher,
         neighbours: neighbour_helper,
+        bgp: speaker,
     }));
     // Before the control socket answers: whoever sees it answer may stop
     // the daemon, and a SIGTERM without a handler kills it unclean.
@@ -478,6 +498,8 @@ async fn serve(
         }
     };
     state.lock().await.publish_metrics(true);
+    // The datapath is attached and the services applied: announce now.
+    state.lock().await.sync_bgp();
 
     let mut log_tick = tokio::time::interval(Duration::from_millis(200));
     let mut poll_tick = tokio::time::interval(poll_interval);
@@ -514,6 +536,13 @@ async fn serve(
     server.abort();
     if let Some(m) = metrics_server {
         m.abort();
+    }
+    // Withdraw, let the peers move new flows elsewhere, then end the
+    // sessions; the datapath forwards meanwhile and after.
+    if let Some(sp) = state.lock().await.bgp.take() {
+        tokio::task::spawn_blocking(move || sp.shut_down())
+            .await
+            .context("stopping the BGP speaker")?;
     }
     info!(
         "stopping; the datapath stays attached and forwards on the last weights \

@@ -42,6 +42,8 @@ pub struct DaemonState {
     pub(super) metrics: metrics::Publisher,
     /// Keeps the backends' next hops resolved; `None` without CAP_NET_ADMIN.
     pub(super) neighbours: Option<super::neighbour_helper::Helper>,
+    /// The BGP speaker announcing the VIPs; `None` without `[bgp]`.
+    pub(super) bgp: Option<crate::bgp::Speaker>,
 }
 
 /// How often new-connection counters are sampled for rates and cost.
@@ -100,6 +102,7 @@ impl control::Control for Handle {
         // Here and not in `status()`, which every metrics publish calls:
         // it reads every slot of every table.
         st.table_fingerprint = daemon.dp.table_fingerprint();
+        st.bgp = daemon.bgp.as_ref().map(crate::bgp::Speaker::status);
         Ok(st)
     }
 
@@ -212,6 +215,7 @@ impl DaemonState {
                 .map(|c| c.pools_status(&self.config))
                 .unwrap_or_default(),
             table_fingerprint: None,
+            bgp: None,
         })
     }
 
@@ -377,6 +381,22 @@ impl DaemonState {
     }
 
     /// Validate-then-swap: a config that fails any check changes nothing.
+    /// Announces the VIPs that have a backend to serve and withdraws the
+    /// others (the XDP program is attached while the daemon runs).
+    pub(super) fn sync_bgp(&mut self) {
+        let want = self.dp.serving_vips();
+        if let Some(sp) = self.bgp.as_mut() {
+            match sp.sync(&want) {
+                Ok(lines) => {
+                    for l in lines {
+                        info!("bgp: {l}");
+                    }
+                }
+                Err(e) => warn!("bgp: {e}"),
+            }
+        }
+    }
+
     pub fn reload(&mut self) -> ReloadReply {
         let reply = match self.try_reload() {
             Ok(msg) => {
@@ -486,4 +506,5 @@ pub(super) async fn poll_round(state: &Mutex<DaemonState>) {
     let mut st = state.lock().await;
     st.finish_round(generation, results);
     st.publish_metrics(false);
+    st.sync_bgp();
 }

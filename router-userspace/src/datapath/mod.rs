@@ -534,6 +534,16 @@ impl Datapath {
         Ok(removed)
     }
 
+    /// The VIP addresses of services that have a backend to send a new
+    /// flow to (weight above 0): what a node may announce.
+    pub fn serving_vips(&self) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+        self.services
+            .values()
+            .filter(|st| st.spec.backends.iter().any(|b| b.weight > 0))
+            .map(|st| *st.spec.vip.ip())
+            .collect()
+    }
+
     /// Where the datapath is pinned, if it is.
     pub fn pins(&self) -> Option<&PinDir> {
         self.pins.as_ref()

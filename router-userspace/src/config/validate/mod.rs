@@ -1,6 +1,7 @@
 //! Validation: from the raw shapes to the model, every refusal located at
 //! its key and line (see `locate`). One file per part of the config.
 
+mod bgp;
 mod daemon;
 mod policy;
 mod pools;
@@ -8,6 +9,7 @@ mod services;
 mod telemetry;
 mod values;
 
+pub(super) use bgp::validate_bgp;
 pub(super) use daemon::validate_daemon;
 pub(super) use policy::validate_policy;
 pub(super) use services::{check_table_size, validate_services};

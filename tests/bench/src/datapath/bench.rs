@@ -17,9 +17,9 @@ use router_testkit::{
 };
 
 use super::paths::{
-    SingleResult, SynCase, check_reasons, client_frames, least_loaded_service, load_datapath,
-    load_datapath_with, reason_vec, repeat_call, service, single_calls, syn_acks, table_entries,
-    trivial_program, udp_client_frames,
+    SingleResult, SynCase, check_reasons, client_frames, dsr_service, least_loaded_service,
+    load_datapath, load_datapath_with, reason_vec, repeat_call, service, single_calls, syn_acks,
+    table_entries, trivial_program, udp_client_frames,
 };
 use super::perf::Recording;
 use super::{
@@ -35,6 +35,9 @@ pub(super) struct Bench {
     pub(super) est_ack: Vec<u8>,
     pub(super) reply_ack: Vec<u8>,
     pub(super) non_service: Vec<u8>,
+    /// The same service as DSR (IPIP), holding the established flow of
+    /// `est_ack` in `DSR_FLOWS`.
+    pub(super) dsr: Datapath,
     // Dropped last: leaves and removes the namespace.
     pub(super) _ns: EnteredNs,
 }
@@ -131,6 +134,14 @@ impl Bench {
                 && non_service.len() == syn.len(),
             "benchmark frames differ in length"
         );
+        // The DSR flow: its SYN creates the entry the timed ACKs hit.
+        let mut dsr = load_datapath_with(&dsr_service(), 0, 0)?;
+        let prog = dsr.program_mut().context("router program (DSR)")?;
+        single_calls(prog, std::slice::from_ref(&syn), &ctx, XDP_TX, "DSR SYN")?;
+        ensure!(
+            table_entries(&mut dsr, "DSR_FLOWS")? == 1,
+            "the DSR flow's SYN left no DSR_FLOWS entry"
+        );
         Ok(Self {
             dp,
             trivial,
@@ -138,6 +149,7 @@ impl Bench {
             est_ack,
             reply_ack,
             non_service,
+            dsr,
             _ns: ns,
         })
     }
@@ -167,6 +179,30 @@ impl Bench {
             u64::from(WARMUP_CALLS + calls),
             what,
         )?;
+        Ok(r)
+    }
+
+    /// The established flow's ACK on the DSR datapath: a `DSR_FLOWS` hit
+    /// with a cached next hop, the tail call and the outer header.
+    pub(super) fn dsr_single(&mut self, calls: u32) -> Result<SingleResult> {
+        let warm = vec![self.est_ack.clone(); WARMUP_CALLS as usize];
+        let timed = vec![self.est_ack.clone(); calls as usize];
+        let before = reason_vec(&self.dsr)?;
+        let prog = self.dsr.program_mut().context("router program (DSR)")?;
+        single_calls(prog, &warm, &self.ctx, XDP_TX, "DSR established single")?;
+        let r = single_calls(prog, &timed, &self.ctx, XDP_TX, "DSR established single")?;
+        let after = reason_vec(&self.dsr)?;
+        check_reasons(
+            &before,
+            &after,
+            reasons::TX,
+            u64::from(WARMUP_CALLS + calls),
+            "DSR established single",
+        )?;
+        ensure!(
+            table_entries(&mut self.dsr, "DSR_FLOWS")? == 1,
+            "DSR established single: the flow's entry was replaced or another added"
+        );
         Ok(r)
     }
 

@@ -81,6 +81,8 @@ const ESTABLISHED_REF: Reference = Reference {
     target: 6.0,
     katran: "≈12×",
 };
+/// DSR's forward path against NAT's established one: the goal of issue 17.
+pub(super) const DSR_GOAL: f64 = 1.3;
 const SYN_REF: Reference = Reference {
     target: 11.0,
     katran: "≈22×",
@@ -182,7 +184,12 @@ choices from the Maglev table with 16, 32 and 64 backends; every backend has a \
 resolved neighbour, so every SYN takes the same XDP_TX path. The least-loaded \
 rows check that the flows spread (scan: no backend more than one flow above \
 another); reply \
-(backend → SNAT address:port of the established flow: reply-entry hit); first ACK of a \
+(backend → SNAT address:port of the established flow: reply-entry hit); DSR established \
+forward (the same flow's ACK on a second datapath serving the service by DSR over IPIP, \
+its entry made by an untimed SYN: the filter bit, a `SERVICES` lookup, the tail call \
+into `router_dsr`, a `DSR_FLOWS` hit with cached next hop, and the 20-byte outer \
+header; checked to leave exactly one entry), judged against the goal of ≤ 1.3× the \
+NAT established path's overhead-subtracted ns, per run; first ACK of a \
 new flow (a fresh datapath, one untimed SYN per client port and the backend's \
 untimed SYN-ACK, then each flow's ACK, which acknowledges it, timed: it promotes the flow from the half-open table into CONNS, and after the run \
 the benchmark checks that CONNS holds both directions of every flow and nothing is \
@@ -310,6 +317,8 @@ pub fn run_datapath(settings: &Settings) -> Result<()> {
             let frame = b.est_ack.clone();
             let r = b.router_single(&frame, n, XDP_TX, reasons::TX, "established single", None)?;
             s.push_single("established", &r);
+            let r = b.dsr_single(n)?;
+            s.push_single("dsr_established", &r);
             for case in &SYN_CASES {
                 let r = b.syn_single(n, case, None)?;
                 s.push_single(case.key, &r);

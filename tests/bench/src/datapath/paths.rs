@@ -46,6 +46,15 @@ pub(super) fn service() -> ServiceSpec {
     }
 }
 
+/// `service()` forwarded by DSR over IPIP.
+pub(super) fn dsr_service() -> ServiceSpec {
+    ServiceSpec {
+        forwarding: Forwarding::Ipip,
+        snat: Vec::new(),
+        ..service()
+    }
+}
+
 pub(super) fn load_datapath() -> Result<Datapath> {
     load_datapath_with(&service(), SCAN_LIMIT, 0)
 }

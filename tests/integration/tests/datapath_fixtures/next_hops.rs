@@ -24,6 +24,24 @@ fn move_backend(f: &Fixture, mac: [u8; 6]) {
     .unwrap();
 }
 
+/// Keeps this test's thread on one CPU: `NEXT_HOPS` is per CPU, and a
+/// thread that moved between two SYNs would meet another CPU's (empty)
+/// share of it and look its hop up, whatever the test says of sharing.
+fn stay_on_one_cpu() {
+    // SAFETY: sched_setaffinity(2) on this thread (pid 0) with a cpu_set_t
+    // that lives across the call.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let cpu = libc::sched_getcpu().max(0) as usize;
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning the test thread to CPU {cpu}"
+        );
+    }
+}
+
 /// The destination MAC a client's SYN from `port` leaves with.
 fn syn_dmac(f: &mut Fixture, port: u16) -> [u8; 6] {
     let syn = Packet::tcp(
@@ -39,6 +57,7 @@ fn syn_dmac(f: &mut Fixture, port: u16) -> [u8; 6] {
 
 #[test]
 fn new_flows_share_their_backends_next_hop_until_the_generation_changes() {
+    stay_on_one_cpu();
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
     assert_eq!(
         syn_dmac(&mut f, 40000),
@@ -61,6 +80,7 @@ fn new_flows_share_their_backends_next_hop_until_the_generation_changes() {
 
 #[test]
 fn while_the_host_routes_per_flow_every_new_flow_looks_its_own_hop_up() {
+    stay_on_one_cpu();
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
     f.dp.set_per_flow_next_hops(true).unwrap();
     assert!(f.dp.per_flow_next_hops());
@@ -78,6 +98,7 @@ fn while_the_host_routes_per_flow_every_new_flow_looks_its_own_hop_up() {
 
 #[test]
 fn a_first_packet_longer_than_the_shared_hop_was_checked_for_looks_its_own_up() {
+    stay_on_one_cpu();
     let mut f = Fixture::new(&[service("llama", VIP, 6, &[1])]);
     // A 40-byte SYN: the route's MTU was checked for 40 bytes only.
     assert_eq!(syn_dmac(&mut f, 40000), backend_mac(0));
