@@ -4,9 +4,12 @@
 //!
 //! The speaker dies with the daemon (`PR_SET_PDEATHSIG`), so a daemon
 //! killed outright drops its sessions at once and its peers withdraw
-//! every path it announced; no hold timer has to run out. The sessions
-//! are opened from this side only (`port = -1`: gobgpd listens on no
-//! port), so the daemon needs no privileged port.
+//! every path it announced; no hold timer has to run out. gobgpd listens
+//! on port 179 as well as connecting out: GoBGP waits at least 5 s (plus
+//! jitter) between its own connection attempts, so a peer that connects
+//! first (BIRD retries every second if told to) brings the session up
+//! sooner. It is started before the daemon drops its capabilities, so it
+//! may bind the privileged port.
 
 use std::{
     collections::BTreeSet,
@@ -68,7 +71,7 @@ pub struct BgpStatus {
 pub fn gobgpd_config(cfg: &BgpConfig) -> String {
     let hold = cfg.hold_time.as_secs().max(3);
     let mut s = format!(
-        "[global.config]\n  as = {}\n  router-id = \"{}\"\n  port = -1\n",
+        "[global.config]\n  as = {}\n  router-id = \"{}\"\n  port = 179\n",
         cfg.local_as, cfg.router_id
     );
     for p in &cfg.peers {
@@ -294,7 +297,7 @@ mod tests {
         let text = gobgpd_config(&cfg);
         let doc: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(doc["global"]["config"]["as"].as_integer(), Some(65001));
-        assert_eq!(doc["global"]["config"]["port"].as_integer(), Some(-1));
+        assert_eq!(doc["global"]["config"]["port"].as_integer(), Some(179));
         let n = doc["neighbors"].as_array().unwrap();
         assert_eq!(n.len(), 2);
         assert_eq!(
