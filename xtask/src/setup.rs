@@ -179,8 +179,9 @@ fn symlink(target: &Path, link: &Path) -> Result<()> {
 }
 
 /// The tests create namespaces and veths with `ip` and serve HTTP from Python
-/// backends; the datapath benchmark profiles with `perf`. Installs what is
-/// missing when apt-get is available.
+/// backends; the datapath benchmark profiles with `perf`; the multi-node
+/// tests run BIRD 2 as the upstream router and the daemon runs gobgpd
+/// (`[bgp]`). Installs what is missing when apt-get is available.
 fn system_tools() -> Result<()> {
     let runs = |tool: &str| {
         Command::new(tool)
@@ -194,13 +195,20 @@ fn system_tools() -> Result<()> {
         ("iproute2", which("ip").is_some()),
         ("python3", which("python3").is_some()),
         ("linux-perf", runs("perf")),
+        (
+            "gobgpd",
+            which("gobgpd").is_some() && which("gobgp").is_some(),
+        ),
+        ("bird2", which("bird").is_some() && which("birdc").is_some()),
     ]
     .into_iter()
     .filter(|(_, present)| !present)
     .map(|(package, _)| package)
     .collect();
     if missing.is_empty() {
-        eprintln!("xtask: ip, python3 and perf are present; skipping package installation");
+        eprintln!(
+            "xtask: ip, python3, perf, gobgpd and bird are present; skipping package installation"
+        );
         return Ok(());
     }
     if which("apt-get").is_none() {
@@ -213,7 +221,18 @@ fn system_tools() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y"])
         .args(&missing))
-    .with_context(|| format!("installing {missing:?}"))
+    .with_context(|| format!("installing {missing:?}"))?;
+    // The packages enable services of their own; the router runs gobgpd as
+    // its child and the tests run BIRD in their namespaces, so neither
+    // should listen on the host. Without systemd there is nothing to stop.
+    if which("systemctl").is_some() {
+        for unit in ["gobgpd", "bird"] {
+            let _ = Command::new("systemctl")
+                .args(["disable", "--now", unit])
+                .output();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! flows split over both LBs, both report one table fingerprint; a kill -9
 //! of one LB during long streams withdraws its next hop and no stream is
 //! reset or moves backend (the survivor re-hashes them: `lru_miss`); a
-//! SIGTERM withdraws first and loses no connection either.
+//! SIGTERM withdraws first and loses no connection either; an LB with every
+//! backend drained withdraws, and announces again when they come back.
 
 #[path = "multi_node/topology.rs"]
 mod topology;
@@ -124,6 +125,7 @@ fn two_lbs_share_the_vip_and_a_killed_one_loses_no_stream() {
         .expect("decap attach");
     }
     let mut daemons = Vec::new();
+    let mut sockets = Vec::new();
     for (i, lb) in t.lbs.iter().enumerate() {
         // Each LB reaches the backends once (their neighbours resolved).
         for b in 0..2 {
@@ -138,6 +140,7 @@ fn two_lbs_share_the_vip_and_a_killed_one_loses_no_stream() {
         let cfg = dir.0.join(format!("lb{i}.toml"));
         std::fs::write(&cfg, config(&socket, i)).unwrap();
         daemons.push(start_daemon(lb, &cfg, &socket).expect("daemon"));
+        sockets.push(socket);
     }
 
     // Both sessions up and both paths merged, within 5 s.
@@ -184,26 +187,63 @@ fn two_lbs_share_the_vip_and_a_killed_one_loses_no_stream() {
     assert!(n0 >= 40 && n1 >= 40, "ECMP split {n0}/{n1}");
     assert_eq!(per_backend.len(), 2, "{per_backend:?}");
 
-    // kill -9 of LB 0 while 50 streams run.
+    // Every backend of LB 0 drained: it has nothing to serve and withdraws;
+    // undrained, it announces again.
+    let cli = |i: usize, args: &[&str]| {
+        router_testkit::daemon_proc::cli(&sockets[i], args).expect("router CLI")
+    };
+    cli(0, &["drain", "llama", "b0"]);
+    cli(0, &["drain", "llama", "b1"]);
+    t.await_next_hops(&[lb_addr(1)], Duration::from_secs(5))
+        .expect("LB 0 withdraws with no backend to serve");
+    cli(0, &["undrain", "llama", "b0"]);
+    cli(0, &["undrain", "llama", "b1"]);
+    t.await_next_hops(&both, Duration::from_secs(5))
+        .expect("LB 0 announces again");
+
+    // SIGTERM of LB 0 while 50 streams run: it withdraws first, the router
+    // moves the streams to LB 1, and none breaks.
     let streams = open_streams(&t, STREAMS);
     let misses_before = reason(&daemons[1], "lru_miss");
+    let lb0 = daemons.remove(0);
+    let stopping = std::thread::spawn(move || lb0.stop(Duration::from_secs(10)));
+    let took = t
+        .await_next_hops(&[lb_addr(1)], Duration::from_secs(2))
+        .expect("SIGTERM withdraws before the daemon goes");
+    eprintln!("SIGTERM: VIP withdrawn after {took:?}");
+    finish_streams(streams);
+    assert!(
+        stopping.join().unwrap().unwrap().success(),
+        "LB 0 stopped cleanly"
+    );
+    let moved = reason(&daemons[0], "lru_miss") - misses_before;
+    eprintln!("SIGTERM: LB 1 picked up {moved} flows");
+
+    // LB 0 back, then kill -9 of LB 1 while 50 streams run.
+    daemons.insert(
+        0,
+        start_daemon(&t.lbs[0], &dir.0.join("lb0.toml"), &sockets[0]).expect("LB 0 again"),
+    );
+    t.await_next_hops(&both, Duration::from_secs(5))
+        .expect("LB 0 announces after its restart");
+    let streams = open_streams(&t, STREAMS);
+    let misses_before = reason(&daemons[0], "lru_miss");
     let killed_at = Instant::now();
     // SAFETY: kill(2) on the daemon's pid, a child of this test.
     assert_eq!(
-        unsafe { libc::kill(daemons[0].id() as i32, libc::SIGKILL) },
+        unsafe { libc::kill(daemons[1].id() as i32, libc::SIGKILL) },
         0
     );
     // One LB left: a single next hop.
     let withdrawn = t
-        .await_next_hops(&[lb_addr(1)], Duration::from_secs(HOLD_S + 1))
+        .await_next_hops(&[lb_addr(0)], Duration::from_secs(HOLD_S + 1))
         .map(|_| killed_at.elapsed())
-        .unwrap();
-    eprintln!("VIP withdrawn from the killed LB after {withdrawn:?}");
-    assert!(withdrawn <= Duration::from_secs(HOLD_S + 1));
+        .expect("the killed LB's next hop goes within the hold time and a second");
+    eprintln!("kill -9: VIP withdrawn after {withdrawn:?}");
     finish_streams(streams);
-    let moved = reason(&daemons[1], "lru_miss") - misses_before;
+    let moved = reason(&daemons[0], "lru_miss") - misses_before;
     assert!(moved > 0, "the survivor picked up the killed LB's streams");
-    eprintln!("survivor re-hashed {moved} flows");
+    eprintln!("kill -9: survivor re-hashed {moved} flows");
     drop(daemons);
 }
 
