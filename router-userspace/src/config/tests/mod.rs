@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use super::*;
 
 mod backend;
+mod bgp;
 mod dsr;
 mod examples;
 mod host;
