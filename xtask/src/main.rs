@@ -98,6 +98,8 @@ enum BenchSuite {
     Canary,
     /// SYN flood against a small connection table (bench/synflood.md); not part of `all`.
     Synflood,
+    /// Two LBs under ECMP, one killed or stopped under streams (bench/failover.md); not part of `all`.
+    Failover,
     /// Rebuild RESULTS.md and the plots from the results already recorded.
     Report,
     /// Every suite, then the report.
@@ -113,6 +115,7 @@ impl BenchSuite {
             BenchSuite::Routing => "routing",
             BenchSuite::Canary => "canary",
             BenchSuite::Synflood => "synflood",
+            BenchSuite::Failover => "failover",
             BenchSuite::Report => "report",
             BenchSuite::All => "all",
         }

@@ -5,6 +5,7 @@
 pub mod canary;
 pub mod control;
 pub mod datapath;
+pub mod failover;
 pub mod l4;
 pub mod loadgen;
 pub mod netstat;

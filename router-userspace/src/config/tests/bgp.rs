@@ -32,7 +32,12 @@ fn a_bgp_section_parses_with_its_defaults() {
 #[test]
 fn bgp_bad_input_names_the_key() {
     let no_peers = with_bgp("[bgp]\nlocal_as = 65001\nrouter_id = \"198.18.0.1\"\npeers = []");
-    assert_err(&no_peers, bgp_line() + 3, "bgp.peers", "needs at least one peer");
+    assert_err(
+        &no_peers,
+        bgp_line() + 3,
+        "bgp.peers",
+        "needs at least one peer",
+    );
     assert_err(
         &with_bgp(&BGP.replace("local_as = 65001", "local_as = 0")),
         bgp_line() + 1,

@@ -1,5 +1,5 @@
 //! Benchmarks of the router.
-//! `bench [datapath|control|l4|routing|canary|synflood|report|all] [--quick] [--out DIR]`.
+//! `bench [datapath|control|l4|routing|canary|synflood|failover|report|all] [--quick] [--out DIR]`.
 //!
 //! Results go in `bench/` at the workspace root: each suite's page or raw
 //! JSON, and `RESULTS.md` with SVG plots built from all of them. `--quick`
@@ -28,7 +28,7 @@ use router_testkit::fixtures::workspace_root;
 use serde_json::Value;
 
 const USAGE: &str =
-    "usage: bench [datapath|control|l4|routing|canary|synflood|report|all] [--quick] [--out DIR]
+    "usage: bench [datapath|control|l4|routing|canary|synflood|failover|report|all] [--quick] [--out DIR]
 
   datapath   ns/packet of the XDP program through BPF_PROG_TEST_RUN, against XDP_PASS
   control    control plane: Maglev rebuild time, daemon CPU and RSS, reaction
@@ -41,6 +41,8 @@ const USAGE: &str =
              rollback guard: when the guard trips, and both pools' latency
   synflood   spoofed SYNs against a small connection table, paced and unpaced, while
              streams and new connections run (writes synflood.md; not part of all)
+  failover   two LBs under ECMP with BGP and DSR, one killed or stopped under
+             streams: withdrawal time, broken streams (writes failover.md; not part of all)
   report     rebuild RESULTS.md and the plots from the JSON already in the output directory
   all        every suite, then the report (default)
   --quick    short runs (a few minutes in all); results go in target/bench-quick/
@@ -60,6 +62,7 @@ enum Suite {
     Routing,
     Canary,
     Synflood,
+    Failover,
     Report,
     All,
 }
@@ -118,6 +121,7 @@ fn real_main() -> Result<()> {
             "routing" => Some(Suite::Routing),
             "canary" => Some(Suite::Canary),
             "synflood" => Some(Suite::Synflood),
+            "failover" => Some(Suite::Failover),
             "report" => Some(Suite::Report),
             "all" => Some(Suite::All),
             _ => None,
@@ -196,6 +200,11 @@ fn real_main() -> Result<()> {
             CanarySettings::full()
         };
         timed("canary", || canary::run_canary(&s, &out))?;
+    }
+    if suite == Suite::Failover {
+        timed("failover", || {
+            router_bench::failover::run_bench(quick, &out)
+        })?;
     }
     if suite == Suite::Synflood {
         timed("synflood", || {

@@ -1,4 +1,4 @@
-//! The multi-node topology: a client behind an upstream router running
+//! The multi-node topology (see `failover`): a client behind an upstream router running
 //! BIRD 2 (ECMP over what it learns: `merge paths on`, layer-4 multipath
 //! hashing), two LB namespaces on the router's LAN, and backends that hold
 //! the VIP on `lo` and run `router decap`. Every namespace is removed on
@@ -146,9 +146,9 @@ impl MultiNode {
     }
 
     fn start_bird(&mut self) -> Result<()> {
-        let mut conf = format!(
-            "router id 198.18.1.254;\nprotocol device {{ scan time 1; }}\n\
-             protocol kernel {{ ipv4 {{ export all; }}; merge paths on; scan time 1; }}\n"
+        let mut conf = String::from(
+            "router id 198.18.1.254;\nprotocol device { scan time 1; }\n\
+             protocol kernel { ipv4 { export all; }; merge paths on; scan time 1; }\n",
         );
         for i in 0..self.lbs.len() {
             conf.push_str(&format!(
