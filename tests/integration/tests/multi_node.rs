@@ -11,14 +11,14 @@
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use router_bench::failover::{
-    HOLD_S, Rig, STREAMS, fail_over,
+    HOLD_S, Mode, Rig, STREAMS, fail_over,
     topology::{VIP, VIP_ADDR, lb_addr},
 };
 use router_testkit::{daemon_proc::cli, netns};
 
 #[test]
 fn two_lbs_share_the_vip_and_a_lost_one_breaks_no_stream() {
-    let mut rig = Rig::start("multinode").expect("two LBs behind BIRD");
+    let mut rig = Rig::start("multinode", Mode::Dsr).expect("two LBs behind BIRD");
     eprintln!("ECMP route over both LBs after {:?}", rig.converged);
     let both = vec![lb_addr(0), lb_addr(1)];
 
@@ -97,4 +97,18 @@ fn two_lbs_share_the_vip_and_a_lost_one_breaks_no_stream() {
         );
         rig.restart(victim).expect("the victim back");
     }
+}
+
+/// The negative control: the same kill with NAT forwarding. The survivor
+/// re-hashes a moved flow to the same backend, but from its own SNAT
+/// address, a connection the backend never had: it resets.
+#[test]
+fn with_nat_the_killed_lbs_flows_break() {
+    let mut rig = Rig::start("multinode-nat", Mode::Nat).expect("two NAT LBs behind BIRD");
+    let f = fail_over(&mut rig, 0, false).expect("failover");
+    eprintln!("{f:?}");
+    assert!(
+        f.streams.broken > 0 && f.streams.broken < STREAMS,
+        "the killed LB's streams, and only those, break: {f:?}"
+    );
 }

@@ -33,17 +33,30 @@ pub const HOLD_S: u64 = 3;
 /// Streams open across each failover.
 pub const STREAMS: usize = 50;
 
-/// LB `i`'s config: the DSR service over both backends, `[bgp]` to the
-/// upstream router, control socket `socket`.
-pub fn lb_config(socket: &Path, i: usize) -> String {
+/// How the LBs forward: DSR (what fails over), or NAT (the negative
+/// control: a moved flow reaches its backend from another SNAT address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Dsr,
+    Nat,
+}
+
+/// LB `i`'s config: the service over both backends (DSR over IPIP, or NAT
+/// from the LB's own address), `[bgp]` to the upstream router, control
+/// socket `socket`.
+pub fn lb_config(socket: &Path, i: usize, mode: Mode) -> String {
     let mut s = format!(
         "[daemon]\ninterface = \"eth0\"\ncontrol_socket = \"{}\"\nhash_seed = \"{SEED}\"\n\n\
          [bgp]\nlocal_as = {LB_AS}\nrouter_id = \"{}\"\n\
          peers = [{{ address = \"{ROUTER_LAN}\", as = {ROUTER_AS} }}]\n\
          hold_time = \"{HOLD_S}s\"\ndrain = \"2s\"\n\n\
-         [[service]]\nname = \"llama\"\nvip = \"{VIP}\"\nforwarding = \"dsr\"\nencap = \"ipip\"\n",
+         [[service]]\nname = \"llama\"\nvip = \"{VIP}\"\n{}\n",
         socket.display(),
-        lb_addr(i)
+        lb_addr(i),
+        match mode {
+            Mode::Dsr => "forwarding = \"dsr\"\nencap = \"ipip\"".to_string(),
+            Mode::Nat => format!("snat = \"{}\"", lb_addr(i)),
+        }
     );
     for b in 0..2 {
         s.push_str(&format!(
@@ -68,7 +81,7 @@ pub struct Rig {
 }
 
 impl Rig {
-    pub fn start(tag: &str) -> Result<Self> {
+    pub fn start(tag: &str, mode: Mode) -> Result<Self> {
         let topo = MultiNode::build(2, 2)?;
         let dir = ScratchDir::new(tag)?;
         let mut servers = Vec::new();
@@ -109,7 +122,7 @@ impl Rig {
             }
             let socket = dir.0.join(format!("lb{i}.sock"));
             let cfg = dir.0.join(format!("lb{i}.toml"));
-            std::fs::write(&cfg, lb_config(&socket, i))?;
+            std::fs::write(&cfg, lb_config(&socket, i, mode))?;
             daemons.push(start_daemon(lb, &cfg, &socket)?);
             sockets.push(socket);
         }
