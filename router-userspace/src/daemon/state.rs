@@ -441,6 +441,15 @@ impl DaemonState {
                 cfg.origin()
             );
         }
+        // The speaker was started before the capabilities went, with this
+        // config; another needs another start.
+        if cfg.bgp != self.config.bgp {
+            anyhow::bail!(
+                "{}: [bgp] changes need a restart (the daemon starts gobgpd before it drops \
+                 its capabilities; a SIGTERM withdraws and drains first)",
+                cfg.origin()
+            );
+        }
         let mut ctl = Controller::new(&cfg, self.ctl.take());
         let (specs, _) = ctl.decide(
             self.started.elapsed(),
@@ -455,6 +464,8 @@ impl DaemonState {
         self.persist_overrides();
         self.persist_pool_shares();
         self.keep_next_hops_resolved();
+        // New VIPs are announced, removed ones withdrawn, now.
+        self.sync_bgp();
         Ok(format!(
             "applied {}: {} added, {} removed, {} tables swapped",
             self.config_path.display(),
