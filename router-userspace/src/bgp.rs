@@ -177,24 +177,25 @@ impl Speaker {
     /// Announces exactly `want`: adds the new VIPs and withdraws the rest.
     /// Returns one line per change, for the log.
     pub fn sync(&mut self, want: &BTreeSet<Ipv4Addr>) -> Result<Vec<String>, BgpError> {
+        let add: Vec<Ipv4Addr> = want.difference(&self.announced).copied().collect();
+        let del: Vec<Ipv4Addr> = self.announced.difference(want).copied().collect();
         let mut lines = Vec::new();
-        for vip in want.difference(&self.announced.clone()) {
-            let prefix = format!("{vip}/32");
-            self.cli(
-                &format!("announcing {prefix}"),
-                &["global", "rib", "add", "-a", "ipv4", &prefix],
-            )?;
-            self.announced.insert(*vip);
-            lines.push(format!("announced {prefix}"));
-        }
-        for vip in self.announced.clone().difference(want) {
-            let prefix = format!("{vip}/32");
-            self.cli(
-                &format!("withdrawing {prefix}"),
-                &["global", "rib", "del", "-a", "ipv4", &prefix],
-            )?;
-            self.announced.remove(vip);
-            lines.push(format!("withdrew {prefix}"));
+        for (vips, verb, done) in [(add, "add", "announced"), (del, "del", "withdrew")] {
+            for vip in vips {
+                let prefix = format!("{vip}/32");
+                self.cli(
+                    &format!("{done} {prefix}"),
+                    &["global", "rib", verb, "-a", "ipv4", &prefix],
+                )?;
+                // Recorded path by path: a failure part-way leaves the set
+                // true to what the speaker holds, and the next round retries.
+                if verb == "add" {
+                    self.announced.insert(vip);
+                } else {
+                    self.announced.remove(&vip);
+                }
+                lines.push(format!("{done} {prefix}"));
+            }
         }
         Ok(lines)
     }

@@ -145,30 +145,17 @@ fn dsr_connections_reach_the_backends_and_answers_bypass_the_lb() {
         .unwrap();
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         decapsulated += v[0]["decapsulated"].as_u64().unwrap();
-        let out = router(
-            topo.backend_ns(i),
-            &[
-                "decap",
-                "detach",
-                "--interface",
-                topo.backend_if(),
-                "--pin-path",
-                pins,
-            ],
-        )
-        .unwrap();
+        let detach = [
+            "decap",
+            "detach",
+            "--interface",
+            topo.backend_if(),
+            "--pin-path",
+            pins,
+        ];
+        let out = router(topo.backend_ns(i), &detach).unwrap();
         assert!(out.contains("detached"), "{out}");
-        let again = router(
-            topo.backend_ns(i),
-            &[
-                "decap",
-                "detach",
-                "--interface",
-                topo.backend_if(),
-                "--pin-path",
-                pins,
-            ],
-        );
+        let again = router(topo.backend_ns(i), &detach);
         let err = format!("{:#}", again.unwrap_err());
         assert!(err.contains("decap is not attached"), "{err}");
     }

@@ -57,14 +57,13 @@ fn ipip_sends_every_packet_of_a_flow_to_its_backend_untouched_inside() {
             None,
         ))
     };
+    let Output::Bytes(want) = to(&syn) else {
+        unreachable!("`to` builds bytes")
+    };
     assert_eq!(
         hex(&out),
-        hex(&encapsulated(
-            &syn.datagram(),
-            (ip(LB_ADDR), backend),
-            (backend_mac(i), LB_MAC),
-            None
-        ))
+        hex(&want),
+        "SYN: the client's packet inside IPIP"
     );
     let data = Packet::tcp(client, vip, TCP_ACK | TCP_PSH)
         .with_macs(LB_MAC, CLIENT_MAC)
