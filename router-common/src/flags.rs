@@ -36,3 +36,8 @@ pub const FILTER_SNAT: u32 = 2;
 /// `ADDR_FILTER` bit: some DSR service listens on an address in this
 /// bucket, so its packets look in `DSR_FLOWS` before the NAT tables.
 pub const FILTER_DSR: u32 = 4;
+/// `ADDR_FILTER` bit, only beside `FILTER_DSR`: every service on every
+/// address in this bucket is a DSR service, and no SNAT address falls in
+/// it. Nothing of the NAT path can answer such a packet, so `router` hands
+/// it to `router_dsr` without looking the service up first.
+pub const FILTER_DSR_ONLY: u32 = 8;

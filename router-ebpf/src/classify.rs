@@ -3,7 +3,9 @@
 //! its flow key and the TCP bits that move a flow's state.
 
 use aya_ebpf::programs::XdpContext;
-use router_common::{ConnKey, PROTO_TCP, addr_filter_bucket, reasons::Reason};
+use router_common::{
+    ConnKey, FILTER_DSR_ONLY, PROTO_TCP, PROTO_UDP, ServiceKey, addr_filter_bucket, reasons::Reason,
+};
 
 use crate::{
     conn,
@@ -66,20 +68,57 @@ pub struct Packet {
     pub control: Control,
 }
 
+/// An IPv4 packet to an address in a bucket of ours.
+pub struct Destination {
+    pub ip: Ipv4,
+    /// The bucket's `FILTER_*` bits, never 0.
+    pub filter: u32,
+}
+
+impl Destination {
+    /// For the `router_dsr` program as it stands: a TCP or UDP packet to a
+    /// bucket of DSR services alone (see `FILTER_DSR_ONLY`). ICMP stays,
+    /// for `icmp`.
+    #[inline(always)]
+    pub fn dsr_only(&self) -> bool {
+        self.filter & FILTER_DSR_ONLY != 0
+            && (self.ip.proto == PROTO_TCP || self.ip.proto == PROTO_UDP)
+    }
+}
+
 /// The packet, or the reason it passes or drops without a lookup (or, for
-/// ICMP, that `icmp` decides). The address pre-filter comes before the
-/// transport checks so that traffic for nobody costs one array read past
-/// the IP header.
+/// ICMP, that `icmp` decides).
 #[inline(always)]
 pub fn packet(ctx: &XdpContext) -> Result<Packet, Unbalanced> {
-    let ip = parse::ipv4(ctx)?;
+    transport(ctx, destination(ctx)?)
+}
+
+/// The first step: the IP header and the destination's pre-filter bits,
+/// which come before the transport checks so that traffic for nobody costs
+/// one array read past the IP header.
+#[inline(always)]
+pub fn destination(ctx: &XdpContext) -> Result<Destination, Reason> {
+    let ip = parse::ipv4(ctx).map_err(|skip| match skip {
+        Skip::NotIpv4 => Reason::PassNotService,
+        // The one other thing `ipv4` finds: ICMP and the rest are the
+        // transport step's.
+        _ => Reason::DropMalformed,
+    })?;
     let filter = match ADDR_FILTER.get(addr_filter_bucket(ip.dst)) {
         Some(bits) => *bits,
         None => 0,
     };
     if filter == 0 {
-        return Err(Reason::PassNotService.into());
+        return Err(Reason::PassNotService);
     }
+    Ok(Destination { ip, filter })
+}
+
+/// The second step, for a destination of ours: the transport header, the
+/// flow key and the TCP bits.
+#[inline(always)]
+pub fn transport(ctx: &XdpContext, d: Destination) -> Result<Packet, Unbalanced> {
+    let Destination { ip, filter } = d;
     let l4 = parse::l4(ctx)?;
     let key = conn::key(ip.src, ip.dst, l4.src_port, l4.dst_port, l4.proto);
     let tcp = l4.proto == PROTO_TCP;
@@ -102,5 +141,16 @@ impl Packet {
     #[inline(always)]
     pub fn is_tcp(&self) -> bool {
         self.l4.proto == PROTO_TCP
+    }
+
+    /// The `SERVICES` key of the service this packet would be for.
+    #[inline(always)]
+    pub fn service_key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: self.ip.dst,
+            port: self.l4.dst_port,
+            proto: self.l4.proto,
+            _pad: 0,
+        }
     }
 }

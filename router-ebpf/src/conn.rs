@@ -21,7 +21,9 @@ use crate::{
     maps::{CONNS, HALF_OPEN, TCP_CLOSING_NS, TCP_IDLE_NS, UDP_IDLE_NS},
 };
 
-const REFRESH_NS: u64 = 1_000_000_000;
+/// An entry is refreshed at most this often, so an established flow does
+/// not bounce its entry's cache line between CPUs (`DSR_FLOWS` too).
+pub const REFRESH_NS: u64 = 1_000_000_000;
 
 /// Which packet of its flow a packet is, as the counters see it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -60,14 +62,27 @@ impl Table {
 /// the weights are unchanged.
 #[inline(always)]
 pub fn expired(table: Table, e: &ConnEntry, now: u64, proto: u8) -> bool {
-    let timeout = if e.is_closing() || table == Table::HalfOpen {
+    idle_past(
+        e.last_seen_ns,
+        now,
+        e.is_closing() || table == Table::HalfOpen,
+        proto,
+    )
+}
+
+/// Whether an entry last seen at `last_seen_ns` has been idle past its
+/// timeout: the closing one, else its protocol's. `DSR_FLOWS` entries
+/// expire by the same rule.
+#[inline(always)]
+pub fn idle_past(last_seen_ns: u64, now: u64, closing: bool, proto: u8) -> bool {
+    let timeout = if closing {
         TCP_CLOSING_NS.load()
     } else if proto == PROTO_TCP {
         TCP_IDLE_NS.load()
     } else {
         UDP_IDLE_NS.load()
     };
-    now.saturating_sub(e.last_seen_ns) > timeout
+    now.saturating_sub(last_seen_ns) > timeout
 }
 
 /// Keeps an entry alive. Writes at most once a second (or on FIN/RST) so an

@@ -14,7 +14,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use router_common::{
-    PROTO_TCP, Service, ServiceKey,
+    Service,
     dsr::{DSR_CLOSING, DsrFlow, FORWARD_GUE, FORWARD_NAT, gue_source_port},
     flow_hash::flow_hash,
     reasons::Reason,
@@ -23,108 +23,69 @@ use router_common::{
 use crate::{
     classify::{self, Packet},
     clock::Clock,
-    encap,
+    conn, encap,
     fib::{self, Outer},
-    maps::{
-        BACKENDS, DSR_FLOWS, FIB_GEN, FLOW_HASH_KEY0, FLOW_HASH_KEY1, SERVICES, TCP_CLOSING_NS,
-        TCP_IDLE_NS, UDP_IDLE_NS,
-    },
+    maps::{BACKENDS, DSR_FLOWS, FIB_GEN, FLOW_HASH_KEY0, FLOW_HASH_KEY1, SERVICES},
     mem::zeroed64,
     pool, select, stats, too_big,
     verdict::Verdict,
 };
 
-/// An entry is refreshed at most this often, so an established flow does
-/// not bounce its entry's cache line between CPUs.
-const REFRESH_NS: u64 = 1_000_000_000;
-
-/// Whether `pkt` is for a DSR service: the filter bucket only says one
-/// may listen on its address. One `SERVICES` lookup, for packets to such
-/// buckets only.
+/// Whether `pkt` is for a DSR service, where its filter bucket is shared
+/// with NAT services or SNAT addresses: one `SERVICES` lookup.
 #[inline(always)]
 pub fn is_dsr(pkt: &Packet) -> bool {
-    let skey = ServiceKey {
-        addr: pkt.ip.dst,
-        port: pkt.l4.dst_port,
-        proto: pkt.l4.proto,
-        _pad: 0,
-    };
     // SAFETY: as in `untracked` (main.rs): a preallocated map value.
-    match unsafe { SERVICES.get(skey) } {
+    match unsafe { SERVICES.get(pkt.service_key()) } {
         Some(svc) => svc.forwarding != FORWARD_NAT,
         None => false,
     }
 }
 
-/// The verdict for a DSR service's packet, in the `router_dsr` program
-/// that `router` tail-calls: a program of its own, with a stack of its
-/// own (the NAT path's frame leaves no room for this one's).
+/// The verdict for a packet `router` handed over (see `FILTER_DSR_ONLY`),
+/// in the `router_dsr` program it tail-calls: a program of its own, with
+/// a stack of its own (the NAT path's frame leaves no room for this one's).
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> Result<Verdict, ()> {
     let pkt = match classify::packet(ctx) {
         Ok(pkt) => pkt,
-        // `router` classified it already; only a frame changed in between
-        // (nothing changes one) would land here.
-        Err(_) => return Err(()),
+        // A fragment, IP options, a cut header: as on the NAT path.
+        Err(classify::Unbalanced::Reason(reason)) => return Ok(reason.into()),
+        // `router` keeps ICMP (see `Destination::dsr_only`).
+        Err(classify::Unbalanced::Icmp) => return Err(()),
     };
     let mut clock = Clock::unread();
-    match packet(ctx, &pkt, &mut clock)? {
-        Some(v) => Ok(v),
-        // The service went away or turned NAT between the two programs:
-        // the next packet takes the NAT path.
-        None => Ok(Reason::DropNoBackend.into()),
-    }
-}
-
-/// The verdict for a packet to an address some DSR service listens on, or
-/// `None` when it is not a DSR service's (another service shares the
-/// address's filter bucket): the NAT path takes it.
-#[inline(always)]
-fn packet(ctx: &XdpContext, pkt: &Packet, clock: &mut Clock) -> Result<Option<Verdict>, ()> {
     if let Some(e) = DSR_FLOWS.get_ptr_mut(pkt.key) {
         // SAFETY: a preallocated LRU element: the memory stays the map's
         // while the program runs. A concurrent update of the same flow on
         // another CPU writes the same values, except the refresh stamp.
         let e = unsafe { &mut *e };
         let now = clock.ns(false);
+        let live = !conn::idle_past(e.last_seen_ns, now, e.is_closing(), pkt.l4.proto);
         // A SYN after the flow closed is a new connection on a reused
         // 4-tuple: it is placed afresh.
-        if !expired(e, now, pkt.l4.proto) && !(pkt.control.syn && e.is_closing()) {
+        if live && !(pkt.control.syn && e.is_closing()) {
             if pkt.control.fin_or_rst {
                 e.flags |= DSR_CLOSING;
                 e.last_seen_ns = now;
-            } else if now.saturating_sub(e.last_seen_ns) > REFRESH_NS {
+            } else if now.saturating_sub(e.last_seen_ns) > conn::REFRESH_NS {
                 e.last_seen_ns = now;
             }
-            return forward(ctx, e, pkt, false).map(Some);
+            return forward(ctx, e, &pkt, false);
         }
     }
-    let skey = ServiceKey {
-        addr: pkt.ip.dst,
-        port: pkt.l4.dst_port,
-        proto: pkt.l4.proto,
-        _pad: 0,
-    };
     // SAFETY: as in `untracked` (main.rs): a preallocated map value.
-    let Some(svc) = (unsafe { SERVICES.get(skey) }) else {
-        return Ok(None);
-    };
-    if svc.forwarding == FORWARD_NAT {
-        return Ok(None);
+    match unsafe { SERVICES.get(pkt.service_key()) } {
+        Some(svc) if svc.forwarding != FORWARD_NAT => new_flow(ctx, &pkt, svc, &mut clock),
+        // A bucket of DSR services alone holds no SNAT address and no NAT
+        // service's address: another port of a DSR address, or another
+        // address in the bucket, is the host's, as on the NAT path.
+        None => Ok(Reason::PassNotService.into()),
+        // The service turned NAT between the daemon's two writes (it
+        // clears the bucket's `FILTER_DSR_ONLY` first); the next packet
+        // takes the NAT path.
+        Some(_) => Ok(Reason::DropNoBackend.into()),
     }
-    new_flow(ctx, pkt, svc, clock).map(Some)
-}
-
-#[inline(always)]
-fn expired(e: &DsrFlow, now: u64, proto: u8) -> bool {
-    let timeout = if e.is_closing() {
-        TCP_CLOSING_NS.load()
-    } else if proto == PROTO_TCP {
-        TCP_IDLE_NS.load()
-    } else {
-        UDP_IDLE_NS.load()
-    };
-    now.saturating_sub(e.last_seen_ns) > timeout
 }
 
 /// Places a flow of DSR service `svc` and sends its packet.

@@ -39,9 +39,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::warn;
-use router_common::{
-    ConnEntry, FILTER_DSR, FILTER_SNAT, FILTER_VIP, Service, ServiceKey, reasons::Reason,
-};
+use router_common::{ConnEntry, FILTER_DSR, FILTER_SNAT, FILTER_VIP, Service, reasons::Reason};
 
 use crate::{
     classify::Packet,
@@ -85,18 +83,24 @@ pub fn router_dsr(ctx: XdpContext) -> u32 {
 /// entry carries the packet; anything else is a new flow or not ours.
 #[inline(always)]
 fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
-    let pkt = match classify::packet(ctx) {
+    let dest = match classify::destination(ctx) {
+        Ok(d) => d,
+        Err(reason) => return Ok(reason.into()),
+    };
+    // DSR flows never enter the NAT tables. A bucket of DSR services alone
+    // is handed over on its bit (see `FILTER_DSR_ONLY`), before the
+    // transport header is read; one shared with NAT's after a look at the
+    // service. NAT services pay the bit tests.
+    if dest.dsr_only() {
+        return to_dsr(ctx);
+    }
+    let pkt = match classify::transport(ctx, dest) {
         Ok(pkt) => pkt,
         Err(classify::Unbalanced::Reason(reason)) => return Ok(reason.into()),
         Err(classify::Unbalanced::Icmp) => return icmp::error(ctx),
     };
-    // One bit test for NAT services; DSR flows never enter the NAT tables.
     if pkt.filter & FILTER_DSR != 0 && dsr::is_dsr(&pkt) {
-        // SAFETY: index 0 of DSR_PROG holds `router_dsr` (the daemon puts
-        // it there at load), an XDP program taking the same context.
-        unsafe { DSR_PROG.tail_call(ctx, 0) };
-        // Only without `router_dsr` installed: nothing can forward it.
-        return Ok(Reason::DropNoBackend.into());
+        return to_dsr(ctx);
     }
     let mut clock = Clock::unread();
     let state = conn::lookup(&pkt.key, pkt.control.syn, &mut clock);
@@ -145,6 +149,17 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
     forward::packet(ctx, e, &pkt, Origin::Tracked)
 }
 
+/// Hands the packet to `router_dsr`, which classifies it again: it ends
+/// this program.
+#[inline(always)]
+fn to_dsr(ctx: &XdpContext) -> Result<Verdict, ()> {
+    // SAFETY: index 0 of DSR_PROG holds `router_dsr` (the daemon puts it
+    // there at load), an XDP program taking the same context.
+    unsafe { DSR_PROG.tail_call(ctx, 0) };
+    // Only without `router_dsr` installed: nothing can forward it.
+    Ok(Reason::DropNoBackend.into())
+}
+
 /// A packet that no live entry carries: a new flow's first packet if it
 /// is for a service, else one for a SNAT address whose reply entry is gone.
 /// `stale` is the entry the new flow replaces, if one was found.
@@ -156,17 +171,11 @@ fn untracked(
     clock: &mut Clock,
 ) -> Result<Verdict, ()> {
     if pkt.filter & FILTER_VIP != 0 {
-        let skey = ServiceKey {
-            addr: pkt.ip.dst,
-            port: pkt.l4.dst_port,
-            proto: pkt.l4.proto,
-            _pad: 0,
-        };
         // SAFETY: the map is preallocated, so the value's memory stays the
         // map's while the program runs, and every bit pattern is a valid
         // Service. An update racing this read can at worst route this one
         // packet by a mix of the old and new service.
-        if let Some(svc) = unsafe { SERVICES.get(skey) } {
+        if let Some(svc) = unsafe { SERVICES.get(pkt.service_key()) } {
             if pkt.ip.ttl <= 1 {
                 return Ok(Reason::DropTtlExpired.into());
             }

@@ -50,6 +50,8 @@ pub struct Ipv4 {
     pub dst: u32,
     pub tot_len: u16,
     pub ttl: u8,
+    /// The IP protocol number.
+    pub proto: u8,
 }
 
 /// The transport part of a balancable packet. Offsets are fixed (no IP
@@ -104,6 +106,7 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Skip> {
         dst: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
         tot_len: tot_len as u16,
         ttl: ip[8],
+        proto: ip[9],
     })
 }
 

@@ -14,6 +14,7 @@ mod adopt;
 mod batch;
 mod conn_table;
 mod counters;
+mod filter;
 mod fingerprint;
 mod latency;
 mod load;

@@ -5,13 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{Array, HashMap as BpfHashMap};
 use router_common::{
-    ADDR_FILTER_SIZE, Backend, FILTER_DSR, FILTER_SNAT, FILTER_VIP, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SNAT_ADDRS, Member, Service, ServiceKey, addr_filter_bucket,
+    Backend, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS, Member, Service, ServiceKey,
     selection::{MAX_SCAN_MEMBERS, member_index},
 };
 
 use super::{
-    BackendSpec, Datapath, DatapathError, Selection, ServiceSpec, map_err,
+    BackendSpec, Datapath, DatapathError, Selection, ServiceSpec, filter, map_err,
     pools::{PooledState, Published},
 };
 use crate::maglev::{self, MaglevBackend};
@@ -258,6 +257,13 @@ impl Datapath {
             plan.push((sid, ids, slots));
         }
 
+        // Every kind of address either side has, before any service moves
+        // (see `filter::transition`); the new bits once all have.
+        let (want, snat) = filter::bits(specs);
+        let (_, snat_now) = filter::bits(self.services.values().map(|st| &st.spec));
+        let during = filter::transition(&self.filter, &want);
+        self.write_filter(&during, &snat_now.union(&snat).copied().collect())?;
+
         // Slots retired last round are now unreachable from any live table.
         let retired_before = std::mem::take(&mut self.retired_backends);
         let wanted: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
@@ -297,7 +303,7 @@ impl Datapath {
             }
         }
 
-        self.write_filter()?;
+        self.write_filter(&want, &snat)?;
         self.release_backends(&retired_before)?;
         Ok(report)
     }
@@ -507,60 +513,6 @@ impl Datapath {
             members
                 .set(member_index(sid, half, i as u32), *m, 0)
                 .map_err(map_err("MEMBERS"))?;
-        }
-        Ok(())
-    }
-
-    fn write_filter(&mut self) -> Result<(), DatapathError> {
-        let mut want = vec![0u32; ADDR_FILTER_SIZE as usize];
-        let mut snat = BTreeSet::new();
-        for st in self.services.values() {
-            want[addr_filter_bucket(st.key.addr) as usize] |= if st.spec.forwarding.is_dsr() {
-                FILTER_VIP | FILTER_DSR
-            } else {
-                FILTER_VIP
-            };
-            for a in &st.spec.snat {
-                let addr = u32::from_ne_bytes(a.octets());
-                want[addr_filter_bucket(addr) as usize] |= FILTER_SNAT;
-                snat.insert(addr);
-            }
-        }
-        // The exact set first for new addresses, last for old ones: it only
-        // matters where the pre-filter already says "SNAT" (see the map).
-        let mut addrs: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
-            self.ebpf
-                .map_mut("SNAT_ADDRS")
-                .ok_or(DatapathError::MissingMap("SNAT_ADDRS"))?,
-        )
-        .map_err(map_err("SNAT_ADDRS"))?;
-        let have: BTreeSet<u32> = addrs.keys().filter_map(Result::ok).collect();
-        for a in snat.difference(&have) {
-            addrs.insert(a, 1, 0).map_err(map_err("SNAT_ADDRS"))?;
-        }
-        let stale: Vec<u32> = have.difference(&snat).copied().collect();
-        let mut filter: Array<_, u32> = Array::try_from(
-            self.ebpf
-                .map_mut("ADDR_FILTER")
-                .ok_or(DatapathError::MissingMap("ADDR_FILTER"))?,
-        )
-        .map_err(map_err("ADDR_FILTER"))?;
-        for (i, (have, want)) in self.filter.iter_mut().zip(&want).enumerate() {
-            if have != want {
-                filter
-                    .set(i as u32, *want, 0)
-                    .map_err(map_err("ADDR_FILTER"))?;
-                *have = *want;
-            }
-        }
-        let mut addrs: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
-            self.ebpf
-                .map_mut("SNAT_ADDRS")
-                .ok_or(DatapathError::MissingMap("SNAT_ADDRS"))?,
-        )
-        .map_err(map_err("SNAT_ADDRS"))?;
-        for a in stale {
-            addrs.remove(&a).map_err(map_err("SNAT_ADDRS"))?;
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use router::datapath::{Datapath, ServiceSpec, XDP_PASS_OBJ};
-use router_common::{addr_filter_bucket, reasons};
+use router_common::{FILTER_DSR_ONLY, addr_filter_bucket, reasons};
 use router_testkit::{
     kernel_ns::{EnteredNs, TEST_NEIGHBOURS},
     packet::{Mac, Packet, TCP_ACK, TCP_SYN},
@@ -136,6 +136,17 @@ impl Bench {
         );
         // The DSR flow: its SYN creates the entry the timed ACKs hit.
         let mut dsr = load_datapath_with(&dsr_service(), 0, 0)?;
+        // The state the row claims: the VIP's bucket is DSR's alone, so
+        // `router` hands the packet over on the filter bit.
+        let filter: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
+            dsr.ebpf_mut()
+                .map("ADDR_FILTER")
+                .context("the DSR datapath's ADDR_FILTER")?,
+        )?;
+        ensure!(
+            filter.get(&bucket(*VIP.ip()), 0)? & FILTER_DSR_ONLY != 0,
+            "the DSR VIP's pre-filter bucket is not marked DSR-only"
+        );
         let prog = dsr.program_mut().context("router program (DSR)")?;
         single_calls(prog, std::slice::from_ref(&syn), &ctx, XDP_TX, "DSR SYN")?;
         ensure!(

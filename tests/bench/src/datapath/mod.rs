@@ -186,8 +186,9 @@ rows check that the flows spread (scan: no backend more than one flow above \
 another); reply \
 (backend → SNAT address:port of the established flow: reply-entry hit); DSR established \
 forward (the same flow's ACK on a second datapath serving the service by DSR over IPIP, \
-its entry made by an untimed SYN: the filter bit, a `SERVICES` lookup, the tail call \
-into `router_dsr`, a `DSR_FLOWS` hit with cached next hop, and the 20-byte outer \
+its entry made by an untimed SYN: the IP header and the filter bucket, checked to be \
+marked DSR-only, the tail call into `router_dsr` on that bit, which classifies the \
+packet again, a `DSR_FLOWS` hit with cached next hop, and the 20-byte outer \
 header; checked to leave exactly one entry), judged against the goal of ≤ 1.3× the \
 NAT established path's overhead-subtracted ns, per run; first ACK of a \
 new flow (a fresh datapath, one untimed SYN per client port and the backend's \

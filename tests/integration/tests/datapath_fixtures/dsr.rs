@@ -323,3 +323,92 @@ fn decap_strips_ipip_and_gue_addressed_here_and_passes_everything_else() {
         assert_eq!(hex(&out), hex(&frame), "{what}: untouched");
     }
 }
+
+/// The `ADDR_FILTER` bits of `vip`'s bucket.
+fn filter_bits(f: &mut Fixture, vip: &str) -> u32 {
+    let filter: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(f.dp.ebpf_mut().map("ADDR_FILTER").unwrap()).unwrap();
+    let a = *addr(vip).ip();
+    filter
+        .get(
+            &router_common::addr_filter_bucket(u32::from_ne_bytes(a.octets())),
+            0,
+        )
+        .unwrap()
+}
+
+#[test]
+fn a_dsr_only_address_hands_every_packet_over_and_passes_other_ports() {
+    use router_common::{FILTER_DSR, FILTER_DSR_ONLY, FILTER_VIP};
+    let mut f = Fixture::new(&[dsr(Forwarding::Ipip, &[1, 1, 1])]);
+    assert_eq!(
+        filter_bits(&mut f, VIP),
+        FILTER_VIP | FILTER_DSR | FILTER_DSR_ONLY
+    );
+    let client = addr("198.18.0.2:40000");
+    let mut other_port = addr(VIP);
+    other_port.set_port(22);
+    f.case(Case {
+        name: "a port of the DSR address that no service has is the host's",
+        input: Packet::tcp(client, other_port, TCP_SYN)
+            .with_macs(LB_MAC, CLIENT_MAC)
+            .build(),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_NOT_SERVICE],
+    });
+    let syn = Packet::tcp(client, addr(VIP), TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    let (verdict, _) = f.run(&syn.build());
+    assert_eq!(verdict, XDP_TX, "the service's SYN is encapsulated");
+}
+
+#[test]
+fn a_nat_service_on_the_dsr_address_shares_it_and_each_takes_its_own_path() {
+    use router_common::{FILTER_DSR, FILTER_DSR_ONLY, FILTER_VIP};
+    let mut nat = service("nat", "198.18.100.1:9000", 6, &[1]);
+    nat.backends[0].address = addr("198.18.0.12:8000");
+    let mut f = Fixture::new(&[dsr(Forwarding::Ipip, &[1]), nat]);
+    let bits = filter_bits(&mut f, VIP);
+    assert_eq!(
+        bits & (FILTER_VIP | FILTER_DSR | FILTER_DSR_ONLY),
+        FILTER_VIP | FILTER_DSR,
+        "a NAT service on the address: the DSR program is asked for after a look at the service"
+    );
+    let client = addr("198.18.0.2:40000");
+    let syn = Packet::tcp(client, addr("198.18.100.1:9000"), TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    f.case(Case {
+        name: "the NAT port's SYN is translated",
+        input: syn.build(),
+        verdict: XDP_TX,
+        output: Output::Bytes(
+            syn.translated(
+                addr("198.18.0.1:40000"),
+                addr("198.18.0.12:8000"),
+                backend_mac(1),
+                LB_MAC,
+            )
+            .build(),
+        ),
+        reasons: &[reasons::TX],
+    });
+    let dsr_syn = Packet::tcp(client, addr(VIP), TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
+    let (verdict, out) = f.run(&dsr_syn.build());
+    assert_eq!(verdict, XDP_TX, "the DSR port's SYN is encapsulated");
+    let key = conn_key(client, addr(VIP), 6);
+    let (backend, i) = pinned_backend(&mut f, &key);
+    assert_eq!(
+        out,
+        encapsulated(
+            &dsr_syn.datagram(),
+            (ip(LB_ADDR), backend),
+            (backend_mac(i), LB_MAC),
+            None,
+        )
+    );
+    // Dropping the NAT service makes the address DSR's alone again.
+    f.dp.apply(&[dsr(Forwarding::Ipip, &[1])]).unwrap();
+    assert_eq!(
+        filter_bits(&mut f, VIP),
+        FILTER_VIP | FILTER_DSR | FILTER_DSR_ONLY
+    );
+}
