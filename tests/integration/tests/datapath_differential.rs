@@ -13,7 +13,11 @@
 //! bucket, then down the fallback chain while the pool has no room).
 //! Services place new flows by Maglev or by least load, room first:
 //! scanned (small services) or by two choices (a large one, and services
-//! whose scan list is empty). A session seeds every backend's counts, and may run with
+//! whose scan list is empty). DSR services (one over IPIP alone in its
+//! pre-filter bucket, one over GUE beside NAT services on their address)
+//! encapsulate their clients' packets and keep `DSR_FLOWS`, compared like
+//! the connection tables, and never touch NAT state seeded at their keys.
+//! A session seeds every backend's counts, and may run with
 //! `BACKENDS` weights of another weight set than its tables (an apply
 //! caught between writing the slots and flipping the tables).
 //!
@@ -125,6 +129,17 @@ const MUST_TAKE: &[&str] = &[
     "ICMP error: quote with options, a later fragment, or not TCP/UDP",
     "ICMP error: quote cut short",
     "ICMP error: quote not IPv4",
+    // DSR services: the program they are handed to.
+    "dsr: placed by Maglev",
+    "dsr: rides its entry",
+    "dsr: rides its entry, closing it",
+    "dsr: mid-flow without an entry, re-hashed",
+    "dsr: a SYN after the flow closed is placed afresh",
+    "dsr: entry expired",
+    "dsr: no service at the port",
+    "dsr: no backend",
+    "dsr: sent over IPIP",
+    "dsr: sent over GUE",
     // Verdict reasons.
     "tx",
     "redirect",

@@ -73,7 +73,16 @@ impl World {
 
     /// The reply key of `key`'s `attempt`-th SNAT candidate on `backend`.
     pub(crate) fn candidate(&self, key: &ConnKey, svc: usize, attempt: u8) -> (u32, u16) {
-        let c = Model::snat_candidates(self.cfg(), key, self.service_of(svc));
+        // A DSR service has no SNAT address: NAT state seeded at its
+        // flows' keys (which their packets must never meet) borrows the
+        // first service's.
+        let s = self.service_of(svc);
+        let s = if s.snat.is_empty() {
+            self.service_of(0)
+        } else {
+            s
+        };
+        let c = Model::snat_candidates(self.cfg(), key, s);
         c[usize::from(attempt) % c.len()]
     }
 
@@ -115,6 +124,62 @@ impl World {
             age: p.age.secs(),
             seq_next: p.heard.map_or(0, |d| DEFAULT_SEQ.wrapping_add(d)),
         }
+    }
+
+    /// `DSR_FLOWS` entries seeded for the session's flows to DSR services:
+    /// one per `Seed::Flow` with a forward entry, of that entry's age,
+    /// closing bit and next hop, on the backend it names.
+    pub(crate) fn seed_dsr(&self, s: &Session) -> Vec<(ConnKey, model::dsr::DsrEntry)> {
+        let mut out = Vec::new();
+        for seed in &s.seeds {
+            let Seed::Flow {
+                flow,
+                backend,
+                fwd: Some(p),
+                ..
+            } = seed
+            else {
+                continue;
+            };
+            let (key, Some(svc)) = flow_key(self, &pick(&s.flows, *flow)) else {
+                continue;
+            };
+            let def = &SERVICES[svc];
+            if !def.forwarding.is_dsr() {
+                continue;
+            }
+            let Some((bid, baddr, _)) = self.backend_for(&key, svc, *backend) else {
+                continue;
+            };
+            let hash = router_common::flow_hash::flow_hash(
+                self.cfg().flow_hash_key,
+                key.src_addr,
+                key.dst_addr,
+                key.src_port,
+                key.dst_port,
+                key.proto,
+            );
+            let gue = self.service_of(svc).gue_port;
+            out.push((
+                key,
+                model::dsr::DsrEntry {
+                    backend_addr: baddr,
+                    outer_src: self.cfg().route_src(baddr),
+                    backend_id: bid,
+                    service_id: self.ids[svc].0,
+                    hop: self.hop_of(p.hop),
+                    gue_sport: if gue != 0 {
+                        router_common::dsr::gue_source_port(hash).to_be()
+                    } else {
+                        0
+                    },
+                    gue_dport: gue,
+                    closing: p.closing,
+                    age: p.age.secs(),
+                },
+            ));
+        }
+        out
     }
 
     /// Resolves seeds into entries, in order (a later one at the same key

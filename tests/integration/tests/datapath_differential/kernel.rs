@@ -11,7 +11,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use router::datapath::Datapath;
 use router_common::{
     Backend, BackendLoad, ConnEntry, ConnKey, LATENCY_KINDS, LatencyHistogram, MAX_BACKENDS,
-    Member, Service, ServiceKey, TrafficCounters, reasons, selection::member_index,
+    Member, Service, ServiceKey, TrafficCounters, dsr::DsrFlow, reasons, selection::member_index,
 };
 use router_testkit::{
     model::{self, Load, Table},
@@ -33,6 +33,18 @@ impl Harness {
         BpfHashMap::try_from(self.dp.ebpf_mut().map_mut(name).expect("table")).expect(name)
     }
 
+    pub(crate) fn dsr_flows(&mut self) -> BpfHashMap<&mut MapData, ConnKey, DsrFlow> {
+        BpfHashMap::try_from(self.dp.ebpf_mut().map_mut("DSR_FLOWS").expect("DSR_FLOWS"))
+            .expect("DSR_FLOWS")
+    }
+
+    pub(crate) fn dsr_entries(&mut self) -> Vec<(ConnKey, DsrFlow)> {
+        self.dsr_flows()
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .expect("reading DSR_FLOWS")
+    }
+
     pub(crate) fn entries(&mut self, t: Table) -> Vec<(ConnKey, ConnEntry)> {
         self.table(t)
             .iter()
@@ -51,6 +63,15 @@ impl Harness {
             for k in keys {
                 map.remove(&k).expect("removing an entry");
             }
+        }
+        let keys: Vec<ConnKey> = self
+            .dsr_flows()
+            .keys()
+            .collect::<Result<_, _>>()
+            .expect("DSR_FLOWS keys");
+        let mut map = self.dsr_flows();
+        for k in keys {
+            map.remove(&k).expect("removing a DSR entry");
         }
     }
 

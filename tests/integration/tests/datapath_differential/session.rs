@@ -96,6 +96,13 @@ impl World {
                 .insert(key, e.to_kernel(key, now), 0)
                 .expect("seeding an entry");
         }
+        for (key, e) in self.seed_dsr(s) {
+            m.dsr.insert(key, e);
+            self.fx
+                .dsr_flows()
+                .insert(key, e.to_kernel(now), 0)
+                .expect("seeding a DSR entry");
+        }
         // Traffic and latency counters are read per CPU, a system call per
         // backend: only the large service's when the session can reach it
         // (a flow to it, or an entry seeded with one of its backends). A
@@ -132,6 +139,12 @@ impl World {
             let p = match step {
                 Step::Evict { flow, reply, table } => {
                     let (key, _) = flow_key(self, &pick(&s.flows, *flow));
+                    // A DSR flow has one entry, wherever the step aims.
+                    if !*reply && m.dsr.remove(&key).is_some() {
+                        self.fx.dsr_flows().remove(&key).expect("evicting");
+                        trace.push_str(&format!("#{i} evict DSR_FLOWS {}\n", show_key(&key)));
+                        continue;
+                    }
                     let k = if *reply {
                         match m.tables.get(*table, &key).filter(|e| !e.is_reply()) {
                             Some(e) => model::tables::reply_key_of(e.to, key.proto),
@@ -224,7 +237,16 @@ impl World {
                 load_diff.join("\n  "),
                 ctx()
             );
-            let rewritten = want.traffic.is_some();
+            let encapsulated = m.trail.iter().any(|t| t.starts_with("dsr:"));
+            if encapsulated && want.traffic.is_some() {
+                prop_assert!(
+                    model::dsr::outer_checksum_right(&out),
+                    "packet #{}: outer header checksum wrong\n{}",
+                    i,
+                    ctx()
+                );
+            }
+            let rewritten = want.traffic.is_some() && !encapsulated;
             if rewritten && input_checksums_right(&frame) {
                 prop_assert!(
                     output_checksums_right(&out),
@@ -273,6 +295,31 @@ impl World {
                     ctx()
                 )));
             }
+        }
+
+        let mut got = BTreeMap::new();
+        for (k, f) in self.fx.dsr_entries() {
+            let e = model::dsr::DsrEntry::from_kernel(&f).map_err(|err| {
+                TestCaseError::fail(format!("DSR_FLOWS at {}: {err}\n{}", show_key(&k), ctx()))
+            })?;
+            got.insert(show_key(&k), format!("{e:?}"));
+        }
+        let want: BTreeMap<String, String> = m
+            .dsr
+            .iter()
+            .map(|(k, e)| {
+                (
+                    show_key(k),
+                    format!("{:?}", model::dsr::DsrEntry { age: 0, ..*e }),
+                )
+            })
+            .collect();
+        if got != want {
+            return Err(TestCaseError::fail(format!(
+                "DSR_FLOWS at the end differs (kernel vs model):\n{}{}",
+                table_diff(&got, &want),
+                ctx()
+            )));
         }
 
         let after = self.read_counters(&watched);

@@ -18,6 +18,7 @@ use router::{
 };
 use router_common::{
     MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey,
+    dsr::{FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT},
     selection::{SELECT_LEAST_LOADED, SELECT_MAGLEV},
 };
 use router_testkit::{
@@ -49,6 +50,9 @@ pub(crate) fn ip_of(w: u32) -> Ipv4Addr {
 }
 
 pub(crate) struct SvcDef {
+    /// NAT, or DSR (then Maglev, unpooled, no SNAT addresses, and every
+    /// backend a neighbour: what the model covers of DSR).
+    pub(crate) forwarding: Forwarding,
     pub(crate) name: &'static str,
     pub(crate) vip: &'static str,
     pub(crate) proto: u8,
@@ -88,6 +92,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
     let n = BIG_BACKENDS;
     vec![
         SvcDef {
+            forwarding: Forwarding::Nat,
             name: "web",
             vip: "198.18.100.1:8000",
             proto: 6,
@@ -116,6 +121,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             saturated: [&[], &[], &[]],
         },
         SvcDef {
+            forwarding: Forwarding::Nat,
             name: "narrow",
             vip: "198.18.100.2:443",
             proto: 6,
@@ -130,6 +136,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             saturated: [&[], &[], &[]],
         },
         SvcDef {
+            forwarding: Forwarding::Nat,
             name: "dns",
             vip: "198.18.100.1:5353",
             proto: 17,
@@ -144,6 +151,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             saturated: [&[], &[], &[]],
         },
         SvcDef {
+            forwarding: Forwarding::Nat,
             name: "dark",
             vip: "198.18.100.3:80",
             proto: 6,
@@ -158,6 +166,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             saturated: [&[], &[], &[]],
         },
         SvcDef {
+            forwarding: Forwarding::Nat,
             name: "on-snat",
             vip: "198.18.0.5:8080",
             proto: 6,
@@ -172,6 +181,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             saturated: [&[], &[], &[]],
         },
         SvcDef {
+            forwarding: Forwarding::Nat,
             name: "one-port",
             vip: "198.18.100.4:9999",
             proto: 17,
@@ -186,6 +196,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
             saturated: [&[], &[], &[]],
         },
         SvcDef {
+            forwarding: Forwarding::Nat,
             name: "big",
             vip: "198.18.100.5:7000",
             proto: 6,
@@ -225,6 +236,7 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
         // whatever the key makes of the share buckets), the others go by
         // their share buckets (bronze has no share).
         SvcDef {
+            forwarding: Forwarding::Nat,
             name: "tiers",
             vip: "198.18.100.6:80",
             proto: 6,
@@ -255,8 +267,47 @@ pub(crate) static SERVICES: LazyLock<Vec<SvcDef>> = LazyLock::new(|| {
                 &[false, false, false],
             ],
         },
+        // DSR over IPIP on an address of its own, so its bucket is DSR's
+        // alone: every TCP and UDP packet to it goes to `router_dsr`.
+        // Backends on both arms (XDP_TX and XDP_REDIRECT); set 2 has no
+        // weight anywhere.
+        SvcDef {
+            forwarding: Forwarding::Ipip,
+            name: "tunnel",
+            vip: "198.18.100.7:8000",
+            proto: 6,
+            snat: &[],
+            ports: (1024, 65535),
+            selection: Selection::Maglev,
+            backends: strs(&["198.18.0.11:8000", "198.18.0.12:8000", "198.18.1.11:8000"]),
+            weights: [vec![1, 1, 1], vec![0, 1, 2], vec![0, 0, 0]],
+            rooms: [vec![0, 0, 0], vec![0, 0, 0], vec![0, 0, 0]],
+            pools: &[],
+            segments: &[],
+            saturated: [&[], &[], &[]],
+        },
+        // DSR over GUE beside NAT services on web's address: the bucket is
+        // shared, so `router` looks the service up before handing over.
+        SvcDef {
+            forwarding: Forwarding::Gue { port: 6080 },
+            name: "gue",
+            vip: "198.18.100.1:9000",
+            proto: 6,
+            snat: &[],
+            ports: (1024, 65535),
+            selection: Selection::Maglev,
+            backends: strs(&["198.18.0.13:9000", "198.18.1.11:9000"]),
+            weights: [vec![1, 1], vec![1, 0], vec![2, 1]],
+            rooms: [vec![0, 0], vec![0, 0], vec![0, 0]],
+            pools: &[],
+            segments: &[],
+            saturated: [&[], &[], &[]],
+        },
     ]
 });
+
+/// Index into SERVICES of the DSR service alone in its bucket.
+pub(crate) const TUNNEL: usize = 8;
 
 pub(crate) const CLIENTS: [&str; 5] = [
     "198.18.0.2",
@@ -274,7 +325,7 @@ pub(crate) fn specs(set: usize) -> Vec<ServiceSpec> {
     SERVICES
         .iter()
         .map(|s| ServiceSpec {
-            forwarding: Forwarding::Nat,
+            forwarding: s.forwarding,
             name: s.name.into(),
             vip: s.vip.parse().unwrap_or_else(|e| panic!("{}: {e}", s.vip)),
             proto: s.proto,
@@ -582,6 +633,7 @@ impl World {
         }
         taken.extend(CLIENTS.iter().map(|c| wire(c)));
         let web = dests[0];
+        let tunnel = dests[TUNNEL];
         let near_vip = bucket_neighbour(web.addr, &taken);
         let near_snat = bucket_neighbour(wire("198.18.0.1"), &taken);
         for (addr, port, proto) in [
@@ -594,6 +646,9 @@ impl World {
             (near_vip, 8000, 6),             // the VIP's bucket neighbour
             (near_snat, 40000, 6),           // a SNAT address's bucket neighbour
             (wire("198.18.0.99"), 8000, 6),  // nobody
+            (tunnel.addr, 8001, 6),          // the DSR-only address, another port
+            (tunnel.addr, 8000, 17),         // the DSR-only address, UDP
+            (tunnel.addr, 8000, 1),          // the DSR-only address, ICMP
         ] {
             dests.push(Dest {
                 addr,
@@ -752,13 +807,34 @@ pub(crate) fn model_config(
                     Selection::LeastLoaded => SELECT_LEAST_LOADED,
                 },
                 members,
+                forwarding: match s.forwarding {
+                    Forwarding::Nat => FORWARD_NAT,
+                    Forwarding::Ipip => FORWARD_IPIP,
+                    Forwarding::Gue { .. } => FORWARD_GUE,
+                },
+                gue_port: match s.forwarding {
+                    Forwarding::Gue { port } => port.to_be(),
+                    _ => 0,
+                },
             },
         );
     }
+    // The host routes from its address on the arm a destination is on.
+    let sources = fib
+        .iter()
+        .map(|(dst, hop)| {
+            let on_arm1 = hop.smac == ARM1_MAC;
+            (
+                *dst,
+                wire(if on_arm1 { "198.18.1.1" } else { "198.18.0.1" }),
+            )
+        })
+        .collect();
     Config {
         services,
         backends,
         snat_addrs,
+        sources,
         fib: fib.clone(),
         fib_gen,
         flow_hash_key,

@@ -114,6 +114,15 @@ impl Model {
             ack: tcp && l4.tcp_flags & TCP_ACK != 0,
         };
 
+        // DSR services' packets never meet the NAT tables.
+        if self.is_dsr(ip.dst, l4.dst_port, l4.proto) {
+            let flags = super::dsr::Flags {
+                syn: kind.syn,
+                fin_or_rst: kind.fin_or_rst,
+            };
+            return self.dsr(out, frame, ingress, key, flags);
+        }
+
         // CONNS is asked first; HALF_OPEN only when CONNS has no entry at
         // all for the key, live or not.
         let found = if self.tables.conns.contains_key(&key) {

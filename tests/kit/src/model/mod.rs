@@ -16,7 +16,8 @@
 //! closed) with the `CONN_COUNTED` bit that says which flows it holds, the
 //! ends that uncount a flow, and the two ways a least-loaded service picks
 //! by it, room first (a scan of its members, or two choices from its
-//! Maglev table).
+//! Maglev table). And DSR services (`dsr`): `DSR_FLOWS`, the hand-over from
+//! the NAT path by the pre-filter's DSR bits, and the outer headers.
 //!
 //! Modelling choices, each because the kernel's value depends on a clock or
 //! on something a test does not control:
@@ -60,6 +61,7 @@
 //! on its live entry. An expired entry is never uncounted by a packet: it
 //! is the daemon's table scan that uncounts it (see `load`).
 
+pub mod dsr;
 mod flow;
 pub mod icmp;
 pub mod load;
@@ -102,6 +104,10 @@ pub struct Service {
     /// Share bucket → pool index (`SHARE_BUCKETS` long when pooled).
     pub shares: Vec<u8>,
     pub segments: Vec<pools::Segment>,
+    /// `FORWARD_NAT`, `FORWARD_IPIP` or `FORWARD_GUE` (`router_common::dsr`).
+    pub forwarding: u32,
+    /// GUE's destination port, wire order (0 unless GUE).
+    pub gue_port: u16,
 }
 
 /// One entry of a scan list.
@@ -136,6 +142,9 @@ pub struct Config {
     pub snat_addrs: HashSet<u32>,
     /// Destination address → next hop resolved from it.
     pub fib: HashMap<u32, Hop>,
+    /// Destination address → the source address the host routes from
+    /// toward it (a DSR packet's outer source).
+    pub sources: HashMap<u32, u32>,
     /// The live next-hop generation (never 0).
     pub fib_gen: u32,
     /// The flow hash's secret, as the program was loaded with it.
@@ -159,6 +168,27 @@ impl Config {
             self.services.keys().any(|(a, _, _)| filter_bucket(*a) == b),
             self.snat_addrs.iter().any(|a| filter_bucket(*a) == b),
         )
+    }
+
+    /// Whether `dst`'s bucket holds a DSR service's address, and whether
+    /// it holds nothing else: no NAT service's address, no SNAT address.
+    pub fn dsr_filter(&self, dst: u32) -> (bool, bool) {
+        let b = filter_bucket(dst);
+        let mut here = self
+            .services
+            .iter()
+            .filter(|((a, _, _), _)| filter_bucket(*a) == b);
+        let dsr = here
+            .clone()
+            .any(|(_, s)| s.forwarding != router_common::dsr::FORWARD_NAT);
+        let nat = here.any(|(_, s)| s.forwarding == router_common::dsr::FORWARD_NAT)
+            || self.snat_addrs.iter().any(|a| filter_bucket(*a) == b);
+        (dsr, dsr && !nat)
+    }
+
+    /// The source the host routes from toward `dst` (0: none known).
+    pub fn route_src(&self, dst: u32) -> u32 {
+        self.sources.get(&dst).copied().unwrap_or(0)
     }
 
     pub fn service(&self, addr: u32, port: u16, proto: u8) -> Option<&Service> {
@@ -215,12 +245,14 @@ impl Outcome {
     }
 }
 
-/// The model: configuration, the two connection tables, and the
-/// backends' in-flight counts.
+/// The model: configuration, the two connection tables, the DSR flows,
+/// and the backends' in-flight counts.
 #[derive(Clone, Debug)]
 pub struct Model {
     pub cfg: Config,
     pub tables: Tables,
+    /// `DSR_FLOWS`: a DSR flow's client key → its entry.
+    pub dsr: HashMap<router_common::ConnKey, dsr::DsrEntry>,
     pub loads: Loads,
     /// The rules the last packet went through, for coverage reports.
     pub trail: Vec<&'static str>,
@@ -234,6 +266,7 @@ impl Model {
         Self {
             cfg,
             tables: Tables::default(),
+            dsr: HashMap::new(),
             loads: Loads::default(),
             trail: Vec::new(),
             spills: HashMap::new(),
