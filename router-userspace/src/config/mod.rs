@@ -235,6 +235,36 @@ pub struct ServiceConfig {
     pub segments: Vec<SegmentConfig>,
     /// NAT (with `snat`), or DSR with its encapsulation (no `snat`).
     pub forwarding: Forwarding,
+    /// Backends come from Kubernetes instead of the file: `backends` is
+    /// empty until the first list of the EndpointSlices completes.
+    pub discovery: Option<KubernetesDiscovery>,
+}
+
+/// `discovery.kubernetes` of a service: where its backends are listed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KubernetesDiscovery {
+    pub namespace: String,
+    /// The Kubernetes Service whose EndpointSlices
+    /// (`kubernetes.io/service-name=<service>`) list the backends.
+    pub service: String,
+    /// None: each slice's only port.
+    pub port: Option<EndpointPort>,
+    /// None: `$KUBECONFIG`, `~/.kube/config`, then the pod's service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// Capacity of every discovered backend (1.0 unless written).
+    pub capacity: f64,
+    /// Their pinned weight, `capacity × policy.full_weight`, as for a
+    /// static backend.
+    pub weight: u32,
+}
+
+/// Which port of an EndpointSlice the backends listen on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointPort {
+    /// The slice port of this name.
+    Name(String),
+    /// This port, whatever the slice names.
+    Number(u16),
 }
 
 /// A pool of a service: every backend is in exactly one pool.
@@ -448,6 +478,36 @@ impl Config {
             key: key.to_owned(),
             message: message.into(),
         }
+    }
+
+    /// This config with service `index`'s backends replaced by `backends`
+    /// (a discovered list), or why the datapath could not take them: the
+    /// checks `parse` makes of backend counts, made again.
+    pub fn with_backends(
+        &self,
+        index: usize,
+        backends: Vec<BackendConfig>,
+    ) -> Result<Config, String> {
+        let mut cfg = self.clone();
+        let svc = cfg
+            .services
+            .get_mut(index)
+            .ok_or_else(|| format!("no service {index}"))?;
+        svc.backends = backends;
+        let total: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+        if total > MAX_BACKENDS as usize {
+            return Err(format!(
+                "{total} backends: at most {MAX_BACKENDS} are supported across all services"
+            ));
+        }
+        let largest = cfg
+            .services
+            .iter()
+            .max_by_key(|s| s.backends.len())
+            .map(|s| (s.name.as_str(), s.backends.len()));
+        crate::maglev::check_table_size(cfg.daemon.table_size, largest)
+            .map_err(|e| e.to_string())?;
+        Ok(cfg)
     }
 
     /// Where this config came from (a path or the name given to `parse`).
