@@ -331,7 +331,7 @@ impl Watchers {
             }
             self.next_generation += 1;
             let generation = self.next_generation;
-            let task = tokio::spawn(run(
+            let task = tokio::spawn(run_watcher(
                 name.to_owned(),
                 generation,
                 spec.clone(),
@@ -387,7 +387,7 @@ impl Drop for Watchers {
 /// A watcher task: credentials and client, then `watch` until the daemon
 /// stops listening. Credentials were checked at load; if they fail now
 /// (a file removed since), the service keeps what it has and says why.
-async fn run(
+pub async fn run_watcher(
     service: String,
     generation: u64,
     spec: KubernetesDiscovery,
