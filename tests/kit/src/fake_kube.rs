@@ -358,6 +358,8 @@ fn selected(obj: &Value, selector: Option<&str>) -> bool {
 }
 
 fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    // A client that connects and says nothing must not hold up the drop.
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
@@ -448,6 +450,11 @@ fn watch(
         return write!(stream, "0\r\n\r\n");
     }
     loop {
+        // Before anything is sent: a watch open across `expire` must not
+        // deliver what changed after it, only end.
+        if shared.stop.load(Ordering::SeqCst) || st.epoch != epoch || started.elapsed() > timeout {
+            break;
+        }
         let due: Vec<(u64, &'static str, Value)> = st
             .events
             .iter()
@@ -464,21 +471,19 @@ fn watch(
         if let Some(last) = st.events.last() {
             from = from.max(last.0);
         }
-        drop(st);
-        for (_, kind, obj) in &due {
-            chunk(&mut stream, kind, obj)?;
-        }
-        st = shared.lock();
-        if shared.stop.load(Ordering::SeqCst) || st.epoch != epoch || started.elapsed() > timeout {
-            break;
-        }
-        if st.events.last().is_none_or(|e| e.0 <= from) {
+        if due.is_empty() {
             st = shared
                 .changed
                 .wait_timeout(st, Duration::from_millis(100))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            continue;
         }
+        drop(st);
+        for (_, kind, obj) in &due {
+            chunk(&mut stream, kind, obj)?;
+        }
+        st = shared.lock();
     }
     drop(st);
     write!(stream, "0\r\n\r\n")?;

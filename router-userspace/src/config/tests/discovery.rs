@@ -201,3 +201,24 @@ fn with_backends_rechecks_the_limits() {
     assert!(err.contains("at most"), "{err}");
     assert!(cfg.with_backends(1, vec![]).is_err(), "no service 1");
 }
+
+#[test]
+fn the_daemonset_sample_config_parses() {
+    let yaml = include_str!("../../../../deploy/kubernetes/daemonset.yaml");
+    let start = yaml
+        .find("router.toml: |\n")
+        .expect("the ConfigMap's router.toml")
+        + 15;
+    let toml: String = yaml[start..]
+        .lines()
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    let cfg = Config::parse(&toml, "daemonset.yaml").unwrap();
+    let d = cfg.services[0].discovery.as_ref().unwrap();
+    assert_eq!(
+        (d.namespace.as_str(), d.service.as_str()),
+        ("inference", "llama")
+    );
+    assert_eq!(d.port, Some(EndpointPort::Name("http".into())));
+}
