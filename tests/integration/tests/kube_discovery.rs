@@ -258,6 +258,24 @@ fn a_daemon_discovers_drains_and_removes_backends_and_survives_a_410() {
     );
     let path = dir.0.join("router.toml");
     std::fs::write(&path, &text).unwrap();
+    let router = router_binary().unwrap();
+    let check = netns::exec(
+        topo.lb_ns(),
+        &[
+            router.to_str().unwrap(),
+            "config",
+            "check",
+            path.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert!(
+        check.contains(": ok (1 services, 0 backends)")
+            && check.contains(
+                "service llama: backends from the EndpointSlices of Kubernetes Service inference/llama"
+            ),
+        "{check}"
+    );
     let daemon = start_daemon(topo.lb_ns(), &path, &socket).unwrap();
     // No slices yet: a service with no backends.
     let st = daemon.status().unwrap();
