@@ -711,3 +711,68 @@ async fn an_ambiguous_port_keeps_the_last_list_and_is_not_sent() {
     );
     task.abort();
 }
+
+fn discovered_config(service: &str) -> Config {
+    let text = format!(
+        "[daemon]\ninterface = \"eth0\"\n\n[[service]]\nname = \"llama\"\n\
+         vip = \"198.18.100.1:8000\"\nsnat = \"198.18.0.1\"\n\
+         discovery = {{ kubernetes = {{ namespace = \"a\", service = \"{service}\", \
+         kubeconfig = \"/nonexistent/router-kubeconfig\" }} }}\n"
+    );
+    Config::parse(&text, "t.toml").unwrap()
+}
+
+fn update(generation: u64) -> Update {
+    Update {
+        service: "llama".into(),
+        generation,
+        backends: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn watchers_follow_reloads_and_keep_what_was_discovered() {
+    let (tx, _rx) = mpsc::channel(8);
+    let mut w = Watchers::new(tx);
+    let first = discovered_config("llama");
+    w.reconcile(&first);
+    assert!(w.is_current(&update(1)));
+    assert!(!w.is_current(&update(2)));
+    let s = slice("s", &[ready("198.18.0.1", "a")], HTTP);
+    let found = backends_from_slices([&s], &spec(None)).unwrap().backends;
+    w.record("llama", found.clone());
+
+    // The same file again: its (empty) service gets what was discovered,
+    // and the watcher goes on.
+    let mut same = discovered_config("llama");
+    w.keep_discovered(&mut same);
+    assert_eq!(same.services[0].backends, found);
+    w.reconcile(&same);
+    assert!(w.is_current(&update(1)), "the same watcher");
+
+    // Another Kubernetes Service: nothing kept, a new watcher, and what the
+    // old one still sends is ignored.
+    let mut other = discovered_config("mistral");
+    w.keep_discovered(&mut other);
+    assert!(other.services[0].backends.is_empty());
+    w.reconcile(&other);
+    assert!(!w.is_current(&update(1)));
+    assert!(w.is_current(&update(2)));
+    let mut again = discovered_config("mistral");
+    w.keep_discovered(&mut again);
+    assert!(
+        again.services[0].backends.is_empty(),
+        "nothing recorded since"
+    );
+
+    // No discovery left: no watcher.
+    let plain = Config::parse(
+        "[daemon]\ninterface = \"eth0\"\n\n[[service]]\nname = \"llama\"\n\
+         vip = \"198.18.100.1:8000\"\nsnat = \"198.18.0.1\"\n\n[[service.backend]]\n\
+         name = \"a\"\naddress = \"198.18.0.11:8000\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    w.reconcile(&plain);
+    assert!(!w.is_current(&update(2)));
+}
