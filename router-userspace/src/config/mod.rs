@@ -240,6 +240,17 @@ pub struct ServiceConfig {
     pub discovery: Option<KubernetesDiscovery>,
 }
 
+/// Why a service cannot take a new backend list (see `Config::with_backends`).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendsError {
+    #[error("no service {0}")]
+    NoService(usize),
+    #[error("{0} backends: at most {MAX_BACKENDS} are supported across all services")]
+    TooMany(usize),
+    #[error(transparent)]
+    TableSize(#[from] crate::maglev::TableSizeError),
+}
+
 /// `discovery.kubernetes` of a service: where its backends are listed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KubernetesDiscovery {
@@ -487,26 +498,23 @@ impl Config {
         &self,
         index: usize,
         backends: Vec<BackendConfig>,
-    ) -> Result<Config, String> {
+    ) -> Result<Config, BackendsError> {
         let mut cfg = self.clone();
         let svc = cfg
             .services
             .get_mut(index)
-            .ok_or_else(|| format!("no service {index}"))?;
+            .ok_or(BackendsError::NoService(index))?;
         svc.backends = backends;
         let total: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
         if total > MAX_BACKENDS as usize {
-            return Err(format!(
-                "{total} backends: at most {MAX_BACKENDS} are supported across all services"
-            ));
+            return Err(BackendsError::TooMany(total));
         }
         let largest = cfg
             .services
             .iter()
             .max_by_key(|s| s.backends.len())
             .map(|s| (s.name.as_str(), s.backends.len()));
-        crate::maglev::check_table_size(cfg.daemon.table_size, largest)
-            .map_err(|e| e.to_string())?;
+        crate::maglev::check_table_size(cfg.daemon.table_size, largest)?;
         Ok(cfg)
     }
 

@@ -478,7 +478,7 @@ impl DaemonState {
         let applied = self
             .config
             .with_backends(index, update.backends.clone())
-            .map_err(anyhow::Error::msg)
+            .map_err(anyhow::Error::from)
             .and_then(|cfg| self.apply_config(cfg));
         match applied {
             Ok(report) => {
