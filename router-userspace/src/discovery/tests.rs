@@ -334,7 +334,17 @@ fn capacity_and_weight_come_from_the_spec() {
 
 #[test]
 fn credentials_come_from_the_key_then_kubeconfig_then_home() {
-    let dir = std::env::temp_dir().join(format!("router-discovery-creds-{}", std::process::id()));
+    /// Removes the scratch directory even when an assertion fails.
+    struct Scratch(std::path::PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let scratch = Scratch(
+        std::env::temp_dir().join(format!("router-discovery-creds-{}", std::process::id())),
+    );
+    let dir = scratch.0.clone();
     std::fs::create_dir_all(dir.join(".kube")).unwrap();
     let good = dir.join("good");
     write_kubeconfig(&good, "http://127.0.0.1:6443").unwrap();
@@ -393,7 +403,6 @@ fn credentials_come_from_the_key_then_kubeconfig_then_home() {
     write_kubeconfig(&dir.join(".kube").join("config"), "http://127.0.0.1:6444").unwrap();
     let c = client_config(&spec(None), &home).unwrap();
     assert_eq!(c.cluster_url.to_string(), "http://127.0.0.1:6444/");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
