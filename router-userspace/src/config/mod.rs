@@ -264,9 +264,29 @@ pub struct KubernetesDiscovery {
     pub kubeconfig: Option<PathBuf>,
     /// Capacity of every discovered backend (1.0 unless written).
     pub capacity: f64,
-    /// Their pinned weight, `capacity × policy.full_weight`, as for a
-    /// static backend.
-    pub weight: u32,
+    /// Their pinned weight: `capacity × policy.full_weight` as for a static
+    /// backend; None with `telemetry` (the policy decides).
+    pub weight: Option<u32>,
+    /// Every discovered backend's telemetry, its URL with `{ip}` replaced
+    /// by the backend's address (see `telemetry_for`).
+    pub telemetry: Option<TelemetryConfig>,
+}
+
+/// What `{ip}` stands for in a discovered service's telemetry URL.
+pub const IP_PLACEHOLDER: &str = "{ip}";
+
+impl KubernetesDiscovery {
+    /// The telemetry of the discovered backend at `ip`.
+    pub fn telemetry_for(&self, ip: Ipv4Addr) -> Option<TelemetryConfig> {
+        let mut t = self.telemetry.clone()?;
+        match &mut t {
+            TelemetryConfig::Prometheus { url, .. } | TelemetryConfig::Agent { url, .. } => {
+                *url = url.replace(IP_PLACEHOLDER, &ip.to_string());
+            }
+            TelemetryConfig::Nvml { .. } => {}
+        }
+        Some(t)
+    }
 }
 
 /// Which port of an EndpointSlice the backends listen on.

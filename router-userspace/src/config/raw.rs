@@ -100,6 +100,7 @@ pub(super) struct RawKubernetes {
     pub(super) port: Option<RawPort>,
     pub(super) kubeconfig: Option<PathBuf>,
     pub(super) capacity: Option<f64>,
+    pub(super) telemetry: Option<RawTelemetry>,
 }
 
 /// An EndpointSlice port by name, or a port number, as written.

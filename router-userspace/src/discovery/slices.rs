@@ -199,9 +199,9 @@ pub fn backends_from_slices<'a>(
         backends.push(BackendConfig {
             name,
             address,
-            weight: Some(spec.weight),
+            weight: spec.weight,
             capacity: spec.capacity,
-            telemetry: None,
+            telemetry: spec.telemetry_for(*address.ip()),
             health: None,
             cost_per_hour: None,
             drain: r == Role::Drained,

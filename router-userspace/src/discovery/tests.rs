@@ -21,7 +21,8 @@ fn spec(port: Option<EndpointPort>) -> KubernetesDiscovery {
         port,
         kubeconfig: None,
         capacity: 1.0,
-        weight: 100,
+        weight: Some(100),
+        telemetry: None,
     }
 }
 
@@ -323,7 +324,7 @@ fn capacity_and_weight_come_from_the_spec() {
     let s = slice("s", &[ready("198.18.0.1", "a")], HTTP);
     let mut sp = spec(None);
     sp.capacity = 2.0;
-    sp.weight = 200;
+    sp.weight = Some(200);
     let b = &backends_from_slices([&s], &sp).unwrap().backends[0];
     assert_eq!((b.capacity, b.weight), (2.0, Some(200)));
     assert_eq!(
@@ -784,4 +785,37 @@ async fn watchers_follow_reloads_and_keep_what_was_discovered() {
     .unwrap();
     w.reconcile(&plain);
     assert!(!w.is_current(&update(2)));
+}
+
+#[test]
+fn discovered_backends_get_telemetry_at_their_address() {
+    let mut sp = spec(None);
+    sp.weight = None;
+    sp.telemetry = Some(crate::config::TelemetryConfig::Prometheus {
+        url: "http://{ip}:8000/metrics".into(),
+        format: crate::config::PromFormat::Vllm,
+        labels: Default::default(),
+    });
+    let s = slice(
+        "s",
+        &[ready("198.18.0.1", "a"), ready("198.18.0.2", "b")],
+        HTTP,
+    );
+    let m = backends_from_slices([&s], &sp).unwrap();
+    let urls: Vec<Option<String>> = m
+        .backends
+        .iter()
+        .map(|b| match &b.telemetry {
+            Some(crate::config::TelemetryConfig::Prometheus { url, .. }) => Some(url.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        urls,
+        vec![
+            Some("http://198.18.0.1:8000/metrics".to_owned()),
+            Some("http://198.18.0.2:8000/metrics".to_owned())
+        ]
+    );
+    assert!(m.backends.iter().all(|b| b.weight.is_none()));
 }

@@ -77,7 +77,8 @@ async fn the_watcher_follows_the_fake_api_server_through_a_410() {
         port: None,
         kubeconfig: Some(kubeconfig),
         capacity: 1.0,
-        weight: 100,
+        weight: Some(100),
+        telemetry: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(8);
     let task = tokio::spawn(run_watcher("llama".into(), 1, spec, tx));

@@ -25,7 +25,8 @@ fn a_discovered_service_parses_with_no_backends() {
             port: None,
             kubeconfig: None,
             capacity: 1.0,
-            weight: DEFAULT_WEIGHT,
+            weight: Some(DEFAULT_WEIGHT),
+            telemetry: None,
         })
     );
     let cfg = parse(&discovered(
@@ -36,7 +37,7 @@ fn a_discovered_service_parses_with_no_backends() {
     let d = cfg.services[0].discovery.clone().unwrap();
     assert_eq!(d.port, Some(EndpointPort::Name("http".into())));
     assert_eq!(d.kubeconfig, Some(PathBuf::from("/etc/router/kubeconfig")));
-    assert_eq!((d.capacity, d.weight), (2.5, 250));
+    assert_eq!((d.capacity, d.weight), (2.5, Some(250)));
     let cfg = parse(&discovered(
         "discovery.kubernetes = { namespace = \"a\", service = \"b\", port = 8000 }",
     ))
@@ -222,4 +223,59 @@ fn the_daemonset_sample_config_parses() {
         ("inference", "llama")
     );
     assert_eq!(d.port, Some(EndpointPort::Name("http".into())));
+    assert!(d.telemetry.is_some());
+    assert_eq!(cfg.services[0].selection, Selection::LeastLoaded);
+}
+
+#[test]
+fn discovered_telemetry_names_each_pod_by_ip() {
+    let cfg = parse(&discovered(
+        "discovery.kubernetes = { namespace = \"a\", service = \"b\", telemetry = { source = \
+         \"prometheus\", url = \"http://{ip}:8000/metrics\", format = \"vllm\" } }",
+    ))
+    .unwrap();
+    let svc = &cfg.services[0];
+    let d = svc.discovery.as_ref().unwrap();
+    assert_eq!(d.weight, None, "policy-driven");
+    assert_eq!(
+        svc.selection,
+        Selection::LeastLoaded,
+        "as for telemetry backends"
+    );
+    match d.telemetry_for(Ipv4Addr::new(198, 18, 0, 7)) {
+        Some(TelemetryConfig::Prometheus { url, format, .. }) => {
+            assert_eq!(url, "http://198.18.0.7:8000/metrics");
+            assert_eq!(format, PromFormat::Vllm);
+        }
+        other => panic!("{other:?}"),
+    }
+    let k = "discovery.kubernetes = { namespace = \"a\", service = \"b\", telemetry";
+    assert_err(
+        &discovered(&format!(
+            "{k} = {{ source = \"prometheus\", url = \"http://198.18.0.7:8000/metrics\" }} }}"
+        )),
+        8,
+        "service[0].discovery.kubernetes.telemetry.url",
+        "names no pod: write {ip}",
+    );
+    assert_err(
+        &discovered(&format!("{k} = {{ source = \"nvml\", device = 0 }} }}")),
+        8,
+        "service[0].discovery.kubernetes.telemetry.source",
+        "discovered pods run elsewhere",
+    );
+    assert_err(
+        &discovered(&format!("{k} = {{ source = \"prometheus\" }} }}")),
+        8,
+        "service[0].discovery.kubernetes.telemetry",
+        "needs `url`",
+    );
+    assert_err(
+        &discovered(&format!(
+            "{k} = {{ source = \"prometheus\", url = \"ftp://{{ip}}/metrics\" }} }}"
+        )),
+        8,
+        "service[0].discovery.kubernetes.telemetry.url",
+        "ftp",
+    );
 }

@@ -228,7 +228,9 @@ pub(in crate::config) fn validate_services(
             ));
         }
         let selection = svc.selection.unwrap_or_else(|| {
-            if !forwarding.is_dsr() && backends.iter().any(|b| b.telemetry.is_some()) {
+            let telemetry = backends.iter().any(|b| b.telemetry.is_some())
+                || discovery.as_ref().is_some_and(|d| d.telemetry.is_some());
+            if !forwarding.is_dsr() && telemetry {
                 Selection::LeastLoaded
             } else {
                 Selection::Maglev
@@ -418,13 +420,18 @@ fn validate_discovery(
             ));
         }
     };
+    let telemetry = k
+        .telemetry
+        .map(|t| validate_discovered_telemetry(loc, &kp.key("telemetry"), t))
+        .transpose()?;
     Ok(KubernetesDiscovery {
         namespace: k.namespace,
         service: k.service,
         port,
         kubeconfig: k.kubeconfig,
         capacity,
-        weight: policy.full(capacity),
+        weight: telemetry.is_none().then(|| policy.full(capacity)),
+        telemetry,
     })
 }
 
@@ -437,4 +444,42 @@ fn is_dns_label(s: &str) -> bool {
         && b.iter().all(|&c| alnum(c) || c == b'-')
         && b.first().copied().is_some_and(alnum)
         && b.last().copied().is_some_and(alnum)
+}
+
+/// A discovered service's telemetry: a remote source (the pods are not on
+/// this host) whose URL names each pod by `{ip}`. The URL is checked with
+/// an address in place of `{ip}`, and kept with `{ip}` in it.
+fn validate_discovered_telemetry(
+    loc: &Locator<'_>,
+    tp: &KeyPath,
+    mut raw: RawTelemetry,
+) -> Result<TelemetryConfig, ConfigError> {
+    if raw.source == "nvml" {
+        return Err(loc.err(
+            &tp.key("source"),
+            "NVML reads GPUs on this host; discovered pods run elsewhere: use \"prometheus\" or \"agent\" with {ip} in the url",
+        ));
+    }
+    let template = raw.url.clone();
+    if let Some(u) = &template {
+        if !u.contains(IP_PLACEHOLDER) {
+            return Err(loc.err(
+                &tp.key("url"),
+                format!(
+                    "{u:?} names no pod: write {IP_PLACEHOLDER} where each backend's address goes, \
+                     like \"http://{IP_PLACEHOLDER}:8000/metrics\""
+                ),
+            ));
+        }
+        raw.url = Some(u.replace(IP_PLACEHOLDER, "192.0.2.1"));
+    }
+    let mut t = validate_telemetry(loc, tp, raw)?;
+    if let (
+        Some(template),
+        TelemetryConfig::Prometheus { url, .. } | TelemetryConfig::Agent { url, .. },
+    ) = (template, &mut t)
+    {
+        *url = template;
+    }
+    Ok(t)
 }
