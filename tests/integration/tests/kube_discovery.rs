@@ -1,8 +1,9 @@
 //! Kubernetes discovery against the test kit's fake API server: the
 //! watcher task in process, and a real `router daemon` in the one-arm
 //! topology picking its backends up, draining a terminating one, removing
-//! a deleted one, re-listing after a 410 Gone and keeping them across a
-//! SIGHUP reload; a daemon without credentials refuses to start.
+//! a deleted one, refusing a list the datapath has no room for, keeping
+//! them across a SIGHUP reload and re-listing after a 410 Gone; a daemon
+//! without credentials refuses to start.
 
 use std::{
     collections::BTreeMap,
@@ -313,6 +314,20 @@ fn a_daemon_discovers_drains_and_removes_backends_and_survives_a_410() {
     wait_for(&socket, "pod-1 removed", |b| {
         b.len() == 1 && b.contains_key("pod-0")
     });
+
+    // More pods than the table has room for (65537 slots, 100 per
+    // backend): refused whole, the service keeps what it has.
+    let crowd: Vec<FakeEndpoint> = (0..700u32)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::new(198, 19, (i / 200) as u8, (i % 200) as u8 + 1);
+            FakeEndpoint::ready(ip, &format!("crowd-{i}"))
+        })
+        .collect();
+    kube.apply(slice("llama-crowd", &crowd));
+    std::thread::sleep(Duration::from_millis(1500));
+    let got = backends(&daemon.status().unwrap());
+    assert_eq!(got.keys().collect::<Vec<_>>(), ["pod-0"], "{got:?}");
+    kube.delete("llama-crowd");
 
     // A SIGHUP reload of the file keeps what was discovered.
     // SAFETY: kill(2) on the daemon's pid, which this test started.
