@@ -19,6 +19,7 @@ pub mod control_loop;
 pub mod daemon;
 pub mod datapath;
 pub mod decap;
+pub mod discovery;
 pub mod fib_watch;
 pub mod health;
 pub mod host;

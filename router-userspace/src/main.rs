@@ -590,6 +590,19 @@ fn run(cli: Cli) -> Result<()> {
                 let host = daemon::host_plan(&cfg, &cfg.daemon.pin_path)
                     .context("checking what the datapath needs from this host")?;
                 let backends = cfg.services.iter().map(|s| s.backends.len()).sum::<usize>();
+                let discovered: Vec<String> = cfg
+                    .services
+                    .iter()
+                    .filter_map(|s| {
+                        s.discovery.as_ref().map(|d| {
+                            format!(
+                                "service {}: backends from the EndpointSlices of Kubernetes \
+                                 Service {}/{}",
+                                s.name, d.namespace, d.service
+                            )
+                        })
+                    })
+                    .collect();
                 if json {
                     println!(
                         "{}",
@@ -598,6 +611,7 @@ fn run(cli: Cli) -> Result<()> {
                             "ok": true,
                             "services": cfg.services.iter().map(|s| &s.name).collect::<Vec<_>>(),
                             "backends": backends,
+                            "discovered": discovered,
                             "host": host,
                         })
                     );
@@ -608,7 +622,7 @@ fn run(cli: Cli) -> Result<()> {
                         cfg.services.len(),
                         backends
                     );
-                    for line in &host {
+                    for line in discovered.iter().chain(&host) {
                         println!("  {line}");
                     }
                 }

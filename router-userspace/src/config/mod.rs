@@ -235,6 +235,67 @@ pub struct ServiceConfig {
     pub segments: Vec<SegmentConfig>,
     /// NAT (with `snat`), or DSR with its encapsulation (no `snat`).
     pub forwarding: Forwarding,
+    /// Backends come from Kubernetes instead of the file: `backends` is
+    /// empty until the first list of the EndpointSlices completes.
+    pub discovery: Option<KubernetesDiscovery>,
+}
+
+/// Why a service cannot take a new backend list (see `Config::with_backends`).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendsError {
+    #[error("no service {0}")]
+    NoService(usize),
+    #[error("{0} backends: at most {MAX_BACKENDS} are supported across all services")]
+    TooMany(usize),
+    #[error(transparent)]
+    TableSize(#[from] crate::maglev::TableSizeError),
+}
+
+/// `discovery.kubernetes` of a service: where its backends are listed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KubernetesDiscovery {
+    pub namespace: String,
+    /// The Kubernetes Service whose EndpointSlices
+    /// (`kubernetes.io/service-name=<service>`) list the backends.
+    pub service: String,
+    /// None: each slice's only port.
+    pub port: Option<EndpointPort>,
+    /// None: `$KUBECONFIG`, `~/.kube/config`, then the pod's service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// Capacity of every discovered backend (1.0 unless written).
+    pub capacity: f64,
+    /// Their pinned weight: `capacity × policy.full_weight` as for a static
+    /// backend; None with `telemetry` (the policy decides).
+    pub weight: Option<u32>,
+    /// Every discovered backend's telemetry, its URL with `{ip}` replaced
+    /// by the backend's address (see `telemetry_for`).
+    pub telemetry: Option<TelemetryConfig>,
+}
+
+/// What `{ip}` stands for in a discovered service's telemetry URL.
+pub const IP_PLACEHOLDER: &str = "{ip}";
+
+impl KubernetesDiscovery {
+    /// The telemetry of the discovered backend at `ip`.
+    pub fn telemetry_for(&self, ip: Ipv4Addr) -> Option<TelemetryConfig> {
+        let mut t = self.telemetry.clone()?;
+        match &mut t {
+            TelemetryConfig::Prometheus { url, .. } | TelemetryConfig::Agent { url, .. } => {
+                *url = url.replace(IP_PLACEHOLDER, &ip.to_string());
+            }
+            TelemetryConfig::Nvml { .. } => {}
+        }
+        Some(t)
+    }
+}
+
+/// Which port of an EndpointSlice the backends listen on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointPort {
+    /// The slice port of this name.
+    Name(String),
+    /// This port, whatever the slice names.
+    Number(u16),
 }
 
 /// A pool of a service: every backend is in exactly one pool.
@@ -448,6 +509,33 @@ impl Config {
             key: key.to_owned(),
             message: message.into(),
         }
+    }
+
+    /// This config with service `index`'s backends replaced by `backends`
+    /// (a discovered list), or why the datapath could not take them: the
+    /// checks `parse` makes of backend counts, made again.
+    pub fn with_backends(
+        &self,
+        index: usize,
+        backends: Vec<BackendConfig>,
+    ) -> Result<Config, BackendsError> {
+        let mut cfg = self.clone();
+        let svc = cfg
+            .services
+            .get_mut(index)
+            .ok_or(BackendsError::NoService(index))?;
+        svc.backends = backends;
+        let total: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+        if total > MAX_BACKENDS as usize {
+            return Err(BackendsError::TooMany(total));
+        }
+        let largest = cfg
+            .services
+            .iter()
+            .max_by_key(|s| s.backends.len())
+            .map(|s| (s.name.as_str(), s.backends.len()));
+        crate::maglev::check_table_size(cfg.daemon.table_size, largest)?;
+        Ok(cfg)
     }
 
     /// Where this config came from (a path or the name given to `parse`).

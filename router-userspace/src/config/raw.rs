@@ -81,6 +81,58 @@ pub(super) struct RawService {
     pub(super) pool: Vec<RawPool>,
     #[serde(default)]
     pub(super) segment: Vec<RawSegment>,
+    pub(super) discovery: Option<RawDiscovery>,
+}
+
+/// `discovery = { kubernetes = { … } }`: a table of sources, so another
+/// kind can join without changing what is written today.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDiscovery {
+    pub(super) kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKubernetes {
+    pub(super) namespace: String,
+    pub(super) service: String,
+    pub(super) port: Option<RawPort>,
+    pub(super) kubeconfig: Option<PathBuf>,
+    pub(super) capacity: Option<f64>,
+    pub(super) telemetry: Option<RawTelemetry>,
+}
+
+/// An EndpointSlice port by name, or a port number, as written.
+pub(super) enum RawPort {
+    Name(String),
+    Number(i64),
+}
+
+impl<'de> Deserialize<'de> for RawPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawPort;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port name (string) or number (integer)")
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawPort, E> {
+                Ok(RawPort::Number(v))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawPort, E> {
+                Ok(RawPort::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawPort, E> {
+                Ok(RawPort::Name(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]

@@ -66,6 +66,7 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
 /// kernel's own ephemeral ports. Every error names file, line and key.
 pub fn load_for_host(path: &Path) -> Result<Config> {
     let cfg = Config::load(path)?;
+    crate::discovery::check_credentials(&cfg, &crate::discovery::CredentialEnv::from_process())?;
     let addrs = facts::interface_addresses().context("listing interface addresses")?;
     cfg.check_host(&|name| addrs.get(name).cloned())?;
     let (lo, hi) = facts::ephemeral_port_range().context("reading ip_local_port_range")?;
@@ -461,6 +462,7 @@ async fn serve(
     let metrics_listen = cfg.daemon.metrics_listen;
     let (publisher, snapshots) = metrics::Publisher::new();
     let servers = metrics::ServerCounters::default();
+    let (discovered_tx, mut discovered) = tokio::sync::mpsc::channel(16);
     let state = Arc::new(Mutex::new(DaemonState {
         dp,
         ctl: Some(ctl),
@@ -474,6 +476,7 @@ async fn serve(
         metrics: publisher,
         neighbours: neighbour_helper,
         bgp: speaker,
+        discovery: crate::discovery::Watchers::new(discovered_tx),
     }));
     // Before the control socket answers: whoever sees it answer may stop
     // the daemon, and a SIGTERM without a handler kills it unclean.
@@ -499,7 +502,14 @@ async fn serve(
     };
     state.lock().await.publish_metrics(true);
     // The datapath is attached and the services applied: announce now.
+    // A discovered service has no backend until its first list, so it is
+    // announced only once one serves.
     state.lock().await.sync_bgp();
+    {
+        let mut st = state.lock().await;
+        let cfg = st.config.clone();
+        st.discovery.reconcile(&cfg);
+    }
 
     let mut log_tick = tokio::time::interval(Duration::from_millis(200));
     let mut poll_tick = tokio::time::interval(poll_interval);
@@ -527,6 +537,7 @@ async fn serve(
                     st.keep_next_hops_resolved();
                 }
             }
+            Some(update) = discovered.recv() => { state.lock().await.apply_discovered(update); }
             _ = poll_tick.tick() => { poll_round(&state).await; }
             _ = log_tick.tick() => {
                 if let Some(l) = logger.as_mut() { l.flush(); }

@@ -44,6 +44,8 @@ pub struct DaemonState {
     pub(super) neighbours: Option<super::neighbour_helper::Helper>,
     /// The BGP speaker announcing the VIPs; `None` without `[bgp]`.
     pub(super) bgp: Option<crate::bgp::Speaker>,
+    /// The EndpointSlice watchers of discovered services.
+    pub(super) discovery: crate::discovery::Watchers,
 }
 
 /// How often new-connection counters are sampled for rates and cost.
@@ -419,6 +421,86 @@ impl DaemonState {
         reply
     }
 
+    /// Makes `cfg` the running config: the controller carries its state
+    /// over, the datapath takes the new specs, then overrides and pool
+    /// shares are saved, next hops resolved and the VIPs announced. A
+    /// config the datapath refuses changes nothing: the controller goes
+    /// back to the old config, with its overrides as they were.
+    pub(super) fn apply_config(&mut self, cfg: Config) -> Result<Applied> {
+        let overrides_before = self.ctl.as_ref().map(|c| c.overrides().clone());
+        let mut ctl = Controller::new(&cfg, self.ctl.take());
+        let (specs, _) = ctl.decide(
+            self.started.elapsed(),
+            &cfg,
+            &measurer(&self.dp, &self.scan),
+        );
+        let report = match self.dp.apply(&specs) {
+            Ok(r) => r,
+            Err(e) => {
+                let mut back = Controller::new(&self.config, Some(ctl));
+                if let Some(o) = overrides_before {
+                    back.restore_overrides_exactly(o);
+                }
+                self.ctl = Some(back);
+                return Err(e.into());
+            }
+        };
+        self.ctl = Some(ctl);
+        self.config = cfg;
+        // Overrides of backends the new config dropped are gone now.
+        self.persist_overrides();
+        self.persist_pool_shares();
+        self.keep_next_hops_resolved();
+        // New VIPs are announced, removed ones withdrawn, now.
+        self.sync_bgp();
+        Ok(Applied {
+            added: report.added.len(),
+            removed: report.removed.len(),
+            swapped: report.swapped.len(),
+        })
+    }
+
+    /// Applies a discovered service's new backends to a copy of the
+    /// running config, through `apply_config`; refused, the service keeps
+    /// the backends it has.
+    pub(super) fn apply_discovered(&mut self, update: crate::discovery::Update) {
+        if !self.discovery.is_current(&update) {
+            return;
+        }
+        let service = update.service.as_str();
+        let Some(index) = self.config.services.iter().position(|s| s.name == service) else {
+            return;
+        };
+        if self.config.services[index].backends == update.backends {
+            self.discovery.record(service, update.backends);
+            return;
+        }
+        let applied = self
+            .config
+            .with_backends(index, update.backends.clone())
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| self.apply_config(cfg));
+        match applied {
+            Ok(report) => {
+                let drained = update.backends.iter().filter(|b| b.drain).count();
+                info!(
+                    service,
+                    "discovered backends applied: {} ({drained} drained); {} added, {} removed, {} tables swapped",
+                    update.backends.len(),
+                    report.added,
+                    report.removed,
+                    report.swapped
+                );
+                self.discovery.record(service, update.backends);
+                self.publish_metrics(true);
+            }
+            Err(e) => warn!(
+                service,
+                "discovered backends not applied: {e:#}; the service keeps the ones it has"
+            ),
+        }
+    }
+
     pub(super) fn try_reload(&mut self) -> Result<String> {
         let cfg = load_for_host(&self.config_path)?;
         if load_options(&cfg) != *self.dp.options() {
@@ -450,30 +532,27 @@ impl DaemonState {
                 cfg.origin()
             );
         }
-        let mut ctl = Controller::new(&cfg, self.ctl.take());
-        let (specs, _) = ctl.decide(
-            self.started.elapsed(),
-            &cfg,
-            &measurer(&self.dp, &self.scan),
-        );
-        let applied = self.dp.apply(&specs);
-        self.ctl = Some(ctl);
-        let report = applied?;
-        self.config = cfg;
-        // Overrides of backends the new config dropped are gone now.
-        self.persist_overrides();
-        self.persist_pool_shares();
-        self.keep_next_hops_resolved();
-        // New VIPs are announced, removed ones withdrawn, now.
-        self.sync_bgp();
+        let mut cfg = cfg;
+        // The file lists no backends for a discovered service: it keeps
+        // the ones discovered.
+        self.discovery.keep_discovered(&mut cfg);
+        let report = self.apply_config(cfg)?;
+        self.discovery.reconcile(&self.config);
         Ok(format!(
             "applied {}: {} added, {} removed, {} tables swapped",
             self.config_path.display(),
-            report.added.len(),
-            report.removed.len(),
-            report.swapped.len()
+            report.added,
+            report.removed,
+            report.swapped
         ))
     }
+}
+
+/// What applying a config changed in the datapath, in counts.
+pub(super) struct Applied {
+    added: usize,
+    removed: usize,
+    swapped: usize,
 }
 
 enum RoundResult {

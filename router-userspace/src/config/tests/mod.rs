@@ -4,6 +4,7 @@ use super::*;
 
 mod backend;
 mod bgp;
+mod discovery;
 mod dsr;
 mod examples;
 mod host;

@@ -92,7 +92,27 @@ pub(in crate::config) fn validate_services(
         }
 
         let bp = sp.key("backend");
-        if svc.backend.is_empty() {
+        let discovery = svc
+            .discovery
+            .map(|d| validate_discovery(loc, &sp.key("discovery"), d, policy))
+            .transpose()?;
+        if discovery.is_some() {
+            if !svc.backend.is_empty() {
+                return Err(loc.err(
+                    &sp.key("discovery"),
+                    "a discovered service takes its backends from Kubernetes; remove its \
+                     [[service.backend]] tables",
+                ));
+            }
+            // Pools name backends, which a discovered service does not know
+            // until it runs.
+            if !svc.pool.is_empty() {
+                return Err(loc.err(
+                    &sp.key("pool"),
+                    "a discovered service cannot have pools: its backends are not known in advance",
+                ));
+            }
+        } else if svc.backend.is_empty() {
             return Err(loc.err(
                 &bp,
                 format!("service {:?} needs at least one backend", svc.name),
@@ -208,7 +228,9 @@ pub(in crate::config) fn validate_services(
             ));
         }
         let selection = svc.selection.unwrap_or_else(|| {
-            if !forwarding.is_dsr() && backends.iter().any(|b| b.telemetry.is_some()) {
+            let telemetry = backends.iter().any(|b| b.telemetry.is_some())
+                || discovery.as_ref().is_some_and(|d| d.telemetry.is_some());
+            if !forwarding.is_dsr() && telemetry {
                 Selection::LeastLoaded
             } else {
                 Selection::Maglev
@@ -248,6 +270,7 @@ pub(in crate::config) fn validate_services(
             pools,
             segments,
             forwarding,
+            discovery,
         });
     }
     for (i, svc) in services.iter().enumerate() {
@@ -333,4 +356,130 @@ fn validate_forwarding(
         (_, Some(_)) => Err(loc.err(&sp.key("gue_port"), "gue_port applies to encap = \"gue\"")),
         (None, None) => Ok(Forwarding::Nat),
     }
+}
+
+/// `discovery` of service `dp`'s parent: names as Kubernetes allows them,
+/// a port name or number, and the discovered backends' capacity. Whether
+/// credentials exist is the daemon's check (`discovery::check_credentials`):
+/// it depends on the host, not on the text.
+fn validate_discovery(
+    loc: &Locator<'_>,
+    dp: &KeyPath,
+    raw: RawDiscovery,
+    policy: &PolicyConfig,
+) -> Result<KubernetesDiscovery, ConfigError> {
+    let Some(k) = raw.kubernetes else {
+        return Err(loc.err(
+            dp,
+            "needs kubernetes = { namespace = \"...\", service = \"...\" }",
+        ));
+    };
+    let kp = dp.key("kubernetes");
+    for (key, value) in [("namespace", &k.namespace), ("service", &k.service)] {
+        if !is_dns_label(value) {
+            return Err(loc.err(
+                &kp.key(key),
+                format!(
+                    "{value:?} is not a Kubernetes name (1 to 63 lowercase letters, digits and \
+                     '-', starting and ending with a letter or digit)"
+                ),
+            ));
+        }
+    }
+    let port = match k.port {
+        None => None,
+        Some(RawPort::Number(n)) => match u16::try_from(n) {
+            Ok(p) if p > 0 => Some(EndpointPort::Number(p)),
+            _ => return Err(loc.err(&kp.key("port"), format!("{n} is not a port (1 to 65535)"))),
+        },
+        Some(RawPort::Name(n)) if n.is_empty() => {
+            return Err(loc.err(
+                &kp.key("port"),
+                "an empty port name; leave port out for the slice's only port",
+            ));
+        }
+        Some(RawPort::Name(n)) => Some(EndpointPort::Name(n)),
+    };
+    if k.kubeconfig
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        return Err(loc.err(
+            &kp.key("kubeconfig"),
+            "an empty path; leave kubeconfig out for $KUBECONFIG, ~/.kube/config or the pod's \
+             service account",
+        ));
+    }
+    let capacity = match k.capacity {
+        None => 1.0,
+        Some(c) if c.is_finite() && c > 0.0 => c,
+        Some(c) => {
+            return Err(loc.err(
+                &kp.key("capacity"),
+                format!("{c} must be a finite number above 0"),
+            ));
+        }
+    };
+    let telemetry = k
+        .telemetry
+        .map(|t| validate_discovered_telemetry(loc, &kp.key("telemetry"), t))
+        .transpose()?;
+    Ok(KubernetesDiscovery {
+        namespace: k.namespace,
+        service: k.service,
+        port,
+        kubeconfig: k.kubeconfig,
+        capacity,
+        weight: telemetry.is_none().then(|| policy.full(capacity)),
+        telemetry,
+    })
+}
+
+/// An RFC 1123 label, what namespaces and Services are named by.
+fn is_dns_label(s: &str) -> bool {
+    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|&c| alnum(c) || c == b'-')
+        && b.first().copied().is_some_and(alnum)
+        && b.last().copied().is_some_and(alnum)
+}
+
+/// A discovered service's telemetry: a remote source (the pods are not on
+/// this host) whose URL names each pod by `{ip}`. The URL is checked with
+/// an address in place of `{ip}`, and kept with `{ip}` in it.
+fn validate_discovered_telemetry(
+    loc: &Locator<'_>,
+    tp: &KeyPath,
+    mut raw: RawTelemetry,
+) -> Result<TelemetryConfig, ConfigError> {
+    if raw.source == "nvml" {
+        return Err(loc.err(
+            &tp.key("source"),
+            "NVML reads GPUs on this host; discovered pods run elsewhere: use \"prometheus\" or \"agent\" with {ip} in the url",
+        ));
+    }
+    let template = raw.url.clone();
+    if let Some(u) = &template {
+        if !u.contains(IP_PLACEHOLDER) {
+            return Err(loc.err(
+                &tp.key("url"),
+                format!(
+                    "{u:?} names no pod: write {IP_PLACEHOLDER} where each backend's address goes, \
+                     like \"http://{IP_PLACEHOLDER}:8000/metrics\""
+                ),
+            ));
+        }
+        raw.url = Some(u.replace(IP_PLACEHOLDER, "192.0.2.1"));
+    }
+    let mut t = validate_telemetry(loc, tp, raw)?;
+    if let (
+        Some(template),
+        TelemetryConfig::Prometheus { url, .. } | TelemetryConfig::Agent { url, .. },
+    ) = (template, &mut t)
+    {
+        *url = template;
+    }
+    Ok(t)
 }
