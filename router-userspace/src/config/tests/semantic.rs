@@ -46,6 +46,32 @@ fn bad_vip() {
     );
 }
 
+/// An IPv6 VIP (with IPv4 backends, or any) is refused at the VIP, and
+/// an IPv6 backend or SNAT address at its own key: the datapath is IPv4.
+#[test]
+fn ipv6_addresses_are_refused_where_they_are_written() {
+    assert_eq!(
+        parse(&replace_line(6, r#"vip = "[2001:db8::1]:8000""#))
+            .unwrap_err()
+            .to_string(),
+        "t.toml:6: service[0].vip: \"[2001:db8::1]:8000\" is an IPv6 address: services, \
+         backends and SNAT addresses are IPv4 only (the datapath balances IPv4; IPv6 services \
+         are not built yet)"
+    );
+    assert_err(
+        &replace_line(11, r#"address = "[2001:db8::11]:8000""#),
+        11,
+        "service[0].backend[0].address",
+        "is an IPv6 address",
+    );
+    assert_err(
+        &replace_line(7, r#"snat = "2001:db8::1""#),
+        7,
+        "service[0].snat",
+        "is an IPv6 address",
+    );
+}
+
 #[test]
 fn bad_snat() {
     assert_err(

@@ -29,6 +29,11 @@ pub enum ValueError {
     NotSocketAddr(String),
     #[error("{0:?}: port 0 is not allowed")]
     PortZero(String),
+    #[error(
+        "{0:?} is an IPv6 address: services, backends and SNAT addresses are IPv4 only \
+         (the datapath balances IPv4; IPv6 services are not built yet)"
+    )]
+    Ipv6(String),
     #[error("{0:?} is not an IPv4 address")]
     NotIpv4(String),
     #[error("{input:?}: {addr} is not a unicast address")]
@@ -90,9 +95,13 @@ pub(in crate::config) fn parse_duration(s: &str) -> Result<Duration, ValueError>
 }
 
 pub(in crate::config) fn parse_socket_addr(s: &str) -> Result<SocketAddrV4, ValueError> {
-    let addr: SocketAddrV4 = s
-        .parse()
-        .map_err(|_| ValueError::NotSocketAddr(s.to_owned()))?;
+    let addr: SocketAddrV4 = s.parse().map_err(|_| {
+        if s.parse::<std::net::SocketAddrV6>().is_ok() {
+            ValueError::Ipv6(s.to_owned())
+        } else {
+            ValueError::NotSocketAddr(s.to_owned())
+        }
+    })?;
     if addr.port() == 0 {
         return Err(ValueError::PortZero(s.to_owned()));
     }
@@ -101,7 +110,13 @@ pub(in crate::config) fn parse_socket_addr(s: &str) -> Result<SocketAddrV4, Valu
 }
 
 pub(in crate::config) fn parse_ipv4(s: &str) -> Result<Ipv4Addr, ValueError> {
-    let addr: Ipv4Addr = s.parse().map_err(|_| ValueError::NotIpv4(s.to_owned()))?;
+    let addr: Ipv4Addr = s.parse().map_err(|_| {
+        if s.parse::<std::net::Ipv6Addr>().is_ok() {
+            ValueError::Ipv6(s.to_owned())
+        } else {
+            ValueError::NotIpv4(s.to_owned())
+        }
+    })?;
     check_unicast(s, addr)?;
     Ok(addr)
 }
