@@ -276,6 +276,23 @@ pub struct KubernetesDiscovery {
 pub const IP_PLACEHOLDER: &str = "{ip}";
 
 impl KubernetesDiscovery {
+    /// The backend discovery makes of a pod `name` at `address`: this
+    /// service's capacity, weight and telemetry, drained while the pod
+    /// terminates.
+    pub fn backend(&self, name: String, address: SocketAddrV4, drain: bool) -> BackendConfig {
+        BackendConfig {
+            name,
+            address,
+            weight: self.weight,
+            capacity: self.capacity,
+            telemetry: self.telemetry_for(*address.ip()),
+            health: None,
+            cost_per_hour: None,
+            drain,
+            max_in_flight: None,
+        }
+    }
+
     /// The telemetry of the discovered backend at `ip`.
     pub fn telemetry_for(&self, ip: Ipv4Addr) -> Option<TelemetryConfig> {
         let mut t = self.telemetry.clone()?;

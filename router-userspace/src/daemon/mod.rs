@@ -6,6 +6,7 @@
 //! pinned datapath keeps forwarding on the last weights until a new daemon
 //! adopts it or `router daemon --cleanup` removes it.
 
+mod discovered_file;
 mod neighbour_helper;
 mod overrides_file;
 mod pools;
@@ -285,6 +286,21 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
             pins.root().display()
         );
     }
+    // A restart serves discovered services on what the adopted datapath
+    // served (and keeps their overrides) until their watchers list afresh.
+    let saved_lists = discovered_file::path_for(&cfg.daemon.control_socket);
+    let cfg = if adopted {
+        let (cfg, seeded) = discovered_file::seed(cfg, &discovered_file::load(&saved_lists)?);
+        if !seeded.is_empty() {
+            info!(
+                "discovered services {seeded:?} start on the backends saved in {} until their                  first list",
+                saved_lists.display()
+            );
+        }
+        cfg
+    } else {
+        cfg
+    };
     let mut ctl = Controller::new(&cfg, None);
     let saved = overrides_file::path_for(&cfg.daemon.control_socket);
     let dropped = ctl.restore_overrides(overrides_file::load(&saved)?);
@@ -509,6 +525,13 @@ async fn serve(
         let mut st = state.lock().await;
         let cfg = st.config.clone();
         st.discovery.reconcile(&cfg);
+        // Lists seeded from the saved file count as applied: a reload
+        // before the first list keeps them.
+        for svc in cfg.services.iter().filter(|s| s.discovery.is_some()) {
+            if !svc.backends.is_empty() {
+                st.discovery.record(&svc.name, svc.backends.clone());
+            }
+        }
     }
 
     let mut log_tick = tokio::time::interval(Duration::from_millis(200));
@@ -640,6 +663,7 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
     for saved in [
         overrides_file::path_for(socket),
         overrides_file::pools_path_for(socket),
+        discovered_file::path_for(socket),
     ] {
         if let Err(e) = std::fs::remove_file(&saved)
             && e.kind() != std::io::ErrorKind::NotFound

@@ -351,6 +351,18 @@ impl DaemonState {
 
     /// Saves the operator overrides beside the control socket, so a
     /// restarted daemon keeps them (see `overrides_file`).
+    /// Saves the discovered lists for a restarted daemon (see
+    /// `discovered_file`).
+    pub(super) fn persist_discovered(&self) {
+        let path = super::discovered_file::path_for(&self.config.daemon.control_socket);
+        let lists = super::discovered_file::lists_of(&self.config, self.discovery.applied());
+        if let Err(e) = super::discovered_file::save(&path, &lists) {
+            warn!(
+                "saving discovered backends: {e:#}; a restarted daemon would wait for its first                  lists"
+            );
+        }
+    }
+
     pub(super) fn persist_overrides(&self) {
         let Some(ctl) = self.ctl.as_ref() else { return };
         let path = overrides_file::path_for(&self.config.daemon.control_socket);
@@ -492,6 +504,7 @@ impl DaemonState {
                     report.swapped
                 );
                 self.discovery.record(service, update.backends);
+                self.persist_discovered();
                 self.publish_metrics(true);
             }
             Err(e) => warn!(
@@ -538,6 +551,7 @@ impl DaemonState {
         self.discovery.keep_discovered(&mut cfg);
         let report = self.apply_config(cfg)?;
         self.discovery.reconcile(&self.config);
+        self.persist_discovered();
         Ok(format!(
             "applied {}: {} added, {} removed, {} tables swapped",
             self.config_path.display(),

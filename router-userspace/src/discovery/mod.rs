@@ -374,6 +374,11 @@ impl Watchers {
     pub fn record(&mut self, service: &str, backends: Vec<BackendConfig>) {
         self.applied.insert(service.to_owned(), backends);
     }
+
+    /// The backends applied last, by service.
+    pub fn applied(&self) -> &BTreeMap<String, Vec<BackendConfig>> {
+        &self.applied
+    }
 }
 
 impl Drop for Watchers {

@@ -196,17 +196,7 @@ pub fn backends_from_slices<'a>(
         } else {
             name
         };
-        backends.push(BackendConfig {
-            name,
-            address,
-            weight: spec.weight,
-            capacity: spec.capacity,
-            telemetry: spec.telemetry_for(*address.ip()),
-            health: None,
-            cost_per_hour: None,
-            drain: r == Role::Drained,
-            max_in_flight: None,
-        });
+        backends.push(spec.backend(name, address, r == Role::Drained));
     }
     Ok(Mapped {
         backends,

@@ -2,8 +2,9 @@
 //! watcher task in process, and a real `router daemon` in the one-arm
 //! topology picking its backends up, draining a terminating one, removing
 //! a deleted one, refusing a list the datapath has no room for, keeping
-//! them across a SIGHUP reload and re-listing after a 410 Gone; a daemon
-//! without credentials refuses to start.
+//! them across a SIGHUP reload and re-listing after a 410 Gone; a restart
+//! that adopts the pinned datapath keeps the discovered backends while the
+//! API server is away; a daemon without credentials refuses to start.
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +19,10 @@ use router::{
     discovery::{Update, run_watcher},
 };
 use router_testkit::{
-    daemon_proc::{ScratchDir, cli, one_arm_config, router_binary, start_daemon},
+    bpffs::BpfFs,
+    daemon_proc::{
+        ScratchDir, cli, one_arm_config, router_binary, start_daemon, start_daemon_pinned,
+    },
     fake_kube::{FakeEndpoint, FakeKube, endpoint_slice},
     netns::{self, Topology},
 };
@@ -365,4 +369,66 @@ fn a_daemon_discovers_drains_and_removes_backends_and_survives_a_410() {
     kube.delete("llama-1");
     wait_for(&socket, "every slice deleted", BTreeMap::is_empty);
     daemon.stop(Duration::from_secs(10)).unwrap();
+}
+
+/// A restarted daemon that adopts its pinned datapath serves a discovered
+/// service on the list it saved, drain included, while the API server is
+/// away (an operator's pin on one of them kept); one that loads a new
+/// datapath starts from the first list.
+#[test]
+fn a_restart_keeps_the_discovered_backends_while_the_api_server_is_away() {
+    let topo = Topology::one_arm(2).unwrap();
+    let pins = BpfFs::mount().unwrap();
+    let dir = ScratchDir::new("kube-restart").unwrap();
+    let socket = dir.0.join("router.sock");
+    let kube = FakeKube::start_in_netns(topo.lb_ns(), NS).unwrap();
+    let kubeconfig = dir.0.join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig).unwrap();
+    let text = discovered_config(
+        &topo,
+        &socket,
+        &format!(
+            "discovery = {{ kubernetes = {{ namespace = \"{NS}\", service = \"llama\", \
+             kubeconfig = \"{}\" }} }}",
+            kubeconfig.display()
+        ),
+    );
+    let path = dir.0.join("router.toml");
+    std::fs::write(&path, &text).unwrap();
+    let start = || start_daemon_pinned(topo.lb_ns(), &path, &socket, &pins.pin_path()).unwrap();
+
+    let daemon = start();
+    let (b0, b1) = (topo.backend_addr(0), topo.backend_addr(1));
+    kube.apply(slice(
+        "llama-1",
+        &[
+            FakeEndpoint::ready(b0, "pod-0"),
+            FakeEndpoint::terminating(b1, "pod-1"),
+        ],
+    ));
+    wait_for(&socket, "pod-0 serving, pod-1 draining", |b| {
+        b.get("pod-0").is_some_and(|(_, w)| *w > 0) && b.get("pod-1").is_some_and(|(_, w)| *w == 0)
+    });
+    // An operator's pin on a discovered backend is kept across the restart too.
+    cli(&socket, &["weight", "set", "llama", "pod-0", "7"]).unwrap();
+    let before = wait_for(&socket, "pod-0 pinned at 7", |b| {
+        b.get("pod-0").is_some_and(|(_, w)| *w == 7)
+    });
+    assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
+    drop(kube);
+
+    let daemon = start();
+    let after = backends(&router_testkit::daemon_proc::status(&socket).unwrap());
+    assert_eq!(after, before, "the restarted daemon serves what it saved");
+    assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
+
+    // Without the pinned datapath the saved list is not used.
+    std::fs::remove_dir_all(pins.pin_path()).unwrap();
+    let daemon = start();
+    let fresh = backends(&router_testkit::daemon_proc::status(&socket).unwrap());
+    assert!(
+        fresh.is_empty(),
+        "a new datapath waits for a list: {fresh:?}"
+    );
+    assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
 }
