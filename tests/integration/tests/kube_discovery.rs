@@ -245,25 +245,55 @@ fn wait_for(
     }
 }
 
+/// The one-arm topology with two backends, a fake API server in the LB's
+/// namespace and a config whose service `llama` is discovered from it.
+struct Watched {
+    // Dropped in order: the scratch files, then the server, then the namespaces.
+    dir: ScratchDir,
+    socket: std::path::PathBuf,
+    path: std::path::PathBuf,
+    kube: FakeKube,
+    topo: Topology,
+}
+
+impl Watched {
+    fn new(tag: &str) -> Watched {
+        let topo = Topology::one_arm(2).unwrap();
+        let dir = ScratchDir::new(tag).unwrap();
+        let socket = dir.0.join("router.sock");
+        let kube = FakeKube::start_in_netns(topo.lb_ns(), NS).unwrap();
+        let kubeconfig = dir.0.join("kubeconfig");
+        kube.write_kubeconfig(&kubeconfig).unwrap();
+        let text = discovered_config(
+            &topo,
+            &socket,
+            &format!(
+                "discovery = {{ kubernetes = {{ namespace = \"{NS}\", service = \"llama\", \
+                 kubeconfig = \"{}\" }} }}",
+                kubeconfig.display()
+            ),
+        );
+        let path = dir.0.join("router.toml");
+        std::fs::write(&path, &text).unwrap();
+        Watched {
+            dir,
+            socket,
+            path,
+            kube,
+            topo,
+        }
+    }
+}
+
 #[test]
 fn a_daemon_discovers_drains_and_removes_backends_and_survives_a_410() {
-    let topo = Topology::one_arm(2).unwrap();
-    let dir = ScratchDir::new("kube-daemon").unwrap();
-    let socket = dir.0.join("router.sock");
-    let kube = FakeKube::start_in_netns(topo.lb_ns(), NS).unwrap();
-    let kubeconfig = dir.0.join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig).unwrap();
-    let text = discovered_config(
-        &topo,
-        &socket,
-        &format!(
-            "discovery = {{ kubernetes = {{ namespace = \"{NS}\", service = \"llama\", \
-             kubeconfig = \"{}\" }} }}",
-            kubeconfig.display()
-        ),
-    );
-    let path = dir.0.join("router.toml");
-    std::fs::write(&path, &text).unwrap();
+    let Watched {
+        topo,
+        dir: _dir,
+        socket,
+        kube,
+        path,
+    } = Watched::new("kube-daemon");
     let router = router_binary().unwrap();
     let check = netns::exec(
         topo.lb_ns(),
@@ -377,24 +407,14 @@ fn a_daemon_discovers_drains_and_removes_backends_and_survives_a_410() {
 /// datapath starts from the first list.
 #[test]
 fn a_restart_keeps_the_discovered_backends_while_the_api_server_is_away() {
-    let topo = Topology::one_arm(2).unwrap();
     let pins = BpfFs::mount().unwrap();
-    let dir = ScratchDir::new("kube-restart").unwrap();
-    let socket = dir.0.join("router.sock");
-    let kube = FakeKube::start_in_netns(topo.lb_ns(), NS).unwrap();
-    let kubeconfig = dir.0.join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig).unwrap();
-    let text = discovered_config(
-        &topo,
-        &socket,
-        &format!(
-            "discovery = {{ kubernetes = {{ namespace = \"{NS}\", service = \"llama\", \
-             kubeconfig = \"{}\" }} }}",
-            kubeconfig.display()
-        ),
-    );
-    let path = dir.0.join("router.toml");
-    std::fs::write(&path, &text).unwrap();
+    let Watched {
+        topo,
+        dir: _dir,
+        socket,
+        kube,
+        path,
+    } = Watched::new("kube-restart");
     let start = || start_daemon_pinned(topo.lb_ns(), &path, &socket, &pins.pin_path()).unwrap();
 
     let daemon = start();

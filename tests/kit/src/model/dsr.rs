@@ -44,14 +44,7 @@ pub struct DsrEntry {
 
 impl DsrEntry {
     fn expired(&self, t: &Timeouts, proto: u8) -> bool {
-        let limit = if self.closing {
-            t.tcp_closing
-        } else if proto == PROTO_TCP {
-            t.tcp_idle
-        } else {
-            t.udp_idle
-        };
-        self.age > limit
+        self.age > t.limit(self.closing, proto)
     }
 
     fn overhead(&self) -> usize {

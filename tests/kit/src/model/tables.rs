@@ -201,14 +201,19 @@ impl Timeouts {
     /// a handshake takes a round trip. Otherwise the idle timeout of the
     /// packet's protocol applies.
     pub fn expired(&self, table: Table, e: &Entry, proto: u8) -> bool {
-        let limit = if e.closing() || table == Table::HalfOpen {
+        e.age > self.limit(e.closing() || table == Table::HalfOpen, proto)
+    }
+
+    /// The timeout, in seconds, of an entry that is closing (or not) in a
+    /// flow of `proto`.
+    pub fn limit(&self, closing: bool, proto: u8) -> u64 {
+        if closing {
             self.tcp_closing
         } else if proto == PROTO_TCP {
             self.tcp_idle
         } else {
             self.udp_idle
-        };
-        e.age > limit
+        }
     }
 }
 
