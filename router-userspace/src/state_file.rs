@@ -144,3 +144,25 @@ pub fn write(path: &Path, body: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
+
+/// The JSON value saved at `path` (`what` names it in errors), or the
+/// default when no file exists. A file that cannot be parsed or trusted
+/// (see [`read`]) is an error, never silently an empty value: each file
+/// kept here steers traffic.
+pub fn load_json<T: serde::de::DeserializeOwned + Default>(path: &Path, what: &str) -> Result<T> {
+    let Some(bytes) = read(path).with_context(|| what.to_owned())? else {
+        return Ok(T::default());
+    };
+    serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{}: {what} are corrupt; fix or remove the file",
+            path.display()
+        )
+    })
+}
+
+/// Saves `value` as JSON through [`write`].
+pub fn save_json<T: serde::Serialize>(path: &Path, value: &T, what: &str) -> Result<()> {
+    let body = serde_json::to_vec_pretty(value).with_context(|| format!("encoding {what}"))?;
+    write(path, &body)
+}

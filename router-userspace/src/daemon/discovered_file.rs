@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddrV4, path::Path, path::PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BackendConfig, Config, KubernetesDiscovery};
@@ -43,21 +43,12 @@ pub fn path_for(control_socket: &Path) -> PathBuf {
 /// this daemon cannot trust, is an error: whoever could write it could
 /// send traffic anywhere.
 pub fn load(path: &Path) -> Result<SavedLists> {
-    let Some(bytes) = state_file::read(path).context("saved discovered backends")? else {
-        return Ok(SavedLists::new());
-    };
-    serde_json::from_slice(&bytes).with_context(|| {
-        format!(
-            "{}: saved discovered backends are corrupt; fix or remove the file",
-            path.display()
-        )
-    })
+    state_file::load_json(path, "saved discovered backends")
 }
 
 /// Writes atomically, mode 0600, never through a link.
 pub fn save(path: &Path, lists: &SavedLists) -> Result<()> {
-    let body = serde_json::to_vec_pretty(lists).context("encoding discovered backends")?;
-    state_file::write(path, &body)
+    state_file::save_json(path, lists, "discovered backends")
 }
 
 /// The lists of `applied` (service → backends) for the discovered

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::api::Override;
 use crate::control_loop::PoolShares;
@@ -28,24 +28,13 @@ pub fn path_for(control_socket: &Path) -> PathBuf {
 /// trust (see [`state_file::read`]): someone else could pin weights or
 /// undrain a replica through it.
 pub fn load(path: &Path) -> Result<Overrides> {
-    let Some(bytes) =
-        state_file::read(path).context("saved overrides (operator pins and drains)")?
-    else {
-        return Ok(Overrides::new());
-    };
-    serde_json::from_slice(&bytes).with_context(|| {
-        format!(
-            "{}: saved overrides are corrupt; fix or remove the file",
-            path.display()
-        )
-    })
+    state_file::load_json(path, "saved overrides")
 }
 
 /// Writes atomically, mode 0600, never through a link (see
 /// [`state_file::write`]).
 pub fn save(path: &Path, overrides: &Overrides) -> Result<()> {
-    let body = serde_json::to_vec_pretty(overrides).context("encoding overrides")?;
-    state_file::write(path, &body)
+    state_file::save_json(path, overrides, "overrides")
 }
 
 /// `<control socket's directory>/<socket name>.pools.json`: pool shares
@@ -58,20 +47,11 @@ pub fn pools_path_for(control_socket: &Path) -> PathBuf {
 /// untrusted file is an error, as for the overrides (a forgotten rollback
 /// would send clients back to a pool a guard took out).
 pub fn load_pool_shares(path: &Path) -> Result<PoolShares> {
-    let Some(bytes) = state_file::read(path).context("saved pool shares")? else {
-        return Ok(PoolShares::new());
-    };
-    serde_json::from_slice(&bytes).with_context(|| {
-        format!(
-            "{}: saved pool shares are corrupt; fix or remove the file",
-            path.display()
-        )
-    })
+    state_file::load_json(path, "saved pool shares")
 }
 
 pub fn save_pool_shares(path: &Path, shares: &PoolShares) -> Result<()> {
-    let body = serde_json::to_vec_pretty(shares).context("encoding pool shares")?;
-    state_file::write(path, &body)
+    state_file::save_json(path, shares, "pool shares")
 }
 
 #[cfg(test)]

@@ -259,10 +259,14 @@ impl Datapath {
 
         // Every kind of address either side has, before any service moves
         // (see `filter::transition`); the new bits once all have.
+        // Most applies only move weights: the filter stays as it is, and
+        // the transition would write nothing the final write does not.
         let (want, snat) = filter::bits(specs);
         let (_, snat_now) = filter::bits(self.services.values().map(|st| &st.spec));
-        let during = filter::transition(&self.filter, &want);
-        self.write_filter(&during, &snat_now.union(&snat).copied().collect())?;
+        if want != self.filter || snat != snat_now {
+            let during = filter::transition(&self.filter, &want);
+            self.write_filter(&during, &snat_now.union(&snat).copied().collect())?;
+        }
 
         // Slots retired last round are now unreachable from any live table.
         let retired_before = std::mem::take(&mut self.retired_backends);

@@ -151,14 +151,7 @@ impl World {
             let Some((bid, baddr, _)) = self.backend_for(&key, svc, *backend) else {
                 continue;
             };
-            let hash = router_common::flow_hash::flow_hash(
-                self.cfg().flow_hash_key,
-                key.src_addr,
-                key.dst_addr,
-                key.src_port,
-                key.dst_port,
-                key.proto,
-            );
+            let hash = Model::hash(self.cfg(), &key);
             let gue = self.service_of(svc).gue_port;
             out.push((
                 key,

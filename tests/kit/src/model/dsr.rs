@@ -15,7 +15,6 @@
 use router_common::{
     NO_BACKEND, PROTO_TCP, PROTO_UDP,
     dsr::{DSR_CLOSING, DsrFlow, FORWARD_GUE, FORWARD_NAT, OUTER_TTL, PROTO_IPIP, gue_source_port},
-    flow_hash::flow_hash,
     reasons,
 };
 
@@ -162,15 +161,8 @@ impl Model {
             self.trail.push("dsr: mid-flow without an entry, re-hashed");
             out.reasons.push(reasons::LRU_MISS);
         }
-        let hash = flow_hash(
-            self.cfg.flow_hash_key,
-            key.src_addr,
-            key.dst_addr,
-            key.src_port,
-            key.dst_port,
-            key.proto,
-        );
-        let id = svc.table[(hash % self.cfg.table_size) as usize];
+        let hash = Model::hash(&self.cfg, &key);
+        let id = Model::pick(&self.cfg, &key, &svc);
         let Some(b) = (id != NO_BACKEND)
             .then(|| self.cfg.backends.get(&id))
             .flatten()

@@ -280,28 +280,24 @@ impl Model {
         key: &router_common::ConnKey,
         svc: &Service,
     ) -> Vec<(u32, u16)> {
-        let hash = router_common::flow_hash::flow_hash(
-            cfg.flow_hash_key,
-            key.src_addr,
-            key.dst_addr,
-            key.src_port,
-            key.dst_port,
-            key.proto,
-        );
-        Self::probes(key, svc, hash)
+        Self::probes(key, svc, Self::hash(cfg, key))
     }
 
     /// The backend id Maglev picks for a new flow `key` of `svc` (whatever
     /// its selection).
     pub fn pick(cfg: &Config, key: &router_common::ConnKey, svc: &Service) -> u32 {
-        let hash = router_common::flow_hash::flow_hash(
+        svc.table[(Self::hash(cfg, key) % cfg.table_size) as usize]
+    }
+
+    /// Flow `key`'s hash under the datapath's secret.
+    pub fn hash(cfg: &Config, key: &router_common::ConnKey) -> u32 {
+        router_common::flow_hash::flow_hash(
             cfg.flow_hash_key,
             key.src_addr,
             key.dst_addr,
             key.src_port,
             key.dst_port,
             key.proto,
-        );
-        svc.table[(hash % cfg.table_size) as usize]
+        )
     }
 }
