@@ -39,14 +39,16 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::warn;
-use router_common::{ConnEntry, FILTER_DSR, FILTER_SNAT, FILTER_VIP, Service, reasons::Reason};
+use router_common::{
+    ConnEntry, FILTER_DSR, FILTER_SNAT, FILTER_VIP, Service, reasons::Reason, v6::TAIL_DSR,
+};
 
 use crate::{
     classify::Packet,
     clock::Clock,
     conn::{Lookup, Origin, Stale},
     flow::{Confirm, NewFlow},
-    maps::{DATAPATH_LOG, DSR_PROG, SERVICES, SNAT_ADDRS},
+    maps::{DATAPATH_LOG, SERVICES, SNAT_ADDRS, TAIL_CALLS},
     verdict::Verdict,
 };
 
@@ -153,9 +155,9 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
 /// this program.
 #[inline(always)]
 fn to_dsr(ctx: &XdpContext) -> Result<Verdict, ()> {
-    // SAFETY: index 0 of DSR_PROG holds `router_dsr` (the daemon puts it
-    // there at load), an XDP program taking the same context.
-    unsafe { DSR_PROG.tail_call(ctx, 0) };
+    // SAFETY: `TAIL_DSR` of TAIL_CALLS holds `router_dsr` (the daemon puts
+    // it there at load), an XDP program taking the same context.
+    unsafe { TAIL_CALLS.tail_call(ctx, TAIL_DSR) };
     // Only without `router_dsr` installed: nothing can forward it.
     Ok(Reason::DropNoBackend.into())
 }
