@@ -192,7 +192,7 @@ enum Attachment {
 }
 
 /// `max_entries` set at load time, by map name.
-fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 4], DatapathError> {
+fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 5], DatapathError> {
     if opts.table_size < 2 {
         return Err(DatapathError::TableSize(opts.table_size));
     }
