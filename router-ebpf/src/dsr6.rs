@@ -4,10 +4,11 @@
 
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use router_common::{
+    Service,
     dsr::{DSR_CLOSING, FORWARD_GUE, FORWARD_NAT, gue_source_port},
     flow_hash::flow_hash6,
     reasons::Reason,
-    v6::{DsrFlow6, ServiceKey6, flow_label},
+    v6::{Addr6, DsrFlow6, ServiceKey6, flow_label},
 };
 
 use crate::{
@@ -31,11 +32,27 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, ()> {
         Err(reason) => return Ok(reason.into()),
     };
     let mut clock = Clock::unread();
+    // One path from here to the wire, whether the flow is new or not: the
+    // program's stack holds one copy of each header it builds.
+    let (e, new) = match flow(&pkt, &mut clock) {
+        Ok(found) => found,
+        Err(reason) => return Ok(reason.into()),
+    };
+    forward(ctx, e, &pkt, new)
+}
+
+/// The packet's flow entry, in `DSR_FLOWS6`, and whether this packet
+/// created it; or why the packet is not carried.
+#[inline(always)]
+fn flow<'a>(pkt: &Packet6, clock: &mut Clock) -> Result<(&'a mut DsrFlow6, bool), Reason> {
     if let Some(e) = DSR_FLOWS6.get_ptr_mut(pkt.key) {
-        // SAFETY: as in `dsr::run`: a preallocated LRU element.
+        // SAFETY: as in `dsr::run`: a preallocated LRU element, whose
+        // memory stays the map's while the program runs.
         let e = unsafe { &mut *e };
         let now = clock.ns(false);
         let live = !conn::idle_past(e.last_seen_ns, now, e.is_closing(), pkt.key.proto);
+        // A SYN after the flow closed is a new connection on a reused
+        // 4-tuple: it is placed afresh.
         if live && !(pkt.syn && e.is_closing()) {
             if pkt.fin_or_rst {
                 e.flags |= DSR_CLOSING;
@@ -43,7 +60,7 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, ()> {
             } else if now.saturating_sub(e.last_seen_ns) > conn::REFRESH_NS {
                 e.last_seen_ns = now;
             }
-            return forward(ctx, e, &pkt, false);
+            return Ok((e, false));
         }
     }
     let key = ServiceKey6 {
@@ -54,23 +71,28 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, ()> {
     };
     // SAFETY: as in `untracked` (main.rs): a preallocated map value.
     match unsafe { SERVICES6.get(key) } {
-        Some(svc) if svc.forwarding != FORWARD_NAT => new_flow(ctx, &pkt, svc, &mut clock),
+        Some(svc) if svc.forwarding != FORWARD_NAT => {
+            place(pkt, svc, clock)?;
+            // SAFETY: as above, for the element just inserted.
+            match DSR_FLOWS6.get_ptr_mut(pkt.key) {
+                Some(e) => Ok((unsafe { &mut *e }, true)),
+                // Evicted by another CPU's insert in between: rare
+                // enough to drop.
+                None => Err(Reason::DropConnTableFull),
+            }
+        }
         // The host's own IPv6 traffic, and anything else not a service's.
-        None => Ok(Reason::PassNotService.into()),
+        None => Err(Reason::PassNotService),
         // Never written by the daemon: nothing here can translate.
-        Some(_) => Ok(Reason::DropNoBackend.into()),
+        Some(_) => Err(Reason::DropNoBackend),
     }
 }
 
-/// Places a flow of IPv6 DSR service `svc` by its Maglev table and sends
-/// its packet.
-#[inline(always)]
-fn new_flow(
-    ctx: &XdpContext,
-    pkt: &Packet6,
-    svc: &router_common::Service,
-    clock: &mut Clock,
-) -> Result<Verdict, ()> {
+/// Places a new flow of IPv6 DSR service `svc` by its Maglev table and
+/// inserts its entry, without a next hop yet (`forward` finds it). A BPF
+/// function of its own, whose frame holds the entry it builds.
+#[inline(never)]
+fn place(pkt: &Packet6, svc: &Service, clock: &mut Clock) -> Result<(), Reason> {
     let key = &pkt.key;
     if pkt.is_tcp() && !pkt.syn {
         stats::reason(Reason::LruMiss);
@@ -84,23 +106,19 @@ fn new_flow(
         key.proto,
     );
     // No pools on an IPv6 service, so the client's address is not read.
-    let Some(at) = pool::placement(svc, 0) else {
-        return Ok(Reason::DropNoBackend.into());
-    };
+    let at = pool::placement(svc, 0).ok_or(Reason::DropNoBackend)?;
     let backend_id = select::backend(svc, &at, hash, false);
-    let Some(be) = BACKENDS.get(backend_id) else {
-        return Ok(Reason::DropNoBackend.into());
-    };
-    let Some(addr) = BACKEND_ADDRS6.get(backend_id) else {
-        return Ok(Reason::DropNoBackend.into());
-    };
+    let be = BACKENDS.get(backend_id).ok_or(Reason::DropNoBackend)?;
+    let addr = BACKEND_ADDRS6
+        .get(backend_id)
+        .ok_or(Reason::DropNoBackend)?;
     if be.in_use == 0 {
-        return Ok(Reason::DropNoBackend.into());
+        return Err(Reason::DropNoBackend);
     }
     let gue = svc.forwarding == FORWARD_GUE;
-    let mut e = DsrFlow6 {
+    let e = DsrFlow6 {
         backend_addr: *addr,
-        outer_src: Default::default(),
+        outer_src: Addr6::default(),
         backend_id,
         service_id: svc.id,
         dmac: [0; 6],
@@ -119,60 +137,34 @@ fn new_flow(
         _pad: 0,
         last_seen_ns: clock.ns(false),
     };
-    let fib_gen = match FIB_GEN.get(0) {
-        Some(g) => *g,
-        None => 0,
-    };
-    let outer_len = pkt.len.saturating_add(e.overhead());
-    let hop = fib::resolve_outer6(ctx, &mut e, outer_len, fib_gen);
     // Passed by reference: the entry is inserted from where it was built.
     let value: &DsrFlow6 = &e;
-    if DSR_FLOWS6.insert(key, value, BPF_ANY as u64).is_err() {
-        return Ok(Reason::DropConnTableFull.into());
-    }
-    send(ctx, &e, pkt, hop, true)
+    DSR_FLOWS6
+        .insert(key, value, BPF_ANY as u64)
+        .map_err(|_| Reason::DropConnTableFull)
 }
 
 /// Sends a packet of flow `e`, resolving its next hop first if the cached
-/// one is not current.
+/// one is not current (always, for a flow this packet created).
 #[inline(always)]
 fn forward(ctx: &XdpContext, e: &mut DsrFlow6, pkt: &Packet6, new: bool) -> Result<Verdict, ()> {
     let fib_gen = match FIB_GEN.get(0) {
         Some(g) => *g,
         None => 0,
     };
+    let overhead = e.overhead();
+    let outer_len = pkt.len.saturating_add(overhead);
     let hop = if fib_gen == 0 || e.fib_gen != fib_gen {
-        let outer_len = pkt.len.saturating_add(e.overhead());
         fib::resolve_outer6(ctx, e, outer_len, fib_gen)
     } else {
         Outer::Resolved
     };
-    send(ctx, e, pkt, hop, new)
-}
-
-#[inline(always)]
-fn send(
-    ctx: &XdpContext,
-    e: &DsrFlow6,
-    pkt: &Packet6,
-    hop: Outer,
-    new: bool,
-) -> Result<Verdict, ()> {
-    let overhead = e.overhead();
-    let outer_len = pkt.len as u32 + overhead as u32;
     let mtu = match hop {
         Outer::TooBig(mtu) => mtu,
         Outer::Resolved => e.mtu,
-        Outer::Failed => {
-            // The stack forwards the encapsulated packet and resolves the
-            // neighbour on the way (Neighbor Discovery); later packets
-            // take the fast path.
-            encap6::push(ctx, e, pkt.len)?;
-            count(ctx, e, new);
-            return Ok(Reason::PassFibFailed.into());
-        }
+        Outer::Failed => 0,
     };
-    if mtu != 0 && outer_len > mtu {
+    if mtu != 0 && outer_len as u32 > mtu {
         // IPv6 has no DF bit: no router fragments, so the client always
         // hears. One too short to quote cannot have been too big for a
         // link of IPv6's minimum MTU.
@@ -182,19 +174,19 @@ fn send(
         too_big6::answer(ctx, mtu.saturating_sub(overhead as u32))?;
         return Ok(Reason::IcmpTooBig.into());
     }
-    encap6::push(ctx, e, pkt.len)?;
-    count(ctx, e, new);
     // SAFETY: `ctx.ctx` is the xdp_md the kernel passed in, valid for the
     // whole run.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    if e.ifindex == ingress {
-        return Ok(Reason::Tx.into());
-    }
-    Ok(Verdict::redirect(e.ifindex))
-}
-
-#[inline(always)]
-fn count(ctx: &XdpContext, e: &DsrFlow6, new: bool) {
+    let verdict = match hop {
+        // The stack forwards the encapsulated packet and resolves the
+        // neighbour on the way (Neighbor Discovery); later packets take
+        // the fast path.
+        Outer::Failed => Reason::PassFibFailed.into(),
+        _ if e.ifindex == ingress => Reason::Tx.into(),
+        _ => Verdict::redirect(e.ifindex),
+    };
+    encap6::push(ctx, e, pkt.len)?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     stats::counted(e.service_id, e.backend_id, bytes, new);
+    Ok(verdict)
 }

@@ -74,17 +74,14 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet6, Reason> {
     if payload == 0 || ctx.data() + IP6_OFF + len > ctx.data_end() {
         return Err(Reason::DropMalformed);
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&ip[8..24]);
-    dst.copy_from_slice(&ip[24..40]);
+    let (src, dst) = (addr(ip, 8), addr(ip, 24));
     let (proto, l4_off) = transport(ctx, ip[6], len)?;
     let (src_port, dst_port, flags) = ports(ctx, proto, l4_off, len)?;
     let tcp = proto == PROTO_TCP;
     Ok(Packet6 {
         key: ConnKey6 {
-            src_addr: Addr6::from_octets(src),
-            dst_addr: Addr6::from_octets(dst),
+            src_addr: src,
+            dst_addr: dst,
             src_port,
             dst_port,
             proto,
@@ -94,6 +91,15 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet6, Reason> {
         syn: tcp && flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         fin_or_rst: tcp && flags & (TCP_FIN | TCP_RST) != 0,
     })
+}
+
+/// The address at byte `at` of the fixed header, read word by word.
+#[inline(always)]
+fn addr(ip: &[u8; IP6_LEN], at: usize) -> Addr6 {
+    let w = |i: usize| u32::from_ne_bytes([ip[i], ip[i + 1], ip[i + 2], ip[i + 3]]);
+    Addr6 {
+        words: [w(at), w(at + 4), w(at + 8), w(at + 12)],
+    }
 }
 
 /// Walks the extension headers from next-header `nh` to the transport

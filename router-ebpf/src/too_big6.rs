@@ -25,8 +25,10 @@ const ICMP6_PACKET_TOO_BIG: u8 = 2;
 const ERR_HOP_LIMIT: u8 = 64;
 
 /// Turns the packet (an IPv6 datagram of at least `QUOTE6_LEN` bytes)
-/// into the error telling its sender that `mtu` bytes fit, in place.
-#[inline(always)]
+/// into the error telling its sender that `mtu` bytes fit, in place. A
+/// BPF function of its own: its headers take a frame of their own rather
+/// than room in `router_v6`'s.
+#[inline(never)]
 pub fn answer(ctx: &XdpContext, mtu: u32) -> Result<(), ()> {
     let (mut eth, mut addrs) = ([0u8; ETH_LEN], [0u8; 32]);
     {
