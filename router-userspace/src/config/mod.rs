@@ -12,7 +12,7 @@ mod validate;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -216,11 +216,13 @@ pub struct DaemonConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
-    pub vip: SocketAddrV4,
+    /// IPv4, or IPv6 for a DSR service without pools or segments.
+    pub vip: SocketAddr,
     pub protocol: Protocol,
     /// 1..=`MAX_SNAT_ADDRS` distinct addresses.
     pub snat: Vec<Ipv4Addr>,
-    /// Never empty; names and addresses are unique within the service.
+    /// Never empty; names and addresses are unique within the service,
+    /// and addresses are of the VIP's family.
     pub backends: Vec<BackendConfig>,
     /// Another service whose backends take this one's new connections
     /// while every backend here is saturated.
@@ -282,7 +284,7 @@ impl KubernetesDiscovery {
     pub fn backend(&self, name: String, address: SocketAddrV4, drain: bool) -> BackendConfig {
         BackendConfig {
             name,
-            address,
+            address: address.into(),
             weight: self.weight,
             capacity: self.capacity,
             telemetry: self.telemetry_for(*address.ip()),
@@ -357,7 +359,7 @@ pub use crate::datapath::{Forwarding, Selection};
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendConfig {
     pub name: String,
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
     /// The pinned weight: `weight` as written, or for a static backend
     /// (neither `weight` nor `telemetry`) `capacity × policy.full_weight`
     /// (100 by default, today's static weight). `None`: the policy decides.

@@ -544,11 +544,11 @@ impl Datapath {
 
     /// The VIP addresses of services that have a backend to send a new
     /// flow to (weight above 0): what a node may announce.
-    pub fn serving_vips(&self) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+    pub fn serving_vips(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
         self.services
             .values()
             .filter(|st| st.spec.backends.iter().any(|b| b.weight > 0))
-            .map(|st| *st.spec.vip.ip())
+            .map(|st| st.spec.vip.ip())
             .collect()
     }
 

@@ -1,12 +1,16 @@
 //! Applying a desired state to the maps: id allocation, backend slots, the
 //! double-buffered Maglev flip, and the destination pre-filter.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+};
 
 use aya::maps::{Array, HashMap as BpfHashMap};
 use router_common::{
     Backend, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS, Member, Service, ServiceKey,
     selection::{MAX_SCAN_MEMBERS, member_index},
+    v6::{Addr6, ServiceKey6},
 };
 
 use super::{
@@ -19,7 +23,7 @@ use router_common::pools::MAX_POOLS;
 pub(super) struct ServiceState {
     pub id: u32,
     pub spec: ServiceSpec,
-    pub key: ServiceKey,
+    pub key: ListenKey,
     pub active: u32,
     /// What each table half holds, so a change writes only differing slots.
     pub halves: [Option<Vec<u32>>; 2],
@@ -95,12 +99,83 @@ pub(super) fn build_table(
     maglev::build(&input, size)
 }
 
-pub(super) fn service_key(spec: &ServiceSpec) -> ServiceKey {
-    ServiceKey {
-        addr: u32::from_ne_bytes(spec.vip.ip().octets()),
-        port: spec.vip.port().to_be(),
-        proto: spec.proto,
+/// Where a service listens: its key in its family's services map
+/// (`SERVICES`, or `SERVICES6` for an IPv6 VIP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ListenKey {
+    V4(ServiceKey),
+    V6(ServiceKey6),
+}
+
+impl ListenKey {
+    /// The VIP and port this key names.
+    pub fn vip(&self) -> SocketAddr {
+        match self {
+            ListenKey::V4(k) => {
+                SocketAddr::new(IpAddr::from(k.addr.to_ne_bytes()), u16::from_be(k.port))
+            }
+            ListenKey::V6(k) => {
+                SocketAddr::new(IpAddr::from(k.addr.octets()), u16::from_be(k.port))
+            }
+        }
+    }
+
+    pub fn proto(&self) -> u8 {
+        match self {
+            ListenKey::V4(k) => k.proto,
+            ListenKey::V6(k) => k.proto,
+        }
+    }
+
+    fn map_name(&self) -> &'static str {
+        match self {
+            ListenKey::V4(_) => "SERVICES",
+            ListenKey::V6(_) => "SERVICES6",
+        }
+    }
+}
+
+pub(super) fn service_key(spec: &ServiceSpec) -> ListenKey {
+    let port = spec.vip.port().to_be();
+    match spec.vip.ip() {
+        IpAddr::V4(a) => ListenKey::V4(ServiceKey {
+            addr: u32::from_ne_bytes(a.octets()),
+            port,
+            proto: spec.proto,
+            _pad: 0,
+        }),
+        IpAddr::V6(a) => ListenKey::V6(ServiceKey6 {
+            addr: Addr6::from_octets(a.octets()),
+            port,
+            proto: spec.proto,
+            _pad: 0,
+        }),
+    }
+}
+
+/// A backend's `BACKENDS` value: an IPv6 backend's address lives in
+/// `BACKEND_ADDRS6` (see `addr6_of`), so its `addr` is 0.
+fn backend_value(b: &BackendSpec, sid: u32) -> Backend {
+    let addr = match b.address.ip() {
+        IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
+        IpAddr::V6(_) => 0,
+    };
+    Backend {
+        addr,
+        port: b.address.port().to_be(),
         _pad: 0,
+        service_id: sid,
+        in_use: 1,
+        weight: b.weight,
+        max_in_flight: b.max_in_flight,
+    }
+}
+
+/// A backend's `BACKEND_ADDRS6` entry; None for an IPv4 backend.
+fn addr6_of(b: &BackendSpec) -> Option<Addr6> {
+    match b.address.ip() {
+        IpAddr::V4(_) => None,
+        IpAddr::V6(a) => Some(Addr6::from_octets(a.octets())),
     }
 }
 
@@ -131,11 +206,29 @@ fn check(specs: &[ServiceSpec]) -> Result<(), DatapathError> {
         if !names.insert(&s.name) {
             return Err(bad("duplicate service name"));
         }
-        let k = service_key(s);
-        if !keys.insert((k.addr, k.port, k.proto)) {
+        if !keys.insert((s.vip, s.proto)) {
             return Err(bad(
                 "another service already listens on this VIP, port and protocol",
             ));
+        }
+        if let Some(b) = s
+            .backends
+            .iter()
+            .find(|b| b.address.is_ipv6() != s.vip.is_ipv6())
+        {
+            return Err(bad(&format!(
+                "backend {} is not of the VIP's address family",
+                b.name
+            )));
+        }
+        if s.vip.is_ipv6() {
+            // `router_v6` balances DSR only, from the service's own table.
+            if !s.forwarding.is_dsr() {
+                return Err(bad("an IPv6 service forwards by DSR"));
+            }
+            if !s.pools.is_empty() || !s.segments.is_empty() {
+                return Err(bad("an IPv6 service has no pools or segments"));
+            }
         }
         if s.forwarding.is_dsr() {
             if !s.snat.is_empty() {
@@ -292,13 +385,7 @@ impl Datapath {
             .collect();
         for name in gone {
             if let Some(mut st) = self.services.remove(&name) {
-                let mut services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
-                    self.ebpf
-                        .map_mut("SERVICES")
-                        .ok_or(DatapathError::MissingMap("SERVICES"))?,
-                )
-                .map_err(map_err("SERVICES"))?;
-                services.remove(&st.key).map_err(map_err("SERVICES"))?;
+                self.remove_service(&st.key)?;
                 let was = st.pooled.pools.len();
                 self.retire_pools(st.id, was, 0, &BTreeSet::new(), &mut st.pooled)?;
                 self.retired_backends
@@ -326,20 +413,62 @@ impl Datapath {
         .map_err(map_err("BACKENDS"))?;
         for b in &s.backends {
             let id = ids[&b.name];
-            let value = Backend {
-                addr: u32::from_ne_bytes(b.address.ip().octets()),
-                port: b.address.port().to_be(),
-                _pad: 0,
-                service_id: sid,
-                in_use: 1,
-                weight: b.weight,
-                max_in_flight: b.max_in_flight,
-            };
+            let value = backend_value(b, sid);
             if backends.get(&id, 0).map_err(map_err("BACKENDS"))? != value {
                 backends.set(id, value, 0).map_err(map_err("BACKENDS"))?;
             }
         }
+        if !s.vip.is_ipv6() {
+            return Ok(());
+        }
+        let mut addrs: Array<_, Addr6> = Array::try_from(
+            self.ebpf
+                .map_mut("BACKEND_ADDRS6")
+                .ok_or(DatapathError::MissingMap("BACKEND_ADDRS6"))?,
+        )
+        .map_err(map_err("BACKEND_ADDRS6"))?;
+        for b in &s.backends {
+            let (id, Some(addr)) = (ids[&b.name], addr6_of(b)) else {
+                continue;
+            };
+            if addrs.get(&id, 0).map_err(map_err("BACKEND_ADDRS6"))? != addr {
+                addrs.set(id, addr, 0).map_err(map_err("BACKEND_ADDRS6"))?;
+            }
+        }
         Ok(())
+    }
+
+    /// Writes a service's value under `key`, in its family's map.
+    fn insert_service(&mut self, key: ListenKey, value: Service) -> Result<(), DatapathError> {
+        match key {
+            ListenKey::V4(k) => self
+                .services_map::<ServiceKey>("SERVICES")?
+                .insert(k, value, 0),
+            ListenKey::V6(k) => self
+                .services_map::<ServiceKey6>("SERVICES6")?
+                .insert(k, value, 0),
+        }
+        .map_err(map_err(key.map_name()))
+    }
+
+    pub(super) fn remove_service(&mut self, key: &ListenKey) -> Result<(), DatapathError> {
+        match key {
+            ListenKey::V4(k) => self.services_map::<ServiceKey>("SERVICES")?.remove(k),
+            ListenKey::V6(k) => self.services_map::<ServiceKey6>("SERVICES6")?.remove(k),
+        }
+        .map_err(map_err(key.map_name()))
+    }
+
+    fn services_map<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<BpfHashMap<&mut aya::maps::MapData, K, Service>, DatapathError> {
+        BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(name)
+                .ok_or(DatapathError::MissingMap(name))?,
+        )
+        .map_err(map_err(name))
     }
 
     /// Builds the service's table; if it differs from the live half, writes
@@ -440,19 +569,11 @@ impl Datapath {
             gue_port: s.forwarding.gue_port_be(),
             _pad: 0,
         };
-        let mut services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
-            self.ebpf
-                .map_mut("SERVICES")
-                .ok_or(DatapathError::MissingMap("SERVICES"))?,
-        )
-        .map_err(map_err("SERVICES"))?;
         // One value replace: the new half and any new SNAT settings become
         // visible to packets together.
-        services
-            .insert(new_key, value, 0)
-            .map_err(map_err("SERVICES"))?;
+        self.insert_service(new_key, value)?;
         if existed && old_key != new_key {
-            services.remove(&old_key).map_err(map_err("SERVICES"))?;
+            self.remove_service(&old_key)?;
         }
         let want: BTreeSet<_> = s.segments.iter().map(|g| (g.addr, g.prefix_len)).collect();
         self.retire_pools(sid, pools_before, s.pools.len(), &want, &mut st.pooled)?;
@@ -542,6 +663,19 @@ impl Datapath {
             backends
                 .set(*id, Backend::default(), 0)
                 .map_err(map_err("BACKENDS"))?;
+        }
+        // A later IPv4 backend in the slot must not carry a stale address
+        // into anything that reads the array by id.
+        let mut addrs: Array<_, Addr6> = Array::try_from(
+            self.ebpf
+                .map_mut("BACKEND_ADDRS6")
+                .ok_or(DatapathError::MissingMap("BACKEND_ADDRS6"))?,
+        )
+        .map_err(map_err("BACKEND_ADDRS6"))?;
+        for id in &freed {
+            addrs
+                .set(*id, Addr6::default(), 0)
+                .map_err(map_err("BACKEND_ADDRS6"))?;
         }
         for id in freed {
             self.reset_backend_stats(id)?;

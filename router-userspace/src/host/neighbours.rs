@@ -42,13 +42,19 @@ pub struct Target {
     pub backends: Vec<String>,
 }
 
-/// Every backend address of every service (a fallback service's backends
-/// are those of another service, so they are among them), in order.
+/// Every IPv4 backend address of every service (a fallback service's
+/// backends are those of another service, so they are among them), in
+/// order. IPv6 backends (of DSR services) get no managed entry: a packet
+/// `router_v6` finds no neighbour for is passed to the stack, which
+/// resolves it (see `host::settings`, `net.ipv6.conf.all.forwarding`).
 pub fn targets(cfg: &Config) -> Vec<Target> {
     let mut by_addr: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
     for s in &cfg.services {
         for b in &s.backends {
-            let names = by_addr.entry(*b.address.ip()).or_default();
+            let std::net::SocketAddr::V4(address) = b.address else {
+                continue;
+            };
+            let names = by_addr.entry(*address.ip()).or_default();
             if !names.contains(&b.name) {
                 names.push(b.name.clone());
             }

@@ -55,7 +55,7 @@ pub fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec
     ServiceSpec {
         forwarding: Forwarding::Nat,
         name: name.into(),
-        vip: addr(vip),
+        vip: addr(vip).into(),
         proto,
         snat: vec![ip("198.18.0.1")],
         snat_port_min: 10000,
@@ -67,7 +67,7 @@ pub fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec
             .map(|(i, w)| BackendSpec {
                 role: router::datapath::BackendRole::Primary,
                 name: format!("b{i}"),
-                address: addr(&format!("198.18.0.{}:8000", 11 + i)),
+                address: addr(&format!("198.18.0.{}:8000", 11 + i)).into(),
                 weight: *w,
                 max_in_flight: 0,
             })
