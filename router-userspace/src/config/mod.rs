@@ -420,6 +420,12 @@ impl Config {
         Config::parse(&text, &path.display().to_string())
     }
 
+    /// Whether any service listens on IPv6 (and needs the host settings
+    /// of `host::settings::needed_ipv6`).
+    pub fn has_ipv6_service(&self) -> bool {
+        self.services.iter().any(|s| s.vip.is_ipv6())
+    }
+
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let source = Source {

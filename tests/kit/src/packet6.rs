@@ -61,7 +61,11 @@ impl Packet6 {
             proto: 58,
             payload: m,
             hop_limit: 255,
-            ..Self::tcp(SocketAddrV6::new(src, 0, 0, 0), SocketAddrV6::new(dst, 0, 0, 0), 0)
+            ..Self::tcp(
+                SocketAddrV6::new(src, 0, 0, 0),
+                SocketAddrV6::new(dst, 0, 0, 0),
+                0,
+            )
         }
     }
 
@@ -143,7 +147,11 @@ impl Packet6 {
             _ => 2,
         };
         let c = upper_checksum(*self.src.ip(), *self.dst.ip(), self.proto, &l4);
-        let c = if self.proto == 17 && c == 0 { 0xffff } else { c };
+        let c = if self.proto == 17 && c == 0 {
+            0xffff
+        } else {
+            c
+        };
         l4[at..at + 2].copy_from_slice(&c.to_ne_bytes());
         l4
     }
@@ -314,8 +322,12 @@ mod tests {
 
     #[test]
     fn a_built_tcp_segment_checksums_to_zero_over_its_pseudo_header() {
-        let p = Packet6::tcp(addr6("[2001:2::2]:40000"), addr6("[2001:2::100]:8000"), 0x02)
-            .with_payload(b"hello");
+        let p = Packet6::tcp(
+            addr6("[2001:2::2]:40000"),
+            addr6("[2001:2::100]:8000"),
+            0x02,
+        )
+        .with_payload(b"hello");
         let d = p.datagram();
         assert_eq!(d.len(), 40 + 20 + 5);
         assert_eq!(upper_checksum(*p.src.ip(), *p.dst.ip(), 6, &d[40..]), 0);
