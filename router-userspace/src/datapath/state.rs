@@ -684,3 +684,150 @@ impl Datapath {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::{BackendRole, Forwarding};
+
+    fn spec(name: &str, vip: &str, backends: &[&str], forwarding: Forwarding) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            proto: router_common::PROTO_TCP,
+            snat: Vec::new(),
+            snat_port_min: 1024,
+            snat_port_max: 65535,
+            selection: Selection::Maglev,
+            backends: backends
+                .iter()
+                .enumerate()
+                .map(|(i, a)| BackendSpec {
+                    name: format!("b{i}"),
+                    role: BackendRole::Primary,
+                    address: a.parse().unwrap(),
+                    weight: 100,
+                    max_in_flight: 0,
+                })
+                .collect(),
+            pools: Vec::new(),
+            segments: Vec::new(),
+            forwarding,
+        }
+    }
+
+    fn refusal(specs: &[ServiceSpec]) -> String {
+        check(specs).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_ipv6_service_is_keyed_for_services6_in_wire_order() {
+        let s = spec("v6", "[2001:db8::1]:443", &[], Forwarding::Ipip);
+        let ListenKey::V6(k) = service_key(&s) else {
+            panic!("an IPv6 VIP keys SERVICES6");
+        };
+        assert_eq!(k.addr.octets()[..4], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(k.port, 443u16.to_be());
+        assert_eq!(service_key(&s).vip(), s.vip);
+        let v4 = spec("v4", "198.18.0.1:443", &[], Forwarding::Ipip);
+        assert!(matches!(service_key(&v4), ListenKey::V4(_)));
+        assert_eq!(service_key(&v4).vip(), v4.vip);
+    }
+
+    #[test]
+    fn an_ipv6_backend_keeps_its_address_out_of_backends() {
+        let s = spec(
+            "v6",
+            "[2001:db8::1]:80",
+            &["[2001:db8::11]:8000"],
+            Forwarding::Ipip,
+        );
+        let b = &s.backends[0];
+        let value = backend_value(b, 3);
+        assert_eq!(
+            (value.addr, value.port, value.in_use),
+            (0, 8000u16.to_be(), 1)
+        );
+        assert_eq!(
+            addr6_of(b).map(|a| a.octets()),
+            Some(
+                "2001:db8::11"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets()
+            )
+        );
+        let v4 = spec(
+            "v4",
+            "198.18.0.1:80",
+            &["198.18.0.11:8000"],
+            Forwarding::Ipip,
+        );
+        assert_eq!(addr6_of(&v4.backends[0]), None);
+        assert_eq!(
+            backend_value(&v4.backends[0], 3).addr,
+            u32::from_ne_bytes([198, 18, 0, 11])
+        );
+    }
+
+    #[test]
+    fn the_same_vip_text_in_each_family_is_two_listeners_but_one_per_family() {
+        let v6 = spec(
+            "a",
+            "[2001:db8::1]:80",
+            &["[2001:db8::11]:80"],
+            Forwarding::Ipip,
+        );
+        let v4 = spec("b", "198.18.0.1:80", &["198.18.0.11:80"], Forwarding::Ipip);
+        assert!(check(&[v6.clone(), v4]).is_ok());
+        let again = ServiceSpec {
+            name: "c".into(),
+            ..v6.clone()
+        };
+        assert!(refusal(&[v6, again]).contains("already listens"));
+    }
+
+    #[test]
+    fn ipv6_services_are_dsr_of_one_family_without_pools() {
+        let nat = ServiceSpec {
+            snat: vec![std::net::Ipv4Addr::new(198, 18, 0, 1)],
+            ..spec(
+                "n",
+                "[2001:db8::1]:80",
+                &["[2001:db8::11]:80"],
+                Forwarding::Nat,
+            )
+        };
+        assert!(refusal(&[nat]).contains("forwards by DSR"));
+        let mixed = spec(
+            "m",
+            "[2001:db8::1]:80",
+            &["198.18.0.11:80"],
+            Forwarding::Ipip,
+        );
+        assert!(refusal(&[mixed]).contains("backend b0 is not of the VIP's address family"));
+        let mixed4 = spec(
+            "m",
+            "198.18.0.1:80",
+            &["[2001:db8::11]:80"],
+            Forwarding::Ipip,
+        );
+        assert!(refusal(&[mixed4]).contains("address family"));
+        let pooled = ServiceSpec {
+            pools: vec![crate::datapath::PoolSpec {
+                name: "p".into(),
+                backends: vec!["b0".into()],
+                share: 100,
+                fallback: None,
+                saturated: false,
+            }],
+            ..spec(
+                "p",
+                "[2001:db8::1]:80",
+                &["[2001:db8::11]:80"],
+                Forwarding::Gue { port: 6080 },
+            )
+        };
+        assert!(refusal(&[pooled]).contains("no pools or segments"));
+    }
+}
