@@ -208,7 +208,7 @@ mod tests {
             vip: "[2001:db8::1]:80".parse().unwrap(),
             ..service(DSR_VIP, 80, Forwarding::Ipip, &[])
         };
-        let (want, snat) = bits(&[v6.clone()]);
+        let (want, snat) = bits(std::slice::from_ref(&v6));
         assert!(want.iter().all(|b| *b == 0) && snat.is_empty());
         // Beside an IPv4 DSR service, whose bucket stays exclusive.
         let (want, _) = bits(&[v6, service(DSR_VIP, 80, Forwarding::Ipip, &[])]);
