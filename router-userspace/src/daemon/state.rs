@@ -398,15 +398,7 @@ impl DaemonState {
     /// Announces the VIPs that have a backend to serve and withdraws the
     /// others (the XDP program is attached while the daemon runs).
     pub(super) fn sync_bgp(&mut self) {
-        let want = self
-            .dp
-            .serving_vips()
-            .into_iter()
-            .filter_map(|ip| match ip {
-                std::net::IpAddr::V4(a) => Some(a),
-                std::net::IpAddr::V6(_) => None,
-            })
-            .collect();
+        let want = self.dp.serving_vips();
         if let Some(sp) = self.bgp.as_mut() {
             match sp.sync(&want) {
                 Ok(lines) => {
