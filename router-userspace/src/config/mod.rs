@@ -178,6 +178,10 @@ pub struct BgpConfig {
     /// After SIGTERM: how long the daemon waits between withdrawing its
     /// VIPs and ending the sessions, so peers move traffic first.
     pub drain: Duration,
+    /// The next hop of the IPv6 VIPs' /128 paths: an IPv6 address of this
+    /// LB. Set whenever a service listens on IPv6; the sessions then carry
+    /// IPv6 unicast besides IPv4.
+    pub next_hop6: Option<std::net::Ipv6Addr>,
     pub gobgpd: PathBuf,
     pub gobgp: PathBuf,
 }
@@ -420,6 +424,12 @@ impl Config {
         Config::parse(&text, &path.display().to_string())
     }
 
+    /// Whether any service listens on IPv6 (and needs the host settings
+    /// of `host::settings::needed_ipv6`).
+    pub fn has_ipv6_service(&self) -> bool {
+        self.services.iter().any(|s| s.vip.is_ipv6())
+    }
+
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let source = Source {
@@ -464,7 +474,10 @@ impl Config {
         let policy = validate_policy(&loc, raw.policy.unwrap_or_default())?;
         let services = validate_services(&loc, raw.service, &policy)?;
         check_table_size(&loc, &daemon, &services)?;
-        let bgp = raw.bgp.map(|b| validate_bgp(&loc, b)).transpose()?;
+        let bgp = raw
+            .bgp
+            .map(|b| validate_bgp(&loc, b, &services))
+            .transpose()?;
         Ok(Config {
             daemon,
             policy,

@@ -398,15 +398,7 @@ impl DaemonState {
     /// Announces the VIPs that have a backend to serve and withdraws the
     /// others (the XDP program is attached while the daemon runs).
     pub(super) fn sync_bgp(&mut self) {
-        let want = self
-            .dp
-            .serving_vips()
-            .into_iter()
-            .filter_map(|ip| match ip {
-                std::net::IpAddr::V4(a) => Some(a),
-                std::net::IpAddr::V6(_) => None,
-            })
-            .collect();
+        let want = self.dp.serving_vips();
         if let Some(sp) = self.bgp.as_mut() {
             match sp.sync(&want) {
                 Ok(lines) => {
@@ -552,6 +544,19 @@ impl DaemonState {
                  its capabilities; a SIGTERM withdraws and drains first)",
                 cfg.origin()
             );
+        }
+        // The daemon sets IPv6 forwarding at start, before it drops its
+        // capabilities; without it router_v6 resolves no next hop.
+        if cfg.has_ipv6_service() && !self.config.has_ipv6_service() {
+            let missing = crate::host::settings::needed_ipv6(&cfg.daemon.interfaces)?;
+            if let Some(c) = missing.first() {
+                anyhow::bail!(
+                    "{}: IPv6 services need {}, which the daemon sets only at start: restart it \
+                     (hitless), or set it by hand and reload",
+                    cfg.origin(),
+                    c.describe()
+                );
+            }
         }
         let mut cfg = cfg;
         // The file lists no backends for a discovered service: it keeps

@@ -203,6 +203,23 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_service_sets_no_bit() {
+        let v6 = ServiceSpec {
+            vip: "[2001:db8::1]:80".parse().unwrap(),
+            ..service(DSR_VIP, 80, Forwarding::Ipip, &[])
+        };
+        let (want, snat) = bits(std::slice::from_ref(&v6));
+        assert!(want.iter().all(|b| *b == 0) && snat.is_empty());
+        // Beside an IPv4 DSR service, whose bucket stays exclusive.
+        let (want, _) = bits(&[v6, service(DSR_VIP, 80, Forwarding::Ipip, &[])]);
+        assert_eq!(
+            want[bucket(DSR_VIP)],
+            FILTER_VIP | FILTER_DSR | FILTER_DSR_ONLY
+        );
+        assert_eq!(want.iter().filter(|b| **b != 0).count(), 1);
+    }
+
+    #[test]
     fn the_transition_keeps_every_kind_and_exclusivity_only_where_both_have_it() {
         let only = FILTER_VIP | FILTER_DSR | FILTER_DSR_ONLY;
         let have = [only, only, FILTER_VIP, 0, only];

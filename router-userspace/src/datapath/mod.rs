@@ -16,6 +16,7 @@ mod conn_table;
 mod counters;
 mod filter;
 mod fingerprint;
+mod keys;
 mod latency;
 mod load;
 pub mod pinning;

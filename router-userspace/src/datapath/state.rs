@@ -1,10 +1,7 @@
 //! Applying a desired state to the maps: id allocation, backend slots, the
 //! double-buffered Maglev flip, and the destination pre-filter.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddr},
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{Array, HashMap as BpfHashMap};
 use router_common::{
@@ -13,8 +10,11 @@ use router_common::{
     v6::{Addr6, ServiceKey6},
 };
 
+pub(super) use super::keys::{ListenKey, service_key};
 use super::{
-    BackendSpec, Datapath, DatapathError, Selection, ServiceSpec, filter, map_err,
+    BackendSpec, Datapath, DatapathError, Selection, ServiceSpec, filter,
+    keys::{addr6_of, backend_value},
+    map_err,
     pools::{PooledState, Published},
 };
 use crate::maglev::{self, MaglevBackend};
@@ -97,86 +97,6 @@ pub(super) fn build_table(
         })
         .collect();
     maglev::build(&input, size)
-}
-
-/// Where a service listens: its key in its family's services map
-/// (`SERVICES`, or `SERVICES6` for an IPv6 VIP).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum ListenKey {
-    V4(ServiceKey),
-    V6(ServiceKey6),
-}
-
-impl ListenKey {
-    /// The VIP and port this key names.
-    pub fn vip(&self) -> SocketAddr {
-        match self {
-            ListenKey::V4(k) => {
-                SocketAddr::new(IpAddr::from(k.addr.to_ne_bytes()), u16::from_be(k.port))
-            }
-            ListenKey::V6(k) => {
-                SocketAddr::new(IpAddr::from(k.addr.octets()), u16::from_be(k.port))
-            }
-        }
-    }
-
-    pub fn proto(&self) -> u8 {
-        match self {
-            ListenKey::V4(k) => k.proto,
-            ListenKey::V6(k) => k.proto,
-        }
-    }
-
-    fn map_name(&self) -> &'static str {
-        match self {
-            ListenKey::V4(_) => "SERVICES",
-            ListenKey::V6(_) => "SERVICES6",
-        }
-    }
-}
-
-pub(super) fn service_key(spec: &ServiceSpec) -> ListenKey {
-    let port = spec.vip.port().to_be();
-    match spec.vip.ip() {
-        IpAddr::V4(a) => ListenKey::V4(ServiceKey {
-            addr: u32::from_ne_bytes(a.octets()),
-            port,
-            proto: spec.proto,
-            _pad: 0,
-        }),
-        IpAddr::V6(a) => ListenKey::V6(ServiceKey6 {
-            addr: Addr6::from_octets(a.octets()),
-            port,
-            proto: spec.proto,
-            _pad: 0,
-        }),
-    }
-}
-
-/// A backend's `BACKENDS` value: an IPv6 backend's address lives in
-/// `BACKEND_ADDRS6` (see `addr6_of`), so its `addr` is 0.
-fn backend_value(b: &BackendSpec, sid: u32) -> Backend {
-    let addr = match b.address.ip() {
-        IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
-        IpAddr::V6(_) => 0,
-    };
-    Backend {
-        addr,
-        port: b.address.port().to_be(),
-        _pad: 0,
-        service_id: sid,
-        in_use: 1,
-        weight: b.weight,
-        max_in_flight: b.max_in_flight,
-    }
-}
-
-/// A backend's `BACKEND_ADDRS6` entry; None for an IPv4 backend.
-fn addr6_of(b: &BackendSpec) -> Option<Addr6> {
-    match b.address.ip() {
-        IpAddr::V4(_) => None,
-        IpAddr::V6(a) => Some(Addr6::from_octets(a.octets())),
-    }
 }
 
 /// What one apply changed, for logs and reasons.
@@ -451,7 +371,7 @@ impl Datapath {
         .map_err(map_err(key.map_name()))
     }
 
-    pub(super) fn remove_service(&mut self, key: &ListenKey) -> Result<(), DatapathError> {
+    fn remove_service(&mut self, key: &ListenKey) -> Result<(), DatapathError> {
         match key {
             ListenKey::V4(k) => self.services_map::<ServiceKey>("SERVICES")?.remove(k),
             ListenKey::V6(k) => self.services_map::<ServiceKey6>("SERVICES6")?.remove(k),
@@ -682,5 +602,152 @@ impl Datapath {
             self.load.clear(id);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::{BackendRole, Forwarding};
+
+    fn spec(name: &str, vip: &str, backends: &[&str], forwarding: Forwarding) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            proto: router_common::PROTO_TCP,
+            snat: Vec::new(),
+            snat_port_min: 1024,
+            snat_port_max: 65535,
+            selection: Selection::Maglev,
+            backends: backends
+                .iter()
+                .enumerate()
+                .map(|(i, a)| BackendSpec {
+                    name: format!("b{i}"),
+                    role: BackendRole::Primary,
+                    address: a.parse().unwrap(),
+                    weight: 100,
+                    max_in_flight: 0,
+                })
+                .collect(),
+            pools: Vec::new(),
+            segments: Vec::new(),
+            forwarding,
+        }
+    }
+
+    fn refusal(specs: &[ServiceSpec]) -> String {
+        check(specs).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_ipv6_service_is_keyed_for_services6_in_wire_order() {
+        let s = spec("v6", "[2001:db8::1]:443", &[], Forwarding::Ipip);
+        let ListenKey::V6(k) = service_key(&s) else {
+            panic!("an IPv6 VIP keys SERVICES6");
+        };
+        assert_eq!(k.addr.octets()[..4], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(k.port, 443u16.to_be());
+        assert_eq!(service_key(&s).vip(), s.vip);
+        let v4 = spec("v4", "198.18.0.1:443", &[], Forwarding::Ipip);
+        assert!(matches!(service_key(&v4), ListenKey::V4(_)));
+        assert_eq!(service_key(&v4).vip(), v4.vip);
+    }
+
+    #[test]
+    fn an_ipv6_backend_keeps_its_address_out_of_backends() {
+        let s = spec(
+            "v6",
+            "[2001:db8::1]:80",
+            &["[2001:db8::11]:8000"],
+            Forwarding::Ipip,
+        );
+        let b = &s.backends[0];
+        let value = backend_value(b, 3);
+        assert_eq!(
+            (value.addr, value.port, value.in_use),
+            (0, 8000u16.to_be(), 1)
+        );
+        assert_eq!(
+            addr6_of(b).map(|a| a.octets()),
+            Some(
+                "2001:db8::11"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets()
+            )
+        );
+        let v4 = spec(
+            "v4",
+            "198.18.0.1:80",
+            &["198.18.0.11:8000"],
+            Forwarding::Ipip,
+        );
+        assert_eq!(addr6_of(&v4.backends[0]), None);
+        assert_eq!(
+            backend_value(&v4.backends[0], 3).addr,
+            u32::from_ne_bytes([198, 18, 0, 11])
+        );
+    }
+
+    #[test]
+    fn the_same_vip_text_in_each_family_is_two_listeners_but_one_per_family() {
+        let v6 = spec(
+            "a",
+            "[2001:db8::1]:80",
+            &["[2001:db8::11]:80"],
+            Forwarding::Ipip,
+        );
+        let v4 = spec("b", "198.18.0.1:80", &["198.18.0.11:80"], Forwarding::Ipip);
+        assert!(check(&[v6.clone(), v4]).is_ok());
+        let again = ServiceSpec {
+            name: "c".into(),
+            ..v6.clone()
+        };
+        assert!(refusal(&[v6, again]).contains("already listens"));
+    }
+
+    #[test]
+    fn ipv6_services_are_dsr_of_one_family_without_pools() {
+        let nat = ServiceSpec {
+            snat: vec![std::net::Ipv4Addr::new(198, 18, 0, 1)],
+            ..spec(
+                "n",
+                "[2001:db8::1]:80",
+                &["[2001:db8::11]:80"],
+                Forwarding::Nat,
+            )
+        };
+        assert!(refusal(&[nat]).contains("forwards by DSR"));
+        let mixed = spec(
+            "m",
+            "[2001:db8::1]:80",
+            &["198.18.0.11:80"],
+            Forwarding::Ipip,
+        );
+        assert!(refusal(&[mixed]).contains("backend b0 is not of the VIP's address family"));
+        let mixed4 = spec(
+            "m",
+            "198.18.0.1:80",
+            &["[2001:db8::11]:80"],
+            Forwarding::Ipip,
+        );
+        assert!(refusal(&[mixed4]).contains("address family"));
+        let pooled = ServiceSpec {
+            pools: vec![crate::datapath::PoolSpec {
+                name: "p".into(),
+                backends: vec!["b0".into()],
+                share: 100,
+                fallback: None,
+                saturated: false,
+            }],
+            ..spec(
+                "p",
+                "[2001:db8::1]:80",
+                &["[2001:db8::11]:80"],
+                Forwarding::Gue { port: 6080 },
+            )
+        };
+        assert!(refusal(&[pooled]).contains("no pools or segments"));
     }
 }
