@@ -46,6 +46,45 @@ pub fn flow_hash(
     fmix32(h ^ 12 ^ key[1])
 }
 
+/// The hash of an IPv6 client flow, as `flow_hash` is of an IPv4 one:
+/// every word of both addresses is mixed in, then the ports, under the
+/// same secret.
+#[inline(always)]
+pub fn flow_hash6(
+    key: [u32; 2],
+    src_addr: [u32; 4],
+    dst_addr: [u32; 4],
+    src_port: u16,
+    dst_port: u16,
+    proto: u8,
+) -> u32 {
+    let mut h = 0x9747_b28c_u32 ^ key[0] ^ proto as u32;
+    let words = [
+        src_addr[0],
+        src_addr[1],
+        src_addr[2],
+        src_addr[3],
+        dst_addr[0],
+        dst_addr[1],
+        dst_addr[2],
+        dst_addr[3],
+        ((src_port as u32) << 16) | dst_port as u32,
+    ];
+    let mut i = 0;
+    while i < words.len() {
+        let k = words[i]
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        h = (h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    fmix32(h ^ 36 ^ key[1])
+}
+
 /// A second hash of a flow, independent of `flow_hash` for every practical
 /// purpose (a bijective mix of it with another constant): the second of the
 /// two choices a large least-loaded service draws from its Maglev table.

@@ -23,6 +23,7 @@ pub mod pools;
 pub mod reasons;
 pub mod selection;
 pub mod tcp_seq;
+pub mod v6;
 
 pub use flags::*;
 pub use hashing::*;

@@ -18,13 +18,15 @@ use crate::{
 /// to a struct here, a `CONN_*` or `FILTER_*` bit, or a map's indexing
 /// (`layout_fingerprint` in the tests below names what it covers).
 ///
-/// 6: the `FILTER_DSR_ONLY` bit. 5: DSR (`Service` gained `forwarding` and `gue_port`; the `DSR_FLOWS`
+/// 7: IPv6 services (`SERVICES6`, `BACKEND_ADDRS6`, `DSR_FLOWS6` and
+/// their `v6` types; `DSR_PROG` became `TAIL_CALLS`, with `router_v6`
+/// beside `router_dsr`). 6: the `FILTER_DSR_ONLY` bit. 5: DSR (`Service` gained `forwarding` and `gue_port`; the `DSR_FLOWS`
 /// map, `DsrFlow`; the `FILTER_DSR` bit). 4: pools (`POOLS`, `SEGMENTS`, `SHARES`, `SPILLS`; `Service` gained
 /// `pools`, `share_half` and `segments`). 3: the `NEXT_HOPS` map (`NextHop`) and the `FIB_GEN_PER_FLOW` bit of
 /// `FIB_GEN`. 2: `ConnEntry` gained `seq_next` (checksum deltas folded to
 /// u16) and `CONN_HEARD`. 1 stands for every datapath pinned before the
 /// stamp.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Set in `FIB_GEN` while the host routes by more than the destination
 /// (policy rules, multipath routes): a next hop found for one flow to a
@@ -441,15 +443,21 @@ mod layout_fingerprint {
             (FILTER_VIP | FILTER_SNAT | FILTER_DSR | FILTER_DSR_ONLY) as usize,
             crate::dsr::DSR_CLOSING as usize,
             (crate::pools::POOL_NO_ROOM | crate::pools::POOL_EMPTY) as usize,
+            size_of::<crate::v6::ServiceKey6>(),
+            size_of::<crate::v6::ConnKey6>(),
+            size_of::<crate::v6::DsrFlow6>(),
+            offset_of!(crate::v6::DsrFlow6, mtu),
+            offset_of!(crate::v6::DsrFlow6, flow_label),
+            crate::v6::TAIL_CALLS as usize,
         ];
         assert_eq!(
             (LAYOUT_VERSION, fingerprint),
             (
-                6,
+                7,
                 [
                     8, 60, 24, 32, 36, 40, 48, 52, 56, 64, 36, 44, 24, 12, 16, 8, 8, 24, 16, 20,
                     16, 16, 16, 64, 12, 14, 16, 20, 32, 36, 40, 48, 52, 56, 32, 232, 28, 16, 24,
-                    2147483648, 127, 15, 1, 3
+                    2147483648, 127, 15, 1, 3, 20, 40, 88, 60, 72, 2
                 ]
             ),
             "a pinned map's layout changed: bump LAYOUT_VERSION, say why beside it, \

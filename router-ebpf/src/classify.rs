@@ -20,6 +20,8 @@ pub enum Unbalanced {
     /// ICMP to one of our addresses: an error about a tracked flow is
     /// translated, anything else passes (see `icmp`).
     Icmp,
+    /// An IPv6 frame, for `router_v6`.
+    Ipv6,
 }
 
 impl From<Reason> for Unbalanced {
@@ -34,6 +36,7 @@ impl From<Skip> for Unbalanced {
     fn from(skip: Skip) -> Self {
         Unbalanced::Reason(match skip {
             Skip::NotIpv4 => Reason::PassNotService,
+            Skip::Ipv6 => return Unbalanced::Ipv6,
             Skip::Malformed => Reason::DropMalformed,
             Skip::Fragment => Reason::PassFragment,
             Skip::Options => Reason::PassIpOptions,
@@ -97,19 +100,20 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Unbalanced> {
 /// which come before the transport checks so that traffic for nobody costs
 /// one array read past the IP header.
 #[inline(always)]
-pub fn destination(ctx: &XdpContext) -> Result<Destination, Reason> {
+pub fn destination(ctx: &XdpContext) -> Result<Destination, Unbalanced> {
     let ip = parse::ipv4(ctx).map_err(|skip| match skip {
-        Skip::NotIpv4 => Reason::PassNotService,
+        Skip::NotIpv4 => Reason::PassNotService.into(),
+        Skip::Ipv6 => Unbalanced::Ipv6,
         // The one other thing `ipv4` finds: ICMP and the rest are the
         // transport step's.
-        _ => Reason::DropMalformed,
+        _ => Reason::DropMalformed.into(),
     })?;
     let filter = match ADDR_FILTER.get(addr_filter_bucket(ip.dst)) {
         Some(bits) => *bits,
         None => 0,
     };
     if filter == 0 {
-        return Err(Reason::PassNotService);
+        return Err(Reason::PassNotService.into());
     }
     Ok(Destination { ip, filter })
 }

@@ -51,8 +51,9 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, ()> {
         Ok(pkt) => pkt,
         // A fragment, IP options, a cut header: as on the NAT path.
         Err(classify::Unbalanced::Reason(reason)) => return Ok(reason.into()),
-        // `router` keeps ICMP (see `Destination::dsr_only`).
-        Err(classify::Unbalanced::Icmp) => return Err(()),
+        // `router` keeps ICMP (see `Destination::dsr_only`), and hands
+        // IPv6 to `router_v6`.
+        Err(classify::Unbalanced::Icmp | classify::Unbalanced::Ipv6) => return Err(()),
     };
     let mut clock = Clock::unread();
     if let Some(e) = DSR_FLOWS.get_ptr_mut(pkt.key) {

@@ -13,11 +13,13 @@ use aya_ebpf::{
 use router_common::{
     ConnEntry, FIB_GEN_PER_FLOW, PROTO_UDP,
     dsr::{DsrFlow, PROTO_IPIP},
+    v6::{DsrFlow6, PROTO_IPV6},
 };
 
 use crate::maps::NEXT_HOPS;
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 pub struct NextHop {
     pub dmac: [u8; 6],
@@ -160,6 +162,55 @@ pub fn resolve_outer(ctx: &XdpContext, e: &mut DsrFlow, tot_len: u16, fib_gen: u
     let (mtu, src) = unsafe { (p.__bindgen_anon_1.mtu_result, p.__bindgen_anon_3.ipv4_src) };
     if src != 0 {
         e.outer_src = src;
+    }
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        return Outer::TooBig(mtu as u32);
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Outer::Failed;
+    }
+    e.dmac = p.dmac;
+    e.smac = p.smac;
+    e.ifindex = p.ifindex;
+    e.mtu = mtu as u32;
+    e.fib_gen = fib_gen;
+    Outer::Resolved
+}
+
+/// `resolve_outer` for an IPv6 DSR flow: the outer packet's next hop, the
+/// source the host would pick toward the backend, and the route's MTU. The
+/// flow label goes into the lookup, so a multipath route toward backends
+/// picks a path by flow as it would for the packet itself.
+#[inline(always)]
+pub fn resolve_outer6(ctx: &XdpContext, e: &mut DsrFlow6, tot_len: u16, fib_gen: u32) -> Outer {
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let p: &mut FibParams = crate::mem::zeroed64(&mut slot);
+    p.family = AF_INET6;
+    p.l4_protocol = if e.gue_dport != 0 {
+        PROTO_UDP
+    } else {
+        PROTO_IPV6
+    };
+    p.sport = e.gue_sport;
+    p.dport = e.gue_dport;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_2.flowinfo = (e.flow_label & 0x000f_ffff).to_be();
+    p.__bindgen_anon_4.ipv6_dst = e.backend_addr.words;
+    // SAFETY: as in `lookup`.
+    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    // SAFETY: as in `lookup`.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            p,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SRC,
+        )
+    };
+    // SAFETY: as in `resolve_outer`: plain integers the helper filled in.
+    let (mtu, src) = unsafe { (p.__bindgen_anon_1.mtu_result, p.__bindgen_anon_3.ipv6_src) };
+    if src != [0; 4] {
+        e.outer_src.words = src;
     }
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         return Outer::TooBig(mtu as u32);

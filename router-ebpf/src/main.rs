@@ -15,7 +15,9 @@ mod classify;
 mod clock;
 mod conn;
 mod dsr;
+mod dsr6;
 mod encap;
+mod encap6;
 mod fib;
 mod flags;
 mod flow;
@@ -28,25 +30,31 @@ mod maps;
 mod mem;
 mod nat;
 mod parse;
+mod parse6;
 mod pool;
 mod select;
 mod seq;
 mod stats;
 mod too_big;
+mod too_big6;
 mod verdict;
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::warn;
-use router_common::{ConnEntry, FILTER_DSR, FILTER_SNAT, FILTER_VIP, Service, reasons::Reason};
+use router_common::{
+    ConnEntry, FILTER_DSR, FILTER_SNAT, FILTER_VIP, Service,
+    reasons::Reason,
+    v6::{TAIL_DSR, TAIL_V6},
+};
 
 use crate::{
     classify::Packet,
     clock::Clock,
     conn::{Lookup, Origin, Stale},
     flow::{Confirm, NewFlow},
-    maps::{DATAPATH_LOG, DSR_PROG, SERVICES, SNAT_ADDRS},
+    maps::{DATAPATH_LOG, SERVICES, SNAT_ADDRS, TAIL_CALLS},
     verdict::Verdict,
 };
 
@@ -79,13 +87,29 @@ pub fn router_dsr(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Every IPv6 frame (see `dsr6`), tail-called from `router`.
+#[xdp]
+#[inline(always)]
+pub fn router_v6(ctx: XdpContext) -> u32 {
+    match dsr6::run(&ctx) {
+        Ok(verdict) => {
+            stats::reason(verdict.reason());
+            verdict.action()
+        }
+        Err(()) => xdp_action::XDP_PASS,
+    }
+}
+
 /// Classify the packet, find its flow's state, act on the state. A live
 /// entry carries the packet; anything else is a new flow or not ours.
 #[inline(always)]
 fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
     let dest = match classify::destination(ctx) {
         Ok(d) => d,
-        Err(reason) => return Ok(reason.into()),
+        Err(classify::Unbalanced::Reason(reason)) => return Ok(reason.into()),
+        Err(classify::Unbalanced::Ipv6) => return to_v6(ctx),
+        // `destination` reads no transport header.
+        Err(classify::Unbalanced::Icmp) => return Err(()),
     };
     // DSR flows never enter the NAT tables. A bucket of DSR services alone
     // is handed over on its bit (see `FILTER_DSR_ONLY`), before the
@@ -98,6 +122,7 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
         Ok(pkt) => pkt,
         Err(classify::Unbalanced::Reason(reason)) => return Ok(reason.into()),
         Err(classify::Unbalanced::Icmp) => return icmp::error(ctx),
+        Err(classify::Unbalanced::Ipv6) => return Err(()),
     };
     if pkt.filter & FILTER_DSR != 0 && dsr::is_dsr(&pkt) {
         return to_dsr(ctx);
@@ -153,11 +178,22 @@ fn try_router(ctx: &XdpContext) -> Result<Verdict, ()> {
 /// this program.
 #[inline(always)]
 fn to_dsr(ctx: &XdpContext) -> Result<Verdict, ()> {
-    // SAFETY: index 0 of DSR_PROG holds `router_dsr` (the daemon puts it
-    // there at load), an XDP program taking the same context.
-    unsafe { DSR_PROG.tail_call(ctx, 0) };
+    // SAFETY: `TAIL_DSR` of TAIL_CALLS holds `router_dsr` (the daemon puts
+    // it there at load), an XDP program taking the same context.
+    unsafe { TAIL_CALLS.tail_call(ctx, TAIL_DSR) };
     // Only without `router_dsr` installed: nothing can forward it.
     Ok(Reason::DropNoBackend.into())
+}
+
+/// Hands an IPv6 frame to `router_v6`: it ends this program.
+#[inline(always)]
+fn to_v6(ctx: &XdpContext) -> Result<Verdict, ()> {
+    // SAFETY: `TAIL_V6` of TAIL_CALLS holds `router_v6` (the daemon puts
+    // it there at load), an XDP program taking the same context.
+    unsafe { TAIL_CALLS.tail_call(ctx, TAIL_V6) };
+    // Only without `router_v6` installed: the host's, as before IPv6
+    // services.
+    Ok(Reason::PassNotService.into())
 }
 
 /// A packet that no live entry carries: a new flow's first packet if it

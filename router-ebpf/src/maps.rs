@@ -1,7 +1,7 @@
 //! Every map and load-time global of the `router` XDP program. Userspace is
 //! the only writer of SERVICES, BACKENDS, MAGLEV_TABLES, MEMBERS, POOLS,
-//! SEGMENTS, SHARES, ADDR_FILTER, SNAT_ADDRS and FIB_GEN; the program writes
-//! CONNS, HALF_OPEN, DSR_FLOWS and the per-CPU counters; both add to BACKEND_LOAD, atomically.
+//! SEGMENTS, SHARES, ADDR_FILTER, SNAT_ADDRS, SERVICES6, BACKEND_ADDRS6 and
+//! FIB_GEN; the program writes CONNS, HALF_OPEN, DSR_FLOWS, DSR_FLOWS6 and the per-CPU counters; both add to BACKEND_LOAD, atomically.
 
 use aya_ebpf::{
     Global,
@@ -19,6 +19,7 @@ use router_common::{
     pools::{MAX_POOLS, MAX_SEGMENTS, SHARE_BUCKETS, SLOTS_PER_ENTRY},
     reasons,
     selection::MAX_SCAN_MEMBERS,
+    v6::{Addr6, ConnKey6, DsrFlow6, ServiceKey6, TAIL_CALLS as TAIL_CALLS_LEN},
 };
 
 #[map]
@@ -83,10 +84,27 @@ pub static CONNS: LruHashMap<ConnKey, ConnEntry> =
 pub static DSR_FLOWS: LruHashMap<ConnKey, DsrFlow> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
-/// Index 0: the `router_dsr` program, which `router` tail-calls for DSR
-/// services' packets. Set by userspace at every load.
+/// The programs `router` tail-calls: `router_dsr` for IPv4 DSR services'
+/// packets (`TAIL_DSR`), `router_v6` for every IPv6 frame (`TAIL_V6`).
+/// Set by userspace at every load.
 #[map]
-pub static DSR_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static TAIL_CALLS: ProgramArray = ProgramArray::with_max_entries(TAIL_CALLS_LEN, 0);
+
+/// IPv6 services (DSR only, see `router_common::v6`), by address, port
+/// and protocol. The value is a `Service` as in `SERVICES`: the id, the
+/// live table half and the encapsulation.
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Per backend id: the IPv6 address of an IPv6 service's backend (its
+/// `BACKENDS` entry holds the rest, with address 0).
+#[map]
+pub static BACKEND_ADDRS6: Array<Addr6> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// IPv6 DSR flows, as `DSR_FLOWS`; userspace sizes it as `CONNS`.
+#[map]
+pub static DSR_FLOWS6: LruHashMap<ConnKey6, DsrFlow6> =
+    LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// Both directions of new flows (opened by a SYN, a UDP datagram, or a TCP
 /// packet of a flow picked up mid-stream) whose client has not sent a

@@ -13,6 +13,7 @@ pub const UDP_LEN: usize = UdpHdr::LEN;
 pub const IP_OFF: usize = ETH_LEN;
 pub const L4_OFF: usize = ETH_LEN + IP_LEN;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 /// IP protocol number of ICMP: errors about tracked flows are translated
 /// (see `icmp`).
 pub const PROTO_ICMP: u8 = 1;
@@ -33,8 +34,10 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
 
 /// Why a packet is not a candidate for balancing.
 pub enum Skip {
-    /// Not IPv4 (IPv6, ARP, …): passed untouched.
+    /// Neither IPv4 nor IPv6 (ARP, …): passed untouched.
     NotIpv4,
+    /// IPv6: `router_v6`'s (see `parse6`).
+    Ipv6,
     Malformed,
     Fragment,
     Options,
@@ -85,8 +88,10 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Skip> {
     // SAFETY: `ptr_at` checked the field lies within the packet. Frames
     // start at an even offset (XDP headroom, plus a NET_IP_ALIGN of 0 or
     // 2), so the u16 is aligned, and a BPF load would be exact even if not.
-    if u16::from_be(unsafe { *ethertype }) != ETH_P_IP {
-        return Err(Skip::NotIpv4);
+    match u16::from_be(unsafe { *ethertype }) {
+        ETH_P_IP => {}
+        ETH_P_IPV6 => return Err(Skip::Ipv6),
+        _ => return Err(Skip::NotIpv4),
     }
     let ip: *const [u8; IP_LEN] = ptr_at(ctx, IP_OFF).map_err(|()| Skip::Malformed)?;
     // SAFETY: `ptr_at` checked the header lies within the packet; a byte

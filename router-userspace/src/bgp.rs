@@ -1,6 +1,7 @@
 //! VIP announcement through an existing BGP speaker: the daemon runs
-//! `gobgpd` as its child and adds and withdraws the VIPs' /32 paths with
-//! the `gobgp` CLI over the speaker's Unix socket.
+//! `gobgpd` as its child and adds and withdraws the VIPs' /32 paths (/128
+//! for IPv6, with `bgp.next_hop6` as next hop) with the `gobgp` CLI over
+//! the speaker's Unix socket.
 //!
 //! The speaker dies with the daemon (`PR_SET_PDEATHSIG`), so a daemon
 //! killed outright drops its sessions at once and its peers withdraw
@@ -14,7 +15,7 @@
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -62,12 +63,14 @@ pub struct BgpStatus {
     pub local_as: u32,
     pub router_id: String,
     pub sessions: Vec<BgpSession>,
-    /// VIPs announced, as /32 prefixes.
+    /// VIPs announced, as /32 (IPv6: /128) prefixes.
     pub announced: Vec<String>,
 }
 
 /// The gobgpd config for `cfg`: the global section and one neighbour per
-/// peer, with `cfg.hold_time` (keepalives at a third of it).
+/// peer, with `cfg.hold_time` (keepalives at a third of it). With an IPv6
+/// next hop the sessions carry IPv6 unicast too; without, gobgpd's default
+/// (IPv4 unicast) is left as it was.
 pub fn gobgpd_config(cfg: &BgpConfig) -> String {
     let hold = cfg.hold_time.as_secs().max(3);
     let mut s = format!(
@@ -84,8 +87,39 @@ pub fn gobgpd_config(cfg: &BgpConfig) -> String {
             p.asn,
             (hold / 3).max(1)
         );
+        if cfg.next_hop6.is_some() {
+            for family in ["ipv4-unicast", "ipv6-unicast"] {
+                let _ = write!(
+                    s,
+                    "  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      \
+                     afi-safi-name = \"{family}\"\n"
+                );
+            }
+        }
     }
     s
+}
+
+/// A VIP's path: `198.18.0.1/32` or `2001:db8::1/128`.
+fn prefix(vip: IpAddr) -> String {
+    match vip {
+        IpAddr::V4(a) => format!("{a}/32"),
+        IpAddr::V6(a) => format!("{a}/128"),
+    }
+}
+
+/// The `gobgp` arguments that add (`verb` "add") or withdraw ("del") the
+/// path of `vip`; an IPv6 path is added with `next_hop6`, which the
+/// config requires whenever a service listens on IPv6.
+fn rib_args(verb: &str, vip: IpAddr, next_hop6: Option<std::net::Ipv6Addr>) -> Vec<String> {
+    let family = if vip.is_ipv6() { "ipv6" } else { "ipv4" };
+    let mut args: Vec<String> = ["global", "rib", verb, "-a", family, &prefix(vip)]
+        .map(String::from)
+        .to_vec();
+    if let (true, "add", Some(nh)) = (vip.is_ipv6(), verb, next_hop6) {
+        args.extend(["nexthop".to_string(), nh.to_string()]);
+    }
+    args
 }
 
 /// The running speaker.
@@ -94,7 +128,7 @@ pub struct Speaker {
     socket: PathBuf,
     gobgp: PathBuf,
     cfg: BgpConfig,
-    announced: BTreeSet<Ipv4Addr>,
+    announced: BTreeSet<IpAddr>,
 }
 
 impl Speaker {
@@ -176,17 +210,16 @@ impl Speaker {
 
     /// Announces exactly `want`: adds the new VIPs and withdraws the rest.
     /// Returns one line per change, for the log.
-    pub fn sync(&mut self, want: &BTreeSet<Ipv4Addr>) -> Result<Vec<String>, BgpError> {
-        let add: Vec<Ipv4Addr> = want.difference(&self.announced).copied().collect();
-        let del: Vec<Ipv4Addr> = self.announced.difference(want).copied().collect();
+    pub fn sync(&mut self, want: &BTreeSet<IpAddr>) -> Result<Vec<String>, BgpError> {
+        let add: Vec<IpAddr> = want.difference(&self.announced).copied().collect();
+        let del: Vec<IpAddr> = self.announced.difference(want).copied().collect();
         let mut lines = Vec::new();
         for (vips, verb, done) in [(add, "add", "announced"), (del, "del", "withdrew")] {
             for vip in vips {
-                let prefix = format!("{vip}/32");
-                self.cli(
-                    &format!("{done} {prefix}"),
-                    &["global", "rib", verb, "-a", "ipv4", &prefix],
-                )?;
+                let prefix = prefix(vip);
+                let args = rib_args(verb, vip, self.cfg.next_hop6);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.cli(&format!("{done} {prefix}"), &args)?;
                 // Recorded path by path: a failure part-way leaves the set
                 // true to what the speaker holds, and the next round retries.
                 if verb == "add" {
@@ -232,7 +265,7 @@ impl Speaker {
             local_as: self.cfg.local_as,
             router_id: self.cfg.router_id.to_string(),
             sessions,
-            announced: self.announced.iter().map(|v| format!("{v}/32")).collect(),
+            announced: self.announced.iter().map(|v| prefix(*v)).collect(),
         }
     }
 
@@ -292,6 +325,7 @@ mod tests {
             ],
             hold_time: Duration::from_secs(6),
             drain: Duration::from_secs(1),
+            next_hop6: None,
             gobgpd: "gobgpd".into(),
             gobgp: "gobgp".into(),
         };
@@ -312,5 +346,53 @@ mod tests {
             Some(2)
         );
         assert_eq!(session_state(6), "established");
+        assert!(
+            n[0].get("afi-safis").is_none(),
+            "IPv4 only: gobgpd's default"
+        );
+
+        let v6 = gobgpd_config(&BgpConfig {
+            next_hop6: Some("2001:db8::2".parse().unwrap()),
+            ..cfg
+        });
+        let doc: toml::Value = toml::from_str(&v6).unwrap();
+        for n in doc["neighbors"].as_array().unwrap() {
+            let families: Vec<&str> = n["afi-safis"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["config"]["afi-safi-name"].as_str().unwrap())
+                .collect();
+            assert_eq!(families, ["ipv4-unicast", "ipv6-unicast"]);
+            assert_eq!(n["timers"]["config"]["hold-time"].as_integer(), Some(6));
+        }
+    }
+
+    #[test]
+    fn an_ipv6_vip_is_a_128_path_with_the_ipv6_next_hop() {
+        let nh = Some("2001:db8::2".parse().unwrap());
+        let v4: IpAddr = "198.18.0.10".parse().unwrap();
+        let v6: IpAddr = "2001:db8::10".parse().unwrap();
+        assert_eq!(
+            rib_args("add", v4, nh),
+            ["global", "rib", "add", "-a", "ipv4", "198.18.0.10/32"]
+        );
+        assert_eq!(
+            rib_args("add", v6, nh),
+            [
+                "global",
+                "rib",
+                "add",
+                "-a",
+                "ipv6",
+                "2001:db8::10/128",
+                "nexthop",
+                "2001:db8::2"
+            ]
+        );
+        assert_eq!(
+            rib_args("del", v6, nh),
+            ["global", "rib", "del", "-a", "ipv6", "2001:db8::10/128"]
+        );
     }
 }

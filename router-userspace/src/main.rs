@@ -152,10 +152,10 @@ enum DecapCommand {
     Attach {
         #[arg(long)]
         interface: String,
-        /// Outer destination to accept (repeatable); default: the
-        /// interface's IPv4 addresses.
+        /// Outer destination to accept, IPv4 or IPv6 (repeatable);
+        /// default: the interface's IPv4 and global IPv6 addresses.
         #[arg(long = "address")]
-        addresses: Vec<std::net::Ipv4Addr>,
+        addresses: Vec<std::net::IpAddr>,
         /// GUE port accepted besides IPIP; 0 for IPIP only.
         #[arg(long, default_value_t = router_common::dsr::DEFAULT_GUE_PORT)]
         gue_port: u16,

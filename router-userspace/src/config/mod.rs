@@ -12,7 +12,7 @@ mod validate;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -178,6 +178,10 @@ pub struct BgpConfig {
     /// After SIGTERM: how long the daemon waits between withdrawing its
     /// VIPs and ending the sessions, so peers move traffic first.
     pub drain: Duration,
+    /// The next hop of the IPv6 VIPs' /128 paths: an IPv6 address of this
+    /// LB. Set whenever a service listens on IPv6; the sessions then carry
+    /// IPv6 unicast besides IPv4.
+    pub next_hop6: Option<std::net::Ipv6Addr>,
     pub gobgpd: PathBuf,
     pub gobgp: PathBuf,
 }
@@ -216,11 +220,13 @@ pub struct DaemonConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
-    pub vip: SocketAddrV4,
+    /// IPv4, or IPv6 for a DSR service without pools or segments.
+    pub vip: SocketAddr,
     pub protocol: Protocol,
     /// 1..=`MAX_SNAT_ADDRS` distinct addresses.
     pub snat: Vec<Ipv4Addr>,
-    /// Never empty; names and addresses are unique within the service.
+    /// Never empty; names and addresses are unique within the service,
+    /// and addresses are of the VIP's family.
     pub backends: Vec<BackendConfig>,
     /// Another service whose backends take this one's new connections
     /// while every backend here is saturated.
@@ -282,7 +288,7 @@ impl KubernetesDiscovery {
     pub fn backend(&self, name: String, address: SocketAddrV4, drain: bool) -> BackendConfig {
         BackendConfig {
             name,
-            address,
+            address: address.into(),
             weight: self.weight,
             capacity: self.capacity,
             telemetry: self.telemetry_for(*address.ip()),
@@ -357,7 +363,7 @@ pub use crate::datapath::{Forwarding, Selection};
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendConfig {
     pub name: String,
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
     /// The pinned weight: `weight` as written, or for a static backend
     /// (neither `weight` nor `telemetry`) `capacity × policy.full_weight`
     /// (100 by default, today's static weight). `None`: the policy decides.
@@ -418,6 +424,12 @@ impl Config {
         Config::parse(&text, &path.display().to_string())
     }
 
+    /// Whether any service listens on IPv6 (and needs the host settings
+    /// of `host::settings::needed_ipv6`).
+    pub fn has_ipv6_service(&self) -> bool {
+        self.services.iter().any(|s| s.vip.is_ipv6())
+    }
+
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let source = Source {
@@ -462,7 +474,10 @@ impl Config {
         let policy = validate_policy(&loc, raw.policy.unwrap_or_default())?;
         let services = validate_services(&loc, raw.service, &policy)?;
         check_table_size(&loc, &daemon, &services)?;
-        let bgp = raw.bgp.map(|b| validate_bgp(&loc, b)).transpose()?;
+        let bgp = raw
+            .bgp
+            .map(|b| validate_bgp(&loc, b, &services))
+            .transpose()?;
         Ok(Config {
             daemon,
             policy,

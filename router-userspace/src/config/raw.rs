@@ -29,6 +29,7 @@ pub(super) struct RawBgp {
     pub(super) peers: Vec<RawPeer>,
     pub(super) hold_time: Option<String>,
     pub(super) drain: Option<String>,
+    pub(super) next_hop6: Option<String>,
     pub(super) gobgpd: Option<std::path::PathBuf>,
     pub(super) gobgp: Option<std::path::PathBuf>,
 }

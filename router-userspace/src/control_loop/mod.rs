@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::SocketAddr,
     sync::Arc,
     time::Duration,
 };
@@ -112,9 +112,9 @@ pub struct Controller {
     guards: guard::Guards,
 }
 
-fn health_check(addr: SocketAddrV4, h: &HealthConfig) -> HealthCheck {
+fn health_check(addr: SocketAddr, h: &HealthConfig) -> HealthCheck {
     HealthCheck {
-        addr: addr.into(),
+        addr,
         http_path: h.http_path.clone(),
         tcp: h.tcp,
         timeout: h.timeout,

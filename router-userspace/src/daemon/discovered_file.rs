@@ -64,12 +64,16 @@ pub fn lists_of(cfg: &Config, applied: &BTreeMap<String, Vec<BackendConfig>>) ->
                 SavedList {
                     namespace: d.namespace.clone(),
                     service: d.service.clone(),
+                    // Discovery lists IPv4 endpoints only (see `slices`).
                     backends: backends
                         .iter()
-                        .map(|b| SavedBackend {
-                            name: b.name.clone(),
-                            address: b.address,
-                            drain: b.drain,
+                        .filter_map(|b| match b.address {
+                            std::net::SocketAddr::V4(address) => Some(SavedBackend {
+                                name: b.name.clone(),
+                                address,
+                                drain: b.drain,
+                            }),
+                            std::net::SocketAddr::V6(_) => None,
                         })
                         .collect(),
                 },

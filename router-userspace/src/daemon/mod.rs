@@ -104,6 +104,15 @@ pub fn host_plan(cfg: &Config, pin_path: &Path) -> Result<Vec<String>> {
         );
         lines.extend(veth_note(iface));
     }
+    if cfg.has_ipv6_service() {
+        let changes = host_settings::needed_ipv6(&cfg.daemon.interfaces)
+            .context("reading the IPv6 forwarding settings")?;
+        lines.extend(
+            changes
+                .iter()
+                .map(|c| format!("the daemon sets {}", c.describe())),
+        );
+    }
     lines.extend(neighbours::plan(&neighbours::targets(cfg)));
     match bpffs_plan(pin_path)? {
         BpffsPlan::Present => {}
@@ -180,23 +189,32 @@ fn arrange_interface(iface: &str, record: &Path) {
     if let Some(note) = veth_note(iface) {
         info!("{note}");
     }
-    let changes = match host_settings::needed(iface) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!("{iface}: cannot read the settings NAT mode needs: {e}");
-            return;
-        }
-    };
-    match host_settings::apply(record, &changes) {
+    match host_settings::needed(iface) {
+        Ok(changes) => apply_settings(iface, record, &changes),
+        Err(e) => warn!("{iface}: cannot read the settings NAT mode needs: {e}"),
+    }
+}
+
+/// Sets what IPv6 services need (see `host_settings::needed_ipv6`), as
+/// `arrange_interface` does for an interface.
+fn arrange_ipv6(ifaces: &[String], record: &Path) {
+    match host_settings::needed_ipv6(ifaces) {
+        Ok(changes) => apply_settings("ipv6", record, &changes),
+        Err(e) => warn!("cannot read the IPv6 forwarding settings IPv6 services need: {e}"),
+    }
+}
+
+fn apply_settings(what: &str, record: &Path, changes: &[host_settings::Change]) {
+    match host_settings::apply(record, changes) {
         Ok(()) => {
-            for c in &changes {
-                info!("{iface}: set {} (restored by --cleanup)", c.describe());
+            for c in changes {
+                info!("{what}: set {} (restored by --cleanup)", c.describe());
             }
         }
         Err(e) => {
-            for c in &changes {
+            for c in changes {
                 warn!(
-                    "{iface}: could not set {}: {e:#}; set it by hand",
+                    "{what}: could not set {}: {e:#}; set it by hand",
                     c.describe()
                 );
             }
@@ -352,6 +370,9 @@ pub fn run(config_path: &Path, opts: &DaemonOptions) -> Result<()> {
     };
 
     let host_record = host_settings::record_path(&cfg.daemon.control_socket);
+    if cfg.has_ipv6_service() {
+        arrange_ipv6(&cfg.daemon.interfaces, &host_record);
+    }
     for iface in &cfg.daemon.interfaces {
         arrange_interface(iface, &host_record);
         let took_over = dp

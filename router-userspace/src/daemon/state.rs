@@ -545,6 +545,19 @@ impl DaemonState {
                 cfg.origin()
             );
         }
+        // The daemon sets IPv6 forwarding at start, before it drops its
+        // capabilities; without it router_v6 resolves no next hop.
+        if cfg.has_ipv6_service() && !self.config.has_ipv6_service() {
+            let missing = crate::host::settings::needed_ipv6(&cfg.daemon.interfaces)?;
+            if let Some(c) = missing.first() {
+                anyhow::bail!(
+                    "{}: IPv6 services need {}, which the daemon sets only at start: restart it \
+                     (hitless), or set it by hand and reload",
+                    cfg.origin(),
+                    c.describe()
+                );
+            }
+        }
         let mut cfg = cfg;
         // The file lists no backends for a discovered service: it keeps
         // the ones discovered.

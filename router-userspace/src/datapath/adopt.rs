@@ -4,26 +4,32 @@
 //! apply writes only idle halves and flips, as any later one does. Reading
 //! only: nothing here writes a map, and `CONNS` is never touched.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+};
 
 use aya::maps::{Array, HashMap as BpfHashMap, lpm_trie::LpmTrie};
 use router_common::{
     ADDR_FILTER_SIZE, Backend, MAX_BACKENDS, PROTO_TCP, Pool, PoolKey, SegmentKey, Service,
     ServiceKey,
+    v6::{Addr6, ServiceKey6},
 };
 
 use super::{
     BackendSpec, Datapath, DatapathError, Forwarding, ServiceSpec, map_err,
     pools::{PoolState, PooledState},
-    state::ServiceState,
+    state::{ListenKey, ServiceState},
 };
 use crate::datapath::state::service_key;
 
 /// The maps' contents that the daemon's state is derived from.
 pub(super) struct PinnedState {
-    services: Vec<(ServiceKey, Service)>,
-    /// Backend slots in use, by id.
-    backends: Vec<(u32, Backend)>,
+    /// IPv4 services (`SERVICES`), then IPv6 ones (`SERVICES6`).
+    services: Vec<(ListenKey, Service)>,
+    /// Backend slots in use, by id, with their addresses (an IPv6
+    /// service's backends' from `BACKEND_ADDRS6`).
+    backends: Vec<(u32, Backend, SocketAddr)>,
     /// Each service's live table half, by service id.
     live_tables: BTreeMap<u32, Vec<u32>>,
     /// Pools by service id: (index, value), in index order.
@@ -36,27 +42,35 @@ pub(super) struct PinnedState {
 /// A backend that an adopted service was routing new connections to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct AdoptedRoute {
-    pub vip: std::net::SocketAddrV4,
+    pub vip: SocketAddr,
     pub proto: u8,
-    pub backend: std::net::SocketAddrV4,
-}
-
-fn vip_of(key: &ServiceKey) -> std::net::SocketAddrV4 {
-    std::net::SocketAddrV4::new(key.addr.to_ne_bytes().into(), u16::from_be(key.port))
+    pub backend: SocketAddr,
 }
 
 impl Datapath {
-    pub(super) fn read_pinned_state(&self) -> Result<PinnedState, DatapathError> {
-        let services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
-            self.ebpf
-                .map("SERVICES")
-                .ok_or(DatapathError::MissingMap("SERVICES"))?,
-        )
-        .map_err(map_err("SERVICES"))?;
-        let services = services
-            .iter()
+    /// Every entry of the services map `name`, keyed by `key`.
+    fn pinned_services<K: aya::Pod>(
+        &self,
+        name: &'static str,
+        key: impl Fn(K) -> ListenKey,
+    ) -> Result<Vec<(ListenKey, Service)>, DatapathError> {
+        let map: BpfHashMap<_, K, Service> =
+            BpfHashMap::try_from(self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?)
+                .map_err(map_err(name))?;
+        map.iter()
+            .map(|e| e.map(|(k, v)| (key(k), v)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("SERVICES"))?;
+            .map_err(map_err(name))
+    }
+
+    pub(super) fn read_pinned_state(&self) -> Result<PinnedState, DatapathError> {
+        let mut services = self.pinned_services::<ServiceKey>("SERVICES", ListenKey::V4)?;
+        services.extend(self.pinned_services::<ServiceKey6>("SERVICES6", ListenKey::V6)?);
+        let v6_ids: BTreeSet<u32> = services
+            .iter()
+            .filter(|(k, _)| matches!(k, ListenKey::V6(_)))
+            .map(|(_, svc)| svc.id)
+            .collect();
 
         let backend_map: Array<_, Backend> = Array::try_from(
             self.ebpf
@@ -64,12 +78,29 @@ impl Datapath {
                 .ok_or(DatapathError::MissingMap("BACKENDS"))?,
         )
         .map_err(map_err("BACKENDS"))?;
+        let addrs6: Array<_, Addr6> = Array::try_from(
+            self.ebpf
+                .map("BACKEND_ADDRS6")
+                .ok_or(DatapathError::MissingMap("BACKEND_ADDRS6"))?,
+        )
+        .map_err(map_err("BACKEND_ADDRS6"))?;
         let mut backends = Vec::new();
         for id in 0..MAX_BACKENDS {
             let b = backend_map.get(&id, 0).map_err(map_err("BACKENDS"))?;
-            if b.in_use != 0 {
-                backends.push((id, b));
+            if b.in_use == 0 {
+                continue;
             }
+            let ip = if v6_ids.contains(&b.service_id) {
+                IpAddr::from(
+                    addrs6
+                        .get(&id, 0)
+                        .map_err(map_err("BACKEND_ADDRS6"))?
+                        .octets(),
+                )
+            } else {
+                IpAddr::from(b.addr.to_ne_bytes())
+            };
+            backends.push((id, b, SocketAddr::new(ip, u16::from_be(b.port))));
         }
 
         let tables: Array<_, u32> = Array::try_from(
@@ -156,16 +187,13 @@ impl Datapath {
             let Some(table) = pinned.live_tables.get(&svc.id) else {
                 continue;
             };
-            let ids: std::collections::BTreeSet<u32> = table.iter().copied().collect();
-            for (id, b) in &pinned.backends {
+            let ids: BTreeSet<u32> = table.iter().copied().collect();
+            for (id, b, addr) in &pinned.backends {
                 if b.service_id == svc.id && ids.contains(id) {
                     routes.push(AdoptedRoute {
-                        vip: vip_of(key),
-                        proto: key.proto,
-                        backend: std::net::SocketAddrV4::new(
-                            b.addr.to_ne_bytes().into(),
-                            u16::from_be(b.port),
-                        ),
+                        vip: key.vip(),
+                        proto: key.proto(),
+                        backend: *addr,
                     });
                 }
             }
@@ -188,24 +216,19 @@ impl Datapath {
             filter,
         } = pinned;
         self.filter = filter;
-        let mut claimed = std::collections::BTreeSet::new();
+        let mut claimed = BTreeSet::new();
         for (key, svc) in services {
             let spec = specs.iter().find(|s| service_key(s) == key);
-            let mut free: Vec<(u32, Backend)> = backends
+            let mut free: Vec<(u32, SocketAddr)> = backends
                 .iter()
-                .filter(|(_, b)| b.service_id == svc.id)
-                .copied()
+                .filter(|(_, b, _)| b.service_id == svc.id)
+                .map(|(id, _, addr)| (*id, *addr))
                 .collect();
             claimed.extend(free.iter().map(|(id, _)| *id));
             let mut backend_ids = BTreeMap::new();
             let mut backend_specs = Vec::new();
             for b in spec.map(|s| s.backends.as_slice()).unwrap_or_default() {
-                let addr = u32::from_ne_bytes(b.address.ip().octets());
-                let port = b.address.port().to_be();
-                if let Some(pos) = free
-                    .iter()
-                    .position(|(_, pb)| pb.addr == addr && pb.port == port)
-                {
+                if let Some(pos) = free.iter().position(|(_, addr)| *addr == b.address) {
                     let (id, _) = free.remove(pos);
                     backend_ids.insert(b.name.clone(), id);
                     backend_specs.push(BackendSpec {
@@ -215,24 +238,25 @@ impl Datapath {
                     });
                 }
             }
-            for (id, b) in free {
+            for (id, address) in free {
                 let name = format!("#{id}");
                 backend_ids.insert(name.clone(), id);
                 backend_specs.push(BackendSpec {
                     name,
                     role: super::BackendRole::Primary,
-                    address: std::net::SocketAddrV4::new(
-                        b.addr.to_ne_bytes().into(),
-                        u16::from_be(b.port),
-                    ),
+                    address,
                     weight: 0,
                     max_in_flight: 0,
                 });
             }
-            let vip = vip_of(&key);
+            let vip = key.vip();
             let name = spec.map_or_else(
                 || {
-                    let proto = if key.proto == PROTO_TCP { "tcp" } else { "udp" };
+                    let proto = if key.proto() == PROTO_TCP {
+                        "tcp"
+                    } else {
+                        "udp"
+                    };
                     format!("(pinned) {vip}/{proto}")
                 },
                 |s| s.name.clone(),
@@ -272,7 +296,7 @@ impl Datapath {
                         forwarding: Forwarding::of_service(svc.forwarding, svc.gue_port),
                         name,
                         vip,
-                        proto: key.proto,
+                        proto: key.proto(),
                         snat: svc.snat_addrs[..count]
                             .iter()
                             .map(|a| a.to_ne_bytes().into())
@@ -302,7 +326,7 @@ impl Datapath {
         // before the restart; they are released after one more.
         self.retired_backends = backends
             .iter()
-            .map(|(id, _)| *id)
+            .map(|(id, _, _)| *id)
             .filter(|id| !claimed.contains(id))
             .collect();
     }

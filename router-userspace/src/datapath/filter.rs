@@ -10,10 +10,14 @@ use router_common::{
     ADDR_FILTER_SIZE, FILTER_DSR, FILTER_DSR_ONLY, FILTER_SNAT, FILTER_VIP, addr_filter_bucket,
 };
 
-use super::{Datapath, DatapathError, ServiceSpec, map_err, state::service_key};
+use super::{
+    Datapath, DatapathError, ServiceSpec, map_err,
+    state::{ListenKey, service_key},
+};
 
 /// Every bucket's bits for `services`, and their SNAT addresses as read
-/// off the wire.
+/// off the wire. IPv6 services add none: the filter is read for IPv4
+/// destinations only (`router_v6` takes every IPv6 frame).
 pub(super) fn bits<'a>(
     services: impl IntoIterator<Item = &'a ServiceSpec>,
 ) -> (Vec<u32>, BTreeSet<u32>) {
@@ -22,7 +26,10 @@ pub(super) fn bits<'a>(
     let mut shared = vec![false; ADDR_FILTER_SIZE as usize];
     let mut snat = BTreeSet::new();
     for s in services {
-        let bucket = addr_filter_bucket(service_key(s).addr) as usize;
+        let ListenKey::V4(key) = service_key(s) else {
+            continue;
+        };
+        let bucket = addr_filter_bucket(key.addr) as usize;
         if s.forwarding.is_dsr() {
             want[bucket] |= FILTER_VIP | FILTER_DSR;
         } else {
@@ -106,7 +113,7 @@ impl Datapath {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
     use super::*;
     use crate::datapath::{Forwarding, Selection};
@@ -114,7 +121,7 @@ mod tests {
     fn service(vip: [u8; 4], port: u16, forwarding: Forwarding, snat: &[[u8; 4]]) -> ServiceSpec {
         ServiceSpec {
             name: format!("{vip:?}:{port}"),
-            vip: SocketAddrV4::new(Ipv4Addr::from(vip), port),
+            vip: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(vip), port)),
             proto: 6,
             snat: snat.iter().map(|a| Ipv4Addr::from(*a)).collect(),
             snat_port_min: 1024,
@@ -193,6 +200,23 @@ mod tests {
         ]);
         assert_eq!(want[bucket(DSR_VIP)], FILTER_VIP | FILTER_DSR | FILTER_SNAT);
         assert!(snat.contains(&u32::from_ne_bytes(neighbour(DSR_VIP))));
+    }
+
+    #[test]
+    fn an_ipv6_service_sets_no_bit() {
+        let v6 = ServiceSpec {
+            vip: "[2001:db8::1]:80".parse().unwrap(),
+            ..service(DSR_VIP, 80, Forwarding::Ipip, &[])
+        };
+        let (want, snat) = bits(std::slice::from_ref(&v6));
+        assert!(want.iter().all(|b| *b == 0) && snat.is_empty());
+        // Beside an IPv4 DSR service, whose bucket stays exclusive.
+        let (want, _) = bits(&[v6, service(DSR_VIP, 80, Forwarding::Ipip, &[])]);
+        assert_eq!(
+            want[bucket(DSR_VIP)],
+            FILTER_VIP | FILTER_DSR | FILTER_DSR_ONLY
+        );
+        assert_eq!(want.iter().filter(|b| **b != 0).count(), 1);
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! do. Least-loaded picks depend on each node's own in-flight counts and
 //! are not covered, beyond the tables they fall back on.
 
-use std::{hash::Hasher, net::SocketAddrV4};
+use std::{
+    hash::Hasher,
+    net::{IpAddr, SocketAddr},
+};
 
 use fnv::FnvHasher;
 use router_common::MAX_BACKENDS;
@@ -17,12 +20,20 @@ use super::{Datapath, state::ServiceState};
 const NO_BACKEND: u8 = 0;
 const BACKEND: u8 = 1;
 
-fn write_table(h: &mut FnvHasher, table: &[u32], addr_of: &[Option<SocketAddrV4>]) {
+/// An address's bytes: 4 for IPv4 (as before IPv6 services), 16 for IPv6.
+fn write_ip(h: &mut FnvHasher, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => h.write(&a.octets()),
+        IpAddr::V6(a) => h.write(&a.octets()),
+    }
+}
+
+fn write_table(h: &mut FnvHasher, table: &[u32], addr_of: &[Option<SocketAddr>]) {
     for &id in table {
         match addr_of.get(id as usize).copied().flatten() {
             Some(a) => {
                 h.write_u8(BACKEND);
-                h.write(&a.ip().octets());
+                write_ip(h, a.ip());
                 h.write_u16(a.port());
             }
             None => h.write_u8(NO_BACKEND),
@@ -42,7 +53,7 @@ fn write_service(h: &mut FnvHasher, st: &ServiceState) -> Option<()> {
             *slot = Some(b.address);
         }
     }
-    h.write(&st.spec.vip.ip().octets());
+    write_ip(h, st.spec.vip.ip());
     h.write_u16(st.spec.vip.port());
     h.write_u8(st.spec.proto);
     h.write_u32(st.spec.selection.code());
@@ -73,7 +84,7 @@ impl Datapath {
         h.write_u32(self.opts.table_size);
         // By VIP, not by name or id: what a packet is matched on.
         let mut services: Vec<&ServiceState> = self.services.values().collect();
-        services.sort_by_key(|s| (*s.spec.vip.ip(), s.spec.vip.port(), s.spec.proto));
+        services.sort_by_key(|s| (s.spec.vip.ip(), s.spec.vip.port(), s.spec.proto));
         for st in services {
             write_service(&mut h, st)?;
         }

@@ -16,6 +16,7 @@ mod conn_table;
 mod counters;
 mod filter;
 mod fingerprint;
+mod keys;
 mod latency;
 mod load;
 pub mod pinning;
@@ -35,7 +36,10 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use router_common::{FIB_GEN_PER_FLOW, MAX_BACKENDS, MAX_SERVICES};
+use router_common::{
+    FIB_GEN_PER_FLOW, MAX_BACKENDS, MAX_SERVICES,
+    v6::{TAIL_DSR, TAIL_V6},
+};
 
 pub use adopt::AdoptedRoute;
 pub use conn_table::{ConnScan, ConnTable};
@@ -189,7 +193,7 @@ enum Attachment {
 }
 
 /// `max_entries` set at load time, by map name.
-fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 4], DatapathError> {
+fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 5], DatapathError> {
     if opts.table_size < 2 {
         return Err(DatapathError::TableSize(opts.table_size));
     }
@@ -203,6 +207,7 @@ fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 4], DatapathEr
         // DSR flows have one entry each and share the setting: a node
         // that serves both kinds holds up to this many of each.
         ("DSR_FLOWS", opts.conn_table_size),
+        ("DSR_FLOWS6", opts.conn_table_size),
         (
             "HALF_OPEN",
             router_common::half_open_table_size(opts.conn_table_size),
@@ -267,28 +272,31 @@ fn loader<'a>(
     loader
 }
 
-/// Loads `router_dsr` and puts it at index 0 of `DSR_PROG`, where
-/// `router` tail-calls it for DSR services' packets (a pinned array's
-/// old program is replaced in the same write).
-fn install_dsr_program(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
-    let program: &mut Xdp = ebpf
-        .program_mut("router_dsr")
-        .ok_or(DatapathError::MissingMap("router_dsr program"))?
-        .try_into()?;
-    program.load()?;
-    let fd = program
-        .fd()?
-        .try_clone()
-        .map_err(|e| DatapathError::PinIo {
-            path: "router_dsr".into(),
-            source: e,
-        })?;
-    let mut array = aya::maps::ProgramArray::try_from(
-        ebpf.map_mut("DSR_PROG")
-            .ok_or(DatapathError::MissingMap("DSR_PROG"))?,
-    )
-    .map_err(map_err("DSR_PROG"))?;
-    array.set(0, &fd, 0).map_err(map_err("DSR_PROG"))?;
+/// Loads the programs `router` tail-calls (`router_dsr` for IPv4 DSR
+/// services, `router_v6` for IPv6 frames) and puts each at its index of
+/// `TAIL_CALLS` (a pinned array's old programs are replaced in the same
+/// writes).
+fn install_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    for (name, index) in [("router_dsr", TAIL_DSR), ("router_v6", TAIL_V6)] {
+        let program: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?
+            .try_into()?;
+        program.load()?;
+        let fd = program
+            .fd()?
+            .try_clone()
+            .map_err(|e| DatapathError::PinIo {
+                path: name.into(),
+                source: e,
+            })?;
+        let mut array = aya::maps::ProgramArray::try_from(
+            ebpf.map_mut("TAIL_CALLS")
+                .ok_or(DatapathError::MissingMap("TAIL_CALLS"))?,
+        )
+        .map_err(map_err("TAIL_CALLS"))?;
+        array.set(index, &fd, 0).map_err(map_err("TAIL_CALLS"))?;
+    }
     Ok(())
 }
 
@@ -364,7 +372,7 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap("router program"))?
             .try_into()?;
         program.load()?;
-        install_dsr_program(&mut ebpf)?;
+        install_tail_calls(&mut ebpf)?;
         let load = std::sync::Arc::new(load::map(&ebpf)?);
         let mut dp = Self {
             ebpf,
@@ -537,11 +545,11 @@ impl Datapath {
 
     /// The VIP addresses of services that have a backend to send a new
     /// flow to (weight above 0): what a node may announce.
-    pub fn serving_vips(&self) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+    pub fn serving_vips(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
         self.services
             .values()
             .filter(|st| st.spec.backends.iter().any(|b| b.weight > 0))
-            .map(|st| *st.spec.vip.ip())
+            .map(|st| st.spec.vip.ip())
             .collect()
     }
 

@@ -1,12 +1,13 @@
 //! What the datapath should serve, independent of where it came from (a
 //! config file today, service discovery later).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
-    pub vip: SocketAddrV4,
+    /// IPv4, or IPv6 for a DSR service (`SERVICES6`, served by `router_v6`).
+    pub vip: SocketAddr,
     /// IP protocol number (6 TCP, 17 UDP).
     pub proto: u8,
     pub snat: Vec<Ipv4Addr>,
@@ -127,7 +128,8 @@ impl Selection {
 pub struct BackendSpec {
     pub name: String,
     pub role: BackendRole,
-    pub address: SocketAddrV4,
+    /// Of the service's VIP's family.
+    pub address: SocketAddr,
     pub weight: u32,
     /// In-flight flows at which a least-loaded pick sees no room (0: no limit).
     pub max_in_flight: u32,

@@ -7,10 +7,14 @@ use aya::maps::{Array, HashMap as BpfHashMap};
 use router_common::{
     Backend, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS, Member, Service, ServiceKey,
     selection::{MAX_SCAN_MEMBERS, member_index},
+    v6::{Addr6, ServiceKey6},
 };
 
+pub(super) use super::keys::{ListenKey, service_key};
 use super::{
-    BackendSpec, Datapath, DatapathError, Selection, ServiceSpec, filter, map_err,
+    BackendSpec, Datapath, DatapathError, Selection, ServiceSpec, filter,
+    keys::{addr6_of, backend_value},
+    map_err,
     pools::{PooledState, Published},
 };
 use crate::maglev::{self, MaglevBackend};
@@ -19,7 +23,7 @@ use router_common::pools::MAX_POOLS;
 pub(super) struct ServiceState {
     pub id: u32,
     pub spec: ServiceSpec,
-    pub key: ServiceKey,
+    pub key: ListenKey,
     pub active: u32,
     /// What each table half holds, so a change writes only differing slots.
     pub halves: [Option<Vec<u32>>; 2],
@@ -95,15 +99,6 @@ pub(super) fn build_table(
     maglev::build(&input, size)
 }
 
-pub(super) fn service_key(spec: &ServiceSpec) -> ServiceKey {
-    ServiceKey {
-        addr: u32::from_ne_bytes(spec.vip.ip().octets()),
-        port: spec.vip.port().to_be(),
-        proto: spec.proto,
-        _pad: 0,
-    }
-}
-
 /// What one apply changed, for logs and reasons.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -131,11 +126,29 @@ fn check(specs: &[ServiceSpec]) -> Result<(), DatapathError> {
         if !names.insert(&s.name) {
             return Err(bad("duplicate service name"));
         }
-        let k = service_key(s);
-        if !keys.insert((k.addr, k.port, k.proto)) {
+        if !keys.insert((s.vip, s.proto)) {
             return Err(bad(
                 "another service already listens on this VIP, port and protocol",
             ));
+        }
+        if let Some(b) = s
+            .backends
+            .iter()
+            .find(|b| b.address.is_ipv6() != s.vip.is_ipv6())
+        {
+            return Err(bad(&format!(
+                "backend {} is not of the VIP's address family",
+                b.name
+            )));
+        }
+        if s.vip.is_ipv6() {
+            // `router_v6` balances DSR only, from the service's own table.
+            if !s.forwarding.is_dsr() {
+                return Err(bad("an IPv6 service forwards by DSR"));
+            }
+            if !s.pools.is_empty() || !s.segments.is_empty() {
+                return Err(bad("an IPv6 service has no pools or segments"));
+            }
         }
         if s.forwarding.is_dsr() {
             if !s.snat.is_empty() {
@@ -292,13 +305,7 @@ impl Datapath {
             .collect();
         for name in gone {
             if let Some(mut st) = self.services.remove(&name) {
-                let mut services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
-                    self.ebpf
-                        .map_mut("SERVICES")
-                        .ok_or(DatapathError::MissingMap("SERVICES"))?,
-                )
-                .map_err(map_err("SERVICES"))?;
-                services.remove(&st.key).map_err(map_err("SERVICES"))?;
+                self.remove_service(&st.key)?;
                 let was = st.pooled.pools.len();
                 self.retire_pools(st.id, was, 0, &BTreeSet::new(), &mut st.pooled)?;
                 self.retired_backends
@@ -326,20 +333,62 @@ impl Datapath {
         .map_err(map_err("BACKENDS"))?;
         for b in &s.backends {
             let id = ids[&b.name];
-            let value = Backend {
-                addr: u32::from_ne_bytes(b.address.ip().octets()),
-                port: b.address.port().to_be(),
-                _pad: 0,
-                service_id: sid,
-                in_use: 1,
-                weight: b.weight,
-                max_in_flight: b.max_in_flight,
-            };
+            let value = backend_value(b, sid);
             if backends.get(&id, 0).map_err(map_err("BACKENDS"))? != value {
                 backends.set(id, value, 0).map_err(map_err("BACKENDS"))?;
             }
         }
+        if !s.vip.is_ipv6() {
+            return Ok(());
+        }
+        let mut addrs: Array<_, Addr6> = Array::try_from(
+            self.ebpf
+                .map_mut("BACKEND_ADDRS6")
+                .ok_or(DatapathError::MissingMap("BACKEND_ADDRS6"))?,
+        )
+        .map_err(map_err("BACKEND_ADDRS6"))?;
+        for b in &s.backends {
+            let (id, Some(addr)) = (ids[&b.name], addr6_of(b)) else {
+                continue;
+            };
+            if addrs.get(&id, 0).map_err(map_err("BACKEND_ADDRS6"))? != addr {
+                addrs.set(id, addr, 0).map_err(map_err("BACKEND_ADDRS6"))?;
+            }
+        }
         Ok(())
+    }
+
+    /// Writes a service's value under `key`, in its family's map.
+    fn insert_service(&mut self, key: ListenKey, value: Service) -> Result<(), DatapathError> {
+        match key {
+            ListenKey::V4(k) => self
+                .services_map::<ServiceKey>("SERVICES")?
+                .insert(k, value, 0),
+            ListenKey::V6(k) => self
+                .services_map::<ServiceKey6>("SERVICES6")?
+                .insert(k, value, 0),
+        }
+        .map_err(map_err(key.map_name()))
+    }
+
+    fn remove_service(&mut self, key: &ListenKey) -> Result<(), DatapathError> {
+        match key {
+            ListenKey::V4(k) => self.services_map::<ServiceKey>("SERVICES")?.remove(k),
+            ListenKey::V6(k) => self.services_map::<ServiceKey6>("SERVICES6")?.remove(k),
+        }
+        .map_err(map_err(key.map_name()))
+    }
+
+    fn services_map<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<BpfHashMap<&mut aya::maps::MapData, K, Service>, DatapathError> {
+        BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(name)
+                .ok_or(DatapathError::MissingMap(name))?,
+        )
+        .map_err(map_err(name))
     }
 
     /// Builds the service's table; if it differs from the live half, writes
@@ -440,19 +489,11 @@ impl Datapath {
             gue_port: s.forwarding.gue_port_be(),
             _pad: 0,
         };
-        let mut services: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
-            self.ebpf
-                .map_mut("SERVICES")
-                .ok_or(DatapathError::MissingMap("SERVICES"))?,
-        )
-        .map_err(map_err("SERVICES"))?;
         // One value replace: the new half and any new SNAT settings become
         // visible to packets together.
-        services
-            .insert(new_key, value, 0)
-            .map_err(map_err("SERVICES"))?;
+        self.insert_service(new_key, value)?;
         if existed && old_key != new_key {
-            services.remove(&old_key).map_err(map_err("SERVICES"))?;
+            self.remove_service(&old_key)?;
         }
         let want: BTreeSet<_> = s.segments.iter().map(|g| (g.addr, g.prefix_len)).collect();
         self.retire_pools(sid, pools_before, s.pools.len(), &want, &mut st.pooled)?;
@@ -543,10 +584,170 @@ impl Datapath {
                 .set(*id, Backend::default(), 0)
                 .map_err(map_err("BACKENDS"))?;
         }
+        // A later IPv4 backend in the slot must not carry a stale address
+        // into anything that reads the array by id.
+        let mut addrs: Array<_, Addr6> = Array::try_from(
+            self.ebpf
+                .map_mut("BACKEND_ADDRS6")
+                .ok_or(DatapathError::MissingMap("BACKEND_ADDRS6"))?,
+        )
+        .map_err(map_err("BACKEND_ADDRS6"))?;
+        for id in &freed {
+            addrs
+                .set(*id, Addr6::default(), 0)
+                .map_err(map_err("BACKEND_ADDRS6"))?;
+        }
         for id in freed {
             self.reset_backend_stats(id)?;
             self.load.clear(id);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::{BackendRole, Forwarding};
+
+    fn spec(name: &str, vip: &str, backends: &[&str], forwarding: Forwarding) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            proto: router_common::PROTO_TCP,
+            snat: Vec::new(),
+            snat_port_min: 1024,
+            snat_port_max: 65535,
+            selection: Selection::Maglev,
+            backends: backends
+                .iter()
+                .enumerate()
+                .map(|(i, a)| BackendSpec {
+                    name: format!("b{i}"),
+                    role: BackendRole::Primary,
+                    address: a.parse().unwrap(),
+                    weight: 100,
+                    max_in_flight: 0,
+                })
+                .collect(),
+            pools: Vec::new(),
+            segments: Vec::new(),
+            forwarding,
+        }
+    }
+
+    fn refusal(specs: &[ServiceSpec]) -> String {
+        check(specs).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_ipv6_service_is_keyed_for_services6_in_wire_order() {
+        let s = spec("v6", "[2001:db8::1]:443", &[], Forwarding::Ipip);
+        let ListenKey::V6(k) = service_key(&s) else {
+            panic!("an IPv6 VIP keys SERVICES6");
+        };
+        assert_eq!(k.addr.octets()[..4], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(k.port, 443u16.to_be());
+        assert_eq!(service_key(&s).vip(), s.vip);
+        let v4 = spec("v4", "198.18.0.1:443", &[], Forwarding::Ipip);
+        assert!(matches!(service_key(&v4), ListenKey::V4(_)));
+        assert_eq!(service_key(&v4).vip(), v4.vip);
+    }
+
+    #[test]
+    fn an_ipv6_backend_keeps_its_address_out_of_backends() {
+        let s = spec(
+            "v6",
+            "[2001:db8::1]:80",
+            &["[2001:db8::11]:8000"],
+            Forwarding::Ipip,
+        );
+        let b = &s.backends[0];
+        let value = backend_value(b, 3);
+        assert_eq!(
+            (value.addr, value.port, value.in_use),
+            (0, 8000u16.to_be(), 1)
+        );
+        assert_eq!(
+            addr6_of(b).map(|a| a.octets()),
+            Some(
+                "2001:db8::11"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets()
+            )
+        );
+        let v4 = spec(
+            "v4",
+            "198.18.0.1:80",
+            &["198.18.0.11:8000"],
+            Forwarding::Ipip,
+        );
+        assert_eq!(addr6_of(&v4.backends[0]), None);
+        assert_eq!(
+            backend_value(&v4.backends[0], 3).addr,
+            u32::from_ne_bytes([198, 18, 0, 11])
+        );
+    }
+
+    #[test]
+    fn the_same_vip_text_in_each_family_is_two_listeners_but_one_per_family() {
+        let v6 = spec(
+            "a",
+            "[2001:db8::1]:80",
+            &["[2001:db8::11]:80"],
+            Forwarding::Ipip,
+        );
+        let v4 = spec("b", "198.18.0.1:80", &["198.18.0.11:80"], Forwarding::Ipip);
+        assert!(check(&[v6.clone(), v4]).is_ok());
+        let again = ServiceSpec {
+            name: "c".into(),
+            ..v6.clone()
+        };
+        assert!(refusal(&[v6, again]).contains("already listens"));
+    }
+
+    #[test]
+    fn ipv6_services_are_dsr_of_one_family_without_pools() {
+        let nat = ServiceSpec {
+            snat: vec![std::net::Ipv4Addr::new(198, 18, 0, 1)],
+            ..spec(
+                "n",
+                "[2001:db8::1]:80",
+                &["[2001:db8::11]:80"],
+                Forwarding::Nat,
+            )
+        };
+        assert!(refusal(&[nat]).contains("forwards by DSR"));
+        let mixed = spec(
+            "m",
+            "[2001:db8::1]:80",
+            &["198.18.0.11:80"],
+            Forwarding::Ipip,
+        );
+        assert!(refusal(&[mixed]).contains("backend b0 is not of the VIP's address family"));
+        let mixed4 = spec(
+            "m",
+            "198.18.0.1:80",
+            &["[2001:db8::11]:80"],
+            Forwarding::Ipip,
+        );
+        assert!(refusal(&[mixed4]).contains("address family"));
+        let pooled = ServiceSpec {
+            pools: vec![crate::datapath::PoolSpec {
+                name: "p".into(),
+                backends: vec!["b0".into()],
+                share: 100,
+                fallback: None,
+                saturated: false,
+            }],
+            ..spec(
+                "p",
+                "[2001:db8::1]:80",
+                &["[2001:db8::11]:80"],
+                Forwarding::Gue { port: 6080 },
+            )
+        };
+        assert!(refusal(&[pooled]).contains("no pools or segments"));
     }
 }

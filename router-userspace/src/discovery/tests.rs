@@ -329,7 +329,7 @@ fn capacity_and_weight_come_from_the_spec() {
     assert_eq!((b.capacity, b.weight), (2.0, Some(200)));
     assert_eq!(
         b.address,
-        SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 8000)
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 8000).into()
     );
 }
 

@@ -24,7 +24,7 @@ mod rtnl;
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
@@ -38,17 +38,19 @@ use crate::{config::Config, host::settings::current_netns, state_file};
 /// A backend address and the names of the backends at it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub backends: Vec<String>,
 }
 
 /// Every backend address of every service (a fallback service's backends
-/// are those of another service, so they are among them), in order.
+/// are those of another service, so they are among them), in order: IPv4
+/// ones first, then IPv6 ones (whose next hops get managed entries in the
+/// neighbour discovery table alike).
 pub fn targets(cfg: &Config) -> Vec<Target> {
-    let mut by_addr: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+    let mut by_addr: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
     for s in &cfg.services {
         for b in &s.backends {
-            let names = by_addr.entry(*b.address.ip()).or_default();
+            let names = by_addr.entry(b.address.ip()).or_default();
             if !names.contains(&b.name) {
                 names.push(b.name.clone());
             }
@@ -217,7 +219,7 @@ pub fn plan(targets: &[Target]) -> Vec<String> {
 /// One entry the daemon added or made managed.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Added {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub ifindex: u32,
     /// The interface's name then: an index can be reused by a new one.
     pub dev: String,
@@ -246,7 +248,7 @@ pub fn record_path(control_socket: &Path) -> PathBuf {
 }
 
 /// The record at `path`; `None` when there is none. What it can ask of
-/// root's `--cleanup` is typed (an IPv4 address, an index and a name
+/// root's `--cleanup` is typed (an IP address, an index and a name
 /// checked against the interface), and removes only managed entries.
 pub fn load_record(path: &Path) -> Result<Option<Record>, NeighbourError> {
     let bytes = state_file::read(path).map_err(|e| NeighbourError::Record(format!("{e:#}")))?;

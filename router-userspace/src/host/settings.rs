@@ -15,8 +15,15 @@
 //! Only the interface's own keys are written. The kernel takes the larger
 //! of `all` and the interface's `rp_filter`, so loose on the interface is
 //! loose whatever `all` says (strict 1 < loose 2); `accept_local` and
-//! `forwarding` of the interface decide by themselves. Host-wide keys and
-//! other interfaces are never touched.
+//! `forwarding` of the interface decide by themselves. Other interfaces
+//! are never touched, and host-wide keys only for IPv6 services:
+//!
+//! - `net.ipv6.conf.all.forwarding = 1`, with a config that has an IPv6
+//!   service: a packet `router_v6` encapsulates but finds no neighbour for
+//!   is passed to the stack to forward, and the stack forwards IPv6 only
+//!   with the host-wide key on (ip6_forward reads `all`; setting it sets
+//!   every interface's key too, which `bpf_fib_lookup` reads). The host
+//!   then stops taking router advertisements where `accept_ra` is 1.
 //!
 //! What was changed, and the value before, is kept in a file beside the
 //! control socket with the network namespace it applies to: sysctls are
@@ -35,34 +42,70 @@ use crate::state_file;
 /// One setting the datapath needs on an interface, and what it is now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
+    /// An interface, or `all` (IPv6 `forwarding` only).
     pub iface: String,
-    /// The key under `net.ipv4.conf.<iface>.`.
+    /// The key under `net.<family>.conf.<iface>.`.
     pub key: String,
     pub from: String,
     pub to: String,
+    /// Left out of the record for IPv4, which is what a record without it
+    /// (written before IPv6 services) means.
+    #[serde(default, skip_serializing_if = "Family::is_ipv4")]
+    pub family: Family,
+}
+
+/// Which `net.<family>.conf` tree a key is in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    #[default]
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    fn is_ipv4(&self) -> bool {
+        *self == Family::Ipv4
+    }
+
+    fn dir(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
 }
 
 impl Change {
     /// `net.ipv4.conf.lb0.rp_filter 1 → 2 (why)`.
     pub fn describe(&self) -> String {
         format!(
-            "net.ipv4.conf.{}.{} {} → {} ({})",
-            self.iface,
-            self.key,
+            "{} {} → {} ({})",
+            self.name(),
             self.from,
             self.to,
-            why(&self.key)
+            why(self.family, &self.key)
         )
+    }
+
+    /// `net.ipv4.conf.lb0.rp_filter`.
+    fn name(&self) -> String {
+        format!("net.{}.conf.{}.{}", self.family.dir(), self.iface, self.key)
     }
 }
 
-fn why(key: &str) -> &'static str {
-    match key {
-        "forwarding" => "bpf_fib_lookup resolves no next hop without it",
-        "accept_local" => {
+fn why(family: Family, key: &str) -> &'static str {
+    match (family, key) {
+        (Family::Ipv6, _) => {
+            "an IPv6 service's packet with an unresolved neighbour is forwarded by the stack, \
+             which forwards IPv6 only with it; router advertisements are ignored where accept_ra \
+             is 1"
+        }
+        (_, "forwarding") => "bpf_fib_lookup resolves no next hop without it",
+        (_, "accept_local") => {
             "a flow with an unresolved neighbour reaches the stack with the LB's own source"
         }
-        "rp_filter" => {
+        (_, "rp_filter") => {
             "a strict reverse-path check drops translated packets handed to the stack; loose passes them"
         }
         _ => "needed by the datapath",
@@ -71,6 +114,8 @@ fn why(key: &str) -> &'static str {
 
 /// The keys this module writes: a record naming any other is refused.
 const KEYS: [&str; 3] = ["forwarding", "accept_local", "rp_filter"];
+/// The IPv6 keys it writes.
+const KEYS6: [&str; 1] = ["forwarding"];
 
 /// A name the kernel accepts for an interface (`dev_valid_name`): it is
 /// joined into a path under /proc/sys, so `..` or a `/` would leave it.
@@ -90,19 +135,23 @@ fn valid_value(v: &str) -> bool {
     matches!(v, "0" | "1" | "2")
 }
 
-fn conf_path(iface: &str, key: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/{key}"))
+fn conf_path(family: Family, iface: &str, key: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/sys/net/{}/conf/{iface}/{key}", family.dir()))
 }
 
 fn read(iface: &str, key: &str) -> io::Result<String> {
-    let path = conf_path(iface, key);
+    read_in(Family::Ipv4, iface, key)
+}
+
+fn read_in(family: Family, iface: &str, key: &str) -> io::Result<String> {
+    let path = conf_path(family, iface, key);
     std::fs::read_to_string(&path)
         .map(|s| s.trim().to_string())
         .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", path.display())))
 }
 
-fn write(iface: &str, key: &str, value: &str) -> io::Result<()> {
-    let path = conf_path(iface, key);
+fn write(c: &Change, value: &str) -> io::Result<()> {
+    let path = conf_path(c.family, &c.iface, &c.key);
     std::fs::write(&path, value)
         .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
 }
@@ -131,12 +180,37 @@ pub fn needed(iface: &str) -> io::Result<Vec<Change>> {
     Ok(out)
 }
 
+/// What IPv6 services need on this host with the datapath on `ifaces`:
+/// IPv6 forwarding host-wide, or, where that is on already, on each
+/// interface that was turned off since.
+pub fn needed_ipv6(ifaces: &[String]) -> io::Result<Vec<Change>> {
+    let all = read_in(Family::Ipv6, "all", "forwarding")?;
+    if all != "1" {
+        return Ok(vec![Change {
+            family: Family::Ipv6,
+            ..change("all", "forwarding", all, "1")
+        }]);
+    }
+    let mut out = Vec::new();
+    for iface in ifaces {
+        let v = read_in(Family::Ipv6, iface, "forwarding")?;
+        if v != "1" {
+            out.push(Change {
+                family: Family::Ipv6,
+                ..change(iface, "forwarding", v, "1")
+            });
+        }
+    }
+    Ok(out)
+}
+
 fn change(iface: &str, key: &str, from: String, to: &str) -> Change {
     Change {
         iface: iface.to_string(),
         key: key.to_string(),
         from,
         to: to.to_string(),
+        family: Family::Ipv4,
     }
 }
 
@@ -158,11 +232,17 @@ impl Record {
         for (i, c) in self.changes.iter().enumerate() {
             let problem = if !valid_iface(&c.iface) {
                 format!("interface {:?} is not an interface name", c.iface)
-            } else if !KEYS.contains(&c.key.as_str()) {
+            } else if !match c.family {
+                Family::Ipv4 => &KEYS[..],
+                Family::Ipv6 => &KEYS6[..],
+            }
+            .contains(&c.key.as_str())
+            {
                 format!(
-                    "key {:?} is not one the daemon sets ({})",
+                    "key {:?} is not one the daemon sets ({}; {} for IPv6)",
                     c.key,
-                    KEYS.join(", ")
+                    KEYS.join(", "),
+                    KEYS6.join(", ")
                 )
             } else if !valid_value(&c.from) || !valid_value(&c.to) {
                 format!("values {:?} → {:?} are not 0, 1 or 2", c.from, c.to)
@@ -224,14 +304,14 @@ pub fn apply(record_at: &Path, changes: &[Change]) -> anyhow::Result<()> {
         if !record
             .changes
             .iter()
-            .any(|r| r.iface == c.iface && r.key == c.key)
+            .any(|r| r.iface == c.iface && r.key == c.key && r.family == c.family)
         {
             record.changes.push(c.clone());
         }
     }
     state_file::write(record_at, &serde_json::to_vec_pretty(&record)?)?;
     for c in changes {
-        write(&c.iface, &c.key, &c.to)?;
+        write(c, &c.to)?;
     }
     Ok(())
 }
@@ -263,11 +343,8 @@ pub fn restore_record(
     }
     let mut lines = Vec::new();
     for c in &record.changes {
-        match write(&c.iface, &c.key, &c.from) {
-            Ok(()) => lines.push(format!(
-                "restored net.ipv4.conf.{}.{} to {}",
-                c.iface, c.key, c.from
-            )),
+        match write(c, &c.from) {
+            Ok(()) => lines.push(format!("restored {} to {}", c.name(), c.from)),
             // The interface went away, and its settings with it.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
@@ -290,6 +367,26 @@ mod tests {
             line.starts_with("net.ipv4.conf.lb0.rp_filter 1 → 2 (") && line.contains("loose"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn ipv6_changes_name_their_tree_and_old_records_read_as_ipv4() {
+        let c = Change {
+            family: Family::Ipv6,
+            ..change("all", "forwarding", "0".into(), "1")
+        };
+        let line = c.describe();
+        assert!(
+            line.starts_with("net.ipv6.conf.all.forwarding 0 → 1 (") && line.contains("accept_ra"),
+            "{line}"
+        );
+        let v4 = change("lb0", "forwarding", "0".into(), "1");
+        let json = serde_json::to_string(&v4).unwrap();
+        assert!(!json.contains("family"), "IPv4 records as before: {json}");
+        let old = r#"{"iface":"lb0","key":"forwarding","from":"0","to":"1"}"#;
+        assert_eq!(serde_json::from_str::<Change>(old).unwrap(), v4);
+        let back: Change = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
     }
 
     #[test]

@@ -29,7 +29,7 @@ fn services(weights: [&[u32]; 2]) -> Vec<router::datapath::ServiceSpec> {
     // another port.
     for (i, be) in b.backends.iter_mut().enumerate() {
         be.name = format!("e{i}");
-        be.address = addr(&format!("198.18.0.{}:9000", 11 + i));
+        be.address = addr(&format!("198.18.0.{}:9000", 11 + i)).into();
     }
     vec![a, b]
 }

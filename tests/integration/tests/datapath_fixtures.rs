@@ -21,7 +21,9 @@
 //!   that is not;
 //! - `next_hops`: next hops shared by a backend's flows, and when not;
 //! - `dsr`: IPIP and GUE encapsulation, pinned and re-hashed DSR flows,
-//!   "fragmentation needed" for the tunnel, and the backends' decap program.
+//!   "fragmentation needed" for the tunnel, and the backends' decap program;
+//! - `v6`: IPv6 services: IPv6-in-IPv6 and GUE over IPv6, extension
+//!   headers, "packet too big", Neighbor Discovery, IPv6 decapsulation.
 
 #[path = "datapath_fixtures/blind.rs"]
 mod blind;
@@ -39,5 +41,7 @@ mod icmp;
 mod nat;
 #[path = "datapath_fixtures/next_hops.rs"]
 mod next_hops;
+#[path = "datapath_fixtures/v6.rs"]
+mod v6;
 
 const VIP: &str = "198.18.100.1:8000";

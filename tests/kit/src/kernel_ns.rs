@@ -13,6 +13,16 @@ use anyhow::{Context, Result, bail};
 
 /// The client, second client and three backends that fixtures and the
 /// datapath benchmark resolve on their first arm (198.18.0.0/24).
+/// The IPv6 twins of `TEST_NEIGHBOURS` (from the benchmarking range
+/// 2001:2::/48, as 198.18.0.0/15 is IPv4's).
+pub const TEST_NEIGHBOURS6: [(&str, &str); 5] = [
+    ("2001:2::2", "02:00:00:00:0c:02"),
+    ("2001:2::3", "02:00:00:00:0c:03"),
+    ("2001:2::11", "02:00:00:00:0b:00"),
+    ("2001:2::12", "02:00:00:00:0b:01"),
+    ("2001:2::13", "02:00:00:00:0b:02"),
+];
+
 pub const TEST_NEIGHBOURS: [(&str, &str); 5] = [
     ("198.18.0.2", "02:00:00:00:0c:02"),
     ("198.18.0.3", "02:00:00:00:0c:03"),
@@ -104,6 +114,20 @@ impl EnteredNs {
             ))?;
         }
         self.ifindex(dev)
+    }
+
+    /// IPv6 on an arm `test_arm` made: `cidr` without duplicate address
+    /// detection (the address is usable at once), IPv6 forwarding on (the
+    /// FIB helper answers nothing without it), permanent neighbours.
+    pub fn test_arm6(&self, dev: &str, cidr: &str, neighbours: &[(&str, &str)]) -> Result<()> {
+        self.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        self.ip(&format!("-6 addr add {cidr} dev {dev} nodad"))?;
+        for (addr, lladdr) in neighbours {
+            self.ip(&format!(
+                "-6 neigh replace {addr} lladdr {lladdr} dev {dev} nud permanent"
+            ))?;
+        }
+        Ok(())
     }
 
     pub fn ifindex(&self, name: &str) -> Result<u32> {

@@ -14,6 +14,7 @@ pub mod kernel_ns;
 pub mod model;
 pub mod netns;
 pub mod packet;
+pub mod packet6;
 pub mod raw_sender;
 pub mod replica;
 pub mod test_run;

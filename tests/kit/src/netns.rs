@@ -70,6 +70,19 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 ///
 /// # Panics
 /// If `i` would leave the /24 (more than 244 backends).
+/// Where IPv6 VIPs live: the client routes it through the LB (a network
+/// of the IPv6 benchmarking range, 2001:2::/48, as `VIP_NET` is of IPv4's).
+pub const VIP6_NET: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 2, 0x100, 0, 0, 0, 0, 0);
+
+/// The IPv6 twin of a topology address: 198.18.0.N is 2001:2::N (N in
+/// hexadecimal digits that read as the decimal, so 198.18.0.11 is
+/// 2001:2::11).
+pub fn ipv6_addr(v4: Ipv4Addr) -> std::net::Ipv6Addr {
+    let n = v4.octets()[3];
+    let digits = u16::from(n / 100) << 8 | u16::from(n / 10 % 10) << 4 | u16::from(n % 10);
+    std::net::Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, digits)
+}
+
 pub fn backend_addr(i: usize) -> Ipv4Addr {
     let host = u8::try_from(i)
         .ok()
@@ -263,6 +276,37 @@ impl Topology {
         // Full software checksums from every host: see `set_tx_checksum`.
         set_tx_checksum(ns, inner, false)
             .with_context(|| format!("turning off TX checksum offload on {inner} in {ns}"))?;
+        Ok(())
+    }
+
+    /// IPv6 beside IPv4, for IPv6 services: the client, the LB and the
+    /// backends get `ipv6_addr`'s addresses on their interfaces (without
+    /// duplicate address detection, so they are usable at once), the
+    /// client a route to `VIP6_NET` through the LB, and the LB forwarding.
+    pub fn enable_ipv6(&self) -> Result<()> {
+        let mut hosts = vec![
+            (self.client.clone(), CLIENT_IF, CLIENT_ADDR),
+            (self.lb.clone(), LB_IF, LB_ADDR),
+        ];
+        for (i, b) in self.backends.iter().enumerate() {
+            hosts.push((b.clone(), BACKEND_IF, backend_addr(i)));
+        }
+        for (ns, dev, v4) in &hosts {
+            for key in [
+                "ipv6/conf/all/disable_ipv6",
+                "ipv6/conf/default/disable_ipv6",
+                &format!("ipv6/conf/{dev}/disable_ipv6"),
+                "ipv6/conf/lo/disable_ipv6",
+            ] {
+                sysctl(ns, key, "0")?;
+            }
+            let cidr = format!("{}/64", ipv6_addr(*v4));
+            ip(ns, &["-6", "addr", "add", &cidr, "dev", dev, "nodad"])?;
+        }
+        sysctl(&self.lb, "ipv6/conf/all/forwarding", "1")?;
+        let net = format!("{VIP6_NET}/64");
+        let via = ipv6_addr(LB_ADDR).to_string();
+        ip(&self.client, &["-6", "route", "add", &net, "via", &via])?;
         Ok(())
     }
 
@@ -635,7 +679,13 @@ pub fn backend_script() -> PathBuf {
 
 /// Starts the fixture HTTP backend in `ns`, answering with `name`, and waits
 /// until it accepts connections.
-pub fn spawn_http_backend(ns: &str, name: &str, bind: Ipv4Addr, port: u16) -> Result<ChildGuard> {
+pub fn spawn_http_backend(
+    ns: &str,
+    name: &str,
+    bind: impl Into<std::net::IpAddr>,
+    port: u16,
+) -> Result<ChildGuard> {
+    let bind: std::net::IpAddr = bind.into();
     let script = backend_script();
     let bind_arg = bind.to_string();
     let port_arg = port.to_string();
@@ -653,10 +703,10 @@ pub fn spawn_http_backend(ns: &str, name: &str, bind: Ipv4Addr, port: u16) -> Re
         ],
     )?;
     // Probe an address that reaches the listener even for 0.0.0.0 binds.
-    let probe = if bind.is_unspecified() {
-        Ipv4Addr::LOCALHOST
-    } else {
-        bind
+    let probe = match bind {
+        std::net::IpAddr::V4(a) if a.is_unspecified() => Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(a) if a.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        a => a,
     };
     wait_for_tcp(ns, SocketAddr::from((probe, port)), BACKEND_START_TIMEOUT)
         .with_context(|| format!("backend {name} did not start"))?;

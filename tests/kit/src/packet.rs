@@ -238,9 +238,12 @@ pub fn ip(s: &str) -> Ipv4Addr {
         .unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
 }
 
-/// Verifies the IPv4 header checksum and the TCP/UDP checksum of a frame,
-/// or for ICMP the checksums `icmp_checksums_valid` checks.
+/// Verifies the IPv4 header checksum and the TCP/UDP checksum of a frame
+/// (an IPv6 frame: see `checksums_valid6`), or for ICMP the checksums `icmp_checksums_valid` checks.
 pub fn checksums_valid(frame: &[u8]) -> bool {
+    if frame.get(12..14) == Some(&[0x86, 0xdd]) {
+        return crate::packet6::checksums_valid6(frame);
+    }
     if frame.len() < 34 {
         return false;
     }

@@ -8,7 +8,7 @@ use router::datapath::{BackendSpec, Datapath, Forwarding, LoadOptions, Selection
 use router_common::reasons;
 
 use crate::{
-    kernel_ns::{EnteredNs, TEST_NEIGHBOURS},
+    kernel_ns::{EnteredNs, TEST_NEIGHBOURS, TEST_NEIGHBOURS6},
     packet::{Mac, addr, checksums_valid, ip},
     test_run::run_packet,
 };
@@ -55,7 +55,7 @@ pub fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec
     ServiceSpec {
         forwarding: Forwarding::Nat,
         name: name.into(),
-        vip: addr(vip),
+        vip: addr(vip).into(),
         proto,
         snat: vec![ip("198.18.0.1")],
         snat_port_min: 10000,
@@ -67,7 +67,7 @@ pub fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec
             .map(|(i, w)| BackendSpec {
                 role: router::datapath::BackendRole::Primary,
                 name: format!("b{i}"),
-                address: addr(&format!("198.18.0.{}:8000", 11 + i)),
+                address: addr(&format!("198.18.0.{}:8000", 11 + i)).into(),
                 weight: *w,
                 max_in_flight: 0,
             })
@@ -118,6 +118,8 @@ impl Fixture {
                 "198.18.0.1/24",
                 &TEST_NEIGHBOURS,
             )
+            .unwrap();
+        ns.test_arm6("fx0", "2001:2::1/64", &TEST_NEIGHBOURS6)
             .unwrap();
         // A second arm, for backends behind another interface (XDP_REDIRECT).
         ns.test_arm(

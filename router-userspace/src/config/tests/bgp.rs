@@ -63,3 +63,48 @@ fn bgp_bad_input_names_the_key() {
         "above 0",
     );
 }
+
+/// BASE as an IPv6 DSR service (its VIP on line 6).
+fn v6_services() -> String {
+    BASE.replace("198.18.100.1:8000", "[2001:db8::1]:8000")
+        .replace(
+            "snat = \"198.18.0.1\"",
+            "forwarding = \"dsr\"\nencap = \"ipip\"",
+        )
+        .replace("198.18.0.11:8000", "[2001:db8::11]:8000")
+        .replace("198.18.0.12:8000", "[2001:db8::12]:8000")
+}
+
+#[test]
+fn an_ipv6_vip_needs_an_ipv6_next_hop() {
+    let with = format!("{}\n{BGP}\nnext_hop6 = \"2001:db8::2\"\n", v6_services());
+    let b = parse(&with).unwrap().bgp.unwrap();
+    assert_eq!(b.next_hop6, Some("2001:db8::2".parse().unwrap()));
+    // Without IPv6 services it is optional, and absent by default.
+    assert_eq!(parse(&with_bgp(BGP)).unwrap().bgp.unwrap().next_hop6, None);
+
+    let without = format!("{}\n{BGP}\n", v6_services());
+    let err = parse(&without).unwrap_err();
+    assert_eq!(err.key(), Some("bgp.next_hop6"));
+    assert!(
+        err.to_string().contains(
+            "bgp.next_hop6: service \"llama\" listens on IPv6 ([2001:db8::1]:8000): its /128 \
+             path needs an IPv6 next hop"
+        ),
+        "{err}"
+    );
+    assert!(!err.to_string().contains('\n'), "one line: {err}");
+    let line = BASE.lines().count() + 3 + 4;
+    for (bad, fragment) in [
+        ("198.18.0.1", "is not an IPv6 address"),
+        ("fe80::1", "cannot be a next hop"),
+        ("::", "cannot be a next hop"),
+    ] {
+        assert_err(
+            &format!("{}\n{BGP}\nnext_hop6 = \"{bad}\"\n", v6_services()),
+            line,
+            "bgp.next_hop6",
+            fragment,
+        );
+    }
+}

@@ -182,7 +182,8 @@ fn with_backends_rechecks_the_limits() {
         address: SocketAddrV4::new(
             Ipv4Addr::new(198, 18, (i / 250) as u8, (i % 250) as u8 + 1),
             8000,
-        ),
+        )
+        .into(),
         weight: Some(100),
         capacity: 1.0,
         telemetry: None,

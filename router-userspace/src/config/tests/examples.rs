@@ -84,7 +84,10 @@ fn two_arm_example_parses() {
         assert!(svc.snat.iter().all(|&a| backend_net(a)), "{}", svc.name);
         for b in &svc.backends {
             // Reached through eth1, weighed by the engine's own metrics.
-            assert!(backend_net(*b.address.ip()), "{}", b.name);
+            let std::net::IpAddr::V4(ip) = b.address.ip() else {
+                panic!("{} is not IPv4", b.name)
+            };
+            assert!(backend_net(ip), "{}", b.name);
             assert_eq!(b.pinned(), None, "{} is policy-driven", b.name);
             assert!(
                 matches!(

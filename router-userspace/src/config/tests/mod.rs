@@ -8,6 +8,7 @@ mod discovery;
 mod dsr;
 mod examples;
 mod host;
+mod ipv6;
 mod policy;
 mod pools;
 mod semantic;

@@ -11,6 +11,7 @@ use super::{
 pub(in crate::config) fn validate_bgp(
     loc: &Locator<'_>,
     raw: RawBgp,
+    services: &[ServiceConfig],
 ) -> Result<BgpConfig, ConfigError> {
     let base = KeyPath::default().key("bgp");
     if raw.local_as == 0 {
@@ -51,13 +52,44 @@ pub(in crate::config) fn validate_bgp(
         ));
     }
     let drain = duration("drain", raw.drain, Duration::from_secs(5))?;
+    let next_hop6 = raw
+        .next_hop6
+        .map(|s| parse_next_hop6(&s).map_err(|m| loc.err(&base.key("next_hop6"), m)))
+        .transpose()?;
+    if next_hop6.is_none()
+        && let Some(s) = services.iter().find(|s| s.vip.is_ipv6())
+    {
+        return Err(loc.err(
+            &base.key("next_hop6"),
+            format!(
+                "service {:?} listens on IPv6 ({}): its /128 path needs an IPv6 next hop; set \
+                 next_hop6 to an IPv6 address of this LB",
+                s.name, s.vip
+            ),
+        ));
+    }
     Ok(BgpConfig {
         local_as: raw.local_as,
         router_id,
         peers,
         hold_time,
         drain,
+        next_hop6,
         gobgpd: raw.gobgpd.unwrap_or_else(|| "gobgpd".into()),
         gobgp: raw.gobgp.unwrap_or_else(|| "gobgp".into()),
     })
+}
+
+/// An IPv6 address peers can forward to: global, so neither unspecified,
+/// loopback, multicast nor link-local (which needs an interface).
+fn parse_next_hop6(s: &str) -> Result<std::net::Ipv6Addr, String> {
+    let a: std::net::Ipv6Addr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv6 address"))?;
+    if a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_unicast_link_local() {
+        return Err(format!(
+            "{s:?}: {a} cannot be a next hop; give a global IPv6 address of this LB"
+        ));
+    }
+    Ok(a)
 }

@@ -23,7 +23,7 @@ pub(in crate::config) fn validate_services(
         ));
     }
     let mut names: HashMap<String, usize> = HashMap::new();
-    let mut vips: HashMap<(SocketAddrV4, Protocol), usize> = HashMap::new();
+    let mut vips: HashMap<(SocketAddr, Protocol), usize> = HashMap::new();
     let mut total_backends = 0usize;
     let mut table_slots = 0usize;
     let mut total_segments = 0usize;
@@ -61,6 +61,9 @@ pub(in crate::config) fn validate_services(
         vips.insert((vip, svc.protocol), s);
 
         let forwarding = validate_forwarding(loc, &sp, &svc)?;
+        if vip.is_ipv6() {
+            check_ipv6_service(loc, &sp, &svc, forwarding)?;
+        }
         let snat_key = sp.key("snat");
         let snat_items = svc.snat.as_ref().map_or(&[][..], |l| l.items.as_slice());
         if forwarding.is_dsr() {
@@ -144,6 +147,18 @@ pub(in crate::config) fn validate_services(
             }
             let address =
                 parse_socket_addr(&be.address).map_err(|m| loc.err(&p.key("address"), m))?;
+            if address.is_ipv6() != vip.is_ipv6() {
+                let family = |v6: bool| if v6 { "IPv6" } else { "IPv4" };
+                return Err(loc.err(
+                    &p.key("address"),
+                    format!(
+                        "{address} is {} but the service's VIP is {}; a service's VIP and \
+                         backends are one family",
+                        family(address.is_ipv6()),
+                        family(vip.is_ipv6())
+                    ),
+                ));
+            }
             // Maglev seeds each backend's permutation with its address, so
             // two backends on one address would compete for the same slots.
             if let Some(other) = backends.iter().find(|x| x.address == address) {
@@ -288,6 +303,16 @@ pub(in crate::config) fn validate_services(
                 format!("{fb:?} has pools; a fallback service lends all its backends, so it cannot have any"),
             ));
         }
+        if target.vip.is_ipv6() != svc.vip.is_ipv6() {
+            return Err(loc.err(
+                &key,
+                format!(
+                    "{fb:?} listens on {}, this service on {}; a fallback lends its backends, \
+                     which must be of this service's address family",
+                    target.vip, svc.vip
+                ),
+            ));
+        }
         if target.protocol != svc.protocol {
             return Err(loc.err(
                 &key,
@@ -322,6 +347,42 @@ pub(in crate::config) fn check_table_size(
         .map(|s| (s.name.as_str(), s.backends.len()));
     crate::maglev::check_table_size(daemon.table_size, largest)
         .map_err(|e| loc.err(&KeyPath::default().key("daemon").key("table_size"), e))
+}
+
+/// What an IPv6 VIP's service may be: `router_v6` balances DSR only,
+/// placing every flow from the service's own table (no pools or
+/// segments), and discovery lists IPv4 endpoints only.
+fn check_ipv6_service(
+    loc: &Locator<'_>,
+    sp: &KeyPath,
+    svc: &RawService,
+    forwarding: Forwarding,
+) -> Result<(), ConfigError> {
+    if !forwarding.is_dsr() {
+        return Err(loc.err(
+            &sp.key("forwarding"),
+            "an IPv6 service forwards by DSR (forwarding = \"dsr\"); NAT over IPv6 is not built",
+        ));
+    }
+    if !svc.pool.is_empty() {
+        return Err(loc.err(
+            &sp.key("pool"),
+            "an IPv6 service places every flow from its own table; pools are IPv4 only",
+        ));
+    }
+    if !svc.segment.is_empty() {
+        return Err(loc.err(
+            &sp.key("segment"),
+            "an IPv6 service places every flow from its own table; segments are IPv4 only",
+        ));
+    }
+    if svc.discovery.is_some() {
+        return Err(loc.err(
+            &sp.key("discovery"),
+            "discovery lists IPv4 endpoints only; write an IPv6 service's backends in the file",
+        ));
+    }
+    Ok(())
 }
 
 /// `forwarding`, `encap` and `gue_port` of service `sp`.

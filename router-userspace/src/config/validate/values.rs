@@ -2,7 +2,7 @@
 //! URLs. Each refusal says what was written and what was expected.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
@@ -25,19 +25,21 @@ pub enum ValueError {
     },
     #[error("{0:?} must be greater than 0")]
     ZeroDuration(String),
-    #[error("{0:?} is not an IPv4 address:port")]
+    #[error("{0:?} is not an address:port like \"198.18.0.1:8000\" or \"[2001:db8::1]:8000\"")]
     NotSocketAddr(String),
     #[error("{0:?}: port 0 is not allowed")]
     PortZero(String),
     #[error(
-        "{0:?} is an IPv6 address: services, backends and SNAT addresses are IPv4 only \
-         (the datapath balances IPv4; IPv6 services are not built yet)"
+        "{0:?} is an IPv6 address: SNAT addresses, BGP router ids and peers are IPv4 only (an \
+         IPv6 service forwards by DSR, which takes no SNAT address)"
     )]
     Ipv6(String),
     #[error("{0:?} is not an IPv4 address")]
     NotIpv4(String),
     #[error("{input:?}: {addr} is not a unicast address")]
-    NotUnicast { input: String, addr: Ipv4Addr },
+    NotUnicast { input: String, addr: IpAddr },
+    #[error("{0:?}: a scope or flow label has no place in a service's address")]
+    Ipv6Scope(String),
     #[error("{0:?} is not a GPU index or an NVML UUID like \"GPU-5fb3…\"")]
     NotDevice(String),
     #[error("{input:?} is not a URL ({reason})")]
@@ -94,18 +96,24 @@ pub(in crate::config) fn parse_duration(s: &str) -> Result<Duration, ValueError>
     Ok(d)
 }
 
-pub(in crate::config) fn parse_socket_addr(s: &str) -> Result<SocketAddrV4, ValueError> {
-    let addr: SocketAddrV4 = s.parse().map_err(|_| {
-        if s.parse::<std::net::SocketAddrV6>().is_ok() {
-            ValueError::Ipv6(s.to_owned())
-        } else {
-            ValueError::NotSocketAddr(s.to_owned())
-        }
-    })?;
+/// A VIP or backend address: IPv4 `a.b.c.d:port` or IPv6 `[addr]:port`.
+pub(in crate::config) fn parse_socket_addr(s: &str) -> Result<SocketAddr, ValueError> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|_| ValueError::NotSocketAddr(s.to_owned()))?;
     if addr.port() == 0 {
         return Err(ValueError::PortZero(s.to_owned()));
     }
-    check_unicast(s, *addr.ip())?;
+    match addr {
+        SocketAddr::V4(a) => check_unicast(s, *a.ip())?,
+        SocketAddr::V6(a) => {
+            // The maps hold 16 bytes and a port: a scope would be dropped.
+            if a.scope_id() != 0 || a.flowinfo() != 0 {
+                return Err(ValueError::Ipv6Scope(s.to_owned()));
+            }
+            check_unicast6(s, *a.ip())?;
+        }
+    }
     Ok(addr)
 }
 
@@ -147,7 +155,19 @@ fn check_unicast(input: &str, addr: Ipv4Addr) -> Result<(), ValueError> {
     if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
         return Err(ValueError::NotUnicast {
             input: input.to_owned(),
-            addr,
+            addr: addr.into(),
+        });
+    }
+    Ok(())
+}
+
+/// An IPv6 address a packet can be sent to and from without a scope:
+/// neither unspecified, multicast nor link-local (fe80::/10).
+fn check_unicast6(input: &str, addr: Ipv6Addr) -> Result<(), ValueError> {
+    if addr.is_unspecified() || addr.is_multicast() || addr.is_unicast_link_local() {
+        return Err(ValueError::NotUnicast {
+            input: input.to_owned(),
+            addr: addr.into(),
         });
     }
     Ok(())

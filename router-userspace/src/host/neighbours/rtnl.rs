@@ -1,10 +1,11 @@
 //! The rtnetlink messages behind managed neighbour entries: an output
 //! route lookup (RTM_GETROUTE) for a backend's next hop, and reading,
-//! adding and deleting one neighbour entry (RTM_{GET,NEW,DEL}NEIGH).
+//! adding and deleting one neighbour entry (RTM_{GET,NEW,DEL}NEIGH), for
+//! IPv4 (ARP) and IPv6 (neighbour discovery) alike.
 
 use std::{
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::OwnedFd,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -47,7 +48,7 @@ fn seq() -> u32 {
 /// itself on a connected route, out of interface `ifindex`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NextHop {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub ifindex: u32,
 }
 
@@ -73,18 +74,27 @@ impl Entry {
     }
 }
 
-fn route_request(dst: Ipv4Addr) -> Vec<u8> {
+/// The address family and the wire bytes of `a`.
+fn family_and_octets(a: IpAddr) -> (u8, Vec<u8>) {
+    match a {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    }
+}
+
+fn route_request(dst: IpAddr) -> Vec<u8> {
+    let (family, octets) = family_and_octets(dst);
     let mut rtmsg = [0u8; RTMSG_LEN];
-    rtmsg[0] = libc::AF_INET as u8;
-    rtmsg[1] = 32; // rtm_dst_len
+    rtmsg[0] = family;
+    rtmsg[1] = (octets.len() * 8) as u8; // rtm_dst_len: a host route
     let mut m = message(RTM_GETROUTE, NLM_F_REQUEST, seq(), &rtmsg);
-    push_attr(&mut m, RTA_DST, &dst.octets());
+    push_attr(&mut m, RTA_DST, &octets);
     finish(m)
 }
 
 /// The next hop in a route reply; `None` for a local address, which needs
 /// no neighbour.
-fn parse_route(reply: &[u8], dst: Ipv4Addr) -> io::Result<Option<NextHop>> {
+fn parse_route(reply: &[u8], dst: IpAddr) -> io::Result<Option<NextHop>> {
     let (kind, msg) = first_message(reply)?;
     if kind != RTM_NEWROUTE {
         return Err(io::Error::other(format!("unexpected reply type {kind}")));
@@ -106,7 +116,12 @@ fn parse_route(reply: &[u8], dst: Ipv4Addr) -> io::Result<Option<NextHop>> {
         match (t, payload.len()) {
             (RTA_OIF, 4) => hop.ifindex = u32_at(payload, 0).unwrap_or(0),
             (RTA_GATEWAY, 4) => {
-                hop.address = Ipv4Addr::new(payload[0], payload[1], payload[2], payload[3])
+                hop.address = Ipv4Addr::new(payload[0], payload[1], payload[2], payload[3]).into()
+            }
+            (RTA_GATEWAY, 16) => {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(payload);
+                hop.address = Ipv6Addr::from(b).into();
             }
             _ => {}
         }
@@ -118,22 +133,28 @@ fn parse_route(reply: &[u8], dst: Ipv4Addr) -> io::Result<Option<NextHop>> {
 }
 
 /// The next hop for `dst` in this namespace's routes.
-pub fn next_hop(fd: &OwnedFd, dst: Ipv4Addr) -> io::Result<Option<NextHop>> {
+pub fn next_hop(fd: &OwnedFd, dst: IpAddr) -> io::Result<Option<NextHop>> {
     parse_route(&transact(fd, &route_request(dst))?, dst)
 }
 
-fn ndmsg(ifindex: u32) -> [u8; NDMSG_LEN] {
+fn ndmsg(family: u8, ifindex: u32) -> [u8; NDMSG_LEN] {
     let mut b = [0u8; NDMSG_LEN];
-    b[0] = libc::AF_INET as u8;
+    b[0] = family;
     b[4..8].copy_from_slice(&ifindex.to_ne_bytes());
     // ndm_state NUD_NONE, ndm_flags 0, ndm_type 0.
     b
 }
 
+/// A neighbour message of `kind` naming `hop`'s entry.
+fn neigh_message(kind: u16, flags: u16, hop: &NextHop) -> Vec<u8> {
+    let (family, octets) = family_and_octets(hop.address);
+    let mut m = message(kind, flags, seq(), &ndmsg(family, hop.ifindex));
+    push_attr(&mut m, NDA_DST, &octets);
+    m
+}
+
 fn get_request(hop: &NextHop) -> Vec<u8> {
-    let mut m = message(RTM_GETNEIGH, NLM_F_REQUEST, seq(), &ndmsg(hop.ifindex));
-    push_attr(&mut m, NDA_DST, &hop.address.octets());
-    finish(m)
+    finish(neigh_message(RTM_GETNEIGH, NLM_F_REQUEST, hop))
 }
 
 /// Adds a managed entry, or with `existing` makes the one there managed:
@@ -142,21 +163,13 @@ fn get_request(hop: &NextHop) -> Vec<u8> {
 fn add_request(hop: &NextHop, existing: bool) -> Vec<u8> {
     let how = if existing { NLM_F_REPLACE } else { NLM_F_EXCL };
     let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | how;
-    let mut m = message(RTM_NEWNEIGH, flags, seq(), &ndmsg(hop.ifindex));
-    push_attr(&mut m, NDA_DST, &hop.address.octets());
+    let mut m = neigh_message(RTM_NEWNEIGH, flags, hop);
     push_attr(&mut m, NDA_FLAGS_EXT, &NTF_EXT_MANAGED.to_ne_bytes());
     finish(m)
 }
 
 fn delete_request(hop: &NextHop) -> Vec<u8> {
-    let mut m = message(
-        RTM_DELNEIGH,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq(),
-        &ndmsg(hop.ifindex),
-    );
-    push_attr(&mut m, NDA_DST, &hop.address.octets());
-    finish(m)
+    finish(neigh_message(RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, hop))
 }
 
 fn parse_entry(reply: &[u8]) -> io::Result<Option<Entry>> {
@@ -206,7 +219,7 @@ mod tests {
     use super::*;
 
     const HOP: NextHop = NextHop {
-        address: Ipv4Addr::new(198, 18, 0, 11),
+        address: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11)),
         ifindex: 3,
     };
 
@@ -276,7 +289,10 @@ mod tests {
     fn a_route_gives_its_gateway_or_the_destination_and_its_interface() {
         let dst = HOP.address;
         let oif = 7u32.to_ne_bytes();
-        let connected = route_reply(RTN_UNICAST, &[(RTA_DST, &dst.octets()), (RTA_OIF, &oif)]);
+        let connected = route_reply(
+            RTN_UNICAST,
+            &[(RTA_DST, &family_and_octets(dst).1), (RTA_OIF, &oif)],
+        );
         assert_eq!(
             parse_route(&connected, dst).unwrap(),
             Some(NextHop {
@@ -291,7 +307,7 @@ mod tests {
         assert_eq!(
             parse_route(&via, dst).unwrap(),
             Some(NextHop {
-                address: Ipv4Addr::new(198, 18, 0, 1),
+                address: Ipv4Addr::new(198, 18, 0, 1).into(),
                 ifindex: 7
             })
         );
@@ -314,11 +330,52 @@ mod tests {
         );
     }
 
+    #[test]
+    fn ipv6_next_hops_are_asked_and_named_in_their_family() {
+        let dst: IpAddr = "2001:db8::11".parse().unwrap();
+        let m = route_request(dst);
+        assert_eq!(m[HEADER_LEN], libc::AF_INET6 as u8);
+        assert_eq!(m[HEADER_LEN + 1], 128, "a host route's length");
+        assert_eq!(&m[HEADER_LEN + 12..HEADER_LEN + 16], &[20, 0, 1, 0]);
+        assert_eq!(&m[HEADER_LEN + 16..], &family_and_octets(dst).1[..]);
+
+        let gw: Ipv6Addr = "fe80::1".parse().unwrap();
+        let mut body = vec![libc::AF_INET6 as u8, 128, 0, 0, 254, 0, 0, RTN_UNICAST];
+        body.extend([0; 4]);
+        push_attr(&mut body, RTA_OIF, &4u32.to_ne_bytes());
+        push_attr(&mut body, RTA_GATEWAY, &gw.octets());
+        assert_eq!(
+            parse_route(&reply(RTM_NEWROUTE, &body), dst).unwrap(),
+            Some(NextHop {
+                address: gw.into(),
+                ifindex: 4
+            })
+        );
+
+        let hop = NextHop {
+            address: gw.into(),
+            ifindex: 4,
+        };
+        let m = add_request(&hop, false);
+        assert_eq!(m[HEADER_LEN], libc::AF_INET6 as u8, "ndm_family");
+        assert_eq!(u32_at(&m, HEADER_LEN + 4), Some(4), "ndm_ifindex");
+        let attrs: Vec<(u16, Vec<u8>)> = attributes(&m[HEADER_LEN + NDMSG_LEN..])
+            .map(|(t, p)| (t, p.to_vec()))
+            .collect();
+        assert_eq!(
+            attrs,
+            [
+                (NDA_DST, gw.octets().to_vec()),
+                (NDA_FLAGS_EXT, NTF_EXT_MANAGED.to_ne_bytes().to_vec())
+            ]
+        );
+    }
+
     fn neigh_reply(state: u16, flags: u8, ext: Option<u32>) -> Vec<u8> {
-        let mut body = ndmsg(3).to_vec();
+        let mut body = ndmsg(libc::AF_INET as u8, 3).to_vec();
         body[8..10].copy_from_slice(&state.to_ne_bytes());
         body[10] = flags;
-        push_attr(&mut body, NDA_DST, &HOP.address.octets());
+        push_attr(&mut body, NDA_DST, &family_and_octets(HOP.address).1);
         push_attr(&mut body, 2, &[2, 0, 0, 0, 0, 11]); // NDA_LLADDR
         if let Some(ext) = ext {
             push_attr(&mut body, NDA_FLAGS_EXT, &ext.to_ne_bytes());

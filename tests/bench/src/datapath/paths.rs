@@ -24,7 +24,7 @@ pub(super) fn service() -> ServiceSpec {
     ServiceSpec {
         forwarding: Forwarding::Nat,
         name: "bench".into(),
-        vip: VIP,
+        vip: VIP.into(),
         proto: router_common::PROTO_TCP,
         snat: vec![LB_ADDR],
         snat_port_min: 10000,
@@ -36,7 +36,7 @@ pub(super) fn service() -> ServiceSpec {
             .map(|(i, a)| BackendSpec {
                 role: router::datapath::BackendRole::Primary,
                 name: format!("b{i}"),
-                address: SocketAddrV4::new(*a, BACKEND_PORT),
+                address: SocketAddrV4::new(*a, BACKEND_PORT).into(),
                 weight: 1,
                 max_in_flight: 0,
             })
@@ -99,7 +99,7 @@ pub(super) fn least_loaded_service(n: usize) -> ServiceSpec {
             .map(|i| BackendSpec {
                 role: router::datapath::BackendRole::Primary,
                 name: format!("b{i}"),
-                address: SocketAddrV4::new(BACKENDS[i % 3], BACKEND_PORT + (i / 3) as u16),
+                address: SocketAddrV4::new(BACKENDS[i % 3], BACKEND_PORT + (i / 3) as u16).into(),
                 weight: 100,
                 max_in_flight: 0,
             })

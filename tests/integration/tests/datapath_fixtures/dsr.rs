@@ -231,7 +231,7 @@ fn a_packet_that_does_not_fit_the_tunnel_gets_fragmentation_needed() {
 /// A NAT service on `vip` with one backend, 198.18.0.12:8000.
 fn nat(vip: &str) -> ServiceSpec {
     let mut nat = service("nat", vip, 6, &[1]);
-    nat.backends[0].address = addr("198.18.0.12:8000");
+    nat.backends[0].address = addr("198.18.0.12:8000").into();
     nat
 }
 

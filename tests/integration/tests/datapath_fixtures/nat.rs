@@ -252,7 +252,7 @@ fn weight_zero_everywhere_drops_new_flows() {
 #[test]
 fn unresolved_neighbour_passes_the_translated_packet() {
     let mut svc = service("llama", VIP, 6, &[1]);
-    svc.backends[0].address = addr("198.18.0.44:8000");
+    svc.backends[0].address = addr("198.18.0.44:8000").into();
     let mut f = Fixture::new(&[svc]);
     let client = addr("198.18.0.2:40000");
     let syn = Packet::tcp(client, addr(VIP), TCP_SYN).with_macs(LB_MAC, CLIENT_MAC);
@@ -330,7 +330,7 @@ fn weight_change_moves_new_flows_and_keeps_established_ones() {
 #[test]
 fn backend_behind_another_interface_is_redirected_both_ways() {
     let mut svc = service("llama", VIP, 6, &[1]);
-    svc.backends[0].address = addr("198.18.1.11:8000");
+    svc.backends[0].address = addr("198.18.1.11:8000").into();
     svc.snat = vec![ip("198.18.1.1")];
     let mut f = Fixture::new(&[svc]);
     let (client, vip) = (addr("198.18.0.2:40000"), addr(VIP));
