@@ -66,12 +66,13 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet6, Reason> {
     if ip[0] >> 4 != 6 {
         return Err(Reason::DropMalformed);
     }
-    // A payload length of 0 is a jumbogram's (RFC 2675), which no link
-    // here carries; Ethernet padding may make the frame longer, never
-    // shorter.
+    // Ethernet padding may make the frame longer, never shorter. A
+    // jumbogram (payload length 0 and a hop-by-hop option, RFC 2675) is
+    // no link's here: its transport header lies past `len` and it drops
+    // as malformed below, as the stack would drop it.
     let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
     let len = IP6_LEN + payload;
-    if payload == 0 || ctx.data() + IP6_OFF + len > ctx.data_end() {
+    if ctx.data() + IP6_OFF + len > ctx.data_end() {
         return Err(Reason::DropMalformed);
     }
     let (proto, l4_off) = transport(ctx, ip[6], len)?;

@@ -153,7 +153,7 @@ fn ipv6_addresses_that_cannot_be_served_are_refused() {
         ("[::]:8000", "not a unicast"),
         ("[ff02::1]:8000", "not a unicast"),
         ("[fe80::1]:8000", "not a unicast"),
-        ("[2001:db8::1%2]:8000", "a scope or flow label"),
+        ("[2001:db8::1%2]:8000", "a scope (%…)"),
         ("[2001:db8::1]:0", "port 0"),
     ] {
         let text = v6_base().replace("[2001:db8::1]:8000", vip);

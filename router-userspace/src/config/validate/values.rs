@@ -38,7 +38,7 @@ pub enum ValueError {
     NotIpv4(String),
     #[error("{input:?}: {addr} is not a unicast address")]
     NotUnicast { input: String, addr: IpAddr },
-    #[error("{0:?}: a scope or flow label has no place in a service's address")]
+    #[error("{0:?}: a scope (%…) has no place in a service's address")]
     Ipv6Scope(String),
     #[error("{0:?} is not a GPU index or an NVML UUID like \"GPU-5fb3…\"")]
     NotDevice(String),
@@ -108,7 +108,7 @@ pub(in crate::config) fn parse_socket_addr(s: &str) -> Result<SocketAddr, ValueE
         SocketAddr::V4(a) => check_unicast(s, *a.ip())?,
         SocketAddr::V6(a) => {
             // The maps hold 16 bytes and a port: a scope would be dropped.
-            if a.scope_id() != 0 || a.flowinfo() != 0 {
+            if a.scope_id() != 0 {
                 return Err(ValueError::Ipv6Scope(s.to_owned()));
             }
             check_unicast6(s, *a.ip())?;

@@ -58,10 +58,13 @@ fn traffic_that_is_not_for_a_service_passes_untouched() {
         .map(|n| std::net::Ipv4Addr::from(u32::from(ip("198.18.0.1")) + n))
         .find(|a| bucket(*a) == bucket(ip("198.18.0.1")))
         .unwrap();
-    let mut ipv6 = vec![0u8; 74];
-    ipv6[12] = 0x86;
-    ipv6[13] = 0xdd;
-    ipv6[14] = 0x60;
+    // To an address no IPv6 service has: `router_v6` passes it.
+    let ipv6 = router_testkit::packet6::Packet6::tcp(
+        router_testkit::packet6::addr6("[2001:2::2]:40000"),
+        router_testkit::packet6::addr6("[2001:2::99]:8000"),
+        TCP_SYN,
+    )
+    .build();
     let mut arp = vec![0u8; 42];
     arp[12] = 0x08;
     arp[13] = 0x06;
@@ -93,7 +96,7 @@ fn traffic_that_is_not_for_a_service_passes_untouched() {
             reasons: &[reasons::PASS_NO_REPLY_ENTRY],
         },
         Case {
-            name: "IPv6 passes",
+            name: "IPv6 to no service passes",
             input: ipv6,
             verdict: XDP_PASS,
             output: Output::Unchanged,

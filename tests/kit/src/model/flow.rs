@@ -79,6 +79,10 @@ impl Model {
     pub fn step(&mut self, frame: &[u8], ingress: u32) -> Outcome {
         self.trail.clear();
         let mut out = Outcome::untouched(frame);
+        if frame.len() >= 14 && frame[12..14] == [0x86, 0xdd] {
+            let (verdict, reason) = parse::ipv6(frame);
+            return out.counted(verdict, reason);
+        }
         let ip = match parse::ipv4(frame) {
             Ok(ip) => ip,
             Err(Refusal::NotIpv4) => return out.counted(XDP_PASS, reasons::PASS_NOT_SERVICE),

@@ -2,7 +2,9 @@
 //! rest. The order matters: a frame can be both for nobody and malformed,
 //! and the reason counted differs with the check that fires first.
 //!
-//! 1. No IPv4 ethertype: not a service packet (IPv6, ARP, VLAN tags, …).
+//! 1. No IPv4 ethertype: not a service packet (ARP, VLAN tags, …). An IPv6
+//!    frame is `router_v6`'s (see `ipv6`): the world has no IPv6 service,
+//!    so it passes unless its headers are malformed.
 //! 2. Every IPv4 frame must hold a whole header, say version 4, have
 //!    IHL ≥ 5 and a total length between the header and the frame's end
 //!    (Ethernet padding may follow): otherwise malformed.
@@ -145,5 +147,71 @@ pub fn transport(frame: &[u8], ip: &Ip) -> Result<Transport, Refusal> {
         }
         1 => Err(Refusal::Icmp),
         _ => Err(Refusal::UnknownProto),
+    }
+}
+
+/// What `router_v6` does with an IPv6 frame (EtherType 0x86dd) in a world
+/// without IPv6 services: (verdict, reason). The checks in the kernel's
+/// order: a whole fixed header of version 6 whose payload fits the frame,
+/// up to four extension headers walked, then the transport header.
+pub fn ipv6(frame: &[u8]) -> (u32, u32) {
+    use router_common::reasons;
+    const PASS: u32 = 2;
+    const DROP: u32 = 1;
+    let malformed = (DROP, reasons::DROP_MALFORMED);
+    if frame.len() < ETH + 40 || frame[ETH] >> 4 != 6 {
+        return malformed;
+    }
+    let end = ETH + 40 + be16(frame, ETH + 4);
+    if end > frame.len() {
+        return malformed;
+    }
+    let (mut nh, mut off) = (frame[ETH + 6], ETH + 40);
+    let transport = |nh: u8, off: usize| match nh {
+        6 => {
+            if off + 20 > frame.len() {
+                return malformed;
+            }
+            let doff = usize::from(frame[off + 12] >> 4) * 4;
+            if doff < 20 || off + doff > end {
+                return malformed;
+            }
+            (PASS, reasons::PASS_NOT_SERVICE)
+        }
+        _ => {
+            if off + 8 > frame.len() {
+                return malformed;
+            }
+            let len = be16(frame, off + 4);
+            if len < 8 || off + len > end {
+                return malformed;
+            }
+            (PASS, reasons::PASS_NOT_SERVICE)
+        }
+    };
+    for _ in 0..router_common::v6::MAX_EXT_HEADERS {
+        match nh {
+            6 | 17 => return transport(nh, off),
+            58 => return (PASS, reasons::PASS_NOT_SERVICE),
+            44 => return (PASS, reasons::PASS_FRAGMENT),
+            0 | 43 | 60 => {
+                if off + 2 > frame.len() {
+                    return malformed;
+                }
+                let next = frame[off];
+                off = (off + (usize::from(frame[off + 1]) + 1) * 8) & 0x3fff;
+                if off > end {
+                    return malformed;
+                }
+                nh = next;
+            }
+            _ => return (PASS, reasons::PASS_UNKNOWN_PROTO),
+        }
+    }
+    match nh {
+        6 | 17 => transport(nh, off),
+        58 => (PASS, reasons::PASS_NOT_SERVICE),
+        44 => (PASS, reasons::PASS_FRAGMENT),
+        _ => (PASS, reasons::PASS_IP_OPTIONS),
     }
 }
