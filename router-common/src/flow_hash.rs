@@ -1,6 +1,19 @@
 //! The flow hash that picks a Maglev slot. Kernel and userspace share it so
 //! the reference model and every LB node map a flow to the same slot.
 
+/// One Murmur3 block round: word `k` mixed into state `h`.
+#[inline(always)]
+fn round(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
 #[inline(always)]
 fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
@@ -34,14 +47,7 @@ pub fn flow_hash(
         dst_addr,
         ((src_port as u32) << 16) | dst_port as u32,
     ] {
-        let k = k
-            .wrapping_mul(0xcc9e_2d51)
-            .rotate_left(15)
-            .wrapping_mul(0x1b87_3593);
-        h = (h ^ k)
-            .rotate_left(13)
-            .wrapping_mul(5)
-            .wrapping_add(0xe654_6b64);
+        h = round(h, k);
     }
     fmix32(h ^ 12 ^ key[1])
 }
@@ -70,17 +76,8 @@ pub fn flow_hash6(
         dst_addr[3],
         ((src_port as u32) << 16) | dst_port as u32,
     ];
-    let mut i = 0;
-    while i < words.len() {
-        let k = words[i]
-            .wrapping_mul(0xcc9e_2d51)
-            .rotate_left(15)
-            .wrapping_mul(0x1b87_3593);
-        h = (h ^ k)
-            .rotate_left(13)
-            .wrapping_mul(5)
-            .wrapping_add(0xe654_6b64);
-        i += 1;
+    for k in words {
+        h = round(h, k);
     }
     fmix32(h ^ 36 ^ key[1])
 }
@@ -91,4 +88,36 @@ pub fn flow_hash6(
 #[inline(always)]
 pub fn second_choice(hash: u32) -> u32 {
     fmix32(hash ^ 0x5bd1_e995)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ipv6_hash_depends_on_every_address_word_the_ports_and_the_key() {
+        let (src, dst) = ([1u32, 2, 3, 4], [5u32, 6, 7, 8]);
+        let base = flow_hash6([9, 10], src, dst, 40000, 8000, 6);
+        for i in 0..4 {
+            let mut s = src;
+            s[i] ^= 1 << 7;
+            assert_ne!(
+                flow_hash6([9, 10], s, dst, 40000, 8000, 6),
+                base,
+                "src word {i}"
+            );
+            let mut d = dst;
+            d[i] ^= 1 << 7;
+            assert_ne!(
+                flow_hash6([9, 10], src, d, 40000, 8000, 6),
+                base,
+                "dst word {i}"
+            );
+        }
+        assert_ne!(flow_hash6([9, 10], src, dst, 40001, 8000, 6), base);
+        assert_ne!(flow_hash6([9, 10], src, dst, 40000, 8000, 17), base);
+        assert_ne!(flow_hash6([9, 11], src, dst, 40000, 8000, 6), base);
+        // Not the IPv4 hash of any one word pair.
+        assert_ne!(flow_hash([9, 10], 1, 5, 40000, 8000, 6), base);
+    }
 }

@@ -174,7 +174,7 @@ fn forward(ctx: &XdpContext, e: &mut DsrFlow6, pkt: &Packet6, new: bool) -> Resu
     let overhead = e.overhead();
     let outer_len = pkt.len.saturating_add(overhead);
     let hop = if fib_gen == 0 || e.fib_gen != fib_gen {
-        fib::resolve_outer6(ctx, e, outer_len, fib_gen)
+        fib::resolve_outer(ctx, e, outer_len, fib_gen)
     } else {
         Outer::Resolved
     };

@@ -58,14 +58,30 @@ pub fn push(ctx: &XdpContext, e: &DsrFlow, inner_len: u16) -> Result<(), ()> {
     // SAFETY: as above.
     unsafe { *ip = hdr };
     if gue {
-        let udp: *mut [u8; UDP_LEN] = ptr_at(ctx, IP_OFF + IP_LEN)?;
-        // SAFETY: as above.
-        let udp = unsafe { &mut *udp };
-        udp[0..2].copy_from_slice(&e.gue_sport.to_ne_bytes());
-        udp[2..4].copy_from_slice(&e.gue_dport.to_ne_bytes());
-        udp[4..6].copy_from_slice(&(inner_len.wrapping_add(UDP_LEN as u16)).to_be_bytes());
         // No UDP checksum (allowed over IPv4): the inner packet has its own.
-        udp[6..8].copy_from_slice(&[0, 0]);
+        put_udp(ctx, IP_OFF + IP_LEN, (e.gue_sport, e.gue_dport), inner_len)?;
     }
+    Ok(())
+}
+
+/// Writes GUE's UDP header at frame offset `at`: ports `(sport, dport)`
+/// (network order), the length of an `inner_len`-byte payload, and no
+/// checksum (see `push` and `encap6::push` for why each family may omit
+/// it).
+#[inline(always)]
+pub fn put_udp(
+    ctx: &XdpContext,
+    at: usize,
+    (sport, dport): (u16, u16),
+    inner_len: u16,
+) -> Result<(), ()> {
+    let udp: *mut [u8; UDP_LEN] = ptr_at(ctx, at)?;
+    // SAFETY: `ptr_at` checked the header lies within the packet; a byte
+    // array has no alignment.
+    let udp = unsafe { &mut *udp };
+    udp[0..2].copy_from_slice(&sport.to_ne_bytes());
+    udp[2..4].copy_from_slice(&dport.to_ne_bytes());
+    udp[4..6].copy_from_slice(&(inner_len.wrapping_add(UDP_LEN as u16)).to_be_bytes());
+    udp[6..8].copy_from_slice(&[0, 0]);
     Ok(())
 }

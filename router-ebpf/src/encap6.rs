@@ -10,7 +10,8 @@ use router_common::{
 };
 
 use crate::{
-    parse::{ETH_LEN, UDP_LEN, ptr_at},
+    encap::put_udp,
+    parse::{ETH_LEN, ptr_at},
     parse6::{IP6_LEN, IP6_OFF},
 };
 
@@ -62,13 +63,12 @@ pub fn push(ctx: &XdpContext, e: &DsrFlow6, inner_len: u16) -> Result<(), ()> {
     put_addr(ctx, IP6_OFF + 8, &e.outer_src)?;
     put_addr(ctx, IP6_OFF + 24, &e.backend_addr)?;
     if gue {
-        let udp: *mut [u8; UDP_LEN] = ptr_at(ctx, IP6_OFF + IP6_LEN)?;
-        // SAFETY: as above.
-        let udp = unsafe { &mut *udp };
-        udp[0..2].copy_from_slice(&e.gue_sport.to_ne_bytes());
-        udp[2..4].copy_from_slice(&e.gue_dport.to_ne_bytes());
-        udp[4..6].copy_from_slice(&(inner_len.wrapping_add(UDP_LEN as u16)).to_be_bytes());
-        udp[6..8].copy_from_slice(&[0, 0]);
+        put_udp(
+            ctx,
+            IP6_OFF + IP6_LEN,
+            (e.gue_sport, e.gue_dport),
+            inner_len,
+        )?;
     }
     Ok(())
 }

@@ -128,23 +128,107 @@ pub enum Outer {
     Failed,
 }
 
+/// A DSR flow entry of either family, as the outer lookup reads and fills
+/// it: the lookup and its result are the same for both.
+pub trait Tunnelled {
+    /// The GUE ports, network order; (0, 0) for IP in IP.
+    fn gue_ports(&self) -> (u16, u16);
+    /// Family, protocol number of IP in IP, flow info, and the backend's
+    /// address, into the lookup's parameters.
+    fn address(&self, p: &mut FibParams);
+    /// The preferred source the lookup found, if any.
+    fn take_source(&mut self, p: &FibParams);
+    fn take_hop(&mut self, p: &FibParams, mtu: u32, fib_gen: u32);
+}
+
+impl Tunnelled for DsrFlow {
+    #[inline(always)]
+    fn gue_ports(&self) -> (u16, u16) {
+        (self.gue_sport, self.gue_dport)
+    }
+
+    #[inline(always)]
+    fn address(&self, p: &mut FibParams) {
+        p.family = AF_INET;
+        p.l4_protocol = PROTO_IPIP;
+        p.__bindgen_anon_4.ipv4_dst = self.backend_addr;
+    }
+
+    #[inline(always)]
+    fn take_source(&mut self, p: &FibParams) {
+        // SAFETY: a plain integer the helper filled in (or left zero).
+        let src = unsafe { p.__bindgen_anon_3.ipv4_src };
+        if src != 0 {
+            self.outer_src = src;
+        }
+    }
+
+    #[inline(always)]
+    fn take_hop(&mut self, p: &FibParams, mtu: u32, fib_gen: u32) {
+        self.dmac = p.dmac;
+        self.smac = p.smac;
+        self.ifindex = p.ifindex;
+        self.mtu = mtu;
+        self.fib_gen = fib_gen;
+    }
+}
+
+impl Tunnelled for DsrFlow6 {
+    #[inline(always)]
+    fn gue_ports(&self) -> (u16, u16) {
+        (self.gue_sport, self.gue_dport)
+    }
+
+    /// The flow label goes into the lookup too, so a multipath route
+    /// toward backends picks a path by flow as it would for the packet
+    /// itself.
+    #[inline(always)]
+    fn address(&self, p: &mut FibParams) {
+        p.family = AF_INET6;
+        p.l4_protocol = PROTO_IPV6;
+        p.__bindgen_anon_2.flowinfo = (self.flow_label & 0x000f_ffff).to_be();
+        p.__bindgen_anon_4.ipv6_dst = self.backend_addr.words;
+    }
+
+    #[inline(always)]
+    fn take_source(&mut self, p: &FibParams) {
+        // SAFETY: plain integers the helper filled in (or left zero).
+        let src = unsafe { p.__bindgen_anon_3.ipv6_src };
+        if src != [0; 4] {
+            self.outer_src.words = src;
+        }
+    }
+
+    #[inline(always)]
+    fn take_hop(&mut self, p: &FibParams, mtu: u32, fib_gen: u32) {
+        self.dmac = p.dmac;
+        self.smac = p.smac;
+        self.ifindex = p.ifindex;
+        self.mtu = mtu;
+        self.fib_gen = fib_gen;
+    }
+}
+
 /// Looks up the next hop of a DSR flow's outer packet (`tot_len` bytes,
 /// host order) toward its backend, with the source address the host
 /// would pick for it, and caches both, and the route's MTU, in `e`.
 #[inline(always)]
-pub fn resolve_outer(ctx: &XdpContext, e: &mut DsrFlow, tot_len: u16, fib_gen: u32) -> Outer {
+pub fn resolve_outer<E: Tunnelled>(
+    ctx: &XdpContext,
+    e: &mut E,
+    tot_len: u16,
+    fib_gen: u32,
+) -> Outer {
     let mut slot = core::mem::MaybeUninit::uninit();
     let p: &mut FibParams = crate::mem::zeroed64(&mut slot);
-    p.family = AF_INET;
-    p.l4_protocol = if e.gue_dport != 0 {
-        PROTO_UDP
-    } else {
-        PROTO_IPIP
-    };
-    p.sport = e.gue_sport;
-    p.dport = e.gue_dport;
+    e.address(p);
+    let (sport, dport) = e.gue_ports();
+    if dport != 0 {
+        p.l4_protocol = PROTO_UDP;
+    }
+    p.sport = sport;
+    p.dport = dport;
     p.__bindgen_anon_1.tot_len = tot_len;
-    p.__bindgen_anon_4.ipv4_dst = e.backend_addr;
     // SAFETY: as in `lookup`.
     p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     // SAFETY: as in `lookup`.
@@ -157,71 +241,15 @@ pub fn resolve_outer(ctx: &XdpContext, e: &mut DsrFlow, tot_len: u16, fib_gen: u
         )
     };
     // SAFETY: the helper filled the union's output member (`mtu_result`,
-    // which it writes on success and on FRAG_NEEDED) and the source
-    // address; both are plain integers.
-    let (mtu, src) = unsafe { (p.__bindgen_anon_1.mtu_result, p.__bindgen_anon_3.ipv4_src) };
-    if src != 0 {
-        e.outer_src = src;
-    }
+    // which it writes on success and on FRAG_NEEDED); a plain integer.
+    let mtu = unsafe { p.__bindgen_anon_1.mtu_result } as u32;
+    e.take_source(p);
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
-        return Outer::TooBig(mtu as u32);
+        return Outer::TooBig(mtu);
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Outer::Failed;
     }
-    e.dmac = p.dmac;
-    e.smac = p.smac;
-    e.ifindex = p.ifindex;
-    e.mtu = mtu as u32;
-    e.fib_gen = fib_gen;
-    Outer::Resolved
-}
-
-/// `resolve_outer` for an IPv6 DSR flow: the outer packet's next hop, the
-/// source the host would pick toward the backend, and the route's MTU. The
-/// flow label goes into the lookup, so a multipath route toward backends
-/// picks a path by flow as it would for the packet itself.
-#[inline(always)]
-pub fn resolve_outer6(ctx: &XdpContext, e: &mut DsrFlow6, tot_len: u16, fib_gen: u32) -> Outer {
-    let mut slot = core::mem::MaybeUninit::uninit();
-    let p: &mut FibParams = crate::mem::zeroed64(&mut slot);
-    p.family = AF_INET6;
-    p.l4_protocol = if e.gue_dport != 0 {
-        PROTO_UDP
-    } else {
-        PROTO_IPV6
-    };
-    p.sport = e.gue_sport;
-    p.dport = e.gue_dport;
-    p.__bindgen_anon_1.tot_len = tot_len;
-    p.__bindgen_anon_2.flowinfo = (e.flow_label & 0x000f_ffff).to_be();
-    p.__bindgen_anon_4.ipv6_dst = e.backend_addr.words;
-    // SAFETY: as in `lookup`.
-    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    // SAFETY: as in `lookup`.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx.cast(),
-            p,
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_SRC,
-        )
-    };
-    // SAFETY: as in `resolve_outer`: plain integers the helper filled in.
-    let (mtu, src) = unsafe { (p.__bindgen_anon_1.mtu_result, p.__bindgen_anon_3.ipv6_src) };
-    if src != [0; 4] {
-        e.outer_src.words = src;
-    }
-    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
-        return Outer::TooBig(mtu as u32);
-    }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return Outer::Failed;
-    }
-    e.dmac = p.dmac;
-    e.smac = p.smac;
-    e.ifindex = p.ifindex;
-    e.mtu = mtu as u32;
-    e.fib_gen = fib_gen;
+    e.take_hop(p, mtu, fib_gen);
     Outer::Resolved
 }

@@ -28,6 +28,48 @@ fn router(ns: &str, args: &[&str]) -> anyhow::Result<String> {
     netns::exec(ns, &all)
 }
 
+/// A 6 KB request through `vip` from the client is answered: whatever
+/// did not fit the tunnel was refused with an ICMP answer the client's
+/// path-MTU discovery acted on.
+fn large_request_gets_through(topo: &Topology, vip: SocketAddr) {
+    let pad = "x".repeat(6000);
+    let answer = netns::in_netns(topo.client_ns(), move || {
+        let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("GET / HTTP/1.0\r\nX-Pad: {pad}\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+}
+
+/// `CONNECTIONS` GETs through `vip` from the client land on both backends,
+/// at least a fifth on each.
+fn connections_reach_both_backends(topo: &Topology, vip: SocketAddr) {
+    let bodies: Vec<String> = netns::in_netns(topo.client_ns(), move || {
+        (0..CONNECTIONS)
+            .map(|_| {
+                netns::http_get(vip, "/", Duration::from_secs(5))
+                    .expect("GET / through the VIP")
+                    .body
+            })
+            .collect()
+    })
+    .unwrap();
+    let mut counts = BTreeMap::new();
+    for b in bodies {
+        *counts.entry(b).or_insert(0usize) += 1;
+    }
+    assert_eq!(counts.values().sum::<usize>(), CONNECTIONS);
+    assert!(
+        counts.len() == 2 && counts.values().all(|n| *n >= CONNECTIONS / 5),
+        "{counts:?}"
+    );
+}
+
 #[test]
 fn dsr_connections_reach_the_backends_and_answers_bypass_the_lb() {
     let topo = Topology::one_arm(2).expect("topology");
@@ -90,40 +132,11 @@ fn dsr_connections_reach_the_backends_and_answers_bypass_the_lb() {
     std::fs::write(&config, text).unwrap();
     let daemon = start_daemon(topo.lb_ns(), &config, &socket).expect("daemon");
 
-    let bodies: Vec<String> = netns::in_netns(topo.client_ns(), || {
-        (0..CONNECTIONS)
-            .map(|_| {
-                netns::http_get(vip, "/", Duration::from_secs(5))
-                    .expect("GET / through the VIP")
-                    .body
-            })
-            .collect()
-    })
-    .unwrap();
-    let mut counts = BTreeMap::new();
-    for b in bodies {
-        *counts.entry(b).or_insert(0usize) += 1;
-    }
-    assert_eq!(counts.values().sum::<usize>(), CONNECTIONS);
-    assert!(
-        counts.len() == 2 && counts.values().all(|n| *n >= CONNECTIONS / 5),
-        "{counts:?}"
-    );
+    connections_reach_both_backends(&topo, vip);
 
     // A request larger than the tunnel lets through at 1,500 bytes: the
     // client learns the path MTU from the LB's ICMP and sends it again.
-    let pad = "x".repeat(6000);
-    let answer = netns::in_netns(topo.client_ns(), move || {
-        let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(format!("GET / HTTP/1.0\r\nX-Pad: {pad}\r\n\r\n").as_bytes())
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-    .unwrap();
-    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    large_request_gets_through(&topo, vip);
 
     let st = status(&socket).unwrap();
     let svc = &st.datapath.services[0];
@@ -232,39 +245,11 @@ fn ipv6_dsr_connections_reach_the_backends_and_answers_bypass_the_lb() {
     std::fs::write(&config, text).unwrap();
     let daemon = start_daemon(topo.lb_ns(), &config, &socket).expect("daemon");
 
-    let bodies: Vec<String> = netns::in_netns(topo.client_ns(), || {
-        (0..CONNECTIONS)
-            .map(|_| {
-                netns::http_get(vip, "/", Duration::from_secs(5))
-                    .expect("GET / through the IPv6 VIP")
-                    .body
-            })
-            .collect()
-    })
-    .unwrap();
-    let mut counts = BTreeMap::new();
-    for b in bodies {
-        *counts.entry(b).or_insert(0usize) += 1;
-    }
-    assert!(
-        counts.len() == 2 && counts.values().all(|n| *n >= CONNECTIONS / 5),
-        "{counts:?}"
-    );
+    connections_reach_both_backends(&topo, vip);
 
     // Too large for the tunnel at 1,500 bytes: through after the LB's
     // "packet too big" lowers the client's path MTU.
-    let pad = "x".repeat(6000);
-    let answer = netns::in_netns(topo.client_ns(), move || {
-        let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(format!("GET / HTTP/1.0\r\nX-Pad: {pad}\r\n\r\n").as_bytes())
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-    .unwrap();
-    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    large_request_gets_through(&topo, vip);
 
     let st = status(&socket).unwrap();
     let svc = &st.datapath.services[0];

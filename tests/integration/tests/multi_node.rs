@@ -6,25 +6,39 @@
 //! fingerprint; an LB with every backend drained withdraws and announces
 //! again when they come back; a SIGTERM withdraws first and a kill -9 drops
 //! the session, and either way no stream of 50 is reset or moves backend
-//! (the survivor re-hashes them: `lru_miss`).
+//! (the survivor re-hashes them: `lru_miss`). All of it again over IPv6.
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use router_bench::failover::{
     HOLD_S, Mode, Rig, STREAMS, fail_over,
-    topology::{VIP, VIP_ADDR, lb_addr},
+    topology::{VIP_ADDR, VIP6_ADDR},
 };
 use router_testkit::{daemon_proc::cli, netns};
 
 #[test]
 fn two_lbs_share_the_vip_and_a_lost_one_breaks_no_stream() {
-    let mut rig = Rig::start("multinode", Mode::Dsr).expect("two LBs behind BIRD");
+    shares_the_vip_and_loses_no_stream("multinode", Mode::Dsr, &format!("{VIP_ADDR}/32"));
+}
+
+/// The same over IPv6: an IPv6 VIP announced as a /128 with each LB's
+/// IPv6 next hop, IPv6 ECMP at the router, IPv6 in IPv6 to the backends.
+#[test]
+fn ipv6_two_lbs_share_the_vip_and_a_lost_one_breaks_no_stream() {
+    shares_the_vip_and_loses_no_stream("multinode6", Mode::Dsr6, &format!("{VIP6_ADDR}/128"));
+}
+
+/// The rig in `mode`: one route over both LBs, one fingerprint, flows
+/// split, a drained LB withdrawn and back, then a SIGTERM and a kill -9
+/// under streams that all end cleanly on their backends.
+fn shares_the_vip_and_loses_no_stream(tag: &str, mode: Mode, prefix: &str) {
+    let mut rig = Rig::start(tag, mode).expect("two LBs behind BIRD");
     eprintln!("ECMP route over both LBs after {:?}", rig.converged);
-    let both = vec![lb_addr(0), lb_addr(1)];
+    let both = vec![rig.topo.lb_hop(0), rig.topo.lb_hop(1)];
 
     let st = rig.daemons[0].status().unwrap();
     let bgp = st.bgp.expect("bgp status");
-    assert_eq!(bgp.announced, vec![format!("{VIP_ADDR}/32")]);
+    assert_eq!(bgp.announced, vec![prefix.to_string()]);
     assert!(
         bgp.sessions.iter().all(|s| s.state == "established"),
         "{bgp:?}"
@@ -35,7 +49,7 @@ fn two_lbs_share_the_vip_and_a_lost_one_breaks_no_stream() {
     assert!(f0.is_some() && f0 == f1, "{f0:?} vs {f1:?}");
 
     // 200 flows split over both LBs, and over both backends.
-    let vip: SocketAddr = VIP.parse().unwrap();
+    let vip: SocketAddr = rig.topo.vip().parse().unwrap();
     let bodies: Vec<String> = netns::in_netns(&rig.topo.client, || {
         (0..200)
             .map(|_| {
@@ -66,7 +80,7 @@ fn two_lbs_share_the_vip_and_a_lost_one_breaks_no_stream() {
     ctl(0, &["drain", "llama", "b0"]);
     ctl(0, &["drain", "llama", "b1"]);
     rig.topo
-        .await_next_hops(&[lb_addr(1)], Duration::from_secs(5))
+        .await_next_hops(&[rig.topo.lb_hop(1)], Duration::from_secs(5))
         .expect("LB 0 withdraws with no backend to serve");
     ctl(0, &["undrain", "llama", "b0"]);
     ctl(0, &["undrain", "llama", "b1"]);

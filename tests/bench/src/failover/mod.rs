@@ -6,7 +6,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -39,29 +39,43 @@ pub const STREAMS: usize = 50;
 pub enum Mode {
     Dsr,
     Nat,
+    /// DSR of an IPv6 VIP to IPv6 backends (IPv6 in IPv6), announced as
+    /// a /128 over the same sessions.
+    Dsr6,
 }
 
 /// LB `i`'s config: the service over both backends (DSR over IPIP, or NAT
 /// from the LB's own address), `[bgp]` to the upstream router, control
 /// socket `socket`.
 pub fn lb_config(socket: &Path, i: usize, mode: Mode) -> String {
+    let v6 = mode == Mode::Dsr6;
     let mut s = format!(
         "[daemon]\ninterface = \"eth0\"\ncontrol_socket = \"{}\"\nhash_seed = \"{SEED}\"\n\n\
          [bgp]\nlocal_as = {LB_AS}\nrouter_id = \"{}\"\n\
          peers = [{{ address = \"{ROUTER_LAN}\", as = {ROUTER_AS} }}]\n\
-         hold_time = \"{HOLD_S}s\"\ndrain = \"2s\"\n\n\
-         [[service]]\nname = \"llama\"\nvip = \"{VIP}\"\n{}\n",
+         hold_time = \"{HOLD_S}s\"\ndrain = \"2s\"\n{}\n\
+         [[service]]\nname = \"llama\"\nvip = \"{}\"\n{}\n",
         socket.display(),
         lb_addr(i),
+        if v6 {
+            format!("next_hop6 = \"{}\"\n", lb_addr6(i))
+        } else {
+            String::new()
+        },
+        if v6 { VIP6 } else { VIP },
         match mode {
-            Mode::Dsr => "forwarding = \"dsr\"\nencap = \"ipip\"".to_string(),
+            Mode::Dsr | Mode::Dsr6 => "forwarding = \"dsr\"\nencap = \"ipip\"".to_string(),
             Mode::Nat => format!("snat = \"{}\"", lb_addr(i)),
         }
     );
     for b in 0..2 {
+        let address = if v6 {
+            format!("[{}]:8000", backend_addr6(b))
+        } else {
+            format!("{}:8000", backend_addr(b))
+        };
         s.push_str(&format!(
-            "\n[[service.backend]]\nname = \"b{b}\"\naddress = \"{}:8000\"\nweight = 1\n",
-            backend_addr(b)
+            "\n[[service.backend]]\nname = \"b{b}\"\naddress = \"{address}\"\nweight = 1\n"
         ));
     }
     s
@@ -82,18 +96,18 @@ pub struct Rig {
 
 impl Rig {
     pub fn start(tag: &str, mode: Mode) -> Result<Self> {
-        let topo = MultiNode::build(2, 2)?;
+        let topo = MultiNode::build(2, 2, mode == Mode::Dsr6)?;
         let dir = ScratchDir::new(tag)?;
         let mut servers = Vec::new();
         let decap_pins = BpfFs::mount()?;
         let bin = router_binary()?;
         for (i, b) in topo.backends.iter().enumerate() {
-            servers.push(netns::spawn_http_backend(
-                b,
-                &format!("b{i}"),
-                Ipv4Addr::UNSPECIFIED,
-                8000,
-            )?);
+            let bind: IpAddr = if topo.ipv6 {
+                Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                Ipv4Addr::UNSPECIFIED.into()
+            };
+            servers.push(netns::spawn_http_backend(b, &format!("b{i}"), bind, 8000)?);
             let pins = decap_pins.pin_path().join(format!("decap-{i}"));
             netns::exec(
                 b,
@@ -114,11 +128,12 @@ impl Rig {
         for (i, lb) in topo.lbs.iter().enumerate() {
             // Each LB reaches the backends once: their neighbours resolve.
             for b in 0..2 {
-                netns::wait_for_tcp(
-                    lb,
-                    format!("{}:8000", backend_addr(b)).parse()?,
-                    Duration::from_secs(5),
-                )?;
+                let address = if topo.ipv6 {
+                    format!("[{}]:8000", backend_addr6(b))
+                } else {
+                    format!("{}:8000", backend_addr(b))
+                };
+                netns::wait_for_tcp(lb, address.parse()?, Duration::from_secs(5))?;
             }
             let socket = dir.0.join(format!("lb{i}.sock"));
             let cfg = dir.0.join(format!("lb{i}.toml"));
@@ -127,7 +142,7 @@ impl Rig {
             sockets.push(socket);
         }
         let converged = topo
-            .await_next_hops(&[lb_addr(0), lb_addr(1)], Duration::from_secs(5))
+            .await_next_hops(&[topo.lb_hop(0), topo.lb_hop(1)], Duration::from_secs(5))
             .with_context(|| topo.bird_show())?;
         Ok(Rig {
             daemons,
@@ -145,8 +160,10 @@ impl Rig {
         let cfg = self.dir.0.join(format!("lb{i}.toml"));
         let d = start_daemon(&self.topo.lbs[i], &cfg, &self.sockets[i])?;
         self.daemons.insert(i, d);
-        self.topo
-            .await_next_hops(&[lb_addr(0), lb_addr(1)], Duration::from_secs(5))
+        self.topo.await_next_hops(
+            &[self.topo.lb_hop(0), self.topo.lb_hop(1)],
+            Duration::from_secs(5),
+        )
     }
 
     /// A datapath counter of LB `i`.
@@ -170,7 +187,7 @@ pub struct Stream {
 
 /// `n` streams of `seconds` from the client, each past its first line.
 pub fn open_streams(t: &MultiNode, n: usize, seconds: u32) -> Result<Vec<Stream>> {
-    let vip: SocketAddr = VIP.parse()?;
+    let vip: SocketAddr = t.vip().parse()?;
     netns::in_netns(&t.client, move || {
         (0..n)
             .map(|_| -> Result<Stream> {
@@ -269,8 +286,9 @@ pub fn fail_over(rig: &mut Rig, victim: usize, term: bool) -> Result<Failover> {
         );
         None
     };
+    let hop = rig.topo.lb_hop(survivor);
     rig.topo
-        .await_next_hops(&[lb_addr(survivor)], Duration::from_secs(HOLD_S + 5))?;
+        .await_next_hops(&[hop], Duration::from_secs(HOLD_S + 5))?;
     let withdrawn = started.elapsed();
     let outcome = finish_streams(streams);
     if let Some(h) = stopping {

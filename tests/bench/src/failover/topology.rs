@@ -18,6 +18,20 @@ pub const ROUTER_LAN: &str = "198.18.1.254";
 pub const ROUTER_AS: u32 = 65000;
 pub const LB_AS: u32 = 65001;
 pub const CLIENT: &str = "198.18.2.2";
+/// The IPv6 twins (the benchmarking range 2001:2::/48, as 198.18.0.0/15
+/// is IPv4's), for the IPv6 rig.
+pub const VIP6: &str = "[2001:2:100::1]:8000";
+pub const VIP6_ADDR: &str = "2001:2:100::1";
+pub const ROUTER_LAN6: &str = "2001:2:1::fe";
+pub const CLIENT6: &str = "2001:2:2::2";
+
+pub fn lb_addr6(i: usize) -> String {
+    format!("2001:2:1::{}", i + 1)
+}
+
+pub fn backend_addr6(i: usize) -> String {
+    format!("2001:2:1::{}", i + 11)
+}
 
 pub fn lb_addr(i: usize) -> String {
     format!("198.18.1.{}", i + 1)
@@ -35,6 +49,8 @@ pub struct MultiNode {
     pub lbs: Vec<String>,
     pub backends: Vec<String>,
     pub bird_socket: String,
+    /// IPv6 beside IPv4 on every link, the VIP's route an IPv6 one.
+    pub ipv6: bool,
     // Dropped before the namespaces go.
     pub bird: Option<ChildGuard>,
     peer_xdp: Vec<XdpPassGuard>,
@@ -59,7 +75,9 @@ fn sh(ns: &str, cmd: &str) -> Result<String> {
 }
 
 impl MultiNode {
-    pub fn build(lbs: usize, backends: usize) -> Result<Self> {
+    /// The topology; with `ipv6`, every link carries IPv6 too and BIRD
+    /// learns IPv6 paths (the VIP is then `VIP6`).
+    pub fn build(lbs: usize, backends: usize, ipv6: bool) -> Result<Self> {
         let id = format!("rtmn{}", std::process::id());
         let mut t = MultiNode {
             namespaces: Vec::new(),
@@ -69,6 +87,7 @@ impl MultiNode {
             lbs: (0..lbs).map(|i| format!("{id}-lb{i}")).collect(),
             backends: (0..backends).map(|i| format!("{id}-b{i}")).collect(),
             bird_socket: format!("/tmp/{id}-bird.ctl"),
+            ipv6,
             bird: None,
             peer_xdp: Vec::new(),
         };
@@ -85,26 +104,45 @@ impl MultiNode {
                 .context("ip netns add")?;
             t.namespaces.push(ns.clone());
             sh(&ns, "ip link set lo up")?;
-            let _ = sh(&ns, "sysctl -q -w net.ipv6.conf.all.disable_ipv6=1");
+            if ipv6 {
+                // Addresses usable at once: no duplicate address detection.
+                sh(&ns, "sysctl -q -w net.ipv6.conf.all.accept_dad=0")?;
+                sh(&ns, "sysctl -q -w net.ipv6.conf.default.accept_dad=0")?;
+            } else {
+                let _ = sh(&ns, "sysctl -q -w net.ipv6.conf.all.disable_ipv6=1");
+            }
         }
         let sw = t.switch.clone();
         sh(&sw, "ip link add br0 type bridge")?;
         sh(&sw, "ip link set br0 up")?;
         // The router's LAN side, the LBs and the backends share the bridge.
-        let mut lan = vec![(t.router.clone(), "p-rt".to_string(), ROUTER_LAN.to_string())];
+        let mut lan = vec![(
+            t.router.clone(),
+            "p-rt".to_string(),
+            ROUTER_LAN.to_string(),
+            ROUTER_LAN6.to_string(),
+        )];
         for (i, lb) in t.lbs.iter().enumerate() {
-            lan.push((lb.clone(), format!("p-lb{i}"), lb_addr(i)));
+            lan.push((lb.clone(), format!("p-lb{i}"), lb_addr(i), lb_addr6(i)));
         }
         for (i, b) in t.backends.iter().enumerate() {
-            lan.push((b.clone(), format!("p-b{i}"), backend_addr(i)));
+            lan.push((
+                b.clone(),
+                format!("p-b{i}"),
+                backend_addr(i),
+                backend_addr6(i),
+            ));
         }
-        for (ns, peer, addr) in &lan {
+        for (ns, peer, addr, addr6) in &lan {
             sh(
                 &sw,
                 &format!("ip link add {peer} type veth peer name eth0 netns {ns}"),
             )?;
             sh(&sw, &format!("ip link set {peer} master br0 up"))?;
             sh(ns, &format!("ip addr add {addr}/24 dev eth0"))?;
+            if ipv6 {
+                sh(ns, &format!("ip -6 addr add {addr6}/64 dev eth0 nodad"))?;
+            }
             sh(ns, "ip link set eth0 up")?;
             netns::set_tx_checksum(ns, "eth0", false)?;
         }
@@ -130,6 +168,17 @@ impl MultiNode {
         ] {
             sh(&rt, &format!("sysctl -q -w {key}"))?;
         }
+        if ipv6 {
+            sh(&rt, "ip -6 addr add 2001:2:2::1/64 dev r-cl nodad")?;
+            sh(&cl, &format!("ip -6 addr add {CLIENT6}/64 dev eth0 nodad"))?;
+            sh(&cl, "ip -6 route add default via 2001:2:2::1")?;
+            for key in [
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.fib_multipath_hash_policy=1",
+            ] {
+                sh(&rt, &format!("sysctl -q -w {key}"))?;
+            }
+        }
         // Backends: the VIP on lo, never answered for by ARP; replies to
         // clients through the router.
         for b in &t.backends {
@@ -137,9 +186,18 @@ impl MultiNode {
             sh(b, "sysctl -q -w net.ipv4.conf.all.arp_ignore=1")?;
             sh(b, "sysctl -q -w net.ipv4.conf.all.arp_announce=2")?;
             sh(b, &format!("ip route add default via {ROUTER_LAN}"))?;
+            if ipv6 {
+                // Neighbor Discovery answers only for the interface's own
+                // addresses: the VIP on lo needs no arp_ignore twin.
+                sh(b, &format!("ip -6 addr add {VIP6_ADDR}/128 dev lo"))?;
+                sh(b, &format!("ip -6 route add default via {ROUTER_LAN6}"))?;
+            }
         }
         for lb in &t.lbs {
             sh(lb, &format!("ip route add default via {ROUTER_LAN}"))?;
+            if ipv6 {
+                sh(lb, &format!("ip -6 route add default via {ROUTER_LAN6}"))?;
+            }
         }
         t.start_bird()?;
         Ok(t)
@@ -150,11 +208,21 @@ impl MultiNode {
             "router id 198.18.1.254;\nprotocol device { scan time 1; }\n\
              protocol kernel { ipv4 { export all; }; merge paths on; scan time 1; }\n",
         );
+        // IPv6 paths ride the same sessions (multiprotocol BGP), into the
+        // kernel's IPv6 table with the same multipath merge.
+        let v6 = if self.ipv6 {
+            conf.push_str(
+                "protocol kernel k6 { ipv6 { export all; }; merge paths on; scan time 1; }\n",
+            );
+            "  ipv6 { import all; export none; };\n"
+        } else {
+            ""
+        };
         for i in 0..self.lbs.len() {
             conf.push_str(&format!(
                 "protocol bgp lb{i} {{\n  local {ROUTER_LAN} as {ROUTER_AS};\n  \
                  neighbor {} as {LB_AS};\n  hold time 3;\n  keepalive time 1;\n  \
-                 connect retry time 1;\n  ipv4 {{ import all; export none; }};\n}}\n",
+                 connect retry time 1;\n  ipv4 {{ import all; export none; }};\n{v6}}}\n",
                 lb_addr(i)
             ));
         }
@@ -167,9 +235,25 @@ impl MultiNode {
         Ok(())
     }
 
+    /// LB `i`'s address as the router's next hop for the VIP: its IPv6
+    /// one in an IPv6 rig.
+    pub fn lb_hop(&self, i: usize) -> String {
+        if self.ipv6 { lb_addr6(i) } else { lb_addr(i) }
+    }
+
+    /// The VIP clients connect to.
+    pub fn vip(&self) -> &'static str {
+        if self.ipv6 { VIP6 } else { VIP }
+    }
+
     /// The next hops the router's kernel holds for the VIP.
     pub fn vip_next_hops(&self) -> Vec<String> {
-        let out = sh(&self.router, &format!("ip route show {VIP_ADDR}")).unwrap_or_default();
+        let show = if self.ipv6 {
+            format!("ip -6 route show {VIP6_ADDR}")
+        } else {
+            format!("ip route show {VIP_ADDR}")
+        };
+        let out = sh(&self.router, &show).unwrap_or_default();
         let mut hops: Vec<String> = out
             .split_whitespace()
             .collect::<Vec<_>>()
