@@ -55,6 +55,36 @@ pub(super) fn dsr_service() -> ServiceSpec {
     }
 }
 
+/// The IPv6 twin of `dsr_service()`: the VIP and backends in
+/// 2001:2::/48 (the fixture arm's IPv6 neighbours), IPv6 in IPv6.
+pub(super) fn dsr6_service() -> ServiceSpec {
+    let base = dsr_service();
+    ServiceSpec {
+        name: "llama6".into(),
+        vip: std::net::SocketAddr::new(VIP6.into(), base.vip.port()),
+        backends: base
+            .backends
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| router::datapath::BackendSpec {
+                address: std::net::SocketAddr::new(
+                    format!("2001:2::{}", 11 + i)
+                        .parse::<std::net::Ipv6Addr>()
+                        .expect("a literal address")
+                        .into(),
+                    b.address.port(),
+                ),
+                ..b
+            })
+            .collect(),
+        ..base
+    }
+}
+
+/// The IPv6 VIP of `dsr6_service()`.
+pub(super) const VIP6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0x2001, 2, 0x100, 0, 0, 0, 0, 1);
+
 pub(super) fn load_datapath() -> Result<Datapath> {
     load_datapath_with(&service(), SCAN_LIMIT, 0)
 }
