@@ -18,9 +18,9 @@ use router_testkit::{
 };
 
 use super::paths::{
-    SingleResult, SynCase, VIP6, check_reasons, client_frames, dsr_service, dsr6_service,
-    least_loaded_service, load_datapath, load_datapath_with, reason_vec, repeat_call, service,
-    single_calls, syn_acks, table_entries, trivial_program, udp_client_frames,
+    SingleResult, SynCase, VIP6, check_reasons, client_frames, dsr_service, dsr6_entries,
+    dsr6_service, least_loaded_service, load_datapath, load_datapath_with, reason_vec, repeat_call,
+    service, single_calls, syn_acks, table_entries, trivial_program, udp_client_frames,
 };
 use super::perf::Recording;
 use super::{
@@ -43,6 +43,8 @@ pub(super) struct Bench {
     /// holding the flow of `est_ack6` in `DSR_FLOWS6`.
     pub(super) dsr6: Datapath,
     pub(super) est_ack6: Vec<u8>,
+    /// The `xdp_md` of the IPv6 frames, which are 20 bytes longer.
+    pub(super) ctx6: Vec<u8>,
     // Dropped last: leaves and removes the namespace.
     pub(super) _ns: EnteredNs,
 }
@@ -169,11 +171,13 @@ impl Bench {
         let est_ack6 = Packet6::tcp(client6, vip6, TCP_ACK)
             .with_macs(LB_MAC, CLIENT_MAC)
             .build();
+        let ctx6 = xdp_md(ifindex, syn6.len());
+        ensure!(est_ack6.len() == syn6.len(), "IPv6 frames differ in length");
         let mut dsr6 = load_datapath_with(&dsr6_service(), 0, 0)?;
         let prog = dsr6.program_mut().context("router program (IPv6 DSR)")?;
-        single_calls(prog, &[syn6], &ctx, XDP_TX, "IPv6 DSR SYN")?;
+        single_calls(prog, &[syn6], &ctx6, XDP_TX, "IPv6 DSR SYN")?;
         ensure!(
-            table_entries(&mut dsr6, "DSR_FLOWS6")? == 1,
+            dsr6_entries(&mut dsr6)? == 1,
             "the IPv6 DSR flow's SYN left no DSR_FLOWS6 entry"
         );
         Ok(Self {
@@ -186,6 +190,7 @@ impl Bench {
             dsr,
             dsr6,
             est_ack6,
+            ctx6,
             _ns: ns,
         })
     }
@@ -254,8 +259,8 @@ impl Bench {
             .dsr6
             .program_mut()
             .context("router program (IPv6 DSR)")?;
-        single_calls(prog, &warm, &self.ctx, XDP_TX, what)?;
-        let r = single_calls(prog, &timed, &self.ctx, XDP_TX, what)?;
+        single_calls(prog, &warm, &self.ctx6, XDP_TX, what)?;
+        let r = single_calls(prog, &timed, &self.ctx6, XDP_TX, what)?;
         let after = reason_vec(&self.dsr6)?;
         check_reasons(
             &before,
@@ -265,7 +270,7 @@ impl Bench {
             what,
         )?;
         ensure!(
-            table_entries(&mut self.dsr6, "DSR_FLOWS6")? == 1,
+            dsr6_entries(&mut self.dsr6)? == 1,
             "{what}: the flow's entry was replaced or another added"
         );
         Ok(r)

@@ -285,6 +285,17 @@ pub(super) fn table_entries(dp: &mut Datapath, name: &str) -> Result<u64> {
     Ok(map.keys().filter(Result::is_ok).count() as u64)
 }
 
+/// Entries of `DSR_FLOWS6`, whose keys and values are IPv6's.
+pub(super) fn dsr6_entries(dp: &mut Datapath) -> Result<u64> {
+    let map: aya::maps::HashMap<_, router_common::v6::ConnKey6, router_common::v6::DsrFlow6> =
+        aya::maps::HashMap::try_from(
+            dp.ebpf_mut()
+                .map_mut("DSR_FLOWS6")
+                .context("DSR_FLOWS6 map")?,
+        )?;
+    Ok(map.keys().filter(Result::is_ok).count() as u64)
+}
+
 /// Times `frames.len()` single-packet calls (repeat = 1), one per frame.
 pub(super) fn single_calls(
     prog: &Xdp,
