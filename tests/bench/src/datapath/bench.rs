@@ -11,15 +11,16 @@ use aya::{
 use router::datapath::{Datapath, ServiceSpec, XDP_PASS_OBJ};
 use router_common::{FILTER_DSR_ONLY, addr_filter_bucket, reasons};
 use router_testkit::{
-    kernel_ns::{EnteredNs, TEST_NEIGHBOURS},
+    kernel_ns::{EnteredNs, TEST_NEIGHBOURS, TEST_NEIGHBOURS6},
     packet::{Mac, Packet, TCP_ACK, TCP_SYN},
+    packet6::Packet6,
     test_run::xdp_md,
 };
 
 use super::paths::{
-    SingleResult, SynCase, check_reasons, client_frames, dsr_service, least_loaded_service,
-    load_datapath, load_datapath_with, reason_vec, repeat_call, service, single_calls, syn_acks,
-    table_entries, trivial_program, udp_client_frames,
+    SingleResult, SynCase, VIP6, check_reasons, client_frames, dsr_service, dsr6_entries,
+    dsr6_service, least_loaded_service, load_datapath, load_datapath_with, reason_vec, repeat_call,
+    service, single_calls, syn_acks, table_entries, trivial_program, udp_client_frames,
 };
 use super::perf::Recording;
 use super::{
@@ -38,6 +39,12 @@ pub(super) struct Bench {
     /// The same service as DSR (IPIP), holding the established flow of
     /// `est_ack` in `DSR_FLOWS`.
     pub(super) dsr: Datapath,
+    /// The IPv6 twin: an IPv6 DSR service (`router_v6`, IPv6 in IPv6)
+    /// holding the flow of `est_ack6` in `DSR_FLOWS6`.
+    pub(super) dsr6: Datapath,
+    pub(super) est_ack6: Vec<u8>,
+    /// The `xdp_md` of the IPv6 frames, which are 20 bytes longer.
+    pub(super) ctx6: Vec<u8>,
     // Dropped last: leaves and removes the namespace.
     pub(super) _ns: EnteredNs,
 }
@@ -53,6 +60,8 @@ impl Bench {
                 &TEST_NEIGHBOURS,
             )
             .context("setting up the benchmark netns")?;
+        ns.test_arm6("bx0", "2001:2::1/64", &TEST_NEIGHBOURS6)
+            .context("IPv6 on the benchmark netns's arm")?;
 
         // The non-service frame must stop at the address pre-filter.
         let bucket = |a: Ipv4Addr| addr_filter_bucket(u32::from_ne_bytes(a.octets()));
@@ -153,6 +162,24 @@ impl Bench {
             table_entries(&mut dsr, "DSR_FLOWS")? == 1,
             "the DSR flow's SYN left no DSR_FLOWS entry"
         );
+        // The IPv6 DSR flow, made the same way on a datapath of its own.
+        let client6 = std::net::SocketAddrV6::new("2001:2::2".parse()?, EST_CLIENT_PORT, 0, 0);
+        let vip6 = std::net::SocketAddrV6::new(VIP6, VIP.port(), 0, 0);
+        let syn6 = Packet6::tcp(client6, vip6, TCP_SYN)
+            .with_macs(LB_MAC, CLIENT_MAC)
+            .build();
+        let est_ack6 = Packet6::tcp(client6, vip6, TCP_ACK)
+            .with_macs(LB_MAC, CLIENT_MAC)
+            .build();
+        let ctx6 = xdp_md(ifindex, syn6.len());
+        ensure!(est_ack6.len() == syn6.len(), "IPv6 frames differ in length");
+        let mut dsr6 = load_datapath_with(&dsr6_service(), 0, 0)?;
+        let prog = dsr6.program_mut().context("router program (IPv6 DSR)")?;
+        single_calls(prog, &[syn6], &ctx6, XDP_TX, "IPv6 DSR SYN")?;
+        ensure!(
+            dsr6_entries(&mut dsr6)? == 1,
+            "the IPv6 DSR flow's SYN left no DSR_FLOWS6 entry"
+        );
         Ok(Self {
             dp,
             trivial,
@@ -161,6 +188,9 @@ impl Bench {
             reply_ack,
             non_service,
             dsr,
+            dsr6,
+            est_ack6,
+            ctx6,
             _ns: ns,
         })
     }
@@ -213,6 +243,35 @@ impl Bench {
         ensure!(
             table_entries(&mut self.dsr, "DSR_FLOWS")? == 1,
             "DSR established single: the flow's entry was replaced or another added"
+        );
+        Ok(r)
+    }
+
+    /// The IPv6 flow's ACK on the IPv6 DSR datapath: the tail call on the
+    /// EtherType, the IPv6 parse, a `DSR_FLOWS6` hit with a cached next
+    /// hop, and the 40-byte outer header.
+    pub(super) fn dsr6_single(&mut self, calls: u32) -> Result<SingleResult> {
+        let what = "IPv6 DSR established single";
+        let warm = vec![self.est_ack6.clone(); WARMUP_CALLS as usize];
+        let timed = vec![self.est_ack6.clone(); calls as usize];
+        let before = reason_vec(&self.dsr6)?;
+        let prog = self
+            .dsr6
+            .program_mut()
+            .context("router program (IPv6 DSR)")?;
+        single_calls(prog, &warm, &self.ctx6, XDP_TX, what)?;
+        let r = single_calls(prog, &timed, &self.ctx6, XDP_TX, what)?;
+        let after = reason_vec(&self.dsr6)?;
+        check_reasons(
+            &before,
+            &after,
+            reasons::TX,
+            u64::from(WARMUP_CALLS + calls),
+            what,
+        )?;
+        ensure!(
+            dsr6_entries(&mut self.dsr6)? == 1,
+            "{what}: the flow's entry was replaced or another added"
         );
         Ok(r)
     }

@@ -190,7 +190,11 @@ its entry made by an untimed SYN: the IP header and the filter bucket, checked t
 marked DSR-only, the tail call into `router_dsr` on that bit, which classifies the \
 packet again, a `DSR_FLOWS` hit with cached next hop, and the 20-byte outer \
 header; checked to leave exactly one entry), judged against the goal of ≤ 1.3× the \
-NAT established path's overhead-subtracted ns, per run; first ACK of a \
+NAT established path's overhead-subtracted ns, per run; IPv6 DSR established forward \
+(the IPv6 twin of that flow's ACK, 74 bytes, on a third datapath serving the service's \
+IPv6 twin by IPv6 in IPv6: `router`'s tail call on the EtherType into `router_v6`, \
+the IPv6 parse, a `DSR_FLOWS6` hit with cached next hop and the 40-byte outer header; \
+checked to leave exactly one entry), judged the same way; first ACK of a \
 new flow (a fresh datapath, one untimed SYN per client port and the backend's \
 untimed SYN-ACK, then each flow's ACK, which acknowledges it, timed: it promotes the flow from the half-open table into CONNS, and after the run \
 the benchmark checks that CONNS holds both directions of every flow and nothing is \
@@ -320,6 +324,8 @@ pub fn run_datapath(settings: &Settings) -> Result<()> {
             s.push_single("established", &r);
             let r = b.dsr_single(n)?;
             s.push_single("dsr_established", &r);
+            let r = b.dsr6_single(n)?;
+            s.push_single("dsr6_established", &r);
             for case in &SYN_CASES {
                 let r = b.syn_single(n, case, None)?;
                 s.push_single(case.key, &r);

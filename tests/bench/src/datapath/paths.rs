@@ -55,6 +55,36 @@ pub(super) fn dsr_service() -> ServiceSpec {
     }
 }
 
+/// The IPv6 twin of `dsr_service()`: the VIP and backends in
+/// 2001:2::/48 (the fixture arm's IPv6 neighbours), IPv6 in IPv6.
+pub(super) fn dsr6_service() -> ServiceSpec {
+    let base = dsr_service();
+    ServiceSpec {
+        name: "llama6".into(),
+        vip: std::net::SocketAddr::new(VIP6.into(), base.vip.port()),
+        backends: base
+            .backends
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| router::datapath::BackendSpec {
+                address: std::net::SocketAddr::new(
+                    format!("2001:2::{}", 11 + i)
+                        .parse::<std::net::Ipv6Addr>()
+                        .expect("a literal address")
+                        .into(),
+                    b.address.port(),
+                ),
+                ..b
+            })
+            .collect(),
+        ..base
+    }
+}
+
+/// The IPv6 VIP of `dsr6_service()`.
+pub(super) const VIP6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0x2001, 2, 0x100, 0, 0, 0, 0, 1);
+
 pub(super) fn load_datapath() -> Result<Datapath> {
     load_datapath_with(&service(), SCAN_LIMIT, 0)
 }
@@ -251,6 +281,17 @@ pub(super) fn table_entries(dp: &mut Datapath, name: &str) -> Result<u64> {
             dp.ebpf_mut()
                 .map_mut(name)
                 .with_context(|| format!("{name} map"))?,
+        )?;
+    Ok(map.keys().filter(Result::is_ok).count() as u64)
+}
+
+/// Entries of `DSR_FLOWS6`, whose keys and values are IPv6's.
+pub(super) fn dsr6_entries(dp: &mut Datapath) -> Result<u64> {
+    let map: aya::maps::HashMap<_, router_common::v6::ConnKey6, router_common::v6::DsrFlow6> =
+        aya::maps::HashMap::try_from(
+            dp.ebpf_mut()
+                .map_mut("DSR_FLOWS6")
+                .context("DSR_FLOWS6 map")?,
         )?;
     Ok(map.keys().filter(Result::is_ok).count() as u64)
 }
