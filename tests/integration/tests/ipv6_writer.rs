@@ -8,8 +8,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use aya::maps::{Array, HashMap as BpfHashMap};
-use router::datapath::{BackendRole, BackendSpec, Datapath, Forwarding, LoadOptions, PinDir};
-use router::datapath::{Selection, ServiceSpec};
+use router::datapath::{Datapath, LoadOptions, PinDir};
 use router_common::{
     Backend, Service,
     v6::{Addr6, ServiceKey6},
@@ -22,35 +21,8 @@ use router_testkit::{
 };
 
 const VIP6: &str = "[2001:db8:100::1]:8000";
-/// The fixture's IPv6 backends (with static neighbours on its arm).
+/// The backends `service6` puts on the fixture's arm (static neighbours).
 const BACKENDS6: [&str; 3] = ["2001:2::11", "2001:2::12", "2001:2::13"];
-
-fn service6(name: &str, weights: &[u32]) -> ServiceSpec {
-    ServiceSpec {
-        name: name.into(),
-        vip: VIP6.parse().unwrap(),
-        proto: 6,
-        snat: Vec::new(),
-        snat_port_min: 10000,
-        snat_port_max: 32767,
-        selection: Selection::Maglev,
-        backends: weights
-            .iter()
-            .zip(BACKENDS6)
-            .enumerate()
-            .map(|(i, (w, a))| BackendSpec {
-                name: format!("b{i}"),
-                role: BackendRole::Primary,
-                address: SocketAddr::new(a.parse().unwrap(), 8000),
-                weight: *w,
-                max_in_flight: 0,
-            })
-            .collect(),
-        pools: Vec::new(),
-        segments: Vec::new(),
-        forwarding: Forwarding::Ipip,
-    }
-}
 
 fn key6() -> ServiceKey6 {
     let vip: SocketAddr = VIP6.parse().unwrap();
@@ -86,7 +58,7 @@ fn services4(dp: &mut Datapath) -> usize {
 
 #[test]
 fn an_ipv6_service_is_written_to_its_own_maps_and_balanced_from_them() {
-    let mut f = Fixture::new(&[service6("v6", &[1, 1, 1])]);
+    let mut f = Fixture::new(&[service6("v6", VIP6, &[1, 1, 1])]);
     let svc = service_value(&mut f.dp).expect("the service in SERVICES6");
     assert_eq!(svc.forwarding, router_common::dsr::FORWARD_IPIP);
     assert_eq!((svc.pools, svc.segments, svc.snat_count), (0, 0, 0));
@@ -125,7 +97,7 @@ fn an_ipv6_service_is_written_to_its_own_maps_and_balanced_from_them() {
 
 #[test]
 fn removing_an_ipv6_service_clears_its_entries_and_backend_addresses() {
-    let mut f = Fixture::new(&[service6("v6", &[1, 1, 1])]);
+    let mut f = Fixture::new(&[service6("v6", VIP6, &[1, 1, 1])]);
     let ids: Vec<u32> = (0..3)
         .map(|i| f.dp.backend_id("v6", &format!("b{i}")).unwrap())
         .collect();
@@ -148,7 +120,7 @@ fn a_restart_adopts_the_pinned_ipv6_service_with_its_ids_and_table() {
         table_size: 1021,
         ..LoadOptions::default()
     };
-    let specs = [service6("v6", &[1, 2, 3])];
+    let specs = [service6("v6", VIP6, &[1, 2, 3])];
     let (svc, ids, fp) = {
         let (mut dp, adopted) = Datapath::open_pinned(opts.clone(), &pins).expect("pin");
         assert!(!adopted);

@@ -77,6 +77,36 @@ pub fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec
     }
 }
 
+/// An IPv6 DSR service (IPv6 in IPv6) on `vip` over the arm's IPv6
+/// backends 2001:2::11, ::12, … (port 8000), one per weight.
+pub fn service6(name: &str, vip: &str, weights: &[u32]) -> ServiceSpec {
+    ServiceSpec {
+        forwarding: Forwarding::Ipip,
+        name: name.into(),
+        vip: vip.parse().expect("an IPv6 socket address"),
+        proto: 6,
+        snat: Vec::new(),
+        snat_port_min: 10000,
+        snat_port_max: 32767,
+        selection: Selection::Maglev,
+        backends: weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| BackendSpec {
+                role: router::datapath::BackendRole::Primary,
+                name: format!("b{i}"),
+                address: format!("[2001:2::{}]:8000", 11 + i)
+                    .parse()
+                    .expect("an IPv6 socket address"),
+                weight: *w,
+                max_in_flight: 0,
+            })
+            .collect(),
+        pools: Vec::new(),
+        segments: Vec::new(),
+    }
+}
+
 /// The same service, placing new flows by least load.
 pub fn least_loaded(spec: ServiceSpec) -> ServiceSpec {
     ServiceSpec {

@@ -4,10 +4,10 @@
 //! not fit the tunnel, Neighbor Discovery and the rest of ICMPv6 passed to
 //! the host, and the backends' decap program stripping IPv6 tunnels.
 
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::Ipv6Addr;
 
 use aya::{Ebpf, maps::HashMap as BpfHashMap, programs::Xdp};
-use router::datapath::{BackendRole, BackendSpec, DECAP_OBJ, Forwarding, Selection, ServiceSpec};
+use router::datapath::{DECAP_OBJ, Forwarding, ServiceSpec};
 use router_common::{
     reasons,
     v6::{Addr6, ConnKey6, DsrFlow6},
@@ -26,27 +26,8 @@ const CLIENT6: &str = "[2001:2::2]:40000";
 
 fn dsr6(forwarding: Forwarding, weights: &[u32]) -> ServiceSpec {
     ServiceSpec {
-        name: "llama6".into(),
-        vip: SocketAddr::V6(addr6(VIP6)),
-        proto: 6,
-        snat: Vec::new(),
-        snat_port_min: 10000,
-        snat_port_max: 32767,
-        selection: Selection::Maglev,
-        backends: weights
-            .iter()
-            .enumerate()
-            .map(|(i, w)| BackendSpec {
-                role: BackendRole::Primary,
-                name: format!("b{i}"),
-                address: format!("[2001:2::{}]:8000", 11 + i).parse().unwrap(),
-                weight: *w,
-                max_in_flight: 0,
-            })
-            .collect(),
-        pools: Vec::new(),
-        segments: Vec::new(),
         forwarding,
+        ..service6("llama6", VIP6, weights)
     }
 }
 
