@@ -18,7 +18,8 @@ use crate::{
 /// to a struct here, a `CONN_*` or `FILTER_*` bit, or a map's indexing
 /// (`layout_fingerprint` in the tests below names what it covers).
 ///
-/// 7: IPv6 services (`SERVICES6`, `BACKEND_ADDRS6`, `DSR_FLOWS6` and
+/// 8: NAT over IPv6 (`NAT6_CONNS`, `SNAT6`, `SNAT_ADDRS6`, `NatEntry6`,
+/// `Snat6`; `router_nat6` at `TAIL_NAT6`). 7: IPv6 services (`SERVICES6`, `BACKEND_ADDRS6`, `DSR_FLOWS6` and
 /// their `v6` types; `DSR_PROG` became `TAIL_CALLS`, with `router_v6`
 /// beside `router_dsr`). 6: the `FILTER_DSR_ONLY` bit. 5: DSR (`Service` gained `forwarding` and `gue_port`; the `DSR_FLOWS`
 /// map, `DsrFlow`; the `FILTER_DSR` bit). 4: pools (`POOLS`, `SEGMENTS`, `SHARES`, `SPILLS`; `Service` gained
@@ -26,7 +27,7 @@ use crate::{
 /// `FIB_GEN`. 2: `ConnEntry` gained `seq_next` (checksum deltas folded to
 /// u16) and `CONN_HEARD`. 1 stands for every datapath pinned before the
 /// stamp.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Set in `FIB_GEN` while the host routes by more than the destination
 /// (policy rules, multipath routes): a next hop found for one flow to a
@@ -449,15 +450,19 @@ mod layout_fingerprint {
             offset_of!(crate::v6::DsrFlow6, mtu),
             offset_of!(crate::v6::DsrFlow6, flow_label),
             crate::v6::TAIL_CALLS as usize,
+            size_of::<crate::v6::NatEntry6>(),
+            offset_of!(crate::v6::NatEntry6, l4_csum_delta),
+            offset_of!(crate::v6::NatEntry6, flags),
+            size_of::<crate::v6::Snat6>(),
         ];
         assert_eq!(
             (LAYOUT_VERSION, fingerprint),
             (
-                7,
+                8,
                 [
                     8, 60, 24, 32, 36, 40, 48, 52, 56, 64, 36, 44, 24, 12, 16, 8, 8, 24, 16, 20,
                     16, 16, 16, 64, 12, 14, 16, 20, 32, 36, 40, 48, 52, 56, 32, 232, 28, 16, 24,
-                    2147483648, 127, 15, 1, 3, 20, 40, 88, 60, 72, 2
+                    2147483648, 127, 15, 1, 3, 20, 40, 88, 60, 72, 3, 88, 36, 68, 80
                 ]
             ),
             "a pinned map's layout changed: bump LAYOUT_VERSION, say why beside it, \

@@ -1,7 +1,9 @@
-//! IPv6 services' map keys and values. An IPv6 service is a DSR service
-//! (see `dsr`): the `router_v6` program encapsulates the client's packet
-//! to the backend in an outer IPv6 header (IPv6-in-IPv6, or GUE over
-//! UDP), and the backend answers the client itself. Addresses are kept as
+//! IPv6 services' map keys and values. A DSR service (see `dsr`) is
+//! `router_v6`'s: it encapsulates the client's packet to the backend in an
+//! outer IPv6 header (IPv6-in-IPv6, or GUE over UDP), and the backend
+//! answers the client itself. A NAT service is `router_nat6`'s, which
+//! translates both directions as `router` does for IPv4 (`NatEntry6` in
+//! `NAT6_CONNS`, SNAT to the service's `Snat6` addresses). Addresses are kept as
 //! four words loaded natively from the 16 wire bytes, as IPv4 addresses
 //! are kept as one, so the datapath never swaps bytes.
 
@@ -9,8 +11,11 @@
 pub const TAIL_DSR: u32 = 0;
 /// Index in `TAIL_CALLS` of `router_v6`, which takes every IPv6 frame.
 pub const TAIL_V6: u32 = 1;
+/// Index in `TAIL_CALLS` of `router_nat6`, which `router_v6` hands IPv6
+/// NAT services' packets and their replies.
+pub const TAIL_NAT6: u32 = 2;
 /// Entries of `TAIL_CALLS`.
-pub const TAIL_CALLS: u32 = 2;
+pub const TAIL_CALLS: u32 = 3;
 
 /// Next-header number of IPv6 encapsulated in IPv6 (RFC 2473).
 pub const PROTO_IPV6: u8 = 41;
@@ -142,6 +147,59 @@ impl DsrFlow6 {
     }
 }
 
+/// `NAT6_CONNS` value: one direction of an IPv6 NAT flow, keyed by the
+/// packet as it arrives (client → VIP forward, backend → SNAT address
+/// reply) and telling what it leaves as. IPv6 has no header checksum:
+/// the one delta is the transport checksum's, over the pseudo-header's
+/// addresses and the ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry6 {
+    pub new_src: Addr6,
+    pub new_dst: Addr6,
+    /// Network order.
+    pub new_src_port: u16,
+    pub new_dst_port: u16,
+    /// One's-complement delta for the TCP/UDP checksum, folded to 16 bits.
+    pub l4_csum_delta: u16,
+    pub _pad0: u16,
+    /// Cached next hop, valid while `fib_gen` equals the live `FIB_GEN`.
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub ifindex: u32,
+    /// 0: no cached next hop.
+    pub fib_gen: u32,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `CONN_REPLY`, `CONN_CLOSING` (see `flags`).
+    pub flags: u32,
+    pub _pad1: [u32; 2],
+    /// `bpf_ktime_get_coarse_ns` of the last refresh (at most once a second).
+    pub last_seen_ns: u64,
+}
+
+impl NatEntry6 {
+    #[inline(always)]
+    pub fn is_reply(&self) -> bool {
+        self.flags & crate::flags::CONN_REPLY != 0
+    }
+
+    #[inline(always)]
+    pub fn is_closing(&self) -> bool {
+        self.flags & crate::flags::CONN_CLOSING != 0
+    }
+}
+
+/// `SNAT6` value, by service id: an IPv6 NAT service's SNAT addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Snat6 {
+    /// `count` of them are valid (1..=`MAX_SNAT_ADDRS`).
+    pub addrs: [Addr6; crate::limits::MAX_SNAT_ADDRS],
+    pub count: u32,
+    pub _pad: [u32; 3],
+}
+
 /// The outer flow label of a flow with hash `hash`: 20 bits, never 0 (0
 /// means "no label" to the routers that hash on it).
 #[inline(always)]
@@ -158,6 +216,8 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey6 {}
     unsafe impl aya::Pod for super::ConnKey6 {}
     unsafe impl aya::Pod for super::DsrFlow6 {}
+    unsafe impl aya::Pod for super::NatEntry6 {}
+    unsafe impl aya::Pod for super::Snat6 {}
 }
 
 const _: () = {
@@ -166,6 +226,9 @@ const _: () = {
     assert!(core::mem::size_of::<ConnKey6>() == 40);
     assert!(core::mem::size_of::<DsrFlow6>() == 88);
     assert!(core::mem::offset_of!(DsrFlow6, last_seen_ns) == 80);
+    assert!(core::mem::size_of::<NatEntry6>() == 88);
+    assert!(core::mem::offset_of!(NatEntry6, last_seen_ns) == 80);
+    assert!(core::mem::size_of::<Snat6>() == 80);
 };
 
 #[cfg(test)]

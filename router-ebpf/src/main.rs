@@ -29,6 +29,7 @@ mod latency;
 mod maps;
 mod mem;
 mod nat;
+mod nat6;
 mod parse;
 mod parse6;
 mod pool;
@@ -92,6 +93,20 @@ pub fn router_dsr(ctx: XdpContext) -> u32 {
 #[inline(always)]
 pub fn router_v6(ctx: XdpContext) -> u32 {
     match dsr6::run(&ctx) {
+        Ok(verdict) => {
+            stats::reason(verdict.reason());
+            verdict.action()
+        }
+        Err(()) => xdp_action::XDP_PASS,
+    }
+}
+
+/// IPv6 NAT services' packets and their replies (see `nat6`),
+/// tail-called from `router_v6`.
+#[xdp]
+#[inline(always)]
+pub fn router_nat6(ctx: XdpContext) -> u32 {
+    match nat6::run(&ctx) {
         Ok(verdict) => {
             stats::reason(verdict.reason());
             verdict.action()

@@ -1,7 +1,8 @@
 //! Every map and load-time global of the `router` XDP program. Userspace is
 //! the only writer of SERVICES, BACKENDS, MAGLEV_TABLES, MEMBERS, POOLS,
-//! SEGMENTS, SHARES, ADDR_FILTER, SNAT_ADDRS, SERVICES6, BACKEND_ADDRS6 and
-//! FIB_GEN; the program writes CONNS, HALF_OPEN, DSR_FLOWS, DSR_FLOWS6 and the per-CPU counters; both add to BACKEND_LOAD, atomically.
+//! SEGMENTS, SHARES, ADDR_FILTER, SNAT_ADDRS, SERVICES6, BACKEND_ADDRS6, SNAT6,
+//! SNAT_ADDRS6 and FIB_GEN; the program writes CONNS, HALF_OPEN, DSR_FLOWS,
+//! DSR_FLOWS6, NAT6_CONNS and the per-CPU counters; both add to BACKEND_LOAD, atomically.
 
 use aya_ebpf::{
     Global,
@@ -19,7 +20,7 @@ use router_common::{
     pools::{MAX_POOLS, MAX_SEGMENTS, SHARE_BUCKETS, SLOTS_PER_ENTRY},
     reasons,
     selection::MAX_SCAN_MEMBERS,
-    v6::{Addr6, ConnKey6, DsrFlow6, ServiceKey6, TAIL_CALLS as TAIL_CALLS_LEN},
+    v6::{Addr6, ConnKey6, DsrFlow6, NatEntry6, ServiceKey6, Snat6, TAIL_CALLS as TAIL_CALLS_LEN},
 };
 
 #[map]
@@ -85,7 +86,8 @@ pub static DSR_FLOWS: LruHashMap<ConnKey, DsrFlow> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// The programs `router` tail-calls: `router_dsr` for IPv4 DSR services'
-/// packets (`TAIL_DSR`), `router_v6` for every IPv6 frame (`TAIL_V6`).
+/// packets (`TAIL_DSR`), `router_v6` for every IPv6 frame (`TAIL_V6`); and
+/// `router_nat6`, which `router_v6` tail-calls for IPv6 NAT (`TAIL_NAT6`).
 /// Set by userspace at every load.
 #[map]
 pub static TAIL_CALLS: ProgramArray = ProgramArray::with_max_entries(TAIL_CALLS_LEN, 0);
@@ -105,6 +107,21 @@ pub static BACKEND_ADDRS6: Array<Addr6> = Array::with_max_entries(MAX_BACKENDS, 
 #[map]
 pub static DSR_FLOWS6: LruHashMap<ConnKey6, DsrFlow6> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// IPv6 NAT flows (see `nat6`): both directions of each, forward and
+/// reply entries in one table; userspace sizes it as `CONNS`.
+#[map]
+pub static NAT6_CONNS: LruHashMap<ConnKey6, NatEntry6> =
+    LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// IPv6 NAT services' SNAT addresses, by service id.
+#[map]
+pub static SNAT6: HashMap<u32, Snat6> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Every IPv6 SNAT address (as read off the wire) → 1: where `router_v6`
+/// finds a backend's reply to hand to `router_nat6`.
+#[map]
+pub static SNAT_ADDRS6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_SNAT_ADDRS_TOTAL, 0);
 
 /// Both directions of new flows (opened by a SYN, a UDP datagram, or a TCP
 /// packet of a flow picked up mid-stream) whose client has not sent a

@@ -38,7 +38,7 @@ use aya::{
 };
 use router_common::{
     FIB_GEN_PER_FLOW, MAX_BACKENDS, MAX_SERVICES,
-    v6::{TAIL_DSR, TAIL_V6},
+    v6::{TAIL_DSR, TAIL_NAT6, TAIL_V6},
 };
 
 pub use adopt::AdoptedRoute;
@@ -193,7 +193,7 @@ enum Attachment {
 }
 
 /// `max_entries` set at load time, by map name.
-fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 5], DatapathError> {
+fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 6], DatapathError> {
     if opts.table_size < 2 {
         return Err(DatapathError::TableSize(opts.table_size));
     }
@@ -208,6 +208,8 @@ fn sized_maps(opts: &LoadOptions) -> Result<[(&'static str, u32); 5], DatapathEr
         // that serves both kinds holds up to this many of each.
         ("DSR_FLOWS", opts.conn_table_size),
         ("DSR_FLOWS6", opts.conn_table_size),
+        // Both directions of an IPv6 NAT flow, as `CONNS` holds IPv4's.
+        ("NAT6_CONNS", opts.conn_table_size),
         (
             "HALF_OPEN",
             router_common::half_open_table_size(opts.conn_table_size),
@@ -273,11 +275,16 @@ fn loader<'a>(
 }
 
 /// Loads the programs `router` tail-calls (`router_dsr` for IPv4 DSR
-/// services, `router_v6` for IPv6 frames) and puts each at its index of
+/// services, `router_v6` for IPv6 frames, and `router_nat6`, which
+/// `router_v6` tail-calls for IPv6 NAT) and puts each at its index of
 /// `TAIL_CALLS` (a pinned array's old programs are replaced in the same
 /// writes).
 fn install_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
-    for (name, index) in [("router_dsr", TAIL_DSR), ("router_v6", TAIL_V6)] {
+    for (name, index) in [
+        ("router_dsr", TAIL_DSR),
+        ("router_v6", TAIL_V6),
+        ("router_nat6", TAIL_NAT6),
+    ] {
         let program: &mut Xdp = ebpf
             .program_mut(name)
             .ok_or(DatapathError::MissingMap(name))?

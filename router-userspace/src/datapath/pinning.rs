@@ -559,7 +559,7 @@ fn sized_by(map: &str, pinned_entries: u32, wanted_entries: u32) -> String {
                 wanted_entries / per_table
             )
         }
-        "CONNS" | "DSR_FLOWS" | "DSR_FLOWS6" => " (daemon.conn_table_size)".into(),
+        "CONNS" | "DSR_FLOWS" | "DSR_FLOWS6" | "NAT6_CONNS" => " (daemon.conn_table_size)".into(),
         _ => " (the datapath's map layout changed in this version)".into(),
     }
 }
