@@ -18,8 +18,8 @@ use crate::{
 /// to a struct here, a `CONN_*` or `FILTER_*` bit, or a map's indexing
 /// (`layout_fingerprint` in the tests below names what it covers).
 ///
-/// 8: NAT over IPv6 (`NAT6_CONNS`, `SNAT6`, `SNAT_ADDRS6`, `NatEntry6`,
-/// `Snat6`; `router_nat6` at `TAIL_NAT6`). 7: IPv6 services (`SERVICES6`, `BACKEND_ADDRS6`, `DSR_FLOWS6` and
+/// 8: NAT over IPv6 (`NAT6_CONNS`, `SNAT6`, `SNAT_ADDRS6`, `NAT6_SCRATCH`,
+/// `NatEntry6`, `Snat6`, `NatScratch6`; `router_nat6` at `TAIL_NAT6`). 7: IPv6 services (`SERVICES6`, `BACKEND_ADDRS6`, `DSR_FLOWS6` and
 /// their `v6` types; `DSR_PROG` became `TAIL_CALLS`, with `router_v6`
 /// beside `router_dsr`). 6: the `FILTER_DSR_ONLY` bit. 5: DSR (`Service` gained `forwarding` and `gue_port`; the `DSR_FLOWS`
 /// map, `DsrFlow`; the `FILTER_DSR` bit). 4: pools (`POOLS`, `SEGMENTS`, `SHARES`, `SPILLS`; `Service` gained
@@ -454,6 +454,7 @@ mod layout_fingerprint {
             offset_of!(crate::v6::NatEntry6, l4_csum_delta),
             offset_of!(crate::v6::NatEntry6, flags),
             size_of::<crate::v6::Snat6>(),
+            size_of::<crate::v6::NatScratch6>(),
         ];
         assert_eq!(
             (LAYOUT_VERSION, fingerprint),
@@ -462,7 +463,7 @@ mod layout_fingerprint {
                 [
                     8, 60, 24, 32, 36, 40, 48, 52, 56, 64, 36, 44, 24, 12, 16, 8, 8, 24, 16, 20,
                     16, 16, 16, 64, 12, 14, 16, 20, 32, 36, 40, 48, 52, 56, 32, 232, 28, 16, 24,
-                    2147483648, 127, 15, 1, 3, 20, 40, 88, 60, 72, 3, 88, 36, 68, 80
+                    2147483648, 127, 15, 1, 3, 20, 40, 88, 60, 72, 3, 88, 36, 68, 80, 128
                 ]
             ),
             "a pinned map's layout changed: bump LAYOUT_VERSION, say why beside it, \

@@ -190,6 +190,16 @@ impl NatEntry6 {
     }
 }
 
+/// `NAT6_SCRATCH` value: where `router_nat6` builds a new flow's entry and
+/// reply key, per CPU, off the stack that its functions share (512 bytes).
+/// Only the program reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatScratch6 {
+    pub entry: NatEntry6,
+    pub rkey: ConnKey6,
+}
+
 /// `SNAT6` value, by service id: an IPv6 NAT service's SNAT addresses.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -218,6 +228,7 @@ mod pod {
     unsafe impl aya::Pod for super::DsrFlow6 {}
     unsafe impl aya::Pod for super::NatEntry6 {}
     unsafe impl aya::Pod for super::Snat6 {}
+    unsafe impl aya::Pod for super::NatScratch6 {}
 }
 
 const _: () = {
@@ -229,6 +240,7 @@ const _: () = {
     assert!(core::mem::size_of::<NatEntry6>() == 88);
     assert!(core::mem::offset_of!(NatEntry6, last_seen_ns) == 80);
     assert!(core::mem::size_of::<Snat6>() == 80);
+    assert!(core::mem::size_of::<NatScratch6>() == 128);
 };
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! IPv6 DSR flows, in the `router_v6` program: what `dsr` does for IPv4,
-//! over `DSR_FLOWS6`, with an outer IPv6 header. An IPv6 service is always
-//! a DSR service (the daemon builds no other), and has no pools.
+//! over `DSR_FLOWS6`, with an outer IPv6 header. IPv6 services have no
+//! pools. A NAT service's packets, and those to an IPv6 SNAT address, go
+//! on to `router_nat6` (see `nat6`): DSR flows, the kind several ingress
+//! nodes serve, find their entry first.
 
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use router_common::{
@@ -8,7 +10,7 @@ use router_common::{
     dsr::{DSR_CLOSING, FORWARD_GUE, FORWARD_NAT, gue_source_port},
     flow_hash::flow_hash6,
     reasons::Reason,
-    v6::{Addr6, DsrFlow6, ServiceKey6, flow_label},
+    v6::{Addr6, DsrFlow6, ServiceKey6, TAIL_NAT6, flow_label},
 };
 
 use crate::{
@@ -17,6 +19,7 @@ use crate::{
     fib::{self, Outer},
     maps::{
         BACKEND_ADDRS6, BACKENDS, DSR_FLOWS6, FIB_GEN, FLOW_HASH_KEY0, FLOW_HASH_KEY1, SERVICES6,
+        SNAT_ADDRS6, TAIL_CALLS,
     },
     parse6::{self, Packet6},
     pool, select, stats,
@@ -36,15 +39,48 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, ()> {
     // program's stack holds one copy of each header it builds.
     let (e, new) = match flow(&pkt, &mut clock) {
         Ok(found) => found,
-        Err(reason) => return Ok(reason.into()),
+        Err(Miss::Reason(reason)) => return Ok(reason.into()),
+        Err(Miss::Nat) => return to_nat6(ctx),
     };
     forward(ctx, e, &pkt, new)
+}
+
+/// Why a packet has no DSR flow.
+enum Miss {
+    /// Not carried, for this reason.
+    Reason(Reason),
+    /// IPv6 NAT's: a NAT service's packet or one to a SNAT address.
+    Nat,
+}
+
+impl From<Reason> for Miss {
+    #[inline(always)]
+    fn from(reason: Reason) -> Self {
+        Miss::Reason(reason)
+    }
+}
+
+/// Whether `addr` is an IPv6 SNAT address. A BPF function of its own, so
+/// the key's copy takes its frame, not the one `place` adds to.
+#[inline(never)]
+fn is_snat6(addr: &Addr6) -> bool {
+    SNAT_ADDRS6.get_ptr(addr).is_some()
+}
+
+/// Hands the packet to `router_nat6`: it ends this program.
+#[inline(always)]
+fn to_nat6(ctx: &XdpContext) -> Result<Verdict, ()> {
+    // SAFETY: `TAIL_NAT6` of TAIL_CALLS holds `router_nat6` (the daemon
+    // puts it there at load), an XDP program taking the same context.
+    unsafe { TAIL_CALLS.tail_call(ctx, TAIL_NAT6) };
+    // Only without `router_nat6` installed: nothing can translate it.
+    Ok(Reason::DropNoBackend.into())
 }
 
 /// The packet's flow entry, in `DSR_FLOWS6`, and whether this packet
 /// created it; or why the packet is not carried.
 #[inline(always)]
-fn flow<'a>(pkt: &Packet6, clock: &mut Clock) -> Result<(&'a mut DsrFlow6, bool), Reason> {
+fn flow<'a>(pkt: &Packet6, clock: &mut Clock) -> Result<(&'a mut DsrFlow6, bool), Miss> {
     if let Some(e) = DSR_FLOWS6.get_ptr_mut(pkt.key) {
         // SAFETY: as in `dsr::run`: a preallocated LRU element, whose
         // memory stays the map's while the program runs.
@@ -72,19 +108,19 @@ fn flow<'a>(pkt: &Packet6, clock: &mut Clock) -> Result<(&'a mut DsrFlow6, bool)
     // SAFETY: as in `untracked` (main.rs): a preallocated map value.
     match unsafe { SERVICES6.get(key) } {
         Some(svc) if svc.forwarding != FORWARD_NAT => {
-            place(pkt, svc, clock)?;
+            place(pkt, svc, clock).map_err(Miss::Reason)?;
             // SAFETY: as above, for the element just inserted.
             match DSR_FLOWS6.get_ptr_mut(pkt.key) {
                 Some(e) => Ok((unsafe { &mut *e }, true)),
                 // Evicted by another CPU's insert in between: rare
                 // enough to drop.
-                None => Err(Reason::DropConnTableFull),
+                None => Err(Reason::DropConnTableFull.into()),
             }
         }
+        Some(_) => Err(Miss::Nat),
+        None if is_snat6(&pkt.key.dst_addr) => Err(Miss::Nat),
         // The host's own IPv6 traffic, and anything else not a service's.
-        None => Err(Reason::PassNotService),
-        // Never written by the daemon: nothing here can translate.
-        Some(_) => Err(Reason::DropNoBackend),
+        None => Err(Reason::PassNotService.into()),
     }
 }
 

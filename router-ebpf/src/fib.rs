@@ -13,7 +13,7 @@ use aya_ebpf::{
 use router_common::{
     ConnEntry, FIB_GEN_PER_FLOW, PROTO_UDP,
     dsr::{DsrFlow, PROTO_IPIP},
-    v6::{DsrFlow6, PROTO_IPV6},
+    v6::{DsrFlow6, NatEntry6, PROTO_IPV6},
 };
 
 use crate::maps::NEXT_HOPS;
@@ -116,7 +116,8 @@ fn lookup(ctx: &XdpContext, e: &ConnEntry, proto: u8, tot_len: u16) -> Option<Ne
     })
 }
 
-/// What the FIB says about an encapsulated packet toward a backend.
+/// What the FIB says about an encapsulated packet toward a backend, or
+/// a translated IPv6 NAT packet toward either end (`resolve6`).
 pub enum Outer {
     /// Next hop, preferred source address and route MTU, written into the
     /// flow's entry.
@@ -251,5 +252,45 @@ pub fn resolve_outer<E: Tunnelled>(
         return Outer::Failed;
     }
     e.take_hop(p, mtu, fib_gen);
+    Outer::Resolved
+}
+
+/// Looks up the next hop of an IPv6 NAT packet translated per `e` (`len`
+/// bytes, the IPv6 datagram, host order; `proto` its transport) and
+/// caches it in `e`. Each flow direction looks its own up: IPv6 NAT keeps
+/// no per-backend cache.
+#[inline(always)]
+pub fn resolve6(ctx: &XdpContext, e: &mut NatEntry6, proto: u8, len: u16, fib_gen: u32) -> Outer {
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let p: &mut FibParams = crate::mem::zeroed64(&mut slot);
+    p.family = AF_INET6;
+    p.l4_protocol = proto;
+    p.sport = e.new_src_port;
+    p.dport = e.new_dst_port;
+    p.__bindgen_anon_1.tot_len = len;
+    p.__bindgen_anon_3.ipv6_src = e.new_src.words;
+    p.__bindgen_anon_4.ipv6_dst = e.new_dst.words;
+    // SAFETY: as in `lookup`.
+    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    // SAFETY: as in `lookup`.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: as in `resolve_outer`.
+        return Outer::TooBig(unsafe { p.__bindgen_anon_1.mtu_result } as u32);
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Outer::Failed;
+    }
+    e.dmac = p.dmac;
+    e.smac = p.smac;
+    e.ifindex = p.ifindex;
+    e.fib_gen = fib_gen;
     Outer::Resolved
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::XdpContext,
 };
-use router_common::{ConnKey, PROTO_TCP};
+use router_common::{ConnKey, PROTO_TCP, v6::ConnKey6};
 
 use crate::{
     conn,
@@ -39,28 +39,38 @@ pub fn has_socket(ctx: &XdpContext, k: &ConnKey) -> bool {
     v4.sport = k.src_port;
     v4.dport = k.dst_port;
     let size = core::mem::size_of_val(v4) as u32;
-    // SAFETY: the helpers read the IPv4 part of `tuple`, which lives on this
-    // stack frame for the call; a non-null result holds a reference that is
-    // released right away.
+    lookup(ctx, &mut tuple, size, k.proto)
+}
+
+/// `has_socket` for an IPv6 packet with key `k`.
+#[inline(always)]
+pub fn has_socket6(ctx: &XdpContext, k: &ConnKey6) -> bool {
+    // SAFETY: as in `has_socket`.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // SAFETY: writing the IPv6 member of a union of plain old data.
+    let v6 = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+    v6.saddr = k.src_addr.words;
+    v6.daddr = k.dst_addr.words;
+    v6.sport = k.src_port;
+    v6.dport = k.dst_port;
+    let size = core::mem::size_of_val(v6) as u32;
+    lookup(ctx, &mut tuple, size, k.proto)
+}
+
+/// Whether a socket answers `tuple` (the first `size` bytes of it: the
+/// family's member) for protocol `proto`.
+#[inline(always)]
+fn lookup(ctx: &XdpContext, tuple: &mut bpf_sock_tuple, size: u32, proto: u8) -> bool {
+    // SAFETY: the helpers read the first `size` bytes of `tuple`, which
+    // lives on the caller's stack frame for the call; a non-null result
+    // holds a reference that is released right away.
     let sk = unsafe {
-        if k.proto == PROTO_TCP {
-            bpf_skc_lookup_tcp(
-                ctx.ctx.cast(),
-                &mut tuple,
-                size,
-                BPF_F_CURRENT_NETNS as u64,
-                0,
-            )
-            .cast::<core::ffi::c_void>()
+        if proto == PROTO_TCP {
+            bpf_skc_lookup_tcp(ctx.ctx.cast(), tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+                .cast::<core::ffi::c_void>()
         } else {
-            bpf_sk_lookup_udp(
-                ctx.ctx.cast(),
-                &mut tuple,
-                size,
-                BPF_F_CURRENT_NETNS as u64,
-                0,
-            )
-            .cast::<core::ffi::c_void>()
+            bpf_sk_lookup_udp(ctx.ctx.cast(), tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+                .cast::<core::ffi::c_void>()
         }
     };
     if sk.is_null() {

@@ -20,7 +20,10 @@ use router_common::{
     pools::{MAX_POOLS, MAX_SEGMENTS, SHARE_BUCKETS, SLOTS_PER_ENTRY},
     reasons,
     selection::MAX_SCAN_MEMBERS,
-    v6::{Addr6, ConnKey6, DsrFlow6, NatEntry6, ServiceKey6, Snat6, TAIL_CALLS as TAIL_CALLS_LEN},
+    v6::{
+        Addr6, ConnKey6, DsrFlow6, NatEntry6, NatScratch6, ServiceKey6, Snat6,
+        TAIL_CALLS as TAIL_CALLS_LEN,
+    },
 };
 
 #[map]
@@ -122,6 +125,11 @@ pub static SNAT6: HashMap<u32, Snat6> = HashMap::with_max_entries(MAX_SERVICES, 
 /// finds a backend's reply to hand to `router_nat6`.
 #[map]
 pub static SNAT_ADDRS6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_SNAT_ADDRS_TOTAL, 0);
+
+/// Per CPU: where `router_nat6` builds a new flow's entry and reply key
+/// (see `flow6`), off the stack.
+#[map]
+pub static NAT6_SCRATCH: PerCpuArray<NatScratch6> = PerCpuArray::with_max_entries(1, 0);
 
 /// Both directions of new flows (opened by a SYN, a UDP datagram, or a TCP
 /// packet of a flow picked up mid-stream) whose client has not sent a

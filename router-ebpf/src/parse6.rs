@@ -21,12 +21,15 @@ const NH_ROUTING: u8 = 43;
 const NH_FRAGMENT: u8 = 44;
 const NH_DEST_OPTS: u8 = 60;
 
-/// A client's IPv6 packet to a port of ours, as far as DSR needs it.
+/// An IPv6 packet to a port of ours, as far as DSR and NAT need it.
 pub struct Packet6 {
     pub key: ConnKey6,
     /// The IPv6 datagram's length (fixed header, extension headers and
     /// payload), host order: what the tunnel carries.
     pub len: u16,
+    /// Where the transport header starts in the frame (NAT rewrites its
+    /// ports and checksum there).
+    pub l4_off: u16,
     /// A SYN without ACK: a client opening a connection.
     pub syn: bool,
     /// A FIN or RST: the flow is closing.
@@ -91,6 +94,7 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet6, Reason> {
             _pad: [0; 3],
         },
         len: len as u16,
+        l4_off: l4_off as u16,
         syn: tcp && flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         fin_or_rst: tcp && flags & (TCP_FIN | TCP_RST) != 0,
     })

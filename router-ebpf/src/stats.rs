@@ -1,6 +1,8 @@
 //! Per-CPU counters: no atomics and no shared cache lines on the hot path.
 
-use router_common::{ConnEntry, LATENCY_KINDS, TrafficCounters, latency_bucket, reasons::Reason};
+use router_common::{
+    ConnEntry, LATENCY_KINDS, TrafficCounters, latency_bucket, reasons::Reason, v6::NatEntry6,
+};
 
 use crate::{
     conn::Origin,
@@ -52,6 +54,18 @@ pub fn counted(service_id: u32, backend_id: u32, bytes: u64, new_conn: bool) {
     }
     if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
         add(c, bytes, new_conn, false);
+    }
+}
+
+/// `traffic` for a packet of IPv6 NAT flow direction `e`.
+#[inline(always)]
+pub fn counted6(e: &NatEntry6, bytes: u64, new_conn: bool) {
+    let reply = e.is_reply();
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(e.service_id) {
+        add(c, bytes, new_conn, reply);
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(e.backend_id) {
+        add(c, bytes, new_conn, reply);
     }
 }
 
