@@ -12,7 +12,7 @@ mod validate;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -220,11 +220,12 @@ pub struct DaemonConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
-    /// IPv4, or IPv6 for a DSR service without pools or segments.
+    /// IPv4, or IPv6 for a service without pools or segments.
     pub vip: SocketAddr,
     pub protocol: Protocol,
-    /// 1..=`MAX_SNAT_ADDRS` distinct addresses.
-    pub snat: Vec<Ipv4Addr>,
+    /// 1..=`MAX_SNAT_ADDRS` distinct addresses of the VIP's family for a
+    /// NAT service; none for DSR.
+    pub snat: Vec<IpAddr>,
     /// Never empty; names and addresses are unique within the service,
     /// and addresses are of the VIP's family.
     pub backends: Vec<BackendConfig>,
@@ -492,10 +493,10 @@ impl Config {
     /// to a SNAT address that no interface owns would never reach us).
     ///
     /// `iface_addrs(name)` returns `None` if the interface does not exist,
-    /// else its IPv4 addresses.
+    /// else its IPv4 addresses and its global IPv6 ones.
     pub fn check_host(
         &self,
-        iface_addrs: &dyn Fn(&str) -> Option<Vec<Ipv4Addr>>,
+        iface_addrs: &dyn Fn(&str) -> Option<Vec<IpAddr>>,
     ) -> Result<(), ConfigError> {
         let mut host_addrs = Vec::new();
         for (i, name) in self.daemon.interfaces.iter().enumerate() {

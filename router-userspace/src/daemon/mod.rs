@@ -113,6 +113,7 @@ pub fn host_plan(cfg: &Config, pin_path: &Path) -> Result<Vec<String>> {
                 .map(|c| format!("the daemon sets {}", c.describe())),
         );
     }
+    lines.extend(nat6_notes(cfg));
     lines.extend(neighbours::plan(&neighbours::targets(cfg)));
     match bpffs_plan(pin_path)? {
         BpffsPlan::Present => {}
@@ -129,6 +130,32 @@ pub fn host_plan(cfg: &Config, pin_path: &Path) -> Result<Vec<String>> {
         ),
     }
     Ok(lines)
+}
+
+/// What each IPv6 NAT service needs beyond what the daemon arranges: its
+/// backends answer to its SNAT addresses, so those must stay on the
+/// interfaces and be routed to this host from the backends (the IPv6
+/// forwarding settings and neighbour entries are in the lines around).
+fn nat6_notes(cfg: &Config) -> Vec<String> {
+    cfg.services
+        .iter()
+        .filter(|s| s.vip.is_ipv6() && !s.forwarding.is_dsr())
+        .map(|s| {
+            let snat: Vec<String> = s.snat.iter().map(|a| a.to_string()).collect();
+            format!(
+                "service {}: IPv6 NAT, placed by Maglev; its backends answer to {} {}, which \
+                 must stay on {} and be routed to this host from them",
+                s.name,
+                if snat.len() == 1 {
+                    "SNAT address"
+                } else {
+                    "SNAT addresses"
+                },
+                snat.join(", "),
+                cfg.daemon.interfaces.join(" or ")
+            )
+        })
+        .collect()
 }
 
 /// What a veth interface needs from its peer, if `iface` is one; an
@@ -730,4 +757,27 @@ pub fn cleanup(pin_path: &Path, socket: &Path) -> Result<String> {
         },
         removed.maps.len()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_check_names_what_an_ipv6_nat_service_needs() {
+        let text = "[daemon]\ninterface = \"eth0\"\n\n[[service]]\nname = \"v6\"\n\
+                    vip = \"[2001:db8::1]:80\"\nsnat = [\"2001:db8::a\", \"2001:db8::b\"]\n\n\
+                    [[service.backend]]\nname = \"a\"\naddress = \"[2001:db8::11]:80\"\n\n\
+                    [[service]]\nname = \"v4\"\nvip = \"198.18.0.1:80\"\nsnat = \"198.18.0.2\"\n\n\
+                    [[service.backend]]\nname = \"a\"\naddress = \"198.18.0.11:80\"\n";
+        let cfg = Config::parse(text, "t.toml").unwrap();
+        assert_eq!(
+            nat6_notes(&cfg),
+            [
+                "service v6: IPv6 NAT, placed by Maglev; its backends answer to SNAT addresses \
+              2001:db8::a, 2001:db8::b, which must stay on eth0 and be routed to this host from \
+              them"
+            ]
+        );
+    }
 }

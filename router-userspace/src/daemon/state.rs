@@ -238,6 +238,14 @@ impl DaemonState {
             .and_then(|s| s.as_ref().map(|s| s.entries))
     }
 
+    /// `NAT6_CONNS` occupancy (IPv6 NAT flows) from the latest scan.
+    pub fn nat6_conn_entries(&self) -> Option<u64> {
+        self.scan
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|s| s.nat6_entries))
+    }
+
     pub fn conn_table_size(&self) -> u32 {
         self.dp.options().conn_table_size
     }
@@ -262,6 +270,7 @@ impl DaemonState {
             backends,
             status,
             conn_entries: self.conn_entries(),
+            nat6_conn_entries: self.nat6_conn_entries(),
             conn_capacity: self.conn_table_size(),
             pools,
         })

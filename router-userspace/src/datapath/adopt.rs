@@ -13,12 +13,13 @@ use aya::maps::{Array, HashMap as BpfHashMap, lpm_trie::LpmTrie};
 use router_common::{
     ADDR_FILTER_SIZE, Backend, MAX_BACKENDS, PROTO_TCP, Pool, PoolKey, SegmentKey, Service,
     ServiceKey,
-    v6::{Addr6, ServiceKey6},
+    v6::{Addr6, ServiceKey6, Snat6},
 };
 
 use super::{
     BackendSpec, Datapath, DatapathError, Forwarding, ServiceSpec, map_err,
     pools::{PoolState, PooledState},
+    snat6,
     state::{ListenKey, ServiceState},
 };
 use crate::datapath::state::service_key;
@@ -37,6 +38,8 @@ pub(super) struct PinnedState {
     /// Segments by service id: (network, prefix length) → pool index.
     segments: BTreeMap<u32, BTreeMap<(std::net::Ipv4Addr, u8), u32>>,
     filter: Vec<u32>,
+    /// IPv6 NAT services' SNAT addresses (`SNAT6`), by service id.
+    snat6: BTreeMap<u32, Snat6>,
 }
 
 /// A backend that an adopted service was routing new connections to.
@@ -165,6 +168,17 @@ impl Datapath {
             .collect::<Result<Vec<u32>, _>>()
             .map_err(map_err("ADDR_FILTER"))?;
 
+        let snat6_map: BpfHashMap<_, u32, Snat6> = BpfHashMap::try_from(
+            self.ebpf
+                .map("SNAT6")
+                .ok_or(DatapathError::MissingMap("SNAT6"))?,
+        )
+        .map_err(map_err("SNAT6"))?;
+        let snat6 = snat6_map
+            .iter()
+            .collect::<Result<BTreeMap<u32, Snat6>, _>>()
+            .map_err(map_err("SNAT6"))?;
+
         Ok(PinnedState {
             services,
             backends,
@@ -172,6 +186,7 @@ impl Datapath {
             pools,
             segments,
             filter,
+            snat6,
         })
     }
 
@@ -214,6 +229,7 @@ impl Datapath {
             mut pools,
             mut segments,
             filter,
+            snat6,
         } = pinned;
         self.filter = filter;
         let mut claimed = BTreeSet::new();
@@ -297,10 +313,16 @@ impl Datapath {
                         name,
                         vip,
                         proto: key.proto(),
-                        snat: svc.snat_addrs[..count]
-                            .iter()
-                            .map(|a| a.to_ne_bytes().into())
-                            .collect(),
+                        // An IPv6 service's are in `SNAT6` (none for DSR).
+                        snat: match key {
+                            ListenKey::V4(_) => svc.snat_addrs[..count]
+                                .iter()
+                                .map(|a| a.to_ne_bytes().into())
+                                .collect(),
+                            ListenKey::V6(_) => {
+                                snat6.get(&svc.id).map(snat6::addrs_of).unwrap_or_default()
+                            }
+                        },
                         snat_port_min: svc.snat_port_min,
                         snat_port_max: svc.snat_port_max,
                         selection: if svc.selection == router_common::selection::SELECT_LEAST_LOADED

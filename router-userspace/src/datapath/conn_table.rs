@@ -1,8 +1,11 @@
 //! The connection tables seen from userspace: counting live flows per
 //! backend, correcting the datapath's in-flight counts from what the tables
 //! hold (see `load`), and ending a drained backend's flows when its
-//! deadline passes.
-//! A `ConnTable` owns its own file descriptors of `CONNS` and `HALF_OPEN`,
+//! deadline passes. IPv6 NAT flows (`NAT6_CONNS`) are counted and ended
+//! alike; nothing counts them in flight (an IPv6 service places by Maglev),
+//! so they take no part in the corrections.
+//! A `ConnTable` owns its own file descriptors of `CONNS`, `HALF_OPEN` and
+//! `NAT6_CONNS`,
 //! so a scan of a large table runs on a blocking thread without holding the
 //! daemon's lock.
 
@@ -15,6 +18,7 @@ use std::{
 use aya::maps::{HashMap, IterableMap, Map, MapData, MapError};
 use router_common::{
     CONN_CLOSING, CONN_COUNTED, CONN_REPLY, ConnEntry, ConnKey, MAX_BACKENDS, PROTO_TCP,
+    v6::{ConnKey6, NatEntry6},
 };
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +32,9 @@ pub struct ConnScan {
     /// Entries of either direction, expired ones included (the LRU reclaims
     /// them lazily): how full the table is.
     pub entries: u64,
+    /// The same for `NAT6_CONNS` (IPv6 NAT flows), sized as `CONNS`.
+    #[serde(default)]
+    pub nat6_entries: u64,
     /// Backend id → flows in either table that the datapath counts as in
     /// flight and that have not expired: what the in-flight counts should be.
     pub counted: BTreeMap<u32, u64>,
@@ -43,6 +50,7 @@ pub struct ConnTable {
     map: HashMap<MapData, ConnKey, ConnEntry>,
     /// Flows still in their handshake: a drain deadline ends them too.
     half_open: HashMap<MapData, ConnKey, ConnEntry>,
+    nat6: HashMap<MapData, ConnKey6, NatEntry6>,
     opts: LoadOptions,
     load: Arc<LoadCounters>,
 }
@@ -55,10 +63,10 @@ enum Table {
 
 /// Visits every entry of a connection table once, bucket by bucket (see
 /// `batch`); on kernels without batch lookups, key by key.
-fn each_entry(
+fn each_entry<K: aya::Pod, V: aya::Pod>(
     name: &'static str,
-    map: &HashMap<MapData, ConnKey, ConnEntry>,
-    visit: &mut impl FnMut(&ConnKey, &ConnEntry),
+    map: &HashMap<MapData, K, V>,
+    visit: &mut impl FnMut(&K, &V),
 ) -> Result<(), DatapathError> {
     match super::batch::for_each(map.map().fd().as_fd(), &mut *visit) {
         Ok(()) => Ok(()),
@@ -100,14 +108,23 @@ impl ConnTable {
     /// The datapath's own expiry rule (`conn::expired`): half-open flows
     /// and closing ones get the short timeout.
     fn live(&self, table: Table, key: &ConnKey, e: &ConnEntry, now: u64) -> bool {
-        let timeout = if e.flags & CONN_CLOSING != 0 || table == Table::HalfOpen {
+        self.live_for(
+            e.flags & CONN_CLOSING != 0 || table == Table::HalfOpen,
+            key.proto,
+            e.last_seen_ns,
+            now,
+        )
+    }
+
+    fn live_for(&self, closing: bool, proto: u8, last_seen_ns: u64, now: u64) -> bool {
+        let timeout = if closing {
             self.opts.tcp_closing_ns
-        } else if key.proto == PROTO_TCP {
+        } else if proto == PROTO_TCP {
             self.opts.tcp_idle_ns
         } else {
             self.opts.udp_idle_ns
         };
-        now.saturating_sub(e.last_seen_ns) <= timeout
+        now.saturating_sub(last_seen_ns) <= timeout
     }
 
     /// Counts live flows per backend and corrects the in-flight counts
@@ -142,6 +159,19 @@ impl ConnTable {
             };
             each_entry(name, map, &mut visit)?;
         }
+        each_entry(
+            "NAT6_CONNS",
+            &self.nat6,
+            &mut |key: &ConnKey6, e: &NatEntry6| {
+                out.nat6_entries += 1;
+                if !e.is_reply()
+                    && !e.is_closing()
+                    && self.live_for(false, key.proto, e.last_seen_ns, now)
+                {
+                    *out.active.entry(e.backend_id).or_default() += 1;
+                }
+            },
+        )?;
         let after = self.load.snapshot(0..MAX_BACKENDS);
         out.corrections = self.load.reconcile(&before, &after, &out.counted);
         Ok(out)
@@ -153,8 +183,9 @@ impl ConnTable {
     /// backend, which answers a mid-stream segment with a reset: the flow
     /// ends promptly instead of hanging. A flow still in its handshake is
     /// ended the same way (its ACK is re-hashed), or its retransmitted SYN
-    /// starts over on another backend. Returns the number of connections
-    /// (forward entries) ended.
+    /// starts over on another backend. An IPv6 NAT flow (`NAT6_CONNS`) is
+    /// ended alike. Returns the number of connections (forward entries)
+    /// ended.
     pub fn end_backend_flows(&mut self, backend_id: u32) -> Result<u64, DatapathError> {
         let mut ended = 0;
         for (name, map) in [("CONNS", &mut self.map), ("HALF_OPEN", &mut self.half_open)] {
@@ -172,6 +203,23 @@ impl ConnTable {
                 }
             }
         }
+        let mut doomed: Vec<(ConnKey6, bool)> = Vec::new();
+        each_entry(
+            "NAT6_CONNS",
+            &self.nat6,
+            &mut |k: &ConnKey6, e: &NatEntry6| {
+                if e.backend_id == backend_id {
+                    doomed.push((*k, !e.is_reply()));
+                }
+            },
+        )?;
+        for (key, forward) in doomed {
+            match self.nat6.remove(&key) {
+                Ok(()) if forward => ended += 1,
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("NAT6_CONNS")(e)),
+            }
+        }
         Ok(ended)
     }
 }
@@ -184,15 +232,16 @@ impl Datapath {
         Ok(ConnTable {
             map: self.dup_table("CONNS")?,
             half_open: self.dup_table("HALF_OPEN")?,
+            nat6: self.dup_table("NAT6_CONNS")?,
             opts: self.opts.clone(),
             load: self.load.clone(),
         })
     }
 
-    fn dup_table(
+    fn dup_table<K: aya::Pod, V: aya::Pod>(
         &self,
         name: &'static str,
-    ) -> Result<HashMap<MapData, ConnKey, ConnEntry>, DatapathError> {
+    ) -> Result<HashMap<MapData, K, V>, DatapathError> {
         let fd = match self.ebpf.map(name) {
             Some(Map::LruHashMap(data)) => {
                 data.fd()

@@ -3,7 +3,7 @@
 //! for a set of services, and the order in which a change is written so
 //! that no packet is judged by a bit that is wrong for it.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use aya::maps::{Array, HashMap as BpfHashMap};
 use router_common::{
@@ -37,6 +37,7 @@ pub(super) fn bits<'a>(
             shared[bucket] = true;
         }
         for a in &s.snat {
+            let IpAddr::V4(a) = a else { continue };
             let addr = u32::from_ne_bytes(a.octets());
             let bucket = addr_filter_bucket(addr) as usize;
             want[bucket] |= FILTER_SNAT;
@@ -123,7 +124,7 @@ mod tests {
             name: format!("{vip:?}:{port}"),
             vip: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(vip), port)),
             proto: 6,
-            snat: snat.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+            snat: snat.iter().map(|a| Ipv4Addr::from(*a).into()).collect(),
             snat_port_min: 1024,
             snat_port_max: 65535,
             selection: Selection::Maglev,

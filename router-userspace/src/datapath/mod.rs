@@ -21,6 +21,7 @@ mod latency;
 mod load;
 pub mod pinning;
 mod pools;
+mod snat6;
 mod spec;
 mod state;
 

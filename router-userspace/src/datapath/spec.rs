@@ -1,16 +1,19 @@
 //! What the datapath should serve, independent of where it came from (a
 //! config file today, service discovery later).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
-    /// IPv4, or IPv6 for a DSR service (`SERVICES6`, served by `router_v6`).
+    /// IPv4 (`SERVICES`), or IPv6 (`SERVICES6`, served by `router_v6`,
+    /// and by `router_nat6` for NAT).
     pub vip: SocketAddr,
     /// IP protocol number (6 TCP, 17 UDP).
     pub proto: u8,
-    pub snat: Vec<Ipv4Addr>,
+    /// A NAT service's SNAT addresses, of the VIP's family: an IPv4
+    /// service's go in its `Service` value, an IPv6 one's in `SNAT6`.
+    pub snat: Vec<IpAddr>,
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     pub selection: Selection,

@@ -16,6 +16,7 @@ use super::{
     keys::{addr6_of, backend_value},
     map_err,
     pools::{PooledState, Published},
+    snat6,
 };
 use crate::maglev::{self, MaglevBackend};
 use router_common::pools::MAX_POOLS;
@@ -142,13 +143,19 @@ fn check(specs: &[ServiceSpec]) -> Result<(), DatapathError> {
             )));
         }
         if s.vip.is_ipv6() {
-            // `router_v6` balances DSR only, from the service's own table.
-            if !s.forwarding.is_dsr() {
-                return Err(bad("an IPv6 service forwards by DSR"));
-            }
+            // `router_v6` and `router_nat6` place every flow from the
+            // service's own Maglev table; neither counts flows in flight.
             if !s.pools.is_empty() || !s.segments.is_empty() {
                 return Err(bad("an IPv6 service has no pools or segments"));
             }
+            if s.selection == Selection::LeastLoaded {
+                return Err(bad("an IPv6 service places by Maglev, not by load"));
+            }
+        }
+        if let Some(a) = s.snat.iter().find(|a| a.is_ipv6() != s.vip.is_ipv6()) {
+            return Err(bad(&format!(
+                "SNAT address {a} is not of the VIP's address family"
+            )));
         }
         if s.forwarding.is_dsr() {
             if !s.snat.is_empty() {
@@ -281,6 +288,11 @@ impl Datapath {
             self.write_filter(&during, &snat_now.union(&snat).copied().collect())?;
         }
 
+        // An IPv6 NAT service's replies are recognised by these before it
+        // is written (as `write_filter` does for IPv4 above).
+        let snat6 = snat6::all(specs);
+        self.add_snat_addrs6(&snat6)?;
+
         // Slots retired last round are now unreachable from any live table.
         let retired_before = std::mem::take(&mut self.retired_backends);
         let wanted: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
@@ -306,6 +318,9 @@ impl Datapath {
         for name in gone {
             if let Some(mut st) = self.services.remove(&name) {
                 self.remove_service(&st.key)?;
+                if st.spec.vip.is_ipv6() && !st.spec.snat.is_empty() {
+                    self.write_snat6(st.id, None)?;
+                }
                 let was = st.pooled.pools.len();
                 self.retire_pools(st.id, was, 0, &BTreeSet::new(), &mut st.pooled)?;
                 self.retired_backends
@@ -315,6 +330,7 @@ impl Datapath {
         }
 
         self.write_filter(&want, &snat)?;
+        self.retire_snat_addrs6(&snat6)?;
         self.release_backends(&retired_before)?;
         Ok(report)
     }
@@ -469,15 +485,24 @@ impl Datapath {
             self.publish_pools(s, sid, &ids, slots, &mut st.pooled)?
         };
 
+        // An IPv6 service's SNAT addresses are in `SNAT6`, not here.
+        let v4: Vec<u32> = s
+            .snat
+            .iter()
+            .filter_map(|a| match a {
+                std::net::IpAddr::V4(a) => Some(u32::from_ne_bytes(a.octets())),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect();
         let mut snat_addrs = [0u32; MAX_SNAT_ADDRS];
-        for (slot, a) in snat_addrs.iter_mut().zip(&s.snat) {
-            *slot = u32::from_ne_bytes(a.octets());
+        for (slot, a) in snat_addrs.iter_mut().zip(&v4) {
+            *slot = *a;
         }
         let value = Service {
             id: sid,
             active_table: active,
             snat_addrs,
-            snat_count: s.snat.len() as u32,
+            snat_count: v4.len() as u32,
             snat_port_min: s.snat_port_min,
             snat_port_max: s.snat_port_max,
             selection: s.selection.code(),
@@ -489,11 +514,23 @@ impl Datapath {
             gue_port: s.forwarding.gue_port_be(),
             _pad: 0,
         };
+        // An IPv6 NAT service's addresses are in place before the value
+        // that sends its packets to `router_nat6`.
+        let snat6 = snat6::value(s);
+        if snat6.is_some() {
+            self.write_snat6(sid, snat6)?;
+        }
         // One value replace: the new half and any new SNAT settings become
         // visible to packets together.
         self.insert_service(new_key, value)?;
         if existed && old_key != new_key {
             self.remove_service(&old_key)?;
+        }
+        // No longer an IPv6 NAT service (now DSR, or IPv4): its addresses
+        // go once no packet can find the service as one. (An adopted spec
+        // has them whenever `SNAT6` held an entry for its id.)
+        if snat6.is_none() && existed && st.spec.vip.is_ipv6() && !st.spec.snat.is_empty() {
+            self.write_snat6(sid, None)?;
         }
         let want: BTreeSet<_> = s.segments.iter().map(|g| (g.addr, g.prefix_len)).collect();
         self.retire_pools(sid, pools_before, s.pools.len(), &want, &mut st.pooled)?;
@@ -708,9 +745,9 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_services_are_dsr_of_one_family_without_pools() {
+    fn ipv6_services_are_of_one_family_without_pools_and_place_by_maglev() {
         let nat = ServiceSpec {
-            snat: vec![std::net::Ipv4Addr::new(198, 18, 0, 1)],
+            snat: vec!["2001:db8::a".parse().unwrap()],
             ..spec(
                 "n",
                 "[2001:db8::1]:80",
@@ -718,7 +755,30 @@ mod tests {
                 Forwarding::Nat,
             )
         };
-        assert!(refusal(&[nat]).contains("forwards by DSR"));
+        assert!(check(std::slice::from_ref(&nat)).is_ok());
+        let snat4 = ServiceSpec {
+            snat: vec![std::net::Ipv4Addr::new(198, 18, 0, 1).into()],
+            ..nat.clone()
+        };
+        assert!(
+            refusal(&[snat4])
+                .contains("SNAT address 198.18.0.1 is not of the VIP's address family")
+        );
+        let snat6_on_v4 = ServiceSpec {
+            snat: vec!["2001:db8::a".parse().unwrap()],
+            ..spec("v4", "198.18.0.1:80", &["198.18.0.11:80"], Forwarding::Nat)
+        };
+        assert!(refusal(&[snat6_on_v4]).contains("not of the VIP's address family"));
+        let by_load = ServiceSpec {
+            selection: Selection::LeastLoaded,
+            ..nat.clone()
+        };
+        assert!(refusal(&[by_load]).contains("places by Maglev, not by load"));
+        let bare = ServiceSpec {
+            snat: Vec::new(),
+            ..nat
+        };
+        assert!(refusal(&[bare]).contains("needs 1 to 4 SNAT addresses"));
         let mixed = spec(
             "m",
             "[2001:db8::1]:80",

@@ -69,6 +69,8 @@ pub struct Snapshot {
     pub backends: Vec<BackendView>,
     pub status: StatusReply,
     pub conn_entries: Option<u64>,
+    /// `NAT6_CONNS` entries (IPv6 NAT flows), a table sized as `CONNS`.
+    pub nat6_conn_entries: Option<u64>,
     pub conn_capacity: u32,
     pub pools: Vec<PoolView>,
 }
@@ -463,6 +465,13 @@ impl Collector for Snapshot {
             "router_conn_table_entries",
             "Connection-table entries, both directions, from the latest scan.",
             [(Labels::new(), self.conn_entries.map(|n| n as f64))],
+        )?;
+        gauges(
+            e,
+            "router_nat6_conn_table_entries",
+            "IPv6 NAT connection-table entries, both directions, from the latest scan (a table \
+             of router_conn_table_capacity entries of its own).",
+            [(Labels::new(), self.nat6_conn_entries.map(|n| n as f64))],
         )?;
         gauges(
             e,

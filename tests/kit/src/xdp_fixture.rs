@@ -57,7 +57,7 @@ pub fn service(name: &str, vip: &str, proto: u8, weights: &[u32]) -> ServiceSpec
         name: name.into(),
         vip: addr(vip).into(),
         proto,
-        snat: vec![ip("198.18.0.1")],
+        snat: vec![ip("198.18.0.1").into()],
         snat_port_min: 10000,
         snat_port_max: 32767,
         selection: Selection::Maglev,
@@ -104,6 +104,19 @@ pub fn service6(name: &str, vip: &str, weights: &[u32]) -> ServiceSpec {
             .collect(),
         pools: Vec::new(),
         segments: Vec::new(),
+    }
+}
+
+/// An IPv6 NAT service on `vip` over the same backends as `service6`,
+/// translating to the SNAT addresses `snat` (the arm's own is 2001:2::1).
+pub fn nat_service6(name: &str, vip: &str, snat: &[&str], weights: &[u32]) -> ServiceSpec {
+    ServiceSpec {
+        forwarding: Forwarding::Nat,
+        snat: snat
+            .iter()
+            .map(|a| a.parse().expect("an IPv6 address"))
+            .collect(),
+        ..service6(name, vip, weights)
     }
 }
 

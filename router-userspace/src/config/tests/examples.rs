@@ -10,7 +10,7 @@ fn example_parses() {
     let svc = &cfg.services[0];
     assert_eq!(svc.name, "llama");
     assert_eq!(svc.vip, "198.18.100.1:8000".parse().unwrap());
-    assert_eq!(svc.snat, [Ipv4Addr::new(198, 18, 0, 1)]);
+    assert_eq!(svc.snat, [IpAddr::from(Ipv4Addr::new(198, 18, 0, 1))]);
     let weights: Vec<Option<u32>> = svc.backends.iter().map(|b| b.pinned()).collect();
     assert_eq!(weights, [Some(100), Some(200), Some(500)]);
     assert_eq!(cfg.origin(), "examples/router.toml");
@@ -52,16 +52,17 @@ fn example_loads_from_disk() {
 
 /// The host that examples/two-arm.toml's header draws: clients on eth0,
 /// backends and the SNAT addresses on eth1.
-fn two_arm_host(name: &str) -> Option<Vec<Ipv4Addr>> {
-    match name {
-        "eth0" => Some(vec![Ipv4Addr::new(198, 18, 1, 1)]),
-        "eth1" => Some(vec![
+fn two_arm_host(name: &str) -> Option<Vec<IpAddr>> {
+    let addrs = match name {
+        "eth0" => vec![Ipv4Addr::new(198, 18, 1, 1)],
+        "eth1" => vec![
             Ipv4Addr::new(198, 18, 2, 1),
             Ipv4Addr::new(198, 18, 2, 2),
             Ipv4Addr::new(198, 18, 2, 3),
-        ]),
-        _ => None,
-    }
+        ],
+        _ => return None,
+    };
+    Some(addrs.into_iter().map(IpAddr::from).collect())
 }
 
 #[test]
@@ -69,14 +70,20 @@ fn two_arm_example_parses() {
     let cfg = Config::parse(TWO_ARM_EXAMPLE, "examples/two-arm.toml").expect("example must parse");
     assert_eq!(cfg.daemon.interfaces, ["eth0", "eth1"]);
     assert_eq!(cfg.policy, PolicyConfig::default());
-    let backend_net = |a: Ipv4Addr| a.octets()[..3] == [198, 18, 2];
+    let backend_net = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.octets()[..3] == [198, 18, 2],
+        IpAddr::V6(_) => false,
+    };
     let names: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["llama-70b", "llama-8b"]);
     let big = &cfg.services[0];
     assert_eq!(big.fallback.as_deref(), Some("llama-8b"));
     assert_eq!(
         big.snat,
-        [Ipv4Addr::new(198, 18, 2, 2), Ipv4Addr::new(198, 18, 2, 3)]
+        [
+            IpAddr::from(Ipv4Addr::new(198, 18, 2, 2)),
+            Ipv4Addr::new(198, 18, 2, 3).into()
+        ]
     );
     let capacities: Vec<f64> = big.backends.iter().map(|b| b.capacity).collect();
     assert_eq!(capacities, [1.0, 1.0, 2.0]);
@@ -87,7 +94,7 @@ fn two_arm_example_parses() {
             let std::net::IpAddr::V4(ip) = b.address.ip() else {
                 panic!("{} is not IPv4", b.name)
             };
-            assert!(backend_net(ip), "{}", b.name);
+            assert!(backend_net(ip.into()), "{}", b.name);
             assert_eq!(b.pinned(), None, "{} is policy-driven", b.name);
             assert!(
                 matches!(
@@ -112,7 +119,11 @@ fn two_arm_example_parses() {
     // ... and that check is not vacuous: without the second SNAT address
     // on eth1, or without eth1, the daemon would refuse it.
     let one_snat = |name: &str| {
-        two_arm_host(name).map(|a| a.into_iter().filter(|a| a.octets()[3] != 3).collect())
+        two_arm_host(name).map(|a| {
+            a.into_iter()
+                .filter(|a| *a != IpAddr::from(Ipv4Addr::new(198, 18, 2, 3)))
+                .collect()
+        })
     };
     let err = cfg.check_host(&one_snat).unwrap_err();
     assert_eq!(err.key(), Some("service[0].snat[1]"), "{err}");

@@ -3,15 +3,17 @@
 
 use super::*;
 
-fn host(name: &str) -> Option<Vec<Ipv4Addr>> {
-    match name {
-        "eth0" => Some(vec![
-            Ipv4Addr::new(198, 18, 0, 1),
-            Ipv4Addr::new(198, 18, 0, 2),
-        ]),
-        "eth1" => Some(vec![Ipv4Addr::new(10, 0, 0, 1)]),
-        _ => None,
-    }
+fn host(name: &str) -> Option<Vec<IpAddr>> {
+    let addrs: Vec<IpAddr> = match name {
+        "eth0" => vec![
+            Ipv4Addr::new(198, 18, 0, 1).into(),
+            Ipv4Addr::new(198, 18, 0, 2).into(),
+            "2001:db8::a".parse().unwrap(),
+        ],
+        "eth1" => vec![Ipv4Addr::new(10, 0, 0, 1).into()],
+        _ => return None,
+    };
+    Some(addrs)
 }
 
 #[test]

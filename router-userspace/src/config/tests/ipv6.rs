@@ -1,5 +1,6 @@
-//! IPv6 services: DSR only, one address family per service, no pools,
-//! segments or discovery; SNAT stays IPv4.
+//! IPv6 services: DSR or NAT, one address family per service (VIP,
+//! backends and SNAT addresses), placed by Maglev, no pools, segments or
+//! discovery.
 
 use super::*;
 use crate::datapath::Forwarding;
@@ -78,24 +79,123 @@ fn a_service_of_mixed_families_is_refused_at_the_backend() {
     );
 }
 
+/// BASE as an IPv6 NAT service: lines 6 (VIP), 7 (snat), 11 (gpu-0's
+/// address) and 15 (gpu-1's).
+fn nat6_base() -> String {
+    BASE.replace("198.18.100.1:8000", "[2001:db8::1]:8000")
+        .replace(r#"snat = "198.18.0.1""#, r#"snat = "2001:db8::a""#)
+        .replace("198.18.0.11:8000", "[2001:db8::11]:8000")
+        .replace("198.18.0.12:8000", "[2001:db8::12]:8000")
+}
+
 #[test]
-fn an_ipv6_nat_service_is_refused_at_forwarding() {
-    let text = BASE.replace("198.18.100.1:8000", "[2001:db8::1]:8000");
-    let err = parse(&text).unwrap_err();
-    assert_eq!(err.key(), Some("service[0].forwarding"));
-    assert!(
-        err.to_string().ends_with(
-            "service[0].forwarding: an IPv6 service forwards by DSR (forwarding = \"dsr\"); \
-             NAT over IPv6 is not built"
-        ),
-        "{err}"
+fn an_ipv6_nat_service_parses_with_ipv6_snat_addresses() {
+    let cfg = parse(&nat6_base()).unwrap();
+    let svc = &cfg.services[0];
+    assert_eq!(svc.forwarding, Forwarding::Nat);
+    assert_eq!(svc.snat, ["2001:db8::a".parse::<IpAddr>().unwrap()]);
+    assert_eq!(svc.selection, Selection::Maglev);
+    // Written out, and with several addresses.
+    let text = nat6_base().replace(
+        r#"snat = "2001:db8::a""#,
+        "forwarding = \"nat\"\nsnat = [\"2001:db8::a\", \"2001:db8:1::b\"]",
     );
-    // Written out, it is found at its line.
+    assert_eq!(parse(&text).unwrap().services[0].snat.len(), 2);
+    // A telemetry-driven backend does not make it place by load: nothing
+    // counts an IPv6 flow in flight.
+    let text = insert_after_in(
+        &nat6_base(),
+        11,
+        "telemetry = { source = \"prometheus\", format = \"vllm\", url = \"http://[2001:db8::11]:8000/metrics\" }",
+    );
+    assert_eq!(
+        parse(&text).unwrap().services[0].selection,
+        Selection::Maglev
+    );
+}
+
+/// `text` with `line` inserted after 1-based line `n`.
+fn insert_after_in(text: &str, n: usize, line: &str) -> String {
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(n, line);
+    lines.join("\n") + "\n"
+}
+
+#[test]
+fn a_snat_address_of_the_other_family_is_refused() {
     assert_err(
-        &text.replace("snat = ", "forwarding = \"nat\"\nsnat = "),
+        &nat6_base().replace(r#""2001:db8::a""#, r#""198.18.0.1""#),
         7,
-        "service[0].forwarding",
-        "NAT over IPv6 is not built",
+        "service[0].snat",
+        "198.18.0.1 is IPv4 but the service's VIP is IPv6; a service's SNAT addresses are of \
+         its VIP's family",
+    );
+    assert_err(
+        &nat6_base().replace(r#""2001:db8::a""#, r#"["2001:db8::a", "198.18.0.1"]"#),
+        7,
+        "service[0].snat[1]",
+        "198.18.0.1 is IPv4 but the service's VIP is IPv6",
+    );
+    assert_err(
+        &replace_line(7, r#"snat = "2001:db8::a""#),
+        7,
+        "service[0].snat",
+        "2001:db8::a is IPv6 but the service's VIP is IPv4",
+    );
+    assert_err(
+        &nat6_base().replace(r#""2001:db8::a""#, r#""nope""#),
+        7,
+        "service[0].snat",
+        r#""nope" is not an IPv6 address"#,
+    );
+}
+
+#[test]
+fn ipv6_snat_addresses_backends_cannot_answer_to_are_refused() {
+    for (addr, fragment) in [
+        ("::", "not a unicast"),
+        ("ff02::1", "not a unicast"),
+        ("fe80::1", "not a unicast"),
+        ("::1", "cannot be a SNAT address"),
+        ("::ffff:198.18.0.1", "cannot be a SNAT address"),
+        (
+            "2001:db8::a%eth0",
+            "a scope (%…) has no place in a SNAT address",
+        ),
+    ] {
+        let text = nat6_base().replace("2001:db8::a", addr);
+        assert_err(&text, 7, "service[0].snat", fragment);
+    }
+}
+
+#[test]
+fn least_loaded_is_refused_on_an_ipv6_service() {
+    for base in [nat6_base(), v6_base()] {
+        let text = insert_after_in(&base, 7, r#"selection = "least_loaded""#);
+        assert_err(
+            &text,
+            8,
+            "service[0].selection",
+            "placement by load (least_loaded) is IPv4 only; an IPv6 service places by Maglev",
+        );
+    }
+    let text = insert_after_in(&nat6_base(), 7, r#"selection = "maglev""#);
+    assert!(parse(&text).is_ok());
+}
+
+#[test]
+fn an_ipv6_snat_address_must_be_on_an_interface() {
+    let host = |name: &str| -> Option<Vec<IpAddr>> {
+        (name == "eth0").then(|| vec!["2001:db8::a".parse().unwrap()])
+    };
+    parse(&nat6_base()).unwrap().check_host(&host).unwrap();
+    let err = parse(&nat6_base().replace("2001:db8::a", "2001:db8::b"))
+        .unwrap()
+        .check_host(&host)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "t.toml:7: service[0].snat: SNAT address 2001:db8::b is not configured on eth0"
     );
 }
 
@@ -159,14 +259,4 @@ fn ipv6_addresses_that_cannot_be_served_are_refused() {
         let text = v6_base().replace("[2001:db8::1]:8000", vip);
         assert_err(&text, 6, "service[0].vip", fragment);
     }
-}
-
-#[test]
-fn ipv6_snat_addresses_stay_refused() {
-    assert_err(
-        &replace_line(7, r#"snat = "2001:db8::1""#),
-        7,
-        "service[0].snat",
-        "is an IPv6 address: SNAT addresses",
-    );
 }

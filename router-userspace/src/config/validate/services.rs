@@ -62,7 +62,7 @@ pub(in crate::config) fn validate_services(
 
         let forwarding = validate_forwarding(loc, &sp, &svc)?;
         if vip.is_ipv6() {
-            check_ipv6_service(loc, &sp, &svc, forwarding)?;
+            check_ipv6_service(loc, &sp, &svc)?;
         }
         let snat_key = sp.key("snat");
         let snat_items = svc.snat.as_ref().map_or(&[][..], |l| l.items.as_slice());
@@ -86,7 +86,21 @@ pub(in crate::config) fn validate_services(
         if let Some(list) = &svc.snat {
             for (j, a) in list.items.iter().enumerate() {
                 let key = list.item_path(&snat_key, j);
-                let addr = parse_ipv4(a).map_err(|m| loc.err(&key, m))?;
+                let addr = parse_snat_addr(a, vip.is_ipv6()).map_err(|m| loc.err(&key, m))?;
+                // `router` SNATs an IPv4 flow to an IPv4 address and
+                // `router_nat6` an IPv6 one to an IPv6 address: a
+                // translation never changes the family.
+                if addr.is_ipv6() != vip.is_ipv6() {
+                    return Err(loc.err(
+                        &key,
+                        format!(
+                            "{addr} is {} but the service's VIP is {}; a service's SNAT \
+                             addresses are of its VIP's family",
+                            family(addr.is_ipv6()),
+                            family(vip.is_ipv6())
+                        ),
+                    ));
+                }
                 if snat.contains(&addr) {
                     return Err(loc.err(&key, format!("SNAT address {addr} is listed twice")));
                 }
@@ -148,7 +162,6 @@ pub(in crate::config) fn validate_services(
             let address =
                 parse_socket_addr(&be.address).map_err(|m| loc.err(&p.key("address"), m))?;
             if address.is_ipv6() != vip.is_ipv6() {
-                let family = |v6: bool| if v6 { "IPv6" } else { "IPv4" };
                 return Err(loc.err(
                     &p.key("address"),
                     format!(
@@ -245,7 +258,9 @@ pub(in crate::config) fn validate_services(
         let selection = svc.selection.unwrap_or_else(|| {
             let telemetry = backends.iter().any(|b| b.telemetry.is_some())
                 || discovery.as_ref().is_some_and(|d| d.telemetry.is_some());
-            if !forwarding.is_dsr() && telemetry {
+            // An IPv6 service places by Maglev whatever its backends
+            // report: `router_nat6` counts nothing in flight.
+            if !forwarding.is_dsr() && !vip.is_ipv6() && telemetry {
                 Selection::LeastLoaded
             } else {
                 Selection::Maglev
@@ -332,6 +347,10 @@ pub(in crate::config) fn validate_services(
     Ok(services)
 }
 
+fn family(v6: bool) -> &'static str {
+    if v6 { "IPv6" } else { "IPv4" }
+}
+
 pub(in crate::config) fn services_name(services: &[ServiceConfig], i: usize) -> &str {
     services.get(i).map_or("", |s| s.name.as_str())
 }
@@ -349,19 +368,20 @@ pub(in crate::config) fn check_table_size(
         .map_err(|e| loc.err(&KeyPath::default().key("daemon").key("table_size"), e))
 }
 
-/// What an IPv6 VIP's service may be: `router_v6` balances DSR only,
-/// placing every flow from the service's own table (no pools or
-/// segments), and discovery lists IPv4 endpoints only.
+/// What an IPv6 VIP's service may be: `router_v6` (DSR) and
+/// `router_nat6` (NAT) place every flow from the service's own Maglev
+/// table (no pools or segments, and no count of flows in flight to place
+/// by load), and discovery lists IPv4 endpoints only.
 fn check_ipv6_service(
     loc: &Locator<'_>,
     sp: &KeyPath,
     svc: &RawService,
-    forwarding: Forwarding,
 ) -> Result<(), ConfigError> {
-    if !forwarding.is_dsr() {
+    if svc.selection == Some(Selection::LeastLoaded) {
         return Err(loc.err(
-            &sp.key("forwarding"),
-            "an IPv6 service forwards by DSR (forwarding = \"dsr\"); NAT over IPv6 is not built",
+            &sp.key("selection"),
+            "placement by load (least_loaded) is IPv4 only; an IPv6 service places by Maglev \
+             (selection = \"maglev\", the default)",
         ));
     }
     if !svc.pool.is_empty() {

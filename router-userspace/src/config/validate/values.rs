@@ -29,13 +29,19 @@ pub enum ValueError {
     NotSocketAddr(String),
     #[error("{0:?}: port 0 is not allowed")]
     PortZero(String),
-    #[error(
-        "{0:?} is an IPv6 address: SNAT addresses, BGP router ids and peers are IPv4 only (an \
-         IPv6 service forwards by DSR, which takes no SNAT address)"
-    )]
+    #[error("{0:?} is an IPv6 address: BGP router ids and peers are IPv4 only")]
     Ipv6(String),
     #[error("{0:?} is not an IPv4 address")]
     NotIpv4(String),
+    #[error("{0:?} is not an IPv6 address")]
+    NotIpv6(String),
+    #[error(
+        "{input:?}: {addr} cannot be a SNAT address: backends must reach it by a global \
+         route (not loopback, link-local, multicast, unspecified or IPv4-mapped)"
+    )]
+    NotSnat6 { input: String, addr: Ipv6Addr },
+    #[error("{0:?}: a scope (%…) has no place in a SNAT address")]
+    SnatScope(String),
     #[error("{input:?}: {addr} is not a unicast address")]
     NotUnicast { input: String, addr: IpAddr },
     #[error("{0:?}: a scope (%…) has no place in a service's address")]
@@ -127,6 +133,41 @@ pub(in crate::config) fn parse_ipv4(s: &str) -> Result<Ipv4Addr, ValueError> {
     })?;
     check_unicast(s, addr)?;
     Ok(addr)
+}
+
+/// A SNAT address of a service whose VIP is IPv6 if `v6`: text that is
+/// no address is refused as not one of that family; an address of the
+/// other family is returned, for the caller to refuse where it knows the
+/// VIP. An IPv6 one is where backends send their replies, so it must be
+/// routable from them without a scope.
+pub(in crate::config) fn parse_snat_addr(s: &str, v6: bool) -> Result<IpAddr, ValueError> {
+    if s.contains('%')
+        && s.split('%')
+            .next()
+            .is_some_and(|a| a.parse::<Ipv6Addr>().is_ok())
+    {
+        return Err(ValueError::SnatScope(s.to_owned()));
+    }
+    match s.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => {
+            check_unicast(s, a)?;
+            Ok(a.into())
+        }
+        Ok(IpAddr::V6(a)) => {
+            check_unicast6(s, a)?;
+            // `router_nat6` writes it as a source: ::1 and ::ffff:a.b.c.d
+            // would leave the host as nothing a backend can answer.
+            if a.is_loopback() || a.to_ipv4_mapped().is_some() {
+                return Err(ValueError::NotSnat6 {
+                    input: s.to_owned(),
+                    addr: a,
+                });
+            }
+            Ok(a.into())
+        }
+        Err(_) if v6 => Err(ValueError::NotIpv6(s.to_owned())),
+        Err(_) => Err(ValueError::NotIpv4(s.to_owned())),
+    }
 }
 
 /// An IPv4 network `a.b.c.d/len`, `len` 0..=32, with no host bits set (a

@@ -26,7 +26,7 @@ pub(super) fn service() -> ServiceSpec {
         name: "bench".into(),
         vip: VIP.into(),
         proto: router_common::PROTO_TCP,
-        snat: vec![LB_ADDR],
+        snat: vec![LB_ADDR.into()],
         snat_port_min: 10000,
         snat_port_max: 32767,
         selection: router::datapath::Selection::Maglev,

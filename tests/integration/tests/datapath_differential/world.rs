@@ -329,7 +329,7 @@ pub(crate) fn specs(set: usize) -> Vec<ServiceSpec> {
             name: s.name.into(),
             vip: s.vip.parse().unwrap_or_else(|e| panic!("{}: {e}", s.vip)),
             proto: s.proto,
-            snat: s.snat.iter().map(|a| ip_of(wire(a))).collect(),
+            snat: s.snat.iter().map(|a| ip_of(wire(a)).into()).collect(),
             snat_port_min: s.ports.0,
             snat_port_max: s.ports.1,
             selection: s.selection,

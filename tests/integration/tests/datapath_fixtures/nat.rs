@@ -331,7 +331,7 @@ fn weight_change_moves_new_flows_and_keeps_established_ones() {
 fn backend_behind_another_interface_is_redirected_both_ways() {
     let mut svc = service("llama", VIP, 6, &[1]);
     svc.backends[0].address = addr("198.18.1.11:8000").into();
-    svc.snat = vec![ip("198.18.1.1")];
+    svc.snat = vec![ip("198.18.1.1").into()];
     let mut f = Fixture::new(&[svc]);
     let (client, vip) = (addr("198.18.0.2:40000"), addr(VIP));
     let (backend, snat) = (addr("198.18.1.11:8000"), addr("198.18.1.1:40000"));

@@ -131,6 +131,7 @@ pub(super) const FAMILIES: &[(&str, Kind, &[&str])] = &[
         SERVICE,
     ),
     ("router_conn_table_entries", Kind::Gauge, GLOBAL),
+    ("router_nat6_conn_table_entries", Kind::Gauge, GLOBAL),
     ("router_conn_table_capacity", Kind::Gauge, GLOBAL),
     ("router_uptime_seconds", Kind::Gauge, GLOBAL),
     (
