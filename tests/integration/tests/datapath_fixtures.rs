@@ -22,6 +22,9 @@
 //! - `next_hops`: next hops shared by a backend's flows, and when not;
 //! - `dsr`: IPIP and GUE encapsulation, pinned and re-hashed DSR flows,
 //!   "fragmentation needed" for the tunnel, and the backends' decap program;
+//! - `nat6`: IPv6 NAT services: both directions translated with their
+//!   pseudo-header checksums, probed SNAT ports, a lost entry found again,
+//!   closing, replies without an entry, the hop limit.
 //! - `v6`: IPv6 services: IPv6-in-IPv6 and GUE over IPv6, extension
 //!   headers, "packet too big", Neighbor Discovery, IPv6 decapsulation.
 
@@ -39,6 +42,8 @@ mod floods;
 mod icmp;
 #[path = "datapath_fixtures/nat.rs"]
 mod nat;
+#[path = "datapath_fixtures/nat6.rs"]
+mod nat6;
 #[path = "datapath_fixtures/next_hops.rs"]
 mod next_hops;
 #[path = "datapath_fixtures/v6.rs"]

@@ -5,7 +5,10 @@
 
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use router_common::csum::checksum;
+use router_common::{
+    csum::checksum,
+    v6::{Addr6, ConnKey6},
+};
 
 use crate::packet::Mac;
 
@@ -343,5 +346,18 @@ mod tests {
         assert_eq!((d[40], d[41]), (60, 0), "then destination options, 8 bytes");
         assert_eq!((d[48], d[49]), (17, 1), "then UDP, 16 bytes");
         assert_eq!(d.len(), 40 + 8 + 16 + 9);
+    }
+}
+
+/// The datapath's key of a packet from `src` to `dst` (`[addr]:port` each).
+pub fn conn_key6(src: &str, dst: &str, proto: u8) -> ConnKey6 {
+    let (s, d) = (addr6(src), addr6(dst));
+    ConnKey6 {
+        src_addr: Addr6::from_octets(s.ip().octets()),
+        dst_addr: Addr6::from_octets(d.ip().octets()),
+        src_port: s.port().to_be(),
+        dst_port: d.port().to_be(),
+        proto,
+        _pad: [0; 3],
     }
 }

@@ -14,7 +14,7 @@ use router_common::{
 };
 use router_testkit::{
     packet::{TCP_ACK, TCP_PSH, TCP_SYN},
-    packet6::{Packet6, addr6, encapsulated6, ip6, packet_too_big},
+    packet6::{Packet6, addr6, conn_key6, encapsulated6, ip6, packet_too_big},
     test_run::run_program,
     xdp_fixture::*,
 };
@@ -28,18 +28,6 @@ fn dsr6(forwarding: Forwarding, weights: &[u32]) -> ServiceSpec {
     ServiceSpec {
         forwarding,
         ..service6("llama6", VIP6, weights)
-    }
-}
-
-fn key6(src: &str, dst: &str, proto: u8) -> ConnKey6 {
-    let (s, d) = (addr6(src), addr6(dst));
-    ConnKey6 {
-        src_addr: Addr6::from_octets(s.ip().octets()),
-        dst_addr: Addr6::from_octets(d.ip().octets()),
-        src_port: s.port().to_be(),
-        dst_port: d.port().to_be(),
-        proto,
-        _pad: [0; 3],
     }
 }
 
@@ -73,7 +61,7 @@ fn tunnelled(p: &Packet6, e: &DsrFlow6, i: u8) -> Output {
 #[test]
 fn ipv6_in_ipv6_carries_a_flow_to_its_backend_and_keeps_it_there() {
     let mut f = Fixture::new(&[dsr6(Forwarding::Ipip, &[1, 1, 1])]);
-    let key = key6(CLIENT6, VIP6, 6);
+    let key = conn_key6(CLIENT6, VIP6, 6);
     let first = syn(CLIENT6).with_traffic_class(0xb8);
     let (verdict, out) = f.run(&first.build());
     assert_eq!(verdict, XDP_TX, "SYN: encapsulated back out the arm");
@@ -112,7 +100,7 @@ fn ipv6_in_ipv6_carries_a_flow_to_its_backend_and_keeps_it_there() {
         f.run(&syn(other).with_macs(LB_MAC, CLIENT2_MAC).build()).0,
         XDP_TX
     );
-    let (_, _, j) = pinned(&mut f, &key6(other, VIP6, 6));
+    let (_, _, j) = pinned(&mut f, &conn_key6(other, VIP6, 6));
     assert_eq!(j, (i + 1) % 3, "a new flow goes where the weight is");
 }
 
@@ -125,7 +113,7 @@ fn gue_over_ipv6_has_a_zero_checksum_and_a_source_port_from_the_flow() {
         let p = syn(&client);
         let (verdict, out) = f.run(&p.build());
         assert_eq!(verdict, XDP_TX);
-        let (e, backend, i) = pinned(&mut f, &key6(&client, VIP6, 6));
+        let (e, backend, i) = pinned(&mut f, &conn_key6(&client, VIP6, 6));
         assert_eq!(backend, ip6("2001:2::11"));
         assert_eq!(u16::from_be(e.gue_dport), 6080);
         let Output::Bytes(want) = tunnelled(&p, &e, i) else {
@@ -143,7 +131,7 @@ fn extension_headers_are_walked_and_carried_and_fragments_pass() {
     let mut f = Fixture::new(&[dsr6(Forwarding::Ipip, &[1, 1, 1])]);
     let plain = syn(CLIENT6);
     assert_eq!(f.run(&plain.build()).0, XDP_TX);
-    let (e, _, i) = pinned(&mut f, &key6(CLIENT6, VIP6, 6));
+    let (e, _, i) = pinned(&mut f, &conn_key6(CLIENT6, VIP6, 6));
     // Hop-by-hop (a PadN option) and destination options before TCP.
     let with_ext = Packet6::tcp(addr6(CLIENT6), addr6(VIP6), TCP_ACK)
         .with_macs(LB_MAC, CLIENT_MAC)
@@ -233,7 +221,7 @@ fn an_ipv6_flow_without_its_entry_rehashes_to_the_same_backend() {
     let mut f = Fixture::new(&[dsr6(Forwarding::Ipip, &[1, 1, 1])]);
     for port in 40000u16..40012 {
         let client = format!("[2001:2::2]:{port}");
-        let key = key6(&client, VIP6, 6);
+        let key = conn_key6(&client, VIP6, 6);
         assert_eq!(f.run(&syn(&client).build()).0, XDP_TX);
         let (e, _, i) = pinned(&mut f, &key);
         flows6(&mut f).remove(&key).unwrap();
