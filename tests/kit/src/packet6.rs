@@ -319,6 +319,19 @@ pub fn ip6(s: &str) -> Ipv6Addr {
         .unwrap_or_else(|e| panic!("bad IPv6 address {s}: {e}"))
 }
 
+/// The datapath's key of a packet from `src` to `dst` (`[addr]:port` each).
+pub fn conn_key6(src: &str, dst: &str, proto: u8) -> ConnKey6 {
+    let (s, d) = (addr6(src), addr6(dst));
+    ConnKey6 {
+        src_addr: Addr6::from_octets(s.ip().octets()),
+        dst_addr: Addr6::from_octets(d.ip().octets()),
+        src_port: s.port().to_be(),
+        dst_port: d.port().to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,15 +362,3 @@ mod tests {
     }
 }
 
-/// The datapath's key of a packet from `src` to `dst` (`[addr]:port` each).
-pub fn conn_key6(src: &str, dst: &str, proto: u8) -> ConnKey6 {
-    let (s, d) = (addr6(src), addr6(dst));
-    ConnKey6 {
-        src_addr: Addr6::from_octets(s.ip().octets()),
-        dst_addr: Addr6::from_octets(d.ip().octets()),
-        src_port: s.port().to_be(),
-        dst_port: d.port().to_be(),
-        proto,
-        _pad: [0; 3],
-    }
-}
