@@ -401,3 +401,104 @@ fn a_backends_port_unreachable_reaches_the_udp_client() {
     );
     assert!(daemon.stop(Duration::from_secs(10)).unwrap().success());
 }
+
+/// NAT over IPv6 with real TCP: an IPv6 VIP, two IPv6 backends, the LB's
+/// own IPv6 address as SNAT address. Connections split over both backends,
+/// their answers come back through the LB (reply packets counted), and a
+/// request of several full segments and its answer get through.
+#[test]
+fn ipv6_nat_connections_reach_both_backends_through_the_snat_address() {
+    const VIP6: &str = "[2001:2:100::1]:8000";
+    const N: usize = 200;
+    let topo = Topology::one_arm(2).expect("topology");
+    topo.enable_ipv6().expect("IPv6 in the topology");
+    let snat = netns::ipv6_addr(netns::LB_ADDR);
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let ns = topo.backend_ns(i);
+        servers.push(
+            netns::spawn_http_backend(ns, &format!("b{i}"), std::net::Ipv6Addr::UNSPECIFIED, 8000)
+                .expect("backend"),
+        );
+        let own = netns::ipv6_addr(topo.backend_addr(i));
+        netns::wait_for_tcp(
+            topo.lb_ns(),
+            SocketAddr::from((own, 8000)),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    }
+    let dir = ScratchDir::new("nat6").unwrap();
+    let socket = dir.0.join("router.sock");
+    let config = dir.0.join("router.toml");
+    let mut text = format!(
+        "[daemon]\ninterface = \"{}\"\ncontrol_socket = \"{}\"\n\n[[service]]\nname = \"llama6\"\n\
+         vip = \"{VIP6}\"\nsnat = \"{snat}\"\n",
+        topo.lb_if(),
+        socket.display()
+    );
+    for i in 0..2 {
+        text.push_str(&format!(
+            "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"[{}]:8000\"\nweight = 1\n",
+            netns::ipv6_addr(topo.backend_addr(i))
+        ));
+    }
+    std::fs::write(&config, text).unwrap();
+    let daemon = start_daemon(topo.lb_ns(), &config, &socket).expect("daemon");
+
+    let vip: SocketAddr = VIP6.parse().unwrap();
+    let bodies: Vec<String> = netns::in_netns(topo.client_ns(), move || {
+        (0..N)
+            .map(|_| {
+                netns::http_get(vip, "/", Duration::from_secs(5))
+                    .expect("GET / through the IPv6 VIP")
+                    .body
+            })
+            .collect()
+    })
+    .unwrap();
+    let mut counts = BTreeMap::new();
+    for b in bodies {
+        *counts.entry(b).or_insert(0usize) += 1;
+    }
+    assert!(
+        counts.len() == 2 && counts.values().all(|n| *n >= N / 5),
+        "{counts:?}"
+    );
+
+    // Several full segments each way, every one translated.
+    let pad = "x".repeat(6000);
+    let answer = netns::in_netns(topo.client_ns(), move || {
+        let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(
+            format!("GET /stream?seconds=1&interval_ms=10 HTTP/1.0\r\nX-Pad: {pad}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+        out
+    })
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+
+    let st = status(&socket).unwrap();
+    let svc = &st.datapath.services[0];
+    assert_eq!(svc.counters.new_conns as usize, N + 1, "{svc:?}");
+    assert!(
+        svc.counters.reply_packets as usize >= 2 * N,
+        "the answers came back through the LB: {svc:?}"
+    );
+    let reasons: BTreeMap<_, _> = st.datapath.reasons.iter().cloned().collect();
+    for r in [
+        "drop_no_backend",
+        "drop_snat_exhausted",
+        "drop_no_reply_entry",
+        "drop_malformed",
+    ] {
+        assert_eq!(reasons[r], 0, "{r}: {reasons:?}");
+    }
+    drop(daemon);
+    drop(servers);
+}

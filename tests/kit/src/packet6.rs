@@ -361,4 +361,3 @@ mod tests {
         assert_eq!(d.len(), 40 + 8 + 16 + 9);
     }
 }
-
