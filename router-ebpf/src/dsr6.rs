@@ -32,6 +32,8 @@ use crate::{
 pub fn run(ctx: &XdpContext) -> Result<Verdict, ()> {
     let pkt = match parse6::packet(ctx) {
         Ok(pkt) => pkt,
+        // An ICMPv6 error: IPv6 NAT's to translate, if about its flows.
+        Err(Reason::PassIcmpUntracked) => return to_nat6(ctx),
         Err(reason) => return Ok(reason.into()),
     };
     let mut clock = Clock::unread();

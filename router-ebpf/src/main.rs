@@ -25,6 +25,7 @@ mod flow6;
 mod forward;
 mod host_socket;
 mod icmp;
+mod icmp6;
 mod inflight;
 mod latency;
 mod maps;

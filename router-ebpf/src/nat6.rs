@@ -7,8 +7,8 @@
 //! What IPv4 has and this does not: a half-open table (a flood of new
 //! IPv6 flows shares the LRU with established ones, which are found again
 //! on their own 4-tuple if evicted), placement by load and in-flight
-//! counts, the TCP sequence check on RST and FIN, latency samples, and the
-//! translation of ICMPv6 errors about a flow (they go to the host).
+//! counts, the TCP sequence check on RST and FIN, and latency samples.
+//! ICMPv6 errors about a flow are translated (see `icmp6`).
 
 use core::mem::MaybeUninit;
 
@@ -24,7 +24,7 @@ use crate::{
     clock::Clock,
     conn, fib,
     fib::Outer,
-    flow6, host_socket,
+    flow6, host_socket, icmp6,
     maps::{FIB_GEN, NAT6_CONNS, SERVICES6, SNAT_ADDRS6},
     nat::{self, Hop},
     parse::ptr_at,
@@ -41,6 +41,8 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, ()> {
     let pkt = match parse(ctx, &mut slot) {
         // SAFETY: `parse` wrote the packet when it returned no reason.
         None => unsafe { slot.assume_init_ref() },
+        // An ICMPv6 error, maybe about one of the flows here.
+        Some(Reason::PassIcmpUntracked) => return icmp6::error(ctx),
         Some(reason) => return Ok(reason.into()),
     };
     let mut clock = Clock::unread();

@@ -103,7 +103,7 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet6, Reason> {
 /// The address at frame offset `at`, in eight 16-bit loads (the header
 /// is 2-aligned: see `is_ipv6`) where bytes would take sixteen.
 #[inline(always)]
-fn addr(ctx: &XdpContext, at: usize) -> Result<Addr6, Reason> {
+pub fn addr(ctx: &XdpContext, at: usize) -> Result<Addr6, Reason> {
     let a: *const [u16; 8] = ptr_at(ctx, at).map_err(|()| Reason::DropMalformed)?;
     // SAFETY: `ptr_at` checked the address lies within the packet, and it
     // is 2-aligned.
@@ -124,8 +124,9 @@ fn transport(ctx: &XdpContext, mut nh: u8, len: usize) -> Result<(u8, usize), Re
     for _ in 0..MAX_EXT_HEADERS {
         match nh {
             PROTO_TCP | PROTO_UDP => return Ok((nh, off)),
-            // Neighbor Discovery, echo, errors: the host's.
-            PROTO_ICMPV6 => return Err(Reason::PassNotService),
+            // Neighbor Discovery and echo are the host's; an error may be
+            // about an IPv6 NAT flow (see `icmp6`).
+            PROTO_ICMPV6 => return Err(icmp_kind(ctx, off)),
             // The host reassembles; its stack then finds no socket.
             NH_FRAGMENT => return Err(Reason::PassFragment),
             NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS => {
@@ -150,6 +151,22 @@ fn transport(ctx: &XdpContext, mut nh: u8, len: usize) -> Result<(u8, usize), Re
         NH_FRAGMENT => Err(Reason::PassFragment),
         // More extension headers than the walk takes: the host's to judge.
         _ => Err(Reason::PassIpOptions),
+    }
+}
+
+/// What an ICMPv6 message at `off` is to the balancer: an error (types
+/// below 128, RFC 4443 §2.1) directly after the fixed header may be about
+/// an IPv6 NAT flow (`PassIcmpUntracked` until `icmp6` finds its flow);
+/// anything else, Neighbor Discovery and echo above all, is the host's.
+#[inline(always)]
+fn icmp_kind(ctx: &XdpContext, off: usize) -> Reason {
+    if off != IP6_OFF + IP6_LEN {
+        return Reason::PassNotService;
+    }
+    match ptr_at::<u8>(ctx, off) {
+        // SAFETY: `ptr_at` checked the byte lies within the packet.
+        Ok(t) if unsafe { *t } < 128 => Reason::PassIcmpUntracked,
+        _ => Reason::PassNotService,
     }
 }
 

@@ -99,7 +99,7 @@ pub fn packet(
 /// Writes `a` at frame offset `at` in eight 16-bit stores (the header is
 /// 2-aligned: see `parse6::is_ipv6`), as `parse6` reads addresses.
 #[inline(always)]
-fn put_addr(ctx: &XdpContext, at: usize, a: &Addr6) -> Result<(), ()> {
+pub fn put_addr(ctx: &XdpContext, at: usize, a: &Addr6) -> Result<(), ()> {
     let p: *mut [u16; 8] = ptr_at(ctx, at)?;
     // SAFETY: `ptr_at` checked the address lies within the packet, and it
     // is 2-aligned.

@@ -2,7 +2,8 @@
 //! client's packet leaves from the SNAT address to the backend and the
 //! backend's answer from the VIP to the client, each byte for byte as the
 //! RFCs build it (the transport checksum over the new pseudo-header), both
-//! directions in `NAT6_CONNS`.
+//! directions in `NAT6_CONNS`; ICMPv6 errors about a flow translated to
+//! the end that sent the packet they quote.
 
 use std::net::SocketAddrV6;
 
@@ -14,7 +15,7 @@ use router_common::{
 };
 use router_testkit::{
     packet::{Mac, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN},
-    packet6::{Packet6, addr6, checksums_valid6, conn_key6},
+    packet6::{Packet6, addr6, checksums_valid6, conn_key6, ip6, packet_too_big},
     xdp_fixture::*,
 };
 
@@ -266,5 +267,99 @@ fn a_closed_flow_is_started_over_by_a_syn_and_replies_without_entry_stop_here() 
         verdict: XDP_DROP,
         output: Output::Unchanged,
         reasons: &[reasons::DROP_TTL_EXPIRED],
+    });
+}
+
+/// `error` (a router's "packet too big" frame) as the LB sends it on: one
+/// hop fewer.
+fn hop_on(mut error: Vec<u8>) -> Output {
+    error[14 + 7] -= 1;
+    assert!(checksums_valid6(&error));
+    Output::Bytes(error)
+}
+
+#[test]
+fn packet_too_big_about_a_flow_reaches_the_end_that_sent_the_packet() {
+    let mut f = Fixture::new(&[nat6(&[1, 1, 1])]);
+    assert_eq!(f.run(&from_client(CLIENT6, TCP_SYN).build()).0, XDP_TX);
+    let (snat, be, i) = translation(&mut f, &conn_key6(CLIENT6, VIP6, 6));
+    let payload = vec![0x5a; 1200];
+    let router = ip6("2001:2::99");
+
+    // Past the LB toward the client: about the answer the LB sent from
+    // the VIP, to the backend that sent it (from the SNAT address).
+    let sent_to_client = Packet6 {
+        hop_limit: 63,
+        ..Packet6::tcp(addr6(VIP6), addr6(CLIENT6), TCP_ACK | TCP_PSH).with_payload(&payload)
+    };
+    let as_backend_sent = Packet6 {
+        src: be,
+        dst: snat,
+        ..sent_to_client.clone()
+    };
+    f.case(Case {
+        name: "too big toward the client: to the backend, quoting what it sent",
+        input: packet_too_big(
+            &sent_to_client.datagram(),
+            (router, *addr6(VIP6).ip()),
+            (LB_MAC, CLIENT_MAC),
+            1400,
+            200,
+        ),
+        verdict: XDP_TX,
+        output: hop_on(packet_too_big(
+            &as_backend_sent.datagram(),
+            (*snat.ip(), *be.ip()),
+            (backend_mac(i), LB_MAC),
+            1400,
+            200,
+        )),
+        reasons: &[reasons::TX],
+    });
+
+    // Past the LB toward the backend: about the client's packet the LB
+    // sent from the SNAT address, to the client (from the VIP).
+    let sent_to_backend = Packet6 {
+        hop_limit: 63,
+        ..Packet6::tcp(snat, be, TCP_ACK | TCP_PSH).with_payload(&payload)
+    };
+    let as_client_sent = Packet6 {
+        src: addr6(CLIENT6),
+        dst: addr6(VIP6),
+        ..sent_to_backend.clone()
+    };
+    f.case(Case {
+        name: "too big toward the backend: to the client, quoting what it sent",
+        input: packet_too_big(
+            &sent_to_backend.datagram(),
+            (router, *snat.ip()),
+            (LB_MAC, backend_mac(i)),
+            1400,
+            100,
+        ),
+        verdict: XDP_TX,
+        output: hop_on(packet_too_big(
+            &as_client_sent.datagram(),
+            (*addr6(VIP6).ip(), *addr6(CLIENT6).ip()),
+            (CLIENT_MAC, LB_MAC),
+            1400,
+            100,
+        )),
+        reasons: &[reasons::TX],
+    });
+
+    let stranger = Packet6::tcp(addr6(VIP6), addr6("[2001:2::3]:1234"), TCP_ACK);
+    f.case(Case {
+        name: "an error about no flow here: the host's",
+        input: packet_too_big(
+            &stranger.datagram(),
+            (router, *addr6(VIP6).ip()),
+            (LB_MAC, CLIENT_MAC),
+            1400,
+            60,
+        ),
+        verdict: XDP_PASS,
+        output: Output::Unchanged,
+        reasons: &[reasons::PASS_ICMP_UNTRACKED],
     });
 }
