@@ -4,7 +4,8 @@
 //!
 //! 1. No IPv4 ethertype: not a service packet (ARP, VLAN tags, …). An IPv6
 //!    frame is `router_v6`'s (see `ipv6`): the world has no IPv6 service,
-//!    so it passes unless its headers are malformed.
+//!    so it passes unless its headers are malformed (an ICMPv6 error is
+//!    looked at by `router_nat6` first, see `icmp6`).
 //! 2. Every IPv4 frame must hold a whole header, say version 4, have
 //!    IHL ≥ 5 and a total length between the header and the frame's end
 //!    (Ethernet padding may follow): otherwise malformed.
@@ -192,6 +193,7 @@ pub fn ipv6(frame: &[u8]) -> (u32, u32) {
     for _ in 0..router_common::v6::MAX_EXT_HEADERS {
         match nh {
             6 | 17 => return transport(nh, off),
+            58 if off == ETH + 40 => return icmp6(frame, end),
             58 => return (PASS, reasons::PASS_NOT_SERVICE),
             44 => return (PASS, reasons::PASS_FRAGMENT),
             0 | 43 | 60 => {
@@ -214,4 +216,28 @@ pub fn ipv6(frame: &[u8]) -> (u32, u32) {
         44 => (PASS, reasons::PASS_FRAGMENT),
         _ => (PASS, reasons::PASS_IP_OPTIONS),
     }
+}
+
+/// An ICMPv6 message right after the fixed header: an error goes to
+/// `router_nat6` (`icmp6`), which finds no flow in a world without IPv6
+/// services once its checks, in the kernel's order, pass.
+fn icmp6(frame: &[u8], end: usize) -> (u32, u32) {
+    use router_common::reasons;
+    const PASS: u32 = 2;
+    const DROP: u32 = 1;
+    let off = ETH + 40;
+    match frame.get(off) {
+        Some(t) if *t < 128 => {}
+        _ => return (PASS, reasons::PASS_NOT_SERVICE),
+    }
+    if off + 8 > frame.len() {
+        return (DROP, reasons::DROP_MALFORMED);
+    }
+    if !(1..=3).contains(&frame[off]) {
+        return (PASS, reasons::PASS_ICMP_OTHER);
+    }
+    if end - ETH < 40 + 8 + 40 + 8 || off + 8 + 48 > frame.len() {
+        return (DROP, reasons::DROP_MALFORMED);
+    }
+    (PASS, reasons::PASS_ICMP_UNTRACKED)
 }
