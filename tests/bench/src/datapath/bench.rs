@@ -19,8 +19,9 @@ use router_testkit::{
 
 use super::paths::{
     SingleResult, SynCase, VIP6, check_reasons, client_frames, dsr_service, dsr6_entries,
-    dsr6_service, least_loaded_service, load_datapath, load_datapath_with, reason_vec, repeat_call,
-    service, single_calls, syn_acks, table_entries, trivial_program, udp_client_frames,
+    dsr6_service, least_loaded_service, load_datapath, load_datapath_with, nat6_entries,
+    nat6_service, reason_vec, repeat_call, service, single_calls, syn_acks, table_entries,
+    trivial_program, udp_client_frames,
 };
 use super::perf::Recording;
 use super::{
@@ -43,6 +44,9 @@ pub(super) struct Bench {
     /// holding the flow of `est_ack6` in `DSR_FLOWS6`.
     pub(super) dsr6: Datapath,
     pub(super) est_ack6: Vec<u8>,
+    /// The same IPv6 service as NAT (`router_nat6`), holding the flow of
+    /// `est_ack6` in `NAT6_CONNS`.
+    pub(super) nat6: Datapath,
     /// The `xdp_md` of the IPv6 frames, which are 20 bytes longer.
     pub(super) ctx6: Vec<u8>,
     // Dropped last: leaves and removes the namespace.
@@ -175,10 +179,23 @@ impl Bench {
         ensure!(est_ack6.len() == syn6.len(), "IPv6 frames differ in length");
         let mut dsr6 = load_datapath_with(&dsr6_service(), 0, 0)?;
         let prog = dsr6.program_mut().context("router program (IPv6 DSR)")?;
-        single_calls(prog, &[syn6], &ctx6, XDP_TX, "IPv6 DSR SYN")?;
+        single_calls(
+            prog,
+            std::slice::from_ref(&syn6),
+            &ctx6,
+            XDP_TX,
+            "IPv6 DSR SYN",
+        )?;
         ensure!(
             dsr6_entries(&mut dsr6)? == 1,
             "the IPv6 DSR flow's SYN left no DSR_FLOWS6 entry"
+        );
+        let mut nat6 = load_datapath_with(&nat6_service(), 0, 0)?;
+        let prog = nat6.program_mut().context("router program (IPv6 NAT)")?;
+        single_calls(prog, &[syn6], &ctx6, XDP_TX, "IPv6 NAT SYN")?;
+        ensure!(
+            nat6_entries(&mut nat6)? == 2,
+            "the IPv6 NAT flow's SYN left not both NAT6_CONNS entries"
         );
         Ok(Self {
             dp,
@@ -190,6 +207,7 @@ impl Bench {
             dsr,
             dsr6,
             est_ack6,
+            nat6,
             ctx6,
             _ns: ns,
         })
@@ -272,6 +290,36 @@ impl Bench {
         ensure!(
             dsr6_entries(&mut self.dsr6)? == 1,
             "{what}: the flow's entry was replaced or another added"
+        );
+        Ok(r)
+    }
+
+    /// The IPv6 flow's ACK on the IPv6 NAT datapath: `router_v6`'s parse,
+    /// its `DSR_FLOWS6` miss and `SERVICES6` hit, the tail call to
+    /// `router_nat6`, its parse, a `NAT6_CONNS` hit with a cached next hop,
+    /// and the rewrite.
+    pub(super) fn nat6_single(&mut self, calls: u32) -> Result<SingleResult> {
+        let what = "IPv6 NAT established single";
+        let warm = vec![self.est_ack6.clone(); WARMUP_CALLS as usize];
+        let timed = vec![self.est_ack6.clone(); calls as usize];
+        let before = reason_vec(&self.nat6)?;
+        let prog = self
+            .nat6
+            .program_mut()
+            .context("router program (IPv6 NAT)")?;
+        single_calls(prog, &warm, &self.ctx6, XDP_TX, what)?;
+        let r = single_calls(prog, &timed, &self.ctx6, XDP_TX, what)?;
+        let after = reason_vec(&self.nat6)?;
+        check_reasons(
+            &before,
+            &after,
+            reasons::TX,
+            u64::from(WARMUP_CALLS + calls),
+            what,
+        )?;
+        ensure!(
+            nat6_entries(&mut self.nat6)? == 2,
+            "{what}: the flow's entries were replaced or another added"
         );
         Ok(r)
     }

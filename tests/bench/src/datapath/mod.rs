@@ -326,6 +326,8 @@ pub fn run_datapath(settings: &Settings) -> Result<()> {
             s.push_single("dsr_established", &r);
             let r = b.dsr6_single(n)?;
             s.push_single("dsr6_established", &r);
+            let r = b.nat6_single(n)?;
+            s.push_single("nat6_established", &r);
             for case in &SYN_CASES {
                 let r = b.syn_single(n, case, None)?;
                 s.push_single(case.key, &r);

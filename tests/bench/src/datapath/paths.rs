@@ -81,6 +81,16 @@ pub(super) fn dsr6_service() -> ServiceSpec {
     }
 }
 
+/// `dsr6_service()` as a NAT service, translating from the fixture arm's
+/// own IPv6 address.
+pub(super) fn nat6_service() -> ServiceSpec {
+    ServiceSpec {
+        forwarding: Forwarding::Nat,
+        snat: vec!["2001:2::1".parse().expect("a literal address")],
+        ..dsr6_service()
+    }
+}
+
 /// The IPv6 VIP of `dsr6_service()`.
 pub(super) const VIP6: std::net::Ipv6Addr =
     std::net::Ipv6Addr::new(0x2001, 2, 0x100, 0, 0, 0, 0, 1);
@@ -285,15 +295,25 @@ pub(super) fn table_entries(dp: &mut Datapath, name: &str) -> Result<u64> {
     Ok(map.keys().filter(Result::is_ok).count() as u64)
 }
 
-/// Entries of `DSR_FLOWS6`, whose keys and values are IPv6's.
-pub(super) fn dsr6_entries(dp: &mut Datapath) -> Result<u64> {
-    let map: aya::maps::HashMap<_, router_common::v6::ConnKey6, router_common::v6::DsrFlow6> =
-        aya::maps::HashMap::try_from(
-            dp.ebpf_mut()
-                .map_mut("DSR_FLOWS6")
-                .context("DSR_FLOWS6 map")?,
-        )?;
+/// Entries of an IPv6 flow table (`DSR_FLOWS6` with `DsrFlow6` values,
+/// `NAT6_CONNS` with `NatEntry6`), whose keys are IPv6's.
+pub(super) fn entries6<V: aya::Pod>(dp: &mut Datapath, name: &str) -> Result<u64> {
+    let map: aya::maps::HashMap<_, router_common::v6::ConnKey6, V> = aya::maps::HashMap::try_from(
+        dp.ebpf_mut()
+            .map_mut(name)
+            .with_context(|| format!("{name} map"))?,
+    )?;
     Ok(map.keys().filter(Result::is_ok).count() as u64)
+}
+
+/// Entries of `DSR_FLOWS6`.
+pub(super) fn dsr6_entries(dp: &mut Datapath) -> Result<u64> {
+    entries6::<router_common::v6::DsrFlow6>(dp, "DSR_FLOWS6")
+}
+
+/// Entries of `NAT6_CONNS` (two per flow).
+pub(super) fn nat6_entries(dp: &mut Datapath) -> Result<u64> {
+    entries6::<router_common::v6::NatEntry6>(dp, "NAT6_CONNS")
 }
 
 /// Times `frames.len()` single-packet calls (repeat = 1), one per frame.
