@@ -103,7 +103,8 @@ pub fn error(ctx: &XdpContext) -> Result<Verdict, ()> {
         proto,
         _pad: [0; 3],
     };
-    let Some(e) = NAT6_CONNS.get_ptr_mut(&key) else {
+    let k: &ConnKey6 = &key;
+    let Some(e) = NAT6_CONNS.get_ptr_mut(k) else {
         return Ok(Reason::PassIcmpUntracked.into());
     };
     // SAFETY: a preallocated LRU element (see `conn`); read for this one

@@ -48,27 +48,48 @@ pub fn rewrite_l3_l4(ctx: &XdpContext, e: &ConnEntry, proto: u8, hop: Hop) -> Re
         e.l3_csum_delta as u32 + ttl_delta,
     );
     ip[10..12].copy_from_slice(&c.to_ne_bytes());
+    rewrite_l4(
+        ctx,
+        L4_OFF,
+        proto,
+        (e.new_src_port, e.new_dst_port),
+        e.l4_csum_delta,
+    )
+}
+
+/// Writes the ports (network order) of the TCP or UDP header at frame
+/// offset `off` and folds `delta` into its checksum: the transport half of
+/// a NAT rewrite, the same for both families (`rewrite6` passes the offset
+/// its walk found; IPv4's is constant). A UDP checksum of 0 means "none"
+/// (IPv4) or is the sender's error (IPv6) and stays; a computed 0 is sent
+/// as all ones.
+#[inline(always)]
+pub fn rewrite_l4(
+    ctx: &XdpContext,
+    off: usize,
+    proto: u8,
+    (src_port, dst_port): (u16, u16),
+    delta: u16,
+) -> Result<(), ()> {
     if proto == PROTO_TCP {
-        let tcp: *mut [u8; TCP_LEN] = ptr_at(ctx, L4_OFF)?;
-        // SAFETY: as for the IP header.
+        let tcp: *mut [u8; TCP_LEN] = ptr_at(ctx, off)?;
+        // SAFETY: `ptr_at` checked the header lies within the packet, which
+        // is this program's alone while it runs; a byte array has no
+        // alignment.
         let tcp = unsafe { &mut *tcp };
-        tcp[0..2].copy_from_slice(&e.new_src_port.to_ne_bytes());
-        tcp[2..4].copy_from_slice(&e.new_dst_port.to_ne_bytes());
-        let c = csum::apply(
-            u16::from_ne_bytes([tcp[16], tcp[17]]),
-            e.l4_csum_delta as u32,
-        );
+        tcp[0..2].copy_from_slice(&src_port.to_ne_bytes());
+        tcp[2..4].copy_from_slice(&dst_port.to_ne_bytes());
+        let c = csum::apply(u16::from_ne_bytes([tcp[16], tcp[17]]), delta as u32);
         tcp[16..18].copy_from_slice(&c.to_ne_bytes());
     } else {
-        let udp: *mut [u8; UDP_LEN] = ptr_at(ctx, L4_OFF)?;
-        // SAFETY: as for the IP header.
+        let udp: *mut [u8; UDP_LEN] = ptr_at(ctx, off)?;
+        // SAFETY: as for TCP.
         let udp = unsafe { &mut *udp };
-        udp[0..2].copy_from_slice(&e.new_src_port.to_ne_bytes());
-        udp[2..4].copy_from_slice(&e.new_dst_port.to_ne_bytes());
+        udp[0..2].copy_from_slice(&src_port.to_ne_bytes());
+        udp[2..4].copy_from_slice(&dst_port.to_ne_bytes());
         let old = u16::from_ne_bytes([udp[6], udp[7]]);
-        // A zero UDP checksum means "none" and stays so; a computed zero is sent as all-ones.
         if old != 0 {
-            let c = match csum::apply(old, e.l4_csum_delta as u32) {
+            let c = match csum::apply(old, delta as u32) {
                 0 => 0xffff,
                 c => c,
             };

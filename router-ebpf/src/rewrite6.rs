@@ -4,13 +4,13 @@
 
 use aya_ebpf::programs::XdpContext;
 use router_common::{
-    PROTO_TCP, csum,
+    csum,
     v6::{Addr6, NatEntry6},
 };
 
 use crate::{
-    nat::Hop,
-    parse::{TCP_LEN, UDP_LEN, ptr_at},
+    nat::{self, Hop},
+    parse::ptr_at,
     parse6::{IP6_LEN, IP6_OFF},
 };
 
@@ -63,37 +63,13 @@ pub fn packet(
     put_addr(ctx, IP6_OFF + 8, &e.new_src)?;
     put_addr(ctx, IP6_OFF + 24, &e.new_dst)?;
     // Masked as `parse6` masked it: the verifier sees the offset bounded.
-    let l4_off = l4_off as usize & 0x3fff;
-    if proto == PROTO_TCP {
-        let tcp: *mut [u8; TCP_LEN] = ptr_at(ctx, l4_off)?;
-        // SAFETY: as for the IP header.
-        let tcp = unsafe { &mut *tcp };
-        tcp[0..2].copy_from_slice(&e.new_src_port.to_ne_bytes());
-        tcp[2..4].copy_from_slice(&e.new_dst_port.to_ne_bytes());
-        let c = csum::apply(
-            u16::from_ne_bytes([tcp[16], tcp[17]]),
-            e.l4_csum_delta as u32,
-        );
-        tcp[16..18].copy_from_slice(&c.to_ne_bytes());
-    } else {
-        let udp: *mut [u8; UDP_LEN] = ptr_at(ctx, l4_off)?;
-        // SAFETY: as for the IP header.
-        let udp = unsafe { &mut *udp };
-        udp[0..2].copy_from_slice(&e.new_src_port.to_ne_bytes());
-        udp[2..4].copy_from_slice(&e.new_dst_port.to_ne_bytes());
-        // IPv6 makes the UDP checksum mandatory (RFC 8200 §8.1); a zero one
-        // is the sender's error, left for the receiver to drop. A computed
-        // zero is sent as all ones.
-        let old = u16::from_ne_bytes([udp[6], udp[7]]);
-        if old != 0 {
-            let c = match csum::apply(old, e.l4_csum_delta as u32) {
-                0 => 0xffff,
-                c => c,
-            };
-            udp[6..8].copy_from_slice(&c.to_ne_bytes());
-        }
-    }
-    Ok(())
+    nat::rewrite_l4(
+        ctx,
+        l4_off as usize & 0x3fff,
+        proto,
+        (e.new_src_port, e.new_dst_port),
+        e.l4_csum_delta,
+    )
 }
 
 /// Writes `a` at frame offset `at` in eight 16-bit stores (the header is

@@ -265,21 +265,37 @@ impl Bench {
         Ok(r)
     }
 
-    /// The IPv6 flow's ACK on the IPv6 DSR datapath: the tail call on the
-    /// EtherType, the IPv6 parse, a `DSR_FLOWS6` hit with a cached next
-    /// hop, and the 40-byte outer header.
-    pub(super) fn dsr6_single(&mut self, calls: u32) -> Result<SingleResult> {
-        let what = "IPv6 DSR established single";
+    /// The IPv6 flow's ACK on the IPv6 DSR datapath (`nat` false): the
+    /// tail call on the EtherType, the IPv6 parse, a `DSR_FLOWS6` hit with
+    /// a cached next hop, and the 40-byte outer header. On the IPv6 NAT
+    /// datapath (`nat`): `router_v6`'s parse, its `DSR_FLOWS6` miss and
+    /// `SERVICES6` hit, the tail call to `router_nat6`, its parse, a
+    /// `NAT6_CONNS` hit with a cached next hop, and the rewrite.
+    pub(super) fn v6_single(&mut self, nat: bool, calls: u32) -> Result<SingleResult> {
+        let (what, dp, entries, count): (_, _, fn(&mut Datapath) -> Result<u64>, _) = if nat {
+            (
+                "IPv6 NAT established single",
+                &mut self.nat6,
+                nat6_entries,
+                2,
+            )
+        } else {
+            (
+                "IPv6 DSR established single",
+                &mut self.dsr6,
+                dsr6_entries,
+                1,
+            )
+        };
         let warm = vec![self.est_ack6.clone(); WARMUP_CALLS as usize];
         let timed = vec![self.est_ack6.clone(); calls as usize];
-        let before = reason_vec(&self.dsr6)?;
-        let prog = self
-            .dsr6
+        let before = reason_vec(dp)?;
+        let prog = dp
             .program_mut()
-            .context("router program (IPv6 DSR)")?;
+            .with_context(|| format!("router program ({what})"))?;
         single_calls(prog, &warm, &self.ctx6, XDP_TX, what)?;
         let r = single_calls(prog, &timed, &self.ctx6, XDP_TX, what)?;
-        let after = reason_vec(&self.dsr6)?;
+        let after = reason_vec(dp)?;
         check_reasons(
             &before,
             &after,
@@ -288,37 +304,7 @@ impl Bench {
             what,
         )?;
         ensure!(
-            dsr6_entries(&mut self.dsr6)? == 1,
-            "{what}: the flow's entry was replaced or another added"
-        );
-        Ok(r)
-    }
-
-    /// The IPv6 flow's ACK on the IPv6 NAT datapath: `router_v6`'s parse,
-    /// its `DSR_FLOWS6` miss and `SERVICES6` hit, the tail call to
-    /// `router_nat6`, its parse, a `NAT6_CONNS` hit with a cached next hop,
-    /// and the rewrite.
-    pub(super) fn nat6_single(&mut self, calls: u32) -> Result<SingleResult> {
-        let what = "IPv6 NAT established single";
-        let warm = vec![self.est_ack6.clone(); WARMUP_CALLS as usize];
-        let timed = vec![self.est_ack6.clone(); calls as usize];
-        let before = reason_vec(&self.nat6)?;
-        let prog = self
-            .nat6
-            .program_mut()
-            .context("router program (IPv6 NAT)")?;
-        single_calls(prog, &warm, &self.ctx6, XDP_TX, what)?;
-        let r = single_calls(prog, &timed, &self.ctx6, XDP_TX, what)?;
-        let after = reason_vec(&self.nat6)?;
-        check_reasons(
-            &before,
-            &after,
-            reasons::TX,
-            u64::from(WARMUP_CALLS + calls),
-            what,
-        )?;
-        ensure!(
-            nat6_entries(&mut self.nat6)? == 2,
+            entries(dp)? == count,
             "{what}: the flow's entries were replaced or another added"
         );
         Ok(r)

@@ -324,9 +324,9 @@ pub fn run_datapath(settings: &Settings) -> Result<()> {
             s.push_single("established", &r);
             let r = b.dsr_single(n)?;
             s.push_single("dsr_established", &r);
-            let r = b.dsr6_single(n)?;
+            let r = b.v6_single(false, n)?;
             s.push_single("dsr6_established", &r);
-            let r = b.nat6_single(n)?;
+            let r = b.v6_single(true, n)?;
             s.push_single("nat6_established", &r);
             for case in &SYN_CASES {
                 let r = b.syn_single(n, case, None)?;
