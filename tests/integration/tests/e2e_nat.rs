@@ -431,19 +431,17 @@ fn ipv6_nat_connections_reach_both_backends_through_the_snat_address() {
     let dir = ScratchDir::new("nat6").unwrap();
     let socket = dir.0.join("router.sock");
     let config = dir.0.join("router.toml");
-    let mut text = format!(
-        "[daemon]\ninterface = \"{}\"\ncontrol_socket = \"{}\"\n\n[[service]]\nname = \"llama6\"\n\
-         vip = \"{VIP6}\"\nsnat = \"{snat}\"\n",
-        topo.lb_if(),
-        socket.display()
-    );
-    for i in 0..2 {
-        text.push_str(&format!(
-            "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"[{}]:8000\"\nweight = 1\n",
-            netns::ipv6_addr(topo.backend_addr(i))
-        ));
-    }
-    std::fs::write(&config, text).unwrap();
+    let backends: Vec<(String, String, u32)> = (0..2)
+        .map(|i| {
+            let addr = netns::ipv6_addr(topo.backend_addr(i));
+            (format!("b{i}"), format!("[{addr}]:8000"), 1)
+        })
+        .collect();
+    std::fs::write(
+        &config,
+        one_arm_config(&socket, topo.lb_if(), VIP6, snat, &backends),
+    )
+    .unwrap();
     let daemon = start_daemon(topo.lb_ns(), &config, &socket).expect("daemon");
 
     let vip: SocketAddr = VIP6.parse().unwrap();

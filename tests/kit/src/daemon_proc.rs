@@ -2,7 +2,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -58,9 +58,10 @@ pub fn one_arm_config(
     socket: &Path,
     interface: &str,
     vip: &str,
-    snat: Ipv4Addr,
+    snat: impl Into<IpAddr>,
     backends: &[(String, String, u32)],
 ) -> String {
+    let snat = snat.into();
     let mut s = format!(
         "[daemon]\ninterface = \"{interface}\"\ncontrol_socket = \"{}\"\ntable_size = 65537\n\n\
          [[service]]\nname = \"llama\"\nvip = \"{vip}\"\nprotocol = \"tcp\"\nsnat = \"{snat}\"\n",
